@@ -1,0 +1,273 @@
+//! dsanctl: administers a running dsand and brings the NIC-less lab up and down.
+
+use clap::{Parser, Subcommand};
+use control::{ctl, lab};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// dsanctl: talk to a running dsand, and run the NIC-less lab.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The daemon's control socket (default: $DSAN_SOCKET, else /run/dsan/dsand.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The daemon's identity, port and dataplane counters.
+    Status,
+    /// Echo probes through the dataplane to a SAN address (the one-frame round trip).
+    Ping {
+        /// Destination SAN address.
+        dst: String,
+        /// Number of probes.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Pause between a reply and the next probe, microseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_us: u64,
+        /// Wait for each reply at most this long, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// The NIC-less lab.
+    #[command(subcommand)]
+    Lab(LabCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCmd {
+    /// Create the namespaces, veths and daemons, and print each host.
+    Up {
+        /// Number of emulated hosts (at least 2).
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// Port kind: af_packet (default) or memif.
+        #[arg(long, default_value = "af_packet")]
+        mode: lab::Mode,
+        /// Idle policy of the daemons: adaptive (default) or poll.
+        #[arg(long, default_value = "adaptive")]
+        idle: String,
+        /// The dsand binary (default: next to dsanctl).
+        #[arg(long)]
+        dsand: Option<PathBuf>,
+    },
+    /// Remove everything the lab created (idempotent; also after a crash).
+    Down,
+    /// Run a command inside a host's namespace with DSAN_SOCKET set.
+    Exec {
+        /// h0, h1, ...
+        host: String,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop one host's daemon.
+    Stop {
+        /// h0, h1, ...
+        host: String,
+    },
+    /// Start one host's daemon again.
+    Start {
+        /// h0, h1, ...
+        host: String,
+    },
+    /// List the lab's hosts.
+    Status,
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp
+            | clap::error::ErrorKind::DisplayVersion
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => {
+                let text = e.render().to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("bad arguments")
+                    .trim_start_matches("error: ");
+                eprintln!("dsanctl: error: {first} (see dsanctl --help)");
+                std::process::exit(2);
+            }
+        },
+    };
+    match run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("dsanctl: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx]
+}
+
+fn print_hosts(hosts: &[lab::HostInfo]) {
+    println!(
+        "{:<5} {:<10} {:<16} {:<18} {:<30} metrics",
+        "host", "namespace", "address", "mac", "control socket"
+    );
+    for h in hosts {
+        println!(
+            "{:<5} {:<10} {:<16} {:<18} {:<30} {}",
+            h.name, h.netns, h.address, h.mac, h.control_socket, h.metrics
+        );
+    }
+}
+
+fn run(args: Args) -> Result<i32, String> {
+    let sock = ctl::socket_path(args.socket.as_deref());
+    match args.cmd {
+        Cmd::Status => {
+            let v = ctl::request(&sock, &json!({"cmd": "status"}), Duration::from_secs(5))?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "host {} pid {} port {} ({}) mac {} idle {} lcore {}",
+                    v["host"], v["pid"], v["port"], v["pmd"], v["mac"], v["idle"], v["lcore"]
+                );
+                println!("san addresses {}", v["san_addrs"]);
+                println!("dataplane {}", v["lcore_stats"]);
+                println!("frames received {}", v["frames_received"]);
+                println!("frames sent {}", v["frames_sent"]);
+                println!("drops {}", v["drops"]);
+                println!("port {}", v["port_stats"]);
+            }
+            Ok(0)
+        }
+        Cmd::Ping {
+            dst,
+            count,
+            interval_us,
+            timeout_ms,
+        } => {
+            let req = json!({"cmd": "ping", "dst": dst, "count": count, "interval_us": interval_us, "timeout_ms": timeout_ms});
+            let wait = Duration::from_millis(timeout_ms) * 2
+                + Duration::from_micros(interval_us + timeout_ms * 1000) * count as u32
+                + Duration::from_secs(10);
+            let v = ctl::request(&sock, &req, wait)?;
+            if args.json {
+                println!("{v}");
+            } else {
+                print_ping(&v);
+            }
+            Ok(
+                if v["received"] == v["sent"] && v["sent"].as_u64() == Some(count) {
+                    0
+                } else {
+                    1
+                },
+            )
+        }
+        Cmd::Lab(l) => run_lab(l, args.json),
+    }
+}
+
+fn print_ping(v: &Value) {
+    let mut rtts: Vec<u64> = v["rtt_ns"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    rtts.sort_unstable();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    match v["mac"].as_str() {
+        Some(mac) => println!(
+            "{} is at {} (resolved in {:.1} us)",
+            v["dst"].as_str().unwrap_or(""),
+            mac,
+            us(v["resolve_ns"].as_u64().unwrap_or(0))
+        ),
+        None => println!(
+            "{}: no answer to address resolution",
+            v["dst"].as_str().unwrap_or("")
+        ),
+    }
+    println!("{} probes sent, {} replies", v["sent"], v["received"]);
+    if !rtts.is_empty() {
+        println!(
+            "round trip through both dataplanes: p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
+            us(percentile(&rtts, 0.5)),
+            us(percentile(&rtts, 0.9)),
+            us(percentile(&rtts, 0.99)),
+            us(percentile(&rtts, 0.999)),
+            us(*rtts.last().unwrap())
+        );
+    }
+}
+
+fn run_lab(cmd: LabCmd, json_out: bool) -> Result<i32, String> {
+    match cmd {
+        LabCmd::Up {
+            hosts,
+            mode,
+            idle,
+            dsand,
+        } => {
+            idle.parse::<dataplane::engine::IdlePolicy>()?;
+            let dsand = match dsand.or_else(|| std::env::var_os("DSAN_DSAND").map(Into::into)) {
+                Some(p) => p,
+                None => std::env::current_exe()
+                    .map_err(|e| e.to_string())?
+                    .with_file_name("dsand"),
+            };
+            let hs = lab::up(&lab::UpOptions {
+                hosts,
+                mode,
+                idle,
+                dsand,
+            })?;
+            if json_out {
+                println!("{}", serde_json::to_string(&hs).unwrap());
+            } else {
+                print_hosts(&hs);
+            }
+            Ok(0)
+        }
+        LabCmd::Down => {
+            lab::down()?;
+            if !json_out {
+                println!("lab is down");
+            }
+            Ok(0)
+        }
+        LabCmd::Exec { host, cmd } => lab::exec(&host, &cmd),
+        LabCmd::Stop { host } => {
+            lab::stop(&host)?;
+            println!("dsand of {host} stopped");
+            Ok(0)
+        }
+        LabCmd::Start { host } => {
+            let pid = lab::start(&host)?;
+            println!("dsand of {host} started (pid {pid})");
+            Ok(0)
+        }
+        LabCmd::Status => {
+            let hs = lab::hosts()?;
+            if json_out {
+                println!("{}", serde_json::to_string(&hs).unwrap());
+            } else {
+                print_hosts(&hs);
+            }
+            Ok(0)
+        }
+    }
+}

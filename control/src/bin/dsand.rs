@@ -1,0 +1,637 @@
+//! dsand, the dsan appliance daemon: one per SAN host.
+//!
+//! Start-up order: read the configuration (file, then flags), bind the metrics
+//! endpoint (in the namespace dsand was started in, so the lab's endpoints are
+//! reachable from the root namespace), enter the configured network namespace,
+//! check everything that can be checked before DPDK starts (privileges, lcores,
+//! vdevs, interfaces, hugepages), bring up EAL and the port, start the control
+//! and metrics threads, and run the dataplane loop on the main lcore until
+//! SIGTERM or SIGINT.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use control::config::{self, Cidr, Config};
+use control::{metrics, os};
+use dataplane::dpdk::{self, DpdkDevice, EalConfig, Mempool, Port};
+use dataplane::engine::{self, EngineConfig, EngineShared, IdlePolicy};
+use dataplane::node::{Command, Node, NodeConfig, NodeHandle, PingRequest, KIND_NAMES};
+use dataplane::time::Clock;
+use dataplane::wire::Ipv4;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// dsand: the dsan appliance daemon (one per SAN host).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Configuration file (TOML); flags below override it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Validate the configuration and the host, print what is wrong, and exit.
+    #[arg(long)]
+    check: bool,
+    /// Host name for status and metrics.
+    #[arg(long)]
+    host: Option<String>,
+    /// Network namespace to enter before starting DPDK.
+    #[arg(long)]
+    netns: Option<String>,
+    /// Kernel interface: source of the SAN addresses and, without --vdev, the
+    /// af_packet port.
+    #[arg(long)]
+    iface: Option<String>,
+    /// A SAN address with its prefix (repeatable), e.g. 198.18.0.1/24.
+    #[arg(long = "san-addr")]
+    san_addrs: Vec<Cidr>,
+    /// EAL lcore list (-l), e.g. 1 or 0,1.
+    #[arg(long, short = 'l')]
+    lcores: Option<String>,
+    /// EAL virtual device (repeatable), e.g. net_af_packet0,iface=san0.
+    #[arg(long)]
+    vdev: Vec<String>,
+    /// EAL --no-huge (run without hugepages).
+    #[arg(long)]
+    no_huge: bool,
+    /// EAL --no-pci (NIC-less hosts).
+    #[arg(long)]
+    no_pci: bool,
+    /// EAL -m, MiB of memory.
+    #[arg(long)]
+    memory_mb: Option<u32>,
+    /// EAL --file-prefix.
+    #[arg(long)]
+    file_prefix: Option<String>,
+    /// Idle policy: poll or adaptive.
+    #[arg(long)]
+    idle: Option<String>,
+    /// Control socket path.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Prometheus endpoint, e.g. 127.0.0.1:9450.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// SAN EtherType (decimal or 0x-hex).
+    #[arg(long, value_parser = parse_u16)]
+    ethertype: Option<u16>,
+}
+
+fn parse_u16(s: &str) -> Result<u16, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a 16-bit number"))
+}
+
+fn log(level: &str, msg: &str) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!(
+        "ts={}.{:06} level={level} msg={msg:?}",
+        t.as_secs(),
+        t.subsec_micros()
+    );
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                e.exit()
+            }
+            _ => {
+                let text = e.render().to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("bad arguments")
+                    .trim_start_matches("error: ");
+                eprintln!("dsand: error: {first} (see dsand --help)");
+                std::process::exit(2);
+            }
+        },
+    };
+    if let Err(e) = run(args) {
+        eprintln!("dsand: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The effective configuration after merging file and flags and applying defaults.
+struct Effective {
+    cfg: Config,
+    host: String,
+    eal: EalConfig,
+    idle: IdlePolicy,
+    socket: PathBuf,
+    lcores: Vec<u32>,
+}
+
+fn merge(args: &Args) -> Result<Config> {
+    let mut c = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| anyhow!(e))?,
+        None => Config::default(),
+    };
+    macro_rules! over {
+        ($($f:ident),*) => { $( if args.$f.is_some() { c.$f = args.$f.clone(); } )* };
+    }
+    over!(
+        host,
+        netns,
+        iface,
+        idle,
+        control_socket,
+        metrics_addr,
+        ethertype
+    );
+    if !args.san_addrs.is_empty() {
+        c.san_addrs = args.san_addrs.clone();
+    }
+    if args.lcores.is_some() {
+        c.eal.lcores = args.lcores.clone();
+    }
+    if !args.vdev.is_empty() {
+        c.eal.vdev = args.vdev.clone();
+    }
+    if args.no_huge {
+        c.eal.no_huge = true;
+    }
+    if args.no_pci {
+        c.eal.no_pci = true;
+    }
+    if args.memory_mb.is_some() {
+        c.eal.memory_mb = args.memory_mb;
+    }
+    if args.file_prefix.is_some() {
+        c.eal.file_prefix = args.file_prefix.clone();
+    }
+    Ok(c)
+}
+
+/// Everything that can be wrong before EAL starts, in the namespace we run in.
+fn validate(mut cfg: Config) -> (Option<Effective>, Vec<String>) {
+    let mut problems = Vec::new();
+    if !os::can_use_raw_sockets() {
+        problems.push(
+            "dsand must run as root (or with CAP_NET_RAW, CAP_NET_ADMIN and CAP_IPC_LOCK)"
+                .to_string(),
+        );
+    }
+    let host = cfg.host.clone().unwrap_or_else(os::hostname);
+    let idle = match cfg.idle_policy() {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(e);
+            IdlePolicy::ADAPTIVE_DEFAULT
+        }
+    };
+    let allowed = os::allowed_cpus();
+    let lcore_list = cfg
+        .eal
+        .lcores
+        .clone()
+        .unwrap_or_else(|| allowed.first().copied().unwrap_or(0).to_string());
+    let lcores = match config::parse_lcores(&lcore_list) {
+        Ok(l) => {
+            for lc in &l {
+                if !allowed.contains(lc) {
+                    let avail: Vec<String> = allowed.iter().map(u32::to_string).collect();
+                    problems.push(format!(
+                        "lcore {lc} does not exist on this machine (available cpus: {})",
+                        avail.join(",")
+                    ));
+                }
+            }
+            l
+        }
+        Err(e) => {
+            problems.push(e);
+            vec![]
+        }
+    };
+    if cfg.eal.vdev.is_empty() && cfg.eal.allow.is_empty() {
+        match &cfg.iface {
+            Some(i) => cfg.eal.vdev.push(format!("net_af_packet0,iface={i},qdisc_bypass=1")),
+            None => problems.push("no port configured: give a vdev (e.g. --vdev net_af_packet0,iface=eth1), a PCI allow-list, or --iface".into()),
+        }
+    }
+    let ns = cfg
+        .netns
+        .clone()
+        .map(|n| format!("network namespace {n:?}"))
+        .unwrap_or_else(|| "this network namespace".into());
+    for v in &cfg.eal.vdev {
+        let drv = config::vdev_driver(v);
+        if !config::KNOWN_VDEV_DRIVERS.contains(&drv) {
+            problems.push(format!(
+                "unknown vdev driver {drv:?} in {v:?} (known: {})",
+                config::KNOWN_VDEV_DRIVERS.join(", ")
+            ));
+            continue;
+        }
+        if drv == "net_af_packet" {
+            match config::vdev_arg(v, "iface") {
+                None => problems.push(format!("vdev {v:?} needs iface=<interface>")),
+                Some(i) if !os::interface_exists(i) => {
+                    problems.push(format!("interface {i:?} does not exist in {ns}"))
+                }
+                _ => {}
+            }
+        }
+        if drv == "net_memif" {
+            if let Some(sock) = config::vdev_arg(v, "socket") {
+                if let Some(dir) = Path::new(sock).parent() {
+                    if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                        problems.push(format!(
+                            "memif socket directory {} does not exist",
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if cfg.san_addrs.is_empty() {
+        match &cfg.iface {
+            Some(i) => match os::iface_addrs(i) {
+                Some(a) if !a.is_empty() => {
+                    cfg.san_addrs = a
+                        .iter()
+                        .map(|a| Cidr {
+                            addr: a.addr,
+                            prefix: a.prefix,
+                        })
+                        .collect()
+                }
+                Some(_) => problems.push(format!(
+                    "interface {i:?} has no IPv4 address to use as SAN address; set san_addrs"
+                )),
+                None => problems.push(format!("interface {i:?} does not exist in {ns}")),
+            },
+            None => problems.push(
+                "no SAN address: set san_addrs (e.g. --san-addr 198.18.0.1/24) or iface".into(),
+            ),
+        }
+    }
+    if !cfg.eal.no_huge && hugepages_free() == 0 {
+        problems.push(
+            "no free hugepages: reserve some (dpdk-hugepages.py --setup 1G) or set no_huge = true"
+                .into(),
+        );
+    }
+    let socket = cfg
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_SOCKET.into());
+    if let Some(dir) = socket.parent() {
+        if !dir.is_dir() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                problems.push(format!(
+                    "cannot create control socket directory {}: {e}",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    if UnixStream::connect(&socket).is_ok() {
+        problems.push(format!("another dsand already serves {}", socket.display()));
+    }
+    problems.dedup();
+    if !problems.is_empty() {
+        return (None, problems);
+    }
+    let eal = EalConfig {
+        lcores: lcore_list,
+        main_lcore: cfg.eal.main_lcore,
+        vdevs: cfg.eal.vdev.clone(),
+        allow: cfg.eal.allow.clone(),
+        no_pci: cfg.eal.no_pci,
+        no_huge: cfg.eal.no_huge,
+        memory_mb: cfg
+            .eal
+            .memory_mb
+            .or(if cfg.eal.no_huge { Some(256) } else { None }),
+        file_prefix: cfg
+            .eal
+            .file_prefix
+            .clone()
+            .unwrap_or_else(|| format!("dsand-{host}")),
+        extra: if cfg.eal.extra.iter().any(|a| a.starts_with("--log-level")) {
+            cfg.eal.extra.clone()
+        } else {
+            let mut e = vec!["--log-level=notice".to_string()];
+            e.extend(cfg.eal.extra.iter().cloned());
+            e
+        },
+    };
+    (
+        Some(Effective {
+            cfg,
+            host,
+            eal,
+            idle,
+            socket,
+            lcores,
+        }),
+        vec![],
+    )
+}
+
+fn hugepages_free() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn run(args: Args) -> Result<()> {
+    let cfg = merge(&args)?;
+    // The metrics endpoint is bound before entering the namespace.
+    let metrics_listener = match cfg.metrics_addr {
+        Some(a) if !args.check => Some(
+            TcpListener::bind(a).with_context(|| format!("cannot listen for metrics on {a}"))?,
+        ),
+        _ => None,
+    };
+    if let Some(ns) = &cfg.netns {
+        os::enter_netns(ns)?;
+    }
+    let (eff, problems) = validate(cfg);
+    if args.check {
+        if problems.is_empty() {
+            let e = eff.expect("no problems means a configuration");
+            println!(
+                "ok: configuration and host are ready; EAL arguments: {}",
+                e.eal.to_args("dsand").join(" ")
+            );
+            return Ok(());
+        }
+        for p in &problems {
+            println!("problem: {p}");
+        }
+        bail!("{} problem(s) found", problems.len());
+    }
+    let Some(eff) = eff else {
+        bail!("{}", problems[0]);
+    };
+    serve(eff, metrics_listener)
+}
+
+fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
+    let eal_args = eff.eal.to_args("dsand");
+    log(
+        "info",
+        &format!(
+            "starting host={} idle={} eal={:?}",
+            eff.host,
+            eff.idle.name(),
+            eal_args
+        ),
+    );
+    let eal = dpdk::Eal::init(&eal_args)?;
+    let ports = eal.ports();
+    let (port_id, port_name) = ports
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("DPDK found no port (check the vdev or PCI allow-list)"))?;
+    let mbufs = eff.cfg.mbufs.unwrap_or(4095);
+    let pool = Mempool::new(&eal, "dsan_mbufs", mbufs, 128, 2048 + 128)?;
+    let port = Port::start(&eal, port_id, &pool, 512, 512)?;
+    let mac = port.mac()?;
+    let pmd = port_name
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_string();
+    let addrs: Vec<Ipv4> = eff.cfg.san_addrs.iter().map(|c| c.addr).collect();
+    log(
+        "info",
+        &format!(
+            "port {} ({port_name}) up mac={mac} san_addrs={:?} lcore={}",
+            port_id.0,
+            addrs,
+            eff.lcores.first().copied().unwrap_or(0)
+        ),
+    );
+
+    let shared = EngineShared::new(eff.idle)?;
+    let node_cfg = NodeConfig {
+        ethertype: eff
+            .cfg
+            .ethertype
+            .unwrap_or(dataplane::wire::DEFAULT_ETHERTYPE),
+        ..Default::default()
+    };
+    let (mut node, handle) = Node::new(node_cfg, addrs);
+
+    // Signals stop the loop.
+    {
+        let shared = shared.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    log("info", &format!("signal {sig}: stopping"));
+                    shared.request_stop();
+                }
+            })?;
+    }
+
+    let info = Arc::new(json!({
+        "host": eff.host, "pid": std::process::id(), "mac": mac.to_string(),
+        "san_addrs": eff.cfg.san_addrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "idle": eff.idle.name(), "pmd": pmd, "port": port_name,
+        "lcore": eff.lcores.first().copied().unwrap_or(0),
+        "netns": eff.cfg.netns, "metrics_addr": eff.cfg.metrics_addr.map(|a| a.to_string()),
+        "control_socket": eff.socket.display().to_string(),
+    }));
+
+    if let Some(l) = metrics_listener {
+        let pid = port_id;
+        let m = metrics::Metrics::new(
+            &eff.host,
+            eff.idle.name(),
+            &pmd,
+            shared.clone(),
+            handle.clone(),
+            Box::new(move || {
+                dpdk::stats_of(pid)
+                    .ok()
+                    .map(|s| (s.ipackets, s.opackets, s.imissed + s.ierrors + s.rx_nombuf))
+            }),
+        );
+        let m = Arc::new(Mutex::new(m));
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                dataplane::sys::unpin_current_thread();
+                metrics::serve(l, m)
+            })?;
+    }
+
+    let _ = std::fs::remove_file(&eff.socket);
+    let listener = UnixListener::bind(&eff.socket)
+        .with_context(|| format!("cannot bind control socket {}", eff.socket.display()))?;
+    {
+        let shared = shared.clone();
+        let handle = handle.clone();
+        let info = info.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                dataplane::sys::unpin_current_thread();
+                for conn in listener.incoming().flatten() {
+                    let (shared, handle, info) = (shared.clone(), handle.clone(), info.clone());
+                    let port = port_id;
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || {
+                            dataplane::sys::unpin_current_thread();
+                            serve_conn(conn, &shared, &handle, &info, port)
+                        });
+                }
+            })?;
+    }
+
+    log(
+        "info",
+        &format!("ready control_socket={}", eff.socket.display()),
+    );
+    {
+        let mut dev = DpdkDevice::new(&port, &pool)?;
+        let cfg = EngineConfig {
+            idle: eff.idle,
+            ..Default::default()
+        };
+        engine::run(&mut dev, &mut node, &cfg, &shared, Clock::new());
+    }
+    log("info", "dataplane stopped; releasing the port");
+    let _ = std::fs::remove_file(&eff.socket);
+    drop(port);
+    drop(pool);
+    drop(eal);
+    log("info", "stopped");
+    Ok(())
+}
+
+fn serve_conn(
+    conn: UnixStream,
+    shared: &EngineShared,
+    node: &NodeHandle,
+    info: &Value,
+    port: dpdk::PortId,
+) {
+    let mut w = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let r = BufReader::new(conn);
+    for line in r.lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => handle_request(&req, shared, node, info, port)
+                .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+            Err(e) => {
+                json!({"ok": false, "error": format!("malformed request (expected one JSON object per line): {e}")})
+            }
+        };
+        if writeln!(w, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn handle_request(
+    req: &Value,
+    shared: &EngineShared,
+    node: &NodeHandle,
+    info: &Value,
+    port: dpdk::PortId,
+) -> Result<Value, String> {
+    match req["cmd"].as_str() {
+        Some("status") => {
+            let s = &shared.stats;
+            let n = &node.stats;
+            let by_kind = |arr: &[std::sync::atomic::AtomicU64]| -> Value {
+                KIND_NAMES
+                    .iter()
+                    .zip(arr)
+                    .map(|(k, v)| (k.to_string(), json!(v.load(Ordering::Relaxed))))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            };
+            let ps = dpdk::stats_of(port).ok();
+            let mut v = info.clone();
+            v["ok"] = json!(true);
+            v["lcore_stats"] = json!({
+                "rx_frames": s.rx_frames.load(Ordering::Relaxed), "tx_frames": s.tx_frames.load(Ordering::Relaxed),
+                "tx_dropped": s.tx_dropped.load(Ordering::Relaxed), "alloc_failed": s.alloc_failed.load(Ordering::Relaxed),
+                "busy_polls": s.busy_polls.load(Ordering::Relaxed), "idle_polls": s.idle_polls.load(Ordering::Relaxed),
+                "sleeps": s.sleeps.load(Ordering::Relaxed), "sleeping": shared.doorbell.is_sleeping(),
+            });
+            v["frames_received"] = by_kind(&n.rx_by_kind);
+            v["frames_sent"] = by_kind(&n.tx_by_kind);
+            v["drops"] = json!({
+                "not_san": n.drop_not_san.load(Ordering::Relaxed), "malformed": n.drop_malformed.load(Ordering::Relaxed),
+                "version": n.drop_version.load(Ordering::Relaxed), "not_ours": n.drop_not_ours.load(Ordering::Relaxed),
+                "unexpected": n.drop_unexpected.load(Ordering::Relaxed),
+            });
+            if let Some(ps) = ps {
+                v["port_stats"] = json!({"ipackets": ps.ipackets, "opackets": ps.opackets, "imissed": ps.imissed, "ierrors": ps.ierrors, "oerrors": ps.oerrors, "rx_nombuf": ps.rx_nombuf});
+            }
+            Ok(v)
+        }
+        Some("ping") => {
+            let dst: Ipv4 = req["dst"]
+                .as_str()
+                .ok_or("ping needs \"dst\": a SAN IPv4 address")?
+                .parse()
+                .map_err(|_| "\"dst\" is not an IPv4 address")?;
+            let count = req["count"].as_u64().unwrap_or(1);
+            if count == 0 || count > 10_000_000 {
+                return Err("\"count\" must be between 1 and 10000000".into());
+            }
+            let interval = Duration::from_micros(req["interval_us"].as_u64().unwrap_or(0));
+            let timeout =
+                Duration::from_millis(req["timeout_ms"].as_u64().unwrap_or(1000).clamp(1, 60_000));
+            let (tx, rx) = std::sync::mpsc::channel();
+            node.commands
+                .push(Command::Ping(PingRequest {
+                    dst,
+                    count: count as u32,
+                    interval,
+                    timeout,
+                    reply: tx,
+                }))
+                .map_err(|_| "the dataplane's command queue is full; try again")?;
+            shared.doorbell.ring();
+            let wait = timeout * 2 + (timeout + interval) * count as u32 + Duration::from_secs(5);
+            let r = rx
+                .recv_timeout(wait)
+                .map_err(|_| "the dataplane did not finish the probe in time")?;
+            Ok(
+                json!({"ok": true, "dst": dst.to_string(), "mac": r.mac.map(|m| m.to_string()), "resolve_ns": r.resolve_ns,
+                      "sent": r.sent, "received": r.received, "rtt_ns": r.rtt_ns}),
+            )
+        }
+        Some(other) => Err(format!("unknown command {other:?} (known: status, ping)")),
+        None => Err("request has no \"cmd\"".into()),
+    }
+}

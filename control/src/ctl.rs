@@ -1,0 +1,47 @@
+//! The daemon's control socket: one JSON object per line each way.
+//!
+//! Requests are `{"cmd": "...", ...}`; replies are `{"ok": true, ...}` or
+//! `{"ok": false, "error": "..."}`. `docs/operations.md` lists the commands.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Sends one request and reads one reply.
+///
+/// # Errors
+/// If the daemon cannot be reached, or it answers `ok: false` (the error text
+/// is returned).
+pub fn request(socket: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach dsand at {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .map_err(|e| format!("sending to dsand: {e}"))?;
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    r.read_line(&mut out)
+        .map_err(|e| format!("reading from dsand: {e}"))?;
+    if out.is_empty() {
+        return Err("dsand closed the connection without answering".into());
+    }
+    let v: Value =
+        serde_json::from_str(&out).map_err(|e| format!("dsand sent a malformed reply: {e}"))?;
+    if v["ok"] == json!(true) {
+        Ok(v)
+    } else {
+        Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+    }
+}
+
+/// The socket path to use: an explicit one, else `$DSAN_SOCKET`, else the default.
+pub fn socket_path(explicit: Option<&Path>) -> std::path::PathBuf {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("DSAN_SOCKET").map(Into::into))
+        .unwrap_or_else(|| crate::config::DEFAULT_SOCKET.into())
+}

@@ -1,0 +1,205 @@
+//! The Prometheus endpoint (text format 0.0.4, the `prometheus` crate).
+//!
+//! The dataplane counts in plain per-lcore fields and publishes them on its
+//! drain tick; this module copies the published values into the registry when
+//! a scrape arrives, so the hot path never touches a label or a lock.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use dataplane::engine::EngineShared;
+use dataplane::node::{NodeHandle, KINDS, KIND_NAMES};
+
+/// Where port counters come from (DPDK in the daemon).
+pub type PortStatsFn = Box<dyn Fn() -> Option<(u64, u64, u64)> + Send>;
+
+/// The metric set of one daemon.
+pub struct Metrics {
+    registry: Registry,
+    port_rx: IntCounter,
+    port_tx: IntCounter,
+    port_rx_dropped: IntCounter,
+    polls: IntCounterVec,
+    sleeps: IntCounter,
+    frames_rx: IntCounterVec,
+    frames_tx: IntCounterVec,
+    dropped: IntCounterVec,
+    engine: Arc<EngineShared>,
+    node: NodeHandle,
+    port: PortStatsFn,
+}
+
+fn set(c: &IntCounter, v: u64) {
+    let cur = c.get();
+    if v >= cur {
+        c.inc_by(v - cur);
+    } else {
+        c.reset();
+        c.inc_by(v);
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    ///
+    /// # Panics
+    /// Only on a programming error (duplicate metric names).
+    pub fn new(
+        host: &str,
+        idle: &str,
+        pmd: &str,
+        engine: Arc<EngineShared>,
+        node: NodeHandle,
+        port: PortStatsFn,
+    ) -> Metrics {
+        let registry = Registry::new();
+        let c = |name: &str, help: &str| {
+            let m = IntCounter::with_opts(Opts::new(name, help)).unwrap();
+            registry.register(Box::new(m.clone())).unwrap();
+            m
+        };
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(name, help), labels).unwrap();
+            registry.register(Box::new(m.clone())).unwrap();
+            m
+        };
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "dsan_build_info",
+                "Build and run-time facts of this dsand; always 1.",
+            ),
+            &["version", "host", "idle_policy", "pmd"],
+        )
+        .unwrap();
+        registry.register(Box::new(build.clone())).unwrap();
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), host, idle, pmd])
+            .set(1);
+        Metrics {
+            port_rx: c(
+                "dsan_port_rx_packets_total",
+                "Packets received by the DPDK port.",
+            ),
+            port_tx: c(
+                "dsan_port_tx_packets_total",
+                "Packets transmitted by the DPDK port.",
+            ),
+            port_rx_dropped: c(
+                "dsan_port_rx_dropped_total",
+                "Packets the port dropped on receive (missed, errors, no mbuf).",
+            ),
+            polls: cv(
+                "dsan_lcore_polls_total",
+                "Dataplane loop passes, by whether they found work.",
+                &["state"],
+            ),
+            sleeps: c(
+                "dsan_lcore_sleeps_total",
+                "Times the adaptive dataplane loop went to sleep.",
+            ),
+            frames_rx: cv(
+                "dsan_san_frames_received_total",
+                "SAN frames received, by message kind.",
+                &["kind"],
+            ),
+            frames_tx: cv(
+                "dsan_san_frames_sent_total",
+                "SAN frames sent, by message kind.",
+                &["kind"],
+            ),
+            dropped: cv(
+                "dsan_frames_dropped_total",
+                "Frames dropped by the dataplane, by reason.",
+                &["reason"],
+            ),
+            registry,
+            engine,
+            node,
+            port,
+        }
+    }
+
+    /// Copies the published counters into the registry and encodes it.
+    pub fn render(&self) -> String {
+        if let Some((rx, tx, drop)) = (self.port)() {
+            set(&self.port_rx, rx);
+            set(&self.port_tx, tx);
+            set(&self.port_rx_dropped, drop);
+        }
+        let s = &self.engine.stats;
+        set(
+            &self.polls.with_label_values(&["busy"]),
+            s.busy_polls.load(Ordering::Relaxed),
+        );
+        set(
+            &self.polls.with_label_values(&["idle"]),
+            s.idle_polls.load(Ordering::Relaxed),
+        );
+        set(&self.sleeps, s.sleeps.load(Ordering::Relaxed));
+        let n = &self.node.stats;
+        for (i, name) in KIND_NAMES.iter().enumerate().take(KINDS) {
+            set(
+                &self.frames_rx.with_label_values(&[name]),
+                n.rx_by_kind[i].load(Ordering::Relaxed),
+            );
+            set(
+                &self.frames_tx.with_label_values(&[name]),
+                n.tx_by_kind[i].load(Ordering::Relaxed),
+            );
+        }
+        for (reason, v) in [
+            ("not_san", &n.drop_not_san),
+            ("malformed", &n.drop_malformed),
+            ("version", &n.drop_version),
+            ("not_ours", &n.drop_not_ours),
+            ("unexpected", &n.drop_unexpected),
+            ("tx_full", &s.tx_dropped),
+            ("no_mbuf", &s.alloc_failed),
+        ] {
+            set(
+                &self.dropped.with_label_values(&[reason]),
+                v.load(Ordering::Relaxed),
+            );
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process exits.
+pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok();
+        let mut line = String::new();
+        let mut r = BufReader::new(&conn);
+        if r.read_line(&mut line).is_err() {
+            continue;
+        }
+        // Skip the headers.
+        let mut h = String::new();
+        while r.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
+            h.clear();
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("");
+        let (status, ctype, body) =
+            if line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                let body = metrics.lock().map(|m| m.render()).unwrap_or_default();
+                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "not found; try /metrics\n".to_string(),
+                )
+            };
+        let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    }
+}

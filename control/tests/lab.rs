@@ -1,0 +1,446 @@
+//! Lab tests: real dsand daemons with real DPDK (net_af_packet, net_memif) in
+//! network namespaces that the tests create and remove. They need root and the
+//! DPDK packages (scripts/setup.sh installs them); they run one at a time.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
+const DSAND: &str = env!("CARGO_BIN_EXE_dsand");
+
+fn dsanctl(args: &[&str]) -> Output {
+    Command::new(DSANCTL)
+        .args(args)
+        .env("DSAN_DSAND", DSAND)
+        .output()
+        .expect("running dsanctl")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn require_root() {
+    // SAFETY-free check: root's /proc/self/status has Uid 0.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        uid, "0",
+        "the lab tests need root (network namespaces, raw sockets); run them as root"
+    );
+}
+
+/// Holds the lab for one test and removes it on drop, also when the test fails.
+struct Lab<'a> {
+    _g: MutexGuard<'a, ()>,
+}
+
+impl Lab<'_> {
+    fn up(args: &[&str]) -> Lab<'static> {
+        require_root();
+        let g = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        ok(&dsanctl(&["lab", "down"]));
+        let lab = Lab { _g: g };
+        let mut a = vec!["lab", "up"];
+        a.extend_from_slice(args);
+        let out = ok(&dsanctl(&a));
+        assert!(
+            out.contains("dsan-h0") && out.contains("198.18.0.1/24"),
+            "{out}"
+        );
+        lab
+    }
+}
+
+impl Drop for Lab<'_> {
+    fn drop(&mut self) {
+        let o = dsanctl(&["lab", "down"]);
+        if !std::thread::panicking() {
+            ok(&o);
+            assert_clean();
+        }
+    }
+}
+
+fn assert_clean() {
+    let ns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!ns.contains("dsan-"), "namespaces left: {ns}");
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !links.contains("san0"),
+        "veth left in the root namespace: {links}"
+    );
+    assert!(
+        !Path::new("/run/dsan/lab").exists(),
+        "lab state directory left"
+    );
+    for d in ["/var/run/dpdk", "/run/dpdk"] {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                assert!(
+                    !e.file_name().to_string_lossy().starts_with("dsan-h"),
+                    "DPDK runtime files left: {:?}",
+                    e.path()
+                );
+            }
+        }
+    }
+    let ps = String::from_utf8_lossy(
+        &Command::new("pgrep")
+            .args(["-a", "-x", "dsand"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !ps.contains("--file-prefix=dsan-h"),
+        "lab daemons left: {ps}"
+    );
+}
+
+fn json_of(o: &Output) -> Value {
+    serde_json::from_str(&ok(o)).expect("JSON output")
+}
+
+fn status(host: &str) -> Value {
+    json_of(&dsanctl(&[
+        "--json",
+        "--socket",
+        &format!("/run/dsan/lab/{host}/dsand.sock"),
+        "status",
+    ]))
+}
+
+fn ping(from: &str, dst: &str, count: u32) -> (Output, Option<Value>) {
+    let c = count.to_string();
+    let o = dsanctl(&[
+        "lab",
+        "exec",
+        from,
+        "--",
+        DSANCTL,
+        "--json",
+        "ping",
+        dst,
+        "--count",
+        &c,
+        "--timeout-ms",
+        "200",
+    ]);
+    let v = serde_json::from_slice(&o.stdout).ok();
+    (o, v)
+}
+
+fn scrape(url_host_port: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(url_host_port)
+        .expect("metrics endpoint reachable from the root namespace");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body
+}
+
+fn metric(body: &str, name_and_labels: &str) -> u64 {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{name_and_labels} missing from\n{body}")) as u64
+}
+
+fn exchange_and_count(policy: &str) {
+    let (o, v) = ping("h0", "198.18.0.2", 300);
+    let v = v.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+    assert!(o.status.success(), "{v}");
+    assert_eq!(
+        (v["sent"].as_u64(), v["received"].as_u64()),
+        (Some(300), Some(300))
+    );
+    assert_eq!(v["rtt_ns"].as_array().unwrap().len(), 300);
+
+    let h0 = status("h0");
+    let h1 = status("h1");
+    assert_eq!(h0["idle"], policy);
+    assert_eq!(h1["idle"], policy);
+    assert_eq!(
+        h1["frames_received"]["echo_request"].as_u64(),
+        Some(300),
+        "{h1}"
+    );
+    assert_eq!(h1["frames_sent"]["echo_reply"].as_u64(), Some(300), "{h1}");
+    assert_eq!(
+        h0["frames_sent"]["echo_request"].as_u64(),
+        Some(300),
+        "{h0}"
+    );
+    assert_eq!(
+        h0["frames_received"]["echo_reply"].as_u64(),
+        Some(300),
+        "{h0}"
+    );
+    assert!(
+        h1["port_stats"]["ipackets"].as_u64().unwrap() >= 301,
+        "{h1}"
+    );
+    assert!(
+        h0["port_stats"]["opackets"].as_u64().unwrap() >= 301,
+        "{h0}"
+    );
+    if policy == "poll" {
+        assert_eq!(h0["lcore_stats"]["sleeps"].as_u64(), Some(0));
+    } else {
+        assert!(h0["lcore_stats"]["sleeps"].as_u64().unwrap() > 0);
+    }
+
+    // The same counts over HTTP, from the root namespace.
+    let body = scrape("127.0.0.1:19451");
+    assert_eq!(
+        metric(
+            &body,
+            "dsan_san_frames_received_total{kind=\"echo_request\"}"
+        ),
+        300
+    );
+    assert!(metric(&body, "dsan_port_rx_packets_total") >= 301);
+    assert!(metric(&body, "dsan_lcore_polls_total{state=\"busy\"}") > 0);
+    assert!(body.contains(&format!("idle_policy=\"{policy}\"")));
+}
+
+#[test]
+fn af_packet_frames_both_ways_adaptive() {
+    let _lab = Lab::up(&["--idle", "adaptive"]);
+    exchange_and_count("adaptive");
+}
+
+#[test]
+fn af_packet_frames_both_ways_poll() {
+    let _lab = Lab::up(&["--idle", "poll"]);
+    exchange_and_count("poll");
+}
+
+#[test]
+fn memif_frames_both_ways() {
+    let _lab = Lab::up(&["--mode", "memif"]);
+    exchange_and_count("adaptive");
+    assert_eq!(status("h0")["pmd"], "net_memif");
+}
+
+#[test]
+fn three_hosts_through_a_bridge() {
+    let _lab = Lab::up(&["--hosts", "3"]);
+    for (from, dst) in [("h0", "198.18.0.3"), ("h2", "198.18.0.2")] {
+        let (o, v) = ping(from, dst, 20);
+        assert!(o.status.success(), "{v:?}");
+    }
+    let ns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(ns.contains("dsan-fabric") && ns.contains("dsan-h2"), "{ns}");
+}
+
+#[test]
+fn exec_stop_and_start() {
+    let _lab = Lab::up(&[]);
+    let o = dsanctl(&[
+        "lab",
+        "exec",
+        "h1",
+        "--",
+        "sh",
+        "-c",
+        "echo $DSAN_SOCKET; ip -o -4 addr show san0",
+    ]);
+    let out = ok(&o);
+    assert!(out.contains("/run/dsan/lab/h1/dsand.sock"), "{out}");
+    assert!(out.contains("198.18.0.2/24"), "{out}");
+    // Exit codes of the command come through.
+    assert_eq!(
+        dsanctl(&["lab", "exec", "h0", "--", "sh", "-c", "exit 7"])
+            .status
+            .code(),
+        Some(7)
+    );
+
+    ok(&dsanctl(&["lab", "stop", "h1"]));
+    let (o, v) = ping("h0", "198.18.0.2", 1);
+    assert!(!o.status.success());
+    assert_eq!(
+        v.unwrap()["mac"],
+        Value::Null,
+        "nobody answers resolution for a stopped host"
+    );
+    ok(&dsanctl(&["lab", "start", "h1"]));
+    let (o, _) = ping("h0", "198.18.0.2", 10);
+    assert!(o.status.success());
+    // Starting a running daemon is refused with one line.
+    let o = dsanctl(&["lab", "start", "h1"]);
+    assert!(!o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+}
+
+#[test]
+fn down_cleans_up_after_a_crash_and_is_idempotent() {
+    require_root();
+    let g = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    ok(&dsanctl(&["lab", "down"]));
+    ok(&dsanctl(&["lab", "up"]));
+    // Crash: the daemons die without cleaning up, and the state directory is lost.
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "--", "--file-prefix=dsan-h"])
+        .status();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::fs::remove_dir_all("/run/dsan/lab").unwrap();
+    // A second lab cannot come up over the leftovers...
+    let o = dsanctl(&["lab", "up"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lab down"));
+    // ...and down removes them, twice without complaint.
+    ok(&dsanctl(&["lab", "down"]));
+    assert_clean();
+    ok(&dsanctl(&["lab", "down"]));
+    assert_clean();
+    drop(g);
+}
+
+fn one_error_line(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "expected one line, got:\n{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert!(!err.contains("panicked"));
+}
+
+fn dsand(args: &[&str]) -> Output {
+    let dir = std::env::temp_dir().join(format!("dsand-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s.sock");
+    let mut a = vec![
+        "--no-huge".to_string(),
+        "--file-prefix=dsan-badcfg".into(),
+        format!("--control-socket={}", sock.display()),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    Command::new(DSAND).args(&a).output().unwrap()
+}
+
+#[test]
+fn bad_configuration_gives_one_clear_line() {
+    require_root();
+    one_error_line(
+        &dsand(&["--san-addr=198.18.0.1/24", "--vdev=net_bogus0,x=1"]),
+        "unknown vdev driver \"net_bogus\"",
+    );
+    one_error_line(
+        &dsand(&["--iface=nosuch0", "--san-addr=198.18.0.1/24"]),
+        "interface \"nosuch0\" does not exist",
+    );
+    one_error_line(
+        &dsand(&["--iface=lo", "--san-addr=198.18.0.1/24", "--lcores=999"]),
+        "lcore 999 does not exist",
+    );
+    one_error_line(
+        &dsand(&["--iface=lo", "--san-addr=198.18.0.1/24", "--idle=spin"]),
+        "unknown idle policy",
+    );
+    one_error_line(&dsand(&["--bogus-flag"]), "--bogus-flag");
+    one_error_line(
+        &dsand(&["--iface=lo", "--netns=dsan-nosuch"]),
+        "dsan-nosuch",
+    );
+    let cfg = std::env::temp_dir().join(format!("dsand-badcfg-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "hots = 1\n").unwrap();
+    one_error_line(
+        &dsand(&[&format!("--config={}", cfg.display())]),
+        "unknown field `hots`",
+    );
+    // Not root: the same binary run as nobody.
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            DSAND,
+            "--iface=lo",
+            "--san-addr=198.18.0.1/24",
+            "--control-socket=/tmp/dsand-nobody.sock",
+        ])
+        .output()
+        .unwrap();
+    one_error_line(&o, "must run as root");
+    // --check reports every problem and starts nothing.
+    let o = dsand(&["--check", "--iface=nosuch0", "--lcores=999"]);
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("lcore 999") && out.contains("nosuch0"),
+        "{out}"
+    );
+    let o = dsand(&[
+        "--check",
+        "--iface=lo",
+        "--san-addr=198.18.0.1/24",
+        "--no-pci",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("ok:"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[test]
+fn bad_dsanctl_input_gives_one_clear_line() {
+    one_error_line(&dsanctl(&["lab", "up", "--hosts", "1"]), "at least 2 hosts");
+    one_error_line(
+        &dsanctl(&["lab", "up", "--mode", "carrier-pigeon"]),
+        "carrier-pigeon",
+    );
+    one_error_line(
+        &dsanctl(&["lab", "exec", "hx", "--", "true"]),
+        "not a lab host name",
+    );
+    one_error_line(
+        &dsanctl(&["--socket", "/nonexistent/dsand.sock", "status"]),
+        "cannot reach dsand",
+    );
+    one_error_line(&dsanctl(&["frobnicate"]), "frobnicate");
+}

@@ -1,0 +1,46 @@
+//! Micro-benchmarks of the dataplane without DPDK: the cost per frame through
+//! the in-memory loopback device (build + transmit + receive + parse).
+#![allow(missing_docs)]
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use dataplane::device::{Device, Loopback, BURST};
+use dataplane::wire::{EthernetAddress, Frame, Ipv4, Message, Repr, SanHeader, DEFAULT_ETHERTYPE};
+
+fn loopback_frame(c: &mut Criterion) {
+    let a = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    let b = EthernetAddress([2, 0, 0, 0, 0, 2]);
+    let (mut da, mut db) = Loopback::pair(1024, a, b);
+    let repr = Repr {
+        header: SanHeader {
+            dst_mac: b,
+            src_mac: a,
+            src_ip: Ipv4::new(198, 18, 0, 1),
+            src_port: 0,
+            dst_ip: Ipv4::new(198, 18, 0, 2),
+            dst_port: 0,
+        },
+        message: Message::EchoRequest { seq: 1, stamp: 2 },
+    };
+    let mut g = c.benchmark_group("loopback");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let mut out = Vec::with_capacity(BURST);
+    let mut rx = Vec::with_capacity(BURST);
+    g.bench_function("burst_of_32_build_tx_rx_parse", |bch| {
+        bch.iter(|| {
+            for _ in 0..BURST {
+                let mut buf = da.alloc(repr.buffer_len()).unwrap();
+                repr.emit(&mut Frame::new_unchecked(&mut buf[..]), DEFAULT_ETHERTYPE);
+                out.push(buf);
+            }
+            da.tx_burst(&mut out);
+            db.rx_burst(&mut rx, BURST);
+            for f in rx.drain(..) {
+                black_box(Repr::parse_bytes(&f, DEFAULT_ETHERTYPE).unwrap());
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, loopback_frame);
+criterion_main!(benches);

@@ -1,0 +1,261 @@
+//! Address resolution: SAN IP -> MAC, with a cache, expiry, static entries and
+//! bounded retries. Sans-IO: the caller sends what [`Resolver::poll_request`]
+//! asks for and feeds replies to [`Resolver::on_reply`].
+
+use crate::time::Instant;
+use crate::wire::{EthernetAddress, Ipv4};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Resolution timing.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolveConfig {
+    /// How long a learned entry stays valid.
+    pub ttl: Duration,
+    /// Interval between requests for an unresolved address.
+    pub retry: Duration,
+    /// How many requests before giving up.
+    pub max_tries: u32,
+    /// Most unresolved addresses tracked at once (a bound on memory).
+    pub max_pending: usize,
+    /// Most learned entries kept.
+    pub max_entries: usize,
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(300),
+            retry: Duration::from_millis(100),
+            max_tries: 10,
+            max_pending: 1024,
+            max_entries: 65536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    mac: EthernetAddress,
+    /// `None` for static entries.
+    expires: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    next_send: Instant,
+    tries: u32,
+}
+
+/// The answer of a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Known.
+    Found(EthernetAddress),
+    /// Being resolved; ask again after a reply or a timeout.
+    Pending,
+    /// Resolution gave up (no answer after `max_tries` requests).
+    Failed,
+}
+
+/// The resolution cache and its pending requests.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    cfg: ResolveConfig,
+    entries: HashMap<Ipv4, Entry>,
+    pending: HashMap<Ipv4, Pending>,
+    failed: Vec<Ipv4>,
+}
+
+impl Resolver {
+    /// An empty cache.
+    pub fn new(cfg: ResolveConfig) -> Self {
+        Self {
+            cfg,
+            ..Default::default()
+        }
+    }
+
+    /// Adds a static entry (never expires, not overwritten by replies).
+    pub fn add_static(&mut self, ip: Ipv4, mac: EthernetAddress) {
+        self.entries.insert(ip, Entry { mac, expires: None });
+        self.pending.remove(&ip);
+    }
+
+    /// Looks `ip` up, starting resolution if it is unknown.
+    pub fn lookup(&mut self, now: Instant, ip: Ipv4) -> Lookup {
+        if let Some(e) = self.entries.get(&ip) {
+            match e.expires {
+                Some(t) if t <= now => {
+                    self.entries.remove(&ip);
+                }
+                _ => return Lookup::Found(e.mac),
+            }
+        }
+        if self.pending.contains_key(&ip) {
+            return Lookup::Pending;
+        }
+        if self.pending.len() >= self.cfg.max_pending {
+            return Lookup::Failed;
+        }
+        self.pending.insert(
+            ip,
+            Pending {
+                next_send: now,
+                tries: 0,
+            },
+        );
+        Lookup::Pending
+    }
+
+    /// A reply (or any frame proving that `ip` is at `mac`). Returns whether it
+    /// completed a pending resolution.
+    pub fn on_reply(&mut self, now: Instant, ip: Ipv4, mac: EthernetAddress) -> bool {
+        if mac.is_multicast() {
+            return false;
+        }
+        let was_pending = self.pending.remove(&ip).is_some();
+        match self.entries.get(&ip) {
+            Some(Entry { expires: None, .. }) => {}
+            _ if was_pending
+                || self.entries.contains_key(&ip)
+                || self.entries.len() < self.cfg.max_entries =>
+            {
+                self.entries.insert(
+                    ip,
+                    Entry {
+                        mac,
+                        expires: Some(now + self.cfg.ttl),
+                    },
+                );
+            }
+            _ => {}
+        }
+        was_pending
+    }
+
+    /// The next address to send a request for, if one is due.
+    pub fn poll_request(&mut self, now: Instant) -> Option<Ipv4> {
+        let mut give_up = None;
+        let mut send = None;
+        for (ip, p) in self.pending.iter_mut() {
+            if p.next_send > now {
+                continue;
+            }
+            if p.tries >= self.cfg.max_tries {
+                give_up = Some(*ip);
+                break;
+            }
+            p.tries += 1;
+            p.next_send = now + self.cfg.retry;
+            send = Some(*ip);
+            break;
+        }
+        if let Some(ip) = give_up {
+            self.pending.remove(&ip);
+            self.failed.push(ip);
+            return self.poll_request(now);
+        }
+        send
+    }
+
+    /// Addresses whose resolution failed since the last call.
+    pub fn poll_failed(&mut self) -> Option<Ipv4> {
+        self.failed.pop()
+    }
+
+    /// When a request is next due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.next_send).min()
+    }
+
+    /// Learned and static entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Unresolved addresses being asked for.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IP: Ipv4 = Ipv4::new(198, 18, 0, 2);
+    const MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
+
+    #[test]
+    fn resolves_caches_and_expires() {
+        let mut r = Resolver::new(ResolveConfig {
+            ttl: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let t0 = Instant(0);
+        assert_eq!(r.lookup(t0, IP), Lookup::Pending);
+        assert_eq!(r.poll_request(t0), Some(IP));
+        assert_eq!(
+            r.poll_request(t0),
+            None,
+            "not again before the retry interval"
+        );
+        assert!(r.on_reply(t0, IP, MAC));
+        assert_eq!(r.lookup(t0, IP), Lookup::Found(MAC));
+        assert_eq!(
+            r.lookup(t0 + Duration::from_secs(2), IP),
+            Lookup::Pending,
+            "expired"
+        );
+    }
+
+    #[test]
+    fn gives_up_after_max_tries() {
+        let mut r = Resolver::new(ResolveConfig {
+            max_tries: 3,
+            ..Default::default()
+        });
+        let mut now = Instant(0);
+        r.lookup(now, IP);
+        let mut sent = 0;
+        for _ in 0..10 {
+            if r.poll_request(now).is_some() {
+                sent += 1;
+            }
+            now = now + Duration::from_millis(100);
+        }
+        assert_eq!(sent, 3);
+        assert_eq!(r.poll_failed(), Some(IP));
+        assert_eq!(r.pending_len(), 0);
+    }
+
+    #[test]
+    fn static_entries_win_and_pending_is_bounded() {
+        let mut r = Resolver::new(ResolveConfig {
+            max_pending: 1,
+            ..Default::default()
+        });
+        r.add_static(IP, MAC);
+        r.on_reply(Instant(0), IP, EthernetAddress([2, 9, 9, 9, 9, 9]));
+        assert_eq!(r.lookup(Instant(u64::MAX / 2), IP), Lookup::Found(MAC));
+        assert_eq!(
+            r.lookup(Instant(0), Ipv4::new(198, 18, 0, 3)),
+            Lookup::Pending
+        );
+        assert_eq!(
+            r.lookup(Instant(0), Ipv4::new(198, 18, 0, 4)),
+            Lookup::Failed
+        );
+        assert!(!r.on_reply(
+            Instant(0),
+            Ipv4::new(198, 18, 0, 5),
+            EthernetAddress::BROADCAST
+        ));
+    }
+}

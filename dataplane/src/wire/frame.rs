@@ -1,0 +1,811 @@
+use super::{Error, Result};
+use core::fmt;
+
+/// The SAN EtherType used unless configured otherwise (IEEE 802 local experimental 2).
+pub const DEFAULT_ETHERTYPE: u16 = 0x88B5;
+/// The protocol version this implementation emits and accepts.
+pub const VERSION: u8 = 1;
+/// Length of the Ethernet II header.
+pub const ETH_HEADER_LEN: usize = 14;
+/// Length of the SAN header that follows it.
+pub const SAN_HEADER_LEN: usize = 16;
+
+/// A 48-bit Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct EthernetAddress(pub [u8; 6]);
+
+impl EthernetAddress {
+    /// ff:ff:ff:ff:ff:ff.
+    pub const BROADCAST: Self = Self([0xff; 6]);
+    /// Whether the group bit is set.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+}
+
+impl fmt::Debug for EthernetAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for EthernetAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl core::str::FromStr for EthernetAddress {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in out.iter_mut() {
+            let p = parts.next().ok_or(Error::Malformed)?;
+            *b = u8::from_str_radix(p, 16).map_err(|_| Error::Malformed)?;
+        }
+        if parts.next().is_some() {
+            return Err(Error::Malformed);
+        }
+        Ok(Self(out))
+    }
+}
+
+/// An IPv4 address as carried on the wire (network order in the frame).
+pub type Ipv4 = std::net::Ipv4Addr;
+
+macro_rules! enum_with_unknown {
+    ($(#[$m:meta])* pub enum $name:ident($ty:ty) { $( $(#[$vm:meta])* $var:ident = $val:expr ),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vm])* $var, )*
+            /// A code this version does not know.
+            Unknown($ty),
+        }
+        impl From<$ty> for $name {
+            fn from(v: $ty) -> Self {
+                match v { $( $val => Self::$var, )* other => Self::Unknown(other) }
+            }
+        }
+        impl From<$name> for $ty {
+            fn from(v: $name) -> $ty {
+                match v { $( $name::$var => $val, )* $name::Unknown(other) => other }
+            }
+        }
+    };
+}
+
+enum_with_unknown! {
+    /// The message kind (byte 1 of the SAN header).
+    pub enum Kind(u8) {
+        /// A client asks to connect to (dst_ip, dst_port).
+        ConnectRequest = 0x01,
+        /// The accepting side accepted the request.
+        Accept = 0x02,
+        /// The request was refused; the body says why.
+        Reject = 0x03,
+        /// Either side tears an established connection down.
+        Close = 0x04,
+        /// Acknowledges a Close.
+        CloseAck = 0x05,
+        /// Who has SAN address dst_ip?
+        ResolveRequest = 0x10,
+        /// The reply: src_ip is at the body's MAC.
+        ResolveReply = 0x11,
+        /// Echo request (dataplane round-trip probe).
+        EchoRequest = 0x20,
+        /// Echo reply.
+        EchoReply = 0x21,
+    }
+}
+
+enum_with_unknown! {
+    /// Why a connect request was refused.
+    pub enum RejectReason(u8) {
+        /// The listener's backlog was full; refused at once, no event raised.
+        BacklogFull = 0x01,
+        /// Nobody listens on (dst_ip, dst_port).
+        NoListener = 0x02,
+        /// The accepting application refused (condition function said reject).
+        Refused = 0x03,
+        /// The accepting host is out of resources for new connections.
+        NoResources = 0x04,
+        /// The listener went away (closed, its process died, the daemon stops).
+        ListenerClosed = 0x05,
+    }
+}
+
+mod field {
+    use core::ops::Range;
+    pub(super) const ETH_DST: Range<usize> = 0..6;
+    pub(super) const ETH_SRC: Range<usize> = 6..12;
+    pub(super) const ETHERTYPE: Range<usize> = 12..14;
+    // SAN header, offsets from the frame start.
+    pub(super) const VERSION: usize = 14;
+    pub(super) const KIND: usize = 15;
+    pub(super) const FLAGS: Range<usize> = 16..18;
+    pub(super) const SRC_PORT: Range<usize> = 18..20;
+    pub(super) const SRC_IP: Range<usize> = 20..24;
+    pub(super) const DST_IP: Range<usize> = 24..28;
+    pub(super) const DST_PORT: Range<usize> = 28..30;
+    pub(super) const BODY_LEN: Range<usize> = 30..32;
+    pub(super) const BODY: usize = 32;
+}
+
+/// Body lengths per kind.
+fn body_len(kind: Kind) -> Option<usize> {
+    Some(match kind {
+        Kind::ConnectRequest => 16,
+        Kind::Accept => 24,
+        Kind::Reject => 24,
+        Kind::Close | Kind::CloseAck => 16,
+        Kind::ResolveRequest => 0,
+        Kind::ResolveReply => 8,
+        Kind::EchoRequest | Kind::EchoReply => 16,
+        Kind::Unknown(_) => return None,
+    })
+}
+
+/// A read/write view of a SAN frame (Ethernet header included).
+#[derive(Debug, Clone)]
+pub struct Frame<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+macro_rules! be {
+    (u16, $b:expr) => {
+        u16::from_be_bytes([$b[0], $b[1]])
+    };
+    (u32, $b:expr) => {
+        u32::from_be_bytes([$b[0], $b[1], $b[2], $b[3]])
+    };
+    (u64, $b:expr) => {
+        u64::from_be_bytes([$b[0], $b[1], $b[2], $b[3], $b[4], $b[5], $b[6], $b[7]])
+    };
+}
+
+impl<T: AsRef<[u8]>> Frame<T> {
+    /// Wraps a buffer without checking its length (for emitting).
+    pub fn new_unchecked(buffer: T) -> Self {
+        Self { buffer }
+    }
+
+    /// Wraps untrusted bytes: checks that the header and the body that the
+    /// header announces are all there. After this, no getter panics.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let f = Self::new_unchecked(buffer);
+        f.check_len()?;
+        Ok(f)
+    }
+
+    /// Checks the length against the header's body length.
+    pub fn check_len(&self) -> Result<()> {
+        let len = self.buffer.as_ref().len();
+        if len < field::BODY {
+            return Err(Error::Truncated);
+        }
+        if len < field::BODY + self.body_len() as usize {
+            return Err(Error::Truncated);
+        }
+        Ok(())
+    }
+
+    /// Returns the underlying buffer.
+    pub fn into_inner(self) -> T {
+        self.buffer
+    }
+
+    fn b(&self) -> &[u8] {
+        self.buffer.as_ref()
+    }
+    /// Destination MAC.
+    pub fn dst_mac(&self) -> EthernetAddress {
+        EthernetAddress(self.b()[field::ETH_DST].try_into().unwrap())
+    }
+    /// Source MAC.
+    pub fn src_mac(&self) -> EthernetAddress {
+        EthernetAddress(self.b()[field::ETH_SRC].try_into().unwrap())
+    }
+    /// EtherType.
+    pub fn ethertype(&self) -> u16 {
+        be!(u16, &self.b()[field::ETHERTYPE])
+    }
+    /// Protocol version.
+    pub fn version(&self) -> u8 {
+        self.b()[field::VERSION]
+    }
+    /// Message kind.
+    pub fn kind(&self) -> Kind {
+        Kind::from(self.b()[field::KIND])
+    }
+    /// Flags (reserved, zero in version 1).
+    pub fn flags(&self) -> u16 {
+        be!(u16, &self.b()[field::FLAGS])
+    }
+    /// Sender's SAN IP.
+    pub fn src_ip(&self) -> Ipv4 {
+        Ipv4::from(be!(u32, &self.b()[field::SRC_IP]))
+    }
+    /// Sender's port.
+    pub fn src_port(&self) -> u16 {
+        be!(u16, &self.b()[field::SRC_PORT])
+    }
+    /// Destination SAN IP.
+    pub fn dst_ip(&self) -> Ipv4 {
+        Ipv4::from(be!(u32, &self.b()[field::DST_IP]))
+    }
+    /// Destination port.
+    pub fn dst_port(&self) -> u16 {
+        be!(u16, &self.b()[field::DST_PORT])
+    }
+    /// Body length as announced by the header.
+    pub fn body_len(&self) -> u16 {
+        be!(u16, &self.b()[field::BODY_LEN])
+    }
+    /// The body (after `check_len`, exactly `body_len` bytes).
+    pub fn body(&self) -> &[u8] {
+        &self.b()[field::BODY..field::BODY + self.body_len() as usize]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
+    fn m(&mut self) -> &mut [u8] {
+        self.buffer.as_mut()
+    }
+    /// Sets the destination MAC.
+    pub fn set_dst_mac(&mut self, a: EthernetAddress) {
+        self.m()[field::ETH_DST].copy_from_slice(&a.0)
+    }
+    /// Sets the source MAC.
+    pub fn set_src_mac(&mut self, a: EthernetAddress) {
+        self.m()[field::ETH_SRC].copy_from_slice(&a.0)
+    }
+    /// Sets the EtherType.
+    pub fn set_ethertype(&mut self, v: u16) {
+        self.m()[field::ETHERTYPE].copy_from_slice(&v.to_be_bytes())
+    }
+    /// Sets the version byte.
+    pub fn set_version(&mut self, v: u8) {
+        self.m()[field::VERSION] = v
+    }
+    /// Sets the kind byte.
+    pub fn set_kind(&mut self, k: Kind) {
+        self.m()[field::KIND] = k.into()
+    }
+    /// Sets the flags.
+    pub fn set_flags(&mut self, v: u16) {
+        self.m()[field::FLAGS].copy_from_slice(&v.to_be_bytes())
+    }
+    /// Sets the source IP.
+    pub fn set_src_ip(&mut self, a: Ipv4) {
+        self.m()[field::SRC_IP].copy_from_slice(&a.octets())
+    }
+    /// Sets the source port.
+    pub fn set_src_port(&mut self, p: u16) {
+        self.m()[field::SRC_PORT].copy_from_slice(&p.to_be_bytes())
+    }
+    /// Sets the destination IP.
+    pub fn set_dst_ip(&mut self, a: Ipv4) {
+        self.m()[field::DST_IP].copy_from_slice(&a.octets())
+    }
+    /// Sets the destination port.
+    pub fn set_dst_port(&mut self, p: u16) {
+        self.m()[field::DST_PORT].copy_from_slice(&p.to_be_bytes())
+    }
+    /// Sets the body length.
+    pub fn set_body_len(&mut self, v: u16) {
+        self.m()[field::BODY_LEN].copy_from_slice(&v.to_be_bytes())
+    }
+    /// The body, mutable.
+    pub fn body_mut(&mut self) -> &mut [u8] {
+        let n = self.body_len() as usize;
+        &mut self.m()[field::BODY..field::BODY + n]
+    }
+}
+
+/// The SAN header's addressing, common to every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SanHeader {
+    /// Destination MAC.
+    pub dst_mac: EthernetAddress,
+    /// Source MAC.
+    pub src_mac: EthernetAddress,
+    /// Sender's SAN IP.
+    pub src_ip: Ipv4,
+    /// Sender's port (0 where no port applies).
+    pub src_port: u16,
+    /// Destination SAN IP.
+    pub dst_ip: Ipv4,
+    /// Destination port (0 where no port applies).
+    pub dst_port: u16,
+}
+
+/// A message body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Message {
+    /// Connect request: the client's connection id and token.
+    ConnectRequest {
+        /// Connection id, random, chosen by the client.
+        conn_id: u64,
+        /// The client's token; the server echoes it in every reply.
+        client_token: u64,
+    },
+    /// Accept: the request's id, the client's token echoed, the server's token.
+    Accept {
+        /// Connection id.
+        conn_id: u64,
+        /// The client's token, echoed.
+        client_token: u64,
+        /// The server's token, echoed by the client in later frames.
+        server_token: u64,
+    },
+    /// Reject, with a reason.
+    Reject {
+        /// Connection id.
+        conn_id: u64,
+        /// The client's token, echoed.
+        client_token: u64,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// Close an established connection.
+    Close {
+        /// Connection id.
+        conn_id: u64,
+        /// The *receiver's* token.
+        token: u64,
+    },
+    /// Acknowledge a close.
+    CloseAck {
+        /// Connection id.
+        conn_id: u64,
+        /// The receiver's token.
+        token: u64,
+    },
+    /// Who has `dst_ip`?
+    ResolveRequest,
+    /// `src_ip` is at `mac`.
+    ResolveReply {
+        /// The MAC of `src_ip`.
+        mac: EthernetAddress,
+    },
+    /// Echo request.
+    EchoRequest {
+        /// Opaque identifier and sequence, echoed.
+        seq: u64,
+        /// Opaque timestamp, echoed.
+        stamp: u64,
+    },
+    /// Echo reply.
+    EchoReply {
+        /// Echoed.
+        seq: u64,
+        /// Echoed.
+        stamp: u64,
+    },
+}
+
+impl Message {
+    /// The kind byte for this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::ConnectRequest { .. } => Kind::ConnectRequest,
+            Message::Accept { .. } => Kind::Accept,
+            Message::Reject { .. } => Kind::Reject,
+            Message::Close { .. } => Kind::Close,
+            Message::CloseAck { .. } => Kind::CloseAck,
+            Message::ResolveRequest => Kind::ResolveRequest,
+            Message::ResolveReply { .. } => Kind::ResolveReply,
+            Message::EchoRequest { .. } => Kind::EchoRequest,
+            Message::EchoReply { .. } => Kind::EchoReply,
+        }
+    }
+}
+
+/// A whole SAN frame as a plain value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Repr {
+    /// Addressing.
+    pub header: SanHeader,
+    /// Body.
+    pub message: Message,
+}
+
+impl Repr {
+    /// Parses a checked view. `ethertype` is the SAN EtherType in use.
+    pub fn parse<T: AsRef<[u8]>>(f: &Frame<T>, ethertype: u16) -> Result<Self> {
+        f.check_len()?;
+        if f.ethertype() != ethertype {
+            return Err(Error::EtherType);
+        }
+        if f.version() != VERSION {
+            return Err(Error::Version);
+        }
+        if f.flags() != 0 {
+            return Err(Error::Malformed);
+        }
+        let kind = f.kind();
+        let want = body_len(kind).ok_or(Error::Malformed)?;
+        if f.body_len() as usize != want {
+            return Err(Error::Malformed);
+        }
+        let b = f.body();
+        let message = match kind {
+            Kind::ConnectRequest => Message::ConnectRequest {
+                conn_id: be!(u64, &b[0..8]),
+                client_token: be!(u64, &b[8..16]),
+            },
+            Kind::Accept => Message::Accept {
+                conn_id: be!(u64, &b[0..8]),
+                client_token: be!(u64, &b[8..16]),
+                server_token: be!(u64, &b[16..24]),
+            },
+            Kind::Reject => {
+                let reason = RejectReason::from(b[16]);
+                if matches!(reason, RejectReason::Unknown(_)) || b[17..24].iter().any(|&x| x != 0) {
+                    return Err(Error::Malformed);
+                }
+                Message::Reject {
+                    conn_id: be!(u64, &b[0..8]),
+                    client_token: be!(u64, &b[8..16]),
+                    reason,
+                }
+            }
+            Kind::Close => Message::Close {
+                conn_id: be!(u64, &b[0..8]),
+                token: be!(u64, &b[8..16]),
+            },
+            Kind::CloseAck => Message::CloseAck {
+                conn_id: be!(u64, &b[0..8]),
+                token: be!(u64, &b[8..16]),
+            },
+            Kind::ResolveRequest => Message::ResolveRequest,
+            Kind::ResolveReply => {
+                if b[6..8] != [0, 0] {
+                    return Err(Error::Malformed);
+                }
+                Message::ResolveReply {
+                    mac: EthernetAddress(b[0..6].try_into().unwrap()),
+                }
+            }
+            Kind::EchoRequest => Message::EchoRequest {
+                seq: be!(u64, &b[0..8]),
+                stamp: be!(u64, &b[8..16]),
+            },
+            Kind::EchoReply => Message::EchoReply {
+                seq: be!(u64, &b[0..8]),
+                stamp: be!(u64, &b[8..16]),
+            },
+            Kind::Unknown(_) => return Err(Error::Malformed),
+        };
+        Ok(Repr {
+            header: SanHeader {
+                dst_mac: f.dst_mac(),
+                src_mac: f.src_mac(),
+                src_ip: f.src_ip(),
+                src_port: f.src_port(),
+                dst_ip: f.dst_ip(),
+                dst_port: f.dst_port(),
+            },
+            message,
+        })
+    }
+
+    /// Parses raw bytes (checks them first).
+    pub fn parse_bytes(bytes: &[u8], ethertype: u16) -> Result<Self> {
+        Self::parse(&Frame::new_checked(bytes)?, ethertype)
+    }
+
+    /// The exact number of bytes `emit` writes.
+    pub fn buffer_len(&self) -> usize {
+        field::BODY + body_len(self.message.kind()).unwrap_or(0)
+    }
+
+    /// Writes the frame into a view over exactly `buffer_len()` bytes.
+    ///
+    /// # Panics
+    /// If the buffer is shorter than `buffer_len()`.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, f: &mut Frame<T>, ethertype: u16) {
+        let h = &self.header;
+        f.set_dst_mac(h.dst_mac);
+        f.set_src_mac(h.src_mac);
+        f.set_ethertype(ethertype);
+        f.set_version(VERSION);
+        f.set_kind(self.message.kind());
+        f.set_flags(0);
+        f.set_src_port(h.src_port);
+        f.set_src_ip(h.src_ip);
+        f.set_dst_ip(h.dst_ip);
+        f.set_dst_port(h.dst_port);
+        f.set_body_len(body_len(self.message.kind()).unwrap_or(0) as u16);
+        let b = f.body_mut();
+        match self.message {
+            Message::ConnectRequest {
+                conn_id,
+                client_token,
+            } => {
+                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
+                b[8..16].copy_from_slice(&client_token.to_be_bytes());
+            }
+            Message::Accept {
+                conn_id,
+                client_token,
+                server_token,
+            } => {
+                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
+                b[8..16].copy_from_slice(&client_token.to_be_bytes());
+                b[16..24].copy_from_slice(&server_token.to_be_bytes());
+            }
+            Message::Reject {
+                conn_id,
+                client_token,
+                reason,
+            } => {
+                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
+                b[8..16].copy_from_slice(&client_token.to_be_bytes());
+                b[16] = reason.into();
+                b[17..24].fill(0);
+            }
+            Message::Close { conn_id, token } | Message::CloseAck { conn_id, token } => {
+                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
+                b[8..16].copy_from_slice(&token.to_be_bytes());
+            }
+            Message::ResolveRequest => {}
+            Message::ResolveReply { mac } => {
+                b[0..6].copy_from_slice(&mac.0);
+                b[6..8].fill(0);
+            }
+            Message::EchoRequest { seq, stamp } | Message::EchoReply { seq, stamp } => {
+                b[0..8].copy_from_slice(&seq.to_be_bytes());
+                b[8..16].copy_from_slice(&stamp.to_be_bytes());
+            }
+        }
+    }
+
+    /// Emits into a fresh vector (tests, tools; the dataplane emits into mbufs).
+    pub fn to_bytes(&self, ethertype: u16) -> Vec<u8> {
+        let mut v = vec![0u8; self.buffer_len()];
+        self.emit(&mut Frame::new_unchecked(&mut v[..]), ethertype);
+        v
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    const A: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x01]);
+    const B: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x02]);
+
+    fn hdr() -> SanHeader {
+        SanHeader {
+            dst_mac: B,
+            src_mac: A,
+            src_ip: Ipv4::new(198, 18, 0, 1),
+            src_port: 40000,
+            dst_ip: Ipv4::new(198, 18, 0, 2),
+            dst_port: 5000,
+        }
+    }
+
+    /// The worked example of docs/wire-protocol.md: a connect request.
+    static CONNECT_BYTES: [u8; 48] = [
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x02, // dst mac
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x01, // src mac
+        0x88, 0xb5, // ethertype
+        0x01, 0x01, // version 1, kind ConnectRequest
+        0x00, 0x00, // flags
+        0x9c, 0x40, // src port 40000
+        0xc6, 0x12, 0x00, 0x01, // src ip 198.18.0.1
+        0xc6, 0x12, 0x00, 0x02, // dst ip 198.18.0.2
+        0x13, 0x88, // dst port 5000
+        0x00, 0x10, // body length 16
+        0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // conn id
+        0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, // client token
+    ];
+
+    fn connect_repr() -> Repr {
+        Repr {
+            header: hdr(),
+            message: Message::ConnectRequest {
+                conn_id: 0x1122334455667788,
+                client_token: 0xa1a2a3a4a5a6a7a8,
+            },
+        }
+    }
+
+    #[test]
+    fn deconstruct_connect() {
+        let f = Frame::new_checked(&CONNECT_BYTES[..]).unwrap();
+        assert_eq!(f.dst_mac(), B);
+        assert_eq!(f.src_mac(), A);
+        assert_eq!(f.ethertype(), 0x88b5);
+        assert_eq!(f.version(), 1);
+        assert_eq!(f.kind(), Kind::ConnectRequest);
+        assert_eq!(f.src_port(), 40000);
+        assert_eq!(f.dst_port(), 5000);
+        assert_eq!(f.body_len(), 16);
+        assert_eq!(Repr::parse(&f, DEFAULT_ETHERTYPE).unwrap(), connect_repr());
+    }
+
+    #[test]
+    fn construct_connect() {
+        assert_eq!(
+            connect_repr().to_bytes(DEFAULT_ETHERTYPE),
+            CONNECT_BYTES.to_vec()
+        );
+    }
+
+    fn roundtrip(m: Message, expect_body: &[u8]) {
+        let r = Repr {
+            header: hdr(),
+            message: m,
+        };
+        let bytes = r.to_bytes(DEFAULT_ETHERTYPE);
+        assert_eq!(&bytes[32..], expect_body, "{m:?}");
+        assert_eq!(bytes[15], u8::from(m.kind()));
+        assert_eq!(Repr::parse_bytes(&bytes, DEFAULT_ETHERTYPE).unwrap(), r);
+    }
+
+    #[test]
+    fn every_kind_constructs_and_deconstructs() {
+        let id = [1, 2, 3, 4, 5, 6, 7, 8];
+        let t1 = [9, 9, 9, 9, 9, 9, 9, 9];
+        let t2 = [7, 7, 7, 7, 7, 7, 7, 7];
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let idv = u64::from_be_bytes(id);
+        let t1v = u64::from_be_bytes(t1);
+        let t2v = u64::from_be_bytes(t2);
+        roundtrip(
+            Message::ConnectRequest {
+                conn_id: idv,
+                client_token: t1v,
+            },
+            &cat(&[&id, &t1]),
+        );
+        roundtrip(
+            Message::Accept {
+                conn_id: idv,
+                client_token: t1v,
+                server_token: t2v,
+            },
+            &cat(&[&id, &t1, &t2]),
+        );
+        for (reason, code) in [
+            (RejectReason::BacklogFull, 1u8),
+            (RejectReason::NoListener, 2),
+            (RejectReason::Refused, 3),
+            (RejectReason::NoResources, 4),
+            (RejectReason::ListenerClosed, 5),
+        ] {
+            roundtrip(
+                Message::Reject {
+                    conn_id: idv,
+                    client_token: t1v,
+                    reason,
+                },
+                &cat(&[&id, &t1, &[code, 0, 0, 0, 0, 0, 0, 0]]),
+            );
+        }
+        roundtrip(
+            Message::Close {
+                conn_id: idv,
+                token: t2v,
+            },
+            &cat(&[&id, &t2]),
+        );
+        roundtrip(
+            Message::CloseAck {
+                conn_id: idv,
+                token: t2v,
+            },
+            &cat(&[&id, &t2]),
+        );
+        roundtrip(Message::ResolveRequest, &[]);
+        roundtrip(Message::ResolveReply { mac: A }, &[2, 0, 0, 0, 0, 1, 0, 0]);
+        roundtrip(
+            Message::EchoRequest {
+                seq: idv,
+                stamp: t1v,
+            },
+            &cat(&[&id, &t1]),
+        );
+        roundtrip(
+            Message::EchoReply {
+                seq: idv,
+                stamp: t1v,
+            },
+            &cat(&[&id, &t1]),
+        );
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let mut b = CONNECT_BYTES.to_vec();
+        assert_eq!(Frame::new_checked(&b[..20]).unwrap_err(), Error::Truncated);
+        assert_eq!(Frame::new_checked(&b[..47]).unwrap_err(), Error::Truncated);
+        assert_eq!(Repr::parse_bytes(&b, 0x88b6).unwrap_err(), Error::EtherType);
+        b[14] = 2;
+        assert_eq!(
+            Repr::parse_bytes(&b, DEFAULT_ETHERTYPE).unwrap_err(),
+            Error::Version
+        );
+        b[14] = 1;
+        b[15] = 0x7f;
+        assert_eq!(
+            Repr::parse_bytes(&b, DEFAULT_ETHERTYPE).unwrap_err(),
+            Error::Malformed
+        );
+        b[15] = 1;
+        b[16] = 1;
+        assert_eq!(
+            Repr::parse_bytes(&b, DEFAULT_ETHERTYPE).unwrap_err(),
+            Error::Malformed
+        );
+        b[16] = 0;
+        b[31] = 8; // wrong body length for the kind
+        assert_eq!(
+            Repr::parse_bytes(&b, DEFAULT_ETHERTYPE).unwrap_err(),
+            Error::Malformed
+        );
+        let mut r = Repr {
+            header: hdr(),
+            message: Message::Reject {
+                conn_id: 1,
+                client_token: 2,
+                reason: RejectReason::Refused,
+            },
+        }
+        .to_bytes(DEFAULT_ETHERTYPE);
+        r[48] = 0xee;
+        assert_eq!(
+            Repr::parse_bytes(&r, DEFAULT_ETHERTYPE).unwrap_err(),
+            Error::Malformed
+        );
+        assert_eq!(Kind::from(0xee), Kind::Unknown(0xee));
+        assert_eq!(u8::from(Kind::Unknown(0xee)), 0xee);
+    }
+
+    #[test]
+    fn mac_parse_and_display() {
+        let m: EthernetAddress = "02:00:00:00:00:0a".parse().unwrap();
+        assert_eq!(m.to_string(), "02:00:00:00:00:0a");
+        assert!("02:00".parse::<EthernetAddress>().is_err());
+        assert!(EthernetAddress::BROADCAST.is_multicast());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96)) {
+            let _ = Repr::parse_bytes(&bytes, DEFAULT_ETHERTYPE);
+            if let Ok(f) = Frame::new_checked(&bytes[..]) {
+                let _ = (f.kind(), f.src_ip(), f.dst_ip(), f.body());
+            }
+        }
+
+        #[test]
+        fn parse_emit_roundtrip(kind in 0u8..9, a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>(), port in proptest::prelude::any::<u16>()) {
+            let message = match kind {
+                0 => Message::ConnectRequest { conn_id: a, client_token: b },
+                1 => Message::Accept { conn_id: a, client_token: b, server_token: a ^ b },
+                2 => Message::Reject { conn_id: a, client_token: b, reason: RejectReason::BacklogFull },
+                3 => Message::Close { conn_id: a, token: b },
+                4 => Message::CloseAck { conn_id: a, token: b },
+                5 => Message::ResolveRequest,
+                6 => Message::ResolveReply { mac: A },
+                7 => Message::EchoRequest { seq: a, stamp: b },
+                _ => Message::EchoReply { seq: a, stamp: b },
+            };
+            let mut h = hdr();
+            h.src_port = port;
+            let r = Repr { header: h, message };
+            proptest::prop_assert_eq!(Repr::parse_bytes(&r.to_bytes(0x1234), 0x1234).unwrap(), r);
+        }
+    }
+}

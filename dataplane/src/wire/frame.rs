@@ -8,7 +8,7 @@ pub const VERSION: u8 = 1;
 /// Length of the Ethernet II header.
 pub const ETH_HEADER_LEN: usize = 14;
 /// Length of the SAN header that follows it.
-pub const SAN_HEADER_LEN: usize = 16;
+pub const SAN_HEADER_LEN: usize = 18;
 
 /// A 48-bit Ethernet MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]

@@ -292,9 +292,27 @@ fn exec_stop_and_start() {
     assert!(out.contains("/run/dsan/lab/h1/dsand.sock"), "{out}");
     assert!(out.contains("198.18.0.2/24"), "{out}");
     // The deploy example configuration passes --check inside a lab host.
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/lab-af_packet.toml");
-    let o = dsanctl(&["lab", "exec", "h0", "--", DSAND, "--check", "--config", example, "--control-socket", "/run/dsan/lab/h0/check.sock"]);
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok:"), "{}", String::from_utf8_lossy(&o.stdout));
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/lab-af_packet.toml"
+    );
+    let o = dsanctl(&[
+        "lab",
+        "exec",
+        "h0",
+        "--",
+        DSAND,
+        "--check",
+        "--config",
+        example,
+        "--control-socket",
+        "/run/dsan/lab/h0/check.sock",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("ok:"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // Exit codes of the command come through.
     assert_eq!(
         dsanctl(&["lab", "exec", "h0", "--", "sh", "-c", "exit 7"])

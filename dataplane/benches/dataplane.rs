@@ -42,5 +42,42 @@ fn loopback_frame(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, loopback_frame);
+fn backlog(c: &mut Criterion) {
+    use dataplane::backlog::Backlog;
+    let mut g = c.benchmark_group("backlog");
+    let q = Backlog::<[u64; 2]>::new(128);
+    g.bench_function("push_pop_uncontended", |b| {
+        b.iter(|| {
+            q.push(black_box([1, 2])).unwrap();
+            black_box(q.pop().unwrap());
+        })
+    });
+    // Two producer threads push while this thread pops.
+    let q = std::sync::Arc::new(Backlog::<[u64; 2]>::new(128));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hs: Vec<_> = (0..2)
+        .map(|_| {
+            let (q, stop) = (q.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = q.push([3, 4]);
+                }
+            })
+        })
+        .collect();
+    g.bench_function("pop_with_two_producers", |b| {
+        b.iter(|| loop {
+            if let Some(v) = q.pop() {
+                break black_box(v);
+            }
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hs {
+        h.join().unwrap();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, loopback_frame, backlog);
 criterion_main!(benches);

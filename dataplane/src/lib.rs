@@ -11,6 +11,7 @@
 //!   protocol core to a device.
 #![deny(unsafe_code)]
 
+pub mod backlog;
 pub mod device;
 pub mod engine;
 pub mod node;

@@ -130,6 +130,16 @@ fn assert_clean() {
     );
 }
 
+/// `dsand --check` accepted the configuration.
+fn assert_check_ok(o: &Output) {
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("ok:"),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn json_of(o: &Output) -> Value {
     serde_json::from_str(&ok(o)).expect("JSON output")
 }
@@ -308,11 +318,7 @@ fn exec_stop_and_start() {
         "--control-socket",
         "/run/dsan/lab/h0/check.sock",
     ]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).starts_with("ok:"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_check_ok(&o);
     // Exit codes of the command come through.
     assert_eq!(
         dsanctl(&["lab", "exec", "h0", "--", "sh", "-c", "exit 7"])
@@ -441,11 +447,7 @@ fn bad_configuration_gives_one_clear_line() {
         "--san-addr=198.18.0.1/24",
         "--no-pci",
     ]);
-    assert!(
-        String::from_utf8_lossy(&o.stdout).starts_with("ok:"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_check_ok(&o);
     let _ = std::fs::remove_file(cfg);
 }
 

@@ -1,0 +1,531 @@
+//! Unit tests of the protocol core: two endpoints joined by a hand-driven wire.
+
+use super::endpoint::*;
+use super::rng::SeededRng;
+use crate::time::Instant;
+use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, Repr};
+use std::time::Duration;
+
+const IA: Ipv4 = Ipv4::new(198, 18, 0, 1);
+const IB: Ipv4 = Ipv4::new(198, 18, 0, 2);
+const MA: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
+const MB: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
+
+fn cfg() -> ProtoConfig {
+    ProtoConfig {
+        subnets: vec![Subnet {
+            addr: IA,
+            prefix: 24,
+        }],
+        ..Default::default()
+    }
+}
+
+struct Pair {
+    a: Endpoint<SeededRng>,
+    b: Endpoint<SeededRng>,
+    now: Instant,
+    ev_a: Vec<Event>,
+    ev_b: Vec<Event>,
+    /// Every frame that crossed the wire, (from_a, frame).
+    log: Vec<(bool, Repr)>,
+}
+
+impl Pair {
+    fn new(c: ProtoConfig) -> Pair {
+        Pair {
+            a: Endpoint::new(c.clone(), MA, vec![IA], SeededRng::new(1)),
+            b: Endpoint::new(c, MB, vec![IB], SeededRng::new(2)),
+            now: Instant(1_000_000),
+            ev_a: vec![],
+            ev_b: vec![],
+            log: vec![],
+        }
+    }
+
+    /// Delivers frames both ways until nothing moves; `drop` filters frames out.
+    fn run(&mut self, mut drop: impl FnMut(bool, &Repr) -> bool) {
+        loop {
+            let mut moved = false;
+            while let Some(f) = self.a.poll_transmit() {
+                moved = true;
+                self.log.push((true, f));
+                if !drop(true, &f) && (f.header.dst_mac == MB || f.header.dst_mac.is_multicast()) {
+                    self.b.handle_frame(self.now, &f);
+                }
+            }
+            while let Some(f) = self.b.poll_transmit() {
+                moved = true;
+                self.log.push((false, f));
+                if !drop(false, &f) && (f.header.dst_mac == MA || f.header.dst_mac.is_multicast()) {
+                    self.a.handle_frame(self.now, &f);
+                }
+            }
+            while let Some(e) = self.a.poll_event() {
+                self.ev_a.push(e);
+            }
+            while let Some(e) = self.b.poll_event() {
+                self.ev_b.push(e);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn deliver(&mut self) {
+        self.run(|_, _| false);
+    }
+
+    fn advance(&mut self, d: Duration, drop: impl FnMut(bool, &Repr) -> bool + Copy) {
+        let end = self.now + d;
+        loop {
+            let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(t) if t <= end => {
+                    self.now = self.now.max(t);
+                    self.a.handle_timeout(self.now);
+                    self.b.handle_timeout(self.now);
+                    self.run(drop);
+                }
+                _ => break,
+            }
+        }
+        self.now = end;
+        self.a.handle_timeout(self.now);
+        self.b.handle_timeout(self.now);
+        self.run(drop);
+    }
+
+    fn sent(&self, from_a: bool, pred: impl Fn(&Message) -> bool) -> usize {
+        self.log
+            .iter()
+            .filter(|(f, r)| *f == from_a && pred(&r.message))
+            .count()
+    }
+}
+
+fn incoming(ev: &[Event]) -> usize {
+    ev.iter()
+        .filter(|e| matches!(e, Event::Incoming { .. }))
+        .count()
+}
+
+fn failures(ev: &[Event]) -> Vec<ConnectFailure> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::ConnectFailed { error, .. } => Some(*error),
+            _ => None,
+        })
+        .collect()
+}
+
+fn connected(ev: &[Event]) -> Vec<ConnHandle> {
+    ev.iter()
+        .filter_map(|e| match e {
+            Event::Connected { conn } => Some(*conn),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn connect_accept_establishes_both_sides() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((Ipv4::UNSPECIFIED, 5000), 4).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 5000)).unwrap();
+    p.deliver();
+    assert_eq!(p.ev_b, vec![Event::Incoming { listener: l }]);
+    assert_eq!(p.b.head(l).unwrap().peer.0, IA);
+    let s = p.b.decide(p.now, l, Decision::Accept).unwrap().unwrap();
+    p.deliver();
+    assert_eq!(p.ev_a, vec![Event::Connected { conn: c }]);
+    let (ca, cb) = (p.a.connection(c).unwrap(), p.b.connection(s).unwrap());
+    assert_eq!(
+        (ca.conn_id, ca.my_token, ca.peer_token),
+        (cb.conn_id, cb.peer_token, cb.my_token)
+    );
+    assert_eq!((ca.role, cb.role), (Role::Client, Role::Server));
+    assert_eq!(ca.peer, (IB, 5000));
+    assert_eq!(cb.peer, ca.local);
+    assert_eq!(p.b.stats().accepted, 1);
+    assert_eq!(p.a.stats().attempts[0], 1);
+}
+
+#[test]
+fn full_backlog_refuses_at_once_without_an_event() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 7000), 4).unwrap();
+    let hs: Vec<ConnHandle> = (0..10)
+        .map(|_| p.a.connect(p.now, None, (IB, 7000)).unwrap())
+        .collect();
+    p.deliver();
+    assert_eq!(incoming(&p.ev_b), 4, "only queued requests raise FD_ACCEPT");
+    assert_eq!(p.b.backlog(l), Some((4, 4)));
+    let f = failures(&p.ev_a);
+    assert_eq!(
+        f,
+        vec![ConnectFailure::Refused(RejectReason::BacklogFull); 6]
+    );
+    assert!(f.iter().all(|e| e.errno() == libc::ECONNREFUSED));
+    assert_eq!(p.b.stats().rejected[0], 6);
+    // No time passed: the refusals are immediate.
+    p.ev_a.clear();
+    for d in [
+        Decision::Accept,
+        Decision::Accept,
+        Decision::Reject,
+        Decision::Reject,
+    ] {
+        p.b.decide(p.now, l, d).unwrap();
+    }
+    p.deliver();
+    assert_eq!(connected(&p.ev_a).len(), 2);
+    assert_eq!(
+        failures(&p.ev_a),
+        vec![ConnectFailure::Refused(RejectReason::Refused); 2]
+    );
+    assert_eq!(
+        p.b.decide(p.now, l, Decision::Accept),
+        Err(AcceptError::Empty)
+    );
+    assert_eq!(p.a.attempts_in_progress(), 0);
+    let _ = hs;
+}
+
+#[test]
+fn no_listener_is_reset() {
+    let mut p = Pair::new(cfg());
+    p.a.connect(p.now, None, (IB, 1)).unwrap();
+    p.deliver();
+    assert_eq!(failures(&p.ev_a), vec![ConnectFailure::Reset]);
+    assert_eq!(ConnectFailure::Reset.errno(), libc::ECONNRESET);
+    assert_eq!(p.b.stats().rejected[1], 1);
+}
+
+#[test]
+fn defer_keeps_the_request_at_the_head() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 9), 2).unwrap();
+    let c1 = p.a.connect(p.now, None, (IB, 9)).unwrap();
+    p.deliver();
+    p.a.connect(p.now, None, (IB, 9)).unwrap();
+    p.deliver();
+    let head = p.b.head(l).unwrap();
+    assert_eq!(p.b.decide(p.now, l, Decision::Defer), Ok(None));
+    assert_eq!(p.b.head(l).unwrap(), head);
+    assert_eq!(p.b.backlog(l), Some((2, 2)));
+    p.b.decide(p.now, l, Decision::Accept).unwrap();
+    p.deliver();
+    assert_eq!(
+        connected(&p.ev_a),
+        vec![c1],
+        "the deferred (first) request was the one accepted"
+    );
+}
+
+#[test]
+fn silence_times_out_within_the_budget_with_backoff() {
+    let mut p = Pair::new(cfg());
+    // Nobody has 198.18.0.9: resolution never answers.
+    let c =
+        p.a.connect(p.now, None, (Ipv4::new(198, 18, 0, 9), 80))
+            .unwrap();
+    p.advance(Duration::from_secs(3), |_, _| false);
+    assert_eq!(
+        p.ev_a,
+        vec![Event::ConnectFailed {
+            conn: c,
+            error: ConnectFailure::TimedOut
+        }]
+    );
+    assert_eq!(ConnectFailure::TimedOut.errno(), libc::ETIMEDOUT);
+    // A peer that resolves but never answers the request: retransmissions back off.
+    let mut p = Pair::new(cfg());
+    p.b.listen((IB, 80), 1).unwrap();
+    let start = p.now;
+    p.a.connect(p.now, None, (IB, 80)).unwrap();
+    p.advance(Duration::from_secs(3), |from_a, f| {
+        from_a && matches!(f.message, Message::ConnectRequest { .. })
+    });
+    assert_eq!(failures(&p.ev_a), vec![ConnectFailure::TimedOut]);
+    let sends = p.sent(true, |m| matches!(m, Message::ConnectRequest { .. }));
+    // 20 ms doubling to 400 ms over 2 s: 1 + 20,40,...,400 -> about 9 sends, far fewer than 2 s / 20 ms.
+    assert!((5..=12).contains(&sends), "{sends} requests sent");
+    assert!(p.now - start >= Duration::from_secs(2));
+    assert_eq!(p.a.stats().attempts[3], 1);
+}
+
+#[test]
+fn outside_every_subnet_is_unreachable() {
+    let mut p = Pair::new(cfg());
+    assert_eq!(
+        p.a.connect(p.now, None, (Ipv4::new(10, 0, 0, 1), 80)),
+        Err(ConnectError::HostUnreachable)
+    );
+    assert_eq!(
+        p.a.connect(p.now, Some(Ipv4::new(198, 18, 0, 77)), (IB, 80)),
+        Err(ConnectError::NoLocalAddress)
+    );
+}
+
+#[test]
+fn retransmissions_never_duplicate_and_replay_the_answer() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 4).unwrap();
+    p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    // The client retransmits while the request is queued: still one entry, one event.
+    p.advance(Duration::from_millis(200), |_, _| false);
+    assert_eq!(p.b.backlog(l), Some((1, 4)));
+    assert_eq!(incoming(&p.ev_b), 1);
+    assert!(p.b.stats().duplicate_requests >= 2);
+    // The accept is lost; the next retransmission gets it replayed.
+    p.b.decide(p.now, l, Decision::Accept).unwrap();
+    p.run(|from_a, f| !from_a && matches!(f.message, Message::Accept { .. }));
+    assert!(connected(&p.ev_a).is_empty());
+    p.advance(Duration::from_millis(500), |_, _| false);
+    assert_eq!(connected(&p.ev_a).len(), 1);
+    assert_eq!(p.b.stats().replayed_accepts, 1);
+    assert_eq!(p.b.connections().count(), 1);
+
+    // A refusal that is lost is replayed the same way, never queued anew.
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 1).unwrap();
+    p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    p.b.decide(p.now, l, Decision::Reject).unwrap();
+    p.run(|from_a, f| !from_a && matches!(f.message, Message::Reject { .. }));
+    p.advance(Duration::from_millis(500), |_, _| false);
+    assert_eq!(
+        failures(&p.ev_a),
+        vec![ConnectFailure::Refused(RejectReason::Refused)]
+    );
+    assert_eq!(p.b.stats().replayed_rejects, 1);
+    assert_eq!(p.b.backlog(l), Some((0, 1)));
+    assert_eq!(incoming(&p.ev_b), 1);
+}
+
+#[test]
+fn a_late_accept_is_ignored_and_answered_with_a_close() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 1).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    p.advance(Duration::from_secs(3), |from_a, f| {
+        from_a && matches!(f.message, Message::ConnectRequest { .. })
+    });
+    assert_eq!(
+        p.ev_a,
+        vec![Event::ConnectFailed {
+            conn: c,
+            error: ConnectFailure::TimedOut
+        }]
+    );
+    p.b.decide(p.now, l, Decision::Accept).unwrap();
+    p.deliver();
+    assert_eq!(p.ev_a.len(), 1, "the attempt ended exactly once");
+    assert!(
+        p.a.stats().late_replies >= 1,
+        "the late accept (and the ack of our close) are counted"
+    );
+    assert_eq!(
+        p.b.connections().count(),
+        0,
+        "the accepting side dropped the unwanted connection"
+    );
+    assert!(p.ev_b.iter().any(|e| matches!(e, Event::Closed { .. })));
+}
+
+#[test]
+fn frames_with_wrong_tokens_are_dropped_and_counted() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 1).unwrap();
+    p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    let inc = p.b.head(l).unwrap();
+    let forged = |m| Repr {
+        header: crate::wire::SanHeader {
+            dst_mac: MA,
+            src_mac: MB,
+            src_ip: IB,
+            src_port: 5,
+            dst_ip: IA,
+            dst_port: inc.peer.1,
+        },
+        message: m,
+    };
+    p.a.handle_frame(
+        p.now,
+        &forged(Message::Accept {
+            conn_id: inc.conn_id,
+            client_token: inc.client_token ^ 1,
+            server_token: 3,
+        }),
+    );
+    p.a.handle_frame(
+        p.now,
+        &forged(Message::Reject {
+            conn_id: inc.conn_id,
+            client_token: 0,
+            reason: RejectReason::Refused,
+        }),
+    );
+    assert_eq!(p.a.stats().bad_token, 2);
+    assert_eq!(p.a.attempts_in_progress(), 1);
+    let s = p.b.decide(p.now, l, Decision::Accept).unwrap().unwrap();
+    p.deliver();
+    let cb = *p.b.connection(s).unwrap();
+    // A close with the wrong token does nothing.
+    let bad_close = Repr {
+        header: crate::wire::SanHeader {
+            dst_mac: MB,
+            src_mac: MA,
+            src_ip: IA,
+            src_port: cb.peer.1,
+            dst_ip: IB,
+            dst_port: 5,
+        },
+        message: Message::Close {
+            conn_id: cb.conn_id,
+            token: cb.my_token ^ 1,
+        },
+    };
+    p.b.handle_frame(p.now, &bad_close);
+    assert_eq!(p.b.stats().bad_token, 1);
+    assert!(p.b.connection(s).is_some());
+    // A request for an address that is not ours.
+    let mut other = forged(Message::ConnectRequest {
+        conn_id: 1,
+        client_token: 1,
+    });
+    other.header.dst_ip = Ipv4::new(198, 18, 0, 99);
+    p.a.handle_frame(p.now, &other);
+    assert_eq!(p.a.stats().not_ours, 1);
+}
+
+#[test]
+fn close_handshake_survives_loss_and_leaves_nothing() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 1).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    let s = p.b.decide(p.now, l, Decision::Accept).unwrap().unwrap();
+    p.deliver();
+    p.a.close(p.now, c).unwrap();
+    // The first close is lost.
+    p.run(|from_a, f| from_a && matches!(f.message, Message::Close { .. }));
+    assert!(p.b.connection(s).is_some());
+    p.advance(Duration::from_millis(100), |_, _| false);
+    assert_eq!(p.ev_b.last(), Some(&Event::Closed { conn: s }));
+    assert!(p.a.connection(c).is_none() && p.b.connection(s).is_none());
+    assert_eq!(p.a.close(p.now, c), Err(CloseError::Unknown));
+    p.b.close_listener(p.now, l).unwrap();
+    p.advance(Duration::from_secs(10), |_, _| false);
+    assert!(p.a.is_quiescent(), "client state left");
+    assert!(p.b.is_quiescent(), "server state left");
+}
+
+#[test]
+fn closing_a_listener_refuses_what_it_queued() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 3).unwrap();
+    for _ in 0..3 {
+        p.a.connect(p.now, None, (IB, 5)).unwrap();
+    }
+    p.deliver();
+    p.b.close_listener(p.now, l).unwrap();
+    p.deliver();
+    assert_eq!(
+        failures(&p.ev_a),
+        vec![ConnectFailure::Refused(RejectReason::ListenerClosed); 3]
+    );
+    assert_eq!(p.b.queued_total(), 0);
+    assert_eq!(p.b.close_listener(p.now, l), Err(CloseError::Unknown));
+    // The port can be listened on again at once.
+    p.b.listen((IB, 5), 3).unwrap();
+}
+
+#[test]
+fn listen_rules() {
+    let mut p = Pair::new(cfg());
+    p.b.listen((Ipv4::UNSPECIFIED, 5), 1).unwrap();
+    assert_eq!(p.b.listen((IB, 5), 1), Err(ListenError::AddrInUse));
+    assert_eq!(p.b.listen((IA, 6), 1), Err(ListenError::AddrNotAvailable));
+    let l = p.b.listen((IB, 6), i64::from(i32::MAX)).unwrap();
+    assert_eq!(p.b.backlog(l), Some((0, crate::backlog::MAX_BACKLOG)));
+    let l = p.b.listen((IB, 7), 0).unwrap();
+    assert_eq!(p.b.backlog(l), Some((0, 1)));
+    assert_eq!(
+        p.b.listen((Ipv4::UNSPECIFIED, 7), 1),
+        Err(ListenError::AddrInUse)
+    );
+    let mut c = cfg();
+    c.max_listeners = 1;
+    let mut e = Endpoint::new(c, MB, vec![IB], SeededRng::new(3));
+    e.listen((IB, 1), 1).unwrap();
+    assert_eq!(e.listen((IB, 2), 1), Err(ListenError::TooManyListeners));
+}
+
+#[test]
+fn a_forged_flood_cannot_grow_state() {
+    let mut c = cfg();
+    c.max_tombstones = 1000;
+    c.max_half_open = 16;
+    let mut b = Endpoint::new(c, MB, vec![IB], SeededRng::new(9));
+    let l = b.listen((IB, 80), 8).unwrap();
+    let l2 = b.listen((IB, 81), 4096).unwrap();
+    let mut rng = SeededRng::new(4);
+    use super::rng::Rng;
+    for i in 0..100_000u32 {
+        let src = Ipv4::from(rng.next_u64() as u32);
+        let f = Repr {
+            header: crate::wire::SanHeader {
+                dst_mac: MB,
+                src_mac: EthernetAddress([2, 1, 2, 3, 4, 5]),
+                src_ip: src,
+                src_port: 1234,
+                dst_ip: IB,
+                dst_port: 80 + (i % 3) as u16,
+            },
+            message: Message::ConnectRequest {
+                conn_id: rng.next_u64(),
+                client_token: rng.next_u64(),
+            },
+        };
+        b.handle_frame(Instant(u64::from(i)), &f);
+        while b.poll_transmit().is_some() {}
+        while b.poll_event().is_some() {}
+    }
+    assert_eq!(b.backlog(l), Some((8, 8)));
+    assert_eq!(
+        b.backlog(l2).unwrap().0,
+        8,
+        "the half-open bound (16) caps the big backlog too"
+    );
+    assert!(b.tombstones() <= 1000);
+    assert!(b.stats().tombstones_evicted > 0);
+    assert!(b.stats().rejected[3] > 0, "no-resources refusals");
+}
+
+#[test]
+fn resolution_answers_only_for_our_addresses_and_is_cached() {
+    let mut p = Pair::new(cfg());
+    p.b.listen((IB, 5), 8).unwrap();
+    p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    assert_eq!(
+        p.sent(true, |m| matches!(m, Message::ResolveRequest)),
+        1,
+        "second connect used the cache"
+    );
+    assert_eq!(
+        p.sent(false, |m| matches!(m, Message::ResolveReply { .. })),
+        1
+    );
+}

@@ -26,8 +26,10 @@
 //!   [`ConnectFailure::TimedOut`] after the connect budget;
 //! * every request is answered consistently: a retransmission never creates a
 //!   second backlog entry, one for an accepted connection replays the accept,
-//!   one for a refused request replays the refusal (a tombstone remembers it
-//!   for longer than any client retries); late or duplicate replies for a
+//!   one for a refused request replays the refusal, and one for an accepted
+//!   connection that has since been closed replays the accept and the close
+//!   (a tombstone remembers finished requests for longer than any client
+//!   retries); late or duplicate replies for a
 //!   finished attempt are ignored (a late accept is answered with a close, so
 //!   the accepting side does not keep a connection nobody wants);
 //! * frames whose token does not match are dropped and counted; all state is
@@ -82,9 +84,12 @@ pub struct ProtoConfig {
     /// How long a refusal is remembered to answer retransmissions the same way
     /// (default 2 x connect budget; must exceed any client's budget).
     pub tombstone_ttl: Duration,
-    /// Refusals remembered at most (default 65536; the oldest go first).
+    /// Finished requests (refused, or accepted and since closed) remembered at
+    /// most (default 65536; the oldest go first).
     pub max_tombstones: usize,
-    /// Give up retransmitting a close after this long (default 1 s).
+    /// Give up retransmitting a close after this long (default 10 s: both ends
+    /// agree on a connection's end as long as the fabric delivers one close
+    /// and its acknowledgement within this time).
     pub close_budget: Duration,
     /// The SAN subnets; connecting elsewhere is EHOSTUNREACH.
     pub subnets: Vec<Subnet>,
@@ -104,7 +109,7 @@ impl Default for ProtoConfig {
             max_connections: 1 << 20,
             tombstone_ttl: Duration::from_secs(4),
             max_tombstones: 65536,
-            close_budget: Duration::from_secs(1),
+            close_budget: Duration::from_secs(10),
             subnets: Vec::new(),
             resolve: ResolveConfig::default(),
         }
@@ -341,6 +346,30 @@ impl Connection {
     }
 }
 
+/// What a finished request's retransmissions are answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tomb {
+    /// It was refused: replay the refusal.
+    Refused {
+        client_token: u64,
+        reason: RejectReason,
+    },
+    /// It was accepted and the connection has since ended: replay the accept
+    /// and the close, so the client learns both.
+    Closed {
+        client_token: u64,
+        server_token: u64,
+    },
+}
+
+impl Tomb {
+    fn client_token(&self) -> u64 {
+        match *self {
+            Tomb::Refused { client_token, .. } | Tomb::Closed { client_token, .. } => client_token,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Attempt {
     local: SockAddr,
@@ -369,8 +398,8 @@ pub struct Endpoint<R: Rng> {
     conn_by_wire: HashMap<(Ipv4, u64, Role), ConnHandle>,
     attempts: HashMap<ConnHandle, Attempt>,
     attempt_by_wire: HashMap<u64, ConnHandle>,
-    /// (peer ip, conn id) -> (client token, reason, expiry).
-    tombstones: HashMap<(Ipv4, u64), (u64, RejectReason, Instant)>,
+    /// (peer ip, conn id) -> what became of a request, and when to forget it.
+    tombstones: HashMap<(Ipv4, u64), (Tomb, Instant)>,
     tomb_order: VecDeque<((Ipv4, u64), Instant)>,
     transmits: VecDeque<Repr>,
     events: VecDeque<Event>,
@@ -444,6 +473,10 @@ impl<R: Rng> Endpoint<R> {
     /// Every connection.
     pub fn connections(&self) -> impl Iterator<Item = (ConnHandle, &Connection)> {
         self.conns.iter().map(|(h, c)| (*h, c))
+    }
+    /// A connect attempt in progress: (local address, peer address, wire connection id).
+    pub fn attempt(&self, h: ConnHandle) -> Option<(SockAddr, SockAddr, u64)> {
+        self.attempts.get(&h).map(|a| (a.local, a.peer, a.conn_id))
     }
     /// Connect attempts in progress.
     pub fn attempts_in_progress(&self) -> usize {
@@ -542,7 +575,14 @@ impl<R: Rng> Endpoint<R> {
         reason: RejectReason,
     ) {
         self.stats.rejected[ProtoStats::reason_index(reason)] += 1;
-        self.remember_refusal(now, (h.src_ip, conn_id), client_token, reason);
+        self.remember(
+            now,
+            (h.src_ip, conn_id),
+            Tomb::Refused {
+                client_token,
+                reason,
+            },
+        );
         self.emit(
             h.src_mac,
             (h.dst_ip, h.dst_port),
@@ -555,23 +595,17 @@ impl<R: Rng> Endpoint<R> {
         );
     }
 
-    fn remember_refusal(
-        &mut self,
-        now: Instant,
-        key: (Ipv4, u64),
-        token: u64,
-        reason: RejectReason,
-    ) {
+    fn remember(&mut self, now: Instant, key: (Ipv4, u64), tomb: Tomb) {
         if self.tombstones.len() >= self.cfg.max_tombstones {
             if let Some((old, exp)) = self.tomb_order.pop_front() {
-                if self.tombstones.get(&old).is_some_and(|t| t.2 == exp) {
+                if self.tombstones.get(&old).is_some_and(|t| t.1 == exp) {
                     self.tombstones.remove(&old);
                 }
                 self.stats.tombstones_evicted += 1;
             }
         }
         let exp = now + self.cfg.tombstone_ttl;
-        self.tombstones.insert(key, (token, reason, exp));
+        self.tombstones.insert(key, (tomb, exp));
         self.tomb_order.push_back((key, exp));
     }
 
@@ -626,9 +660,21 @@ impl<R: Rng> Endpoint<R> {
         self.emit(mac, local, peer, m);
     }
 
-    fn remove_conn(&mut self, h: ConnHandle) -> Option<Connection> {
+    fn remove_conn(&mut self, now: Instant, h: ConnHandle) -> Option<Connection> {
         let c = self.conns.remove(&h)?;
         self.conn_by_wire.remove(&(c.peer.0, c.conn_id, c.role));
+        if c.role == Role::Server {
+            // The client may still be retransmitting its request (our accept
+            // lost): it must learn "accepted, then closed", never a refusal.
+            self.remember(
+                now,
+                (c.peer.0, c.conn_id),
+                Tomb::Closed {
+                    client_token: c.peer_token,
+                    server_token: c.my_token,
+                },
+            );
+        }
         Some(c)
     }
 
@@ -716,7 +762,9 @@ impl<R: Rng> Endpoint<R> {
                     .find_map(|r| self.conn_by_wire.get(&(h.src_ip, conn_id, r)).copied());
                 match found {
                     Some(ch) if self.conns[&ch].my_token == token => {
-                        let c = self.remove_conn(ch).expect("indexed connection exists");
+                        let c = self
+                            .remove_conn(now, ch)
+                            .expect("indexed connection exists");
                         if c.closing.is_none() {
                             self.events.push_back(Event::Closed { conn: ch });
                         }
@@ -728,13 +776,28 @@ impl<R: Rng> Endpoint<R> {
                         );
                     }
                     Some(_) => self.stats.bad_token += 1,
-                    // Already gone (our ack was lost): acknowledge again.
-                    None => self.emit(
-                        h.src_mac,
-                        (h.dst_ip, h.dst_port),
-                        (h.src_ip, h.src_port),
-                        Message::CloseAck { conn_id, token },
-                    ),
+                    None => {
+                        // The accepting side accepted and closed before its accept
+                        // reached us (lost or reordered): the attempt succeeded and
+                        // the connection ended.
+                        if let Some(ah) = self.attempt_by_wire.get(&conn_id).copied() {
+                            let a = &self.attempts[&ah];
+                            if a.peer.0 != h.src_ip || a.client_token != token {
+                                self.stats.bad_token += 1;
+                                return;
+                            }
+                            self.finish_attempt(ah, Ok((h, 0)));
+                            self.remove_conn(now, ah);
+                            self.events.push_back(Event::Closed { conn: ah });
+                        }
+                        // Acknowledge (again, if our first ack was lost).
+                        self.emit(
+                            h.src_mac,
+                            (h.dst_ip, h.dst_port),
+                            (h.src_ip, h.src_port),
+                            Message::CloseAck { conn_id, token },
+                        );
+                    }
                 }
             }
             Message::CloseAck { conn_id, token } => {
@@ -746,7 +809,7 @@ impl<R: Rng> Endpoint<R> {
                         if self.conns[&ch].closing.is_some()
                             && self.conns[&ch].peer_token == token =>
                     {
-                        self.remove_conn(ch);
+                        self.remove_conn(now, ch);
                     }
                     Some(_) => self.stats.bad_token += 1,
                     None => self.stats.late_replies += 1,
@@ -803,19 +866,18 @@ impl<R: Rng> Endpoint<R> {
                 self.stats.bad_token += 1;
                 return;
             }
-            if c.closing.is_none() {
-                self.stats.replayed_accepts += 1;
-                self.emit(
-                    h.src_mac,
-                    c.local,
-                    c.peer,
-                    Message::Accept {
-                        conn_id,
-                        client_token,
-                        server_token: c.my_token,
-                    },
-                );
-            }
+            // Replayed even while closing: the close retransmissions follow.
+            self.stats.replayed_accepts += 1;
+            self.emit(
+                h.src_mac,
+                c.local,
+                c.peer,
+                Message::Accept {
+                    conn_id,
+                    client_token,
+                    server_token: c.my_token,
+                },
+            );
             return;
         }
         // Still queued: one entry only.
@@ -831,22 +893,49 @@ impl<R: Rng> Endpoint<R> {
             return;
         }
         // Refused before: the same answer.
-        if let Some(&(token, reason, _)) = self.tombstones.get(&key) {
-            if token != client_token {
+        if let Some(&(tomb, _)) = self.tombstones.get(&key) {
+            if tomb.client_token() != client_token {
                 self.stats.bad_token += 1;
                 return;
             }
-            self.stats.replayed_rejects += 1;
-            self.emit(
-                h.src_mac,
-                (h.dst_ip, h.dst_port),
-                (h.src_ip, h.src_port),
-                Message::Reject {
-                    conn_id,
-                    client_token,
-                    reason,
-                },
-            );
+            let (local, peer) = ((h.dst_ip, h.dst_port), (h.src_ip, h.src_port));
+            match tomb {
+                Tomb::Refused { reason, .. } => {
+                    self.stats.replayed_rejects += 1;
+                    self.emit(
+                        h.src_mac,
+                        local,
+                        peer,
+                        Message::Reject {
+                            conn_id,
+                            client_token,
+                            reason,
+                        },
+                    );
+                }
+                Tomb::Closed { server_token, .. } => {
+                    self.stats.replayed_accepts += 1;
+                    self.emit(
+                        h.src_mac,
+                        local,
+                        peer,
+                        Message::Accept {
+                            conn_id,
+                            client_token,
+                            server_token,
+                        },
+                    );
+                    self.emit(
+                        h.src_mac,
+                        local,
+                        peer,
+                        Message::Close {
+                            conn_id,
+                            token: client_token,
+                        },
+                    );
+                }
+            }
             return;
         }
         let lid = self
@@ -938,7 +1027,7 @@ impl<R: Rng> Endpoint<R> {
             let c = self.conns.get_mut(&h).expect("listed");
             let (deadline, _, rto) = c.closing.expect("filtered");
             if deadline <= now {
-                self.remove_conn(h);
+                self.remove_conn(now, h);
                 continue;
             }
             let rto = (rto * 2).min(self.cfg.max_rto);
@@ -960,7 +1049,7 @@ impl<R: Rng> Endpoint<R> {
                 break;
             }
             self.tomb_order.pop_front();
-            if self.tombstones.get(&key).is_some_and(|t| t.2 == exp) {
+            if self.tombstones.get(&key).is_some_and(|t| t.1 == exp) {
                 self.tombstones.remove(&key);
             }
         }

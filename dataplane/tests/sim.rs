@@ -1,0 +1,577 @@
+//! Deterministic simulation of many SAN hosts on a lossy fabric.
+//!
+//! Each schedule is generated from a seed: a number of hosts (2 to 64), a
+//! fabric with loss, duplication and random delay (hence reordering), and a
+//! random sequence of listen / connect / accept / reject / defer / close /
+//! abandon operations with time advancing between them. After every step the
+//! invariants are checked; at the end the fabric turns lossless, everything
+//! is closed, and no state may be left.
+//!
+//! A failing schedule prints its seed; replay it with
+//! `DSAN_SIM_SEED=<seed> cargo test --release -p dataplane --test sim -- replay --nocapture`.
+
+use dataplane::proto::rng::{Rng, SeededRng};
+use dataplane::proto::*;
+use dataplane::time::Instant;
+use dataplane::wire::{EthernetAddress, Ipv4, Repr};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Connected,
+    Failed(ConnectFailure),
+    Abandoned,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerSaid {
+    Accepted,
+    Rejected,
+}
+
+struct Host {
+    ep: Endpoint<SeededRng>,
+    ip: Ipv4,
+    listeners: Vec<ListenerId>,
+    /// Connections the application holds.
+    conns: HashSet<ConnHandle>,
+    /// Attempts in progress: handle -> wire conn id.
+    attempts: HashMap<ConnHandle, u64>,
+}
+
+struct Sim {
+    seed: u64,
+    rng: SeededRng,
+    hosts: Vec<Host>,
+    mac_to_host: HashMap<EthernetAddress, usize>,
+    now: Instant,
+    wire: BinaryHeap<Reverse<(Instant, u64)>>,
+    in_flight: HashMap<u64, (usize, Repr)>,
+    seq: u64,
+    loss: f64,
+    dup: f64,
+    max_delay_us: u64,
+    /// (client ip, conn id) -> outcomes seen by the client.
+    outcomes: HashMap<(Ipv4, u64), Vec<Outcome>>,
+    /// (client ip, conn id) -> what the accepting application decided.
+    decisions: HashMap<(Ipv4, u64), Vec<ServerSaid>>,
+    steps: usize,
+}
+
+fn mac_of(i: usize) -> EthernetAddress {
+    EthernetAddress([2, 0xd5, 0, 0, (i >> 8) as u8, i as u8])
+}
+
+fn ip_of(i: usize) -> Ipv4 {
+    Ipv4::new(198, 18, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+const PORTS: [u16; 3] = [7, 80, 443];
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = SeededRng::new(seed);
+        let n = if seed % 50 == 0 {
+            64
+        } else {
+            2 + rng.below(7) as usize
+        };
+        let loss = [0.0, 0.1, 0.3][rng.below(3) as usize];
+        let dup = [0.0, 0.1][rng.below(2) as usize];
+        let max_delay_us = [10, 200, 5000][rng.below(3) as usize];
+        let cfg = ProtoConfig {
+            subnets: vec![Subnet {
+                addr: Ipv4::new(198, 18, 0, 0),
+                prefix: 15,
+            }],
+            ..Default::default()
+        };
+        let hosts = (0..n)
+            .map(|i| Host {
+                ep: Endpoint::new(
+                    cfg.clone(),
+                    mac_of(i),
+                    vec![ip_of(i)],
+                    SeededRng::new(seed ^ (i as u64 + 1).wrapping_mul(0x9E37)),
+                ),
+                ip: ip_of(i),
+                listeners: vec![],
+                conns: HashSet::new(),
+                attempts: HashMap::new(),
+            })
+            .collect();
+        Sim {
+            seed,
+            rng,
+            hosts,
+            mac_to_host: (0..n).map(|i| (mac_of(i), i)).collect(),
+            now: Instant(1_000_000_000),
+            wire: BinaryHeap::new(),
+            in_flight: HashMap::new(),
+            seq: 0,
+            loss,
+            dup,
+            max_delay_us,
+            outcomes: HashMap::new(),
+            decisions: HashMap::new(),
+            steps: 0,
+        }
+    }
+
+    fn put_on_wire(&mut self, dst: usize, f: Repr) {
+        let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
+        for _ in 0..copies {
+            if self.rng.chance(self.loss) {
+                continue;
+            }
+            let delay = Duration::from_micros(1 + self.rng.below(self.max_delay_us));
+            self.seq += 1;
+            self.wire.push(Reverse((self.now + delay, self.seq)));
+            self.in_flight.insert(self.seq, (dst, f));
+        }
+    }
+
+    /// Drains every host's transmits and events.
+    fn pump(&mut self) {
+        for i in 0..self.hosts.len() {
+            while let Some(f) = self.hosts[i].ep.poll_transmit() {
+                assert_eq!(f.header.src_mac, mac_of(i));
+                if f.header.dst_mac.is_multicast() {
+                    for j in 0..self.hosts.len() {
+                        if j != i {
+                            self.put_on_wire(j, f);
+                        }
+                    }
+                } else if let Some(&j) = self.mac_to_host.get(&f.header.dst_mac) {
+                    self.put_on_wire(j, f);
+                }
+            }
+            while let Some(e) = self.hosts[i].ep.poll_event() {
+                self.on_event(i, e);
+            }
+        }
+    }
+
+    fn record(&mut self, client: Ipv4, conn_id: u64, o: Outcome) {
+        let v = self.outcomes.entry((client, conn_id)).or_default();
+        v.push(o);
+        assert_eq!(
+            v.len(),
+            1,
+            "attempt {conn_id:#x} from {client} ended more than once: {v:?}"
+        );
+    }
+
+    fn on_event(&mut self, i: usize, e: Event) {
+        let ip = self.hosts[i].ip;
+        match e {
+            Event::Incoming { .. } => {}
+            Event::Connected { conn } => {
+                let id = self.hosts[i]
+                    .attempts
+                    .remove(&conn)
+                    .expect("connected: an attempt we made");
+                // Established, unless the peer's close arrived first (then a
+                // Closed event follows at once).
+                if let Some(c) = self.hosts[i].ep.connection(conn) {
+                    assert_eq!(c.conn_id, id);
+                }
+                self.record(ip, id, Outcome::Connected);
+                self.hosts[i].conns.insert(conn);
+            }
+            Event::ConnectFailed { conn, error } => {
+                let id = self.hosts[i]
+                    .attempts
+                    .remove(&conn)
+                    .expect("failed: an attempt we made");
+                self.record(ip, id, Outcome::Failed(error));
+            }
+            Event::Closed { conn } => {
+                assert!(
+                    self.hosts[i].conns.remove(&conn),
+                    "closed a connection the application did not hold"
+                );
+            }
+        }
+    }
+
+    /// Advances time to `until`, delivering frames and firing timers in order.
+    fn advance(&mut self, until: Instant) {
+        loop {
+            let next_frame = self.wire.peek().map(|Reverse((t, _))| *t);
+            let next_timer = self.hosts.iter().filter_map(|h| h.ep.poll_timeout()).min();
+            let next = [next_frame, next_timer].into_iter().flatten().min();
+            let Some(t) = next.filter(|t| *t <= until) else {
+                break;
+            };
+            self.now = self.now.max(t);
+            if next_frame == Some(t) {
+                let Reverse((_, seq)) = self.wire.pop().unwrap();
+                let (dst, f) = self.in_flight.remove(&seq).unwrap();
+                self.hosts[dst].ep.handle_frame(self.now, &f);
+            } else {
+                for h in &mut self.hosts {
+                    if h.ep.poll_timeout().is_some_and(|x| x <= self.now) {
+                        h.ep.handle_timeout(self.now);
+                    }
+                }
+            }
+            self.pump();
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn pick<T: Copy>(&mut self, v: &[T]) -> Option<T> {
+        if v.is_empty() {
+            None
+        } else {
+            Some(v[self.rng.below(v.len() as u64) as usize])
+        }
+    }
+
+    fn step(&mut self) {
+        self.steps += 1;
+        let n = self.hosts.len();
+        let h = self.rng.below(n as u64) as usize;
+        match self.rng.below(100) {
+            0..=14 => {
+                let port = PORTS[self.rng.below(3) as usize];
+                let ip = if self.rng.chance(0.5) {
+                    Ipv4::UNSPECIFIED
+                } else {
+                    self.hosts[h].ip
+                };
+                let backlog = 1 + self.rng.below(4) as i64;
+                if let Ok(l) = self.hosts[h].ep.listen((ip, port), backlog) {
+                    self.hosts[h].listeners.push(l);
+                }
+            }
+            15..=19 => {
+                let ls = self.hosts[h].listeners.clone();
+                if let Some(l) = self.pick(&ls) {
+                    self.hosts[h].ep.close_listener(self.now, l).unwrap();
+                    self.hosts[h].listeners.retain(|x| *x != l);
+                }
+            }
+            20..=49 => {
+                // Mostly someone who listens; sometimes a port nobody listens
+                // on, or an address nobody has.
+                let listening: Vec<(Ipv4, u16)> = self
+                    .hosts
+                    .iter()
+                    .flat_map(|x| {
+                        x.ep.listeners()
+                            .map(move |(_, a, _, _)| (x.ip, a.1))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let target = if self.rng.chance(0.7) {
+                    self.pick(&listening)
+                } else {
+                    None
+                };
+                let (dst, port) = match target {
+                    Some(t) => t,
+                    None if self.rng.chance(0.1) => (Ipv4::new(198, 19, 9, 9), 80),
+                    None => (
+                        self.hosts[self.rng.below(n as u64) as usize].ip,
+                        PORTS[self.rng.below(3) as usize],
+                    ),
+                };
+                let c = self.hosts[h]
+                    .ep
+                    .connect(self.now, None, (dst, port))
+                    .expect("SAN subnet");
+                let (_, _, id) = self.hosts[h].ep.attempt(c).expect("attempt recorded");
+                self.hosts[h].attempts.insert(c, id);
+            }
+            50..=74 => {
+                let ls = self.hosts[h].listeners.clone();
+                if let Some(l) = self.pick(&ls) {
+                    if let Ok(inc) = self.hosts[h].ep.head(l) {
+                        let d = match self.rng.below(10) {
+                            0..=4 => Decision::Accept,
+                            5..=7 => Decision::Reject,
+                            _ => Decision::Defer,
+                        };
+                        let key = (inc.peer.0, inc.conn_id);
+                        let r = self.hosts[h].ep.decide(self.now, l, d).unwrap();
+                        match d {
+                            Decision::Accept => {
+                                self.decisions
+                                    .entry(key)
+                                    .or_default()
+                                    .push(ServerSaid::Accepted);
+                                self.hosts[h]
+                                    .conns
+                                    .insert(r.expect("accept gives a connection"));
+                            }
+                            Decision::Reject => self
+                                .decisions
+                                .entry(key)
+                                .or_default()
+                                .push(ServerSaid::Rejected),
+                            Decision::Defer => assert_eq!(
+                                self.hosts[h].ep.head(l).unwrap(),
+                                inc,
+                                "defer keeps the head"
+                            ),
+                        }
+                        let said = &self.decisions.get(&key).cloned().unwrap_or_default();
+                        assert!(said.len() <= 1, "request {key:?} decided twice: {said:?}");
+                    }
+                }
+            }
+            75..=84 => {
+                let cs: Vec<ConnHandle> = self.hosts[h].conns.iter().copied().collect();
+                let mut cs = cs;
+                cs.sort_unstable();
+                if let Some(c) = self.pick(&cs) {
+                    self.hosts[h].ep.close(self.now, c).unwrap();
+                    self.hosts[h].conns.remove(&c);
+                }
+            }
+            85..=86 => {
+                let mut a: Vec<ConnHandle> = self.hosts[h].attempts.keys().copied().collect();
+                a.sort_unstable();
+                if let Some(c) = self.pick(&a) {
+                    let id = self.hosts[h].attempts.remove(&c).unwrap();
+                    self.hosts[h].ep.close(self.now, c).unwrap();
+                    let ip = self.hosts[h].ip;
+                    self.record(ip, id, Outcome::Abandoned);
+                }
+            }
+            _ => {
+                let d = Duration::from_micros(self.rng.below(300_000));
+                self.pump();
+                self.advance(self.now + d);
+            }
+        }
+        self.pump();
+        self.check_always();
+    }
+
+    /// Invariants that hold after every step.
+    fn check_always(&self) {
+        for h in &self.hosts {
+            let mut total = 0;
+            for (_, _, depth, cap) in h.ep.listeners() {
+                assert!(depth <= cap, "backlog holds {depth} > capacity {cap}");
+                total += depth;
+            }
+            assert_eq!(total, h.ep.queued_total());
+        }
+        for (key, said) in &self.decisions {
+            if let Some(o) = self.outcomes.get(key) {
+                match o[0] {
+                    Outcome::Connected => assert_eq!(
+                        said[0],
+                        ServerSaid::Accepted,
+                        "{key:?}: client connected but the server refused"
+                    ),
+                    Outcome::Failed(ConnectFailure::Refused(_))
+                    | Outcome::Failed(ConnectFailure::Reset) => {
+                        assert_ne!(
+                            said[0],
+                            ServerSaid::Accepted,
+                            "{key:?}: client refused but the server accepted"
+                        )
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (key, o) in &self.outcomes {
+            if o[0] == Outcome::Connected {
+                assert_eq!(
+                    self.decisions.get(key).map(|d| d[0]),
+                    Some(ServerSaid::Accepted),
+                    "{key:?}: connected without an accept"
+                );
+            }
+        }
+    }
+
+    /// Both ends agree: every connection a client holds exists on the server
+    /// with the same id and tokens.
+    fn check_agreement(&self) {
+        let mut servers: HashMap<(Ipv4, u64), Connection> = HashMap::new();
+        for h in &self.hosts {
+            for (_, c) in h.ep.connections() {
+                if c.role == Role::Server {
+                    servers.insert((c.peer.0, c.conn_id), *c);
+                }
+            }
+        }
+        for h in &self.hosts {
+            for c in &h.conns {
+                let Some(cc) = h.ep.connection(*c) else {
+                    panic!("held connection missing from the endpoint")
+                };
+                if cc.role != Role::Client || cc.is_closing() {
+                    continue;
+                }
+                let s = servers.get(&(h.ip, cc.conn_id)).unwrap_or_else(|| {
+                    panic!(
+                        "client {} holds {:#x}, the server does not",
+                        h.ip, cc.conn_id
+                    )
+                });
+                assert_eq!(
+                    (s.my_token, s.peer_token, s.peer),
+                    (cc.peer_token, cc.my_token, cc.local)
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        // Lossless from here on; let every attempt finish.
+        self.loss = 0.0;
+        self.dup = 0.0;
+        self.advance(self.now + Duration::from_secs(5));
+        for h in &self.hosts {
+            assert!(
+                h.attempts.is_empty(),
+                "attempts never ended: {:?}",
+                h.attempts
+            );
+            assert_eq!(h.ep.attempts_in_progress(), 0);
+        }
+        self.check_agreement();
+        // Close everything, then nothing may remain.
+        for i in 0..self.hosts.len() {
+            let now = self.now;
+            let h = &mut self.hosts[i];
+            for l in h.listeners.drain(..) {
+                h.ep.close_listener(now, l).unwrap();
+            }
+            let mut all: Vec<ConnHandle> =
+                h.ep.connections()
+                    .filter(|(_, c)| !c.is_closing())
+                    .map(|(x, _)| x)
+                    .collect();
+            all.sort_unstable();
+            for c in all {
+                h.ep.close(now, c).unwrap();
+                h.conns.remove(&c);
+            }
+        }
+        self.pump();
+        self.advance(self.now + Duration::from_secs(10));
+        for (i, h) in self.hosts.iter().enumerate() {
+            assert!(h.conns.is_empty());
+            assert!(
+                h.ep.is_quiescent(),
+                "host {i} kept state: {} conns, {} tombstones, {} queued",
+                h.ep.connections().count(),
+                h.ep.tombstones(),
+                h.ep.queued_total()
+            );
+        }
+        assert!(self.in_flight.is_empty());
+    }
+}
+
+fn run_schedule(seed: u64) -> (usize, BTreeMap<&'static str, u64>) {
+    let mut sim = Sim::new(seed);
+    let ops = 20 + sim.rng.below(60) as usize;
+    for _ in 0..ops {
+        sim.step();
+    }
+    sim.finish();
+    let mut tally = BTreeMap::new();
+    for o in sim.outcomes.values() {
+        let k = match o[0] {
+            Outcome::Connected => "connected",
+            Outcome::Failed(ConnectFailure::Refused(_)) => "refused",
+            Outcome::Failed(ConnectFailure::Reset) => "reset",
+            Outcome::Failed(ConnectFailure::TimedOut) => "timed_out",
+            Outcome::Abandoned => "abandoned",
+        };
+        *tally.entry(k).or_insert(0) += 1;
+    }
+    (sim.hosts.len(), tally)
+}
+
+fn run_range(first: u64, count: u64) {
+    let base: u64 = std::env::var("DSAN_SIM_BASE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut tally: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut max_hosts = 0;
+    for seed in base + first..base + first + count {
+        let r = std::panic::catch_unwind(|| run_schedule(seed));
+        match r {
+            Ok((n, t)) => {
+                max_hosts = max_hosts.max(n);
+                for (k, v) in t {
+                    *tally.entry(k).or_insert(0) += v;
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "\nsimulation failed for seed {seed}.\nreplay: DSAN_SIM_SEED={seed} cargo test --release -p dataplane --test sim -- replay --nocapture\n"
+                );
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+    eprintln!(
+        "seeds {}..{}: up to {max_hosts} hosts, attempts {tally:?}",
+        base + first,
+        base + first + count
+    );
+    // The schedules must exercise every outcome, or they prove little.
+    for k in ["connected", "refused", "reset", "timed_out"] {
+        assert!(
+            tally.get(k).copied().unwrap_or(0) > 0,
+            "no attempt ended {k}"
+        );
+    }
+    assert_eq!(max_hosts, 64);
+}
+
+fn schedules() -> u64 {
+    std::env::var("DSAN_SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000)
+}
+
+// 10,000 schedules split in four so that the test harness uses every core.
+#[test]
+fn schedules_part_1() {
+    let n = schedules() / 4;
+    run_range(0, n);
+}
+#[test]
+fn schedules_part_2() {
+    let n = schedules() / 4;
+    run_range(n, n);
+}
+#[test]
+fn schedules_part_3() {
+    let n = schedules() / 4;
+    run_range(2 * n, n);
+}
+#[test]
+fn schedules_part_4() {
+    let n = schedules() / 4;
+    run_range(3 * n, schedules() - 3 * n);
+}
+
+/// Replays one schedule: `DSAN_SIM_SEED=<seed>`.
+#[test]
+fn replay() {
+    if let Some(seed) = std::env::var("DSAN_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        let (n, t) = run_schedule(seed);
+        eprintln!("seed {seed}: {n} hosts, attempts {t:?}");
+    }
+}

@@ -10,7 +10,7 @@
 //! A failing schedule prints its seed; replay it with
 //! `DSAN_SIM_SEED=<seed> cargo test --release -p dataplane --test sim -- replay --nocapture`.
 
-use dataplane::proto::rng::{Rng, SeededRng};
+use dataplane::proto::rng::SeededRng;
 use dataplane::proto::*;
 use dataplane::time::Instant;
 use dataplane::wire::{EthernetAddress, Ipv4, Repr};
@@ -42,7 +42,6 @@ struct Host {
 }
 
 struct Sim {
-    seed: u64,
     rng: SeededRng,
     hosts: Vec<Host>,
     mac_to_host: HashMap<EthernetAddress, usize>,
@@ -73,7 +72,7 @@ const PORTS: [u16; 3] = [7, 80, 443];
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = SeededRng::new(seed);
-        let n = if seed % 50 == 0 {
+        let n = if seed.is_multiple_of(50) {
             64
         } else {
             2 + rng.below(7) as usize
@@ -103,7 +102,6 @@ impl Sim {
             })
             .collect();
         Sim {
-            seed,
             rng,
             hosts,
             mac_to_host: (0..n).map(|i| (mac_of(i), i)).collect(),

@@ -79,5 +79,105 @@ fn backlog(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, loopback_frame, backlog);
+/// Server side of the protocol core on raw bytes: parse a connect request,
+/// handle it, resolve it, emit the answer into a frame buffer.
+fn proto(c: &mut Criterion) {
+    use dataplane::proto::rng::SeededRng;
+    use dataplane::proto::{Decision, Endpoint, ProtoConfig};
+    use std::time::{Duration, Instant};
+
+    let (a, b) = (
+        EthernetAddress([2, 0, 0, 0, 0, 1]),
+        EthernetAddress([2, 0, 0, 0, 0, 2]),
+    );
+    let (ia, ib) = (Ipv4::new(198, 18, 0, 1), Ipv4::new(198, 18, 0, 2));
+    let request = |conn_id: u64| {
+        Repr {
+            header: SanHeader {
+                dst_mac: b,
+                src_mac: a,
+                src_ip: ia,
+                src_port: 40000,
+                dst_ip: ib,
+                dst_port: 80,
+            },
+            message: Message::ConnectRequest {
+                conn_id,
+                client_token: !conn_id,
+            },
+        }
+        .to_bytes(DEFAULT_ETHERTYPE)
+    };
+    let fresh = |backlog: i64| {
+        let mut e = Endpoint::new(ProtoConfig::default(), b, vec![ib], SeededRng::new(1));
+        let l = e.listen((ib, 80), backlog).unwrap();
+        (e, l)
+    };
+    const CHUNK: u64 = 4096;
+    // Pre-built requests with distinct ids, as a stream of new clients.
+    let frames: Vec<Vec<u8>> = (1..=CHUNK).map(request).collect();
+    let mut out = [0u8; 64];
+    let mut g = c.benchmark_group("proto");
+    g.bench_function("connect_request_parse_handle_accept_emit", |bch| {
+        bch.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let (mut e, l) = fresh(4096);
+                let n = (iters - done).min(CHUNK);
+                let t = Instant::now();
+                for f in &frames[..n as usize] {
+                    let r = Repr::parse_bytes(f, DEFAULT_ETHERTYPE).unwrap();
+                    e.handle_frame(dataplane::time::Instant(1), &r);
+                    black_box(e.poll_event());
+                    e.decide(dataplane::time::Instant(1), l, Decision::Accept)
+                        .unwrap();
+                    let reply = e.poll_transmit().unwrap();
+                    reply.emit(
+                        &mut Frame::new_unchecked(&mut out[..reply.buffer_len()]),
+                        DEFAULT_ETHERTYPE,
+                    );
+                }
+                total += t.elapsed();
+                done += n;
+            }
+            total
+        })
+    });
+    g.bench_function(
+        "connect_request_parse_handle_reject_emit_backlog_full",
+        |bch| {
+            bch.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let (mut e, _l) = fresh(1);
+                    // Fill the one-entry backlog.
+                    e.handle_frame(
+                        dataplane::time::Instant(1),
+                        &Repr::parse_bytes(&request(0), DEFAULT_ETHERTYPE).unwrap(),
+                    );
+                    while e.poll_transmit().is_some() {}
+                    let n = (iters - done).min(CHUNK);
+                    let t = Instant::now();
+                    for f in &frames[..n as usize] {
+                        let r = Repr::parse_bytes(f, DEFAULT_ETHERTYPE).unwrap();
+                        e.handle_frame(dataplane::time::Instant(1), &r);
+                        let reply = e.poll_transmit().unwrap();
+                        reply.emit(
+                            &mut Frame::new_unchecked(&mut out[..reply.buffer_len()]),
+                            DEFAULT_ETHERTYPE,
+                        );
+                    }
+                    total += t.elapsed();
+                    done += n;
+                }
+                total
+            })
+        },
+    );
+    g.finish();
+}
+
+criterion_group!(benches, loopback_frame, backlog, proto);
 criterion_main!(benches);

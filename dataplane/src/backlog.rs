@@ -417,7 +417,8 @@ mod tests {
     fn region_is_position_independent() {
         type Q = Backlog<[u64; 2]>;
         let size = Q::region_size(5);
-        let words = size.div_ceil(8) + 8;
+        // Room for the region after an aligning offset of up to `align - 1` bytes.
+        let words = (size + Q::region_align()).div_ceil(8);
         let mut a = vec![0u64; words];
         let mut b = vec![0u64; words];
         let pa = NonNull::new(a.as_mut_ptr().cast::<u8>()).unwrap();

@@ -18,8 +18,7 @@
 use crate::device::{Device, BURST};
 use crate::sys::EventFd;
 use crate::time::{Clock, Instant};
-use crossbeam_utils::CachePadded;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +87,9 @@ impl Default for EngineConfig {
 /// The doorbell: an eventfd plus a flag saying the loop sleeps on it.
 #[derive(Debug)]
 pub struct Doorbell {
-    sleeping: CachePadded<AtomicBool>,
+    /// One shared page whose first word says the loop sleeps (non-zero).
+    /// Attached processes map the same page, so they can read it.
+    page: crate::shm::Mapping,
     efd: EventFd,
     rung: AtomicU64,
 }
@@ -100,10 +101,25 @@ impl Doorbell {
     /// If the eventfd cannot be created.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            sleeping: CachePadded::new(AtomicBool::new(false)),
+            page: crate::shm::Mapping::create("dsan-doorbell", 4096)?,
             efd: EventFd::new()?,
             rung: AtomicU64::new(0),
         })
+    }
+
+    fn sleeping(&self) -> &AtomicU32 {
+        self.page.at(0)
+    }
+
+    /// The memfd of the flag page (passed to attached processes).
+    pub fn page_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.page.fd()
+    }
+
+    /// The doorbell eventfd (passed to attached processes).
+    pub fn eventfd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.efd.as_raw_fd()
     }
 
     /// Call after publishing work for the loop: wakes it if (and only if) it
@@ -112,7 +128,7 @@ impl Doorbell {
     /// this call sees the flag.
     pub fn ring(&self) {
         fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) {
+        if self.sleeping().load(Ordering::Relaxed) != 0 {
             self.rung.fetch_add(1, Ordering::Relaxed);
             self.efd.signal();
         }
@@ -120,7 +136,7 @@ impl Doorbell {
 
     /// Whether the loop has announced that it sleeps.
     pub fn is_sleeping(&self) -> bool {
-        self.sleeping.load(Ordering::Relaxed)
+        self.sleeping().load(Ordering::Relaxed) != 0
     }
 
     /// How many times a ring actually wrote the eventfd.
@@ -322,7 +338,7 @@ pub fn run<D: Device, H: Handler<D>>(
             }
             // Going to sleep: nothing may wait in the tx buffer.
             flush(dev, &mut pending, &mut stats);
-            shared.doorbell.sleeping.store(true, Ordering::Relaxed);
+            shared.doorbell.sleeping().store(1, Ordering::Relaxed);
             fence(Ordering::SeqCst);
             // Last look at the inputs after announcing the sleep.
             let n = dev.rx_burst(&mut rx, BURST);
@@ -348,7 +364,7 @@ pub fn run<D: Device, H: Handler<D>>(
                     shared.doorbell.efd.drain();
                 }
             }
-            shared.doorbell.sleeping.store(false, Ordering::Relaxed);
+            shared.doorbell.sleeping().store(0, Ordering::Relaxed);
             last_busy = if late { clock.now() } else { last_busy };
         }
     }
@@ -457,7 +473,7 @@ mod tests {
         let d = Doorbell::new().unwrap();
         d.ring();
         assert_eq!(d.times_rung(), 0);
-        d.sleeping.store(true, Ordering::SeqCst);
+        d.sleeping().store(1, Ordering::SeqCst);
         d.ring();
         assert_eq!(d.times_rung(), 1);
         assert!(d.efd.wait(Some(Duration::ZERO)));

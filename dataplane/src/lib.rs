@@ -16,6 +16,7 @@ pub mod device;
 pub mod engine;
 pub mod node;
 pub mod proto;
+pub mod shm;
 pub mod sys;
 pub mod time;
 pub mod wire;

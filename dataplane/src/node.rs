@@ -1,17 +1,30 @@
-//! The handler the daemon runs in the lcore loop: it parses every received frame,
-//! answers address resolution and echo requests for the host's SAN addresses,
-//! and carries out commands from the control thread (today: echo probes, the
-//! dataplane round trip). The connection protocol core joins it in issue #3/#4.
+//! The handler the daemon runs in the lcore loop. It parses every received
+//! frame, answers echo requests, and hands everything else to the protocol
+//! core ([`Endpoint`]); it serves the command rings of attached processes
+//! (listen, decide, connect, close) and turns the core's events into their
+//! shared-memory event words, eventfds and futex wake-ups; and it runs echo
+//! probes ordered by the control thread.
 
+use crate::backlog::Backlog;
 use crate::device::Device;
 use crate::engine::{Handler, Tx};
-use crate::proto::resolve::{Lookup, ResolveConfig, Resolver};
+use crate::proto::resolve::Lookup;
+use crate::proto::rng::OsRng;
+use crate::proto::{
+    AcceptError, ConnHandle, ConnectError, Decision, Endpoint, Event, ListenError, ListenerId,
+    ProtoConfig,
+};
+use crate::shm::{
+    self, Cmd, PendingShm, Region, SockShm, FD_ACCEPT, FD_CONNECT, MAX_LISTENERS, MAX_SOCKETS,
+};
 use crate::time::Instant;
 use crate::wire::{self, EthernetAddress, Ipv4, Message, Repr, SanHeader};
 use crossbeam_queue::ArrayQueue;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// An echo probe run by the lcore: resolve `dst`, then send `count` echo
@@ -45,11 +58,83 @@ pub struct PingResult {
     pub rtt_ns: Vec<u64>,
 }
 
+/// What the daemon and the lcore share about one attached process.
+#[derive(Debug)]
+pub struct AppShared {
+    /// The daemon's id for the attachment.
+    pub id: u64,
+    /// The process (from SO_PEERCRED).
+    pub pid: u32,
+    /// Its shared region.
+    pub region: Region,
+    /// Registered eventfd per socket (-1: none); the fds are owned by `event_fds_owned`.
+    pub event_fds: Vec<AtomicI32>,
+    /// Owns the eventfds received from the process.
+    pub event_fds_owned: Mutex<HashMap<u32, OwnedFd>>,
+}
+
+impl AppShared {
+    /// A new attachment with a fresh region.
+    ///
+    /// # Errors
+    /// If the region cannot be created.
+    pub fn new(id: u64, pid: u32) -> std::io::Result<Arc<AppShared>> {
+        Ok(Arc::new(AppShared {
+            id,
+            pid,
+            region: Region::create(&format!("dsan-app-{pid}"))?,
+            event_fds: (0..MAX_SOCKETS).map(|_| AtomicI32::new(-1)).collect(),
+            event_fds_owned: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Registers (or with `None`, removes) the eventfd of socket `sock`.
+    pub fn set_event_fd(&self, sock: u32, fd: Option<OwnedFd>) {
+        use std::os::fd::AsRawFd;
+        let mut owned = self
+            .event_fds_owned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        // The old fd stays open until replaced in the map, after the lcore sees the new one.
+        self.event_fds[sock as usize].store(raw, Ordering::Release);
+        match fd {
+            Some(f) => owned.insert(sock, f),
+            None => owned.remove(&sock),
+        };
+    }
+}
+
 /// A command from the control thread.
 #[derive(Debug)]
 pub enum Command {
     /// Run an echo probe.
     Ping(PingRequest),
+    /// Start serving a process's command ring.
+    Attach(Arc<AppShared>),
+    /// A process went away (or detached): release everything it held. The
+    /// sender is told when it is done.
+    Detach(u64, Sender<()>),
+    /// Report listeners (address, port, owner pid, capacity, depth).
+    Listeners(Sender<Vec<ListenerInfo>>),
+    /// The daemon stops: release every process (queued requests are refused
+    /// to their peers) and mark their regions closed.
+    Shutdown(Sender<()>),
+}
+
+/// One listener, for `dsanctl listeners`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// Bound address (0.0.0.0 for the wildcard).
+    pub ip: Ipv4,
+    /// Port.
+    pub port: u16,
+    /// Owning process.
+    pub pid: u32,
+    /// Backlog capacity.
+    pub capacity: usize,
+    /// Requests queued now.
+    pub depth: usize,
 }
 
 /// Node counters (published on the drain tick).
@@ -65,10 +150,16 @@ pub struct NodeStats {
     pub drop_malformed: AtomicU64,
     /// Frames dropped: unsupported version.
     pub drop_version: AtomicU64,
-    /// Frames dropped: addressed to an IP that is not ours.
+    /// Frames dropped: addressed to an IP or MAC that is not ours.
     pub drop_not_ours: AtomicU64,
-    /// Frames dropped: replies nobody waited for.
+    /// Frames dropped: replies nobody waited for (late or duplicate).
     pub drop_unexpected: AtomicU64,
+    /// Frames dropped: wrong token.
+    pub drop_bad_token: AtomicU64,
+    /// Garbage commands from applications (dropped, counted).
+    pub bad_commands: AtomicU64,
+    /// Processes attached now.
+    pub attached: AtomicU64,
 }
 
 /// Number of message kinds counted.
@@ -110,6 +201,7 @@ struct Local {
     version: u64,
     not_ours: u64,
     unexpected: u64,
+    bad_commands: u64,
 }
 
 /// Node configuration.
@@ -117,15 +209,15 @@ struct Local {
 pub struct NodeConfig {
     /// The SAN EtherType.
     pub ethertype: u16,
-    /// Resolution timing.
-    pub resolve: ResolveConfig,
+    /// Protocol parameters (SAN subnets, budgets, limits).
+    pub proto: ProtoConfig,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             ethertype: wire::DEFAULT_ETHERTYPE,
-            resolve: ResolveConfig::default(),
+            proto: ProtoConfig::default(),
         }
     }
 }
@@ -139,16 +231,42 @@ struct ActivePing {
     next_at: Instant,
 }
 
+/// What a process's socket is in the dataplane.
+#[derive(Debug, Clone, Copy)]
+enum SockObj {
+    Listener {
+        id: ListenerId,
+        area: usize,
+    },
+    Attempt {
+        h: ConnHandle,
+        blocking: bool,
+        seq: u32,
+    },
+    Conn(ConnHandle),
+    /// The peer closed it; the application has yet to.
+    Ended,
+}
+
+struct Proc {
+    // Views into the region first: dropped before `shared`.
+    backlogs: HashMap<u32, Backlog<PendingShm>>,
+    socks: HashMap<u32, SockObj>,
+    shared: Arc<AppShared>,
+}
+
 /// The daemon's handler.
 pub struct Node {
     cfg: NodeConfig,
+    ep: Endpoint<OsRng>,
     addrs: Arc<RwLock<Vec<Ipv4>>>,
-    local_addrs: Vec<Ipv4>,
     addrs_seen: u64,
     addrs_version: Arc<AtomicU64>,
-    resolver: Resolver,
     commands: Arc<ArrayQueue<Command>>,
     ping: Option<ActivePing>,
+    procs: HashMap<u64, Proc>,
+    listener_owner: HashMap<ListenerId, (u64, u32)>,
+    conn_owner: HashMap<ConnHandle, (u64, u32)>,
     stats: Arc<NodeStats>,
     local: Local,
 }
@@ -166,41 +284,68 @@ pub struct NodeHandle {
     pub addrs_version: Arc<AtomicU64>,
 }
 
+fn complete(s: &SockShm, seq: u32, result: i64) {
+    s.result.store(result, Ordering::Relaxed);
+    s.done_seq.store(seq, Ordering::Release);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if s.waiters.load(Ordering::Relaxed) != 0 {
+        shm::futex_wake(&s.done_seq);
+    }
+}
+
+fn raise(app: &AppShared, sock: u32, bit: u32) {
+    let s = app.region.sock(sock as usize);
+    s.events.fetch_or(bit, Ordering::AcqRel);
+    s.arrivals.fetch_add(1, Ordering::Release);
+    if s.event_mask.load(Ordering::Relaxed) & bit != 0 {
+        let fd = app.event_fds[sock as usize].load(Ordering::Acquire);
+        if fd >= 0 {
+            shm::signal_eventfd(fd);
+        }
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if s.waiters.load(Ordering::Relaxed) != 0 {
+        shm::futex_wake(&s.arrivals);
+    }
+}
+
 impl Node {
-    /// A node answering for `addrs`.
-    pub fn new(cfg: NodeConfig, addrs: Vec<Ipv4>) -> (Node, NodeHandle) {
+    /// A node with this MAC answering for `addrs`.
+    pub fn new(cfg: NodeConfig, mac: EthernetAddress, addrs: Vec<Ipv4>) -> (Node, NodeHandle) {
         let h = NodeHandle {
-            commands: Arc::new(ArrayQueue::new(64)),
+            commands: Arc::new(ArrayQueue::new(256)),
             stats: Arc::new(NodeStats::default()),
             addrs: Arc::new(RwLock::new(addrs.clone())),
             addrs_version: Arc::new(AtomicU64::new(0)),
         };
         let n = Node {
-            resolver: Resolver::new(cfg.resolve),
+            ep: Endpoint::new(cfg.proto.clone(), mac, addrs, OsRng::default()),
             cfg,
             addrs: h.addrs.clone(),
-            local_addrs: addrs,
             addrs_seen: 0,
             addrs_version: h.addrs_version.clone(),
             commands: h.commands.clone(),
             ping: None,
+            procs: HashMap::new(),
+            listener_owner: HashMap::new(),
+            conn_owner: HashMap::new(),
             stats: h.stats.clone(),
             local: Local::default(),
         };
         (n, h)
     }
 
-    fn is_ours(&self, ip: Ipv4) -> bool {
-        self.local_addrs.contains(&ip)
+    /// The protocol core's counters.
+    pub fn proto_stats(&self) -> &crate::proto::ProtoStats {
+        self.ep.stats()
     }
 
-    fn send<D: Device>(&mut self, tx: &mut Tx<'_, D>, header: SanHeader, message: Message) {
-        let repr = Repr { header, message };
+    fn send<D: Device>(&mut self, tx: &mut Tx<'_, D>, repr: Repr) {
         let et = self.cfg.ethertype;
         if tx.send_with(repr.buffer_len(), |b| {
             repr.emit(&mut wire::Frame::new_unchecked(b), et)
         }) {
-            self.local.tx[kind_index(&message)] += 1;
+            self.local.tx[kind_index(&repr.message)] += 1;
         }
     }
 
@@ -218,29 +363,8 @@ impl Node {
             return self.local.not_ours += 1;
         }
         match repr.message {
-            Message::ResolveRequest => {
-                if !self.is_ours(h.dst_ip) {
-                    return self.local.not_ours += 1;
-                }
-                // The asker is evidently at its source MAC.
-                self.resolver.on_reply(now, h.src_ip, h.src_mac);
-                let header = SanHeader {
-                    dst_mac: h.src_mac,
-                    src_mac: me,
-                    src_ip: h.dst_ip,
-                    src_port: 0,
-                    dst_ip: h.src_ip,
-                    dst_port: 0,
-                };
-                self.send(tx, header, Message::ResolveReply { mac: me });
-            }
-            Message::ResolveReply { mac } => {
-                if !self.resolver.on_reply(now, h.src_ip, mac) {
-                    self.local.unexpected += 1;
-                }
-            }
             Message::EchoRequest { seq, stamp } => {
-                if !self.is_ours(h.dst_ip) {
+                if !self.ep.addrs().contains(&h.dst_ip) {
                     return self.local.not_ours += 1;
                 }
                 let header = SanHeader {
@@ -251,7 +375,13 @@ impl Node {
                     dst_ip: h.src_ip,
                     dst_port: h.src_port,
                 };
-                self.send(tx, header, Message::EchoReply { seq, stamp });
+                self.send(
+                    tx,
+                    Repr {
+                        header,
+                        message: Message::EchoReply { seq, stamp },
+                    },
+                );
             }
             Message::EchoReply { seq, .. } => {
                 let Some(p) = self.ping.as_mut() else {
@@ -269,8 +399,7 @@ impl Node {
                     _ => self.local.unexpected += 1,
                 }
             }
-            // The connection protocol is not wired into the daemon yet.
-            _ => self.local.unexpected += 1,
+            _ => self.ep.handle_frame(now, &repr),
         }
     }
 
@@ -280,7 +409,7 @@ impl Node {
         };
         let mut busy = false;
         if p.result.mac.is_none() {
-            match self.resolver.lookup(now, p.req.dst) {
+            match self.ep.resolver_mut().lookup(now, p.req.dst) {
                 Lookup::Found(mac) => {
                     p.result.mac = Some(mac);
                     p.result.resolve_ns = now.saturating_since(p.started).as_nanos() as u64;
@@ -309,7 +438,8 @@ impl Node {
                 if now >= p.next_at {
                     let seq = u64::from(p.result.sent);
                     let src_ip = self
-                        .local_addrs
+                        .ep
+                        .addrs()
                         .first()
                         .copied()
                         .unwrap_or(Ipv4::UNSPECIFIED);
@@ -323,10 +453,12 @@ impl Node {
                     };
                     self.send(
                         tx,
-                        header,
-                        Message::EchoRequest {
-                            seq,
-                            stamp: now.as_nanos(),
+                        Repr {
+                            header,
+                            message: Message::EchoRequest {
+                                seq,
+                                stamp: now.as_nanos(),
+                            },
                         },
                     );
                     p.result.sent += 1;
@@ -338,6 +470,324 @@ impl Node {
         self.ping = Some(p);
         busy
     }
+
+    fn control(&mut self, now: Instant, c: Command) {
+        match c {
+            Command::Ping(req) => {
+                if let Some(old) = self.ping.replace(ActivePing {
+                    req,
+                    started: now,
+                    result: PingResult::default(),
+                    in_flight: None,
+                    next_at: now,
+                }) {
+                    // One probe at a time: the queue order serialises them, so this
+                    // only happens if a caller bypassed it; finish the old one.
+                    let _ = old.req.reply.send(old.result);
+                }
+            }
+            Command::Attach(app) => {
+                self.procs.insert(
+                    app.id,
+                    Proc {
+                        backlogs: HashMap::new(),
+                        socks: HashMap::new(),
+                        shared: app,
+                    },
+                );
+            }
+            Command::Detach(id, done) => {
+                if let Some(p) = self.procs.remove(&id) {
+                    for (_, obj) in p.socks {
+                        self.release(now, obj);
+                    }
+                    p.shared.region.header().closed.store(1, Ordering::Release);
+                }
+                let _ = done.send(());
+            }
+            Command::Shutdown(done) => {
+                let ids: Vec<u64> = self.procs.keys().copied().collect();
+                for id in ids {
+                    if let Some(p) = self.procs.remove(&id) {
+                        for (_, obj) in p.socks {
+                            self.release(now, obj);
+                        }
+                        p.shared.region.header().closed.store(1, Ordering::Release);
+                    }
+                }
+                let _ = done.send(());
+            }
+            Command::Listeners(reply) => {
+                let mut v: Vec<ListenerInfo> = self
+                    .ep
+                    .listeners()
+                    .map(|(id, addr, depth, capacity)| {
+                        let pid = self
+                            .listener_owner
+                            .get(&id)
+                            .and_then(|(p, _)| self.procs.get(p))
+                            .map_or(0, |p| p.shared.pid);
+                        ListenerInfo {
+                            ip: addr.0,
+                            port: addr.1,
+                            pid,
+                            capacity,
+                            depth,
+                        }
+                    })
+                    .collect();
+                v.sort_by_key(|l| (l.port, l.ip));
+                let _ = reply.send(v);
+            }
+        }
+    }
+
+    /// Releases what a socket holds in the core.
+    fn release(&mut self, now: Instant, obj: SockObj) {
+        match obj {
+            SockObj::Listener { id, .. } => {
+                self.listener_owner.remove(&id);
+                let _ = self.ep.close_listener(now, id);
+            }
+            SockObj::Attempt { h, .. } | SockObj::Conn(h) => {
+                self.conn_owner.remove(&h);
+                let _ = self.ep.close(now, h);
+            }
+            SockObj::Ended => {}
+        }
+    }
+
+    fn serve_app(&mut self, now: Instant, id: u64) -> bool {
+        let mut busy = false;
+        for _ in 0..crate::device::BURST {
+            let Some(p) = self.procs.get(&id) else {
+                return busy;
+            };
+            let Some(cmd) = p.shared.region.commands().pop() else {
+                return busy;
+            };
+            busy = true;
+            self.app_command(now, id, cmd);
+        }
+        busy
+    }
+
+    fn app_command(&mut self, now: Instant, id: u64, cmd: Cmd) {
+        let sock = cmd.sock;
+        if sock as usize >= MAX_SOCKETS {
+            self.local.bad_commands += 1;
+            if let Some(p) = self.procs.get(&id) {
+                p.shared
+                    .region
+                    .header()
+                    .bad_commands
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let p = self.procs.get_mut(&id).expect("caller checked");
+        let app = p.shared.clone();
+        let s = app.region.sock(sock as usize);
+        let existing = p.socks.get(&sock).copied();
+        let result: Option<i64> = match cmd.op {
+            shm::OP_LISTEN => {
+                let (ip, port) = shm::unpack_addr(cmd.a);
+                let area = cmd.c as usize;
+                let area_used = p
+                    .socks
+                    .values()
+                    .any(|o| matches!(o, SockObj::Listener { area: a, .. } if *a == area));
+                if existing.is_some() || area >= MAX_LISTENERS || area_used || port == 0 {
+                    Some(-i64::from(libc::EINVAL))
+                } else {
+                    match self.ep.listen((ip, port), cmd.b as i64) {
+                        Ok(l) => {
+                            let cap = self.ep.backlog(l).map_or(1, |b| b.1);
+                            let ring = app.region.format_backlog(area, cap);
+                            let p = self.procs.get_mut(&id).expect("present");
+                            p.backlogs.insert(sock, ring);
+                            p.socks.insert(sock, SockObj::Listener { id: l, area });
+                            self.listener_owner.insert(l, (id, sock));
+                            Some(cap as i64)
+                        }
+                        Err(ListenError::AddrInUse) => Some(-i64::from(libc::EADDRINUSE)),
+                        Err(ListenError::AddrNotAvailable) => Some(-i64::from(libc::EADDRNOTAVAIL)),
+                        Err(_) => Some(-i64::from(libc::EMFILE)),
+                    }
+                }
+            }
+            shm::OP_DECIDE => match existing {
+                Some(SockObj::Listener { id: l, .. }) => {
+                    let decision = if cmd.b & 0xff == 0 {
+                        Decision::Accept
+                    } else {
+                        Decision::Reject
+                    };
+                    let new_sock = (cmd.b >> 8) as u32;
+                    let (peer_ip, _) = shm::unpack_addr(cmd.c);
+                    if decision == Decision::Accept
+                        && (new_sock as usize >= MAX_SOCKETS || p.socks.contains_key(&new_sock))
+                    {
+                        Some(-i64::from(libc::EINVAL))
+                    } else {
+                        match self.ep.decide_for(now, l, peer_ip, cmd.a, decision) {
+                            Ok(Some(h)) => {
+                                let p = self.procs.get_mut(&id).expect("present");
+                                p.socks.insert(new_sock, SockObj::Conn(h));
+                                self.conn_owner.insert(h, (id, new_sock));
+                                Some(0)
+                            }
+                            Ok(None) => Some(-i64::from(libc::ECONNREFUSED)),
+                            Err(AcceptError::TooManyConnections) => Some(-i64::from(libc::ENOBUFS)),
+                            Err(AcceptError::Empty) => Some(-i64::from(libc::EAGAIN)),
+                            Err(_) => Some(-i64::from(libc::EINVAL)),
+                        }
+                    }
+                }
+                _ => Some(-i64::from(libc::EINVAL)),
+            },
+            shm::OP_CONNECT => match existing {
+                Some(SockObj::Attempt { .. }) => Some(-i64::from(libc::EALREADY)),
+                Some(SockObj::Conn(_)) => Some(-i64::from(libc::EISCONN)),
+                Some(SockObj::Listener { .. }) => Some(-i64::from(libc::EINVAL)),
+                _ => {
+                    let dst = shm::unpack_addr(cmd.a);
+                    let src = (cmd.b != 0).then(|| Ipv4::from(cmd.b as u32));
+                    let nonblocking = cmd.c & 1 == 1;
+                    match self.ep.connect(now, src, dst) {
+                        Ok(h) => {
+                            s.connect_state.store(0, Ordering::Relaxed);
+                            if let Some((local, _, _)) = self.ep.attempt(h) {
+                                s.result2
+                                    .store(shm::pack_addr(local.0, local.1), Ordering::Relaxed);
+                            }
+                            let p = self.procs.get_mut(&id).expect("present");
+                            p.socks.insert(
+                                sock,
+                                SockObj::Attempt {
+                                    h,
+                                    blocking: !nonblocking,
+                                    seq: cmd.seq,
+                                },
+                            );
+                            self.conn_owner.insert(h, (id, sock));
+                            if nonblocking {
+                                Some(-i64::from(libc::EINPROGRESS))
+                            } else {
+                                None // completes with the outcome
+                            }
+                        }
+                        Err(ConnectError::HostUnreachable) => Some(-i64::from(libc::EHOSTUNREACH)),
+                        Err(ConnectError::NoLocalAddress) => Some(-i64::from(libc::EADDRNOTAVAIL)),
+                        Err(_) => Some(-i64::from(libc::EAGAIN)),
+                    }
+                }
+            },
+            shm::OP_CLOSE => {
+                let p = self.procs.get_mut(&id).expect("present");
+                p.backlogs.remove(&sock);
+                match p.socks.remove(&sock) {
+                    Some(obj) => {
+                        self.release(now, obj);
+                        Some(0)
+                    }
+                    None => Some(0),
+                }
+            }
+            _ => {
+                self.local.bad_commands += 1;
+                app.region
+                    .header()
+                    .bad_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(-i64::from(libc::EINVAL))
+            }
+        };
+        if let Some(r) = result {
+            complete(s, cmd.seq, r);
+        }
+    }
+
+    fn dispatch(&mut self, e: Event) {
+        match e {
+            Event::Incoming { listener, request } => {
+                let Some(&(pid, sock)) = self.listener_owner.get(&listener) else {
+                    return;
+                };
+                let Some(p) = self.procs.get(&pid) else {
+                    return;
+                };
+                if let Some(ring) = p.backlogs.get(&sock) {
+                    let entry = PendingShm {
+                        conn_id: request.conn_id,
+                        peer_ip: u32::from(request.peer.0),
+                        peer_port: request.peer.1,
+                        local_port: request.local.1,
+                        local_ip: u32::from(request.local.0),
+                        _pad: 0,
+                    };
+                    // Same capacity as the core's backlog, so this cannot be full.
+                    if ring.push(entry).is_err() {
+                        self.local.bad_commands += 1;
+                    }
+                }
+                raise(&p.shared, sock, FD_ACCEPT);
+            }
+            Event::Connected { conn } | Event::ConnectFailed { conn, .. } => {
+                let Some(&(pid, sock)) = self.conn_owner.get(&conn) else {
+                    return;
+                };
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
+                let Some(SockObj::Attempt { blocking, seq, .. }) = p.socks.get(&sock).copied()
+                else {
+                    return;
+                };
+                let err: i32 = match e {
+                    Event::ConnectFailed { error, .. } => -error.errno(),
+                    _ => 0,
+                };
+                if err == 0 {
+                    p.socks.insert(sock, SockObj::Conn(conn));
+                } else {
+                    p.socks.remove(&sock);
+                    self.conn_owner.remove(&conn);
+                }
+                let app = p.shared.clone();
+                let s = app.region.sock(sock as usize);
+                s.connect_state
+                    .store(if err == 0 { 1 } else { err }, Ordering::Release);
+                if blocking {
+                    s.arrivals.fetch_add(1, Ordering::Release);
+                    complete(s, seq, i64::from(err));
+                } else {
+                    s.connect_error.store(err, Ordering::Release);
+                    raise(&app, sock, FD_CONNECT);
+                }
+            }
+            Event::Closed { conn } => {
+                if let Some((pid, sock)) = self.conn_owner.remove(&conn) {
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.socks.insert(sock, SockObj::Ended);
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_core<D: Device>(&mut self, tx: &mut Tx<'_, D>) -> bool {
+        let mut busy = false;
+        while let Some(r) = self.ep.poll_transmit() {
+            self.send(tx, r);
+            busy = true;
+        }
+        while let Some(e) = self.ep.poll_event() {
+            self.dispatch(e);
+            busy = true;
+        }
+        busy
+    }
 }
 
 impl<D: Device> Handler<D> for Node {
@@ -345,41 +795,33 @@ impl<D: Device> Handler<D> for Node {
         for f in rx.drain(..) {
             self.handle_frame(now, f.as_ref(), tx);
         }
+        self.flush_core(tx);
     }
 
     fn poll(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
         let mut busy = false;
-        if self.ping.is_none() {
-            if let Some(Command::Ping(req)) = self.commands.pop() {
-                self.ping = Some(ActivePing {
-                    req,
-                    started: now,
-                    result: PingResult::default(),
-                    in_flight: None,
-                    next_at: now,
-                });
-                busy = true;
+        while let Some(c) = self.commands.pop() {
+            // A ping waits for the one before it.
+            if matches!(c, Command::Ping(_)) && self.ping.is_some() {
+                let _ = self.commands.push(c);
+                break;
             }
-        }
-        busy |= self.drive_ping(now, tx);
-        while let Some(ip) = self.resolver.poll_request(now) {
-            let src_ip = self
-                .local_addrs
-                .first()
-                .copied()
-                .unwrap_or(Ipv4::UNSPECIFIED);
-            let header = SanHeader {
-                dst_mac: EthernetAddress::BROADCAST,
-                src_mac: tx.mac(),
-                src_ip,
-                src_port: 0,
-                dst_ip: ip,
-                dst_port: 0,
-            };
-            self.send(tx, header, Message::ResolveRequest);
+            self.control(now, c);
             busy = true;
         }
-        while self.resolver.poll_failed().is_some() {}
+        let ids: Vec<u64> = if self.procs.is_empty() {
+            Vec::new()
+        } else {
+            self.procs.keys().copied().collect()
+        };
+        for id in ids {
+            busy |= self.serve_app(now, id);
+        }
+        if self.ep.poll_timeout().is_some_and(|t| t <= now) {
+            self.ep.handle_timeout(now);
+        }
+        busy |= self.drive_ping(now, tx);
+        busy |= self.flush_core(tx);
         busy
     }
 
@@ -388,7 +830,7 @@ impl<D: Device> Handler<D> for Node {
         if v != self.addrs_seen {
             self.addrs_seen = v;
             if let Ok(a) = self.addrs.read() {
-                self.local_addrs = a.clone();
+                self.ep.set_addrs(a.clone());
             }
         }
         let s = &self.stats;
@@ -396,14 +838,19 @@ impl<D: Device> Handler<D> for Node {
             s.rx_by_kind[i].store(self.local.rx[i], Ordering::Relaxed);
             s.tx_by_kind[i].store(self.local.tx[i], Ordering::Relaxed);
         }
+        let ps = self.ep.stats();
         s.drop_not_san.store(self.local.not_san, Ordering::Relaxed);
         s.drop_malformed
             .store(self.local.malformed, Ordering::Relaxed);
         s.drop_version.store(self.local.version, Ordering::Relaxed);
         s.drop_not_ours
-            .store(self.local.not_ours, Ordering::Relaxed);
+            .store(self.local.not_ours + ps.not_ours, Ordering::Relaxed);
         s.drop_unexpected
-            .store(self.local.unexpected, Ordering::Relaxed);
+            .store(self.local.unexpected + ps.late_replies, Ordering::Relaxed);
+        s.drop_bad_token.store(ps.bad_token, Ordering::Relaxed);
+        s.bad_commands
+            .store(self.local.bad_commands, Ordering::Relaxed);
+        s.attached.store(self.procs.len() as u64, Ordering::Relaxed);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -411,10 +858,7 @@ impl<D: Device> Handler<D> for Node {
             Some((_, t)) => t + p.req.timeout,
             None => p.next_at,
         });
-        match (p, self.resolver.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [p, self.ep.poll_timeout()].into_iter().flatten().min()
     }
 }
 
@@ -431,8 +875,8 @@ mod tests {
         let (mut da, mut db) = Loopback::pair(256, ma, mb);
         let ipa = Ipv4::new(198, 18, 0, 1);
         let ipb = Ipv4::new(198, 18, 0, 2);
-        let (mut na, ha) = Node::new(NodeConfig::default(), vec![ipa]);
-        let (mut nb, hb) = Node::new(NodeConfig::default(), vec![ipb]);
+        let (mut na, ha) = Node::new(NodeConfig::default(), ma, vec![ipa]);
+        let (mut nb, hb) = Node::new(NodeConfig::default(), mb, vec![ipb]);
         let sa = EngineShared::new(policy).unwrap();
         let sb = EngineShared::new(policy).unwrap();
         let cfg = EngineConfig {
@@ -501,7 +945,7 @@ mod tests {
     fn garbage_frames_are_counted_not_fatal() {
         let ma = EthernetAddress([2, 0, 0, 0, 0, 1]);
         let (mut dev, mut peer) = Loopback::pair(256, ma, EthernetAddress([2, 0, 0, 0, 0, 2]));
-        let (mut n, h) = Node::new(NodeConfig::default(), vec![Ipv4::new(198, 18, 0, 1)]);
+        let (mut n, h) = Node::new(NodeConfig::default(), ma, vec![Ipv4::new(198, 18, 0, 1)]);
         let shared = EngineShared::new(IdlePolicy::Poll).unwrap();
         let s2 = shared.clone();
         let t = std::thread::spawn(move || {

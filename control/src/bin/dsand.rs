@@ -14,11 +14,11 @@ use control::config::{self, Cidr, Config};
 use control::{metrics, os};
 use dataplane::dpdk::{self, DpdkDevice, EalConfig, Mempool, Port};
 use dataplane::engine::{self, EngineConfig, EngineShared, IdlePolicy};
-use dataplane::node::{Command, Node, NodeConfig, NodeHandle, PingRequest, KIND_NAMES};
+use dataplane::node::{AppShared, Command, Node, NodeConfig, NodeHandle, PingRequest, KIND_NAMES};
+use dataplane::proto::{ProtoConfig, Subnet};
 use dataplane::time::Clock;
 use dataplane::wire::Ipv4;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -425,18 +425,32 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
     );
 
     let shared = EngineShared::new(eff.idle)?;
+    let proto = ProtoConfig {
+        subnets: eff
+            .cfg
+            .san_addrs
+            .iter()
+            .map(|c| Subnet {
+                addr: c.addr,
+                prefix: c.prefix,
+            })
+            .collect(),
+        ..Default::default()
+    };
     let node_cfg = NodeConfig {
         ethertype: eff
             .cfg
             .ethertype
             .unwrap_or(dataplane::wire::DEFAULT_ETHERTYPE),
-        ..Default::default()
+        proto,
     };
-    let (mut node, handle) = Node::new(node_cfg, addrs);
+    let (mut node, handle) = Node::new(node_cfg, mac, addrs);
 
-    // Signals stop the loop.
+    // Signals stop the loop, after the node has released every process (their
+    // queued requests are refused to the peers, their regions marked closed).
     {
         let shared = shared.clone();
+        let handle = handle.clone();
         let mut signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
@@ -445,7 +459,17 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
             .name("signals".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    log("info", &format!("signal {sig}: stopping"));
+                    log(
+                        "info",
+                        &format!("signal {sig}: releasing attached processes, then stopping"),
+                    );
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    if handle.commands.push(Command::Shutdown(tx)).is_ok() {
+                        shared.doorbell.ring();
+                        let _ = rx.recv_timeout(Duration::from_secs(2));
+                        // Let the loop transmit the refusals.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                     shared.request_stop();
                 }
             })?;
@@ -486,6 +510,16 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
     let _ = std::fs::remove_file(&eff.socket);
     let listener = UnixListener::bind(&eff.socket)
         .with_context(|| format!("cannot bind control socket {}", eff.socket.display()))?;
+    // Applications of the socket's group may attach (the deploy guide makes it `dsan`).
+    let _ = std::fs::set_permissions(
+        &eff.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+    );
+    let socket_gid = Arc::new(
+        std::fs::metadata(&eff.socket)
+            .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+            .unwrap_or(0),
+    );
     {
         let shared = shared.clone();
         let handle = handle.clone();
@@ -497,11 +531,12 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
                 for conn in listener.incoming().flatten() {
                     let (shared, handle, info) = (shared.clone(), handle.clone(), info.clone());
                     let port = port_id;
+                    let socket_gid = socket_gid.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
                             dataplane::sys::unpin_current_thread();
-                            serve_conn(conn, &shared, &handle, &info, port)
+                            serve_conn(conn, &shared, &handle, &info, port, *socket_gid)
                         });
                 }
             })?;
@@ -528,34 +563,111 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
     Ok(())
 }
 
+static NEXT_APP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 fn serve_conn(
     conn: UnixStream,
     shared: &EngineShared,
     node: &NodeHandle,
     info: &Value,
     port: dpdk::PortId,
+    socket_gid: u32,
 ) {
-    let mut w = match conn.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    let r = BufReader::new(conn);
-    for line in r.lines() {
-        let Ok(line) = line else { return };
+    use std::os::fd::AsRawFd;
+    let fd = conn.as_raw_fd();
+    let mut app: Option<Arc<AppShared>> = None;
+    loop {
+        let (line, fds) = match dataplane::shm::recv_line(fd) {
+            Ok(Some(x)) => x,
+            _ => break,
+        };
         if line.trim().is_empty() {
             continue;
         }
+        let mut out_fds = Vec::new();
         let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handle_request(&req, shared, node, info, port)
-                .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+            Ok(req) => match req["cmd"].as_str() {
+                Some("attach") => attach(fd, shared, node, socket_gid, &mut app, &mut out_fds)
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+                Some("event_select") => event_select(&req, app.as_deref(), fds)
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+                _ => handle_request(&req, shared, node, info, port)
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+            },
             Err(e) => {
                 json!({"ok": false, "error": format!("malformed request (expected one JSON object per line): {e}")})
             }
         };
-        if writeln!(w, "{reply}").is_err() {
-            return;
+        if dataplane::shm::send_line(fd, &reply.to_string(), &out_fds).is_err() {
+            break;
         }
     }
+    // The process went away (or detached): release what it held.
+    if let Some(app) = app {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if node.commands.push(Command::Detach(app.id, tx)).is_ok() {
+            shared.doorbell.ring();
+            if rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                log(
+                    "warn",
+                    &format!("dataplane did not confirm the detach of pid {}", app.pid),
+                );
+                // Keep the region mapped: the lcore may still use it.
+                std::mem::forget(app);
+                return;
+            }
+        }
+        log("info", &format!("detached pid {}", app.pid));
+    }
+}
+
+fn attach(
+    fd: i32,
+    shared: &EngineShared,
+    node: &NodeHandle,
+    socket_gid: u32,
+    app: &mut Option<Arc<AppShared>>,
+    out_fds: &mut Vec<i32>,
+) -> Result<Value, String> {
+    if app.is_some() {
+        return Err("this connection is already attached".into());
+    }
+    let (pid, uid, gid) =
+        os::peer_cred(fd).map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    if uid != 0 && uid != os::euid() && gid != socket_gid {
+        return Err(format!(
+            "uid {uid} may not attach (root, the daemon's user or the socket's group only)"
+        ));
+    }
+    let id = NEXT_APP.fetch_add(1, Ordering::Relaxed);
+    let a = AppShared::new(id, pid).map_err(|e| format!("cannot create the shared region: {e}"))?;
+    node.commands
+        .push(Command::Attach(a.clone()))
+        .map_err(|_| "the dataplane's command queue is full; try again".to_string())?;
+    shared.doorbell.ring();
+    out_fds.push(a.region.fd().ok_or("region without fd")?);
+    out_fds.push(shared.doorbell.page_fd().ok_or("doorbell without fd")?);
+    out_fds.push(shared.doorbell.eventfd());
+    log("info", &format!("attached pid {pid} uid {uid} as app {id}"));
+    *app = Some(a);
+    Ok(
+        json!({"ok": true, "app": id, "region_size": dataplane::shm::layout::size(), "version": dataplane::shm::REGION_VERSION,
+              "fds": ["region", "doorbell_page", "doorbell"]}),
+    )
+}
+
+fn event_select(
+    req: &Value,
+    app: Option<&AppShared>,
+    mut fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<Value, String> {
+    let app = app.ok_or("attach first")?;
+    let sock = req["sock"]
+        .as_u64()
+        .filter(|s| (*s as usize) < dataplane::shm::MAX_SOCKETS)
+        .ok_or("\"sock\" out of range")? as u32;
+    app.set_event_fd(sock, fds.pop());
+    Ok(json!({"ok": true}))
 }
 
 fn handle_request(
@@ -631,7 +743,24 @@ fn handle_request(
                       "sent": r.sent, "received": r.received, "rtt_ns": r.rtt_ns}),
             )
         }
-        Some(other) => Err(format!("unknown command {other:?} (known: status, ping)")),
+        Some("listeners") => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            node.commands
+                .push(Command::Listeners(tx))
+                .map_err(|_| "the dataplane's command queue is full; try again")?;
+            shared.doorbell.ring();
+            let v = rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| "the dataplane did not answer")?;
+            let list: Vec<Value> = v
+                .iter()
+                .map(|l| json!({"address": l.ip.to_string(), "port": l.port, "pid": l.pid, "backlog_capacity": l.capacity, "backlog_depth": l.depth}))
+                .collect();
+            Ok(json!({"ok": true, "listeners": list}))
+        }
+        Some(other) => Err(format!(
+            "unknown command {other:?} (known: status, ping, listeners, attach, event_select)"
+        )),
         None => Err("request has no \"cmd\"".into()),
     }
 }

@@ -169,6 +169,8 @@ pub enum Event {
     Incoming {
         /// The listener.
         listener: ListenerId,
+        /// The request (now at the tail of the backlog).
+        request: Incoming,
     },
     /// A connect attempt succeeded (FD_CONNECT, no error).
     Connected {
@@ -217,6 +219,9 @@ pub enum AcceptError {
     /// The connection limit is reached; the request stays queued.
     #[error("too many connections")]
     TooManyConnections,
+    /// The request named is not at the head of the backlog.
+    #[error("not the request at the head of the backlog")]
+    NotHead,
 }
 
 /// Errors of [`Endpoint::connect`].
@@ -969,7 +974,10 @@ impl<R: Rng> Endpoint<R> {
             .push_back(inc);
         self.queued_total += 1;
         self.queued_index.insert(key, lid);
-        self.events.push_back(Event::Incoming { listener: lid });
+        self.events.push_back(Event::Incoming {
+            listener: lid,
+            request: inc,
+        });
     }
 
     // ----- inputs: time ----------------------------------------------------
@@ -1131,6 +1139,26 @@ impl<R: Rng> Endpoint<R> {
             .get(&id)
             .ok_or(AcceptError::UnknownListener)?;
         l.queue.front().copied().ok_or(AcceptError::Empty)
+    }
+
+    /// Like [`Endpoint::decide`], but only if the head is the request with this
+    /// peer IP and connection id (the accept path names what it decided on).
+    ///
+    /// # Errors
+    /// [`AcceptError::NotHead`] if another request is at the head, else as `decide`.
+    pub fn decide_for(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        peer_ip: Ipv4,
+        conn_id: u64,
+        d: Decision,
+    ) -> Result<Option<ConnHandle>, AcceptError> {
+        let head = self.head(id)?;
+        if head.peer.0 != peer_ip || head.conn_id != conn_id {
+            return Err(AcceptError::NotHead);
+        }
+        self.decide(now, id, d)
     }
 
     /// Resolves the request at the head of the backlog. Returns the new

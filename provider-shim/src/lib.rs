@@ -1,6 +1,22 @@
-//! The SAN service provider linked into applications.
+//! dsan's SAN service provider, linked into applications.
 //!
-//! Not built yet: it is issue #4's work (listen, event-select, accept and connect
-//! as ring messages to the dataplane). The crate exists so that the workspace has
-//! its final layout; it exports nothing.
-#![deny(unsafe_code)]
+//! Layers:
+//! * [`Provider`]: the attachment to the local `dsand` (control socket,
+//!   shared region, doorbell) and the provider calls (`socket`, `bind`,
+//!   `listen`, `event_select`, `enum_network_events`, `accept` with a
+//!   condition function, `connect`, `close`) as ring messages to the
+//!   dataplane, with typed [`Error`]s;
+//! * [`SanSocket`]: an owned socket handle for Rust callers (closed on drop);
+//! * `capi`: the C ABI of `include/dsan_provider.h` (`libdsan_provider.so`),
+//!   every function behind a panic boundary, returning a non-negative value
+//!   or a negative errno.
+//!
+//! Semantics follow Windows Sockets Direct; `docs/c-api.md` documents each call.
+
+mod capi;
+mod provider;
+
+pub use capi::*;
+pub use provider::{
+    Decision, Error, NetworkEvents, Provider, SanSocket, SocketId, FD_ACCEPT, FD_CONNECT,
+};

@@ -38,6 +38,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Listening SAN sockets: address, port, owner pid, backlog capacity and depth.
+    Listeners,
     /// The NIC-less lab.
     #[command(subcommand)]
     Lab(LabCmd),
@@ -177,6 +179,28 @@ fn run(args: Args) -> Result<i32, String> {
                     1
                 },
             )
+        }
+        Cmd::Listeners => {
+            let v = ctl::request(&sock, &json!({"cmd": "listeners"}), Duration::from_secs(5))?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{:<16} {:>6} {:>8} {:>9} {:>7}",
+                    "address", "port", "pid", "capacity", "depth"
+                );
+                for l in v["listeners"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {:>6} {:>8} {:>9} {:>7}",
+                        l["address"].as_str().unwrap_or(""),
+                        l["port"],
+                        l["pid"],
+                        l["backlog_capacity"],
+                        l["backlog_depth"]
+                    );
+                }
+            }
+            Ok(0)
         }
         Cmd::Lab(l) => run_lab(l, args.json),
     }

@@ -1,0 +1,812 @@
+//! The provider: one attachment per process to the local dsand.
+#![allow(unsafe_code)] // eventfd reads, poll() on the control socket
+
+use dataplane::backlog::Backlog;
+use dataplane::shm::{self, Cmd, Mapping, PendingShm, Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub use dataplane::shm::{FD_ACCEPT, FD_CONNECT};
+
+/// Errors of provider calls; [`Error::errno`] gives the C ABI's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Unknown or closed socket (ENOTSOCK).
+    #[error("not a socket")]
+    NotSock,
+    /// A NULL or unusable pointer (EFAULT).
+    #[error("bad address")]
+    Fault,
+    /// Invalid argument or state, e.g. listen on an unbound socket (EINVAL).
+    #[error("invalid argument")]
+    Inval,
+    /// The port is listened on already, on this host, by anyone (EADDRINUSE).
+    #[error("address in use")]
+    AddrInUse,
+    /// The address is not a SAN address of this host (EADDRNOTAVAIL).
+    #[error("address not available")]
+    AddrNotAvail,
+    /// Not attached, or the daemon is gone (ENETDOWN).
+    #[error("SAN provider not attached or daemon gone")]
+    NetDown,
+    /// Refused: backlog full, rejected by the accepting side (ECONNREFUSED).
+    #[error("connection refused")]
+    ConnRefused,
+    /// Nobody listens on that port (ECONNRESET, WSD's code).
+    #[error("no listener on that port")]
+    ConnReset,
+    /// No answer within the connect budget (ETIMEDOUT).
+    #[error("connect timed out")]
+    TimedOut,
+    /// The address is in no SAN subnet (EHOSTUNREACH).
+    #[error("host unreachable over the SAN")]
+    HostUnreach,
+    /// A nonblocking connect started; FD_CONNECT reports the result (EINPROGRESS).
+    #[error("connect in progress")]
+    InProgress,
+    /// A connect is already in progress (EALREADY).
+    #[error("connect already in progress")]
+    Already,
+    /// Already connected (EISCONN).
+    #[error("already connected")]
+    IsConn,
+    /// Nothing to do now, try again (EAGAIN).
+    #[error("try again")]
+    Again,
+    /// Out of sockets or listeners in this process (EMFILE).
+    #[error("too many sockets")]
+    MFile,
+    /// Out of connections on the host (ENOBUFS).
+    #[error("no buffer space")]
+    NoBufs,
+    /// Another errno.
+    #[error("errno {0}")]
+    Os(i32),
+}
+
+impl Error {
+    /// The (positive) errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NotSock => libc::ENOTSOCK,
+            Error::Fault => libc::EFAULT,
+            Error::Inval => libc::EINVAL,
+            Error::AddrInUse => libc::EADDRINUSE,
+            Error::AddrNotAvail => libc::EADDRNOTAVAIL,
+            Error::NetDown => libc::ENETDOWN,
+            Error::ConnRefused => libc::ECONNREFUSED,
+            Error::ConnReset => libc::ECONNRESET,
+            Error::TimedOut => libc::ETIMEDOUT,
+            Error::HostUnreach => libc::EHOSTUNREACH,
+            Error::InProgress => libc::EINPROGRESS,
+            Error::Already => libc::EALREADY,
+            Error::IsConn => libc::EISCONN,
+            Error::Again => libc::EAGAIN,
+            Error::MFile => libc::EMFILE,
+            Error::NoBufs => libc::ENOBUFS,
+            Error::Os(e) => *e,
+        }
+    }
+
+    /// The error for a (positive) errno.
+    pub fn from_errno(e: i32) -> Error {
+        match e {
+            libc::ENOTSOCK => Error::NotSock,
+            libc::EFAULT => Error::Fault,
+            libc::EINVAL => Error::Inval,
+            libc::EADDRINUSE => Error::AddrInUse,
+            libc::EADDRNOTAVAIL => Error::AddrNotAvail,
+            libc::ENETDOWN => Error::NetDown,
+            libc::ECONNREFUSED => Error::ConnRefused,
+            libc::ECONNRESET => Error::ConnReset,
+            libc::ETIMEDOUT => Error::TimedOut,
+            libc::EHOSTUNREACH => Error::HostUnreach,
+            libc::EINPROGRESS => Error::InProgress,
+            libc::EALREADY => Error::Already,
+            libc::EISCONN => Error::IsConn,
+            libc::EAGAIN => Error::Again,
+            libc::EMFILE => Error::MFile,
+            libc::ENOBUFS => Error::NoBufs,
+            o => Error::Os(o),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// A socket of this process (an index into its socket table).
+pub type SocketId = u32;
+
+/// The accepting application's answer (the condition function's result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Accept: the remote connect succeeds.
+    Accept,
+    /// Reject: the remote connect fails with ECONNREFUSED.
+    Reject,
+    /// Leave the request at the head of the backlog (accept returns EAGAIN).
+    Defer,
+}
+
+/// What [`Provider::enum_network_events`] returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetworkEvents {
+    /// FD_* bits recorded since the last call.
+    pub events: u32,
+    /// 0 or a negative errno for FD_ACCEPT.
+    pub accept_error: i32,
+    /// 0 or a negative errno for FD_CONNECT.
+    pub connect_error: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Fresh,
+    Listening,
+    Connecting,
+    Connected,
+}
+
+struct LocalSock {
+    state: State,
+    bound: Option<SocketAddrV4>,
+    nonblocking: bool,
+    /// The application's eventfd (not owned).
+    efd: Option<RawFd>,
+    backlog: Option<Backlog<PendingShm>>,
+    area: Option<usize>,
+    seq: u32,
+    peer: Option<SocketAddrV4>,
+}
+
+impl LocalSock {
+    fn new() -> Self {
+        LocalSock {
+            state: State::Fresh,
+            bound: None,
+            nonblocking: false,
+            efd: None,
+            backlog: None,
+            area: None,
+            seq: 0,
+            peer: None,
+        }
+    }
+}
+
+/// How long a command may take before the daemon is presumed stuck; connects
+/// wait for the connect budget on top.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Spin this long on shared memory before sleeping on a futex.
+const SPIN: Duration = Duration::from_micros(30);
+
+/// An attachment to the local dsand.
+pub struct Provider {
+    ctl: Mutex<UnixStream>,
+    ctl_fd: RawFd,
+    // Drop order: socket views (in `socks`) before the region they point into.
+    socks: Vec<Mutex<Option<LocalSock>>>,
+    alloc: Mutex<()>,
+    /// Backlog areas of the region in use.
+    areas: Mutex<[bool; MAX_LISTENERS]>,
+    region: Region,
+    doorbell_page: Mapping,
+    doorbell: OwnedFd,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("ctl_fd", &self.ctl_fd)
+            .finish()
+    }
+}
+
+fn request(ctl: &UnixStream, req: &Value, fds: &[RawFd]) -> Result<(Value, Vec<OwnedFd>)> {
+    shm::send_line(ctl.as_raw_fd(), &req.to_string(), fds).map_err(|_| Error::NetDown)?;
+    let (line, fds) = shm::recv_line(ctl.as_raw_fd())
+        .map_err(|_| Error::NetDown)?
+        .ok_or(Error::NetDown)?;
+    let v: Value = serde_json::from_str(&line).map_err(|_| Error::NetDown)?;
+    if v["ok"] != json!(true) {
+        return Err(Error::Inval);
+    }
+    Ok((v, fds))
+}
+
+impl Provider {
+    /// Attaches to the daemon at `socket` (`None`: `$DSAN_SOCKET`, else
+    /// `/run/dsan/dsand.sock`).
+    ///
+    /// # Errors
+    /// [`Error::NetDown`] if no daemon answers or the attachment fails.
+    pub fn attach(socket: Option<&Path>) -> Result<Arc<Provider>> {
+        let path = socket
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("DSAN_SOCKET").map(Into::into))
+            .unwrap_or_else(|| "/run/dsan/dsand.sock".into());
+        let ctl = UnixStream::connect(&path).map_err(|_| Error::NetDown)?;
+        let (v, mut fds) = request(&ctl, &json!({"cmd": "attach"}), &[])?;
+        if fds.len() != 3 {
+            return Err(Error::NetDown);
+        }
+        let size = v["region_size"].as_u64().ok_or(Error::NetDown)? as usize;
+        let doorbell = fds.pop().expect("three fds");
+        let page = fds.pop().expect("three fds");
+        let region_fd = fds.pop().expect("three fds");
+        let region = Region::open(region_fd, size).map_err(|_| Error::NetDown)?;
+        let doorbell_page = Mapping::map(page, 4096).map_err(|_| Error::NetDown)?;
+        let ctl_fd = ctl.as_raw_fd();
+        Ok(Arc::new(Provider {
+            ctl: Mutex::new(ctl),
+            ctl_fd,
+            socks: (0..MAX_SOCKETS).map(|_| Mutex::new(None)).collect(),
+            alloc: Mutex::new(()),
+            areas: Mutex::new([false; MAX_LISTENERS]),
+            region,
+            doorbell_page,
+            doorbell,
+        }))
+    }
+
+    /// Whether the daemon is still there (its control socket open, our region
+    /// not closed by it).
+    pub fn daemon_alive(&self) -> bool {
+        if self.region.header().closed.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let mut p = libc::pollfd {
+            fd: self.ctl_fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        !(r > 0
+            && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+    }
+
+    fn lock(&self, s: SocketId) -> Result<MutexGuard<'_, Option<LocalSock>>> {
+        let m = self.socks.get(s as usize).ok_or(Error::NotSock)?;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            return Err(Error::NotSock);
+        }
+        Ok(g)
+    }
+
+    fn ring_doorbell(&self) {
+        fence(Ordering::SeqCst);
+        let flag: &AtomicU32 = self.doorbell_page.at(0);
+        if flag.load(Ordering::Relaxed) != 0 {
+            shm::signal_eventfd(self.doorbell.as_raw_fd());
+        }
+    }
+
+    /// Sends a command for socket `s` and waits for its completion (or, with
+    /// `wait == None`, until `deadline`...). Returns the daemon's result.
+    fn command(
+        &self,
+        s: SocketId,
+        ls: &mut LocalSock,
+        op: u32,
+        [a, b, c]: [u64; 3],
+        timeout: Duration,
+    ) -> Result<i64> {
+        ls.seq = ls.seq.wrapping_add(1).max(1);
+        let cmd = Cmd {
+            op,
+            sock: s,
+            seq: ls.seq,
+            _pad: 0,
+            a,
+            b,
+            c,
+        };
+        let sh = self.region.sock(s as usize);
+        let start = Instant::now();
+        while self.region.commands().push(cmd).is_err() {
+            // Ring full: the lcore is behind; wait a little.
+            self.ring_doorbell();
+            if !self.daemon_alive() || start.elapsed() > COMMAND_TIMEOUT {
+                return Err(Error::NetDown);
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        self.ring_doorbell();
+        self.wait_word(sh, &sh.done_seq, |v| v == cmd.seq, timeout)?;
+        Ok(sh.result.load(Ordering::Acquire))
+    }
+
+    /// Spins, then sleeps on the futex `word` until `done(word)` or `timeout`.
+    fn wait_word(
+        &self,
+        sh: &SockShm,
+        word: &AtomicU32,
+        done: impl Fn(u32) -> bool,
+        timeout: Duration,
+    ) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let v = word.load(Ordering::Acquire);
+            if done(v) {
+                return Ok(());
+            }
+            if start.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            sh.waiters.fetch_add(1, Ordering::SeqCst);
+            if !done(word.load(Ordering::SeqCst)) {
+                shm::futex_wait(word, v, Duration::from_millis(10));
+            }
+            sh.waiters.fetch_sub(1, Ordering::SeqCst);
+            if done(word.load(Ordering::Acquire)) {
+                return Ok(());
+            }
+            if !self.daemon_alive() {
+                return Err(Error::NetDown);
+            }
+            if start.elapsed() > timeout {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.daemon_alive() {
+            Ok(())
+        } else {
+            Err(Error::NetDown)
+        }
+    }
+
+    /// A new SAN socket (no dataplane state until listen or connect).
+    ///
+    /// # Errors
+    /// [`Error::MFile`] when the process has [`MAX_SOCKETS`] open; [`Error::NetDown`].
+    pub fn socket(&self) -> Result<SocketId> {
+        self.check()?;
+        let _g = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, m) in self.socks.iter().enumerate() {
+            // A slot locked by a call in progress is in use: skip it.
+            let Ok(mut g) = m.try_lock() else { continue };
+            if g.is_none() {
+                let sh = self.region.sock(i);
+                let mut ls = LocalSock::new();
+                // Sequence numbers continue across reuse of the slot, so a stale
+                // completion of the previous socket never answers a new command.
+                ls.seq = sh.done_seq.load(Ordering::Acquire);
+                *g = Some(ls);
+                sh.events.store(0, Ordering::Relaxed);
+                sh.event_mask.store(0, Ordering::Relaxed);
+                sh.accept_error.store(0, Ordering::Relaxed);
+                sh.connect_error.store(0, Ordering::Relaxed);
+                sh.connect_state.store(0, Ordering::Relaxed);
+                return Ok(i as SocketId);
+            }
+        }
+        Err(Error::MFile)
+    }
+
+    /// Binds `s` to a local SAN address (or 0.0.0.0) and port.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`]; [`Error::Inval`] if already bound or in use.
+    pub fn bind(&self, s: SocketId, addr: SocketAddrV4) -> Result<()> {
+        self.check()?;
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        if ls.bound.is_some() || ls.state != State::Fresh {
+            return Err(Error::Inval);
+        }
+        ls.bound = Some(addr);
+        Ok(())
+    }
+
+    /// Listens with a backlog of `backlog` requests; returns the effective capacity.
+    ///
+    /// # Errors
+    /// [`Error::Inval`] if unbound (or bound to port 0) or not fresh;
+    /// [`Error::AddrInUse`], [`Error::AddrNotAvail`], [`Error::MFile`], [`Error::NetDown`].
+    pub fn listen(&self, s: SocketId, backlog: i32) -> Result<usize> {
+        self.check()?;
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        if ls.state == State::Listening {
+            return Ok(ls.backlog.as_ref().map_or(0, |b| b.capacity()));
+        }
+        let Some(addr) = ls.bound.filter(|a| a.port() != 0) else {
+            return Err(Error::Inval);
+        };
+        if ls.state != State::Fresh {
+            return Err(Error::Inval);
+        }
+        // A free backlog area of this process.
+        let area = {
+            let mut areas = self.areas.lock().unwrap_or_else(|e| e.into_inner());
+            let k = areas.iter().position(|u| !u).ok_or(Error::MFile)?;
+            areas[k] = true;
+            k
+        };
+        let r = self.command(
+            s,
+            ls,
+            shm::OP_LISTEN,
+            [
+                shm::pack_addr(*addr.ip(), addr.port()),
+                backlog as i64 as u64,
+                area as u64,
+            ],
+            COMMAND_TIMEOUT,
+        );
+        let r = match r {
+            Ok(r) if r >= 0 => r,
+            other => {
+                self.free_area(area);
+                return Err(match other {
+                    Ok(r) => Error::from_errno(-r as i32),
+                    Err(e) => e,
+                });
+            }
+        };
+        ls.backlog = Some(self.region.open_backlog(area).map_err(|_| Error::NetDown)?);
+        ls.area = Some(area);
+        ls.state = State::Listening;
+        Ok(r as usize)
+    }
+
+    /// Registers `efd` (an eventfd) for the `mask` events of `s` and makes `s`
+    /// nonblocking. A negative `efd` with mask 0 unregisters.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`]; [`Error::Inval`] for a bad fd or mask; [`Error::NetDown`].
+    pub fn event_select(&self, s: SocketId, efd: RawFd, mask: u32) -> Result<()> {
+        self.check()?;
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        if mask & !(FD_ACCEPT | FD_CONNECT) != 0 || (efd < 0 && mask != 0) {
+            return Err(Error::Inval);
+        }
+        if efd >= 0 {
+            // SAFETY: fcntl(F_GETFD) on any integer only reports EBADF for a non-fd.
+            if unsafe { libc::fcntl(efd, libc::F_GETFD) } < 0 {
+                return Err(Error::Inval);
+            }
+        }
+        let fds: Vec<RawFd> = if efd >= 0 { vec![efd] } else { vec![] };
+        let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        request(&ctl, &json!({"cmd": "event_select", "sock": s}), &fds).map_err(|e| {
+            if e == Error::Inval {
+                Error::Inval
+            } else {
+                Error::NetDown
+            }
+        })?;
+        drop(ctl);
+        self.region
+            .sock(s as usize)
+            .event_mask
+            .store(mask, Ordering::Release);
+        ls.efd = (efd >= 0).then_some(efd);
+        ls.nonblocking = mask != 0;
+        Ok(())
+    }
+
+    /// Returns and clears the events recorded for `s`, and drains its eventfd.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`]; [`Error::NetDown`].
+    pub fn enum_network_events(&self, s: SocketId) -> Result<NetworkEvents> {
+        self.check()?;
+        let g = self.lock(s)?;
+        let ls = g.as_ref().expect("checked");
+        // Drain first: an event recorded after this is seen by the swap below
+        // or signals the eventfd again, so no wake-up is lost.
+        if let Some(fd) = ls.efd {
+            shm::drain_eventfd(fd);
+        }
+        let sh = self.region.sock(s as usize);
+        let events = sh.events.swap(0, Ordering::AcqRel);
+        Ok(NetworkEvents {
+            events,
+            accept_error: sh.accept_error.load(Ordering::Acquire),
+            connect_error: sh.connect_error.load(Ordering::Acquire),
+        })
+    }
+
+    /// Accepts the request at the head of the backlog of `s`, asking `cond`
+    /// (on this thread, before anything is sent to the peer). Returns the new
+    /// socket and the peer's address.
+    ///
+    /// # Errors
+    /// [`Error::Again`] if nothing is queued on a nonblocking socket or `cond`
+    /// deferred; [`Error::ConnRefused`] if `cond` rejected; [`Error::Inval`] if
+    /// `s` is not listening; [`Error::MFile`]; [`Error::NetDown`].
+    pub fn accept(
+        &self,
+        s: SocketId,
+        mut cond: impl FnMut(SocketAddrV4) -> Decision,
+    ) -> Result<(SocketId, SocketAddrV4)> {
+        self.check()?;
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        if ls.state != State::Listening {
+            return Err(Error::Inval);
+        }
+        let sh = self.region.sock(s as usize);
+        let head = loop {
+            let seen = sh.arrivals.load(Ordering::Acquire);
+            if let Some(h) = ls.backlog.as_ref().and_then(|b| b.peek()) {
+                break h;
+            }
+            if ls.nonblocking {
+                return Err(Error::Again);
+            }
+            self.wait_word(sh, &sh.arrivals, |v| v != seen, Duration::from_secs(3600))
+                .or_else(|e| if e == Error::TimedOut { Ok(()) } else { Err(e) })?;
+        };
+        let peer = SocketAddrV4::new(Ipv4Addr::from(head.peer_ip), head.peer_port);
+        let d = cond(peer);
+        if d == Decision::Defer {
+            return Err(Error::Again);
+        }
+        let (decision, new) = match d {
+            Decision::Accept => {
+                let new = self.reserve()?;
+                (0u64, new)
+            }
+            _ => (1u64, 0),
+        };
+        let r = self.command(
+            s,
+            ls,
+            shm::OP_DECIDE,
+            [
+                head.conn_id,
+                decision | (u64::from(new) << 8),
+                shm::pack_addr(*peer.ip(), peer.port()),
+            ],
+            COMMAND_TIMEOUT,
+        );
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                if decision == 0 {
+                    self.release_slot(new);
+                }
+                return Err(e);
+            }
+        };
+        if r != -i64::from(libc::ENOBUFS) && r != -i64::from(libc::EAGAIN) {
+            // Decided (or stale): the request leaves the ring.
+            if let Some(b) = ls.backlog.as_ref() {
+                b.pop();
+            }
+        }
+        if decision == 0 {
+            if r == 0 {
+                let mut ng = self.socks[new as usize]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let n = ng.as_mut().expect("reserved");
+                n.state = State::Connected;
+                n.peer = Some(peer);
+                n.bound = Some(SocketAddrV4::new(
+                    Ipv4Addr::from(head.local_ip),
+                    head.local_port,
+                ));
+                return Ok((new, peer));
+            }
+            self.release_slot(new);
+        }
+        Err(if r == 0 || r == -i64::from(libc::ECONNREFUSED) {
+            Error::ConnRefused
+        } else {
+            Error::from_errno(-r as i32)
+        })
+    }
+
+    fn free_area(&self, k: usize) {
+        self.areas.lock().unwrap_or_else(|e| e.into_inner())[k] = false;
+    }
+
+    fn reserve(&self) -> Result<SocketId> {
+        self.socket()
+    }
+
+    fn release_slot(&self, s: SocketId) {
+        if let Some(m) = self.socks.get(s as usize) {
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    /// Connects `s` to `dst` over the SAN. Blocking sockets wait for the
+    /// outcome; after `event_select(.., FD_CONNECT)` it returns
+    /// [`Error::InProgress`] and the outcome arrives as FD_CONNECT.
+    ///
+    /// # Errors
+    /// [`Error::ConnRefused`], [`Error::ConnReset`] (no listener),
+    /// [`Error::TimedOut`], [`Error::HostUnreach`], [`Error::InProgress`],
+    /// [`Error::Already`], [`Error::IsConn`], [`Error::Inval`], [`Error::NetDown`].
+    pub fn connect(&self, s: SocketId, dst: SocketAddrV4) -> Result<()> {
+        self.check()?;
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        let sh = self.region.sock(s as usize);
+        if ls.state == State::Connecting {
+            match sh.connect_state.load(Ordering::Acquire) {
+                0 => return Err(Error::Already),
+                1 => ls.state = State::Connected,
+                _ => ls.state = State::Fresh,
+            }
+        }
+        match ls.state {
+            State::Connected => return Err(Error::IsConn),
+            State::Listening => return Err(Error::Inval),
+            _ => {}
+        }
+        if dst.port() == 0 || dst.ip().is_unspecified() {
+            return Err(Error::Inval);
+        }
+        let src = ls.bound.map_or(0, |b| u64::from(u32::from(*b.ip())));
+        let nonblocking = ls.nonblocking && sh.event_mask.load(Ordering::Relaxed) & FD_CONNECT != 0;
+        sh.connect_error.store(0, Ordering::Relaxed);
+        // The connect budget (2 s) plus margin.
+        let r = self.command(
+            s,
+            ls,
+            shm::OP_CONNECT,
+            [
+                shm::pack_addr(*dst.ip(), dst.port()),
+                src,
+                u64::from(nonblocking),
+            ],
+            COMMAND_TIMEOUT,
+        )?;
+        ls.peer = Some(dst);
+        match r {
+            0 => {
+                ls.state = State::Connected;
+                Ok(())
+            }
+            r if r == -i64::from(libc::EINPROGRESS) => {
+                ls.state = State::Connecting;
+                Err(Error::InProgress)
+            }
+            r => Err(Error::from_errno(-r as i32)),
+        }
+    }
+
+    /// The peer of a connected socket.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`]; [`Error::Inval`] if not connected.
+    pub fn peer_addr(&self, s: SocketId) -> Result<SocketAddrV4> {
+        let g = self.lock(s)?;
+        g.as_ref().and_then(|l| l.peer).ok_or(Error::Inval)
+    }
+
+    /// Closes `s`: a listener refuses what it still queues, a connection is
+    /// torn down, a connect in progress is abandoned.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`] for an unknown or closed socket.
+    pub fn close(&self, s: SocketId) -> Result<()> {
+        let mut g = self.lock(s)?;
+        let mut ls = g.take().expect("checked");
+        let had_state = ls.state != State::Fresh
+            || self
+                .region
+                .sock(s as usize)
+                .connect_state
+                .load(Ordering::Relaxed)
+                != 0;
+        if self.daemon_alive() {
+            if had_state {
+                let _ = self.command(s, &mut ls, shm::OP_CLOSE, [0, 0, 0], COMMAND_TIMEOUT);
+            }
+            if ls.efd.is_some() {
+                let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = request(&ctl, &json!({"cmd": "event_select", "sock": s}), &[]);
+            }
+        }
+        let sh = self.region.sock(s as usize);
+        sh.event_mask.store(0, Ordering::Relaxed);
+        sh.events.store(0, Ordering::Relaxed);
+        ls.backlog = None;
+        if let Some(k) = ls.area {
+            self.free_area(k);
+        }
+        Ok(())
+    }
+}
+
+/// An owned SAN socket for Rust callers; closed on drop.
+#[derive(Debug)]
+pub struct SanSocket {
+    p: Arc<Provider>,
+    s: SocketId,
+}
+
+impl SanSocket {
+    /// A new socket.
+    ///
+    /// # Errors
+    /// As [`Provider::socket`].
+    pub fn new(p: &Arc<Provider>) -> Result<SanSocket> {
+        Ok(SanSocket {
+            s: p.socket()?,
+            p: p.clone(),
+        })
+    }
+    /// Its id in the provider's table.
+    pub fn id(&self) -> SocketId {
+        self.s
+    }
+    /// See [`Provider::bind`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn bind(&self, a: SocketAddrV4) -> Result<()> {
+        self.p.bind(self.s, a)
+    }
+    /// See [`Provider::listen`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn listen(&self, backlog: i32) -> Result<usize> {
+        self.p.listen(self.s, backlog)
+    }
+    /// See [`Provider::event_select`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn event_select(&self, efd: std::os::fd::BorrowedFd<'_>, mask: u32) -> Result<()> {
+        self.p.event_select(self.s, efd.as_raw_fd(), mask)
+    }
+    /// See [`Provider::enum_network_events`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn enum_network_events(&self) -> Result<NetworkEvents> {
+        self.p.enum_network_events(self.s)
+    }
+    /// See [`Provider::accept`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn accept(
+        &self,
+        cond: impl FnMut(SocketAddrV4) -> Decision,
+    ) -> Result<(SanSocket, SocketAddrV4)> {
+        let (s, a) = self.p.accept(self.s, cond)?;
+        Ok((
+            SanSocket {
+                p: self.p.clone(),
+                s,
+            },
+            a,
+        ))
+    }
+    /// See [`Provider::connect`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn connect(&self, dst: SocketAddrV4) -> Result<()> {
+        self.p.connect(self.s, dst)
+    }
+}
+
+impl Drop for SanSocket {
+    fn drop(&mut self) {
+        let _ = self.p.close(self.s);
+    }
+}

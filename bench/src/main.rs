@@ -13,6 +13,8 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod connect;
+
 /// dsan-bench: dsan's benchmarks.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -34,6 +36,20 @@ enum Cmd {
         /// Port kinds to measure (comma-separated: af_packet,memif).
         #[arg(long, default_value = "af_packet,memif")]
         mode: String,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Connection set-up latency, SAN against kernel TCP between the same two
+    /// lab hosts, with the accepting thread blocked and spinning, for each
+    /// idle policy; and the provider's command round trip.
+    Connect {
+        /// Connects per configuration (after a warm-up of 10%).
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        /// Idle policies to measure (comma-separated: adaptive,poll).
+        #[arg(long, default_value = "adaptive,poll")]
+        idle: String,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -73,6 +89,7 @@ fn run(args: Args) -> Result<()> {
             mode,
             json,
         } => frame_rtt(count, &idle, &mode, json),
+        Cmd::Connect { count, idle, json } => connect_bench(count, &idle, json),
     }
 }
 
@@ -164,6 +181,101 @@ fn frame_rtt(count: u64, idle: &str, mode: &str, json_path: Option<PathBuf>) -> 
         let doc = json!({"benchmark": "frame-rtt", "machine": {"cpus": cpus, "cpu_model": model}, "results": results});
         std::fs::write(&p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn summary(h: &Histogram<u64>) -> serde_json::Value {
+    json!({"count": h.len(), "p50_ns": h.value_at_quantile(0.5), "p90_ns": h.value_at_quantile(0.9), "p99_ns": h.value_at_quantile(0.99),
+           "p999_ns": h.value_at_quantile(0.999), "max_ns": h.max()})
+}
+
+fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<()> {
+    use connect::AcceptMode;
+    let dsand = std::env::current_exe()?.with_file_name("dsand");
+    let mut results = Vec::new();
+    println!("connection set-up h0 -> h1, {count} connects per row (us); dsan = SAN provider through both dataplanes, tcp = kernel TCP on the same veth");
+    println!(
+        "{:<9} {:<9} {:<5} {:>8} {:>8} {:>8} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>6}",
+        "idle",
+        "accept",
+        "path",
+        "conn p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+        "acc p50",
+        "p99",
+        "p99.9",
+        "errors"
+    );
+    let mut port = 20000u16;
+    for p in idle.split(',') {
+        let p = p.trim();
+        p.parse::<dataplane::engine::IdlePolicy>()
+            .map_err(anyhow::Error::msg)?;
+        lab::down().map_err(anyhow::Error::msg)?;
+        eprintln!("  lab up ({p}) ...");
+        lab::up(&lab::UpOptions {
+            hosts: 2,
+            mode: lab::Mode::AfPacket,
+            idle: p.to_string(),
+            dsand: dsand.clone(),
+        })
+        .map_err(anyhow::Error::msg)?;
+        let (s0, s1) = (
+            lab::socket_of("h0").display().to_string(),
+            lab::socket_of("h1").display().to_string(),
+        );
+        let r = (|| -> Result<()> {
+            let rtt = connect::command_rtt(&s0, count.max(1000) * 5)?;
+            println!("{:<9} provider command round trip (library -> lcore -> library): p50 {:.2} us  p99 {:.2} us  p99.9 {:.2} us", p, us(&rtt, 0.5), us(&rtt, 0.99), us(&rtt, 0.999));
+            results.push(json!({"idle": p, "what": "command_rtt", "latency": summary(&rtt)}));
+            for mode in [AcceptMode::Blocked, AcceptMode::Spinning] {
+                for path in ["dsan", "tcp"] {
+                    port += 1;
+                    let warm = (count / 10).max(10);
+                    eprintln!("  {p} / {} / {path} ...", mode.name());
+                    let run = |n| {
+                        if path == "dsan" {
+                            connect::san(&s0, &s1, port, n, mode)
+                        } else {
+                            connect::tcp(port, n, mode)
+                        }
+                    };
+                    run(warm)?;
+                    port += 1;
+                    let r = if path == "dsan" {
+                        connect::san(&s0, &s1, port, count, mode)?
+                    } else {
+                        connect::tcp(port, count, mode)?
+                    };
+                    println!(
+                        "{:<9} {:<9} {:<5} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} {:>6}",
+                        p, mode.name(), path,
+                        us(&r.connected, 0.5), us(&r.connected, 0.9), us(&r.connected, 0.99), us(&r.connected, 0.999), r.connected.max() as f64 / 1000.0,
+                        us(&r.accepted, 0.5), us(&r.accepted, 0.99), us(&r.accepted, 0.999), r.errors
+                    );
+                    results.push(
+                        json!({"idle": p, "accept": mode.name(), "path": path, "errors": r.errors,
+                        "connected": summary(&r.connected), "accepted": summary(&r.accepted)}),
+                    );
+                }
+            }
+            Ok(())
+        })();
+        lab::down().map_err(anyhow::Error::msg)?;
+        r?;
+    }
+    if let Some(path) = json_path {
+        let doc = json!({"benchmark": "connect", "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

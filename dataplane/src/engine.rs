@@ -334,6 +334,9 @@ pub fn run<D: Device, H: Handler<D>>(
         stats.idle_polls += 1;
         if let IdlePolicy::Adaptive { spin, max_sleep } = cfg.idle {
             if now - last_busy < spin {
+                // On a shared core, let whatever else is runnable (often the
+                // application we serve) have the CPU between two polls.
+                std::thread::yield_now();
                 continue;
             }
             // Going to sleep: nothing may wait in the tx buffer.

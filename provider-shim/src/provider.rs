@@ -185,7 +185,7 @@ impl LocalSock {
 /// wait for the connect budget on top.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Spin this long on shared memory before sleeping on a futex.
-const SPIN: Duration = Duration::from_micros(30);
+const SPIN: Duration = Duration::from_micros(200);
 
 /// An attachment to the local dsand.
 pub struct Provider {
@@ -340,7 +340,9 @@ impl Provider {
                 return Ok(());
             }
             if start.elapsed() < SPIN {
-                std::hint::spin_loop();
+                // Yield rather than burn the core: on a small machine the lcore
+                // that will complete this may need it.
+                std::thread::yield_now();
                 continue;
             }
             sh.waiters.fetch_add(1, Ordering::SeqCst);

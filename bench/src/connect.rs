@@ -1,0 +1,251 @@
+//! `dsan-bench connect`: connection set-up latency, SAN (through the provider
+//! library and both dataplanes) against kernel TCP on the same veth, in one run.
+//!
+//! One process holds both ends: the client thread attaches to h0's daemon and
+//! the server thread to h1's (the provider talks to its daemon over a Unix
+//! socket and shared memory, so it needs no network namespace); for kernel
+//! TCP each thread enters its host's namespace with setns, so both transports
+//! cross the same veth. Times come from one monotonic clock.
+
+use anyhow::{anyhow, Context, Result};
+use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
+use hdrhistogram::Histogram;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the accepting thread waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptMode {
+    /// Sleeps on the eventfd (SAN) or in accept(2) (TCP).
+    Blocked,
+    /// Polls without sleeping.
+    Spinning,
+}
+
+impl AcceptMode {
+    /// Its name in tables.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            AcceptMode::Blocked => "blocked",
+            AcceptMode::Spinning => "spinning",
+        }
+    }
+}
+
+/// Latencies of one run, nanoseconds.
+pub(crate) struct Run {
+    /// From the connecting call to the client seeing "connected".
+    pub(crate) connected: Histogram<u64>,
+    /// From the connecting call to the server holding the connection.
+    pub(crate) accepted: Histogram<u64>,
+    /// Failed attempts.
+    pub(crate) errors: u64,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds")
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("namespace {name}"))?;
+    // SAFETY: a namespace fd; setns affects only this thread.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r != 0 {
+        return Err(anyhow!("setns {name}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(anyhow!("eventfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn wait_readable(fd: &OwnedFd) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 1000) };
+}
+
+/// SAN: `count` connects from h0 to h1:port, one at a time.
+pub(crate) fn san(
+    sock0: &str,
+    sock1: &str,
+    port: u16,
+    count: u64,
+    mode: AcceptMode,
+) -> Result<Run> {
+    let p0 =
+        Provider::attach(Some(sock0.as_ref())).map_err(|e| anyhow!("attach to h0's dsand: {e}"))?;
+    let p1 =
+        Provider::attach(Some(sock1.as_ref())).map_err(|e| anyhow!("attach to h1's dsand: {e}"))?;
+    let l = SanSocket::new(&p1).map_err(|e| anyhow!("{e}"))?;
+    l.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        .map_err(|e| anyhow!("bind: {e}"))?;
+    l.listen(64).map_err(|e| anyhow!("listen: {e}"))?;
+    let efd = eventfd()?;
+    l.event_select(efd.as_fd(), FD_ACCEPT)
+        .map_err(|e| anyhow!("event_select: {e}"))?;
+    let (tx, rx) = mpsc::channel::<Instant>();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let server = std::thread::spawn(move || -> Result<Histogram<u64>> {
+        let mut h = hist();
+        while !done2.load(Ordering::Relaxed) {
+            let Ok(start) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            loop {
+                if mode == AcceptMode::Blocked {
+                    wait_readable(&efd);
+                    let _ = l.enum_network_events();
+                }
+                match l.accept(|_| Decision::Accept) {
+                    Ok((c, _)) => {
+                        h.saturating_record(start.elapsed().as_nanos() as u64);
+                        drop(c);
+                        break;
+                    }
+                    Err(SanError::Again) => std::thread::yield_now(),
+                    Err(e) => return Err(anyhow!("accept: {e}")),
+                }
+            }
+        }
+        Ok(h)
+    });
+    let mut connected = hist();
+    let mut errors = 0;
+    let dst = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), port);
+    for _ in 0..count {
+        let c = SanSocket::new(&p0).map_err(|e| anyhow!("{e}"))?;
+        let t = Instant::now();
+        tx.send(t).ok();
+        match c.connect(dst) {
+            Ok(()) => {
+                connected.saturating_record(t.elapsed().as_nanos() as u64);
+            }
+            Err(_) => errors += 1,
+        }
+        drop(c);
+    }
+    done.store(true, Ordering::Relaxed);
+    let accepted = server
+        .join()
+        .map_err(|_| anyhow!("server thread panicked"))??;
+    Ok(Run {
+        connected,
+        accepted,
+        errors,
+    })
+}
+
+/// Kernel TCP: `count` connects from h0 to h1:port over the lab's veth.
+pub(crate) fn tcp(port: u16, count: u64, mode: AcceptMode) -> Result<Run> {
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+    let (tx, rx) = mpsc::channel::<Instant>();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let server = std::thread::spawn(move || -> Result<Histogram<u64>> {
+        let setup = (|| -> Result<TcpListener> {
+            enter_netns("dsan-h1")?;
+            let l = TcpListener::bind(("198.18.0.2", port))?;
+            l.set_nonblocking(mode == AcceptMode::Spinning)?;
+            Ok(l)
+        })();
+        let l = match setup {
+            Ok(l) => {
+                ready_tx.send(Ok(())).ok();
+                l
+            }
+            Err(e) => {
+                ready_tx.send(Err(anyhow!("{e}"))).ok();
+                return Err(e);
+            }
+        };
+        let mut h = hist();
+        while !done2.load(Ordering::Relaxed) {
+            let Ok(start) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            loop {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        h.saturating_record(start.elapsed().as_nanos() as u64);
+                        drop(c);
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::yield_now()
+                    }
+                    Err(e) => return Err(anyhow!("accept: {e}")),
+                }
+            }
+        }
+        Ok(h)
+    });
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow!("server thread died"))??;
+    let client = std::thread::spawn(move || -> Result<(Histogram<u64>, u64)> {
+        enter_netns("dsan-h0")?;
+        let mut connected = hist();
+        let mut errors = 0;
+        for _ in 0..count {
+            let t = Instant::now();
+            tx.send(t).ok();
+            match TcpStream::connect(("198.18.0.2", port)) {
+                Ok(s) => {
+                    connected.saturating_record(t.elapsed().as_nanos() as u64);
+                    drop(s);
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        Ok((connected, errors))
+    });
+    let (connected, errors) = client
+        .join()
+        .map_err(|_| anyhow!("client thread panicked"))??;
+    done.store(true, Ordering::Relaxed);
+    let accepted = server
+        .join()
+        .map_err(|_| anyhow!("server thread panicked"))??;
+    Ok(Run {
+        connected,
+        accepted,
+        errors,
+    })
+}
+
+/// The provider command round trip: a connect to an address in no SAN
+/// subnet is refused by the lcore itself, so its time is library -> ring ->
+/// lcore -> completion -> library.
+pub(crate) fn command_rtt(sock0: &str, count: u64) -> Result<Histogram<u64>> {
+    let p0 = Provider::attach(Some(sock0.as_ref())).map_err(|e| anyhow!("attach: {e}"))?;
+    let c = SanSocket::new(&p0).map_err(|e| anyhow!("{e}"))?;
+    let dst = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 9);
+    let mut h = hist();
+    for _ in 0..count {
+        let t = Instant::now();
+        let r = c.connect(dst);
+        h.saturating_record(t.elapsed().as_nanos() as u64);
+        if r != Err(SanError::HostUnreach) {
+            return Err(anyhow!("expected EHOSTUNREACH, got {r:?}"));
+        }
+    }
+    Ok(h)
+}

@@ -15,6 +15,19 @@ use dataplane::node::{NodeHandle, KINDS, KIND_NAMES};
 
 /// Where port counters come from (DPDK in the daemon).
 pub type PortStatsFn = Box<dyn Fn() -> Option<(u64, u64, u64)> + Send>;
+/// Where the listener table comes from (a round trip to the lcore).
+pub type ListenersFn = Box<dyn Fn() -> Vec<dataplane::node::ListenerInfo> + Send>;
+
+/// Labels of `dsan_san_connects_rejected_total`, in `NodeStats::rejected` order.
+pub const REJECT_REASONS: [&str; 5] = [
+    "backlog_full",
+    "no_listener",
+    "refused",
+    "no_resources",
+    "listener_closed",
+];
+/// Labels of `dsan_san_connect_attempts_total`, in `NodeStats::attempts` order.
+pub const ATTEMPT_RESULTS: [&str; 4] = ["connected", "refused", "reset", "timed_out"];
 
 /// The metric set of one daemon.
 pub struct Metrics {
@@ -27,9 +40,19 @@ pub struct Metrics {
     frames_rx: IntCounterVec,
     frames_tx: IntCounterVec,
     dropped: IntCounterVec,
+    requests: IntCounter,
+    accepted: IntCounter,
+    rejected: IntCounterVec,
+    attempts: IntCounterVec,
+    fallbacks_metric: IntCounter,
+    attached: prometheus::IntGauge,
+    backlog_capacity: IntGaugeVec,
+    backlog_depth: IntGaugeVec,
     engine: Arc<EngineShared>,
     node: NodeHandle,
     port: PortStatsFn,
+    listeners: ListenersFn,
+    fallbacks: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn set(c: &IntCounter, v: u64) {
@@ -54,6 +77,8 @@ impl Metrics {
         engine: Arc<EngineShared>,
         node: NodeHandle,
         port: PortStatsFn,
+        listeners: ListenersFn,
+        fallbacks: Arc<std::sync::atomic::AtomicU64>,
     ) -> Metrics {
         let registry = Registry::new();
         let c = |name: &str, help: &str| {
@@ -78,6 +103,17 @@ impl Metrics {
         build
             .with_label_values(&[env!("CARGO_PKG_VERSION"), host, idle, pmd])
             .set(1);
+        let gv = |name: &str, help: &str| {
+            let m = IntGaugeVec::new(Opts::new(name, help), &["address", "port", "pid"]).unwrap();
+            registry.register(Box::new(m.clone())).unwrap();
+            m
+        };
+        let attached = prometheus::IntGauge::with_opts(Opts::new(
+            "dsan_attached_processes",
+            "Processes attached to this daemon through the provider library.",
+        ))
+        .unwrap();
+        registry.register(Box::new(attached.clone())).unwrap();
         Metrics {
             port_rx: c(
                 "dsan_port_rx_packets_total",
@@ -110,11 +146,17 @@ impl Metrics {
                 "SAN frames sent, by message kind.",
                 &["kind"],
             ),
-            dropped: cv(
-                "dsan_frames_dropped_total",
-                "Frames dropped by the dataplane, by reason.",
-                &["reason"],
-            ),
+            dropped: cv("dsan_frames_dropped_total", "Frames dropped by the dataplane, by reason.", &["reason"]),
+            requests: c("dsan_san_connect_requests_received_total", "SAN connect requests received (retransmissions included)."),
+            accepted: c("dsan_san_connects_accepted_total", "SAN connect requests accepted by an application."),
+            rejected: cv("dsan_san_connects_rejected_total", "SAN connect requests refused, by reason.", &["reason"]),
+            attempts: cv("dsan_san_connect_attempts_total", "SAN connect attempts made from this host, by result.", &["result"]),
+            fallbacks_metric: c("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP (SAN timed out or could not be set up)."),
+            backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
+            backlog_depth: gv("dsan_backlog_depth", "Connect requests queued on each SAN listener."),
+            attached,
+            listeners,
+            fallbacks,
             registry,
             engine,
             node,
@@ -164,11 +206,75 @@ impl Metrics {
                 v.load(Ordering::Relaxed),
             );
         }
+        set(&self.requests, n.requests_received.load(Ordering::Relaxed));
+        set(&self.accepted, n.accepted.load(Ordering::Relaxed));
+        for (i, r) in REJECT_REASONS.iter().enumerate() {
+            set(
+                &self.rejected.with_label_values(&[r]),
+                n.rejected[i].load(Ordering::Relaxed),
+            );
+        }
+        for (i, r) in ATTEMPT_RESULTS.iter().enumerate() {
+            set(
+                &self.attempts.with_label_values(&[r]),
+                n.attempts[i].load(Ordering::Relaxed),
+            );
+        }
+        set(
+            &self.fallbacks_metric,
+            self.fallbacks.load(Ordering::Relaxed),
+        );
+        set(
+            &self.dropped.with_label_values(&["bad_token"]),
+            n.drop_bad_token.load(Ordering::Relaxed),
+        );
+        set(
+            &self.dropped.with_label_values(&["bad_command"]),
+            n.bad_commands.load(Ordering::Relaxed),
+        );
+        self.attached.set(n.attached.load(Ordering::Relaxed) as i64);
+        self.backlog_capacity.reset();
+        self.backlog_depth.reset();
+        for l in (self.listeners)() {
+            let labels = [l.ip.to_string(), l.port.to_string(), l.pid.to_string()];
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.backlog_capacity
+                .with_label_values(&labels)
+                .set(l.capacity as i64);
+            self.backlog_depth
+                .with_label_values(&labels)
+                .set(l.depth as i64);
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        self.render_connect_histogram(&mut text);
+        text
+    }
+
+    /// `dsan_san_connect_duration_seconds`, from the lcore's fixed buckets
+    /// (the registry's histograms cannot take pre-counted buckets).
+    fn render_connect_histogram(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let n = &self.node.stats;
+        let name = "dsan_san_connect_duration_seconds";
+        let _ = writeln!(out, "# HELP {name} Time from a SAN connect request to its accept, connecting side (successful connects).");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cum = 0u64;
+        for (i, ub) in dataplane::proto::CONNECT_BUCKETS_S.iter().enumerate() {
+            cum += n.connect_buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{ub}\"}} {cum}");
+        }
+        cum += n.connect_buckets[dataplane::proto::CONNECT_BUCKETS_S.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            n.connect_sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "{name}_count {cum}");
     }
 }
 

@@ -160,6 +160,18 @@ pub struct NodeStats {
     pub bad_commands: AtomicU64,
     /// Processes attached now.
     pub attached: AtomicU64,
+    /// Connect requests received (the protocol core's count).
+    pub requests_received: AtomicU64,
+    /// Requests accepted.
+    pub accepted: AtomicU64,
+    /// Requests refused: backlog full, no listener, refused, no resources, listener closed.
+    pub rejected: [AtomicU64; 5],
+    /// Connect attempts finished: connected, refused, reset, timed out.
+    pub attempts: [AtomicU64; 4],
+    /// Successful connect durations per bucket of `proto::CONNECT_BUCKETS_S` (+ overflow).
+    pub connect_buckets: [AtomicU64; 19],
+    /// Their sum, ns.
+    pub connect_sum_ns: AtomicU64,
 }
 
 /// Number of message kinds counted.
@@ -851,6 +863,20 @@ impl<D: Device> Handler<D> for Node {
         s.bad_commands
             .store(self.local.bad_commands, Ordering::Relaxed);
         s.attached.store(self.procs.len() as u64, Ordering::Relaxed);
+        s.requests_received
+            .store(ps.requests_received, Ordering::Relaxed);
+        s.accepted.store(ps.accepted, Ordering::Relaxed);
+        for (a, v) in s.rejected.iter().zip(ps.rejected) {
+            a.store(v, Ordering::Relaxed);
+        }
+        for (a, v) in s.attempts.iter().zip(ps.attempts) {
+            a.store(v, Ordering::Relaxed);
+        }
+        for (a, v) in s.connect_buckets.iter().zip(ps.connect_duration_buckets) {
+            a.store(v, Ordering::Relaxed);
+        }
+        s.connect_sum_ns
+            .store(ps.connect_duration_sum_ns, Ordering::Relaxed);
     }
 
     fn next_deadline(&self) -> Option<Instant> {

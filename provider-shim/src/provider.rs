@@ -199,6 +199,8 @@ pub struct Provider {
     region: Region,
     doorbell_page: Mapping,
     doorbell: OwnedFd,
+    /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
+    san_addrs: Vec<(Ipv4Addr, u8)>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -244,7 +246,17 @@ impl Provider {
         let region = Region::open(region_fd, size).map_err(|_| Error::NetDown)?;
         let doorbell_page = Mapping::map(page, 4096).map_err(|_| Error::NetDown)?;
         let ctl_fd = ctl.as_raw_fd();
+        let san_addrs = v["san_addrs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                let (ip, p) = a.as_str()?.split_once('/')?;
+                Some((ip.parse().ok()?, p.parse().ok()?))
+            })
+            .collect();
         Ok(Arc::new(Provider {
+            san_addrs,
             ctl: Mutex::new(ctl),
             ctl_fd,
             socks: (0..MAX_SOCKETS).map(|_| Mutex::new(None)).collect(),
@@ -254,6 +266,22 @@ impl Provider {
             doorbell_page,
             doorbell,
         }))
+    }
+
+    /// The host's SAN addresses and their prefix lengths, as the daemon
+    /// reported them at attach.
+    pub fn san_addrs(&self) -> &[(Ipv4Addr, u8)] {
+        &self.san_addrs
+    }
+
+    /// Tells the daemon that the switch fell back to TCP (it counts these in
+    /// `dsan_switch_fallbacks_total`).
+    ///
+    /// # Errors
+    /// [`Error::NetDown`] if the daemon is gone.
+    pub fn report_fallback(&self) -> Result<()> {
+        let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        request(&ctl, &json!({"cmd": "switch_fallback"}), &[]).map(|_| ())
     }
 
     /// Whether the daemon is still there (its control socket open, our region

@@ -475,6 +475,7 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
             })?;
     }
 
+    let fallbacks = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let info = Arc::new(json!({
         "host": eff.host, "pid": std::process::id(), "mac": mac.to_string(),
         "san_addrs": eff.cfg.san_addrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
@@ -497,6 +498,19 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
                     .ok()
                     .map(|s| (s.ipackets, s.opackets, s.imissed + s.ierrors + s.rx_nombuf))
             }),
+            {
+                let (shared, handle) = (shared.clone(), handle.clone());
+                Box::new(move || {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    if handle.commands.push(Command::Listeners(tx)).is_err() {
+                        return Vec::new();
+                    }
+                    shared.doorbell.ring();
+                    rx.recv_timeout(Duration::from_millis(500))
+                        .unwrap_or_default()
+                })
+            },
+            fallbacks.clone(),
         );
         let m = Arc::new(Mutex::new(m));
         std::thread::Builder::new()
@@ -524,6 +538,7 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
         let shared = shared.clone();
         let handle = handle.clone();
         let info = info.clone();
+        let fallbacks = fallbacks.clone();
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -532,11 +547,12 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
                     let (shared, handle, info) = (shared.clone(), handle.clone(), info.clone());
                     let port = port_id;
                     let socket_gid = socket_gid.clone();
+                    let fallbacks = fallbacks.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
                             dataplane::sys::unpin_current_thread();
-                            serve_conn(conn, &shared, &handle, &info, port, *socket_gid)
+                            serve_conn(conn, &shared, &handle, &info, port, *socket_gid, &fallbacks)
                         });
                 }
             })?;
@@ -572,6 +588,7 @@ fn serve_conn(
     info: &Value,
     port: dpdk::PortId,
     socket_gid: u32,
+    fallbacks: &std::sync::atomic::AtomicU64,
 ) {
     use std::os::fd::AsRawFd;
     let fd = conn.as_raw_fd();
@@ -587,10 +604,16 @@ fn serve_conn(
         let mut out_fds = Vec::new();
         let reply = match serde_json::from_str::<Value>(&line) {
             Ok(req) => match req["cmd"].as_str() {
-                Some("attach") => attach(fd, shared, node, socket_gid, &mut app, &mut out_fds)
-                    .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+                Some("attach") => {
+                    attach(fd, shared, node, info, socket_gid, &mut app, &mut out_fds)
+                        .unwrap_or_else(|e| json!({"ok": false, "error": e}))
+                }
                 Some("event_select") => event_select(&req, app.as_deref(), fds)
                     .unwrap_or_else(|e| json!({"ok": false, "error": e})),
+                Some("switch_fallback") => {
+                    fallbacks.fetch_add(1, Ordering::Relaxed);
+                    json!({"ok": true})
+                }
                 _ => handle_request(&req, shared, node, info, port)
                     .unwrap_or_else(|e| json!({"ok": false, "error": e})),
             },
@@ -625,6 +648,7 @@ fn attach(
     fd: i32,
     shared: &EngineShared,
     node: &NodeHandle,
+    info: &Value,
     socket_gid: u32,
     app: &mut Option<Arc<AppShared>>,
     out_fds: &mut Vec<i32>,
@@ -651,7 +675,7 @@ fn attach(
     log("info", &format!("attached pid {pid} uid {uid} as app {id}"));
     *app = Some(a);
     Ok(
-        json!({"ok": true, "app": id, "region_size": dataplane::shm::layout::size(), "version": dataplane::shm::REGION_VERSION,
+        json!({"ok": true, "app": id, "region_size": dataplane::shm::layout::size(), "version": dataplane::shm::REGION_VERSION, "san_addrs": info["san_addrs"],
               "fds": ["region", "doorbell_page", "doorbell"]}),
     )
 }

@@ -275,7 +275,18 @@ pub struct ProtoStats {
     pub unhandled: u64,
     /// Tombstones evicted early because the table was full.
     pub tombstones_evicted: u64,
+    /// Durations of successful connects (connecting side), per bucket of
+    /// [`CONNECT_BUCKETS_S`] (not cumulative; the last counts the overflow).
+    pub connect_duration_buckets: [u64; CONNECT_BUCKETS_S.len() + 1],
+    /// Sum of the durations above, nanoseconds.
+    pub connect_duration_sum_ns: u64,
 }
+
+/// Upper bounds (seconds) of the connect-duration histogram buckets.
+pub const CONNECT_BUCKETS_S: [f64; 18] = [
+    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+    0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 impl ProtoStats {
     /// Index of a reject reason in [`ProtoStats::rejected`].
@@ -382,6 +393,7 @@ struct Attempt {
     peer_mac: Option<EthernetAddress>,
     conn_id: u64,
     client_token: u64,
+    started: Instant,
     deadline: Instant,
     next_send: Instant,
     rto: Duration,
@@ -614,7 +626,12 @@ impl<R: Rng> Endpoint<R> {
         self.tomb_order.push_back((key, exp));
     }
 
-    fn finish_attempt(&mut self, h: ConnHandle, outcome: Result<(SanHeader, u64), ConnectFailure>) {
+    fn finish_attempt(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        outcome: Result<(SanHeader, u64), ConnectFailure>,
+    ) {
         let Some(a) = self.attempts.remove(&h) else {
             return;
         };
@@ -622,6 +639,14 @@ impl<R: Rng> Endpoint<R> {
         match outcome {
             Ok((hdr, server_token)) => {
                 self.stats.attempts[0] += 1;
+                let d = now.saturating_since(a.started);
+                let secs = d.as_secs_f64();
+                let b = CONNECT_BUCKETS_S
+                    .iter()
+                    .position(|ub| secs <= *ub)
+                    .unwrap_or(CONNECT_BUCKETS_S.len());
+                self.stats.connect_duration_buckets[b] += 1;
+                self.stats.connect_duration_sum_ns += d.as_nanos() as u64;
                 let c = Connection {
                     role: Role::Client,
                     local: a.local,
@@ -710,7 +735,7 @@ impl<R: Rng> Endpoint<R> {
                             self.stats.bad_token += 1;
                             return;
                         }
-                        self.finish_attempt(ah, Ok((h, server_token)));
+                        self.finish_attempt(now, ah, Ok((h, server_token)));
                     }
                     None => {
                         let known = self
@@ -757,7 +782,7 @@ impl<R: Rng> Endpoint<R> {
                         RejectReason::NoListener => ConnectFailure::Reset,
                         r => ConnectFailure::Refused(r),
                     };
-                    self.finish_attempt(ah, Err(e));
+                    self.finish_attempt(now, ah, Err(e));
                 }
                 None => self.stats.late_replies += 1,
             },
@@ -791,7 +816,7 @@ impl<R: Rng> Endpoint<R> {
                                 self.stats.bad_token += 1;
                                 return;
                             }
-                            self.finish_attempt(ah, Ok((h, 0)));
+                            self.finish_attempt(now, ah, Ok((h, 0)));
                             self.remove_conn(now, ah);
                             self.events.push_back(Event::Closed { conn: ah });
                         }
@@ -1002,7 +1027,7 @@ impl<R: Rng> Endpoint<R> {
                 .map(|(h, _)| *h)
                 .collect();
             for h in failed {
-                self.finish_attempt(h, Err(ConnectFailure::TimedOut));
+                self.finish_attempt(now, h, Err(ConnectFailure::TimedOut));
             }
         }
         // Connect attempts.
@@ -1016,7 +1041,7 @@ impl<R: Rng> Endpoint<R> {
         for h in due {
             let a = self.attempts.get_mut(&h).expect("listed");
             if a.deadline <= now {
-                self.finish_attempt(h, Err(ConnectFailure::TimedOut));
+                self.finish_attempt(now, h, Err(ConnectFailure::TimedOut));
                 continue;
             }
             a.rto = (a.rto * 2).min(self.cfg.max_rto);
@@ -1300,6 +1325,7 @@ impl<R: Rng> Endpoint<R> {
                 peer_mac,
                 conn_id,
                 client_token,
+                started: now,
                 deadline: now + self.cfg.connect_budget,
                 next_send: now + rto,
                 rto,

@@ -15,5 +15,5 @@ mod tests;
 pub use endpoint::{
     AcceptError, CloseError, ConnHandle, ConnectError, ConnectFailure, Connection, Decision,
     Endpoint, Event, Incoming, ListenError, ListenerId, ProtoConfig, ProtoStats, Role, SockAddr,
-    Subnet,
+    Subnet, CONNECT_BUCKETS_S,
 };

@@ -29,6 +29,20 @@ pub const REJECT_REASONS: [&str; 5] = [
 /// Labels of `dsan_san_connect_attempts_total`, in `NodeStats::attempts` order.
 pub const ATTEMPT_RESULTS: [&str; 4] = ["connected", "refused", "reset", "timed_out"];
 
+/// Where the metric values come from.
+pub struct Sources {
+    /// The lcore loop's shared state (poll counters).
+    pub engine: Arc<EngineShared>,
+    /// The node's counters.
+    pub node: NodeHandle,
+    /// Port counters.
+    pub port: PortStatsFn,
+    /// The listener table.
+    pub listeners: ListenersFn,
+    /// Switch fallbacks reported by applications.
+    pub fallbacks: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// The metric set of one daemon.
 pub struct Metrics {
     registry: Registry,
@@ -70,16 +84,14 @@ impl Metrics {
     ///
     /// # Panics
     /// Only on a programming error (duplicate metric names).
-    pub fn new(
-        host: &str,
-        idle: &str,
-        pmd: &str,
-        engine: Arc<EngineShared>,
-        node: NodeHandle,
-        port: PortStatsFn,
-        listeners: ListenersFn,
-        fallbacks: Arc<std::sync::atomic::AtomicU64>,
-    ) -> Metrics {
+    pub fn new(host: &str, idle: &str, pmd: &str, src: Sources) -> Metrics {
+        let Sources {
+            engine,
+            node,
+            port,
+            listeners,
+            fallbacks,
+        } = src;
         let registry = Registry::new();
         let c = |name: &str, help: &str| {
             let m = IntCounter::with_opts(Opts::new(name, help)).unwrap();

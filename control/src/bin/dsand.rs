@@ -491,26 +491,28 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
             &eff.host,
             eff.idle.name(),
             &pmd,
-            shared.clone(),
-            handle.clone(),
-            Box::new(move || {
-                dpdk::stats_of(pid)
-                    .ok()
-                    .map(|s| (s.ipackets, s.opackets, s.imissed + s.ierrors + s.rx_nombuf))
-            }),
-            {
-                let (shared, handle) = (shared.clone(), handle.clone());
-                Box::new(move || {
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    if handle.commands.push(Command::Listeners(tx)).is_err() {
-                        return Vec::new();
-                    }
-                    shared.doorbell.ring();
-                    rx.recv_timeout(Duration::from_millis(500))
-                        .unwrap_or_default()
-                })
+            metrics::Sources {
+                engine: shared.clone(),
+                node: handle.clone(),
+                port: Box::new(move || {
+                    dpdk::stats_of(pid)
+                        .ok()
+                        .map(|s| (s.ipackets, s.opackets, s.imissed + s.ierrors + s.rx_nombuf))
+                }),
+                listeners: {
+                    let (shared, handle) = (shared.clone(), handle.clone());
+                    Box::new(move || {
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        if handle.commands.push(Command::Listeners(tx)).is_err() {
+                            return Vec::new();
+                        }
+                        shared.doorbell.ring();
+                        rx.recv_timeout(Duration::from_millis(500))
+                            .unwrap_or_default()
+                    })
+                },
+                fallbacks: fallbacks.clone(),
             },
-            fallbacks.clone(),
         );
         let m = Arc::new(Mutex::new(m));
         std::thread::Builder::new()

@@ -190,13 +190,14 @@ fn run(args: Args) -> Result<i32, String> {
                     "address", "port", "pid", "capacity", "depth"
                 );
                 for l in v["listeners"].as_array().into_iter().flatten() {
+                    let n = |k: &str| l[k].as_u64().unwrap_or(0);
                     println!(
                         "{:<16} {:>6} {:>8} {:>9} {:>7}",
                         l["address"].as_str().unwrap_or(""),
-                        l["port"],
-                        l["pid"],
-                        l["backlog_capacity"],
-                        l["backlog_depth"]
+                        n("port"),
+                        n("pid"),
+                        n("backlog_capacity"),
+                        n("backlog_depth")
                     );
                 }
             }

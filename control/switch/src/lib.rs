@@ -1,0 +1,32 @@
+//! The WSD switch: one application socket served by two providers, kernel
+//! TCP/IP and the SAN.
+//!
+//! * [`socket`] returns a real, pollable descriptor (an epoll instance that
+//!   watches the kernel TCP socket and the SAN side of the same socket).
+//! * [`listen`] listens on kernel TCP first; only if the socket is bound to a
+//!   SAN address of this host or to the wildcard does it also create, bind and
+//!   listen a SAN socket with the same port and backlog, and event-select
+//!   FD_ACCEPT on it. If the SAN side cannot be set up, the socket serves TCP
+//!   alone and the application gets no error.
+//! * One accept thread per process waits on the SAN listeners' events and
+//!   accepts through the provider with a condition function that applies the
+//!   application's decision ([`set_condition`]; without one, accept). SAN and
+//!   kernel TCP connections both come out of [`accept`] on the same descriptor,
+//!   which is readable when either kind is ready.
+//! * [`connect`] goes over the SAN when the destination is in a SAN subnet,
+//!   else over TCP; a SAN ETIMEDOUT (or a SAN socket that cannot be set up)
+//!   falls back to TCP transparently (and is counted by the daemon);
+//!   ECONNREFUSED, ECONNRESET and EHOSTUNREACH do not fall back, and the
+//!   application sees ECONNREFUSED for both refusals and "no listener".
+//! * [`transport`] says which provider serves a connection.
+//!
+//! The C ABI (`control/include/dsan_switch.h`, `libdsan_switch.so`) is in `capi`.
+#![allow(unsafe_code)] // socket system calls, epoll, the C ABI
+
+mod capi;
+mod switch;
+
+pub use capi::*;
+pub use switch::{
+    accept, bind, close, connect, listen, set_condition, socket, transport, Condition, Transport,
+};

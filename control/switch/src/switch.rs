@@ -1,0 +1,504 @@
+use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Which provider serves a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Kernel TCP/IP.
+    Tcp = 1,
+    /// The SAN.
+    San = 2,
+}
+
+/// The application's decision on a SAN connection request (run on the
+/// switch's accept thread, as WSD's switch does).
+pub type Condition = Box<dyn FnMut(SocketAddrV4) -> Decision + Send>;
+
+struct Listen {
+    san: Option<(SanSocket, OwnedFd)>,
+    cond: Option<Condition>,
+    /// SAN connections accepted by the accept thread, waiting for `accept`.
+    pending: VecDeque<(SanSocket, SocketAddrV4)>,
+}
+
+struct Sock {
+    epfd: OwnedFd,
+    tcp: OwnedFd,
+    /// Signalled when `pending` gains a connection (watched by `epfd`).
+    ready: OwnedFd,
+    bound: Mutex<Option<SocketAddrV4>>,
+    listen: Mutex<Option<Listen>>,
+    /// Set when connected or accepted.
+    conn: Mutex<Option<(Transport, Option<SanSocket>)>>,
+}
+
+enum Entry {
+    Sock(Arc<Sock>),
+    /// An accepted kernel TCP connection: the descriptor is the TCP socket
+    /// (held here so that closing the entry closes it).
+    Tcp(#[allow(dead_code)] OwnedFd),
+}
+
+struct Global {
+    table: Mutex<HashMap<RawFd, Entry>>,
+    provider: Mutex<Option<Arc<Provider>>>,
+    /// The accept thread's epoll (SAN listeners' FD_ACCEPT eventfds).
+    accept_ep: OwnedFd,
+}
+
+fn g() -> &'static Global {
+    static G: OnceLock<Global> = OnceLock::new();
+    G.get_or_init(|| {
+        let ep = epoll_create().expect("epoll_create1");
+        let accept_ep_raw = ep.as_raw_fd();
+        std::thread::Builder::new()
+            .name("dsan-switch-accept".into())
+            .spawn(move || accept_thread(accept_ep_raw))
+            .expect("spawning the switch's accept thread");
+        Global {
+            table: Mutex::new(HashMap::new()),
+            provider: Mutex::new(None),
+            accept_ep: ep,
+        }
+    })
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn cvt(r: libc::c_int) -> Result<libc::c_int, i32> {
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+fn owned(fd: libc::c_int) -> Result<OwnedFd, i32> {
+    // SAFETY: a fresh descriptor returned by the kernel, owned by nobody else.
+    cvt(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn epoll_create() -> Result<OwnedFd, i32> {
+    // SAFETY: plain system call.
+    owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+}
+
+fn epoll_add(ep: RawFd, fd: RawFd, data: u64) -> Result<(), i32> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: data,
+    };
+    // SAFETY: valid fds and a live event struct.
+    cvt(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(|_| ())
+}
+
+fn epoll_del(ep: RawFd, fd: RawFd) {
+    // SAFETY: removing an fd that may or may not be registered is harmless.
+    unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+}
+
+fn eventfd() -> Result<OwnedFd, i32> {
+    // SAFETY: plain system call.
+    owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+}
+
+fn signal(fd: RawFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a live u64.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+fn drain(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from a nonblocking eventfd.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+fn sin(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn from_sin(s: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    )
+}
+
+fn sock(fd: RawFd) -> Result<Arc<Sock>, i32> {
+    match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+        Some(Entry::Sock(s)) => Ok(s.clone()),
+        Some(Entry::Tcp(_)) => Err(libc::EINVAL),
+        None => Err(libc::ENOTSOCK),
+    }
+}
+
+/// The provider, attached on first use; `None` if no daemon answers (the
+/// switch then serves kernel TCP alone).
+fn provider() -> Option<Arc<Provider>> {
+    let mut p = g().provider.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pp) = p.as_ref() {
+        if pp.daemon_alive() {
+            return Some(pp.clone());
+        }
+        *p = None;
+    }
+    *p = Provider::attach(None).ok();
+    p.clone()
+}
+
+fn in_san_subnet(p: &Provider, ip: Ipv4Addr) -> bool {
+    p.san_addrs().iter().any(|(a, prefix)| {
+        let mask = if *prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from((*prefix).min(32)))
+        };
+        u32::from(*a) & mask == u32::from(ip) & mask
+    })
+}
+
+/// A new switch socket: a pollable descriptor.
+///
+/// # Errors
+/// An errno from the kernel (EMFILE, ...).
+pub fn socket() -> Result<RawFd, i32> {
+    // SAFETY: plain system call.
+    let tcp =
+        owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let epfd = epoll_create()?;
+    let ready = eventfd()?;
+    epoll_add(epfd.as_raw_fd(), ready.as_raw_fd(), 0)?;
+    let fd = epfd.as_raw_fd();
+    let s = Sock {
+        epfd,
+        tcp,
+        ready,
+        bound: Mutex::new(None),
+        listen: Mutex::new(None),
+        conn: Mutex::new(None),
+    };
+    g().table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(fd, Entry::Sock(Arc::new(s)));
+    Ok(fd)
+}
+
+/// Binds the kernel TCP socket (the SAN side binds at listen).
+///
+/// # Errors
+/// ENOTSOCK, and the kernel's bind errors (EADDRINUSE, EADDRNOTAVAIL, EINVAL).
+pub fn bind(fd: RawFd, a: SocketAddrV4) -> Result<(), i32> {
+    let s = sock(fd)?;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and option buffer.
+    unsafe {
+        libc::setsockopt(
+            s.tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    let sa = sin(a);
+    // SAFETY: a valid sockaddr_in and its length.
+    cvt(unsafe {
+        libc::bind(
+            s.tcp.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    })?;
+    // The port the kernel chose, if 0 was asked for.
+    let mut out: libc::sockaddr_in = sin(a);
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid out-buffers.
+    unsafe {
+        libc::getsockname(
+            s.tcp.as_raw_fd(),
+            (&mut out as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    *s.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(from_sin(&out));
+    Ok(())
+}
+
+/// Sets the condition function that decides on SAN connection requests.
+///
+/// # Errors
+/// ENOTSOCK.
+pub fn set_condition(fd: RawFd, cond: Option<Condition>) -> Result<(), i32> {
+    let s = sock(fd)?;
+    let mut l = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+    match l.as_mut() {
+        Some(l) => l.cond = cond,
+        None => {
+            *l = Some(Listen {
+                san: None,
+                cond,
+                pending: VecDeque::new(),
+            })
+        }
+    }
+    Ok(())
+}
+
+/// Listens: kernel TCP first, then the SAN when bound to a SAN address of this
+/// host or the wildcard. Returns whether a SAN listener was set up.
+///
+/// # Errors
+/// ENOTSOCK, and kernel TCP's listen errors (the SAN side never fails the call).
+pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
+    let s = sock(fd)?;
+    // SAFETY: a valid socket.
+    cvt(unsafe { libc::listen(s.tcp.as_raw_fd(), backlog) })?;
+    // SAFETY: a valid socket; F_SETFL with O_NONBLOCK.
+    unsafe {
+        libc::fcntl(
+            s.tcp.as_raw_fd(),
+            libc::F_SETFL,
+            libc::fcntl(s.tcp.as_raw_fd(), libc::F_GETFL) | libc::O_NONBLOCK,
+        )
+    };
+    let _ = epoll_add(s.epfd.as_raw_fd(), s.tcp.as_raw_fd(), 1);
+    let mut l = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+    let l = l.get_or_insert_with(|| Listen {
+        san: None,
+        cond: None,
+        pending: VecDeque::new(),
+    });
+    if l.san.is_some() {
+        return Ok(true);
+    }
+    let Some(bound) = *s.bound.lock().unwrap_or_else(|e| e.into_inner()) else {
+        return Ok(false);
+    };
+    let Some(p) = provider() else {
+        return Ok(false);
+    };
+    let ours = bound.ip().is_unspecified() || p.san_addrs().iter().any(|(a, _)| a == bound.ip());
+    if !ours {
+        return Ok(false);
+    }
+    let setup = || -> Result<(SanSocket, OwnedFd), SanError> {
+        let ss = SanSocket::new(&p)?;
+        ss.bind(bound)?;
+        ss.listen(backlog)?;
+        let efd = eventfd().map_err(SanError::Os)?;
+        ss.event_select(efd.as_fd(), FD_ACCEPT)?;
+        Ok((ss, efd))
+    };
+    match setup() {
+        Ok((ss, efd)) => {
+            let _ = epoll_add(g().accept_ep.as_raw_fd(), efd.as_raw_fd(), fd as u64);
+            l.san = Some((ss, efd));
+            Ok(true)
+        }
+        // The SAN side cannot be set up: serve TCP alone, no error.
+        Err(_) => Ok(false),
+    }
+}
+
+/// The switch's accept thread: accepts SAN connections as they arrive.
+fn accept_thread(ep: RawFd) {
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+    loop {
+        // SAFETY: a valid epoll fd and event buffer.
+        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), evs.len() as i32, 1000) };
+        for ev in evs.iter().take(n.max(0) as usize) {
+            let fd = ev.u64 as RawFd;
+            let Ok(s) = sock(fd) else { continue };
+            let mut guard = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(l) = guard.as_mut() else { continue };
+            let Some((ss, efd)) = l.san.as_ref() else {
+                continue;
+            };
+            drain(efd.as_raw_fd());
+            let _ = ss.enum_network_events();
+            loop {
+                let cond = &mut l.cond;
+                let r = ss.accept(|peer| match cond {
+                    Some(c) => c(peer),
+                    None => Decision::Accept,
+                });
+                match r {
+                    Ok(conn) => {
+                        l.pending.push_back(conn);
+                        signal(s.ready.as_raw_fd());
+                    }
+                    Err(SanError::ConnRefused) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+fn nonblocking(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL on a descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK != 0 }
+}
+
+/// Accepts a SAN or kernel TCP connection from the listening socket `fd`.
+/// Returns the new descriptor and the peer.
+///
+/// # Errors
+/// EAGAIN if nothing is ready and `fd` is O_NONBLOCK; EINVAL if not listening;
+/// ENOTSOCK.
+pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
+    let s = sock(fd)?;
+    loop {
+        {
+            let mut l = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(l) = l.as_mut() else {
+                return Err(libc::EINVAL);
+            };
+            if let Some((conn, peer)) = l.pending.pop_front() {
+                if l.pending.is_empty() {
+                    drain(s.ready.as_raw_fd());
+                }
+                let nfd = socket()?;
+                let ns = sock(nfd)?;
+                *ns.conn.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Transport::San, Some(conn)));
+                return Ok((nfd, peer));
+            }
+        }
+        let mut peer: libc::sockaddr_in = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: a valid listening socket and out-buffers.
+        let c = unsafe {
+            libc::accept4(
+                s.tcp.as_raw_fd(),
+                (&mut peer as *mut libc::sockaddr_in).cast(),
+                &mut len,
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if c >= 0 {
+            // SAFETY: a new descriptor from accept4.
+            let c = unsafe { OwnedFd::from_raw_fd(c) };
+            let raw = c.as_raw_fd();
+            g().table
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(raw, Entry::Tcp(c));
+            return Ok((raw, from_sin(&peer)));
+        }
+        let e = errno();
+        if e != libc::EAGAIN && e != libc::EWOULDBLOCK {
+            return Err(e);
+        }
+        if nonblocking(fd) {
+            return Err(libc::EAGAIN);
+        }
+        let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: a valid epoll fd and buffer.
+        unsafe { libc::epoll_wait(s.epfd.as_raw_fd(), ev.as_mut_ptr(), 4, 1000) };
+    }
+}
+
+/// Connects: over the SAN when `dst` is in a SAN subnet (falling back to TCP
+/// on ETIMEDOUT or when the SAN socket cannot be set up), else over TCP.
+///
+/// # Errors
+/// ECONNREFUSED (refused, or nobody listens on the SAN port), EHOSTUNREACH,
+/// ENOTSOCK, EISCONN, and kernel TCP's connect errors.
+pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
+    let s = sock(fd)?;
+    if s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+        return Err(libc::EISCONN);
+    }
+    let p = provider();
+    if let Some(p) = p.as_ref().filter(|p| in_san_subnet(p, *dst.ip())) {
+        let attempt = || -> Result<SanSocket, SanError> {
+            let ss = SanSocket::new(p)?;
+            ss.connect(dst)?;
+            Ok(ss)
+        };
+        match attempt() {
+            Ok(ss) => {
+                *s.conn.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Transport::San, Some(ss)));
+                return Ok(Transport::San);
+            }
+            Err(SanError::ConnRefused) | Err(SanError::ConnReset) => {
+                return Err(libc::ECONNREFUSED)
+            }
+            Err(SanError::HostUnreach) => return Err(libc::EHOSTUNREACH),
+            // ETIMEDOUT, or the SAN socket could not be set up: TCP.
+            Err(_) => {
+                let _ = p.report_fallback();
+            }
+        }
+    }
+    let sa = sin(dst);
+    // SAFETY: a valid socket, sockaddr_in and length.
+    cvt(unsafe {
+        libc::connect(
+            s.tcp.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    })?;
+    *s.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some((Transport::Tcp, None));
+    Ok(Transport::Tcp)
+}
+
+/// Which provider serves the connected or accepted descriptor `fd`.
+///
+/// # Errors
+/// ENOTCONN if it is not connected; ENOTSOCK.
+pub fn transport(fd: RawFd) -> Result<Transport, i32> {
+    match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+        Some(Entry::Tcp(_)) => Ok(Transport::Tcp),
+        Some(Entry::Sock(s)) => s
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.0)
+            .ok_or(libc::ENOTCONN),
+        None => Err(libc::ENOTSOCK),
+    }
+}
+
+/// Closes a switch descriptor (its SAN side too).
+///
+/// # Errors
+/// ENOTSOCK.
+pub fn close(fd: RawFd) -> Result<(), i32> {
+    let e = g()
+        .table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&fd)
+        .ok_or(libc::ENOTSOCK)?;
+    if let Entry::Sock(s) = e {
+        if let Some(l) = s.listen.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some((_, efd)) = &l.san {
+                epoll_del(g().accept_ep.as_raw_fd(), efd.as_raw_fd());
+            }
+        }
+        s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+    Ok(())
+}

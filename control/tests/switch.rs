@@ -1,0 +1,296 @@
+//! The switch in the two-host lab: one descriptor for kernel TCP and SAN
+//! clients, the SAN-address rule for listening, the condition function,
+//! fallback to TCP, and the metrics that count all of it. Needs root.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
+const DSAND: &str = env!("CARGO_BIN_EXE_dsand");
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn bindir() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn probe() -> PathBuf {
+    let p = bindir().join("dsan-sw-probe");
+    assert!(p.exists(), "{} missing: build the workspace", p.display());
+    p
+}
+
+fn dsanctl(args: &[&str]) -> Output {
+    Command::new(DSANCTL)
+        .args(args)
+        .env("DSAN_DSAND", DSAND)
+        .output()
+        .unwrap()
+}
+
+struct Lab<'a> {
+    _g: MutexGuard<'a, ()>,
+}
+
+impl Lab<'_> {
+    fn up() -> Lab<'static> {
+        let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(dsanctl(&["lab", "down"]).status.success());
+        let o = dsanctl(&["lab", "up"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Lab { _g: g }
+    }
+}
+
+impl Drop for Lab<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", "dsan-sw-probe"])
+            .status();
+        let _ = dsanctl(&["lab", "down"]);
+    }
+}
+
+fn in_host(host: &str, prog: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &format!("dsan-{host}")])
+        .arg(prog)
+        .args(args);
+    c.env("DSAN_SOCKET", format!("/run/dsan/lab/{host}/dsand.sock"))
+        .env("LD_LIBRARY_PATH", bindir());
+    c
+}
+
+/// A listening probe; its lines come back one by one.
+struct Listener {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Listener {
+    fn start(host: &str, args: &[&str]) -> (Listener, String) {
+        let mut child = in_host(host, &probe(), args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        (Listener { child, out }, first.trim().to_string())
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(host: &str, ip: &str, port: &str) -> String {
+    let o = in_host(host, &probe(), &["connect", ip, port])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn tcp_client(host: &str, ip: &str, port: u16) {
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("dsan-{host}"),
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{ip}/{port}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kernel TCP connect to {ip}:{port}");
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut b = String::new();
+    s.read_to_string(&mut b).unwrap();
+    b
+}
+
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{name} missing")) as u64
+}
+
+fn listeners(host: &str) -> serde_json::Value {
+    let o = dsanctl(&[
+        "--json",
+        "--socket",
+        &format!("/run/dsan/lab/{host}/dsand.sock"),
+        "listeners",
+    ]);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn one_descriptor_serves_tcp_and_san_clients() {
+    let _lab = Lab::up();
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5000", "16", "2"]);
+    assert_eq!(first, "listening san=true");
+    assert_eq!(listeners("h1")["listeners"][0]["port"], 5000);
+    tcp_client("h0", "198.18.0.2", 5000);
+    assert!(l.line().ends_with(" tcp"));
+    let c = connect("h0", "198.18.0.2", "5000");
+    assert!(c.starts_with("connected san "), "{c}");
+    assert!(l.line().ends_with(" san"));
+    // Metrics: the accept on h1, the connect on h0 (with its duration).
+    let m1 = scrape(19451);
+    assert_eq!(metric(&m1, "dsan_san_connects_accepted_total"), 1);
+    assert!(metric(&m1, "dsan_san_connect_requests_received_total") >= 1);
+    let m0 = scrape(19450);
+    assert_eq!(
+        metric(&m0, "dsan_san_connect_attempts_total{result=\"connected\"}"),
+        1
+    );
+    assert_eq!(metric(&m0, "dsan_san_connect_duration_seconds_count"), 1);
+    assert_eq!(metric(&m0, "dsan_switch_fallbacks_total"), 0);
+}
+
+#[test]
+fn a_listener_outside_every_san_subnet_stays_on_tcp() {
+    let _lab = Lab::up();
+    let (_l, first) = Listener::start("h1", &["listen", "127.0.0.1", "5001", "16", "1"]);
+    assert_eq!(first, "listening san=false");
+    assert_eq!(
+        listeners("h1")["listeners"].as_array().unwrap().len(),
+        0,
+        "no SAN listener"
+    );
+}
+
+#[test]
+fn a_rejecting_condition_refuses_san_clients_without_fallback() {
+    let _lab = Lab::up();
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5002", "16", "1", "reject"]);
+    assert_eq!(first, "listening san=true");
+    let c = connect("h0", "198.18.0.2", "5002");
+    assert!(c.starts_with("error 111 "), "ECONNREFUSED: {c}");
+    // Nobody listening on the SAN port: also ECONNREFUSED, quickly, no fallback.
+    let c = connect("h0", "198.18.0.2", "5999");
+    assert!(c.starts_with("error 111 "), "{c}");
+    // Kernel TCP clients are not subject to the SAN condition.
+    tcp_client("h0", "198.18.0.2", 5002);
+    assert!(l.line().ends_with(" tcp"));
+    let m1 = scrape(19451);
+    assert_eq!(
+        metric(&m1, "dsan_san_connects_rejected_total{reason=\"refused\"}"),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m1,
+            "dsan_san_connects_rejected_total{reason=\"no_listener\"}"
+        ),
+        1
+    );
+    let m0 = scrape(19450);
+    assert_eq!(
+        metric(&m0, "dsan_san_connect_attempts_total{result=\"refused\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&m0, "dsan_san_connect_attempts_total{result=\"reset\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&m0, "dsan_switch_fallbacks_total"),
+        0,
+        "refusals never fall back"
+    );
+}
+
+#[test]
+fn a_silent_san_peer_falls_back_to_tcp() {
+    let _lab = Lab::up();
+    assert!(dsanctl(&["lab", "stop", "h1"]).status.success());
+    // With h1's daemon gone the listener serves TCP alone, without an error.
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5003", "16", "1"]);
+    assert_eq!(first, "listening san=false");
+    let c = connect("h0", "198.18.0.2", "5003");
+    let mut it = c.split_whitespace();
+    assert_eq!(
+        (it.next(), it.next()),
+        (Some("connected"), Some("tcp")),
+        "{c}"
+    );
+    let ms: f64 = it.next().unwrap().parse().unwrap();
+    assert!(ms >= 900.0, "after the SAN gave up ({ms} ms)");
+    assert!(l.line().ends_with(" tcp"));
+    let m0 = scrape(19450);
+    assert_eq!(metric(&m0, "dsan_switch_fallbacks_total"), 1);
+    assert_eq!(
+        metric(&m0, "dsan_san_connect_attempts_total{result=\"timed_out\"}"),
+        1
+    );
+}
+
+#[test]
+fn the_c_abi_builds_and_serves_both_transports() {
+    let _lab = Lab::up();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let exe = std::env::temp_dir().join(format!("dsan-sw-listener-{}", std::process::id()));
+    let st = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-O2", "-I"])
+        .arg(root.join("provider-shim/include"))
+        .arg("-I")
+        .arg(root.join("control/include"))
+        .arg(root.join("control/switch/examples/sw_listener.c"))
+        .arg("-L")
+        .arg(bindir())
+        .args(["-ldsan_switch", "-o"])
+        .arg(&exe)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "compiling sw_listener.c against dsan_switch.h"
+    );
+    let mut child = in_host("h1", &exe, &["5004", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    std::thread::sleep(Duration::from_millis(100));
+    let c = connect("h0", "198.18.0.2", "5004");
+    assert!(c.starts_with("connected san"), "{c}");
+    tcp_client("h0", "198.18.0.2", 5004);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        got.push(line.trim().rsplit(' ').next().unwrap().to_string());
+    }
+    got.sort();
+    assert_eq!(got, vec!["san", "tcp"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(exe);
+}

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3)
+# prometheus: promtool checks the metrics (and, for issue #7, a real server).
+PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3 curl prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,8 +13,16 @@ done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Install without starting services (Debian's prometheus package would start
+  # a server on the machine): a temporary policy-rc.d refuses service starts.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && own_policy=1
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi
 fi
 echo "setup: DPDK $(pkg-config --modversion libdpdk)"
 echo "setup: building (cargo build --release --workspace)"

@@ -122,6 +122,23 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Mbufs in the pool.
     pub mbufs: Option<u32>,
+    /// Protocol limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The `[limits]` table (defaults in `docs/wire-protocol.md`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Listeners on this host.
+    pub max_listeners: Option<usize>,
+    /// Connect requests queued in all backlogs together.
+    pub max_half_open: Option<usize>,
+    /// Connect attempts in progress.
+    pub max_attempts: Option<usize>,
+    /// Give up a SAN connect after this long (ETIMEDOUT, so the switch falls back), ms.
+    pub connect_budget_ms: Option<u64>,
 }
 
 impl Config {

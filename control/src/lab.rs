@@ -331,7 +331,6 @@ fn build(o: &UpOptions) -> Result<Vec<HostInfo>, String> {
             format!("--host={name}"),
             format!("--netns={}", netns_name(i)),
             format!("--iface={HOST_IFACE}"),
-            format!("--san-addr={}/24", host_addr(i)),
             format!("--vdev={vdev}"),
             format!("--lcores={}", cpus[i % cpus.len()]),
             "--no-huge".into(),

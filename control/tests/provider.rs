@@ -457,3 +457,25 @@ fn the_c_examples_connect_and_refuse() {
     let _ = listener.kill();
     let _ = listener.wait();
 }
+
+#[test]
+fn a_daemon_stopping_refuses_what_its_listeners_queued() {
+    let _lab = Lab::up();
+    let mut srv = H::spawn("h1");
+    assert_eq!(srv.rc("startup"), 0);
+    let s = srv.rc("socket");
+    assert_eq!(srv.rc(&format!("bind {s} 0.0.0.0 8100")), 0);
+    assert_eq!(srv.rc(&format!("listen {s} 8")), 0);
+    let mut cli = H::spawn("h0");
+    assert_eq!(cli.rc("startup"), 0);
+    assert_eq!(cli.cmd("connectn 2 198.18.0.2 8100"), "started 2");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(results(&cli.cmd("results 0")), vec![1, 1]);
+    // SIGTERM to h1's daemon: its queued requests are refused before it stops.
+    assert!(dsanctl(&["lab", "stop", "h1"]).status.success());
+    let w = cli.cmd("waitdone 2 1000");
+    assert!(w.starts_with("2 "), "{w}");
+    assert_eq!(results(&cli.cmd("results 0")), vec![-ECONNREFUSED; 2]);
+    // The attached process is told: its next call fails with ENETDOWN.
+    assert_eq!(srv.rc("socket"), -100);
+}

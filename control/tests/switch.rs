@@ -294,3 +294,83 @@ fn the_c_abi_builds_and_serves_both_transports() {
     let _ = child.wait();
     let _ = std::fs::remove_file(exe);
 }
+
+#[test]
+fn address_changes_apply_at_run_time() {
+    let _lab = Lab::up();
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5005", "16", "1"]);
+    assert_eq!(first, "listening san=true");
+    let st = Command::new("ip")
+        .args([
+            "-n",
+            "dsan-h1",
+            "addr",
+            "add",
+            "198.18.0.102/24",
+            "dev",
+            "san0",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = dsanctl(&[
+            "--json",
+            "--socket",
+            "/run/dsan/lab/h1/dsand.sock",
+            "status",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if v["san_addrs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "198.18.0.102/24")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "address not learned: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300)); // the lcore applies it on its next tick
+    let c = connect("h0", "198.18.0.102", "5005");
+    assert!(c.starts_with("connected san "), "{c}");
+    assert!(l.line().ends_with(" san"));
+    // dsanctl connections and stats answer.
+    let o = dsanctl(&["--json", "--socket", "/run/dsan/lab/h1/dsand.sock", "stats"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["connects_accepted"], 1, "{v}");
+    let o = dsanctl(&["--socket", "/run/dsan/lab/h1/dsand.sock", "connections"]);
+    assert!(o.status.success());
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let _lab = Lab::up();
+    let (_l, _) = Listener::start("h1", &["listen", "0.0.0.0", "5006", "4", "1"]);
+    let c = connect("h0", "198.18.0.2", "5006");
+    assert!(c.starts_with("connected san"), "{c}");
+    for port in [19450, 19451] {
+        let body = scrape(port);
+        let text = body.split("\r\n\r\n").nth(1).unwrap().to_string();
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
+        p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let o = p.wait_with_output().unwrap();
+        assert!(
+            o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

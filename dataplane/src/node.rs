@@ -117,9 +117,26 @@ pub enum Command {
     Detach(u64, Sender<()>),
     /// Report listeners (address, port, owner pid, capacity, depth).
     Listeners(Sender<Vec<ListenerInfo>>),
+    /// Report established SAN connections.
+    Connections(Sender<Vec<ConnInfo>>),
     /// The daemon stops: release every process (queued requests are refused
     /// to their peers) and mark their regions closed.
     Shutdown(Sender<()>),
+}
+
+/// One established SAN connection, for `dsanctl connections`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// "client" (connected from here) or "server" (accepted here).
+    pub role: &'static str,
+    /// Local address and port.
+    pub local: (Ipv4, u16),
+    /// Peer address and port.
+    pub peer: (Ipv4, u16),
+    /// Owning process (0 if none: closing after its process left).
+    pub pid: u32,
+    /// Whether a close is in progress.
+    pub closing: bool,
 }
 
 /// One listener, for `dsanctl listeners`.
@@ -274,6 +291,7 @@ pub struct Node {
     addrs: Arc<RwLock<Vec<Ipv4>>>,
     addrs_seen: u64,
     addrs_version: Arc<AtomicU64>,
+    subnets: Arc<RwLock<Vec<crate::proto::Subnet>>>,
     commands: Arc<ArrayQueue<Command>>,
     ping: Option<ActivePing>,
     procs: HashMap<u64, Proc>,
@@ -294,6 +312,17 @@ pub struct NodeHandle {
     pub addrs: Arc<RwLock<Vec<Ipv4>>>,
     /// Incremented on every address change.
     pub addrs_version: Arc<AtomicU64>,
+    /// The SAN subnets (updated with the addresses).
+    pub subnets: Arc<RwLock<Vec<crate::proto::Subnet>>>,
+}
+
+impl NodeHandle {
+    /// Replaces the host's SAN addresses and subnets; the lcore applies them on its next tick.
+    pub fn set_addrs(&self, addrs: Vec<Ipv4>, subnets: Vec<crate::proto::Subnet>) {
+        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+        *self.subnets.write().unwrap_or_else(|e| e.into_inner()) = subnets;
+        self.addrs_version.fetch_add(1, Ordering::Release);
+    }
 }
 
 fn complete(s: &SockShm, seq: u32, result: i64) {
@@ -329,6 +358,7 @@ impl Node {
             stats: Arc::new(NodeStats::default()),
             addrs: Arc::new(RwLock::new(addrs.clone())),
             addrs_version: Arc::new(AtomicU64::new(0)),
+            subnets: Arc::new(RwLock::new(cfg.proto.subnets.clone())),
         };
         let n = Node {
             ep: Endpoint::new(cfg.proto.clone(), mac, addrs, OsRng::default()),
@@ -336,6 +366,7 @@ impl Node {
             addrs: h.addrs.clone(),
             addrs_seen: 0,
             addrs_version: h.addrs_version.clone(),
+            subnets: h.subnets.clone(),
             commands: h.commands.clone(),
             ping: None,
             procs: HashMap::new(),
@@ -528,6 +559,29 @@ impl Node {
                     }
                 }
                 let _ = done.send(());
+            }
+            Command::Connections(reply) => {
+                let mut v: Vec<ConnInfo> = self
+                    .ep
+                    .connections()
+                    .map(|(h, c)| ConnInfo {
+                        role: if c.role == crate::proto::Role::Client {
+                            "client"
+                        } else {
+                            "server"
+                        },
+                        local: c.local,
+                        peer: c.peer,
+                        pid: self
+                            .conn_owner
+                            .get(&h)
+                            .and_then(|(p, _)| self.procs.get(p))
+                            .map_or(0, |p| p.shared.pid),
+                        closing: c.is_closing(),
+                    })
+                    .collect();
+                v.sort_by_key(|c| (c.local.1, c.peer));
+                let _ = reply.send(v);
             }
             Command::Listeners(reply) => {
                 let mut v: Vec<ListenerInfo> = self
@@ -843,6 +897,9 @@ impl<D: Device> Handler<D> for Node {
             self.addrs_seen = v;
             if let Ok(a) = self.addrs.read() {
                 self.ep.set_addrs(a.clone());
+            }
+            if let Ok(sn) = self.subnets.read() {
+                self.ep.set_subnets(sn.clone());
             }
         }
         let s = &self.stats;

@@ -40,6 +40,10 @@ enum Cmd {
     },
     /// Listening SAN sockets: address, port, owner pid, backlog capacity and depth.
     Listeners,
+    /// Established SAN connections: role, local and peer address, owner pid.
+    Connections,
+    /// The daemon's counters: connects by result and reason, frames, drops.
+    Stats,
     /// The NIC-less lab.
     #[command(subcommand)]
     Lab(LabCmd),
@@ -203,7 +207,66 @@ fn run(args: Args) -> Result<i32, String> {
             }
             Ok(0)
         }
+        Cmd::Connections => {
+            let v = ctl::request(
+                &sock,
+                &json!({"cmd": "connections"}),
+                Duration::from_secs(5),
+            )?;
+            if args.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{:<7} {:<22} {:<22} {:>8} state",
+                    "role", "local", "peer", "pid"
+                );
+                for c in v["connections"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<7} {:<22} {:<22} {:>8} {}",
+                        c["role"].as_str().unwrap_or(""),
+                        c["local"].as_str().unwrap_or(""),
+                        c["peer"].as_str().unwrap_or(""),
+                        c["pid"].as_u64().unwrap_or(0),
+                        if c["closing"] == json!(true) {
+                            "closing"
+                        } else {
+                            "established"
+                        }
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Stats => {
+            let mut v = ctl::request(&sock, &json!({"cmd": "stats"}), Duration::from_secs(5))?;
+            if args.json {
+                println!("{v}");
+            } else {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("ok");
+                }
+                print_tree("", &v);
+            }
+            Ok(0)
+        }
         Cmd::Lab(l) => run_lab(l, args.json),
+    }
+}
+
+/// Prints nested counters as `a.b.c value` lines.
+fn print_tree(prefix: &str, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                print_tree(&p, x);
+            }
+        }
+        other => println!("{prefix} {other}"),
     }
 }
 

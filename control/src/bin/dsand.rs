@@ -133,6 +133,8 @@ struct Effective {
     idle: IdlePolicy,
     socket: PathBuf,
     lcores: Vec<u32>,
+    /// The SAN addresses are the interface's, followed at run time.
+    addrs_from_iface: bool,
 }
 
 fn merge(args: &Args) -> Result<Config> {
@@ -259,6 +261,7 @@ fn validate(mut cfg: Config) -> (Option<Effective>, Vec<String>) {
             }
         }
     }
+    let addrs_from_iface = cfg.san_addrs.is_empty();
     if cfg.san_addrs.is_empty() {
         match &cfg.iface {
             Some(i) => match os::iface_addrs(i) {
@@ -340,6 +343,7 @@ fn validate(mut cfg: Config) -> (Option<Effective>, Vec<String>) {
             idle,
             socket,
             lcores,
+            addrs_from_iface,
         }),
         vec![],
     )
@@ -425,7 +429,7 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
     );
 
     let shared = EngineShared::new(eff.idle)?;
-    let proto = ProtoConfig {
+    let mut proto = ProtoConfig {
         subnets: eff
             .cfg
             .san_addrs
@@ -437,6 +441,20 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
             .collect(),
         ..Default::default()
     };
+    let lim = &eff.cfg.limits;
+    if let Some(v) = lim.max_listeners {
+        proto.max_listeners = v;
+    }
+    if let Some(v) = lim.max_half_open {
+        proto.max_half_open = v;
+    }
+    if let Some(v) = lim.max_attempts {
+        proto.max_attempts = v;
+    }
+    if let Some(ms) = lim.connect_budget_ms {
+        proto.connect_budget = Duration::from_millis(ms);
+        proto.tombstone_ttl = Duration::from_millis(ms * 2);
+    }
     let node_cfg = NodeConfig {
         ethertype: eff
             .cfg
@@ -560,6 +578,42 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
             })?;
     }
 
+    // Follow the interface's addresses at run time (the lab's hosts, and hosts
+    // configured with `iface` and no `san_addrs`).
+    if let (true, Some(iface)) = (eff.addrs_from_iface, eff.cfg.iface.clone()) {
+        let handle = handle.clone();
+        std::thread::Builder::new()
+            .name("addrs".into())
+            .spawn(move || {
+                dataplane::sys::unpin_current_thread();
+                let mut last: Vec<(Ipv4, u8)> = handle
+                    .subnets
+                    .read()
+                    .map(|v| v.iter().map(|s| (s.addr, s.prefix)).collect())
+                    .unwrap_or_default();
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let Some(now) = os::iface_addrs(&iface) else {
+                        continue;
+                    };
+                    let now: Vec<(Ipv4, u8)> = now.iter().map(|a| (a.addr, a.prefix)).collect();
+                    if now != last {
+                        log(
+                            "info",
+                            &format!("SAN addresses of {iface} changed: {now:?}"),
+                        );
+                        handle.set_addrs(
+                            now.iter().map(|a| a.0).collect(),
+                            now.iter()
+                                .map(|&(addr, prefix)| Subnet { addr, prefix })
+                                .collect(),
+                        );
+                        last = now;
+                    }
+                }
+            })?;
+    }
+
     log(
         "info",
         &format!("ready control_socket={}", eff.socket.display()),
@@ -579,6 +633,18 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
     drop(eal);
     log("info", "stopped");
     Ok(())
+}
+
+/// The host's SAN addresses now, as `ip/prefix`.
+fn current_addrs(node: &NodeHandle) -> Vec<String> {
+    node.subnets
+        .read()
+        .map(|v| {
+            v.iter()
+                .map(|s| format!("{}/{}", s.addr, s.prefix))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 static NEXT_APP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -606,10 +672,8 @@ fn serve_conn(
         let mut out_fds = Vec::new();
         let reply = match serde_json::from_str::<Value>(&line) {
             Ok(req) => match req["cmd"].as_str() {
-                Some("attach") => {
-                    attach(fd, shared, node, info, socket_gid, &mut app, &mut out_fds)
-                        .unwrap_or_else(|e| json!({"ok": false, "error": e}))
-                }
+                Some("attach") => attach(fd, shared, node, socket_gid, &mut app, &mut out_fds)
+                    .unwrap_or_else(|e| json!({"ok": false, "error": e})),
                 Some("event_select") => event_select(&req, app.as_deref(), fds)
                     .unwrap_or_else(|e| json!({"ok": false, "error": e})),
                 Some("switch_fallback") => {
@@ -650,7 +714,6 @@ fn attach(
     fd: i32,
     shared: &EngineShared,
     node: &NodeHandle,
-    info: &Value,
     socket_gid: u32,
     app: &mut Option<Arc<AppShared>>,
     out_fds: &mut Vec<i32>,
@@ -677,7 +740,7 @@ fn attach(
     log("info", &format!("attached pid {pid} uid {uid} as app {id}"));
     *app = Some(a);
     Ok(
-        json!({"ok": true, "app": id, "region_size": dataplane::shm::layout::size(), "version": dataplane::shm::REGION_VERSION, "san_addrs": info["san_addrs"],
+        json!({"ok": true, "app": id, "region_size": dataplane::shm::layout::size(), "version": dataplane::shm::REGION_VERSION, "san_addrs": current_addrs(node),
               "fds": ["region", "doorbell_page", "doorbell"]}),
     )
 }
@@ -718,6 +781,7 @@ fn handle_request(
             let ps = dpdk::stats_of(port).ok();
             let mut v = info.clone();
             v["ok"] = json!(true);
+            v["san_addrs"] = json!(current_addrs(node));
             v["lcore_stats"] = json!({
                 "rx_frames": s.rx_frames.load(Ordering::Relaxed), "tx_frames": s.tx_frames.load(Ordering::Relaxed),
                 "tx_dropped": s.tx_dropped.load(Ordering::Relaxed), "alloc_failed": s.alloc_failed.load(Ordering::Relaxed),
@@ -784,8 +848,38 @@ fn handle_request(
                 .collect();
             Ok(json!({"ok": true, "listeners": list}))
         }
+        Some("connections") => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            node.commands.push(Command::Connections(tx)).map_err(|_| "the dataplane's command queue is full; try again")?;
+            shared.doorbell.ring();
+            let v = rx.recv_timeout(Duration::from_secs(5)).map_err(|_| "the dataplane did not answer")?;
+            let list: Vec<Value> = v
+                .iter()
+                .map(|c| json!({"role": c.role, "local": format!("{}:{}", c.local.0, c.local.1), "peer": format!("{}:{}", c.peer.0, c.peer.1), "pid": c.pid, "closing": c.closing}))
+                .collect();
+            Ok(json!({"ok": true, "connections": list}))
+        }
+        Some("stats") => {
+            let n = &node.stats;
+            let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            let reasons = ["backlog_full", "no_listener", "refused", "no_resources", "listener_closed"];
+            let results = ["connected", "refused", "reset", "timed_out"];
+            Ok(json!({"ok": true,
+                "connect_requests_received": ld(&n.requests_received),
+                "connects_accepted": ld(&n.accepted),
+                "connects_rejected": reasons.iter().zip(&n.rejected).map(|(k, v)| (k.to_string(), json!(ld(v)))).collect::<serde_json::Map<_, _>>(),
+                "connect_attempts": results.iter().zip(&n.attempts).map(|(k, v)| (k.to_string(), json!(ld(v)))).collect::<serde_json::Map<_, _>>(),
+                "frames_received": KIND_NAMES.iter().zip(&n.rx_by_kind).map(|(k, v)| (k.to_string(), json!(ld(v)))).collect::<serde_json::Map<_, _>>(),
+                "frames_sent": KIND_NAMES.iter().zip(&n.tx_by_kind).map(|(k, v)| (k.to_string(), json!(ld(v)))).collect::<serde_json::Map<_, _>>(),
+                "drops": {"not_san": ld(&n.drop_not_san), "malformed": ld(&n.drop_malformed), "version": ld(&n.drop_version),
+                          "not_ours": ld(&n.drop_not_ours), "unexpected": ld(&n.drop_unexpected), "bad_token": ld(&n.drop_bad_token),
+                          "bad_command": ld(&n.bad_commands)},
+                "attached_processes": ld(&n.attached),
+                "lcore": {"busy_polls": ld(&shared.stats.busy_polls), "idle_polls": ld(&shared.stats.idle_polls), "sleeps": ld(&shared.stats.sleeps)},
+            }))
+        }
         Some(other) => Err(format!(
-            "unknown command {other:?} (known: status, ping, listeners, attach, event_select)"
+            "unknown command {other:?} (known: status, stats, ping, listeners, connections, attach, event_select)"
         )),
         None => Err("request has no \"cmd\"".into()),
     }

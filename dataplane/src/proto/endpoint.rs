@@ -469,6 +469,10 @@ impl<R: Rng> Endpoint<R> {
     pub fn set_addrs(&mut self, addrs: Vec<Ipv4>) {
         self.addrs = addrs;
     }
+    /// Replaces the SAN subnets (address changes at run time).
+    pub fn set_subnets(&mut self, subnets: Vec<Subnet>) {
+        self.cfg.subnets = subnets;
+    }
     /// The resolution cache (for static entries).
     pub fn resolver_mut(&mut self) -> &mut Resolver {
         &mut self.resolver

@@ -249,3 +249,54 @@ pub(crate) fn command_rtt(sock0: &str, count: u64) -> Result<Histogram<u64>> {
     }
     Ok(h)
 }
+
+/// SAN connects whose accepting side is the switch (`dsan_switch`): the
+/// switch's accept thread takes the request and hands the connection to the
+/// application thread waiting in `dsan_switch::accept`. The client uses the
+/// provider directly, as in [`san`].
+pub(crate) fn san_via_switch(sock0: &str, sock1: &str, port: u16, count: u64) -> Result<Run> {
+    // The switch attaches to the daemon named by DSAN_SOCKET on first use
+    // (and again when that daemon changed).
+    std::env::set_var("DSAN_SOCKET", sock1);
+    let p0 =
+        Provider::attach(Some(sock0.as_ref())).map_err(|e| anyhow!("attach to h0's dsand: {e}"))?;
+    let l = dsan_switch::socket().map_err(|e| anyhow!("switch socket: errno {e}"))?;
+    dsan_switch::bind(l, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        .map_err(|e| anyhow!("switch bind: errno {e}"))?;
+    let san = dsan_switch::listen(l, 64).map_err(|e| anyhow!("switch listen: errno {e}"))?;
+    if !san {
+        return Err(anyhow!("the switch did not set up a SAN listener"));
+    }
+    let (tx, rx) = mpsc::channel::<Instant>();
+    let server = std::thread::spawn(move || -> Result<Histogram<u64>> {
+        let mut h = hist();
+        for _ in 0..count {
+            let (c, _) = dsan_switch::accept(l).map_err(|e| anyhow!("switch accept: errno {e}"))?;
+            let start = rx.recv().map_err(|_| anyhow!("client gone"))?;
+            h.saturating_record(start.elapsed().as_nanos() as u64);
+            let _ = dsan_switch::close(c);
+        }
+        Ok(h)
+    });
+    let mut connected = hist();
+    let mut errors = 0;
+    let dst = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), port);
+    for _ in 0..count {
+        let c = SanSocket::new(&p0).map_err(|e| anyhow!("{e}"))?;
+        let t = Instant::now();
+        tx.send(t).ok();
+        match c.connect(dst) {
+            Ok(()) => connected.saturating_record(t.elapsed().as_nanos() as u64),
+            Err(_) => errors += 1,
+        }
+    }
+    let accepted = server
+        .join()
+        .map_err(|_| anyhow!("server thread panicked"))??;
+    let _ = dsan_switch::close(l);
+    Ok(Run {
+        connected,
+        accepted,
+        errors,
+    })
+}

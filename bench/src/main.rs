@@ -236,6 +236,23 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
             let rtt = connect::command_rtt(&s0, count.max(1000) * 5)?;
             println!("{:<9} provider command round trip (library -> lcore -> library): p50 {:.2} us  p99 {:.2} us  p99.9 {:.2} us", p, us(&rtt, 0.5), us(&rtt, 0.99), us(&rtt, 0.999));
             results.push(json!({"idle": p, "what": "command_rtt", "latency": summary(&rtt)}));
+            {
+                port += 1;
+                eprintln!("  {p} / switch ...");
+                connect::san_via_switch(&s0, &s1, port, (count / 10).max(10))?;
+                port += 1;
+                let r = connect::san_via_switch(&s0, &s1, port, count)?;
+                println!(
+                    "{:<9} {:<9} {:<5} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} | {:>8.1} {:>8.1} {:>8.1} {:>6}",
+                    p, "switch", "dsan",
+                    us(&r.connected, 0.5), us(&r.connected, 0.9), us(&r.connected, 0.99), us(&r.connected, 0.999), r.connected.max() as f64 / 1000.0,
+                    us(&r.accepted, 0.5), us(&r.accepted, 0.99), us(&r.accepted, 0.999), r.errors
+                );
+                results.push(
+                    json!({"idle": p, "accept": "switch", "path": "dsan", "errors": r.errors,
+                    "connected": summary(&r.connected), "accepted": summary(&r.accepted)}),
+                );
+            }
             for mode in [AcceptMode::Blocked, AcceptMode::Spinning] {
                 for path in ["dsan", "tcp"] {
                     port += 1;

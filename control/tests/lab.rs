@@ -144,7 +144,9 @@ fn json_of(o: &Output) -> Value {
     serde_json::from_str(&ok(o)).expect("JSON output")
 }
 
+/// The daemon's status (after the lcore's next counter publication).
 fn status(host: &str) -> Value {
+    std::thread::sleep(std::time::Duration::from_millis(50));
     json_of(&dsanctl(&[
         "--json",
         "--socket",
@@ -173,8 +175,10 @@ fn ping(from: &str, dst: &str, count: u32) -> (Output, Option<Value>) {
     (o, v)
 }
 
+/// Scrapes a daemon's metrics (after the lcore's next counter publication).
 fn scrape(url_host_port: &str) -> String {
     use std::io::{Read, Write};
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let mut s = std::net::TcpStream::connect(url_host_port)
         .expect("metrics endpoint reachable from the root namespace");
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

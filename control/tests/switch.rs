@@ -122,7 +122,10 @@ fn tcp_client(host: &str, ip: &str, port: u16) {
     assert!(st.success(), "kernel TCP connect to {ip}:{port}");
 }
 
+/// Scrapes a daemon's metrics. The lcore publishes its counters on its drain
+/// tick (every 100 us while awake), so wait a little past the last event first.
 fn scrape(port: u16) -> String {
+    std::thread::sleep(Duration::from_millis(50));
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut b = String::new();
@@ -340,7 +343,8 @@ fn address_changes_apply_at_run_time() {
     let c = connect("h0", "198.18.0.102", "5005");
     assert!(c.starts_with("connected san "), "{c}");
     assert!(l.line().ends_with(" san"));
-    // dsanctl connections and stats answer.
+    // dsanctl connections and stats answer (counters published on the next tick).
+    std::thread::sleep(Duration::from_millis(50));
     let o = dsanctl(&["--json", "--socket", "/run/dsan/lab/h1/dsand.sock", "stats"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["connects_accepted"], 1, "{v}");

@@ -437,6 +437,25 @@ fn bad_configuration_gives_one_clear_line() {
         .output()
         .unwrap();
     one_error_line(&o, "must run as root");
+    // A PCI device that does not exist (checked before EAL sees it).
+    let o = dsand(&[
+        "--check",
+        "--san-addr=198.18.0.1/24",
+        "--no-pci",
+        "--iface=lo",
+    ]);
+    assert!(o.status.success());
+    let cfg2 = std::env::temp_dir().join(format!("dsand-pci-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg2,
+        "san_addrs = [\"198.18.0.1/24\"]\n[eal]\nallow = [\"0000:ff:1f.7\"]\n",
+    )
+    .unwrap();
+    one_error_line(
+        &dsand(&[&format!("--config={}", cfg2.display())]),
+        "PCI device 0000:ff:1f.7 does not exist",
+    );
+    let _ = std::fs::remove_file(cfg2);
     // --check reports every problem and starts nothing.
     let o = dsand(&["--check", "--iface=nosuch0", "--lcores=999"]);
     assert!(!o.status.success());

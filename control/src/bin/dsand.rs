@@ -261,6 +261,24 @@ fn validate(mut cfg: Config) -> (Option<Effective>, Vec<String>) {
             }
         }
     }
+    // A PCI NIC must be bound to a driver DPDK can use (vfio-pci, or a
+    // bifurcated driver such as mlx5_core).
+    for dev in &cfg.eal.allow {
+        let pci = dev.split(',').next().unwrap_or("");
+        let path = std::path::Path::new("/sys/bus/pci/devices").join(pci);
+        if !path.exists() {
+            problems.push(format!("PCI device {pci} does not exist"));
+            continue;
+        }
+        let driver = std::fs::read_link(path.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        match driver.as_deref() {
+            Some("vfio-pci" | "igb_uio" | "uio_pci_generic" | "mlx5_core" | "mlx4_core") => {}
+            Some(d) => problems.push(format!("PCI device {pci} is bound to {d}; bind it to vfio-pci (dpdk-devbind.py -b vfio-pci {pci})")),
+            None => problems.push(format!("PCI device {pci} is bound to no driver; bind it to vfio-pci (dpdk-devbind.py -b vfio-pci {pci})")),
+        }
+    }
     let addrs_from_iface = cfg.san_addrs.is_empty();
     if cfg.san_addrs.is_empty() {
         match &cfg.iface {

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # prometheus: promtool checks the metrics (and, for issue #7, a real server).
-PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3 curl prometheus)
+PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3 python3-venv curl prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,6 +23,12 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi
+fi
+# Python for the benchmark's plot and the independent .hlog reader.
+if ! .venv/bin/python -c "import hdrh, matplotlib" 2>/dev/null; then
+  echo "setup: creating .venv (hdrhistogram, matplotlib)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q hdrhistogram matplotlib
 fi
 echo "setup: DPDK $(pkg-config --modversion libdpdk)"
 echo "setup: building (cargo build --release --workspace)"

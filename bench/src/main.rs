@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod connect;
+mod suite;
 
 /// dsan-bench: dsan's benchmarks.
 #[derive(Parser, Debug)]
@@ -39,6 +40,38 @@ enum Cmd {
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Every scenario, dsan against kernel TCP in one run: connect latency
+    /// (accepting thread spinning and waiting), reject latency into a full
+    /// backlog, no-listener latency, closed-loop and open-loop setup rates;
+    /// for each idle policy. Writes a table, bench.hlog, *.hgrm, summary.json
+    /// and bench.png.
+    Suite {
+        /// Connects per latency scenario.
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        /// Connectors of the closed-loop rate scenario.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Offered rate of the open-loop scenario, connects per second.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Length of each rate scenario, milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        /// How long a kernel TCP connect into a full backlog may stay pending
+        /// before it counts as "not refused", milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        reject_wait_ms: u64,
+        /// Idle policies to measure (comma-separated: adaptive,poll).
+        #[arg(long, default_value = "adaptive,poll")]
+        idle: String,
+        /// Output directory (default: bench-out/suite-<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A seconds-long run of every scenario (as the test suite does).
+        #[arg(long)]
+        smoke: bool,
     },
     /// Connection set-up latency, SAN against kernel TCP between the same two
     /// lab hosts, with the accepting thread blocked and spinning, for each
@@ -90,6 +123,36 @@ fn run(args: Args) -> Result<()> {
             json,
         } => frame_rtt(count, &idle, &mode, json),
         Cmd::Connect { count, idle, json } => connect_bench(count, &idle, json),
+        Cmd::Suite {
+            count,
+            concurrency,
+            rate,
+            duration_ms,
+            reject_wait_ms,
+            idle,
+            out,
+            smoke,
+        } => {
+            let mut o = suite::Opts {
+                count,
+                concurrency,
+                rate,
+                duration: Duration::from_millis(duration_ms),
+                reject_wait: Duration::from_millis(reject_wait_ms),
+                idle: idle.split(',').map(|s| s.trim().to_string()).collect(),
+                out: out.unwrap_or_else(suite::default_out),
+            };
+            if smoke {
+                o.count = o.count.min(40);
+                o.rate = o.rate.min(1000);
+                o.duration = o.duration.min(Duration::from_millis(300));
+                o.reject_wait = o.reject_wait.min(Duration::from_millis(50));
+            }
+            if o.count == 0 || o.concurrency == 0 || o.rate == 0 || o.duration.is_zero() {
+                bail!("--count, --concurrency, --rate and --duration-ms must be positive");
+            }
+            suite::run(o)
+        }
     }
 }
 

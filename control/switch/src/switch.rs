@@ -27,9 +27,12 @@ struct Listen {
 
 struct Sock {
     epfd: OwnedFd,
-    tcp: OwnedFd,
-    /// Signalled when `pending` gains a connection (watched by `epfd`).
-    ready: OwnedFd,
+    /// The kernel TCP socket, created on first need (bind, listen, a TCP
+    /// connect), so that a SAN connect costs no kernel socket.
+    tcp: Mutex<Option<OwnedFd>>,
+    /// Signalled when `pending` gains a connection (watched by `epfd`);
+    /// created at listen.
+    ready: OnceLock<OwnedFd>,
     bound: Mutex<Option<SocketAddrV4>>,
     listen: Mutex<Option<Listen>>,
     /// Set when connected or accepted.
@@ -41,6 +44,23 @@ enum Entry {
     /// An accepted kernel TCP connection: the descriptor is the TCP socket
     /// (held here so that closing the entry closes it).
     Tcp(#[allow(dead_code)] OwnedFd),
+}
+
+impl Sock {
+    fn tcp_fd(&self) -> Result<RawFd, i32> {
+        let mut t = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        if t.is_none() {
+            // SAFETY: plain system call.
+            *t = Some(owned(unsafe {
+                libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+            })?);
+        }
+        Ok(t.as_ref().expect("just set").as_raw_fd())
+    }
+
+    fn ready_fd(&self) -> Option<RawFd> {
+        self.ready.get().map(AsRawFd::as_raw_fd)
+    }
 }
 
 struct Global {
@@ -178,17 +198,12 @@ fn in_san_subnet(p: &Provider, ip: Ipv4Addr) -> bool {
 /// # Errors
 /// An errno from the kernel (EMFILE, ...).
 pub fn socket() -> Result<RawFd, i32> {
-    // SAFETY: plain system call.
-    let tcp =
-        owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     let epfd = epoll_create()?;
-    let ready = eventfd()?;
-    epoll_add(epfd.as_raw_fd(), ready.as_raw_fd(), 0)?;
     let fd = epfd.as_raw_fd();
     let s = Sock {
         epfd,
-        tcp,
-        ready,
+        tcp: Mutex::new(None),
+        ready: OnceLock::new(),
         bound: Mutex::new(None),
         listen: Mutex::new(None),
         conn: Mutex::new(None),
@@ -206,11 +221,12 @@ pub fn socket() -> Result<RawFd, i32> {
 /// ENOTSOCK, and the kernel's bind errors (EADDRINUSE, EADDRNOTAVAIL, EINVAL).
 pub fn bind(fd: RawFd, a: SocketAddrV4) -> Result<(), i32> {
     let s = sock(fd)?;
+    let tcp = s.tcp_fd()?;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket and option buffer.
     unsafe {
         libc::setsockopt(
-            s.tcp.as_raw_fd(),
+            tcp,
             libc::SOL_SOCKET,
             libc::SO_REUSEADDR,
             (&one as *const libc::c_int).cast(),
@@ -221,7 +237,7 @@ pub fn bind(fd: RawFd, a: SocketAddrV4) -> Result<(), i32> {
     // SAFETY: a valid sockaddr_in and its length.
     cvt(unsafe {
         libc::bind(
-            s.tcp.as_raw_fd(),
+            tcp,
             (&sa as *const libc::sockaddr_in).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         )
@@ -230,13 +246,7 @@ pub fn bind(fd: RawFd, a: SocketAddrV4) -> Result<(), i32> {
     let mut out: libc::sockaddr_in = sin(a);
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: valid out-buffers.
-    unsafe {
-        libc::getsockname(
-            s.tcp.as_raw_fd(),
-            (&mut out as *mut libc::sockaddr_in).cast(),
-            &mut len,
-        )
-    };
+    unsafe { libc::getsockname(tcp, (&mut out as *mut libc::sockaddr_in).cast(), &mut len) };
     *s.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(from_sin(&out));
     Ok(())
 }
@@ -268,17 +278,23 @@ pub fn set_condition(fd: RawFd, cond: Option<Condition>) -> Result<(), i32> {
 /// ENOTSOCK, and kernel TCP's listen errors (the SAN side never fails the call).
 pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
     let s = sock(fd)?;
+    let tcp = s.tcp_fd()?;
+    if s.ready.get().is_none() {
+        let ready = eventfd()?;
+        epoll_add(s.epfd.as_raw_fd(), ready.as_raw_fd(), 0)?;
+        let _ = s.ready.set(ready);
+    }
     // SAFETY: a valid socket.
-    cvt(unsafe { libc::listen(s.tcp.as_raw_fd(), backlog) })?;
+    cvt(unsafe { libc::listen(tcp, backlog) })?;
     // SAFETY: a valid socket; F_SETFL with O_NONBLOCK.
     unsafe {
         libc::fcntl(
-            s.tcp.as_raw_fd(),
+            tcp,
             libc::F_SETFL,
-            libc::fcntl(s.tcp.as_raw_fd(), libc::F_GETFL) | libc::O_NONBLOCK,
+            libc::fcntl(tcp, libc::F_GETFL) | libc::O_NONBLOCK,
         )
     };
-    let _ = epoll_add(s.epfd.as_raw_fd(), s.tcp.as_raw_fd(), 1);
+    let _ = epoll_add(s.epfd.as_raw_fd(), tcp, 1);
     let mut l = s.listen.lock().unwrap_or_else(|e| e.into_inner());
     let l = l.get_or_insert_with(|| Listen {
         san: None,
@@ -342,7 +358,9 @@ fn accept_thread(ep: RawFd) {
                 match r {
                     Ok(conn) => {
                         l.pending.push_back(conn);
-                        signal(s.ready.as_raw_fd());
+                        if let Some(r) = s.ready_fd() {
+                            signal(r);
+                        }
                     }
                     Err(SanError::ConnRefused) => continue,
                     Err(_) => break,
@@ -373,7 +391,9 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
             };
             if let Some((conn, peer)) = l.pending.pop_front() {
                 if l.pending.is_empty() {
-                    drain(s.ready.as_raw_fd());
+                    if let Some(r) = s.ready_fd() {
+                        drain(r);
+                    }
                 }
                 let nfd = socket()?;
                 let ns = sock(nfd)?;
@@ -382,12 +402,13 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
                 return Ok((nfd, peer));
             }
         }
+        let tcp = s.tcp_fd()?;
         let mut peer: libc::sockaddr_in = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
         let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         // SAFETY: a valid listening socket and out-buffers.
         let c = unsafe {
             libc::accept4(
-                s.tcp.as_raw_fd(),
+                tcp,
                 (&mut peer as *mut libc::sockaddr_in).cast(),
                 &mut len,
                 libc::SOCK_CLOEXEC,
@@ -450,11 +471,12 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
             }
         }
     }
+    let tcp = s.tcp_fd()?;
     let sa = sin(dst);
     // SAFETY: a valid socket, sockaddr_in and length.
     cvt(unsafe {
         libc::connect(
-            s.tcp.as_raw_fd(),
+            tcp,
             (&sa as *const libc::sockaddr_in).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         )

@@ -1,0 +1,945 @@
+//! `dsan-bench suite`: every scenario of issue #6, dsan (the switch on the
+//! connecting side, the SAN provider on the accepting side) against kernel TCP
+//! between the same two lab namespaces, in one run, for each idle policy.
+//!
+//! Scenarios (latencies in a histogram each):
+//! * `connect`: sequential connects; "connected" from the call to its return,
+//!   "accepted" from the call to the server holding the connection; the
+//!   accepting thread `spinning` or `waiting` (on its eventfd / in accept(2));
+//! * `reject`: connects into a full backlog, until the client sees the refusal
+//!   (kernel TCP does not refuse: those attempts are counted as still pending
+//!   after `--reject-wait`);
+//! * `no-listener`: connects to a port nobody listens on;
+//! * `rate-closed`: `--concurrency` connectors in a closed loop for `--duration`;
+//! * `rate-open`: one connector at `--rate` per second for `--duration`, each
+//!   latency measured from the request's intended start (so a stall is charged
+//!   to every request it delays: coordinated omission corrected by
+//!   construction, the "intended start time" method).
+
+use anyhow::{anyhow, bail, Context, Result};
+use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CONNECT};
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2DeflateSerializer;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use control::lab;
+
+/// Options of a suite run.
+pub(crate) struct Opts {
+    pub(crate) count: u64,
+    pub(crate) concurrency: usize,
+    pub(crate) rate: u64,
+    pub(crate) duration: Duration,
+    pub(crate) reject_wait: Duration,
+    pub(crate) idle: Vec<String>,
+    pub(crate) out: PathBuf,
+}
+
+/// One measured row.
+struct Row {
+    scenario: &'static str,
+    policy: String,
+    accept: &'static str,
+    transport: &'static str,
+    what: &'static str,
+    hist: Histogram<u64>,
+    attempts: u64,
+    errors: u64,
+    refused: u64,
+    pending: u64,
+    rate: Option<f64>,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds")
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("namespace {name}"))?;
+    // SAFETY: a namespace fd; setns affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        bail!("eventfd: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn wait_readable(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+const H1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+/// An accepting server for one transport, in its own thread.
+struct Server {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<Histogram<u64>>>>,
+    start_tx: Option<mpsc::Sender<Instant>>,
+}
+
+impl Server {
+    /// `accept`: false leaves requests queued (the reject scenario).
+    /// `timed`: the client sends each connect's start time (closed loop, one client).
+    fn start(
+        p1: Option<&Arc<Provider>>,
+        tcp: bool,
+        port: u16,
+        backlog: i32,
+        waiting: bool,
+        accept: bool,
+        timed: bool,
+    ) -> Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel::<Instant>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+        let (st, acc) = (stop.clone(), accepted.clone());
+        let p1 = p1.cloned();
+        let thread = std::thread::spawn(move || -> Result<Histogram<u64>> {
+            let mut h = hist();
+            if tcp {
+                let setup = (|| -> Result<TcpListener> {
+                    enter_netns("dsan-h1")?;
+                    // SAFETY: plain socket calls on a fresh socket.
+                    let fd = unsafe {
+                        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+                    };
+                    if fd < 0 {
+                        bail!("socket: {}", std::io::Error::last_os_error());
+                    }
+                    // SAFETY: a fresh socket we own.
+                    let l = unsafe { TcpListener::from_raw_fd(fd) };
+                    let one: libc::c_int = 1;
+                    let sa = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: port.to_be(),
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(H1).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    // SAFETY: valid socket, option and address buffers.
+                    unsafe {
+                        libc::setsockopt(
+                            fd,
+                            libc::SOL_SOCKET,
+                            libc::SO_REUSEADDR,
+                            (&one as *const libc::c_int).cast(),
+                            4,
+                        );
+                        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), 16) != 0
+                            || libc::listen(fd, backlog) != 0
+                        {
+                            bail!("bind/listen: {}", std::io::Error::last_os_error());
+                        }
+                    }
+                    l.set_nonblocking(!waiting)?;
+                    Ok(l)
+                })();
+                let l = match setup {
+                    Ok(l) => {
+                        ready_tx.send(Ok(())).ok();
+                        l
+                    }
+                    Err(e) => {
+                        ready_tx.send(Err(anyhow!("{e:#}"))).ok();
+                        return Err(e);
+                    }
+                };
+                if waiting {
+                    // Wake a blocked accept() at the end with a last connection.
+                    l.set_nonblocking(false)?;
+                }
+                while !st.load(Ordering::Relaxed) {
+                    if !accept {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    match l.accept() {
+                        Ok((c, _)) => {
+                            if timed {
+                                if let Ok(t) = rx.recv_timeout(Duration::from_secs(5)) {
+                                    h.saturating_record(t.elapsed().as_nanos() as u64);
+                                }
+                            }
+                            acc.fetch_add(1, Ordering::Relaxed);
+                            drop(c);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::yield_now()
+                        }
+                        Err(e) => return Err(anyhow!("accept: {e}")),
+                    }
+                }
+                return Ok(h);
+            }
+            let p1 = p1.ok_or_else(|| anyhow!("no provider"))?;
+            let setup = (|| -> Result<(SanSocket, OwnedFd)> {
+                let l = SanSocket::new(&p1).map_err(|e| anyhow!("{e}"))?;
+                l.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+                    .map_err(|e| anyhow!("bind: {e}"))?;
+                l.listen(backlog).map_err(|e| anyhow!("listen: {e}"))?;
+                let efd = eventfd()?;
+                l.event_select(efd.as_fd(), FD_ACCEPT)
+                    .map_err(|e| anyhow!("event_select: {e}"))?;
+                Ok((l, efd))
+            })();
+            let (l, efd) = match setup {
+                Ok(x) => {
+                    ready_tx.send(Ok(())).ok();
+                    x
+                }
+                Err(e) => {
+                    ready_tx.send(Err(anyhow!("{e:#}"))).ok();
+                    return Err(e);
+                }
+            };
+            while !st.load(Ordering::Relaxed) {
+                if !accept {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                if waiting {
+                    wait_readable(efd.as_raw_fd(), 50);
+                    let _ = l.enum_network_events();
+                }
+                match l.accept(|_| Decision::Accept) {
+                    Ok((c, _)) => {
+                        if timed {
+                            if let Ok(t) = rx.recv_timeout(Duration::from_secs(5)) {
+                                h.saturating_record(t.elapsed().as_nanos() as u64);
+                            }
+                        }
+                        acc.fetch_add(1, Ordering::Relaxed);
+                        drop(c);
+                    }
+                    Err(SanError::Again) => std::thread::yield_now(),
+                    Err(e) => return Err(anyhow!("accept: {e}")),
+                }
+            }
+            Ok(h)
+        });
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("server thread died"))??;
+        Ok(Server {
+            stop,
+            accepted,
+            thread: Some(thread),
+            start_tx: Some(tx),
+        })
+    }
+
+    /// Stops the server; returns the accepted-latency histogram and how many it accepted.
+    fn finish(mut self, tcp: bool, port: u16) -> Result<(Histogram<u64>, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if tcp {
+            // Unblock a waiting accept() with one last connection.
+            let _ = std::thread::spawn(move || {
+                if enter_netns("dsan-h0").is_ok() {
+                    let _ = TcpStream::connect_timeout(
+                        &SocketAddrV4::new(H1, port).into(),
+                        Duration::from_millis(200),
+                    );
+                }
+            })
+            .join();
+        }
+        self.start_tx.take();
+        let h = self
+            .thread
+            .take()
+            .expect("running")
+            .join()
+            .map_err(|_| anyhow!("server panicked"))??;
+        Ok((h, self.accepted.load(Ordering::Relaxed)))
+    }
+}
+
+/// A connect over kernel TCP from h0 (in the calling thread's namespace, which
+/// must be dsan-h0), with a timeout. Ok(true) connected, Ok(false) refused,
+/// Err(()) still pending at the timeout.
+fn tcp_connect(port: u16, timeout: Duration) -> std::result::Result<bool, ()> {
+    match TcpStream::connect_timeout(&SocketAddrV4::new(H1, port).into(), timeout) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(false),
+        Err(_) => Err(()),
+    }
+}
+
+/// A connect through the switch (the process's switch is attached to h0).
+fn dsan_connect(port: u16) -> std::result::Result<bool, i32> {
+    let s = dsan_switch::socket()?;
+    let r = dsan_switch::connect(s, SocketAddrV4::new(H1, port));
+    let _ = dsan_switch::close(s);
+    match r {
+        Ok(_) => Ok(true),
+        Err(libc::ECONNREFUSED) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `f` on a thread inside dsan-h0 (for kernel TCP clients).
+fn in_h0<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    std::thread::spawn(move || enter_netns("dsan-h0").map(|_| f()))
+        .join()
+        .map_err(|_| anyhow!("client thread panicked"))?
+}
+
+struct Ports(u16);
+impl Ports {
+    fn next(&mut self) -> u16 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) -> Result<()> {
+    let s0 = lab::socket_of("h0").display().to_string();
+    let s1 = lab::socket_of("h1").display().to_string();
+    // The connecting side's switch attaches to h0's daemon.
+    std::env::set_var("DSAN_SOCKET", &s0);
+    let p0 = Provider::attach(Some(s0.as_ref())).map_err(|e| anyhow!("attach to h0: {e}"))?;
+    let p1 = Provider::attach(Some(s1.as_ref())).map_err(|e| anyhow!("attach to h1: {e}"))?;
+    let pol = policy.to_string();
+    let row =
+        |scenario, accept, transport, what, hist, attempts, errors, refused, pending, rate| Row {
+            scenario,
+            policy: pol.clone(),
+            accept,
+            transport,
+            what,
+            hist,
+            attempts,
+            errors,
+            refused,
+            pending,
+            rate,
+        };
+
+    // connect, accepting thread spinning and waiting.
+    for (accept, waiting) in [("spinning", false), ("waiting", true)] {
+        for transport in ["dsan", "tcp"] {
+            let tcp = transport == "tcp";
+            let port = ports.next();
+            eprintln!(
+                "  [{policy}] connect / {accept} / {transport} ({} connects)",
+                o.count
+            );
+            let srv = Server::start(Some(&p1), tcp, port, 128, waiting, true, true)?;
+            let tx = srv.start_tx.clone().expect("timed");
+            let n = o.count;
+            let (connected, errors) = if tcp {
+                in_h0(move || {
+                    let mut h = hist();
+                    let mut err = 0;
+                    for _ in 0..n {
+                        let t = Instant::now();
+                        tx.send(t).ok();
+                        match tcp_connect(port, Duration::from_secs(3)) {
+                            Ok(true) => h.saturating_record(t.elapsed().as_nanos() as u64),
+                            _ => err += 1,
+                        }
+                    }
+                    (h, err)
+                })?
+            } else {
+                let mut h = hist();
+                let mut err = 0;
+                for _ in 0..n {
+                    let t = Instant::now();
+                    tx.send(t).ok();
+                    match dsan_connect(port) {
+                        Ok(true) => h.saturating_record(t.elapsed().as_nanos() as u64),
+                        _ => err += 1,
+                    }
+                }
+                (h, err)
+            };
+            let (accepted, _) = srv.finish(tcp, port)?;
+            let (a, c) = (accepted.len(), connected.len());
+            rows.push(row(
+                "connect",
+                accept,
+                transport,
+                "connected",
+                connected,
+                o.count,
+                errors,
+                0,
+                0,
+                None,
+            ));
+            rows.push(row(
+                "connect",
+                accept,
+                transport,
+                "accepted",
+                accepted,
+                a.max(c),
+                0,
+                0,
+                0,
+                None,
+            ));
+        }
+    }
+
+    // reject: a backlog of 1, filled, never accepted.
+    for transport in ["dsan", "tcp"] {
+        let tcp = transport == "tcp";
+        let port = ports.next();
+        let srv = Server::start(
+            Some(&p1),
+            tcp,
+            port,
+            if tcp { 0 } else { 1 },
+            false,
+            false,
+            false,
+        )?;
+        let n = if tcp { o.count.min(5) } else { o.count };
+        eprintln!("  [{policy}] reject / {transport} ({n} connects into a full backlog)");
+        let (h, refused, pending, errors) = if tcp {
+            let wait = o.reject_wait;
+            in_h0(move || {
+                // Fill the accept queue (backlog 0: one entry), then measure.
+                let _keep: Vec<TcpStream> = (0..2)
+                    .filter_map(|_| {
+                        TcpStream::connect_timeout(
+                            &SocketAddrV4::new(H1, port).into(),
+                            Duration::from_millis(100),
+                        )
+                        .ok()
+                    })
+                    .collect();
+                let mut h = hist();
+                let (mut refused, mut pending) = (0, 0);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    match tcp_connect(port, wait) {
+                        Ok(false) => {
+                            refused += 1;
+                            h.saturating_record(t.elapsed().as_nanos() as u64);
+                        }
+                        Ok(true) => {}
+                        Err(()) => pending += 1,
+                    }
+                }
+                (h, refused, pending, 0u64)
+            })?
+        } else {
+            // Fill the one-entry backlog with a nonblocking provider connect.
+            let filler = SanSocket::new(&p0).map_err(|e| anyhow!("{e}"))?;
+            let efd = eventfd()?;
+            filler
+                .event_select(efd.as_fd(), FD_CONNECT)
+                .map_err(|e| anyhow!("{e}"))?;
+            let _ = filler.connect(SocketAddrV4::new(H1, port));
+            std::thread::sleep(Duration::from_millis(20));
+            let mut h = hist();
+            let (mut refused, mut errors) = (0, 0);
+            for _ in 0..n {
+                let t = Instant::now();
+                match dsan_connect(port) {
+                    Ok(false) => {
+                        refused += 1;
+                        h.saturating_record(t.elapsed().as_nanos() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (h, refused, 0, errors)
+        };
+        srv.finish(tcp, port)?;
+        rows.push(row(
+            "reject", "-", transport, "refused", h, n, errors, refused, pending, None,
+        ));
+    }
+
+    // no-listener.
+    for transport in ["dsan", "tcp"] {
+        let port = ports.next();
+        eprintln!(
+            "  [{policy}] no-listener / {transport} ({} connects)",
+            o.count
+        );
+        let n = o.count;
+        let (h, refused, errors) = if transport == "tcp" {
+            in_h0(move || {
+                let mut h = hist();
+                let (mut refused, mut errors) = (0, 0);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    match tcp_connect(port, Duration::from_secs(1)) {
+                        Ok(false) => {
+                            refused += 1;
+                            h.saturating_record(t.elapsed().as_nanos() as u64);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (h, refused, errors)
+            })?
+        } else {
+            let mut h = hist();
+            let (mut refused, mut errors) = (0, 0);
+            for _ in 0..n {
+                let t = Instant::now();
+                match dsan_connect(port) {
+                    Ok(false) => {
+                        refused += 1;
+                        h.saturating_record(t.elapsed().as_nanos() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (h, refused, errors)
+        };
+        rows.push(row(
+            "no-listener",
+            "-",
+            transport,
+            "refused",
+            h,
+            n,
+            errors,
+            refused,
+            0,
+            None,
+        ));
+    }
+
+    // rate-closed: C connectors for the duration.
+    for transport in ["dsan", "tcp"] {
+        let tcp = transport == "tcp";
+        let port = ports.next();
+        eprintln!(
+            "  [{policy}] rate-closed / {transport} ({} connectors, {:?})",
+            o.concurrency, o.duration
+        );
+        let srv = Server::start(Some(&p1), tcp, port, 4096, false, true, false)?;
+        let dur = o.duration;
+        let start = Instant::now();
+        let handles: Vec<_> = (0..o.concurrency)
+            .map(|_| {
+                std::thread::spawn(move || -> Result<(Histogram<u64>, u64, u64)> {
+                    if tcp {
+                        enter_netns("dsan-h0")?;
+                    }
+                    let mut h = hist();
+                    let (mut n, mut err) = (0, 0);
+                    let end = Instant::now() + dur;
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let ok = if tcp {
+                            tcp_connect(port, Duration::from_secs(3)) == Ok(true)
+                        } else {
+                            dsan_connect(port) == Ok(true)
+                        };
+                        n += 1;
+                        if ok {
+                            h.saturating_record(t.elapsed().as_nanos() as u64);
+                        } else {
+                            err += 1;
+                        }
+                    }
+                    Ok((h, n, err))
+                })
+            })
+            .collect();
+        let mut h = hist();
+        let (mut n, mut err) = (0, 0);
+        for j in handles {
+            let (hh, nn, ee) = j.join().map_err(|_| anyhow!("connector panicked"))??;
+            h.add(&hh).map_err(|e| anyhow!("{e:?}"))?;
+            n += nn;
+            err += ee;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let (_, server_accepted) = srv.finish(tcp, port)?;
+        // Every connect that succeeded was accepted (the TCP server may also
+        // count the final wake-up connection).
+        // (Kernel TCP completes connects before the application accepts them, so
+        // only the SAN, where a connect completes at accept, must match.)
+        if transport == "dsan" && server_accepted < n - err {
+            bail!(
+                "rate-closed/{transport}: {} connected but only {server_accepted} accepted",
+                n - err
+            );
+        }
+        let rate = (n - err) as f64 / secs;
+        rows.push(row(
+            "rate-closed",
+            "spinning",
+            transport,
+            "connected",
+            h,
+            n,
+            err,
+            0,
+            0,
+            Some(rate),
+        ));
+    }
+
+    // rate-open: a fixed offered rate, latency from the intended start.
+    for transport in ["dsan", "tcp"] {
+        let tcp = transport == "tcp";
+        let port = ports.next();
+        eprintln!(
+            "  [{policy}] rate-open / {transport} ({}/s for {:?})",
+            o.rate, o.duration
+        );
+        let srv = Server::start(Some(&p1), tcp, port, 4096, false, true, false)?;
+        let (rate, dur) = (o.rate, o.duration);
+        let job = move || -> (Histogram<u64>, u64, u64, f64) {
+            let mut h = hist();
+            let (mut n, mut err) = (0, 0);
+            let gap = Duration::from_secs_f64(1.0 / rate as f64);
+            let t0 = Instant::now();
+            let total = (dur.as_secs_f64() * rate as f64) as u64;
+            for i in 0..total {
+                let intended = t0 + gap * i as u32;
+                while Instant::now() < intended {
+                    std::hint::spin_loop();
+                }
+                let ok = if tcp {
+                    tcp_connect(port, Duration::from_secs(3)) == Ok(true)
+                } else {
+                    dsan_connect(port) == Ok(true)
+                };
+                n += 1;
+                if ok {
+                    h.saturating_record(intended.elapsed().as_nanos() as u64);
+                } else {
+                    err += 1;
+                }
+            }
+            (h, n, err, t0.elapsed().as_secs_f64())
+        };
+        let (h, n, err, secs) = if tcp { in_h0(job)? } else { job() };
+        let (_, server_accepted) = srv.finish(tcp, port)?;
+        // (Kernel TCP completes connects before the application accepts them, so
+        // only the SAN, where a connect completes at accept, must match.)
+        if transport == "dsan" && server_accepted < n - err {
+            bail!(
+                "rate-open/{transport}: {} connected but only {server_accepted} accepted",
+                n - err
+            );
+        }
+        rows.push(row(
+            "rate-open",
+            "spinning",
+            transport,
+            "connected",
+            h,
+            n,
+            err,
+            0,
+            0,
+            Some((n - err) as f64 / secs),
+        ));
+    }
+    let _ = (p0, p1);
+    Ok(())
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        f64::NAN
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// HdrHistogram's percentile-distribution text (values in microseconds), as
+/// `outputPercentileDistribution` writes it and the plotter reads it.
+fn hgrm(h: &Histogram<u64>) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    if h.is_empty() {
+        return s;
+    }
+    for v in h.iter_quantiles(5) {
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 {
+            format!("{:>14.2}", 1.0 / (1.0 - q))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "{:>12.3} {:>14.12} {:>10} {}",
+            v.value_iterated_to() as f64 / 1000.0,
+            q,
+            v.count_since_last_iteration(),
+            inv
+        );
+    }
+    // Running totals, as the Java tool prints them, replace the per-step counts.
+    let mut out = String::new();
+    let mut total = 0u64;
+    for line in s.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 3 && f[0].parse::<f64>().is_ok() {
+            total += f[2].parse::<u64>().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "{:>12} {:>14} {:>10} {}",
+                f[0],
+                f[1],
+                total,
+                f.get(3).map_or("", |x| x)
+            );
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:>12.3}, Total count    = {:>12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
+        h.buckets(),
+        h.distinct_values()
+    );
+    out
+}
+
+const PLOT_PY: &str = include_str!("../plot.py");
+
+fn python() -> String {
+    if let Ok(p) = std::env::var("DSAN_PYTHON") {
+        return p;
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    for anc in exe.ancestors() {
+        let v = anc.join(".venv/bin/python");
+        if v.exists() {
+            return v.display().to_string();
+        }
+    }
+    "python3".into()
+}
+
+pub(crate) fn run(o: Opts) -> Result<()> {
+    let dsand = std::env::current_exe()?.with_file_name("dsand");
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let mut rows = Vec::new();
+    let mut ports = Ports(30000);
+    let started = SystemTime::now();
+    let t0 = Instant::now();
+    for policy in &o.idle {
+        policy
+            .parse::<dataplane::engine::IdlePolicy>()
+            .map_err(anyhow::Error::msg)?;
+        lab::down().map_err(anyhow::Error::msg)?;
+        eprintln!("lab up, idle policy {policy} ...");
+        lab::up(&lab::UpOptions {
+            hosts: 2,
+            mode: lab::Mode::AfPacket,
+            idle: policy.clone(),
+            dsand: dsand.clone(),
+        })
+        .map_err(anyhow::Error::msg)?;
+        let r = run_policy(&o, policy, &mut rows, &mut ports);
+        lab::down().map_err(anyhow::Error::msg)?;
+        r?;
+    }
+    let elapsed = t0.elapsed();
+
+    // The interval log: one interval per row, tagged.
+    let mut log = Vec::new();
+    {
+        let mut ser = V2DeflateSerializer::new();
+        let mut b = IntervalLogWriterBuilder::new();
+        b.add_comment("dsan-bench suite: latencies in nanoseconds");
+        b.with_start_time(started);
+        b.with_max_value_divisor(1e9);
+        let mut w = b
+            .begin_log_with(&mut log, &mut ser)
+            .map_err(|e| anyhow!("{e}"))?;
+        for r in &rows {
+            let tag = format!(
+                "{}/{}/{}/{}/{}",
+                r.scenario, r.policy, r.accept, r.transport, r.what
+            );
+            w.write_histogram(&r.hist, Duration::ZERO, elapsed, Tag::new(&tag))
+                .map_err(|e| anyhow!("{e:?}"))?;
+        }
+    }
+    std::fs::write(o.out.join("bench.hlog"), &log)?;
+    let mut files = Vec::new();
+    for r in &rows {
+        let name = format!(
+            "{}-{}-{}-{}-{}.hgrm",
+            r.scenario, r.policy, r.accept, r.transport, r.what
+        );
+        std::fs::write(o.out.join(&name), hgrm(&r.hist))?;
+        files.push(name);
+    }
+
+    // The table, with the ratio dsan / tcp under each pair.
+    println!(
+        "{:<12} {:<9} {:<9} {:<10} {:<5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>7} {:>10}",
+        "scenario",
+        "policy",
+        "accept",
+        "measure",
+        "path",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "p99.9 us",
+        "max us",
+        "count",
+        "errors",
+        "rate/s"
+    );
+    let mut summary = Vec::new();
+    for r in &rows {
+        println!(
+            "{:<12} {:<9} {:<9} {:<10} {:<5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>7} {:>7} {:>10}",
+            r.scenario,
+            r.policy,
+            r.accept,
+            r.what,
+            r.transport,
+            us(&r.hist, 0.5),
+            us(&r.hist, 0.9),
+            us(&r.hist, 0.99),
+            us(&r.hist, 0.999),
+            if r.hist.is_empty() { f64::NAN } else { r.hist.max() as f64 / 1000.0 },
+            r.hist.len(),
+            r.errors + r.pending,
+            r.rate.map_or("-".into(), |x| format!("{x:.0}"))
+        );
+        if r.transport == "tcp" {
+            if let Some(d) = rows.iter().find(|x| {
+                x.transport == "dsan"
+                    && x.scenario == r.scenario
+                    && x.policy == r.policy
+                    && x.accept == r.accept
+                    && x.what == r.what
+            }) {
+                let q = |qq| us(&d.hist, qq) / us(&r.hist, qq);
+                let rate = match (d.rate, r.rate) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<12} {:<9} {:<9} {:<10} {:<5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>7} {:>7} {:>10}",
+                    "", "", "", "", "ratio", q(0.5), q(0.9), q(0.99), q(0.999), "", "", "", rate
+                );
+            }
+            if r.scenario == "reject" && r.pending > 0 {
+                println!(
+                    "{:<12} kernel TCP did not refuse: {} of {} connects still pending after {:?}",
+                    "", r.pending, r.attempts, o.reject_wait
+                );
+            }
+        }
+        let q = |qq| {
+            if r.hist.is_empty() {
+                Value::Null
+            } else {
+                json!(r.hist.value_at_quantile(qq))
+            }
+        };
+        summary.push(json!({
+            "scenario": r.scenario, "policy": r.policy, "accept": r.accept, "transport": r.transport, "measure": r.what,
+            "count": r.hist.len(), "attempts": r.attempts, "errors": r.errors, "refused": r.refused, "pending": r.pending,
+            "rate_per_s": r.rate, "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99), "p999_ns": q(0.999),
+            "max_ns": if r.hist.is_empty() { Value::Null } else { json!(r.hist.max()) },
+            "tag": format!("{}/{}/{}/{}/{}", r.scenario, r.policy, r.accept, r.transport, r.what),
+        }));
+    }
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
+    });
+    let doc = json!({
+        "benchmark": "dsan-bench suite",
+        "machine": machine,
+        "config": {"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency,
+                   "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
+                   "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"},
+        "elapsed_s": elapsed.as_secs_f64(),
+        "results": summary,
+    });
+    std::fs::write(
+        o.out.join("summary.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+
+    // The plot (HdrHistogram's log percentile axis), drawn from the .hgrm files.
+    let script = o.out.join("plot.py");
+    std::fs::write(&script, PLOT_PY)?;
+    let png = o.out.join("bench.png");
+    let st = std::process::Command::new(python())
+        .arg(&script)
+        .arg(&o.out)
+        .arg(&png)
+        .status();
+    match st {
+        Ok(s) if s.success() => eprintln!("plot: {}", png.display()),
+        _ => bail!("plotting failed (needs matplotlib: scripts/setup.sh installs it into .venv)"),
+    }
+    eprintln!(
+        "wrote {} (bench.hlog, *.hgrm, summary.json, bench.png) in {:.1} s",
+        o.out.display(),
+        elapsed.as_secs_f64()
+    );
+    let _ = files;
+    Ok(())
+}
+
+/// Where the output goes by default.
+pub(crate) fn default_out() -> PathBuf {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Path::new("bench-out").join(format!("suite-{t}"))
+}

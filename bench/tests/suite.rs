@@ -1,0 +1,167 @@
+//! A smoke run of every scenario of `dsan-bench suite` in the lab (both idle
+//! policies, seconds), checked for well-formed output and consistent numbers,
+//! and its .hlog read back by an independent reader (the `hdrhistogram`
+//! Python package). Needs root.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_dsan-bench");
+
+fn python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} missing: scripts/setup.sh creates it (hdrhistogram, matplotlib)",
+        venv.display()
+    );
+    venv
+}
+
+#[test]
+fn smoke_run_of_every_scenario() {
+    let out = std::env::temp_dir().join(format!("dsan-bench-smoke-{}", std::process::id()));
+    let o = Command::new(BENCH)
+        .args(["suite", "--smoke", "--out"])
+        .arg(&out)
+        .env("DSAN_PYTHON", python())
+        .output()
+        .unwrap();
+    let _ = Command::new(BENCH.replace("dsan-bench", "dsanctl"))
+        .args(["lab", "down"])
+        .status();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("ratio"), "{table}");
+    assert!(table.contains("kernel TCP did not refuse"), "{table}");
+
+    let png = std::fs::read(out.join("bench.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let hlog = std::fs::read_to_string(out.join("bench.hlog")).unwrap();
+    assert!(hlog.contains("HISTFAAA"), "V2 compressed histograms");
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(s["machine"]["cpus"].as_u64().unwrap() >= 1);
+    let rows = s["results"].as_array().unwrap();
+    let scenarios: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scenarios.into_iter().collect::<Vec<_>>(),
+        vec![
+            "connect",
+            "no-listener",
+            "rate-closed",
+            "rate-open",
+            "reject"
+        ]
+    );
+    for policy in ["adaptive", "poll"] {
+        assert!(
+            rows.iter().any(|r| r["policy"] == policy),
+            "no rows for {policy}"
+        );
+    }
+    for r in rows {
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        let tag = r["tag"].as_str().unwrap();
+        let hgrm = out.join(format!("{}.hgrm", tag.replace('/', "-")));
+        assert!(hgrm.exists(), "{}", hgrm.display());
+        match (
+            r["scenario"].as_str().unwrap(),
+            r["transport"].as_str().unwrap(),
+            r["measure"].as_str().unwrap(),
+        ) {
+            (_, _, "connected") => assert_eq!(
+                n("count") + n("errors"),
+                n("attempts"),
+                "{tag}: counts add up"
+            ),
+            ("reject", "dsan", _) => {
+                assert_eq!(
+                    n("refused"),
+                    n("attempts"),
+                    "{tag}: every connect into the full backlog refused"
+                );
+                assert_eq!(n("count"), n("refused"));
+            }
+            ("reject", "tcp", _) => assert_eq!(
+                n("refused"),
+                0,
+                "{tag}: kernel TCP does not refuse a full backlog"
+            ),
+            ("no-listener", _, _) => assert_eq!(n("refused"), n("attempts"), "{tag}: refused"),
+            _ => {}
+        }
+        if r["count"].as_u64().unwrap() > 0 {
+            let p = |k: &str| r[k].as_u64().unwrap();
+            assert!(
+                p("p50_ns") <= p("p90_ns")
+                    && p("p90_ns") <= p("p99_ns")
+                    && p("p99_ns") <= p("p999_ns")
+                    && p("p999_ns") <= p("max_ns"),
+                "{tag}"
+            );
+        }
+        if r["scenario"].as_str().unwrap().starts_with("rate") {
+            assert!(r["rate_per_s"].as_f64().unwrap() > 0.0, "{tag}");
+        }
+    }
+    // An independent reader: HdrHistogram's Python package decodes the log.
+    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
+    let o = Command::new(python())
+        .arg(check)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn help_documents_every_flag_and_bad_flags_fail_in_one_line() {
+    let o = Command::new(BENCH)
+        .args(["suite", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--count",
+        "--concurrency",
+        "--rate",
+        "--duration-ms",
+        "--reject-wait-ms",
+        "--idle",
+        "--out",
+        "--smoke",
+    ] {
+        assert!(help.contains(flag), "{flag} undocumented:\n{help}");
+    }
+    let o = Command::new(BENCH)
+        .args(["suite", "--bogus"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--bogus"));
+    let o = Command::new(BENCH)
+        .args(["suite", "--count", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+}

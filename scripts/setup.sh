@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# prometheus: promtool checks the metrics (and, for issue #7, a real server).
-PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3 python3-venv curl prometheus)
+# prometheus: promtool and a real server for the metrics tests; tshark: the
+# Wireshark dissector's test; python3-venv: the benchmark's plot and .hlog reader.
+PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3 python3-venv curl prometheus tshark)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +21,8 @@ if ((${#missing[@]})); then
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && own_policy=1
   fi
+  # tshark: do not ask whether non-root users may capture.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   if [ "$own_policy" = 1 ]; then rm -f "$policy"; fi

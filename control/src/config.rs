@@ -256,6 +256,26 @@ mod tests {
     }
 
     #[test]
+    fn every_deploy_example_parses() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                assert!(c.idle_policy().is_ok(), "{}", p.display());
+                assert!(
+                    !c.eal.vdev.is_empty() || !c.eal.allow.is_empty(),
+                    "{} names a port",
+                    p.display()
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "{n} examples");
+    }
+
+    #[test]
     fn vdev_and_lcore_helpers() {
         assert_eq!(vdev_driver("net_af_packet0,iface=san0"), "net_af_packet");
         assert_eq!(vdev_driver("net_memif"), "net_memif");

@@ -335,3 +335,310 @@ fn a_real_prometheus_scrapes_the_lab_and_agrees_with_the_bench() {
     let _ = listener.kill();
     let _ = listener.wait();
 }
+
+/// The provider's C test harness (provider-shim/tests/c/harness.c), compiled once.
+fn harness() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("dsan-deploy-harness-{}", std::process::id()));
+        let st = Command::new("cc")
+            .args(["-O2", "-I"])
+            .arg(root().join("provider-shim/include"))
+            .arg(root().join("provider-shim/tests/c/harness.c"))
+            .arg("-L")
+            .arg(bindir())
+            .args(["-ldsan_provider", "-o"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        out
+    })
+    .clone()
+}
+
+/// Drives a harness in a lab host through a script of commands.
+fn harness_run(host: &str, script: &str) -> String {
+    let mut c = in_host(host, &harness(), &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let o = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn tshark_decodes_a_lab_capture_field_by_field() {
+    let _lab = Lab::up();
+    let dir = std::env::temp_dir().join(format!("dsan-pcap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut caps = Vec::new();
+    for h in ["h0", "h1"] {
+        let file = dir.join(format!("{h}.pcapng"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("dsan-{h}"),
+                "dumpcap",
+                "-q",
+                "-i",
+                "san0",
+                "-w",
+            ])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dumpcap (scripts/setup.sh installs tshark)");
+        caps.push((child, file));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    // Listeners on h1: 6000 accepts, 6001 has a backlog of 1 and never
+    // accepts, 6003 rejects, 6004 is closed with a request queued.
+    let mut srv = in_host("h1", &harness(), &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tx = srv.stdin.take().unwrap();
+    let mut rx = BufReader::new(srv.stdout.take().unwrap());
+    let mut cmd = |c: &str| -> String {
+        writeln!(tx, "{c}").unwrap();
+        let mut l = String::new();
+        rx.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    };
+    assert_eq!(cmd("startup"), "0");
+    for (s, port, backlog) in [(0, 6000, 4), (1, 6001, 1), (2, 6003, 4), (3, 6004, 4)] {
+        assert_eq!(cmd("socket"), s.to_string());
+        assert_eq!(cmd(&format!("bind {s} 0.0.0.0 {port}")), "0");
+        assert_eq!(cmd(&format!("listen {s} {backlog}")), "0");
+        assert_eq!(cmd(&format!("evsel {s} 8")), "0");
+    }
+    // From h0: connects to each.
+    let cli = std::thread::spawn(|| {
+        harness_run(
+            "h0",
+            "startup\nconnectn 1 198.18.0.2 6000\nresults 1500\nconnectn 2 198.18.0.2 6001\nresults 300\nconnectn 1 198.18.0.2 6002\nresults 300\nconnectn 1 198.18.0.2 6003\nresults 1500\nconnectn 1 198.18.0.2 6004\nresults 1500\nquit\n",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let a = cmd("accept 0 accept");
+    assert!(
+        a.split_whitespace().next().unwrap().parse::<i64>().unwrap() >= 0,
+        "{a}"
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(
+        cmd("accept 2 reject").split_whitespace().next(),
+        Some("-111")
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(
+        cmd("close 3"),
+        "0",
+        "closing a listener with a request queued"
+    );
+    let out = cli.join().unwrap();
+    assert!(out.contains("-111"), "{out}");
+    // A connection closed, for Close / CloseAck.
+    assert_eq!(cmd("close 4"), "0");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = srv.kill();
+    let _ = srv.wait();
+    for (mut c, _) in caps {
+        let _ = Command::new("pkill")
+            .args(["-INT", "-P", &c.id().to_string()])
+            .status();
+        let _ = Command::new("kill")
+            .args(["-INT", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
+    let lua = root().join("deploy/wireshark/dsan.lua");
+    let mut seen_kinds = std::collections::BTreeSet::new();
+    let mut seen_reasons = std::collections::BTreeSet::new();
+    let mut macs = 0;
+    for h in ["h0", "h1"] {
+        let o = Command::new("tshark")
+            .arg("-X")
+            .arg(format!("lua_script:{}", lua.display()))
+            .arg("-r")
+            .arg(dir.join(format!("{h}.pcapng")))
+            .args([
+                "-Y",
+                "dsan",
+                "-T",
+                "fields",
+                "-E",
+                "separator=|",
+                "-e",
+                "dsan.version",
+                "-e",
+                "dsan.kind",
+                "-e",
+                "dsan.reason",
+                "-e",
+                "dsan.mac",
+                "-e",
+                "dsan.src_ip",
+                "-e",
+                "dsan.dst_ip",
+                "-e",
+                "dsan.conn_id",
+                "-e",
+                "dsan.dst_port",
+            ])
+            .output()
+            .expect("tshark");
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('|').collect();
+            assert_eq!(f[0], "1", "version field: {line}");
+            assert!(
+                f[4].starts_with("198.18.0.") && f[5].starts_with("198.18.0."),
+                "addresses: {line}"
+            );
+            seen_kinds.insert(f[1].to_string());
+            if !f[2].is_empty() {
+                seen_reasons.insert(f[2].to_string());
+            }
+            if f[1] == "0x11" {
+                assert!(f[3].starts_with("02:d5:a0:00:00:0"), "resolved MAC: {line}");
+                macs += 1;
+            }
+            if f[1] == "0x01" {
+                assert!(
+                    f[6].starts_with("0x") && f[7].starts_with("600"),
+                    "connect request fields: {line}"
+                );
+            }
+        }
+    }
+    for k in ["0x01", "0x02", "0x03", "0x04", "0x05", "0x10", "0x11"] {
+        assert!(
+            seen_kinds.contains(k),
+            "kind {k} not decoded; saw {seen_kinds:?}"
+        );
+    }
+    for r in ["0x01", "0x02", "0x03", "0x05"] {
+        assert!(
+            seen_reasons.contains(r),
+            "reason {r} not decoded; saw {seen_reasons:?}"
+        );
+    }
+    assert!(macs >= 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn dsand_telemetry_answers_dpdk_telemetry_py() {
+    let _lab = Lab::up();
+    let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7800", "4", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(l.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let q = |cmd: &str| -> Value {
+        let mut c = Command::new("dpdk-telemetry.py")
+            .args(["-f", "dsan-h1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(c.stdin.take().unwrap(), "{cmd}").unwrap();
+        let o = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_string();
+        serde_json::from_str(&line).unwrap()
+    };
+    // DPDK's own commands keep working.
+    assert_eq!(q("/ethdev/list")["/ethdev/list"], serde_json::json!([0]));
+    let ls = q("/dsan/listeners");
+    let entry = ls["/dsan/listeners"]["port_7800_0_0_0_0"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert!(
+        entry.contains("backlog_capacity 4") && entry.contains("backlog_depth 0"),
+        "{entry}"
+    );
+    let c = in_host("h0", &probe(), &["connect", "198.18.0.2", "7800"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&c.stdout).starts_with("connected san"));
+    std::thread::sleep(Duration::from_millis(50));
+    let st = q("/dsan/stats");
+    assert_eq!(st["/dsan/stats"]["connects_accepted"], 1, "{st}");
+    assert!(q("/dsan/connections")["/dsan/connections"].is_object());
+    let _ = l.kill();
+    let _ = l.wait();
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    // The unit names /usr/local/bin/dsand; verify a copy pointing at the build.
+    let dir = std::env::temp_dir().join(format!("dsan-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/dsand.service"))
+        .unwrap()
+        .replace("/usr/local/bin/dsand", DSAND);
+    let path = dir.join("dsand.service");
+    std::fs::write(&path, unit).unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("dsand.service"))
+        .collect();
+    assert!(
+        o.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_guide_lab_walk_through_runs() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let o = Command::new(root().join("deploy/lab-walkthrough.sh"))
+        .current_dir(root())
+        .env("B", bindir())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("walk-through done"), "{out}");
+    let ns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(!ns.contains("dsan-walk"), "{ns}");
+}

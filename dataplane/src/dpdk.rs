@@ -576,3 +576,103 @@ mod tests {
         );
     }
 }
+
+/// What a telemetry command returns: a dictionary of numbers or of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TelemetryValue {
+    /// `{"name": number, ...}`.
+    Numbers(Vec<(String, u64)>),
+    /// `{"name": "text", ...}`.
+    Strings(Vec<(String, String)>),
+}
+
+/// A telemetry command's handler (runs on DPDK's telemetry thread).
+pub type TelemetryFn = Box<dyn Fn() -> TelemetryValue + Send + Sync>;
+
+fn telemetry_registry() -> &'static std::sync::Mutex<std::collections::HashMap<String, TelemetryFn>>
+{
+    static R: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, TelemetryFn>>,
+    > = std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+unsafe extern "C" fn telemetry_trampoline(
+    cmd: *const libc::c_char,
+    _params: *const libc::c_char,
+    d: *mut sys::rte_tel_data,
+) -> libc::c_int {
+    // SAFETY: DPDK passes the NUL-terminated command string it matched.
+    let cmd = unsafe { CStr::from_ptr(cmd) }
+        .to_string_lossy()
+        .into_owned();
+    let value = {
+        let reg = telemetry_registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match reg.get(&cmd) {
+            Some(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok(),
+            None => None,
+        }
+    };
+    let Some(value) = value else {
+        return -libc::EINVAL;
+    };
+    let limit = (sys::RTE_TEL_MAX_STRING_LEN - 1) as usize;
+    let cstr = |s: &str| {
+        CString::new(
+            s.chars()
+                .filter(|c| *c != '\0')
+                .take(limit)
+                .collect::<String>(),
+        )
+        .unwrap_or_default()
+    };
+    // SAFETY: `d` is the data object DPDK gave this callback; every string
+    // passed is NUL-terminated and within RTE_TEL_MAX_STRING_LEN.
+    unsafe {
+        sys::rte_tel_data_start_dict(d);
+        match value {
+            TelemetryValue::Numbers(v) => {
+                for (k, n) in v {
+                    sys::rte_tel_data_add_dict_u64(d, cstr(&k).as_ptr(), n);
+                }
+            }
+            TelemetryValue::Strings(v) => {
+                for (k, s) in v {
+                    sys::rte_tel_data_add_dict_string(d, cstr(&k).as_ptr(), cstr(&s).as_ptr());
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Registers a DPDK telemetry command (e.g. `/dsan/listeners`), readable with
+/// `dpdk-telemetry.py`. Call after [`Eal::init`].
+///
+/// # Errors
+/// As `rte_telemetry_register_cmd` (bad name, already registered).
+pub fn register_telemetry(
+    _eal: &Eal,
+    cmd: &'static str,
+    help: &'static str,
+    f: TelemetryFn,
+) -> Result<()> {
+    let c = CString::new(cmd)
+        .map_err(|_| DpdkError::from_errno("rte_telemetry_register_cmd", libc::EINVAL))?;
+    let h = CString::new(help)
+        .map_err(|_| DpdkError::from_errno("rte_telemetry_register_cmd", libc::EINVAL))?;
+    telemetry_registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(cmd.to_string(), f);
+    // SAFETY: DPDK keeps the pointers: the strings are leaked for the life of
+    // the process, and the trampoline is a plain function.
+    let rc = unsafe {
+        sys::rte_telemetry_register_cmd(c.as_ptr(), Some(telemetry_trampoline), h.as_ptr())
+    };
+    std::mem::forget(c);
+    std::mem::forget(h);
+    DpdkError::check("rte_telemetry_register_cmd", rc).map(|_| ())
+}

@@ -512,6 +512,7 @@ fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
     }
 
     let fallbacks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    register_telemetry(&eal, &shared, &handle, &fallbacks);
     let info = Arc::new(json!({
         "host": eff.host, "pid": std::process::id(), "mac": mac.to_string(),
         "san_addrs": eff.cfg.san_addrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
@@ -663,6 +664,128 @@ fn current_addrs(node: &NodeHandle) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// DPDK telemetry commands: `/dsan/listeners`, `/dsan/connections`,
+/// `/dsan/stats` (read with `dpdk-telemetry.py -f <file-prefix>`).
+fn register_telemetry(
+    eal: &dpdk::Eal,
+    shared: &Arc<EngineShared>,
+    node: &NodeHandle,
+    fallbacks: &Arc<std::sync::atomic::AtomicU64>,
+) {
+    use dpdk::TelemetryValue;
+    let (s1, n1) = (shared.clone(), node.clone());
+    let listeners: dpdk::TelemetryFn = Box::new(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if n1.commands.push(Command::Listeners(tx)).is_err() {
+            return TelemetryValue::Strings(vec![]);
+        }
+        s1.doorbell.ring();
+        let v = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+        TelemetryValue::Strings(
+            v.iter()
+                // Telemetry names allow letters, digits and '_' only.
+                .map(|l| {
+                    (
+                        format!("port_{}_{}", l.port, l.ip.to_string().replace('.', "_")),
+                        format!(
+                            "address {} port {} pid {} backlog_capacity {} backlog_depth {}",
+                            l.ip, l.port, l.pid, l.capacity, l.depth
+                        ),
+                    )
+                })
+                .collect(),
+        )
+    });
+    let (s2, n2) = (shared.clone(), node.clone());
+    let connections: dpdk::TelemetryFn = Box::new(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if n2.commands.push(Command::Connections(tx)).is_err() {
+            return TelemetryValue::Strings(vec![]);
+        }
+        s2.doorbell.ring();
+        let v = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+        TelemetryValue::Strings(
+            v.iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        format!("c{i}"),
+                        format!(
+                            "{} {}:{} -> {}:{} pid {}{}",
+                            c.role,
+                            c.local.0,
+                            c.local.1,
+                            c.peer.0,
+                            c.peer.1,
+                            c.pid,
+                            if c.closing { " closing" } else { "" }
+                        ),
+                    )
+                })
+                .collect(),
+        )
+    });
+    let (n3, s3, f3) = (node.clone(), shared.clone(), fallbacks.clone());
+    let stats: dpdk::TelemetryFn = Box::new(move || {
+        let n = &n3.stats;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut v = vec![
+            (
+                "connect_requests_received".to_string(),
+                ld(&n.requests_received),
+            ),
+            ("connects_accepted".to_string(), ld(&n.accepted)),
+            ("switch_fallbacks".to_string(), f3.load(Ordering::Relaxed)),
+            ("attached_processes".to_string(), ld(&n.attached)),
+            ("lcore_busy_polls".to_string(), ld(&s3.stats.busy_polls)),
+            ("lcore_idle_polls".to_string(), ld(&s3.stats.idle_polls)),
+        ];
+        for (k, a) in [
+            "backlog_full",
+            "no_listener",
+            "refused",
+            "no_resources",
+            "listener_closed",
+        ]
+        .iter()
+        .zip(&n.rejected)
+        {
+            v.push((format!("rejected_{k}"), ld(a)));
+        }
+        for (k, a) in ["connected", "refused", "reset", "timed_out"]
+            .iter()
+            .zip(&n.attempts)
+        {
+            v.push((format!("attempts_{k}"), ld(a)));
+        }
+        TelemetryValue::Numbers(v)
+    });
+    for (cmd, help, f) in [
+        (
+            "/dsan/listeners",
+            "SAN listeners: address:port -> owner pid, backlog capacity and depth",
+            listeners,
+        ),
+        (
+            "/dsan/connections",
+            "Established SAN connections",
+            connections,
+        ),
+        (
+            "/dsan/stats",
+            "dsan counters: connects by reason and result, switch fallbacks, polls",
+            stats,
+        ),
+    ] {
+        if let Err(e) = dpdk::register_telemetry(eal, cmd, help, f) {
+            log(
+                "warn",
+                &format!("telemetry command {cmd} not registered: {e}"),
+            );
+        }
+    }
 }
 
 static NEXT_APP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);

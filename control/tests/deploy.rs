@@ -400,6 +400,55 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
         caps.push((child, file));
     }
     std::thread::sleep(Duration::from_millis(1000));
+    // A no-resources refusal first: restart h1's daemon with room for one
+    // queued request in all, fill it, and connect to a second listener.
+    {
+        ok(&dsanctl(&["lab", "stop", "h1"]));
+        let spec: Value =
+            serde_json::from_str(&std::fs::read_to_string("/run/dsan/lab/h1/spec.json").unwrap())
+                .unwrap();
+        let mut args: Vec<String> = spec["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        args.push("--max-half-open=1".into());
+        let mut d = Command::new(DSAND)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dsanctl(&["--socket", "/run/dsan/lab/h1/dsand.sock", "status"])
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "restarted h1 daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut s = in_host("h1", &harness(), &[])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Keep its stdin open: the harness exits at end of input.
+        let mut keep = s.stdin.take().unwrap();
+        keep.write_all(b"startup\nsocket\nbind 0 0.0.0.0 6005\nlisten 0 4\nsocket\nbind 1 0.0.0.0 6006\nlisten 1 4\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let out = harness_run("h0", "startup\nconnectn 1 198.18.0.2 6005\nresults 200\nconnectn 1 198.18.0.2 6006\nresults 1000\nquit\n");
+        assert!(out.contains("-111"), "no-resources refusal: {out}");
+        drop(keep);
+        let _ = s.kill();
+        let _ = s.wait();
+        let _ = d.kill();
+        let _ = d.wait();
+        ok(&dsanctl(&["lab", "start", "h1"]));
+    }
     // Listeners on h1: 6000 accepts, 6001 has a backlog of 1 and never
     // accepts, 6003 rejects, 6004 is closed with a request queued.
     let mut srv = in_host("h1", &harness(), &[])
@@ -529,7 +578,7 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
             "kind {k} not decoded; saw {seen_kinds:?}"
         );
     }
-    for r in ["0x01", "0x02", "0x03", "0x05"] {
+    for r in ["0x01", "0x02", "0x03", "0x04", "0x05"] {
         assert!(
             seen_reasons.contains(r),
             "reason {r} not decoded; saw {seen_reasons:?}"

@@ -76,6 +76,15 @@ struct Args {
     /// Prometheus endpoint, e.g. 127.0.0.1:9450.
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Limit: listeners on this host.
+    #[arg(long)]
+    max_listeners: Option<usize>,
+    /// Limit: connect requests queued in all backlogs together.
+    #[arg(long)]
+    max_half_open: Option<usize>,
+    /// Limit: a SAN connect gives up after this long (ETIMEDOUT), ms.
+    #[arg(long)]
+    connect_budget_ms: Option<u64>,
     /// SAN EtherType (decimal or 0x-hex).
     #[arg(long, value_parser = parse_u16)]
     ethertype: Option<u16>,
@@ -168,6 +177,15 @@ fn merge(args: &Args) -> Result<Config> {
     }
     if args.no_pci {
         c.eal.no_pci = true;
+    }
+    if args.max_listeners.is_some() {
+        c.limits.max_listeners = args.max_listeners;
+    }
+    if args.max_half_open.is_some() {
+        c.limits.max_half_open = args.max_half_open;
+    }
+    if args.connect_budget_ms.is_some() {
+        c.limits.connect_budget_ms = args.connect_budget_ms;
     }
     if args.memory_mb.is_some() {
         c.eal.memory_mb = args.memory_mb;

@@ -502,13 +502,25 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
     std::thread::sleep(Duration::from_millis(500));
     let _ = srv.kill();
     let _ = srv.wait();
+    // Stop the captures (found by their unique output directory: `ip netns
+    // exec` may leave dumpcap as a process of its own), then reap.
+    let pattern = format!("dumpcap -q -i san0 -w {}", dir.display());
+    let _ = Command::new("pkill")
+        .args(["-INT", "-f", &pattern])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
     for (mut c, _) in caps {
-        let _ = Command::new("pkill")
-            .args(["-INT", "-P", &c.id().to_string()])
-            .status();
-        let _ = Command::new("kill")
-            .args(["-INT", &c.id().to_string()])
-            .status();
+        let _ = c.kill();
         let _ = c.wait();
     }
     let lua = root().join("deploy/wireshark/dsan.lua");

@@ -62,9 +62,14 @@ impl Lab<'_> {
 
 impl Drop for Lab<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", "dsan-sw-probe"])
-            .status();
+        // Whatever a failed test left running in the lab.
+        for p in [
+            "dsan-sw-probe",
+            "dsan-deploy-harness",
+            "dumpcap -q -i san0 -w",
+        ] {
+            let _ = Command::new("pkill").args(["-9", "-f", p]).status();
+        }
         let _ = dsanctl(&["lab", "down"]);
     }
 }

@@ -22,7 +22,8 @@ fn python() -> PathBuf {
 
 #[test]
 fn smoke_run_of_every_scenario() {
-    let out = std::env::temp_dir().join(format!("dsan-bench-smoke-{}", std::process::id()));
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsan-bench-smoke-{}", std::process::id()));
     let o = Command::new(BENCH)
         .args(["suite", "--smoke", "--out"])
         .arg(&out)

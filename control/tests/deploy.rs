@@ -104,7 +104,8 @@ struct Prom {
 
 impl Prom {
     fn start() -> Prom {
-        let dir = std::env::temp_dir().join(format!("dsan-prom-{}", std::process::id()));
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("dsan-prom-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let rules = root().join("deploy/prometheus");
@@ -345,7 +346,8 @@ fn a_real_prometheus_scrapes_the_lab_and_agrees_with_the_bench() {
 fn harness() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
-        let out = std::env::temp_dir().join(format!("dsan-deploy-harness-{}", std::process::id()));
+        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("dsan-deploy-harness-{}", std::process::id()));
         let st = Command::new("cc")
             .args(["-O2", "-I"])
             .arg(root().join("provider-shim/include"))
@@ -381,7 +383,8 @@ fn harness_run(host: &str, script: &str) -> String {
 #[test]
 fn tshark_decodes_a_lab_capture_field_by_field() {
     let _lab = Lab::up();
-    let dir = std::env::temp_dir().join(format!("dsan-pcap-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsan-pcap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut caps = Vec::new();
     for h in ["h0", "h1"] {
@@ -659,7 +662,8 @@ fn dsand_telemetry_answers_dpdk_telemetry_py() {
 #[test]
 fn the_systemd_unit_verifies() {
     // The unit names /usr/local/bin/dsand; verify a copy pointing at the build.
-    let dir = std::env::temp_dir().join(format!("dsan-unit-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsan-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let unit = std::fs::read_to_string(root().join("deploy/systemd/dsand.service"))
         .unwrap()

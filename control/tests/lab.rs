@@ -381,7 +381,8 @@ fn one_error_line(o: &Output, needle: &str) {
 }
 
 fn dsand(args: &[&str]) -> Output {
-    let dir = std::env::temp_dir().join(format!("dsand-badcfg-{}", std::process::id()));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsand-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("s.sock");
     let mut a = vec![
@@ -417,7 +418,8 @@ fn bad_configuration_gives_one_clear_line() {
         &dsand(&["--iface=lo", "--netns=dsan-nosuch"]),
         "dsan-nosuch",
     );
-    let cfg = std::env::temp_dir().join(format!("dsand-badcfg-{}.toml", std::process::id()));
+    let cfg = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsand-badcfg-{}.toml", std::process::id()));
     std::fs::write(&cfg, "hots = 1\n").unwrap();
     one_error_line(
         &dsand(&[&format!("--config={}", cfg.display())]),
@@ -445,7 +447,8 @@ fn bad_configuration_gives_one_clear_line() {
         "--iface=lo",
     ]);
     assert!(o.status.success());
-    let cfg2 = std::env::temp_dir().join(format!("dsand-pci-{}.toml", std::process::id()));
+    let cfg2 = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsand-pci-{}.toml", std::process::id()));
     std::fs::write(
         &cfg2,
         "san_addrs = [\"198.18.0.1/24\"]\n[eal]\nallow = [\"0000:ff:1f.7\"]\n",

@@ -30,7 +30,8 @@ fn harness_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::env::temp_dir().join(format!("dsan-harness-{}", std::process::id()));
+        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("dsan-harness-{}", std::process::id()));
         let lib = libdir();
         for (src, dst) in [
             ("provider-shim/tests/c/harness.c", out.clone()),

@@ -256,7 +256,8 @@ fn a_silent_san_peer_falls_back_to_tcp() {
 fn the_c_abi_builds_and_serves_both_transports() {
     let _lab = Lab::up();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let exe = std::env::temp_dir().join(format!("dsan-sw-listener-{}", std::process::id()));
+    let exe = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsan-sw-listener-{}", std::process::id()));
     let st = Command::new("cc")
         .args(["-Wall", "-Wextra", "-Werror", "-O2", "-I"])
         .arg(root.join("provider-shim/include"))

@@ -255,7 +255,13 @@ impl Server {
     }
 
     /// Stops the server; returns the accepted-latency histogram and how many it accepted.
-    fn finish(mut self, tcp: bool, port: u16) -> Result<(Histogram<u64>, u64)> {
+    /// `expect`: connections the server must have accepted before it stops
+    /// (kernel TCP completes connects before the application accepts them).
+    fn finish(mut self, tcp: bool, port: u16, expect: u64) -> Result<(Histogram<u64>, u64)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.accepted.load(Ordering::Relaxed) < expect && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.stop.store(true, Ordering::Relaxed);
         if tcp {
             // Unblock a waiting accept() with one last connection.
@@ -380,7 +386,7 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
                 }
                 (h, err)
             };
-            let (accepted, _) = srv.finish(tcp, port)?;
+            let (accepted, _) = srv.finish(tcp, port, connected.len())?;
             let (a, c) = (accepted.len(), connected.len());
             rows.push(row(
                 "connect",
@@ -475,7 +481,7 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
             }
             (h, refused, 0, errors)
         };
-        srv.finish(tcp, port)?;
+        srv.finish(tcp, port, 0)?;
         rows.push(row(
             "reject", "-", transport, "refused", h, n, errors, refused, pending, None,
         ));
@@ -581,7 +587,7 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
             err += ee;
         }
         let secs = start.elapsed().as_secs_f64();
-        let (_, server_accepted) = srv.finish(tcp, port)?;
+        let (_, server_accepted) = srv.finish(tcp, port, n - err)?;
         // Every connect that succeeded was accepted (the TCP server may also
         // count the final wake-up connection).
         // (Kernel TCP completes connects before the application accepts them, so
@@ -643,7 +649,7 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
             (h, n, err, t0.elapsed().as_secs_f64())
         };
         let (h, n, err, secs) = if tcp { in_h0(job)? } else { job() };
-        let (_, server_accepted) = srv.finish(tcp, port)?;
+        let (_, server_accepted) = srv.finish(tcp, port, n - err)?;
         // (Kernel TCP completes connects before the application accepts them, so
         // only the SAN, where a connect completes at accept, must match.)
         if transport == "dsan" && server_accepted < n - err {

@@ -318,6 +318,20 @@ pub struct Incoming {
     pub arrived: Instant,
 }
 
+impl Incoming {
+    /// The header the request arrived with (to answer it as `reject` does).
+    fn header(&self, my_mac: EthernetAddress) -> SanHeader {
+        SanHeader {
+            dst_mac: my_mac,
+            src_mac: self.peer_mac,
+            src_ip: self.peer.0,
+            src_port: self.peer.1,
+            dst_ip: self.local.0,
+            dst_port: self.local.1,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Listener {
     addr: SockAddr,
@@ -614,6 +628,12 @@ impl<R: Rng> Endpoint<R> {
                 reason,
             },
         );
+    }
+
+    /// Bookkeeping for a request that left its backlog.
+    fn unqueue(&mut self, inc: &Incoming) {
+        self.queued_total -= 1;
+        self.queued_index.remove(&(inc.peer.0, inc.conn_id));
     }
 
     fn remember(&mut self, now: Instant, key: (Ipv4, u64), tomb: Tomb) {
@@ -1136,16 +1156,8 @@ impl<R: Rng> Endpoint<R> {
         let l = self.listeners.remove(&id).ok_or(CloseError::Unknown)?;
         self.listener_by_addr.remove(&l.addr);
         for inc in l.queue {
-            self.queued_total -= 1;
-            self.queued_index.remove(&(inc.peer.0, inc.conn_id));
-            let h = SanHeader {
-                dst_mac: self.mac,
-                src_mac: inc.peer_mac,
-                src_ip: inc.peer.0,
-                src_port: inc.peer.1,
-                dst_ip: inc.local.0,
-                dst_port: inc.local.1,
-            };
+            self.unqueue(&inc);
+            let h = inc.header(self.mac);
             self.reject(
                 now,
                 &h,
@@ -1221,16 +1233,8 @@ impl<R: Rng> Endpoint<R> {
             .queue
             .pop_front()
             .expect("checked");
-        self.queued_total -= 1;
-        self.queued_index.remove(&(inc.peer.0, inc.conn_id));
-        let h = SanHeader {
-            dst_mac: self.mac,
-            src_mac: inc.peer_mac,
-            src_ip: inc.peer.0,
-            src_port: inc.peer.1,
-            dst_ip: inc.local.0,
-            dst_port: inc.local.1,
-        };
+        self.unqueue(&inc);
+        let h = inc.header(self.mac);
         if d == Decision::Reject {
             self.reject(
                 now,

@@ -4,75 +4,14 @@
 //! dissector, and the lab walk-through of the guide. Needs root and the
 //! packages scripts/setup.sh installs.
 
+mod common;
+use common::*;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
-const DSAND: &str = env!("CARGO_BIN_EXE_dsand");
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bindir() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn dsanctl(args: &[&str]) -> Output {
-    Command::new(DSANCTL)
-        .args(args)
-        .env("DSAN_DSAND", DSAND)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-struct Lab<'a> {
-    _g: MutexGuard<'a, ()>,
-}
-
-impl Lab<'_> {
-    fn up() -> Lab<'static> {
-        let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        ok(&dsanctl(&["lab", "down"]));
-        ok(&dsanctl(&["lab", "up"]));
-        Lab { _g: g }
-    }
-}
-
-impl Drop for Lab<'_> {
-    fn drop(&mut self) {
-        // Whatever a failed test left running in the lab.
-        for p in [
-            "dsan-sw-probe",
-            "dsan-deploy-harness",
-            "dumpcap -q -i san0 -w",
-        ] {
-            let _ = Command::new("pkill").args(["-9", "-f", p]).status();
-        }
-        let _ = dsanctl(&["lab", "down"]);
-    }
-}
 
 fn promtool(args: &[&str]) -> Output {
     Command::new("promtool")
@@ -199,20 +138,6 @@ fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body))
 }
 
-fn probe() -> PathBuf {
-    bindir().join("dsan-sw-probe")
-}
-
-fn in_host(host: &str, prog: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &format!("dsan-{host}")])
-        .arg(prog)
-        .args(args);
-    c.env("DSAN_SOCKET", format!("/run/dsan/lab/{host}/dsand.sock"))
-        .env("LD_LIBRARY_PATH", bindir());
-    c
-}
-
 /// Runs `n` SAN connects h0 -> h1:port through the switch (h1 accepts them);
 /// returns the latencies the connecting side measured, in seconds.
 fn run_connects(port: u16, n: usize) -> Vec<f64> {
@@ -248,7 +173,7 @@ fn run_connects(port: u16, n: usize) -> Vec<f64> {
 
 #[test]
 fn a_real_prometheus_scrapes_the_lab_and_agrees_with_the_bench() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let prom = Prom::start();
     let n = 20;
     let lat = run_connects(7700, n);
@@ -382,7 +307,7 @@ fn harness_run(host: &str, script: &str) -> String {
 
 #[test]
 fn tshark_decodes_a_lab_capture_field_by_field() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("dsan-pcap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -610,7 +535,7 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
 
 #[test]
 fn dsand_telemetry_answers_dpdk_telemetry_py() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7800", "4", "1"])
         .stdout(Stdio::piped())
         .spawn()

@@ -2,133 +2,11 @@
 //! network namespaces that the tests create and remove. They need root and the
 //! DPDK packages (scripts/setup.sh installs them); they run one at a time.
 
+mod common;
+use common::*;
+
 use serde_json::Value;
-use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
-
-static LAB_LOCK: Mutex<()> = Mutex::new(());
-
-const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
-const DSAND: &str = env!("CARGO_BIN_EXE_dsand");
-
-fn dsanctl(args: &[&str]) -> Output {
-    Command::new(DSANCTL)
-        .args(args)
-        .env("DSAN_DSAND", DSAND)
-        .output()
-        .expect("running dsanctl")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "command failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn require_root() {
-    // SAFETY-free check: root's /proc/self/status has Uid 0.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        uid, "0",
-        "the lab tests need root (network namespaces, raw sockets); run them as root"
-    );
-}
-
-/// Holds the lab for one test and removes it on drop, also when the test fails.
-struct Lab<'a> {
-    _g: MutexGuard<'a, ()>,
-}
-
-impl Lab<'_> {
-    fn up(args: &[&str]) -> Lab<'static> {
-        require_root();
-        let g = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        ok(&dsanctl(&["lab", "down"]));
-        let lab = Lab { _g: g };
-        let mut a = vec!["lab", "up"];
-        a.extend_from_slice(args);
-        let out = ok(&dsanctl(&a));
-        assert!(
-            out.contains("dsan-h0") && out.contains("198.18.0.1/24"),
-            "{out}"
-        );
-        lab
-    }
-}
-
-impl Drop for Lab<'_> {
-    fn drop(&mut self) {
-        let o = dsanctl(&["lab", "down"]);
-        if !std::thread::panicking() {
-            ok(&o);
-            assert_clean();
-        }
-    }
-}
-
-fn assert_clean() {
-    let ns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(!ns.contains("dsan-"), "namespaces left: {ns}");
-    let links = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["-o", "link"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(
-        !links.contains("san0"),
-        "veth left in the root namespace: {links}"
-    );
-    assert!(
-        !Path::new("/run/dsan/lab").exists(),
-        "lab state directory left"
-    );
-    for d in ["/var/run/dpdk", "/run/dpdk"] {
-        if let Ok(rd) = std::fs::read_dir(d) {
-            for e in rd.flatten() {
-                assert!(
-                    !e.file_name().to_string_lossy().starts_with("dsan-h"),
-                    "DPDK runtime files left: {:?}",
-                    e.path()
-                );
-            }
-        }
-    }
-    let ps = String::from_utf8_lossy(
-        &Command::new("pgrep")
-            .args(["-a", "-x", "dsand"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
-    assert!(
-        !ps.contains("--file-prefix=dsan-h"),
-        "lab daemons left: {ps}"
-    );
-}
 
 /// `dsand --check` accepted the configuration.
 fn assert_check_ok(o: &Output) {
@@ -173,26 +51,6 @@ fn ping(from: &str, dst: &str, count: u32) -> (Output, Option<Value>) {
     ]);
     let v = serde_json::from_slice(&o.stdout).ok();
     (o, v)
-}
-
-/// Scrapes a daemon's metrics (after the lcore's next counter publication).
-fn scrape(url_host_port: &str) -> String {
-    use std::io::{Read, Write};
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let mut s = std::net::TcpStream::connect(url_host_port)
-        .expect("metrics endpoint reachable from the root namespace");
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    body
-}
-
-fn metric(body: &str, name_and_labels: &str) -> u64 {
-    body.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name_and_labels} missing from\n{body}")) as u64
 }
 
 fn exchange_and_count(policy: &str) {
@@ -240,7 +98,7 @@ fn exchange_and_count(policy: &str) {
     }
 
     // The same counts over HTTP, from the root namespace.
-    let body = scrape("127.0.0.1:19451");
+    let body = scrape(19451);
     assert_eq!(
         metric(
             &body,
@@ -351,7 +209,7 @@ fn exec_stop_and_start() {
 #[test]
 fn down_cleans_up_after_a_crash_and_is_idempotent() {
     require_root();
-    let g = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     ok(&dsanctl(&["lab", "down"]));
     ok(&dsanctl(&["lab", "up"]));
     // Crash: the daemons die without cleaning up, and the state directory is lost.

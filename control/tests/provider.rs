@@ -3,15 +3,14 @@
 //! header and `libdsan_provider.so`, and run inside the lab's namespaces.
 //! Needs root; the lab tests and these share one lock (one lab at a time).
 
+mod common;
+use common::*;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
-
-const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
-const DSAND: &str = env!("CARGO_BIN_EXE_dsand");
-static LOCK: Mutex<()> = Mutex::new(());
+use std::sync::OnceLock;
 
 fn libdir() -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>
@@ -59,39 +58,6 @@ fn harness_bin() -> PathBuf {
         out
     })
     .clone()
-}
-
-struct Lab<'a> {
-    _g: MutexGuard<'a, ()>,
-}
-
-fn dsanctl(args: &[&str]) -> std::process::Output {
-    Command::new(DSANCTL)
-        .args(args)
-        .env("DSAN_DSAND", DSAND)
-        .output()
-        .unwrap()
-}
-
-impl Lab<'_> {
-    fn up() -> Lab<'static> {
-        let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        // The lab tests in tests/lab.rs run in another process; cargo runs test
-        // binaries one after another, so the lab is free here.
-        assert!(dsanctl(&["lab", "down"]).status.success());
-        let o = dsanctl(&["lab", "up"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        Lab { _g: g }
-    }
-}
-
-impl Drop for Lab<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", "dsan-harness-"])
-            .status();
-        let _ = dsanctl(&["lab", "down"]);
-    }
 }
 
 /// A harness process in a lab host.
@@ -172,7 +138,7 @@ fn listeners_on(host: &str) -> Value {
 
 #[test]
 fn full_backlog_refuses_at_once_and_raises_no_event() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut srv = H::spawn("h1");
     assert_eq!(srv.rc("startup"), 0);
     let s = srv.rc("socket");
@@ -245,7 +211,7 @@ fn full_backlog_refuses_at_once_and_raises_no_event() {
 
 #[test]
 fn reset_timeout_and_defer() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut cli = H::spawn("h0");
     assert_eq!(cli.rc("startup"), 0);
     let c = cli.rc("socket");
@@ -282,7 +248,7 @@ fn reset_timeout_and_defer() {
 
 #[test]
 fn bad_input_from_c_leaves_the_daemon_serving() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut h = H::spawn("h1");
     // Before startup: -ENETDOWN everywhere.
     assert_eq!(h.rc("socket"), -100);
@@ -363,7 +329,7 @@ fn bad_input_from_c_leaves_the_daemon_serving() {
 
 #[test]
 fn a_killed_listener_refuses_its_queue_and_frees_the_port() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut srv = H::spawn("h1");
     assert_eq!(srv.rc("startup"), 0);
     let s = srv.rc("socket");
@@ -399,7 +365,7 @@ fn a_killed_listener_refuses_its_queue_and_frees_the_port() {
 
 #[test]
 fn a_stopped_daemon_gives_enetdown_not_a_hang() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut h = H::spawn("h1");
     assert_eq!(h.rc("startup"), 0);
     let s = h.rc("socket");
@@ -418,7 +384,7 @@ fn a_stopped_daemon_gives_enetdown_not_a_hang() {
 
 #[test]
 fn the_c_examples_connect_and_refuse() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let bin = harness_bin();
     let lst = bin.with_extension("listener");
     let con = bin.with_extension("connector");
@@ -461,7 +427,7 @@ fn the_c_examples_connect_and_refuse() {
 
 #[test]
 fn a_daemon_stopping_refuses_what_its_listeners_queued() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let mut srv = H::spawn("h1");
     assert_eq!(srv.rc("startup"), 0);
     let s = srv.rc("socket");

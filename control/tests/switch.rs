@@ -2,72 +2,13 @@
 //! clients, the SAN-address rule for listening, the condition function,
 //! fallback to TCP, and the metrics that count all of it. Needs root.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
-const DSAND: &str = env!("CARGO_BIN_EXE_dsand");
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn bindir() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn probe() -> PathBuf {
-    let p = bindir().join("dsan-sw-probe");
-    assert!(p.exists(), "{} missing: build the workspace", p.display());
-    p
-}
-
-fn dsanctl(args: &[&str]) -> Output {
-    Command::new(DSANCTL)
-        .args(args)
-        .env("DSAN_DSAND", DSAND)
-        .output()
-        .unwrap()
-}
-
-struct Lab<'a> {
-    _g: MutexGuard<'a, ()>,
-}
-
-impl Lab<'_> {
-    fn up() -> Lab<'static> {
-        let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(dsanctl(&["lab", "down"]).status.success());
-        let o = dsanctl(&["lab", "up"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        Lab { _g: g }
-    }
-}
-
-impl Drop for Lab<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", "dsan-sw-probe"])
-            .status();
-        let _ = dsanctl(&["lab", "down"]);
-    }
-}
-
-fn in_host(host: &str, prog: &std::path::Path, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &format!("dsan-{host}")])
-        .arg(prog)
-        .args(args);
-    c.env("DSAN_SOCKET", format!("/run/dsan/lab/{host}/dsand.sock"))
-        .env("LD_LIBRARY_PATH", bindir());
-    c
-}
 
 /// A listening probe; its lines come back one by one.
 struct Listener {
@@ -122,24 +63,6 @@ fn tcp_client(host: &str, ip: &str, port: u16) {
     assert!(st.success(), "kernel TCP connect to {ip}:{port}");
 }
 
-/// Scrapes a daemon's metrics. The lcore publishes its counters on its drain
-/// tick (every 100 us while awake), so wait a little past the last event first.
-fn scrape(port: u16) -> String {
-    std::thread::sleep(Duration::from_millis(50));
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut b = String::new();
-    s.read_to_string(&mut b).unwrap();
-    b
-}
-
-fn metric(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name} missing")) as u64
-}
-
 fn listeners(host: &str) -> serde_json::Value {
     let o = dsanctl(&[
         "--json",
@@ -152,7 +75,7 @@ fn listeners(host: &str) -> serde_json::Value {
 
 #[test]
 fn one_descriptor_serves_tcp_and_san_clients() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5000", "16", "2"]);
     assert_eq!(first, "listening san=true");
     assert_eq!(listeners("h1")["listeners"][0]["port"], 5000);
@@ -176,7 +99,7 @@ fn one_descriptor_serves_tcp_and_san_clients() {
 
 #[test]
 fn a_listener_outside_every_san_subnet_stays_on_tcp() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let (_l, first) = Listener::start("h1", &["listen", "127.0.0.1", "5001", "16", "1"]);
     assert_eq!(first, "listening san=false");
     assert_eq!(
@@ -188,7 +111,7 @@ fn a_listener_outside_every_san_subnet_stays_on_tcp() {
 
 #[test]
 fn a_rejecting_condition_refuses_san_clients_without_fallback() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5002", "16", "1", "reject"]);
     assert_eq!(first, "listening san=true");
     let c = connect("h0", "198.18.0.2", "5002");
@@ -229,7 +152,7 @@ fn a_rejecting_condition_refuses_san_clients_without_fallback() {
 
 #[test]
 fn a_silent_san_peer_falls_back_to_tcp() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     assert!(dsanctl(&["lab", "stop", "h1"]).status.success());
     // With h1's daemon gone the listener serves TCP alone, without an error.
     let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5003", "16", "1"]);
@@ -254,7 +177,7 @@ fn a_silent_san_peer_falls_back_to_tcp() {
 
 #[test]
 fn the_c_abi_builds_and_serves_both_transports() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let exe = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("dsan-sw-listener-{}", std::process::id()));
@@ -301,7 +224,7 @@ fn the_c_abi_builds_and_serves_both_transports() {
 
 #[test]
 fn address_changes_apply_at_run_time() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5005", "16", "1"]);
     assert_eq!(first, "listening san=true");
     let st = Command::new("ip")
@@ -355,7 +278,7 @@ fn address_changes_apply_at_run_time() {
 
 #[test]
 fn metrics_pass_promtool() {
-    let _lab = Lab::up();
+    let _lab = Lab::up(&[]);
     let (_l, _) = Listener::start("h1", &["listen", "0.0.0.0", "5006", "4", "1"]);
     let c = connect("h0", "198.18.0.2", "5006");
     assert!(c.starts_with("connected san"), "{c}");

@@ -9,7 +9,6 @@
 
 use crate::provider::{Decision, Error, Provider};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -71,40 +70,6 @@ fn sock(s: c_int) -> Result<u32, Error> {
     u32::try_from(s).map_err(|_| Error::NotSock)
 }
 
-/// # Safety
-/// `addr` is NULL or points to `len` readable bytes.
-unsafe fn read_sin(
-    addr: *const libc::sockaddr,
-    len: libc::socklen_t,
-) -> Result<SocketAddrV4, Error> {
-    if addr.is_null() {
-        return Err(Error::Fault);
-    }
-    if (len as usize) < std::mem::size_of::<libc::sockaddr_in>() {
-        return Err(Error::Inval);
-    }
-    // SAFETY: non-NULL and at least sizeof(sockaddr_in) bytes, per the caller.
-    let sin = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>()) };
-    if i32::from(sin.sin_family) != libc::AF_INET {
-        return Err(Error::Inval);
-    }
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-        u16::from_be(sin.sin_port),
-    ))
-}
-
-fn to_sin(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
 /// Attaches this process to the local dsand. `socket_path` NULL means
 /// `$DSAN_SOCKET`, else `/run/dsan/dsand.sock`. Calling it again while
 /// attached is a no-op. Returns 0, or -ENETDOWN if no daemon answers.
@@ -161,7 +126,7 @@ pub unsafe extern "C" fn dsan_bind(
         let p = provider()?;
         let s = sock(s)?;
         // SAFETY: as the caller promises.
-        let a = unsafe { read_sin(addr, len) }?;
+        let a = unsafe { crate::sockaddr::read_sockaddr_in(addr, len) }?;
         p.bind(s, a)?;
         Ok(0)
     })
@@ -250,7 +215,7 @@ pub unsafe extern "C" fn dsan_accept(
             let Some(f) = cond else {
                 return Decision::Accept;
             };
-            let sin = to_sin(a);
+            let sin = crate::sockaddr::sockaddr_in(a);
             // SAFETY: the application's function, given a valid sockaddr_in and its length.
             let r = unsafe {
                 f(
@@ -266,7 +231,7 @@ pub unsafe extern "C" fn dsan_accept(
             }
         })?;
         if !peer.is_null() {
-            let sin = to_sin(addr);
+            let sin = crate::sockaddr::sockaddr_in(addr);
             // SAFETY: checked non-NULL and large enough above.
             unsafe {
                 std::ptr::write_unaligned(peer.cast::<libc::sockaddr_in>(), sin);
@@ -295,7 +260,7 @@ pub unsafe extern "C" fn dsan_connect(
         let p = provider()?;
         let s = sock(s)?;
         // SAFETY: as the caller promises.
-        let a = unsafe { read_sin(dst, len) }?;
+        let a = unsafe { crate::sockaddr::read_sockaddr_in(dst, len) }?;
         p.connect(s, a)?;
         Ok(0)
     })

@@ -15,6 +15,7 @@
 
 mod capi;
 mod provider;
+pub mod sockaddr;
 
 pub use capi::*;
 pub use provider::{

@@ -4,9 +4,9 @@
 #![allow(non_camel_case_types)]
 
 use crate::switch::{self, Transport};
-use dsan_provider::{dsan_condition_fn, Decision, DSAN_CF_ACCEPT, DSAN_CF_DEFER};
+use dsan_provider::{dsan_condition_fn, sockaddr, Decision, DSAN_CF_ACCEPT, DSAN_CF_DEFER};
 use std::ffi::{c_int, c_void};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// `dsan_sw_transport`: kernel TCP serves the connection.
@@ -25,21 +25,8 @@ fn guard(f: impl FnOnce() -> Result<c_int, i32>) -> c_int {
 /// # Safety
 /// `addr` is NULL or points to `len` readable bytes.
 unsafe fn read_sin(addr: *const libc::sockaddr, len: libc::socklen_t) -> Result<SocketAddrV4, i32> {
-    if addr.is_null() {
-        return Err(libc::EFAULT);
-    }
-    if (len as usize) < std::mem::size_of::<libc::sockaddr_in>() {
-        return Err(libc::EINVAL);
-    }
-    // SAFETY: non-NULL, at least sizeof(sockaddr_in) bytes, per the caller.
-    let s = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>()) };
-    if i32::from(s.sin_family) != libc::AF_INET {
-        return Err(libc::EINVAL);
-    }
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
-        u16::from_be(s.sin_port),
-    ))
+    // SAFETY: as the caller promises.
+    unsafe { sockaddr::read_sockaddr_in(addr, len) }.map_err(|e| e.errno())
 }
 
 /// A new switch socket: a real, pollable file descriptor.
@@ -92,14 +79,7 @@ pub extern "C" fn dsan_sw_set_condition(
         let f: Option<switch::Condition> = cond.map(|f| {
             Box::new(move |peer: SocketAddrV4| {
                 let ctx = c;
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: peer.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*peer.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
+                let sa = sockaddr::sockaddr_in(peer);
                 // SAFETY: the application's function, with a valid sockaddr_in.
                 let r = unsafe {
                     f(
@@ -142,14 +122,7 @@ pub unsafe extern "C" fn dsan_sw_accept(
         }
         let (fd, a) = switch::accept(s)?;
         if !peer.is_null() {
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
+            let sa = sockaddr::sockaddr_in(a);
             // SAFETY: checked above.
             unsafe {
                 std::ptr::write_unaligned(peer.cast::<libc::sockaddr_in>(), sa);

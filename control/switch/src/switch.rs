@@ -142,23 +142,7 @@ fn drain(fd: RawFd) {
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
-fn sin(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-fn from_sin(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
-        u16::from_be(s.sin_port),
-    )
-}
+use dsan_provider::sockaddr::{from_sockaddr_in as from_sin, sockaddr_in as sin};
 
 fn sock(fd: RawFd) -> Result<Arc<Sock>, i32> {
     match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {

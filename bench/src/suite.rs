@@ -309,6 +309,23 @@ fn dsan_connect(port: u16) -> std::result::Result<bool, i32> {
     }
 }
 
+/// `n` connects that must be refused: the refusals' latencies, how many were
+/// refused, how many were not.
+fn measure_refusals(n: u64, mut refused_once: impl FnMut() -> bool) -> (Histogram<u64>, u64, u64) {
+    let mut h = hist();
+    let (mut refused, mut errors) = (0, 0);
+    for _ in 0..n {
+        let t = Instant::now();
+        if refused_once() {
+            refused += 1;
+            h.saturating_record(t.elapsed().as_nanos() as u64);
+        } else {
+            errors += 1;
+        }
+    }
+    (h, refused, errors)
+}
+
 /// Runs `f` on a thread inside dsan-h0 (for kernel TCP clients).
 fn in_h0<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     std::thread::spawn(move || enter_netns("dsan-h0").map(|_| f()))
@@ -467,18 +484,7 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
                 .map_err(|e| anyhow!("{e}"))?;
             let _ = filler.connect(SocketAddrV4::new(H1, port));
             std::thread::sleep(Duration::from_millis(20));
-            let mut h = hist();
-            let (mut refused, mut errors) = (0, 0);
-            for _ in 0..n {
-                let t = Instant::now();
-                match dsan_connect(port) {
-                    Ok(false) => {
-                        refused += 1;
-                        h.saturating_record(t.elapsed().as_nanos() as u64);
-                    }
-                    _ => errors += 1,
-                }
-            }
+            let (h, refused, errors) = measure_refusals(n, || dsan_connect(port) == Ok(false));
             (h, refused, 0, errors)
         };
         srv.finish(tcp, port, 0)?;
@@ -497,34 +503,10 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
         let n = o.count;
         let (h, refused, errors) = if transport == "tcp" {
             in_h0(move || {
-                let mut h = hist();
-                let (mut refused, mut errors) = (0, 0);
-                for _ in 0..n {
-                    let t = Instant::now();
-                    match tcp_connect(port, Duration::from_secs(1)) {
-                        Ok(false) => {
-                            refused += 1;
-                            h.saturating_record(t.elapsed().as_nanos() as u64);
-                        }
-                        _ => errors += 1,
-                    }
-                }
-                (h, refused, errors)
+                measure_refusals(n, || tcp_connect(port, Duration::from_secs(1)) == Ok(false))
             })?
         } else {
-            let mut h = hist();
-            let (mut refused, mut errors) = (0, 0);
-            for _ in 0..n {
-                let t = Instant::now();
-                match dsan_connect(port) {
-                    Ok(false) => {
-                        refused += 1;
-                        h.saturating_record(t.elapsed().as_nanos() as u64);
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (h, refused, errors)
+            measure_refusals(n, || dsan_connect(port) == Ok(false))
         };
         rows.push(row(
             "no-listener",

@@ -630,6 +630,19 @@ impl<R: Rng> Endpoint<R> {
         );
     }
 
+    /// Sends (or resends) the Close of a connection we are closing.
+    fn send_close(&mut self, c: &Connection) {
+        self.emit(
+            c.peer_mac,
+            c.local,
+            c.peer,
+            Message::Close {
+                conn_id: c.conn_id,
+                token: c.peer_token,
+            },
+        );
+    }
+
     /// Bookkeeping for a request that left its backlog.
     fn unqueue(&mut self, inc: &Incoming) {
         self.queued_total -= 1;
@@ -1090,15 +1103,7 @@ impl<R: Rng> Endpoint<R> {
             let rto = (rto * 2).min(self.cfg.max_rto);
             c.closing = Some((deadline, now + rto, rto));
             let c = *c;
-            self.emit(
-                c.peer_mac,
-                c.local,
-                c.peer,
-                Message::Close {
-                    conn_id: c.conn_id,
-                    token: c.peer_token,
-                },
-            );
+            self.send_close(&c);
         }
         // Tombstones.
         while let Some(&(key, exp)) = self.tomb_order.front() {
@@ -1366,15 +1371,7 @@ impl<R: Rng> Endpoint<R> {
         let rto = self.cfg.initial_rto;
         c.closing = Some((now + self.cfg.close_budget, now + rto, rto));
         let c = *c;
-        self.emit(
-            c.peer_mac,
-            c.local,
-            c.peer,
-            Message::Close {
-                conn_id: c.conn_id,
-                token: c.peer_token,
-            },
-        );
+        self.send_close(&c);
         Ok(())
     }
 }

@@ -295,6 +295,8 @@ pub struct Node {
     commands: Arc<ArrayQueue<Command>>,
     ping: Option<ActivePing>,
     procs: HashMap<u64, Proc>,
+    /// The keys of `procs`, for the loop to walk without allocating.
+    proc_ids: Vec<u64>,
     listener_owner: HashMap<ListenerId, (u64, u32)>,
     conn_owner: HashMap<ConnHandle, (u64, u32)>,
     stats: Arc<NodeStats>,
@@ -370,6 +372,7 @@ impl Node {
             commands: h.commands.clone(),
             ping: None,
             procs: HashMap::new(),
+            proc_ids: Vec::new(),
             listener_owner: HashMap::new(),
             conn_owner: HashMap::new(),
             stats: h.stats.clone(),
@@ -530,6 +533,7 @@ impl Node {
                 }
             }
             Command::Attach(app) => {
+                self.proc_ids.push(app.id);
                 self.procs.insert(
                     app.id,
                     Proc {
@@ -540,23 +544,12 @@ impl Node {
                 );
             }
             Command::Detach(id, done) => {
-                if let Some(p) = self.procs.remove(&id) {
-                    for (_, obj) in p.socks {
-                        self.release(now, obj);
-                    }
-                    p.shared.region.header().closed.store(1, Ordering::Release);
-                }
+                self.detach(now, id);
                 let _ = done.send(());
             }
             Command::Shutdown(done) => {
-                let ids: Vec<u64> = self.procs.keys().copied().collect();
-                for id in ids {
-                    if let Some(p) = self.procs.remove(&id) {
-                        for (_, obj) in p.socks {
-                            self.release(now, obj);
-                        }
-                        p.shared.region.header().closed.store(1, Ordering::Release);
-                    }
+                for id in std::mem::take(&mut self.proc_ids) {
+                    self.detach(now, id);
                 }
                 let _ = done.send(());
             }
@@ -605,6 +598,18 @@ impl Node {
                 v.sort_by_key(|l| (l.port, l.ip));
                 let _ = reply.send(v);
             }
+        }
+    }
+
+    /// A process leaves: everything it held is released (its listeners refuse
+    /// their queues) and its region is marked closed.
+    fn detach(&mut self, now: Instant, id: u64) {
+        self.proc_ids.retain(|p| *p != id);
+        if let Some(p) = self.procs.remove(&id) {
+            for (_, obj) in p.socks {
+                self.release(now, obj);
+            }
+            p.shared.region.header().closed.store(1, Ordering::Release);
         }
     }
 
@@ -875,12 +880,10 @@ impl<D: Device> Handler<D> for Node {
             self.control(now, c);
             busy = true;
         }
-        let ids: Vec<u64> = if self.procs.is_empty() {
-            Vec::new()
-        } else {
-            self.procs.keys().copied().collect()
-        };
-        for id in ids {
+        // Serve every attached process's command ring (no allocation: the ids
+        // are kept in a list maintained on attach and detach).
+        for i in 0..self.proc_ids.len() {
+            let id = self.proc_ids[i];
             busy |= self.serve_app(now, id);
         }
         if self.ep.poll_timeout().is_some_and(|t| t <= now) {

@@ -426,6 +426,9 @@ pub struct Endpoint<R: Rng> {
     /// (peer ip, conn id) of queued requests -> listener.
     queued_index: HashMap<(Ipv4, u64), ListenerId>,
     conns: HashMap<ConnHandle, Connection>,
+    /// The connections we are closing (their timers), so that timer scans do
+    /// not walk every connection.
+    closing: std::collections::BTreeSet<ConnHandle>,
     conn_by_wire: HashMap<(Ipv4, u64, Role), ConnHandle>,
     attempts: HashMap<ConnHandle, Attempt>,
     attempt_by_wire: HashMap<u64, ConnHandle>,
@@ -456,6 +459,7 @@ impl<R: Rng> Endpoint<R> {
             queued_total: 0,
             queued_index: HashMap::new(),
             conns: HashMap::new(),
+            closing: std::collections::BTreeSet::new(),
             conn_by_wire: HashMap::new(),
             attempts: HashMap::new(),
             attempt_by_wire: HashMap::new(),
@@ -559,9 +563,9 @@ impl<R: Rng> Endpoint<R> {
             }
         });
         let c = self
-            .conns
-            .values()
-            .filter_map(|c| c.closing.map(|(d, n, _)| d.min(n)));
+            .closing
+            .iter()
+            .filter_map(|h| self.conns.get(h)?.closing.map(|(d, n, _)| d.min(n)));
         let t = self.tomb_order.front().map(|(_, e)| *e);
         a.chain(c)
             .chain(t)
@@ -729,6 +733,7 @@ impl<R: Rng> Endpoint<R> {
 
     fn remove_conn(&mut self, now: Instant, h: ConnHandle) -> Option<Connection> {
         let c = self.conns.remove(&h)?;
+        self.closing.remove(&h);
         self.conn_by_wire.remove(&(c.peer.0, c.conn_id, c.role));
         if c.role == Role::Server {
             // The client may still be retransmitting its request (our accept
@@ -1086,14 +1091,18 @@ impl<R: Rng> Endpoint<R> {
             self.send_request(h);
         }
         // Closes.
-        let mut closing: Vec<ConnHandle> = self
-            .conns
+        let due: Vec<ConnHandle> = self
+            .closing
             .iter()
-            .filter(|(_, c)| c.closing.is_some_and(|(d, n, _)| d <= now || n <= now))
-            .map(|(h, _)| *h)
+            .filter(|h| {
+                self.conns
+                    .get(h)
+                    .and_then(|c| c.closing)
+                    .is_some_and(|(d, n, _)| d <= now || n <= now)
+            })
+            .copied()
             .collect();
-        closing.sort_unstable();
-        for h in closing {
+        for h in due {
             let c = self.conns.get_mut(&h).expect("listed");
             let (deadline, _, rto) = c.closing.expect("filtered");
             if deadline <= now {
@@ -1370,6 +1379,7 @@ impl<R: Rng> Endpoint<R> {
         }
         let rto = self.cfg.initial_rto;
         c.closing = Some((now + self.cfg.close_budget, now + rto, rto));
+        self.closing.insert(h);
         let c = *c;
         self.send_close(&c);
         Ok(())

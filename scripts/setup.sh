@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 # prometheus: promtool and a real server for the metrics tests; tshark: the
 # Wireshark dissector's test; python3-venv: the benchmark's plot and .hlog reader.
-# systemd: systemd-analyze verify on the unit.
-PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev iproute2 procps util-linux python3 python3-venv curl prometheus tshark systemd)
+# systemd: systemd-analyze verify on the unit; gcc: the C examples and tests.
+PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev gcc libc6-dev iproute2 procps util-linux python3 python3-venv curl prometheus tshark systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

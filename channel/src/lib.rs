@@ -1,0 +1,24 @@
+//! The channel between dsand and the processes it serves: the contract
+//! between two processes that do not trust each other.
+//!
+//! * [`region`]: the per-process shared region (sealed memfd): socket table,
+//!   command ring, backlog rings; who writes each word.
+//! * [`ring`]: the single-producer, single-consumer ring of 64-byte slots
+//!   that every queue in the region is; each side keeps its own indices and
+//!   treats the other's as untrusted input.
+//! * [`msg`]: the typed messages in those slots (commands from the process,
+//!   connection requests from the daemon): views and values, parse checks
+//!   everything, emit is the only writer.
+//! * [`doorbell`]: how a process wakes a sleeping lcore.
+//! * [`sys`]: eventfds, futexes, sealed mappings, control-socket lines with
+//!   descriptors.
+//!
+//! The daemon (`control`, `dataplane`) and the application libraries
+//! (`provider-shim`, the switch) both depend on this crate and on nothing of
+//! each other.
+
+pub mod doorbell;
+pub mod msg;
+pub mod region;
+pub mod ring;
+pub mod sys;

@@ -1,0 +1,521 @@
+//! The system calls around the channel: eventfds, futexes, shared mappings of
+//! sealed memfds, and lines with file descriptors over the control socket.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+/// A non-blocking, close-on-exec eventfd (counter semantics, not semaphore).
+#[derive(Debug)]
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// Creates one.
+    ///
+    /// # Errors
+    /// As `eventfd(2)`.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Wraps an fd received from elsewhere (it must be an eventfd).
+    pub fn from_owned(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+
+    /// Adds 1 to the counter (see [`signal_eventfd`]).
+    pub fn signal(&self) -> bool {
+        signal_eventfd(self.0.as_raw_fd())
+    }
+
+    /// Reads and clears the counter; returns the value (0 if nothing pending).
+    pub fn drain(&self) -> u64 {
+        drain_eventfd(self.0.as_raw_fd())
+    }
+
+    /// Waits until the counter is non-zero or `timeout` passes. Returns whether it
+    /// became readable. Does not drain.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        wait_readable(self.0.as_raw_fd(), timeout)
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Adds 1 to the eventfd `fd`. Returns whether the write went through: a
+/// full counter on a nonblocking eventfd, or a bad fd, returns false (the
+/// caller counts it). Never retries more than on EINTR.
+pub fn signal_eventfd(fd: RawFd) -> bool {
+    let one: u64 = 1;
+    loop {
+        // SAFETY: writes 8 bytes from a live u64; a bad fd only returns an error.
+        let r = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        if r == 8 {
+            return true;
+        }
+        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return false;
+    }
+}
+
+/// Reads and clears an eventfd's counter without blocking (a blocking eventfd
+/// is polled first). Returns the value, 0 if nothing was pending.
+pub fn drain_eventfd(fd: RawFd) -> u64 {
+    let mut v: u64 = 0;
+    if wait_readable(fd, Some(Duration::ZERO)) {
+        // SAFETY: reads 8 bytes into a live u64.
+        let r = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        if r != 8 {
+            return 0;
+        }
+    }
+    v
+}
+
+/// Whether `fd` is an eventfd (by its anonymous inode's name).
+pub fn is_eventfd(fd: RawFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Waits for `fd` to become readable, with a nanosecond-resolution timeout.
+pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: one valid pollfd, a timespec that outlives the call or NULL, no sigmask.
+    let r = unsafe { libc::ppoll(&mut pfd, 1, tsp, std::ptr::null()) };
+    r > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+/// Waits while `*word == expected`, at most `timeout` (shared futex: works
+/// across processes). Returns on wake, timeout, or a changed value.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a valid aligned u32 in shared memory and a timespec that outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// Wakes every thread waiting on `word` (never blocks).
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: a valid aligned u32; FUTEX_WAKE reads nothing else.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0usize,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// A shared mapping of a memfd.
+///
+/// Memfds made here are **sealed** before anyone else sees them: they can
+/// neither shrink nor grow (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`), so
+/// a process holding the descriptor cannot truncate it under the daemon
+/// (which would make the daemon's next access fault).
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics and
+// the position-independent structures built on it.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+/// The seals every region carries.
+pub const SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+impl Mapping {
+    /// Creates a zeroed, sealed memfd of `len` bytes and maps it shared.
+    ///
+    /// # Errors
+    /// As `memfd_create`, `ftruncate`, `fcntl(F_ADD_SEALS)` and `mmap`.
+    pub fn create(name: &str, len: usize) -> io::Result<Mapping> {
+        let cname =
+            std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a valid C string; the result is a new fd we own.
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fd is a memfd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fcntl on a memfd we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::map(fd, len)
+    }
+
+    /// Maps `len` bytes of a memfd received from elsewhere.
+    ///
+    /// # Errors
+    /// If the file is smaller than `len`, or `mmap` fails.
+    pub fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        // SAFETY: fstat into a zeroed struct for an fd we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (st.st_size as usize) < len || len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared region smaller than announced",
+            ));
+        }
+        // SAFETY: a fresh shared mapping of a file at least `len` bytes long.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
+            len,
+            fd,
+        })
+    }
+
+    /// The memfd (to pass to the other side).
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The seals on the memfd.
+    pub fn seals(&self) -> i32 {
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GET_SEALS) }
+    }
+
+    /// Length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether empty (never, once created).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A pointer `off` bytes into the mapping.
+    ///
+    /// # Panics
+    /// If `off` is outside the mapping.
+    pub fn ptr_at(&self, off: usize) -> NonNull<u8> {
+        assert!(off < self.len, "offset out of the region");
+        // SAFETY: off is inside the mapping.
+        unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(off)) }
+    }
+
+    /// A reference to a `T` at `off` (must be in bounds and aligned). Only for
+    /// types made of atomics, which any bytes are valid for.
+    ///
+    /// # Panics
+    /// If `off` is out of bounds or misaligned for `T`.
+    pub fn at<T: Shared>(&self, off: usize) -> &T {
+        assert!(
+            off + std::mem::size_of::<T>() <= self.len,
+            "offset out of the region"
+        );
+        let p = self.ptr_at(off).as_ptr();
+        assert!(
+            (p as usize).is_multiple_of(std::mem::align_of::<T>()),
+            "misaligned"
+        );
+        // SAFETY: in bounds, aligned, shared memory; `Shared` types are built
+        // from atomics only, so every bit pattern is valid and sharing is sound.
+        unsafe { &*p.cast::<T>() }
+    }
+}
+
+/// Types that may live in shared memory: made only of atomics (any bytes are a
+/// valid value, and concurrent access is defined).
+///
+/// # Safety
+/// Implement only for `#[repr(C)]` types whose fields are all atomics.
+pub unsafe trait Shared {}
+// SAFETY: an atomic.
+unsafe impl Shared for AtomicU32 {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly this range and nothing refers to it any more
+        // (views borrow the mapping or are dropped first by their owners).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Longest control line accepted (bytes, without the newline).
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most descriptors one control message may carry.
+pub const MAX_FDS: usize = 4;
+
+/// Sends one line (newline added) with file descriptors attached.
+///
+/// # Errors
+/// As `sendmsg`; more than [`MAX_FDS`] descriptors is EINVAL.
+pub fn send_line(sock: RawFd, line: &str, fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut data = line.as_bytes().to_vec();
+    data.push(b'\n');
+    let mut sent = 0;
+    let mut first = true;
+    while sent < data.len() {
+        let mut iov = libc::iovec {
+            iov_base: data[sent..].as_mut_ptr().cast(),
+            iov_len: data.len() - sent,
+        };
+        // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        let mut cbuf = [0u64; 8];
+        if first && !fds.is_empty() {
+            // SAFETY: CMSG_SPACE is a pure size computation.
+            let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            // SAFETY: the control buffer (64 bytes) has room for one header with
+            // at most MAX_FDS ints.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr(),
+                    libc::CMSG_DATA(c).cast::<RawFd>(),
+                    fds.len(),
+                );
+            }
+        }
+        // SAFETY: msg points to live buffers for the duration of the call.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += n as usize;
+        first = false;
+    }
+    Ok(())
+}
+
+/// Receives one line (without the newline) and the descriptors sent with it.
+/// The protocol is strictly request / response, so a line never shares a read
+/// with the next one. Returns `None` at end of file.
+///
+/// Descriptors are accepted only with the first read of a line, at most
+/// [`MAX_FDS`]; a truncated control message (more than the buffer holds) is
+/// an error, and every descriptor received with it is closed.
+///
+/// # Errors
+/// As `recvmsg`; a line longer than [`MAX_LINE`], descriptors beyond the
+/// first read or [`MAX_FDS`], or truncated control data (InvalidData).
+pub fn recv_line(sock: RawFd) -> io::Result<Option<(String, Vec<OwnedFd>)>> {
+    let mut out = Vec::new();
+    let mut fds = Vec::new();
+    let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    loop {
+        let mut buf = [0u8; 4096];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: msghdr is plain data.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        // SAFETY: buffers live for the call.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let first = out.is_empty();
+        let mut got = 0;
+        // SAFETY: walking the control messages the kernel wrote into cbuf; each
+        // received descriptor is taken into an OwnedFd at once (closed on error).
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                    let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                    for i in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(p.add(i).read_unaligned()));
+                        got += 1;
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(invalid("control data truncated (too many descriptors)"));
+        }
+        if got > 0 && !first {
+            return Err(invalid("descriptors must come with the start of a line"));
+        }
+        if fds.len() > MAX_FDS {
+            return Err(invalid("too many descriptors"));
+        }
+        if n == 0 {
+            return if out.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::from(io::ErrorKind::UnexpectedEof))
+            };
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+        if out.last() == Some(&b'\n') {
+            out.pop();
+            if out.len() > MAX_LINE {
+                return Err(invalid("line too long"));
+            }
+            return Ok(Some((String::from_utf8_lossy(&out).into_owned(), fds)));
+        }
+        if out.len() > MAX_LINE {
+            return Err(invalid("line too long"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn eventfd_signal_wait_drain() {
+        let e = EventFd::new().unwrap();
+        assert!(!e.wait(Some(Duration::from_millis(1))));
+        assert!(e.signal());
+        assert!(e.signal());
+        assert!(e.wait(Some(Duration::ZERO)));
+        assert_eq!(e.drain(), 2);
+        assert_eq!(e.drain(), 0);
+        assert!(is_eventfd(e.as_raw_fd()));
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(!is_eventfd(a.as_raw_fd()));
+        assert!(!signal_eventfd(-1));
+    }
+
+    #[test]
+    fn a_full_nonblocking_eventfd_is_refused_not_waited_on() {
+        let e = EventFd::new().unwrap();
+        let max: u64 = u64::MAX - 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        assert_eq!(
+            unsafe { libc::write(e.as_raw_fd(), (&max as *const u64).cast(), 8) },
+            8
+        );
+        assert!(!e.signal());
+    }
+
+    #[test]
+    fn regions_are_sealed() {
+        let m = Mapping::create("dsan-test", 8192).unwrap();
+        assert_eq!(m.seals() & SEALS, SEALS);
+        // SAFETY: ftruncate on an fd we own; the seal must refuse it.
+        assert_ne!(unsafe { libc::ftruncate(m.fd(), 0) }, 0);
+        let w: &AtomicU32 = m.at(4096);
+        w.store(5, Ordering::Relaxed);
+        assert_eq!(w.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn lines_carry_fds_within_limits() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let e = EventFd::new().unwrap();
+        send_line(a.as_raw_fd(), "{\"x\":1}", &[e.as_raw_fd()]).unwrap();
+        let (l, fds) = recv_line(b.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(l, "{\"x\":1}");
+        assert_eq!(fds.len(), 1);
+        assert!(signal_eventfd(fds[0].as_raw_fd()));
+        assert_eq!(e.drain(), 1);
+        send_line(a.as_raw_fd(), "plain", &[]).unwrap();
+        assert_eq!(recv_line(b.as_raw_fd()).unwrap().unwrap().0, "plain");
+        assert!(send_line(a.as_raw_fd(), "x", &[e.as_raw_fd(); 5]).is_err());
+        let long = "y".repeat(MAX_LINE + 1);
+        let t = std::thread::spawn(move || {
+            let _ = send_line(a.as_raw_fd(), &long, &[]);
+            a
+        });
+        assert!(recv_line(b.as_raw_fd()).is_err());
+        drop(b);
+        drop(t.join().unwrap());
+    }
+}

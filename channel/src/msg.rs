@@ -42,7 +42,8 @@
 //! | 10..12 | local port |
 //! | 12..16 | local IPv4 |
 //! | 16..24 | connection id |
-//! | 24..64 | reserved, 0 |
+//! | 24..32 | expiry: CLOCK_MONOTONIC nanoseconds after which the daemon has dropped it (0: none) |
+//! | 32..64 | reserved, 0 |
 //!
 //! The answer to a request names it by [`RequestKey`] (peer address and
 //! connection id), never by its position in the ring.
@@ -109,7 +110,8 @@ mod field {
     pub(super) const LOCAL_PORT: Range<usize> = 10..12;
     pub(super) const LOCAL_IP: Range<usize> = 12..16;
     pub(super) const CONN_ID: Range<usize> = 16..24;
-    pub(super) const REQ_RESERVED: Range<usize> = 24..64;
+    pub(super) const EXPIRES: Range<usize> = 24..32;
+    pub(super) const REQ_RESERVED: Range<usize> = 32..64;
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -392,7 +394,11 @@ impl Command {
                 put(a, 0, &u32::from(*dst.ip()).to_le_bytes());
                 put(a, 4, &dst.port().to_le_bytes());
                 a[6] = u8::from(nonblocking);
-                put(a, 8, &u32::from(src.unwrap_or(Ipv4Addr::UNSPECIFIED)).to_le_bytes());
+                put(
+                    a,
+                    8,
+                    &u32::from(src.unwrap_or(Ipv4Addr::UNSPECIFIED)).to_le_bytes(),
+                );
                 kind::CONNECT
             }
             Op::Close => kind::CLOSE,
@@ -454,6 +460,10 @@ impl<T: AsRef<[u8]>> RequestView<T> {
     pub fn conn_id(&self) -> u64 {
         u64_at(self.b(), field::CONN_ID.start)
     }
+    /// Expiry (CLOCK_MONOTONIC ns; 0: none).
+    pub fn expires_ns(&self) -> u64 {
+        u64_at(self.b(), field::EXPIRES.start)
+    }
 }
 
 /// A connection request waiting for the application's answer, daemon -> application.
@@ -465,9 +475,18 @@ pub struct Request {
     pub local: SocketAddrV4,
     /// Wire connection id.
     pub conn_id: u64,
+    /// When the daemon drops it unanswered (CLOCK_MONOTONIC ns, see
+    /// [`crate::sys::monotonic_ns`]; 0: never): its client has given up by
+    /// then, so an application skips it without asking its condition function.
+    pub expires_ns: u64,
 }
 
 impl Request {
+    /// Whether it has expired at `now_ns` (CLOCK_MONOTONIC).
+    pub fn expired(&self, now_ns: u64) -> bool {
+        self.expires_ns != 0 && now_ns >= self.expires_ns
+    }
+
     /// The key a decision names it by.
     pub fn key(&self) -> RequestKey {
         RequestKey {
@@ -492,6 +511,7 @@ impl Request {
             peer: SocketAddrV4::new(v.peer_ip(), v.peer_port()),
             local: SocketAddrV4::new(v.local_ip(), v.local_port()),
             conn_id: v.conn_id(),
+            expires_ns: v.expires_ns(),
         })
     }
 
@@ -504,6 +524,7 @@ impl Request {
         slot[field::LOCAL_PORT].copy_from_slice(&self.local.port().to_le_bytes());
         slot[field::LOCAL_IP].copy_from_slice(&u32::from(*self.local.ip()).to_le_bytes());
         slot[field::CONN_ID].copy_from_slice(&self.conn_id.to_le_bytes());
+        slot[field::EXPIRES].copy_from_slice(&self.expires_ns.to_le_bytes());
     }
 
     /// The request as a fresh slot.
@@ -552,14 +573,14 @@ mod tests {
             peer: SocketAddrV4::new(ip(198, 18, 0, 1), 49152),
             local: SocketAddrV4::new(ip(198, 18, 0, 2), 80),
             conn_id: 0x0102_0304_0506_0708,
+            expires_ns: 0x10,
         };
         let s = r.to_slot();
+        assert_eq!(&s[24..32], &[0x10, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(!r.expired(0xf) && r.expired(0x10));
         assert_eq!(
             &s[..24],
-            &[
-                0x81, 0, 0, 0, 1, 0, 18, 198, 0, 0xc0, 80, 0, 2, 0, 18, 198, 8, 7, 6, 5, 4, 3, 2,
-                1
-            ]
+            &[0x81, 0, 0, 0, 1, 0, 18, 198, 0, 0xc0, 80, 0, 2, 0, 18, 198, 8, 7, 6, 5, 4, 3, 2, 1]
         );
         assert_eq!(Request::parse(&s), Ok(r));
         assert_eq!(
@@ -603,7 +624,11 @@ mod tests {
                 mask: FD_ACCEPT | FD_CONNECT,
             },
         ] {
-            let c = Command { sock: 1, seq: 2, op };
+            let c = Command {
+                sock: 1,
+                seq: 2,
+                op,
+            };
             assert_eq!(Command::parse(&c.to_slot()), Ok(c));
         }
     }
@@ -652,7 +677,7 @@ mod tests {
         assert_eq!(Command::parse(&s), Err(ParseError::Field("port")));
         let mut s = [0u8; SLOT];
         s[0] = kind::REQUEST;
-        s[30] = 1;
+        s[40] = 1;
         assert_eq!(Request::parse(&s), Err(ParseError::Reserved));
         assert_eq!(PARSE_REASONS[ParseError::Socket.index()], "socket");
     }

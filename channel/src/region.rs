@@ -20,6 +20,7 @@ use crate::sys::{Mapping, Shared};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Sockets per attached process.
 pub const MAX_SOCKETS: usize = 1024;
@@ -135,9 +136,11 @@ pub mod layout {
 }
 
 /// A process's region, seen from either side.
+///
+/// The ring ends it hands out keep the mapping alive, so they may outlive it.
 #[derive(Debug)]
 pub struct Region {
-    map: Mapping,
+    map: Arc<Mapping>,
 }
 
 fn fmt_err(e: FormatError) -> io::Error {
@@ -155,18 +158,16 @@ impl Region {
         let h: &RegionHeader = map.at(0);
         h.version.store(REGION_VERSION, Ordering::Relaxed);
         h.size.store(layout::size() as u64, Ordering::Relaxed);
-        // SAFETY: the command area lies inside the mapping, which the Region
-        // owns; the caller keeps the Region alive as long as the ring ends
-        // (the daemon's per-process state holds both, ends dropped first).
-        let (_, cmd) = unsafe {
-            ring::format(
-                map.ptr_at(layout::cmd_off()),
-                layout::cmd_len(),
-                CMD_RING,
-            )
-        }
-        .map_err(fmt_err)?;
-        h.magic.store(REGION_MAGIC, Ordering::Release);
+        let map = Arc::new(map);
+        // SAFETY: the command area lies inside the mapping, which the ring end
+        // keeps alive; nobody else consumes from it.
+        let (_, cmd) =
+            unsafe { ring::format(map.ptr_at(layout::cmd_off()), layout::cmd_len(), CMD_RING) }
+                .map_err(fmt_err)?;
+        map.at::<RegionHeader>(0)
+            .magic
+            .store(REGION_MAGIC, Ordering::Release);
+        let cmd = cmd.keeping(map.clone());
         Ok((Region { map }, cmd))
     }
 
@@ -192,11 +193,13 @@ impl Region {
                 "not a dsan region of this version",
             ));
         }
-        // SAFETY: as in `create`.
-        let cmd = unsafe {
-            ring::attach_producer(map.ptr_at(layout::cmd_off()), layout::cmd_len())
-        }
-        .map_err(fmt_err)?;
+        let map = Arc::new(map);
+        // SAFETY: as in `create`; nobody else in this process produces into it
+        // (the caller owns the one producer).
+        let cmd =
+            unsafe { ring::attach_producer(map.ptr_at(layout::cmd_off()), layout::cmd_len()) }
+                .map_err(fmt_err)?
+                .keeping(map.clone());
         Ok((Region { map }, cmd))
     }
 
@@ -218,17 +221,18 @@ impl Region {
     /// Formats backlog area `k` for `capacity` requests (daemon side, at
     /// listen); returns the producing end.
     ///
+    /// The caller keeps one producer per area (formatting an area again
+    /// replaces the ring; the old producer must be dropped first).
+    ///
     /// # Errors
     /// If `k >= MAX_LISTENERS` or the capacity is out of range.
-    ///
-    /// # Safety
-    /// The result must not outlive this Region, and nobody else may produce
-    /// into area `k` while it lives.
-    pub unsafe fn format_backlog(&self, k: usize, capacity: usize) -> io::Result<Producer> {
+    pub fn format_backlog(&self, k: usize, capacity: usize) -> io::Result<Producer> {
         if k >= MAX_LISTENERS || capacity > MAX_BACKLOG {
             return Err(fmt_err(FormatError::Capacity));
         }
-        // SAFETY: area k lies inside the mapping; lifetime as the caller promised.
+        // SAFETY: area k lies inside the mapping, which the end keeps alive.
+        // A second producer for the same area would only race on the ring's
+        // words, which are atomics: a protocol error, not memory unsafety.
         let (p, _) = unsafe {
             ring::format(
                 self.map.ptr_at(layout::backlog_off(k)),
@@ -237,29 +241,26 @@ impl Region {
             )
         }
         .map_err(fmt_err)?;
-        Ok(p)
+        Ok(p.keeping(self.map.clone()))
     }
 
     /// Opens backlog area `k` (application side, after the listen completed).
     ///
     /// # Errors
     /// If the area is out of range or not formatted.
-    ///
-    /// # Safety
-    /// The result must not outlive this Region, and nobody else may consume
-    /// from area `k` while it lives.
-    pub unsafe fn open_backlog(&self, k: usize) -> io::Result<Consumer> {
+    pub fn open_backlog(&self, k: usize) -> io::Result<Consumer> {
         if k >= MAX_LISTENERS {
             return Err(fmt_err(FormatError::Area));
         }
         // SAFETY: as in `format_backlog`.
-        unsafe {
+        let c = unsafe {
             ring::attach_consumer(
                 self.map.ptr_at(layout::backlog_off(k)),
                 layout::backlog_len(),
             )
         }
-        .map_err(fmt_err)
+        .map_err(fmt_err)?;
+        Ok(c.keeping(self.map.clone()))
     }
 
     /// The memfd.
@@ -295,21 +296,22 @@ mod tests {
         assert_eq!(Command::parse(&cmds.pop().unwrap().unwrap()), Ok(c));
         r.sock(5).events.fetch_or(FD_ACCEPT, Ordering::SeqCst);
         assert_eq!(app.sock(5).events.load(Ordering::SeqCst), FD_ACCEPT);
-        // SAFETY: both views are dropped before the regions (end of scope, reverse order).
-        let mut b = unsafe { r.format_backlog(2, 4) }.unwrap();
-        // SAFETY: as above.
-        let mut ab = unsafe { app.open_backlog(2) }.unwrap();
+        let mut b = r.format_backlog(2, 4).unwrap();
+        let mut ab = app.open_backlog(2).unwrap();
         let req = Request {
             peer: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 9),
             local: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 80),
             conn_id: 9,
+            expires_ns: 0,
         };
         b.push(&req.to_slot()).unwrap();
         assert_eq!(Request::parse(&ab.pop().unwrap().unwrap()), Ok(req));
-        // SAFETY: as above.
-        assert!(unsafe { app.open_backlog(3) }.is_err(), "unformatted area");
-        // SAFETY: as above.
-        assert!(unsafe { app.open_backlog(MAX_LISTENERS) }.is_err());
+        assert!(app.open_backlog(3).is_err(), "unformatted area");
+        assert!(app.open_backlog(MAX_LISTENERS).is_err());
+        drop((r, app));
+        // The ends keep the mapping alive.
+        b.push(&req.to_slot()).unwrap();
+        assert!(ab.pop().unwrap().is_some());
         assert!(layout::size() < 32 << 20);
         assert_eq!(effective_backlog(0), 1);
         assert_eq!(effective_backlog(-1), MAX_BACKLOG);

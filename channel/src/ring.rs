@@ -26,8 +26,10 @@
 //! with Release; the producer loads `head` with Acquire before it reuses a slot.
 #![allow(unsafe_code)]
 
+use crate::sys::Mapping;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Bytes in a slot.
 pub const SLOT: usize = 64;
@@ -114,7 +116,12 @@ impl Raw {
     fn read(&self, index: u64) -> Slot {
         let mut s = [0u8; SLOT];
         for (w, chunk) in s.chunks_exact_mut(8).enumerate() {
-            chunk.copy_from_slice(&self.slot_word(index, w).load(Ordering::Relaxed).to_le_bytes());
+            chunk.copy_from_slice(
+                &self
+                    .slot_word(index, w)
+                    .load(Ordering::Relaxed)
+                    .to_le_bytes(),
+            );
         }
         s
     }
@@ -159,7 +166,18 @@ pub unsafe fn format(
         base,
         cap: capacity as u64,
     };
-    Ok((Producer { raw, tail: 0 }, Consumer { raw: raw2, head: 0 }))
+    Ok((
+        Producer {
+            raw,
+            tail: 0,
+            _keep: None,
+        },
+        Consumer {
+            raw: raw2,
+            head: 0,
+            _keep: None,
+        },
+    ))
 }
 
 /// Reads the capacity of a ring formatted by the other side (trusted: the
@@ -192,7 +210,11 @@ pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer,
     // SAFETY: forwarded from the caller.
     let raw = unsafe { attach_raw(base, len) }?;
     let tail = raw.tail().load(Ordering::Acquire);
-    Ok(Producer { raw, tail })
+    Ok(Producer {
+        raw,
+        tail,
+        _keep: None,
+    })
 }
 
 /// Opens the consuming end of a ring formatted elsewhere.
@@ -206,7 +228,11 @@ pub unsafe fn attach_consumer(base: NonNull<u8>, len: usize) -> Result<Consumer,
     // SAFETY: forwarded from the caller.
     let raw = unsafe { attach_raw(base, len) }?;
     let head = raw.head().load(Ordering::Acquire);
-    Ok(Consumer { raw, head })
+    Ok(Consumer {
+        raw,
+        head,
+        _keep: None,
+    })
 }
 
 /// The producing end.
@@ -214,9 +240,16 @@ pub unsafe fn attach_consumer(base: NonNull<u8>, len: usize) -> Result<Consumer,
 pub struct Producer {
     raw: Raw,
     tail: u64,
+    /// Keeps the mapping the ring lives in alive (ends made by [`crate::region::Region`]).
+    _keep: Option<Arc<Mapping>>,
 }
 
 impl Producer {
+    pub(crate) fn keeping(mut self, m: Arc<Mapping>) -> Self {
+        self._keep = Some(m);
+        self
+    }
+
     /// Capacity in slots (this side's own copy).
     pub fn capacity(&self) -> usize {
         self.raw.cap as usize
@@ -263,9 +296,16 @@ impl Producer {
 pub struct Consumer {
     raw: Raw,
     head: u64,
+    /// Keeps the mapping the ring lives in alive (ends made by [`crate::region::Region`]).
+    _keep: Option<Arc<Mapping>>,
 }
 
 impl Consumer {
+    pub(crate) fn keeping(mut self, m: Arc<Mapping>) -> Self {
+        self._keep = Some(m);
+        self
+    }
+
     /// Capacity in slots (this side's own copy).
     pub fn capacity(&self) -> usize {
         self.raw.cap as usize
@@ -355,7 +395,10 @@ mod tests {
         p.push(&slot(1)).unwrap();
         // A hostile consumer moves head past tail.
         p.raw.head().store(7, Ordering::Relaxed);
-        assert_eq!(p.push(&slot(2)), Err(PushError::Violation(Violation::Index)));
+        assert_eq!(
+            p.push(&slot(2)),
+            Err(PushError::Violation(Violation::Index))
+        );
         // A hostile producer claims more than the capacity.
         c.raw.tail().store(100, Ordering::Relaxed);
         assert_eq!(c.pop(), Err(Violation::Index));

@@ -93,6 +93,16 @@ pub fn is_eventfd(fd: RawFd) -> bool {
         .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the one clock both sides of the channel
+/// read the same way (request expiry).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data; zeroed is valid.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Waits for `fd` to become readable, with a nanosecond-resolution timeout.
 pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
     let mut pfd = libc::pollfd {
@@ -297,6 +307,8 @@ impl Mapping {
 pub unsafe trait Shared {}
 // SAFETY: an atomic.
 unsafe impl Shared for AtomicU32 {}
+// SAFETY: an atomic.
+unsafe impl Shared for std::sync::atomic::AtomicU64 {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {

@@ -11,23 +11,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use dataplane::engine::EngineShared;
-use dataplane::node::{NodeHandle, KINDS, KIND_NAMES};
+use dataplane::node::{NodeHandle, APP_REJECT_REASONS, KINDS, KIND_NAMES};
+pub use dataplane::node::{ATTEMPT_RESULTS, REJECT_REASONS};
 
 /// Where port counters come from (DPDK in the daemon).
 pub type PortStatsFn = Box<dyn Fn() -> Option<(u64, u64, u64)> + Send>;
 /// Where the listener table comes from (a round trip to the lcore).
 pub type ListenersFn = Box<dyn Fn() -> Vec<dataplane::node::ListenerInfo> + Send>;
-
-/// Labels of `dsan_san_connects_rejected_total`, in `NodeStats::rejected` order.
-pub const REJECT_REASONS: [&str; 5] = [
-    "backlog_full",
-    "no_listener",
-    "refused",
-    "no_resources",
-    "listener_closed",
-];
-/// Labels of `dsan_san_connect_attempts_total`, in `NodeStats::attempts` order.
-pub const ATTEMPT_RESULTS: [&str; 4] = ["connected", "refused", "reset", "timed_out"];
 
 /// Where the metric values come from.
 pub struct Sources {
@@ -58,6 +48,10 @@ pub struct Metrics {
     accepted: IntCounter,
     rejected: IntCounterVec,
     attempts: IntCounterVec,
+    expired: IntCounter,
+    app_rejects: IntCounterVec,
+    app_violations: IntCounter,
+    event_signals_failed: IntCounter,
     fallbacks_metric: IntCounter,
     attached: prometheus::IntGauge,
     backlog_capacity: IntGaugeVec,
@@ -163,6 +157,10 @@ impl Metrics {
             accepted: c("dsan_san_connects_accepted_total", "SAN connect requests accepted by an application."),
             rejected: cv("dsan_san_connects_rejected_total", "SAN connect requests refused, by reason.", &["reason"]),
             attempts: cv("dsan_san_connect_attempts_total", "SAN connect attempts made from this host, by result.", &["result"]),
+            expired: c("dsan_san_requests_expired_total", "SAN connect requests dropped unanswered after the connect budget (their clients had given up)."),
+            app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
+            app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
+            event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's eventfd could not take."),
             fallbacks_metric: c("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP (SAN timed out or could not be set up)."),
             backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
             backlog_depth: gv("dsan_backlog_depth", "Connect requests queued on each SAN listener."),
@@ -193,58 +191,43 @@ impl Metrics {
             s.idle_polls.load(Ordering::Relaxed),
         );
         set(&self.sleeps, s.sleeps.load(Ordering::Relaxed));
-        let n = &self.node.stats;
+        let n = self.node.stats.snapshot();
         for (i, name) in KIND_NAMES.iter().enumerate().take(KINDS) {
-            set(
-                &self.frames_rx.with_label_values(&[name]),
-                n.rx_by_kind[i].load(Ordering::Relaxed),
-            );
-            set(
-                &self.frames_tx.with_label_values(&[name]),
-                n.tx_by_kind[i].load(Ordering::Relaxed),
-            );
+            set(&self.frames_rx.with_label_values(&[name]), n.rx_by_kind[i]);
+            set(&self.frames_tx.with_label_values(&[name]), n.tx_by_kind[i]);
         }
         for (reason, v) in [
-            ("not_san", &n.drop_not_san),
-            ("malformed", &n.drop_malformed),
-            ("version", &n.drop_version),
-            ("not_ours", &n.drop_not_ours),
-            ("unexpected", &n.drop_unexpected),
-            ("tx_full", &s.tx_dropped),
-            ("no_mbuf", &s.alloc_failed),
+            ("not_san", n.drop_not_san),
+            ("malformed", n.drop_malformed),
+            ("version", n.drop_version),
+            ("not_ours", n.drop_not_ours),
+            ("unexpected", n.drop_unexpected),
+            ("tx_full", s.tx_dropped.load(Ordering::Relaxed)),
+            ("no_mbuf", s.alloc_failed.load(Ordering::Relaxed)),
+            ("bad_token", n.drop_bad_token),
+            ("bad_command", n.bad_commands()),
         ] {
-            set(
-                &self.dropped.with_label_values(&[reason]),
-                v.load(Ordering::Relaxed),
-            );
+            set(&self.dropped.with_label_values(&[reason]), v);
         }
-        set(&self.requests, n.requests_received.load(Ordering::Relaxed));
-        set(&self.accepted, n.accepted.load(Ordering::Relaxed));
+        set(&self.requests, n.requests_received);
+        set(&self.accepted, n.accepted);
         for (i, r) in REJECT_REASONS.iter().enumerate() {
-            set(
-                &self.rejected.with_label_values(&[r]),
-                n.rejected[i].load(Ordering::Relaxed),
-            );
+            set(&self.rejected.with_label_values(&[r]), n.rejected[i]);
         }
         for (i, r) in ATTEMPT_RESULTS.iter().enumerate() {
-            set(
-                &self.attempts.with_label_values(&[r]),
-                n.attempts[i].load(Ordering::Relaxed),
-            );
+            set(&self.attempts.with_label_values(&[r]), n.attempts[i]);
         }
+        set(&self.expired, n.expired);
+        for (i, r) in APP_REJECT_REASONS.iter().enumerate() {
+            set(&self.app_rejects.with_label_values(&[r]), n.app_rejects[i]);
+        }
+        set(&self.app_violations, n.app_violations);
+        set(&self.event_signals_failed, n.event_signal_failed);
         set(
             &self.fallbacks_metric,
             self.fallbacks.load(Ordering::Relaxed),
         );
-        set(
-            &self.dropped.with_label_values(&["bad_token"]),
-            n.drop_bad_token.load(Ordering::Relaxed),
-        );
-        set(
-            &self.dropped.with_label_values(&["bad_command"]),
-            n.bad_commands.load(Ordering::Relaxed),
-        );
-        self.attached.set(n.attached.load(Ordering::Relaxed) as i64);
+        self.attached.set(n.attached as i64);
         self.backlog_capacity.reset();
         self.backlog_depth.reset();
         for l in (self.listeners)() {
@@ -270,22 +253,18 @@ impl Metrics {
     /// (the registry's histograms cannot take pre-counted buckets).
     fn render_connect_histogram(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let n = &self.node.stats;
+        let n = self.node.stats.snapshot();
         let name = "dsan_san_connect_duration_seconds";
         let _ = writeln!(out, "# HELP {name} Time from a SAN connect request to its accept, connecting side (successful connects).");
         let _ = writeln!(out, "# TYPE {name} histogram");
         let mut cum = 0u64;
         for (i, ub) in dataplane::proto::CONNECT_BUCKETS_S.iter().enumerate() {
-            cum += n.connect_buckets[i].load(Ordering::Relaxed);
+            cum += n.connect_buckets[i];
             let _ = writeln!(out, "{name}_bucket{{le=\"{ub}\"}} {cum}");
         }
-        cum += n.connect_buckets[dataplane::proto::CONNECT_BUCKETS_S.len()].load(Ordering::Relaxed);
+        cum += n.connect_buckets[dataplane::proto::CONNECT_BUCKETS_S.len()];
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            n.connect_sum_ns.load(Ordering::Relaxed) as f64 / 1e9
-        );
+        let _ = writeln!(out, "{name}_sum {}", n.connect_sum_ns as f64 / 1e9);
         let _ = writeln!(out, "{name}_count {cum}");
     }
 }

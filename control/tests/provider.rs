@@ -42,6 +42,7 @@ fn harness_bin() -> PathBuf {
                 "provider-shim/examples/connector.c",
                 out.with_extension("connector"),
             ),
+            ("provider-shim/tests/c/storm.c", out.with_extension("storm")),
         ] {
             let st = Command::new("cc")
                 .args(["-Wall", "-Wextra", "-Werror", "-O2", "-I"])
@@ -445,4 +446,133 @@ fn a_daemon_stopping_refuses_what_its_listeners_queued() {
     assert_eq!(results(&cli.cmd("results 0")), vec![-ECONNREFUSED; 2]);
     // The attached process is told: its next call fails with ENETDOWN.
     assert_eq!(srv.rc("socket"), -100);
+}
+
+/// A child's stdout as lines, each read with a deadline.
+struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    fn of(child: &mut Child) -> Lines {
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines(rx)
+    }
+
+    fn next(&self, within: std::time::Duration, what: &str) -> String {
+        self.0
+            .recv_timeout(within)
+            .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+    }
+}
+
+/// Kills and reaps a child when dropped (also when the test fails).
+struct Reaped(Child);
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn numbers(line: &str) -> Vec<i64> {
+    line.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// The jam the old design allowed (a request arriving while the application
+/// held a decision in flight and the ring was full desynchronised the queues
+/// for good) cannot happen: a listener with backlog 2 whose application
+/// decides slowly, under four processes connecting as fast as they can.
+#[test]
+fn a_slow_listener_under_a_connect_storm_never_jams() {
+    use std::time::{Duration, Instant};
+    let _lab = Lab::up(&[]);
+    let storm = harness_bin().with_extension("storm");
+    let spawn = |host: &str, args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("dsan-{host}")])
+            .arg(&storm)
+            .args(args)
+            .env("DSAN_SOCKET", format!("/run/dsan/lab/{host}/dsand.sock"))
+            .env("LD_LIBRARY_PATH", libdir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let mut srv = Reaped(spawn("h1", &["server", "6000", "2", "300"]));
+    let srv_out = Lines::of(&mut srv.0);
+    let mut srv_in = srv.0.stdin.take().unwrap();
+    assert_eq!(srv_out.next(Duration::from_secs(10), "ready"), "ready");
+
+    let mut clients: Vec<Reaped> = (0..4)
+        .map(|_| Reaped(spawn("h0", &["client", "198.18.0.2", "6000", "4000"])))
+        .collect();
+    let outs: Vec<Lines> = clients.iter_mut().map(|c| Lines::of(&mut c.0)).collect();
+    let (mut attempts, mut connected, mut refused) = (0, 0, 0);
+    for o in &outs {
+        let l = o.next(Duration::from_secs(60), "client result");
+        let v = numbers(&l);
+        assert_eq!(v.len(), 4, "{l}");
+        assert_eq!(v[3], 0, "every attempt connected or was refused: {l}");
+        assert_eq!(v[0], v[1] + v[2], "every attempt ended exactly once: {l}");
+        attempts += v[0];
+        connected += v[1];
+        refused += v[2];
+    }
+    drop(clients);
+    writeln!(srv_in, "report").unwrap();
+    let r = numbers(&srv_out.next(Duration::from_secs(10), "server report"));
+    let (srv_accepted, srv_refused) = (r[0], r[1]);
+    eprintln!(
+        "storm: {attempts} attempts, {connected} connected, {refused} refused \
+         ({srv_refused} by the application, {} as backlog full)",
+        refused - srv_refused
+    );
+    assert_eq!(
+        connected, srv_accepted,
+        "a client connected for every accept"
+    );
+    assert!(
+        refused > srv_refused,
+        "the backlog filled up (refusals beyond the application's own)"
+    );
+    assert!(attempts > 100, "the storm was a storm: {attempts} attempts");
+
+    // The application drained its backlog: the depth gauge says 0.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = listeners_on("h1");
+        if l["listeners"][0]["backlog_depth"] == 0 {
+            assert_eq!(l["listeners"][0]["backlog_capacity"], 2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "depth never went to 0: {l}");
+        std::thread::yield_now();
+    }
+    // A fresh connect is accepted at once.
+    let mut cli = H::spawn("h0");
+    assert_eq!(cli.rc("startup"), 0);
+    let s = cli.rc("socket");
+    let c = cli.cmd(&format!("connect {s} 198.18.0.2 6000"));
+    let v: Vec<f64> = c.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(v[0], 0.0, "{c}");
+    assert!(v[1] < 500.0, "the fresh connect took {} ms", v[1]);
+    writeln!(srv_in, "report").unwrap();
+    let r = numbers(&srv_out.next(Duration::from_secs(10), "server report"));
+    assert_eq!(r[0], srv_accepted + 1);
+    // Nothing the process sent was refused as garbage.
+    let st = dsanctl(&["--json", "--socket", "/run/dsan/lab/h1/dsand.sock", "stats"]);
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["drops"]["bad_command"], 0, "{st}");
+    assert_eq!(st["app_protocol_violations"], 0, "{st}");
+    writeln!(srv_in, "quit").unwrap();
 }

@@ -43,39 +43,50 @@ fn loopback_frame(c: &mut Criterion) {
 }
 
 fn backlog(c: &mut Criterion) {
-    use dataplane::backlog::Backlog;
+    use dsan_channel::msg::{Command, Op, Request, RequestKey, Verdict};
+    use dsan_channel::region::{layout, Region};
+    use std::net::{Ipv4Addr, SocketAddrV4};
     let mut g = c.benchmark_group("backlog");
-    let q = Backlog::<[u64; 2]>::new(128);
-    g.bench_function("push_pop_uncontended", |b| {
+    // A listener's backlog ring, as the daemon fills it and the application
+    // drains it: one request emitted, pushed, popped and parsed.
+    let (region, _) = Region::create("dsan-bench").unwrap();
+    let mut tx = region.format_backlog(0, 128).unwrap();
+    let mut rx = region.open_backlog(0).unwrap();
+    let req = Request {
+        peer: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 49152),
+        local: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 80),
+        conn_id: 7,
+        expires_ns: 1,
+    };
+    g.bench_function("request_push_pop_parse", |b| {
         b.iter(|| {
-            q.push(black_box([1, 2])).unwrap();
-            black_box(q.pop().unwrap());
+            tx.push(&black_box(req).to_slot()).unwrap();
+            black_box(Request::parse(&rx.pop().unwrap().unwrap()).unwrap());
         })
     });
-    // Two producer threads push while this thread pops.
-    let q = std::sync::Arc::new(Backlog::<[u64; 2]>::new(128));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hs: Vec<_> = (0..2)
-        .map(|_| {
-            let (q, stop) = (q.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = q.push([3, 4]);
-                }
-            })
-        })
-        .collect();
-    g.bench_function("pop_with_two_producers", |b| {
-        b.iter(|| loop {
-            if let Some(v) = q.pop() {
-                break black_box(v);
-            }
+    // The command ring: a decision emitted, pushed, popped and parsed.
+    let (daemon, mut cmd_rx) = Region::create("dsan-bench-cmd").unwrap();
+    // SAFETY: dup of a valid fd gives a new fd we own.
+    let dup = unsafe { std::os::fd::FromRawFd::from_raw_fd(libc::dup(daemon.fd())) };
+    let (_app, mut cmd_tx) = Region::open(dup, layout::size()).unwrap();
+    let cmd = Command {
+        sock: 3,
+        seq: 1,
+        op: Op::Decide {
+            key: RequestKey {
+                peer_ip: Ipv4Addr::new(198, 18, 0, 1),
+                conn_id: 7,
+            },
+            peer_port: 49152,
+            verdict: Verdict::Accept { new_sock: 4 },
+        },
+    };
+    g.bench_function("command_push_pop_parse", |b| {
+        b.iter(|| {
+            cmd_tx.push(&black_box(cmd).to_slot()).unwrap();
+            black_box(Command::parse(&cmd_rx.pop().unwrap().unwrap()).unwrap());
         })
     });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for h in hs {
-        h.join().unwrap();
-    }
     g.finish();
 }
 
@@ -129,9 +140,17 @@ fn proto(c: &mut Criterion) {
                 for f in &frames[..n as usize] {
                     let r = Repr::parse_bytes(f, DEFAULT_ETHERTYPE).unwrap();
                     e.handle_frame(dataplane::time::Instant(1), &r);
-                    black_box(e.poll_event());
-                    e.decide(dataplane::time::Instant(1), l, Decision::Accept)
-                        .unwrap();
+                    let Some(dataplane::proto::Event::Incoming { request, .. }) = e.poll_event()
+                    else {
+                        panic!("queued")
+                    };
+                    e.decide(
+                        dataplane::time::Instant(1),
+                        l,
+                        request.key(),
+                        Decision::Accept,
+                    )
+                    .unwrap();
                     let reply = e.poll_transmit().unwrap();
                     reply.emit(
                         &mut Frame::new_unchecked(&mut out[..reply.buffer_len()]),

@@ -16,9 +16,8 @@
 //!   within that bound). Clients ring the doorbell only when the loop sleeps.
 
 use crate::device::{Device, BURST};
-use crate::sys::EventFd;
 use crate::time::{Clock, Instant};
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,66 +83,7 @@ impl Default for EngineConfig {
     }
 }
 
-/// The doorbell: an eventfd plus a flag saying the loop sleeps on it.
-#[derive(Debug)]
-pub struct Doorbell {
-    /// One shared page whose first word says the loop sleeps (non-zero).
-    /// Attached processes map the same page, so they can read it.
-    page: crate::shm::Mapping,
-    efd: EventFd,
-    rung: AtomicU64,
-}
-
-impl Doorbell {
-    /// A new doorbell.
-    ///
-    /// # Errors
-    /// If the eventfd cannot be created.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            page: crate::shm::Mapping::create("dsan-doorbell", 4096)?,
-            efd: EventFd::new()?,
-            rung: AtomicU64::new(0),
-        })
-    }
-
-    fn sleeping(&self) -> &AtomicU32 {
-        self.page.at(0)
-    }
-
-    /// The memfd of the flag page (passed to attached processes).
-    pub fn page_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.page.fd()
-    }
-
-    /// The doorbell eventfd (passed to attached processes).
-    pub fn eventfd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.efd.as_raw_fd()
-    }
-
-    /// Call after publishing work for the loop: wakes it if (and only if) it
-    /// said it sleeps. The fence pairs with the loop's fence between setting the
-    /// flag and its last look at the inputs, so either the loop sees the work or
-    /// this call sees the flag.
-    pub fn ring(&self) {
-        fence(Ordering::SeqCst);
-        if self.sleeping().load(Ordering::Relaxed) != 0 {
-            self.rung.fetch_add(1, Ordering::Relaxed);
-            self.efd.signal();
-        }
-    }
-
-    /// Whether the loop has announced that it sleeps.
-    pub fn is_sleeping(&self) -> bool {
-        self.sleeping().load(Ordering::Relaxed) != 0
-    }
-
-    /// How many times a ring actually wrote the eventfd.
-    pub fn times_rung(&self) -> u64 {
-        self.rung.load(Ordering::Relaxed)
-    }
-}
+pub use dsan_channel::doorbell::Doorbell;
 
 /// Per-lcore counters, written by the loop on each drain tick, read by anyone.
 #[derive(Debug, Default)]
@@ -217,7 +157,7 @@ impl EngineShared {
     /// Asks the loop to stop and wakes it.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.doorbell.efd.signal();
+        self.doorbell.force();
     }
 }
 
@@ -341,8 +281,7 @@ pub fn run<D: Device, H: Handler<D>>(
             }
             // Going to sleep: nothing may wait in the tx buffer.
             flush(dev, &mut pending, &mut stats);
-            shared.doorbell.sleeping().store(1, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
+            shared.doorbell.set_sleeping(true);
             // Last look at the inputs after announcing the sleep.
             let n = dev.rx_burst(&mut rx, BURST);
             let mut tx = Tx {
@@ -363,11 +302,9 @@ pub fn run<D: Device, H: Handler<D>>(
                 }
                 stats.sleeps += 1;
                 stats.publish(&shared.stats);
-                if shared.doorbell.efd.wait(Some(sleep)) {
-                    shared.doorbell.efd.drain();
-                }
+                shared.doorbell.wait(sleep);
             }
-            shared.doorbell.sleeping().store(0, Ordering::Relaxed);
+            shared.doorbell.set_sleeping(false);
             last_busy = if late { clock.now() } else { last_busy };
         }
     }
@@ -469,17 +406,6 @@ mod tests {
     #[test]
     fn frames_in_and_out_with_adaptive_policy() {
         run_reflector(IdlePolicy::ADAPTIVE_DEFAULT);
-    }
-
-    #[test]
-    fn doorbell_writes_only_when_sleeping() {
-        let d = Doorbell::new().unwrap();
-        d.ring();
-        assert_eq!(d.times_rung(), 0);
-        d.sleeping().store(1, Ordering::SeqCst);
-        d.ring();
-        assert_eq!(d.times_rung(), 1);
-        assert!(d.efd.wait(Some(Duration::ZERO)));
     }
 
     #[test]

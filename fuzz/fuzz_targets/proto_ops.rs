@@ -84,6 +84,9 @@ fuzz_target!(|ops: Vec<Op>| {
         .collect();
     let mut listeners: Vec<Vec<ListenerId>> = vec![vec![]; N];
     let mut handles: Vec<Vec<ConnHandle>> = vec![vec![]; N];
+    // The requests handed to each host's application (its backlog rings),
+    // answered by key in any order: stale and repeated answers included.
+    let mut handed: Vec<Vec<(ListenerId, Incoming)>> = vec![vec![]; N];
     let mut wire: Vec<(usize, Repr)> = Vec::new();
     let mut log: Vec<Repr> = Vec::new();
     let mut now = Instant(1);
@@ -128,12 +131,24 @@ fuzz_target!(|ops: Vec<Op>| {
                 decision,
             } => {
                 let h = host as usize % N;
-                if !listeners[h].is_empty() {
-                    let l = listeners[h][which as usize % listeners[h].len()];
+                if !handed[h].is_empty() {
+                    let k = which as usize % handed[h].len();
+                    let (l, inc) = handed[h][k];
                     let d = [Decision::Accept, Decision::Reject, Decision::Defer]
                         [decision as usize % 3];
-                    if let Ok(Some(c)) = eps[h].decide(now, l, d) {
-                        handles[h].push(c);
+                    let before = eps[h].queued_total();
+                    match eps[h].decide(now, l, inc.key(), d) {
+                        Ok(Some(c)) => handles[h].push(c),
+                        Ok(None) => {}
+                        Err(_) => assert_eq!(
+                            eps[h].queued_total(),
+                            before,
+                            "a failed answer changed nothing"
+                        ),
+                    }
+                    // Keep some answered ones around to answer again (stale).
+                    if d != Decision::Defer && decision & 0x80 == 0 {
+                        handed[h].remove(k);
                     }
                 }
             }
@@ -196,7 +211,13 @@ fuzz_target!(|ops: Vec<Op>| {
                     }
                 }
             }
-            while e.poll_event().is_some() {}
+            while let Some(ev) = e.poll_event() {
+                if let Event::Incoming { listener, request } = ev {
+                    if handed[i].len() < 64 {
+                        handed[i].push((listener, request));
+                    }
+                }
+            }
             let mut total = 0;
             for (_, _, depth, cap) in e.listeners() {
                 assert!(depth <= cap);

@@ -5,7 +5,7 @@
 //!   shared region, doorbell) and the provider calls (`socket`, `bind`,
 //!   `listen`, `event_select`, `enum_network_events`, `accept` with a
 //!   condition function, `connect`, `close`) as ring messages to the
-//!   dataplane, with typed [`Error`]s;
+//!   daemon, with typed [`Error`]s;
 //! * [`SanSocket`]: an owned socket handle for Rust callers (closed on drop);
 //! * `capi`: the C ABI of `include/dsan_provider.h` (`libdsan_provider.so`),
 //!   every function behind a panic boundary, returning a non-negative value

@@ -1,18 +1,26 @@
 //! The provider: one attachment per process to the local dsand.
-#![allow(unsafe_code)] // eventfd reads, poll() on the control socket
+//!
+//! Everything it exchanges with the daemon is the `dsan-channel` crate's: the
+//! region, the command ring (one producer: calls take the ring's lock only to
+//! push), the listeners' backlog rings (this process consumes), the typed
+//! messages, the doorbell.
+#![allow(unsafe_code)] // poll() on the control socket
 
-use dataplane::backlog::Backlog;
-use dataplane::shm::{self, Cmd, Mapping, PendingShm, Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
+use dsan_channel::doorbell::Doorbell;
+use dsan_channel::msg::{Command, Op, Request, Verdict};
+use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
+use dsan_channel::ring::{Consumer, Producer, PushError};
+use dsan_channel::sys;
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use dataplane::shm::{FD_ACCEPT, FD_CONNECT};
+pub use dsan_channel::region::{FD_ACCEPT, FD_CONNECT};
 
 /// Errors of provider calls; [`Error::errno`] gives the C ABI's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -158,9 +166,15 @@ struct LocalSock {
     state: State,
     bound: Option<SocketAddrV4>,
     nonblocking: bool,
-    /// The application's eventfd (not owned).
+    /// The application's eventfd (not owned; the daemon holds its own copy).
     efd: Option<RawFd>,
-    backlog: Option<Backlog<PendingShm>>,
+    /// The events selected.
+    mask: u32,
+    /// The listener's backlog ring (this process consumes).
+    backlog: Option<Consumer>,
+    /// A request taken from the ring and deferred (or not yet answered
+    /// because the host is out of connections): the head of the backlog.
+    held: Option<Request>,
     area: Option<usize>,
     seq: u32,
     peer: Option<SocketAddrV4>,
@@ -173,10 +187,37 @@ impl LocalSock {
             bound: None,
             nonblocking: false,
             efd: None,
+            mask: 0,
             backlog: None,
+            held: None,
             area: None,
             seq: 0,
             peer: None,
+        }
+    }
+
+    /// The request at the head of the backlog, if any (taking it out of the
+    /// ring; requests that expired meanwhile are dropped unasked).
+    fn head(&mut self) -> Result<Option<Request>> {
+        if let Some(r) = self.held {
+            return Ok(Some(r));
+        }
+        let Some(ring) = self.backlog.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            let Some(slot) = ring.pop().map_err(|_| Error::NetDown)? else {
+                return Ok(None);
+            };
+            // The daemon is the only writer; a slot that does not parse is skipped.
+            let Ok(r) = Request::parse(&slot) else {
+                continue;
+            };
+            if r.expired(sys::monotonic_ns()) {
+                continue;
+            }
+            self.held = Some(r);
+            return Ok(Some(r));
         }
     }
 }
@@ -197,8 +238,9 @@ pub struct Provider {
     /// Backlog areas of the region in use.
     areas: Mutex<[bool; MAX_LISTENERS]>,
     region: Region,
-    doorbell_page: Mapping,
-    doorbell: OwnedFd,
+    /// The command ring's producing end (one producer: pushes take this lock).
+    cmds: Mutex<Producer>,
+    doorbell: Doorbell,
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
     san_addrs: Vec<(Ipv4Addr, u8)>,
 }
@@ -212,8 +254,8 @@ impl std::fmt::Debug for Provider {
 }
 
 fn request(ctl: &UnixStream, req: &Value, fds: &[RawFd]) -> Result<(Value, Vec<OwnedFd>)> {
-    shm::send_line(ctl.as_raw_fd(), &req.to_string(), fds).map_err(|_| Error::NetDown)?;
-    let (line, fds) = shm::recv_line(ctl.as_raw_fd())
+    sys::send_line(ctl.as_raw_fd(), &req.to_string(), fds).map_err(|_| Error::NetDown)?;
+    let (line, fds) = sys::recv_line(ctl.as_raw_fd())
         .map_err(|_| Error::NetDown)?
         .ok_or(Error::NetDown)?;
     let v: Value = serde_json::from_str(&line).map_err(|_| Error::NetDown)?;
@@ -243,8 +285,8 @@ impl Provider {
         let doorbell = fds.pop().expect("three fds");
         let page = fds.pop().expect("three fds");
         let region_fd = fds.pop().expect("three fds");
-        let region = Region::open(region_fd, size).map_err(|_| Error::NetDown)?;
-        let doorbell_page = Mapping::map(page, 4096).map_err(|_| Error::NetDown)?;
+        let (region, cmds) = Region::open(region_fd, size).map_err(|_| Error::NetDown)?;
+        let doorbell = Doorbell::open(page, doorbell).map_err(|_| Error::NetDown)?;
         let ctl_fd = ctl.as_raw_fd();
         let san_addrs = v["san_addrs"]
             .as_array()
@@ -263,7 +305,7 @@ impl Provider {
             alloc: Mutex::new(()),
             areas: Mutex::new([false; MAX_LISTENERS]),
             region,
-            doorbell_page,
+            cmds: Mutex::new(cmds),
             doorbell,
         }))
     }
@@ -310,46 +352,40 @@ impl Provider {
         Ok(g)
     }
 
-    fn ring_doorbell(&self) {
-        fence(Ordering::SeqCst);
-        let flag: &AtomicU32 = self.doorbell_page.at(0);
-        if flag.load(Ordering::Relaxed) != 0 {
-            shm::signal_eventfd(self.doorbell.as_raw_fd());
-        }
-    }
-
-    /// Sends a command for socket `s` and waits for its completion (or, with
-    /// `wait == None`, until `deadline`...). Returns the daemon's result.
-    fn command(
-        &self,
-        s: SocketId,
-        ls: &mut LocalSock,
-        op: u32,
-        [a, b, c]: [u64; 3],
-        timeout: Duration,
-    ) -> Result<i64> {
+    /// Sends a command for socket `s` and waits (at most `timeout`) for its
+    /// completion. Returns the daemon's result.
+    fn command(&self, s: SocketId, ls: &mut LocalSock, op: Op, timeout: Duration) -> Result<i64> {
         ls.seq = ls.seq.wrapping_add(1).max(1);
-        let cmd = Cmd {
-            op,
+        let slot = Command {
             sock: s,
             seq: ls.seq,
-            _pad: 0,
-            a,
-            b,
-            c,
-        };
+            op,
+        }
+        .to_slot();
         let sh = self.region.sock(s as usize);
         let start = Instant::now();
-        while self.region.commands().push(cmd).is_err() {
-            // Ring full: the lcore is behind; wait a little.
-            self.ring_doorbell();
-            if !self.daemon_alive() || start.elapsed() > COMMAND_TIMEOUT {
-                return Err(Error::NetDown);
+        loop {
+            let r = self
+                .cmds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(&slot);
+            match r {
+                Ok(()) => break,
+                // Ring full: the lcore is behind; wait a little.
+                Err(PushError::Full) => {
+                    self.doorbell.ring();
+                    if !self.daemon_alive() || start.elapsed() > COMMAND_TIMEOUT {
+                        return Err(Error::NetDown);
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(PushError::Violation(_)) => return Err(Error::NetDown),
             }
-            std::thread::sleep(Duration::from_micros(50));
         }
-        self.ring_doorbell();
-        self.wait_word(sh, &sh.done_seq, |v| v == cmd.seq, timeout)?;
+        self.doorbell.ring();
+        let seq = ls.seq;
+        self.wait_word(sh, &sh.done_seq, |v| v == seq, timeout)?;
         Ok(sh.result.load(Ordering::Acquire))
     }
 
@@ -375,7 +411,7 @@ impl Provider {
             }
             sh.waiters.fetch_add(1, Ordering::SeqCst);
             if !done(word.load(Ordering::SeqCst)) {
-                shm::futex_wait(word, v, Duration::from_millis(10));
+                sys::futex_wait(word, v, Duration::from_millis(10));
             }
             sh.waiters.fetch_sub(1, Ordering::SeqCst);
             if done(word.load(Ordering::Acquire)) {
@@ -416,7 +452,6 @@ impl Provider {
                 ls.seq = sh.done_seq.load(Ordering::Acquire);
                 *g = Some(ls);
                 sh.events.store(0, Ordering::Relaxed);
-                sh.event_mask.store(0, Ordering::Relaxed);
                 sh.accept_error.store(0, Ordering::Relaxed);
                 sh.connect_error.store(0, Ordering::Relaxed);
                 sh.connect_state.store(0, Ordering::Relaxed);
@@ -451,7 +486,7 @@ impl Provider {
         let mut g = self.lock(s)?;
         let ls = g.as_mut().expect("checked");
         if ls.state == State::Listening {
-            return Ok(ls.backlog.as_ref().map_or(0, |b| b.capacity()));
+            return Ok(ls.backlog.as_ref().map_or(0, Consumer::capacity));
         }
         let Some(addr) = ls.bound.filter(|a| a.port() != 0) else {
             return Err(Error::Inval);
@@ -469,12 +504,11 @@ impl Provider {
         let r = self.command(
             s,
             ls,
-            shm::OP_LISTEN,
-            [
-                shm::pack_addr(*addr.ip(), addr.port()),
-                backlog as i64 as u64,
-                area as u64,
-            ],
+            Op::Listen {
+                addr,
+                backlog,
+                area: area as u16,
+            },
             COMMAND_TIMEOUT,
         );
         let r = match r {
@@ -496,8 +530,13 @@ impl Provider {
     /// Registers `efd` (an eventfd) for the `mask` events of `s` and makes `s`
     /// nonblocking. A negative `efd` with mask 0 unregisters.
     ///
+    /// The descriptor travels to the daemon over the control socket (the
+    /// daemon keeps its own copy and closes it); the mask travels as an
+    /// event-select command.
+    ///
     /// # Errors
-    /// [`Error::NotSock`]; [`Error::Inval`] for a bad fd or mask; [`Error::NetDown`].
+    /// [`Error::NotSock`]; [`Error::Inval`] for a bad fd (not an eventfd) or
+    /// mask; [`Error::NetDown`].
     pub fn event_select(&self, s: SocketId, efd: RawFd, mask: u32) -> Result<()> {
         self.check()?;
         let mut g = self.lock(s)?;
@@ -506,26 +545,24 @@ impl Provider {
             return Err(Error::Inval);
         }
         if efd >= 0 {
-            // SAFETY: fcntl(F_GETFD) on any integer only reports EBADF for a non-fd.
-            if unsafe { libc::fcntl(efd, libc::F_GETFD) } < 0 {
+            if !sys::is_eventfd(efd) {
                 return Err(Error::Inval);
             }
+            let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            request(&ctl, &json!({"cmd": "event_fd", "sock": s}), &[efd]).map_err(|e| {
+                if e == Error::Inval {
+                    Error::Inval
+                } else {
+                    Error::NetDown
+                }
+            })?;
         }
-        let fds: Vec<RawFd> = if efd >= 0 { vec![efd] } else { vec![] };
-        let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        request(&ctl, &json!({"cmd": "event_select", "sock": s}), &fds).map_err(|e| {
-            if e == Error::Inval {
-                Error::Inval
-            } else {
-                Error::NetDown
-            }
-        })?;
-        drop(ctl);
-        self.region
-            .sock(s as usize)
-            .event_mask
-            .store(mask, Ordering::Release);
+        let r = self.command(s, ls, Op::EventSelect { mask }, COMMAND_TIMEOUT)?;
+        if r < 0 {
+            return Err(Error::from_errno(-r as i32));
+        }
         ls.efd = (efd >= 0).then_some(efd);
+        ls.mask = mask;
         ls.nonblocking = mask != 0;
         Ok(())
     }
@@ -541,7 +578,7 @@ impl Provider {
         // Drain first: an event recorded after this is seen by the swap below
         // or signals the eventfd again, so no wake-up is lost.
         if let Some(fd) = ls.efd {
-            shm::drain_eventfd(fd);
+            sys::drain_eventfd(fd);
         }
         let sh = self.region.sock(s as usize);
         let events = sh.events.swap(0, Ordering::AcqRel);
@@ -572,84 +609,90 @@ impl Provider {
             return Err(Error::Inval);
         }
         let sh = self.region.sock(s as usize);
-        let head = loop {
-            let seen = sh.arrivals.load(Ordering::Acquire);
-            if let Some(h) = ls.backlog.as_ref().and_then(|b| b.peek()) {
-                break h;
-            }
-            if ls.nonblocking {
-                return Err(Error::Again);
-            }
-            self.wait_word(sh, &sh.arrivals, |v| v != seen, Duration::from_secs(3600))
-                .or_else(|e| if e == Error::TimedOut { Ok(()) } else { Err(e) })?;
-        };
-        let peer = SocketAddrV4::new(Ipv4Addr::from(head.peer_ip), head.peer_port);
-        let d = cond(peer);
-        if d == Decision::Defer {
-            return Err(Error::Again);
-        }
-        let (decision, new) = match d {
-            Decision::Accept => {
-                let new = self.reserve()?;
-                (0u64, new)
-            }
-            _ => (1u64, 0),
-        };
-        let r = self.command(
-            s,
-            ls,
-            shm::OP_DECIDE,
-            [
-                head.conn_id,
-                decision | (u64::from(new) << 8),
-                shm::pack_addr(*peer.ip(), peer.port()),
-            ],
-            COMMAND_TIMEOUT,
-        );
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                if decision == 0 {
-                    self.release_slot(new);
+        loop {
+            let head = loop {
+                let seen = sh.arrivals.load(Ordering::Acquire);
+                if let Some(h) = ls.head()? {
+                    break h;
                 }
-                return Err(e);
+                if ls.nonblocking {
+                    return Err(Error::Again);
+                }
+                self.wait_word(sh, &sh.arrivals, |v| v != seen, Duration::from_secs(3600))
+                    .or_else(|e| if e == Error::TimedOut { Ok(()) } else { Err(e) })?;
+            };
+            let peer = head.peer;
+            let d = cond(peer);
+            if d == Decision::Defer {
+                return Err(Error::Again); // stays held: the head next time
             }
-        };
-        if r != -i64::from(libc::ENOBUFS) && r != -i64::from(libc::EAGAIN) {
-            // Decided (or stale): the request leaves the ring.
-            if let Some(b) = ls.backlog.as_ref() {
-                b.pop();
+            let new = if d == Decision::Accept {
+                Some(self.socket()?)
+            } else {
+                None
+            };
+            let verdict = match new {
+                Some(n) => Verdict::Accept { new_sock: n },
+                None => Verdict::Reject,
+            };
+            let r = self.command(
+                s,
+                ls,
+                Op::Decide {
+                    key: head.key(),
+                    peer_port: peer.port(),
+                    verdict,
+                },
+                COMMAND_TIMEOUT,
+            );
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(n) = new {
+                        self.release_slot(n);
+                    }
+                    return Err(e);
+                }
+            };
+            if r == -i64::from(libc::ENOBUFS) {
+                // Out of connections on the host: the request stays at the head.
+                if let Some(n) = new {
+                    self.release_slot(n);
+                }
+                return Err(Error::NoBufs);
             }
+            ls.held = None; // answered (or no longer pending)
+            if r == -i64::from(libc::ECONNABORTED) {
+                // It expired before our answer reached the daemon: its client
+                // gave up. Take the next one.
+                if let Some(n) = new {
+                    self.release_slot(n);
+                }
+                continue;
+            }
+            if let Some(n) = new {
+                if r == 0 {
+                    let mut ng = self.socks[n as usize]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let ns = ng.as_mut().expect("reserved");
+                    ns.state = State::Connected;
+                    ns.peer = Some(peer);
+                    ns.bound = Some(head.local);
+                    return Ok((n, peer));
+                }
+                self.release_slot(n);
+            }
+            return Err(if r == 0 || r == -i64::from(libc::ECONNREFUSED) {
+                Error::ConnRefused
+            } else {
+                Error::from_errno(-r as i32)
+            });
         }
-        if decision == 0 {
-            if r == 0 {
-                let mut ng = self.socks[new as usize]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let n = ng.as_mut().expect("reserved");
-                n.state = State::Connected;
-                n.peer = Some(peer);
-                n.bound = Some(SocketAddrV4::new(
-                    Ipv4Addr::from(head.local_ip),
-                    head.local_port,
-                ));
-                return Ok((new, peer));
-            }
-            self.release_slot(new);
-        }
-        Err(if r == 0 || r == -i64::from(libc::ECONNREFUSED) {
-            Error::ConnRefused
-        } else {
-            Error::from_errno(-r as i32)
-        })
     }
 
     fn free_area(&self, k: usize) {
         self.areas.lock().unwrap_or_else(|e| e.into_inner())[k] = false;
-    }
-
-    fn reserve(&self) -> Result<SocketId> {
-        self.socket()
     }
 
     fn release_slot(&self, s: SocketId) {
@@ -686,19 +729,18 @@ impl Provider {
         if dst.port() == 0 || dst.ip().is_unspecified() {
             return Err(Error::Inval);
         }
-        let src = ls.bound.map_or(0, |b| u64::from(u32::from(*b.ip())));
-        let nonblocking = ls.nonblocking && sh.event_mask.load(Ordering::Relaxed) & FD_CONNECT != 0;
+        let src = ls.bound.map(|b| *b.ip()).filter(|ip| !ip.is_unspecified());
+        let nonblocking = ls.nonblocking && ls.mask & FD_CONNECT != 0;
         sh.connect_error.store(0, Ordering::Relaxed);
         // The connect budget (2 s) plus margin.
         let r = self.command(
             s,
             ls,
-            shm::OP_CONNECT,
-            [
-                shm::pack_addr(*dst.ip(), dst.port()),
+            Op::Connect {
+                dst,
                 src,
-                u64::from(nonblocking),
-            ],
+                nonblocking,
+            },
             COMMAND_TIMEOUT,
         )?;
         ls.peer = Some(dst);
@@ -739,17 +781,11 @@ impl Provider {
                 .connect_state
                 .load(Ordering::Relaxed)
                 != 0;
-        if self.daemon_alive() {
-            if had_state {
-                let _ = self.command(s, &mut ls, shm::OP_CLOSE, [0, 0, 0], COMMAND_TIMEOUT);
-            }
-            if ls.efd.is_some() {
-                let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = request(&ctl, &json!({"cmd": "event_select", "sock": s}), &[]);
-            }
+        // The daemon forgets the socket's state and its event descriptor.
+        if self.daemon_alive() && (had_state || ls.efd.is_some()) {
+            let _ = self.command(s, &mut ls, Op::Close, COMMAND_TIMEOUT);
         }
         let sh = self.region.sock(s as usize);
-        sh.event_mask.store(0, Ordering::Relaxed);
         sh.events.store(0, Ordering::Relaxed);
         ls.backlog = None;
         if let Some(k) = ls.area {

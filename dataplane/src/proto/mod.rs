@@ -4,16 +4,32 @@
 //! are drained with `poll_*` (see [`endpoint`] for the order). Time is an
 //! [`Instant`](crate::time::Instant) passed in by the caller; randomness comes
 //! through [`rng::Rng`] so that a simulation replays exactly.
+//!
+//! | file | what |
+//! |---|---|
+//! | `endpoint` | the state of one host, its inputs, outputs and timers |
+//! | `server` | listeners, pending requests, decisions, expiry |
+//! | `client` | connect attempts, retransmission, outcomes |
+//! | `connection` | established connections, the close handshake |
+//! | `tombstone` | consistent answers for finished requests |
+//! | `types`, `config` | vocabulary and parameters |
+//! | `resolve`, `rng` | address resolution, randomness |
 
+mod client;
+mod config;
+mod connection;
 pub mod endpoint;
 pub mod resolve;
 pub mod rng;
+mod server;
+mod tombstone;
+mod types;
 
 #[cfg(test)]
 mod tests;
 
-pub use endpoint::{
-    AcceptError, CloseError, ConnHandle, ConnectError, ConnectFailure, Connection, Decision,
-    Endpoint, Event, Incoming, ListenError, ListenerId, ProtoConfig, ProtoStats, Role, SockAddr,
-    Subnet, CONNECT_BUCKETS_S,
-};
+pub use config::{ProtoConfig, Subnet};
+pub use connection::{Connection, Role};
+pub use endpoint::Endpoint;
+pub use server::Incoming;
+pub use types::*;

@@ -4,7 +4,7 @@
 
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Ipv4};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// Resolution timing.
@@ -63,7 +63,8 @@ pub enum Lookup {
 pub struct Resolver {
     cfg: ResolveConfig,
     entries: HashMap<Ipv4, Entry>,
-    pending: HashMap<Ipv4, Pending>,
+    /// Ordered, so that requests go out in the same order in every run (the simulator replays exactly).
+    pending: BTreeMap<Ipv4, Pending>,
     failed: Vec<Ipv4>,
 }
 

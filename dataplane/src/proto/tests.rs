@@ -1,9 +1,10 @@
 //! Unit tests of the protocol core: two endpoints joined by a hand-driven wire.
 
-use super::endpoint::*;
 use super::rng::SeededRng;
+use super::*;
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, Repr};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 const IA: Ipv4 = Ipv4::new(198, 18, 0, 1);
@@ -29,6 +30,8 @@ struct Pair {
     ev_b: Vec<Event>,
     /// Every frame that crossed the wire, (from_a, frame).
     log: Vec<(bool, Repr)>,
+    /// b's application's backlog rings: requests handed over, in order.
+    ring_b: HashMap<ListenerId, VecDeque<Incoming>>,
 }
 
 impl Pair {
@@ -40,7 +43,23 @@ impl Pair {
             ev_a: vec![],
             ev_b: vec![],
             log: vec![],
+            ring_b: HashMap::new(),
         }
+    }
+
+    /// The request at the head of b's ring for `l` (what the application sees).
+    fn head(&self, l: ListenerId) -> Option<Incoming> {
+        self.ring_b.get(&l).and_then(|q| q.front().copied())
+    }
+
+    /// b's application answers the head of its ring for `l`, by key.
+    fn decide(&mut self, l: ListenerId, d: Decision) -> Result<Option<ConnHandle>, AcceptError> {
+        let inc = self.head(l).ok_or(AcceptError::Stale)?;
+        let r = self.b.decide(self.now, l, inc.key(), d);
+        if d != Decision::Defer && r != Err(AcceptError::TooManyConnections) {
+            self.ring_b.get_mut(&l).expect("head").pop_front();
+        }
+        r
     }
 
     /// Delivers frames both ways until nothing moves; `drop` filters frames out.
@@ -65,6 +84,9 @@ impl Pair {
                 self.ev_a.push(e);
             }
             while let Some(e) = self.b.poll_event() {
+                if let Event::Incoming { listener, request } = e {
+                    self.ring_b.entry(listener).or_default().push_back(request);
+                }
                 self.ev_b.push(e);
             }
             if !moved {
@@ -141,8 +163,8 @@ fn connect_accept_establishes_both_sides() {
     assert!(
         matches!(p.ev_b[..], [Event::Incoming { listener, request }] if listener == l && request.peer.0 == IA)
     );
-    assert_eq!(p.b.head(l).unwrap().peer.0, IA);
-    let s = p.b.decide(p.now, l, Decision::Accept).unwrap().unwrap();
+    assert_eq!(p.head(l).unwrap().peer.0, IA);
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
     p.deliver();
     assert_eq!(p.ev_a, vec![Event::Connected { conn: c }]);
     let (ca, cb) = (p.a.connection(c).unwrap(), p.b.connection(s).unwrap());
@@ -182,7 +204,7 @@ fn full_backlog_refuses_at_once_without_an_event() {
         Decision::Reject,
         Decision::Reject,
     ] {
-        p.b.decide(p.now, l, d).unwrap();
+        p.decide(l, d).unwrap();
     }
     p.deliver();
     assert_eq!(connected(&p.ev_a).len(), 2);
@@ -190,12 +212,79 @@ fn full_backlog_refuses_at_once_without_an_event() {
         failures(&p.ev_a),
         vec![ConnectFailure::Refused(RejectReason::Refused); 2]
     );
-    assert_eq!(
-        p.b.decide(p.now, l, Decision::Accept),
-        Err(AcceptError::Empty)
-    );
+    assert_eq!(p.head(l), None, "the application's ring is drained");
+    assert_eq!(p.b.backlog(l), Some((0, 4)));
     assert_eq!(p.a.attempts_in_progress(), 0);
     let _ = hs;
+}
+
+#[test]
+fn answers_match_requests_by_key_in_any_order() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 7100), 3).unwrap();
+    for _ in 0..3 {
+        p.a.connect(p.now, None, (IB, 7100)).unwrap();
+    }
+    p.deliver();
+    let q: Vec<Incoming> = p.ring_b[&l].iter().copied().collect();
+    assert_eq!(q.len(), 3);
+    // The last first, then the first, then the middle one.
+    let c3 = p.b.decide(p.now, l, q[2].key(), Decision::Accept).unwrap();
+    assert!(c3.is_some());
+    assert_eq!(p.b.decide(p.now, l, q[0].key(), Decision::Reject), Ok(None));
+    assert!(p
+        .b
+        .decide(p.now, l, q[1].key(), Decision::Accept)
+        .unwrap()
+        .is_some());
+    p.deliver();
+    assert_eq!(connected(&p.ev_a).len(), 2);
+    assert_eq!(failures(&p.ev_a).len(), 1);
+    // A stale answer fails and changes nothing.
+    let before = p.b.stats().clone();
+    assert_eq!(
+        p.b.decide(p.now, l, q[1].key(), Decision::Reject),
+        Err(AcceptError::Stale)
+    );
+    assert_eq!(
+        p.b.decide(p.now, ListenerId(999), q[1].key(), Decision::Reject),
+        Err(AcceptError::UnknownListener)
+    );
+    p.deliver();
+    assert_eq!(p.b.stats().stale_decisions, before.stale_decisions + 1);
+    assert_eq!(p.b.stats().rejected, before.rejected);
+    assert_eq!(p.b.connections().count(), 2);
+    assert_eq!(p.b.backlog(l), Some((0, 3)));
+}
+
+#[test]
+fn requests_expire_after_the_connect_budget_and_free_their_place() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 7200), 2).unwrap();
+    p.a.connect(p.now, None, (IB, 7200)).unwrap();
+    p.a.connect(p.now, None, (IB, 7200)).unwrap();
+    p.deliver();
+    assert_eq!(p.b.backlog(l), Some((2, 2)));
+    // Nobody answers: the clients give up, and so does the listener.
+    p.advance(Duration::from_millis(2100), |_, _| false);
+    assert_eq!(
+        failures(&p.ev_a),
+        vec![ConnectFailure::TimedOut; 2],
+        "the clients timed out"
+    );
+    assert_eq!(p.b.backlog(l), Some((0, 2)));
+    assert_eq!(p.b.stats().expired, 2);
+    // An answer to an expired request is stale; a new request is queued.
+    let old = p.head(l).unwrap();
+    assert_eq!(
+        p.b.decide(p.now, l, old.key(), Decision::Accept),
+        Err(AcceptError::Stale)
+    );
+    p.ev_a.clear();
+    p.a.connect(p.now, None, (IB, 7200)).unwrap();
+    p.deliver();
+    assert_eq!(p.b.backlog(l), Some((1, 2)));
+    assert!(failures(&p.ev_a).is_empty());
 }
 
 #[test]
@@ -216,11 +305,11 @@ fn defer_keeps_the_request_at_the_head() {
     p.deliver();
     p.a.connect(p.now, None, (IB, 9)).unwrap();
     p.deliver();
-    let head = p.b.head(l).unwrap();
-    assert_eq!(p.b.decide(p.now, l, Decision::Defer), Ok(None));
-    assert_eq!(p.b.head(l).unwrap(), head);
+    let head = p.head(l).unwrap();
+    assert_eq!(p.decide(l, Decision::Defer), Ok(None));
+    assert_eq!(p.head(l).unwrap(), head);
     assert_eq!(p.b.backlog(l), Some((2, 2)));
-    p.b.decide(p.now, l, Decision::Accept).unwrap();
+    p.decide(l, Decision::Accept).unwrap();
     p.deliver();
     assert_eq!(
         connected(&p.ev_a),
@@ -262,6 +351,22 @@ fn silence_times_out_within_the_budget_with_backoff() {
 }
 
 #[test]
+fn an_accept_nobody_confirms_ends_the_server_connection() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 6), 1).unwrap();
+    p.a.connect(p.now, None, (IB, 6)).unwrap();
+    p.deliver();
+    // The client's side is gone for good: nothing from a reaches b any more.
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
+    p.advance(Duration::from_secs(25), |from_a, _| from_a);
+    assert!(p.ev_b.contains(&Event::Closed { conn: s }));
+    assert_eq!(p.b.stats().unconfirmed, 1);
+    assert_eq!(p.b.connections().count(), 0);
+    let accepts = p.sent(false, |m| matches!(m, Message::Accept { .. }));
+    assert!((5..=40).contains(&accepts), "{accepts} accepts sent");
+}
+
+#[test]
 fn outside_every_subnet_is_unreachable() {
     let mut p = Pair::new(cfg());
     assert_eq!(
@@ -285,21 +390,25 @@ fn retransmissions_never_duplicate_and_replay_the_answer() {
     assert_eq!(p.b.backlog(l), Some((1, 4)));
     assert_eq!(incoming(&p.ev_b), 1);
     assert!(p.b.stats().duplicate_requests >= 2);
-    // The accept is lost; the next retransmission gets it replayed.
-    p.b.decide(p.now, l, Decision::Accept).unwrap();
+    // The accept is lost; the server's own retransmission (or the replay for
+    // the client's next request) gets through, and the client confirms it.
+    p.decide(l, Decision::Accept).unwrap();
     p.run(|from_a, f| !from_a && matches!(f.message, Message::Accept { .. }));
     assert!(connected(&p.ev_a).is_empty());
+    assert!(p.b.connections().all(|(_, c)| !c.is_confirmed()));
     p.advance(Duration::from_millis(500), |_, _| false);
     assert_eq!(connected(&p.ev_a).len(), 1);
-    assert_eq!(p.b.stats().replayed_accepts, 1);
+    assert!(p.b.stats().replayed_accepts <= 1);
     assert_eq!(p.b.connections().count(), 1);
+    assert!(p.b.connections().all(|(_, c)| c.is_confirmed()));
+    assert_eq!(p.sent(true, |m| matches!(m, Message::AcceptAck { .. })), 1);
 
     // A refusal that is lost is replayed the same way, never queued anew.
     let mut p = Pair::new(cfg());
     let l = p.b.listen((IB, 5), 1).unwrap();
     p.a.connect(p.now, None, (IB, 5)).unwrap();
     p.deliver();
-    p.b.decide(p.now, l, Decision::Reject).unwrap();
+    p.decide(l, Decision::Reject).unwrap();
     p.run(|from_a, f| !from_a && matches!(f.message, Message::Reject { .. }));
     p.advance(Duration::from_millis(500), |_, _| false);
     assert_eq!(
@@ -314,6 +423,17 @@ fn retransmissions_never_duplicate_and_replay_the_answer() {
 #[test]
 fn a_late_accept_is_ignored_and_answered_with_a_close() {
     let mut p = Pair::new(cfg());
+    // The accepting side keeps requests longer than this client waits (a
+    // client with a shorter budget than the server's).
+    p.b = Endpoint::new(
+        ProtoConfig {
+            connect_budget: Duration::from_secs(5),
+            ..cfg()
+        },
+        MB,
+        vec![IB],
+        SeededRng::new(2),
+    );
     let l = p.b.listen((IB, 5), 1).unwrap();
     let c = p.a.connect(p.now, None, (IB, 5)).unwrap();
     p.deliver();
@@ -327,7 +447,7 @@ fn a_late_accept_is_ignored_and_answered_with_a_close() {
             error: ConnectFailure::TimedOut
         }]
     );
-    p.b.decide(p.now, l, Decision::Accept).unwrap();
+    p.decide(l, Decision::Accept).unwrap();
     p.deliver();
     assert_eq!(p.ev_a.len(), 1, "the attempt ended exactly once");
     assert!(
@@ -348,7 +468,7 @@ fn frames_with_wrong_tokens_are_dropped_and_counted() {
     let l = p.b.listen((IB, 5), 1).unwrap();
     p.a.connect(p.now, None, (IB, 5)).unwrap();
     p.deliver();
-    let inc = p.b.head(l).unwrap();
+    let inc = p.head(l).unwrap();
     let forged = |m| Repr {
         header: crate::wire::SanHeader {
             dst_mac: MA,
@@ -378,7 +498,7 @@ fn frames_with_wrong_tokens_are_dropped_and_counted() {
     );
     assert_eq!(p.a.stats().bad_token, 2);
     assert_eq!(p.a.attempts_in_progress(), 1);
-    let s = p.b.decide(p.now, l, Decision::Accept).unwrap().unwrap();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
     p.deliver();
     let cb = *p.b.connection(s).unwrap();
     // A close with the wrong token does nothing.
@@ -415,7 +535,7 @@ fn close_handshake_survives_loss_and_leaves_nothing() {
     let l = p.b.listen((IB, 5), 1).unwrap();
     let c = p.a.connect(p.now, None, (IB, 5)).unwrap();
     p.deliver();
-    let s = p.b.decide(p.now, l, Decision::Accept).unwrap().unwrap();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
     p.deliver();
     p.a.close(p.now, c).unwrap();
     // The first close is lost.
@@ -458,7 +578,7 @@ fn listen_rules() {
     assert_eq!(p.b.listen((IB, 5), 1), Err(ListenError::AddrInUse));
     assert_eq!(p.b.listen((IA, 6), 1), Err(ListenError::AddrNotAvailable));
     let l = p.b.listen((IB, 6), i64::from(i32::MAX)).unwrap();
-    assert_eq!(p.b.backlog(l), Some((0, crate::backlog::MAX_BACKLOG)));
+    assert_eq!(p.b.backlog(l), Some((0, dsan_channel::region::MAX_BACKLOG)));
     let l = p.b.listen((IB, 7), 0).unwrap();
     assert_eq!(p.b.backlog(l), Some((0, 1)));
     assert_eq!(

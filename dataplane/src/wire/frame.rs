@@ -94,6 +94,8 @@ enum_with_unknown! {
         Close = 0x04,
         /// Acknowledges a Close.
         CloseAck = 0x05,
+        /// The client confirms an Accept (the server stops retransmitting it).
+        AcceptAck = 0x06,
         /// Who has SAN address dst_ip?
         ResolveRequest = 0x10,
         /// The reply: src_ip is at the body's MAC.
@@ -144,7 +146,7 @@ fn body_len(kind: Kind) -> Option<usize> {
         Kind::ConnectRequest => 16,
         Kind::Accept => 24,
         Kind::Reject => 24,
-        Kind::Close | Kind::CloseAck => 16,
+        Kind::Close | Kind::CloseAck | Kind::AcceptAck => 16,
         Kind::ResolveRequest => 0,
         Kind::ResolveReply => 8,
         Kind::EchoRequest | Kind::EchoReply => 16,
@@ -368,6 +370,13 @@ pub enum Message {
         /// The receiver's token.
         token: u64,
     },
+    /// Confirm an accept (client to server).
+    AcceptAck {
+        /// Connection id.
+        conn_id: u64,
+        /// The receiver's (server's) token.
+        token: u64,
+    },
     /// Who has `dst_ip`?
     ResolveRequest,
     /// `src_ip` is at `mac`.
@@ -400,6 +409,7 @@ impl Message {
             Message::Reject { .. } => Kind::Reject,
             Message::Close { .. } => Kind::Close,
             Message::CloseAck { .. } => Kind::CloseAck,
+            Message::AcceptAck { .. } => Kind::AcceptAck,
             Message::ResolveRequest => Kind::ResolveRequest,
             Message::ResolveReply { .. } => Kind::ResolveReply,
             Message::EchoRequest { .. } => Kind::EchoRequest,
@@ -462,6 +472,10 @@ impl Repr {
                 token: be!(u64, &b[8..16]),
             },
             Kind::CloseAck => Message::CloseAck {
+                conn_id: be!(u64, &b[0..8]),
+                token: be!(u64, &b[8..16]),
+            },
+            Kind::AcceptAck => Message::AcceptAck {
                 conn_id: be!(u64, &b[0..8]),
                 token: be!(u64, &b[8..16]),
             },
@@ -552,7 +566,9 @@ impl Repr {
                 b[16] = reason.into();
                 b[17..24].fill(0);
             }
-            Message::Close { conn_id, token } | Message::CloseAck { conn_id, token } => {
+            Message::Close { conn_id, token }
+            | Message::CloseAck { conn_id, token }
+            | Message::AcceptAck { conn_id, token } => {
                 b[0..8].copy_from_slice(&conn_id.to_be_bytes());
                 b[8..16].copy_from_slice(&token.to_be_bytes());
             }
@@ -707,6 +723,13 @@ mod test {
             },
             &cat(&[&id, &t2]),
         );
+        roundtrip(
+            Message::AcceptAck {
+                conn_id: idv,
+                token: t2v,
+            },
+            &cat(&[&id, &t2]),
+        );
         roundtrip(Message::ResolveRequest, &[]);
         roundtrip(Message::ResolveReply { mac: A }, &[2, 0, 0, 0, 0, 1, 0, 0]);
         roundtrip(
@@ -790,7 +813,7 @@ mod test {
         }
 
         #[test]
-        fn parse_emit_roundtrip(kind in 0u8..9, a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>(), port in proptest::prelude::any::<u16>()) {
+        fn parse_emit_roundtrip(kind in 0u8..10, a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>(), port in proptest::prelude::any::<u16>()) {
             let message = match kind {
                 0 => Message::ConnectRequest { conn_id: a, client_token: b },
                 1 => Message::Accept { conn_id: a, client_token: b, server_token: a ^ b },
@@ -800,6 +823,7 @@ mod test {
                 5 => Message::ResolveRequest,
                 6 => Message::ResolveReply { mac: A },
                 7 => Message::EchoRequest { seq: a, stamp: b },
+                8 => Message::AcceptAck { conn_id: a, token: b },
                 _ => Message::EchoReply { seq: a, stamp: b },
             };
             let mut h = hdr();

@@ -1,0 +1,268 @@
+//! Bring-up: EAL, the port, the node and its threads (signals, metrics,
+//! control socket, address follower), then the dataplane loop.
+
+use super::checks::Effective;
+use super::log;
+use anyhow::{anyhow, Context, Result};
+use control::lcore::Lcore;
+use control::{metrics, os};
+use dataplane::dpdk::{self, DpdkDevice, Mempool, Port};
+use dataplane::engine::{self, EngineConfig, EngineShared};
+use dataplane::node::{Command, Node, NodeConfig, NodeHandle};
+use dataplane::proto::{ProtoConfig, Subnet};
+use dataplane::time::Clock;
+use dataplane::wire::Ipv4;
+use serde_json::json;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Result<()> {
+    let eal_args = eff.eal.to_args("dsand");
+    log(
+        "info",
+        &format!(
+            "starting host={} idle={} eal={:?}",
+            eff.host,
+            eff.idle.name(),
+            eal_args
+        ),
+    );
+    let eal = dpdk::Eal::init(&eal_args)?;
+    let ports = eal.ports();
+    let (port_id, port_name) = ports
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("DPDK found no port (check the vdev or PCI allow-list)"))?;
+    let mbufs = eff.cfg.mbufs.unwrap_or(4095);
+    let pool = Mempool::new(&eal, "dsan_mbufs", mbufs, 128, 2048 + 128)?;
+    let port = Port::start(&eal, port_id, &pool, 512, 512)?;
+    let mac = port.mac()?;
+    let pmd = port_name
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .to_string();
+    let addrs: Vec<Ipv4> = eff.cfg.san_addrs.iter().map(|c| c.addr).collect();
+    log(
+        "info",
+        &format!(
+            "port {} ({port_name}) up mac={mac} san_addrs={:?} lcore={}",
+            port_id.0,
+            addrs,
+            eff.lcores.first().copied().unwrap_or(0)
+        ),
+    );
+
+    let shared = EngineShared::new(eff.idle)?;
+    let mut proto = ProtoConfig {
+        subnets: eff
+            .cfg
+            .san_addrs
+            .iter()
+            .map(|c| Subnet {
+                addr: c.addr,
+                prefix: c.prefix,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let lim = &eff.cfg.limits;
+    if let Some(v) = lim.max_listeners {
+        proto.max_listeners = v;
+    }
+    if let Some(v) = lim.max_half_open {
+        proto.max_half_open = v;
+    }
+    if let Some(v) = lim.max_attempts {
+        proto.max_attempts = v;
+    }
+    if let Some(ms) = lim.connect_budget_ms {
+        proto.connect_budget = Duration::from_millis(ms);
+        proto.tombstone_ttl = Duration::from_millis(ms * 2);
+    }
+    let node_cfg = NodeConfig {
+        ethertype: eff
+            .cfg
+            .ethertype
+            .unwrap_or(dataplane::wire::DEFAULT_ETHERTYPE),
+        proto,
+    };
+    let (mut node, handle) = Node::new(node_cfg, mac, addrs);
+    let lcore = Lcore {
+        engine: shared.clone(),
+        node: handle.clone(),
+    };
+
+    // Signals stop the loop, after the node has released every process (their
+    // queued requests are refused to the peers, their regions marked closed).
+    {
+        let lcore = lcore.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    log(
+                        "info",
+                        &format!("signal {sig}: releasing attached processes, then stopping"),
+                    );
+                    if lcore.ask(Command::Shutdown, Duration::from_secs(2)).is_ok() {
+                        // Let the loop transmit the refusals.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    lcore.engine.request_stop();
+                }
+            })?;
+    }
+
+    let fallbacks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    super::telemetry::register_telemetry(&eal, &lcore, &fallbacks);
+    let info = Arc::new(json!({
+        "host": eff.host, "pid": std::process::id(), "mac": mac.to_string(),
+        "san_addrs": eff.cfg.san_addrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "idle": eff.idle.name(), "pmd": pmd, "port": port_name,
+        "lcore": eff.lcores.first().copied().unwrap_or(0),
+        "netns": eff.cfg.netns, "metrics_addr": eff.cfg.metrics_addr.map(|a| a.to_string()),
+        "control_socket": eff.socket.display().to_string(),
+    }));
+
+    if let Some(l) = metrics_listener {
+        let pid = port_id;
+        let m = metrics::Metrics::new(
+            &eff.host,
+            eff.idle.name(),
+            &pmd,
+            metrics::Sources {
+                engine: shared.clone(),
+                node: handle.clone(),
+                port: Box::new(move || {
+                    dpdk::stats_of(pid)
+                        .ok()
+                        .map(|s| (s.ipackets, s.opackets, s.imissed + s.ierrors + s.rx_nombuf))
+                }),
+                listeners: {
+                    let lcore = lcore.clone();
+                    Box::new(move || {
+                        lcore
+                            .ask(Command::Listeners, Duration::from_millis(500))
+                            .unwrap_or_default()
+                    })
+                },
+                fallbacks: fallbacks.clone(),
+            },
+        );
+        let m = Arc::new(Mutex::new(m));
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                dataplane::sys::unpin_current_thread();
+                metrics::serve(l, m)
+            })?;
+    }
+
+    let _ = std::fs::remove_file(&eff.socket);
+    let listener = UnixListener::bind(&eff.socket)
+        .with_context(|| format!("cannot bind control socket {}", eff.socket.display()))?;
+    // Applications of the socket's group may attach (the deploy guide makes it `dsan`).
+    let _ = std::fs::set_permissions(
+        &eff.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o660),
+    );
+    let socket_gid = std::fs::metadata(&eff.socket)
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .unwrap_or(0);
+    {
+        let cx = Arc::new(super::ctl_server::Ctx {
+            lcore: lcore.clone(),
+            info: info.clone(),
+            port: port_id,
+            socket_gid,
+            fallbacks: fallbacks.clone(),
+        });
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                dataplane::sys::unpin_current_thread();
+                for conn in listener.incoming().flatten() {
+                    let cx = cx.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || {
+                            dataplane::sys::unpin_current_thread();
+                            super::ctl_server::serve_conn(conn, &cx)
+                        });
+                }
+            })?;
+    }
+
+    // Follow the interface's addresses at run time (the lab's hosts, and hosts
+    // configured with `iface` and no `san_addrs`).
+    if let (true, Some(iface)) = (eff.addrs_from_iface, eff.cfg.iface.clone()) {
+        let handle = handle.clone();
+        std::thread::Builder::new()
+            .name("addrs".into())
+            .spawn(move || {
+                dataplane::sys::unpin_current_thread();
+                let mut last: Vec<(Ipv4, u8)> = handle
+                    .subnets
+                    .read()
+                    .map(|v| v.iter().map(|s| (s.addr, s.prefix)).collect())
+                    .unwrap_or_default();
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let Some(now) = os::iface_addrs(&iface) else {
+                        continue;
+                    };
+                    let now: Vec<(Ipv4, u8)> = now.iter().map(|a| (a.addr, a.prefix)).collect();
+                    if now != last {
+                        log(
+                            "info",
+                            &format!("SAN addresses of {iface} changed: {now:?}"),
+                        );
+                        handle.set_addrs(
+                            now.iter().map(|a| a.0).collect(),
+                            now.iter()
+                                .map(|&(addr, prefix)| Subnet { addr, prefix })
+                                .collect(),
+                        );
+                        last = now;
+                    }
+                }
+            })?;
+    }
+
+    log(
+        "info",
+        &format!("ready control_socket={}", eff.socket.display()),
+    );
+    {
+        let mut dev = DpdkDevice::new(&port, &pool)?;
+        let cfg = EngineConfig {
+            idle: eff.idle,
+            ..Default::default()
+        };
+        engine::run(&mut dev, &mut node, &cfg, &shared, Clock::new());
+    }
+    log("info", "dataplane stopped; releasing the port");
+    let _ = std::fs::remove_file(&eff.socket);
+    drop(port);
+    drop(pool);
+    drop(eal);
+    log("info", "stopped");
+    Ok(())
+}
+
+/// The host's SAN addresses now, as `ip/prefix`.
+pub(crate) fn current_addrs(node: &NodeHandle) -> Vec<String> {
+    node.subnets
+        .read()
+        .map(|v| {
+            v.iter()
+                .map(|s| format!("{}/{}", s.addr, s.prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}

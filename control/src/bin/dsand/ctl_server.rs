@@ -1,0 +1,247 @@
+//! The control socket: one JSON object per line each way; attachments (the
+//! shared region and doorbell handed over with SCM_RIGHTS), event
+//! descriptors (handed to the lcore, which owns them), and queries.
+
+use super::bringup::current_addrs;
+use super::log;
+use control::lcore::{counters_json, Lcore};
+use control::os;
+use dataplane::dpdk;
+use dataplane::node::{AppShared, Command, Counters, PingRequest};
+use dataplane::wire::Ipv4;
+use dsan_channel::region::{layout, MAX_SOCKETS, REGION_VERSION};
+use dsan_channel::sys;
+use serde_json::{json, Value};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+static NEXT_APP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How long the control side waits for the lcore.
+const ASK: Duration = Duration::from_secs(5);
+
+/// What a control connection needs from the daemon.
+pub(crate) struct Ctx {
+    pub(crate) lcore: Lcore,
+    pub(crate) info: Arc<Value>,
+    pub(crate) port: dpdk::PortId,
+    pub(crate) socket_gid: u32,
+    pub(crate) fallbacks: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Serves one control connection until it closes; an attached process is
+/// detached then (the lcore releases everything it held).
+pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
+    let fd = conn.as_raw_fd();
+    let mut app: Option<Arc<AppShared>> = None;
+    loop {
+        let (line, fds) = match sys::recv_line(fd) {
+            Ok(Some(x)) => x,
+            _ => break,
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut out_fds = Vec::new();
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => {
+                let r = match req["cmd"].as_str() {
+                    Some("attach") if fds.is_empty() => attach(fd, cx, &mut app, &mut out_fds),
+                    Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
+                    Some("switch_fallback") if fds.is_empty() => {
+                        cx.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        Ok(json!({"ok": true}))
+                    }
+                    _ if !fds.is_empty() => {
+                        Err("descriptors are accepted only with \"event_fd\"".to_string())
+                    }
+                    _ => handle_request(&req, cx),
+                };
+                r.unwrap_or_else(|e| json!({"ok": false, "error": e}))
+            }
+            Err(e) => {
+                json!({"ok": false, "error": format!("malformed request (expected one JSON object per line): {e}")})
+            }
+        };
+        if sys::send_line(fd, &reply.to_string(), &out_fds).is_err() {
+            break;
+        }
+    }
+    // The process went away (or detached): release what it held.
+    if let Some(app) = app {
+        if cx.lcore.ask(|tx| Command::Detach(app.id, tx), ASK).is_err() {
+            log(
+                "warn",
+                &format!("dataplane did not confirm the detach of pid {}", app.pid),
+            );
+            return;
+        }
+        log("info", &format!("detached pid {}", app.pid));
+    }
+}
+
+fn attach(
+    fd: i32,
+    cx: &Ctx,
+    app: &mut Option<Arc<AppShared>>,
+    out_fds: &mut Vec<i32>,
+) -> Result<Value, String> {
+    if app.is_some() {
+        return Err("this connection is already attached".into());
+    }
+    let (pid, uid, gid) =
+        os::peer_cred(fd).map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    if uid != 0 && uid != os::euid() && gid != cx.socket_gid {
+        return Err(format!(
+            "uid {uid} may not attach (root, the daemon's user or the socket's group only)"
+        ));
+    }
+    let id = NEXT_APP.fetch_add(1, Ordering::Relaxed);
+    let (a, cmds) =
+        AppShared::new(id, pid).map_err(|e| format!("cannot create the shared region: {e}"))?;
+    cx.lcore
+        .tell(Command::Attach(a.clone(), cmds), ASK)
+        .map_err(err)?;
+    let doorbell = &cx.lcore.engine.doorbell;
+    out_fds.push(a.region.fd());
+    out_fds.push(doorbell.page_fd());
+    out_fds.push(doorbell.eventfd());
+    log("info", &format!("attached pid {pid} uid {uid} as app {id}"));
+    *app = Some(a);
+    Ok(
+        json!({"ok": true, "app": id, "region_size": layout::size(), "version": REGION_VERSION, "san_addrs": current_addrs(&cx.lcore.node),
+              "fds": ["region", "doorbell_page", "doorbell"]}),
+    )
+}
+
+/// `{"cmd":"event_fd","sock":N}` with one eventfd attached: the event
+/// descriptor of socket N, handed to the lcore (which owns and closes it).
+fn event_fd(
+    req: &Value,
+    cx: &Ctx,
+    app: Option<&AppShared>,
+    mut fds: Vec<OwnedFd>,
+) -> Result<Value, String> {
+    let app = app.ok_or("attach first")?;
+    let sock = req["sock"]
+        .as_u64()
+        .filter(|s| (*s as usize) < MAX_SOCKETS)
+        .ok_or("\"sock\" out of range")? as u32;
+    if fds.len() != 1 {
+        return Err("\"event_fd\" carries exactly one descriptor".into());
+    }
+    let fd = fds.pop().expect("one");
+    if !sys::is_eventfd(fd.as_raw_fd()) {
+        return Err("the event descriptor must be an eventfd".into());
+    }
+    let attached = cx
+        .lcore
+        .ask(
+            |done| Command::EventFd {
+                app: app.id,
+                sock,
+                fd,
+                done,
+            },
+            ASK,
+        )
+        .map_err(err)?;
+    if !attached {
+        return Err("this process is no longer attached".into());
+    }
+    Ok(json!({"ok": true}))
+}
+
+fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
+    let (shared, node) = (&cx.lcore.engine, &cx.lcore.node);
+    match req["cmd"].as_str() {
+        Some("status") => {
+            let s = &shared.stats;
+            let n: Counters = cx.lcore.counters();
+            let j = counters_json(&n, s);
+            let ps = dpdk::stats_of(cx.port).ok();
+            let mut v = (*cx.info).clone();
+            v["ok"] = json!(true);
+            v["san_addrs"] = json!(current_addrs(node));
+            v["lcore_stats"] = json!({
+                "rx_frames": s.rx_frames.load(Ordering::Relaxed), "tx_frames": s.tx_frames.load(Ordering::Relaxed),
+                "tx_dropped": s.tx_dropped.load(Ordering::Relaxed), "alloc_failed": s.alloc_failed.load(Ordering::Relaxed),
+                "busy_polls": s.busy_polls.load(Ordering::Relaxed), "idle_polls": s.idle_polls.load(Ordering::Relaxed),
+                "sleeps": s.sleeps.load(Ordering::Relaxed), "sleeping": shared.doorbell.is_sleeping(),
+            });
+            v["frames_received"] = j["frames_received"].clone();
+            v["frames_sent"] = j["frames_sent"].clone();
+            v["drops"] = j["drops"].clone();
+            if let Some(ps) = ps {
+                v["port_stats"] = json!({"ipackets": ps.ipackets, "opackets": ps.opackets, "imissed": ps.imissed, "ierrors": ps.ierrors, "oerrors": ps.oerrors, "rx_nombuf": ps.rx_nombuf});
+            }
+            Ok(v)
+        }
+        Some("ping") => {
+            let dst: Ipv4 = req["dst"]
+                .as_str()
+                .ok_or("ping needs \"dst\": a SAN IPv4 address")?
+                .parse()
+                .map_err(|_| "\"dst\" is not an IPv4 address")?;
+            let count = req["count"].as_u64().unwrap_or(1);
+            if count == 0 || count > 10_000_000 {
+                return Err("\"count\" must be between 1 and 10000000".into());
+            }
+            let interval = Duration::from_micros(req["interval_us"].as_u64().unwrap_or(0));
+            let timeout =
+                Duration::from_millis(req["timeout_ms"].as_u64().unwrap_or(1000).clamp(1, 60_000));
+            let wait = timeout * 2 + (timeout + interval) * count as u32 + Duration::from_secs(5);
+            let r = cx
+                .lcore
+                .ask(
+                    |reply| {
+                        Command::Ping(PingRequest {
+                            dst,
+                            count: count as u32,
+                            interval,
+                            timeout,
+                            reply,
+                        })
+                    },
+                    wait,
+                )
+                .map_err(err)?;
+            Ok(
+                json!({"ok": true, "dst": dst.to_string(), "mac": r.mac.map(|m| m.to_string()), "resolve_ns": r.resolve_ns,
+                      "sent": r.sent, "received": r.received, "rtt_ns": r.rtt_ns}),
+            )
+        }
+        Some("listeners") => {
+            let v = cx.lcore.ask(Command::Listeners, ASK).map_err(err)?;
+            let list: Vec<Value> = v
+                .iter()
+                .map(|l| json!({"address": l.ip.to_string(), "port": l.port, "pid": l.pid, "backlog_capacity": l.capacity, "backlog_depth": l.depth}))
+                .collect();
+            Ok(json!({"ok": true, "listeners": list}))
+        }
+        Some("connections") => {
+            let v = cx.lcore.ask(Command::Connections, ASK).map_err(err)?;
+            let list: Vec<Value> = v
+                .iter()
+                .map(|c| json!({"role": c.role, "local": format!("{}:{}", c.local.0, c.local.1), "peer": format!("{}:{}", c.peer.0, c.peer.1), "pid": c.pid, "closing": c.closing}))
+                .collect();
+            Ok(json!({"ok": true, "connections": list}))
+        }
+        Some("stats") => {
+            let mut v = counters_json(&cx.lcore.counters(), &shared.stats);
+            v["ok"] = json!(true);
+            Ok(v)
+        }
+        Some(other) => Err(format!(
+            "unknown command {other:?} (known: status, stats, ping, listeners, connections, attach, event_fd)"
+        )),
+        None => Err("request has no \"cmd\"".into()),
+    }
+}

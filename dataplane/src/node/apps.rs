@@ -1,0 +1,351 @@
+//! Attached processes: their regions, the commands they send through their
+//! command ring, and what each of their sockets is in the protocol core.
+//!
+//! Everything read from a region is untrusted: a command is copied out of
+//! the ring once and parsed ([`Command::parse`]); what fails is counted by
+//! reason and answered with EINVAL when its socket index is in range; an
+//! impossible ring index detaches the process. Event descriptors are owned
+//! here (the lcore closes them), never by the control thread.
+
+use super::events::complete;
+use super::Node;
+use crate::proto::{AcceptError, ConnHandle, ConnectError, Decision, ListenError, ListenerId};
+use crate::time::Instant;
+use dsan_channel::msg::{Command, CommandView, Op, RequestKey, Verdict};
+use dsan_channel::region::{Region, FD_ACCEPT, FD_CONNECT, MAX_SOCKETS};
+use dsan_channel::ring::{Consumer, Producer};
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// What the daemon and the lcore share about one attached process.
+#[derive(Debug)]
+pub struct AppShared {
+    /// The daemon's id for the attachment.
+    pub id: u64,
+    /// The process (from SO_PEERCRED).
+    pub pid: u32,
+    /// Its shared region.
+    pub region: Region,
+}
+
+impl AppShared {
+    /// A new attachment with a fresh region; also returns the consuming end
+    /// of its command ring, which belongs to the lcore (hand it over with
+    /// [`super::Command::Attach`]).
+    ///
+    /// # Errors
+    /// If the region cannot be created.
+    pub fn new(id: u64, pid: u32) -> std::io::Result<(Arc<AppShared>, Consumer)> {
+        let (region, cmds) = Region::create(&format!("dsan-app-{pid}"))?;
+        Ok((Arc::new(AppShared { id, pid, region }), cmds))
+    }
+}
+
+/// What a process's socket is in the dataplane.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum SockObj {
+    Listener {
+        id: ListenerId,
+        area: u16,
+    },
+    Attempt {
+        h: ConnHandle,
+        blocking: bool,
+        seq: u32,
+    },
+    Conn(ConnHandle),
+    /// The peer closed it; the application has yet to.
+    Ended,
+}
+
+/// A registered event descriptor and the events that signal it.
+#[derive(Debug)]
+pub(super) struct EventReg {
+    pub(super) fd: OwnedFd,
+    pub(super) mask: u32,
+}
+
+/// The lcore's state for one process.
+pub(super) struct Proc {
+    pub(super) cmds: Consumer,
+    pub(super) backlogs: HashMap<u32, Producer>,
+    pub(super) socks: HashMap<u32, SockObj>,
+    pub(super) events: HashMap<u32, EventReg>,
+    pub(super) shared: Arc<AppShared>,
+}
+
+fn errno(e: i32) -> Option<i64> {
+    Some(-i64::from(e))
+}
+
+impl Node {
+    pub(super) fn attach(&mut self, app: Arc<AppShared>, cmds: Consumer) {
+        self.proc_ids.push(app.id);
+        self.procs.insert(
+            app.id,
+            Proc {
+                cmds,
+                backlogs: HashMap::new(),
+                socks: HashMap::new(),
+                events: HashMap::new(),
+                shared: app,
+            },
+        );
+    }
+
+    /// A process leaves: everything it held is released (its listeners refuse
+    /// their queues), its event descriptors are closed, and its region is
+    /// marked closed.
+    pub(super) fn detach(&mut self, now: Instant, id: u64) {
+        self.proc_ids.retain(|p| *p != id);
+        if let Some(p) = self.procs.remove(&id) {
+            let mut socks: Vec<(u32, SockObj)> = p.socks.into_iter().collect();
+            socks.sort_unstable_by_key(|(s, _)| *s);
+            for (_, obj) in socks {
+                self.release(now, obj);
+            }
+            p.shared.region.header().closed.store(1, Ordering::Release);
+        }
+    }
+
+    /// The process broke the channel's protocol: it is detached; everyone
+    /// else carries on.
+    pub(super) fn violation(&mut self, now: Instant, id: u64) {
+        self.local.app_violations += 1;
+        self.detach(now, id);
+    }
+
+    /// Registers (replacing and closing any previous one) the event
+    /// descriptor of a process's socket. Returns false for an unknown process.
+    pub(super) fn set_event_fd(&mut self, id: u64, sock: u32, fd: OwnedFd) -> bool {
+        let Some(p) = self.procs.get_mut(&id) else {
+            return false;
+        };
+        let mask = p.events.get(&sock).map_or(0, |r| r.mask);
+        p.events.insert(sock, EventReg { fd, mask });
+        true
+    }
+
+    /// Releases what a socket holds in the core.
+    pub(super) fn release(&mut self, now: Instant, obj: SockObj) {
+        match obj {
+            SockObj::Listener { id, .. } => {
+                self.listener_owner.remove(&id);
+                let _ = self.ep.close_listener(now, id);
+            }
+            SockObj::Attempt { h, .. } | SockObj::Conn(h) => {
+                self.conn_owner.remove(&h);
+                let _ = self.ep.close(now, h);
+            }
+            SockObj::Ended => {}
+        }
+    }
+
+    /// Serves up to a burst of a process's commands. Returns whether there were any.
+    pub(super) fn serve_app(&mut self, now: Instant, id: u64) -> bool {
+        let mut busy = false;
+        for _ in 0..crate::device::BURST {
+            let Some(p) = self.procs.get_mut(&id) else {
+                return busy;
+            };
+            let slot = match p.cmds.pop() {
+                Ok(Some(s)) => s,
+                Ok(None) => return busy,
+                Err(_) => {
+                    self.violation(now, id);
+                    return true;
+                }
+            };
+            busy = true;
+            match Command::parse(&slot) {
+                Ok(cmd) => self.app_command(now, id, cmd),
+                Err(e) => {
+                    self.local.app_rejects[e.index()] += 1;
+                    let app = p.shared.clone();
+                    app.region
+                        .header()
+                        .bad_commands
+                        .fetch_add(1, Ordering::Relaxed);
+                    let v = CommandView::new_checked(&slot[..]).expect("a slot is long enough");
+                    if (v.sock() as usize) < MAX_SOCKETS {
+                        complete(
+                            app.region.sock(v.sock() as usize),
+                            v.seq(),
+                            -i64::from(libc::EINVAL),
+                        );
+                    }
+                }
+            }
+        }
+        busy
+    }
+
+    fn app_command(&mut self, now: Instant, id: u64, cmd: Command) {
+        let sock = cmd.sock;
+        let app = self.procs[&id].shared.clone();
+        let result = match cmd.op {
+            Op::Listen {
+                addr,
+                backlog,
+                area,
+            } => self.app_listen(id, sock, addr, backlog, area),
+            Op::Decide { key, verdict, .. } => self.app_decide(now, id, sock, key, verdict),
+            Op::Connect {
+                dst,
+                src,
+                nonblocking,
+            } => self.app_connect(now, id, sock, cmd.seq, dst, src, nonblocking),
+            Op::Close => {
+                let p = self.procs.get_mut(&id).expect("caller checked");
+                p.backlogs.remove(&sock);
+                p.events.remove(&sock);
+                if let Some(obj) = p.socks.remove(&sock) {
+                    self.release(now, obj);
+                }
+                Some(0)
+            }
+            Op::EventSelect { mask } => {
+                let p = self.procs.get_mut(&id).expect("caller checked");
+                if mask == 0 {
+                    p.events.remove(&sock);
+                    Some(0)
+                } else if let Some(r) = p.events.get_mut(&sock) {
+                    r.mask = mask & (FD_ACCEPT | FD_CONNECT);
+                    Some(0)
+                } else {
+                    errno(libc::EINVAL) // no descriptor registered
+                }
+            }
+        };
+        if let Some(r) = result {
+            complete(app.region.sock(sock as usize), cmd.seq, r);
+        }
+    }
+
+    fn app_listen(
+        &mut self,
+        id: u64,
+        sock: u32,
+        addr: SocketAddrV4,
+        backlog: i32,
+        area: u16,
+    ) -> Option<i64> {
+        let p = &self.procs[&id];
+        let area_used = p
+            .socks
+            .values()
+            .any(|o| matches!(o, SockObj::Listener { area: a, .. } if *a == area));
+        if p.socks.contains_key(&sock) || area_used {
+            return errno(libc::EINVAL);
+        }
+        let l = match self
+            .ep
+            .listen((*addr.ip(), addr.port()), i64::from(backlog))
+        {
+            Ok(l) => l,
+            Err(ListenError::AddrInUse) => return errno(libc::EADDRINUSE),
+            Err(ListenError::AddrNotAvailable) => return errno(libc::EADDRNOTAVAIL),
+            Err(_) => return errno(libc::EMFILE),
+        };
+        let cap = self.ep.backlog(l).map_or(1, |b| b.1);
+        let p = self.procs.get_mut(&id).expect("present");
+        // The area is not in use by another listener of this process (checked above).
+        let ring = match p.shared.region.format_backlog(usize::from(area), cap) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = self.ep.close_listener(Instant::ZERO, l);
+                return errno(libc::EINVAL);
+            }
+        };
+        p.backlogs.insert(sock, ring);
+        p.socks.insert(sock, SockObj::Listener { id: l, area });
+        self.listener_owner.insert(l, (id, sock));
+        Some(cap as i64)
+    }
+
+    fn app_decide(
+        &mut self,
+        now: Instant,
+        id: u64,
+        sock: u32,
+        key: RequestKey,
+        verdict: Verdict,
+    ) -> Option<i64> {
+        let p = &self.procs[&id];
+        let Some(SockObj::Listener { id: l, .. }) = p.socks.get(&sock).copied() else {
+            return errno(libc::EINVAL);
+        };
+        let (d, new_sock) = match verdict {
+            Verdict::Accept { new_sock } => (Decision::Accept, Some(new_sock)),
+            Verdict::Reject => (Decision::Reject, None),
+        };
+        if new_sock.is_some_and(|s| p.socks.contains_key(&s)) {
+            return errno(libc::EINVAL);
+        }
+        match self.ep.decide(now, l, key, d) {
+            Ok(Some(h)) => {
+                let new_sock = new_sock.expect("accepted");
+                let p = self.procs.get_mut(&id).expect("present");
+                p.socks.insert(new_sock, SockObj::Conn(h));
+                self.conn_owner.insert(h, (id, new_sock));
+                Some(0)
+            }
+            Ok(None) => errno(libc::ECONNREFUSED),
+            Err(AcceptError::TooManyConnections) => errno(libc::ENOBUFS),
+            // Expired or answered already: the application skips it.
+            Err(AcceptError::Stale) => errno(libc::ECONNABORTED),
+            Err(_) => errno(libc::EINVAL),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn app_connect(
+        &mut self,
+        now: Instant,
+        id: u64,
+        sock: u32,
+        seq: u32,
+        dst: SocketAddrV4,
+        src: Option<std::net::Ipv4Addr>,
+        nonblocking: bool,
+    ) -> Option<i64> {
+        match self.procs[&id].socks.get(&sock) {
+            Some(SockObj::Attempt { .. }) => return errno(libc::EALREADY),
+            Some(SockObj::Conn(_)) => return errno(libc::EISCONN),
+            Some(SockObj::Listener { .. }) => return errno(libc::EINVAL),
+            _ => {}
+        }
+        let h = match self.ep.connect(now, src, (*dst.ip(), dst.port())) {
+            Ok(h) => h,
+            Err(ConnectError::HostUnreachable) => return errno(libc::EHOSTUNREACH),
+            Err(ConnectError::NoLocalAddress) => return errno(libc::EADDRNOTAVAIL),
+            Err(_) => return errno(libc::EAGAIN),
+        };
+        let p = self.procs.get_mut(&id).expect("present");
+        let s = p.shared.region.sock(sock as usize);
+        s.connect_state.store(0, Ordering::Relaxed);
+        if let Some((local, _, _)) = self.ep.attempt(h) {
+            s.result2.store(
+                (u64::from(u32::from(local.0)) << 16) | u64::from(local.1),
+                Ordering::Relaxed,
+            );
+        }
+        p.socks.insert(
+            sock,
+            SockObj::Attempt {
+                h,
+                blocking: !nonblocking,
+                seq,
+            },
+        );
+        self.conn_owner.insert(h, (id, sock));
+        if nonblocking {
+            errno(libc::EINPROGRESS)
+        } else {
+            None // completes with the outcome
+        }
+    }
+}

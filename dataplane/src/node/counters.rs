@@ -1,0 +1,171 @@
+//! The node's counters: kept as plain fields by the lcore, published on the
+//! drain tick as one [`Counters`] snapshot that every report (Prometheus,
+//! DPDK telemetry, `dsanctl status` / `stats`) renders from.
+
+use super::Node;
+use crate::wire::Message;
+use std::sync::Mutex;
+
+/// Number of message kinds counted.
+pub const KINDS: usize = 10;
+/// Names of the kinds, by index.
+pub const KIND_NAMES: [&str; KINDS] = [
+    "connect_request",
+    "accept",
+    "reject",
+    "close",
+    "close_ack",
+    "resolve_request",
+    "resolve_reply",
+    "echo_request",
+    "echo_reply",
+    "accept_ack",
+];
+
+/// The counter index of a message.
+pub fn kind_index(m: &Message) -> usize {
+    match m {
+        Message::ConnectRequest { .. } => 0,
+        Message::Accept { .. } => 1,
+        Message::Reject { .. } => 2,
+        Message::Close { .. } => 3,
+        Message::CloseAck { .. } => 4,
+        Message::ResolveRequest => 5,
+        Message::ResolveReply { .. } => 6,
+        Message::EchoRequest { .. } => 7,
+        Message::EchoReply { .. } => 8,
+        Message::AcceptAck { .. } => 9,
+    }
+}
+
+/// Labels of [`Counters::rejected`], in order.
+pub const REJECT_REASONS: [&str; 5] = [
+    "backlog_full",
+    "no_listener",
+    "refused",
+    "no_resources",
+    "listener_closed",
+];
+/// Labels of [`Counters::attempts`], in order.
+pub const ATTEMPT_RESULTS: [&str; 4] = ["connected", "refused", "reset", "timed_out"];
+/// Labels of [`Counters::app_rejects`], in order (a message that failed to
+/// parse, by [`dsan_channel::msg::ParseError::reason`]).
+pub use dsan_channel::msg::PARSE_REASONS as APP_REJECT_REASONS;
+
+/// Every counter of the node, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// SAN frames received, by kind index (see [`kind_index`]).
+    pub rx_by_kind: [u64; KINDS],
+    /// SAN frames sent, by kind index.
+    pub tx_by_kind: [u64; KINDS],
+    /// Frames dropped: not the SAN EtherType.
+    pub drop_not_san: u64,
+    /// Frames dropped: truncated or malformed.
+    pub drop_malformed: u64,
+    /// Frames dropped: unsupported version.
+    pub drop_version: u64,
+    /// Frames dropped: addressed to an IP or MAC that is not ours.
+    pub drop_not_ours: u64,
+    /// Frames dropped: replies nobody waited for (late or duplicate).
+    pub drop_unexpected: u64,
+    /// Frames dropped: wrong token.
+    pub drop_bad_token: u64,
+    /// Messages from applications that failed to parse, by reason
+    /// ([`APP_REJECT_REASONS`]).
+    pub app_rejects: [u64; 4],
+    /// Processes detached for breaking the channel's protocol (an impossible
+    /// ring index).
+    pub app_violations: u64,
+    /// Event signals that could not be delivered (the application's eventfd
+    /// was full or gone).
+    pub event_signal_failed: u64,
+    /// Processes attached now.
+    pub attached: u64,
+    /// Connect requests received (the protocol core's count).
+    pub requests_received: u64,
+    /// Requests accepted.
+    pub accepted: u64,
+    /// Requests refused, by [`REJECT_REASONS`].
+    pub rejected: [u64; 5],
+    /// Requests that waited longer than the connect budget and were dropped.
+    pub expired: u64,
+    /// Decisions for requests no longer pending (ignored).
+    pub stale_decisions: u64,
+    /// Connect attempts finished, by [`ATTEMPT_RESULTS`].
+    pub attempts: [u64; 4],
+    /// Successful connect durations per bucket of `proto::CONNECT_BUCKETS_S` (+ overflow).
+    pub connect_buckets: [u64; 19],
+    /// Their sum, ns.
+    pub connect_sum_ns: u64,
+}
+
+impl Counters {
+    /// Application messages refused, all reasons.
+    pub fn bad_commands(&self) -> u64 {
+        self.app_rejects.iter().sum()
+    }
+}
+
+/// The published counters: the lcore replaces the snapshot on its tick
+/// (with `try_lock`, so it never waits for a reader); readers copy it.
+#[derive(Debug, Default)]
+pub struct NodeStats(Mutex<Counters>);
+
+impl NodeStats {
+    /// A copy of the last published counters.
+    pub fn snapshot(&self) -> Counters {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn publish(&self, c: &Counters) {
+        if let Ok(mut g) = self.0.try_lock() {
+            g.clone_from(c);
+        }
+    }
+}
+
+/// What the lcore counts itself (the protocol core counts the rest).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Local {
+    pub(super) rx: [u64; KINDS],
+    pub(super) tx: [u64; KINDS],
+    pub(super) not_san: u64,
+    pub(super) malformed: u64,
+    pub(super) version: u64,
+    pub(super) not_ours: u64,
+    pub(super) unexpected: u64,
+    pub(super) app_rejects: [u64; 4],
+    pub(super) app_violations: u64,
+    pub(super) event_signal_failed: u64,
+}
+
+impl Node {
+    /// Publishes the counters (on the drain tick).
+    pub(super) fn publish(&mut self) {
+        let l = &self.local;
+        let ps = self.ep.stats();
+        let c = &mut self.counters;
+        c.rx_by_kind = l.rx;
+        c.tx_by_kind = l.tx;
+        c.drop_not_san = l.not_san;
+        c.drop_malformed = l.malformed;
+        c.drop_version = l.version;
+        c.drop_not_ours = l.not_ours + ps.not_ours;
+        c.drop_unexpected = l.unexpected + ps.late_replies;
+        c.drop_bad_token = ps.bad_token;
+        c.app_rejects = l.app_rejects;
+        c.app_violations = l.app_violations;
+        c.event_signal_failed = l.event_signal_failed;
+        c.attached = self.procs.len() as u64;
+        c.requests_received = ps.requests_received;
+        c.accepted = ps.accepted;
+        c.rejected = ps.rejected;
+        c.expired = ps.expired;
+        c.stale_decisions = ps.stale_decisions;
+        c.attempts = ps.attempts;
+        c.connect_buckets = ps.connect_duration_buckets;
+        c.connect_sum_ns = ps.connect_duration_sum_ns;
+        self.stats.publish(&self.counters);
+    }
+}

@@ -1,0 +1,131 @@
+//! Delivering the protocol core's events to processes: a request into the
+//! listener's backlog ring (or a refusal when it is full), connect outcomes
+//! into the socket table, event bits, eventfd signals and futex wake-ups.
+
+use super::apps::{EventReg, SockObj};
+use super::Node;
+use crate::proto::Event;
+use crate::time::Instant;
+use crate::wire::RejectReason;
+use dsan_channel::msg::Request;
+use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CONNECT};
+use dsan_channel::ring::PushError;
+use dsan_channel::sys;
+use std::net::SocketAddrV4;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+/// Completes command `seq` of a socket with `result`, waking a waiting thread.
+pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
+    s.result.store(result, Ordering::Relaxed);
+    s.done_seq.store(seq, Ordering::Release);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if s.waiters.load(Ordering::Relaxed) != 0 {
+        sys::futex_wake(&s.done_seq);
+    }
+}
+
+/// Records event `bit` on a socket, signals its eventfd if the application
+/// selected the bit, and wakes threads waiting for arrivals. Returns false if
+/// a selected eventfd could not be signalled.
+fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
+    s.events.fetch_or(bit, Ordering::AcqRel);
+    s.arrivals.fetch_add(1, Ordering::Release);
+    let mut ok = true;
+    if let Some(r) = reg.filter(|r| r.mask & bit != 0) {
+        ok = sys::signal_eventfd(r.fd.as_raw_fd());
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if s.waiters.load(Ordering::Relaxed) != 0 {
+        sys::futex_wake(&s.arrivals);
+    }
+    ok
+}
+
+impl Node {
+    pub(super) fn dispatch(&mut self, now: Instant, e: Event) {
+        match e {
+            Event::Incoming { listener, request } => {
+                let Some(&(pid, sock)) = self.listener_owner.get(&listener) else {
+                    return;
+                };
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
+                let left = (request.arrived + self.cfg.proto.connect_budget).saturating_since(now);
+                let req = Request {
+                    peer: SocketAddrV4::new(request.peer.0, request.peer.1),
+                    local: SocketAddrV4::new(request.local.0, request.local.1),
+                    conn_id: request.conn_id,
+                    expires_ns: sys::monotonic_ns() + left.as_nanos() as u64,
+                };
+                let pushed = match p.backlogs.get_mut(&sock) {
+                    Some(ring) => ring.push(&req.to_slot()),
+                    None => Err(PushError::Full),
+                };
+                match pushed {
+                    Ok(()) => {
+                        let s = p.shared.region.sock(sock as usize);
+                        if !raise(s, p.events.get(&sock), FD_ACCEPT) {
+                            self.local.event_signal_failed += 1;
+                        }
+                    }
+                    // The core counts the request as pending, so an honest
+                    // application's ring has room; it is full only when it
+                    // holds requests that expired before the application took
+                    // them. Refused at once, no event.
+                    Err(PushError::Full) => {
+                        self.ep
+                            .refuse(now, request.key(), RejectReason::BacklogFull);
+                    }
+                    Err(PushError::Violation(_)) => {
+                        self.ep
+                            .refuse(now, request.key(), RejectReason::BacklogFull);
+                        self.violation(now, pid);
+                    }
+                }
+            }
+            Event::Connected { conn } | Event::ConnectFailed { conn, .. } => {
+                let Some(&(pid, sock)) = self.conn_owner.get(&conn) else {
+                    return;
+                };
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
+                let Some(SockObj::Attempt { blocking, seq, .. }) = p.socks.get(&sock).copied()
+                else {
+                    return;
+                };
+                let err: i32 = match e {
+                    Event::ConnectFailed { error, .. } => -error.errno(),
+                    _ => 0,
+                };
+                if err == 0 {
+                    p.socks.insert(sock, SockObj::Conn(conn));
+                } else {
+                    p.socks.remove(&sock);
+                    self.conn_owner.remove(&conn);
+                }
+                let s = p.shared.region.sock(sock as usize);
+                s.connect_state
+                    .store(if err == 0 { 1 } else { err }, Ordering::Release);
+                if blocking {
+                    s.arrivals.fetch_add(1, Ordering::Release);
+                    complete(s, seq, i64::from(err));
+                } else {
+                    s.connect_error.store(err, Ordering::Release);
+                    if !raise(s, p.events.get(&sock), FD_CONNECT) {
+                        self.local.event_signal_failed += 1;
+                    }
+                }
+            }
+            Event::Closed { conn } => {
+                if let Some((pid, sock)) = self.conn_owner.remove(&conn) {
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        p.socks.insert(sock, SockObj::Ended);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The handler the daemon runs in the lcore loop.
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the [`Node`], frames in and out, commands from the control thread |
+//! | `apps` | attached processes: their command rings, sockets, event descriptors |
+//! | `events` | the protocol core's events delivered into processes' regions |
+//! | `probe` | echo probes (`dsanctl ping`) |
+//! | `counters` | counters, published as one [`Counters`] snapshot |
+
+mod apps;
+mod counters;
+mod events;
+mod probe;
+
+pub use apps::AppShared;
+pub use counters::{
+    kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
+    REJECT_REASONS,
+};
+pub use probe::{PingRequest, PingResult};
+
+use crate::device::Device;
+use crate::engine::{Handler, Tx};
+use crate::proto::rng::OsRng;
+use crate::proto::{ConnHandle, Endpoint, ListenerId, ProtoConfig};
+use crate::time::Instant;
+use crate::wire::{self, EthernetAddress, Ipv4, Message, Repr, SanHeader};
+use apps::Proc;
+use counters::Local;
+use crossbeam_queue::ArrayQueue;
+use dsan_channel::ring::Consumer;
+use probe::ActivePing;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, RwLock};
+
+/// A command from the control thread.
+#[derive(Debug)]
+pub enum Command {
+    /// Run an echo probe.
+    Ping(PingRequest),
+    /// Start serving a process's command ring (the lcore owns its consuming end).
+    Attach(Arc<AppShared>, Consumer),
+    /// Register the event descriptor of a process's socket (an eventfd the
+    /// control thread received and checked). The lcore owns and closes it.
+    /// The sender is told whether the process is still attached.
+    EventFd {
+        /// The attachment.
+        app: u64,
+        /// The socket.
+        sock: u32,
+        /// The eventfd.
+        fd: OwnedFd,
+        /// Done.
+        done: Sender<bool>,
+    },
+    /// A process went away (or detached): release everything it held. The
+    /// sender is told when it is done.
+    Detach(u64, Sender<()>),
+    /// Report listeners (address, port, owner pid, capacity, depth).
+    Listeners(Sender<Vec<ListenerInfo>>),
+    /// Report established SAN connections.
+    Connections(Sender<Vec<ConnInfo>>),
+    /// The daemon stops: release every process (queued requests are refused
+    /// to their peers) and mark their regions closed.
+    Shutdown(Sender<()>),
+}
+
+/// One established SAN connection, for `dsanctl connections`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// "client" (connected from here) or "server" (accepted here).
+    pub role: &'static str,
+    /// Local address and port.
+    pub local: (Ipv4, u16),
+    /// Peer address and port.
+    pub peer: (Ipv4, u16),
+    /// Owning process (0 if none: closing after its process left).
+    pub pid: u32,
+    /// Whether a close is in progress.
+    pub closing: bool,
+}
+
+/// One listener, for `dsanctl listeners`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// Bound address (0.0.0.0 for the wildcard).
+    pub ip: Ipv4,
+    /// Port.
+    pub port: u16,
+    /// Owning process.
+    pub pid: u32,
+    /// Backlog capacity.
+    pub capacity: usize,
+    /// Requests queued now.
+    pub depth: usize,
+}
+
+/// Node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The SAN EtherType.
+    pub ethertype: u16,
+    /// Protocol parameters (SAN subnets, budgets, limits).
+    pub proto: ProtoConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            ethertype: wire::DEFAULT_ETHERTYPE,
+            proto: ProtoConfig::default(),
+        }
+    }
+}
+
+/// The daemon's handler.
+pub struct Node {
+    cfg: NodeConfig,
+    ep: Endpoint<OsRng>,
+    addrs: Arc<RwLock<Vec<Ipv4>>>,
+    addrs_seen: u64,
+    addrs_version: Arc<AtomicU64>,
+    subnets: Arc<RwLock<Vec<crate::proto::Subnet>>>,
+    commands: Arc<ArrayQueue<Command>>,
+    ping: Option<ActivePing>,
+    procs: HashMap<u64, Proc>,
+    /// The keys of `procs`, for the loop to walk without allocating.
+    proc_ids: Vec<u64>,
+    listener_owner: HashMap<ListenerId, (u64, u32)>,
+    conn_owner: HashMap<ConnHandle, (u64, u32)>,
+    stats: Arc<NodeStats>,
+    local: Local,
+    counters: Counters,
+}
+
+/// The control side's handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    /// Commands for the lcore (ring the engine's doorbell after pushing).
+    pub commands: Arc<ArrayQueue<Command>>,
+    /// Published counters.
+    pub stats: Arc<NodeStats>,
+    /// The host's SAN addresses; bump `addrs_version` after changing them.
+    pub addrs: Arc<RwLock<Vec<Ipv4>>>,
+    /// Incremented on every address change.
+    pub addrs_version: Arc<AtomicU64>,
+    /// The SAN subnets (updated with the addresses).
+    pub subnets: Arc<RwLock<Vec<crate::proto::Subnet>>>,
+}
+
+impl NodeHandle {
+    /// Replaces the host's SAN addresses and subnets; the lcore applies them on its next tick.
+    pub fn set_addrs(&self, addrs: Vec<Ipv4>, subnets: Vec<crate::proto::Subnet>) {
+        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+        *self.subnets.write().unwrap_or_else(|e| e.into_inner()) = subnets;
+        self.addrs_version.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl Node {
+    /// A node with this MAC answering for `addrs`.
+    pub fn new(cfg: NodeConfig, mac: EthernetAddress, addrs: Vec<Ipv4>) -> (Node, NodeHandle) {
+        let h = NodeHandle {
+            commands: Arc::new(ArrayQueue::new(256)),
+            stats: Arc::new(NodeStats::default()),
+            addrs: Arc::new(RwLock::new(addrs.clone())),
+            addrs_version: Arc::new(AtomicU64::new(0)),
+            subnets: Arc::new(RwLock::new(cfg.proto.subnets.clone())),
+        };
+        let n = Node {
+            ep: Endpoint::new(cfg.proto.clone(), mac, addrs, OsRng::default()),
+            cfg,
+            addrs: h.addrs.clone(),
+            addrs_seen: 0,
+            addrs_version: h.addrs_version.clone(),
+            subnets: h.subnets.clone(),
+            commands: h.commands.clone(),
+            ping: None,
+            procs: HashMap::new(),
+            proc_ids: Vec::new(),
+            listener_owner: HashMap::new(),
+            conn_owner: HashMap::new(),
+            stats: h.stats.clone(),
+            local: Local::default(),
+            counters: Counters::default(),
+        };
+        (n, h)
+    }
+
+    /// The protocol core's counters.
+    pub fn proto_stats(&self) -> &crate::proto::ProtoStats {
+        self.ep.stats()
+    }
+
+    fn send<D: Device>(&mut self, tx: &mut Tx<'_, D>, repr: Repr) {
+        let et = self.cfg.ethertype;
+        if tx.send_with(repr.buffer_len(), |b| {
+            repr.emit(&mut wire::Frame::new_unchecked(b), et)
+        }) {
+            self.local.tx[kind_index(&repr.message)] += 1;
+        }
+    }
+
+    fn handle_frame<D: Device>(&mut self, now: Instant, bytes: &[u8], tx: &mut Tx<'_, D>) {
+        let repr = match Repr::parse_bytes(bytes, self.cfg.ethertype) {
+            Ok(r) => r,
+            Err(wire::Error::EtherType) => return self.local.not_san += 1,
+            Err(wire::Error::Version) => return self.local.version += 1,
+            Err(_) => return self.local.malformed += 1,
+        };
+        self.local.rx[kind_index(&repr.message)] += 1;
+        let h = repr.header;
+        let me = tx.mac();
+        if !h.dst_mac.is_multicast() && h.dst_mac != me {
+            return self.local.not_ours += 1;
+        }
+        match repr.message {
+            Message::EchoRequest { seq, stamp } => {
+                if !self.ep.addrs().contains(&h.dst_ip) {
+                    return self.local.not_ours += 1;
+                }
+                let header = SanHeader {
+                    dst_mac: h.src_mac,
+                    src_mac: me,
+                    src_ip: h.dst_ip,
+                    src_port: h.dst_port,
+                    dst_ip: h.src_ip,
+                    dst_port: h.src_port,
+                };
+                self.send(
+                    tx,
+                    Repr {
+                        header,
+                        message: Message::EchoReply { seq, stamp },
+                    },
+                );
+            }
+            Message::EchoReply { seq, .. } => {
+                if !self
+                    .ping
+                    .as_mut()
+                    .is_some_and(|p| p.on_reply(now, h.src_ip, seq))
+                {
+                    self.local.unexpected += 1;
+                }
+            }
+            _ => self.ep.handle_frame(now, &repr),
+        }
+    }
+
+    fn control(&mut self, now: Instant, c: Command) {
+        match c {
+            Command::Ping(req) => {
+                if let Some(old) = self.ping.replace(ActivePing::new(req, now)) {
+                    // One probe at a time: the queue order serialises them, so this
+                    // only happens if a caller bypassed it; finish the old one.
+                    let _ = old.req.reply.send(old.result);
+                }
+            }
+            Command::Attach(app, cmds) => self.attach(app, cmds),
+            Command::EventFd {
+                app,
+                sock,
+                fd,
+                done,
+            } => {
+                let _ = done.send(self.set_event_fd(app, sock, fd));
+            }
+            Command::Detach(id, done) => {
+                self.detach(now, id);
+                let _ = done.send(());
+            }
+            Command::Shutdown(done) => {
+                for id in std::mem::take(&mut self.proc_ids) {
+                    self.detach(now, id);
+                }
+                let _ = done.send(());
+            }
+            Command::Connections(reply) => {
+                let mut v: Vec<ConnInfo> = self
+                    .ep
+                    .connections()
+                    .map(|(h, c)| ConnInfo {
+                        role: if c.role == crate::proto::Role::Client {
+                            "client"
+                        } else {
+                            "server"
+                        },
+                        local: c.local,
+                        peer: c.peer,
+                        pid: self
+                            .conn_owner
+                            .get(&h)
+                            .and_then(|(p, _)| self.procs.get(p))
+                            .map_or(0, |p| p.shared.pid),
+                        closing: c.is_closing(),
+                    })
+                    .collect();
+                v.sort_by_key(|c| (c.local.1, c.peer));
+                let _ = reply.send(v);
+            }
+            Command::Listeners(reply) => {
+                let mut v: Vec<ListenerInfo> = self
+                    .ep
+                    .listeners()
+                    .map(|(id, addr, depth, capacity)| {
+                        let pid = self
+                            .listener_owner
+                            .get(&id)
+                            .and_then(|(p, _)| self.procs.get(p))
+                            .map_or(0, |p| p.shared.pid);
+                        ListenerInfo {
+                            ip: addr.0,
+                            port: addr.1,
+                            pid,
+                            capacity,
+                            depth,
+                        }
+                    })
+                    .collect();
+                v.sort_by_key(|l| (l.port, l.ip));
+                let _ = reply.send(v);
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Hands what the core has to send to `send` and delivers its events,
+    /// until both are empty (delivering an event may make the core send, e.g.
+    /// a refusal).
+    fn flush_core(&mut self, now: Instant, mut send: impl FnMut(&mut Self, Repr)) -> bool {
+        let mut busy = false;
+        loop {
+            let mut any = false;
+            while let Some(r) = self.ep.poll_transmit() {
+                send(self, r);
+                any = true;
+            }
+            while let Some(e) = self.ep.poll_event() {
+                self.dispatch(now, e);
+                any = true;
+            }
+            if !any {
+                return busy;
+            }
+            busy = true;
+        }
+    }
+
+    /// Control commands and the attached processes' command rings.
+    fn serve_inputs(&mut self, now: Instant) -> bool {
+        let mut busy = false;
+        while let Some(c) = self.commands.pop() {
+            // A ping waits for the one before it.
+            if matches!(c, Command::Ping(_)) && self.ping.is_some() {
+                let _ = self.commands.push(c);
+                break;
+            }
+            self.control(now, c);
+            busy = true;
+        }
+        // Serve every attached process's command ring (no allocation: the ids
+        // are kept in a list maintained on attach and detach).
+        for i in 0..self.proc_ids.len() {
+            let id = self.proc_ids[i];
+            busy |= self.serve_app(now, id);
+        }
+        if self.ep.poll_timeout().is_some_and(|t| t <= now) {
+            self.ep.handle_timeout(now);
+        }
+        busy
+    }
+
+    /// One pass of the handler without a device (for fuzzing and tests): the
+    /// frames in `rx` go to the protocol core, control commands and the
+    /// processes' command rings are served, timers run and events are
+    /// delivered; the frames the node would send are returned.
+    pub fn step_without_device(&mut self, now: Instant, rx: &[Repr]) -> Vec<Repr> {
+        for r in rx {
+            self.ep.handle_frame(now, r);
+        }
+        self.serve_inputs(now);
+        let mut out = Vec::new();
+        self.flush_core(now, |_, r| out.push(r));
+        out
+    }
+}
+
+impl<D: Device> Handler<D> for Node {
+    fn on_rx(&mut self, now: Instant, rx: &mut Vec<D::Buf>, tx: &mut Tx<'_, D>) {
+        for f in rx.drain(..) {
+            self.handle_frame(now, f.as_ref(), tx);
+        }
+        self.flush_core(now, |n, r| n.send(tx, r));
+    }
+
+    fn poll(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
+        let mut busy = self.serve_inputs(now);
+        busy |= self.drive_ping(now, tx);
+        busy |= self.flush_core(now, |n, r| n.send(tx, r));
+        busy
+    }
+
+    fn on_tick(&mut self, _now: Instant) {
+        let v = self.addrs_version.load(Ordering::Acquire);
+        if v != self.addrs_seen {
+            self.addrs_seen = v;
+            if let Ok(a) = self.addrs.read() {
+                self.ep.set_addrs(a.clone());
+            }
+            if let Ok(sn) = self.subnets.read() {
+                self.ep.set_subnets(sn.clone());
+            }
+        }
+        self.publish();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let p = self.ping.as_ref().map(ActivePing::next_timer);
+        [p, self.ep.poll_timeout()].into_iter().flatten().min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Loopback;
+    use crate::engine::{run, EngineConfig, EngineShared, IdlePolicy};
+    use crate::time::Clock;
+    use std::time::Duration;
+
+    fn two_nodes(policy: IdlePolicy) {
+        let ma = EthernetAddress([2, 0, 0, 0, 0, 1]);
+        let mb = EthernetAddress([2, 0, 0, 0, 0, 2]);
+        let (mut da, mut db) = Loopback::pair(256, ma, mb);
+        let ipa = Ipv4::new(198, 18, 0, 1);
+        let ipb = Ipv4::new(198, 18, 0, 2);
+        let (mut na, ha) = Node::new(NodeConfig::default(), ma, vec![ipa]);
+        let (mut nb, hb) = Node::new(NodeConfig::default(), mb, vec![ipb]);
+        let sa = EngineShared::new(policy).unwrap();
+        let sb = EngineShared::new(policy).unwrap();
+        let cfg = EngineConfig {
+            idle: policy,
+            ..Default::default()
+        };
+        let (sa2, sb2) = (sa.clone(), sb.clone());
+        let ta = std::thread::spawn(move || run(&mut da, &mut na, &cfg, &sa2, Clock::new()));
+        let tb = std::thread::spawn(move || run(&mut db, &mut nb, &cfg, &sb2, Clock::new()));
+
+        let (txr, rxr) = std::sync::mpsc::channel();
+        ha.commands
+            .push(Command::Ping(PingRequest {
+                dst: ipb,
+                count: 50,
+                interval: Duration::ZERO,
+                timeout: Duration::from_secs(1),
+                reply: txr,
+            }))
+            .unwrap();
+        sa.doorbell.ring();
+        let res = rxr.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(res.mac, Some(mb));
+        assert_eq!((res.sent, res.received, res.rtt_ns.len()), (50, 50, 50));
+
+        // Unknown destination: resolution fails, nothing sent.
+        let (txr, rxr) = std::sync::mpsc::channel();
+        ha.commands
+            .push(Command::Ping(PingRequest {
+                dst: Ipv4::new(198, 18, 0, 9),
+                count: 1,
+                interval: Duration::ZERO,
+                timeout: Duration::from_millis(50),
+                reply: txr,
+            }))
+            .unwrap();
+        sa.doorbell.ring();
+        let res = rxr.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((res.mac, res.sent), (None, 0));
+
+        sa.request_stop();
+        sb.request_stop();
+        ta.join().unwrap();
+        tb.join().unwrap();
+        let (a, b) = (ha.stats.snapshot(), hb.stats.snapshot());
+        assert_eq!(b.rx_by_kind[7], 50);
+        assert_eq!(b.tx_by_kind[8], 50);
+        assert_eq!(a.rx_by_kind[8], 50);
+        assert_eq!(b.tx_by_kind[6], 1, "one resolve reply");
+    }
+
+    #[test]
+    fn echo_between_two_nodes_poll() {
+        two_nodes(IdlePolicy::Poll);
+    }
+
+    #[test]
+    fn echo_between_two_nodes_adaptive() {
+        two_nodes(IdlePolicy::ADAPTIVE_DEFAULT);
+    }
+
+    #[test]
+    fn garbage_frames_are_counted_not_fatal() {
+        let ma = EthernetAddress([2, 0, 0, 0, 0, 1]);
+        let (mut dev, mut peer) = Loopback::pair(256, ma, EthernetAddress([2, 0, 0, 0, 0, 2]));
+        let (mut n, h) = Node::new(NodeConfig::default(), ma, vec![Ipv4::new(198, 18, 0, 1)]);
+        let shared = EngineShared::new(IdlePolicy::Poll).unwrap();
+        let s2 = shared.clone();
+        let t = std::thread::spawn(move || {
+            run(
+                &mut dev,
+                &mut n,
+                &EngineConfig {
+                    idle: IdlePolicy::Poll,
+                    ..Default::default()
+                },
+                &s2,
+                Clock::new(),
+            )
+        });
+        let mut frames = vec![vec![0u8; 3], vec![0xff; 60], {
+            let mut v = vec![0u8; 60];
+            v[12] = 0x88;
+            v[13] = 0xb5;
+            v[14] = 1;
+            v[15] = 0x77;
+            v
+        }];
+        peer.tx_burst(&mut frames);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let dropped = || {
+            let c = h.stats.snapshot();
+            c.drop_not_san + c.drop_malformed
+        };
+        while dropped() < 3 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        shared.request_stop();
+        t.join().unwrap();
+        assert_eq!(dropped(), 3);
+    }
+}

@@ -1,0 +1,159 @@
+//! Echo probes (`dsanctl ping`): resolve a SAN address, then send echo
+//! requests one at a time and time the replies.
+
+use super::Node;
+use crate::device::Device;
+use crate::engine::Tx;
+use crate::proto::resolve::Lookup;
+use crate::time::Instant;
+use crate::wire::{EthernetAddress, Ipv4, Message, Repr, SanHeader};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+/// An echo probe run by the lcore: resolve `dst`, then send `count` echo
+/// requests one at a time (the next after the reply, or after `interval`).
+#[derive(Debug)]
+pub struct PingRequest {
+    /// Destination SAN IP.
+    pub dst: Ipv4,
+    /// Number of probes.
+    pub count: u32,
+    /// Gap between a reply and the next probe.
+    pub interval: Duration,
+    /// How long to wait for each reply (and for resolution) before counting it lost.
+    pub timeout: Duration,
+    /// Where the result goes.
+    pub reply: Sender<PingResult>,
+}
+
+/// What an echo probe measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PingResult {
+    /// The MAC the destination resolved to (None if resolution failed).
+    pub mac: Option<EthernetAddress>,
+    /// Time to resolve, ns.
+    pub resolve_ns: u64,
+    /// Probes sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// Round-trip times of the replies, ns, in order.
+    pub rtt_ns: Vec<u64>,
+}
+
+pub(super) struct ActivePing {
+    pub(super) req: PingRequest,
+    pub(super) started: Instant,
+    pub(super) result: PingResult,
+    /// Sequence and send time of the probe in flight.
+    pub(super) in_flight: Option<(u64, Instant)>,
+    pub(super) next_at: Instant,
+}
+
+impl ActivePing {
+    /// A probe starting now.
+    pub(super) fn new(req: PingRequest, now: Instant) -> ActivePing {
+        ActivePing {
+            req,
+            started: now,
+            result: PingResult::default(),
+            in_flight: None,
+            next_at: now,
+        }
+    }
+
+    /// When the probe next needs attention.
+    pub(super) fn next_timer(&self) -> Instant {
+        match self.in_flight {
+            Some((_, t)) => t + self.req.timeout,
+            None => self.next_at,
+        }
+    }
+
+    /// An echo reply from `src` with `seq` arrived at `now`; returns false if
+    /// it was not the one awaited.
+    pub(super) fn on_reply(&mut self, now: Instant, src: Ipv4, seq: u64) -> bool {
+        match self.in_flight {
+            Some((s, sent_at)) if s == seq && src == self.req.dst => {
+                self.result.received += 1;
+                self.result
+                    .rtt_ns
+                    .push(now.saturating_since(sent_at).as_nanos() as u64);
+                self.in_flight = None;
+                self.next_at = now + self.req.interval;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Node {
+    pub(super) fn drive_ping<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
+        let Some(mut p) = self.ping.take() else {
+            return false;
+        };
+        let mut busy = false;
+        if p.result.mac.is_none() {
+            match self.ep.resolver_mut().lookup(now, p.req.dst) {
+                Lookup::Found(mac) => {
+                    p.result.mac = Some(mac);
+                    p.result.resolve_ns = now.saturating_since(p.started).as_nanos() as u64;
+                    p.next_at = now;
+                    busy = true;
+                }
+                Lookup::Pending if now.saturating_since(p.started) < p.req.timeout => {}
+                _ => {
+                    let _ = p.req.reply.send(p.result);
+                    return true;
+                }
+            }
+        }
+        if let Some(mac) = p.result.mac {
+            if let Some((_, sent_at)) = p.in_flight {
+                if now.saturating_since(sent_at) >= p.req.timeout {
+                    p.in_flight = None; // lost
+                    p.next_at = now;
+                }
+            }
+            if p.in_flight.is_none() {
+                if p.result.sent >= p.req.count {
+                    let _ = p.req.reply.send(p.result);
+                    return true;
+                }
+                if now >= p.next_at {
+                    let seq = u64::from(p.result.sent);
+                    let src_ip = self
+                        .ep
+                        .addrs()
+                        .first()
+                        .copied()
+                        .unwrap_or(Ipv4::UNSPECIFIED);
+                    let header = SanHeader {
+                        dst_mac: mac,
+                        src_mac: tx.mac(),
+                        src_ip,
+                        src_port: 0,
+                        dst_ip: p.req.dst,
+                        dst_port: 0,
+                    };
+                    self.send(
+                        tx,
+                        Repr {
+                            header,
+                            message: Message::EchoRequest {
+                                seq,
+                                stamp: now.as_nanos(),
+                            },
+                        },
+                    );
+                    p.result.sent += 1;
+                    p.in_flight = Some((seq, now));
+                    busy = true;
+                }
+            }
+        }
+        self.ping = Some(p);
+        busy
+    }
+}

@@ -1,0 +1,78 @@
+//! Protocol parameters.
+
+use super::resolve::ResolveConfig;
+use crate::wire::Ipv4;
+use std::time::Duration;
+
+/// A SAN subnet (address and prefix length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// Any address in the subnet.
+    pub addr: Ipv4,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Whether `ip` is in the subnet.
+    pub fn contains(&self, ip: Ipv4) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix.min(32)))
+        };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+/// Protocol parameters. The defaults are documented in `docs/wire-protocol.md`.
+#[derive(Debug, Clone)]
+pub struct ProtoConfig {
+    /// Give up a connect attempt after this long: ETIMEDOUT (default 2 s).
+    pub connect_budget: Duration,
+    /// First retransmission timeout of a connect request (default 20 ms).
+    pub initial_rto: Duration,
+    /// Backoff ceiling (default 400 ms).
+    pub max_rto: Duration,
+    /// Requests queued in all backlogs together (default 65536).
+    pub max_half_open: usize,
+    /// Listeners (default 4096).
+    pub max_listeners: usize,
+    /// Connect attempts in progress (default 65536).
+    pub max_attempts: usize,
+    /// Established connections (default 1 << 20).
+    pub max_connections: usize,
+    /// How long a refusal is remembered to answer retransmissions the same way
+    /// (default 2 x connect budget; must exceed any client's budget).
+    pub tombstone_ttl: Duration,
+    /// Finished requests (refused, or accepted and since closed) remembered at
+    /// most (default 65536; the oldest go first).
+    pub max_tombstones: usize,
+    /// Give up retransmitting a close after this long (default 10 s: both ends
+    /// agree on a connection's end as long as the fabric delivers one close
+    /// and its acknowledgement within this time).
+    pub close_budget: Duration,
+    /// The SAN subnets; connecting elsewhere is EHOSTUNREACH.
+    pub subnets: Vec<Subnet>,
+    /// Address resolution timing.
+    pub resolve: ResolveConfig,
+}
+
+impl Default for ProtoConfig {
+    fn default() -> Self {
+        Self {
+            connect_budget: Duration::from_secs(2),
+            initial_rto: Duration::from_millis(20),
+            max_rto: Duration::from_millis(400),
+            max_half_open: 65536,
+            max_listeners: 4096,
+            max_attempts: 65536,
+            max_connections: 1 << 20,
+            tombstone_ttl: Duration::from_secs(4),
+            max_tombstones: 65536,
+            close_budget: Duration::from_secs(10),
+            subnets: Vec::new(),
+            resolve: ResolveConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Established connections and the close handshake.
+
+use super::endpoint::Endpoint;
+use super::rng::Rng;
+use super::tombstone::Tomb;
+use super::types::*;
+use crate::time::Instant;
+use crate::wire::{EthernetAddress, Message, SanHeader};
+use std::time::Duration;
+
+/// Which side opened a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// We connected.
+    Client,
+    /// We accepted.
+    Server,
+}
+
+/// An established (or closing) connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    /// Who opened it.
+    pub role: Role,
+    /// Our address.
+    pub local: SockAddr,
+    /// The peer's address.
+    pub peer: SockAddr,
+    /// The peer's MAC.
+    pub peer_mac: EthernetAddress,
+    /// Wire connection id (chosen by the client).
+    pub conn_id: u64,
+    /// Our token (the peer echoes it).
+    pub my_token: u64,
+    /// The peer's token.
+    pub peer_token: u64,
+    /// Set once we started closing: (give up at, next retransmission, current rto).
+    closing: Option<(Instant, Instant, Duration)>,
+    /// An accepted connection whose client has not confirmed the accept yet:
+    /// (give up at, next retransmission of the accept, current rto).
+    confirming: Option<(Instant, Instant, Duration)>,
+}
+
+impl Connection {
+    pub(super) fn new(
+        role: Role,
+        local: SockAddr,
+        peer: SockAddr,
+        peer_mac: EthernetAddress,
+        conn_id: u64,
+        my_token: u64,
+        peer_token: u64,
+    ) -> Connection {
+        Connection {
+            role,
+            local,
+            peer,
+            peer_mac,
+            conn_id,
+            my_token,
+            peer_token,
+            closing: None,
+            confirming: None,
+        }
+    }
+
+    /// Whether we are closing it.
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    /// Whether the peer is known to hold it (a client always; a server once
+    /// its accept was confirmed).
+    pub fn is_confirmed(&self) -> bool {
+        self.confirming.is_none()
+    }
+
+    /// When a closing or unconfirmed connection next needs attention.
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        [self.closing, self.confirming]
+            .into_iter()
+            .flatten()
+            .map(|(d, n, _)| d.min(n))
+            .min()
+    }
+}
+
+impl<R: Rng> Endpoint<R> {
+    /// Closes a connection (a `Close` is retransmitted until acknowledged or
+    /// the close budget runs out), or abandons a connect attempt in progress
+    /// (nothing is sent; a late accept will be answered with a close).
+    ///
+    /// # Errors
+    /// [`CloseError::Unknown`] for an unknown or already closing handle.
+    pub fn close(&mut self, now: Instant, h: ConnHandle) -> Result<(), CloseError> {
+        if self.abandon(h) {
+            return Ok(());
+        }
+        let c = self.conns.get_mut(&h).ok_or(CloseError::Unknown)?;
+        if c.closing.is_some() {
+            return Err(CloseError::Unknown);
+        }
+        let rto = self.cfg.initial_rto;
+        c.closing = Some((now + self.cfg.close_budget, now + rto, rto));
+        c.confirming = None; // the close handshake takes over
+        self.confirming.remove(&h);
+        self.closing.insert(h);
+        let c = *c;
+        self.send_close(&c);
+        Ok(())
+    }
+
+    /// A server connection starts waiting for its client's confirmation: the
+    /// accept is retransmitted with backoff until an AcceptAck (or a Close)
+    /// arrives. Without one within the close budget the client is presumed
+    /// gone: the application is told the connection closed, and a close
+    /// handshake is attempted.
+    pub(super) fn await_confirmation(&mut self, now: Instant, h: ConnHandle) {
+        let rto = self.cfg.initial_rto;
+        if let Some(c) = self.conns.get_mut(&h) {
+            c.confirming = Some((now + self.cfg.close_budget, now + rto, rto));
+            self.confirming.insert(h);
+        }
+    }
+
+    fn send_accept(&mut self, c: &Connection) {
+        self.emit(
+            c.peer_mac,
+            c.local,
+            c.peer,
+            Message::Accept {
+                conn_id: c.conn_id,
+                client_token: c.peer_token,
+                server_token: c.my_token,
+            },
+        );
+    }
+
+    pub(super) fn on_accept_ack(&mut self, h: &SanHeader, conn_id: u64, token: u64) {
+        match self
+            .conn_by_wire
+            .get(&(h.src_ip, conn_id, Role::Server))
+            .copied()
+        {
+            Some(ch) if self.conns[&ch].my_token == token => {
+                if let Some(c) = self.conns.get_mut(&ch) {
+                    c.confirming = None;
+                }
+                self.confirming.remove(&ch);
+            }
+            Some(_) => self.stats.bad_token += 1,
+            None => self.stats.late_replies += 1,
+        }
+    }
+
+    /// Accept retransmissions of unconfirmed server connections, and give-ups.
+    pub(super) fn confirm_timers(&mut self, now: Instant) {
+        let due: Vec<ConnHandle> = self
+            .confirming
+            .iter()
+            .filter(|h| {
+                self.conns
+                    .get(h)
+                    .and_then(|c| c.confirming)
+                    .is_some_and(|(d, n, _)| d <= now || n <= now)
+            })
+            .copied()
+            .collect();
+        for h in due {
+            let c = self.conns.get_mut(&h).expect("listed");
+            let (deadline, _, rto) = c.confirming.expect("filtered");
+            if deadline <= now {
+                self.stats.unconfirmed += 1;
+                self.events.push_back(Event::Closed { conn: h });
+                let _ = self.close(now, h);
+                continue;
+            }
+            let rto = (rto * 2).min(self.cfg.max_rto);
+            c.confirming = Some((deadline, now + rto, rto));
+            let c = *c;
+            self.send_accept(&c);
+        }
+    }
+
+    /// Sends (or resends) the Close of a connection we are closing.
+    fn send_close(&mut self, c: &Connection) {
+        self.emit(
+            c.peer_mac,
+            c.local,
+            c.peer,
+            Message::Close {
+                conn_id: c.conn_id,
+                token: c.peer_token,
+            },
+        );
+    }
+
+    pub(super) fn remove_conn(&mut self, now: Instant, h: ConnHandle) -> Option<Connection> {
+        let c = self.conns.remove(&h)?;
+        self.closing.remove(&h);
+        self.confirming.remove(&h);
+        self.conn_by_wire.remove(&(c.peer.0, c.conn_id, c.role));
+        if c.role == Role::Server {
+            // The client may still be retransmitting its request (our accept
+            // lost): it must learn "accepted, then closed", never a refusal.
+            self.remember(
+                now,
+                RequestKey {
+                    peer_ip: c.peer.0,
+                    conn_id: c.conn_id,
+                },
+                Tomb::Closed {
+                    client_token: c.peer_token,
+                    server_token: c.my_token,
+                },
+            );
+        }
+        Some(c)
+    }
+
+    fn conn_for(&self, h: &SanHeader, conn_id: u64) -> Option<ConnHandle> {
+        [Role::Server, Role::Client]
+            .into_iter()
+            .find_map(|r| self.conn_by_wire.get(&(h.src_ip, conn_id, r)).copied())
+    }
+
+    pub(super) fn on_close(&mut self, now: Instant, h: &SanHeader, conn_id: u64, token: u64) {
+        match self.conn_for(h, conn_id) {
+            Some(ch) if self.conns[&ch].my_token == token => {
+                let c = self
+                    .remove_conn(now, ch)
+                    .expect("indexed connection exists");
+                if c.closing.is_none() {
+                    self.events.push_back(Event::Closed { conn: ch });
+                }
+            }
+            Some(_) => {
+                self.stats.bad_token += 1;
+                return;
+            }
+            None => {
+                if !self.accepted_then_closed(now, h, conn_id, token) {
+                    return;
+                }
+            }
+        }
+        // Acknowledge (again, if our first ack was lost).
+        self.reply(h, Message::CloseAck { conn_id, token });
+    }
+
+    pub(super) fn on_close_ack(&mut self, now: Instant, h: &SanHeader, conn_id: u64, token: u64) {
+        match self.conn_for(h, conn_id) {
+            Some(ch)
+                if self.conns[&ch].closing.is_some() && self.conns[&ch].peer_token == token =>
+            {
+                self.remove_conn(now, ch);
+            }
+            Some(_) => self.stats.bad_token += 1,
+            None => self.stats.late_replies += 1,
+        }
+    }
+
+    /// Close retransmissions and give-ups.
+    pub(super) fn close_timers(&mut self, now: Instant) {
+        let due: Vec<ConnHandle> = self
+            .closing
+            .iter()
+            .filter(|h| {
+                self.conns
+                    .get(h)
+                    .and_then(|c| c.closing)
+                    .is_some_and(|(d, n, _)| d <= now || n <= now)
+            })
+            .copied()
+            .collect();
+        for h in due {
+            let c = self.conns.get_mut(&h).expect("listed");
+            let (deadline, _, rto) = c.closing.expect("filtered");
+            if deadline <= now {
+                self.remove_conn(now, h);
+                continue;
+            }
+            let rto = (rto * 2).min(self.cfg.max_rto);
+            c.closing = Some((deadline, now + rto, rto));
+            let c = *c;
+            self.send_close(&c);
+        }
+    }
+}

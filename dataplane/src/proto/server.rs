@@ -1,0 +1,341 @@
+//! The accepting side: listeners, the requests pending on them, and the
+//! application's decisions.
+//!
+//! A listener's queue belongs to the application (in dsand, the listener's
+//! backlog ring in the process's shared region). The core keeps a count per
+//! listener, which the capacity bounds, and each pending request by its
+//! [`RequestKey`], so that an answer is matched by key and never by position.
+
+use super::connection::{Connection, Role};
+use super::endpoint::Endpoint;
+use super::rng::Rng;
+use super::tombstone::Tomb;
+use super::types::*;
+use crate::time::Instant;
+use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, SanHeader};
+use dsan_channel::region::{effective_backlog, MAX_BACKLOG};
+
+/// A request waiting for the application's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming {
+    /// The connecting peer.
+    pub peer: SockAddr,
+    /// The local address it asked for.
+    pub local: SockAddr,
+    /// Its MAC.
+    pub peer_mac: EthernetAddress,
+    /// Wire connection id.
+    pub conn_id: u64,
+    /// The client's token.
+    pub client_token: u64,
+    /// When it arrived.
+    pub arrived: Instant,
+}
+
+impl Incoming {
+    /// The key the application answers it by.
+    pub fn key(&self) -> RequestKey {
+        RequestKey {
+            peer_ip: self.peer.0,
+            conn_id: self.conn_id,
+        }
+    }
+
+    /// The header the request arrived with (to answer it as `reject` does).
+    fn header(&self, my_mac: EthernetAddress) -> SanHeader {
+        SanHeader {
+            dst_mac: my_mac,
+            src_mac: self.peer_mac,
+            src_ip: self.peer.0,
+            src_port: self.peer.1,
+            dst_ip: self.local.0,
+            dst_port: self.local.1,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Listener {
+    pub(super) addr: SockAddr,
+    pub(super) capacity: usize,
+    /// Requests pending on it (handed to the application, not yet answered
+    /// or expired).
+    pub(super) live: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pending {
+    pub(super) listener: ListenerId,
+    pub(super) inc: Incoming,
+}
+
+impl<R: Rng> Endpoint<R> {
+    /// Listens on `addr` (a SAN address of this host, or 0.0.0.0 for all) with
+    /// a backlog of `backlog` requests (see [`effective_backlog`]).
+    ///
+    /// # Errors
+    /// See [`ListenError`].
+    pub fn listen(&mut self, addr: SockAddr, backlog: i64) -> Result<ListenerId, ListenError> {
+        if !addr.0.is_unspecified() && !self.is_ours(addr.0) {
+            return Err(ListenError::AddrNotAvailable);
+        }
+        let clash = self.listener_by_addr.keys().any(|(ip, port)| {
+            *port == addr.1 && (*ip == addr.0 || ip.is_unspecified() || addr.0.is_unspecified())
+        });
+        if clash {
+            return Err(ListenError::AddrInUse);
+        }
+        if self.listeners.len() >= self.cfg.max_listeners {
+            return Err(ListenError::TooManyListeners);
+        }
+        let capacity = effective_backlog(backlog).min(MAX_BACKLOG);
+        let id = ListenerId(self.id());
+        self.listeners.insert(
+            id,
+            Listener {
+                addr,
+                capacity,
+                live: 0,
+            },
+        );
+        self.listener_by_addr.insert(addr, id);
+        Ok(id)
+    }
+
+    /// Closes a listener: every request still pending on it is refused to its
+    /// peer (`ListenerClosed`, ECONNREFUSED there), in arrival order.
+    ///
+    /// # Errors
+    /// [`CloseError::Unknown`] for an unknown listener.
+    pub fn close_listener(&mut self, now: Instant, id: ListenerId) -> Result<(), CloseError> {
+        let l = self.listeners.remove(&id).ok_or(CloseError::Unknown)?;
+        self.listener_by_addr.remove(&l.addr);
+        if l.live == 0 {
+            return Ok(());
+        }
+        let mine: Vec<RequestKey> = self
+            .pending_order
+            .iter()
+            .filter(|(k, arrived)| {
+                self.pending
+                    .get(k)
+                    .is_some_and(|p| p.listener == id && p.inc.arrived == *arrived)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in mine {
+            if let Some(p) = self.pending.remove(&k) {
+                let h = p.inc.header(self.mac);
+                self.reject(
+                    now,
+                    &h,
+                    p.inc.conn_id,
+                    p.inc.client_token,
+                    RejectReason::ListenerClosed,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A request arrived (or a retransmission of one).
+    pub(super) fn on_request(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        client_token: u64,
+    ) {
+        self.stats.requests_received += 1;
+        let key = RequestKey {
+            peer_ip: h.src_ip,
+            conn_id,
+        };
+        // An accepted connection: replay the accept.
+        if let Some(ch) = self
+            .conn_by_wire
+            .get(&(h.src_ip, conn_id, Role::Server))
+            .copied()
+        {
+            let c = self.conns[&ch];
+            if c.peer_token != client_token {
+                self.stats.bad_token += 1;
+                return;
+            }
+            // Replayed even while closing: the close retransmissions follow.
+            self.stats.replayed_accepts += 1;
+            self.emit(
+                h.src_mac,
+                c.local,
+                c.peer,
+                Message::Accept {
+                    conn_id,
+                    client_token,
+                    server_token: c.my_token,
+                },
+            );
+            return;
+        }
+        // Still pending: one entry only.
+        if let Some(p) = self.pending.get(&key) {
+            if p.inc.client_token == client_token {
+                self.stats.duplicate_requests += 1;
+            } else {
+                self.stats.bad_token += 1;
+            }
+            return;
+        }
+        // Answered before: the same answer.
+        if self.replay(h, key, client_token) {
+            return;
+        }
+        let lid = self
+            .listener_by_addr
+            .get(&(h.dst_ip, h.dst_port))
+            .or_else(|| self.listener_by_addr.get(&(Ipv4::UNSPECIFIED, h.dst_port)))
+            .copied();
+        let Some(lid) = lid else {
+            return self.reject(now, h, conn_id, client_token, RejectReason::NoListener);
+        };
+        let l = &self.listeners[&lid];
+        if l.live >= l.capacity {
+            // [SEED] refused at once, and no event.
+            return self.reject(now, h, conn_id, client_token, RejectReason::BacklogFull);
+        }
+        if self.pending.len() >= self.cfg.max_half_open {
+            return self.reject(now, h, conn_id, client_token, RejectReason::NoResources);
+        }
+        let inc = Incoming {
+            peer: (h.src_ip, h.src_port),
+            local: (h.dst_ip, h.dst_port),
+            peer_mac: h.src_mac,
+            conn_id,
+            client_token,
+            arrived: now,
+        };
+        self.listeners.get_mut(&lid).expect("listener exists").live += 1;
+        self.pending.insert(key, Pending { listener: lid, inc });
+        self.pending_order.push_back((key, now));
+        self.events.push_back(Event::Incoming {
+            listener: lid,
+            request: inc,
+        });
+    }
+
+    /// Takes a request out of the pending set (answered, expired or refused).
+    fn unpend(&mut self, key: RequestKey) -> Option<Pending> {
+        let p = self.pending.remove(&key)?;
+        if let Some(l) = self.listeners.get_mut(&p.listener) {
+            l.live -= 1;
+        }
+        Some(p)
+    }
+
+    /// Answers the pending request `key` that arrived on listener `id`.
+    /// Returns the new connection for [`Decision::Accept`], `None` otherwise.
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error nothing changes.
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        key: RequestKey,
+        d: Decision,
+    ) -> Result<Option<ConnHandle>, AcceptError> {
+        if !self.listeners.contains_key(&id) {
+            return Err(AcceptError::UnknownListener);
+        }
+        if !self.pending.get(&key).is_some_and(|p| p.listener == id) {
+            self.stats.stale_decisions += 1;
+            return Err(AcceptError::Stale);
+        }
+        match d {
+            Decision::Defer => Ok(None),
+            Decision::Accept if self.conns.len() >= self.cfg.max_connections => {
+                Err(AcceptError::TooManyConnections)
+            }
+            Decision::Reject => {
+                let inc = self.unpend(key).expect("checked").inc;
+                let h = inc.header(self.mac);
+                self.reject(
+                    now,
+                    &h,
+                    inc.conn_id,
+                    inc.client_token,
+                    RejectReason::Refused,
+                );
+                Ok(None)
+            }
+            Decision::Accept => {
+                let inc = self.unpend(key).expect("checked").inc;
+                self.stats.accepted += 1;
+                let server_token = self.rng.next_u64();
+                let ch = ConnHandle(self.id());
+                let c = Connection::new(
+                    Role::Server,
+                    inc.local,
+                    inc.peer,
+                    inc.peer_mac,
+                    inc.conn_id,
+                    server_token,
+                    inc.client_token,
+                );
+                self.conns.insert(ch, c);
+                self.conn_by_wire
+                    .insert((inc.peer.0, inc.conn_id, Role::Server), ch);
+                self.await_confirmation(now, ch);
+                self.emit(
+                    inc.peer_mac,
+                    inc.local,
+                    inc.peer,
+                    Message::Accept {
+                        conn_id: inc.conn_id,
+                        client_token: inc.client_token,
+                        server_token,
+                    },
+                );
+                Ok(Some(ch))
+            }
+        }
+    }
+
+    /// Refuses a pending request whose place in the application's queue could
+    /// not be taken (the I/O edge found the ring full or broken): the peer
+    /// learns `reason` at once.
+    pub fn refuse(&mut self, now: Instant, key: RequestKey, reason: RejectReason) {
+        if let Some(p) = self.unpend(key) {
+            let h = p.inc.header(self.mac);
+            self.reject(now, &h, p.inc.conn_id, p.inc.client_token, reason);
+        }
+    }
+
+    /// Drops requests pending longer than the connect budget: their clients
+    /// have given up, so nothing is sent; a retransmission (from a client with
+    /// a longer budget) is answered `Refused` from the tombstone.
+    pub(super) fn expire_requests(&mut self, now: Instant) {
+        while let Some(&(key, arrived)) = self.pending_order.front() {
+            let live = self
+                .pending
+                .get(&key)
+                .is_some_and(|p| p.inc.arrived == arrived);
+            if live && arrived + self.cfg.connect_budget > now {
+                break;
+            }
+            self.pending_order.pop_front();
+            if !live {
+                continue; // answered already
+            }
+            let p = self.unpend(key).expect("live");
+            self.stats.expired += 1;
+            self.remember(
+                now,
+                key,
+                Tomb::Refused {
+                    client_token: p.inc.client_token,
+                    reason: RejectReason::Refused,
+                },
+            );
+        }
+    }
+}

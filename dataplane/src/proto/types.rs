@@ -1,0 +1,198 @@
+//! The protocol core's vocabulary: handles, decisions, events, errors and counters.
+
+use super::server::Incoming;
+use crate::wire::{Ipv4, RejectReason};
+
+pub use dsan_channel::msg::RequestKey;
+
+/// A listener, as the application names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerId(pub u64);
+
+/// A connection or connect attempt, as the application names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnHandle(pub u64);
+
+/// An IPv4 address and port.
+pub type SockAddr = (Ipv4, u16);
+
+/// The accepting side's answer to a queued request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Accept: the peer's connect succeeds.
+    Accept,
+    /// Refuse: the peer's connect fails with ECONNREFUSED.
+    Reject,
+    /// Leave the request where it is (the application keeps it at the head
+    /// of its view of the backlog).
+    Defer,
+}
+
+/// Why a connect attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Refused: backlog full, refused by the application, no resources, or the
+    /// listener closed. ECONNREFUSED; the switch does not fall back.
+    Refused(RejectReason),
+    /// Nobody listens on that port. ECONNRESET (WSD's code); no fallback.
+    Reset,
+    /// No answer to resolution or to the request within the budget. ETIMEDOUT;
+    /// the switch falls back to TCP.
+    TimedOut,
+}
+
+impl ConnectFailure {
+    /// The errno the provider reports.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ConnectFailure::Refused(_) => libc::ECONNREFUSED,
+            ConnectFailure::Reset => libc::ECONNRESET,
+            ConnectFailure::TimedOut => libc::ETIMEDOUT,
+        }
+    }
+}
+
+/// What the application learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A request was queued on this listener (FD_ACCEPT).
+    Incoming {
+        /// The listener.
+        listener: ListenerId,
+        /// The request, to be put at the tail of the application's backlog ring.
+        request: Incoming,
+    },
+    /// A connect attempt succeeded (FD_CONNECT, no error).
+    Connected {
+        /// The connection (same handle as the attempt).
+        conn: ConnHandle,
+    },
+    /// A connect attempt failed (FD_CONNECT with an error).
+    ConnectFailed {
+        /// The attempt.
+        conn: ConnHandle,
+        /// Why.
+        error: ConnectFailure,
+    },
+    /// The peer closed an established connection.
+    Closed {
+        /// The connection.
+        conn: ConnHandle,
+    },
+}
+
+/// Errors of [`Endpoint::listen`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// The port is already listened on for that address (or the wildcard).
+    #[error("address in use")]
+    AddrInUse,
+    /// The address is neither one of this host's SAN addresses nor the wildcard.
+    #[error("address not available on this host")]
+    AddrNotAvailable,
+    /// The listener limit is reached.
+    #[error("too many listeners")]
+    TooManyListeners,
+}
+
+/// Errors of [`Endpoint::decide`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcceptError {
+    /// No such listener (never created, or closed).
+    #[error("unknown listener")]
+    UnknownListener,
+    /// No such request waits on this listener: it was decided already, it
+    /// expired (queued longer than the connect budget), or it never was.
+    /// Nothing changed.
+    #[error("no such pending connection request")]
+    Stale,
+    /// The connection limit is reached; the request stays queued.
+    #[error("too many connections")]
+    TooManyConnections,
+}
+
+/// Errors of [`Endpoint::connect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The destination is in no SAN subnet (EHOSTUNREACH; no fallback).
+    #[error("destination in no SAN subnet")]
+    HostUnreachable,
+    /// This host has no SAN address to connect from.
+    #[error("no local SAN address")]
+    NoLocalAddress,
+    /// Too many attempts in progress.
+    #[error("too many connect attempts in progress")]
+    TooManyAttempts,
+}
+
+/// Errors of [`Endpoint::close`] and friends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseError {
+    /// No such connection, attempt or listener.
+    #[error("unknown handle")]
+    Unknown,
+}
+
+/// Counters, every drop by its reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProtoStats {
+    /// Connect requests received (duplicates included).
+    pub requests_received: u64,
+    /// Requests accepted by the application.
+    pub accepted: u64,
+    /// Requests refused, by reason: backlog full, no listener, refused, no resources, listener closed.
+    pub rejected: [u64; 5],
+    /// Attempts finished: connected, refused, reset, timed out.
+    pub attempts: [u64; 4],
+    /// Duplicate requests for a queued entry (ignored).
+    pub duplicate_requests: u64,
+    /// Accepts replayed for retransmitted requests.
+    pub replayed_accepts: u64,
+    /// Refusals replayed from tombstones.
+    pub replayed_rejects: u64,
+    /// Replies for attempts that had already finished (or never existed).
+    pub late_replies: u64,
+    /// Frames dropped because their token did not match.
+    pub bad_token: u64,
+    /// Frames for an address that is not this host's.
+    pub not_ours: u64,
+    /// Frames of a kind the endpoint does not handle (echo is the node's).
+    pub unhandled: u64,
+    /// Tombstones evicted early because the table was full.
+    pub tombstones_evicted: u64,
+    /// Requests that waited in a backlog longer than the connect budget (their
+    /// client had given up) and were dropped.
+    pub expired: u64,
+    /// Decisions for requests that were no longer pending (ignored).
+    pub stale_decisions: u64,
+    /// Accepted connections whose client never confirmed (presumed gone).
+    pub unconfirmed: u64,
+    /// Durations of successful connects (connecting side), per bucket of
+    /// [`CONNECT_BUCKETS_S`] (not cumulative; the last counts the overflow).
+    pub connect_duration_buckets: [u64; CONNECT_BUCKETS_S.len() + 1],
+    /// Sum of the durations above, nanoseconds.
+    pub connect_duration_sum_ns: u64,
+}
+
+/// Upper bounds (seconds) of the connect-duration histogram buckets.
+pub const CONNECT_BUCKETS_S: [f64; 18] = [
+    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+    0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl ProtoStats {
+    /// Index of a reject reason in [`ProtoStats::rejected`].
+    pub fn reason_index(r: RejectReason) -> usize {
+        match r {
+            RejectReason::BacklogFull => 0,
+            RejectReason::NoListener => 1,
+            RejectReason::Refused => 2,
+            RejectReason::NoResources => 3,
+            RejectReason::ListenerClosed | RejectReason::Unknown(_) => 4,
+        }
+    }
+}

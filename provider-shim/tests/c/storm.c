@@ -1,0 +1,129 @@
+/* Connect storms against a slow accepting application, for the lab tests.
+ *
+ *   storm server PORT BACKLOG DECIDE_US   accept loop; the condition function
+ *                                         takes DECIDE_US and accepts two of three
+ *                                         requests, refuses the third. Prints
+ *                                         "ready"; on "report" (stdin) prints
+ *                                         "accepted A refused R" once its backlog
+ *                                         is empty; exits on "quit" or EOF.
+ *   storm client IP PORT MS               blocking connects, one after another,
+ *                                         for MS milliseconds; prints
+ *                                         "attempts N connected C refused R other O".
+ */
+#include "dsan_provider.h"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static long decide_us;
+static unsigned long seen;
+
+static int slow_cond(const struct sockaddr *c, socklen_t l, void *ctx) {
+    (void)c; (void)l; (void)ctx;
+    struct timespec t = {0, decide_us * 1000};
+    nanosleep(&t, NULL);
+    return (seen++ % 3 == 2) ? DSAN_CF_REJECT : DSAN_CF_ACCEPT;
+}
+
+static struct sockaddr_in sin_of(const char *ip, int port) {
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((unsigned short)port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    return a;
+}
+
+static int server(int port, int backlog) {
+    if (dsan_startup(NULL) != 0) return 2;
+    int s = dsan_socket();
+    struct sockaddr_in a = sin_of("0.0.0.0", port);
+    if (dsan_bind(s, (struct sockaddr *)&a, sizeof a) != 0 || dsan_listen(s, backlog) < 0) return 2;
+    /* Event-selected (nonblocking) so that stdin can be watched too. */
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (dsan_event_select(s, efd, DSAN_FD_ACCEPT) != 0) return 2;
+    printf("ready\n");
+    fflush(stdout);
+    long accepted = 0, refused = 0;
+    int report = 0;
+    for (;;) {
+        struct sockaddr_in peer;
+        socklen_t len = sizeof peer;
+        int rc = dsan_accept(s, (struct sockaddr *)&peer, &len, slow_cond, NULL);
+        if (rc >= 0) {
+            accepted++;
+            dsan_close(rc);
+            continue;
+        }
+        if (rc == -ECONNREFUSED) {
+            refused++;
+            continue;
+        }
+        if (rc != -EAGAIN) {
+            fprintf(stderr, "accept: %d\n", rc);
+            return 3;
+        }
+        if (report) {
+            printf("accepted %ld refused %ld\n", accepted, refused);
+            report = 0;
+        }
+        struct pollfd p[2] = {{efd, POLLIN, 0}, {0, POLLIN, 0}};
+        if (poll(p, 2, 100) < 0) return 3;
+        if (p[0].revents & POLLIN) {
+            dsan_network_events ev;
+            dsan_enum_network_events(s, &ev);
+        }
+        if (p[1].revents & (POLLIN | POLLHUP)) {
+            char line[64];
+            if (!fgets(line, sizeof line, stdin) || !strncmp(line, "quit", 4)) break;
+            if (!strncmp(line, "report", 6)) report = 1;
+        }
+    }
+    dsan_close(s);
+    dsan_cleanup();
+    return 0;
+}
+
+static int client(const char *ip, int port, int ms) {
+    if (dsan_startup(NULL) != 0) return 2;
+    struct sockaddr_in a = sin_of(ip, port);
+    long attempts = 0, connected = 0, refused = 0, other = 0;
+    double end = now_ms() + ms;
+    while (now_ms() < end) {
+        int s = dsan_socket();
+        if (s < 0) return 2;
+        int rc = dsan_connect(s, (struct sockaddr *)&a, sizeof a);
+        attempts++;
+        if (rc == 0) connected++;
+        else if (rc == -ECONNREFUSED) refused++;
+        else { other++; fprintf(stderr, "connect: %d\n", rc); }
+        dsan_close(s);
+    }
+    printf("attempts %ld connected %ld refused %ld other %ld\n", attempts, connected, refused, other);
+    dsan_cleanup();
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc == 5 && !strcmp(argv[1], "server")) {
+        decide_us = atol(argv[4]);
+        return server(atoi(argv[2]), atoi(argv[3]));
+    }
+    if (argc == 5 && !strcmp(argv[1], "client")) return client(argv[2], atoi(argv[3]), atoi(argv[4]));
+    fprintf(stderr, "usage: storm server PORT BACKLOG DECIDE_US | storm client IP PORT MS\n");
+    return 2;
+}

@@ -424,15 +424,11 @@ mod tests {
         let mut bad = Area::new(1);
         let (bb, bl) = bad.base();
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { attach_producer(bb, bl) }.err(),
-            Some(FormatError::NotFormatted)
-        );
+        let unformatted = unsafe { attach_producer(bb, bl) }.err();
+        assert_eq!(unformatted, Some(FormatError::NotFormatted));
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { format(b, l, MAX_CAPACITY + 1) }.err(),
-            Some(FormatError::Capacity)
-        );
+        let too_big = unsafe { format(b, l, MAX_CAPACITY + 1) }.err();
+        assert_eq!(too_big, Some(FormatError::Capacity));
     }
 
     #[test]

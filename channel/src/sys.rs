@@ -490,10 +490,8 @@ mod tests {
         let e = EventFd::new().unwrap();
         let max: u64 = u64::MAX - 1;
         // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        assert_eq!(
-            unsafe { libc::write(e.as_raw_fd(), (&max as *const u64).cast(), 8) },
-            8
-        );
+        let n = unsafe { libc::write(e.as_raw_fd(), (&max as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
         assert!(!e.signal());
     }
 

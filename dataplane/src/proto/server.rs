@@ -246,7 +246,7 @@ impl<R: Rng> Endpoint<R> {
         if !self.listeners.contains_key(&id) {
             return Err(AcceptError::UnknownListener);
         }
-        if !self.pending.get(&key).is_some_and(|p| p.listener == id) {
+        if self.pending.get(&key).is_none_or(|p| p.listener != id) {
             self.stats.stale_decisions += 1;
             return Err(AcceptError::Stale);
         }

@@ -7,11 +7,12 @@
 //! TCP each thread enters its host's namespace with setns, so both transports
 //! cross the same veth. Times come from one monotonic clock.
 
+use dsan_channel::sys::EventFd;
 use anyhow::{anyhow, Context, Result};
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
 use hdrhistogram::Histogram;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -51,34 +52,11 @@ fn hist() -> Histogram<u64> {
 }
 
 fn enter_netns(name: &str) -> Result<()> {
-    let f = std::fs::File::open(format!("/run/netns/{name}"))
-        .with_context(|| format!("namespace {name}"))?;
-    // SAFETY: a namespace fd; setns affects only this thread.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if r != 0 {
-        return Err(anyhow!("setns {name}: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    control::os::enter_netns(name).with_context(|| format!("entering namespace {name}"))
 }
 
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is a new fd we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(anyhow!("eventfd: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: just created.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn wait_readable(fd: &OwnedFd) {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 1000) };
+fn eventfd() -> Result<EventFd> {
+    EventFd::new().context("eventfd")
 }
 
 /// SAN: `count` connects from h0 to h1:port, one at a time.
@@ -111,7 +89,7 @@ pub(crate) fn san(
             };
             loop {
                 if mode == AcceptMode::Blocked {
-                    wait_readable(&efd);
+                    efd.wait(Some(Duration::from_secs(1)));
                     let _ = l.enum_network_events();
                 }
                 match l.accept(|_| Decision::Accept) {

@@ -16,6 +16,7 @@
 //!   to every request it delays: coordinated omission corrected by
 //!   construction, the "intended start time" method).
 
+use dsan_channel::sys::EventFd;
 use anyhow::{anyhow, bail, Context, Result};
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CONNECT};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
@@ -23,7 +24,7 @@ use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -62,33 +63,11 @@ fn hist() -> Histogram<u64> {
 }
 
 fn enter_netns(name: &str) -> Result<()> {
-    let f = std::fs::File::open(format!("/run/netns/{name}"))
-        .with_context(|| format!("namespace {name}"))?;
-    // SAFETY: a namespace fd; setns affects only this thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    control::os::enter_netns(name).with_context(|| format!("entering namespace {name}"))
 }
 
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is a new fd we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        bail!("eventfd: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: just created.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn wait_readable(fd: i32, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN | libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+fn eventfd() -> Result<EventFd> {
+    EventFd::new().context("eventfd")
 }
 
 const H1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -198,7 +177,7 @@ impl Server {
                 return Ok(h);
             }
             let p1 = p1.ok_or_else(|| anyhow!("no provider"))?;
-            let setup = (|| -> Result<(SanSocket, OwnedFd)> {
+            let setup = (|| -> Result<(SanSocket, EventFd)> {
                 let l = SanSocket::new(&p1).map_err(|e| anyhow!("{e}"))?;
                 l.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
                     .map_err(|e| anyhow!("bind: {e}"))?;
@@ -224,7 +203,7 @@ impl Server {
                     continue;
                 }
                 if waiting {
-                    wait_readable(efd.as_raw_fd(), 50);
+                    efd.wait(Some(Duration::from_millis(50)));
                     let _ = l.enum_network_events();
                 }
                 match l.accept(|_| Decision::Accept) {

@@ -10,6 +10,7 @@
 //!   connection requests from the daemon): views and values, parse checks
 //!   everything, emit is the only writer.
 //! * [`doorbell`]: how a process wakes a sleeping lcore.
+//! * [`net`]: the subnet type (SAN addresses and their prefixes).
 //! * [`sys`]: eventfds, futexes, sealed mappings, control-socket lines with
 //!   descriptors.
 //!
@@ -19,6 +20,7 @@
 
 pub mod doorbell;
 pub mod msg;
+pub mod net;
 pub mod region;
 pub mod ring;
 pub mod sys;

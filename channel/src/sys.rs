@@ -55,6 +55,18 @@ impl AsRawFd for EventFd {
     }
 }
 
+impl std::os::fd::AsFd for EventFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl From<EventFd> for OwnedFd {
+    fn from(e: EventFd) -> OwnedFd {
+        e.0
+    }
+}
+
 /// Adds 1 to the eventfd `fd`. Returns whether the write went through: a
 /// full counter on a nonblocking eventfd, or a bad fd, returns false (the
 /// caller counts it). Never retries more than on EINTR.

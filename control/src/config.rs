@@ -3,68 +3,14 @@
 
 use dataplane::engine::IdlePolicy;
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Default control socket path when neither the config nor `$DSAN_SOCKET` says.
 pub const DEFAULT_SOCKET: &str = "/run/dsan/dsand.sock";
 
-/// A SAN address with its prefix length, e.g. `198.18.0.1/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Cidr {
-    /// The address.
-    pub addr: Ipv4Addr,
-    /// Prefix length, 0..=32.
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// Whether `ip` lies in this subnet.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix)
-        };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IPv4 address with an optional /prefix"))?;
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{s:?} has a bad prefix length"))?;
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<Cidr> for String {
-    fn from(c: Cidr) -> String {
-        c.to_string()
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
+/// A SAN address with its prefix length, e.g. `198.18.0.1/24` (the project's one subnet type).
+pub use dsan_channel::net::Subnet as Cidr;
 
 /// The `[eal]` table: EAL arguments in DPDK's usual terms.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -72,17 +72,6 @@ impl Loopback {
         )
     }
 
-    /// One end whose transmissions come back to itself.
-    pub fn looped(capacity: usize, mac: EthernetAddress) -> Loopback {
-        let q = Arc::new(ArrayQueue::new(capacity));
-        Loopback {
-            mac,
-            rx: q.clone(),
-            tx: q,
-            stats: Default::default(),
-        }
-    }
-
     /// This end's counters.
     pub fn stats(&self) -> Arc<LoopbackStats> {
         self.stats.clone()

@@ -1,6 +1,6 @@
 //! The safe DPDK layer: the only module that calls `dpdk-sys`.
 //!
-//! Each DPDK call is wrapped once, over newtypes ([`PortId`], [`QueueId`]),
+//! Each DPDK call is wrapped once, over newtypes ([`PortId`]),
 //! with failures turned into [`DpdkError`] built from `rte_errno` /
 //! `rte_strerror`. [`Mbuf`] owns its buffer and frees it on drop; [`DpdkDevice`]
 //! implements [`Device`] over one rx and one tx queue of a port.
@@ -11,7 +11,9 @@ use crate::wire::EthernetAddress;
 use dpdk_sys as sys;
 use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// A DPDK failure: the operation and DPDK's errno and message.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -53,9 +55,6 @@ pub type Result<T> = std::result::Result<T, DpdkError>;
 /// An ethdev port number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortId(pub u16);
-/// A queue number on a port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct QueueId(pub u16);
 
 /// Typed EAL configuration; [`EalConfig::to_args`] turns it into EAL's argv.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -182,12 +181,6 @@ impl Eal {
         }
         out
     }
-
-    /// TSC ticks per second.
-    pub fn tsc_hz(&self) -> u64 {
-        // SAFETY: no preconditions after EAL init.
-        unsafe { sys::rte_get_tsc_hz() }
-    }
 }
 
 impl Drop for Eal {
@@ -198,22 +191,28 @@ impl Drop for Eal {
     }
 }
 
-/// A packet mbuf pool.
+/// A packet mbuf pool; it cannot outlive the EAL it was made in.
 #[derive(Debug)]
-pub struct Mempool(NonNull<sys::rte_mempool>);
+pub struct Mempool<'eal>(NonNull<sys::rte_mempool>, PhantomData<&'eal Eal>);
 
 // SAFETY: rte_mempool is designed for use from several threads (per-lcore caches
 // plus a lock-free ring underneath).
-unsafe impl Send for Mempool {}
+unsafe impl Send for Mempool<'_> {}
 // SAFETY: as above.
-unsafe impl Sync for Mempool {}
+unsafe impl Sync for Mempool<'_> {}
 
-impl Mempool {
+impl<'eal> Mempool<'eal> {
     /// Creates a pool of `n` mbufs with `data_room` bytes each.
     ///
     /// # Errors
     /// As `rte_pktmbuf_pool_create` (e.g. ENOMEM).
-    pub fn new(_eal: &Eal, name: &str, n: u32, cache: u32, data_room: u16) -> Result<Mempool> {
+    pub fn new(
+        _eal: &'eal Eal,
+        name: &str,
+        n: u32,
+        cache: u32,
+        data_room: u16,
+    ) -> Result<Mempool<'eal>> {
         let cname = CString::new(name)
             .map_err(|_| DpdkError::from_errno("rte_pktmbuf_pool_create", libc::EINVAL))?;
         // SAFETY: a valid C string; DPDK copies the name.
@@ -228,14 +227,8 @@ impl Mempool {
             )
         };
         NonNull::new(p)
-            .map(Mempool)
+            .map(|p| Mempool(p, PhantomData))
             .ok_or_else(|| DpdkError::last("rte_pktmbuf_pool_create"))
-    }
-
-    /// Mbufs currently free in the pool.
-    pub fn available(&self) -> u32 {
-        // SAFETY: the pool is alive.
-        unsafe { sys::rte_mempool_avail_count(self.0.as_ptr()) }
     }
 
     /// Allocates an mbuf holding `len` zeroed-length bytes of data.
@@ -253,7 +246,7 @@ impl Mempool {
     }
 }
 
-impl Drop for Mempool {
+impl Drop for Mempool<'_> {
     fn drop(&mut self) {
         // SAFETY: every Mbuf borrows nothing from the pool but must be freed
         // before; the daemon drops devices (which hold mbufs) first.
@@ -325,25 +318,55 @@ pub struct PortStats {
     pub rx_nombuf: u64,
 }
 
-/// A configured, started ethdev port with one rx and one tx queue.
+/// A configured, started ethdev port with one rx and one tx queue; it cannot
+/// outlive the EAL it was started in.
 #[derive(Debug)]
-pub struct Port {
+pub struct Port<'eal> {
     id: PortId,
+    /// True while the port runs; [`PortStatsReader`]s read counters only then.
+    alive: Arc<RwLock<bool>>,
+    _eal: PhantomData<&'eal Eal>,
 }
 
-impl Port {
+/// Reads a port's counters from any thread, for as long as the port runs
+/// (afterwards every read fails with ENODEV, never touching DPDK).
+#[derive(Debug, Clone)]
+pub struct PortStatsReader {
+    id: PortId,
+    alive: Arc<RwLock<bool>>,
+}
+
+impl PortStatsReader {
+    /// `rte_eth_stats_get`.
+    ///
+    /// # Errors
+    /// ENODEV once the port is stopped; as `rte_eth_stats_get`.
+    pub fn stats(&self) -> Result<PortStats> {
+        let alive = self.alive.read().unwrap_or_else(|e| e.into_inner());
+        if !*alive {
+            return Err(DpdkError {
+                op: "rte_eth_stats_get",
+                errno: libc::ENODEV,
+                msg: "the port is stopped".into(),
+            });
+        }
+        stats_of(self.id)
+    }
+}
+
+impl<'eal> Port<'eal> {
     /// Configures `id` with one rx and one tx queue of the given depths, starts
     /// it and enables promiscuous mode where the driver supports it.
     ///
     /// # Errors
     /// As the underlying ethdev calls.
     pub fn start(
-        _eal: &Eal,
+        _eal: &'eal Eal,
         id: PortId,
-        pool: &Mempool,
+        pool: &Mempool<'eal>,
         rx_desc: u16,
         tx_desc: u16,
-    ) -> Result<Port> {
+    ) -> Result<Port<'eal>> {
         let conf: sys::rte_eth_conf = Default::default();
         // SAFETY: conf is a valid, zeroed (default) configuration that outlives the call.
         DpdkError::check("rte_eth_dev_configure", unsafe {
@@ -364,7 +387,19 @@ impl Port {
         DpdkError::check("rte_eth_dev_start", unsafe { sys::rte_eth_dev_start(id.0) })?;
         // SAFETY: the port is started; failure (unsupported) is harmless.
         unsafe { sys::rte_eth_promiscuous_enable(id.0) };
-        Ok(Port { id })
+        Ok(Port {
+            id,
+            alive: Arc::new(RwLock::new(true)),
+            _eal: PhantomData,
+        })
+    }
+
+    /// A reader of this port's counters for other threads.
+    pub fn stats_reader(&self) -> PortStatsReader {
+        PortStatsReader {
+            id: self.id,
+            alive: self.alive.clone(),
+        }
     }
 
     /// The port number.
@@ -392,21 +427,10 @@ impl Port {
     pub fn stats(&self) -> Result<PortStats> {
         stats_of(self.id)
     }
-
-    /// Extended counters, by name.
-    ///
-    /// # Errors
-    /// As `rte_eth_xstats_get` / `rte_eth_xstats_get_names`.
-    pub fn xstats(&self) -> Result<Vec<(String, u64)>> {
-        xstats_of(self.id)
-    }
 }
 
-/// `rte_eth_stats_get` for a port (callable from the control thread).
-///
-/// # Errors
-/// As `rte_eth_stats_get`.
-pub fn stats_of(id: PortId) -> Result<PortStats> {
+/// `rte_eth_stats_get` for a running port.
+fn stats_of(id: PortId) -> Result<PortStats> {
     let mut s: sys::rte_eth_stats = Default::default();
     // SAFETY: `s` is a valid out-parameter; reading stats is safe from any thread.
     DpdkError::check("rte_eth_stats_get", unsafe {
@@ -424,41 +448,10 @@ pub fn stats_of(id: PortId) -> Result<PortStats> {
     })
 }
 
-/// `rte_eth_xstats_get` with names, for a port.
-///
-/// # Errors
-/// As the underlying calls.
-pub fn xstats_of(id: PortId) -> Result<Vec<(String, u64)>> {
-    // SAFETY: NULL/0 asks for the count.
-    let n = DpdkError::check("rte_eth_xstats_get_names", unsafe {
-        sys::rte_eth_xstats_get_names(id.0, std::ptr::null_mut(), 0)
-    })? as usize;
-    let mut names = vec![sys::rte_eth_xstat_name::default(); n];
-    let mut vals = vec![sys::rte_eth_xstat::default(); n];
-    // SAFETY: buffers of n entries each.
-    let got = DpdkError::check("rte_eth_xstats_get_names", unsafe {
-        sys::rte_eth_xstats_get_names(id.0, names.as_mut_ptr(), n as u32)
-    })? as usize;
-    // SAFETY: as above.
-    let gotv = DpdkError::check("rte_eth_xstats_get", unsafe {
-        sys::rte_eth_xstats_get(id.0, vals.as_mut_ptr(), n as u32)
-    })? as usize;
-    let m = got.min(gotv).min(n);
-    Ok(vals[..m]
-        .iter()
-        .filter_map(|v| {
-            let name = names.get(v.id as usize)?;
-            // SAFETY: DPDK NUL-terminates names within RTE_ETH_XSTATS_NAME_SIZE.
-            let s = unsafe { CStr::from_ptr(name.name.as_ptr()) }
-                .to_string_lossy()
-                .into_owned();
-            Some((s, v.value))
-        })
-        .collect())
-}
-
-impl Drop for Port {
+impl Drop for Port<'_> {
     fn drop(&mut self) {
+        // No reader may be inside DPDK from here on.
+        *self.alive.write().unwrap_or_else(|e| e.into_inner()) = false;
         // SAFETY: the port was started by us; stop then close releases it.
         unsafe {
             sys::rte_eth_dev_stop(self.id.0);
@@ -470,8 +463,8 @@ impl Drop for Port {
 /// A [`Device`] over queue 0 of a started port.
 #[derive(Debug)]
 pub struct DpdkDevice<'a> {
-    port: &'a Port,
-    pool: &'a Mempool,
+    port: &'a Port<'a>,
+    pool: &'a Mempool<'a>,
     mac: EthernetAddress,
     raw: [*mut sys::rte_mbuf; BURST],
 }
@@ -481,7 +474,7 @@ impl<'a> DpdkDevice<'a> {
     ///
     /// # Errors
     /// If the port's MAC cannot be read.
-    pub fn new(port: &'a Port, pool: &'a Mempool) -> Result<Self> {
+    pub fn new(port: &'a Port<'a>, pool: &'a Mempool<'a>) -> Result<Self> {
         Ok(Self {
             port,
             pool,

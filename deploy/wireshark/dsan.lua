@@ -7,7 +7,7 @@ local dsan = Proto("dsan", "dsan SAN protocol")
 
 local kinds = {
   [0x01] = "ConnectRequest", [0x02] = "Accept", [0x03] = "Reject", [0x04] = "Close",
-  [0x05] = "CloseAck", [0x10] = "ResolveRequest", [0x11] = "ResolveReply",
+  [0x05] = "CloseAck", [0x06] = "AcceptAck", [0x10] = "ResolveRequest", [0x11] = "ResolveReply",
   [0x20] = "EchoRequest", [0x21] = "EchoReply",
 }
 local reasons = {
@@ -33,7 +33,7 @@ f.mac = ProtoField.ether("dsan.mac", "Resolved MAC")
 f.seq = ProtoField.uint64("dsan.seq", "Echo sequence", base.DEC)
 f.stamp = ProtoField.uint64("dsan.stamp", "Echo stamp", base.DEC)
 
-local body_len = { [0x01] = 16, [0x02] = 24, [0x03] = 24, [0x04] = 16, [0x05] = 16,
+local body_len = { [0x01] = 16, [0x02] = 24, [0x03] = 24, [0x04] = 16, [0x05] = 16, [0x06] = 16,
                    [0x10] = 0, [0x11] = 8, [0x20] = 16, [0x21] = 16 }
 
 function dsan.dissector(buf, pinfo, tree)
@@ -66,7 +66,7 @@ function dsan.dissector(buf, pinfo, tree)
   elseif kind == 0x03 then
     t:add(f.conn_id, buf(b, 8)); t:add(f.client_token, buf(b + 8, 8)); t:add(f.reason, buf(b + 16, 1))
     info = info .. " reason=" .. (reasons[buf(b + 16, 1):uint()] or "unknown")
-  elseif kind == 0x04 or kind == 0x05 then
+  elseif kind == 0x04 or kind == 0x05 or kind == 0x06 then
     t:add(f.conn_id, buf(b, 8)); t:add(f.token, buf(b + 8, 8))
   elseif kind == 0x11 then
     t:add(f.mac, buf(b, 6))

@@ -39,12 +39,8 @@ reexport! {
     fn rte_eth_rx_burst = rte_eth_rx_burst_(port_id: u16, queue_id: u16, rx_pkts: *mut *mut rte_mbuf, nb_pkts: u16) -> u16;
     fn rte_eth_tx_burst = rte_eth_tx_burst_(port_id: u16, queue_id: u16, tx_pkts: *mut *mut rte_mbuf, nb_pkts: u16) -> u16;
     fn rte_pktmbuf_alloc = rte_pktmbuf_alloc_(mp: *mut rte_mempool) -> *mut rte_mbuf;
-    fn rte_pktmbuf_alloc_bulk = rte_pktmbuf_alloc_bulk_(mp: *mut rte_mempool, mbufs: *mut *mut rte_mbuf, count: u32) -> i32;
     fn rte_pktmbuf_free = rte_pktmbuf_free_(m: *mut rte_mbuf);
     fn rte_pktmbuf_append = rte_pktmbuf_append_(m: *mut rte_mbuf, len: u16) -> *mut std::os::raw::c_char;
     fn rte_pktmbuf_mtod = rte_pktmbuf_mtod_(m: *mut rte_mbuf) -> *mut std::os::raw::c_void;
     fn rte_pktmbuf_data_len = rte_pktmbuf_data_len_(m: *const rte_mbuf) -> u16;
-    fn rte_get_tsc_cycles = rte_get_tsc_cycles_() -> u64;
-    fn rte_lcore_id = rte_lcore_id_() -> u32;
-    fn rte_mempool_avail_count = rte_mempool_avail_count_(mp: *const rte_mempool) -> u32;
 }

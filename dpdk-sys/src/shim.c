@@ -16,13 +16,7 @@ uint16_t rte_eth_tx_burst_(uint16_t port_id, uint16_t queue_id, struct rte_mbuf 
     return rte_eth_tx_burst(port_id, queue_id, tx_pkts, nb_pkts);
 }
 struct rte_mbuf *rte_pktmbuf_alloc_(struct rte_mempool *mp) { return rte_pktmbuf_alloc(mp); }
-int rte_pktmbuf_alloc_bulk_(struct rte_mempool *mp, struct rte_mbuf **mbufs, unsigned count) {
-    return rte_pktmbuf_alloc_bulk(mp, mbufs, count);
-}
 void rte_pktmbuf_free_(struct rte_mbuf *m) { rte_pktmbuf_free(m); }
 char *rte_pktmbuf_append_(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_append(m, len); }
 void *rte_pktmbuf_mtod_(struct rte_mbuf *m) { return rte_pktmbuf_mtod(m, void *); }
 uint16_t rte_pktmbuf_data_len_(const struct rte_mbuf *m) { return rte_pktmbuf_data_len(m); }
-uint64_t rte_get_tsc_cycles_(void) { return rte_get_tsc_cycles(); }
-unsigned rte_lcore_id_(void) { return rte_lcore_id(); }
-unsigned rte_mempool_avail_count_(const struct rte_mempool *mp) { return rte_mempool_avail_count(mp); }

@@ -13,12 +13,8 @@ uint16_t rte_eth_rx_burst_(uint16_t port_id, uint16_t queue_id, struct rte_mbuf 
 uint16_t rte_eth_tx_burst_(uint16_t port_id, uint16_t queue_id, struct rte_mbuf **tx_pkts,
                            uint16_t nb_pkts);
 struct rte_mbuf *rte_pktmbuf_alloc_(struct rte_mempool *mp);
-int rte_pktmbuf_alloc_bulk_(struct rte_mempool *mp, struct rte_mbuf **mbufs, unsigned count);
 void rte_pktmbuf_free_(struct rte_mbuf *m);
 char *rte_pktmbuf_append_(struct rte_mbuf *m, uint16_t len);
 void *rte_pktmbuf_mtod_(struct rte_mbuf *m);
 uint16_t rte_pktmbuf_data_len_(const struct rte_mbuf *m);
-uint64_t rte_get_tsc_cycles_(void);
-unsigned rte_lcore_id_(void);
-unsigned rte_mempool_avail_count_(const struct rte_mempool *mp);
 #endif

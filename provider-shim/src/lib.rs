@@ -19,5 +19,5 @@ pub mod sockaddr;
 
 pub use capi::*;
 pub use provider::{
-    Decision, Error, NetworkEvents, Provider, SanSocket, SocketId, FD_ACCEPT, FD_CONNECT,
+    Decision, Error, NetworkEvents, Provider, SanSocket, SocketId, Subnet, FD_ACCEPT, FD_CONNECT,
 };

@@ -12,7 +12,7 @@ use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer, PushError};
 use dsan_channel::sys;
 use serde_json::{json, Value};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub use dsan_channel::net::Subnet;
 pub use dsan_channel::region::{FD_ACCEPT, FD_CONNECT};
 
 /// Errors of provider calls; [`Error::errno`] gives the C ABI's value.
@@ -242,7 +243,7 @@ pub struct Provider {
     cmds: Mutex<Producer>,
     doorbell: Doorbell,
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
-    san_addrs: Vec<(Ipv4Addr, u8)>,
+    san_addrs: Vec<Subnet>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -292,10 +293,7 @@ impl Provider {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|a| {
-                let (ip, p) = a.as_str()?.split_once('/')?;
-                Some((ip.parse().ok()?, p.parse().ok()?))
-            })
+            .filter_map(|a| a.as_str()?.parse().ok())
             .collect();
         Ok(Arc::new(Provider {
             san_addrs,
@@ -312,7 +310,7 @@ impl Provider {
 
     /// The host's SAN addresses and their prefix lengths, as the daemon
     /// reported them at attach.
-    pub fn san_addrs(&self) -> &[(Ipv4Addr, u8)] {
+    pub fn san_addrs(&self) -> &[Subnet] {
         &self.san_addrs
     }
 

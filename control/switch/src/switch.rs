@@ -1,3 +1,4 @@
+use dsan_channel::sys::{drain_eventfd, signal_eventfd, EventFd};
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -126,20 +127,17 @@ fn epoll_del(ep: RawFd, fd: RawFd) {
 }
 
 fn eventfd() -> Result<OwnedFd, i32> {
-    // SAFETY: plain system call.
-    owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+    EventFd::new()
+        .map(OwnedFd::from)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
 }
 
 fn signal(fd: RawFd) {
-    let one = 1u64;
-    // SAFETY: writes 8 bytes from a live u64.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    signal_eventfd(fd);
 }
 
 fn drain(fd: RawFd) {
-    let mut v = 0u64;
-    // SAFETY: reads 8 bytes into a live u64 from a nonblocking eventfd.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    drain_eventfd(fd);
 }
 
 use dsan_provider::sockaddr::{from_sockaddr_in as from_sin, sockaddr_in as sin};
@@ -167,14 +165,7 @@ fn provider() -> Option<Arc<Provider>> {
 }
 
 fn in_san_subnet(p: &Provider, ip: Ipv4Addr) -> bool {
-    p.san_addrs().iter().any(|(a, prefix)| {
-        let mask = if *prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from((*prefix).min(32)))
-        };
-        u32::from(*a) & mask == u32::from(ip) & mask
-    })
+    p.san_addrs().iter().any(|s| s.contains(ip))
 }
 
 /// A new switch socket: a pollable descriptor.
@@ -294,7 +285,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
     let Some(p) = provider() else {
         return Ok(false);
     };
-    let ours = bound.ip().is_unspecified() || p.san_addrs().iter().any(|(a, _)| a == bound.ip());
+    let ours = bound.ip().is_unspecified() || p.san_addrs().iter().any(|s| s.addr == *bound.ip());
     if !ours {
         return Ok(false);
     }

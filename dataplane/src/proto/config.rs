@@ -1,29 +1,9 @@
 //! Protocol parameters.
 
 use super::resolve::ResolveConfig;
-use crate::wire::Ipv4;
 use std::time::Duration;
 
-/// A SAN subnet (address and prefix length).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
-    /// Any address in the subnet.
-    pub addr: Ipv4,
-    /// Prefix length.
-    pub prefix: u8,
-}
-
-impl Subnet {
-    /// Whether `ip` is in the subnet.
-    pub fn contains(&self, ip: Ipv4) -> bool {
-        let mask = if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix.min(32)))
-        };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
-    }
-}
+pub use dsan_channel::net::Subnet;
 
 /// Protocol parameters. The defaults are documented in `docs/wire-protocol.md`.
 #[derive(Debug, Clone)]

@@ -130,7 +130,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
     }));
 
     if let Some(l) = metrics_listener {
-        let pid = port_id;
+        let port_stats = port.stats_reader();
         let m = metrics::Metrics::new(
             &eff.host,
             eff.idle.name(),
@@ -139,7 +139,8 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                 engine: shared.clone(),
                 node: handle.clone(),
                 port: Box::new(move || {
-                    dpdk::stats_of(pid)
+                    port_stats
+                        .stats()
                         .ok()
                         .map(|s| (s.ipackets, s.opackets, s.imissed + s.ierrors + s.rx_nombuf))
                 }),
@@ -178,7 +179,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
         let cx = Arc::new(super::ctl_server::Ctx {
             lcore: lcore.clone(),
             info: info.clone(),
-            port: port_id,
+            port: port.stats_reader(),
             socket_gid,
             fallbacks: fallbacks.clone(),
         });

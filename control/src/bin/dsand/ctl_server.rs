@@ -27,7 +27,7 @@ const ASK: Duration = Duration::from_secs(5);
 pub(crate) struct Ctx {
     pub(crate) lcore: Lcore,
     pub(crate) info: Arc<Value>,
-    pub(crate) port: dpdk::PortId,
+    pub(crate) port: dpdk::PortStatsReader,
     pub(crate) socket_gid: u32,
     pub(crate) fallbacks: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -166,7 +166,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             let s = &shared.stats;
             let n: Counters = cx.lcore.counters();
             let j = counters_json(&n, s);
-            let ps = dpdk::stats_of(cx.port).ok();
+            let ps = cx.port.stats().ok();
             let mut v = (*cx.info).clone();
             v["ok"] = json!(true);
             v["san_addrs"] = json!(current_addrs(node));

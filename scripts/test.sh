@@ -14,6 +14,7 @@ echo "test: the fuzz targets build (stable toolchain) and replay their seed corp
 cargo build --manifest-path fuzz/Cargo.toml --release --quiet
 fuzz/target/release/frame_parser fuzz/seeds/frame_parser/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
 fuzz/target/release/proto_ops fuzz/seeds/proto_ops/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
+fuzz/target/release/app_channel fuzz/seeds/app_channel/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
 echo "test: cargo test --release --workspace (unit, simulator: 10,000 schedules, lab)"
 cargo test --release --workspace -- --test-threads=2
 echo "test: all passed"

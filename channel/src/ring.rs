@@ -437,7 +437,7 @@ mod tests {
         let (b, l) = a.base();
         // SAFETY: as above; the area outlives both threads (joined below).
         let (mut p, mut c) = unsafe { format(b, l, 16) }.unwrap();
-        let n = 200_000u64;
+        let n = if cfg!(miri) { 2_000u64 } else { 200_000u64 };
         let t = std::thread::spawn(move || {
             let mut i = 0u64;
             while i < n {

@@ -7,8 +7,8 @@
 //! TCP each thread enters its host's namespace with setns, so both transports
 //! cross the same veth. Times come from one monotonic clock.
 
-use dsan_channel::sys::EventFd;
 use anyhow::{anyhow, Context, Result};
+use dsan_channel::sys::EventFd;
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
 use hdrhistogram::Histogram;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};

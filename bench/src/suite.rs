@@ -16,8 +16,8 @@
 //!   to every request it delays: coordinated omission corrected by
 //!   construction, the "intended start time" method).
 
-use dsan_channel::sys::EventFd;
 use anyhow::{anyhow, bail, Context, Result};
+use dsan_channel::sys::EventFd;
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CONNECT};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;

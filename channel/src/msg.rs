@@ -143,28 +143,45 @@ pub mod kind {
     pub const REQUEST: u8 = 0x81;
 }
 
-/// A view of a command slot (fields as bytes; see the module table).
-#[derive(Debug, Clone, Copy)]
-pub struct CommandView<T: AsRef<[u8]>>(T);
+/// Defines a view over a slot's bytes: `new_checked`, the kind byte.
+macro_rules! slot_view {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name<T: AsRef<[u8]>>(T);
+
+        impl<T: AsRef<[u8]>> $name<T> {
+            /// A view of a buffer of at least [`SLOT`] bytes.
+            ///
+            /// # Errors
+            /// [`ParseError::Field`] if the buffer is shorter.
+            pub fn new_checked(b: T) -> Result<Self, ParseError> {
+                if b.as_ref().len() < SLOT {
+                    return Err(ParseError::Field("length"));
+                }
+                Ok(Self(b))
+            }
+            fn b(&self) -> &[u8] {
+                self.0.as_ref()
+            }
+            /// The kind byte.
+            pub fn kind(&self) -> u8 {
+                self.b()[field::KIND]
+            }
+        }
+    };
+}
+
+slot_view!(
+    /// A view of a command slot (fields as bytes; see the module table).
+    CommandView
+);
+slot_view!(
+    /// A view of a request slot.
+    RequestView
+);
 
 impl<T: AsRef<[u8]>> CommandView<T> {
-    /// A view of a buffer of at least [`SLOT`] bytes.
-    ///
-    /// # Errors
-    /// [`ParseError::Field`] if the buffer is shorter.
-    pub fn new_checked(b: T) -> Result<Self, ParseError> {
-        if b.as_ref().len() < SLOT {
-            return Err(ParseError::Field("length"));
-        }
-        Ok(Self(b))
-    }
-    fn b(&self) -> &[u8] {
-        self.0.as_ref()
-    }
-    /// The kind byte.
-    pub fn kind(&self) -> u8 {
-        self.b()[field::KIND]
-    }
     /// The socket index.
     pub fn sock(&self) -> u32 {
         u32_at(self.b(), field::SOCK.start)
@@ -418,28 +435,7 @@ impl Command {
     }
 }
 
-/// A view of a request slot.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestView<T: AsRef<[u8]>>(T);
-
 impl<T: AsRef<[u8]>> RequestView<T> {
-    /// A view of a buffer of at least [`SLOT`] bytes.
-    ///
-    /// # Errors
-    /// [`ParseError::Field`] if the buffer is shorter.
-    pub fn new_checked(b: T) -> Result<Self, ParseError> {
-        if b.as_ref().len() < SLOT {
-            return Err(ParseError::Field("length"));
-        }
-        Ok(Self(b))
-    }
-    fn b(&self) -> &[u8] {
-        self.0.as_ref()
-    }
-    /// The kind byte.
-    pub fn kind(&self) -> u8 {
-        self.b()[field::KIND]
-    }
     /// Peer IPv4.
     pub fn peer_ip(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32_at(self.b(), field::PEER_IP.start))

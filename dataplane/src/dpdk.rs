@@ -10,8 +10,8 @@ use crate::device::{Device, BURST};
 use crate::wire::EthernetAddress;
 use dpdk_sys as sys;
 use std::ffi::{CStr, CString};
-use std::ptr::NonNull;
 use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 

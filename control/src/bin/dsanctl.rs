@@ -91,24 +91,7 @@ enum LabCmd {
 }
 
 fn main() {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) => match e.kind() {
-            clap::error::ErrorKind::DisplayHelp
-            | clap::error::ErrorKind::DisplayVersion
-            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
-            _ => {
-                let text = e.render().to_string();
-                let first = text
-                    .lines()
-                    .next()
-                    .unwrap_or("bad arguments")
-                    .trim_start_matches("error: ");
-                eprintln!("dsanctl: error: {first} (see dsanctl --help)");
-                std::process::exit(2);
-            }
-        },
-    };
+    let args: Args = control::parse_args("dsanctl");
     match run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

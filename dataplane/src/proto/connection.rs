@@ -6,6 +6,7 @@ use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Message, SanHeader};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// Which side opened a connection.
@@ -34,11 +35,41 @@ pub struct Connection {
     pub my_token: u64,
     /// The peer's token.
     pub peer_token: u64,
-    /// Set once we started closing: (give up at, next retransmission, current rto).
-    closing: Option<(Instant, Instant, Duration)>,
+    /// Set once we started closing: the Close's retransmissions.
+    closing: Option<Retry>,
     /// An accepted connection whose client has not confirmed the accept yet:
-    /// (give up at, next retransmission of the accept, current rto).
-    confirming: Option<(Instant, Instant, Duration)>,
+    /// the Accept's retransmissions.
+    confirming: Option<Retry>,
+}
+
+/// Retransmissions with exponential backoff until a budget runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Retry {
+    give_up: Instant,
+    next: Instant,
+    rto: Duration,
+}
+
+impl Retry {
+    fn start(now: Instant, budget: Duration, rto: Duration) -> Retry {
+        Retry {
+            give_up: now + budget,
+            next: now + rto,
+            rto,
+        }
+    }
+    fn timer(&self) -> Instant {
+        self.give_up.min(self.next)
+    }
+    /// The next retransmission after one at `now`.
+    fn backed_off(self, now: Instant, max: Duration) -> Retry {
+        let rto = (self.rto * 2).min(max);
+        Retry {
+            next: now + rto,
+            rto,
+            ..self
+        }
+    }
 }
 
 impl Connection {
@@ -80,7 +111,7 @@ impl Connection {
         [self.closing, self.confirming]
             .into_iter()
             .flatten()
-            .map(|(d, n, _)| d.min(n))
+            .map(|r| r.timer())
             .min()
     }
 }
@@ -100,8 +131,11 @@ impl<R: Rng> Endpoint<R> {
         if c.closing.is_some() {
             return Err(CloseError::Unknown);
         }
-        let rto = self.cfg.initial_rto;
-        c.closing = Some((now + self.cfg.close_budget, now + rto, rto));
+        c.closing = Some(Retry::start(
+            now,
+            self.cfg.close_budget,
+            self.cfg.initial_rto,
+        ));
         c.confirming = None; // the close handshake takes over
         self.confirming.remove(&h);
         self.closing.insert(h);
@@ -116,9 +150,12 @@ impl<R: Rng> Endpoint<R> {
     /// gone: the application is told the connection closed, and a close
     /// handshake is attempted.
     pub(super) fn await_confirmation(&mut self, now: Instant, h: ConnHandle) {
-        let rto = self.cfg.initial_rto;
         if let Some(c) = self.conns.get_mut(&h) {
-            c.confirming = Some((now + self.cfg.close_budget, now + rto, rto));
+            c.confirming = Some(Retry::start(
+                now,
+                self.cfg.close_budget,
+                self.cfg.initial_rto,
+            ));
             self.confirming.insert(h);
         }
     }
@@ -153,33 +190,17 @@ impl<R: Rng> Endpoint<R> {
         }
     }
 
-    /// Accept retransmissions of unconfirmed server connections, and give-ups.
-    pub(super) fn confirm_timers(&mut self, now: Instant) {
-        let due: Vec<ConnHandle> = self
-            .confirming
-            .iter()
-            .filter(|h| {
-                self.conns
-                    .get(h)
-                    .and_then(|c| c.confirming)
-                    .is_some_and(|(d, n, _)| d <= now || n <= now)
-            })
-            .copied()
-            .collect();
-        for h in due {
-            let c = self.conns.get_mut(&h).expect("listed");
-            let (deadline, _, rto) = c.confirming.expect("filtered");
-            if deadline <= now {
-                self.stats.unconfirmed += 1;
-                self.events.push_back(Event::Closed { conn: h });
-                let _ = self.close(now, h);
-                continue;
-            }
-            let rto = (rto * 2).min(self.cfg.max_rto);
-            c.confirming = Some((deadline, now + rto, rto));
-            let c = *c;
-            self.send_accept(&c);
-        }
+    /// The connections of `set` whose retransmission (picked by `which`) is due.
+    fn due(
+        &self,
+        set: &BTreeSet<ConnHandle>,
+        which: fn(&Connection) -> Option<Retry>,
+        now: Instant,
+    ) -> Vec<(ConnHandle, Retry)> {
+        set.iter()
+            .filter_map(|h| Some((*h, which(self.conns.get(h)?)?)))
+            .filter(|(_, r)| r.timer() <= now)
+            .collect()
     }
 
     /// Sends (or resends) the Close of a connection we are closing.
@@ -193,6 +214,22 @@ impl<R: Rng> Endpoint<R> {
                 token: c.peer_token,
             },
         );
+    }
+
+    /// Accept retransmissions of unconfirmed server connections, and give-ups.
+    pub(super) fn confirm_timers(&mut self, now: Instant) {
+        for (h, r) in self.due(&self.confirming, |c| c.confirming, now) {
+            if r.give_up <= now {
+                self.stats.unconfirmed += 1;
+                self.events.push_back(Event::Closed { conn: h });
+                let _ = self.close(now, h);
+                continue;
+            }
+            let c = self.conns.get_mut(&h).expect("listed");
+            c.confirming = Some(r.backed_off(now, self.cfg.max_rto));
+            let c = *c;
+            self.send_accept(&c);
+        }
     }
 
     pub(super) fn remove_conn(&mut self, now: Instant, h: ConnHandle) -> Option<Connection> {
@@ -262,26 +299,13 @@ impl<R: Rng> Endpoint<R> {
 
     /// Close retransmissions and give-ups.
     pub(super) fn close_timers(&mut self, now: Instant) {
-        let due: Vec<ConnHandle> = self
-            .closing
-            .iter()
-            .filter(|h| {
-                self.conns
-                    .get(h)
-                    .and_then(|c| c.closing)
-                    .is_some_and(|(d, n, _)| d <= now || n <= now)
-            })
-            .copied()
-            .collect();
-        for h in due {
-            let c = self.conns.get_mut(&h).expect("listed");
-            let (deadline, _, rto) = c.closing.expect("filtered");
-            if deadline <= now {
+        for (h, r) in self.due(&self.closing, |c| c.closing, now) {
+            if r.give_up <= now {
                 self.remove_conn(now, h);
                 continue;
             }
-            let rto = (rto * 2).min(self.cfg.max_rto);
-            c.closing = Some((deadline, now + rto, rto));
+            let c = self.conns.get_mut(&h).expect("listed");
+            c.closing = Some(r.backed_off(now, self.cfg.max_rto));
             let c = *c;
             self.send_close(&c);
         }

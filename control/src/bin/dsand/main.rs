@@ -112,24 +112,7 @@ pub(crate) fn log(level: &str, msg: &str) {
 }
 
 fn main() {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) => match e.kind() {
-            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                e.exit()
-            }
-            _ => {
-                let text = e.render().to_string();
-                let first = text
-                    .lines()
-                    .next()
-                    .unwrap_or("bad arguments")
-                    .trim_start_matches("error: ");
-                eprintln!("dsand: error: {first} (see dsand --help)");
-                std::process::exit(2);
-            }
-        },
-    };
+    let args: Args = control::parse_args("dsand");
     if let Err(e) = run(args) {
         eprintln!("dsand: error: {e:#}");
         std::process::exit(1);

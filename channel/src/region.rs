@@ -155,6 +155,7 @@ impl Region {
     /// As [`Mapping::create`].
     pub fn create(name: &str) -> io::Result<(Region, Consumer)> {
         let map = Mapping::create(name, layout::size())?;
+        map.seal(0)?;
         let h: &RegionHeader = map.at(0);
         h.version.store(REGION_VERSION, Ordering::Relaxed);
         h.size.store(layout::size() as u64, Ordering::Relaxed);

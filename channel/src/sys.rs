@@ -174,9 +174,10 @@ pub fn futex_wake(word: &AtomicU32) {
 /// A shared mapping of a memfd.
 ///
 /// Memfds made here are **sealed** before anyone else sees them: they can
-/// neither shrink nor grow (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`), so
-/// a process holding the descriptor cannot truncate it under the daemon
-/// (which would make the daemon's next access fault).
+/// neither shrink nor grow (`F_SEAL_SHRINK | F_SEAL_GROW`, then
+/// [`Mapping::seal`] adds `F_SEAL_SEAL` and whatever else applies), so a
+/// process holding the descriptor cannot truncate it under the daemon (which
+/// would make the daemon's next access fault).
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<u8>,
@@ -190,7 +191,7 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
 
-/// The seals every region carries.
+/// The seals every shared mapping carries once [`Mapping::seal`]ed.
 pub const SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 impl Mapping {
@@ -214,11 +215,33 @@ impl Mapping {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         // SAFETY: fcntl on a memfd we own.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } != 0 {
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Self::map(fd, len)
+    }
+
+    /// Adds `extra` seals (e.g. `F_SEAL_FUTURE_WRITE`) and `F_SEAL_SEAL`, so
+    /// that nobody can change the seals afterwards. Call before handing the
+    /// memfd out.
+    ///
+    /// # Errors
+    /// As `fcntl(F_ADD_SEALS)`.
+    pub fn seal(&self, extra: i32) -> io::Result<()> {
+        // SAFETY: fcntl on a memfd we own.
+        if unsafe {
+            libc::fcntl(
+                self.fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                extra | libc::F_SEAL_SEAL,
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Maps `len` bytes of a memfd received from elsewhere.
@@ -226,6 +249,18 @@ impl Mapping {
     /// # Errors
     /// If the file is smaller than `len`, or `mmap` fails.
     pub fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        Self::map_with(fd, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `len` bytes of a memfd received from elsewhere, read-only.
+    ///
+    /// # Errors
+    /// If the file is smaller than `len`, or `mmap` fails.
+    pub fn map_readonly(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        Self::map_with(fd, len, libc::PROT_READ)
+    }
+
+    fn map_with(fd: OwnedFd, len: usize, prot: libc::c_int) -> io::Result<Mapping> {
         // SAFETY: fstat into a zeroed struct for an fd we own.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -243,7 +278,7 @@ impl Mapping {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 0,
@@ -510,6 +545,7 @@ mod tests {
     #[test]
     fn regions_are_sealed() {
         let m = Mapping::create("dsan-test", 8192).unwrap();
+        m.seal(0).unwrap();
         assert_eq!(m.seals() & SEALS, SEALS);
         // SAFETY: ftruncate on an fd we own; the seal must refuse it.
         assert_ne!(unsafe { libc::ftruncate(m.fd(), 0) }, 0);

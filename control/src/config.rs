@@ -81,6 +81,8 @@ pub struct Limits {
     pub max_listeners: Option<usize>,
     /// Connect requests queued in all backlogs together.
     pub max_half_open: Option<usize>,
+    /// Connect requests queued from one source address.
+    pub max_half_open_per_source: Option<usize>,
     /// Connect attempts in progress.
     pub max_attempts: Option<usize>,
     /// Give up a SAN connect after this long (ETIMEDOUT, so the switch falls back), ms.

@@ -9,6 +9,39 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// Most probes one `ping` may send.
+pub const PING_MAX_COUNT: u64 = 10_000_000;
+/// Longest pause between probes, microseconds (60 s).
+pub const PING_MAX_INTERVAL_US: u64 = 60_000_000;
+/// Longest wait for one reply, milliseconds (60 s).
+pub const PING_MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// Checks a ping's numbers; returns how long the whole probe may take.
+///
+/// # Errors
+/// A sentence naming the argument out of range.
+pub fn ping_budget(count: u64, interval_us: u64, timeout_ms: u64) -> Result<Duration, String> {
+    if count == 0 || count > PING_MAX_COUNT {
+        return Err(format!("count must be between 1 and {PING_MAX_COUNT}"));
+    }
+    if interval_us > PING_MAX_INTERVAL_US {
+        return Err(format!(
+            "interval must be at most {PING_MAX_INTERVAL_US} us"
+        ));
+    }
+    if timeout_ms == 0 || timeout_ms > PING_MAX_TIMEOUT_MS {
+        return Err(format!(
+            "timeout must be between 1 and {PING_MAX_TIMEOUT_MS} ms"
+        ));
+    }
+    let per_probe = Duration::from_micros(interval_us) + Duration::from_millis(timeout_ms);
+    let n = u32::try_from(count).expect("count checked");
+    Ok(Duration::from_millis(timeout_ms)
+        .saturating_mul(2)
+        .saturating_add(per_probe.saturating_mul(n))
+        .saturating_add(Duration::from_secs(5)))
+}
+
 /// Sends one request and reads one reply.
 ///
 /// # Errors

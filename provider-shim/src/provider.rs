@@ -6,7 +6,7 @@
 //! messages, the doorbell.
 #![allow(unsafe_code)] // poll() on the control socket
 
-use dsan_channel::doorbell::Doorbell;
+use dsan_channel::doorbell::Bell;
 use dsan_channel::msg::{Command, Op, Request, Verdict};
 use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer, PushError};
@@ -241,7 +241,8 @@ pub struct Provider {
     region: Region,
     /// The command ring's producing end (one producer: pushes take this lock).
     cmds: Mutex<Producer>,
-    doorbell: Doorbell,
+    /// This process's own doorbell.
+    doorbell: Bell,
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
     san_addrs: Vec<Subnet>,
 }
@@ -287,7 +288,7 @@ impl Provider {
         let page = fds.pop().expect("three fds");
         let region_fd = fds.pop().expect("three fds");
         let (region, cmds) = Region::open(region_fd, size).map_err(|_| Error::NetDown)?;
-        let doorbell = Doorbell::open(page, doorbell).map_err(|_| Error::NetDown)?;
+        let doorbell = Bell::open(page, doorbell).map_err(|_| Error::NetDown)?;
         let ctl_fd = ctl.as_raw_fd();
         let san_addrs = v["san_addrs"]
             .as_array()

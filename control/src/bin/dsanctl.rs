@@ -149,10 +149,10 @@ fn run(args: Args) -> Result<i32, String> {
             interval_us,
             timeout_ms,
         } => {
+            let wait = ctl::ping_budget(count, interval_us, timeout_ms)
+                .map_err(|e| format!("ping: {e}"))?
+                + Duration::from_secs(5);
             let req = json!({"cmd": "ping", "dst": dst, "count": count, "interval_us": interval_us, "timeout_ms": timeout_ms});
-            let wait = Duration::from_millis(timeout_ms) * 2
-                + Duration::from_micros(interval_us + timeout_ms * 1000) * count as u32
-                + Duration::from_secs(10);
             let v = ctl::request(&sock, &req, wait)?;
             if args.json {
                 println!("{v}");

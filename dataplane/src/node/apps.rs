@@ -14,6 +14,7 @@ use crate::time::Instant;
 use dsan_channel::msg::{Command, CommandView, Op, RequestKey, Verdict};
 use dsan_channel::region::{Region, FD_ACCEPT, FD_CONNECT, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer};
+use dsan_channel::sys::EventFd;
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::os::fd::OwnedFd;
@@ -29,6 +30,8 @@ pub struct AppShared {
     pub pid: u32,
     /// Its shared region.
     pub region: Region,
+    /// Its own doorbell (the daemon's copy; the lcore waits on it and never reads it).
+    pub bell: EventFd,
 }
 
 impl AppShared {
@@ -40,7 +43,16 @@ impl AppShared {
     /// If the region cannot be created.
     pub fn new(id: u64, pid: u32) -> std::io::Result<(Arc<AppShared>, Consumer)> {
         let (region, cmds) = Region::create(&format!("dsan-app-{pid}"))?;
-        Ok((Arc::new(AppShared { id, pid, region }), cmds))
+        let bell = EventFd::new()?;
+        Ok((
+            Arc::new(AppShared {
+                id,
+                pid,
+                region,
+                bell,
+            }),
+            cmds,
+        ))
     }
 }
 

@@ -215,6 +215,10 @@ impl Node {
         self.local.rx[kind_index(&repr.message)] += 1;
         let h = repr.header;
         let me = tx.mac();
+        if h.src_mac.is_multicast() {
+            // No station sends from a group address: forged, and never answered.
+            return self.local.malformed += 1;
+        }
         if !h.dst_mac.is_multicast() && h.dst_mac != me {
             return self.local.not_ours += 1;
         }

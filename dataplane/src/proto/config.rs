@@ -16,6 +16,9 @@ pub struct ProtoConfig {
     pub max_rto: Duration,
     /// Requests queued in all backlogs together (default 65536).
     pub max_half_open: usize,
+    /// Requests pending from one source address (default 256): one station
+    /// cannot take every backlog of the host.
+    pub max_half_open_per_source: usize,
     /// Listeners (default 4096).
     pub max_listeners: usize,
     /// Connect attempts in progress (default 65536).
@@ -45,6 +48,7 @@ impl Default for ProtoConfig {
             initial_rto: Duration::from_millis(20),
             max_rto: Duration::from_millis(400),
             max_half_open: 65536,
+            max_half_open_per_source: 256,
             max_listeners: 4096,
             max_attempts: 65536,
             max_connections: 1 << 20,

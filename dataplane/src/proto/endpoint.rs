@@ -81,6 +81,8 @@ pub struct Endpoint<R: Rng> {
     /// The same requests in arrival order, with their arrival time (expiry);
     /// entries whose request has been answered are skipped lazily.
     pub(super) pending_order: VecDeque<(RequestKey, Instant)>,
+    /// Requests pending per source address (entries at zero are removed).
+    pub(super) pending_by_source: HashMap<Ipv4, usize>,
     pub(super) conns: HashMap<ConnHandle, Connection>,
     /// The connections we are closing (their timers), so that timer scans do
     /// not walk every connection.
@@ -116,6 +118,7 @@ impl<R: Rng> Endpoint<R> {
             listener_by_addr: HashMap::new(),
             pending: HashMap::new(),
             pending_order: VecDeque::new(),
+            pending_by_source: HashMap::new(),
             conns: HashMap::new(),
             closing: BTreeSet::new(),
             confirming: BTreeSet::new(),
@@ -194,6 +197,7 @@ impl<R: Rng> Endpoint<R> {
         self.listeners.is_empty()
             && self.pending.is_empty()
             && self.pending_order.is_empty()
+            && self.pending_by_source.is_empty()
             && self.conns.is_empty()
             && self.conn_by_wire.is_empty()
             && self.attempts.is_empty()
@@ -334,14 +338,21 @@ impl<R: Rng> Endpoint<R> {
             Message::CloseAck { conn_id, token } => self.on_close_ack(now, &h, conn_id, token),
             Message::AcceptAck { conn_id, token } => self.on_accept_ack(&h, conn_id, token),
             Message::ResolveRequest => {
-                self.resolver.on_reply(now, h.src_ip, h.src_mac);
+                // A request teaches nothing unless we were asking for its
+                // sender ourselves (then it answers our lookup).
+                if self.resolver.on_reply(now, h.src_ip, h.src_mac) {
+                    self.resolved(h.src_ip, h.src_mac);
+                }
+                if h.src_mac.is_multicast() {
+                    self.stats.not_ours += 1; // never answer a multicast source
+                    return;
+                }
                 self.emit(
                     h.src_mac,
                     (h.dst_ip, 0),
                     (h.src_ip, 0),
                     Message::ResolveReply { mac: self.mac },
                 );
-                self.resolved(h.src_ip, h.src_mac);
             }
             Message::ResolveReply { mac } => {
                 if self.resolver.on_reply(now, h.src_ip, mac) {

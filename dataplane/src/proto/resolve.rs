@@ -109,19 +109,20 @@ impl Resolver {
         Lookup::Pending
     }
 
-    /// A reply (or any frame proving that `ip` is at `mac`). Returns whether it
-    /// completed a pending resolution.
+    /// A reply from `ip` saying it is at `mac`. It is learned only if this
+    /// host asked (a lookup is pending): an unsolicited reply, from any
+    /// station on the segment, cannot redirect connects; static entries always
+    /// win. Returns whether it completed a pending resolution.
     pub fn on_reply(&mut self, now: Instant, ip: Ipv4, mac: EthernetAddress) -> bool {
         if mac.is_multicast() {
             return false;
         }
-        let was_pending = self.pending.remove(&ip).is_some();
+        if self.pending.remove(&ip).is_none() {
+            return false;
+        }
         match self.entries.get(&ip) {
             Some(Entry { expires: None, .. }) => {}
-            _ if was_pending
-                || self.entries.contains_key(&ip)
-                || self.entries.len() < self.cfg.max_entries =>
-            {
+            _ if self.entries.contains_key(&ip) || self.entries.len() < self.cfg.max_entries => {
                 self.entries.insert(
                     ip,
                     Entry {
@@ -132,7 +133,7 @@ impl Resolver {
             }
             _ => {}
         }
-        was_pending
+        true
     }
 
     /// The next address to send a request for, if one is due.
@@ -214,6 +215,24 @@ mod tests {
             Lookup::Pending,
             "expired"
         );
+    }
+
+    #[test]
+    fn unsolicited_replies_teach_nothing() {
+        let mut r = Resolver::new(ResolveConfig::default());
+        let ip = Ipv4::new(198, 18, 0, 7);
+        let good = EthernetAddress([2, 0, 0, 0, 0, 7]);
+        let evil = EthernetAddress([2, 0, 0, 0, 0, 66]);
+        let now = Instant(1);
+        // Nobody asked: a forged reply is not learned.
+        assert!(!r.on_reply(now, ip, evil));
+        assert_eq!(r.len(), 0);
+        // Asked and answered: learned.
+        assert_eq!(r.lookup(now, ip), Lookup::Pending);
+        assert!(r.on_reply(now, ip, good));
+        // A later unsolicited reply cannot redirect the entry.
+        assert!(!r.on_reply(now, ip, evil));
+        assert_eq!(r.lookup(now, ip), Lookup::Found(good));
     }
 
     #[test]

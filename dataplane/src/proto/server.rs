@@ -124,7 +124,7 @@ impl<R: Rng> Endpoint<R> {
             .map(|(k, _)| *k)
             .collect();
         for k in mine {
-            if let Some(p) = self.pending.remove(&k) {
+            if let Some(p) = self.unpend(k) {
                 let h = p.inc.header(self.mac);
                 self.reject(
                     now,
@@ -202,7 +202,10 @@ impl<R: Rng> Endpoint<R> {
             // [SEED] refused at once, and no event.
             return self.reject(now, h, conn_id, client_token, RejectReason::BacklogFull);
         }
-        if self.pending.len() >= self.cfg.max_half_open {
+        let from_source = self.pending_by_source.get(&h.src_ip).copied().unwrap_or(0);
+        if self.pending.len() >= self.cfg.max_half_open
+            || from_source >= self.cfg.max_half_open_per_source
+        {
             return self.reject(now, h, conn_id, client_token, RejectReason::NoResources);
         }
         let inc = Incoming {
@@ -214,6 +217,7 @@ impl<R: Rng> Endpoint<R> {
             arrived: now,
         };
         self.listeners.get_mut(&lid).expect("listener exists").live += 1;
+        *self.pending_by_source.entry(h.src_ip).or_insert(0) += 1;
         self.pending.insert(key, Pending { listener: lid, inc });
         self.pending_order.push_back((key, now));
         self.events.push_back(Event::Incoming {
@@ -225,6 +229,12 @@ impl<R: Rng> Endpoint<R> {
     /// Takes a request out of the pending set (answered, expired or refused).
     fn unpend(&mut self, key: RequestKey) -> Option<Pending> {
         let p = self.pending.remove(&key)?;
+        if let Some(n) = self.pending_by_source.get_mut(&key.peer_ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_by_source.remove(&key.peer_ip);
+            }
+        }
         if let Some(l) = self.listeners.get_mut(&p.listener) {
             l.live -= 1;
         }

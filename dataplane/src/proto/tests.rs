@@ -593,6 +593,28 @@ fn listen_rules() {
 }
 
 #[test]
+fn one_source_cannot_take_every_backlog() {
+    let mut c = cfg();
+    c.max_half_open_per_source = 3;
+    let mut p = Pair::new(c);
+    let l = p.b.listen((IB, 90), 8).unwrap();
+    for _ in 0..5 {
+        p.a.connect(p.now, None, (IB, 90)).unwrap();
+    }
+    p.deliver();
+    assert_eq!(p.b.backlog(l), Some((3, 8)));
+    assert_eq!(
+        failures(&p.ev_a),
+        vec![ConnectFailure::Refused(RejectReason::NoResources); 2]
+    );
+    // Answering one frees a place for that source again.
+    p.decide(l, Decision::Reject).unwrap();
+    p.a.connect(p.now, None, (IB, 90)).unwrap();
+    p.deliver();
+    assert_eq!(p.b.backlog(l), Some((3, 8)));
+}
+
+#[test]
 fn a_forged_flood_cannot_grow_state() {
     let mut c = cfg();
     c.max_tombstones = 1000;

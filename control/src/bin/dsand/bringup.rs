@@ -73,6 +73,9 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
     if let Some(v) = lim.max_half_open {
         proto.max_half_open = v;
     }
+    if let Some(v) = lim.max_half_open_per_source {
+        proto.max_half_open_per_source = v;
+    }
     if let Some(v) = lim.max_attempts {
         proto.max_attempts = v;
     }

@@ -76,7 +76,9 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
     }
     // The process went away (or detached): release what it held.
     if let Some(app) = app {
-        if cx.lcore.ask(|tx| Command::Detach(app.id, tx), ASK).is_err() {
+        let detached = cx.lcore.ask(|tx| Command::Detach(app.id, tx), ASK);
+        cx.lcore.engine.doorbell.unwatch(app.bell.as_raw_fd());
+        if detached.is_err() {
             log(
                 "warn",
                 &format!("dataplane did not confirm the detach of pid {}", app.pid),
@@ -106,18 +108,22 @@ fn attach(
     let id = NEXT_APP.fetch_add(1, Ordering::Relaxed);
     let (a, cmds) =
         AppShared::new(id, pid).map_err(|e| format!("cannot create the shared region: {e}"))?;
-    cx.lcore
-        .tell(Command::Attach(a.clone(), cmds), ASK)
-        .map_err(err)?;
     let doorbell = &cx.lcore.engine.doorbell;
+    doorbell
+        .watch(a.bell.as_raw_fd())
+        .map_err(|e| format!("cannot watch the process's doorbell: {e}"))?;
+    if let Err(e) = cx.lcore.tell(Command::Attach(a.clone(), cmds), ASK) {
+        doorbell.unwatch(a.bell.as_raw_fd());
+        return Err(err(e));
+    }
     out_fds.push(a.region.fd());
     out_fds.push(doorbell.page_fd());
-    out_fds.push(doorbell.eventfd());
+    out_fds.push(a.bell.as_raw_fd());
     log("info", &format!("attached pid {pid} uid {uid} as app {id}"));
     *app = Some(a);
     Ok(
         json!({"ok": true, "app": id, "region_size": layout::size(), "version": REGION_VERSION, "san_addrs": current_addrs(&cx.lcore.node),
-              "fds": ["region", "doorbell_page", "doorbell"]}),
+              "fds": ["region", "doorbell_page", "bell"]}),
     )
 }
 
@@ -191,13 +197,11 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
                 .parse()
                 .map_err(|_| "\"dst\" is not an IPv4 address")?;
             let count = req["count"].as_u64().unwrap_or(1);
-            if count == 0 || count > 10_000_000 {
-                return Err("\"count\" must be between 1 and 10000000".into());
-            }
-            let interval = Duration::from_micros(req["interval_us"].as_u64().unwrap_or(0));
-            let timeout =
-                Duration::from_millis(req["timeout_ms"].as_u64().unwrap_or(1000).clamp(1, 60_000));
-            let wait = timeout * 2 + (timeout + interval) * count as u32 + Duration::from_secs(5);
+            let interval_us = req["interval_us"].as_u64().unwrap_or(0);
+            let timeout_ms = req["timeout_ms"].as_u64().unwrap_or(1000);
+            let wait = control::ctl::ping_budget(count, interval_us, timeout_ms)?;
+            let interval = Duration::from_micros(interval_us);
+            let timeout = Duration::from_millis(timeout_ms);
             let r = cx
                 .lcore
                 .ask(

@@ -1,8 +1,10 @@
 /* Connect storms against a slow accepting application, for the lab tests.
  *
- *   storm server PORT BACKLOG DECIDE_US   accept loop; the condition function
+ *   storm server PORT BACKLOG DECIDE_US [all]
+ *                                         accept loop; the condition function
  *                                         takes DECIDE_US and accepts two of three
- *                                         requests, refuses the third. Prints
+ *                                         requests, refuses the third (with "all":
+ *                                         accepts every one). Prints
  *                                         "ready"; on "report" (stdin) prints
  *                                         "accepted A refused R" once its backlog
  *                                         is empty; exits on "quit" or EOF.
@@ -30,12 +32,13 @@ static double now_ms(void) {
 
 static long decide_us;
 static unsigned long seen;
+static int accept_all;
 
 static int slow_cond(const struct sockaddr *c, socklen_t l, void *ctx) {
     (void)c; (void)l; (void)ctx;
     struct timespec t = {0, decide_us * 1000};
     nanosleep(&t, NULL);
-    return (seen++ % 3 == 2) ? DSAN_CF_REJECT : DSAN_CF_ACCEPT;
+    return (!accept_all && seen++ % 3 == 2) ? DSAN_CF_REJECT : DSAN_CF_ACCEPT;
 }
 
 static struct sockaddr_in sin_of(const char *ip, int port) {
@@ -119,11 +122,12 @@ static int client(const char *ip, int port, int ms) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 5 && !strcmp(argv[1], "server")) {
+    if ((argc == 5 || argc == 6) && !strcmp(argv[1], "server")) {
         decide_us = atol(argv[4]);
+        accept_all = argc == 6 && !strcmp(argv[5], "all");
         return server(atoi(argv[2]), atoi(argv[3]));
     }
     if (argc == 5 && !strcmp(argv[1], "client")) return client(argv[2], atoi(argv[3]), atoi(argv[4]));
-    fprintf(stderr, "usage: storm server PORT BACKLOG DECIDE_US | storm client IP PORT MS\n");
+    fprintf(stderr, "usage: storm server PORT BACKLOG DECIDE_US [all] | storm client IP PORT MS\n");
     return 2;
 }

@@ -1,0 +1,173 @@
+//! Hostile inputs against a running lab: processes that attach legitimately
+//! and then attack the daemon through what they hold, and forged frames on
+//! the segment, while a well-behaved client/server pair keeps connecting.
+//! Needs root; one lab at a time.
+
+mod common;
+use common::*;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Compiles a C program of `provider-shim/tests/c` (linked with the provider
+/// library when `provider`), named so that the lab guard kills it on failure.
+fn cc(src: &str, provider: bool) -> PathBuf {
+    let root = root();
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "dsan-harness-{}-{}",
+        src.trim_end_matches(".c"),
+        std::process::id()
+    ));
+    let mut c = Command::new("cc");
+    c.args(["-Wall", "-Wextra", "-Werror", "-O2", "-I"])
+        .arg(root.join("provider-shim/include"))
+        .arg(root.join("provider-shim/tests/c").join(src))
+        .arg("-o")
+        .arg(&out);
+    if provider {
+        c.arg("-L").arg(bindir()).arg("-ldsan_provider");
+    }
+    assert!(c.status().expect("cc").success(), "compiling {src}");
+    out
+}
+
+/// Kills and reaps a child when dropped (also when the test fails).
+struct Reaped(Child);
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A child's stdout lines, each read with a deadline.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn run_in(host: &str, prog: &PathBuf, args: &[&str]) -> String {
+    let o = in_host(host, prog, args)
+        .output()
+        .expect("running the attacker");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn stats(host: &str) -> Value {
+    let o = dsanctl(&[
+        "--json",
+        "--socket",
+        &format!("/run/dsan/lab/{host}/dsand.sock"),
+        "stats",
+    ]);
+    serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+}
+
+#[test]
+fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
+    let _lab = Lab::up(&[]);
+    let storm = cc("storm.c", true);
+    let hostile = cc("hostile.c", false);
+
+    // The well-behaved pair: a fast server on h1, one client on h0 connecting
+    // one connection after another for the whole attack.
+    let mut srv = Reaped(
+        in_host("h1", &storm, &["server", "7000", "64", "0", "all"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let srv_out = lines(&mut srv.0);
+    let mut srv_in = srv.0.stdin.take().unwrap();
+    assert_eq!(
+        srv_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let mut cli = Reaped(
+        in_host("h0", &storm, &["client", "198.18.0.2", "7000", "8000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let cli_out = lines(&mut cli.0);
+
+    // Local attackers on h1, through what attaching hands them.
+    let sock = "/run/dsan/lab/h1/dsand.sock";
+    for attack in [
+        "truncate", "scribble", "indices", "garbage", "pipe", "nonblock", "hugeline", "fds",
+    ] {
+        let r = run_in("h1", &hostile, &[sock, attack]);
+        eprintln!("{attack}: {r}");
+        assert!(r.starts_with("ok"), "{attack}: {r}");
+        assert!(
+            stats("h1")["ok"] == true,
+            "h1's daemon answers after {attack}"
+        );
+    }
+    // Forged frames from h0's namespace: 100,000 of them, half well-formed
+    // connect requests from random sources to a port nobody listens on, the
+    // rest random or mutated bytes.
+    let r = run_in(
+        "h0",
+        &hostile,
+        &["flood", "san0", "02:d5:a0:00:00:02", "7001", "100000"],
+    );
+    eprintln!("flood: {r}");
+    assert!(r.starts_with("sent 100000"), "{r}");
+
+    // The pair never noticed.
+    let c = cli_out
+        .recv_timeout(Duration::from_secs(60))
+        .expect("client result");
+    eprintln!("good pair: {c}");
+    let v: Vec<i64> = c
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(v.len(), 4, "{c}");
+    assert!(v[0] > 100, "the pair kept connecting: {c}");
+    assert_eq!(v[0], v[1], "every connect of the good pair succeeded: {c}");
+    writeln!(srv_in, "report").unwrap();
+    let r = srv_out.recv_timeout(Duration::from_secs(10)).unwrap();
+    let accepted: i64 = r.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(accepted, v[1], "{r}");
+
+    // Both daemons alive, and every attack visible in a counter.
+    let (s0, s1) = (stats("h0"), stats("h1"));
+    assert_eq!(s0["ok"], true);
+    assert_eq!(s1["ok"], true, "{s1}");
+    assert!(s1["app_protocol_violations"].as_u64() >= Some(2), "{s1}");
+    assert!(s1["drops"]["bad_command"].as_u64() >= Some(1000), "{s1}");
+    assert!(s1["drops"]["malformed"].as_u64() > Some(0), "{s1}");
+    assert!(
+        s1["connects_rejected"]["no_listener"].as_u64() > Some(0),
+        "{s1}"
+    );
+    let o = dsanctl(&[
+        "lab",
+        "exec",
+        "h0",
+        "--",
+        DSANCTL,
+        "ping",
+        "198.18.0.2",
+        "--count",
+        "20",
+    ]);
+    assert!(ok(&o).contains("20 replies"), "the fabric still works");
+    writeln!(srv_in, "quit").unwrap();
+}

@@ -59,7 +59,7 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-fn run_in(host: &str, prog: &PathBuf, args: &[&str]) -> String {
+fn run_in(host: &str, prog: &std::path::Path, args: &[&str]) -> String {
     let o = in_host(host, prog, args)
         .output()
         .expect("running the attacker");

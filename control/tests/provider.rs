@@ -558,7 +558,9 @@ fn a_slow_listener_under_a_connect_storm_never_jams() {
         assert!(Instant::now() < deadline, "depth never went to 0: {l}");
         std::thread::yield_now();
     }
-    // A fresh connect is accepted at once.
+    // A fresh connect is accepted at once (the application now accepts all).
+    writeln!(srv_in, "all").unwrap();
+    assert_eq!(srv_out.next(Duration::from_secs(10), "all"), "all");
     let mut cli = H::spawn("h0");
     assert_eq!(cli.rc("startup"), 0);
     let s = cli.rc("socket");

@@ -7,7 +7,9 @@
  *                                         accepts every one). Prints
  *                                         "ready"; on "report" (stdin) prints
  *                                         "accepted A refused R" once its backlog
- *                                         is empty; exits on "quit" or EOF.
+ *                                         is empty; on "all" starts accepting
+ *                                         every request and prints "all"; exits
+ *                                         on "quit" or EOF.
  *   storm client IP PORT MS               blocking connects, one after another,
  *                                         for MS milliseconds; prints
  *                                         "attempts N connected C refused R other O".
@@ -93,6 +95,10 @@ static int server(int port, int backlog) {
             char line[64];
             if (!fgets(line, sizeof line, stdin) || !strncmp(line, "quit", 4)) break;
             if (!strncmp(line, "report", 6)) report = 1;
+            if (!strncmp(line, "all", 3)) {
+                accept_all = 1;
+                printf("all\n");
+            }
         }
     }
     dsan_close(s);

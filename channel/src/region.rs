@@ -71,8 +71,9 @@ unsafe impl Shared for RegionHeader {}
 ///
 /// The daemon writes `done_seq`, `result`, `result2`, `events`,
 /// `accept_error`, `connect_error`, `arrivals` and `connect_state`; the
-/// process writes `waiters` (and clears `events` when it enumerates them).
-/// The daemon reads only `waiters`, and only to decide whether to wake.
+/// process writes `waiters` and `accepted_waiting` (and clears `events` when
+/// it enumerates them). The daemon reads `waiters` only to decide whether to
+/// wake, and `accepted_waiting` only to report it.
 #[repr(C, align(64))]
 #[derive(Default)]
 pub struct SockShm {
@@ -86,8 +87,10 @@ pub struct SockShm {
     pub result2: AtomicU64,
     /// FD_* bits recorded since the last enumeration.
     pub events: AtomicU32,
-    /// Reserved (was the event mask, now kept by the daemon).
-    pub reserved: AtomicU32,
+    /// On a listener: connections accepted on the application's behalf (by the
+    /// switch) that wait for the application's accept. Written by the
+    /// process; the daemon only reports it (clamped to the capacity).
+    pub accepted_waiting: AtomicU32,
     /// 0 or a negative errno for FD_ACCEPT.
     pub accept_error: AtomicI32,
     /// 0 or a negative errno for FD_CONNECT.

@@ -56,6 +56,7 @@ pub struct Metrics {
     attached: prometheus::IntGauge,
     backlog_capacity: IntGaugeVec,
     backlog_depth: IntGaugeVec,
+    backlog_accepted: IntGaugeVec,
     engine: Arc<EngineShared>,
     node: NodeHandle,
     port: PortStatsFn,
@@ -164,6 +165,7 @@ impl Metrics {
             fallbacks_metric: c("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP (SAN timed out or could not be set up)."),
             backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
             backlog_depth: gv("dsan_backlog_depth", "Connect requests queued on each SAN listener."),
+            backlog_accepted: gv("dsan_backlog_accepted", "Connections the switch accepted on the application's behalf, waiting for its accept, per SAN listener."),
             attached,
             listeners,
             fallbacks,
@@ -230,6 +232,7 @@ impl Metrics {
         self.attached.set(n.attached as i64);
         self.backlog_capacity.reset();
         self.backlog_depth.reset();
+        self.backlog_accepted.reset();
         for l in (self.listeners)() {
             let labels = [l.ip.to_string(), l.port.to_string(), l.pid.to_string()];
             let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -239,6 +242,9 @@ impl Metrics {
             self.backlog_depth
                 .with_label_values(&labels)
                 .set(l.depth as i64);
+            self.backlog_accepted
+                .with_label_values(&labels)
+                .set(l.accepted_waiting as i64);
         }
         let mut buf = Vec::new();
         TextEncoder::new()

@@ -302,3 +302,151 @@ fn metrics_pass_promtool() {
         );
     }
 }
+
+/// WSD's switch accepts on the application's behalf only within the listen
+/// backlog: with backlog 2 and an application that does not accept, at most 2
+/// clients are connected and 2 wait in the provider's backlog; every further
+/// one is refused at once; when the application accepts, it gets the
+/// connected ones, and the waiting ones complete.
+#[test]
+fn the_listen_backlog_bounds_what_the_switch_accepts() {
+    use std::time::Instant;
+    let _lab = Lab::up(&[]);
+    let mut srv = in_host("h1", &probe(), &["hold", "0.0.0.0", "7300", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut srv_in = srv.stdin.take().unwrap();
+    let (tx, srv_out) = std::sync::mpsc::channel();
+    let out = srv.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        srv_out
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no {what}"))
+    };
+    assert_eq!(next("listening"), "listening san=true");
+
+    let spawn = |n: usize| -> Vec<Option<Child>> {
+        (0..n)
+            .map(|_| {
+                Some(
+                    in_host("h0", &probe(), &["connect", "198.18.0.2", "7300"])
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut done: Vec<String> = Vec::new();
+    let reap = |clients: &mut Vec<Option<Child>>, done: &mut Vec<String>| {
+        for c in clients.iter_mut() {
+            if let Some(ch) = c.as_mut() {
+                if ch.try_wait().unwrap().is_some() {
+                    let o = c.take().unwrap().wait_with_output().unwrap();
+                    done.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
+                }
+            }
+        }
+    };
+    // Two clients: the switch accepts both on the application's behalf.
+    let mut clients = spawn(2);
+    let t = Instant::now();
+    while done.len() < 2 && t.elapsed() < Duration::from_secs(10) {
+        reap(&mut clients, &mut done);
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        done.iter()
+            .filter(|l| l.starts_with("connected san"))
+            .count(),
+        2,
+        "{done:?}"
+    );
+    // Four more at once: the switch's queue is full, so two wait in the
+    // provider's backlog and two are refused at once, well within the SAN
+    // connect budget (2 s).
+    let started = Instant::now();
+    let mut clients = spawn(4);
+    while done.len() < 4 && started.elapsed() < Duration::from_millis(1500) {
+        reap(&mut clients, &mut done);
+        std::thread::yield_now();
+    }
+    let refused: Vec<f64> = done
+        .iter()
+        .filter(|l| l.starts_with("error 111"))
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(refused.len(), 2, "{done:?}");
+    assert!(
+        refused.iter().all(|ms| *ms < 500.0),
+        "refused at once: {refused:?} ms"
+    );
+    assert_eq!(
+        clients.iter().filter(|c| c.is_some()).count(),
+        2,
+        "two still waiting in the backlog: {done:?}"
+    );
+    // Both queues show: two accepted on the application's behalf, two in the
+    // SAN backlog.
+    let l = dsanctl(&[
+        "--json",
+        "--socket",
+        "/run/dsan/lab/h1/dsand.sock",
+        "listeners",
+    ]);
+    let l: serde_json::Value = serde_json::from_slice(&l.stdout).unwrap();
+    let l = &l["listeners"][0];
+    assert_eq!(
+        (
+            &l["backlog_capacity"],
+            &l["backlog_depth"],
+            &l["accepted_waiting"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(2),
+            &serde_json::json!(2)
+        ),
+        "{l}"
+    );
+    // The application accepts: first the connected ones, then the waiting
+    // ones complete and are accepted too.
+    let mut accepted = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accepted < 4 && Instant::now() < deadline {
+        writeln!(srv_in, "accept").unwrap();
+        let l = next("accept result");
+        if l.starts_with("accepted") {
+            assert!(l.ends_with(" san"), "{l}");
+            accepted += 1;
+        } else {
+            assert_eq!(l, "error 11", "nothing ready yet");
+            std::thread::yield_now();
+        }
+    }
+    assert_eq!(accepted, 4);
+    while clients.iter().any(Option::is_some) && started.elapsed() < Duration::from_secs(20) {
+        reap(&mut clients, &mut done);
+        std::thread::yield_now();
+    }
+    let connected = done
+        .iter()
+        .filter(|l| l.starts_with("connected san"))
+        .count();
+    assert_eq!(
+        connected, 4,
+        "the waiting ones completed over the SAN: {done:?}"
+    );
+    drop(srv_in);
+    let _ = srv.kill();
+    let _ = srv.wait();
+}

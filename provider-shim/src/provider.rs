@@ -756,6 +756,21 @@ impl Provider {
         }
     }
 
+    /// Reports how many connections were accepted on the application's
+    /// behalf for listener `s` and wait for its accept (the switch's queue),
+    /// so that `dsanctl listeners` and the metrics show both queues.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`].
+    pub fn report_accepted_waiting(&self, s: SocketId, n: usize) -> Result<()> {
+        let _g = self.lock(s)?;
+        self.region
+            .sock(s as usize)
+            .accepted_waiting
+            .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The peer of a connected socket.
     ///
     /// # Errors
@@ -860,6 +875,13 @@ impl SanSocket {
             },
             a,
         ))
+    }
+    /// See [`Provider::report_accepted_waiting`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn report_accepted_waiting(&self, n: usize) -> Result<()> {
+        self.p.report_accepted_waiting(self.s, n)
     }
     /// See [`Provider::connect`].
     ///

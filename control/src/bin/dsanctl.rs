@@ -173,18 +173,19 @@ fn run(args: Args) -> Result<i32, String> {
                 println!("{v}");
             } else {
                 println!(
-                    "{:<16} {:>6} {:>8} {:>9} {:>7}",
-                    "address", "port", "pid", "capacity", "depth"
+                    "{:<16} {:>6} {:>8} {:>9} {:>7} {:>9}",
+                    "address", "port", "pid", "capacity", "depth", "accepted"
                 );
                 for l in v["listeners"].as_array().into_iter().flatten() {
                     let n = |k: &str| l[k].as_u64().unwrap_or(0);
                     println!(
-                        "{:<16} {:>6} {:>8} {:>9} {:>7}",
+                        "{:<16} {:>6} {:>8} {:>9} {:>7} {:>9}",
                         l["address"].as_str().unwrap_or(""),
                         n("port"),
                         n("pid"),
                         n("backlog_capacity"),
-                        n("backlog_depth")
+                        n("backlog_depth"),
+                        n("accepted_waiting")
                     );
                 }
             }

@@ -1,3 +1,4 @@
+use dsan_channel::region::effective_backlog;
 use dsan_channel::sys::{drain_eventfd, signal_eventfd, EventFd};
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
 use std::collections::{HashMap, VecDeque};
@@ -22,8 +23,13 @@ pub type Condition = Box<dyn FnMut(SocketAddrV4) -> Decision + Send>;
 struct Listen {
     san: Option<(SanSocket, OwnedFd)>,
     cond: Option<Condition>,
-    /// SAN connections accepted by the accept thread, waiting for `accept`.
+    /// SAN connections accepted by the accept thread, waiting for `accept`:
+    /// at most `backlog` (WSD's switch accepts on the application's behalf,
+    /// within its backlog; beyond it requests wait in the provider's backlog,
+    /// of the same size, and what finds that full is refused at once).
     pending: VecDeque<(SanSocket, SocketAddrV4)>,
+    /// The listen backlog, as the provider clamps it.
+    backlog: usize,
 }
 
 struct Sock {
@@ -240,6 +246,7 @@ pub fn set_condition(fd: RawFd, cond: Option<Condition>) -> Result<(), i32> {
                 san: None,
                 cond,
                 pending: VecDeque::new(),
+                backlog: 1,
             })
         }
     }
@@ -275,7 +282,9 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
         san: None,
         cond: None,
         pending: VecDeque::new(),
+        backlog: 1,
     });
+    l.backlog = effective_backlog(i64::from(backlog));
     if l.san.is_some() {
         return Ok(true);
     }
@@ -324,7 +333,9 @@ fn accept_thread(ep: RawFd) {
             };
             drain(efd.as_raw_fd());
             let _ = ss.enum_network_events();
-            loop {
+            // Within the backlog only: the rest waits in the provider's ring
+            // (accept() wakes this thread when it makes room).
+            while l.pending.len() < l.backlog {
                 let cond = &mut l.cond;
                 let r = ss.accept(|peer| match cond {
                     Some(c) => c(peer),
@@ -333,6 +344,7 @@ fn accept_thread(ep: RawFd) {
                 match r {
                     Ok(conn) => {
                         l.pending.push_back(conn);
+                        let _ = ss.report_accepted_waiting(l.pending.len());
                         if let Some(r) = s.ready_fd() {
                             signal(r);
                         }
@@ -364,10 +376,21 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
             let Some(l) = l.as_mut() else {
                 return Err(libc::EINVAL);
             };
+            let was_full = l.pending.len() >= l.backlog;
             if let Some((conn, peer)) = l.pending.pop_front() {
                 if l.pending.is_empty() {
                     if let Some(r) = s.ready_fd() {
                         drain(r);
+                    }
+                }
+                if let Some((ss, _)) = l.san.as_ref() {
+                    let _ = ss.report_accepted_waiting(l.pending.len());
+                }
+                if was_full {
+                    // Room again: let the accept thread take the next request
+                    // waiting in the provider's backlog.
+                    if let Some((_, efd)) = l.san.as_ref() {
+                        signal(efd.as_raw_fd());
                     }
                 }
                 let nfd = socket()?;

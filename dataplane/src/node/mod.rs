@@ -95,8 +95,11 @@ pub struct ListenerInfo {
     pub pid: u32,
     /// Backlog capacity.
     pub capacity: usize,
-    /// Requests queued now.
+    /// Requests queued now (in the SAN backlog: not yet answered).
     pub depth: usize,
+    /// Connections accepted on the application's behalf (by the switch),
+    /// waiting for its accept; as the process reports it.
+    pub accepted_waiting: usize,
 }
 
 /// Node configuration.
@@ -312,17 +315,27 @@ impl Node {
                     .ep
                     .listeners()
                     .map(|(id, addr, depth, capacity)| {
-                        let pid = self
+                        let owner = self
                             .listener_owner
                             .get(&id)
-                            .and_then(|(p, _)| self.procs.get(p))
-                            .map_or(0, |p| p.shared.pid);
+                            .and_then(|(p, s)| Some((self.procs.get(p)?, *s)));
+                        let pid = owner.map_or(0, |(p, _)| p.shared.pid);
+                        let accepted_waiting = owner.map_or(0, |(p, s)| {
+                            let v = p
+                                .shared
+                                .region
+                                .sock(s as usize)
+                                .accepted_waiting
+                                .load(Ordering::Relaxed);
+                            (v as usize).min(capacity)
+                        });
                         ListenerInfo {
                             ip: addr.0,
                             port: addr.1,
                             pid,
                             capacity,
                             depth,
+                            accepted_waiting,
                         }
                     })
                     .collect();

@@ -226,7 +226,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             let v = cx.lcore.ask(Command::Listeners, ASK).map_err(err)?;
             let list: Vec<Value> = v
                 .iter()
-                .map(|l| json!({"address": l.ip.to_string(), "port": l.port, "pid": l.pid, "backlog_capacity": l.capacity, "backlog_depth": l.depth}))
+                .map(|l| json!({"address": l.ip.to_string(), "port": l.port, "pid": l.pid, "backlog_capacity": l.capacity, "backlog_depth": l.depth, "accepted_waiting": l.accepted_waiting}))
                 .collect();
             Ok(json!({"ok": true, "listeners": list}))
         }

@@ -28,8 +28,8 @@ pub(crate) fn register_telemetry(
                     (
                         format!("port_{}_{}", l.port, l.ip.to_string().replace('.', "_")),
                         format!(
-                            "address {} port {} pid {} backlog_capacity {} backlog_depth {}",
-                            l.ip, l.port, l.pid, l.capacity, l.depth
+                            "address {} port {} pid {} backlog_capacity {} backlog_depth {} accepted_waiting {}",
+                            l.ip, l.port, l.pid, l.capacity, l.depth, l.accepted_waiting
                         ),
                     )
                 })

@@ -5,6 +5,10 @@
 //! dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject]
 //!     prints "listening san=true|false", then one line per accepted
 //!     connection: "accepted PEER tcp|san"
+//! dsan-sw-probe hold ADDR PORT BACKLOG
+//!     a nonblocking listener that accepts only when told: prints
+//!     "listening san=true|false", then for each "accept" line on stdin one
+//!     accept attempt: "accepted PEER tcp|san" or "error ERRNO"
 //! dsan-sw-probe connect IP PORT
 //!     prints "connected tcp|san MS" or "error ERRNO MS"
 //! ```
@@ -53,6 +57,25 @@ fn main() {
                 }
             }
         }
+        Some("hold") => {
+            let at = addr(1);
+            let backlog: i32 = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
+            let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+            dsan_switch::bind(s, at).unwrap_or_else(|e| die(&format!("bind: errno {e}")));
+            let san = dsan_switch::listen(s, backlog).unwrap_or_else(|e| die(&format!("listen: errno {e}")));
+            // SAFETY: F_SETFL on the switch's descriptor, which we own.
+            unsafe { libc::fcntl(s, libc::F_SETFL, libc::fcntl(s, libc::F_GETFL) | libc::O_NONBLOCK) };
+            println!("listening san={san}");
+            for line in std::io::stdin().lines() {
+                if line.map_or(true, |l| l.trim() != "accept") {
+                    break;
+                }
+                match dsan_switch::accept(s) {
+                    Ok((c, peer)) => println!("accepted {peer} {}", name(dsan_switch::transport(c).unwrap())),
+                    Err(e) => println!("error {e}"),
+                }
+            }
+        }
         Some("connect") => {
             let to = addr(1);
             let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
@@ -65,6 +88,6 @@ fn main() {
                 Err(e) => println!("error {e} {:.1}", t.elapsed().as_secs_f64() * 1e3),
             }
         }
-        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject] | connect IP PORT"),
+        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject] | hold ADDR PORT BACKLOG | connect IP PORT"),
     }
 }

@@ -16,5 +16,21 @@ fuzz/target/release/frame_parser fuzz/seeds/frame_parser/* > /tmp/dsan-fuzz-repl
 fuzz/target/release/proto_ops fuzz/seeds/proto_ops/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
 fuzz/target/release/app_channel fuzz/seeds/app_channel/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
 echo "test: cargo test --release --workspace (unit, simulator: 10,000 schedules, lab)"
-cargo test --release --workspace -- --test-threads=2
+# A watchdog: the suite takes minutes; should anything hang, say what was
+# running after 40 minutes and stop it, instead of eating CI's whole budget.
+(
+  sleep 2400
+  echo "test: the suite has run for 40 minutes; still running:"
+  ps -eo pid,etime,args | grep -E 'target/release/deps/|dsand|dsan-harness|dsan-sw-probe|dsan-bench' | grep -v grep
+  pkill -TERM -f 'target/release/deps/' || true
+) &
+watchdog=$!
+rc=0
+cargo test --release --workspace -- --test-threads=2 || rc=$?
+kill "$watchdog" 2>/dev/null || true
+wait "$watchdog" 2>/dev/null || true
+if [ "$rc" != 0 ]; then
+  echo "test: FAILED (cargo test exited with $rc)"
+  exit "$rc"
+fi
 echo "test: all passed"

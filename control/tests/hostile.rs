@@ -108,7 +108,15 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
     // Local attackers on h1, through what attaching hands them.
     let sock = "/run/dsan/lab/h1/dsand.sock";
     for attack in [
-        "truncate", "scribble", "indices", "garbage", "pipe", "nonblock", "hugeline", "fds",
+        "truncate",
+        "scribble",
+        "indices",
+        "garbage",
+        "pipe",
+        "nonblock",
+        "hugeline",
+        "fds",
+        "connflood",
     ] {
         let r = run_in("h1", &hostile, &[sock, attack]);
         eprintln!("{attack}: {r}");
@@ -153,6 +161,10 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
     assert!(s1["app_protocol_violations"].as_u64() >= Some(2), "{s1}");
     assert!(s1["drops"]["bad_command"].as_u64() >= Some(1000), "{s1}");
     assert!(s1["drops"]["malformed"].as_u64() > Some(0), "{s1}");
+    assert!(
+        s1["control_connections_refused"].as_u64() >= Some(200),
+        "{s1}"
+    );
     assert!(
         s1["connects_rejected"]["no_listener"].as_u64() > Some(0),
         "{s1}"

@@ -11,6 +11,7 @@
  *   hostile SOCKET nonblock    clear O_NONBLOCK everywhere, fill the bell, read it away
  *   hostile SOCKET hugeline    a 1 MiB line without a newline
  *   hostile SOCKET fds         a line with 5 descriptors
+ *   hostile SOCKET connflood   300 control connections held open at once
  *   hostile flood IFACE DSTMAC PORT N   N forged frames: random ConnectRequests to
  *                              PORT from random sources, and random/mutated bytes
  */
@@ -173,6 +174,31 @@ int main(int argc, char **argv) {
     if (argc == 6 && !strcmp(argv[1], "flood")) return flood(argv[2], argv[3], atoi(argv[4]), atol(argv[5]));
     if (argc != 3) { fprintf(stderr, "usage: see the comment at the top\n"); return 2; }
     const char *attack = argv[2];
+    if (!strcmp(attack, "connflood")) {
+        int c[300], refused = 0, open_ = 0;
+        for (int i = 0; i < 300; i++) {
+            c[i] = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            struct sockaddr_un a;
+            memset(&a, 0, sizeof a);
+            a.sun_family = AF_UNIX;
+            snprintf(a.sun_path, sizeof a.sun_path, "%s", argv[1]);
+            if (connect(c[i], (struct sockaddr *)&a, sizeof a) == 0) open_++;
+        }
+        /* The refused ones are answered at once; the admitted ones say nothing. */
+        double end = now_ms() + 2000;
+        for (int i = 0; i < 300; i++) {
+            struct pollfd p = {c[i], POLLIN, 0};
+            int left = (int)(end - now_ms());
+            if (poll(&p, 1, left > 0 ? (i < 64 ? 50 : left) : 0) > 0) {
+                char b[512];
+                ssize_t n = read(c[i], b, sizeof b - 1);
+                if (n > 0) { b[n] = 0; if (strstr(b, "too many")) refused++; }
+            }
+        }
+        for (int i = 0; i < 300; i++) close(c[i]);
+        printf("%s connected=%d refused=%d\n", refused >= 200 ? "ok" : "fail", open_, refused);
+        return 0;
+    }
     if (!strcmp(attack, "hugeline") || !strcmp(attack, "fds")) {
         ctl = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         struct sockaddr_un a;

@@ -185,18 +185,25 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             port: port.stats_reader(),
             socket_gid,
             fallbacks: fallbacks.clone(),
+            conns: Default::default(),
+            refused: Default::default(),
         });
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
                 dataplane::sys::unpin_current_thread();
                 for conn in listener.incoming().flatten() {
+                    // One thread per connection, within limits per uid and in all.
+                    let Some(slot) = super::ctl_server::admit(&conn, &cx) else {
+                        continue;
+                    };
                     let cx = cx.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
                             dataplane::sys::unpin_current_thread();
-                            super::ctl_server::serve_conn(conn, &cx)
+                            super::ctl_server::serve_conn(conn, &cx);
+                            drop(slot);
                         });
                 }
             })?;

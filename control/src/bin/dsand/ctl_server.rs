@@ -12,10 +12,11 @@ use dataplane::wire::Ipv4;
 use dsan_channel::region::{layout, MAX_SOCKETS, REGION_VERSION};
 use dsan_channel::sys;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 static NEXT_APP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -30,6 +31,57 @@ pub(crate) struct Ctx {
     pub(crate) port: dpdk::PortStatsReader,
     pub(crate) socket_gid: u32,
     pub(crate) fallbacks: Arc<std::sync::atomic::AtomicU64>,
+    /// Open control connections per peer uid.
+    pub(crate) conns: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Connections refused for exceeding the limits.
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+}
+
+/// Control connections one uid may hold open at once.
+pub(crate) const MAX_CONNS_PER_UID: usize = 64;
+/// Control connections open at once, in all.
+pub(crate) const MAX_CONNS: usize = 256;
+
+/// A control connection's place; given back when dropped.
+pub(crate) struct Slot {
+    conns: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Admits a new control connection if its uid and the daemon are within
+/// their limits; otherwise answers it with an error and closes it.
+pub(crate) fn admit(conn: &UnixStream, cx: &Ctx) -> Option<Slot> {
+    let uid = os::peer_cred(conn.as_raw_fd()).map_or(u32::MAX, |(_, uid, _)| uid);
+    {
+        let mut m = cx.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = m.values().sum();
+        let mine = m.get(&uid).copied().unwrap_or(0);
+        if total < MAX_CONNS && mine < MAX_CONNS_PER_UID {
+            *m.entry(uid).or_insert(0) += 1;
+            return Some(Slot {
+                conns: cx.conns.clone(),
+                uid,
+            });
+        }
+    }
+    cx.refused.fetch_add(1, Ordering::Relaxed);
+    let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
+    let msg = json!({"ok": false, "error": format!(
+        "too many control connections (at most {MAX_CONNS_PER_UID} per uid, {MAX_CONNS} in all)")});
+    let _ = sys::send_line(conn.as_raw_fd(), &msg.to_string(), &[]);
+    None
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -241,6 +293,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
         Some("stats") => {
             let mut v = counters_json(&cx.lcore.counters(), &shared.stats);
             v["ok"] = json!(true);
+            v["control_connections_refused"] = json!(cx.refused.load(Ordering::Relaxed));
             Ok(v)
         }
         Some(other) => Err(format!(

@@ -19,7 +19,10 @@ echo "test: cargo test --release --workspace (unit, simulator: 10,000 schedules,
 # A watchdog: the suite takes minutes; should anything hang, say what was
 # running after 40 minutes and stop it, instead of eating CI's whole budget.
 (
-  sleep 2400
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  sleep 2400 &
+  nap=$!
+  wait "$nap"
   echo "test: the suite has run for 40 minutes; still running:"
   ps -eo pid,etime,args | grep -E 'target/release/deps/|dsand|dsan-harness|dsan-sw-probe|dsan-bench' | grep -v grep
   pkill -TERM -f 'target/release/deps/' || true

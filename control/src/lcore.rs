@@ -77,8 +77,10 @@ impl Lcore {
             .map_err(|_| AskError::NoAnswer)
     }
 
-    /// The node's counters now.
+    /// The node's counters now: the lcore publishes them first (within
+    /// 100 ms; a busy or stuck lcore gives its last published ones).
     pub fn counters(&self) -> Counters {
+        let _ = self.ask(Command::Publish, Duration::from_millis(100));
         self.node.stats.snapshot()
     }
 }

@@ -10,8 +10,8 @@ use std::net::TcpListener;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use dataplane::engine::EngineShared;
-use dataplane::node::{NodeHandle, APP_REJECT_REASONS, KINDS, KIND_NAMES};
+use crate::lcore::Lcore;
+use dataplane::node::{Counters, APP_REJECT_REASONS, KINDS, KIND_NAMES};
 pub use dataplane::node::{ATTEMPT_RESULTS, REJECT_REASONS};
 
 /// Where port counters come from (DPDK in the daemon).
@@ -21,10 +21,8 @@ pub type ListenersFn = Box<dyn Fn() -> Vec<dataplane::node::ListenerInfo> + Send
 
 /// Where the metric values come from.
 pub struct Sources {
-    /// The lcore loop's shared state (poll counters).
-    pub engine: Arc<EngineShared>,
-    /// The node's counters.
-    pub node: NodeHandle,
+    /// The lcore (poll counters, the node's counters).
+    pub lcore: Lcore,
     /// Port counters.
     pub port: PortStatsFn,
     /// The listener table.
@@ -57,8 +55,7 @@ pub struct Metrics {
     backlog_capacity: IntGaugeVec,
     backlog_depth: IntGaugeVec,
     backlog_accepted: IntGaugeVec,
-    engine: Arc<EngineShared>,
-    node: NodeHandle,
+    lcore: Lcore,
     port: PortStatsFn,
     listeners: ListenersFn,
     fallbacks: Arc<std::sync::atomic::AtomicU64>,
@@ -81,8 +78,7 @@ impl Metrics {
     /// Only on a programming error (duplicate metric names).
     pub fn new(host: &str, idle: &str, pmd: &str, src: Sources) -> Metrics {
         let Sources {
-            engine,
-            node,
+            lcore,
             port,
             listeners,
             fallbacks,
@@ -170,8 +166,7 @@ impl Metrics {
             listeners,
             fallbacks,
             registry,
-            engine,
-            node,
+            lcore,
             port,
         }
     }
@@ -183,7 +178,7 @@ impl Metrics {
             set(&self.port_tx, tx);
             set(&self.port_rx_dropped, drop);
         }
-        let s = &self.engine.stats;
+        let s = &self.lcore.engine.stats;
         set(
             &self.polls.with_label_values(&["busy"]),
             s.busy_polls.load(Ordering::Relaxed),
@@ -193,7 +188,7 @@ impl Metrics {
             s.idle_polls.load(Ordering::Relaxed),
         );
         set(&self.sleeps, s.sleeps.load(Ordering::Relaxed));
-        let n = self.node.stats.snapshot();
+        let n = self.lcore.counters();
         for (i, name) in KIND_NAMES.iter().enumerate().take(KINDS) {
             set(&self.frames_rx.with_label_values(&[name]), n.rx_by_kind[i]);
             set(&self.frames_tx.with_label_values(&[name]), n.tx_by_kind[i]);
@@ -251,28 +246,27 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         let mut text = String::from_utf8(buf).unwrap_or_default();
-        self.render_connect_histogram(&mut text);
+        render_connect_histogram(&n, &mut text);
         text
     }
+}
 
-    /// `dsan_san_connect_duration_seconds`, from the lcore's fixed buckets
-    /// (the registry's histograms cannot take pre-counted buckets).
-    fn render_connect_histogram(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let n = self.node.stats.snapshot();
-        let name = "dsan_san_connect_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} Time from a SAN connect request to its accept, connecting side (successful connects).");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cum = 0u64;
-        for (i, ub) in dataplane::proto::CONNECT_BUCKETS_S.iter().enumerate() {
-            cum += n.connect_buckets[i];
-            let _ = writeln!(out, "{name}_bucket{{le=\"{ub}\"}} {cum}");
-        }
-        cum += n.connect_buckets[dataplane::proto::CONNECT_BUCKETS_S.len()];
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}", n.connect_sum_ns as f64 / 1e9);
-        let _ = writeln!(out, "{name}_count {cum}");
+/// `dsan_san_connect_duration_seconds`, from the lcore's fixed buckets (the
+/// registry's histograms cannot take pre-counted buckets).
+fn render_connect_histogram(n: &Counters, out: &mut String) {
+    use std::fmt::Write as _;
+    let name = "dsan_san_connect_duration_seconds";
+    let _ = writeln!(out, "# HELP {name} Time from a SAN connect request to its accept, connecting side (successful connects).");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cum = 0u64;
+    for (i, ub) in dataplane::proto::CONNECT_BUCKETS_S.iter().enumerate() {
+        cum += n.connect_buckets[i];
+        let _ = writeln!(out, "{name}_bucket{{le=\"{ub}\"}} {cum}");
     }
+    cum += n.connect_buckets[dataplane::proto::CONNECT_BUCKETS_S.len()];
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+    let _ = writeln!(out, "{name}_sum {}", n.connect_sum_ns as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count {cum}");
 }
 
 /// Serves `GET /metrics` on `listener` until the process exits.

@@ -22,9 +22,8 @@ fn json_of(o: &Output) -> Value {
     serde_json::from_str(&ok(o)).expect("JSON output")
 }
 
-/// The daemon's status (after the lcore's next counter publication).
+/// The daemon's status (the lcore publishes its counters for it).
 fn status(host: &str) -> Value {
-    std::thread::sleep(std::time::Duration::from_millis(50));
     json_of(&dsanctl(&[
         "--json",
         "--socket",
@@ -216,7 +215,15 @@ fn down_cleans_up_after_a_crash_and_is_idempotent() {
     let _ = Command::new("pkill")
         .args(["-9", "-f", "--", "--file-prefix=dsan-h"])
         .status();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Command::new("pgrep")
+        .args(["-f", "--", "--file-prefix=dsan-h"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(std::time::Instant::now() < deadline, "the daemons did not die");
+        std::thread::yield_now();
+    }
     std::fs::remove_dir_all("/run/dsan/lab").unwrap();
     // A second lab cannot come up over the leftovers...
     let o = dsanctl(&["lab", "up"]);

@@ -127,6 +127,29 @@ fn results(line: &str) -> Vec<i64> {
         .collect()
 }
 
+/// Waits (at most 10 s) until `host`'s listener on `port` holds `depth`
+/// requests.
+fn wait_depth(host: &str, port: u16, depth: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let l = listeners_on(host);
+        let found = l["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["port"] == port)
+            .map(|x| x["backlog_depth"].as_u64().unwrap_or(0));
+        if found == Some(depth) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{host}:{port} never held {depth} requests: {l}"
+        );
+        std::thread::yield_now();
+    }
+}
+
 fn listeners_on(host: &str) -> Value {
     let o = dsanctl(&[
         "--json",
@@ -238,7 +261,7 @@ fn reset_timeout_and_defer() {
     assert_eq!(srv.rc(&format!("bind {s} 198.18.0.2 6001")), 0);
     assert_eq!(srv.rc(&format!("listen {s} 2")), 0);
     assert_eq!(cli.cmd("connectn 1 198.18.0.2 6001"), "started 1");
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    wait_depth("h1", 6001, 1);
     assert_eq!(srv.rc(&format!("accept {s} defer")), -11);
     assert!(
         srv.rc(&format!("accept {s} null")) >= 0,
@@ -316,7 +339,7 @@ fn bad_input_from_c_leaves_the_daemon_serving() {
     let mut cli = H::spawn("h0");
     assert_eq!(cli.rc("startup"), 0);
     assert_eq!(cli.cmd("connectn 1 198.18.0.2 7100"), "started 1");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_depth("h1", 7100, 1);
     assert!(h.rc(&format!("accept {s} accept")) >= 0);
     assert_eq!(results(&cli.cmd("results 1000")), vec![0]);
     let st = dsanctl(&[
@@ -339,7 +362,7 @@ fn a_killed_listener_refuses_its_queue_and_frees_the_port() {
     let mut cli = H::spawn("h0");
     assert_eq!(cli.rc("startup"), 0);
     assert_eq!(cli.cmd("connectn 3 198.18.0.2 8000"), "started 3");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_depth("h1", 8000, 3);
     assert_eq!(
         results(&cli.cmd("results 0")),
         vec![1, 1, 1],
@@ -437,7 +460,7 @@ fn a_daemon_stopping_refuses_what_its_listeners_queued() {
     let mut cli = H::spawn("h0");
     assert_eq!(cli.rc("startup"), 0);
     assert_eq!(cli.cmd("connectn 2 198.18.0.2 8100"), "started 2");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_depth("h1", 8100, 2);
     assert_eq!(results(&cli.cmd("results 0")), vec![1, 1]);
     // SIGTERM to h1's daemon: its queued requests are refused before it stops.
     assert!(dsanctl(&["lab", "stop", "h1"]).status.success());

@@ -176,11 +176,9 @@ pub fn assert_clean() {
     );
 }
 
-/// Scrapes a daemon's metrics from the root namespace. The lcore publishes its
-/// counters on its drain tick (every 100 us while awake), so wait a little
-/// past the last event first.
+/// Scrapes a daemon's metrics from the root namespace (a scrape has the lcore
+/// publish its counters first, so they are current).
 pub fn scrape(port: u16) -> String {
-    std::thread::sleep(Duration::from_millis(50));
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
         .expect("metrics endpoint reachable from the root namespace");
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -67,6 +67,9 @@ pub enum Command {
     /// The daemon stops: release every process (queued requests are refused
     /// to their peers) and mark their regions closed.
     Shutdown(Sender<()>),
+    /// Publish the counters now (a report wants them current, not as of the
+    /// last drain tick).
+    Publish(Sender<()>),
 }
 
 /// One established SAN connection, for `dsanctl connections`.
@@ -279,6 +282,10 @@ impl Node {
             }
             Command::Detach(id, done) => {
                 self.detach(now, id);
+                let _ = done.send(());
+            }
+            Command::Publish(done) => {
+                self.publish();
                 let _ = done.send(());
             }
             Command::Shutdown(done) => {

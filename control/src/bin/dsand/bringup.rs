@@ -139,8 +139,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             eff.idle.name(),
             &pmd,
             metrics::Sources {
-                engine: shared.clone(),
-                node: handle.clone(),
+                lcore: lcore.clone(),
                 port: Box::new(move || {
                     port_stats
                         .stats()

@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 pub const DSANCTL: &str = env!("CARGO_BIN_EXE_dsanctl");
 pub const DSAND: &str = env!("CARGO_BIN_EXE_dsand");

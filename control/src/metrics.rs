@@ -5,7 +5,6 @@
 //! a scrape arrives, so the hot path never touches a label or a lock.
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -269,34 +268,57 @@ fn render_connect_histogram(n: &Counters, out: &mut String) {
     let _ = writeln!(out, "{name}_count {cum}");
 }
 
-/// Serves `GET /metrics` on `listener` until the process exits.
+/// Scrapes served at once; more wait for a worker (tiny_http queues them).
+const WORKERS: usize = 4;
+/// A connection silent this long while its request is read, or not taking
+/// its response for this long, is dropped.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` until the process exits, with
+/// tiny_http: requests are read by its connection threads (a slow or silent
+/// client holds only its own connection), answered by a few workers. Every
+/// connection reads and writes under a deadline (socket timeouts set on the
+/// listener, which accepted connections inherit).
 pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .ok();
-        let mut line = String::new();
-        let mut r = BufReader::new(&conn);
-        if r.read_line(&mut line).is_err() {
-            continue;
-        }
-        // Skip the headers.
-        let mut h = String::new();
-        while r.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
-            h.clear();
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("");
-        let (status, ctype, body) =
-            if line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
-                let body = metrics.lock().map(|m| m.render()).unwrap_or_default();
-                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found; try /metrics\n".to_string(),
-                )
-            };
-        let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    if let Err(e) = crate::os::set_timeouts(&listener, DEADLINE) {
+        eprintln!("dsand: metrics endpoint without socket deadlines: {e}");
     }
+    let server = match tiny_http::Server::from_listener(listener, None) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("dsand: metrics endpoint not served: {e}");
+            return;
+        }
+    };
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (server, metrics) = (server.clone(), metrics.clone());
+            std::thread::spawn(move || {
+                for rq in server.incoming_requests() {
+                    respond(rq, &metrics);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+}
+
+fn respond(rq: tiny_http::Request, metrics: &Mutex<Metrics>) {
+    use tiny_http::{Header, Method, Response};
+    let path = rq.url().split('?').next().unwrap_or("");
+    let ok = *rq.method() == Method::Get && path == "/metrics";
+    let (status, ctype, body) = if ok {
+        let body = metrics.lock().map(|m| m.render()).unwrap_or_default();
+        (200, "text/plain; version=0.0.4; charset=utf-8", body)
+    } else {
+        (404, "text/plain", "not found; try /metrics\n".to_string())
+    };
+    let header =
+        Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()).expect("a valid header");
+    let response = Response::from_string(body)
+        .with_status_code(status)
+        .with_header(header);
+    let _ = rq.respond(response);
 }

@@ -126,6 +126,31 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
             "h1's daemon answers after {attack}"
         );
     }
+    // Slow and silent scrapers hold 30 connections to h1's metrics endpoint:
+    // a real scrape still gets its answer at once.
+    let mut slow = Vec::new();
+    for i in 0..30 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", 19451)).unwrap();
+        match i % 3 {
+            0 => {}
+            1 => c.write_all(b"GET /metr").unwrap(),
+            _ => c
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap(), // and never read
+        }
+        slow.push(c);
+    }
+    let t = std::time::Instant::now();
+    let body = scrape(19451);
+    assert!(body.contains("dsan_san_connects_accepted_total"));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a scrape waited {:?} behind slow clients",
+        t.elapsed()
+    );
+    eprintln!("scrape beside 30 slow clients: {:?}", t.elapsed());
+    drop(slow);
+
     // Forged frames from h0's namespace: 100,000 of them, half well-formed
     // connect requests from random sources to a port nobody listens on, the
     // rest random or mutated bytes.

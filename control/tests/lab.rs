@@ -221,7 +221,10 @@ fn down_cleans_up_after_a_crash_and_is_idempotent() {
         .status()
         .is_ok_and(|s| s.success())
     {
-        assert!(std::time::Instant::now() < deadline, "the daemons did not die");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemons did not die"
+        );
         std::thread::yield_now();
     }
     std::fs::remove_dir_all("/run/dsan/lab").unwrap();

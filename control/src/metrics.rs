@@ -270,17 +270,16 @@ fn render_connect_histogram(n: &Counters, out: &mut String) {
 
 /// Scrapes served at once; more wait for a worker (tiny_http queues them).
 const WORKERS: usize = 4;
-/// A connection silent this long while its request is read, or not taking
-/// its response for this long, is dropped.
+/// A connection not taking its response for this long is dropped.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves `GET /metrics` on `listener` until the process exits, with
 /// tiny_http: requests are read by its connection threads (a slow or silent
 /// client holds only its own connection), answered by a few workers. Every
-/// connection reads and writes under a deadline (socket timeouts set on the
-/// listener, which accepted connections inherit).
+/// response is written under a deadline (a send timeout set on the listener,
+/// which accepted connections inherit).
 pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
-    if let Err(e) = crate::os::set_timeouts(&listener, DEADLINE) {
+    if let Err(e) = crate::os::set_send_timeout(&listener, DEADLINE) {
         eprintln!("dsand: metrics endpoint without socket deadlines: {e}");
     }
     let server = match tiny_http::Server::from_listener(listener, None) {
@@ -303,6 +302,7 @@ pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
     for w in workers {
         let _ = w.join();
     }
+    eprintln!("dsand: the metrics endpoint stopped (its listener failed)");
 }
 
 fn respond(rq: tiny_http::Request, metrics: &Mutex<Metrics>) {

@@ -164,17 +164,18 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Sets a socket's receive and send timeouts (SO_RCVTIMEO, SO_SNDTIMEO). On a
-/// listening TCP socket they are inherited by the connections it accepts.
+/// Sets a socket's send timeout (SO_SNDTIMEO). On a listening TCP socket it
+/// is inherited by the connections it accepts (and, unlike SO_RCVTIMEO, does
+/// not make `accept` itself time out).
 ///
 /// # Errors
 /// As `setsockopt`.
-pub fn set_timeouts(sock: &impl AsRawFd, d: std::time::Duration) -> io::Result<()> {
+pub fn set_send_timeout(sock: &impl AsRawFd, d: std::time::Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: d.as_secs() as libc::time_t,
         tv_usec: d.subsec_micros() as libc::suseconds_t,
     };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+    for opt in [libc::SO_SNDTIMEO] {
         // SAFETY: a valid socket and a live timeval of the size given.
         let r = unsafe {
             libc::setsockopt(

@@ -268,57 +268,77 @@ fn render_connect_histogram(n: &Counters, out: &mut String) {
     let _ = writeln!(out, "{name}_count {cum}");
 }
 
-/// Scrapes served at once; more wait for a worker (tiny_http queues them).
-const WORKERS: usize = 4;
-/// A connection not taking its response for this long is dropped.
+/// Scrapes served at once; a connection beyond that is closed at once.
+const MAX_CLIENTS: usize = 16;
+/// A client has this long to send its request, and to take its response.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest request head read (request line and headers).
+const MAX_REQUEST: u64 = 8 * 1024;
 
-/// Serves `GET /metrics` on `listener` until the process exits, with
-/// tiny_http: requests are read by its connection threads (a slow or silent
-/// client holds only its own connection), answered by a few workers. Every
-/// response is written under a deadline (a send timeout set on the listener,
-/// which accepted connections inherit).
+/// Serves `GET /metrics` on `listener` until the process exits. Each
+/// connection is served on a thread of its own, at most [`MAX_CLIENTS`] at
+/// once, with read and write deadlines and a bounded request: a slow or
+/// silent client holds only its own thread, never another scrape.
 pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
-    if let Err(e) = crate::os::set_send_timeout(&listener, DEADLINE) {
-        eprintln!("dsand: metrics endpoint without socket deadlines: {e}");
-    }
-    let server = match tiny_http::Server::from_listener(listener, None) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            eprintln!("dsand: metrics endpoint not served: {e}");
-            return;
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            continue; // dropped: closed at once
         }
-    };
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (server, metrics) = (server.clone(), metrics.clone());
-            std::thread::spawn(move || {
-                for rq in server.incoming_requests() {
-                    respond(rq, &metrics);
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        let _ = w.join();
+        let (busy, metrics) = (busy.clone(), metrics.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-conn".into())
+            .spawn(move || {
+                serve_one(conn, &metrics);
+                busy.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            // Could not start a thread: the connection was dropped with the closure.
+            continue;
+        }
     }
-    eprintln!("dsand: the metrics endpoint stopped (its listener failed)");
 }
 
-fn respond(rq: tiny_http::Request, metrics: &Mutex<Metrics>) {
-    use tiny_http::{Header, Method, Response};
-    let path = rq.url().split('?').next().unwrap_or("");
-    let ok = *rq.method() == Method::Get && path == "/metrics";
-    let (status, ctype, body) = if ok {
-        let body = metrics.lock().map(|m| m.render()).unwrap_or_default();
-        (200, "text/plain; version=0.0.4; charset=utf-8", body)
-    } else {
-        (404, "text/plain", "not found; try /metrics\n".to_string())
+fn serve_one(conn: std::net::TcpStream, metrics: &Mutex<Metrics>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _ = conn.set_read_timeout(Some(DEADLINE));
+    let _ = conn.set_write_timeout(Some(DEADLINE));
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
     };
-    let header =
-        Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()).expect("a valid header");
-    let response = Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header);
-    let _ = rq.respond(response);
+    let mut r = BufReader::new(conn.take(MAX_REQUEST));
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() || !line.ends_with('\n') {
+        return;
+    }
+    // The headers, up to the blank line (within the same bound).
+    let mut h = String::new();
+    loop {
+        h.clear();
+        match r.read_line(&mut h) {
+            Ok(n) if n > 0 && h.ends_with('\n') && h.trim_end().is_empty() => break,
+            Ok(n) if n > 0 && h.ends_with('\n') => {}
+            _ => return,
+        }
+    }
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if method == "GET" && path == "/metrics" {
+        let body = metrics.lock().map(|m| m.render()).unwrap_or_default();
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
+    } else {
+        (
+            "404 Not Found",
+            "text/plain",
+            "not found; try /metrics\n".to_string(),
+        )
+    };
+    let _ = write!(
+        writer,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }

@@ -163,30 +163,3 @@ pub fn euid() -> u32 {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() }
 }
-
-/// Sets a socket's send timeout (SO_SNDTIMEO). On a listening TCP socket it
-/// is inherited by the connections it accepts (and, unlike SO_RCVTIMEO, does
-/// not make `accept` itself time out).
-///
-/// # Errors
-/// As `setsockopt`.
-pub fn set_send_timeout(sock: &impl AsRawFd, d: std::time::Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a valid socket and a live timeval of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}

@@ -155,7 +155,7 @@ fn a_silent_san_peer_falls_back_to_tcp() {
     let _lab = Lab::up(&[]);
     assert!(dsanctl(&["lab", "stop", "h1"]).status.success());
     // With h1's daemon gone the listener serves TCP alone, without an error.
-    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5003", "16", "1"]);
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5003", "16", "2"]);
     assert_eq!(first, "listening san=false");
     let c = connect("h0", "198.18.0.2", "5003");
     let mut it = c.split_whitespace();
@@ -167,11 +167,23 @@ fn a_silent_san_peer_falls_back_to_tcp() {
     let ms: f64 = it.next().unwrap().parse().unwrap();
     assert!(ms >= 900.0, "after the SAN gave up ({ms} ms)");
     assert!(l.line().ends_with(" tcp"));
+    // The daemon remembers the silent address for a few seconds: the next
+    // connect goes to TCP at once.
+    let c = connect("h0", "198.18.0.2", "5003");
+    let mut it = c.split_whitespace();
+    assert_eq!(
+        (it.next(), it.next()),
+        (Some("connected"), Some("tcp")),
+        "{c}"
+    );
+    let ms: f64 = it.next().unwrap().parse().unwrap();
+    assert!(ms < 200.0, "the second fallback took {ms} ms");
+    assert!(l.line().ends_with(" tcp"));
     let m0 = scrape(19450);
-    assert_eq!(metric(&m0, "dsan_switch_fallbacks_total"), 1);
+    assert_eq!(metric(&m0, "dsan_switch_fallbacks_total"), 2);
     assert_eq!(
         metric(&m0, "dsan_san_connect_attempts_total{result=\"timed_out\"}"),
-        1
+        2
     );
 }
 

@@ -92,6 +92,9 @@ pub struct Counters {
     pub expired: u64,
     /// Decisions for requests no longer pending (ignored).
     pub stale_decisions: u64,
+    /// Connects failed at once: the destination did not answer resolution a
+    /// moment before (ETIMEDOUT at once, so the switch goes to TCP at once).
+    pub unresolved_fast: u64,
     /// Connect attempts finished, by [`ATTEMPT_RESULTS`].
     pub attempts: [u64; 4],
     /// Successful connect durations per bucket of `proto::CONNECT_BUCKETS_S` (+ overflow).
@@ -163,6 +166,7 @@ impl Node {
         c.rejected = ps.rejected;
         c.expired = ps.expired;
         c.stale_decisions = ps.stale_decisions;
+        c.unresolved_fast = ps.unresolved_fast;
         c.attempts = ps.attempts;
         c.connect_buckets = ps.connect_duration_buckets;
         c.connect_sum_ns = ps.connect_duration_sum_ns;

@@ -79,7 +79,8 @@ impl<R: Rng> Endpoint<R> {
             self.next_port + 1
         };
         let h = ConnHandle(self.id());
-        let peer_mac = match self.resolver.lookup(now, dst.0) {
+        let lookup = self.resolver.lookup(now, dst.0);
+        let peer_mac = match lookup {
             Lookup::Found(m) => Some(m),
             Lookup::Pending | Lookup::Failed => None,
         };
@@ -99,10 +100,18 @@ impl<R: Rng> Endpoint<R> {
             },
         );
         self.attempt_by_wire.insert(conn_id, h);
-        if peer_mac.is_some() {
-            self.send_request(h);
-        } else {
-            self.resolution_timers(now); // sends the resolution request now
+        match lookup {
+            Lookup::Found(_) => self.send_request(h),
+            Lookup::Pending => self.resolution_timers(now), // sends the resolution request now
+            Lookup::Failed => {
+                // Nobody answered for this address a moment ago (or the
+                // resolver is full): due at once, the next timer pass ends
+                // it as the timeout would.
+                self.stats.unresolved_fast += 1;
+                if let Some(a) = self.attempts.get_mut(&h) {
+                    a.deadline = now;
+                }
+            }
         }
         Ok(h)
     }

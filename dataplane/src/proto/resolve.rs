@@ -20,6 +20,9 @@ pub struct ResolveConfig {
     pub max_pending: usize,
     /// Most learned entries kept.
     pub max_entries: usize,
+    /// How long an address that did not answer is remembered as silent:
+    /// lookups fail at once meanwhile (so the switch goes to TCP at once).
+    pub negative_ttl: Duration,
 }
 
 impl Default for ResolveConfig {
@@ -30,6 +33,7 @@ impl Default for ResolveConfig {
             max_tries: 10,
             max_pending: 1024,
             max_entries: 65536,
+            negative_ttl: Duration::from_secs(3),
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct Resolver {
     /// Ordered, so that requests go out in the same order in every run (the simulator replays exactly).
     pending: BTreeMap<Ipv4, Pending>,
     failed: Vec<Ipv4>,
+    /// Addresses that did not answer, until when (bounded by `max_pending`).
+    silent: HashMap<Ipv4, Instant>,
 }
 
 impl Resolver {
@@ -83,7 +89,8 @@ impl Resolver {
         self.pending.remove(&ip);
     }
 
-    /// Looks `ip` up, starting resolution if it is unknown.
+    /// Looks `ip` up, starting resolution if it is unknown. An address that
+    /// did not answer within the last `negative_ttl` fails at once.
     pub fn lookup(&mut self, now: Instant, ip: Ipv4) -> Lookup {
         if let Some(e) = self.entries.get(&ip) {
             match e.expires {
@@ -95,6 +102,13 @@ impl Resolver {
         }
         if self.pending.contains_key(&ip) {
             return Lookup::Pending;
+        }
+        match self.silent.get(&ip) {
+            Some(until) if *until > now => return Lookup::Failed,
+            Some(_) => {
+                self.silent.remove(&ip);
+            }
+            None => {}
         }
         if self.pending.len() >= self.cfg.max_pending {
             return Lookup::Failed;
@@ -120,6 +134,7 @@ impl Resolver {
         if self.pending.remove(&ip).is_none() {
             return false;
         }
+        self.silent.remove(&ip);
         match self.entries.get(&ip) {
             Some(Entry { expires: None, .. }) => {}
             _ if self.entries.contains_key(&ip) || self.entries.len() < self.cfg.max_entries => {
@@ -156,6 +171,12 @@ impl Resolver {
         if let Some(ip) = give_up {
             self.pending.remove(&ip);
             self.failed.push(ip);
+            if self.silent.len() >= self.cfg.max_pending {
+                self.silent.retain(|_, until| *until > now);
+            }
+            if self.silent.len() < self.cfg.max_pending {
+                self.silent.insert(ip, now + self.cfg.negative_ttl);
+            }
             return self.poll_request(now);
         }
         send
@@ -215,6 +236,28 @@ mod tests {
             Lookup::Pending,
             "expired"
         );
+    }
+
+    #[test]
+    fn a_silent_address_fails_at_once_for_a_while() {
+        let mut r = Resolver::new(ResolveConfig {
+            max_tries: 2,
+            negative_ttl: Duration::from_secs(3),
+            ..Default::default()
+        });
+        let ip = Ipv4::new(198, 18, 0, 99);
+        let mut now = Instant(1);
+        assert_eq!(r.lookup(now, ip), Lookup::Pending);
+        while r.poll_failed().is_none() {
+            now = now + Duration::from_millis(100);
+            while r.poll_request(now).is_some() {}
+        }
+        // Remembered as silent: no new resolution, an immediate failure.
+        assert_eq!(r.lookup(now, ip), Lookup::Failed);
+        assert_eq!(r.pending_len(), 0);
+        // Forgotten after the negative lifetime: resolution starts again.
+        now = now + Duration::from_secs(3);
+        assert_eq!(r.lookup(now, ip), Lookup::Pending);
     }
 
     #[test]

@@ -367,6 +367,28 @@ fn an_accept_nobody_confirms_ends_the_server_connection() {
 }
 
 #[test]
+fn a_silent_destination_fails_at_once_for_a_while() {
+    let mut p = Pair::new(cfg());
+    let nobody = Ipv4::new(198, 18, 0, 99);
+    p.a.connect(p.now, None, (nobody, 80)).unwrap();
+    p.advance(Duration::from_millis(1500), |_, _| false);
+    assert_eq!(failures(&p.ev_a), vec![ConnectFailure::TimedOut]);
+    let asked = p.sent(true, |m| matches!(m, Message::ResolveRequest));
+    // Again at once: fails on the next timer pass, without asking anyone.
+    p.ev_a.clear();
+    let t0 = p.now;
+    p.a.connect(p.now, None, (nobody, 80)).unwrap();
+    assert_eq!(p.a.poll_timeout(), Some(t0));
+    p.advance(Duration::ZERO, |_, _| false);
+    assert_eq!(failures(&p.ev_a), vec![ConnectFailure::TimedOut]);
+    assert_eq!(
+        p.sent(true, |m| matches!(m, Message::ResolveRequest)),
+        asked
+    );
+    assert_eq!(p.a.stats().unresolved_fast, 1);
+}
+
+#[test]
 fn outside_every_subnet_is_unreachable() {
     let mut p = Pair::new(cfg());
     assert_eq!(

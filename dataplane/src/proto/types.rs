@@ -171,6 +171,9 @@ pub struct ProtoStats {
     pub stale_decisions: u64,
     /// Accepted connections whose client never confirmed (presumed gone).
     pub unconfirmed: u64,
+    /// Connect attempts failed at once because their destination had not
+    /// answered resolution a moment before (the negative cache).
+    pub unresolved_fast: u64,
     /// Durations of successful connects (connecting side), per bucket of
     /// [`CONNECT_BUCKETS_S`] (not cumulative; the last counts the overflow).
     pub connect_duration_buckets: [u64; CONNECT_BUCKETS_S.len() + 1],

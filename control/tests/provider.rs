@@ -254,6 +254,27 @@ fn reset_timeout_and_defer() {
         "{line}"
     );
 
+    // Nonblocking: FD_CONNECT carries the error once; the next enumeration
+    // reports neither the event nor the error again.
+    let c = cli.rc("socket");
+    assert_eq!(cli.rc(&format!("evsel {c} 16")), 0);
+    assert_eq!(cli.rc(&format!("connect {c} 198.18.0.99 6000")), -115);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let e = cli.cmd(&format!("enum {c}"));
+        if e == "0 16 0 -110" {
+            break;
+        }
+        assert_eq!(e, "0 0 0 0", "before the outcome");
+        assert!(std::time::Instant::now() < deadline, "no FD_CONNECT");
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        cli.cmd(&format!("enum {c}")),
+        "0 0 0 0",
+        "errors are cleared"
+    );
+
     // Defer leaves the request at the head; a later accept takes it.
     let mut srv = H::spawn("h1");
     assert_eq!(srv.rc("startup"), 0);
@@ -263,9 +284,12 @@ fn reset_timeout_and_defer() {
     assert_eq!(cli.cmd("connectn 1 198.18.0.2 6001"), "started 1");
     wait_depth("h1", 6001, 1);
     assert_eq!(srv.rc(&format!("accept {s} defer")), -11);
-    assert!(
-        srv.rc(&format!("accept {s} null")) >= 0,
-        "NULL condition accepts"
+    let n = srv.rc(&format!("accept {s} null"));
+    assert!(n >= 0, "NULL condition accepts");
+    assert_eq!(
+        srv.rc(&format!("listen {n} 2")),
+        -106,
+        "listen on a connected socket: EISCONN"
     );
     assert_eq!(results(&cli.cmd("results 1000")), vec![0]);
 }

@@ -91,9 +91,10 @@ int dsan_socket(void);
 int dsan_bind(int s, const struct sockaddr *addr, socklen_t len);
 
 /*
- Listens; `backlog` caps queued requests (<= 0 or huge: the maximum, 4096).
- Returns 0. -EINVAL on an unbound socket; -EADDRINUSE if anyone on this host
- listens on the port already.
+ Listens; `backlog` caps queued requests (0 means 1; negative or huge: the
+ maximum, 4096). Returns 0. -EINVAL on an unbound or connecting socket;
+ -EISCONN on a connected one; -EADDRINUSE if anyone on this host listens on
+ the port already.
  */
 int dsan_listen(int s, int backlog);
 

@@ -132,9 +132,10 @@ pub unsafe extern "C" fn dsan_bind(
     })
 }
 
-/// Listens; `backlog` caps queued requests (<= 0 or huge: the maximum, 4096).
-/// Returns 0. -EINVAL on an unbound socket; -EADDRINUSE if anyone on this host
-/// listens on the port already.
+/// Listens; `backlog` caps queued requests (0 means 1; negative or huge: the
+/// maximum, 4096). Returns 0. -EINVAL on an unbound or connecting socket;
+/// -EISCONN on a connected one; -EADDRINUSE if anyone on this host listens on
+/// the port already.
 #[no_mangle]
 pub extern "C" fn dsan_listen(s: c_int, backlog: c_int) -> c_int {
     guard(|| {

@@ -484,15 +484,15 @@ impl Provider {
         self.check()?;
         let mut g = self.lock(s)?;
         let ls = g.as_mut().expect("checked");
-        if ls.state == State::Listening {
-            return Ok(ls.backlog.as_ref().map_or(0, Consumer::capacity));
+        match ls.state {
+            State::Listening => return Ok(ls.backlog.as_ref().map_or(0, Consumer::capacity)),
+            State::Connected => return Err(Error::IsConn), // WSD: WSAEISCONN
+            State::Connecting => return Err(Error::Inval),
+            State::Fresh => {}
         }
         let Some(addr) = ls.bound.filter(|a| a.port() != 0) else {
             return Err(Error::Inval);
         };
-        if ls.state != State::Fresh {
-            return Err(Error::Inval);
-        }
         // A free backlog area of this process.
         let area = {
             let mut areas = self.areas.lock().unwrap_or_else(|e| e.into_inner());
@@ -581,10 +581,20 @@ impl Provider {
         }
         let sh = self.region.sock(s as usize);
         let events = sh.events.swap(0, Ordering::AcqRel);
+        // An error goes with its event, once: it is reported (and cleared)
+        // with the bit it belongs to. The daemon writes the error before it
+        // sets the bit, so seeing the bit means seeing the error.
+        let take = |bit: u32, word: &std::sync::atomic::AtomicI32| {
+            if events & bit != 0 {
+                word.swap(0, Ordering::AcqRel)
+            } else {
+                0
+            }
+        };
         Ok(NetworkEvents {
             events,
-            accept_error: sh.accept_error.load(Ordering::Acquire),
-            connect_error: sh.connect_error.load(Ordering::Acquire),
+            accept_error: take(FD_ACCEPT, &sh.accept_error),
+            connect_error: take(FD_CONNECT, &sh.connect_error),
         })
     }
 

@@ -462,3 +462,26 @@ fn the_listen_backlog_bounds_what_the_switch_accepts() {
     let _ = srv.kill();
     let _ = srv.wait();
 }
+
+/// Defer through the switch: a condition function that defers the first
+/// request twice, then accepts it. The deferred request is offered again on
+/// its own (no other request arrives), and the client connects over the SAN
+/// well within the SAN connect budget, without falling back to TCP.
+#[test]
+fn a_deferred_request_is_offered_again_without_new_arrivals() {
+    let _lab = Lab::up(&[]);
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5006", "4", "1", "defer2"]);
+    assert_eq!(first, "listening san=true");
+    let c = connect("h0", "198.18.0.2", "5006");
+    let mut it = c.split_whitespace();
+    assert_eq!(
+        (it.next(), it.next()),
+        (Some("connected"), Some("san")),
+        "{c}"
+    );
+    let ms: f64 = it.next().unwrap().parse().unwrap();
+    assert!(ms < 1000.0, "deferred twice, accepted after {ms} ms");
+    assert!(l.line().ends_with(" san"));
+    let m0 = scrape(19450);
+    assert_eq!(metric(&m0, "dsan_switch_fallbacks_total"), 0);
+}

@@ -766,6 +766,16 @@ impl Provider {
         }
     }
 
+    /// Whether a request the condition function deferred waits at the head
+    /// of listener `s`'s backlog.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`].
+    pub fn deferred(&self, s: SocketId) -> Result<bool> {
+        let g = self.lock(s)?;
+        Ok(g.as_ref().is_some_and(|ls| ls.held.is_some()))
+    }
+
     /// Reports how many connections were accepted on the application's
     /// behalf for listener `s` and wait for its accept (the switch's queue),
     /// so that `dsanctl listeners` and the metrics show both queues.
@@ -885,6 +895,13 @@ impl SanSocket {
             },
             a,
         ))
+    }
+    /// See [`Provider::deferred`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn deferred(&self) -> Result<bool> {
+        self.p.deferred(self.s)
     }
     /// See [`Provider::report_accepted_waiting`].
     ///

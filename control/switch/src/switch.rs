@@ -317,44 +317,75 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
     }
 }
 
-/// The switch's accept thread: accepts SAN connections as they arrive.
+/// How soon a deferred request is offered to the condition function again.
+const DEFER_RETRY_MS: i32 = 5;
+
+/// The switch's accept thread: accepts SAN connections as they arrive. A
+/// request the condition function deferred stays at the head of the
+/// provider's backlog; it is offered again after [`DEFER_RETRY_MS`], and at
+/// once when the application calls `accept`, not only when another request
+/// arrives.
 fn accept_thread(ep: RawFd) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+    let mut deferred: std::collections::BTreeSet<RawFd> = std::collections::BTreeSet::new();
     loop {
+        let timeout = if deferred.is_empty() {
+            1000
+        } else {
+            DEFER_RETRY_MS
+        };
         // SAFETY: a valid epoll fd and event buffer.
-        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), evs.len() as i32, 1000) };
-        for ev in evs.iter().take(n.max(0) as usize) {
-            let fd = ev.u64 as RawFd;
-            let Ok(s) = sock(fd) else { continue };
-            let mut guard = s.listen.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(l) = guard.as_mut() else { continue };
-            let Some((ss, efd)) = l.san.as_ref() else {
-                continue;
-            };
-            drain(efd.as_raw_fd());
-            let _ = ss.enum_network_events();
-            // Within the backlog only: the rest waits in the provider's ring
-            // (accept() wakes this thread when it makes room).
-            while l.pending.len() < l.backlog {
-                let cond = &mut l.cond;
-                let r = ss.accept(|peer| match cond {
-                    Some(c) => c(peer),
-                    None => Decision::Accept,
-                });
-                match r {
-                    Ok(conn) => {
-                        l.pending.push_back(conn);
-                        let _ = ss.report_accepted_waiting(l.pending.len());
-                        if let Some(r) = s.ready_fd() {
-                            signal(r);
-                        }
-                    }
-                    Err(SanError::ConnRefused) => continue,
-                    Err(_) => break,
-                }
+        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), evs.len() as i32, timeout) };
+        let mut due: Vec<RawFd> = evs
+            .iter()
+            .take(n.max(0) as usize)
+            .map(|ev| ev.u64 as RawFd)
+            .collect();
+        due.extend(std::mem::take(&mut deferred));
+        due.sort_unstable();
+        due.dedup();
+        for fd in due {
+            if serve_listener(fd) {
+                deferred.insert(fd);
             }
         }
     }
+}
+
+/// Accepts what the listener `fd`'s SAN side holds, within its backlog.
+/// Returns whether a request was deferred (and waits at the head).
+fn serve_listener(fd: RawFd) -> bool {
+    let Ok(s) = sock(fd) else { return false };
+    let mut guard = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(l) = guard.as_mut() else {
+        return false;
+    };
+    let Some((ss, efd)) = l.san.as_ref() else {
+        return false;
+    };
+    drain(efd.as_raw_fd());
+    let _ = ss.enum_network_events();
+    // Within the backlog only: the rest waits in the provider's ring
+    // (accept() wakes this thread when it makes room).
+    while l.pending.len() < l.backlog {
+        let cond = &mut l.cond;
+        let r = ss.accept(|peer| match cond {
+            Some(c) => c(peer),
+            None => Decision::Accept,
+        });
+        match r {
+            Ok(conn) => {
+                l.pending.push_back(conn);
+                let _ = ss.report_accepted_waiting(l.pending.len());
+                if let Some(r) = s.ready_fd() {
+                    signal(r);
+                }
+            }
+            Err(SanError::ConnRefused) => continue,
+            Err(_) => break,
+        }
+    }
+    ss.deferred().unwrap_or(false)
 }
 
 fn nonblocking(fd: RawFd) -> bool {
@@ -376,6 +407,12 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
             let Some(l) = l.as_mut() else {
                 return Err(libc::EINVAL);
             };
+            if let Some((ss, efd)) = l.san.as_ref() {
+                if ss.deferred().unwrap_or(false) {
+                    // The application asks again: offer the deferred request now.
+                    signal(efd.as_raw_fd());
+                }
+            }
             let was_full = l.pending.len() >= l.backlog;
             if let Some((conn, peer)) = l.pending.pop_front() {
                 if l.pending.is_empty() {

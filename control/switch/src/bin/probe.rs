@@ -2,7 +2,7 @@
 //! tests and handy in the lab).
 //!
 //! ```text
-//! dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject]
+//! dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2]
 //!     prints "listening san=true|false", then one line per accepted
 //!     connection: "accepted PEER tcp|san"
 //! dsan-sw-probe hold ADDR PORT BACKLOG
@@ -45,8 +45,27 @@ fn main() {
             let n: usize = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
             let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
             dsan_switch::bind(s, at).unwrap_or_else(|e| die(&format!("bind: errno {e}")));
-            if a.get(5).map(String::as_str) == Some("reject") {
-                dsan_switch::set_condition(s, Some(Box::new(|_| Decision::Reject))).unwrap();
+            match a.get(5).map(String::as_str) {
+                Some("reject") => {
+                    dsan_switch::set_condition(s, Some(Box::new(|_| Decision::Reject))).unwrap()
+                }
+                Some("defer2") => {
+                    // Defers each request twice, then accepts it.
+                    let mut asked = 0u32;
+                    dsan_switch::set_condition(
+                        s,
+                        Some(Box::new(move |_| {
+                            asked += 1;
+                            if asked % 3 == 0 {
+                                Decision::Accept
+                            } else {
+                                Decision::Defer
+                            }
+                        })),
+                    )
+                    .unwrap()
+                }
+                _ => {}
             }
             let san = dsan_switch::listen(s, backlog).unwrap_or_else(|e| die(&format!("listen: errno {e}")));
             println!("listening san={san}");
@@ -88,6 +107,6 @@ fn main() {
                 Err(e) => println!("error {e} {:.1}", t.elapsed().as_secs_f64() * 1e3),
             }
         }
-        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject] | hold ADDR PORT BACKLOG | connect IP PORT"),
+        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT"),
     }
 }

@@ -56,7 +56,7 @@ fn main() {
                         s,
                         Some(Box::new(move |_| {
                             asked += 1;
-                            if asked % 3 == 0 {
+                            if asked.is_multiple_of(3) {
                                 Decision::Accept
                             } else {
                                 Decision::Defer

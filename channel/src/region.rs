@@ -5,7 +5,7 @@
 //!
 //! | offset | what | written by |
 //! |---|---|---|
-//! | 0 | [`RegionHeader`] | the daemon (`bad_commands`, `closed`) |
+//! | 0 | [`RegionHeader`] | the daemon (`bad_commands`, `closed`, `subnets_epoch`) |
 //! | [`layout::socks_off`] | [`MAX_SOCKETS`] x [`SockShm`] (64 bytes each) | see [`SockShm`] |
 //! | [`layout::cmd_off`] | the command ring ([`CMD_RING`] slots of [`crate::msg::Command`]) | the process produces, the daemon consumes |
 //! | [`layout::backlog_off`]`(k)` | [`MAX_LISTENERS`] backlog rings of up to [`MAX_BACKLOG`] [`crate::msg::Request`]s | the daemon produces, the process consumes |
@@ -63,6 +63,9 @@ pub struct RegionHeader {
     pub size: AtomicU64,
     /// Commands the daemon refused to parse (a copy of its own count, for the process).
     pub bad_commands: AtomicU64,
+    /// Bumped by the daemon whenever the host's SAN addresses change: a
+    /// process that sees a new value asks for them again (`subnets`).
+    pub subnets_epoch: AtomicU64,
 }
 // SAFETY: repr(C), atomics only.
 unsafe impl Shared for RegionHeader {}

@@ -485,3 +485,95 @@ fn a_deferred_request_is_offered_again_without_new_arrivals() {
     let m0 = scrape(19450);
     assert_eq!(metric(&m0, "dsan_switch_fallbacks_total"), 0);
 }
+
+/// A long-lived switch process follows the host's SAN addresses: a subnet
+/// added while it runs is reached over the SAN, and one removed goes back to
+/// kernel TCP, without the process doing anything.
+#[test]
+fn a_running_process_learns_subnet_changes() {
+    use std::time::Instant;
+    let _lab = Lab::up(&[]);
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5007", "16", "25"]);
+    assert_eq!(first, "listening san=true");
+    let mut sh = in_host("h0", &probe(), &["shell"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sh_in = sh.stdin.take().unwrap();
+    let (tx, sh_out) = std::sync::mpsc::channel();
+    let out = sh.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut connect_sh = |ip: &str| {
+        writeln!(sh_in, "connect {ip} 5007").unwrap();
+        sh_out
+            .recv_timeout(Duration::from_secs(10))
+            .expect("shell answer")
+    };
+    // Attached with the lab's subnet only.
+    assert!(connect_sh("198.18.0.2").starts_with("connected san"));
+    assert!(l.line().ends_with(" san"));
+
+    // A new subnet on both hosts, learned by both daemons.
+    let addr = |ns: &str, verb: &str, a: &str| {
+        let st = Command::new("ip")
+            .args(["-n", ns, "addr", verb, a, "dev", "san0"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip addr {verb} {a} in {ns}");
+    };
+    let has = |host: &str, a: &str| -> bool {
+        let o = dsanctl(&[
+            "--json",
+            "--socket",
+            &format!("/run/dsan/lab/{host}/dsand.sock"),
+            "status",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["san_addrs"]
+            .as_array()
+            .is_some_and(|x| x.iter().any(|s| s == a))
+    };
+    let wait = |what: &dyn Fn() -> bool, why: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() {
+            assert!(Instant::now() < deadline, "{why}");
+            std::thread::yield_now();
+        }
+    };
+    addr("dsan-h0", "add", "198.19.0.1/24");
+    addr("dsan-h1", "add", "198.19.0.2/24");
+    wait(
+        &|| has("h0", "198.19.0.1/24") && has("h1", "198.19.0.2/24"),
+        "addresses learned",
+    );
+    // The running process reaches the new subnet over the SAN. (The daemons
+    // apply addresses on their next tick; allow a few tries for that.)
+    let mut tries = 0;
+    loop {
+        let c = connect_sh("198.19.0.2");
+        let san = c.starts_with("connected san");
+        assert!(l.line().ends_with(if san { " san" } else { " tcp" }), "{c}");
+        if san {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 20, "still not over the SAN: {c}");
+        std::thread::sleep(Duration::from_millis(100)); // the poll's interval
+    }
+    // Removed from h0: that subnet is no SAN subnet of h0 any more, and h0
+    // has no route to it either.
+    addr("dsan-h0", "del", "198.19.0.1/24");
+    wait(&|| !has("h0", "198.19.0.1/24"), "address removal learned");
+    let c = connect_sh("198.19.0.2");
+    assert!(c.starts_with("error"), "{c}");
+    drop(sh_in);
+    let _ = sh.kill();
+    let _ = sh.wait();
+}

@@ -244,7 +244,7 @@ pub struct Provider {
     /// This process's own doorbell.
     doorbell: Bell,
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
-    san_addrs: Vec<Subnet>,
+    san_addrs: Mutex<(u64, Vec<Subnet>)>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -253,6 +253,16 @@ impl std::fmt::Debug for Provider {
             .field("ctl_fd", &self.ctl_fd)
             .finish()
     }
+}
+
+/// The `san_addrs` of a daemon's reply.
+fn subnets_of(v: &Value) -> Vec<Subnet> {
+    v["san_addrs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str()?.parse().ok())
+        .collect()
 }
 
 fn request(ctl: &UnixStream, req: &Value, fds: &[RawFd]) -> Result<(Value, Vec<OwnedFd>)> {
@@ -290,12 +300,8 @@ impl Provider {
         let (region, cmds) = Region::open(region_fd, size).map_err(|_| Error::NetDown)?;
         let doorbell = Bell::open(page, doorbell).map_err(|_| Error::NetDown)?;
         let ctl_fd = ctl.as_raw_fd();
-        let san_addrs = v["san_addrs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str()?.parse().ok())
-            .collect();
+        let epoch = region.header().subnets_epoch.load(Ordering::Acquire);
+        let san_addrs = Mutex::new((epoch, subnets_of(&v)));
         Ok(Arc::new(Provider {
             san_addrs,
             ctl: Mutex::new(ctl),
@@ -309,10 +315,19 @@ impl Provider {
         }))
     }
 
-    /// The host's SAN addresses and their prefix lengths, as the daemon
-    /// reported them at attach.
-    pub fn san_addrs(&self) -> &[Subnet] {
-        &self.san_addrs
+    /// The host's SAN addresses and their prefix lengths. The daemon bumps
+    /// an epoch in the region when they change; a changed epoch makes this
+    /// ask for them again (no polling: one load when nothing changed).
+    pub fn san_addrs(&self) -> Vec<Subnet> {
+        let epoch = self.region.header().subnets_epoch.load(Ordering::Acquire);
+        let mut cached = self.san_addrs.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != epoch {
+            let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok((v, _)) = request(&ctl, &json!({"cmd": "subnets"}), &[]) {
+                *cached = (epoch, subnets_of(&v));
+            }
+        }
+        cached.1.clone()
     }
 
     /// Tells the daemon that the switch fell back to TCP (it counts these in

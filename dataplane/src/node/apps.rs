@@ -95,6 +95,10 @@ fn errno(e: i32) -> Option<i64> {
 
 impl Node {
     pub(super) fn attach(&mut self, app: Arc<AppShared>, cmds: Consumer) {
+        app.region
+            .header()
+            .subnets_epoch
+            .store(self.addrs_seen, Ordering::Release);
         self.proc_ids.push(app.id);
         self.procs.insert(
             app.id,

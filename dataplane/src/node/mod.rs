@@ -440,6 +440,14 @@ impl<D: Device> Handler<D> for Node {
             if let Ok(sn) = self.subnets.read() {
                 self.ep.set_subnets(sn.clone());
             }
+            // Attached processes learn that the addresses changed.
+            for p in self.procs.values() {
+                p.shared
+                    .region
+                    .header()
+                    .subnets_epoch
+                    .store(v, Ordering::Release);
+            }
         }
         self.publish();
     }

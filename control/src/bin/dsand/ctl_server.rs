@@ -242,6 +242,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             }
             Ok(v)
         }
+        Some("subnets") => Ok(json!({"ok": true, "san_addrs": current_addrs(node)})),
         Some("ping") => {
             let dst: Ipv4 = req["dst"]
                 .as_str()

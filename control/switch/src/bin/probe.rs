@@ -11,6 +11,9 @@
 //!     accept attempt: "accepted PEER tcp|san" or "error ERRNO"
 //! dsan-sw-probe connect IP PORT
 //!     prints "connected tcp|san MS" or "error ERRNO MS"
+//! dsan-sw-probe shell
+//!     one long-lived process: for each "connect IP PORT" line on stdin, a
+//!     connect on a new socket, printed as above
 //! ```
 
 use dsan_provider::Decision;
@@ -95,6 +98,23 @@ fn main() {
                 }
             }
         }
+        Some("shell") => {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                let w: Vec<&str> = line.split_whitespace().collect();
+                let [_, ip, port] = w[..] else { break };
+                let Ok(to) = format!("{ip}:{port}").parse::<SocketAddrV4>() else {
+                    break;
+                };
+                let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+                let t = Instant::now();
+                match dsan_switch::connect(s, to) {
+                    Ok(tr) => println!("connected {} {:.1}", name(tr), t.elapsed().as_secs_f64() * 1e3),
+                    Err(e) => println!("error {e} {:.1}", t.elapsed().as_secs_f64() * 1e3),
+                }
+                let _ = dsan_switch::close(s);
+            }
+        }
         Some("connect") => {
             let to = addr(1);
             let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
@@ -107,6 +127,6 @@ fn main() {
                 Err(e) => println!("error {e} {:.1}", t.elapsed().as_secs_f64() * 1e3),
             }
         }
-        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT"),
+        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT | shell"),
     }
 }

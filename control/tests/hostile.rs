@@ -7,10 +7,9 @@ mod common;
 use common::*;
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Compiles a C program of `provider-shim/tests/c` (linked with the provider
@@ -33,30 +32,6 @@ fn cc(src: &str, provider: bool) -> PathBuf {
     }
     assert!(c.status().expect("cc").success(), "compiling {src}");
     out
-}
-
-/// Kills and reaps a child when dropped (also when the test fails).
-struct Reaped(Child);
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A child's stdout lines, each read with a deadline.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 fn run_in(host: &str, prog: &std::path::Path, args: &[&str]) -> String {

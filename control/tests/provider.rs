@@ -500,32 +500,13 @@ struct Lines(std::sync::mpsc::Receiver<String>);
 
 impl Lines {
     fn of(child: &mut Child) -> Lines {
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines(rx)
+        Lines(lines(child))
     }
 
     fn next(&self, within: std::time::Duration, what: &str) -> String {
         self.0
             .recv_timeout(within)
             .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
-    }
-}
-
-/// Kills and reaps a child when dropped (also when the test fails).
-struct Reaped(Child);
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -330,15 +330,7 @@ fn the_listen_backlog_bounds_what_the_switch_accepts() {
         .spawn()
         .unwrap();
     let mut srv_in = srv.stdin.take().unwrap();
-    let (tx, srv_out) = std::sync::mpsc::channel();
-    let out = srv.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
+    let srv_out = lines(&mut srv);
     let next = |what: &str| {
         srv_out
             .recv_timeout(Duration::from_secs(10))
@@ -501,15 +493,7 @@ fn a_running_process_learns_subnet_changes() {
         .spawn()
         .unwrap();
     let mut sh_in = sh.stdin.take().unwrap();
-    let (tx, sh_out) = std::sync::mpsc::channel();
-    let out = sh.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let sh_out = lines(&mut sh);
     let mut connect_sh = |ip: &str| {
         writeln!(sh_in, "connect {ip} 5007").unwrap();
         sh_out

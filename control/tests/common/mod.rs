@@ -200,3 +200,29 @@ pub fn metric(body: &str, name: &str) -> u64 {
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("{name} missing from\n{body}")) as u64
 }
+
+/// A child's stdout as a channel of lines (a reader thread), so that each
+/// line can be awaited with a deadline (`recv_timeout`).
+pub fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Kills and reaps a child when dropped (also when the test fails).
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -9,6 +9,8 @@
 //! * [`msg`]: the typed messages in those slots (commands from the process,
 //!   connection requests from the daemon): views and values, parse checks
 //!   everything, emit is the only writer.
+//! * [`stream`]: per-connection send and receive byte rings, and who
+//!   writes which of their words.
 //! * [`doorbell`]: how a process wakes a sleeping lcore.
 //! * [`net`]: the subnet type (SAN addresses and their prefixes).
 //! * [`sys`]: eventfds, futexes, sealed mappings, control-socket lines with
@@ -23,4 +25,5 @@ pub mod msg;
 pub mod net;
 pub mod region;
 pub mod ring;
+pub mod stream;
 pub mod sys;

@@ -12,7 +12,7 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 0 | kind: 1 listen, 2 decide, 3 connect, 4 close, 5 event-select |
+//! | 0 | kind: 1 listen, 2 decide, 3 connect, 4 close, 5 event-select, 6 kick |
 //! | 1..4 | reserved, 0 |
 //! | 4..8 | socket (index into the socket table, < [`MAX_SOCKETS`](crate::region::MAX_SOCKETS)) |
 //! | 8..12 | sequence number the completion carries back |
@@ -21,15 +21,18 @@
 //!
 //! * listen: 16..20 IPv4 (0 = any), 20..22 port (not 0), 22..24 backlog area
 //!   (< [`MAX_LISTENERS`](crate::region::MAX_LISTENERS)), 24..28 backlog (i32;
-//!   <= 0 or huge: the maximum);
+//!   <= 0 or huge: the maximum), 28 send ring size and 29 receive ring size of
+//!   the connections it accepts (log2, 12..=20; 0: the default);
 //! * decide: 16..24 connection id, 24..28 peer IPv4, 28..30 peer port,
 //!   30 verdict (0 accept, 1 reject), 31 reserved, 32..36 the new socket
 //!   (accept only, else 0);
 //! * connect: 16..20 destination IPv4 (not 0), 20..22 port (not 0), 22 flags
 //!   (bit 0: nonblocking; others reserved), 23 reserved, 24..28 source IPv4
-//!   (0: chosen by the daemon);
+//!   (0: chosen by the daemon), 28 send and 29 receive ring size (as listen);
 //! * close: no arguments;
-//! * event-select: 16..20 event mask (only `FD_ACCEPT | FD_CONNECT`).
+//! * event-select: 16..20 event mask (only [`FD_ALL`] bits);
+//! * kick: no arguments: the socket's stream has news (bytes to send, a
+//!   shutdown, consumed bytes that free credit). Never completed.
 //!
 //! ## Daemon -> application: connection requests (a listener's backlog ring)
 //!
@@ -48,8 +51,9 @@
 //! The answer to a request names it by [`RequestKey`] (peer address and
 //! connection id), never by its position in the ring.
 
-use crate::region::{FD_ACCEPT, FD_CONNECT, MAX_LISTENERS, MAX_SOCKETS};
+use crate::region::{FD_ALL, MAX_LISTENERS, MAX_SOCKETS};
 use crate::ring::{Slot, SLOT};
+use crate::stream::size_from_log2;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Why a slot is not a valid message.
@@ -139,6 +143,8 @@ pub mod kind {
     pub const CLOSE: u8 = 4;
     /// Event-select.
     pub const EVENT_SELECT: u8 = 5;
+    /// Kick a stream.
+    pub const KICK: u8 = 6;
     /// A connection request in a backlog ring.
     pub const REQUEST: u8 = 0x81;
 }
@@ -229,6 +235,8 @@ pub enum Op {
         backlog: i32,
         /// Backlog area of the region.
         area: u16,
+        /// Ring sizes of accepted connections.
+        bufs: Bufs,
     },
     /// Answer the request `key` that arrived on this listener.
     Decide {
@@ -247,6 +255,8 @@ pub enum Op {
         src: Option<Ipv4Addr>,
         /// Report the outcome as FD_CONNECT instead of completing the command.
         nonblocking: bool,
+        /// Ring sizes of the connection.
+        bufs: Bufs,
     },
     /// Close whatever the socket is.
     Close,
@@ -255,6 +265,40 @@ pub enum Op {
         /// FD_* bits.
         mask: u32,
     },
+    /// The socket's stream has news (see [`crate::stream`]).
+    Kick,
+}
+
+/// A connection's ring sizes, in bytes (powers of two in range; see
+/// [`crate::stream::ring_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bufs {
+    /// Send ring.
+    pub snd: usize,
+    /// Receive ring.
+    pub rcv: usize,
+}
+
+impl Default for Bufs {
+    fn default() -> Self {
+        Bufs {
+            snd: crate::stream::DEFAULT_RING,
+            rcv: crate::stream::DEFAULT_RING,
+        }
+    }
+}
+
+impl Bufs {
+    fn parse(a: &[u8]) -> Result<Bufs, ParseError> {
+        match (size_from_log2(a[0]), size_from_log2(a[1])) {
+            (Some(snd), Some(rcv)) => Ok(Bufs { snd, rcv }),
+            _ => Err(ParseError::Field("ring size")),
+        }
+    }
+    fn emit(&self, a: &mut [u8]) {
+        a[0] = crate::stream::size_log2(self.snd);
+        a[1] = crate::stream::size_log2(self.rcv);
+    }
 }
 
 /// A command, application -> daemon.
@@ -293,7 +337,7 @@ impl Command {
         };
         let op = match v.kind() {
             kind::LISTEN => {
-                used(12)?;
+                used(14)?;
                 let port = u16_at(a, 4);
                 let area = u16_at(a, 6);
                 if port == 0 {
@@ -306,6 +350,7 @@ impl Command {
                     addr: SocketAddrV4::new(Ipv4Addr::from(u32_at(a, 0)), port),
                     backlog: u32_at(a, 8) as i32,
                     area,
+                    bufs: Bufs::parse(&a[12..14])?,
                 }
             }
             kind::DECIDE => {
@@ -331,7 +376,7 @@ impl Command {
                 }
             }
             kind::CONNECT => {
-                used(12)?;
+                used(14)?;
                 let ip = Ipv4Addr::from(u32_at(a, 0));
                 let port = u16_at(a, 4);
                 if port == 0 || ip.is_unspecified() {
@@ -345,16 +390,21 @@ impl Command {
                     dst: SocketAddrV4::new(ip, port),
                     src: (!src.is_unspecified()).then_some(src),
                     nonblocking: a[6] & 1 == 1,
+                    bufs: Bufs::parse(&a[12..14])?,
                 }
             }
             kind::CLOSE => {
                 used(0)?;
                 Op::Close
             }
+            kind::KICK => {
+                used(0)?;
+                Op::Kick
+            }
             kind::EVENT_SELECT => {
                 used(4)?;
                 let mask = u32_at(a, 0);
-                if mask & !(FD_ACCEPT | FD_CONNECT) != 0 {
+                if mask & !FD_ALL != 0 {
                     return Err(ParseError::Field("event mask"));
                 }
                 Op::EventSelect { mask }
@@ -382,11 +432,13 @@ impl Command {
                 addr,
                 backlog,
                 area,
+                bufs,
             } => {
                 put(a, 0, &u32::from(*addr.ip()).to_le_bytes());
                 put(a, 4, &addr.port().to_le_bytes());
                 put(a, 6, &area.to_le_bytes());
                 put(a, 8, &backlog.to_le_bytes());
+                bufs.emit(&mut a[12..14]);
                 kind::LISTEN
             }
             Op::Decide {
@@ -407,7 +459,9 @@ impl Command {
                 dst,
                 src,
                 nonblocking,
+                bufs,
             } => {
+                bufs.emit(&mut a[12..14]);
                 put(a, 0, &u32::from(*dst.ip()).to_le_bytes());
                 put(a, 4, &dst.port().to_le_bytes());
                 a[6] = u8::from(nonblocking);
@@ -419,6 +473,7 @@ impl Command {
                 kind::CONNECT
             }
             Op::Close => kind::CLOSE,
+            Op::Kick => kind::KICK,
             Op::EventSelect { mask } => {
                 put(a, 0, &mask.to_le_bytes());
                 kind::EVENT_SELECT
@@ -549,6 +604,7 @@ mod tests {
                 addr: SocketAddrV4::new(ip(198, 18, 0, 2), 5000),
                 backlog: -1,
                 area: 2,
+                bufs: Bufs::default(),
             },
         };
         let s = c.to_slot();
@@ -559,8 +615,12 @@ mod tests {
                 2, 0, 18, 198, 0x88, 0x13, 2, 0, 0xff, 0xff, 0xff, 0xff
             ]
         );
-        assert!(s[28..].iter().all(|b| *b == 0));
+        assert_eq!(&s[28..30], &[18, 18], "256 KiB rings");
+        assert!(s[30..].iter().all(|b| *b == 0));
         assert_eq!(Command::parse(&s), Ok(c));
+        let mut bad = s;
+        bad[28] = 21;
+        assert_eq!(Command::parse(&bad), Err(ParseError::Field("ring size")));
     }
 
     #[test]
@@ -609,16 +669,20 @@ mod tests {
                 dst: SocketAddrV4::new(ip(198, 18, 0, 2), 9),
                 src: Some(ip(198, 18, 0, 1)),
                 nonblocking: true,
+                bufs: Bufs {
+                    snd: 4096,
+                    rcv: 1 << 20,
+                },
             },
             Op::Connect {
                 dst: SocketAddrV4::new(ip(198, 18, 0, 2), 9),
                 src: None,
                 nonblocking: false,
+                bufs: Bufs::default(),
             },
             Op::Close,
-            Op::EventSelect {
-                mask: FD_ACCEPT | FD_CONNECT,
-            },
+            Op::Kick,
+            Op::EventSelect { mask: FD_ALL },
         ] {
             let c = Command {
                 sock: 1,
@@ -652,7 +716,7 @@ mod tests {
         let mut s = Command {
             sock: 1,
             seq: 1,
-            op: Op::EventSelect { mask: FD_ACCEPT },
+            op: Op::EventSelect { mask: FD_ALL },
         }
         .to_slot();
         s[16] = 0xff;
@@ -664,6 +728,7 @@ mod tests {
                 addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 1),
                 backlog: 1,
                 area: 0,
+                bufs: Bufs::default(),
             },
         }
         .to_slot();

@@ -9,6 +9,11 @@
 //! | [`layout::socks_off`] | [`MAX_SOCKETS`] x [`SockShm`] (64 bytes each) | see [`SockShm`] |
 //! | [`layout::cmd_off`] | the command ring ([`CMD_RING`] slots of [`crate::msg::Command`]) | the process produces, the daemon consumes |
 //! | [`layout::backlog_off`]`(k)` | [`MAX_LISTENERS`] backlog rings of up to [`MAX_BACKLOG`] [`crate::msg::Request`]s | the daemon produces, the process consumes |
+//! | [`layout::streams_off`] | [`MAX_SOCKETS`] x [`StreamShm`] (320 bytes each) | see [`crate::stream`] |
+//! | [`layout::data_off`]`(i)` | socket `i`'s send ring, then its receive ring ([`MAX_RING`] bytes reserved for each) | see [`crate::stream`] |
+//!
+//! The data area is large (2 MiB per socket) but sparse: a memfd page costs
+//! memory only once touched, and a ring touches only as many pages as its size.
 //!
 //! The daemon reads nothing back from this region that it owns: it keeps its
 //! own copies of the ring indices it owns, of each ring's capacity and of
@@ -16,6 +21,7 @@
 //! `waiters`) are checked where they are read.
 
 use crate::ring::{self, Consumer, FormatError, Producer};
+use crate::stream::{StreamArea, StreamShm, MAX_RING};
 use crate::sys::{Mapping, Shared};
 use std::io;
 use std::os::fd::OwnedFd;
@@ -33,12 +39,20 @@ pub const CMD_RING: usize = 256;
 /// Marks a region ("dsanPROC").
 pub const REGION_MAGIC: u64 = 0x6473_616e_5052_4f43;
 /// Layout version.
-pub const REGION_VERSION: u32 = 2;
+pub const REGION_VERSION: u32 = 3;
 
 /// Event bit (as in WSD): a connection request is waiting.
 pub const FD_ACCEPT: u32 = 1 << 3;
 /// Event bit (as in WSD): a nonblocking connect finished.
 pub const FD_CONNECT: u32 = 1 << 4;
+/// Event bit: data or end of stream can be received.
+pub const FD_READ: u32 = 1 << 0;
+/// Event bit: a send would take bytes again.
+pub const FD_WRITE: u32 = 1 << 1;
+/// Event bit: the peer closed (close_error 0) or the connection was reset.
+pub const FD_CLOSE: u32 = 1 << 5;
+/// Every event bit a socket may select.
+pub const FD_ALL: u32 = FD_READ | FD_WRITE | FD_ACCEPT | FD_CONNECT | FD_CLOSE;
 
 /// The backlog a listen asks for, as the capacity it gets: at least 1, at most
 /// [`MAX_BACKLOG`] (negative or huge requests, SOMAXCONN included, mean the maximum).
@@ -135,9 +149,20 @@ pub mod layout {
     pub const fn backlog_off(k: usize) -> usize {
         cmd_off() + cmd_len() + k * backlog_len()
     }
+    /// The stream control blocks.
+    pub const fn streams_off() -> usize {
+        backlog_off(MAX_LISTENERS)
+    }
+    /// Socket `i`'s data area (its send ring; the receive ring follows at [`MAX_RING`]).
+    pub const fn data_off(i: usize) -> usize {
+        up(
+            streams_off() + MAX_SOCKETS * std::mem::size_of::<StreamShm>(),
+            1 << 21,
+        ) + i * 2 * MAX_RING
+    }
     /// The whole region.
     pub const fn size() -> usize {
-        backlog_off(MAX_LISTENERS)
+        data_off(MAX_SOCKETS)
     }
 }
 
@@ -223,6 +248,27 @@ impl Region {
         assert!(i < MAX_SOCKETS);
         self.map
             .at(layout::socks_off() + i * std::mem::size_of::<SockShm>())
+    }
+
+    /// Socket `i`'s stream control block.
+    ///
+    /// # Panics
+    /// If `i >= MAX_SOCKETS`.
+    pub fn stream(&self, i: usize) -> &StreamShm {
+        assert!(i < MAX_SOCKETS);
+        self.map
+            .at(layout::streams_off() + i * std::mem::size_of::<StreamShm>())
+    }
+
+    /// Socket `i`'s byte rings with the given sizes (powers of two in
+    /// [`crate::stream::MIN_RING`]..=[`MAX_RING`]).
+    ///
+    /// # Panics
+    /// If `i >= MAX_SOCKETS` or a size is out of range.
+    pub fn stream_area(&self, i: usize, snd_size: usize, rcv_size: usize) -> StreamArea {
+        assert!(i < MAX_SOCKETS);
+        let off = layout::data_off(i);
+        StreamArea::new(self.map.clone(), off, off + MAX_RING, snd_size, rcv_size)
     }
 
     /// Formats backlog area `k` for `capacity` requests (daemon side, at
@@ -319,7 +365,8 @@ mod tests {
         // The ends keep the mapping alive.
         b.push(&req.to_slot()).unwrap();
         assert!(ab.pop().unwrap().is_some());
-        assert!(layout::size() < 32 << 20);
+        assert!(layout::streams_off() < 32 << 20);
+        assert_eq!(layout::size(), layout::data_off(0) + (2 << 30));
         assert_eq!(effective_backlog(0), 1);
         assert_eq!(effective_backlog(-1), MAX_BACKLOG);
         assert_eq!(effective_backlog(3), 3);

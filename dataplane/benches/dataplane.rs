@@ -115,6 +115,7 @@ fn proto(c: &mut Criterion) {
             message: Message::ConnectRequest {
                 conn_id,
                 client_token: !conn_id,
+                offer: dataplane::wire::Offer::DEFAULT,
             },
         }
         .to_bytes(DEFAULT_ETHERTYPE)

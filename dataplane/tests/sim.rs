@@ -198,7 +198,7 @@ impl Sim {
                     .expect("failed: an attempt we made");
                 self.record(ip, id, Outcome::Failed(error));
             }
-            Event::Closed { conn } => {
+            Event::Closed { conn } | Event::Reset { conn, .. } => {
                 assert!(
                     self.hosts[i].conns.remove(&conn),
                     "closed a connection the application did not hold"

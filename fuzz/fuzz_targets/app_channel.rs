@@ -223,6 +223,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     message: Message::ConnectRequest {
                         conn_id,
                         client_token: 7,
+                        offer: dataplane::wire::Offer::DEFAULT,
                     },
                 });
                 None

@@ -7,6 +7,16 @@
 #include <sys/socket.h>
 
 /*
+ Data or end-of-stream can be received.
+ */
+#define DSAN_FD_READ (1 << 0)
+
+/*
+ A send would now accept bytes again.
+ */
+#define DSAN_FD_WRITE (1 << 1)
+
+/*
  A connection request is queued on a listening socket.
  */
 #define DSAN_FD_ACCEPT (1 << 3)
@@ -15,6 +25,11 @@
  A nonblocking connect completed or failed.
  */
 #define DSAN_FD_CONNECT (1 << 4)
+
+/*
+ The peer closed (close_error 0) or reset (negative errno).
+ */
+#define DSAN_FD_CLOSE (1 << 5)
 
 /*
  Condition function result: accept the request.
@@ -30,6 +45,10 @@
  Condition function result: leave it at the head of the backlog.
  */
 #define DSAN_CF_DEFER 2
+
+
+
+
 
 /*
  Events recorded on a socket since the last `dsan_enum_network_events`.
@@ -47,6 +66,10 @@ typedef struct dsan_network_events {
    0 or a negative errno.
    */
   int32_t connect_error;
+  /*
+   For DSAN_FD_CLOSE: 0 (the peer closed) or a negative errno (reset).
+   */
+  int32_t close_error;
 } dsan_network_events;
 
 /*
@@ -99,10 +122,14 @@ int dsan_bind(int s, const struct sockaddr *addr, socklen_t len);
 int dsan_listen(int s, int backlog);
 
 /*
- Registers `event_fd` (an eventfd) for DSAN_FD_ACCEPT and/or DSAN_FD_CONNECT
- on `s` and makes `s` nonblocking. The provider writes the eventfd when a
- request is queued (FD_ACCEPT) or a connect completes or fails (FD_CONNECT).
- `event_fd` -1 with mask 0 unregisters.
+ Registers `event_fd` (an eventfd) for DSAN_FD_* events on `s` and makes
+ `s` nonblocking. The provider writes the eventfd when a request is queued
+ (FD_ACCEPT), a connect completes or fails (FD_CONNECT), bytes or the end
+ of the stream arrive after a receive found none (FD_READ; also at once
+ if bytes are there), room frees up after a send found none (FD_WRITE;
+ also at once if there is room), or the connection ends (FD_CLOSE).
+ Read until -EAGAIN after each FD_READ: it is posted once per time the
+ receive ring was found empty. `event_fd` -1 with mask 0 unregisters.
  */
 int dsan_event_select(int s, int event_fd, uint32_t mask);
 
@@ -144,6 +171,61 @@ int dsan_connect(int s, const struct sockaddr *dst, socklen_t len);
  Closes `s`. -ENOTSOCK if unknown or closed already.
  */
 int dsan_close(int s);
+
+/*
+ Sends up to `len` bytes on a connected socket: how many were taken. A
+ blocking socket takes all of them, waiting for the peer's credit; a
+ nonblocking (event-selected) one, or `flags` MSG_DONTWAIT, takes what
+ fits or returns -EAGAIN (DSAN_FD_WRITE follows when room frees up).
+ -EPIPE after SHUT_WR or once the connection ended (no SIGPIPE);
+ -ENOTCONN before connect; -EINVAL for other flags (MSG_NOSIGNAL is
+ accepted).
+
+ # Safety
+ `buf` is NULL only with `len` 0, else points to `len` readable bytes.
+ */
+ssize_t dsan_send(int s, const void *buf, size_t len, int flags);
+
+/*
+ Receives up to `len` bytes from a connected socket: how many, 0 at the
+ end of the stream (after the peer's SHUT_WR or close), -EAGAIN when
+ nonblocking (or MSG_DONTWAIT) and nothing is there, -ECONNRESET after a
+ reset, -ENOTCONN before connect. MSG_PEEK leaves the bytes in place.
+
+ # Safety
+ `buf` is NULL only with `len` 0, else points to `len` writable bytes.
+ */
+ssize_t dsan_recv(int s, void *buf, size_t len, int flags);
+
+/*
+ Shuts down receiving (SHUT_RD), sending (SHUT_WR: the peer reads the end
+ of the stream after the bytes sent) or both (SHUT_RDWR). -EINVAL for
+ another `how`, -ENOTCONN if not connected.
+ */
+int dsan_shutdown(int s, int how);
+
+/*
+ Sets an option (an int value): SOL_SOCKET SO_RCVBUF / SO_SNDBUF (ring
+ sizes of the connection: 4 KiB to 1 MiB, rounded up to a power of two;
+ set before connect or listen, inherited by accepted sockets),
+ SO_KEEPALIVE; IPPROTO_TCP TCP_NODELAY (accepted). -ENOPROTOOPT for
+ others; -EINVAL for a value shorter than an int; -EFAULT for NULL.
+
+ # Safety
+ `val` is NULL or points to `len` readable bytes.
+ */
+int dsan_setsockopt(int s, int level, int name, const void *val, socklen_t len);
+
+/*
+ Reads an option into `*val` (an int; `*len` must be at least 4 and is
+ set to 4): those of `dsan_setsockopt`, SO_ERROR (the pending error as a
+ positive errno, cleared by reading: a failed nonblocking connect, or a
+ reset connection) and SO_TYPE.
+
+ # Safety
+ `val` and `len` are NULL or valid; `val` has `*len` writable bytes.
+ */
+int dsan_getsockopt(int s, int level, int name, void *val, socklen_t *len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -13,10 +13,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+/// Data or end-of-stream can be received.
+pub const DSAN_FD_READ: u32 = 1 << 0;
+/// A send would now accept bytes again.
+pub const DSAN_FD_WRITE: u32 = 1 << 1;
 /// A connection request is queued on a listening socket.
 pub const DSAN_FD_ACCEPT: u32 = 1 << 3;
 /// A nonblocking connect completed or failed.
 pub const DSAN_FD_CONNECT: u32 = 1 << 4;
+/// The peer closed (close_error 0) or reset (negative errno).
+pub const DSAN_FD_CLOSE: u32 = 1 << 5;
 /// Condition function result: accept the request.
 pub const DSAN_CF_ACCEPT: c_int = 0;
 /// Condition function result: refuse it (the peer gets ECONNREFUSED).
@@ -34,6 +40,8 @@ pub struct dsan_network_events {
     pub accept_error: i32,
     /// 0 or a negative errno.
     pub connect_error: i32,
+    /// For DSAN_FD_CLOSE: 0 (the peer closed) or a negative errno (reset).
+    pub close_error: i32,
 }
 
 /// The condition function: called by `dsan_accept` on the calling thread with
@@ -144,10 +152,14 @@ pub extern "C" fn dsan_listen(s: c_int, backlog: c_int) -> c_int {
     })
 }
 
-/// Registers `event_fd` (an eventfd) for DSAN_FD_ACCEPT and/or DSAN_FD_CONNECT
-/// on `s` and makes `s` nonblocking. The provider writes the eventfd when a
-/// request is queued (FD_ACCEPT) or a connect completes or fails (FD_CONNECT).
-/// `event_fd` -1 with mask 0 unregisters.
+/// Registers `event_fd` (an eventfd) for DSAN_FD_* events on `s` and makes
+/// `s` nonblocking. The provider writes the eventfd when a request is queued
+/// (FD_ACCEPT), a connect completes or fails (FD_CONNECT), bytes or the end
+/// of the stream arrive after a receive found none (FD_READ; also at once
+/// if bytes are there), room frees up after a send found none (FD_WRITE;
+/// also at once if there is room), or the connection ends (FD_CLOSE).
+/// Read until -EAGAIN after each FD_READ: it is posted once per time the
+/// receive ring was found empty. `event_fd` -1 with mask 0 unregisters.
 #[no_mangle]
 pub extern "C" fn dsan_event_select(s: c_int, event_fd: c_int, mask: u32) -> c_int {
     guard(|| {
@@ -176,6 +188,7 @@ pub unsafe extern "C" fn dsan_enum_network_events(
                 events: e.events,
                 accept_error: e.accept_error,
                 connect_error: e.connect_error,
+                close_error: e.close_error,
             })
         };
         Ok(0)
@@ -274,4 +287,145 @@ pub extern "C" fn dsan_close(s: c_int) -> c_int {
         provider()?.close(sock(s)?)?;
         Ok(0)
     })
+}
+
+/// Sends up to `len` bytes on a connected socket: how many were taken. A
+/// blocking socket takes all of them, waiting for the peer's credit; a
+/// nonblocking (event-selected) one, or `flags` MSG_DONTWAIT, takes what
+/// fits or returns -EAGAIN (DSAN_FD_WRITE follows when room frees up).
+/// -EPIPE after SHUT_WR or once the connection ended (no SIGPIPE);
+/// -ENOTCONN before connect; -EINVAL for other flags (MSG_NOSIGNAL is
+/// accepted).
+///
+/// # Safety
+/// `buf` is NULL only with `len` 0, else points to `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dsan_send(
+    s: c_int,
+    buf: *const c_void,
+    len: usize,
+    flags: c_int,
+) -> libc::ssize_t {
+    guard_size(|| {
+        let p = provider()?;
+        let s = sock(s)?;
+        let b: &[u8] = if len == 0 {
+            &[]
+        } else if buf.is_null() {
+            return Err(Error::Fault);
+        } else {
+            // SAFETY: non-NULL and `len` readable bytes, per the contract.
+            unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) }
+        };
+        p.send(s, b, flags)
+    })
+}
+
+/// Receives up to `len` bytes from a connected socket: how many, 0 at the
+/// end of the stream (after the peer's SHUT_WR or close), -EAGAIN when
+/// nonblocking (or MSG_DONTWAIT) and nothing is there, -ECONNRESET after a
+/// reset, -ENOTCONN before connect. MSG_PEEK leaves the bytes in place.
+///
+/// # Safety
+/// `buf` is NULL only with `len` 0, else points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dsan_recv(
+    s: c_int,
+    buf: *mut c_void,
+    len: usize,
+    flags: c_int,
+) -> libc::ssize_t {
+    guard_size(|| {
+        let p = provider()?;
+        let s = sock(s)?;
+        let b: &mut [u8] = if len == 0 {
+            &mut []
+        } else if buf.is_null() {
+            return Err(Error::Fault);
+        } else {
+            // SAFETY: non-NULL and `len` writable bytes, per the contract.
+            unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
+        };
+        p.recv(s, b, flags)
+    })
+}
+
+/// Shuts down receiving (SHUT_RD), sending (SHUT_WR: the peer reads the end
+/// of the stream after the bytes sent) or both (SHUT_RDWR). -EINVAL for
+/// another `how`, -ENOTCONN if not connected.
+#[no_mangle]
+pub extern "C" fn dsan_shutdown(s: c_int, how: c_int) -> c_int {
+    guard(|| {
+        provider()?.shutdown(sock(s)?, how)?;
+        Ok(0)
+    })
+}
+
+/// Sets an option (an int value): SOL_SOCKET SO_RCVBUF / SO_SNDBUF (ring
+/// sizes of the connection: 4 KiB to 1 MiB, rounded up to a power of two;
+/// set before connect or listen, inherited by accepted sockets),
+/// SO_KEEPALIVE; IPPROTO_TCP TCP_NODELAY (accepted). -ENOPROTOOPT for
+/// others; -EINVAL for a value shorter than an int; -EFAULT for NULL.
+///
+/// # Safety
+/// `val` is NULL or points to `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dsan_setsockopt(
+    s: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: libc::socklen_t,
+) -> c_int {
+    guard(|| {
+        if val.is_null() {
+            return Err(Error::Fault);
+        }
+        // SAFETY: non-NULL and `len` readable bytes, per the contract.
+        let v = unsafe { std::slice::from_raw_parts(val.cast::<u8>(), len as usize) };
+        provider()?.setsockopt(sock(s)?, level, name, v)?;
+        Ok(0)
+    })
+}
+
+/// Reads an option into `*val` (an int; `*len` must be at least 4 and is
+/// set to 4): those of `dsan_setsockopt`, SO_ERROR (the pending error as a
+/// positive errno, cleared by reading: a failed nonblocking connect, or a
+/// reset connection) and SO_TYPE.
+///
+/// # Safety
+/// `val` and `len` are NULL or valid; `val` has `*len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dsan_getsockopt(
+    s: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut libc::socklen_t,
+) -> c_int {
+    guard(|| {
+        if val.is_null() || len.is_null() {
+            return Err(Error::Fault);
+        }
+        // SAFETY: non-NULL, per the contract.
+        if (unsafe { *len } as usize) < std::mem::size_of::<c_int>() {
+            return Err(Error::Inval);
+        }
+        let v = provider()?.getsockopt(sock(s)?, level, name)?;
+        // SAFETY: non-NULL with room for an int, per the contract and the check above.
+        unsafe {
+            std::ptr::write_unaligned(val.cast::<c_int>(), v);
+            *len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        }
+        Ok(0)
+    })
+}
+
+/// [`guard`] for calls that return a byte count.
+fn guard_size(f: impl FnOnce() -> Result<usize, Error>) -> libc::ssize_t {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => isize::try_from(v).unwrap_or(isize::MAX),
+        Ok(Err(e)) => -(e.errno() as isize),
+        Err(_) => -(libc::EIO as isize),
+    }
 }

@@ -7,9 +7,14 @@
 #![allow(unsafe_code)] // poll() on the control socket
 
 use dsan_channel::doorbell::Bell;
-use dsan_channel::msg::{Command, Op, Request, Verdict};
+#[path = "data.rs"]
+mod data;
+pub use data::{MSG_DONTWAIT, MSG_PEEK};
+
+use dsan_channel::msg::{Bufs, Command, Op, Request, Verdict};
 use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer, PushError};
+use dsan_channel::stream::ST_LINGER;
 use dsan_channel::sys;
 use serde_json::{json, Value};
 use std::net::SocketAddrV4;
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use dsan_channel::net::Subnet;
-pub use dsan_channel::region::{FD_ACCEPT, FD_CONNECT};
+pub use dsan_channel::region::{FD_ACCEPT, FD_ALL, FD_CLOSE, FD_CONNECT, FD_READ, FD_WRITE};
 
 /// Errors of provider calls; [`Error::errno`] gives the C ABI's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +80,15 @@ pub enum Error {
     /// Out of connections on the host (ENOBUFS).
     #[error("no buffer space")]
     NoBufs,
+    /// Not connected (ENOTCONN).
+    #[error("not connected")]
+    NotConn,
+    /// Sending is shut down or the connection ended (EPIPE; no SIGPIPE).
+    #[error("broken pipe")]
+    Pipe,
+    /// Unknown socket option (ENOPROTOOPT).
+    #[error("protocol not available")]
+    NoProtoOpt,
     /// Another errno.
     #[error("errno {0}")]
     Os(i32),
@@ -100,6 +114,9 @@ impl Error {
             Error::Again => libc::EAGAIN,
             Error::MFile => libc::EMFILE,
             Error::NoBufs => libc::ENOBUFS,
+            Error::NotConn => libc::ENOTCONN,
+            Error::Pipe => libc::EPIPE,
+            Error::NoProtoOpt => libc::ENOPROTOOPT,
             Error::Os(e) => *e,
         }
     }
@@ -123,6 +140,9 @@ impl Error {
             libc::EAGAIN => Error::Again,
             libc::EMFILE => Error::MFile,
             libc::ENOBUFS => Error::NoBufs,
+            libc::ENOTCONN => Error::NotConn,
+            libc::EPIPE => Error::Pipe,
+            libc::ENOPROTOOPT => Error::NoProtoOpt,
             o => Error::Os(o),
         }
     }
@@ -153,6 +173,8 @@ pub struct NetworkEvents {
     pub accept_error: i32,
     /// 0 or a negative errno for FD_CONNECT.
     pub connect_error: i32,
+    /// For FD_CLOSE: 0 (the peer closed) or a negative errno (reset).
+    pub close_error: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +201,14 @@ struct LocalSock {
     area: Option<usize>,
     seq: u32,
     peer: Option<SocketAddrV4>,
+    /// Ring sizes (SO_SNDBUF / SO_RCVBUF).
+    bufs: Bufs,
+    keepalive: bool,
+    nodelay: bool,
+    shut_rd: bool,
+    shut_wr: bool,
+    /// SO_ERROR reported how the connection ended already.
+    error_reported: bool,
 }
 
 impl LocalSock {
@@ -194,6 +224,12 @@ impl LocalSock {
             area: None,
             seq: 0,
             peer: None,
+            bufs: Bufs::default(),
+            keepalive: false,
+            nodelay: false,
+            shut_rd: false,
+            shut_wr: false,
+            error_reported: false,
         }
     }
 
@@ -243,6 +279,8 @@ pub struct Provider {
     cmds: Mutex<Producer>,
     /// This process's own doorbell.
     doorbell: Bell,
+    /// The data path of each socket.
+    io: Vec<data::IoSlot>,
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
     san_addrs: Mutex<(u64, Vec<Subnet>)>,
 }
@@ -312,6 +350,7 @@ impl Provider {
             region,
             cmds: Mutex::new(cmds),
             doorbell,
+            io: (0..MAX_SOCKETS).map(|_| data::IoSlot::default()).collect(),
         }))
     }
 
@@ -458,8 +497,12 @@ impl Provider {
         for (i, m) in self.socks.iter().enumerate() {
             // A slot locked by a call in progress is in use: skip it.
             let Ok(mut g) = m.try_lock() else { continue };
-            if g.is_none() {
+            // A closed socket whose last bytes the daemon still sends is not free.
+            let lingering = self.region.stream(i).st.state.load(Ordering::Acquire) & ST_LINGER != 0;
+            if g.is_none() && !lingering {
                 let sh = self.region.sock(i);
+                data::clear_app_words(self.region.stream(i));
+                self.io[i].reset();
                 let mut ls = LocalSock::new();
                 // Sequence numbers continue across reuse of the slot, so a stale
                 // completion of the previous socket never answers a new command.
@@ -522,6 +565,7 @@ impl Provider {
                 addr,
                 backlog,
                 area: area as u16,
+                bufs: ls.bufs,
             },
             COMMAND_TIMEOUT,
         );
@@ -555,7 +599,7 @@ impl Provider {
         self.check()?;
         let mut g = self.lock(s)?;
         let ls = g.as_mut().expect("checked");
-        if mask & !(FD_ACCEPT | FD_CONNECT) != 0 || (efd < 0 && mask != 0) {
+        if mask & !FD_ALL != 0 || (efd < 0 && mask != 0) {
             return Err(Error::Inval);
         }
         if efd >= 0 {
@@ -578,6 +622,17 @@ impl Provider {
         ls.efd = (efd >= 0).then_some(efd);
         ls.mask = mask;
         ls.nonblocking = mask != 0;
+        drop(g);
+        // What holds already is posted at once (WSD: FD_READ when bytes are
+        // there, FD_WRITE when a send would take some).
+        let ready = self.ready_events(s, mask);
+        if ready != 0 {
+            self.region
+                .sock(s as usize)
+                .events
+                .fetch_or(ready, Ordering::AcqRel);
+            sys::signal_eventfd(efd);
+        }
         Ok(())
     }
 
@@ -606,10 +661,20 @@ impl Provider {
                 0
             }
         };
+        let close_error = if events & FD_CLOSE != 0 {
+            self.region
+                .stream(s as usize)
+                .st
+                .close_error
+                .load(Ordering::Acquire)
+        } else {
+            0
+        };
         Ok(NetworkEvents {
             events,
             accept_error: take(FD_ACCEPT, &sh.accept_error),
             connect_error: take(FD_CONNECT, &sh.connect_error),
+            close_error,
         })
     }
 
@@ -633,6 +698,7 @@ impl Provider {
             return Err(Error::Inval);
         }
         let sh = self.region.sock(s as usize);
+        let bufs = ls.bufs;
         loop {
             let head = loop {
                 let seen = sh.arrivals.load(Ordering::Acquire);
@@ -701,6 +767,7 @@ impl Provider {
                         .unwrap_or_else(|e| e.into_inner());
                     let ns = ng.as_mut().expect("reserved");
                     ns.state = State::Connected;
+                    ns.bufs = bufs;
                     ns.peer = Some(peer);
                     ns.bound = Some(head.local);
                     return Ok((n, peer));
@@ -764,6 +831,7 @@ impl Provider {
                 dst,
                 src,
                 nonblocking,
+                bufs: ls.bufs,
             },
             COMMAND_TIMEOUT,
         )?;
@@ -823,6 +891,9 @@ impl Provider {
     pub fn close(&self, s: SocketId) -> Result<()> {
         let mut g = self.lock(s)?;
         let mut ls = g.take().expect("checked");
+        if let Some(io) = self.io.get(s as usize) {
+            io.close();
+        }
         let had_state = ls.state != State::Fresh
             || self
                 .region

@@ -11,8 +11,8 @@ use super::events::complete;
 use super::Node;
 use crate::proto::{AcceptError, ConnHandle, ConnectError, Decision, ListenError, ListenerId};
 use crate::time::Instant;
-use dsan_channel::msg::{Command, CommandView, Op, RequestKey, Verdict};
-use dsan_channel::region::{Region, FD_ACCEPT, FD_CONNECT, MAX_SOCKETS};
+use dsan_channel::msg::{Bufs, Command, CommandView, Op, RequestKey, Verdict};
+use dsan_channel::region::{Region, FD_ALL, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer};
 use dsan_channel::sys::EventFd;
 use std::collections::HashMap;
@@ -62,11 +62,13 @@ pub(super) enum SockObj {
     Listener {
         id: ListenerId,
         area: u16,
+        bufs: Bufs,
     },
     Attempt {
         h: ConnHandle,
         blocking: bool,
         seq: u32,
+        bufs: Bufs,
     },
     Conn(ConnHandle),
     /// The peer closed it; the application has yet to.
@@ -116,6 +118,12 @@ impl Node {
     /// their queues), its event descriptors are closed, and its region is
     /// marked closed.
     pub(super) fn detach(&mut self, now: Instant, id: u64) {
+        self.detach_for(now, id, crate::wire::ResetReason::ProcessGone);
+    }
+
+    /// [`detach`](Self::detach), resetting its connections for `reason`.
+    pub(super) fn detach_for(&mut self, now: Instant, id: u64, reason: crate::wire::ResetReason) {
+        self.reset_streams_of(now, id, reason);
         self.proc_ids.retain(|p| *p != id);
         if let Some(p) = self.procs.remove(&id) {
             let mut socks: Vec<(u32, SockObj)> = p.socks.into_iter().collect();
@@ -207,21 +215,29 @@ impl Node {
                 addr,
                 backlog,
                 area,
-            } => self.app_listen(id, sock, addr, backlog, area),
+                bufs,
+            } => self.app_listen(id, sock, addr, backlog, area, bufs),
             Op::Decide { key, verdict, .. } => self.app_decide(now, id, sock, key, verdict),
             Op::Connect {
                 dst,
                 src,
                 nonblocking,
-            } => self.app_connect(now, id, sock, cmd.seq, dst, src, nonblocking),
+                bufs,
+            } => self.app_connect(now, id, sock, cmd.seq, dst, src, nonblocking, bufs),
             Op::Close => {
                 let p = self.procs.get_mut(&id).expect("caller checked");
                 p.backlogs.remove(&sock);
                 p.events.remove(&sock);
-                if let Some(obj) = p.socks.remove(&sock) {
-                    self.release(now, obj);
+                match p.socks.remove(&sock) {
+                    Some(SockObj::Conn(h)) if self.close_stream(now, h) => {}
+                    Some(obj) => self.release(now, obj),
+                    None => {}
                 }
                 Some(0)
+            }
+            Op::Kick => {
+                self.kick(now, id, sock);
+                None
             }
             Op::EventSelect { mask } => {
                 let p = self.procs.get_mut(&id).expect("caller checked");
@@ -229,7 +245,7 @@ impl Node {
                     p.events.remove(&sock);
                     Some(0)
                 } else if let Some(r) = p.events.get_mut(&sock) {
-                    r.mask = mask & (FD_ACCEPT | FD_CONNECT);
+                    r.mask = mask & FD_ALL;
                     Some(0)
                 } else {
                     errno(libc::EINVAL) // no descriptor registered
@@ -248,6 +264,7 @@ impl Node {
         addr: SocketAddrV4,
         backlog: i32,
         area: u16,
+        bufs: Bufs,
     ) -> Option<i64> {
         let p = &self.procs[&id];
         let area_used = p
@@ -277,7 +294,8 @@ impl Node {
             }
         };
         p.backlogs.insert(sock, ring);
-        p.socks.insert(sock, SockObj::Listener { id: l, area });
+        p.socks
+            .insert(sock, SockObj::Listener { id: l, area, bufs });
         self.listener_owner.insert(l, (id, sock));
         Some(cap as i64)
     }
@@ -291,7 +309,7 @@ impl Node {
         verdict: Verdict,
     ) -> Option<i64> {
         let p = &self.procs[&id];
-        let Some(SockObj::Listener { id: l, .. }) = p.socks.get(&sock).copied() else {
+        let Some(SockObj::Listener { id: l, bufs, .. }) = p.socks.get(&sock).copied() else {
             return errno(libc::EINVAL);
         };
         let (d, new_sock) = match verdict {
@@ -301,12 +319,14 @@ impl Node {
         if new_sock.is_some_and(|s| p.socks.contains_key(&s)) {
             return errno(libc::EINVAL);
         }
-        match self.ep.decide(now, l, key, d) {
+        let offer = self.cfg.proto.offer(bufs.rcv as u32);
+        match self.ep.decide_with(now, l, key, d, offer) {
             Ok(Some(h)) => {
                 let new_sock = new_sock.expect("accepted");
                 let p = self.procs.get_mut(&id).expect("present");
                 p.socks.insert(new_sock, SockObj::Conn(h));
                 self.conn_owner.insert(h, (id, new_sock));
+                self.open_stream(now, h, id, new_sock, bufs);
                 Some(0)
             }
             Ok(None) => errno(libc::ECONNREFUSED),
@@ -327,6 +347,7 @@ impl Node {
         dst: SocketAddrV4,
         src: Option<std::net::Ipv4Addr>,
         nonblocking: bool,
+        bufs: Bufs,
     ) -> Option<i64> {
         match self.procs[&id].socks.get(&sock) {
             Some(SockObj::Attempt { .. }) => return errno(libc::EALREADY),
@@ -334,7 +355,11 @@ impl Node {
             Some(SockObj::Listener { .. }) => return errno(libc::EINVAL),
             _ => {}
         }
-        let h = match self.ep.connect(now, src, (*dst.ip(), dst.port())) {
+        let offer = self.cfg.proto.offer(bufs.rcv as u32);
+        let h = match self
+            .ep
+            .connect_with(now, src, (*dst.ip(), dst.port()), offer)
+        {
             Ok(h) => h,
             Err(ConnectError::HostUnreachable) => return errno(libc::EHOSTUNREACH),
             Err(ConnectError::NoLocalAddress) => return errno(libc::EADDRNOTAVAIL),
@@ -355,6 +380,7 @@ impl Node {
                 h,
                 blocking: !nonblocking,
                 seq,
+                bufs,
             },
         );
         self.conn_owner.insert(h, (id, sock));

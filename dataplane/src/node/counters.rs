@@ -7,7 +7,7 @@ use crate::wire::Message;
 use std::sync::Mutex;
 
 /// Number of message kinds counted.
-pub const KINDS: usize = 10;
+pub const KINDS: usize = 13;
 /// Names of the kinds, by index.
 pub const KIND_NAMES: [&str; KINDS] = [
     "connect_request",
@@ -20,6 +20,9 @@ pub const KIND_NAMES: [&str; KINDS] = [
     "echo_request",
     "echo_reply",
     "accept_ack",
+    "data",
+    "ack",
+    "reset",
 ];
 
 /// The counter index of a message.
@@ -35,6 +38,9 @@ pub fn kind_index(m: &Message) -> usize {
         Message::EchoRequest { .. } => 7,
         Message::EchoReply { .. } => 8,
         Message::AcceptAck { .. } => 9,
+        Message::Data(_) => 10,
+        Message::Ack(_) => 11,
+        Message::Reset { .. } => 12,
     }
 }
 
@@ -45,6 +51,16 @@ pub const REJECT_REASONS: [&str; 5] = [
     "refused",
     "no_resources",
     "listener_closed",
+];
+/// Labels of [`Counters::resets`], in order: why SAN connections were reset
+/// (by this host, or by the peer: `peer`).
+pub const RESET_REASONS: [&str; 6] = [
+    "process_gone",
+    "aborted",
+    "timed_out",
+    "shutdown",
+    "protocol",
+    "peer",
 ];
 /// Labels of [`Counters::attempts`], in order.
 pub const ATTEMPT_RESULTS: [&str; 4] = ["connected", "refused", "reset", "timed_out"];
@@ -101,6 +117,20 @@ pub struct Counters {
     pub connect_buckets: [u64; 19],
     /// Their sum, ns.
     pub connect_sum_ns: u64,
+    /// Stream payload bytes sent (retransmissions included).
+    pub san_bytes_tx: u64,
+    /// Stream payload bytes delivered in order to applications.
+    pub san_bytes_rx: u64,
+    /// Data frames sent again (go-back-N after a loss).
+    pub frames_retransmitted: u64,
+    /// Times a sender had bytes but no credit.
+    pub credit_stalls: u64,
+    /// Established SAN connections with a stream now.
+    pub connections: u64,
+    /// Connections reset, by [`RESET_REASONS`].
+    pub resets: [u64; 6],
+    /// SAN frames dropped by the fault injector (lab only).
+    pub drop_injected: u64,
 }
 
 impl Counters {
@@ -141,6 +171,12 @@ pub(super) struct Local {
     pub(super) app_rejects: [u64; 4],
     pub(super) app_violations: u64,
     pub(super) event_signal_failed: u64,
+    pub(super) bytes_tx: u64,
+    pub(super) bytes_rx: u64,
+    pub(super) retransmitted: u64,
+    pub(super) credit_stalls: u64,
+    pub(super) resets: [u64; 6],
+    pub(super) injected: u64,
 }
 
 impl Node {
@@ -170,6 +206,13 @@ impl Node {
         c.attempts = ps.attempts;
         c.connect_buckets = ps.connect_duration_buckets;
         c.connect_sum_ns = ps.connect_duration_sum_ns;
+        c.san_bytes_tx = l.bytes_tx;
+        c.san_bytes_rx = l.bytes_rx;
+        c.frames_retransmitted = l.retransmitted;
+        c.credit_stalls = l.credit_stalls;
+        c.connections = self.streams.len() as u64;
+        c.resets = l.resets;
+        c.drop_injected = l.injected;
         self.stats.publish(&self.counters);
     }
 }

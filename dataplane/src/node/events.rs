@@ -28,7 +28,7 @@ pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
 /// Records event `bit` on a socket, signals its eventfd if the application
 /// selected the bit, and wakes threads waiting for arrivals. Returns false if
 /// a selected eventfd could not be signalled.
-fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
+pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
     s.events.fetch_or(bit, Ordering::AcqRel);
     s.arrivals.fetch_add(1, Ordering::Release);
     let mut ok = true;
@@ -92,7 +92,12 @@ impl Node {
                 let Some(p) = self.procs.get_mut(&pid) else {
                     return;
                 };
-                let Some(SockObj::Attempt { blocking, seq, .. }) = p.socks.get(&sock).copied()
+                let Some(SockObj::Attempt {
+                    blocking,
+                    seq,
+                    bufs,
+                    ..
+                }) = p.socks.get(&sock).copied()
                 else {
                     return;
                 };
@@ -102,10 +107,14 @@ impl Node {
                 };
                 if err == 0 {
                     p.socks.insert(sock, SockObj::Conn(conn));
+                    self.open_stream(now, conn, pid, sock, bufs);
                 } else {
                     p.socks.remove(&sock);
                     self.conn_owner.remove(&conn);
                 }
+                let Some(p) = self.procs.get(&pid) else {
+                    return;
+                };
                 let s = p.shared.region.sock(sock as usize);
                 s.connect_state
                     .store(if err == 0 { 1 } else { err }, Ordering::Release);
@@ -119,7 +128,8 @@ impl Node {
                     }
                 }
             }
-            Event::Closed { conn } => {
+            Event::Closed { conn } | Event::Reset { conn, .. } => {
+                self.stream_ended(conn, matches!(e, Event::Reset { .. }));
                 if let Some((pid, sock)) = self.conn_owner.remove(&conn) {
                     if let Some(p) = self.procs.get_mut(&pid) {
                         p.socks.insert(sock, SockObj::Ended);

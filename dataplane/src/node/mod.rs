@@ -12,11 +12,12 @@ mod apps;
 mod counters;
 mod events;
 mod probe;
+mod streams;
 
 pub use apps::AppShared;
 pub use counters::{
     kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
-    REJECT_REASONS,
+    REJECT_REASONS, RESET_REASONS,
 };
 pub use probe::{PingRequest, PingResult};
 
@@ -31,7 +32,7 @@ use counters::Local;
 use crossbeam_queue::ArrayQueue;
 use dsan_channel::ring::Consumer;
 use probe::ActivePing;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -141,6 +142,9 @@ pub struct Node {
     stats: Arc<NodeStats>,
     local: Local,
     counters: Counters,
+    streams: HashMap<ConnHandle, streams::StreamCtx>,
+    stream_timers: BTreeSet<(Instant, ConnHandle)>,
+    txq: VecDeque<ConnHandle>,
 }
 
 /// The control side's handle to a running node.
@@ -193,6 +197,9 @@ impl Node {
             stats: h.stats.clone(),
             local: Local::default(),
             counters: Counters::default(),
+            streams: HashMap::new(),
+            stream_timers: BTreeSet::new(),
+            txq: VecDeque::new(),
         };
         (n, h)
     }
@@ -258,6 +265,12 @@ impl Node {
                     self.local.unexpected += 1;
                 }
             }
+            Message::Data(_) | Message::Ack(_) => {
+                if !self.ep.addrs().contains(&h.dst_ip) {
+                    return self.local.not_ours += 1;
+                }
+                self.stream_frame(now, &h, &repr.message, wire::payload(bytes));
+            }
             _ => self.ep.handle_frame(now, &repr),
         }
     }
@@ -289,8 +302,8 @@ impl Node {
                 let _ = done.send(());
             }
             Command::Shutdown(done) => {
-                for id in std::mem::take(&mut self.proc_ids) {
-                    self.detach(now, id);
+                for id in self.proc_ids.clone() {
+                    self.detach_for(now, id, wire::ResetReason::Shutdown);
                 }
                 let _ = done.send(());
             }
@@ -397,6 +410,9 @@ impl Node {
         if self.ep.poll_timeout().is_some_and(|t| t <= now) {
             self.ep.handle_timeout(now);
         }
+        if self.next_stream_timer().is_some_and(|t| t <= now) {
+            self.stream_timeouts(now);
+        }
         busy
     }
 
@@ -421,11 +437,14 @@ impl<D: Device> Handler<D> for Node {
             self.handle_frame(now, f.as_ref(), tx);
         }
         self.flush_core(now, |n, r| n.send(tx, r));
+        self.stream_tx(now, tx);
     }
 
     fn poll(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
         let mut busy = self.serve_inputs(now);
         busy |= self.drive_ping(now, tx);
+        busy |= self.flush_core(now, |n, r| n.send(tx, r));
+        busy |= self.stream_tx(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy
     }
@@ -454,7 +473,10 @@ impl<D: Device> Handler<D> for Node {
 
     fn next_deadline(&self) -> Option<Instant> {
         let p = self.ping.as_ref().map(ActivePing::next_timer);
-        [p, self.ep.poll_timeout()].into_iter().flatten().min()
+        [p, self.ep.poll_timeout(), self.next_stream_timer()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 

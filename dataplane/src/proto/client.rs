@@ -6,7 +6,7 @@ use super::resolve::Lookup;
 use super::rng::Rng;
 use super::types::*;
 use crate::time::Instant;
-use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, SanHeader};
+use crate::wire::{EthernetAddress, Ipv4, Message, Offer, RejectReason, SanHeader};
 use std::time::Duration;
 
 #[derive(Debug)]
@@ -20,6 +20,7 @@ pub(super) struct Attempt {
     pub(super) deadline: Instant,
     pub(super) next_send: Instant,
     pub(super) rto: Duration,
+    pub(super) offer: Offer,
 }
 
 impl Attempt {
@@ -45,6 +46,21 @@ impl<R: Rng> Endpoint<R> {
         now: Instant,
         local_ip: Option<Ipv4>,
         dst: SockAddr,
+    ) -> Result<ConnHandle, ConnectError> {
+        self.connect_with(now, local_ip, dst, self.cfg.offer(Offer::DEFAULT.window))
+    }
+
+    /// [`connect`](Self::connect), offering the peer `offer` (our receive
+    /// window and frame size).
+    ///
+    /// # Errors
+    /// See [`ConnectError`].
+    pub fn connect_with(
+        &mut self,
+        now: Instant,
+        local_ip: Option<Ipv4>,
+        dst: SockAddr,
+        offer: Offer,
     ) -> Result<ConnHandle, ConnectError> {
         let subnet = self
             .cfg
@@ -97,6 +113,7 @@ impl<R: Rng> Endpoint<R> {
                 deadline: now + self.cfg.connect_budget,
                 next_send: now + rto,
                 rto,
+                offer,
             },
         );
         self.attempt_by_wire.insert(conn_id, h);
@@ -132,14 +149,14 @@ impl<R: Rng> Endpoint<R> {
         &mut self,
         now: Instant,
         h: ConnHandle,
-        outcome: Result<(SanHeader, u64), ConnectFailure>,
+        outcome: Result<(SanHeader, u64, Offer), ConnectFailure>,
     ) {
         let Some(a) = self.attempts.remove(&h) else {
             return;
         };
         self.attempt_by_wire.remove(&a.conn_id);
         match outcome {
-            Ok((hdr, server_token)) => {
+            Ok((hdr, server_token, peer_offer)) => {
                 self.stats.attempts[0] += 1;
                 let d = now.saturating_since(a.started);
                 let secs = d.as_secs_f64();
@@ -157,6 +174,7 @@ impl<R: Rng> Endpoint<R> {
                     a.conn_id,
                     a.client_token,
                     server_token,
+                    (a.offer, peer_offer),
                 );
                 self.conn_by_wire
                     .insert((a.peer.0, a.conn_id, Role::Client), h);
@@ -186,6 +204,7 @@ impl<R: Rng> Endpoint<R> {
             Message::ConnectRequest {
                 conn_id: a.conn_id,
                 client_token: a.client_token,
+                offer: a.offer,
             },
         );
         self.emit(mac, local, peer, m);
@@ -210,6 +229,7 @@ impl<R: Rng> Endpoint<R> {
         conn_id: u64,
         client_token: u64,
         server_token: u64,
+        offer: Offer,
     ) {
         let confirm = Message::AcceptAck {
             conn_id,
@@ -217,7 +237,7 @@ impl<R: Rng> Endpoint<R> {
         };
         if self.attempt_by_wire.contains_key(&conn_id) {
             if let Some(ah) = self.attempt_for(h.src_ip, conn_id, client_token) {
-                self.finish_attempt(now, ah, Ok((*h, server_token)));
+                self.finish_attempt(now, ah, Ok((*h, server_token, offer)));
                 self.reply(h, confirm);
             }
             return;
@@ -287,7 +307,7 @@ impl<R: Rng> Endpoint<R> {
         let Some(ah) = self.attempt_for(h.src_ip, conn_id, token) else {
             return false;
         };
-        self.finish_attempt(now, ah, Ok((*h, 0)));
+        self.finish_attempt(now, ah, Ok((*h, 0, crate::wire::Offer::MIN)));
         self.remove_conn(now, ah);
         self.events.push_back(Event::Closed { conn: ah });
         true

@@ -39,6 +39,32 @@ pub struct ProtoConfig {
     pub subnets: Vec<Subnet>,
     /// Address resolution timing.
     pub resolve: ResolveConfig,
+    /// The link's MTU (bytes of Ethernet payload; default 1500): stream
+    /// payloads are cut to fit.
+    pub mtu: u16,
+    /// Streams: first retransmission timeout (default 5 ms; doubled per
+    /// retransmission up to `max_rto`).
+    pub stream_rto: Duration,
+    /// Streams: probe a peer not heard from for this long (default 1 s).
+    pub keepalive_idle: Duration,
+    /// Streams: reset a connection whose peer was not heard from for this
+    /// long (default 3 s), or whose unacknowledged bytes made no progress for
+    /// this long.
+    pub keepalive_timeout: Duration,
+}
+
+impl ProtoConfig {
+    /// What this host offers a peer at setup for a receive ring of `window` bytes.
+    pub fn offer(&self, window: u32) -> crate::wire::Offer {
+        let over = (crate::wire::SAN_HEADER_LEN + crate::wire::DATA_HEADER_LEN) as u16;
+        crate::wire::Offer {
+            window: window.max(crate::wire::Offer::MIN.window),
+            mss: self
+                .mtu
+                .saturating_sub(over)
+                .max(crate::wire::Offer::MIN.mss),
+        }
+    }
 }
 
 impl Default for ProtoConfig {
@@ -57,6 +83,10 @@ impl Default for ProtoConfig {
             close_budget: Duration::from_secs(10),
             subnets: Vec::new(),
             resolve: ResolveConfig::default(),
+            mtu: 1500,
+            stream_rto: Duration::from_millis(5),
+            keepalive_idle: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(3),
         }
     }
 }

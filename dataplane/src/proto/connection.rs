@@ -5,7 +5,7 @@ use super::rng::Rng;
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
-use crate::wire::{EthernetAddress, Message, SanHeader};
+use crate::wire::{EthernetAddress, Message, Offer, ResetReason, SanHeader};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -35,6 +35,10 @@ pub struct Connection {
     pub my_token: u64,
     /// The peer's token.
     pub peer_token: u64,
+    /// What we offered at setup.
+    pub my_offer: Offer,
+    /// What the peer offered at setup (its receive window: our first credit).
+    pub peer_offer: Offer,
     /// Set once we started closing: the Close's retransmissions.
     closing: Option<Retry>,
     /// An accepted connection whose client has not confirmed the accept yet:
@@ -73,6 +77,7 @@ impl Retry {
 }
 
 impl Connection {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         role: Role,
         local: SockAddr,
@@ -81,8 +86,11 @@ impl Connection {
         conn_id: u64,
         my_token: u64,
         peer_token: u64,
+        (my_offer, peer_offer): (Offer, Offer),
     ) -> Connection {
         Connection {
+            my_offer,
+            peer_offer,
             role,
             local,
             peer,
@@ -169,6 +177,7 @@ impl<R: Rng> Endpoint<R> {
                 conn_id: c.conn_id,
                 client_token: c.peer_token,
                 server_token: c.my_token,
+                offer: c.my_offer,
             },
         );
     }
@@ -295,6 +304,108 @@ impl<R: Rng> Endpoint<R> {
             Some(_) => self.stats.bad_token += 1,
             None => self.stats.late_replies += 1,
         }
+    }
+
+    /// The connection a stream frame from `h` names, if its token is ours
+    /// (a wrong token is counted). `None` also when unknown: the caller
+    /// answers with [`Endpoint::reset_unknown`].
+    ///
+    /// # Errors
+    /// `Err(false)` for an unknown connection, `Err(true)` for a wrong token.
+    pub fn stream_conn(
+        &mut self,
+        h: &SanHeader,
+        conn_id: u64,
+        token: u64,
+    ) -> Result<ConnHandle, bool> {
+        let ch = self.conn_for(h, conn_id).ok_or(false)?;
+        if self.conns[&ch].my_token != token {
+            self.stats.bad_token += 1;
+            return Err(true);
+        }
+        Ok(ch)
+    }
+
+    /// The header and ids to send a stream frame on connection `c`:
+    /// (header, conn_id, the peer's token).
+    pub fn stream_route(&self, c: ConnHandle) -> Option<(SanHeader, u64, u64)> {
+        let c = self.conns.get(&c)?;
+        Some((
+            SanHeader {
+                dst_mac: c.peer_mac,
+                src_mac: self.mac,
+                src_ip: c.local.0,
+                src_port: c.local.1,
+                dst_ip: c.peer.0,
+                dst_port: c.peer.1,
+            },
+            c.conn_id,
+            c.peer_token,
+        ))
+    }
+
+    /// Aborts a connection: a `Reset` goes to the peer (once; a lost one is
+    /// answered again when the peer's next frame finds no connection), and
+    /// the connection is gone. No event.
+    pub fn reset(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
+        if self.abandon(h) {
+            return;
+        }
+        if let Some(c) = self.remove_conn(now, h) {
+            self.stats.resets_sent += 1;
+            self.emit(
+                c.peer_mac,
+                c.local,
+                c.peer,
+                Message::Reset {
+                    conn_id: c.conn_id,
+                    token: c.peer_token,
+                    reason,
+                },
+            );
+        }
+    }
+
+    /// Answers a stream frame for a connection this host does not have: a
+    /// `Reset` echoing the frame's token (the sender checks it is the one it
+    /// gave its peer).
+    pub fn reset_unknown(&mut self, h: &SanHeader, conn_id: u64, token: u64) {
+        self.stats.resets_sent += 1;
+        self.reply(
+            h,
+            Message::Reset {
+                conn_id,
+                token,
+                reason: ResetReason::NoConnection,
+            },
+        );
+    }
+
+    pub(super) fn on_reset(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        token: u64,
+        reason: ResetReason,
+    ) {
+        let Some(ch) = self.conn_for(h, conn_id) else {
+            return self.stats.late_replies += 1;
+        };
+        let c = self.conns[&ch];
+        // A reset for a frame we sent echoes the peer's token; any other
+        // carries ours.
+        let ok = if reason == ResetReason::NoConnection {
+            token == c.peer_token
+        } else {
+            token == c.my_token
+        };
+        if !ok {
+            return self.stats.bad_token += 1;
+        }
+        self.stats.resets_received += 1;
+        self.remove_conn(now, ch);
+        self.events.push_back(Event::Reset { conn: ch, reason });
     }
 
     /// Close retransmissions and give-ups.

@@ -323,12 +323,14 @@ impl<R: Rng> Endpoint<R> {
             Message::ConnectRequest {
                 conn_id,
                 client_token,
-            } => self.on_request(now, &h, conn_id, client_token),
+                offer,
+            } => self.on_request(now, &h, conn_id, client_token, offer),
             Message::Accept {
                 conn_id,
                 client_token,
                 server_token,
-            } => self.on_accept(now, &h, conn_id, client_token, server_token),
+                offer,
+            } => self.on_accept(now, &h, conn_id, client_token, server_token, offer),
             Message::Reject {
                 conn_id,
                 client_token,
@@ -361,6 +363,14 @@ impl<R: Rng> Endpoint<R> {
                     self.stats.late_replies += 1;
                 }
             }
+            Message::Reset {
+                conn_id,
+                token,
+                reason,
+            } => self.on_reset(now, &h, conn_id, token, reason),
+            // Stream frames are served by the I/O edge, which owns the
+            // bytes (see `stream_conn`).
+            Message::Data(_) | Message::Ack(_) => self.stats.unhandled += 1,
             Message::EchoRequest { .. } | Message::EchoReply { .. } => self.stats.unhandled += 1,
         }
     }

@@ -22,6 +22,7 @@ pub mod endpoint;
 pub mod resolve;
 pub mod rng;
 mod server;
+pub mod stream;
 mod tombstone;
 mod types;
 

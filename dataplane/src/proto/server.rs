@@ -12,7 +12,7 @@ use super::rng::Rng;
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
-use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, SanHeader};
+use crate::wire::{EthernetAddress, Ipv4, Message, Offer, RejectReason, SanHeader};
 use dsan_channel::region::{effective_backlog, MAX_BACKLOG};
 
 /// A request waiting for the application's answer.
@@ -30,6 +30,8 @@ pub struct Incoming {
     pub client_token: u64,
     /// When it arrived.
     pub arrived: Instant,
+    /// The client's receive window and frame size.
+    pub offer: Offer,
 }
 
 impl Incoming {
@@ -145,6 +147,7 @@ impl<R: Rng> Endpoint<R> {
         h: &SanHeader,
         conn_id: u64,
         client_token: u64,
+        offer: Offer,
     ) {
         self.stats.requests_received += 1;
         let key = RequestKey {
@@ -172,6 +175,7 @@ impl<R: Rng> Endpoint<R> {
                     conn_id,
                     client_token,
                     server_token: c.my_token,
+                    offer: c.my_offer,
                 },
             );
             return;
@@ -215,6 +219,7 @@ impl<R: Rng> Endpoint<R> {
             conn_id,
             client_token,
             arrived: now,
+            offer,
         };
         self.listeners.get_mut(&lid).expect("listener exists").live += 1;
         *self.pending_by_source.entry(h.src_ip).or_insert(0) += 1;
@@ -253,6 +258,21 @@ impl<R: Rng> Endpoint<R> {
         key: RequestKey,
         d: Decision,
     ) -> Result<Option<ConnHandle>, AcceptError> {
+        self.decide_with(now, id, key, d, self.cfg.offer(Offer::DEFAULT.window))
+    }
+
+    /// [`decide`](Self::decide), offering the client `offer` on accept.
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error nothing changes.
+    pub fn decide_with(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        key: RequestKey,
+        d: Decision,
+        offer: Offer,
+    ) -> Result<Option<ConnHandle>, AcceptError> {
         if !self.listeners.contains_key(&id) {
             return Err(AcceptError::UnknownListener);
         }
@@ -290,6 +310,7 @@ impl<R: Rng> Endpoint<R> {
                     inc.conn_id,
                     server_token,
                     inc.client_token,
+                    (offer, inc.offer),
                 );
                 self.conns.insert(ch, c);
                 self.conn_by_wire
@@ -303,6 +324,7 @@ impl<R: Rng> Endpoint<R> {
                         conn_id: inc.conn_id,
                         client_token: inc.client_token,
                         server_token,
+                        offer,
                     },
                 );
                 Ok(Some(ch))

@@ -508,6 +508,7 @@ fn frames_with_wrong_tokens_are_dropped_and_counted() {
             conn_id: inc.conn_id,
             client_token: inc.client_token ^ 1,
             server_token: 3,
+            offer: crate::wire::Offer::DEFAULT,
         }),
     );
     p.a.handle_frame(
@@ -545,6 +546,7 @@ fn frames_with_wrong_tokens_are_dropped_and_counted() {
     let mut other = forged(Message::ConnectRequest {
         conn_id: 1,
         client_token: 1,
+        offer: crate::wire::Offer::DEFAULT,
     });
     other.header.dst_ip = Ipv4::new(198, 18, 0, 99);
     p.a.handle_frame(p.now, &other);
@@ -660,6 +662,7 @@ fn a_forged_flood_cannot_grow_state() {
             message: Message::ConnectRequest {
                 conn_id: rng.next_u64(),
                 client_token: rng.next_u64(),
+                offer: crate::wire::Offer::DEFAULT,
             },
         };
         b.handle_frame(Instant(u64::from(i)), &f);

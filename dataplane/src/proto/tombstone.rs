@@ -77,6 +77,8 @@ impl<R: Rng> Endpoint<R> {
                         conn_id,
                         client_token,
                         server_token,
+                        // Closed already: the close that follows ends it.
+                        offer: crate::wire::Offer::MIN,
                     },
                 );
                 self.reply(

@@ -79,6 +79,13 @@ pub enum Event {
         /// The connection.
         conn: ConnHandle,
     },
+    /// The peer reset an established connection.
+    Reset {
+        /// The connection.
+        conn: ConnHandle,
+        /// Why (as the peer said).
+        reason: crate::wire::ResetReason,
+    },
 }
 
 /// Errors of [`Endpoint::listen`].
@@ -162,6 +169,10 @@ pub struct ProtoStats {
     pub not_ours: u64,
     /// Frames of a kind the endpoint does not handle (echo is the node's).
     pub unhandled: u64,
+    /// Resets sent (aborted connections, frames for unknown connections).
+    pub resets_sent: u64,
+    /// Resets received and honoured.
+    pub resets_received: u64,
     /// Tombstones evicted early because the table was full.
     pub tombstones_evicted: u64,
     /// Requests that waited in a backlog longer than the connect budget (their

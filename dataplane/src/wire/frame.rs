@@ -96,6 +96,12 @@ enum_with_unknown! {
         CloseAck = 0x05,
         /// The client confirms an Accept (the server stops retransmitting it).
         AcceptAck = 0x06,
+        /// Stream bytes (and/or the sender's FIN), with an acknowledgement and credit.
+        Data = 0x07,
+        /// An acknowledgement with credit (no bytes).
+        Ack = 0x08,
+        /// The connection is aborted; the body says why.
+        Reset = 0x09,
         /// Who has SAN address dst_ip?
         ResolveRequest = 0x10,
         /// The reply: src_ip is at the body's MAC.
@@ -123,6 +129,77 @@ enum_with_unknown! {
     }
 }
 
+enum_with_unknown! {
+    /// Why a connection was reset.
+    pub enum ResetReason(u8) {
+        /// The application's process went away (or was detached).
+        ProcessGone = 0x01,
+        /// The application closed with unread data, or data arrived after its close.
+        Aborted = 0x02,
+        /// The frame names a connection this host does not have.
+        NoConnection = 0x03,
+        /// The peer stopped answering (keepalive or retransmission budget).
+        TimedOut = 0x04,
+        /// The daemon stops.
+        Shutdown = 0x05,
+        /// The peer broke the stream protocol (bytes beyond the credit given).
+        Protocol = 0x06,
+    }
+}
+
+/// What a side offers at connection setup: the size of its receive ring
+/// (the credit the peer starts with) and the largest stream payload it
+/// can receive in one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Offer {
+    /// Receive window (bytes).
+    pub window: u32,
+    /// Largest payload per Data frame (bytes).
+    pub mss: u16,
+}
+
+impl Offer {
+    /// What a 1500-byte link and a 256 KiB ring offer.
+    pub const DEFAULT: Offer = Offer {
+        window: 256 << 10,
+        mss: 1500 - (SAN_HEADER_LEN + DATA_HEADER_LEN) as u16,
+    };
+    /// The smallest acceptable values.
+    pub const MIN: Offer = Offer {
+        window: 4096,
+        mss: 256,
+    };
+}
+
+/// Bytes of a Data or Ack body before any payload.
+pub const DATA_HEADER_LEN: usize = 44;
+
+/// Segment flag: the sender's FIN follows the payload.
+pub const SEG_FIN: u8 = 1;
+/// Segment flag: the receiver saw a gap (go back to `ack`).
+pub const SEG_NAK: u8 = 2;
+/// Segment flag: answer with an Ack at once (keepalive, window probe).
+pub const SEG_PROBE: u8 = 4;
+
+/// The header of a Data or Ack body (the payload follows a Data header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Segment {
+    /// The connection.
+    pub conn_id: u64,
+    /// The receiver's token.
+    pub token: u64,
+    /// Stream offset of the first payload byte (of the FIN if no payload).
+    pub seq: u64,
+    /// Every byte of the reverse stream below this offset arrived.
+    pub ack: u64,
+    /// The sender may send reverse-stream bytes below this offset (credit).
+    pub limit: u64,
+    /// `SEG_*` bits.
+    pub flags: u8,
+    /// Payload bytes (Data only; 0 for an Ack).
+    pub len: u16,
+}
+
 mod field {
     use core::ops::Range;
     pub(super) const ETH_DST: Range<usize> = 0..6;
@@ -143,10 +220,12 @@ mod field {
 /// Body lengths per kind.
 fn body_len(kind: Kind) -> Option<usize> {
     Some(match kind {
-        Kind::ConnectRequest => 16,
-        Kind::Accept => 24,
+        Kind::ConnectRequest => 24,
+        Kind::Accept => 32,
         Kind::Reject => 24,
         Kind::Close | Kind::CloseAck | Kind::AcceptAck => 16,
+        Kind::Data | Kind::Ack => DATA_HEADER_LEN,
+        Kind::Reset => 24,
         Kind::ResolveRequest => 0,
         Kind::ResolveReply => 8,
         Kind::EchoRequest | Kind::EchoReply => 16,
@@ -337,6 +416,8 @@ pub enum Message {
         conn_id: u64,
         /// The client's token; the server echoes it in every reply.
         client_token: u64,
+        /// The client's receive window and frame size.
+        offer: Offer,
     },
     /// Accept: the request's id, the client's token echoed, the server's token.
     Accept {
@@ -346,6 +427,8 @@ pub enum Message {
         client_token: u64,
         /// The server's token, echoed by the client in later frames.
         server_token: u64,
+        /// The server's receive window and frame size.
+        offer: Offer,
     },
     /// Reject, with a reason.
     Reject {
@@ -376,6 +459,19 @@ pub enum Message {
         conn_id: u64,
         /// The receiver's (server's) token.
         token: u64,
+    },
+    /// Stream bytes; the payload follows the body header in the frame.
+    Data(Segment),
+    /// Acknowledgement and credit.
+    Ack(Segment),
+    /// Abort a connection.
+    Reset {
+        /// Connection id.
+        conn_id: u64,
+        /// The receiver's token.
+        token: u64,
+        /// Why.
+        reason: ResetReason,
     },
     /// Who has `dst_ip`?
     ResolveRequest,
@@ -410,6 +506,9 @@ impl Message {
             Message::Close { .. } => Kind::Close,
             Message::CloseAck { .. } => Kind::CloseAck,
             Message::AcceptAck { .. } => Kind::AcceptAck,
+            Message::Data(_) => Kind::Data,
+            Message::Ack(_) => Kind::Ack,
+            Message::Reset { .. } => Kind::Reset,
             Message::ResolveRequest => Kind::ResolveRequest,
             Message::ResolveReply { .. } => Kind::ResolveReply,
             Message::EchoRequest { .. } => Kind::EchoRequest,
@@ -442,7 +541,8 @@ impl Repr {
         }
         let kind = f.kind();
         let want = body_len(kind).ok_or(Error::Malformed)?;
-        if f.body_len() as usize != want {
+        let have = f.body_len() as usize;
+        if have != want && !(kind == Kind::Data && have > want) {
             return Err(Error::Malformed);
         }
         let b = f.body();
@@ -450,12 +550,53 @@ impl Repr {
             Kind::ConnectRequest => Message::ConnectRequest {
                 conn_id: be!(u64, &b[0..8]),
                 client_token: be!(u64, &b[8..16]),
+                offer: parse_offer(&b[16..24])?,
             },
             Kind::Accept => Message::Accept {
                 conn_id: be!(u64, &b[0..8]),
                 client_token: be!(u64, &b[8..16]),
                 server_token: be!(u64, &b[16..24]),
+                offer: parse_offer(&b[24..32])?,
             },
+            Kind::Data | Kind::Ack => {
+                let seg = Segment {
+                    conn_id: be!(u64, &b[0..8]),
+                    token: be!(u64, &b[8..16]),
+                    seq: be!(u64, &b[16..24]),
+                    ack: be!(u64, &b[24..32]),
+                    limit: be!(u64, &b[32..40]),
+                    flags: b[40],
+                    len: be!(u16, &b[42..44]),
+                };
+                let known = SEG_FIN | SEG_NAK | SEG_PROBE;
+                if seg.flags & !known != 0 || b[41] != 0 {
+                    return Err(Error::Malformed);
+                }
+                if kind == Kind::Data {
+                    if usize::from(seg.len) != have - want
+                        || (seg.len == 0 && seg.flags & SEG_FIN == 0)
+                    {
+                        return Err(Error::Malformed);
+                    }
+                    Message::Data(seg)
+                } else {
+                    if seg.len != 0 || seg.flags & SEG_FIN != 0 {
+                        return Err(Error::Malformed);
+                    }
+                    Message::Ack(seg)
+                }
+            }
+            Kind::Reset => {
+                let reason = ResetReason::from(b[16]);
+                if matches!(reason, ResetReason::Unknown(_)) || b[17..24].iter().any(|&x| x != 0) {
+                    return Err(Error::Malformed);
+                }
+                Message::Reset {
+                    conn_id: be!(u64, &b[0..8]),
+                    token: be!(u64, &b[8..16]),
+                    reason,
+                }
+            }
             Kind::Reject => {
                 let reason = RejectReason::from(b[16]);
                 if matches!(reason, RejectReason::Unknown(_)) || b[17..24].iter().any(|&x| x != 0) {
@@ -518,7 +659,15 @@ impl Repr {
 
     /// The exact number of bytes `emit` writes.
     pub fn buffer_len(&self) -> usize {
-        field::BODY + body_len(self.message.kind()).unwrap_or(0)
+        field::BODY + self.body_len()
+    }
+
+    fn body_len(&self) -> usize {
+        let n = body_len(self.message.kind()).unwrap_or(0);
+        match self.message {
+            Message::Data(s) => n + usize::from(s.len),
+            _ => n,
+        }
     }
 
     /// Writes the frame into a view over exactly `buffer_len()` bytes.
@@ -537,24 +686,48 @@ impl Repr {
         f.set_src_ip(h.src_ip);
         f.set_dst_ip(h.dst_ip);
         f.set_dst_port(h.dst_port);
-        f.set_body_len(body_len(self.message.kind()).unwrap_or(0) as u16);
+        f.set_body_len(self.body_len() as u16);
         let b = f.body_mut();
         match self.message {
             Message::ConnectRequest {
                 conn_id,
                 client_token,
+                offer,
             } => {
                 b[0..8].copy_from_slice(&conn_id.to_be_bytes());
                 b[8..16].copy_from_slice(&client_token.to_be_bytes());
+                emit_offer(&offer, &mut b[16..24]);
             }
             Message::Accept {
                 conn_id,
                 client_token,
                 server_token,
+                offer,
             } => {
                 b[0..8].copy_from_slice(&conn_id.to_be_bytes());
                 b[8..16].copy_from_slice(&client_token.to_be_bytes());
                 b[16..24].copy_from_slice(&server_token.to_be_bytes());
+                emit_offer(&offer, &mut b[24..32]);
+            }
+            Message::Data(s) | Message::Ack(s) => {
+                b[0..8].copy_from_slice(&s.conn_id.to_be_bytes());
+                b[8..16].copy_from_slice(&s.token.to_be_bytes());
+                b[16..24].copy_from_slice(&s.seq.to_be_bytes());
+                b[24..32].copy_from_slice(&s.ack.to_be_bytes());
+                b[32..40].copy_from_slice(&s.limit.to_be_bytes());
+                b[40] = s.flags;
+                b[41] = 0;
+                b[42..44].copy_from_slice(&s.len.to_be_bytes());
+            }
+            Message::Reset {
+                conn_id,
+                token,
+                reason,
+            } => {
+                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
+                b[8..16].copy_from_slice(&token.to_be_bytes());
+                b[16] = reason.into();
+                b[17..24].fill(0);
             }
             Message::Reject {
                 conn_id,
@@ -592,6 +765,37 @@ impl Repr {
     }
 }
 
+fn parse_offer(b: &[u8]) -> Result<Offer> {
+    let o = Offer {
+        window: be!(u32, &b[0..4]),
+        mss: be!(u16, &b[4..6]),
+    };
+    if b[6..8] != [0, 0] || o.window < Offer::MIN.window || o.mss < Offer::MIN.mss {
+        return Err(Error::Malformed);
+    }
+    Ok(o)
+}
+
+fn emit_offer(o: &Offer, b: &mut [u8]) {
+    b[0..4].copy_from_slice(&o.window.to_be_bytes());
+    b[4..6].copy_from_slice(&o.mss.to_be_bytes());
+    b[6..8].fill(0);
+}
+
+/// The payload of a Data frame (its bytes after the body header); empty for
+/// any other frame. Call on bytes that parsed.
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let start = field::BODY + DATA_HEADER_LEN;
+    if frame.len() < field::BODY || frame[field::KIND] != u8::from(Kind::Data) {
+        return &[];
+    }
+    let end = field::BODY + usize::from(be!(u16, &frame[field::BODY_LEN]));
+    frame.get(start..end).unwrap_or(&[])
+}
+
+/// Where a Data frame's payload starts.
+pub const PAYLOAD_OFFSET: usize = field::BODY + DATA_HEADER_LEN;
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -611,7 +815,7 @@ mod test {
     }
 
     /// The worked example of docs/wire-protocol.md: a connect request.
-    static CONNECT_BYTES: [u8; 48] = [
+    static CONNECT_BYTES: [u8; 56] = [
         0x02, 0x00, 0x00, 0x00, 0x00, 0x02, // dst mac
         0x02, 0x00, 0x00, 0x00, 0x00, 0x01, // src mac
         0x88, 0xb5, // ethertype
@@ -621,9 +825,12 @@ mod test {
         0xc6, 0x12, 0x00, 0x01, // src ip 198.18.0.1
         0xc6, 0x12, 0x00, 0x02, // dst ip 198.18.0.2
         0x13, 0x88, // dst port 5000
-        0x00, 0x10, // body length 16
+        0x00, 0x18, // body length 24
         0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // conn id
         0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, // client token
+        0x00, 0x04, 0x00, 0x00, // receive window 256 KiB
+        0x05, 0x9e, // mss 1438
+        0x00, 0x00, // reserved
     ];
 
     fn connect_repr() -> Repr {
@@ -632,6 +839,7 @@ mod test {
             message: Message::ConnectRequest {
                 conn_id: 0x1122334455667788,
                 client_token: 0xa1a2a3a4a5a6a7a8,
+                offer: Offer::DEFAULT,
             },
         }
     }
@@ -646,7 +854,7 @@ mod test {
         assert_eq!(f.kind(), Kind::ConnectRequest);
         assert_eq!(f.src_port(), 40000);
         assert_eq!(f.dst_port(), 5000);
-        assert_eq!(f.body_len(), 16);
+        assert_eq!(f.body_len(), 24);
         assert_eq!(Repr::parse(&f, DEFAULT_ETHERTYPE).unwrap(), connect_repr());
     }
 
@@ -682,16 +890,48 @@ mod test {
             Message::ConnectRequest {
                 conn_id: idv,
                 client_token: t1v,
+                offer: Offer {
+                    window: 0x10000,
+                    mss: 8948,
+                },
             },
-            &cat(&[&id, &t1]),
+            &cat(&[&id, &t1, &[0, 1, 0, 0, 0x22, 0xf4, 0, 0]]),
         );
         roundtrip(
             Message::Accept {
                 conn_id: idv,
                 client_token: t1v,
                 server_token: t2v,
+                offer: Offer::DEFAULT,
             },
-            &cat(&[&id, &t1, &t2]),
+            &cat(&[&id, &t1, &t2, &[0, 4, 0, 0, 5, 0x9e, 0, 0]]),
+        );
+        roundtrip(
+            Message::Ack(Segment {
+                conn_id: idv,
+                token: t2v,
+                seq: 5,
+                ack: 6,
+                limit: 7,
+                flags: SEG_NAK | SEG_PROBE,
+                len: 0,
+            }),
+            &cat(&[
+                &id,
+                &t2,
+                &5u64.to_be_bytes(),
+                &6u64.to_be_bytes(),
+                &7u64.to_be_bytes(),
+                &[6, 0, 0, 0],
+            ]),
+        );
+        roundtrip(
+            Message::Reset {
+                conn_id: idv,
+                token: t2v,
+                reason: ResetReason::ProcessGone,
+            },
+            &cat(&[&id, &t2, &[1, 0, 0, 0, 0, 0, 0, 0]]),
         );
         for (reason, code) in [
             (RejectReason::BacklogFull, 1u8),
@@ -752,7 +992,7 @@ mod test {
     fn rejects_bad_frames() {
         let mut b = CONNECT_BYTES.to_vec();
         assert_eq!(Frame::new_checked(&b[..20]).unwrap_err(), Error::Truncated);
-        assert_eq!(Frame::new_checked(&b[..47]).unwrap_err(), Error::Truncated);
+        assert_eq!(Frame::new_checked(&b[..55]).unwrap_err(), Error::Truncated);
         assert_eq!(Repr::parse_bytes(&b, 0x88b6).unwrap_err(), Error::EtherType);
         b[14] = 2;
         assert_eq!(
@@ -813,10 +1053,12 @@ mod test {
         }
 
         #[test]
-        fn parse_emit_roundtrip(kind in 0u8..10, a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>(), port in proptest::prelude::any::<u16>()) {
+        fn parse_emit_roundtrip(kind in 0u8..12, a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>(), port in proptest::prelude::any::<u16>()) {
             let message = match kind {
-                0 => Message::ConnectRequest { conn_id: a, client_token: b },
-                1 => Message::Accept { conn_id: a, client_token: b, server_token: a ^ b },
+                0 => Message::ConnectRequest { conn_id: a, client_token: b, offer: Offer { window: (b as u32) | 4096, mss: port | 256 } },
+                1 => Message::Accept { conn_id: a, client_token: b, server_token: a ^ b, offer: Offer::DEFAULT },
+                9 => Message::Data(Segment { conn_id: a, token: b, seq: a ^ 1, ack: b ^ 1, limit: a.wrapping_add(b), flags: if port % 3 == 0 { SEG_FIN } else { 0 }, len: 1 + port % 1400 }),
+                10 => Message::Ack(Segment { conn_id: a, token: b, seq: 0, ack: b, limit: a, flags: SEG_PROBE, len: 0 }),
                 2 => Message::Reject { conn_id: a, client_token: b, reason: RejectReason::BacklogFull },
                 3 => Message::Close { conn_id: a, token: b },
                 4 => Message::CloseAck { conn_id: a, token: b },

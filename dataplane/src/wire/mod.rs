@@ -16,8 +16,9 @@
 mod frame;
 
 pub use frame::{
-    EthernetAddress, Frame, Ipv4, Kind, Message, RejectReason, Repr, SanHeader, DEFAULT_ETHERTYPE,
-    ETH_HEADER_LEN, SAN_HEADER_LEN, VERSION,
+    payload, EthernetAddress, Frame, Ipv4, Kind, Message, Offer, RejectReason, Repr, ResetReason,
+    SanHeader, Segment, DATA_HEADER_LEN, DEFAULT_ETHERTYPE, ETH_HEADER_LEN, PAYLOAD_OFFSET,
+    SAN_HEADER_LEN, SEG_FIN, SEG_NAK, SEG_PROBE, VERSION,
 };
 
 /// The one parse error: the bytes are not a well-formed SAN frame of this version.

@@ -1,0 +1,310 @@
+//! Per-connection byte streams: one send ring and one receive ring per
+//! connected socket, in the process's region.
+//!
+//! Each ring is a single-producer, single-consumer byte ring of a power-of-two
+//! size between [`MIN_RING`] and [`MAX_RING`]. Positions are absolute byte
+//! counts (`u64`, never wrapping in practice); a ring holds the bytes from
+//! its head (consumed) to its tail (produced). Who owns which word:
+//!
+//! | ring | producer (writes `tail`) | consumer (writes `head`) |
+//! |---|---|---|
+//! | send | the process (`dsan_send`) | the daemon, once the peer acknowledged the bytes |
+//! | receive | the daemon (in-order bytes from the peer) | the process (`dsan_recv`) |
+//!
+//! The send ring is the retransmission buffer: the daemon frees bytes only
+//! when the peer has acknowledged them. The receive ring is the credit: the
+//! daemon advertises `head + size` as the last byte the peer may send.
+//!
+//! Notifications are coalesced:
+//! * the process pushes a `kick` command only when the `kick` word was clear
+//!   (the daemon clears it before it looks at the stream), so a busy stream
+//!   costs one ring message per burst, not one per send;
+//! * after consuming received bytes the process kicks only when the daemon
+//!   asked for it (`credit_wanted`: the advertised credit ran low) ;
+//! * the daemon bumps the futex words `rx_seq` / `tx_seq` on progress and
+//!   makes a system call (futex wake) only when the process said it sleeps
+//!   (`rx_waiting` / `tx_waiting`).
+//!
+//! Every word the process writes is untrusted: the daemon keeps its own copy
+//! of the indices it owns and checks the others (a tail behind the last one
+//! seen, or further ahead than the ring size, is a protocol violation).
+
+#![allow(unsafe_code)]
+
+use crate::sys::{Mapping, Shared};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
+use std::sync::Arc;
+
+/// Smallest ring (bytes).
+pub const MIN_RING: usize = 4096;
+/// Largest ring (bytes).
+pub const MAX_RING: usize = 1 << 20;
+/// Ring size unless SO_SNDBUF / SO_RCVBUF say otherwise.
+pub const DEFAULT_RING: usize = 256 << 10;
+
+/// The stream is set up: sizes are valid (daemon).
+pub const ST_OPEN: u32 = 1;
+/// The peer finished sending: after the bytes up to `rcv_tail`, end of stream.
+pub const ST_RX_EOF: u32 = 1 << 1;
+/// The connection is gone (reset, peer closed, process detached):
+/// `close_error` says how; receives drain what is there, sends fail.
+pub const ST_DEAD: u32 = 1 << 2;
+/// The application closed the socket and the daemon still sends its last
+/// bytes (and FIN): the socket slot is not free for reuse yet.
+pub const ST_LINGER: u32 = 1 << 3;
+
+/// The ring size for a requested buffer size: a power of two in
+/// [`MIN_RING`]..=[`MAX_RING`] (0 means the default).
+pub fn ring_size(requested: usize) -> usize {
+    if requested == 0 {
+        return DEFAULT_RING;
+    }
+    requested
+        .clamp(MIN_RING, MAX_RING)
+        .checked_next_power_of_two()
+        .unwrap_or(MAX_RING)
+        .min(MAX_RING)
+}
+
+/// log2 of a ring size (as commands carry it); 0 for the default.
+pub fn size_log2(size: usize) -> u8 {
+    if size == 0 {
+        0
+    } else {
+        ring_size(size).trailing_zeros() as u8
+    }
+}
+
+/// The ring size a command's log2 byte names, if valid (0: the default).
+pub fn size_from_log2(l: u8) -> Option<usize> {
+    match l {
+        0 => Some(DEFAULT_RING),
+        l if (MIN_RING.trailing_zeros() as u8..=MAX_RING.trailing_zeros() as u8).contains(&l) => {
+            Some(1usize << l)
+        }
+        _ => None,
+    }
+}
+
+/// Written by the daemon: how the stream is.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct StreamState {
+    /// `ST_*` bits.
+    pub state: AtomicU32,
+    /// Why the connection ended: 0 (the peer closed) or a negative errno.
+    pub close_error: AtomicI32,
+    /// Send ring size (bytes).
+    pub snd_size: AtomicU32,
+    /// Receive ring size (bytes).
+    pub rcv_size: AtomicU32,
+}
+
+/// Written by the process: the send ring's producer side.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct SendProducer {
+    /// Bytes written into the send ring, ever.
+    pub tail: AtomicU64,
+    /// 1 once the process shut down writing: `tail` is final (FIN after it).
+    pub fin: AtomicU32,
+    /// 1 while a kick is queued (the process sets it, the daemon clears it).
+    pub kick: AtomicU32,
+    /// Threads of the process waiting for send space.
+    pub waiting: AtomicU32,
+    /// 1: the process found the ring full; the daemon raises FD_WRITE (and
+    /// clears this) when space is freed.
+    pub want: AtomicU32,
+}
+
+/// Written by the daemon: the send ring's consumer side.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct SendConsumer {
+    /// Bytes acknowledged by the peer (freed), ever.
+    pub head: AtomicU64,
+    /// Futex word, bumped when `head` or the state changes.
+    pub seq: AtomicU32,
+}
+
+/// Written by the daemon: the receive ring's producer side.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct RecvProducer {
+    /// Bytes delivered into the receive ring, ever.
+    pub tail: AtomicU64,
+    /// Futex word, bumped when `tail` or the state changes.
+    pub seq: AtomicU32,
+    /// 1: the daemon wants a kick after the process consumes (credit ran low).
+    pub credit_wanted: AtomicU32,
+}
+
+/// Written by the process: the receive ring's consumer side.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct RecvConsumer {
+    /// Bytes consumed by the process, ever.
+    pub head: AtomicU64,
+    /// Threads of the process waiting for data.
+    pub waiting: AtomicU32,
+    /// 1: the process found the ring empty; the daemon raises FD_READ (and
+    /// clears this) when bytes or the end of stream arrive.
+    pub want: AtomicU32,
+}
+
+/// One socket's stream control block: five cache lines, each written by one side.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct StreamShm {
+    /// Daemon.
+    pub st: StreamState,
+    /// Process.
+    pub snd_p: SendProducer,
+    /// Daemon.
+    pub snd_c: SendConsumer,
+    /// Daemon.
+    pub rcv_p: RecvProducer,
+    /// Process.
+    pub rcv_c: RecvConsumer,
+}
+// SAFETY: repr(C), atomics only (and alignment padding).
+unsafe impl Shared for StreamShm {}
+
+/// The two byte rings of one socket, as mapped by one side. Holds the
+/// mapping alive.
+#[derive(Debug, Clone)]
+pub struct StreamArea {
+    _map: Arc<Mapping>,
+    snd: NonNull<u8>,
+    rcv: NonNull<u8>,
+    snd_size: usize,
+    rcv_size: usize,
+}
+
+// SAFETY: the area is shared memory; the copies below are the only accesses.
+unsafe impl Send for StreamArea {}
+// SAFETY: as above.
+unsafe impl Sync for StreamArea {}
+
+impl StreamArea {
+    /// The rings at `snd_off` / `rcv_off` of `map`, each with room for
+    /// [`MAX_RING`] bytes, used with the given sizes.
+    ///
+    /// # Panics
+    /// If a size is not a power of two in range or an area is out of the mapping.
+    pub(crate) fn new(
+        map: Arc<Mapping>,
+        snd_off: usize,
+        rcv_off: usize,
+        snd_size: usize,
+        rcv_size: usize,
+    ) -> StreamArea {
+        for s in [snd_size, rcv_size] {
+            assert!(s.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&s));
+        }
+        assert!(snd_off + MAX_RING <= map.len() && rcv_off + MAX_RING <= map.len());
+        StreamArea {
+            snd: map.ptr_at(snd_off),
+            rcv: map.ptr_at(rcv_off),
+            _map: map,
+            snd_size,
+            rcv_size,
+        }
+    }
+
+    /// Send ring size.
+    pub fn snd_size(&self) -> usize {
+        self.snd_size
+    }
+
+    /// Receive ring size.
+    pub fn rcv_size(&self) -> usize {
+        self.rcv_size
+    }
+
+    /// Copies `src` into `ring` (of `size` bytes) from absolute position `pos`, wrapping.
+    fn put(ring: NonNull<u8>, size: usize, pos: u64, src: &[u8]) {
+        debug_assert!(src.len() <= size);
+        let off = (pos as usize) & (size - 1);
+        let first = src.len().min(size - off);
+        // SAFETY: `ring..ring+size` lies inside the mapping (checked in `new`,
+        // kept alive by `_map`); off + first <= size and the rest starts at 0.
+        // The protocol gives this side the byte range it writes; a hostile
+        // peer racing on it can only corrupt bytes of its own stream.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), ring.as_ptr().add(off), first);
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().add(first),
+                ring.as_ptr(),
+                src.len() - first,
+            );
+        }
+    }
+
+    /// Copies from `ring` at absolute position `pos` into `dst`, wrapping.
+    fn get(ring: NonNull<u8>, size: usize, pos: u64, dst: &mut [u8]) {
+        debug_assert!(dst.len() <= size);
+        let off = (pos as usize) & (size - 1);
+        let first = dst.len().min(size - off);
+        // SAFETY: as in `put`, reading instead of writing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ring.as_ptr().add(off), dst.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(
+                ring.as_ptr(),
+                dst.as_mut_ptr().add(first),
+                dst.len() - first,
+            );
+        }
+    }
+
+    /// Process: writes bytes into the send ring at `pos`.
+    pub fn write_send(&self, pos: u64, src: &[u8]) {
+        Self::put(self.snd, self.snd_size, pos, src)
+    }
+    /// Daemon: reads bytes of the send ring at `pos` (to transmit them).
+    pub fn read_send(&self, pos: u64, dst: &mut [u8]) {
+        Self::get(self.snd, self.snd_size, pos, dst)
+    }
+    /// Daemon: writes received bytes into the receive ring at `pos`.
+    pub fn write_recv(&self, pos: u64, src: &[u8]) {
+        Self::put(self.rcv, self.rcv_size, pos, src)
+    }
+    /// Process: reads bytes of the receive ring at `pos`.
+    pub fn read_recv(&self, pos: u64, dst: &mut [u8]) {
+        Self::get(self.rcv, self.rcv_size, pos, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ring_size(0), DEFAULT_RING);
+        assert_eq!(ring_size(1), MIN_RING);
+        assert_eq!(ring_size(5000), 8192);
+        assert_eq!(ring_size(usize::MAX), MAX_RING);
+        assert_eq!(size_from_log2(size_log2(65536)), Some(65536));
+        assert_eq!(size_from_log2(0), Some(DEFAULT_RING));
+        assert_eq!(size_from_log2(11), None);
+        assert_eq!(size_from_log2(21), None);
+        assert_eq!(std::mem::size_of::<StreamShm>(), 5 * 64);
+    }
+
+    #[test]
+    fn wraps() {
+        let map = Arc::new(Mapping::create("dsan-stream-test", 2 * MAX_RING).unwrap());
+        let a = StreamArea::new(map, 0, MAX_RING, MIN_RING, MIN_RING);
+        let src: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        a.write_send(3000, &src); // crosses the end of the 4 KiB ring
+        let mut dst = vec![0u8; 3000];
+        a.read_send(3000, &mut dst);
+        assert_eq!(src, dst);
+        a.write_recv(4095, &src[..2]);
+        let mut two = [0u8; 2];
+        a.read_recv(4095, &mut two);
+        assert_eq!(two, [0, 1]);
+    }
+}

@@ -1,0 +1,545 @@
+//! Connection byte streams at the I/O edge: the protocol core's
+//! [`Stream`] state machines, the processes' send and receive rings, and the
+//! Data / Ack frames between them.
+//!
+//! * A process's `kick` (a command, sent only when its `kick` word was clear)
+//!   says a stream has news: its ring indices are read once, checked, and
+//!   the connection joins the transmit queue. The lcore never scans idle
+//!   connections: it serves the queue, the frames that arrive and a timer
+//!   set ordered by deadline.
+//! * Bytes go from the send ring straight into the frame buffer, and from a
+//!   received frame straight into the receive ring (one copy each way at the
+//!   edge; the application copies once more into or out of the ring).
+//! * A closed socket lingers until its last bytes and FIN are acknowledged,
+//!   then the connection's Close handshake runs; bytes arriving after the
+//!   close, unread bytes at close, a dead peer and a process that goes away
+//!   reset the connection.
+
+use super::apps::SockObj;
+use super::events::raise;
+use super::{AppShared, Node};
+use crate::device::Device;
+use crate::engine::Tx;
+use crate::proto::stream::{Outgoing, Stream, StreamTiming, Timer};
+use crate::proto::ConnHandle;
+use crate::time::Instant;
+use crate::wire::{
+    self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_FIN, SEG_PROBE,
+};
+use dsan_channel::msg::Bufs;
+use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
+use dsan_channel::stream::{StreamArea, StreamShm, ST_DEAD, ST_LINGER, ST_OPEN, ST_RX_EOF};
+use dsan_channel::sys;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+/// Frames one pass of the transmit queue may send (the rest wait for the next pass).
+const TX_BUDGET: usize = 64;
+
+/// The lcore's state for one connection's stream.
+pub(super) struct StreamCtx {
+    app: Arc<AppShared>,
+    pid: u64,
+    sock: u32,
+    area: StreamArea,
+    s: Stream,
+    route: (SanHeader, u64, u64),
+    queued: bool,
+    timer: Instant,
+    probe: bool,
+    app_closed: bool,
+    stalled: bool,
+}
+
+impl StreamCtx {
+    fn shm(&self) -> &StreamShm {
+        self.app.region.stream(self.sock as usize)
+    }
+}
+
+/// Index of a reason in [`super::RESET_REASONS`].
+fn reset_index(r: ResetReason) -> usize {
+    match r {
+        ResetReason::ProcessGone => 0,
+        ResetReason::Aborted => 1,
+        ResetReason::TimedOut => 2,
+        ResetReason::Shutdown => 3,
+        _ => 4,
+    }
+}
+
+impl Node {
+    fn timing(&self) -> StreamTiming {
+        let c = &self.cfg.proto;
+        StreamTiming {
+            rto: c.stream_rto,
+            max_rto: c.max_rto,
+            keepalive_idle: c.keepalive_idle,
+            keepalive_timeout: c.keepalive_timeout,
+        }
+    }
+
+    /// Sets up the stream of a connection that was just established for
+    /// socket `sock` of process `pid`, with ring sizes `bufs`. Returns false
+    /// if the connection or the process is gone.
+    pub(super) fn open_stream(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        pid: u64,
+        sock: u32,
+        bufs: Bufs,
+    ) -> bool {
+        let (Some(c), Some(route), Some(p)) = (
+            self.ep.connection(h).copied(),
+            self.ep.stream_route(h),
+            self.procs.get(&pid),
+        ) else {
+            return false;
+        };
+        let app = p.shared.clone();
+        let shm = app.region.stream(sock as usize);
+        shm.snd_c.head.store(0, Ordering::Relaxed);
+        shm.rcv_p.tail.store(0, Ordering::Relaxed);
+        shm.rcv_p.credit_wanted.store(0, Ordering::Relaxed);
+        shm.st.close_error.store(0, Ordering::Relaxed);
+        shm.st.snd_size.store(bufs.snd as u32, Ordering::Relaxed);
+        shm.st.rcv_size.store(bufs.rcv as u32, Ordering::Relaxed);
+        shm.st.state.store(ST_OPEN, Ordering::Release);
+        let mss = c.my_offer.mss.min(c.peer_offer.mss);
+        let s = Stream::new(
+            now,
+            self.timing(),
+            mss,
+            c.peer_offer.window,
+            bufs.rcv as u32,
+        );
+        let timer = s.next_timer();
+        let area = app.region.stream_area(sock as usize, bufs.snd, bufs.rcv);
+        self.streams.insert(
+            h,
+            StreamCtx {
+                app,
+                pid,
+                sock,
+                area,
+                s,
+                route,
+                queued: false,
+                timer,
+                probe: false,
+                app_closed: false,
+                stalled: false,
+            },
+        );
+        self.stream_timers.insert((timer, h));
+        true
+    }
+
+    fn reschedule(&mut self, h: ConnHandle) {
+        if let Some(ctx) = self.streams.get_mut(&h) {
+            let t = ctx.s.next_timer();
+            if t != ctx.timer {
+                self.stream_timers.remove(&(ctx.timer, h));
+                ctx.timer = t;
+                self.stream_timers.insert((t, h));
+            }
+        }
+    }
+
+    fn enqueue(&mut self, h: ConnHandle) {
+        if let Some(ctx) = self.streams.get_mut(&h) {
+            if !ctx.queued && (ctx.probe || ctx.s.ack_due() || ctx.s.next_segment().is_some()) {
+                ctx.queued = true;
+                self.txq.push_back(h);
+            }
+        }
+    }
+
+    /// Reads what the application wrote and consumed. Err: it broke the protocol.
+    fn sync_from_app(ctx: &mut StreamCtx, force_fin: bool) -> Result<(), ()> {
+        let shm = ctx.app.region.stream(ctx.sock as usize);
+        shm.snd_p.kick.store(0, Ordering::SeqCst);
+        let tail = shm.snd_p.tail.load(Ordering::Acquire);
+        let fin = force_fin || shm.snd_p.fin.load(Ordering::Acquire) != 0;
+        ctx.s
+            .app_wrote(tail, ctx.area.snd_size() as u64, fin)
+            .map_err(|_| ())?;
+        if !ctx.app_closed {
+            let head = shm.rcv_c.head.load(Ordering::Acquire);
+            ctx.s.app_read(head).map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    /// A process's kick for its socket `sock`.
+    pub(super) fn kick(&mut self, now: Instant, pid: u64, sock: u32) {
+        let Some(SockObj::Conn(h)) = self.procs.get(&pid).and_then(|p| p.socks.get(&sock)) else {
+            return;
+        };
+        let h = *h;
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return;
+        };
+        if Self::sync_from_app(ctx, false).is_err() {
+            self.local.resets[reset_index(ResetReason::Protocol)] += 1;
+            self.violation(now, pid);
+            return;
+        }
+        self.enqueue(h);
+        self.reschedule(h);
+    }
+
+    /// The application closed socket `sock` holding connection `h`: its last
+    /// bytes and FIN still go (the slot lingers), unless it left received
+    /// bytes unread (then the connection is reset, as TCP does).
+    pub(super) fn close_stream(&mut self, now: Instant, h: ConnHandle) -> bool {
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return false;
+        };
+        let shm_head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
+        let synced = Self::sync_from_app(ctx, true).is_ok();
+        ctx.app_closed = true;
+        let unread = shm_head < ctx.s.received();
+        if !synced || unread {
+            self.reset_stream(now, h, ResetReason::Aborted);
+            return true;
+        }
+        ctx.shm().st.state.fetch_or(ST_LINGER, Ordering::Release);
+        self.conn_owner.remove(&h);
+        self.finish_if_done(now, h);
+        self.enqueue(h);
+        self.reschedule(h);
+        true
+    }
+
+    /// A lingering stream whose FIN was acknowledged: the Close handshake
+    /// takes over and the socket slot is free.
+    fn finish_if_done(&mut self, now: Instant, h: ConnHandle) {
+        if self
+            .streams
+            .get(&h)
+            .is_some_and(|c| c.app_closed && c.s.finished())
+        {
+            let _ = self.ep.close(now, h);
+            self.drop_stream(h, 0);
+        }
+    }
+
+    /// Forgets a stream; tells its socket how the connection ended (a closed
+    /// socket's slot is freed instead).
+    fn drop_stream(&mut self, h: ConnHandle, close_error: i32) {
+        let Some(ctx) = self.streams.remove(&h) else {
+            return;
+        };
+        self.stream_timers.remove(&(ctx.timer, h));
+        let shm = ctx.shm();
+        if ctx.app_closed {
+            shm.st.state.store(0, Ordering::Release);
+            return;
+        }
+        shm.st.close_error.store(close_error, Ordering::Relaxed);
+        shm.st.state.fetch_or(ST_DEAD, Ordering::Release);
+        shm.rcv_p.seq.fetch_add(1, Ordering::Release);
+        shm.snd_c.seq.fetch_add(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
+            sys::futex_wake(&shm.rcv_p.seq);
+        }
+        if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
+            sys::futex_wake(&shm.snd_c.seq);
+        }
+        if let Some(p) = self.procs.get(&ctx.pid) {
+            let ok = raise(
+                p.shared.region.sock(ctx.sock as usize),
+                p.events.get(&ctx.sock),
+                FD_CLOSE,
+            );
+            if !ok {
+                self.local.event_signal_failed += 1;
+            }
+        }
+    }
+
+    /// Aborts connection `h` (a Reset goes to the peer) and ends its stream.
+    pub(super) fn reset_stream(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
+        self.local.resets[reset_index(reason)] += 1;
+        self.ep.reset(now, h, reason);
+        if let Some((pid, sock)) = self.conn_owner.remove(&h) {
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.socks.insert(sock, SockObj::Ended);
+            }
+        }
+        self.drop_stream(h, -libc::ECONNRESET);
+    }
+
+    /// The core ended connection `h` (the peer closed or reset it).
+    pub(super) fn stream_ended(&mut self, h: ConnHandle, reset: bool) {
+        if reset {
+            self.local.resets[5] += 1;
+        }
+        let clean = !reset
+            && self
+                .streams
+                .get(&h)
+                .is_some_and(|c| c.s.peer_finished() && !c.s.outstanding());
+        self.drop_stream(h, if clean { 0 } else { -libc::ECONNRESET });
+    }
+
+    /// A process goes away: the connections it still holds are reset at once.
+    pub(super) fn reset_streams_of(&mut self, now: Instant, pid: u64, reason: ResetReason) {
+        let mut mine: Vec<ConnHandle> = self
+            .streams
+            .iter()
+            // Sockets it closed keep sending their last bytes (as TCP does
+            // after close and exit): the daemon still maps the region.
+            .filter(|(_, c)| c.pid == pid && !c.app_closed)
+            .map(|(h, _)| *h)
+            .collect();
+        mine.sort_unstable();
+        for h in mine {
+            self.local.resets[reset_index(reason)] += 1;
+            self.ep.reset(now, h, reason);
+            self.conn_owner.remove(&h);
+            if let Some(ctx) = self.streams.remove(&h) {
+                self.stream_timers.remove(&(ctx.timer, h));
+            }
+        }
+    }
+
+    /// A Data or Ack frame.
+    pub(super) fn stream_frame(
+        &mut self,
+        now: Instant,
+        hdr: &SanHeader,
+        m: &Message,
+        payload: &[u8],
+    ) {
+        let (Message::Data(seg) | Message::Ack(seg)) = *m else {
+            return;
+        };
+        let h = match self.ep.stream_conn(hdr, seg.conn_id, seg.token) {
+            Ok(h) => h,
+            Err(false) => return self.ep.reset_unknown(hdr, seg.conn_id, seg.token),
+            Err(true) => return, // wrong token: counted
+        };
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return self.local.unexpected += 1;
+        };
+        let progress = ctx.s.on_ack(now, &seg);
+        let mut delivered = 0;
+        let mut eof = false;
+        if matches!(m, Message::Data(_)) {
+            let was_fin = ctx.s.peer_finished();
+            let at = ctx.s.received();
+            let (skip, take) = ctx.s.on_data(&seg);
+            if take > 0 {
+                match payload.get(skip..skip + take) {
+                    Some(bytes) => ctx.area.write_recv(at, bytes),
+                    None => return self.local.malformed += 1,
+                }
+            }
+            delivered = take;
+            eof = !was_fin && ctx.s.peer_finished();
+        }
+        if ctx.app_closed && delivered > 0 {
+            // Nobody will read these: as TCP does, reset.
+            return self.reset_stream(now, h, ResetReason::Aborted);
+        }
+        self.local.bytes_rx += delivered as u64;
+        let ctx = self.streams.get_mut(&h).expect("present");
+        if !ctx.app_closed && (delivered > 0 || eof) {
+            let shm = ctx.shm();
+            // Before the tail: a reader that sees the bytes sees the request.
+            if ctx.s.credit_low() {
+                shm.rcv_p.credit_wanted.store(1, Ordering::Relaxed);
+            }
+            shm.rcv_p.tail.store(ctx.s.received(), Ordering::Release);
+            if eof {
+                shm.st.state.fetch_or(ST_RX_EOF, Ordering::Release);
+            }
+            shm.rcv_p.seq.fetch_add(1, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
+                sys::futex_wake(&shm.rcv_p.seq);
+            }
+            if shm.rcv_c.want.swap(0, Ordering::AcqRel) != 0 {
+                self.signal(h, FD_READ);
+            }
+        }
+        if progress {
+            self.acked(h);
+        }
+        self.finish_if_done(now, h);
+        self.enqueue(h);
+        self.reschedule(h);
+    }
+
+    /// Bytes were acknowledged: the send ring's head moves, and a writer
+    /// waiting for space learns it.
+    fn acked(&mut self, h: ConnHandle) {
+        let Some(ctx) = self.streams.get(&h) else {
+            return;
+        };
+        if ctx.app_closed {
+            return;
+        }
+        let shm = ctx.shm();
+        shm.snd_c.head.store(ctx.s.acked(), Ordering::Release);
+        shm.snd_c.seq.fetch_add(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
+            sys::futex_wake(&shm.snd_c.seq);
+        }
+        if shm.snd_p.want.swap(0, Ordering::AcqRel) != 0 {
+            self.signal(h, FD_WRITE);
+        }
+    }
+
+    fn signal(&mut self, h: ConnHandle, bit: u32) {
+        let Some(ctx) = self.streams.get(&h) else {
+            return;
+        };
+        if let Some(p) = self.procs.get(&ctx.pid) {
+            if !raise(
+                p.shared.region.sock(ctx.sock as usize),
+                p.events.get(&ctx.sock),
+                bit,
+            ) {
+                self.local.event_signal_failed += 1;
+            }
+        }
+    }
+
+    /// Stream timers due at `now`.
+    pub(super) fn stream_timeouts(&mut self, now: Instant) {
+        while let Some(&(t, h)) = self.stream_timers.first() {
+            if t > now {
+                break;
+            }
+            self.stream_timers.pop_first();
+            let Some(ctx) = self.streams.get_mut(&h) else {
+                continue;
+            };
+            ctx.timer = Instant::ZERO; // not in the set now
+            match ctx.s.on_timer(now) {
+                Timer::Dead => {
+                    self.reset_stream(now, h, ResetReason::TimedOut);
+                    continue;
+                }
+                Timer::Probe => ctx.probe = true,
+                Timer::Retransmit | Timer::Idle => {}
+            }
+            let t = ctx.s.next_timer();
+            ctx.timer = t;
+            self.stream_timers.insert((t, h));
+            self.enqueue(h);
+        }
+    }
+
+    /// When the next stream timer is due.
+    pub(super) fn next_stream_timer(&self) -> Option<Instant> {
+        self.stream_timers.first().map(|(t, _)| *t)
+    }
+
+    /// Serves the transmit queue: Data frames from the send rings, Acks and
+    /// probes. Returns whether anything went out.
+    pub(super) fn stream_tx<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
+        let et = self.cfg.ethertype;
+        let mut budget = TX_BUDGET;
+        let mut busy = false;
+        let rounds = self.txq.len();
+        for _ in 0..rounds {
+            if budget == 0 {
+                break;
+            }
+            let Some(h) = self.txq.pop_front() else { break };
+            let Some(ctx) = self.streams.get_mut(&h) else {
+                continue;
+            };
+            ctx.queued = false;
+            if !ctx.app_closed {
+                // The credit we advertise is as fresh as the reader's head
+                // (a checked value; a bad one waits for the next kick).
+                let head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
+                let _ = ctx.s.app_read(head);
+            }
+            let (hdr, conn_id, token) = ctx.route;
+            let mut out_of_buffers = false;
+            while budget > 0 {
+                let Some(o) = ctx.s.next_segment() else { break };
+                let (ack, limit, flags) = ctx.s.ack_fields();
+                let seg = Segment {
+                    conn_id,
+                    token,
+                    seq: o.seq,
+                    ack,
+                    limit,
+                    flags: flags | if o.fin { SEG_FIN } else { 0 },
+                    len: o.len,
+                };
+                let repr = Repr {
+                    header: hdr,
+                    message: Message::Data(seg),
+                };
+                let area = &ctx.area;
+                let ok = tx.send_with(repr.buffer_len(), |b| {
+                    repr.emit(&mut wire::Frame::new_unchecked(&mut *b), et);
+                    area.read_send(o.seq, &mut b[PAYLOAD_OFFSET..]);
+                });
+                if !ok {
+                    out_of_buffers = true;
+                    break;
+                }
+                ctx.s.sent(now, o);
+                self.local.tx[10] += 1;
+                self.local.bytes_tx += u64::from(o.len);
+                if let Outgoing { again: true, .. } = o {
+                    self.local.retransmitted += 1;
+                }
+                budget -= 1;
+                busy = true;
+            }
+            if !out_of_buffers && (ctx.s.ack_due() || ctx.probe) && budget > 0 {
+                let (ack, limit, flags) = ctx.s.ack_fields();
+                let seg = Segment {
+                    conn_id,
+                    token,
+                    seq: 0,
+                    ack,
+                    limit,
+                    flags: flags | if ctx.probe { SEG_PROBE } else { 0 },
+                    len: 0,
+                };
+                let repr = Repr {
+                    header: hdr,
+                    message: Message::Ack(seg),
+                };
+                if tx.send_with(repr.buffer_len(), |b| {
+                    repr.emit(&mut wire::Frame::new_unchecked(b), et)
+                }) {
+                    ctx.s.take_ack();
+                    ctx.probe = false;
+                    self.local.tx[11] += 1;
+                    budget -= 1;
+                    busy = true;
+                }
+            }
+            let stalled = ctx.s.credit_stalled();
+            if stalled && !ctx.stalled {
+                self.local.credit_stalls += 1;
+            }
+            ctx.stalled = stalled;
+            if !ctx.app_closed && ctx.s.credit_low() {
+                ctx.shm().rcv_p.credit_wanted.store(1, Ordering::Relaxed);
+            }
+            // More to send (budget ran out): back of the queue.
+            self.enqueue(h);
+            self.reschedule(h);
+            if out_of_buffers {
+                break;
+            }
+        }
+        busy
+    }
+}

@@ -1,0 +1,539 @@
+//! One direction pair of a connection's byte stream: sequence numbers,
+//! credit, go-back-N retransmission, FIN, keepalive. No bytes and no I/O:
+//! the I/O edge owns the rings (in dsand, the process's send and receive
+//! rings) and copies what this state machine says.
+//!
+//! Offsets are absolute stream positions (`u64`). The FIN takes the one
+//! position after the last byte, so an acknowledgement above it says the
+//! FIN arrived.
+//!
+//! * Send side: `una` (acknowledged: the ring's head) <= `nxt` (next to
+//!   send) <= `max` (highest sent) <= `end` (written by the application)
+//!   (+1 for the FIN). Bytes go out while below the peer's `limit` (its free
+//!   receive space as an absolute offset). A NAK (the receiver saw a gap) or
+//!   a retransmission timeout rewinds `nxt` to `una` (go-back-N); a NAK is
+//!   honoured once per window (`recover`).
+//! * Receive side: only in-order bytes are taken (`rcv_nxt`); anything else
+//!   is dropped and answered with a NAK, so duplicates and reordering never
+//!   reach the application. The credit advertised is `head + size`, where
+//!   `head` is what the application consumed.
+//! * Liveness: a peer not heard from for `keepalive_idle` is probed; one not
+//!   heard from for `keepalive_timeout`, or unacknowledged bytes without
+//!   progress for as long, end the connection ([`Timer::Dead`]).
+
+use crate::time::Instant;
+use crate::wire::{Segment, SEG_FIN, SEG_NAK, SEG_PROBE};
+use std::time::Duration;
+
+/// Stream timing.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    /// First retransmission timeout.
+    pub rto: Duration,
+    /// Ceiling of the backed-off timeout.
+    pub max_rto: Duration,
+    /// Probe after this long without hearing from the peer.
+    pub keepalive_idle: Duration,
+    /// Give up after this long without hearing from the peer or without progress.
+    pub keepalive_timeout: Duration,
+}
+
+/// A segment to send: `len` bytes from `seq` of the send ring, then the FIN if `fin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    /// First byte.
+    pub seq: u64,
+    /// Bytes.
+    pub len: u16,
+    /// The FIN follows.
+    pub fin: bool,
+    /// Sent before (a retransmission).
+    pub again: bool,
+}
+
+/// What a timer pass asks of the I/O edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// Nothing.
+    Idle,
+    /// Send an Ack with the probe flag (keepalive or window probe).
+    Probe,
+    /// Bytes are to be sent again (from `una`).
+    Retransmit,
+    /// The peer is gone: reset the connection.
+    Dead,
+}
+
+/// A violation of the stream protocol by the application (its ring indices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadIndex;
+
+/// The stream state of one connection.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    t: StreamTiming,
+    mss: u16,
+    // send side
+    una: u64,
+    nxt: u64,
+    max: u64,
+    end: u64,
+    fin: Option<u64>,
+    limit: u64,
+    recover: u64,
+    rto: Duration,
+    rtx_at: Option<Instant>,
+    progress_at: Instant,
+    // receive side
+    rcv_nxt: u64,
+    rcv_fin: bool,
+    rcv_size: u64,
+    rcv_head: u64,
+    rcv_limit: u64,
+    ack_due: bool,
+    nak_due: bool,
+    // liveness
+    heard_at: Instant,
+    probe_at: Instant,
+}
+
+impl Stream {
+    /// A new stream: the peer's first credit is `peer_window`, ours is
+    /// `rcv_size`; segments carry at most `mss` bytes.
+    pub fn new(now: Instant, t: StreamTiming, mss: u16, peer_window: u32, rcv_size: u32) -> Stream {
+        Stream {
+            t,
+            mss: mss.max(1),
+            una: 0,
+            nxt: 0,
+            max: 0,
+            end: 0,
+            fin: None,
+            limit: u64::from(peer_window),
+            recover: 0,
+            rto: t.rto,
+            rtx_at: None,
+            progress_at: now,
+            rcv_nxt: 0,
+            rcv_fin: false,
+            rcv_size: u64::from(rcv_size),
+            rcv_head: 0,
+            rcv_limit: u64::from(rcv_size),
+            ack_due: false,
+            nak_due: false,
+            heard_at: now,
+            probe_at: now + t.keepalive_idle,
+        }
+    }
+
+    /// Acknowledged bytes (the send ring's head).
+    pub fn acked(&self) -> u64 {
+        self.una.min(self.end)
+    }
+    /// In-order bytes received (the receive ring's tail).
+    pub fn received(&self) -> u64 {
+        self.rcv_nxt
+    }
+    /// Whether the peer's FIN arrived (after every byte).
+    pub fn peer_finished(&self) -> bool {
+        self.rcv_fin
+    }
+    /// Whether our FIN was acknowledged (so was every byte).
+    pub fn finished(&self) -> bool {
+        self.fin.is_some_and(|f| self.una > f)
+    }
+    /// Whether the application shut down writing.
+    pub fn fin_queued(&self) -> bool {
+        self.fin.is_some()
+    }
+    /// Bytes the application has consumed (as last reported).
+    pub fn consumed(&self) -> u64 {
+        self.rcv_head
+    }
+    /// Credit we advertised last.
+    pub fn rcv_limit(&self) -> u64 {
+        self.rcv_limit
+    }
+    /// Whether the peer's credit stops us (bytes wait, none may go).
+    pub fn credit_stalled(&self) -> bool {
+        self.nxt < self.end && self.nxt >= self.limit
+    }
+    /// Sent but not acknowledged.
+    pub fn outstanding(&self) -> bool {
+        self.una < self.nxt
+    }
+
+    /// The application wrote up to `tail` (and shut down writing if `fin`).
+    ///
+    /// # Errors
+    /// If `tail` went backwards, past what the ring can hold (`size`), or
+    /// moved after a shutdown.
+    pub fn app_wrote(&mut self, tail: u64, size: u64, fin: bool) -> Result<(), BadIndex> {
+        if tail < self.end || tail - self.acked() > size {
+            return Err(BadIndex);
+        }
+        if let Some(f) = self.fin {
+            if tail != f {
+                return Err(BadIndex);
+            }
+        }
+        self.end = tail;
+        if fin && self.fin.is_none() {
+            self.fin = Some(tail);
+        }
+        Ok(())
+    }
+
+    /// The application consumed received bytes up to `head`. Returns whether
+    /// the credit grew enough to tell the peer now.
+    ///
+    /// # Errors
+    /// If `head` went backwards or past what was delivered.
+    pub fn app_read(&mut self, head: u64) -> Result<bool, BadIndex> {
+        if head < self.rcv_head || head > self.rcv_nxt {
+            return Err(BadIndex);
+        }
+        self.rcv_head = head;
+        let limit = head + self.rcv_size;
+        // Worth a frame once a quarter of the ring (or the whole advertised
+        // space) was freed since the last advertisement.
+        let worth = limit >= self.rcv_limit + self.rcv_size / 4 || self.rcv_limit <= self.rcv_nxt;
+        if worth && limit > self.rcv_limit {
+            self.ack_due = true;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Whether the advertised credit runs low (the application should say
+    /// when it consumed bytes).
+    pub fn credit_low(&self) -> bool {
+        self.rcv_limit.saturating_sub(self.rcv_nxt) < self.rcv_size / 2
+    }
+
+    /// An acknowledgement (on any Data or Ack). Returns whether bytes were
+    /// newly acknowledged.
+    pub fn on_ack(&mut self, now: Instant, seg: &Segment) -> bool {
+        self.heard_at = now;
+        self.probe_at = now + self.t.keepalive_idle;
+        if seg.flags & SEG_PROBE != 0 {
+            self.ack_due = true;
+        }
+        self.limit = self.limit.max(seg.limit);
+        let mut progress = false;
+        if seg.ack > self.una && seg.ack <= self.max {
+            self.una = seg.ack;
+            self.nxt = self.nxt.max(self.una);
+            self.rto = self.t.rto;
+            self.progress_at = now;
+            progress = true;
+        }
+        if self.outstanding() {
+            if progress || self.rtx_at.is_none() {
+                self.rtx_at = Some(now + self.rto);
+            }
+        } else {
+            self.rtx_at = None;
+            self.progress_at = now;
+        }
+        if seg.flags & SEG_NAK != 0
+            && seg.ack == self.una
+            && self.outstanding()
+            && self.una >= self.recover
+        {
+            // The receiver saw a gap after `una`: go back at once.
+            self.nxt = self.una;
+            self.recover = self.max;
+        }
+        progress
+    }
+
+    /// Data arrived at `seg.seq` with `seg.len` bytes. Returns the range of
+    /// the payload to append to the receive ring, as (skip, take): the bytes
+    /// `payload[skip..skip + take]` go at [`received`](Self::received) (read
+    /// before this call).
+    pub fn on_data(&mut self, seg: &Segment) -> (usize, usize) {
+        self.ack_due = true;
+        let len = u64::from(seg.len);
+        if seg.seq > self.rcv_nxt {
+            self.nak_due = true;
+            return (0, 0);
+        }
+        if self.rcv_fin {
+            return (0, 0); // everything arrived already: a duplicate
+        }
+        let skip = self.rcv_nxt - seg.seq;
+        if skip > len {
+            return (0, 0);
+        }
+        // Never beyond the credit we gave (the ring has room for that much).
+        let room = (self.rcv_head + self.rcv_size).saturating_sub(self.rcv_nxt);
+        let take = (len - skip).min(room);
+        self.rcv_nxt += take;
+        if seg.flags & SEG_FIN != 0 && seg.seq + len == self.rcv_nxt {
+            self.rcv_fin = true;
+        }
+        if take < len - skip {
+            self.nak_due = true;
+        }
+        (skip as usize, take as usize)
+    }
+
+    /// The next segment to send, if any (call [`sent`](Self::sent) once it went out).
+    pub fn next_segment(&self) -> Option<Outgoing> {
+        let stop = self.end.min(self.limit);
+        let again = self.nxt < self.max;
+        if self.nxt < stop {
+            let len = (stop - self.nxt).min(u64::from(self.mss)) as u16;
+            let fin = self.fin == Some(self.nxt + u64::from(len));
+            return Some(Outgoing {
+                seq: self.nxt,
+                len,
+                fin,
+                again,
+            });
+        }
+        if self.fin == Some(self.nxt) {
+            return Some(Outgoing {
+                seq: self.nxt,
+                len: 0,
+                fin: true,
+                again,
+            });
+        }
+        None
+    }
+
+    /// A segment from [`next_segment`](Self::next_segment) went out at `now`.
+    /// It carried our acknowledgement, so none is due any more.
+    pub fn sent(&mut self, now: Instant, o: Outgoing) {
+        self.nxt = o.seq + u64::from(o.len) + u64::from(o.fin);
+        self.max = self.max.max(self.nxt);
+        if self.rtx_at.is_none() {
+            self.rtx_at = Some(now + self.rto);
+        }
+        self.ack_due = false;
+        self.nak_due = false;
+        self.rcv_limit = self.rcv_head + self.rcv_size;
+    }
+
+    /// Whether an acknowledgement should go now (nothing to piggy-back it on).
+    pub fn ack_due(&self) -> bool {
+        self.ack_due
+    }
+
+    /// The acknowledgement fields a frame sent now carries: (ack, limit,
+    /// flags). Changes nothing ([`sent`](Self::sent) or
+    /// [`take_ack`](Self::take_ack) records that they went).
+    pub fn ack_fields(&self) -> (u64, u64, u8) {
+        (
+            self.rcv_nxt + u64::from(self.rcv_fin),
+            self.rcv_head + self.rcv_size,
+            if self.nak_due { SEG_NAK } else { 0 },
+        )
+    }
+
+    /// The acknowledgement fields of the next frame: (ack, limit, NAK/FIN-free flags).
+    /// Marks it sent.
+    pub fn take_ack(&mut self) -> (u64, u64, u8) {
+        self.ack_due = false;
+        let nak = std::mem::take(&mut self.nak_due);
+        self.rcv_limit = self.rcv_head + self.rcv_size;
+        (
+            self.rcv_nxt + u64::from(self.rcv_fin),
+            self.rcv_limit,
+            if nak { SEG_NAK } else { 0 },
+        )
+    }
+
+    /// When [`on_timer`](Self::on_timer) is due next.
+    pub fn next_timer(&self) -> Instant {
+        let mut t = self.probe_at;
+        if let Some(r) = self.rtx_at {
+            t = t.min(r);
+        }
+        t.min(self.heard_at + self.t.keepalive_timeout)
+    }
+
+    /// Timers due at `now`.
+    pub fn on_timer(&mut self, now: Instant) -> Timer {
+        if now >= self.heard_at + self.t.keepalive_timeout {
+            return Timer::Dead;
+        }
+        if self.outstanding() && now >= self.progress_at + self.t.keepalive_timeout {
+            return Timer::Dead;
+        }
+        if let Some(r) = self.rtx_at {
+            if now >= r {
+                self.rto = (self.rto * 2).min(self.t.max_rto);
+                if self.outstanding() {
+                    self.rtx_at = Some(now + self.rto);
+                    self.nxt = self.una;
+                    self.recover = self.max;
+                    return Timer::Retransmit;
+                }
+                self.rtx_at = None;
+            }
+        }
+        if self.credit_stalled() && self.rtx_at.is_none() {
+            // Our window probe: the credit update may have been lost.
+            self.rtx_at = Some(now + self.rto);
+            return Timer::Probe;
+        }
+        if now >= self.probe_at {
+            self.probe_at = now + self.t.keepalive_idle / 2;
+            return Timer::Probe;
+        }
+        Timer::Idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::rng::SeededRng;
+
+    const T: StreamTiming = StreamTiming {
+        rto: Duration::from_millis(5),
+        max_rto: Duration::from_millis(400),
+        keepalive_idle: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(3),
+    };
+
+    /// Two streams with byte rings, over a link that drops, duplicates and
+    /// reorders: every byte arrives once, in order, then the FIN.
+    fn transfer(seed: u64, loss: f64, dup: f64, reorder: f64, bytes: u64) {
+        let mut rng = SeededRng::new(seed);
+        let mut now = Instant::ZERO;
+        let size = 16384u64;
+        let mut a = Stream::new(now, T, 1000, size as u32, size as u32);
+        let mut b = Stream::new(now, T, 1000, size as u32, size as u32);
+        let mut written = 0u64;
+        let mut got: Vec<u8> = Vec::new();
+        let mut recv_ring = vec![0u8; size as usize];
+        // (deliver_at, to_b, segment)
+        let mut link: Vec<(Instant, bool, Segment)> = Vec::new();
+        let data = |i: u64| (i.wrapping_mul(2654435761) >> 7) as u8;
+        let mut steps = 0;
+        while !(b.peer_finished() && a.finished() && got.len() as u64 == bytes) {
+            steps += 1;
+            assert!(steps < 2_000_000, "stuck: {a:?} {b:?}");
+            // the application writes what fits, then shuts down
+            let room = size - (written - a.acked());
+            let n = room.min(bytes - written).min(3000);
+            written += n;
+            a.app_wrote(written, size, written == bytes).unwrap();
+            // a sends
+            while let Some(o) = a.next_segment() {
+                a.sent(now, o);
+                let (ack, limit, flags) = a.take_ack();
+                let seg = Segment {
+                    conn_id: 1,
+                    token: 1,
+                    seq: o.seq,
+                    ack,
+                    limit,
+                    flags: flags | if o.fin { SEG_FIN } else { 0 },
+                    len: o.len,
+                };
+                link.push((now, true, seg));
+            }
+            // b's application reads everything there
+            let avail = b.received() - b.consumed();
+            for i in 0..avail {
+                got.push(recv_ring[((b.consumed() + i) % size) as usize]);
+            }
+            b.app_read(b.received()).unwrap();
+            if b.ack_due() {
+                let (ack, limit, flags) = b.take_ack();
+                let seg = Segment {
+                    conn_id: 1,
+                    token: 1,
+                    seq: 0,
+                    ack,
+                    limit,
+                    flags,
+                    len: 0,
+                };
+                link.push((now, false, seg));
+            }
+            if a.ack_due() {
+                a.take_ack();
+            }
+            // the link delivers (or not) in random order
+            let mut i = 0;
+            while i < link.len() {
+                if link[i].0 <= now && !(rng.chance(reorder)) {
+                    let (_, to_b, seg) = link.swap_remove(i);
+                    if rng.chance(loss) {
+                        continue;
+                    }
+                    let copies = if rng.chance(dup) { 2 } else { 1 };
+                    for _ in 0..copies {
+                        if to_b {
+                            let at = b.received();
+                            let (skip, take) = b.on_data(&seg);
+                            for k in 0..take as u64 {
+                                recv_ring[((at + k) % size) as usize] =
+                                    data(seg.seq + skip as u64 + k);
+                            }
+                            b.on_ack(now, &seg);
+                        } else {
+                            a.on_ack(now, &seg);
+                        }
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            now = now + Duration::from_micros(100 + rng.below(200));
+            for s in [&mut a, &mut b] {
+                if s.next_timer() <= now {
+                    assert_ne!(s.on_timer(now), Timer::Dead, "seed {seed}");
+                }
+            }
+        }
+        assert_eq!(got.len() as u64, bytes);
+        for (i, x) in got.iter().enumerate() {
+            assert_eq!(*x, data(i as u64), "byte {i}, seed {seed}");
+        }
+    }
+
+    #[test]
+    fn clean_link() {
+        transfer(1, 0.0, 0.0, 0.0, 200_000);
+    }
+
+    #[test]
+    fn lossy_duplicating_reordering_links() {
+        for seed in 0..40 {
+            transfer(seed, 0.05, 0.05, 0.2, 100_000);
+        }
+    }
+
+    #[test]
+    fn a_silent_peer_is_dead_after_the_timeout() {
+        let mut s = Stream::new(Instant::ZERO, T, 1000, 4096, 4096);
+        let mut probes = 0;
+        let now = loop {
+            let now = s.next_timer();
+            match s.on_timer(now) {
+                Timer::Dead => break now,
+                Timer::Probe => probes += 1,
+                _ => {}
+            }
+        };
+        assert!(probes >= 2);
+        assert_eq!(now, Instant::ZERO + T.keepalive_timeout);
+    }
+
+    #[test]
+    fn bad_indices_are_refused() {
+        let mut s = Stream::new(Instant::ZERO, T, 1000, 4096, 4096);
+        assert_eq!(s.app_wrote(5000, 4096, false), Err(BadIndex));
+        s.app_wrote(100, 4096, true).unwrap();
+        assert_eq!(s.app_wrote(50, 4096, false), Err(BadIndex));
+        assert_eq!(s.app_wrote(200, 4096, false), Err(BadIndex), "after FIN");
+        assert_eq!(s.app_read(1), Err(BadIndex), "nothing delivered");
+    }
+}

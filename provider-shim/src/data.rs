@@ -1,0 +1,425 @@
+//! Moving bytes: send, receive, shutdown and socket options of connected
+//! SAN sockets, through the socket's send and receive rings
+//! (`dsan_channel::stream`).
+//!
+//! Sends and receives do not take the socket's lock: each direction has a
+//! lock of its own, so one thread may block in `recv` while another sends.
+//! A busy stream makes no system call per call: the daemon is kicked (one
+//! ring message) only when no kick is pending, and woken (futex / eventfd)
+//! only when this process said it waits.
+
+use super::{Error, LocalSock, Provider, Result, SocketId, State};
+use dsan_channel::msg::{Command, Op};
+use dsan_channel::region::{FD_READ, FD_WRITE};
+use dsan_channel::ring::PushError;
+use dsan_channel::stream::{
+    ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_OPEN, ST_RX_EOF,
+};
+use dsan_channel::sys;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long one futex sleep lasts before the daemon's health is checked again.
+const NAP: Duration = Duration::from_millis(10);
+
+/// The per-socket data path state (outside the socket's lock).
+#[derive(Default)]
+pub(super) struct IoSlot {
+    /// The rings, once the connection is established.
+    area: RwLock<Option<StreamArea>>,
+    /// One sender at a time.
+    send: Mutex<()>,
+    /// One receiver at a time.
+    recv: Mutex<()>,
+    /// Set by close: blocked calls return.
+    closed: AtomicBool,
+}
+
+/// `send` / `recv` flags this provider knows.
+pub const MSG_DONTWAIT: i32 = libc::MSG_DONTWAIT;
+/// Look at received bytes without consuming them.
+pub const MSG_PEEK: i32 = libc::MSG_PEEK;
+
+impl IoSlot {
+    /// A fresh socket in this slot.
+    pub(super) fn reset(&self) {
+        *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.closed.store(false, Ordering::Release);
+    }
+    /// The socket is being closed: blocked calls give up.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Zeroes the words of a stream control block this process writes (a
+/// fresh socket in a slot used before).
+pub(super) fn clear_app_words(shm: &StreamShm) {
+    shm.snd_p.tail.store(0, Ordering::Relaxed);
+    shm.snd_p.fin.store(0, Ordering::Relaxed);
+    shm.snd_p.kick.store(0, Ordering::Relaxed);
+    shm.snd_p.waiting.store(0, Ordering::Relaxed);
+    shm.snd_p.want.store(0, Ordering::Relaxed);
+    shm.rcv_c.head.store(0, Ordering::Relaxed);
+    shm.rcv_c.waiting.store(0, Ordering::Relaxed);
+    shm.rcv_c.want.store(0, Ordering::Release);
+}
+
+impl Provider {
+    /// The rings of connected socket `s` (set up on first use), and whether
+    /// calls on it are nonblocking.
+    fn stream(&self, s: SocketId) -> Result<(StreamArea, bool, bool, bool)> {
+        let io = self.io.get(s as usize).ok_or(Error::NotSock)?;
+        let mut g = self.lock(s)?;
+        let ls: &mut LocalSock = g.as_mut().expect("checked");
+        if ls.state == State::Connecting
+            && self
+                .region
+                .sock(s as usize)
+                .connect_state
+                .load(Ordering::Acquire)
+                == 1
+        {
+            ls.state = State::Connected;
+        }
+        if ls.state != State::Connected {
+            return Err(Error::NotConn);
+        }
+        let flags = (ls.nonblocking, ls.shut_rd, ls.shut_wr);
+        if let Some(a) = io.area.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok((a.clone(), flags.0, flags.1, flags.2));
+        }
+        let st = &self.region.stream(s as usize).st;
+        if st.state.load(Ordering::Acquire) & ST_OPEN == 0 {
+            return Err(Error::NotConn);
+        }
+        let ok = |v: u32| {
+            let v = v as usize;
+            v.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&v)
+        };
+        let (snd, rcv) = (
+            st.snd_size.load(Ordering::Relaxed),
+            st.rcv_size.load(Ordering::Relaxed),
+        );
+        if !ok(snd) || !ok(rcv) {
+            return Err(Error::NetDown);
+        }
+        let a = self
+            .region
+            .stream_area(s as usize, snd as usize, rcv as usize);
+        *io.area.write().unwrap_or_else(|e| e.into_inner()) = Some(a.clone());
+        Ok((a, flags.0, flags.1, flags.2))
+    }
+
+    /// Tells the daemon the stream of `s` has news, unless a kick is pending.
+    fn kick(&self, s: SocketId, shm: &StreamShm) {
+        if shm.snd_p.kick.swap(1, Ordering::SeqCst) != 0 {
+            return;
+        }
+        let slot = Command {
+            sock: s,
+            seq: 0,
+            op: Op::Kick,
+        }
+        .to_slot();
+        let start = Instant::now();
+        loop {
+            let r = self
+                .cmds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(&slot);
+            match r {
+                Ok(()) => break,
+                Err(PushError::Full) if start.elapsed() < super::COMMAND_TIMEOUT => {
+                    self.doorbell.ring();
+                    std::thread::yield_now();
+                }
+                Err(_) => return,
+            }
+        }
+        self.doorbell.ring();
+    }
+
+    fn gone(&self) -> bool {
+        self.region.header().closed.load(Ordering::Acquire) != 0
+    }
+
+    /// Sends bytes: how many were taken. A blocking socket takes all of them
+    /// (waiting for room as the peer acknowledges); a nonblocking one (or
+    /// with [`MSG_DONTWAIT`]) takes what fits, or fails with
+    /// [`Error::Again`] when nothing does (FD_WRITE follows when room frees up).
+    ///
+    /// # Errors
+    /// [`Error::NotConn`], [`Error::Pipe`] (shut down, or the connection
+    /// ended), [`Error::Again`], [`Error::Inval`] (flags), [`Error::NotSock`],
+    /// [`Error::NetDown`].
+    pub fn send(&self, s: SocketId, buf: &[u8], flags: i32) -> Result<usize> {
+        if flags & !(MSG_DONTWAIT | libc::MSG_NOSIGNAL) != 0 {
+            return Err(Error::Inval);
+        }
+        let (area, nonblocking, _, shut_wr) = self.stream(s)?;
+        let nonblocking = nonblocking || flags & MSG_DONTWAIT != 0;
+        let io = &self.io[s as usize];
+        let _g = io.send.lock().unwrap_or_else(|e| e.into_inner());
+        let shm = self.region.stream(s as usize);
+        let size = area.snd_size() as u64;
+        let mut sent = 0usize;
+        loop {
+            if io.closed.load(Ordering::Acquire) {
+                return Err(Error::NotSock);
+            }
+            let st = shm.st.state.load(Ordering::Acquire);
+            if shut_wr || st & ST_DEAD != 0 || shm.snd_p.fin.load(Ordering::Relaxed) != 0 {
+                return if sent > 0 { Ok(sent) } else { Err(Error::Pipe) };
+            }
+            if self.gone() {
+                return Err(Error::NetDown);
+            }
+            let tail = shm.snd_p.tail.load(Ordering::Relaxed);
+            let head = shm.snd_c.head.load(Ordering::Acquire);
+            let used = tail
+                .checked_sub(head)
+                .filter(|u| *u <= size)
+                .ok_or(Error::NetDown)?;
+            let free = (size - used) as usize;
+            if free > 0 {
+                let n = free.min(buf.len() - sent);
+                area.write_send(tail, &buf[sent..sent + n]);
+                shm.snd_p.tail.store(tail + n as u64, Ordering::Release);
+                sent += n;
+                self.kick(s, shm);
+                if sent == buf.len() {
+                    return Ok(sent);
+                }
+                continue;
+            }
+            if nonblocking && sent > 0 {
+                return Ok(sent);
+            }
+            // Full: ask for FD_WRITE / a wake-up, then look again.
+            let seq = shm.snd_c.seq.load(Ordering::Acquire);
+            shm.snd_p.want.store(1, Ordering::SeqCst);
+            if shm.snd_c.head.load(Ordering::SeqCst) != head {
+                continue;
+            }
+            if nonblocking {
+                return Err(Error::Again);
+            }
+            shm.snd_p.waiting.fetch_add(1, Ordering::SeqCst);
+            if shm.snd_c.head.load(Ordering::SeqCst) == head {
+                sys::futex_wait(&shm.snd_c.seq, seq, NAP);
+            }
+            shm.snd_p.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Receives bytes: how many (0 at the end of the stream). A blocking
+    /// socket waits for at least one byte; a nonblocking one (or with
+    /// [`MSG_DONTWAIT`]) fails with [`Error::Again`] when there is none
+    /// (FD_READ follows when bytes arrive). [`MSG_PEEK`] leaves them there.
+    ///
+    /// # Errors
+    /// [`Error::NotConn`], [`Error::ConnReset`] (reset, nothing left to
+    /// read), [`Error::Again`], [`Error::Inval`] (flags), [`Error::NotSock`],
+    /// [`Error::NetDown`].
+    pub fn recv(&self, s: SocketId, buf: &mut [u8], flags: i32) -> Result<usize> {
+        if flags & !(MSG_DONTWAIT | MSG_PEEK) != 0 {
+            return Err(Error::Inval);
+        }
+        let (area, nonblocking, shut_rd, _) = self.stream(s)?;
+        let nonblocking = nonblocking || flags & MSG_DONTWAIT != 0;
+        let io = &self.io[s as usize];
+        let _g = io.recv.lock().unwrap_or_else(|e| e.into_inner());
+        let shm = self.region.stream(s as usize);
+        let size = area.rcv_size() as u64;
+        if shut_rd || buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if io.closed.load(Ordering::Acquire) {
+                return Err(Error::NotSock);
+            }
+            let seq = shm.rcv_p.seq.load(Ordering::Acquire);
+            let tail = shm.rcv_p.tail.load(Ordering::Acquire);
+            let head = shm.rcv_c.head.load(Ordering::Relaxed);
+            let avail = tail
+                .checked_sub(head)
+                .filter(|a| *a <= size)
+                .ok_or(Error::NetDown)?;
+            if avail > 0 {
+                let n = (avail as usize).min(buf.len());
+                area.read_recv(head, &mut buf[..n]);
+                if flags & MSG_PEEK == 0 {
+                    shm.rcv_c.head.store(head + n as u64, Ordering::Release);
+                    if shm.rcv_p.credit_wanted.swap(0, Ordering::AcqRel) != 0 {
+                        self.kick(s, shm);
+                    }
+                }
+                return Ok(n);
+            }
+            let st = shm.st.state.load(Ordering::Acquire);
+            if st & ST_RX_EOF != 0 {
+                return Ok(0);
+            }
+            if st & ST_DEAD != 0 {
+                return match shm.st.close_error.load(Ordering::Relaxed) {
+                    0 => Ok(0),
+                    _ => Err(Error::ConnReset),
+                };
+            }
+            if self.gone() {
+                return Err(Error::NetDown);
+            }
+            shm.rcv_c.want.store(1, Ordering::SeqCst);
+            if shm.rcv_p.tail.load(Ordering::SeqCst) != tail {
+                continue;
+            }
+            if nonblocking {
+                return Err(Error::Again);
+            }
+            shm.rcv_c.waiting.fetch_add(1, Ordering::SeqCst);
+            if shm.rcv_p.tail.load(Ordering::SeqCst) == tail
+                && shm.st.state.load(Ordering::SeqCst) == st
+            {
+                sys::futex_wait(&shm.rcv_p.seq, seq, NAP);
+            }
+            shm.rcv_c.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Shuts down receiving (`SHUT_RD`: later receives return 0), sending
+    /// (`SHUT_WR`: the peer reads the end of the stream after the bytes
+    /// sent), or both.
+    ///
+    /// # Errors
+    /// [`Error::Inval`] for another `how`; [`Error::NotConn`]; [`Error::NotSock`].
+    pub fn shutdown(&self, s: SocketId, how: i32) -> Result<()> {
+        if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
+            return Err(Error::Inval);
+        }
+        self.stream(s)?;
+        {
+            let mut g = self.lock(s)?;
+            let ls = g.as_mut().expect("checked");
+            if how != libc::SHUT_WR {
+                ls.shut_rd = true;
+            }
+            if how != libc::SHUT_RD {
+                ls.shut_wr = true;
+            }
+        }
+        if how != libc::SHUT_RD {
+            // After the sender's lock: no send is between its write and its tail.
+            let _g = self.io[s as usize]
+                .send
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let shm = self.region.stream(s as usize);
+            shm.snd_p.fin.store(1, Ordering::Release);
+            self.kick(s, shm);
+        }
+        Ok(())
+    }
+
+    /// Events to report at once when an eventfd is selected for them on a
+    /// connected socket (bytes are there, or room to send): WSD posts
+    /// FD_READ / FD_WRITE as soon as they hold.
+    pub(super) fn ready_events(&self, s: SocketId, mask: u32) -> u32 {
+        let area = self.io[s as usize]
+            .area
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(area) = area else { return 0 };
+        let shm = self.region.stream(s as usize);
+        let mut ev = 0;
+        if mask & FD_READ != 0 {
+            shm.rcv_c.want.store(1, Ordering::SeqCst);
+            let st = shm.st.state.load(Ordering::SeqCst);
+            if shm.rcv_p.tail.load(Ordering::SeqCst) != shm.rcv_c.head.load(Ordering::Relaxed)
+                || st & (ST_RX_EOF | ST_DEAD) != 0
+            {
+                ev |= FD_READ;
+            }
+        }
+        if mask & FD_WRITE != 0 {
+            shm.snd_p.want.store(1, Ordering::SeqCst);
+            let used = shm
+                .snd_p
+                .tail
+                .load(Ordering::Relaxed)
+                .wrapping_sub(shm.snd_c.head.load(Ordering::SeqCst));
+            if used < area.snd_size() as u64 {
+                ev |= FD_WRITE;
+            }
+        }
+        ev
+    }
+
+    /// Sets a socket option. SOL_SOCKET: SO_RCVBUF and SO_SNDBUF (the ring
+    /// sizes of the connection, rounded up to a power of two between 4 KiB
+    /// and 1 MiB; effective when set before connect or listen, and inherited
+    /// by accepted sockets), SO_KEEPALIVE (SAN connections always have a
+    /// keepalive; recorded). IPPROTO_TCP: TCP_NODELAY (accepted: segments
+    /// leave as soon as they are written).
+    ///
+    /// # Errors
+    /// [`Error::NoProtoOpt`] for other options; [`Error::Inval`] for a short
+    /// value; [`Error::NotSock`].
+    pub fn setsockopt(&self, s: SocketId, level: i32, name: i32, val: &[u8]) -> Result<()> {
+        let v = val
+            .get(..4)
+            .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+            .ok_or(Error::Inval)?;
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_RCVBUF) => ls.bufs.rcv = ring_size(v.max(1) as usize),
+            (libc::SOL_SOCKET, libc::SO_SNDBUF) => ls.bufs.snd = ring_size(v.max(1) as usize),
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => ls.keepalive = v != 0,
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY) => ls.nodelay = v != 0,
+            _ => return Err(Error::NoProtoOpt),
+        }
+        Ok(())
+    }
+
+    /// Reads a socket option: those of [`setsockopt`](Self::setsockopt),
+    /// plus SO_ERROR (the pending error: a failed nonblocking connect, or
+    /// how the connection ended; reading clears it) and SO_TYPE.
+    ///
+    /// # Errors
+    /// [`Error::NoProtoOpt`]; [`Error::NotSock`].
+    pub fn getsockopt(&self, s: SocketId, level: i32, name: i32) -> Result<i32> {
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        let sh = self.region.sock(s as usize);
+        Ok(match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_RCVBUF) => ls.bufs.rcv as i32,
+            (libc::SOL_SOCKET, libc::SO_SNDBUF) => ls.bufs.snd as i32,
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => i32::from(ls.keepalive),
+            (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY) => i32::from(ls.nodelay),
+            (libc::SOL_SOCKET, libc::SO_ERROR) => {
+                let c = sh.connect_error.swap(0, Ordering::AcqRel);
+                if c != 0 {
+                    -c
+                } else if ls.state == State::Connected && !ls.error_reported {
+                    let st = &self.region.stream(s as usize).st;
+                    let e = if st.state.load(Ordering::Acquire) & ST_DEAD != 0 {
+                        st.close_error.load(Ordering::Relaxed)
+                    } else {
+                        0
+                    };
+                    ls.error_reported = e != 0;
+                    -e
+                } else {
+                    0
+                }
+            }
+            _ => return Err(Error::NoProtoOpt),
+        })
+    }
+}

@@ -178,6 +178,7 @@ fn frame_rtt(count: u64, idle: &str, mode: &str, json_path: Option<PathBuf>) -> 
                     mode: m,
                     idle: p.to_string(),
                     dsand: dsand.clone(),
+                    faults: Default::default(),
                 })
                 .map_err(anyhow::Error::msg)?;
                 let sock = lab::socket_of("h0");
@@ -289,6 +290,7 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
             mode: lab::Mode::AfPacket,
             idle: p.to_string(),
             dsand: dsand.clone(),
+            faults: Default::default(),
         })
         .map_err(anyhow::Error::msg)?;
         let (s0, s1) = (

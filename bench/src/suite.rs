@@ -747,6 +747,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             mode: lab::Mode::AfPacket,
             idle: policy.clone(),
             dsand: dsand.clone(),
+            faults: Default::default(),
         })
         .map_err(anyhow::Error::msg)?;
         let r = run_policy(&o, policy, &mut rows, &mut ports);

@@ -42,7 +42,7 @@ pub struct EalSection {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Host name shown in status and metrics (default: the system host name).
@@ -71,6 +71,43 @@ pub struct Config {
     /// Protocol limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Fault injection on received SAN frames (lab use; off by default).
+    #[serde(default)]
+    pub faults: FaultsSection,
+}
+
+/// The `[faults]` table: probabilities in 0..=1 and a seed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsSection {
+    /// Drop this fraction of received SAN frames.
+    pub loss: Option<f64>,
+    /// Deliver this fraction twice.
+    pub dup: Option<f64>,
+    /// Hold this fraction back 0.1-2 ms (reordering).
+    pub reorder: Option<f64>,
+    /// Seed of the injector.
+    pub seed: Option<u64>,
+}
+
+impl FaultsSection {
+    /// The injector's settings; an error for a probability outside 0..=1.
+    pub fn faults(&self) -> Result<dataplane::node::Faults, String> {
+        let p = |v: Option<f64>, what: &str| {
+            let v = v.unwrap_or(0.0);
+            if (0.0..=1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!("faults.{what} must be between 0 and 1, not {v}"))
+            }
+        };
+        Ok(dataplane::node::Faults {
+            loss: p(self.loss, "loss")?,
+            dup: p(self.dup, "dup")?,
+            reorder: p(self.reorder, "reorder")?,
+            seed: self.seed.unwrap_or(1),
+        })
+    }
 }
 
 /// The `[limits]` table (defaults in `docs/wire-protocol.md`).

@@ -56,6 +56,8 @@ pub struct UpOptions {
     pub idle: String,
     /// The dsand binary.
     pub dsand: PathBuf,
+    /// Fault injection in every daemon (all 0: off).
+    pub faults: dataplane::node::Faults,
 }
 
 /// What `lab up` reports per host.
@@ -341,6 +343,16 @@ fn build(o: &UpOptions) -> Result<Vec<HostInfo>, String> {
             format!("--control-socket={}", socket_of(&name).display()),
             format!("--metrics-addr={metrics}"),
         ];
+        let mut args = args;
+        if o.faults.active() {
+            args.extend([
+                format!("--fault-loss={}", o.faults.loss),
+                format!("--fault-dup={}", o.faults.dup),
+                format!("--fault-reorder={}", o.faults.reorder),
+                // Each host its own stream of faults.
+                format!("--fault-seed={}", o.faults.seed.wrapping_add(i as u64)),
+            ]);
+        }
         let spec = HostSpec {
             dsand: o.dsand.clone(),
             args,

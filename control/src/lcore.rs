@@ -5,6 +5,7 @@
 use dataplane::engine::{EngineShared, LcoreStats};
 use dataplane::node::{
     Command, Counters, NodeHandle, APP_REJECT_REASONS, ATTEMPT_RESULTS, KIND_NAMES, REJECT_REASONS,
+    RESET_REASONS,
 };
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
@@ -108,7 +109,11 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "frames_sent": named(&KIND_NAMES, &c.tx_by_kind),
         "drops": {"not_san": c.drop_not_san, "malformed": c.drop_malformed, "version": c.drop_version,
                   "not_ours": c.drop_not_ours, "unexpected": c.drop_unexpected, "bad_token": c.drop_bad_token,
-                  "bad_command": c.bad_commands()},
+                  "bad_command": c.bad_commands(), "injected": c.drop_injected},
+        "streams": {"connections": c.connections, "bytes_sent": c.san_bytes_tx, "bytes_received": c.san_bytes_rx,
+                    "frames_retransmitted": c.frames_retransmitted, "credit_stalls": c.credit_stalls,
+                    "resets": named(&RESET_REASONS, &c.resets),
+                    "state_bytes_per_connection": dataplane::node::STREAM_STATE_BYTES},
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),
         "app_protocol_violations": c.app_violations,
         "app_event_signals_failed": c.event_signal_failed,

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use crate::lcore::Lcore;
-use dataplane::node::{Counters, APP_REJECT_REASONS, KINDS, KIND_NAMES};
+use dataplane::node::{Counters, APP_REJECT_REASONS, KINDS, KIND_NAMES, RESET_REASONS};
 pub use dataplane::node::{ATTEMPT_RESULTS, REJECT_REASONS};
 
 /// Where port counters come from (DPDK in the daemon).
@@ -54,6 +54,11 @@ pub struct Metrics {
     backlog_capacity: IntGaugeVec,
     backlog_depth: IntGaugeVec,
     backlog_accepted: IntGaugeVec,
+    bytes: IntCounterVec,
+    retransmitted: IntCounter,
+    credit_stalls: IntCounter,
+    resets: IntCounterVec,
+    connections: prometheus::IntGauge,
     lcore: Lcore,
     port: PortStatsFn,
     listeners: ListenersFn,
@@ -116,6 +121,12 @@ impl Metrics {
         ))
         .unwrap();
         registry.register(Box::new(attached.clone())).unwrap();
+        let connections = prometheus::IntGauge::with_opts(Opts::new(
+            "dsan_san_connections",
+            "Established SAN connections with a byte stream on this host.",
+        ))
+        .unwrap();
+        registry.register(Box::new(connections.clone())).unwrap();
         Metrics {
             port_rx: c(
                 "dsan_port_rx_packets_total",
@@ -161,6 +172,11 @@ impl Metrics {
             backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
             backlog_depth: gv("dsan_backlog_depth", "Connect requests queued on each SAN listener."),
             backlog_accepted: gv("dsan_backlog_accepted", "Connections the switch accepted on the application's behalf, waiting for its accept, per SAN listener."),
+            bytes: cv("dsan_san_bytes_total", "SAN stream payload bytes: sent (tx, retransmissions included) and delivered in order to applications (rx).", &["direction"]),
+            retransmitted: c("dsan_san_frames_retransmitted_total", "SAN Data frames sent again after a loss (go-back-N)."),
+            credit_stalls: c("dsan_san_credit_stalls_total", "Times a SAN sender had bytes to send but no credit from its receiver."),
+            resets: cv("dsan_san_connections_reset_total", "SAN connections reset, by reason (peer: reset by the other host).", &["reason"]),
+            connections,
             attached,
             listeners,
             fallbacks,
@@ -202,6 +218,7 @@ impl Metrics {
             ("no_mbuf", s.alloc_failed.load(Ordering::Relaxed)),
             ("bad_token", n.drop_bad_token),
             ("bad_command", n.bad_commands()),
+            ("injected", n.drop_injected),
         ] {
             set(&self.dropped.with_label_values(&[reason]), v);
         }
@@ -224,6 +241,14 @@ impl Metrics {
             self.fallbacks.load(Ordering::Relaxed),
         );
         self.attached.set(n.attached as i64);
+        self.connections.set(n.connections as i64);
+        set(&self.bytes.with_label_values(&["tx"]), n.san_bytes_tx);
+        set(&self.bytes.with_label_values(&["rx"]), n.san_bytes_rx);
+        set(&self.retransmitted, n.frames_retransmitted);
+        set(&self.credit_stalls, n.credit_stalls);
+        for (i, r) in RESET_REASONS.iter().enumerate() {
+            set(&self.resets.with_label_values(&[r]), n.resets[i]);
+        }
         self.backlog_capacity.reset();
         self.backlog_depth.reset();
         self.backlog_accepted.reset();

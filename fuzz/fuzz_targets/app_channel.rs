@@ -49,6 +49,14 @@ enum Op {
         sock: u16,
         mask: u32,
     },
+    /// A kick for a socket's stream, after writing `value` into one of the
+    /// words of its stream control block the process owns (send tail, FIN,
+    /// receive head).
+    Kick {
+        sock: u16,
+        word: u8,
+        value: u64,
+    },
     /// Bytes written over the region at one of its ring headers or indices.
     Scribble {
         target: u8,
@@ -125,6 +133,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, u16::from(port % 4) + 1),
                         backlog: i32::from(backlog),
                         area: u16::from(area % 4),
+                        bufs: Default::default(),
                     },
                 }
                 .to_slot(),
@@ -173,6 +182,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         dst: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), u16::from(port) + 1),
                         src: None,
                         nonblocking,
+                        bufs: Default::default(),
                     },
                 }
                 .to_slot(),
@@ -194,6 +204,24 @@ fuzz_target!(|ops: Vec<Op>| {
                 .to_slot();
                 s[16..20].copy_from_slice(&mask.to_le_bytes());
                 Some(s)
+            }
+            Op::Kick { sock, word, value } => {
+                let i = usize::from(sock % 1024);
+                let st = mine.stream(i);
+                match word % 4 {
+                    0 => st.snd_p.tail.store(value, Ordering::Relaxed),
+                    1 => st.snd_p.fin.store(value as u32, Ordering::Relaxed),
+                    2 => st.rcv_c.head.store(value, Ordering::Relaxed),
+                    _ => {}
+                }
+                Some(
+                    Command {
+                        sock: i as u32,
+                        seq,
+                        op: AppOp::Kick,
+                    }
+                    .to_slot(),
+                )
             }
             Op::Scribble {
                 target,

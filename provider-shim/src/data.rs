@@ -10,7 +10,7 @@
 
 use super::{Error, LocalSock, Provider, Result, SocketId, State};
 use dsan_channel::msg::{Command, Op};
-use dsan_channel::region::{FD_READ, FD_WRITE};
+use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
 use dsan_channel::ring::PushError;
 use dsan_channel::stream::{
     ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_OPEN, ST_RX_EOF,
@@ -344,6 +344,9 @@ impl Provider {
             {
                 ev |= FD_READ;
             }
+        }
+        if mask & FD_CLOSE != 0 && shm.st.state.load(Ordering::Acquire) & ST_DEAD != 0 {
+            ev |= FD_CLOSE;
         }
         if mask & FD_WRITE != 0 {
             shm.snd_p.want.store(1, Ordering::SeqCst);

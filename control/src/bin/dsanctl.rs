@@ -65,6 +65,19 @@ enum LabCmd {
         /// The dsand binary (default: next to dsanctl).
         #[arg(long)]
         dsand: Option<PathBuf>,
+        /// Fault injection: each daemon drops this fraction of the SAN
+        /// frames it receives (0..1; counted as dropped, reason injected).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Fault injection: fraction of received SAN frames delivered twice.
+        #[arg(long, default_value_t = 0.0)]
+        dup: f64,
+        /// Fault injection: fraction held back 0.1-2 ms, so later ones overtake them.
+        #[arg(long, default_value_t = 0.0)]
+        reorder: f64,
+        /// Seed of the fault injector (host i uses seed + i).
+        #[arg(long, default_value_t = 1)]
+        fault_seed: u64,
     },
     /// Remove everything the lab created (idempotent; also after a crash).
     Down,
@@ -293,8 +306,17 @@ fn run_lab(cmd: LabCmd, json_out: bool) -> Result<i32, String> {
             mode,
             idle,
             dsand,
+            loss,
+            dup,
+            reorder,
+            fault_seed,
         } => {
             idle.parse::<dataplane::engine::IdlePolicy>()?;
+            for (what, p) in [("--loss", loss), ("--dup", dup), ("--reorder", reorder)] {
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(format!("{what} must be between 0 and 1, not {p}"));
+                }
+            }
             let dsand = match dsand.or_else(|| std::env::var_os("DSAN_DSAND").map(Into::into)) {
                 Some(p) => p,
                 None => std::env::current_exe()
@@ -306,6 +328,12 @@ fn run_lab(cmd: LabCmd, json_out: bool) -> Result<i32, String> {
                 mode,
                 idle,
                 dsand,
+                faults: dataplane::node::Faults {
+                    loss,
+                    dup,
+                    reorder,
+                    seed: fault_seed,
+                },
             })?;
             if json_out {
                 println!("{}", serde_json::to_string(&hs).unwrap());

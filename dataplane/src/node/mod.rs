@@ -20,6 +20,7 @@ pub use counters::{
     REJECT_REASONS, RESET_REASONS,
 };
 pub use probe::{PingRequest, PingResult};
+pub use streams::STREAM_STATE_BYTES;
 
 use crate::device::Device;
 use crate::engine::{Handler, Tx};
@@ -113,6 +114,8 @@ pub struct NodeConfig {
     pub ethertype: u16,
     /// Protocol parameters (SAN subnets, budgets, limits).
     pub proto: ProtoConfig,
+    /// Fault injection on received SAN frames (the lab's stand-in for netem).
+    pub faults: Faults,
 }
 
 impl Default for NodeConfig {
@@ -120,7 +123,32 @@ impl Default for NodeConfig {
         Self {
             ethertype: wire::DEFAULT_ETHERTYPE,
             proto: ProtoConfig::default(),
+            faults: Faults::default(),
         }
+    }
+}
+
+/// A seeded fault injector on received SAN frames: each frame is dropped
+/// with probability `loss`, else delivered twice with probability `dup`,
+/// and held back 0.1-2 ms (so that later frames overtake it) with
+/// probability `reorder`. Off when all are 0. Dropped frames are counted as
+/// `injected`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Drop probability.
+    pub loss: f64,
+    /// Duplication probability.
+    pub dup: f64,
+    /// Delay (reorder) probability.
+    pub reorder: f64,
+    /// Seed of the injector's generator.
+    pub seed: u64,
+}
+
+impl Faults {
+    /// Whether any fault is configured.
+    pub fn active(&self) -> bool {
+        self.loss > 0.0 || self.dup > 0.0 || self.reorder > 0.0
     }
 }
 
@@ -145,6 +173,8 @@ pub struct Node {
     streams: HashMap<ConnHandle, streams::StreamCtx>,
     stream_timers: BTreeSet<(Instant, ConnHandle)>,
     txq: VecDeque<ConnHandle>,
+    fault_rng: crate::proto::rng::SeededRng,
+    delayed: Vec<(Instant, Vec<u8>)>,
 }
 
 /// The control side's handle to a running node.
@@ -181,7 +211,7 @@ impl Node {
             addrs_version: Arc::new(AtomicU64::new(0)),
             subnets: Arc::new(RwLock::new(cfg.proto.subnets.clone())),
         };
-        let n = Node {
+        let mut n = Node {
             ep: Endpoint::new(cfg.proto.clone(), mac, addrs, OsRng::default()),
             cfg,
             addrs: h.addrs.clone(),
@@ -200,7 +230,10 @@ impl Node {
             streams: HashMap::new(),
             stream_timers: BTreeSet::new(),
             txq: VecDeque::new(),
+            fault_rng: crate::proto::rng::SeededRng::new(0),
+            delayed: Vec::new(),
         };
+        n.fault_rng = crate::proto::rng::SeededRng::new(n.cfg.faults.seed);
         (n, h)
     }
 
@@ -367,6 +400,47 @@ impl Node {
 }
 
 impl Node {
+    /// A received frame through the fault injector.
+    fn inject<D: Device>(&mut self, now: Instant, bytes: &[u8], tx: &mut Tx<'_, D>) {
+        let f = self.cfg.faults;
+        let r = &mut self.fault_rng;
+        if r.chance(f.loss) {
+            self.local.injected += 1;
+            return;
+        }
+        let copies = if r.chance(f.dup) { 2 } else { 1 };
+        for _ in 0..copies {
+            let r = &mut self.fault_rng;
+            if r.chance(f.reorder) {
+                let hold = std::time::Duration::from_micros(100 + r.below(1900));
+                self.delayed.push((now + hold, bytes.to_vec()));
+            } else {
+                self.handle_frame(now, bytes, tx);
+            }
+        }
+    }
+
+    /// Delivers held-back frames that are due.
+    fn release_delayed<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
+        if self.delayed.is_empty() {
+            return false;
+        }
+        let mut due = Vec::new();
+        self.delayed.retain(|(t, b)| {
+            if *t <= now {
+                due.push(b.clone());
+                false
+            } else {
+                true
+            }
+        });
+        let busy = !due.is_empty();
+        for b in due {
+            self.handle_frame(now, &b, tx);
+        }
+        busy
+    }
+
     /// Hands what the core has to send to `send` and delivers its events,
     /// until both are empty (delivering an event may make the core send, e.g.
     /// a refusal).
@@ -434,7 +508,11 @@ impl Node {
 impl<D: Device> Handler<D> for Node {
     fn on_rx(&mut self, now: Instant, rx: &mut Vec<D::Buf>, tx: &mut Tx<'_, D>) {
         for f in rx.drain(..) {
-            self.handle_frame(now, f.as_ref(), tx);
+            if self.cfg.faults.active() {
+                self.inject(now, f.as_ref(), tx);
+            } else {
+                self.handle_frame(now, f.as_ref(), tx);
+            }
         }
         self.flush_core(now, |n, r| n.send(tx, r));
         self.stream_tx(now, tx);
@@ -442,6 +520,7 @@ impl<D: Device> Handler<D> for Node {
 
     fn poll(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
         let mut busy = self.serve_inputs(now);
+        busy |= self.release_delayed(now, tx);
         busy |= self.drive_ping(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy |= self.stream_tx(now, tx);
@@ -473,7 +552,8 @@ impl<D: Device> Handler<D> for Node {
 
     fn next_deadline(&self) -> Option<Instant> {
         let p = self.ping.as_ref().map(ActivePing::next_timer);
-        [p, self.ep.poll_timeout(), self.next_stream_timer()]
+        let d = self.delayed.iter().map(|(t, _)| *t).min();
+        [p, self.ep.poll_timeout(), self.next_stream_timer(), d]
             .into_iter()
             .flatten()
             .min()

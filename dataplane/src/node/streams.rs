@@ -33,6 +33,14 @@ use dsan_channel::sys;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
+/// The daemon's state per established connection, not counting the rings
+/// (which live in the process's region): the stream context, the protocol
+/// core's connection, and their index entries.
+pub const STREAM_STATE_BYTES: usize = std::mem::size_of::<StreamCtx>()
+    + std::mem::size_of::<crate::proto::Connection>()
+    + std::mem::size_of::<(Instant, ConnHandle)>()
+    + 3 * std::mem::size_of::<(ConnHandle, u64)>();
+
 /// Frames one pass of the transmit queue may send (the rest wait for the next pass).
 const TX_BUDGET: usize = 64;
 
@@ -149,6 +157,11 @@ impl Node {
 
     fn enqueue(&mut self, h: ConnHandle) {
         if let Some(ctx) = self.streams.get_mut(&h) {
+            let stalled = ctx.s.credit_stalled();
+            if stalled && !ctx.stalled {
+                self.local.credit_stalls += 1;
+            }
+            ctx.stalled = stalled;
             if !ctx.queued && (ctx.probe || ctx.s.ack_due() || ctx.s.next_segment().is_some()) {
                 ctx.queued = true;
                 self.txq.push_back(h);
@@ -525,11 +538,6 @@ impl Node {
                     busy = true;
                 }
             }
-            let stalled = ctx.s.credit_stalled();
-            if stalled && !ctx.stalled {
-                self.local.credit_stalls += 1;
-            }
-            ctx.stalled = stalled;
             if !ctx.app_closed && ctx.s.credit_low() {
                 ctx.shm().rcv_p.credit_wanted.store(1, Ordering::Relaxed);
             }

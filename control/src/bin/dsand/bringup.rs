@@ -89,7 +89,14 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             .ethertype
             .unwrap_or(dataplane::wire::DEFAULT_ETHERTYPE),
         proto,
+        faults: eff.cfg.faults.faults().map_err(|e| anyhow::anyhow!(e))?,
     };
+    if node_cfg.faults.active() {
+        super::log(
+            "warn",
+            &format!("fault injection on: {:?}", node_cfg.faults),
+        );
+    }
     let (mut node, handle) = Node::new(node_cfg, mac, addrs);
     let lcore = Lcore {
         engine: shared.clone(),

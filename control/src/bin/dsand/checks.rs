@@ -51,6 +51,18 @@ pub(crate) fn merge(args: &Args) -> Result<Config> {
     if args.no_huge {
         c.eal.no_huge = true;
     }
+    if args.fault_loss.is_some() {
+        c.faults.loss = args.fault_loss;
+    }
+    if args.fault_dup.is_some() {
+        c.faults.dup = args.fault_dup;
+    }
+    if args.fault_reorder.is_some() {
+        c.faults.reorder = args.fault_reorder;
+    }
+    if args.fault_seed.is_some() {
+        c.faults.seed = args.fault_seed;
+    }
     if args.no_pci {
         c.eal.no_pci = true;
     }

@@ -87,6 +87,18 @@ pub(crate) struct Args {
     /// Limit: a SAN connect gives up after this long (ETIMEDOUT), ms.
     #[arg(long)]
     pub(crate) connect_budget_ms: Option<u64>,
+    /// Lab fault injection: drop this fraction of received SAN frames.
+    #[arg(long)]
+    pub(crate) fault_loss: Option<f64>,
+    /// Lab fault injection: deliver this fraction of received SAN frames twice.
+    #[arg(long)]
+    pub(crate) fault_dup: Option<f64>,
+    /// Lab fault injection: hold this fraction back 0.1-2 ms (reordering).
+    #[arg(long)]
+    pub(crate) fault_reorder: Option<f64>,
+    /// Lab fault injection: the injector's seed.
+    #[arg(long)]
+    pub(crate) fault_seed: Option<u64>,
     /// SAN EtherType (decimal or 0x-hex).
     #[arg(long, value_parser = parse_u16)]
     pub(crate) ethertype: Option<u16>,

@@ -7,12 +7,18 @@ local dsan = Proto("dsan", "dsan SAN protocol")
 
 local kinds = {
   [0x01] = "ConnectRequest", [0x02] = "Accept", [0x03] = "Reject", [0x04] = "Close",
-  [0x05] = "CloseAck", [0x06] = "AcceptAck", [0x10] = "ResolveRequest", [0x11] = "ResolveReply",
+  [0x05] = "CloseAck", [0x06] = "AcceptAck", [0x07] = "Data", [0x08] = "Ack", [0x09] = "Reset",
+  [0x10] = "ResolveRequest", [0x11] = "ResolveReply",
   [0x20] = "EchoRequest", [0x21] = "EchoReply",
 }
 local reasons = {
   [0x01] = "backlog_full", [0x02] = "no_listener", [0x03] = "refused",
   [0x04] = "no_resources", [0x05] = "listener_closed",
+}
+
+local reset_reasons = {
+  [0x01] = "process_gone", [0x02] = "aborted", [0x03] = "no_connection",
+  [0x04] = "timed_out", [0x05] = "shutdown", [0x06] = "protocol",
 }
 
 local f = dsan.fields
@@ -32,15 +38,26 @@ f.reason = ProtoField.uint8("dsan.reason", "Reject reason", base.HEX, reasons)
 f.mac = ProtoField.ether("dsan.mac", "Resolved MAC")
 f.seq = ProtoField.uint64("dsan.seq", "Echo sequence", base.DEC)
 f.stamp = ProtoField.uint64("dsan.stamp", "Echo stamp", base.DEC)
+f.window = ProtoField.uint32("dsan.window", "Offered receive window", base.DEC)
+f.mss = ProtoField.uint16("dsan.mss", "Offered max payload", base.DEC)
+f.sseq = ProtoField.uint64("dsan.stream_seq", "Stream offset", base.DEC)
+f.ack = ProtoField.uint64("dsan.ack", "Acknowledged up to", base.DEC)
+f.limit = ProtoField.uint64("dsan.limit", "Credit limit", base.DEC)
+f.seg_flags = ProtoField.uint8("dsan.seg_flags", "Segment flags (1 FIN, 2 NAK, 4 PROBE)", base.HEX)
+f.payload_len = ProtoField.uint16("dsan.payload_len", "Payload length", base.DEC)
+f.payload = ProtoField.bytes("dsan.payload", "Payload")
+f.reset_reason = ProtoField.uint8("dsan.reset_reason", "Reset reason", base.HEX, reset_reasons)
 
-local body_len = { [0x01] = 16, [0x02] = 24, [0x03] = 24, [0x04] = 16, [0x05] = 16, [0x06] = 16,
+local body_len = { [0x01] = 24, [0x02] = 32, [0x03] = 24, [0x04] = 16, [0x05] = 16, [0x06] = 16,
+                   [0x07] = 44, [0x08] = 44, [0x09] = 24,
                    [0x10] = 0, [0x11] = 8, [0x20] = 16, [0x21] = 16 }
 
 function dsan.dissector(buf, pinfo, tree)
   if buf:len() < 18 then return 0 end
   pinfo.cols.protocol = "DSAN"
   local kind = buf(1, 1):uint()
-  local t = tree:add(dsan, buf(0, math.min(buf:len(), 18 + (body_len[kind] or 0))))
+  local declared = buf(16, 2):uint()
+  local t = tree:add(dsan, buf(0, math.min(buf:len(), 18 + math.max(declared, body_len[kind] or 0))))
   t:add(f.version, buf(0, 1))
   t:add(f.kind, buf(1, 1))
   t:add(f.flags, buf(2, 2))
@@ -61,8 +78,24 @@ function dsan.dissector(buf, pinfo, tree)
   local b = 18
   if kind == 0x01 then
     t:add(f.conn_id, buf(b, 8)); t:add(f.client_token, buf(b + 8, 8))
+    t:add(f.window, buf(b + 16, 4)); t:add(f.mss, buf(b + 20, 2))
   elseif kind == 0x02 then
     t:add(f.conn_id, buf(b, 8)); t:add(f.client_token, buf(b + 8, 8)); t:add(f.server_token, buf(b + 16, 8))
+    t:add(f.window, buf(b + 24, 4)); t:add(f.mss, buf(b + 28, 2))
+  elseif kind == 0x07 or kind == 0x08 then
+    t:add(f.conn_id, buf(b, 8)); t:add(f.token, buf(b + 8, 8)); t:add(f.sseq, buf(b + 16, 8))
+    t:add(f.ack, buf(b + 24, 8)); t:add(f.limit, buf(b + 32, 8)); t:add(f.seg_flags, buf(b + 40, 1))
+    t:add(f.payload_len, buf(b + 42, 2))
+    local n = buf(b + 42, 2):uint()
+    if n > 0 and buf:len() >= 18 + need + n then
+      t:add(f.payload, buf(b + need, n))
+    end
+    info = info .. string.format(" seq=%s len=%d ack=%s", tostring(buf(b + 16, 8):uint64()), n,
+                                 tostring(buf(b + 24, 8):uint64()))
+    need = need + n
+  elseif kind == 0x09 then
+    t:add(f.conn_id, buf(b, 8)); t:add(f.token, buf(b + 8, 8)); t:add(f.reset_reason, buf(b + 16, 1))
+    info = info .. " reason=" .. (reset_reasons[buf(b + 16, 1):uint()] or "unknown")
   elseif kind == 0x03 then
     t:add(f.conn_id, buf(b, 8)); t:add(f.client_token, buf(b + 8, 8)); t:add(f.reason, buf(b + 16, 1))
     info = info .. " reason=" .. (reasons[buf(b + 16, 1):uint()] or "unknown")

@@ -157,7 +157,9 @@ static int flood(const char *iface, const char *dstmac, int port, long n) {
             f[14] = 1; f[15] = 0x01; f[16] = 0; f[17] = 0;
             f[24] = 198; f[25] = 18; f[26] = 0; f[27] = 2; /* dst 198.18.0.2 */
             f[28] = (uint8_t)(port >> 8); f[29] = (uint8_t)port;
-            f[30] = 0; f[31] = 16;
+            f[30] = 0; f[31] = 24;
+            /* The client's offer: a 256 KiB window, 1438-byte payloads. */
+            f[48] = 0; f[49] = 4; f[50] = 0; f[51] = 0; f[52] = 0x05; f[53] = 0x9e; f[54] = 0; f[55] = 0;
         } else if (i % 4 == 1) {
             f[14] = 1; /* right version, random rest: mostly malformed */
         }

@@ -135,7 +135,7 @@ int main(void) {
             if (s >= 0 && s < MAXS && efds[s] >= 0 && read(efds[s], &v, 8) != 8) v = 0;
             printf("%llu\n", (unsigned long long)v);
         } else if (!strcmp(cmd, "enum")) {
-            dsan_network_events ev = {0, 0, 0};
+            dsan_network_events ev = {0, 0, 0, 0};
             int rc = dsan_enum_network_events(atoi(a1), &ev);
             printf("%d %u %d %d\n", rc, ev.events, ev.accept_error, ev.connect_error);
         } else if (!strcmp(cmd, "accept")) {

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod connect;
+mod data;
 mod suite;
 
 /// dsan-bench: dsan's benchmarks.
@@ -73,6 +74,27 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// Byte streams, SAN against kernel TCP between the same two lab hosts
+    /// in one run: pingpong (request/response latency, 64 B, 1 KiB, 16 KiB;
+    /// netperf TCP_RR), stream (one-way Gbit/s; iperf3) and crr (connect,
+    /// request, response, close; netperf TCP_CRR), for each idle policy.
+    Data {
+        /// Exchanges per pingpong and crr row (after a warm-up of 10%).
+        #[arg(long, default_value_t = 20000)]
+        count: u64,
+        /// Bytes of the stream rows.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Idle policies to measure (comma-separated: adaptive,poll).
+        #[arg(long, default_value = "adaptive")]
+        idle: String,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write each latency row's .hgrm here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Connection set-up latency, SAN against kernel TCP between the same two
     /// lab hosts, with the accepting thread blocked and spinning, for each
     /// idle policy; and the provider's command round trip.
@@ -123,6 +145,13 @@ fn run(args: Args) -> Result<()> {
             json,
         } => frame_rtt(count, &idle, &mode, json),
         Cmd::Connect { count, idle, json } => connect_bench(count, &idle, json),
+        Cmd::Data {
+            count,
+            bytes,
+            idle,
+            json,
+            out,
+        } => data_bench(count, bytes, &idle, json, out),
         Cmd::Suite {
             count,
             concurrency,
@@ -356,6 +385,139 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
     }
     if let Some(path) = json_path {
         let doc = json!({"benchmark": "connect", "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn data_bench(
+    count: u64,
+    bytes: u64,
+    idle: &str,
+    json_path: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    if count == 0 || bytes == 0 {
+        bail!("--count and --bytes must be positive");
+    }
+    let dsand = std::env::current_exe()?.with_file_name("dsand");
+    let mut results = Vec::new();
+    if let Some(o) = &out {
+        std::fs::create_dir_all(o).with_context(|| format!("creating {}", o.display()))?;
+    }
+    println!("byte streams h0 -> h1; dsan = SAN provider through both dataplanes, tcp = kernel TCP (TCP_NODELAY) on the same veth");
+    println!(
+        "{:<9} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+        "idle", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
+    );
+    let mut port = 21000u16;
+    for p in idle.split(',') {
+        let p = p.trim();
+        p.parse::<dataplane::engine::IdlePolicy>()
+            .map_err(anyhow::Error::msg)?;
+        lab::down().map_err(anyhow::Error::msg)?;
+        eprintln!("  lab up ({p}) ...");
+        lab::up(&lab::UpOptions {
+            hosts: 2,
+            mode: lab::Mode::AfPacket,
+            idle: p.to_string(),
+            dsand: dsand.clone(),
+            faults: Default::default(),
+        })
+        .map_err(anyhow::Error::msg)?;
+        let (s0, s1) = (
+            lab::socket_of("h0").display().to_string(),
+            lab::socket_of("h1").display().to_string(),
+        );
+        let r = (|| -> Result<()> {
+            let san = data::San::attach(&s0, &s1)?;
+            let tests: Vec<(String, &str)> = vec![
+                ("pingpong-64".into(), "rr"),
+                ("pingpong-1024".into(), "rr"),
+                ("pingpong-16384".into(), "rr"),
+                ("stream".into(), "stream"),
+                ("crr".into(), "crr"),
+            ];
+            for (name, kind) in tests {
+                let mut pair = Vec::new();
+                for path in ["dsan", "tcp"] {
+                    eprintln!("  {p} / {name} / {path} ...");
+                    let size: usize = name
+                        .strip_prefix("pingpong-")
+                        .map_or(64, |s| s.parse().unwrap_or(64));
+                    let crr_count = (count / 4).max(100);
+                    let mut go = |n: u64, b: u64| -> Result<data::Res> {
+                        port += 1;
+                        match (kind, path) {
+                            ("rr", "dsan") => san.pingpong(port, size, n),
+                            ("rr", _) => data::tcp_pingpong(port, size, n),
+                            ("stream", "dsan") => san.stream(port, b),
+                            ("stream", _) => data::tcp_stream(port, b),
+                            (_, "dsan") => san.crr(port, n),
+                            _ => data::tcp_crr(port, n),
+                        }
+                    };
+                    let n = if kind == "crr" { crr_count } else { count };
+                    go((n / 10).max(10), (bytes / 10).max(1 << 20))?; // warm-up
+                    let r = go(n, bytes)?;
+                    let rate = if kind == "stream" {
+                        r.units as f64 * 8.0 / r.elapsed.as_secs_f64() / 1e9
+                    } else {
+                        r.units as f64 / r.elapsed.as_secs_f64()
+                    };
+                    pair.push(rate);
+                    let unit = if kind == "stream" { "Gbit/s" } else { "/s" };
+                    let ratio = if path == "tcp" && pair.len() == 2 {
+                        format!("{:.2}x", pair[0] / pair[1])
+                    } else {
+                        String::new()
+                    };
+                    if kind == "stream" {
+                        println!(
+                            "{:<9} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+                            p,
+                            name,
+                            path,
+                            "-",
+                            "-",
+                            "-",
+                            "-",
+                            format!("{rate:.2} {unit}"),
+                            ratio
+                        );
+                    } else {
+                        println!(
+                            "{:<9} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
+                            p,
+                            name,
+                            path,
+                            us(&r.lat, 0.5),
+                            us(&r.lat, 0.9),
+                            us(&r.lat, 0.99),
+                            us(&r.lat, 0.999),
+                            format!("{rate:.0} {unit}"),
+                            ratio
+                        );
+                        if let Some(o) = &out {
+                            std::fs::write(
+                                o.join(format!("{p}-{name}-{path}.hgrm")),
+                                suite::hgrm(&r.lat),
+                            )?;
+                        }
+                    }
+                    results.push(json!({"idle": p, "test": name, "path": path,
+                        "rate": rate, "rate_unit": unit, "elapsed_s": r.elapsed.as_secs_f64(),
+                        "latency": if kind == "stream" { json!(null) } else { summary(&r.lat) }}));
+                }
+            }
+            Ok(())
+        })();
+        lab::down().map_err(anyhow::Error::msg)?;
+        r?;
+    }
+    if let Some(path) = json_path {
+        let doc = json!({"benchmark": "data", "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

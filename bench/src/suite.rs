@@ -646,7 +646,7 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 
 /// HdrHistogram's percentile-distribution text (values in microseconds), as
 /// `outputPercentileDistribution` writes it and the plotter reads it.
-fn hgrm(h: &Histogram<u64>) -> String {
+pub(crate) fn hgrm(h: &Histogram<u64>) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(

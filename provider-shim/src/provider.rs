@@ -982,6 +982,59 @@ impl SanSocket {
             a,
         ))
     }
+    /// See [`Provider::send`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
+        self.p.send(self.s, buf, flags)
+    }
+    /// Sends all of `buf` (a blocking socket's send does).
+    ///
+    /// # Errors
+    /// As [`Provider::send`].
+    pub fn send_all(&self, mut buf: &[u8]) -> Result<()> {
+        while !buf.is_empty() {
+            let n = self.p.send(self.s, buf, 0)?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+    /// See [`Provider::recv`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn recv(&self, buf: &mut [u8], flags: i32) -> Result<usize> {
+        self.p.recv(self.s, buf, flags)
+    }
+    /// Receives exactly `buf.len()` bytes; `Ok(false)` if the stream ended first.
+    ///
+    /// # Errors
+    /// As [`Provider::recv`].
+    pub fn recv_exact(&self, buf: &mut [u8]) -> Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.p.recv(self.s, &mut buf[got..], 0)? {
+                0 => return Ok(false),
+                n => got += n,
+            }
+        }
+        Ok(true)
+    }
+    /// See [`Provider::shutdown`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn shutdown(&self, how: i32) -> Result<()> {
+        self.p.shutdown(self.s, how)
+    }
+    /// See [`Provider::setsockopt`] (an int value).
+    ///
+    /// # Errors
+    /// As there.
+    pub fn set_option(&self, level: i32, name: i32, v: i32) -> Result<()> {
+        self.p.setsockopt(self.s, level, name, &v.to_ne_bytes())
+    }
     /// See [`Provider::deferred`].
     ///
     /// # Errors

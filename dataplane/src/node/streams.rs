@@ -84,6 +84,7 @@ impl Node {
             max_rto: c.max_rto,
             keepalive_idle: c.keepalive_idle,
             keepalive_timeout: c.keepalive_timeout,
+            ack_delay: c.ack_delay,
         }
     }
 
@@ -345,7 +346,7 @@ impl Node {
         if matches!(m, Message::Data(_)) {
             let was_fin = ctx.s.peer_finished();
             let at = ctx.s.received();
-            let (skip, take) = ctx.s.on_data(&seg);
+            let (skip, take) = ctx.s.on_data(now, &seg);
             if take > 0 {
                 match payload.get(skip..skip + take) {
                     Some(bytes) => ctx.area.write_recv(at, bytes),

@@ -51,6 +51,9 @@ pub struct ProtoConfig {
     /// long (default 3 s), or whose unacknowledged bytes made no progress for
     /// this long.
     pub keepalive_timeout: Duration,
+    /// Streams: hold the acknowledgement of a lone segment this long so a
+    /// reply can carry it (default 200 us; 0 acknowledges every burst at once).
+    pub ack_delay: Duration,
 }
 
 impl ProtoConfig {
@@ -87,6 +90,7 @@ impl Default for ProtoConfig {
             stream_rto: Duration::from_millis(5),
             keepalive_idle: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(3),
+            ack_delay: Duration::from_micros(200),
         }
     }
 }

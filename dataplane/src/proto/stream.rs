@@ -36,6 +36,10 @@ pub struct StreamTiming {
     pub keepalive_idle: Duration,
     /// Give up after this long without hearing from the peer or without progress.
     pub keepalive_timeout: Duration,
+    /// Hold the acknowledgement of a lone segment this long, so that a
+    /// reply can carry it (every second segment, a gap, a FIN and a probe
+    /// are acknowledged at once).
+    pub ack_delay: Duration,
 }
 
 /// A segment to send: `len` bytes from `seq` of the send ring, then the FIN if `fin`.
@@ -92,6 +96,10 @@ pub struct Stream {
     rcv_limit: u64,
     ack_due: bool,
     nak_due: bool,
+    /// Segments taken since our last acknowledgement.
+    unacked: u8,
+    /// When a held acknowledgement goes out.
+    ack_at: Option<Instant>,
     // liveness
     heard_at: Instant,
     probe_at: Instant,
@@ -121,6 +129,8 @@ impl Stream {
             rcv_limit: u64::from(rcv_size),
             ack_due: false,
             nak_due: false,
+            unacked: 0,
+            ack_at: None,
             heard_at: now,
             probe_at: now + t.keepalive_idle,
         }
@@ -252,19 +262,27 @@ impl Stream {
     /// the payload to append to the receive ring, as (skip, take): the bytes
     /// `payload[skip..skip + take]` go at [`received`](Self::received) (read
     /// before this call).
-    pub fn on_data(&mut self, seg: &Segment) -> (usize, usize) {
-        self.ack_due = true;
+    pub fn on_data(&mut self, now: Instant, seg: &Segment) -> (usize, usize) {
         let len = u64::from(seg.len);
         if seg.seq > self.rcv_nxt {
+            self.ack_due = true;
             self.nak_due = true;
             return (0, 0);
         }
         if self.rcv_fin {
+            self.ack_due = true;
             return (0, 0); // everything arrived already: a duplicate
         }
         let skip = self.rcv_nxt - seg.seq;
-        if skip > len {
+        if skip > len || (skip == len && seg.flags & SEG_FIN == 0) {
+            self.ack_due = true; // a duplicate: our acknowledgement was lost
             return (0, 0);
+        }
+        self.unacked = self.unacked.saturating_add(1);
+        if self.unacked >= 2 || seg.flags & SEG_FIN != 0 || self.t.ack_delay.is_zero() {
+            self.ack_due = true;
+        } else if self.ack_at.is_none() {
+            self.ack_at = Some(now + self.t.ack_delay);
         }
         // Never beyond the credit we gave (the ring has room for that much).
         let room = (self.rcv_head + self.rcv_size).saturating_sub(self.rcv_nxt);
@@ -274,6 +292,7 @@ impl Stream {
             self.rcv_fin = true;
         }
         if take < len - skip {
+            self.ack_due = true;
             self.nak_due = true;
         }
         (skip as usize, take as usize)
@@ -314,6 +333,8 @@ impl Stream {
         }
         self.ack_due = false;
         self.nak_due = false;
+        self.unacked = 0;
+        self.ack_at = None;
         self.rcv_limit = self.rcv_head + self.rcv_size;
     }
 
@@ -337,6 +358,8 @@ impl Stream {
     /// Marks it sent.
     pub fn take_ack(&mut self) -> (u64, u64, u8) {
         self.ack_due = false;
+        self.unacked = 0;
+        self.ack_at = None;
         let nak = std::mem::take(&mut self.nak_due);
         self.rcv_limit = self.rcv_head + self.rcv_size;
         (
@@ -352,11 +375,18 @@ impl Stream {
         if let Some(r) = self.rtx_at {
             t = t.min(r);
         }
+        if let Some(a) = self.ack_at {
+            t = t.min(a);
+        }
         t.min(self.heard_at + self.t.keepalive_timeout)
     }
 
     /// Timers due at `now`.
     pub fn on_timer(&mut self, now: Instant) -> Timer {
+        if self.ack_at.is_some_and(|a| a <= now) {
+            self.ack_at = None;
+            self.ack_due = true;
+        }
         if now >= self.heard_at + self.t.keepalive_timeout {
             return Timer::Dead;
         }
@@ -398,6 +428,7 @@ mod tests {
         max_rto: Duration::from_millis(400),
         keepalive_idle: Duration::from_secs(1),
         keepalive_timeout: Duration::from_secs(3),
+        ack_delay: Duration::from_micros(200),
     };
 
     /// Two streams with byte rings, over a link that drops, duplicates and
@@ -472,7 +503,7 @@ mod tests {
                     for _ in 0..copies {
                         if to_b {
                             let at = b.received();
-                            let (skip, take) = b.on_data(&seg);
+                            let (skip, take) = b.on_data(now, &seg);
                             for k in 0..take as u64 {
                                 recv_ring[((at + k) % size) as usize] =
                                     data(seg.seq + skip as u64 + k);

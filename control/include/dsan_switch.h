@@ -75,6 +75,35 @@ int dsan_sw_transport(int s);
  */
 int dsan_sw_close(int s);
 
+/*
+ Sends up to `len` bytes on a connected or accepted descriptor, over
+ whichever transport serves it (as send(2) with MSG_NOSIGNAL): the bytes
+ taken, all of them when blocking. `flags`: 0 or MSG_DONTWAIT. -EAGAIN,
+ -EPIPE, -ECONNRESET, -ENOTCONN, -ENOTSOCK, -EINVAL, -EFAULT.
+
+ # Safety
+ `buf` is NULL only with `len` 0, else points to `len` readable bytes.
+ */
+ssize_t dsan_sw_send(int s, const void *buf, size_t len, int flags);
+
+/*
+ Receives up to `len` bytes (0 at the end of the stream) from a connected
+ or accepted descriptor, over whichever transport serves it. `flags`: 0,
+ MSG_DONTWAIT, MSG_PEEK. The descriptor polls readable while bytes or the
+ end of the stream are there. -EAGAIN, -ECONNRESET, -ENOTCONN, -ENOTSOCK,
+ -EINVAL, -EFAULT.
+
+ # Safety
+ `buf` is NULL only with `len` 0, else points to `len` writable bytes.
+ */
+ssize_t dsan_sw_recv(int s, void *buf, size_t len, int flags);
+
+/*
+ Shuts down receiving (SHUT_RD), sending (SHUT_WR) or both (SHUT_RDWR),
+ whichever transport serves the descriptor. -EINVAL, -ENOTCONN, -ENOTSOCK.
+ */
+int dsan_sw_shutdown(int s, int how);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

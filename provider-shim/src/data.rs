@@ -161,11 +161,26 @@ impl Provider {
     /// ended), [`Error::Again`], [`Error::Inval`] (flags), [`Error::NotSock`],
     /// [`Error::NetDown`].
     pub fn send(&self, s: SocketId, buf: &[u8], flags: i32) -> Result<usize> {
+        self.send_mode(s, buf, flags, None)
+    }
+
+    /// [`send`](Self::send), blocking or not as `block` says (`None`: as
+    /// the socket is), whatever event-select made the socket.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub fn send_mode(
+        &self,
+        s: SocketId,
+        buf: &[u8],
+        flags: i32,
+        block: Option<bool>,
+    ) -> Result<usize> {
         if flags & !(MSG_DONTWAIT | libc::MSG_NOSIGNAL) != 0 {
             return Err(Error::Inval);
         }
         let (area, nonblocking, _, shut_wr) = self.stream(s)?;
-        let nonblocking = nonblocking || flags & MSG_DONTWAIT != 0;
+        let nonblocking = block.map_or(nonblocking, |b| !b) || flags & MSG_DONTWAIT != 0;
         let io = &self.io[s as usize];
         let _g = io.send.lock().unwrap_or_else(|e| e.into_inner());
         let shm = self.region.stream(s as usize);
@@ -240,11 +255,26 @@ impl Provider {
     /// read), [`Error::Again`], [`Error::Inval`] (flags), [`Error::NotSock`],
     /// [`Error::NetDown`].
     pub fn recv(&self, s: SocketId, buf: &mut [u8], flags: i32) -> Result<usize> {
+        self.recv_mode(s, buf, flags, None)
+    }
+
+    /// [`recv`](Self::recv), blocking or not as `block` says (`None`: as
+    /// the socket is), whatever event-select made the socket.
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv).
+    pub fn recv_mode(
+        &self,
+        s: SocketId,
+        buf: &mut [u8],
+        flags: i32,
+        block: Option<bool>,
+    ) -> Result<usize> {
         if flags & !(MSG_DONTWAIT | MSG_PEEK) != 0 {
             return Err(Error::Inval);
         }
         let (area, nonblocking, shut_rd, _) = self.stream(s)?;
-        let nonblocking = nonblocking || flags & MSG_DONTWAIT != 0;
+        let nonblocking = block.map_or(nonblocking, |b| !b) || flags & MSG_DONTWAIT != 0;
         let io = &self.io[s as usize];
         let _g = io.recv.lock().unwrap_or_else(|e| e.into_inner());
         let shm = self.region.stream(s as usize);
@@ -352,12 +382,12 @@ impl Provider {
     /// connected socket (bytes are there, or room to send): WSD posts
     /// FD_READ / FD_WRITE as soon as they hold.
     pub(super) fn ready_events(&self, s: SocketId, mask: u32) -> u32 {
-        let area = self.io[s as usize]
-            .area
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(area) = area else { return 0 };
+        // Not connected (yet): nothing holds; a connect completing later
+        // finds the want flags clear, so the first bytes are posted as
+        // FD_READ by the next select or the first receive that finds none.
+        let Ok((area, ..)) = self.stream(s) else {
+            return 0;
+        };
         let shm = self.region.stream(s as usize);
         let mut ev = 0;
         if mask & FD_READ != 0 {

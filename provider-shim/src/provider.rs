@@ -989,6 +989,20 @@ impl SanSocket {
     pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
         self.p.send(self.s, buf, flags)
     }
+    /// See [`Provider::send_mode`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn send_mode(&self, buf: &[u8], flags: i32, block: bool) -> Result<usize> {
+        self.p.send_mode(self.s, buf, flags, Some(block))
+    }
+    /// See [`Provider::recv_mode`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn recv_mode(&self, buf: &mut [u8], flags: i32, block: bool) -> Result<usize> {
+        self.p.recv_mode(self.s, buf, flags, Some(block))
+    }
     /// Sends all of `buf` (a blocking socket's send does).
     ///
     /// # Errors

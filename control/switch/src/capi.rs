@@ -168,3 +168,73 @@ pub extern "C" fn dsan_sw_transport(s: c_int) -> c_int {
 pub extern "C" fn dsan_sw_close(s: c_int) -> c_int {
     guard(|| switch::close(s).map(|_| 0))
 }
+
+fn guard_size(f: impl FnOnce() -> Result<usize, i32>) -> libc::ssize_t {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => libc::ssize_t::try_from(v).unwrap_or(libc::ssize_t::MAX),
+        Ok(Err(e)) => -(e as libc::ssize_t),
+        Err(_) => -(libc::EIO as libc::ssize_t),
+    }
+}
+
+/// Sends up to `len` bytes on a connected or accepted descriptor, over
+/// whichever transport serves it (as send(2) with MSG_NOSIGNAL): the bytes
+/// taken, all of them when blocking. `flags`: 0 or MSG_DONTWAIT. -EAGAIN,
+/// -EPIPE, -ECONNRESET, -ENOTCONN, -ENOTSOCK, -EINVAL, -EFAULT.
+///
+/// # Safety
+/// `buf` is NULL only with `len` 0, else points to `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dsan_sw_send(
+    s: c_int,
+    buf: *const c_void,
+    len: usize,
+    flags: c_int,
+) -> libc::ssize_t {
+    guard_size(|| {
+        let b: &[u8] = if len == 0 {
+            &[]
+        } else if buf.is_null() {
+            return Err(libc::EFAULT);
+        } else {
+            // SAFETY: non-NULL and `len` readable bytes, per the contract.
+            unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) }
+        };
+        switch::send(s, b, flags)
+    })
+}
+
+/// Receives up to `len` bytes (0 at the end of the stream) from a connected
+/// or accepted descriptor, over whichever transport serves it. `flags`: 0,
+/// MSG_DONTWAIT, MSG_PEEK. The descriptor polls readable while bytes or the
+/// end of the stream are there. -EAGAIN, -ECONNRESET, -ENOTCONN, -ENOTSOCK,
+/// -EINVAL, -EFAULT.
+///
+/// # Safety
+/// `buf` is NULL only with `len` 0, else points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dsan_sw_recv(
+    s: c_int,
+    buf: *mut c_void,
+    len: usize,
+    flags: c_int,
+) -> libc::ssize_t {
+    guard_size(|| {
+        let b: &mut [u8] = if len == 0 {
+            &mut []
+        } else if buf.is_null() {
+            return Err(libc::EFAULT);
+        } else {
+            // SAFETY: non-NULL and `len` writable bytes, per the contract.
+            unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
+        };
+        switch::recv(s, b, flags)
+    })
+}
+
+/// Shuts down receiving (SHUT_RD), sending (SHUT_WR) or both (SHUT_RDWR),
+/// whichever transport serves the descriptor. -EINVAL, -ENOTCONN, -ENOTSOCK.
+#[no_mangle]
+pub extern "C" fn dsan_sw_shutdown(s: c_int, how: c_int) -> c_int {
+    guard(|| switch::shutdown(s, how).map(|_| 0))
+}

@@ -1,6 +1,8 @@
 use dsan_channel::region::effective_backlog;
 use dsan_channel::sys::{drain_eventfd, signal_eventfd, EventFd};
-use dsan_provider::{Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT};
+use dsan_provider::{
+    Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CLOSE, FD_READ, MSG_PEEK,
+};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -43,7 +45,48 @@ struct Sock {
     bound: Mutex<Option<SocketAddrV4>>,
     listen: Mutex<Option<Listen>>,
     /// Set when connected or accepted.
-    conn: Mutex<Option<(Transport, Option<SanSocket>)>>,
+    conn: Mutex<Option<Conn>>,
+}
+
+/// A connected switch socket's provider side.
+struct Conn {
+    transport: Transport,
+    /// The SAN connection (shared with calls in progress, which do not hold
+    /// the lock while they wait).
+    san: Option<Arc<SanSocket>>,
+    /// Written by the provider on FD_READ / FD_CLOSE; in the descriptor's
+    /// epoll set, so the switch descriptor is readable when bytes or the end
+    /// of the stream are there.
+    efd: Option<OwnedFd>,
+}
+
+impl Sock {
+    /// The socket is now a SAN connection.
+    fn set_san(&self, ss: SanSocket) -> Result<(), i32> {
+        let efd = eventfd()?;
+        ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE)
+            .map_err(|e| e.errno())?;
+        epoll_add(self.epfd.as_raw_fd(), efd.as_raw_fd(), 0)?;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
+            transport: Transport::San,
+            san: Some(Arc::new(ss)),
+            efd: Some(efd),
+        });
+        Ok(())
+    }
+
+    /// The socket is now a kernel TCP connection (its socket in the epoll
+    /// set: readable when the kernel socket is).
+    fn set_tcp(&self) -> Result<(), i32> {
+        let tcp = self.tcp_fd()?;
+        epoll_add(self.epfd.as_raw_fd(), tcp, 0)?;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
+            transport: Transport::Tcp,
+            san: None,
+            efd: None,
+        });
+        Ok(())
+    }
 }
 
 enum Entry {
@@ -432,8 +475,10 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
                 }
                 let nfd = socket()?;
                 let ns = sock(nfd)?;
-                *ns.conn.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Transport::San, Some(conn)));
+                if let Err(e) = ns.set_san(conn) {
+                    let _ = close(nfd);
+                    return Err(e);
+                }
                 return Ok((nfd, peer));
             }
         }
@@ -492,8 +537,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
         };
         match attempt() {
             Ok(ss) => {
-                *s.conn.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Transport::San, Some(ss)));
+                s.set_san(ss)?;
                 return Ok(Transport::San);
             }
             Err(SanError::ConnRefused) | Err(SanError::ConnReset) => {
@@ -516,7 +560,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         )
     })?;
-    *s.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some((Transport::Tcp, None));
+    s.set_tcp()?;
     Ok(Transport::Tcp)
 }
 
@@ -532,7 +576,7 @@ pub fn transport(fd: RawFd) -> Result<Transport, i32> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|c| c.0)
+            .map(|c| c.transport)
             .ok_or(libc::ENOTCONN),
         None => Err(libc::ENOTSOCK),
     }
@@ -558,4 +602,132 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
         s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
     Ok(())
+}
+
+/// What a data call on `fd` goes to.
+enum Target {
+    /// A kernel TCP socket.
+    Tcp(RawFd),
+    /// A SAN connection and its readiness eventfd.
+    San(Arc<SanSocket>, RawFd),
+}
+
+fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
+    let s = match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+        Some(Entry::Tcp(t)) => return Ok((Target::Tcp(t.as_raw_fd()), None)),
+        Some(Entry::Sock(s)) => s.clone(),
+        None => return Err(libc::ENOTSOCK),
+    };
+    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+    let t = match c.as_ref() {
+        None => return Err(libc::ENOTCONN),
+        Some(Conn {
+            san: Some(ss),
+            efd: Some(e),
+            ..
+        }) => Target::San(ss.clone(), e.as_raw_fd()),
+        Some(_) => Target::Tcp(s.tcp_fd()?),
+    };
+    drop(c);
+    Ok((t, Some(s)))
+}
+
+/// Sends on a connected switch descriptor, whichever transport serves it:
+/// the bytes taken (all of them when blocking), as `send(2)` with
+/// MSG_NOSIGNAL. `flags`: 0 or MSG_DONTWAIT.
+///
+/// # Errors
+/// EAGAIN, EPIPE, ECONNRESET, ENOTCONN, ENOTSOCK, EINVAL, and kernel errors.
+pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
+    if flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) != 0 {
+        return Err(libc::EINVAL);
+    }
+    match target(fd)?.0 {
+        Target::Tcp(t) => {
+            // SAFETY: a valid socket and buffer.
+            let r = unsafe {
+                libc::send(
+                    t,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    flags | libc::MSG_NOSIGNAL,
+                )
+            };
+            if r < 0 {
+                Err(errno())
+            } else {
+                Ok(r as usize)
+            }
+        }
+        Target::San(ss, _) => {
+            let block = !nonblocking(fd) && flags & libc::MSG_DONTWAIT == 0;
+            let mut sent = 0;
+            loop {
+                match ss.send_mode(&buf[sent..], 0, block) {
+                    Ok(n) => sent += n,
+                    Err(_) if sent > 0 => return Ok(sent),
+                    Err(e) => return Err(e.errno()),
+                }
+                if sent == buf.len() || !block {
+                    return Ok(sent);
+                }
+            }
+        }
+    }
+}
+
+/// Receives from a connected switch descriptor, whichever transport serves
+/// it: bytes, 0 at the end of the stream, as `recv(2)`. `flags`: 0,
+/// MSG_DONTWAIT, MSG_PEEK.
+///
+/// # Errors
+/// EAGAIN, ECONNRESET, ENOTCONN, ENOTSOCK, EINVAL, and kernel errors.
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
+    if flags & !(libc::MSG_DONTWAIT | libc::MSG_PEEK) != 0 {
+        return Err(libc::EINVAL);
+    }
+    match target(fd)?.0 {
+        Target::Tcp(t) => {
+            // SAFETY: a valid socket and buffer.
+            let r = unsafe { libc::recv(t, buf.as_mut_ptr().cast(), buf.len(), flags) };
+            if r < 0 {
+                Err(errno())
+            } else {
+                Ok(r as usize)
+            }
+        }
+        Target::San(ss, efd) => {
+            let block = !nonblocking(fd) && flags & libc::MSG_DONTWAIT == 0;
+            let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
+            // Readable stays true exactly while bytes or the end of the
+            // stream are there: clear the eventfd, then look (a look that
+            // finds nothing asks the provider for the next FD_READ).
+            drain(efd);
+            let mut one = [0u8; 1];
+            match ss.recv_mode(&mut one, MSG_PEEK, false) {
+                Err(SanError::Again) => {}
+                _ => signal(efd),
+            }
+            r
+        }
+    }
+}
+
+/// Shuts down one or both directions of a connected switch descriptor
+/// (SHUT_RD, SHUT_WR, SHUT_RDWR), whichever transport serves it.
+///
+/// # Errors
+/// EINVAL, ENOTCONN, ENOTSOCK.
+pub fn shutdown(fd: RawFd, how: i32) -> Result<(), i32> {
+    match target(fd)?.0 {
+        // SAFETY: a valid socket.
+        Target::Tcp(t) => cvt(unsafe { libc::shutdown(t, how) }).map(|_| ()),
+        Target::San(ss, efd) => {
+            ss.shutdown(how).map_err(|e| e.errno())?;
+            if how != libc::SHUT_WR {
+                signal(efd); // receives return 0 now: readable
+            }
+            Ok(())
+        }
+    }
 }

@@ -114,6 +114,9 @@ impl Node {
         shm.st.close_error.store(0, Ordering::Relaxed);
         shm.st.snd_size.store(bufs.snd as u32, Ordering::Relaxed);
         shm.st.rcv_size.store(bufs.rcv as u32, Ordering::Relaxed);
+        // The first bytes to arrive are an FD_READ (the receive ring starts
+        // empty, as if a receive had found it so).
+        shm.rcv_c.want.store(1, Ordering::Relaxed);
         shm.st.state.store(ST_OPEN, Ordering::Release);
         let mss = c.my_offer.mss.min(c.peer_offer.mss);
         let s = Stream::new(

@@ -14,6 +14,14 @@
 //! dsan-sw-probe shell
 //!     one long-lived process: for each "connect IP PORT" line on stdin, a
 //!     connect on a new socket, printed as above
+//! dsan-sw-probe echo ADDR PORT [CONNECTIONS]
+//!     prints "listening san=...", then for each accepted connection echoes
+//!     every byte until the peer's end of stream: "echoed BYTES tcp|san"
+//! dsan-sw-probe send IP PORT BYTES
+//!     connects, sends BYTES (then SHUT_WR) while a thread waits for the
+//!     descriptor to poll readable and reads the echo back:
+//!     "sent N received N match true|false tcp|san spurious K"
+//!     (K: times the descriptor polled readable but a read found nothing)
 //! ```
 
 use dsan_provider::Decision;
@@ -127,6 +135,77 @@ fn main() {
                 Err(e) => println!("error {e} {:.1}", t.elapsed().as_secs_f64() * 1e3),
             }
         }
-        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT | shell"),
+        Some("echo") => {
+            let at = addr(1);
+            let n: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+            let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+            dsan_switch::bind(s, at).unwrap_or_else(|e| die(&format!("bind: errno {e}")));
+            let san = dsan_switch::listen(s, 16).unwrap_or_else(|e| die(&format!("listen: errno {e}")));
+            println!("listening san={san}");
+            for _ in 0..n {
+                let (c, _) = dsan_switch::accept(s).unwrap_or_else(|e| die(&format!("accept: errno {e}")));
+                let mut b = vec![0u8; 65536];
+                let mut total = 0u64;
+                loop {
+                    match dsan_switch::recv(c, &mut b, 0) {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            let mut off = 0;
+                            while off < k {
+                                off += dsan_switch::send(c, &b[off..k], 0)
+                                    .unwrap_or_else(|e| die(&format!("send: errno {e}")));
+                            }
+                            total += k as u64;
+                        }
+                        Err(e) => die(&format!("recv: errno {e}")),
+                    }
+                }
+                let _ = dsan_switch::shutdown(c, libc::SHUT_WR);
+                println!("echoed {total} {}", name(dsan_switch::transport(c).unwrap()));
+                let _ = dsan_switch::close(c);
+            }
+        }
+        Some("send") => {
+            let to = addr(1);
+            let bytes: u64 = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(1 << 20);
+            let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+            let tr = dsan_switch::connect(s, to).unwrap_or_else(|e| die(&format!("connect: errno {e}")));
+            let byte = |i: u64| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8;
+            let reader = std::thread::spawn(move || {
+                let mut b = vec![0u8; 65536];
+                let (mut got, mut ok, mut spurious) = (0u64, true, 0u64);
+                loop {
+                    let mut p = libc::pollfd { fd: s, events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&mut p, 1, 10_000) } != 1 {
+                        die("the descriptor never polled readable");
+                    }
+                    match dsan_switch::recv(s, &mut b, libc::MSG_DONTWAIT) {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            ok &= b[..k].iter().enumerate().all(|(i, x)| *x == byte(got + i as u64));
+                            got += k as u64;
+                        }
+                        Err(libc::EAGAIN) => spurious += 1,
+                        Err(e) => die(&format!("recv: errno {e}")),
+                    }
+                }
+                (got, ok, spurious)
+            });
+            let mut off = 0u64;
+            let mut buf = vec![0u8; 65536];
+            while off < bytes {
+                let k = (bytes - off).min(buf.len() as u64) as usize;
+                for (i, x) in buf[..k].iter_mut().enumerate() {
+                    *x = byte(off + i as u64);
+                }
+                let n = dsan_switch::send(s, &buf[..k], 0).unwrap_or_else(|e| die(&format!("send: errno {e}")));
+                off += n as u64;
+            }
+            dsan_switch::shutdown(s, libc::SHUT_WR).unwrap_or_else(|e| die(&format!("shutdown: errno {e}")));
+            let (got, ok, spurious) = reader.join().unwrap_or_else(|_| die("reader panicked"));
+            println!("sent {off} received {got} match {ok} {} spurious {spurious}", name(tr));
+        }
+        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT | shell | echo ADDR PORT [N] | send IP PORT BYTES"),
     }
 }

@@ -311,14 +311,24 @@ impl<R: Rng> Endpoint<R> {
     /// answers with [`Endpoint::reset_unknown`].
     ///
     /// # Errors
-    /// `Err(false)` for an unknown connection, `Err(true)` for a wrong token.
+    /// `Err(false)` for an unknown connection (answer with a reset);
+    /// `Err(true)` to drop the frame: a wrong token (counted), or a connect
+    /// attempt to that peer still waiting for its Accept (the accepting side
+    /// may send before its Accept arrives: its bytes come again).
     pub fn stream_conn(
         &mut self,
         h: &SanHeader,
         conn_id: u64,
         token: u64,
     ) -> Result<ConnHandle, bool> {
-        let ch = self.conn_for(h, conn_id).ok_or(false)?;
+        let Some(ch) = self.conn_for(h, conn_id) else {
+            let attempting = self
+                .attempt_by_wire
+                .get(&conn_id)
+                .and_then(|a| self.attempts.get(a))
+                .is_some_and(|a| a.peer.0 == h.src_ip && a.client_token == token);
+            return Err(attempting);
+        };
         if self.conns[&ch].my_token != token {
             self.stats.bad_token += 1;
             return Err(true);

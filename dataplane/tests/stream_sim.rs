@@ -1,0 +1,580 @@
+//! Deterministic simulation of SAN byte streams on a lossy fabric.
+//!
+//! Each schedule, from a seed: 2 to 5 hosts, each listening; random
+//! connections between them, each moving a random amount of data both ways
+//! with random ring sizes (so credit runs out), random write and read sizes,
+//! half-closes (a side shuts down writing when done, then keeps reading), a
+//! few readers that abandon their connection (stop reading, then abort it),
+//! on a fabric that drops, duplicates and reorders frames. The protocol core
+//! (`Endpoint` for set-up and teardown, `Stream` for the bytes) is driven as
+//! dsand's I/O edge drives it.
+//!
+//! Invariants: every byte is delivered exactly once and in order (checked
+//! against the sender's generator as the application reads it); the end of
+//! stream comes exactly after the last byte; every connection ends (no
+//! deadlock between credit and retransmission): completed, or reset only
+//! where an application aborted; afterwards no endpoint holds any state.
+//!
+//! Replay a seed: `DSAN_SIM_SEED=<seed> cargo test --release -p dataplane
+//! --test stream_sim -- replay --nocapture`.
+
+use dataplane::proto::rng::SeededRng;
+use dataplane::proto::stream::{Stream, StreamTiming, Timer};
+use dataplane::proto::*;
+use dataplane::time::Instant;
+use dataplane::wire::{
+    EthernetAddress, Ipv4, Message, Offer, Repr, ResetReason, Segment, SEG_FIN, SEG_PROBE,
+};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::Duration;
+
+fn mac_of(i: usize) -> EthernetAddress {
+    EthernetAddress([2, 0xd5, 0, 0, 0, i as u8])
+}
+fn ip_of(i: usize) -> Ipv4 {
+    Ipv4::new(198, 18, 0, i as u8 + 1)
+}
+
+/// The byte at offset `i` of the stream `gen` sends.
+fn byte(gen: u64, i: u64) -> u8 {
+    let mut x = gen.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    x ^= x >> 29;
+    (x.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 56) as u8
+}
+
+/// One side of a connection, as an application and dsand's edge hold it.
+struct Side {
+    s: Stream,
+    /// Identifies the bytes this side sends (its peer checks them).
+    gen: u64,
+    peer_gen: u64,
+    total: u64,
+    written: u64,
+    snd_size: u64,
+    ring: Vec<u8>,
+    consumed: u64,
+    eof: bool,
+    /// Stops reading after this many bytes, then aborts.
+    abandon_at: Option<u64>,
+    /// Set when the core ended the connection (Close or Reset from the peer).
+    ended: bool,
+    reset: bool,
+    /// The application closed (Close handshake started): waiting for removal.
+    closed: bool,
+}
+
+struct Host {
+    ep: Endpoint<SeededRng>,
+    sides: BTreeMap<ConnHandle, Side>,
+    attempts: BTreeMap<ConnHandle, u64>,
+}
+
+struct Sim {
+    rng: SeededRng,
+    hosts: Vec<Host>,
+    now: Instant,
+    wire: BinaryHeap<Reverse<(Instant, u64)>>,
+    in_flight: HashMap<u64, (usize, Repr, Vec<u8>)>,
+    seq: u64,
+    loss: f64,
+    dup: f64,
+    max_delay_us: u64,
+    /// gen -> total bytes that stream carries.
+    totals: HashMap<u64, u64>,
+    /// gens whose reader aborted (their peers may see a reset).
+    aborted: Vec<u64>,
+    completed: usize,
+    resets: usize,
+}
+
+const T: StreamTiming = StreamTiming {
+    rto: Duration::from_millis(5),
+    max_rto: Duration::from_millis(400),
+    keepalive_idle: Duration::from_secs(1),
+    keepalive_timeout: Duration::from_secs(3),
+    ack_delay: Duration::from_micros(200),
+};
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = SeededRng::new(seed);
+        let n = 2 + rng.below(4) as usize;
+        let loss = [0.0, 0.02, 0.1][rng.below(3) as usize];
+        let dup = [0.0, 0.05][rng.below(2) as usize];
+        let max_delay_us = [20, 300, 2000][rng.below(3) as usize];
+        let cfg = ProtoConfig {
+            subnets: vec![Subnet {
+                addr: Ipv4::new(198, 18, 0, 0),
+                prefix: 15,
+            }],
+            ..Default::default()
+        };
+        let hosts = (0..n)
+            .map(|i| {
+                let mut ep = Endpoint::new(
+                    cfg.clone(),
+                    mac_of(i),
+                    vec![ip_of(i)],
+                    SeededRng::new(seed ^ (i as u64 + 7).wrapping_mul(0x9E37)),
+                );
+                ep.listen((Ipv4::UNSPECIFIED, 80), 64).unwrap();
+                Host {
+                    ep,
+                    sides: BTreeMap::new(),
+                    attempts: BTreeMap::new(),
+                }
+            })
+            .collect();
+        Sim {
+            rng,
+            hosts,
+            now: Instant(1_000_000_000),
+            wire: BinaryHeap::new(),
+            in_flight: HashMap::new(),
+            seq: 0,
+            loss,
+            dup,
+            max_delay_us,
+            totals: HashMap::new(),
+            aborted: Vec::new(),
+            completed: 0,
+            resets: 0,
+        }
+    }
+
+    fn ring_size(&mut self) -> usize {
+        [4096, 8192, 65536][self.rng.below(3) as usize]
+    }
+
+    fn put(&mut self, f: Repr, payload: Vec<u8>) {
+        let targets: Vec<usize> = (0..self.hosts.len())
+            .filter(|j| {
+                let m = mac_of(*j);
+                m != f.header.src_mac && (f.header.dst_mac == m || f.header.dst_mac.is_multicast())
+            })
+            .collect();
+        for j in targets {
+            let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
+            for _ in 0..copies {
+                if self.rng.chance(self.loss) {
+                    continue;
+                }
+                let d = Duration::from_micros(1 + self.rng.below(self.max_delay_us));
+                self.seq += 1;
+                self.wire.push(Reverse((self.now + d, self.seq)));
+                self.in_flight.insert(self.seq, (j, f, payload.clone()));
+            }
+        }
+    }
+
+    /// A new side for connection `h` of host `i`.
+    fn open(&mut self, i: usize, h: ConnHandle, gen: u64, peer_gen: u64, rcv: usize, snd: usize) {
+        // Connected, then closed or reset in the same burst: nothing to drive.
+        let Some(c) = self.hosts[i].ep.connection(h).copied() else {
+            if std::env::var("DSAN_SIM_SEED").is_ok() {
+                eprintln!("host {i} conn {h:?} gone before Connected was handled");
+            }
+            self.resets += 1;
+            return;
+        };
+        let mss = c.my_offer.mss.min(c.peer_offer.mss);
+        let total = *self.totals.get(&gen).expect("planned");
+        let abandon_at = if self.rng.chance(0.1) {
+            Some(self.rng.below(50_000))
+        } else {
+            None
+        };
+        let side = Side {
+            s: Stream::new(self.now, T, mss, c.peer_offer.window, rcv as u32),
+            gen,
+            peer_gen,
+            total,
+            written: 0,
+            snd_size: snd as u64,
+            ring: vec![0; rcv],
+            consumed: 0,
+            eof: false,
+            abandon_at,
+            ended: false,
+            reset: false,
+            closed: false,
+        };
+        self.hosts[i].sides.insert(h, side);
+    }
+
+    fn pump(&mut self) {
+        for i in 0..self.hosts.len() {
+            while let Some(f) = self.hosts[i].ep.poll_transmit() {
+                self.put(f, Vec::new());
+            }
+            while let Some(e) = self.hosts[i].ep.poll_event() {
+                match e {
+                    Event::Incoming { listener, request } => {
+                        let rcv = self.ring_size();
+                        let snd = self.ring_size();
+                        let offer = Offer {
+                            window: rcv as u32,
+                            mss: 1438,
+                        };
+                        let h = self.hosts[i]
+                            .ep
+                            .decide_with(self.now, listener, request.key(), Decision::Accept, offer)
+                            .expect("accept")
+                            .expect("a connection");
+                        let gen = request.conn_id.wrapping_mul(2) | 1;
+                        let peer_gen = request.conn_id.wrapping_mul(2);
+                        let total = self.rng.below(300_000);
+                        self.totals.insert(gen, total);
+                        self.open(i, h, gen, peer_gen, rcv, snd);
+                    }
+                    Event::Connected { conn } => {
+                        let id = self.hosts[i].attempts.remove(&conn).expect("ours");
+                        let (rcv, snd) = (self.ring_size(), self.ring_size());
+                        // The client's receive window went out with its
+                        // request (4096 below); use that size.
+                        let _ = rcv;
+                        self.open(
+                            i,
+                            conn,
+                            id.wrapping_mul(2),
+                            id.wrapping_mul(2) | 1,
+                            4096,
+                            snd,
+                        );
+                    }
+                    Event::ConnectFailed { conn, error } => {
+                        panic!("connect {conn:?} failed: {error:?}")
+                    }
+                    Event::Closed { conn } | Event::Reset { conn, .. } => {
+                        if let Some(sd) = self.hosts[i].sides.get_mut(&conn) {
+                            sd.ended = true;
+                            sd.reset = matches!(e, Event::Reset { .. });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        let n = self.hosts.len();
+        let a = self.rng.below(n as u64) as usize;
+        let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+        let offer = Offer {
+            window: 4096,
+            mss: [256, 1438][self.rng.below(2) as usize],
+        };
+        let h = self.hosts[a]
+            .ep
+            .connect_with(self.now, None, (ip_of(b), 80), offer)
+            .expect("connect");
+        let (_, _, id) = self.hosts[a].ep.attempt(h).expect("attempt");
+        self.totals
+            .insert(id.wrapping_mul(2), self.rng.below(300_000));
+        self.hosts[a].attempts.insert(h, id);
+    }
+
+    /// The applications and the I/O edge of every side: write, read, send,
+    /// acknowledge, timers, teardown.
+    fn drive(&mut self) {
+        for i in 0..self.hosts.len() {
+            let handles: Vec<ConnHandle> = self.hosts[i].sides.keys().copied().collect();
+            for h in handles {
+                self.drive_side(i, h);
+            }
+        }
+    }
+
+    fn drive_side(&mut self, i: usize, h: ConnHandle) {
+        let now = self.now;
+        let chunk = 1 + self.rng.below(20_000);
+        let read_chunk = 1 + self.rng.below(20_000);
+        let host = &mut self.hosts[i];
+        let Some(sd) = host.sides.get_mut(&h) else {
+            return;
+        };
+        if sd.closed {
+            return;
+        }
+        // The application writes what fits, then shuts down writing.
+        if !sd.ended {
+            let room = sd.snd_size - (sd.written - sd.s.acked());
+            let n = room.min(sd.total - sd.written).min(chunk);
+            sd.written += n;
+            sd.s.app_wrote(sd.written, sd.snd_size, sd.written == sd.total)
+                .expect("honest indices");
+        }
+        // It reads (and checks) what arrived, unless it abandoned the stream.
+        let abandoned = sd.abandon_at.is_some_and(|a| sd.consumed >= a);
+        if !abandoned {
+            let avail = sd.s.received() - sd.consumed;
+            let k = avail.min(read_chunk);
+            let size = sd.ring.len() as u64;
+            for off in sd.consumed..sd.consumed + k {
+                assert_eq!(
+                    sd.ring[(off % size) as usize],
+                    byte(sd.peer_gen, off),
+                    "byte {off} of stream {:#x}",
+                    sd.peer_gen
+                );
+            }
+            sd.consumed += k;
+            let _ = sd.s.app_read(sd.consumed).expect("honest head");
+            if sd.s.peer_finished() && sd.consumed == sd.s.received() && !sd.eof {
+                sd.eof = true;
+                let want = self.totals[&sd.peer_gen];
+                assert_eq!(sd.consumed, want, "end of stream before the last byte");
+            }
+        }
+        let Some(sd) = self.hosts[i].sides.get_mut(&h) else {
+            return;
+        };
+        if sd.ended {
+            // The peer closed or reset: nothing more on the wire.
+            if sd.reset || sd.eof || abandoned {
+                if sd.reset {
+                    if std::env::var("DSAN_SIM_SEED").is_ok() {
+                        eprintln!(
+                            "host {i} side {:#x} reset by peer at consumed {} eof {}",
+                            sd.gen, sd.consumed, sd.eof
+                        );
+                    }
+                    self.resets += 1;
+                } else {
+                    self.completed += 1;
+                }
+                self.hosts[i].sides.remove(&h);
+            }
+            return;
+        }
+        if abandoned {
+            // It stops reading and aborts (as a close with unread bytes does).
+            self.aborted.push(sd.gen);
+            self.hosts[i].ep.reset(now, h, ResetReason::Aborted);
+            self.hosts[i].sides.remove(&h);
+            self.resets += 1;
+            return;
+        }
+        // Transmit: data (with the acknowledgement), else an Ack if due.
+        let Some((hdr, conn_id, token)) = self.hosts[i].ep.stream_route(h) else {
+            return;
+        };
+        let sd = self.hosts[i].sides.get_mut(&h).expect("present");
+        let mut frames = Vec::new();
+        let mut budget = 32;
+        while let Some(o) = sd.s.next_segment() {
+            let (ack, limit, flags) = sd.s.ack_fields();
+            let payload: Vec<u8> = (o.seq..o.seq + u64::from(o.len))
+                .map(|x| byte(sd.gen, x))
+                .collect();
+            frames.push((
+                Message::Data(Segment {
+                    conn_id,
+                    token,
+                    seq: o.seq,
+                    ack,
+                    limit,
+                    flags: flags | if o.fin { SEG_FIN } else { 0 },
+                    len: o.len,
+                }),
+                payload,
+            ));
+            sd.s.sent(now, o);
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+        }
+        let mut probe = false;
+        if sd.s.next_timer() <= now {
+            match sd.s.on_timer(now) {
+                Timer::Dead => {
+                    let gen = sd.gen;
+                    assert!(
+                        self.loss > 0.0,
+                        "stream {gen:#x} timed out on a lossless fabric"
+                    );
+                    self.hosts[i].ep.reset(now, h, ResetReason::TimedOut);
+                    self.hosts[i].sides.remove(&h);
+                    self.resets += 1;
+                    return;
+                }
+                Timer::Probe => probe = true,
+                _ => {}
+            }
+        }
+        let sd = self.hosts[i].sides.get_mut(&h).expect("present");
+        if sd.s.ack_due() || probe {
+            let (ack, limit, flags) = sd.s.take_ack();
+            frames.push((
+                Message::Ack(Segment {
+                    conn_id,
+                    token,
+                    seq: 0,
+                    ack,
+                    limit,
+                    flags: flags | if probe { SEG_PROBE } else { 0 },
+                    len: 0,
+                }),
+                Vec::new(),
+            ));
+        }
+        // Both directions done: the Close handshake ends the connection.
+        let done = sd.s.finished() && sd.eof;
+        for (m, p) in frames {
+            self.put(
+                Repr {
+                    header: hdr,
+                    message: m,
+                },
+                p,
+            );
+        }
+        if done {
+            let _ = self.hosts[i].ep.close(now, h);
+            self.hosts[i].sides.remove(&h);
+            self.completed += 1;
+        }
+    }
+
+    fn deliver(&mut self, dst: usize, f: Repr, payload: Vec<u8>) {
+        let now = self.now;
+        let (Message::Data(seg) | Message::Ack(seg)) = f.message else {
+            self.hosts[dst].ep.handle_frame(now, &f);
+            return;
+        };
+        let host = &mut self.hosts[dst];
+        let h = match host.ep.stream_conn(&f.header, seg.conn_id, seg.token) {
+            Ok(h) => h,
+            Err(false) => return host.ep.reset_unknown(&f.header, seg.conn_id, seg.token),
+            Err(true) => return,
+        };
+        let Some(sd) = host.sides.get_mut(&h) else {
+            return;
+        };
+        sd.s.on_ack(now, &seg);
+        if matches!(f.message, Message::Data(_)) {
+            let at = sd.s.received();
+            let (skip, take) = sd.s.on_data(now, &seg);
+            let size = sd.ring.len() as u64;
+            for k in 0..take {
+                sd.ring[((at + k as u64) % size) as usize] = payload[skip + k];
+            }
+            assert!(
+                sd.s.received() - sd.consumed <= size,
+                "more bytes than the credit given"
+            );
+        }
+    }
+
+    fn advance(&mut self, until: Instant) {
+        loop {
+            let next_frame = self.wire.peek().map(|Reverse((t, _))| *t);
+            let next_timer = self.hosts.iter().filter_map(|h| h.ep.poll_timeout()).min();
+            let Some(t) = [next_frame, next_timer]
+                .into_iter()
+                .flatten()
+                .min()
+                .filter(|t| *t <= until)
+            else {
+                break;
+            };
+            self.now = self.now.max(t);
+            if next_frame == Some(t) {
+                let Reverse((_, seq)) = self.wire.pop().unwrap();
+                let (dst, f, p) = self.in_flight.remove(&seq).unwrap();
+                self.deliver(dst, f, p);
+            } else {
+                for h in &mut self.hosts {
+                    if h.ep.poll_timeout().is_some_and(|x| x <= self.now) {
+                        h.ep.handle_timeout(self.now);
+                    }
+                }
+            }
+            self.pump();
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn live(&self) -> usize {
+        self.hosts
+            .iter()
+            .map(|h| h.sides.len() + h.attempts.len())
+            .sum()
+    }
+}
+
+fn run(seed: u64) -> (usize, usize) {
+    let mut sim = Sim::new(seed);
+    let conns = 1 + sim.rng.below(12) as usize;
+    for _ in 0..conns {
+        sim.connect();
+    }
+    sim.pump();
+    // Every connection must end within this much simulated time: a stalled
+    // credit or a lost retransmission would leave one running.
+    let limit = sim.now + Duration::from_secs(120);
+    while sim.live() > 0 {
+        assert!(
+            sim.now < limit,
+            "seed {seed}: {} sides still open after 120 s (deadlock?)",
+            sim.live()
+        );
+        sim.drive();
+        sim.pump();
+        let step = Duration::from_micros(50 + sim.rng.below(500));
+        let t = sim.now + step;
+        sim.advance(t);
+    }
+    // Teardown finishes (Close retransmissions, tombstones): no state left.
+    let lossless = sim.loss == 0.0 && sim.dup == 0.0;
+    sim.loss = 0.0;
+    let end = sim.now + Duration::from_secs(30);
+    sim.advance(end);
+    for (i, h) in sim.hosts.iter().enumerate() {
+        assert_eq!(
+            h.ep.connections().count(),
+            0,
+            "seed {seed}: host {i} still holds connections"
+        );
+        assert_eq!(h.ep.attempts_in_progress(), 0);
+    }
+    if lossless {
+        // Without loss, only an aborting reader resets (its side and its peer's).
+        assert!(
+            sim.resets <= 2 * sim.aborted.len(),
+            "seed {seed}: {} resets, {} aborts",
+            sim.resets,
+            sim.aborted.len()
+        );
+    }
+    (sim.completed, sim.resets)
+}
+
+#[test]
+fn streams_deliver_every_byte_once_in_order_on_a_lossy_fabric() {
+    let n: u64 = std::env::var("DSAN_STREAM_SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let (mut completed, mut resets) = (0, 0);
+    for seed in 0..n {
+        let (c, r) = run(seed);
+        completed += c;
+        resets += r;
+    }
+    eprintln!("{n} schedules: {completed} sides completed, {resets} reset");
+    assert!(completed > resets, "most connections complete");
+}
+
+#[test]
+fn replay() {
+    if let Some(seed) = std::env::var("DSAN_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        let r = run(seed);
+        eprintln!("seed {seed}: {r:?}");
+    }
+}

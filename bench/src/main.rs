@@ -94,6 +94,9 @@ enum Cmd {
         /// Write each latency row's .hgrm here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Link MTUs to measure (comma-separated; 9000: jumbo frames).
+        #[arg(long, default_value = "1500,9000")]
+        mtu: String,
     },
     /// Connection set-up latency, SAN against kernel TCP between the same two
     /// lab hosts, with the accepting thread blocked and spinning, for each
@@ -151,7 +154,8 @@ fn run(args: Args) -> Result<()> {
             idle,
             json,
             out,
-        } => data_bench(count, bytes, &idle, json, out),
+            mtu,
+        } => data_bench(count, bytes, &idle, &mtu, json, out),
         Cmd::Suite {
             count,
             concurrency,
@@ -208,6 +212,7 @@ fn frame_rtt(count: u64, idle: &str, mode: &str, json_path: Option<PathBuf>) -> 
                     idle: p.to_string(),
                     dsand: dsand.clone(),
                     faults: Default::default(),
+                    mtu: 1500,
                 })
                 .map_err(anyhow::Error::msg)?;
                 let sock = lab::socket_of("h0");
@@ -320,6 +325,7 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
             idle: p.to_string(),
             dsand: dsand.clone(),
             faults: Default::default(),
+            mtu: 1500,
         })
         .map_err(anyhow::Error::msg)?;
         let (s0, s1) = (
@@ -395,6 +401,7 @@ fn data_bench(
     count: u64,
     bytes: u64,
     idle: &str,
+    mtus: &str,
     json_path: Option<PathBuf>,
     out: Option<PathBuf>,
 ) -> Result<()> {
@@ -408,22 +415,31 @@ fn data_bench(
     }
     println!("byte streams h0 -> h1; dsan = SAN provider through both dataplanes, tcp = kernel TCP (TCP_NODELAY) on the same veth");
     println!(
-        "{:<9} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
-        "idle", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
+        "{:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+        "idle", "mtu", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
     );
     let mut port = 21000u16;
-    for p in idle.split(',') {
-        let p = p.trim();
+    let runs: Vec<(String, u16)> = idle
+        .split(',')
+        .flat_map(|p| {
+            mtus.split(',')
+                .map(move |m| (p.trim().to_string(), m.trim().to_string()))
+        })
+        .map(|(p, m)| Ok((p, m.parse::<u16>().context("--mtu")?)))
+        .collect::<Result<_>>()?;
+    for (p, mtu) in runs {
+        let p = p.as_str();
         p.parse::<dataplane::engine::IdlePolicy>()
             .map_err(anyhow::Error::msg)?;
         lab::down().map_err(anyhow::Error::msg)?;
-        eprintln!("  lab up ({p}) ...");
+        eprintln!("  lab up ({p}, mtu {mtu}) ...");
         lab::up(&lab::UpOptions {
             hosts: 2,
             mode: lab::Mode::AfPacket,
             idle: p.to_string(),
             dsand: dsand.clone(),
             faults: Default::default(),
+            mtu,
         })
         .map_err(anyhow::Error::msg)?;
         let (s0, s1) = (
@@ -475,8 +491,9 @@ fn data_bench(
                     };
                     if kind == "stream" {
                         println!(
-                            "{:<9} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+                            "{:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
                             p,
+                            mtu,
                             name,
                             path,
                             "-",
@@ -488,8 +505,9 @@ fn data_bench(
                         );
                     } else {
                         println!(
-                            "{:<9} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
+                            "{:<9} {:<5} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
                             p,
+                            mtu,
                             name,
                             path,
                             us(&r.lat, 0.5),
@@ -501,12 +519,12 @@ fn data_bench(
                         );
                         if let Some(o) = &out {
                             std::fs::write(
-                                o.join(format!("{p}-{name}-{path}.hgrm")),
+                                o.join(format!("{p}-{mtu}-{name}-{path}.hgrm")),
                                 suite::hgrm(&r.lat),
                             )?;
                         }
                     }
-                    results.push(json!({"idle": p, "test": name, "path": path,
+                    results.push(json!({"idle": p, "mtu": mtu, "test": name, "path": path,
                         "rate": rate, "rate_unit": unit, "elapsed_s": r.elapsed.as_secs_f64(),
                         "latency": if kind == "stream" { json!(null) } else { summary(&r.lat) }}));
                 }

@@ -748,6 +748,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             idle: policy.clone(),
             dsand: dsand.clone(),
             faults: Default::default(),
+            mtu: 1500,
         })
         .map_err(anyhow::Error::msg)?;
         let r = run_policy(&o, policy, &mut rows, &mut ports);

@@ -68,6 +68,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Mbufs in the pool.
     pub mbufs: Option<u32>,
+    /// The SAN link's MTU (default 1500): stream payloads are cut to fit, and
+    /// mbufs are sized for it (jumbo frames: up to 9000).
+    pub mtu: Option<u16>,
     /// Protocol limits.
     #[serde(default)]
     pub limits: Limits,

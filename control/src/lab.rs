@@ -58,6 +58,8 @@ pub struct UpOptions {
     pub dsand: PathBuf,
     /// Fault injection in every daemon (all 0: off).
     pub faults: dataplane::node::Faults,
+    /// The links' MTU (1500; up to 9000 for jumbo frames, af_packet mode).
+    pub mtu: u16,
 }
 
 /// What `lab up` reports per host.
@@ -77,6 +79,13 @@ pub struct HostInfo {
     pub metrics: String,
     /// The daemon's pid.
     pub pid: u32,
+}
+
+/// The PACKET_MMAP frame size that holds a frame of `mtu`: whole pages, so
+/// that one frame is one block (the af_packet PMD finds frame i at
+/// i x frame size, which holds only when frames tile the blocks exactly).
+pub fn frame_size(mtu: u16) -> usize {
+    (usize::from(mtu) + 14 + 64).div_ceil(4096) * 4096
 }
 
 /// A lab host's namespace name.
@@ -303,6 +312,15 @@ fn build(o: &UpOptions) -> Result<Vec<HostInfo>, String> {
         let ns = netns_name(i);
         let mac = format!("02:d5:a0:00:00:{:02x}", i + 1);
         ns_run(&ns, &["link", "set", HOST_IFACE, "address", &mac])?;
+        if o.mtu != 1500 {
+            ns_run(&ns, &["link", "set", HOST_IFACE, "mtu", &o.mtu.to_string()])?;
+            if o.hosts > 2 {
+                ns_run(
+                    FABRIC_NS,
+                    &["link", "set", &format!("p{i}"), "mtu", &o.mtu.to_string()],
+                )?;
+            }
+        }
         ns_run(
             &ns,
             &[
@@ -321,6 +339,12 @@ fn build(o: &UpOptions) -> Result<Vec<HostInfo>, String> {
         let name = format!("h{i}");
         std::fs::create_dir_all(host_dir(&name)).map_err(|e| e.to_string())?;
         let vdev = match o.mode {
+            // A frame of the MTU (plus Ethernet and the ring's headers)
+            // fits one PACKET_MMAP frame, and one frame one block.
+            Mode::AfPacket if o.mtu > 1500 => format!(
+                "net_af_packet0,iface={HOST_IFACE},qdisc_bypass=1,blocksz={0},framesz={0},framecnt=512",
+                frame_size(o.mtu)
+            ),
             Mode::AfPacket => format!("net_af_packet0,iface={HOST_IFACE},qdisc_bypass=1"),
             Mode::Memif => format!(
                 "net_memif0,role={},id=0,socket={}/memif.sock,socket-abstract=no",
@@ -344,6 +368,9 @@ fn build(o: &UpOptions) -> Result<Vec<HostInfo>, String> {
             format!("--metrics-addr={metrics}"),
         ];
         let mut args = args;
+        if o.mtu != 1500 {
+            args.push(format!("--mtu={}", o.mtu));
+        }
         if o.faults.active() {
             args.extend([
                 format!("--fault-loss={}", o.faults.loss),

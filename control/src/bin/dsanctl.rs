@@ -78,6 +78,9 @@ enum LabCmd {
         /// Seed of the fault injector (host i uses seed + i).
         #[arg(long, default_value_t = 1)]
         fault_seed: u64,
+        /// MTU of the lab links (1500; up to 9000: jumbo frames).
+        #[arg(long, default_value_t = 1500)]
+        mtu: u16,
     },
     /// Remove everything the lab created (idempotent; also after a crash).
     Down,
@@ -310,7 +313,11 @@ fn run_lab(cmd: LabCmd, json_out: bool) -> Result<i32, String> {
             dup,
             reorder,
             fault_seed,
+            mtu,
         } => {
+            if !(576..=9000).contains(&mtu) {
+                return Err(format!("--mtu must be between 576 and 9000, not {mtu}"));
+            }
             idle.parse::<dataplane::engine::IdlePolicy>()?;
             for (what, p) in [("--loss", loss), ("--dup", dup), ("--reorder", reorder)] {
                 if !(0.0..=1.0).contains(&p) {
@@ -334,6 +341,7 @@ fn run_lab(cmd: LabCmd, json_out: bool) -> Result<i32, String> {
                     reorder,
                     seed: fault_seed,
                 },
+                mtu,
             })?;
             if json_out {
                 println!("{}", serde_json::to_string(&hs).unwrap());

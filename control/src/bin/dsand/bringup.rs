@@ -36,7 +36,11 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
         .cloned()
         .ok_or_else(|| anyhow!("DPDK found no port (check the vdev or PCI allow-list)"))?;
     let mbufs = eff.cfg.mbufs.unwrap_or(4095);
-    let pool = Mempool::new(&eal, "dsan_mbufs", mbufs, 128, 2048 + 128)?;
+    let mtu = eff.cfg.mtu.unwrap_or(1500).clamp(576, 9000);
+    // One mbuf holds a whole frame of the MTU (af_packet copies a frame into
+    // one mbuf; its PACKET_MMAP frame is sized as the lab sizes it).
+    let room = (crate::lab_frame_room(mtu) + 128).max(2048 + 128);
+    let pool = Mempool::new(&eal, "dsan_mbufs", mbufs, 128, room as u16)?;
     let port = Port::start(&eal, port_id, &pool, 512, 512)?;
     let mac = port.mac()?;
     let pmd = port_name
@@ -88,7 +92,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             .cfg
             .ethertype
             .unwrap_or(dataplane::wire::DEFAULT_ETHERTYPE),
-        proto,
+        proto: dataplane::proto::ProtoConfig { mtu, ..proto },
         faults: eff.cfg.faults.faults().map_err(|e| anyhow::anyhow!(e))?,
     };
     if node_cfg.faults.active() {

@@ -51,6 +51,9 @@ pub(crate) fn merge(args: &Args) -> Result<Config> {
     if args.no_huge {
         c.eal.no_huge = true;
     }
+    if args.mtu.is_some() {
+        c.mtu = args.mtu;
+    }
     if args.fault_loss.is_some() {
         c.faults.loss = args.fault_loss;
     }

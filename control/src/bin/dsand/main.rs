@@ -87,6 +87,9 @@ pub(crate) struct Args {
     /// Limit: a SAN connect gives up after this long (ETIMEDOUT), ms.
     #[arg(long)]
     pub(crate) connect_budget_ms: Option<u64>,
+    /// The SAN link's MTU (default 1500; jumbo frames up to 9000).
+    #[arg(long)]
+    pub(crate) mtu: Option<u16>,
     /// Lab fault injection: drop this fraction of received SAN frames.
     #[arg(long)]
     pub(crate) fault_loss: Option<f64>,
@@ -110,6 +113,11 @@ fn parse_u16(s: &str) -> Result<u16, String> {
         None => s.parse(),
     };
     r.map_err(|_| format!("{s:?} is not a 16-bit number"))
+}
+
+/// Bytes an mbuf needs for one frame of `mtu` as the af_packet port hands it over.
+pub(crate) fn lab_frame_room(mtu: u16) -> usize {
+    control::lab::frame_size(mtu)
 }
 
 pub(crate) fn log(level: &str, msg: &str) {

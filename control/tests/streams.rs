@@ -251,3 +251,14 @@ fn a_thousand_connections_at_once_each_move_a_little() {
     assert_eq!(cli.line(within, "many"), "many 1000 bad 0");
     assert_eq!(srv.line(within, "echoed"), "echoed 1000 bad 0");
 }
+
+#[test]
+fn sixty_four_mib_each_way_with_jumbo_frames() {
+    let (m0, _) = both_ways(&["--mtu", "9000"], 64 << 20, false);
+    // The payloads were cut to the 9000-byte link, not to 1500.
+    let frames = metric(&m0, "dsan_san_frames_sent_total{kind=\"data\"}");
+    assert!(
+        frames < (64 << 20) / 6000,
+        "{frames} Data frames for 64 MiB: not jumbo"
+    );
+}

@@ -153,7 +153,7 @@ mod tests {
     fn one_rendering_for_every_report() {
         let c = Counters {
             accepted: 3,
-            rejected: [1, 2, 0, 0, 0],
+            rejected: [1, 2, 0, 0, 0, 0],
             app_rejects: [0, 4, 0, 1],
             ..Default::default()
         };

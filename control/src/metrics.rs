@@ -27,7 +27,7 @@ pub struct Sources {
     /// The listener table.
     pub listeners: ListenersFn,
     /// Switch fallbacks reported by applications.
-    pub fallbacks: Arc<std::sync::atomic::AtomicU64>,
+    pub fallbacks: Arc<Fallbacks>,
 }
 
 /// The metric set of one daemon.
@@ -49,7 +49,7 @@ pub struct Metrics {
     app_rejects: IntCounterVec,
     app_violations: IntCounter,
     event_signals_failed: IntCounter,
-    fallbacks_metric: IntCounter,
+    fallbacks_metric: IntCounterVec,
     attached: prometheus::IntGauge,
     backlog_capacity: IntGaugeVec,
     backlog_depth: IntGaugeVec,
@@ -62,7 +62,34 @@ pub struct Metrics {
     lcore: Lcore,
     port: PortStatsFn,
     listeners: ListenersFn,
-    fallbacks: Arc<std::sync::atomic::AtomicU64>,
+    fallbacks: Arc<Fallbacks>,
+}
+
+/// Why the switch moved a connect to kernel TCP, as applications report it
+/// (`dsan_switch_fallbacks_total{reason}`).
+pub const FALLBACK_REASONS: [&str; 3] = ["timed_out", "tcp_only", "no_san_socket"];
+
+/// Switch fallbacks by reason ([`FALLBACK_REASONS`]).
+#[derive(Debug, Default)]
+pub struct Fallbacks([std::sync::atomic::AtomicU64; 3]);
+
+impl Fallbacks {
+    /// Counts one for `reason` (an unknown reason counts as `timed_out`, what
+    /// a switch that names no reason reports).
+    pub fn add(&self, reason: Option<&str>) {
+        let i = reason
+            .and_then(|r| FALLBACK_REASONS.iter().position(|x| *x == r))
+            .unwrap_or(0);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+    /// The count for reason `i`.
+    pub fn get(&self, i: usize) -> u64 {
+        self.0[i].load(Ordering::Relaxed)
+    }
+    /// All reasons together.
+    pub fn total(&self) -> u64 {
+        (0..self.0.len()).map(|i| self.get(i)).sum()
+    }
 }
 
 fn set(c: &IntCounter, v: u64) {
@@ -168,7 +195,7 @@ impl Metrics {
             app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
             app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
             event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's eventfd could not take."),
-            fallbacks_metric: c("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP (SAN timed out or could not be set up)."),
+            fallbacks_metric: cv("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP, by reason: the SAN attempt timed out, the port has only a kernel TCP listener, or no SAN socket could be set up.", &["reason"]),
             backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
             backlog_depth: gv("dsan_backlog_depth", "Connect requests queued on each SAN listener."),
             backlog_accepted: gv("dsan_backlog_accepted", "Connections the switch accepted on the application's behalf, waiting for its accept, per SAN listener."),
@@ -236,10 +263,12 @@ impl Metrics {
         }
         set(&self.app_violations, n.app_violations);
         set(&self.event_signals_failed, n.event_signal_failed);
-        set(
-            &self.fallbacks_metric,
-            self.fallbacks.load(Ordering::Relaxed),
-        );
+        for (i, r) in FALLBACK_REASONS.iter().enumerate() {
+            set(
+                &self.fallbacks_metric.with_label_values(&[r]),
+                self.fallbacks.get(i),
+            );
+        }
         self.attached.set(n.attached as i64);
         self.connections.set(n.connections as i64);
         set(&self.bytes.with_label_values(&["tx"]), n.san_bytes_tx);

@@ -163,3 +163,105 @@ pub fn euid() -> u32 {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() }
 }
+
+/// The kernel TCP ports listening in this network namespace on an address
+/// other hosts can reach (the wildcard or a non-loopback address), from one
+/// NETLINK_SOCK_DIAG dump of the sockets in state LISTEN.
+///
+/// # Errors
+/// If the netlink socket cannot be opened or the kernel answers with an error.
+pub fn tcp_listening_ports() -> io::Result<Vec<u16>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // nlmsghdr (16) + inet_diag_req_v2 (56): family, protocol, ext, pad,
+    // states, then a zero socket id (48 bytes).
+    let mut req = [0u8; 72];
+    req[0..4].copy_from_slice(&72u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = libc::AF_INET as u8;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    // SAFETY: a valid socket and a buffer of the given length.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ports = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: a valid socket and a writable buffer.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut msgs = &buf[..n as usize];
+        if msgs.is_empty() {
+            return Ok(ports);
+        }
+        while msgs.len() >= 16 {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+            if len < 16 || len > msgs.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "short netlink message",
+                ));
+            }
+            match i32::from(kind) {
+                libc::NLMSG_DONE => return Ok(ports),
+                libc::NLMSG_ERROR => {
+                    let e = msgs
+                        .get(16..20)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    return Err(io::Error::from_raw_os_error(-e));
+                }
+                _ => {
+                    // inet_diag_msg: family, state, timer, retrans, then the
+                    // socket id: sport (be16), dport, src[4] (be32), ...
+                    let m = &msgs[16..len];
+                    if m.len() >= 12 && m[1] as u32 == TCP_LISTEN {
+                        let port = u16::from_be_bytes([m[4], m[5]]);
+                        let src = Ipv4Addr::new(m[8], m[9], m[10], m[11]);
+                        if !src.is_loopback() {
+                            ports.push(port);
+                        }
+                    }
+                }
+            }
+            let step = len.div_ceil(4) * 4;
+            msgs = msgs.get(step..).unwrap_or(&[]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sees_a_kernel_tcp_listener() {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let lo_port = lo.local_addr().unwrap().port();
+        let ports = super::tcp_listening_ports().unwrap();
+        assert!(ports.contains(&port), "{port} not in {ports:?}");
+        assert!(
+            !ports.contains(&lo_port),
+            "a loopback-only listener is not reachable"
+        );
+    }
+}

@@ -594,3 +594,57 @@ fn the_switch_carries_bytes_over_both_transports() {
     );
     assert_eq!(l.line(), "echoed 4194304 tcp");
 }
+
+#[test]
+fn a_tcp_only_service_on_a_san_host_is_reached_over_tcp_at_once() {
+    let _lab = Lab::up(&[]);
+    // A plain kernel TCP server in h1: no switch, no SAN listener.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        control::os::enter_netns("dsan-h1").unwrap();
+        let l = std::net::TcpListener::bind("0.0.0.0:5200").unwrap();
+        tx.send(()).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut accepted = 0;
+        while std::time::Instant::now() < deadline
+            && accepted < 50
+            && !stop2.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if l.accept().is_ok() {
+                accepted += 1;
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // h1's daemon learns the listener within its refresh (100 ms); until
+    // then the SAN answers "no listener".
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        let c = connect("h0", "198.18.0.2", "5200");
+        if c.starts_with("connected") || std::time::Instant::now() > deadline {
+            break c;
+        }
+        assert!(c.starts_with("error 111 "), "{c}");
+    };
+    let w: Vec<&str> = c.split_whitespace().collect();
+    assert_eq!(&w[..2], &["connected", "tcp"], "{c}");
+    let ms: f64 = w[2].parse().unwrap();
+    assert!(ms < 100.0, "the fallback took {ms} ms");
+    let (m0, m1) = (scrape(19450), scrape(19451));
+    assert!(metric(&m0, "dsan_switch_fallbacks_total{reason=\"tcp_only\"}") >= 1);
+    assert_eq!(
+        metric(&m0, "dsan_switch_fallbacks_total{reason=\"timed_out\"}"),
+        0
+    );
+    assert!(metric(&m1, "dsan_san_connects_rejected_total{reason=\"tcp_only\"}") >= 1);
+    // Nothing listening at all: refused at once, no fallback.
+    let c = connect("h0", "198.18.0.2", "5201");
+    assert!(c.starts_with("error 111 "), "{c}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}

@@ -13,7 +13,7 @@ local kinds = {
 }
 local reasons = {
   [0x01] = "backlog_full", [0x02] = "no_listener", [0x03] = "refused",
-  [0x04] = "no_resources", [0x05] = "listener_closed",
+  [0x04] = "no_resources", [0x05] = "listener_closed", [0x06] = "tcp_only",
 }
 
 local reset_reasons = {

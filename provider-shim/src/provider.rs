@@ -375,8 +375,23 @@ impl Provider {
     /// # Errors
     /// [`Error::NetDown`] if the daemon is gone.
     pub fn report_fallback(&self) -> Result<()> {
+        self.report_fallback_for("timed_out")
+    }
+
+    /// [`report_fallback`](Self::report_fallback) with its reason
+    /// (`timed_out`, `tcp_only`, `no_san_socket`), counted in
+    /// `dsan_switch_fallbacks_total{reason}`.
+    ///
+    /// # Errors
+    /// [`Error::NetDown`] if the daemon is gone.
+    pub fn report_fallback_for(&self, reason: &str) -> Result<()> {
         let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        request(&ctl, &json!({"cmd": "switch_fallback"}), &[]).map(|_| ())
+        request(
+            &ctl,
+            &json!({"cmd": "switch_fallback", "reason": reason}),
+            &[],
+        )
+        .map(|_| ())
     }
 
     /// Whether the daemon is still there (its control socket open, our region

@@ -544,9 +544,16 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
                 return Err(libc::ECONNREFUSED)
             }
             Err(SanError::HostUnreach) => return Err(libc::EHOSTUNREACH),
-            // ETIMEDOUT, or the SAN socket could not be set up: TCP.
+            // No SAN listener, but the port has a kernel TCP listener: TCP at once.
+            Err(SanError::Os(libc::EPROTONOSUPPORT)) => {
+                let _ = p.report_fallback_for("tcp_only");
+            }
+            Err(SanError::TimedOut) => {
+                let _ = p.report_fallback_for("timed_out");
+            }
+            // The SAN socket could not be set up: TCP.
             Err(_) => {
-                let _ = p.report_fallback();
+                let _ = p.report_fallback_for("no_san_socket");
             }
         }
     }

@@ -45,12 +45,13 @@ pub fn kind_index(m: &Message) -> usize {
 }
 
 /// Labels of [`Counters::rejected`], in order.
-pub const REJECT_REASONS: [&str; 5] = [
+pub const REJECT_REASONS: [&str; 6] = [
     "backlog_full",
     "no_listener",
     "refused",
     "no_resources",
     "listener_closed",
+    "tcp_only",
 ];
 /// Labels of [`Counters::resets`], in order: why SAN connections were reset
 /// (by this host, or by the peer: `peer`).
@@ -103,7 +104,7 @@ pub struct Counters {
     /// Requests accepted.
     pub accepted: u64,
     /// Requests refused, by [`REJECT_REASONS`].
-    pub rejected: [u64; 5],
+    pub rejected: [u64; 6],
     /// Requests that waited longer than the connect budget and were dropped.
     pub expired: u64,
     /// Decisions for requests no longer pending (ignored).

@@ -51,9 +51,55 @@ pub struct ProtoConfig {
     /// long (default 3 s), or whose unacknowledged bytes made no progress for
     /// this long.
     pub keepalive_timeout: Duration,
+    /// The kernel TCP ports listening on this host (kept current by the
+    /// daemon): a request for a port without a SAN listener but with one of
+    /// these is answered `Reject(TcpOnly)`. `None`: never.
+    pub tcp_listening: Option<std::sync::Arc<PortSet>>,
     /// Streams: hold the acknowledgement of a lone segment this long so a
     /// reply can carry it (default 200 us; 0 acknowledges every burst at once).
     pub ack_delay: Duration,
+}
+
+/// A set of ports that one thread replaces and another reads, lock-free
+/// (one bit per port).
+pub struct PortSet {
+    bits: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortSet").finish_non_exhaustive()
+    }
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        PortSet {
+            bits: (0..1024)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+}
+
+impl PortSet {
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        let w = self.bits[usize::from(port) / 64].load(std::sync::atomic::Ordering::Relaxed);
+        w & (1 << (port % 64)) != 0
+    }
+
+    /// Makes the set exactly `ports` (word by word: a reader may see a mix of
+    /// the old and the new set for an instant, never a torn word).
+    pub fn replace(&self, ports: impl IntoIterator<Item = u16>) {
+        let mut words = [0u64; 1024];
+        for p in ports {
+            words[usize::from(p) / 64] |= 1 << (p % 64);
+        }
+        for (w, v) in self.bits.iter().zip(words) {
+            w.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl ProtoConfig {
@@ -90,6 +136,7 @@ impl Default for ProtoConfig {
             stream_rto: Duration::from_millis(5),
             keepalive_idle: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(3),
+            tcp_listening: None,
             ack_delay: Duration::from_micros(200),
         }
     }

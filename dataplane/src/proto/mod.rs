@@ -29,7 +29,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-pub use config::{ProtoConfig, Subnet};
+pub use config::{PortSet, ProtoConfig, Subnet};
 pub use connection::{Connection, Role};
 pub use endpoint::Endpoint;
 pub use server::Incoming;

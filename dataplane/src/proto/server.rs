@@ -199,7 +199,17 @@ impl<R: Rng> Endpoint<R> {
             .or_else(|| self.listener_by_addr.get(&(Ipv4::UNSPECIFIED, h.dst_port)))
             .copied();
         let Some(lid) = lid else {
-            return self.reject(now, h, conn_id, client_token, RejectReason::NoListener);
+            let tcp = self
+                .cfg
+                .tcp_listening
+                .as_ref()
+                .is_some_and(|p| p.contains(h.dst_port));
+            let why = if tcp {
+                RejectReason::TcpOnly
+            } else {
+                RejectReason::NoListener
+            };
+            return self.reject(now, h, conn_id, client_token, why);
         };
         let l = &self.listeners[&lid];
         if l.live >= l.capacity {

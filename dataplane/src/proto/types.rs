@@ -45,6 +45,7 @@ impl ConnectFailure {
     /// The errno the provider reports.
     pub fn errno(&self) -> i32 {
         match self {
+            ConnectFailure::Refused(RejectReason::TcpOnly) => libc::EPROTONOSUPPORT,
             ConnectFailure::Refused(_) => libc::ECONNREFUSED,
             ConnectFailure::Reset => libc::ECONNRESET,
             ConnectFailure::TimedOut => libc::ETIMEDOUT,
@@ -152,7 +153,7 @@ pub struct ProtoStats {
     /// Requests accepted by the application.
     pub accepted: u64,
     /// Requests refused, by reason: backlog full, no listener, refused, no resources, listener closed.
-    pub rejected: [u64; 5],
+    pub rejected: [u64; 6],
     /// Attempts finished: connected, refused, reset, timed out.
     pub attempts: [u64; 4],
     /// Duplicate requests for a queued entry (ignored).
@@ -207,6 +208,7 @@ impl ProtoStats {
             RejectReason::Refused => 2,
             RejectReason::NoResources => 3,
             RejectReason::ListenerClosed | RejectReason::Unknown(_) => 4,
+            RejectReason::TcpOnly => 5,
         }
     }
 }

@@ -126,6 +126,9 @@ enum_with_unknown! {
         NoResources = 0x04,
         /// The listener went away (closed, its process died, the daemon stops).
         ListenerClosed = 0x05,
+        /// No SAN listener on that port, but a kernel TCP listener: the
+        /// switch connects over TCP at once.
+        TcpOnly = 0x06,
     }
 }
 

@@ -58,7 +58,35 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
     );
 
     let shared = EngineShared::new(eff.idle)?;
+    // The kernel TCP ports listening on this host, so that a SAN request for
+    // a TCP-only service is answered "TCP listening" (the switch then
+    // connects over TCP at once). One sock_diag dump every 100 ms, off the
+    // lcore; the lcore reads the set without a lock.
+    let tcp_ports = Arc::new(dataplane::proto::PortSet::default());
+    {
+        let ports = tcp_ports.clone();
+        std::thread::Builder::new()
+            .name("tcp-listeners".into())
+            .spawn(move || {
+                let mut warned = false;
+                loop {
+                    match control::os::tcp_listening_ports() {
+                        Ok(p) => ports.replace(p),
+                        Err(e) if !warned => {
+                            warned = true;
+                            log(
+                                "warn",
+                                &format!("cannot list kernel TCP listeners (sock_diag): {e}"),
+                            );
+                        }
+                        Err(_) => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })?;
+    }
     let mut proto = ProtoConfig {
+        tcp_listening: Some(tcp_ports),
         subnets: eff
             .cfg
             .san_addrs
@@ -132,7 +160,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             })?;
     }
 
-    let fallbacks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let fallbacks = Arc::new(control::metrics::Fallbacks::default());
     super::telemetry::register_telemetry(&eal, &lcore, &fallbacks);
     let info = Arc::new(json!({
         "host": eff.host, "pid": std::process::id(), "mac": mac.to_string(),

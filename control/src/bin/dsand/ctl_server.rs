@@ -30,7 +30,7 @@ pub(crate) struct Ctx {
     pub(crate) info: Arc<Value>,
     pub(crate) port: dpdk::PortStatsReader,
     pub(crate) socket_gid: u32,
-    pub(crate) fallbacks: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) fallbacks: Arc<control::metrics::Fallbacks>,
     /// Open control connections per peer uid.
     pub(crate) conns: Arc<Mutex<HashMap<u32, usize>>>,
     /// Connections refused for exceeding the limits.
@@ -108,7 +108,7 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                     Some("attach") if fds.is_empty() => attach(fd, cx, &mut app, &mut out_fds),
                     Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
                     Some("switch_fallback") if fds.is_empty() => {
-                        cx.fallbacks.fetch_add(1, Ordering::Relaxed);
+                        cx.fallbacks.add(req["reason"].as_str());
                         Ok(json!({"ok": true}))
                     }
                     _ if !fds.is_empty() => {

@@ -4,7 +4,6 @@ use super::log;
 use control::lcore::{counters_flat, Lcore};
 use dataplane::dpdk;
 use dataplane::node::Command;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use std::time::Duration;
 pub(crate) fn register_telemetry(
     eal: &dpdk::Eal,
     lcore: &Lcore,
-    fallbacks: &Arc<std::sync::atomic::AtomicU64>,
+    fallbacks: &Arc<control::metrics::Fallbacks>,
 ) {
     use dpdk::TelemetryValue;
     let l1 = lcore.clone();
@@ -65,7 +64,7 @@ pub(crate) fn register_telemetry(
     let (l3, f3) = (lcore.clone(), fallbacks.clone());
     let stats: dpdk::TelemetryFn = Box::new(move || {
         let mut v = counters_flat(&l3.counters(), &l3.engine.stats);
-        v.push(("switch_fallbacks".to_string(), f3.load(Ordering::Relaxed)));
+        v.push(("switch_fallbacks".to_string(), f3.total()));
         TelemetryValue::Numbers(v)
     });
     for (cmd, help, f) in [

@@ -201,6 +201,17 @@ pub fn metric(body: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing from\n{body}")) as u64
 }
 
+/// The sum of every series of a metric, whatever its labels.
+pub fn metric_sum(body: &str, name: &str) -> u64 {
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// A child's stdout as a channel of lines (a reader thread), so that each
 /// line can be awaited with a deadline (`recv_timeout`).
 pub fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {

@@ -57,7 +57,10 @@ int dsan_sw_accept(int s, struct sockaddr *peer, socklen_t *peer_len);
 
 /*
  Connects over the SAN (destination in a SAN subnet) or kernel TCP, with
- WSD's fallback rules. Refusals and "no listener" are -ECONNREFUSED.
+ WSD's fallback rules. Refusals and "no listener" are -ECONNREFUSED. On
+ an O_NONBLOCK descriptor: -EINPROGRESS, the descriptor polls readable when
+ the outcome is known (`dsan_sw_error` tells it), a second connect meanwhile
+ is -EALREADY and 0 once connected; `dsan_sw_close` cancels it at once.
 
  # Safety
  `dst` is NULL or points to `len` readable bytes.
@@ -103,6 +106,13 @@ ssize_t dsan_sw_recv(int s, void *buf, size_t len, int flags);
  whichever transport serves the descriptor. -EINVAL, -ENOTCONN, -ENOTSOCK.
  */
 int dsan_sw_shutdown(int s, int how);
+
+/*
+ The pending error of `s` (like SO_ERROR): 0 or a negative errno; reading
+ clears it. After a nonblocking connect: 0 while it runs and once
+ connected, else why it failed.
+ */
+int dsan_sw_error(int s);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -651,3 +651,58 @@ fn a_tcp_only_service_on_a_san_host_is_reached_over_tcp_at_once() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     server.join().unwrap();
 }
+
+fn probe_out(host: &str, args: &[&str]) -> String {
+    let o = in_host(host, &probe(), args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn nonblocking_connect_over_the_san_and_with_fallback() {
+    let _lab = Lab::up(&[]);
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5300", "16", "1"]);
+    assert_eq!(first, "listening san=true");
+    // EINPROGRESS, EALREADY while pending, readable when done, no error, 0 after.
+    let c = probe_out("h0", &["nbconnect", "198.18.0.2", "5300"]);
+    assert!(
+        c.starts_with("inprogress again -114 readable error 0 second 0 san "),
+        "{c}"
+    );
+    assert!(l.line().ends_with(" san"));
+    // Refused: the error tells it once.
+    let c = probe_out("h0", &["nbconnect", "198.18.0.2", "5399"]);
+    assert!(
+        c.starts_with("inprogress again -114 readable error 111 "),
+        "{c}"
+    );
+    // Closing during a pending connect (to an address nobody answers) returns at once.
+    let c = probe_out("h0", &["nbclose", "198.18.0.99", "5301"]);
+    let ms: f64 = c.strip_prefix("closed ").unwrap().parse().unwrap();
+    assert!(ms < 50.0, "close waited {ms} ms for the connect");
+    // With h1's daemon gone: the SAN attempt times out and the nonblocking
+    // connect finishes over TCP; readable only then.
+    ok(&dsanctl(&["lab", "stop", "h1"]));
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5302", "16", "1"]);
+    assert_eq!(first, "listening san=false");
+    let c = probe_out("h0", &["nbconnect", "198.18.0.2", "5302"]);
+    let w: Vec<&str> = c.split_whitespace().collect();
+    assert_eq!(
+        &w[..w.len() - 1],
+        &[
+            "inprogress",
+            "again",
+            "-114",
+            "readable",
+            "error",
+            "0",
+            "second",
+            "0",
+            "tcp"
+        ],
+        "{c}"
+    );
+    let ms: f64 = w[w.len() - 1].parse().unwrap();
+    assert!(ms >= 900.0, "readable before the SAN gave up ({ms} ms)");
+    assert!(l.line().ends_with(" tcp"));
+}

@@ -51,6 +51,10 @@ impl IoSlot {
         *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.closed.store(false, Ordering::Release);
     }
+    /// Whether a close of the socket is under way.
+    pub(super) fn closing(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
     /// The socket is being closed: blocked calls give up.
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);

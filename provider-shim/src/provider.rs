@@ -453,20 +453,30 @@ impl Provider {
         }
         self.doorbell.ring();
         let seq = ls.seq;
-        self.wait_word(sh, &sh.done_seq, |v| v == seq, timeout)?;
+        // A close interrupts every wait but its own.
+        let interruptible = !matches!(op, Op::Close);
+        self.wait_word(s, interruptible, sh, &sh.done_seq, |v| v == seq, timeout)?;
         Ok(sh.result.load(Ordering::Acquire))
     }
 
     /// Spins, then sleeps on the futex `word` until `done(word)` or `timeout`.
+    /// A close of socket `s` from another thread ends the wait at once with
+    /// EINTR (the close then takes the socket).
     fn wait_word(
         &self,
+        s: SocketId,
+        interruptible: bool,
         sh: &SockShm,
         word: &AtomicU32,
         done: impl Fn(u32) -> bool,
         timeout: Duration,
     ) -> Result<()> {
         let start = Instant::now();
+        let closing = || interruptible && self.io.get(s as usize).is_some_and(|io| io.closing());
         loop {
+            if closing() {
+                return Err(Error::Os(libc::EINTR));
+            }
             let v = word.load(Ordering::Acquire);
             if done(v) {
                 return Ok(());
@@ -723,8 +733,15 @@ impl Provider {
                 if ls.nonblocking {
                     return Err(Error::Again);
                 }
-                self.wait_word(sh, &sh.arrivals, |v| v != seen, Duration::from_secs(3600))
-                    .or_else(|e| if e == Error::TimedOut { Ok(()) } else { Err(e) })?;
+                self.wait_word(
+                    s,
+                    true,
+                    sh,
+                    &sh.arrivals,
+                    |v| v != seen,
+                    Duration::from_secs(3600),
+                )
+                .or_else(|e| if e == Error::TimedOut { Ok(()) } else { Err(e) })?;
             };
             let peer = head.peer;
             let d = cond(peer);
@@ -904,11 +921,21 @@ impl Provider {
     /// # Errors
     /// [`Error::NotSock`] for an unknown or closed socket.
     pub fn close(&self, s: SocketId) -> Result<()> {
+        // A call blocked on this socket in another thread (a connect, an
+        // accept, a send or receive) holds it: tell it to give up and wake
+        // it, then take the socket. (On a free slot the flag is harmless: a
+        // new socket there clears it.)
+        let io = self.io.get(s as usize).ok_or(Error::NotSock)?;
+        io.close();
+        let sh = self.region.sock(s as usize);
+        sys::futex_wake(&sh.done_seq);
+        sys::futex_wake(&sh.arrivals);
+        let st = self.region.stream(s as usize);
+        sys::futex_wake(&st.rcv_p.seq);
+        sys::futex_wake(&st.snd_c.seq);
         let mut g = self.lock(s)?;
         let mut ls = g.take().expect("checked");
-        if let Some(io) = self.io.get(s as usize) {
-            io.close();
-        }
+        io.close();
         let had_state = ls.state != State::Fresh
             || self
                 .region
@@ -1084,6 +1111,14 @@ impl SanSocket {
     /// As there.
     pub fn connect(&self, dst: SocketAddrV4) -> Result<()> {
         self.p.connect(self.s, dst)
+    }
+}
+
+impl SanSocket {
+    /// Closes the socket now, from any thread: a call blocked on it (a
+    /// connect, an accept) returns EINTR at once. Dropping it later is harmless.
+    pub fn abort(&self) {
+        let _ = self.p.close(self.s);
     }
 }
 

@@ -134,7 +134,10 @@ pub unsafe extern "C" fn dsan_sw_accept(
 }
 
 /// Connects over the SAN (destination in a SAN subnet) or kernel TCP, with
-/// WSD's fallback rules. Refusals and "no listener" are -ECONNREFUSED.
+/// WSD's fallback rules. Refusals and "no listener" are -ECONNREFUSED. On
+/// an O_NONBLOCK descriptor: -EINPROGRESS, the descriptor polls readable when
+/// the outcome is known (`dsan_sw_error` tells it), a second connect meanwhile
+/// is -EALREADY and 0 once connected; `dsan_sw_close` cancels it at once.
 ///
 /// # Safety
 /// `dst` is NULL or points to `len` readable bytes.
@@ -237,4 +240,12 @@ pub unsafe extern "C" fn dsan_sw_recv(
 #[no_mangle]
 pub extern "C" fn dsan_sw_shutdown(s: c_int, how: c_int) -> c_int {
     guard(|| switch::shutdown(s, how).map(|_| 0))
+}
+
+/// The pending error of `s` (like SO_ERROR): 0 or a negative errno; reading
+/// clears it. After a nonblocking connect: 0 while it runs and once
+/// connected, else why it failed.
+#[no_mangle]
+pub extern "C" fn dsan_sw_error(s: c_int) -> c_int {
+    guard(|| switch::error(s).map(|e| -e))
 }

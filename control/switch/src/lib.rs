@@ -28,6 +28,6 @@ mod switch;
 
 pub use capi::*;
 pub use switch::{
-    accept, bind, close, connect, listen, recv, send, set_condition, shutdown, socket, transport,
-    Condition, Transport,
+    accept, bind, close, connect, error, listen, recv, send, set_condition, shutdown, socket,
+    transport, Condition, Transport,
 };

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Which provider serves a connection.
@@ -46,6 +47,22 @@ struct Sock {
     listen: Mutex<Option<Listen>>,
     /// Set when connected or accepted.
     conn: Mutex<Option<Conn>>,
+    /// A nonblocking connect in progress (or finished, not yet reported).
+    pending: Mutex<Option<Arc<Pending>>>,
+    /// Its outcome: 0 or an errno, until `error` reports it.
+    error: std::sync::atomic::AtomicI32,
+    /// Signalled when a nonblocking connect finishes (in `epfd`: the
+    /// descriptor polls readable); drained when the outcome is reported.
+    connect_efd: OnceLock<OwnedFd>,
+}
+
+/// A nonblocking connect, run on a thread of its own.
+struct Pending {
+    /// The application closed the descriptor: give up.
+    cancel: std::sync::atomic::AtomicBool,
+    done: std::sync::atomic::AtomicBool,
+    /// The SAN attempt's socket, so that a close can abort it at once.
+    san: Mutex<Option<Arc<SanSocket>>>,
 }
 
 /// A connected switch socket's provider side.
@@ -63,13 +80,17 @@ struct Conn {
 impl Sock {
     /// The socket is now a SAN connection.
     fn set_san(&self, ss: SanSocket) -> Result<(), i32> {
+        self.set_san_arc(Arc::new(ss))
+    }
+
+    fn set_san_arc(&self, ss: Arc<SanSocket>) -> Result<(), i32> {
         let efd = eventfd()?;
         ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE)
             .map_err(|e| e.errno())?;
         epoll_add(self.epfd.as_raw_fd(), efd.as_raw_fd(), 0)?;
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
             transport: Transport::San,
-            san: Some(Arc::new(ss)),
+            san: Some(ss),
             efd: Some(efd),
         });
         Ok(())
@@ -231,6 +252,9 @@ pub fn socket() -> Result<RawFd, i32> {
         bound: Mutex::new(None),
         listen: Mutex::new(None),
         conn: Mutex::new(None),
+        pending: Mutex::new(None),
+        error: std::sync::atomic::AtomicI32::new(0),
+        connect_efd: OnceLock::new(),
     };
     g().table
         .lock()
@@ -518,55 +542,227 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
 }
 
 /// Connects: over the SAN when `dst` is in a SAN subnet (falling back to TCP
-/// on ETIMEDOUT or when the SAN socket cannot be set up), else over TCP.
+/// when the SAN attempt times out, when the port has only a kernel TCP
+/// listener, or when the SAN socket cannot be set up), else over TCP.
+///
+/// On an O_NONBLOCK descriptor it returns EINPROGRESS at once; the attempt
+/// (and any fallback) runs on a thread of its own, the descriptor polls
+/// readable when the outcome is known, and [`error`] reports it. Meanwhile a
+/// second connect gets EALREADY; once connected, 0.
 ///
 /// # Errors
 /// ECONNREFUSED (refused, or nobody listens on the SAN port), EHOSTUNREACH,
-/// ENOTSOCK, EISCONN, and kernel TCP's connect errors.
+/// EINPROGRESS, EALREADY, ENOTSOCK, EISCONN, and kernel TCP's connect errors.
 pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
     let s = sock(fd)?;
+    let pending = s.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(p) = pending {
+        if !p.done.load(Ordering::Acquire) {
+            return Err(libc::EALREADY);
+        }
+        // Finished: the outcome is reported now.
+        let e = s.error.swap(0, Ordering::AcqRel);
+        if let Some(efd) = s.connect_efd.get() {
+            drain(efd.as_raw_fd());
+        }
+        if e != 0 {
+            *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return Err(e);
+        }
+        return transport(fd);
+    }
     if s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
         return Err(libc::EISCONN);
     }
-    let p = provider();
-    if let Some(p) = p.as_ref().filter(|p| in_san_subnet(p, *dst.ip())) {
-        let attempt = || -> Result<SanSocket, SanError> {
-            let ss = SanSocket::new(p)?;
+    if !nonblocking(fd) {
+        return connect_now(&s, dst, None);
+    }
+    let efd = match s.connect_efd.get() {
+        Some(e) => e.as_raw_fd(),
+        None => {
+            let e = eventfd()?;
+            epoll_add(s.epfd.as_raw_fd(), e.as_raw_fd(), 0)?;
+            let raw = e.as_raw_fd();
+            let _ = s.connect_efd.set(e);
+            raw
+        }
+    };
+    drain(efd);
+    let p = Arc::new(Pending {
+        cancel: std::sync::atomic::AtomicBool::new(false),
+        done: std::sync::atomic::AtomicBool::new(false),
+        san: Mutex::new(None),
+    });
+    *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+    s.error.store(0, Ordering::Release);
+    let s2 = s.clone();
+    std::thread::Builder::new()
+        .name("dsan-switch-connect".into())
+        .spawn(move || {
+            let r = connect_now(&s2, dst, Some(&p));
+            if !p.cancel.load(Ordering::Acquire) {
+                s2.error.store(r.err().unwrap_or(0), Ordering::Release);
+            }
+            p.done.store(true, Ordering::Release);
+            signal(efd);
+        })
+        .map_err(|_| libc::EAGAIN)?;
+    Err(libc::EINPROGRESS)
+}
+
+/// The pending error of a switch descriptor (as SO_ERROR): the outcome of
+/// a nonblocking connect (0 while it runs or once connected, else the
+/// errno), cleared by reading; for an accepted kernel TCP descriptor, its
+/// SO_ERROR.
+///
+/// # Errors
+/// ENOTSOCK.
+pub fn error(fd: RawFd) -> Result<i32, i32> {
+    let s = match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+        Some(Entry::Tcp(t)) => {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a valid socket and out-buffers.
+            cvt(unsafe {
+                libc::getsockopt(
+                    t.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            })?;
+            return Ok(v);
+        }
+        Some(Entry::Sock(s)) => s.clone(),
+        None => return Err(libc::ENOTSOCK),
+    };
+    let done = s
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|p| p.done.load(Ordering::Acquire));
+    let e = s.error.swap(0, Ordering::AcqRel);
+    if done {
+        if let Some(efd) = s.connect_efd.get() {
+            drain(efd.as_raw_fd());
+        }
+        if s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            // It failed and the failure is reported: a new connect may start.
+            *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+    Ok(e)
+}
+
+/// The connect itself (blocking; on the caller's thread or a nonblocking
+/// connect's own). `p`: the pending record of a nonblocking connect, which a
+/// close may cancel.
+fn connect_now(s: &Sock, dst: SocketAddrV4, p: Option<&Arc<Pending>>) -> Result<Transport, i32> {
+    let cancelled = || p.is_some_and(|p| p.cancel.load(Ordering::Acquire));
+    let prov = provider();
+    if let Some(pr) = prov.as_ref().filter(|pr| in_san_subnet(pr, *dst.ip())) {
+        let attempt = || -> Result<Arc<SanSocket>, SanError> {
+            let ss = Arc::new(SanSocket::new(pr)?);
+            // The application's bind names the source address on the SAN too.
+            let bound = *s.bound.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(b) = bound.filter(|b| !b.ip().is_unspecified()) {
+                ss.bind(SocketAddrV4::new(*b.ip(), 0))?;
+            }
+            if let Some(p) = p {
+                *p.san.lock().unwrap_or_else(|e| e.into_inner()) = Some(ss.clone());
+                if p.cancel.load(Ordering::Acquire) {
+                    return Err(SanError::Os(libc::EINTR));
+                }
+            }
             ss.connect(dst)?;
             Ok(ss)
         };
         match attempt() {
+            Ok(_) if cancelled() => return Err(libc::EINTR),
             Ok(ss) => {
-                s.set_san(ss)?;
+                s.set_san_arc(ss)?;
                 return Ok(Transport::San);
             }
+            Err(_) if cancelled() => return Err(libc::EINTR),
             Err(SanError::ConnRefused) | Err(SanError::ConnReset) => {
                 return Err(libc::ECONNREFUSED)
             }
             Err(SanError::HostUnreach) => return Err(libc::EHOSTUNREACH),
             // No SAN listener, but the port has a kernel TCP listener: TCP at once.
             Err(SanError::Os(libc::EPROTONOSUPPORT)) => {
-                let _ = p.report_fallback_for("tcp_only");
+                let _ = pr.report_fallback_for("tcp_only");
             }
             Err(SanError::TimedOut) => {
-                let _ = p.report_fallback_for("timed_out");
+                let _ = pr.report_fallback_for("timed_out");
             }
             // The SAN socket could not be set up: TCP.
             Err(_) => {
-                let _ = p.report_fallback_for("no_san_socket");
+                let _ = pr.report_fallback_for("no_san_socket");
             }
         }
     }
     let tcp = s.tcp_fd()?;
     let sa = sin(dst);
+    if p.is_some() {
+        // A nonblocking connect's thread: the kernel connect is nonblocking
+        // too, so that a close cancels it within a poll interval.
+        // SAFETY: F_GETFL/F_SETFL on a socket we own.
+        unsafe {
+            libc::fcntl(
+                tcp,
+                libc::F_SETFL,
+                libc::fcntl(tcp, libc::F_GETFL) | libc::O_NONBLOCK,
+            )
+        };
+    }
     // SAFETY: a valid socket, sockaddr_in and length.
-    cvt(unsafe {
+    let r = unsafe {
         libc::connect(
             tcp,
             (&sa as *const libc::sockaddr_in).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         )
-    })?;
+    };
+    if r < 0 {
+        let e = errno();
+        if e != libc::EINPROGRESS || p.is_none() {
+            return Err(e);
+        }
+        loop {
+            if cancelled() {
+                return Err(libc::EINTR);
+            }
+            let mut pfd = libc::pollfd {
+                fd: tcp,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 20) } == 1 {
+                break;
+            }
+        }
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and out-buffers.
+        cvt(unsafe {
+            libc::getsockopt(
+                tcp,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        if v != 0 {
+            return Err(v);
+        }
+    }
+    if cancelled() {
+        return Err(libc::EINTR);
+    }
     s.set_tcp()?;
     Ok(Transport::Tcp)
 }
@@ -601,6 +797,14 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
         .remove(&fd)
         .ok_or(libc::ENOTSOCK)?;
     if let Entry::Sock(s) = e {
+        if let Some(p) = s.pending.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // A nonblocking connect in progress ends now: its SAN attempt is
+            // aborted (the provider wakes it), its TCP attempt stops polling.
+            p.cancel.store(true, Ordering::Release);
+            if let Some(ss) = p.san.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                ss.abort();
+            }
+        }
         if let Some(l) = s.listen.lock().unwrap_or_else(|e| e.into_inner()).take() {
             if let Some((_, efd)) = &l.san {
                 epoll_del(g().accept_ep.as_raw_fd(), efd.as_raw_fd());

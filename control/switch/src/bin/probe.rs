@@ -22,6 +22,12 @@
 //!     descriptor to poll readable and reads the echo back:
 //!     "sent N received N match true|false tcp|san spurious K"
 //!     (K: times the descriptor polled readable but a read found nothing)
+//! dsan-sw-probe nbconnect IP PORT
+//!     a nonblocking connect: "inprogress again E readable error E second R
+//!     tcp|san MS" (the second connect's errno while pending, the error when
+//!     the descriptor polled readable, a connect after that)
+//! dsan-sw-probe nbclose IP PORT
+//!     starts a nonblocking connect and closes at once: "closed MS"
 //! ```
 
 use dsan_provider::Decision;
@@ -206,6 +212,48 @@ fn main() {
             let (got, ok, spurious) = reader.join().unwrap_or_else(|_| die("reader panicked"));
             println!("sent {off} received {got} match {ok} {} spurious {spurious}", name(tr));
         }
-        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT | shell | echo ADDR PORT [N] | send IP PORT BYTES"),
+        Some("nbconnect") => {
+            let to = addr(1);
+            let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+            // SAFETY: F_SETFL on the switch's descriptor, which we own.
+            unsafe { libc::fcntl(s, libc::F_SETFL, libc::fcntl(s, libc::F_GETFL) | libc::O_NONBLOCK) };
+            let t = Instant::now();
+            match dsan_switch::connect(s, to) {
+                Err(libc::EINPROGRESS) => {}
+                other => die(&format!("expected EINPROGRESS, got {other:?}")),
+            }
+            let again = match dsan_switch::connect(s, to) {
+                Ok(_) => 0,
+                Err(e) => -e,
+            };
+            let mut p = libc::pollfd { fd: s, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, 10_000) } != 1 {
+                die("the descriptor never polled readable");
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let err = dsan_switch::error(s).unwrap_or_else(|e| die(&format!("error: errno {e}")));
+            let second = match dsan_switch::connect(s, to) {
+                Ok(_) => 0,
+                Err(e) => -e,
+            };
+            let tr = dsan_switch::transport(s).map(name).unwrap_or("none");
+            println!("inprogress again {again} readable error {err} second {second} {tr} {ms:.1}");
+        }
+        Some("nbclose") => {
+            let to = addr(1);
+            let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+            // SAFETY: F_SETFL on the switch's descriptor, which we own.
+            unsafe { libc::fcntl(s, libc::F_SETFL, libc::fcntl(s, libc::F_GETFL) | libc::O_NONBLOCK) };
+            match dsan_switch::connect(s, to) {
+                Err(libc::EINPROGRESS) => {}
+                other => die(&format!("expected EINPROGRESS, got {other:?}")),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let t = Instant::now();
+            dsan_switch::close(s).unwrap_or_else(|e| die(&format!("close: errno {e}")));
+            println!("closed {:.1}", t.elapsed().as_secs_f64() * 1e3);
+        }
+        _ => die("usage: dsan-sw-probe listen ADDR PORT [BACKLOG] [ACCEPTS] [accept|reject|defer2] | hold ADDR PORT BACKLOG | connect IP PORT | shell | echo ADDR PORT [N] | send IP PORT BYTES | nbconnect IP PORT | nbclose IP PORT"),
     }
 }

@@ -706,3 +706,43 @@ fn nonblocking_connect_over_the_san_and_with_fallback() {
     assert!(ms >= 900.0, "readable before the SAN gave up ({ms} ms)");
     assert!(l.line().ends_with(" tcp"));
 }
+
+/// Waits (at most 10 s) until h1's daemon lists a SAN listener on `port`.
+fn wait_san_listener(port: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = listeners("h1");
+        let there = v["listeners"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|l| l["port"] == port));
+        if there {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SAN listener on {port}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn listeners_regain_their_san_side_when_the_daemon_comes_back() {
+    let _lab = Lab::up(&[]);
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5400", "16", "2"]);
+    assert_eq!(first, "listening san=true");
+    ok(&dsanctl(&["lab", "stop", "h1"]));
+    // A listener created while the daemon is down serves TCP alone for now.
+    let (mut l2, first) = Listener::start("h1", &["listen", "0.0.0.0", "5401", "16", "1"]);
+    assert_eq!(first, "listening san=false");
+    ok(&dsanctl(&["lab", "start", "h1"]));
+    // Both get a SAN side with nothing for the application to do.
+    wait_san_listener(5400);
+    wait_san_listener(5401);
+    let c = connect("h0", "198.18.0.2", "5400");
+    assert!(c.starts_with("connected san "), "{c}");
+    assert!(l.line().ends_with(" san"));
+    let c = connect("h0", "198.18.0.2", "5401");
+    assert!(c.starts_with("connected san "), "{c}");
+    assert!(l2.line().ends_with(" san"));
+}

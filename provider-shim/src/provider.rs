@@ -1115,6 +1115,10 @@ impl SanSocket {
 }
 
 impl SanSocket {
+    /// Whether the daemon behind this socket is still there.
+    pub fn daemon_alive(&self) -> bool {
+        self.p.daemon_alive()
+    }
     /// Closes the socket now, from any thread: a call blocked on it (a
     /// connect, an accept) returns EINTR at once. Dropping it later is harmless.
     pub fn abort(&self) {

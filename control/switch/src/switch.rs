@@ -355,15 +355,24 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
     if l.san.is_some() {
         return Ok(true);
     }
+    Ok(san_side(fd, &s, l))
+}
+
+/// Sets up the SAN side of listener `fd` (bound to a SAN address of this
+/// host or the wildcard, a daemon there): a SAN listener with the same port
+/// and backlog, FD_ACCEPT into the accept thread's epoll. Returns whether
+/// there is one now.
+fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
+    let backlog = i32::try_from(l.backlog).unwrap_or(i32::MAX);
     let Some(bound) = *s.bound.lock().unwrap_or_else(|e| e.into_inner()) else {
-        return Ok(false);
+        return false;
     };
     let Some(p) = provider() else {
-        return Ok(false);
+        return false;
     };
     let ours = bound.ip().is_unspecified() || p.san_addrs().iter().any(|s| s.addr == *bound.ip());
     if !ours {
-        return Ok(false);
+        return false;
     }
     let setup = || -> Result<(SanSocket, OwnedFd), SanError> {
         let ss = SanSocket::new(&p)?;
@@ -377,12 +386,45 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
         Ok((ss, efd)) => {
             let _ = epoll_add(g().accept_ep.as_raw_fd(), efd.as_raw_fd(), fd as u64);
             l.san = Some((ss, efd));
-            Ok(true)
+            true
         }
         // The SAN side cannot be set up: serve TCP alone, no error.
-        Err(_) => Ok(false),
+        Err(_) => false,
     }
 }
+
+/// Every listener whose SAN side is missing (no daemon when it listened) or
+/// dead (its daemon went away) gets one again when a daemon answers: after
+/// a dsand restart, listeners serve SAN clients again with nothing for the
+/// application to do.
+fn revive_listeners() {
+    let fds: Vec<RawFd> = g()
+        .table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(fd, e)| match e {
+            Entry::Sock(s) if s.listen.lock().map(|l| l.is_some()).unwrap_or(false) => Some(*fd),
+            _ => None,
+        })
+        .collect();
+    for fd in fds {
+        let Ok(s) = sock(fd) else { continue };
+        let mut guard = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(l) = guard.as_mut() else { continue };
+        let alive = l.san.as_ref().is_some_and(|(ss, _)| ss.daemon_alive());
+        if alive {
+            continue;
+        }
+        if let Some((_, efd)) = l.san.take() {
+            epoll_del(g().accept_ep.as_raw_fd(), efd.as_raw_fd());
+        }
+        san_side(fd, &s, l);
+    }
+}
+
+/// How often the accept thread looks for listeners to give a SAN side again.
+const REVIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How soon a deferred request is offered to the condition function again.
 const DEFER_RETRY_MS: i32 = 5;
@@ -395,7 +437,12 @@ const DEFER_RETRY_MS: i32 = 5;
 fn accept_thread(ep: RawFd) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
     let mut deferred: std::collections::BTreeSet<RawFd> = std::collections::BTreeSet::new();
+    let mut revived = std::time::Instant::now();
     loop {
+        if revived.elapsed() >= REVIVE_EVERY {
+            revive_listeners();
+            revived = std::time::Instant::now();
+        }
         let timeout = if deferred.is_empty() {
             1000
         } else {

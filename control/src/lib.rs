@@ -10,6 +10,7 @@
 //! The binaries are `dsand` (the appliance daemon) and `dsanctl`.
 #![deny(unsafe_code)]
 
+pub mod addrwatch;
 pub mod config;
 pub mod ctl;
 pub mod lab;

@@ -260,8 +260,32 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                     .read()
                     .map(|v| v.iter().map(|s| (s.addr, s.prefix)).collect())
                     .unwrap_or_default();
+                // The kernel says when addresses or links change
+                // (rtnetlink); without that socket, look every 500 ms.
+                let watch = match control::addrwatch::AddrWatch::new() {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        log(
+                            "warn",
+                            &format!("no rtnetlink notifications ({e}): reading {iface} every 500 ms"),
+                        );
+                        None
+                    }
+                };
+                // Look once now: a change between start-up and the
+                // subscription is not missed.
+                let mut first = true;
                 loop {
-                    std::thread::sleep(Duration::from_millis(500));
+                    match &watch {
+                        _ if first => first = false,
+                        Some(w) => {
+                            if let Err(e) = w.wait() {
+                                log("warn", &format!("rtnetlink: {e}"));
+                                std::thread::sleep(Duration::from_millis(500));
+                            }
+                        }
+                        None => std::thread::sleep(Duration::from_millis(500)),
+                    }
                     let Some(now) = os::iface_addrs(&iface) else {
                         continue;
                     };

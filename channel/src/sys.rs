@@ -134,6 +134,19 @@ pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
     r > 0 && pfd.revents & libc::POLLIN != 0
 }
 
+/// Whether a write to `fd` would not block now (for an eventfd: a write of
+/// 1 fits its counter).
+pub fn writable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r == 1 && pfd.revents & libc::POLLOUT != 0
+}
+
 /// Waits while `*word == expected`, at most `timeout` (shared futex: works
 /// across processes). Returns on wake, timeout, or a changed value.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {

@@ -183,3 +183,77 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
     assert!(ok(&o).contains("20 replies"), "the fabric still works");
     writeln!(srv_in, "quit").unwrap();
 }
+
+#[test]
+fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
+    let _lab = Lab::up(&[]);
+    let attacker_bin = cc("efdblock.c", true);
+    let mut attacker = in_host("h1", &attacker_bin, &["7100"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(&mut attacker);
+    let _attacker = Reaped(attacker);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10))
+            .expect("attacker ready"),
+        "ready"
+    );
+    // Requests for the attacker's port: each raises FD_ACCEPT on its full,
+    // blocking eventfd. They wait in its backlog (it never accepts).
+    let pending: Vec<_> = (0..3)
+        .map(|_| {
+            in_host("h0", &probe(), &["connect", "198.18.0.2", "7100"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let pending: Vec<Reaped> = pending.into_iter().map(Reaped).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = serde_json::from_str::<serde_json::Value>(&ok(&dsanctl(&[
+            "--json",
+            "--socket",
+            "/run/dsan/lab/h1/dsand.sock",
+            "listeners",
+        ])))
+        .unwrap();
+        let depth = v["listeners"]
+            .as_array()
+            .and_then(|a| a.iter().find(|l| l["port"] == 7100))
+            .map_or(0, |l| l["backlog_depth"].as_u64().unwrap_or(0));
+        if depth >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request queued: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Everyone else is served as before: a switch listener (which uses an
+    // eventfd of its own) accepts SAN connections at once.
+    let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7101", "16", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lout = lines(&mut l);
+    let _l = Reaped(l);
+    assert_eq!(
+        lout.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening san=true"
+    );
+    for _ in 0..3 {
+        let c = run_in("h0", &probe(), &["connect", "198.18.0.2", "7101"]);
+        assert!(c.starts_with("connected san "), "{c}");
+        let ms: f64 = c.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(ms < 500.0, "{c}");
+        assert!(lout
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .ends_with(" san"));
+    }
+    drop(pending);
+}

@@ -32,6 +32,9 @@ pub struct AppShared {
     pub region: Region,
     /// Its own doorbell (the daemon's copy; the lcore waits on it and never reads it).
     pub bell: EventFd,
+    /// The thread that writes its event descriptors, started by the control
+    /// thread with the first one it registers.
+    pub notifier: std::sync::OnceLock<Arc<super::Notifier>>,
 }
 
 impl AppShared {
@@ -50,6 +53,7 @@ impl AppShared {
                 pid,
                 region,
                 bell,
+                notifier: std::sync::OnceLock::new(),
             }),
             cmds,
         ))
@@ -78,8 +82,10 @@ pub(super) enum SockObj {
 /// A registered event descriptor and the events that signal it.
 #[derive(Debug)]
 pub(super) struct EventReg {
-    pub(super) fd: OwnedFd,
+    pub(super) fd: Arc<OwnedFd>,
     pub(super) mask: u32,
+    /// Writes `fd` for the lcore (see [`super::notify`]).
+    pub(super) notifier: Option<Arc<super::Notifier>>,
 }
 
 /// The lcore's state for one process.
@@ -132,6 +138,9 @@ impl Node {
                 self.release(now, obj);
             }
             p.shared.region.header().closed.store(1, Ordering::Release);
+            if let Some(n) = p.shared.notifier.get() {
+                n.shutdown();
+            }
         }
     }
 
@@ -149,7 +158,15 @@ impl Node {
             return false;
         };
         let mask = p.events.get(&sock).map_or(0, |r| r.mask);
-        p.events.insert(sock, EventReg { fd, mask });
+        let notifier = p.shared.notifier.get().cloned();
+        p.events.insert(
+            sock,
+            EventReg {
+                fd: Arc::new(fd),
+                mask,
+                notifier,
+            },
+        );
         true
     }
 

@@ -12,7 +12,6 @@ use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CONNECT};
 use dsan_channel::ring::PushError;
 use dsan_channel::sys;
 use std::net::SocketAddrV4;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 /// Completes command `seq` of a socket with `result`, waking a waiting thread.
@@ -33,7 +32,8 @@ pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
     s.arrivals.fetch_add(1, Ordering::Release);
     let mut ok = true;
     if let Some(r) = reg.filter(|r| r.mask & bit != 0) {
-        ok = sys::signal_eventfd(r.fd.as_raw_fd());
+        // Never a write from the lcore: the process could make it block.
+        ok = r.notifier.as_ref().is_some_and(|n| n.notify(&r.fd));
     }
     std::sync::atomic::fence(Ordering::SeqCst);
     if s.waiters.load(Ordering::Relaxed) != 0 {

@@ -11,6 +11,7 @@
 mod apps;
 mod counters;
 mod events;
+mod notify;
 mod probe;
 mod streams;
 
@@ -19,6 +20,7 @@ pub use counters::{
     kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
     REJECT_REASONS, RESET_REASONS,
 };
+pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
 pub use streams::STREAM_STATE_BYTES;
 

@@ -267,7 +267,9 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                     Err(e) => {
                         log(
                             "warn",
-                            &format!("no rtnetlink notifications ({e}): reading {iface} every 500 ms"),
+                            &format!(
+                                "no rtnetlink notifications ({e}): reading {iface} every 500 ms"
+                            ),
                         );
                         None
                     }

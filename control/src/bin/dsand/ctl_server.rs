@@ -199,6 +199,15 @@ fn event_fd(
     if !sys::is_eventfd(fd.as_raw_fd()) {
         return Err("the event descriptor must be an eventfd".into());
     }
+    // The process's notifier thread (it writes the eventfds for the lcore),
+    // started with its first event descriptor.
+    if app.notifier.get().is_none() {
+        let n = dataplane::node::Notifier::start(app.pid)
+            .map_err(|e| format!("cannot start a notifier: {e}"))?;
+        if let Err(n) = app.notifier.set(n) {
+            n.shutdown(); // another connection of the process was first
+        }
+    }
     let attached = cx
         .lcore
         .ask(

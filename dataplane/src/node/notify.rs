@@ -1,0 +1,77 @@
+//! Signalling applications' event descriptors off the lcore.
+//!
+//! An application's eventfd shares its open file description with the copy
+//! the daemon holds, so the application can clear O_NONBLOCK on it and fill
+//! its counter: a `write` on it may then block. The lcore never makes that
+//! call: it queues the descriptor (no allocation, no system call but the
+//! wake-up of a daemon-private eventfd) for a notifier thread of that
+//! process, which does the writes. A hostile process stalls only its own
+//! notifier; every other process and the lcore carry on.
+
+use crossbeam_queue::ArrayQueue;
+use dsan_channel::sys::{self, EventFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Signals queued at most per process (beyond: counted as failed).
+const QUEUE: usize = 4096;
+
+/// One attached process's notifier.
+#[derive(Debug)]
+pub struct Notifier {
+    queue: ArrayQueue<Arc<OwnedFd>>,
+    wake: EventFd,
+    stop: AtomicBool,
+}
+
+impl Notifier {
+    /// Starts a notifier thread for process `pid` (call from a control
+    /// thread, never from the lcore).
+    ///
+    /// # Errors
+    /// If the eventfd or the thread cannot be created.
+    pub fn start(pid: u32) -> std::io::Result<Arc<Notifier>> {
+        let n = Arc::new(Notifier {
+            queue: ArrayQueue::new(QUEUE),
+            wake: EventFd::new()?,
+            stop: AtomicBool::new(false),
+        });
+        let t = n.clone();
+        std::thread::Builder::new()
+            .name(format!("notify-{pid}"))
+            .spawn(move || {
+                crate::sys::unpin_current_thread();
+                while !t.stop.load(Ordering::Acquire) {
+                    t.wake.wait(None);
+                    t.wake.drain();
+                    while let Some(fd) = t.queue.pop() {
+                        // A full counter is the process's doing: skip it.
+                        // (It could still fill it between this look and the
+                        // write, and make the write block: then only this
+                        // thread waits.)
+                        if sys::writable_now(fd.as_raw_fd()) {
+                            sys::signal_eventfd(fd.as_raw_fd());
+                        }
+                    }
+                }
+            })?;
+        Ok(n)
+    }
+
+    /// Queues a signal of `fd` (lcore side). Returns false if the queue is
+    /// full (the process's notifier is stuck).
+    pub fn notify(&self, fd: &Arc<OwnedFd>) -> bool {
+        if self.queue.push(fd.clone()).is_err() {
+            return false;
+        }
+        self.wake.signal();
+        true
+    }
+
+    /// Ends the thread (when its process detaches).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.signal();
+    }
+}

@@ -481,17 +481,31 @@ fn a_daemon_stopping_refuses_what_its_listeners_queued() {
     let s = srv.rc("socket");
     assert_eq!(srv.rc(&format!("bind {s} 0.0.0.0 8100")), 0);
     assert_eq!(srv.rc(&format!("listen {s} 8")), 0);
+    assert_eq!(srv.rc(&format!("evsel {s} 8")), 0);
     let mut cli = H::spawn("h0");
     assert_eq!(cli.rc("startup"), 0);
     assert_eq!(cli.cmd("connectn 2 198.18.0.2 8100"), "started 2");
     wait_depth("h1", 8100, 2);
     assert_eq!(results(&cli.cmd("results 0")), vec![1, 1]);
+    // The two requests' FD_ACCEPT, taken now.
+    srv.cmd(&format!("evcount {s}"));
+    assert_eq!(srv.cmd(&format!("enum {s}")), "0 8 0 0");
     // SIGTERM to h1's daemon: its queued requests are refused before it stops.
     assert!(dsanctl(&["lab", "stop", "h1"]).status.success());
     let w = cli.cmd("waitdone 2 1000");
     assert!(w.starts_with("2 "), "{w}");
     assert_eq!(results(&cli.cmd("results 0")), vec![-ECONNREFUSED; 2]);
-    // The attached process is told: its next call fails with ENETDOWN.
+    // The listener posts FD_ACCEPT with ENETDOWN as the daemon stops (its
+    // eventfd is written), and the next call fails with ENETDOWN.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while srv.cmd(&format!("evcount {s}")) == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no FD_ACCEPT at shutdown"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(srv.cmd(&format!("enum {s}")), "0 8 -100 0");
     assert_eq!(srv.rc("socket"), -100);
 }
 

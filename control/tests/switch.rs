@@ -746,3 +746,47 @@ fn listeners_regain_their_san_side_when_the_daemon_comes_back() {
     assert!(c.starts_with("connected san "), "{c}");
     assert!(l2.line().ends_with(" san"));
 }
+
+#[test]
+fn bind_before_connect_names_the_san_source_address() {
+    let _lab = Lab::up(&[]);
+    let (mut l, first) = Listener::start("h1", &["listen", "0.0.0.0", "5500", "16", "50"]);
+    assert_eq!(first, "listening san=true");
+    // h0 gets a second SAN address; a client bound to it connects from it.
+    let st = Command::new("ip")
+        .args([
+            "-n",
+            "dsan-h0",
+            "addr",
+            "add",
+            "198.18.0.11/24",
+            "dev",
+            "san0",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        let c = in_host(
+            "h0",
+            &probe(),
+            &["connect", "198.18.0.2", "5500", "198.18.0.11"],
+        )
+        .output()
+        .unwrap();
+        let c = String::from_utf8_lossy(&c.stdout).trim().to_string();
+        // Until h0's daemon has applied the address, it is not a local SAN
+        // address (the switch then goes to TCP).
+        if c.starts_with("connected san") || std::time::Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(c.starts_with("connected san "), "{c}");
+    let a = l.line();
+    assert!(
+        a.starts_with("accepted 198.18.0.11:") && a.ends_with(" san"),
+        "{a}"
+    );
+}

@@ -12,7 +12,7 @@ use super::Node;
 use crate::proto::{AcceptError, ConnHandle, ConnectError, Decision, ListenError, ListenerId};
 use crate::time::Instant;
 use dsan_channel::msg::{Bufs, Command, CommandView, Op, RequestKey, Verdict};
-use dsan_channel::region::{Region, FD_ALL, MAX_SOCKETS};
+use dsan_channel::region::{Region, FD_ACCEPT, FD_ALL, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer};
 use dsan_channel::sys::EventFd;
 use std::collections::HashMap;
@@ -132,6 +132,18 @@ impl Node {
         self.reset_streams_of(now, id, reason);
         self.proc_ids.retain(|p| *p != id);
         if let Some(p) = self.procs.remove(&id) {
+            if reason == crate::wire::ResetReason::Shutdown {
+                // The daemon stops under a running process: its listeners
+                // post FD_ACCEPT with ENETDOWN, so that a process waiting
+                // for requests learns that none will come.
+                for (sock, obj) in &p.socks {
+                    if matches!(obj, SockObj::Listener { .. }) {
+                        let sh = p.shared.region.sock(*sock as usize);
+                        sh.accept_error.store(-libc::ENETDOWN, Ordering::Release);
+                        super::events::raise(sh, p.events.get(sock), FD_ACCEPT);
+                    }
+                }
+            }
             let mut socks: Vec<(u32, SockObj)> = p.socks.into_iter().collect();
             socks.sort_unstable_by_key(|(s, _)| *s);
             for (_, obj) in socks {

@@ -9,8 +9,8 @@
 //!     a nonblocking listener that accepts only when told: prints
 //!     "listening san=true|false", then for each "accept" line on stdin one
 //!     accept attempt: "accepted PEER tcp|san" or "error ERRNO"
-//! dsan-sw-probe connect IP PORT
-//!     prints "connected tcp|san MS" or "error ERRNO MS"
+//! dsan-sw-probe connect IP PORT [SRC]
+//!     (bound to SRC first if given) prints "connected tcp|san MS" or "error ERRNO MS"
 //! dsan-sw-probe shell
 //!     one long-lived process: for each "connect IP PORT" line on stdin, a
 //!     connect on a new socket, printed as above
@@ -132,6 +132,12 @@ fn main() {
         Some("connect") => {
             let to = addr(1);
             let s = dsan_switch::socket().unwrap_or_else(|e| die(&format!("socket: errno {e}")));
+            if let Some(src) = a.get(3) {
+                // bind before connect: the source address the connection uses.
+                let src: std::net::Ipv4Addr = src.parse().unwrap_or_else(|_| die("bad source address"));
+                dsan_switch::bind(s, SocketAddrV4::new(src, 0))
+                    .unwrap_or_else(|e| die(&format!("bind: errno {e}")));
+            }
             let t = Instant::now();
             match dsan_switch::connect(s, to) {
                 Ok(tr) => {

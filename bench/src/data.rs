@@ -53,6 +53,11 @@ pub(crate) struct San {
 }
 
 impl San {
+    /// Over providers attached already (client side on h0, server on h1).
+    pub(crate) fn new(p0: Arc<Provider>, p1: Arc<Provider>) -> San {
+        San { p0, p1 }
+    }
+
     pub(crate) fn attach(s0: &str, s1: &str) -> Result<San> {
         Ok(San {
             p0: Provider::attach(Some(s0.as_ref())).map_err(e("attach h0"))?,
@@ -127,11 +132,14 @@ impl San {
         });
         let c = self.connect(port)?;
         let b = vec![1u8; 1 << 16];
+        let mut lat = hist();
         let t0 = Instant::now();
         let mut sent = 0u64;
         while sent < bytes {
             let n = (bytes - sent).min(b.len() as u64) as usize;
+            let t = Instant::now();
             c.send_all(&b[..n]).map_err(e("send"))?;
+            lat.saturating_record(t.elapsed().as_nanos() as u64);
             sent += n as u64;
         }
         c.shutdown(libc::SHUT_WR).map_err(e("shutdown"))?;
@@ -143,7 +151,7 @@ impl San {
             return Err(anyhow!("received {got} of {bytes} bytes"));
         }
         Ok(Res {
-            lat: hist(),
+            lat,
             units: bytes,
             elapsed: t1 - t0,
         })
@@ -278,18 +286,21 @@ pub(crate) fn tcp_stream(port: u16, bytes: u64) -> Result<Res> {
         tx.send((Instant::now(), got)).ok();
         Ok(())
     })?;
-    let t0 = in_h0(move || {
+    let (t0, lat) = in_h0(move || {
         let mut c = tcp_connect(port)?;
         let b = vec![1u8; 1 << 16];
+        let mut lat = hist();
         let t0 = Instant::now();
         let mut sent = 0u64;
         while sent < bytes {
             let n = (bytes - sent).min(b.len() as u64) as usize;
+            let t = Instant::now();
             c.write_all(&b[..n])?;
+            lat.saturating_record(t.elapsed().as_nanos() as u64);
             sent += n as u64;
         }
         c.shutdown(std::net::Shutdown::Write)?;
-        Ok(t0)
+        Ok((t0, lat))
     })?;
     let (t1, got) = rx
         .recv_timeout(Duration::from_secs(300))
@@ -299,7 +310,7 @@ pub(crate) fn tcp_stream(port: u16, bytes: u64) -> Result<Res> {
         return Err(anyhow!("received {got} of {bytes} bytes"));
     }
     Ok(Res {
-        lat: hist(),
+        lat,
         units: bytes,
         elapsed: t1 - t0,
     })

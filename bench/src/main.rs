@@ -44,8 +44,9 @@ enum Cmd {
     },
     /// Every scenario, dsan against kernel TCP in one run: connect latency
     /// (accepting thread spinning and waiting), reject latency into a full
-    /// backlog, no-listener latency, closed-loop and open-loop setup rates;
-    /// for each idle policy. Writes a table, bench.hlog, *.hgrm, summary.json
+    /// backlog, no-listener latency, closed-loop and open-loop setup rates,
+    /// and byte streams (pingpong 64 B / 1 KiB / 16 KiB, a one-way stream,
+    /// connect-request-response-close); for each idle policy. Writes a table, bench.hlog, *.hgrm, summary.json
     /// and bench.png.
     Suite {
         /// Connects per latency scenario.
@@ -174,12 +175,14 @@ fn run(args: Args) -> Result<()> {
                 reject_wait: Duration::from_millis(reject_wait_ms),
                 idle: idle.split(',').map(|s| s.trim().to_string()).collect(),
                 out: out.unwrap_or_else(suite::default_out),
+                stream_bytes: 256 << 20,
             };
             if smoke {
                 o.count = o.count.min(40);
                 o.rate = o.rate.min(1000);
                 o.duration = o.duration.min(Duration::from_millis(300));
                 o.reject_wait = o.reject_wait.min(Duration::from_millis(50));
+                o.stream_bytes = 8 << 20;
             }
             if o.count == 0 || o.concurrency == 0 || o.rate == 0 || o.duration.is_zero() {
                 bail!("--count, --concurrency, --rate and --duration-ms must be positive");

@@ -14,7 +14,12 @@
 //! * `rate-open`: one connector at `--rate` per second for `--duration`, each
 //!   latency measured from the request's intended start (so a stall is charged
 //!   to every request it delays: coordinated omission corrected by
-//!   construction, the "intended start time" method).
+//!   construction, the "intended start time" method);
+//! * byte streams (issue #13): `pingpong-64`, `pingpong-1k`, `pingpong-16k`
+//!   (request/response latency, like netperf TCP_RR), `stream` (one way; the
+//!   histogram is the time of each 64 KiB send, the rate Mbit/s, like
+//!   iperf3) and `crr` (connect, 64 bytes each way, close; like netperf
+//!   TCP_CRR).
 
 use anyhow::{anyhow, bail, Context, Result};
 use dsan_channel::sys::EventFd;
@@ -41,6 +46,8 @@ pub(crate) struct Opts {
     pub(crate) reject_wait: Duration,
     pub(crate) idle: Vec<String>,
     pub(crate) out: PathBuf,
+    /// Bytes of the stream scenario.
+    pub(crate) stream_bytes: u64,
 }
 
 /// One measured row.
@@ -631,6 +638,57 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
             0,
             Some((n - err) as f64 / secs),
         ));
+    }
+    // Byte streams (issue #13): request/response, one-way stream, and
+    // connect-request-response-close, SAN against kernel TCP.
+    let san = crate::data::San::new(p0.clone(), p1.clone());
+    let n_rr = o.count.max(10);
+    let n_crr = (o.count / 2).max(10);
+    for (scenario, what) in [
+        ("pingpong-64", "rtt"),
+        ("pingpong-1k", "rtt"),
+        ("pingpong-16k", "rtt"),
+        ("stream", "send-64k"),
+        ("crr", "transaction"),
+    ] {
+        for transport in ["dsan", "tcp"] {
+            let port = ports.next();
+            eprintln!("  [{policy}] {scenario} / {transport}");
+            let size = match scenario {
+                "pingpong-1k" => 1024,
+                "pingpong-16k" => 16384,
+                _ => 64,
+            };
+            let dsan = transport == "dsan";
+            let r = match scenario {
+                "stream" if dsan => san.stream(port, o.stream_bytes)?,
+                "stream" => crate::data::tcp_stream(port, o.stream_bytes)?,
+                "crr" if dsan => san.crr(port, n_crr)?,
+                "crr" => crate::data::tcp_crr(port, n_crr)?,
+                _ if dsan => san.pingpong(port, size, n_rr)?,
+                _ => crate::data::tcp_pingpong(port, size, n_rr)?,
+            };
+            let secs = r.elapsed.as_secs_f64();
+            // The stream's rate is in Mbit/s; the others', exchanges per second.
+            let rate = if scenario == "stream" {
+                r.units as f64 * 8.0 / secs / 1e6
+            } else {
+                r.units as f64 / secs
+            };
+            let n = r.lat.len();
+            rows.push(row(
+                scenario,
+                "-",
+                transport,
+                what,
+                r.lat,
+                n,
+                0,
+                0,
+                0,
+                Some(rate),
+            ));
+        }
     }
     let _ = (p0, p1);
     Ok(())

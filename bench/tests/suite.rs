@@ -59,10 +59,15 @@ fn smoke_run_of_every_scenario() {
         scenarios.into_iter().collect::<Vec<_>>(),
         vec![
             "connect",
+            "crr",
             "no-listener",
+            "pingpong-16k",
+            "pingpong-1k",
+            "pingpong-64",
             "rate-closed",
             "rate-open",
-            "reject"
+            "reject",
+            "stream"
         ]
     );
     for policy in ["adaptive", "poll"] {

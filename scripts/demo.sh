@@ -34,13 +34,19 @@ wait
 echo "   h0: a port nobody listens on: refused at once (ECONNREFUSED = 111), no fallback to TCP"
 probe h0 connect 198.18.0.2 5999
 
+echo "   bytes over the SAN: 64 MiB from h0 to an echo server on h1 and back, every byte compared"
+probe h1 echo 0.0.0.0 5100 1 >/dev/null &
+sleep 0.5
+probe h0 send 198.18.0.2 5100 67108864
+wait
+
 echo
 echo "== 4. what h1's daemon counted"
-$B/dsanctl lab exec h1 -- $B/dsanctl stats | grep -E "^connect|^connects"
+$B/dsanctl lab exec h1 -- $B/dsanctl stats | grep -E "^connect|^connects|^streams.bytes"
 
 echo
 echo "== 5. the same from h1's Prometheus endpoint (root namespace)"
-curl -s http://127.0.0.1:19451/metrics | grep -E '^dsan_san_(connects_accepted|connects_rejected|connect_requests)' || true
+curl -s http://127.0.0.1:19451/metrics | grep -E '^dsan_san_(connects_accepted|connects_rejected|connect_requests|bytes)' || true
 $B/dsanctl lab down >/dev/null
 
 echo

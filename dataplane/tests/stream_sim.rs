@@ -387,8 +387,8 @@ impl Sim {
             }
         }
         let mut probe = false;
-        if sd.s.next_timer() <= now {
-            match sd.s.on_timer(now) {
+        if sd.s.next_timer(&T) <= now {
+            match sd.s.on_timer(now, &T) {
                 Timer::Dead => {
                     let gen = sd.gen;
                     assert!(
@@ -453,10 +453,10 @@ impl Sim {
         let Some(sd) = host.sides.get_mut(&h) else {
             return;
         };
-        sd.s.on_ack(now, &seg);
+        sd.s.on_ack(now, &T, &seg);
         if matches!(f.message, Message::Data(_)) {
             let at = sd.s.received();
-            let (skip, take) = sd.s.on_data(now, &seg);
+            let (skip, take) = sd.s.on_data(now, &T, &seg);
             let size = sd.ring.len() as u64;
             for k in 0..take {
                 sd.ring[((at + k as u64) % size) as usize] = payload[skip + k];

@@ -47,11 +47,11 @@ const TX_BUDGET: usize = 64;
 /// The lcore's state for one connection's stream.
 pub(super) struct StreamCtx {
     app: Arc<AppShared>,
-    pid: u64,
     sock: u32,
-    area: StreamArea,
+    /// Ring sizes (the rings are found from `app` and `sock` when needed).
+    snd_size: u32,
+    rcv_size: u32,
     s: Stream,
-    route: (SanHeader, u64, u64),
     queued: bool,
     timer: Instant,
     probe: bool,
@@ -62,6 +62,16 @@ pub(super) struct StreamCtx {
 impl StreamCtx {
     fn shm(&self) -> &StreamShm {
         self.app.region.stream(self.sock as usize)
+    }
+    fn area(&self) -> StreamArea {
+        self.app.region.stream_area(
+            self.sock as usize,
+            self.snd_size as usize,
+            self.rcv_size as usize,
+        )
+    }
+    fn pid(&self) -> u64 {
+        self.app.id
     }
 }
 
@@ -99,11 +109,7 @@ impl Node {
         sock: u32,
         bufs: Bufs,
     ) -> bool {
-        let (Some(c), Some(route), Some(p)) = (
-            self.ep.connection(h).copied(),
-            self.ep.stream_route(h),
-            self.procs.get(&pid),
-        ) else {
+        let (Some(c), Some(p)) = (self.ep.connection(h).copied(), self.procs.get(&pid)) else {
             return false;
         };
         let app = p.shared.clone();
@@ -119,24 +125,17 @@ impl Node {
         shm.rcv_c.want.store(1, Ordering::Relaxed);
         shm.st.state.store(ST_OPEN, Ordering::Release);
         let mss = c.my_offer.mss.min(c.peer_offer.mss);
-        let s = Stream::new(
-            now,
-            self.timing(),
-            mss,
-            c.peer_offer.window,
-            bufs.rcv as u32,
-        );
-        let timer = s.next_timer();
-        let area = app.region.stream_area(sock as usize, bufs.snd, bufs.rcv);
+        let timing = self.timing();
+        let s = Stream::new(now, timing, mss, c.peer_offer.window, bufs.rcv as u32);
+        let timer = s.next_timer(&timing);
         self.streams.insert(
             h,
             StreamCtx {
                 app,
-                pid,
                 sock,
-                area,
+                snd_size: bufs.snd as u32,
+                rcv_size: bufs.rcv as u32,
                 s,
-                route,
                 queued: false,
                 timer,
                 probe: false,
@@ -149,8 +148,9 @@ impl Node {
     }
 
     fn reschedule(&mut self, h: ConnHandle) {
+        let timing = self.timing();
         if let Some(ctx) = self.streams.get_mut(&h) {
-            let t = ctx.s.next_timer();
+            let t = ctx.s.next_timer(&timing);
             if t != ctx.timer {
                 self.stream_timers.remove(&(ctx.timer, h));
                 ctx.timer = t;
@@ -180,7 +180,7 @@ impl Node {
         let tail = shm.snd_p.tail.load(Ordering::Acquire);
         let fin = force_fin || shm.snd_p.fin.load(Ordering::Acquire) != 0;
         ctx.s
-            .app_wrote(tail, ctx.area.snd_size() as u64, fin)
+            .app_wrote(tail, u64::from(ctx.snd_size), fin)
             .map_err(|_| ())?;
         if !ctx.app_closed {
             let head = shm.rcv_c.head.load(Ordering::Acquire);
@@ -266,7 +266,7 @@ impl Node {
         if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
             sys::futex_wake(&shm.snd_c.seq);
         }
-        if let Some(p) = self.procs.get(&ctx.pid) {
+        if let Some(p) = self.procs.get(&ctx.pid()) {
             let ok = raise(
                 p.shared.region.sock(ctx.sock as usize),
                 p.events.get(&ctx.sock),
@@ -310,7 +310,7 @@ impl Node {
             .iter()
             // Sockets it closed keep sending their last bytes (as TCP does
             // after close and exit): the daemon still maps the region.
-            .filter(|(_, c)| c.pid == pid && !c.app_closed)
+            .filter(|(_, c)| c.pid() == pid && !c.app_closed)
             .map(|(h, _)| *h)
             .collect();
         mine.sort_unstable();
@@ -340,19 +340,20 @@ impl Node {
             Err(false) => return self.ep.reset_unknown(hdr, seg.conn_id, seg.token),
             Err(true) => return, // wrong token: counted
         };
+        let timing = self.timing();
         let Some(ctx) = self.streams.get_mut(&h) else {
             return self.local.unexpected += 1;
         };
-        let progress = ctx.s.on_ack(now, &seg);
+        let progress = ctx.s.on_ack(now, &timing, &seg);
         let mut delivered = 0;
         let mut eof = false;
         if matches!(m, Message::Data(_)) {
             let was_fin = ctx.s.peer_finished();
             let at = ctx.s.received();
-            let (skip, take) = ctx.s.on_data(now, &seg);
+            let (skip, take) = ctx.s.on_data(now, &timing, &seg);
             if take > 0 {
                 match payload.get(skip..skip + take) {
-                    Some(bytes) => ctx.area.write_recv(at, bytes),
+                    Some(bytes) => ctx.area().write_recv(at, bytes),
                     None => return self.local.malformed += 1,
                 }
             }
@@ -417,7 +418,7 @@ impl Node {
         let Some(ctx) = self.streams.get(&h) else {
             return;
         };
-        if let Some(p) = self.procs.get(&ctx.pid) {
+        if let Some(p) = self.procs.get(&ctx.pid()) {
             if !raise(
                 p.shared.region.sock(ctx.sock as usize),
                 p.events.get(&ctx.sock),
@@ -430,6 +431,7 @@ impl Node {
 
     /// Stream timers due at `now`.
     pub(super) fn stream_timeouts(&mut self, now: Instant) {
+        let timing = self.timing();
         while let Some(&(t, h)) = self.stream_timers.first() {
             if t > now {
                 break;
@@ -439,7 +441,7 @@ impl Node {
                 continue;
             };
             ctx.timer = Instant::ZERO; // not in the set now
-            match ctx.s.on_timer(now) {
+            match ctx.s.on_timer(now, &timing) {
                 Timer::Dead => {
                     self.reset_stream(now, h, ResetReason::TimedOut);
                     continue;
@@ -447,7 +449,7 @@ impl Node {
                 Timer::Probe => ctx.probe = true,
                 Timer::Retransmit | Timer::Idle => {}
             }
-            let t = ctx.s.next_timer();
+            let t = ctx.s.next_timer(&timing);
             ctx.timer = t;
             self.stream_timers.insert((t, h));
             self.enqueue(h);
@@ -481,7 +483,12 @@ impl Node {
                 let head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
                 let _ = ctx.s.app_read(head);
             }
-            let (hdr, conn_id, token) = ctx.route;
+            let Some((hdr, conn_id, token)) = self.ep.stream_route(h) else {
+                continue;
+            };
+            let Some(ctx) = self.streams.get_mut(&h) else {
+                continue;
+            };
             let mut out_of_buffers = false;
             while budget > 0 {
                 let Some(o) = ctx.s.next_segment() else { break };
@@ -499,7 +506,8 @@ impl Node {
                     header: hdr,
                     message: Message::Data(seg),
                 };
-                let area = &ctx.area;
+                let area = ctx.area();
+                let area = &area;
                 let ok = tx.send_with(repr.buffer_len(), |b| {
                     repr.emit(&mut wire::Frame::new_unchecked(&mut *b), et);
                     area.read_send(o.seq, &mut b[PAYLOAD_OFFSET..]);

@@ -75,7 +75,6 @@ pub struct BadIndex;
 /// The stream state of one connection.
 #[derive(Debug, Clone)]
 pub struct Stream {
-    t: StreamTiming,
     mss: u16,
     // send side
     una: u64,
@@ -110,7 +109,6 @@ impl Stream {
     /// `rcv_size`; segments carry at most `mss` bytes.
     pub fn new(now: Instant, t: StreamTiming, mss: u16, peer_window: u32, rcv_size: u32) -> Stream {
         Stream {
-            t,
             mss: mss.max(1),
             una: 0,
             nxt: 0,
@@ -223,9 +221,9 @@ impl Stream {
 
     /// An acknowledgement (on any Data or Ack). Returns whether bytes were
     /// newly acknowledged.
-    pub fn on_ack(&mut self, now: Instant, seg: &Segment) -> bool {
+    pub fn on_ack(&mut self, now: Instant, t: &StreamTiming, seg: &Segment) -> bool {
         self.heard_at = now;
-        self.probe_at = now + self.t.keepalive_idle;
+        self.probe_at = now + t.keepalive_idle;
         if seg.flags & SEG_PROBE != 0 {
             self.ack_due = true;
         }
@@ -234,7 +232,7 @@ impl Stream {
         if seg.ack > self.una && seg.ack <= self.max {
             self.una = seg.ack;
             self.nxt = self.nxt.max(self.una);
-            self.rto = self.t.rto;
+            self.rto = t.rto;
             self.progress_at = now;
             progress = true;
         }
@@ -262,7 +260,7 @@ impl Stream {
     /// the payload to append to the receive ring, as (skip, take): the bytes
     /// `payload[skip..skip + take]` go at [`received`](Self::received) (read
     /// before this call).
-    pub fn on_data(&mut self, now: Instant, seg: &Segment) -> (usize, usize) {
+    pub fn on_data(&mut self, now: Instant, t: &StreamTiming, seg: &Segment) -> (usize, usize) {
         let len = u64::from(seg.len);
         if seg.seq > self.rcv_nxt {
             self.ack_due = true;
@@ -279,10 +277,10 @@ impl Stream {
             return (0, 0);
         }
         self.unacked = self.unacked.saturating_add(1);
-        if self.unacked >= 2 || seg.flags & SEG_FIN != 0 || self.t.ack_delay.is_zero() {
+        if self.unacked >= 2 || seg.flags & SEG_FIN != 0 || t.ack_delay.is_zero() {
             self.ack_due = true;
         } else if self.ack_at.is_none() {
-            self.ack_at = Some(now + self.t.ack_delay);
+            self.ack_at = Some(now + t.ack_delay);
         }
         // Never beyond the credit we gave (the ring has room for that much).
         let room = (self.rcv_head + self.rcv_size).saturating_sub(self.rcv_nxt);
@@ -370,7 +368,7 @@ impl Stream {
     }
 
     /// When [`on_timer`](Self::on_timer) is due next.
-    pub fn next_timer(&self) -> Instant {
+    pub fn next_timer(&self, timing: &StreamTiming) -> Instant {
         let mut t = self.probe_at;
         if let Some(r) = self.rtx_at {
             t = t.min(r);
@@ -378,24 +376,24 @@ impl Stream {
         if let Some(a) = self.ack_at {
             t = t.min(a);
         }
-        t.min(self.heard_at + self.t.keepalive_timeout)
+        t.min(self.heard_at + timing.keepalive_timeout)
     }
 
     /// Timers due at `now`.
-    pub fn on_timer(&mut self, now: Instant) -> Timer {
+    pub fn on_timer(&mut self, now: Instant, t: &StreamTiming) -> Timer {
         if self.ack_at.is_some_and(|a| a <= now) {
             self.ack_at = None;
             self.ack_due = true;
         }
-        if now >= self.heard_at + self.t.keepalive_timeout {
+        if now >= self.heard_at + t.keepalive_timeout {
             return Timer::Dead;
         }
-        if self.outstanding() && now >= self.progress_at + self.t.keepalive_timeout {
+        if self.outstanding() && now >= self.progress_at + t.keepalive_timeout {
             return Timer::Dead;
         }
         if let Some(r) = self.rtx_at {
             if now >= r {
-                self.rto = (self.rto * 2).min(self.t.max_rto);
+                self.rto = (self.rto * 2).min(t.max_rto);
                 if self.outstanding() {
                     self.rtx_at = Some(now + self.rto);
                     self.nxt = self.una;
@@ -411,7 +409,7 @@ impl Stream {
             return Timer::Probe;
         }
         if now >= self.probe_at {
-            self.probe_at = now + self.t.keepalive_idle / 2;
+            self.probe_at = now + t.keepalive_idle / 2;
             return Timer::Probe;
         }
         Timer::Idle
@@ -503,14 +501,14 @@ mod tests {
                     for _ in 0..copies {
                         if to_b {
                             let at = b.received();
-                            let (skip, take) = b.on_data(now, &seg);
+                            let (skip, take) = b.on_data(now, &T, &seg);
                             for k in 0..take as u64 {
                                 recv_ring[((at + k) % size) as usize] =
                                     data(seg.seq + skip as u64 + k);
                             }
-                            b.on_ack(now, &seg);
+                            b.on_ack(now, &T, &seg);
                         } else {
-                            a.on_ack(now, &seg);
+                            a.on_ack(now, &T, &seg);
                         }
                     }
                 } else {
@@ -519,8 +517,8 @@ mod tests {
             }
             now = now + Duration::from_micros(100 + rng.below(200));
             for s in [&mut a, &mut b] {
-                if s.next_timer() <= now {
-                    assert_ne!(s.on_timer(now), Timer::Dead, "seed {seed}");
+                if s.next_timer(&T) <= now {
+                    assert_ne!(s.on_timer(now, &T), Timer::Dead, "seed {seed}");
                 }
             }
         }
@@ -547,8 +545,8 @@ mod tests {
         let mut s = Stream::new(Instant::ZERO, T, 1000, 4096, 4096);
         let mut probes = 0;
         let now = loop {
-            let now = s.next_timer();
-            match s.on_timer(now) {
+            let now = s.next_timer(&T);
+            match s.on_timer(now, &T) {
                 Timer::Dead => break now,
                 Timer::Probe => probes += 1,
                 _ => {}

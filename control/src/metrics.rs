@@ -324,75 +324,92 @@ fn render_connect_histogram(n: &Counters, out: &mut String) {
 
 /// Scrapes served at once; a connection beyond that is closed at once.
 const MAX_CLIENTS: usize = 16;
-/// A client has this long to send its request, and to take its response.
+/// A client has this long to send its request head, and the whole exchange
+/// twice as long.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-/// The longest request head read (request line and headers).
-const MAX_REQUEST: u64 = 8 * 1024;
+/// The longest request head read (request line and headers; hyper's minimum).
+const MAX_REQUEST: usize = 8 * 1024;
 
-/// Serves `GET /metrics` on `listener` until the process exits. Each
-/// connection is served on a thread of its own, at most [`MAX_CLIENTS`] at
-/// once, with read and write deadlines and a bounded request: a slow or
-/// silent client holds only its own thread, never another scrape.
+/// Serves `GET /metrics` on `listener` until the process exits, with hyper
+/// (HTTP/1.1) on a single-threaded tokio runtime: every connection is a task
+/// of its own, at most [`MAX_CLIENTS`] at once (more are closed at once), a
+/// request head must arrive within [`DEADLINE`] and fit [`MAX_REQUEST`], and
+/// the whole exchange ends within twice that. A slow or silent client holds
+/// only its own task, never another scrape. Rendering runs on tokio's
+/// blocking pool.
 pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
-    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-            busy.fetch_sub(1, Ordering::AcqRel);
-            continue; // dropped: closed at once
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return,
+    };
+    rt.block_on(async move {
+        if listener.set_nonblocking(true).is_err() {
+            return;
         }
-        let (busy, metrics) = (busy.clone(), metrics.clone());
-        let spawned = std::thread::Builder::new()
-            .name("metrics-conn".into())
-            .spawn(move || {
-                serve_one(conn, &metrics);
-                busy.fetch_sub(1, Ordering::AcqRel);
+        let Ok(l) = tokio::net::TcpListener::from_std(listener) else {
+            return;
+        };
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+        loop {
+            let Ok((stream, _)) = l.accept().await else {
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue; // dropped: closed at once
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let svc = hyper::service::service_fn(move |req| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, std::convert::Infallible>(respond(req, metrics).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(DEADLINE)
+                    .max_buf_size(MAX_REQUEST)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(DEADLINE * 2, conn).await;
             });
-        if spawned.is_err() {
-            // Could not start a thread: the connection was dropped with the closure.
-            continue;
         }
-    }
+    });
 }
 
-fn serve_one(conn: std::net::TcpStream, metrics: &Mutex<Metrics>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let _ = conn.set_read_timeout(Some(DEADLINE));
-    let _ = conn.set_write_timeout(Some(DEADLINE));
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(conn.take(MAX_REQUEST));
-    let mut line = String::new();
-    if r.read_line(&mut line).is_err() || !line.ends_with('\n') {
-        return;
-    }
-    // The headers, up to the blank line (within the same bound).
-    let mut h = String::new();
-    loop {
-        h.clear();
-        match r.read_line(&mut h) {
-            Ok(n) if n > 0 && h.ends_with('\n') && h.trim_end().is_empty() => break,
-            Ok(n) if n > 0 && h.ends_with('\n') => {}
-            _ => return,
-        }
-    }
-    let mut words = line.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, ctype, body) = if method == "GET" && path == "/metrics" {
-        let body = metrics.lock().map(|m| m.render()).unwrap_or_default();
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body)
-    } else {
-        (
-            "404 Not Found",
-            "text/plain",
-            "not found; try /metrics\n".to_string(),
-        )
-    };
-    let _ = write!(
-        writer,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+async fn respond(
+    req: hyper::Request<hyper::body::Incoming>,
+    metrics: Arc<Mutex<Metrics>>,
+) -> hyper::Response<Body> {
+    let (status, ctype, body) =
+        if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+            let body = tokio::task::spawn_blocking(move || {
+                metrics.lock().map(|m| m.render()).unwrap_or_default()
+            })
+            .await
+            .unwrap_or_default();
+            (
+                hyper::StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
+        } else {
+            (
+                hyper::StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /metrics\n".to_string(),
+            )
+        };
+    let mut r = hyper::Response::new(Body::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
     );
+    r
 }

@@ -416,8 +416,9 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
     let a = cmd("accept 0 accept");
     let accepted = a.split_whitespace().next().unwrap().parse::<i64>().unwrap();
     assert!(accepted >= 0, "{a}");
-    // A connection closed while its client still runs: the FIN (a Data
-    // frame), its Ack, then Close and CloseAck.
+    // A connection that carried bytes, closed while its client still runs:
+    // Data, its Ack, the FIN (a Data frame), then Close and CloseAck.
+    assert_eq!(cmd(&format!("send {accepted} 64")), "64");
     assert_eq!(cmd(&format!("close {accepted}")), "0");
     std::thread::sleep(Duration::from_millis(900));
     assert_eq!(

@@ -85,9 +85,29 @@ impl Sock {
 
     fn set_san_arc(&self, ss: Arc<SanSocket>) -> Result<(), i32> {
         let efd = eventfd()?;
-        ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE)
-            .map_err(|e| e.errno())?;
         epoll_add(self.epfd.as_raw_fd(), efd.as_raw_fd(), 0)?;
+        // Registering the eventfd with the daemon is a control-socket round
+        // trip: it runs on the switch's registration thread, so that connect
+        // and accept return at once. Nothing is lost meanwhile: the
+        // registration posts FD_READ at once if bytes arrived before it.
+        let copy = efd
+            .try_clone()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?;
+        // (A weak reference: a connection closed before its turn is skipped
+        // and holds no provider socket meanwhile.)
+        let due = std::time::Instant::now() + REGISTER_AFTER;
+        let queued = g()
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((Arc::downgrade(&ss), copy, due));
+        if queued.is_err() {
+            let copy = efd
+                .try_clone()
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?;
+            ss.event_select(copy.as_fd(), FD_READ | FD_CLOSE)
+                .map_err(|e| e.errno())?;
+        }
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
             transport: Transport::San,
             san: Some(ss),
@@ -134,8 +154,20 @@ impl Sock {
     }
 }
 
+/// A new SAN connection's event descriptor, to register with the daemon
+/// from `due` on.
+type Registration = (std::sync::Weak<SanSocket>, OwnedFd, std::time::Instant);
+
+/// How long a new SAN connection's readiness registration waits: a
+/// connection closed sooner (connect, a request, close) never costs the
+/// control-socket round trip; one that lives on polls readable at most this
+/// much later for bytes that came before (its registration posts them).
+const REGISTER_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+
 struct Global {
     table: Mutex<HashMap<RawFd, Entry>>,
+    /// Event descriptors to register with the daemon for new SAN connections.
+    register: Mutex<std::sync::mpsc::Sender<Registration>>,
     provider: Mutex<Option<Arc<Provider>>>,
     /// The accept thread's epoll (SAN listeners' FD_ACCEPT eventfds).
     accept_ep: OwnedFd,
@@ -150,7 +182,24 @@ fn g() -> &'static Global {
             .name("dsan-switch-accept".into())
             .spawn(move || accept_thread(accept_ep_raw))
             .expect("spawning the switch's accept thread");
+        let (tx, rx) = std::sync::mpsc::channel::<Registration>();
+        std::thread::Builder::new()
+            .name("dsan-switch-register".into())
+            .spawn(move || {
+                for (ss, efd, due) in rx {
+                    let wait = due.saturating_duration_since(std::time::Instant::now());
+                    if !wait.is_zero() {
+                        std::thread::sleep(wait);
+                    }
+                    // A connection closed meanwhile is gone: nothing to do.
+                    if let Some(ss) = ss.upgrade() {
+                        let _ = ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE);
+                    }
+                }
+            })
+            .expect("spawning the switch's registration thread");
         Global {
+            register: Mutex::new(tx),
             table: Mutex::new(HashMap::new()),
             provider: Mutex::new(None),
             accept_ep: ep,

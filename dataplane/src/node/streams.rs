@@ -222,8 +222,16 @@ impl Node {
             self.reset_stream(now, h, ResetReason::Aborted);
             return true;
         }
-        ctx.shm().st.state.fetch_or(ST_LINGER, Ordering::Release);
         self.conn_owner.remove(&h);
+        if ctx.s.written() == 0 {
+            // Nothing was ever written: no bytes and no FIN to deliver; the
+            // Close handshake alone ends it (the peer reads it as the end of
+            // the stream, since no byte can be missing).
+            let _ = self.ep.close(now, h);
+            self.drop_stream(h, 0);
+            return true;
+        }
+        ctx.shm().st.state.fetch_or(ST_LINGER, Ordering::Release);
         self.finish_if_done(now, h);
         self.enqueue(h);
         self.reschedule(h);
@@ -295,11 +303,13 @@ impl Node {
         if reset {
             self.local.resets[5] += 1;
         }
+        // A close is clean when every byte the peer sent arrived (its FIN
+        // came, or it never wrote: it closes without a FIN only then) and
+        // ours were acknowledged.
         let clean = !reset
-            && self
-                .streams
-                .get(&h)
-                .is_some_and(|c| c.s.peer_finished() && !c.s.outstanding());
+            && self.streams.get(&h).is_some_and(|c| {
+                (c.s.peer_finished() || c.s.received() == 0) && !c.s.outstanding()
+            });
         self.drop_stream(h, if clean { 0 } else { -libc::ECONNRESET });
     }
 

@@ -138,6 +138,10 @@ impl Stream {
     pub fn acked(&self) -> u64 {
         self.una.min(self.end)
     }
+    /// Bytes the application wrote, ever.
+    pub fn written(&self) -> u64 {
+        self.end
+    }
     /// In-order bytes received (the receive ring's tail).
     pub fn received(&self) -> u64 {
         self.rcv_nxt

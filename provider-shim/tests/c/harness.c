@@ -184,6 +184,11 @@ int main(void) {
                 if (done >= want || now_ms() > end) { printf("%d %.1f\n", done, now_ms() - t0); break; }
                 usleep(100);
             }
+        } else if (!strcmp(cmd, "send")) {
+            /* send S N: N bytes (at most 4096) on connected socket S. */
+            static char zeros[4096];
+            size_t n = (size_t)atoi(a2);
+            printf("%zd\n", dsan_send(atoi(a1), zeros, n > sizeof zeros ? sizeof zeros : n, 0));
         } else if (!strcmp(cmd, "close")) {
             printf("%d\n", dsan_close(atoi(a1)));
         } else if (!strcmp(cmd, "bad")) {

@@ -255,5 +255,21 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
             .unwrap()
             .ends_with(" san"));
     }
+    // The signals the attacker's full eventfd could not take are counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = serde_json::from_str(&ok(&dsanctl(&[
+            "--json",
+            "--socket",
+            "/run/dsan/lab/h1/dsand.sock",
+            "stats",
+        ])))
+        .unwrap();
+        if v["app_event_signals_failed"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not counted: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(pending);
 }

@@ -196,7 +196,15 @@ impl Node {
         c.drop_bad_token = ps.bad_token;
         c.app_rejects = l.app_rejects;
         c.app_violations = l.app_violations;
-        c.event_signal_failed = l.event_signal_failed;
+        // Signals the lcore could not queue, and those the processes'
+        // notifiers skipped (their eventfds full), attached processes only.
+        c.event_signal_failed = l.event_signal_failed
+            + self
+                .procs
+                .values()
+                .filter_map(|p| p.shared.notifier.get())
+                .map(|n| n.skipped())
+                .sum::<u64>();
         c.attached = self.procs.len() as u64;
         c.requests_received = ps.requests_received;
         c.accepted = ps.accepted;

@@ -23,6 +23,8 @@ pub struct Notifier {
     queue: ArrayQueue<Arc<OwnedFd>>,
     wake: EventFd,
     stop: AtomicBool,
+    /// Signals skipped because the process's eventfd was full.
+    skipped: std::sync::atomic::AtomicU64,
 }
 
 impl Notifier {
@@ -36,6 +38,7 @@ impl Notifier {
             queue: ArrayQueue::new(QUEUE),
             wake: EventFd::new()?,
             stop: AtomicBool::new(false),
+            skipped: std::sync::atomic::AtomicU64::new(0),
         });
         let t = n.clone();
         std::thread::Builder::new()
@@ -50,8 +53,10 @@ impl Notifier {
                         // (It could still fill it between this look and the
                         // write, and make the write block: then only this
                         // thread waits.)
-                        if sys::writable_now(fd.as_raw_fd()) {
-                            sys::signal_eventfd(fd.as_raw_fd());
+                        if !sys::writable_now(fd.as_raw_fd())
+                            || !sys::signal_eventfd(fd.as_raw_fd())
+                        {
+                            t.skipped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -67,6 +72,11 @@ impl Notifier {
         }
         self.wake.signal();
         true
+    }
+
+    /// Signals skipped so far (the process's eventfd was full).
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     /// Ends the thread (when its process detaches).

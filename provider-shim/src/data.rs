@@ -11,7 +11,6 @@
 use super::{Error, LocalSock, Provider, Result, SocketId, State};
 use dsan_channel::msg::{Command, Op};
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
-use dsan_channel::ring::PushError;
 use dsan_channel::stream::{
     ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_OPEN, ST_RX_EOF,
 };
@@ -132,23 +131,8 @@ impl Provider {
             op: Op::Kick,
         }
         .to_slot();
-        let start = Instant::now();
-        loop {
-            let r = self
-                .cmds
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(&slot);
-            match r {
-                Ok(()) => break,
-                Err(PushError::Full) if start.elapsed() < super::COMMAND_TIMEOUT => {
-                    self.doorbell.ring();
-                    std::thread::yield_now();
-                }
-                Err(_) => return,
-            }
-        }
-        self.doorbell.ring();
+        // A daemon gone or stuck: the next call on the socket says so.
+        let _ = self.push_command(&slot);
     }
 
     fn gone(&self) -> bool {

@@ -431,13 +431,24 @@ impl Provider {
         }
         .to_slot();
         let sh = self.region.sock(s as usize);
+        self.push_command(&slot)?;
+        let seq = ls.seq;
+        // A close interrupts every wait but its own.
+        let interruptible = !matches!(op, Op::Close);
+        self.wait_word(s, interruptible, sh, &sh.done_seq, |v| v == seq, timeout)?;
+        Ok(sh.result.load(Ordering::Acquire))
+    }
+
+    /// Pushes a command slot onto the ring (waiting while the ring is full,
+    /// at most [`COMMAND_TIMEOUT`]) and rings the doorbell.
+    fn push_command(&self, slot: &dsan_channel::ring::Slot) -> Result<()> {
         let start = Instant::now();
         loop {
             let r = self
                 .cmds
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(&slot);
+                .push(slot);
             match r {
                 Ok(()) => break,
                 // Ring full: the lcore is behind; wait a little.
@@ -452,11 +463,7 @@ impl Provider {
             }
         }
         self.doorbell.ring();
-        let seq = ls.seq;
-        // A close interrupts every wait but its own.
-        let interruptible = !matches!(op, Op::Close);
-        self.wait_word(s, interruptible, sh, &sh.done_seq, |v| v == seq, timeout)?;
-        Ok(sh.result.load(Ordering::Acquire))
+        Ok(())
     }
 
     /// Spins, then sleeps on the futex `word` until `done(word)` or `timeout`.

@@ -165,12 +165,21 @@ pub fn euid() -> u32 {
 }
 
 /// The kernel TCP ports listening in this network namespace on an address
-/// other hosts can reach (the wildcard or a non-loopback address), from one
-/// NETLINK_SOCK_DIAG dump of the sockets in state LISTEN.
+/// IPv4 hosts can reach (the wildcard, a non-loopback address, or an IPv6
+/// socket on `::` or a v4-mapped address, which takes IPv4 connections),
+/// from NETLINK_SOCK_DIAG dumps of the sockets in state LISTEN.
 ///
 /// # Errors
 /// If the netlink socket cannot be opened or the kernel answers with an error.
 pub fn tcp_listening_ports() -> io::Result<Vec<u16>> {
+    let mut v = listening(libc::AF_INET)?;
+    v.extend(listening(libc::AF_INET6)?);
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+fn listening(family: i32) -> io::Result<Vec<u16>> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const TCP_LISTEN: u32 = 10;
     // SAFETY: plain system call; the result is checked.
@@ -194,7 +203,7 @@ pub fn tcp_listening_ports() -> io::Result<Vec<u16>> {
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[16] = libc::AF_INET as u8;
+    req[16] = family as u8;
     req[17] = libc::IPPROTO_TCP as u8;
     req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
     // SAFETY: a valid socket and a buffer of the given length.
@@ -234,10 +243,20 @@ pub fn tcp_listening_ports() -> io::Result<Vec<u16>> {
                     // inet_diag_msg: family, state, timer, retrans, then the
                     // socket id: sport (be16), dport, src[4] (be32), ...
                     let m = &msgs[16..len];
-                    if m.len() >= 12 && m[1] as u32 == TCP_LISTEN {
+                    if m.len() >= 24 && m[1] as u32 == TCP_LISTEN {
                         let port = u16::from_be_bytes([m[4], m[5]]);
-                        let src = Ipv4Addr::new(m[8], m[9], m[10], m[11]);
-                        if !src.is_loopback() {
+                        let src = if i32::from(m[0]) == libc::AF_INET6 {
+                            let a: [u8; 16] = m[8..24].try_into().expect("16 bytes");
+                            let a = std::net::Ipv6Addr::from(a);
+                            if a.is_unspecified() {
+                                Some(Ipv4Addr::UNSPECIFIED)
+                            } else {
+                                a.to_ipv4_mapped()
+                            }
+                        } else {
+                            Some(Ipv4Addr::new(m[8], m[9], m[10], m[11]))
+                        };
+                        if src.is_some_and(|s| !s.is_loopback()) {
                             ports.push(port);
                         }
                     }
@@ -263,5 +282,20 @@ mod tests {
             !ports.contains(&lo_port),
             "a loopback-only listener is not reachable"
         );
+    }
+
+    #[test]
+    fn sees_a_dual_stack_listener() {
+        // `[::]` takes IPv4 connections too (iperf3 listens so by default);
+        // `[::1]` does not.
+        let Ok(l) = std::net::TcpListener::bind("[::]:0") else {
+            return; // no IPv6 in this kernel
+        };
+        let port = l.local_addr().unwrap().port();
+        let lo = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let lo_port = lo.local_addr().unwrap().port();
+        let ports = super::tcp_listening_ports().unwrap();
+        assert!(ports.contains(&port), "{port} not in {ports:?}");
+        assert!(!ports.contains(&lo_port), "{lo_port} in {ports:?}");
     }
 }

@@ -8,13 +8,15 @@
 //! ring message) only when no kick is pending, and woken (futex / eventfd)
 //! only when this process said it waits.
 
-use super::{Error, LocalSock, Provider, Result, SocketId, State};
+use super::{request, Error, LocalSock, Provider, Result, SocketId, State};
 use dsan_channel::msg::{Command, Op};
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
 use dsan_channel::stream::{
     ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_OPEN, ST_RX_EOF,
 };
 use dsan_channel::sys;
+use serde_json::json;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -37,6 +39,23 @@ pub(super) struct IoSlot {
     recv: Mutex<()>,
     /// Set by close: blocked calls return.
     closed: AtomicBool,
+}
+
+/// What a poll of a connected SAN socket finds ([`Provider::readiness`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// A receive would not block (bytes, end of stream, or an error).
+    pub readable: bool,
+    /// A send would not block (room in the send ring, or an error).
+    pub writable: bool,
+    /// The peer shut down sending (its FIN arrived).
+    pub peer_closed: bool,
+    /// The connection is gone (reset, or closed by both sides).
+    pub dead: bool,
+    /// Why it ended: 0 or a negative errno.
+    pub error: i32,
+    /// Bytes received and not read yet.
+    pub unread: u64,
 }
 
 /// `send` / `recv` flags this provider knows.
@@ -402,6 +421,100 @@ impl Provider {
             }
         }
         ev
+    }
+
+    /// The readiness of connected socket `s` now, for a poll-style caller:
+    /// what a receive and a send would do, whether the peer finished
+    /// sending, and whether the connection is gone. With `arm`, what is
+    /// asked and not ready arms the daemon's FD_READ / FD_WRITE for it.
+    pub fn readiness(&self, s: SocketId, read: bool, write: bool) -> Readiness {
+        let Ok((area, _, shut_rd, shut_wr)) = self.stream(s) else {
+            return Readiness::default();
+        };
+        let shm = self.region.stream(s as usize);
+        let st = shm.st.state.load(Ordering::SeqCst);
+        let dead = st & ST_DEAD != 0;
+        let mut r = Readiness {
+            peer_closed: st & ST_RX_EOF != 0,
+            dead,
+            error: if dead {
+                shm.st.close_error.load(Ordering::Relaxed)
+            } else {
+                0
+            },
+            ..Readiness::default()
+        };
+        if read {
+            shm.rcv_c.want.store(1, Ordering::SeqCst);
+        }
+        r.unread = shm
+            .rcv_p
+            .tail
+            .load(Ordering::SeqCst)
+            .wrapping_sub(shm.rcv_c.head.load(Ordering::Relaxed));
+        r.readable = shut_rd || dead || r.peer_closed || r.unread != 0;
+        if write {
+            shm.snd_p.want.store(1, Ordering::SeqCst);
+        }
+        let used = shm
+            .snd_p
+            .tail
+            .load(Ordering::Relaxed)
+            .wrapping_sub(shm.snd_c.head.load(Ordering::SeqCst));
+        r.writable = shut_wr || dead || used < area.snd_size() as u64;
+        r
+    }
+
+    /// Registers `wfd` (an eventfd) as the descriptor FD_WRITE signals for
+    /// `s`, instead of its event descriptor (which must be registered
+    /// first), and adds FD_WRITE to its events. A process that polls keeps
+    /// "readable" and "writable" apart this way.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`]; [`Error::Inval`] (not an eventfd, no event
+    /// descriptor yet); [`Error::NetDown`].
+    pub fn event_select_write(&self, s: SocketId, wfd: RawFd) -> Result<()> {
+        self.check()?;
+        if !sys::is_eventfd(wfd) {
+            return Err(Error::Inval);
+        }
+        let mask = {
+            let g = self.lock(s)?;
+            let ls = g.as_ref().expect("checked");
+            if ls.efd.is_none() {
+                return Err(Error::Inval);
+            }
+            ls.mask | FD_WRITE
+        };
+        {
+            let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            request(
+                &ctl,
+                &json!({"cmd": "event_fd", "sock": s, "write": true}),
+                &[wfd],
+            )
+            .map_err(|e| {
+                if e == Error::Inval {
+                    Error::Inval
+                } else {
+                    Error::NetDown
+                }
+            })?;
+        }
+        let mut g = self.lock(s)?;
+        let ls = g.as_mut().expect("checked");
+        let r = self.command(s, ls, Op::EventSelect { mask }, super::COMMAND_TIMEOUT)?;
+        if r < 0 {
+            return Err(Error::from_errno(-r as i32));
+        }
+        ls.mask = mask;
+        drop(g);
+        // A send that found the ring full before this registration asked for
+        // an FD_WRITE that had nowhere to go: ask again, and post what holds.
+        if self.readiness(s, false, true).writable {
+            sys::signal_eventfd(wfd);
+        }
+        Ok(())
     }
 
     /// Sets a socket option. SOL_SOCKET: SO_RCVBUF and SO_SNDBUF (the ring

@@ -9,7 +9,7 @@
 use dsan_channel::doorbell::Bell;
 #[path = "data.rs"]
 mod data;
-pub use data::{MSG_DONTWAIT, MSG_PEEK};
+pub use data::{Readiness, MSG_DONTWAIT, MSG_PEEK};
 
 use dsan_channel::msg::{Bufs, Command, Op, Request, Verdict};
 use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
@@ -1123,6 +1123,17 @@ impl SanSocket {
 }
 
 impl SanSocket {
+    /// See [`Provider::readiness`].
+    pub fn readiness(&self, read: bool, write: bool) -> crate::Readiness {
+        self.p.readiness(self.s, read, write)
+    }
+    /// See [`Provider::event_select_write`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn event_select_write(&self, wfd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        self.p.event_select_write(self.s, wfd.as_raw_fd())
+    }
     /// Whether the daemon behind this socket is still there.
     pub fn daemon_alive(&self) -> bool {
         self.p.daemon_alive()

@@ -28,6 +28,7 @@ mod switch;
 
 pub use capi::*;
 pub use switch::{
-    accept, bind, close, connect, error, listen, recv, send, set_condition, shutdown, socket,
-    transport, Condition, Transport,
+    accept, adopt, bind, close, connect, connect_settled, error, is_listening, kernel_socket,
+    listen, recv, san_connection, san_destination, send, set_condition, set_san_only,
+    set_thread_hook, shutdown, socket, take_tcp, transport, watch_writable, Condition, Transport,
 };

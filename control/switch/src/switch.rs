@@ -51,6 +51,8 @@ struct Sock {
     pending: Mutex<Option<Arc<Pending>>>,
     /// Its outcome: 0 or an errno, until `error` reports it.
     error: std::sync::atomic::AtomicI32,
+    /// No fallback to kernel TCP: a SAN connect that cannot be made fails.
+    san_only: std::sync::atomic::AtomicBool,
     /// Signalled when a nonblocking connect finishes (in `epfd`: the
     /// descriptor polls readable); drained when the outcome is reported.
     connect_efd: OnceLock<OwnedFd>,
@@ -75,6 +77,9 @@ struct Conn {
     /// epoll set, so the switch descriptor is readable when bytes or the end
     /// of the stream are there.
     efd: Option<OwnedFd>,
+    /// Signalled while a send would not block (see [`watch_writable`]);
+    /// made on request.
+    wfd: OnceLock<OwnedFd>,
 }
 
 impl Sock {
@@ -100,7 +105,7 @@ impl Sock {
             .register
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send((Arc::downgrade(&ss), copy, due));
+            .send((Arc::downgrade(&ss), copy, due, false));
         if queued.is_err() {
             let copy = efd
                 .try_clone()
@@ -112,6 +117,7 @@ impl Sock {
             transport: Transport::San,
             san: Some(ss),
             efd: Some(efd),
+            wfd: OnceLock::new(),
         });
         Ok(())
     }
@@ -125,6 +131,7 @@ impl Sock {
             transport: Transport::Tcp,
             san: None,
             efd: None,
+            wfd: OnceLock::new(),
         });
         Ok(())
     }
@@ -156,7 +163,14 @@ impl Sock {
 
 /// A new SAN connection's event descriptor, to register with the daemon
 /// from `due` on.
-type Registration = (std::sync::Weak<SanSocket>, OwnedFd, std::time::Instant);
+/// With `true`, the descriptor is the connection's FD_WRITE descriptor
+/// (registered after its event descriptor, which is queued first).
+type Registration = (
+    std::sync::Weak<SanSocket>,
+    OwnedFd,
+    std::time::Instant,
+    bool,
+);
 
 /// How long a new SAN connection's readiness registration waits: a
 /// connection closed sooner (connect, a request, close) never costs the
@@ -180,20 +194,28 @@ fn g() -> &'static Global {
         let accept_ep_raw = ep.as_raw_fd();
         std::thread::Builder::new()
             .name("dsan-switch-accept".into())
-            .spawn(move || accept_thread(accept_ep_raw))
+            .spawn(move || {
+                thread_hook();
+                accept_thread(accept_ep_raw)
+            })
             .expect("spawning the switch's accept thread");
         let (tx, rx) = std::sync::mpsc::channel::<Registration>();
         std::thread::Builder::new()
             .name("dsan-switch-register".into())
             .spawn(move || {
-                for (ss, efd, due) in rx {
+                thread_hook();
+                for (ss, efd, due, write) in rx {
                     let wait = due.saturating_duration_since(std::time::Instant::now());
                     if !wait.is_zero() {
                         std::thread::sleep(wait);
                     }
                     // A connection closed meanwhile is gone: nothing to do.
                     if let Some(ss) = ss.upgrade() {
-                        let _ = ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE);
+                        if write {
+                            let _ = ss.event_select_write(efd.as_fd());
+                        } else {
+                            let _ = ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE);
+                        }
                     }
                 }
             })
@@ -303,6 +325,7 @@ pub fn socket() -> Result<RawFd, i32> {
         conn: Mutex::new(None),
         pending: Mutex::new(None),
         error: std::sync::atomic::AtomicI32::new(0),
+        san_only: std::sync::atomic::AtomicBool::new(false),
         connect_efd: OnceLock::new(),
     };
     g().table
@@ -695,6 +718,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
     std::thread::Builder::new()
         .name("dsan-switch-connect".into())
         .spawn(move || {
+            thread_hook();
             let r = connect_now(&s2, dst, Some(&p));
             if !p.cancel.load(Ordering::Acquire) {
                 s2.error.store(r.err().unwrap_or(0), Ordering::Release);
@@ -786,6 +810,13 @@ fn connect_now(s: &Sock, dst: SocketAddrV4, p: Option<&Arc<Pending>>) -> Result<
                 return Err(libc::ECONNREFUSED)
             }
             Err(SanError::HostUnreach) => return Err(libc::EHOSTUNREACH),
+            Err(e) if s.san_only.load(Ordering::Relaxed) => {
+                return Err(match e {
+                    SanError::TimedOut => libc::ETIMEDOUT,
+                    SanError::Os(libc::EPROTONOSUPPORT) => libc::ECONNREFUSED,
+                    e => e.errno(),
+                })
+            }
             // No SAN listener, but the port has a kernel TCP listener: TCP at once.
             Err(SanError::Os(libc::EPROTONOSUPPORT)) => {
                 let _ = pr.report_fallback_for("tcp_only");
@@ -967,18 +998,30 @@ pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
             }
         }
         Target::San(ss, _) => {
-            let block = !nonblocking(fd) && flags & libc::MSG_DONTWAIT == 0;
+            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let mut sent = 0;
-            loop {
+            let r = loop {
                 match ss.send_mode(&buf[sent..], 0, block) {
                     Ok(n) => sent += n,
-                    Err(_) if sent > 0 => return Ok(sent),
-                    Err(e) => return Err(e.errno()),
+                    Err(_) if sent > 0 => break Ok(sent),
+                    Err(e) => break Err(e.errno()),
                 }
                 if sent == buf.len() || !block {
-                    return Ok(sent);
+                    break Ok(sent);
+                }
+            };
+            if !matches!(r, Ok(n) if n == buf.len()) {
+                // Writable stays true exactly while a send would take bytes:
+                // clear it, then look (a look that finds the ring full asks
+                // the daemon for the next FD_WRITE).
+                if let Some(w) = writable_fd(fd) {
+                    drain(w);
+                    if ss.readiness(false, true).writable {
+                        signal(w);
+                    }
                 }
             }
+            r
         }
     }
 }
@@ -1004,7 +1047,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
             }
         }
         Target::San(ss, efd) => {
-            let block = !nonblocking(fd) && flags & libc::MSG_DONTWAIT == 0;
+            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
             // Readable stays true exactly while bytes or the end of the
             // stream are there: clear the eventfd, then look (a look that
@@ -1037,4 +1080,153 @@ pub fn shutdown(fd: RawFd, how: i32) -> Result<(), i32> {
             Ok(())
         }
     }
+}
+
+/// The FD_WRITE descriptor of SAN connection `fd`, if [`watch_writable`] made one.
+fn writable_fd(fd: RawFd) -> Option<RawFd> {
+    let s = sock(fd).ok()?;
+    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+    c.as_ref()?.wfd.get().map(AsRawFd::as_raw_fd)
+}
+
+/// A switch socket whose kernel TCP side is `tcp` (an unconnected kernel
+/// TCP socket, possibly bound, with its options): what a program's own
+/// socket becomes when the switch takes it over. Its bound address is
+/// taken from the socket.
+///
+/// # Errors
+/// An errno from the kernel.
+pub fn adopt(tcp: OwnedFd) -> Result<RawFd, i32> {
+    let mut sa: libc::sockaddr_in = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a valid socket and out-buffers.
+    let r = unsafe {
+        libc::getsockname(
+            tcp.as_raw_fd(),
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    let bound = (r == 0 && i32::from(sa.sin_family) == libc::AF_INET && sa.sin_port != 0)
+        .then(|| from_sin(&sa));
+    let fd = socket()?;
+    let s = sock(fd)?;
+    *s.tcp.lock().unwrap_or_else(|e| e.into_inner()) = Some(tcp);
+    *s.bound.lock().unwrap_or_else(|e| e.into_inner()) = bound;
+    Ok(fd)
+}
+
+/// Hands over an accepted kernel TCP connection (from [`accept`]): the
+/// switch forgets it and the caller owns the descriptor.
+///
+/// # Errors
+/// EINVAL if `fd` is not an accepted kernel TCP connection; ENOTSOCK.
+pub fn take_tcp(fd: RawFd) -> Result<OwnedFd, i32> {
+    let mut t = g().table.lock().unwrap_or_else(|e| e.into_inner());
+    match t.remove(&fd) {
+        Some(Entry::Tcp(o)) => Ok(o),
+        Some(e) => {
+            t.insert(fd, e);
+            Err(libc::EINVAL)
+        }
+        None => Err(libc::ENOTSOCK),
+    }
+}
+
+/// The kernel TCP socket of switch socket `fd` (made if it had none): where
+/// its kernel-side options, names and TCP traffic go.
+///
+/// # Errors
+/// ENOTSOCK, EINVAL (an accepted TCP connection: `fd` itself is the
+/// socket), and the kernel's errors.
+pub fn kernel_socket(fd: RawFd) -> Result<RawFd, i32> {
+    sock(fd)?.tcp_fd()
+}
+
+/// The SAN connection behind switch socket `fd`, if a SAN connection
+/// serves it.
+pub fn san_connection(fd: RawFd) -> Option<Arc<SanSocket>> {
+    let s = sock(fd).ok()?;
+    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+    c.as_ref()?.san.clone()
+}
+
+/// Whether a nonblocking connect of `fd` finished (its outcome waits for
+/// [`error`]) or none runs.
+pub fn connect_settled(fd: RawFd) -> bool {
+    sock(fd).is_ok_and(|s| {
+        s.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|p| p.done.load(Ordering::Acquire))
+    })
+}
+
+/// Whether `fd` listens.
+pub fn is_listening(fd: RawFd) -> bool {
+    sock(fd).is_ok_and(|s| s.listen.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
+/// An eventfd that is readable exactly while a send on SAN connection `fd`
+/// would take bytes (or fail at once): for callers that wait for
+/// "writable" (poll's POLLOUT). Made on the first call (then registered
+/// with the daemon as the connection's FD_WRITE descriptor, after its event
+/// descriptor); later calls return the same one. None if no SAN connection
+/// serves `fd`.
+pub fn watch_writable(fd: RawFd) -> Option<RawFd> {
+    let s = sock(fd).ok()?;
+    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+    let c = c.as_ref()?;
+    let ss = c.san.as_ref()?;
+    if let Some(w) = c.wfd.get() {
+        return Some(w.as_raw_fd());
+    }
+    let w = eventfd().ok()?;
+    let copy = w.try_clone().ok()?;
+    let raw = w.as_raw_fd();
+    let _ = c.wfd.set(w);
+    if ss.readiness(false, true).writable {
+        signal(raw);
+    }
+    let due = std::time::Instant::now() + REGISTER_AFTER;
+    let _ = g()
+        .register
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((Arc::downgrade(ss), copy, due, true));
+    Some(raw)
+}
+
+/// Called first on every thread the switch starts (set once, before the
+/// switch is used): an interposing library marks its own threads with it.
+static THREAD_HOOK: OnceLock<fn()> = OnceLock::new();
+
+fn thread_hook() {
+    if let Some(f) = THREAD_HOOK.get() {
+        f();
+    }
+}
+
+/// Sets the function every thread the switch starts calls first (once;
+/// later calls change nothing).
+pub fn set_thread_hook(f: fn()) {
+    let _ = THREAD_HOOK.set(f);
+}
+
+/// Makes `fd`'s connects SAN-only: a SAN attempt that times out, finds only
+/// a kernel TCP listener or cannot be set up fails (ETIMEDOUT,
+/// ECONNREFUSED, or the provider's errno) instead of falling back to TCP.
+///
+/// # Errors
+/// ENOTSOCK.
+pub fn set_san_only(fd: RawFd, on: bool) -> Result<(), i32> {
+    sock(fd)?.san_only.store(on, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether a connect to `ip` would try the SAN (a daemon answers and `ip`
+/// is in one of its SAN subnets).
+pub fn san_destination(ip: Ipv4Addr) -> bool {
+    provider().is_some_and(|p| in_san_subnet(&p, ip))
 }

@@ -83,6 +83,9 @@ pub(super) enum SockObj {
 #[derive(Debug)]
 pub(super) struct EventReg {
     pub(super) fd: Arc<OwnedFd>,
+    /// A second descriptor that FD_WRITE signals instead of `fd` (so that a
+    /// process can wait for "readable" and "writable" apart, as poll does).
+    pub(super) wfd: Option<Arc<OwnedFd>>,
     pub(super) mask: u32,
     /// Writes `fd` for the lcore (see [`super::notify`]).
     pub(super) notifier: Option<Arc<super::Notifier>>,
@@ -164,17 +167,32 @@ impl Node {
     }
 
     /// Registers (replacing and closing any previous one) the event
-    /// descriptor of a process's socket. Returns false for an unknown process.
-    pub(super) fn set_event_fd(&mut self, id: u64, sock: u32, fd: OwnedFd) -> bool {
+    /// descriptor of a process's socket, or with `write` its FD_WRITE
+    /// descriptor (which needs the event descriptor first). Returns false for
+    /// an unknown process or a write descriptor without an event descriptor.
+    pub(super) fn set_event_fd(&mut self, id: u64, sock: u32, fd: OwnedFd, write: bool) -> bool {
         let Some(p) = self.procs.get_mut(&id) else {
             return false;
         };
-        let mask = p.events.get(&sock).map_or(0, |r| r.mask);
+        if write {
+            return match p.events.get_mut(&sock) {
+                Some(r) => {
+                    r.wfd = Some(Arc::new(fd));
+                    true
+                }
+                None => false,
+            };
+        }
+        let (mask, wfd) = p
+            .events
+            .get(&sock)
+            .map_or((0, None), |r| (r.mask, r.wfd.clone()));
         let notifier = p.shared.notifier.get().cloned();
         p.events.insert(
             sock,
             EventReg {
                 fd: Arc::new(fd),
+                wfd,
                 mask,
                 notifier,
             },

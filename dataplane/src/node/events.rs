@@ -8,7 +8,7 @@ use crate::proto::Event;
 use crate::time::Instant;
 use crate::wire::RejectReason;
 use dsan_channel::msg::Request;
-use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CONNECT};
+use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CLOSE, FD_CONNECT, FD_WRITE};
 use dsan_channel::ring::PushError;
 use dsan_channel::sys;
 use std::net::SocketAddrV4;
@@ -33,7 +33,15 @@ pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
     let mut ok = true;
     if let Some(r) = reg.filter(|r| r.mask & bit != 0) {
         // Never a write from the lcore: the process could make it block.
-        ok = r.notifier.as_ref().is_some_and(|n| n.notify(&r.fd));
+        let fd = match &r.wfd {
+            Some(w) if bit == FD_WRITE => w,
+            _ => &r.fd,
+        };
+        ok = r.notifier.as_ref().is_some_and(|n| n.notify(fd));
+        if let Some(w) = r.wfd.as_ref().filter(|_| bit == FD_CLOSE) {
+            // A writer waiting for room learns at once that none will come.
+            ok &= r.notifier.as_ref().is_some_and(|n| n.notify(w));
+        }
     }
     std::sync::atomic::fence(Ordering::SeqCst);
     if s.waiters.load(Ordering::Relaxed) != 0 {

@@ -58,6 +58,9 @@ pub enum Command {
         sock: u32,
         /// The eventfd.
         fd: OwnedFd,
+        /// It is the socket's FD_WRITE descriptor (registered after its
+        /// event descriptor).
+        write: bool,
         /// Done.
         done: Sender<bool>,
     },
@@ -324,9 +327,10 @@ impl Node {
                 app,
                 sock,
                 fd,
+                write,
                 done,
             } => {
-                let _ = done.send(self.set_event_fd(app, sock, fd));
+                let _ = done.send(self.set_event_fd(app, sock, fd, write));
             }
             Command::Detach(id, done) => {
                 self.detach(now, id);

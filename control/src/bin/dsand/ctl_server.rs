@@ -181,6 +181,8 @@ fn attach(
 
 /// `{"cmd":"event_fd","sock":N}` with one eventfd attached: the event
 /// descriptor of socket N, handed to the lcore (which owns and closes it).
+/// With `"write":true`, the descriptor FD_WRITE signals instead (after the
+/// event descriptor).
 fn event_fd(
     req: &Value,
     cx: &Ctx,
@@ -195,6 +197,7 @@ fn event_fd(
     if fds.len() != 1 {
         return Err("\"event_fd\" carries exactly one descriptor".into());
     }
+    let write = req["write"].as_bool().unwrap_or(false);
     let fd = fds.pop().expect("one");
     if !sys::is_eventfd(fd.as_raw_fd()) {
         return Err("the event descriptor must be an eventfd".into());
@@ -215,6 +218,7 @@ fn event_fd(
                 app: app.id,
                 sock,
                 fd,
+                write,
                 done,
             },
             ASK,

@@ -1,0 +1,240 @@
+//! Moving bytes on switch sockets: the receive and send families and
+//! sendfile, with a kernel socket's semantics (blocking or O_NONBLOCK,
+//! partial writes, MSG_* flags, SIGPIPE unless MSG_NOSIGNAL).
+
+use crate::sock::{errno, settle};
+use crate::table::{PFd, State};
+use libc::{c_int, iovec};
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+
+const RECV_FLAGS: c_int = libc::MSG_DONTWAIT
+    | libc::MSG_PEEK
+    | libc::MSG_WAITALL
+    | libc::MSG_NOSIGNAL
+    | libc::MSG_CMSG_CLOEXEC;
+const SEND_FLAGS: c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_MORE | libc::MSG_EOR;
+
+/// Whether data calls can go ahead: connected (after recording a finished
+/// nonblocking connect).
+fn ready(p: &PFd) -> Result<(), i32> {
+    settle(p);
+    match p.state() {
+        State::Connected => Ok(()),
+        State::Connecting => Err(libc::EAGAIN),
+        State::Listening => Err(libc::ENOTCONN),
+        State::Idle => match p.so_error.swap(0, Ordering::AcqRel) {
+            0 => Err(libc::ENOTCONN),
+            e => Err(e),
+        },
+    }
+}
+
+/// Receives into `buf`.
+pub(crate) fn recv(p: &PFd, buf: &mut [u8], flags: c_int) -> Result<usize, i32> {
+    if flags & !RECV_FLAGS != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
+    ready(p)?;
+    let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK);
+    if flags & libc::MSG_WAITALL == 0 || f & libc::MSG_PEEK != 0 {
+        return dsan_switch::recv(p.sw, buf, f);
+    }
+    let mut got = 0;
+    while got < buf.len() {
+        match dsan_switch::recv(p.sw, &mut buf[got..], f) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(_) if got > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Sends from `buf`.
+pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
+    if flags & !SEND_FLAGS != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
+    let r = ready(p).and_then(|()| dsan_switch::send(p.sw, buf, flags & libc::MSG_DONTWAIT));
+    if r == Err(libc::EPIPE) && flags & libc::MSG_NOSIGNAL == 0 {
+        // As the kernel does for a socket whose peer is gone.
+        // SAFETY: signalling the calling thread.
+        unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGPIPE) };
+    }
+    r
+}
+
+/// The caller's iovecs as slices.
+///
+/// # Safety
+/// `iov` points to `n` iovecs (or `n` is 0), each describing valid memory.
+unsafe fn iovecs<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], i32> {
+    if !(0..=libc::UIO_MAXIOV).contains(&n) {
+        return Err(libc::EINVAL);
+    }
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if iov.is_null() {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: the caller's array of `n` iovecs.
+    Ok(unsafe { std::slice::from_raw_parts(iov, n as usize) })
+}
+
+/// Receives into the caller's iovecs (scatter): the first waits as the
+/// socket does, the rest take what is there.
+///
+/// # Safety
+/// As [`iovecs`].
+pub(crate) unsafe fn recv_iov(
+    p: &PFd,
+    iov: *const iovec,
+    n: c_int,
+    flags: c_int,
+) -> Result<usize, i32> {
+    // SAFETY: the caller's contract.
+    let v = unsafe { iovecs(iov, n)? };
+    let mut total = 0;
+    for io in v.iter().filter(|io| io.iov_len > 0) {
+        // SAFETY: the caller's buffer of iov_len bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(io.iov_base.cast::<u8>(), io.iov_len) };
+        let f = if total > 0 {
+            flags | libc::MSG_DONTWAIT
+        } else {
+            flags
+        };
+        match recv(p, buf, f) {
+            Ok(k) => {
+                total += k;
+                if k < buf.len() {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+/// Sends from the caller's iovecs (gather), stopping at a partial send.
+///
+/// # Safety
+/// As [`iovecs`].
+pub(crate) unsafe fn send_iov(
+    p: &PFd,
+    iov: *const iovec,
+    n: c_int,
+    flags: c_int,
+) -> Result<usize, i32> {
+    // SAFETY: the caller's contract.
+    let v = unsafe { iovecs(iov, n)? };
+    let mut total = 0;
+    for io in v.iter().filter(|io| io.iov_len > 0) {
+        // SAFETY: the caller's buffer of iov_len bytes.
+        let buf = unsafe { std::slice::from_raw_parts(io.iov_base.cast::<u8>(), io.iov_len) };
+        let f = if total > 0 {
+            flags | libc::MSG_NOSIGNAL
+        } else {
+            flags
+        };
+        match send(p, buf, f) {
+            Ok(k) => {
+                total += k;
+                if k < buf.len() {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+thread_local! {
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How much one sendfile step reads.
+const CHUNK: usize = 256 * 1024;
+
+/// `sendfile` to a switch socket: reads the file at `offset` (or at its
+/// position, which then moves) and sends, stopping at a partial send.
+///
+/// # Safety
+/// `offset` is null or a valid in/out parameter.
+pub(crate) unsafe fn sendfile(
+    p: &PFd,
+    in_fd: c_int,
+    offset: *mut i64,
+    count: usize,
+) -> Result<usize, i32> {
+    ready(p)?;
+    let use_pos = offset.is_null();
+    let mut pos = if use_pos {
+        // SAFETY: plain call.
+        let o = unsafe { libc::lseek64(in_fd, 0, libc::SEEK_CUR) };
+        if o < 0 {
+            return Err(errno());
+        }
+        o
+    } else {
+        // SAFETY: the caller's parameter.
+        unsafe { *offset }
+    };
+    let r = BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < CHUNK {
+            b.resize(CHUNK, 0);
+        }
+        let mut total = 0usize;
+        while total < count {
+            let want = (count - total).min(CHUNK);
+            // SAFETY: our buffer of at least `want` bytes.
+            let n = unsafe { libc::pread64(in_fd, b.as_mut_ptr().cast(), want, pos) };
+            if n < 0 {
+                if total > 0 {
+                    break;
+                }
+                return Err(errno());
+            }
+            if n == 0 {
+                break;
+            }
+            let sent = match send(p, &b[..n as usize], libc::MSG_NOSIGNAL) {
+                Ok(k) => k,
+                Err(_) if total > 0 => break,
+                Err(e) => {
+                    if e == libc::EPIPE {
+                        // SAFETY: signalling the calling thread, as the kernel does.
+                        unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGPIPE) };
+                    }
+                    return Err(e);
+                }
+            };
+            pos += sent as i64;
+            total += sent;
+            if sent < n as usize {
+                break;
+            }
+        }
+        Ok(total)
+    });
+    if use_pos {
+        // SAFETY: plain call.
+        unsafe { libc::lseek64(in_fd, pos, libc::SEEK_SET) };
+    } else {
+        // SAFETY: the caller's parameter.
+        unsafe { *offset = pos };
+    }
+    r
+}
+
+/// Bytes waiting to be received (FIONREAD).
+pub(crate) fn unread(p: &PFd) -> usize {
+    dsan_switch::san_connection(p.sw).map_or(0, |ss| ss.readiness(false, false).unread as usize)
+}

@@ -1,0 +1,823 @@
+//! `libdsan_preload.so`: unmodified Linux programs over the SAN.
+//!
+//! Loaded with `LD_PRELOAD`, it interposes the socket calls of the C
+//! library and applies the WSD switch's rules to AF_INET stream sockets: a
+//! listener bound to a SAN address of this host or the wildcard listens on
+//! kernel TCP and on the SAN; a connect to a SAN subnet goes over the SAN,
+//! with WSD's fallback to TCP. Everything else (loopback, AF_UNIX, AF_INET6,
+//! UDP, other destinations, a process with no daemon) goes to the kernel
+//! untouched, after one bitmap test per call (or, for connect and listen,
+//! a few system calls to look at the socket).
+//!
+//! * The program's descriptor numbers stay its own: a socket the switch
+//!   takes over keeps its number (the switch socket's descriptor is
+//!   duplicated onto it), so select's FD_SETSIZE and dup stay sane, and a
+//!   program that waits on kernel and SAN descriptors together is woken by
+//!   either, by the kernel, without spinning ([`wait`]).
+//! * The library's own calls (and every call on the switch's threads) go
+//!   straight to the C library: a thread-local flag is set while the
+//!   library runs.
+//! * Rules and logging: [`rules`] (`DSAN_PRELOAD_CONF`, `DSAN_PRELOAD_LOG=1`).
+//! * fork: a child keeps its inherited descriptors (it may close them) and
+//!   uses the kernel for new sockets; SAN sockets stay with the parent.
+#![allow(unsafe_code)] // the C library's calls, interposed
+#![allow(clippy::missing_safety_doc)] // each call's contract is the C library's
+
+mod io;
+mod real;
+mod rules;
+mod sock;
+mod table;
+mod wait;
+
+use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, off64_t, off_t, pollfd, size_t};
+use libc::{epoll_event, fd_set, sigset_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
+use sock::ret;
+use std::sync::atomic::Ordering;
+use table::PFd;
+
+/// The library's setup when it is loaded: the switch's threads are its own.
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+extern "C" fn init() {
+    dsan_switch::set_thread_hook(table::mark_internal);
+}
+
+/// At exit, the program's SAN sockets are closed as the kernel closes its
+/// sockets when a process exits: their bytes are still delivered, then the
+/// peer sees the end of the stream (a process that dies without exiting
+/// resets them instead).
+#[used]
+#[link_section = ".fini_array"]
+static FINI: extern "C" fn() = fini;
+
+extern "C" fn fini() {
+    if table::FORKED.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(_in) = table::enter() else {
+        return;
+    };
+    for fd in table::all() {
+        sock::close(fd);
+    }
+}
+
+/// The switch socket behind `fd` if it is ours and the call comes from the
+/// program (not from the library itself); else the call goes to `$real`.
+macro_rules! ours {
+    ($fd:expr, $real:expr) => {{
+        if !table::maybe_ours($fd) {
+            return $real;
+        }
+        let Some(inside) = table::enter() else {
+            return $real;
+        };
+        match table::get($fd) {
+            Some(p) => (p, inside),
+            None => {
+                drop(inside);
+                return $real;
+            }
+        }
+    }};
+}
+
+fn sret(r: Result<usize, i32>) -> ssize_t {
+    ret(r.map(|n| n as ssize_t))
+}
+
+/// Interposed: passes to the C library (sockets are looked at when they
+/// listen or connect).
+#[no_mangle]
+pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    unsafe { real::socket()(domain, ty, proto) }
+}
+
+/// Interposed: a switch socket binds its kernel socket.
+#[no_mangle]
+pub unsafe extern "C" fn bind(fd: c_int, a: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::bind()(fd, a, len) });
+    match dsan_switch::kernel_socket(p.sw) {
+        // SAFETY: the caller's arguments.
+        Ok(k) => unsafe { real::bind()(k, a, len) },
+        Err(e) => ret(Err(e)),
+    }
+}
+
+/// Interposed: an AF_INET stream socket bound to a SAN address or the
+/// wildcard listens on kernel TCP and on the SAN.
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    let Some(_in) = table::enter() else {
+        // SAFETY: plain call.
+        return unsafe { real::listen()(fd, backlog) };
+    };
+    if let Some(p) = table::get(fd) {
+        return ret(dsan_switch::listen(p.sw, backlog).map(|_| 0));
+    }
+    match sock::listen_new(fd, backlog) {
+        Some(r) => ret(r),
+        // SAFETY: plain call.
+        None => unsafe { real::listen()(fd, backlog) },
+    }
+}
+
+/// Interposed: accepts SAN and kernel TCP connections of a switch listener.
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::accept()(fd, a, len) });
+    ret(sock::accept(&p, a, len, 0))
+}
+
+/// Interposed: as [`accept`], with SOCK_NONBLOCK and SOCK_CLOEXEC.
+#[no_mangle]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::accept4()(fd, a, len, flags) });
+    ret(sock::accept(&p, a, len, flags))
+}
+
+/// Interposed: a connect to a SAN subnet goes over the SAN.
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, a: *const sockaddr, len: socklen_t) -> c_int {
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::connect()(fd, a, len) };
+    };
+    // SAFETY: the caller's address buffer.
+    let dst = unsafe { sock::read_v4(a, len) };
+    if let Some(p) = table::get(fd) {
+        return match dst {
+            Some(d) => ret(sock::connect_ours(fd, &p, d)),
+            None => ret(Err(libc::EAFNOSUPPORT)),
+        };
+    }
+    match dst.and_then(|d| sock::connect_new(fd, d)) {
+        Some(r) => ret(r),
+        // SAFETY: the caller's arguments, passed on.
+        None => unsafe { real::connect()(fd, a, len) },
+    }
+}
+
+/// Interposed: closing the last descriptor of a switch socket closes it.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: plain call.
+    let (_p, _in) = ours!(fd, unsafe { real::close()(fd) });
+    sock::close(fd)
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    // SAFETY: plain call.
+    let (p, _in) = ours!(fd, unsafe { real::shutdown()(fd, how) });
+    ret(dsan_switch::shutdown(p.sw, how).map(|()| 0))
+}
+
+/// A caller's buffer as a slice (empty for a zero length).
+///
+/// # Safety
+/// `buf` points to `n` bytes (or `n` is 0).
+unsafe fn bytes<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
+    if n == 0 || buf.is_null() {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(buf.cast(), n) }
+}
+
+/// # Safety
+/// `buf` points to `n` writable bytes (or `n` is 0).
+unsafe fn bytes_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
+    if n == 0 || buf.is_null() {
+        return &mut [];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(buf.cast(), n) }
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::read()(fd, buf, n) });
+    // SAFETY: the caller's buffer.
+    let r = io::recv(&p, unsafe { bytes_mut(buf, n) }, 0);
+    if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
+        rules::log(|| format!("read fd {fd}: errno {e}"));
+    }
+    sret(r)
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::write()(fd, buf, n) });
+    // SAFETY: the caller's buffer.
+    sret(io::send(&p, unsafe { bytes(buf, n) }, 0))
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::readv()(fd, iov, n) });
+    // SAFETY: the caller's iovecs.
+    sret(unsafe { io::recv_iov(&p, iov, n, 0) })
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::writev()(fd, iov, n) });
+    // SAFETY: the caller's iovecs.
+    sret(unsafe { io::send_iov(&p, iov, n, 0) })
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::recv()(fd, buf, n, flags) });
+    // SAFETY: the caller's buffer.
+    sret(io::recv(&p, unsafe { bytes_mut(buf, n) }, flags))
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::send()(fd, buf, n, flags) });
+    // SAFETY: the caller's buffer.
+    sret(io::send(&p, unsafe { bytes(buf, n) }, flags))
+}
+
+/// Interposed: the source is the peer.
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::recvfrom()(fd, buf, n, flags, a, len) });
+    // SAFETY: the caller's buffer.
+    let r = io::recv(&p, unsafe { bytes_mut(buf, n) }, flags);
+    if r.is_ok() && !a.is_null() {
+        // SAFETY: the caller's out-parameters.
+        let _ = unsafe { sock::name(&p, true, a, len) };
+    }
+    sret(r)
+}
+
+/// Interposed: a connected socket ignores the address, as TCP does.
+#[no_mangle]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    a: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::sendto()(fd, buf, n, flags, a, len) });
+    // SAFETY: the caller's buffer.
+    sret(io::send(&p, unsafe { bytes(buf, n) }, flags))
+}
+
+/// Interposed: no ancillary data on a SAN socket.
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::recvmsg()(fd, m, flags) });
+    if m.is_null() {
+        return ret(Err(libc::EFAULT));
+    }
+    // SAFETY: the caller's message header.
+    let m = unsafe { &mut *m };
+    // SAFETY: the caller's iovecs.
+    let r = unsafe { io::recv_iov(&p, m.msg_iov, m.msg_iovlen as c_int, flags) };
+    if r.is_ok() {
+        if !m.msg_name.is_null() {
+            // SAFETY: the caller's name buffer and its length.
+            let _ = unsafe { sock::name(&p, true, m.msg_name.cast(), &mut m.msg_namelen) };
+        }
+        m.msg_controllen = 0;
+        m.msg_flags = 0;
+    }
+    sret(r)
+}
+
+/// Interposed: ancillary data is refused on a SAN socket.
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::sendmsg()(fd, m, flags) });
+    if m.is_null() {
+        return ret(Err(libc::EFAULT));
+    }
+    // SAFETY: the caller's message header.
+    let m = unsafe { &*m };
+    if m.msg_controllen != 0 {
+        return ret(Err(libc::EOPNOTSUPP));
+    }
+    // SAFETY: the caller's iovecs.
+    sret(unsafe { io::send_iov(&p, m.msg_iov, m.msg_iovlen as c_int, flags) })
+}
+
+/// Interposed: to a SAN socket, the file is read and sent.
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(out, unsafe { real::sendfile()(out, inp, off, n) });
+    // SAFETY: off_t is 64-bit here; the caller's offset.
+    sret(unsafe { io::sendfile(&p, inp, off.cast(), n) })
+}
+
+/// Interposed: as [`sendfile`].
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(
+    out: c_int,
+    inp: c_int,
+    off: *mut off64_t,
+    n: size_t,
+) -> ssize_t {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(out, unsafe { real::sendfile64()(out, inp, off, n) });
+    // SAFETY: the caller's offset.
+    sret(unsafe { io::sendfile(&p, inp, off, n) })
+}
+
+/// fcntl for both names: a duplicate of a switch socket refers to it too;
+/// the rest (O_NONBLOCK included: the descriptor is shared with the
+/// switch) is the kernel's.
+unsafe fn fcntl_any(
+    fd: c_int,
+    cmd: c_int,
+    arg: usize,
+    f: unsafe extern "C" fn(c_int, c_int, usize) -> c_int,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { f(fd, cmd, arg) });
+    // SAFETY: the caller's arguments, passed on.
+    let r = unsafe { f(fd, cmd, arg) };
+    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        sock::duplicated(&p, r);
+    }
+    r
+}
+
+/// Interposed (the third argument, when there is one, is an int or a pointer).
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    // SAFETY: the caller's arguments.
+    unsafe { fcntl_any(fd, cmd, arg, real::fcntl()) }
+}
+
+/// Interposed: as [`fcntl`].
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    // SAFETY: the caller's arguments.
+    unsafe { fcntl_any(fd, cmd, arg, real::fcntl64()) }
+}
+
+/// Interposed: FIONREAD counts a SAN socket's received bytes; FIONBIO and
+/// the rest are the kernel's.
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::ioctl()(fd, req, arg) });
+    if req == libc::FIONREAD && dsan_switch::san_connection(p.sw).is_some() {
+        let ptr = arg as *mut c_int;
+        if ptr.is_null() {
+            return ret(Err(libc::EFAULT));
+        }
+        // SAFETY: the caller's int out-parameter.
+        unsafe { *ptr = io::unread(&p).min(c_int::MAX as usize) as c_int };
+        return 0;
+    }
+    if req == libc::FIONBIO {
+        // SAFETY: the caller's arguments, passed on (the shared descriptor).
+        return unsafe { real::ioctl()(fd, req, arg) };
+    }
+    match dsan_switch::kernel_socket(p.sw) {
+        // SAFETY: the caller's arguments, to the kernel socket.
+        Ok(k) => unsafe { real::ioctl()(k, req, arg) },
+        Err(e) => ret(Err(e)),
+    }
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::setsockopt()(fd, level, name, val, len) });
+    // SAFETY: the caller's arguments.
+    ret(unsafe { sock::setsockopt(&p, level, name, val, len) })
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::getsockopt()(fd, level, name, val, len) });
+    // SAFETY: the caller's arguments.
+    ret(unsafe { sock::getsockopt(&p, level, name, val, len) })
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::getsockname()(fd, a, len) });
+    // SAFETY: the caller's out-parameters.
+    ret(unsafe { sock::name(&p, false, a, len) })
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::getpeername()(fd, a, len) });
+    // SAFETY: the caller's out-parameters.
+    ret(unsafe { sock::name(&p, true, a, len) })
+}
+
+/// Interposed: the duplicate refers to the same switch socket.
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: plain call.
+    let (p, _in) = ours!(fd, unsafe { real::dup()(fd) });
+    // SAFETY: plain call.
+    let r = unsafe { real::dup()(fd) };
+    if r >= 0 {
+        sock::duplicated(&p, r);
+    }
+    r
+}
+
+/// dup2 and dup3: a switch socket's number being replaced is closed first
+/// (as the kernel closes it), a switch socket duplicated is recorded.
+fn dup_to(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
+    let call = || {
+        // SAFETY: plain calls.
+        unsafe {
+            if three {
+                real::dup3()(old, new, flags)
+            } else {
+                real::dup2()(old, new)
+            }
+        }
+    };
+    if !table::maybe_ours(old) && !table::maybe_ours(new) {
+        return call();
+    }
+    let Some(_in) = table::enter() else {
+        return call();
+    };
+    if old == new {
+        return call();
+    }
+    let p: Option<std::sync::Arc<PFd>> = table::get(old);
+    if table::get(new).is_some() {
+        // The kernel closes `new` as part of the call; the switch socket's
+        // record goes first.
+        if let Some(q) = table::remove(new) {
+            wait::forget(&q, new);
+            if q.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !table::FORKED.load(Ordering::Relaxed)
+            {
+                let _ = dsan_switch::close(q.sw);
+            }
+        }
+    }
+    let r = call();
+    if r >= 0 {
+        if let Some(p) = p {
+            sock::duplicated(&p, r);
+        }
+    }
+    r
+}
+
+/// Interposed.
+#[no_mangle]
+pub extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    dup_to(old, new, 0, false)
+}
+
+/// Interposed.
+#[no_mangle]
+pub extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    dup_to(old, new, flags, true)
+}
+
+/// Whether any of the caller's pollfds is ours.
+fn any_ours(fds: &[pollfd]) -> bool {
+    fds.iter().any(|f| table::maybe_ours(f.fd))
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
+    let v: &mut [pollfd] = if n == 0 || fds.is_null() {
+        &mut []
+    } else {
+        // SAFETY: the caller's array of `n` pollfds.
+        unsafe { std::slice::from_raw_parts_mut(fds, n as usize) }
+    };
+    if !any_ours(v) {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::poll()(fds, n, timeout) };
+    }
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::poll()(fds, n, timeout) };
+    };
+    // SAFETY: no signal mask.
+    unsafe { wait::poll(v, wait::until_ms(timeout), std::ptr::null()) }
+}
+
+fn ts_deadline(ts: *const timespec) -> Option<std::time::Instant> {
+    if ts.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's timespec.
+    let t = unsafe { *ts };
+    Some(
+        std::time::Instant::now()
+            + std::time::Duration::new(
+                t.tv_sec.max(0) as u64,
+                t.tv_nsec.clamp(0, 999_999_999) as u32,
+            ),
+    )
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut pollfd,
+    n: nfds_t,
+    ts: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    let v: &mut [pollfd] = if n == 0 || fds.is_null() {
+        &mut []
+    } else {
+        // SAFETY: the caller's array of `n` pollfds.
+        unsafe { std::slice::from_raw_parts_mut(fds, n as usize) }
+    };
+    if !any_ours(v) {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::ppoll()(fds, n, ts, mask) };
+    }
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::ppoll()(fds, n, ts, mask) };
+    };
+    // SAFETY: the caller's mask.
+    unsafe { wait::poll(v, ts_deadline(ts), mask) }
+}
+
+/// select and pselect over descriptors some of which are ours: as poll.
+///
+/// # Safety
+/// The caller's sets (null or valid for `nfds` descriptors) and mask.
+unsafe fn select_any(
+    nfds: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    x: *mut fd_set,
+    until: Option<std::time::Instant>,
+    mask: *const sigset_t,
+) -> c_int {
+    let nfds = nfds.clamp(0, libc::FD_SETSIZE as c_int);
+    let is_set = |s: *mut fd_set, fd: c_int| {
+        // SAFETY: a caller's set (checked non-null) and a descriptor below FD_SETSIZE.
+        !s.is_null() && unsafe { libc::FD_ISSET(fd, s) }
+    };
+    let mut fds: Vec<pollfd> = Vec::new();
+    for fd in 0..nfds {
+        let mut ev = 0;
+        if is_set(r, fd) {
+            ev |= libc::POLLIN;
+        }
+        if is_set(w, fd) {
+            ev |= libc::POLLOUT;
+        }
+        if is_set(x, fd) {
+            ev |= libc::POLLPRI;
+        }
+        if ev != 0 {
+            fds.push(pollfd {
+                fd,
+                events: ev,
+                revents: 0,
+            });
+        }
+    }
+    // SAFETY: the caller's mask.
+    let n = unsafe { wait::poll(&mut fds, until, mask) };
+    if n < 0 {
+        return n;
+    }
+    for s in [r, w, x] {
+        if !s.is_null() {
+            // SAFETY: a caller's set.
+            unsafe { libc::FD_ZERO(s) };
+        }
+    }
+    let mut count = 0;
+    for f in &fds {
+        if f.revents & libc::POLLNVAL != 0 {
+            rules::log(|| format!("select: fd {} is not open", f.fd));
+            return ret(Err(libc::EBADF));
+        }
+        let rd = f.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+            && f.events & libc::POLLIN != 0;
+        let wr = f.revents & (libc::POLLOUT | libc::POLLERR) != 0 && f.events & libc::POLLOUT != 0;
+        let ex = f.revents & libc::POLLPRI != 0 && f.events & libc::POLLPRI != 0;
+        for (on, s) in [(rd, r), (wr, w), (ex, x)] {
+            if on {
+                // SAFETY: a caller's set (non-null: the descriptor was asked for in it).
+                unsafe { libc::FD_SET(f.fd, s) };
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+fn sets_ours(nfds: c_int, sets: [*mut fd_set; 3]) -> bool {
+    (0..nfds.clamp(0, libc::FD_SETSIZE as c_int)).any(|fd| {
+        table::maybe_ours(fd)
+            && sets
+                .iter()
+                // SAFETY: a caller's set (non-null) and a descriptor below FD_SETSIZE.
+                .any(|s| !s.is_null() && unsafe { libc::FD_ISSET(fd, *s) })
+    })
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    x: *mut fd_set,
+    tv: *mut timeval,
+) -> c_int {
+    if !sets_ours(nfds, [r, w, x]) {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::select()(nfds, r, w, x, tv) };
+    }
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::select()(nfds, r, w, x, tv) };
+    };
+    let until = if tv.is_null() {
+        None
+    } else {
+        // SAFETY: the caller's timeval.
+        let t = unsafe { *tv };
+        Some(
+            std::time::Instant::now()
+                + std::time::Duration::new(
+                    t.tv_sec.max(0) as u64,
+                    (t.tv_usec.clamp(0, 999_999) * 1000) as u32,
+                ),
+        )
+    };
+    // SAFETY: the caller's sets.
+    let n = unsafe { select_any(nfds, r, w, x, until, std::ptr::null()) };
+    if let (false, Some(d)) = (tv.is_null(), until) {
+        // Linux leaves the time not slept in the timeval.
+        let l = d.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: the caller's timeval.
+        unsafe {
+            (*tv).tv_sec = l.as_secs() as libc::time_t;
+            (*tv).tv_usec = libc::suseconds_t::from(l.subsec_micros() as i32);
+        }
+    }
+    n
+}
+
+/// Interposed.
+#[no_mangle]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    x: *mut fd_set,
+    ts: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    if !sets_ours(nfds, [r, w, x]) {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::pselect()(nfds, r, w, x, ts, mask) };
+    }
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::pselect()(nfds, r, w, x, ts, mask) };
+    };
+    // SAFETY: the caller's sets and mask.
+    unsafe { select_any(nfds, r, w, x, ts_deadline(ts), mask) }
+}
+
+/// Interposed: passes to the C library.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
+    // SAFETY: plain call.
+    unsafe { real::epoll_create()(size) }
+}
+
+/// Interposed: passes to the C library.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
+    // SAFETY: plain call.
+    unsafe { real::epoll_create1()(flags) }
+}
+
+/// Interposed: a switch socket is registered by what the kernel waits on for it.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(ep: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours!(fd, unsafe { real::epoll_ctl()(ep, op, fd, ev) });
+    // SAFETY: the caller's event (read unaligned: epoll_event is packed).
+    let e = (!ev.is_null()).then(|| unsafe { std::ptr::read_unaligned(ev) });
+    ret(wait::epoll_ctl(ep, op, fd, &p, e).map(|()| 0))
+}
+
+/// Interposed: events of switch sockets are given the program's data back.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(
+    ep: c_int,
+    evs: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::epoll_wait()(ep, evs, max, timeout) };
+    };
+    // SAFETY: the caller's buffer.
+    unsafe { wait::epoll_wait(ep, evs, max, timeout, std::ptr::null()) }
+}
+
+/// Interposed: as [`epoll_wait`].
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(
+    ep: c_int,
+    evs: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+    mask: *const sigset_t,
+) -> c_int {
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::epoll_pwait()(ep, evs, max, timeout, mask) };
+    };
+    // SAFETY: the caller's buffer and mask.
+    unsafe { wait::epoll_wait(ep, evs, max, timeout, mask) }
+}
+
+/// Interposed: the child keeps its descriptors but leaves SAN sockets to
+/// the parent, and uses the kernel for new sockets.
+#[no_mangle]
+pub unsafe extern "C" fn fork() -> libc::pid_t {
+    // SAFETY: plain call.
+    let pid = unsafe { real::fork()() };
+    if pid == 0 {
+        table::FORKED.store(true, Ordering::Relaxed);
+    }
+    pid
+}

@@ -1,0 +1,499 @@
+//! Socket lifecycle on the switch: when a program's socket becomes a
+//! switch socket (listen on a SAN address or the wildcard, connect to a
+//! SAN subnet), accept, connect, close, dup, options and names.
+//!
+//! A program's descriptor keeps its number: the switch socket's descriptor
+//! (an epoll instance that polls readable when the socket has something to
+//! receive or accept) is duplicated onto it, and the program's kernel
+//! socket lives on as the switch socket's kernel TCP side (with its bound
+//! address and options).
+
+use crate::real;
+use crate::rules::{self, Action, Role};
+use crate::table::{self, PFd, State};
+use crate::wait;
+use dsan_provider::sockaddr::{from_sockaddr_in, sockaddr_in};
+use dsan_switch::Transport;
+use libc::{c_int, sockaddr, socklen_t};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The calling thread's errno.
+pub(crate) fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Sets errno.
+pub(crate) fn set_errno(e: i32) {
+    // SAFETY: the calling thread's errno location.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// A C return value: `Ok(v)` as is, `Err(e)` as -1 with errno `e`.
+pub(crate) fn ret<T: From<i8>>(r: Result<T, i32>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            set_errno(e);
+            T::from(-1)
+        }
+    }
+}
+
+/// The IPv4 address in a caller's sockaddr, if it is one.
+///
+/// # Safety
+/// `a` is null or points to `len` readable bytes.
+pub(crate) unsafe fn read_v4(a: *const sockaddr, len: socklen_t) -> Option<SocketAddrV4> {
+    if a.is_null() || (len as usize) < std::mem::size_of::<libc::sockaddr_in>() {
+        return None;
+    }
+    // SAFETY: the caller's buffer holds a sockaddr_in (checked length); read
+    // unaligned, as callers pass any buffer.
+    let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(a.cast()) };
+    (i32::from(sin.sin_family) == libc::AF_INET).then(|| from_sockaddr_in(&sin))
+}
+
+/// Writes `v` to a caller's sockaddr out-parameters (truncated to its
+/// length, which is set to the full length), as the kernel does.
+///
+/// # Safety
+/// `a` and `len` are null or valid out-parameters of `*len` bytes.
+pub(crate) unsafe fn write_v4(v: SocketAddrV4, a: *mut sockaddr, len: *mut socklen_t) {
+    if a.is_null() || len.is_null() {
+        return;
+    }
+    let sin = sockaddr_in(v);
+    let full = std::mem::size_of::<libc::sockaddr_in>();
+    // SAFETY: `len` is valid (caller).
+    let room = unsafe { *len } as usize;
+    // SAFETY: `a` has `room` writable bytes; we copy at most that many.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&sin as *const libc::sockaddr_in).cast::<u8>(),
+            a.cast::<u8>(),
+            room.min(full),
+        );
+        *len = full as socklen_t;
+    }
+}
+
+fn int_opt(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: a valid out-buffer and length.
+    let r = unsafe { real::getsockopt()(fd, level, name, (&mut v as *mut c_int).cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+/// Whether `fd` is a kernel TCP (stream) socket.
+fn is_stream(fd: RawFd) -> bool {
+    int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+fn name_of(fd: RawFd) -> Option<SocketAddrV4> {
+    let mut sa = sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as socklen_t;
+    // SAFETY: valid out-buffers.
+    let r =
+        unsafe { real::getsockname()(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) };
+    (r == 0 && i32::from(sa.sin_family) == libc::AF_INET).then(|| from_sockaddr_in(&sa))
+}
+
+fn fl(fd: RawFd) -> c_int {
+    // SAFETY: F_GETFL has no argument.
+    unsafe { real::fcntl()(fd, libc::F_GETFL, 0) }
+}
+
+fn set_fl(fd: RawFd, flags: c_int) {
+    // SAFETY: F_SETFL with an int argument.
+    unsafe { real::fcntl()(fd, libc::F_SETFL, flags as usize) };
+}
+
+fn cloexec(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD has no argument.
+    unsafe { real::fcntl()(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0 }
+}
+
+/// A copy of `fd` (close-on-exec), owned.
+fn dup_owned(fd: RawFd) -> Result<OwnedFd, i32> {
+    // SAFETY: F_DUPFD_CLOEXEC with an int argument.
+    let d = unsafe { real::fcntl()(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if d < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(d) })
+}
+
+/// Puts switch socket `sw` in the place of program descriptor `fd` (same
+/// number, same O_NONBLOCK and close-on-exec), and records it.
+fn take_over(fd: RawFd, sw: RawFd, state: State) -> Result<Arc<PFd>, i32> {
+    let nonblock = fl(fd) & libc::O_NONBLOCK;
+    set_fl(sw, (fl(sw) & !libc::O_NONBLOCK) | nonblock);
+    let flags = if cloexec(fd) { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: two valid descriptors; `fd` is replaced atomically.
+    if unsafe { real::dup3()(sw, fd, flags) } < 0 {
+        return Err(errno());
+    }
+    let p = PFd::new(sw, state);
+    table::insert(fd, p.clone());
+    Ok(p)
+}
+
+/// `listen` on a descriptor that is not ours yet. `None`: the kernel's
+/// call is the right one (not an AF_INET stream socket, a `tcp` rule, a
+/// forked child).
+pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>> {
+    if table::FORKED.load(Ordering::Relaxed) || !is_stream(fd) {
+        return None;
+    }
+    let bound = name_of(fd)?;
+    let (action, rule) = rules::decide(Role::Server, bound);
+    if action == Action::Tcp {
+        rules::log(|| {
+            format!(
+                "listen fd {fd} {bound}: kernel TCP (rule {})",
+                rule.unwrap_or(0)
+            )
+        });
+        return None;
+    }
+    let flags = fl(fd);
+    let sw = match dup_owned(fd).and_then(dsan_switch::adopt) {
+        Ok(sw) => sw,
+        Err(e) => return Some(Err(e)),
+    };
+    match dsan_switch::listen(sw, backlog) {
+        Ok(true) => {
+            let r = take_over(fd, sw, State::Listening).map(|p| {
+                *p.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+                0
+            });
+            if r.is_err() {
+                let _ = dsan_switch::close(sw);
+            }
+            rules::log(|| format!("listen fd {fd} {bound}: kernel TCP and SAN"));
+            Some(r)
+        }
+        Ok(false) => {
+            // No SAN side (not a SAN address, or no daemon): the kernel
+            // socket, listening now, serves alone, as the program left it.
+            let _ = dsan_switch::close(sw);
+            set_fl(fd, flags);
+            rules::log(|| format!("listen fd {fd} {bound}: kernel TCP (no SAN here)"));
+            Some(Ok(0))
+        }
+        Err(e) => {
+            let _ = dsan_switch::close(sw);
+            set_fl(fd, flags);
+            Some(Err(e))
+        }
+    }
+}
+
+/// `connect` on a descriptor that is not ours yet. `None`: the kernel's
+/// call is the right one.
+pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, i32>> {
+    if table::FORKED.load(Ordering::Relaxed) || dst.ip().is_loopback() || !is_stream(fd) {
+        return None;
+    }
+    let (action, rule) = rules::decide(Role::Client, dst);
+    if action == Action::Tcp {
+        rules::log(|| {
+            format!(
+                "connect fd {fd} {dst}: kernel TCP (rule {})",
+                rule.unwrap_or(0)
+            )
+        });
+        return None;
+    }
+    if !dsan_switch::san_destination(*dst.ip()) {
+        rules::log(|| format!("connect fd {fd} {dst}: kernel TCP (not a SAN destination)"));
+        return None;
+    }
+    let sw = match dup_owned(fd).and_then(dsan_switch::adopt) {
+        Ok(sw) => sw,
+        Err(e) => return Some(Err(e)),
+    };
+    let _ = dsan_switch::set_san_only(sw, action == Action::San);
+    let p = match take_over(fd, sw, State::Connecting) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = dsan_switch::close(sw);
+            return Some(Err(e));
+        }
+    };
+    *p.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(dst);
+    Some(connect_ours(fd, &p, dst))
+}
+
+/// `connect` on a switch socket.
+pub(crate) fn connect_ours(fd: RawFd, p: &Arc<PFd>, dst: SocketAddrV4) -> Result<c_int, i32> {
+    let r = dsan_switch::connect(p.sw, dst);
+    match r {
+        Ok(t) => {
+            connected(p, t);
+            rules::log(|| format!("connect fd {fd} {dst}: {}", transport_name(t)));
+            Ok(0)
+        }
+        Err(libc::EINPROGRESS) => {
+            p.set_state(State::Connecting);
+            rules::log(|| format!("connect fd {fd} {dst}: in progress (SAN first)"));
+            Err(libc::EINPROGRESS)
+        }
+        Err(libc::EALREADY) => Err(libc::EALREADY),
+        Err(libc::EISCONN) => Err(libc::EISCONN),
+        Err(e) => {
+            p.set_state(State::Idle);
+            rules::log(|| format!("connect fd {fd} {dst}: failed, errno {e}"));
+            Err(e)
+        }
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::San => "SAN",
+        Transport::Tcp => "kernel TCP (fallback)",
+    }
+}
+
+fn connected(p: &PFd, t: Transport) {
+    p.set_state(State::Connected);
+    if t == Transport::San {
+        let _ = dsan_switch::watch_writable(p.sw);
+    }
+}
+
+/// A nonblocking connect that finished is recorded (its outcome kept for
+/// SO_ERROR). Returns whether the state changed.
+pub(crate) fn settle(p: &PFd) -> bool {
+    if p.state() != State::Connecting || !dsan_switch::connect_settled(p.sw) {
+        return false;
+    }
+    match dsan_switch::error(p.sw) {
+        Ok(0) => match dsan_switch::transport(p.sw) {
+            Ok(t) => connected(p, t),
+            Err(e) => {
+                p.so_error.store(e, Ordering::Release);
+                p.set_state(State::Idle);
+            }
+        },
+        Ok(e) | Err(e) => {
+            p.so_error.store(e, Ordering::Release);
+            p.set_state(State::Idle);
+        }
+    }
+    true
+}
+
+/// `accept4` on a listening switch socket.
+pub(crate) fn accept(
+    p: &PFd,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> Result<c_int, i32> {
+    if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
+        return Err(libc::EINVAL);
+    }
+    if p.state() != State::Listening {
+        return Err(libc::EINVAL);
+    }
+    let (nfd, peer) = dsan_switch::accept(p.sw)?;
+    let nonblock = flags & libc::SOCK_NONBLOCK != 0;
+    let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+    let fd = match dsan_switch::take_tcp(nfd) {
+        Ok(tcp) => {
+            // A kernel TCP connection: the program gets the kernel socket.
+            use std::os::fd::IntoRawFd;
+            let fd = tcp.into_raw_fd();
+            if nonblock {
+                set_fl(fd, fl(fd) | libc::O_NONBLOCK);
+            }
+            if !cloexec {
+                // SAFETY: F_SETFD with an int argument.
+                unsafe { real::fcntl()(fd, libc::F_SETFD, 0) };
+            }
+            fd
+        }
+        Err(_) => {
+            let cmd = if cloexec {
+                libc::F_DUPFD_CLOEXEC
+            } else {
+                libc::F_DUPFD
+            };
+            // SAFETY: a valid descriptor; F_DUPFD* with an int argument.
+            let fd = unsafe { real::fcntl()(nfd, cmd, 0) };
+            if fd < 0 {
+                let e = errno();
+                let _ = dsan_switch::close(nfd);
+                return Err(e);
+            }
+            if nonblock {
+                set_fl(nfd, fl(nfd) | libc::O_NONBLOCK);
+            }
+            let np = PFd::new(nfd, State::Connected);
+            let _ = dsan_switch::watch_writable(nfd);
+            *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+            *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
+                *p.local.lock().unwrap_or_else(|e| e.into_inner());
+            table::insert(fd, np);
+            rules::log(|| format!("accept: fd {fd} from {peer} over the SAN"));
+            fd
+        }
+    };
+    // SAFETY: the caller's out-parameters.
+    unsafe { write_v4(peer, addr, len) };
+    Ok(fd)
+}
+
+/// `close` of a program descriptor that is ours.
+pub(crate) fn close(fd: RawFd) -> c_int {
+    let Some(p) = table::remove(fd) else {
+        // SAFETY: plain call.
+        return unsafe { real::close()(fd) };
+    };
+    wait::forget(&p, fd);
+    // SAFETY: plain call.
+    let r = unsafe { real::close()(fd) };
+    let e = errno();
+    if p.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !table::FORKED.load(Ordering::Relaxed) {
+        let _ = dsan_switch::close(p.sw);
+    }
+    set_errno(e);
+    r
+}
+
+/// A new program descriptor `nfd` refers to the same socket as `p`.
+pub(crate) fn duplicated(p: &Arc<PFd>, nfd: RawFd) {
+    p.refs.fetch_add(1, Ordering::AcqRel);
+    table::insert(nfd, p.clone());
+}
+
+/// The kernel socket behind `p` for options and names.
+fn kernel(p: &PFd) -> Result<RawFd, i32> {
+    dsan_switch::kernel_socket(p.sw)
+}
+
+/// `getsockopt` on a switch socket.
+///
+/// # Safety
+/// `val` and `len` are the caller's out-parameters.
+pub(crate) unsafe fn getsockopt(
+    p: &PFd,
+    level: c_int,
+    name: c_int,
+    val: *mut libc::c_void,
+    len: *mut socklen_t,
+) -> Result<c_int, i32> {
+    let int = |v: c_int| -> Result<c_int, i32> {
+        if val.is_null() || len.is_null() {
+            return Err(libc::EFAULT);
+        }
+        // SAFETY: the caller's out-parameters; we write at most *len bytes.
+        unsafe {
+            let n = (*len as usize).min(4);
+            std::ptr::copy_nonoverlapping((&v as *const c_int).cast::<u8>(), val.cast::<u8>(), n);
+            *len = 4;
+        }
+        Ok(0)
+    };
+    if level == libc::SOL_SOCKET {
+        match name {
+            libc::SO_ERROR => {
+                settle(p);
+                let e = p.so_error.swap(0, Ordering::AcqRel);
+                if e != 0 {
+                    return int(e);
+                }
+                if let Some(ss) = dsan_switch::san_connection(p.sw) {
+                    let r = ss.readiness(false, false);
+                    return int(if r.dead { -r.error } else { 0 });
+                }
+            }
+            libc::SO_TYPE => return int(libc::SOCK_STREAM),
+            libc::SO_DOMAIN => return int(libc::AF_INET),
+            libc::SO_PROTOCOL => return int(libc::IPPROTO_TCP),
+            libc::SO_ACCEPTCONN => return int(c_int::from(p.state() == State::Listening)),
+            _ => {}
+        }
+    }
+    let k = kernel(p).inspect_err(|e| {
+        rules::log(|| {
+            format!(
+                "getsockopt {level}/{name} on switch socket {}: errno {e}",
+                p.sw
+            )
+        })
+    })?;
+    // SAFETY: the caller's parameters, passed on.
+    let r = unsafe { real::getsockopt()(k, level, name, val, len) };
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `setsockopt` on a switch socket: the kernel socket takes it (it serves
+/// kernel TCP, and its options are the socket's).
+///
+/// # Safety
+/// `val` points to `len` readable bytes (or is null).
+pub(crate) unsafe fn setsockopt(
+    p: &PFd,
+    level: c_int,
+    name: c_int,
+    val: *const libc::c_void,
+    len: socklen_t,
+) -> Result<c_int, i32> {
+    let k = kernel(p)?;
+    // SAFETY: the caller's parameters, passed on.
+    let r = unsafe { real::setsockopt()(k, level, name, val, len) };
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `getsockname` / `getpeername` on a switch socket.
+///
+/// # Safety
+/// `a` and `len` are the caller's out-parameters.
+pub(crate) unsafe fn name(
+    p: &PFd,
+    peer: bool,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+) -> Result<c_int, i32> {
+    let san = dsan_switch::san_connection(p.sw).is_some();
+    if !san {
+        let k = kernel(p)?;
+        // SAFETY: the caller's out-parameters, passed on.
+        let r = unsafe {
+            if peer {
+                real::getpeername()(k, a, len)
+            } else {
+                real::getsockname()(k, a, len)
+            }
+        };
+        return if r < 0 { Err(errno()) } else { Ok(r) };
+    }
+    let v = if peer {
+        (*p.peer.lock().unwrap_or_else(|e| e.into_inner())).ok_or(libc::ENOTCONN)?
+    } else {
+        (*p.local.lock().unwrap_or_else(|e| e.into_inner()))
+            .or_else(|| kernel(p).ok().and_then(name_of))
+            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+    };
+    // SAFETY: the caller's out-parameters.
+    unsafe { write_v4(v, a, len) };
+    Ok(0)
+}

@@ -1,0 +1,171 @@
+//! Which descriptors of the program are SAN sockets: a bitmap checked by
+//! every interposed call (one atomic load for a descriptor that is not
+//! ours), and the sockets themselves.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+thread_local! {
+    /// Set while this thread runs the library's own code (or for the
+    /// switch's threads, always): calls it makes pass straight to the C
+    /// library.
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This thread is inside the library until the value is dropped.
+pub(crate) struct Inside(());
+
+/// Enters the library: None if this thread is inside it already (the
+/// caller passes the call to the C library).
+pub(crate) fn enter() -> Option<Inside> {
+    INSIDE
+        .try_with(|c| {
+            if c.get() {
+                None
+            } else {
+                c.set(true);
+                Some(Inside(()))
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        let _ = INSIDE.try_with(|c| c.set(false));
+    }
+}
+
+/// Marks this thread as the library's own for good (the switch's threads).
+pub(crate) fn mark_internal() {
+    let _ = INSIDE.try_with(|c| c.set(true));
+}
+
+/// Descriptors below this have a bit in [`MAP`]; above, [`BIG`] says
+/// whether any is ours.
+const BITS: usize = 1 << 16;
+static MAP: [AtomicU64; BITS / 64] = [const { AtomicU64::new(0) }; BITS / 64];
+static BIG: AtomicBool = AtomicBool::new(false);
+static TABLE: RwLock<Option<HashMap<RawFd, Arc<PFd>>>> = RwLock::new(None);
+
+/// The process is a child forked after SAN sockets were opened: inherited
+/// SAN sockets are only closed here, and new sockets use the kernel.
+pub(crate) static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// Where a SAN-capable socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Listening on kernel TCP and the SAN.
+    Listening,
+    /// A nonblocking connect runs.
+    Connecting,
+    /// Connected (over the SAN, or over kernel TCP through the switch).
+    Connected,
+    /// Not connected (a connect failed).
+    Idle,
+}
+
+/// One socket of the program that the switch serves; every descriptor
+/// number that refers to it (dup) maps here.
+pub(crate) struct PFd {
+    /// The switch's descriptor.
+    pub(crate) sw: RawFd,
+    /// Program descriptors that refer to it.
+    pub(crate) refs: AtomicUsize,
+    pub(crate) state: Mutex<State>,
+    /// A connect's failure not reported yet (SO_ERROR).
+    pub(crate) so_error: AtomicI32,
+    pub(crate) peer: Mutex<Option<SocketAddrV4>>,
+    pub(crate) local: Mutex<Option<SocketAddrV4>>,
+    /// Its epoll registrations (ids in [`crate::wait`]).
+    pub(crate) regs: Mutex<Vec<usize>>,
+}
+
+impl PFd {
+    pub(crate) fn new(sw: RawFd, state: State) -> Arc<PFd> {
+        Arc::new(PFd {
+            sw,
+            refs: AtomicUsize::new(1),
+            state: Mutex::new(state),
+            so_error: AtomicI32::new(0),
+            peer: Mutex::new(None),
+            local: Mutex::new(None),
+            regs: Mutex::new(Vec::new()),
+        })
+    }
+    pub(crate) fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn set_state(&self, s: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+fn bit(fd: RawFd) -> Option<(usize, u64)> {
+    let i = usize::try_from(fd).ok()?;
+    (i < BITS).then(|| (i / 64, 1u64 << (i % 64)))
+}
+
+/// Whether `fd` may be ours (the fast test of every interposed call).
+#[inline]
+pub(crate) fn maybe_ours(fd: RawFd) -> bool {
+    match bit(fd) {
+        Some((w, b)) => MAP[w].load(Ordering::Acquire) & b != 0,
+        None => fd >= 0 && BIG.load(Ordering::Acquire),
+    }
+}
+
+/// The socket behind program descriptor `fd`, if it is ours.
+pub(crate) fn get(fd: RawFd) -> Option<Arc<PFd>> {
+    if !maybe_ours(fd) {
+        return None;
+    }
+    TABLE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()?
+        .get(&fd)
+        .cloned()
+}
+
+/// Program descriptor `fd` now refers to `p`.
+pub(crate) fn insert(fd: RawFd, p: Arc<PFd>) {
+    TABLE
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(fd, p);
+    match bit(fd) {
+        Some((w, b)) => {
+            MAP[w].fetch_or(b, Ordering::Release);
+        }
+        None => BIG.store(true, Ordering::Release),
+    }
+}
+
+/// Program descriptor `fd` no longer refers to a SAN socket.
+pub(crate) fn remove(fd: RawFd) -> Option<Arc<PFd>> {
+    if !maybe_ours(fd) {
+        return None;
+    }
+    let mut t = TABLE.write().unwrap_or_else(|e| e.into_inner());
+    let p = t.as_mut()?.remove(&fd);
+    if let Some((w, b)) = bit(fd) {
+        MAP[w].fetch_and(!b, Ordering::Release);
+    }
+    p
+}
+
+/// Every program descriptor that is ours.
+pub(crate) fn all() -> Vec<RawFd> {
+    TABLE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or_else(Vec::new, |t| t.keys().copied().collect())
+}

@@ -43,6 +43,18 @@ static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
     dsan_switch::set_thread_hook(table::mark_internal);
+    // The library's own descriptors go to the upper part of the
+    // descriptor space, when there is room, so that the program's own
+    // numbers stay as low as without the library.
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 && r.rlim_cur >= 4096 {
+        let base = (r.rlim_cur / 4).clamp(1024, i32::MAX as u64) as i32;
+        dsan_switch::set_fd_base(base);
+    }
 }
 
 /// At exit, the program's SAN sockets are closed as the kernel closes its
@@ -774,7 +786,11 @@ pub unsafe extern "C" fn epoll_ctl(ep: c_int, op: c_int, fd: c_int, ev: *mut epo
     let (p, _in) = ours!(fd, unsafe { real::epoll_ctl()(ep, op, fd, ev) });
     // SAFETY: the caller's event (read unaligned: epoll_event is packed).
     let e = (!ev.is_null()).then(|| unsafe { std::ptr::read_unaligned(ev) });
-    ret(wait::epoll_ctl(ep, op, fd, &p, e).map(|()| 0))
+    let r = wait::epoll_ctl(ep, op, fd, &p, e);
+    if let Err(err) = r {
+        rules::log(|| format!("epoll_ctl({ep}, {op}, fd {fd}): errno {err}"));
+    }
+    ret(r.map(|()| 0))
 }
 
 /// Interposed: events of switch sockets are given the program's data back.

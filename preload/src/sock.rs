@@ -127,7 +127,7 @@ fn dup_owned(fd: RawFd) -> Result<OwnedFd, i32> {
         return Err(errno());
     }
     // SAFETY: a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(d) })
+    Ok(dsan_switch::high(unsafe { OwnedFd::from_raw_fd(d) }))
 }
 
 /// Puts switch socket `sw` in the place of program descriptor `fd` (same

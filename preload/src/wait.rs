@@ -81,6 +81,15 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
             }
         }
         Kind::Read | Kind::Write => {
+            // A stale wake-up (bytes read or room used up meanwhile) is
+            // not passed on: kernel sockets do not report readiness that
+            // is not there.
+            let fired = fired
+                && if kind == Kind::Read {
+                    dsan_switch::readable_now(p.sw)
+                } else {
+                    dsan_switch::writable_now(p.sw)
+                };
             if fired {
                 ev |= if kind == Kind::Read {
                     libc::POLLIN

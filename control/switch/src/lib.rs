@@ -28,7 +28,8 @@ mod switch;
 
 pub use capi::*;
 pub use switch::{
-    accept, adopt, bind, close, connect, connect_settled, error, is_listening, kernel_socket,
-    listen, recv, san_connection, san_destination, send, set_condition, set_san_only,
-    set_thread_hook, shutdown, socket, take_tcp, transport, watch_writable, Condition, Transport,
+    accept, adopt, bind, close, connect, connect_settled, error, high, is_listening, kernel_socket,
+    listen, readable_now, recv, san_connection, san_destination, send, set_condition, set_fd_base,
+    set_san_only, set_thread_hook, shutdown, socket, take_tcp, transport, watch_writable,
+    writable_now, Condition, Transport,
 };

@@ -250,7 +250,34 @@ fn owned(fd: libc::c_int) -> Result<OwnedFd, i32> {
 
 fn epoll_create() -> Result<OwnedFd, i32> {
     // SAFETY: plain system call.
-    owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+    owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) }).map(high)
+}
+
+/// Where the switch's own descriptors go (0: wherever the kernel puts them).
+static FD_BASE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Puts the switch's own descriptors (epoll instances, eventfds) at `base`
+/// or above, so that a program's own descriptor numbers stay as low as
+/// they would be without the switch (programs size tables by them, and
+/// select stops at FD_SETSIZE). 0 (the default) leaves them where the
+/// kernel puts them.
+pub fn set_fd_base(base: i32) {
+    FD_BASE.store(base.max(0), Ordering::Relaxed);
+}
+
+/// `fd` moved to [`FD_BASE`] or above (as it is if that fails).
+pub fn high(fd: OwnedFd) -> OwnedFd {
+    let base = FD_BASE.load(Ordering::Relaxed);
+    if base == 0 || fd.as_raw_fd() >= base {
+        return fd;
+    }
+    // SAFETY: F_DUPFD_CLOEXEC with an int argument on a descriptor we own.
+    let d = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, base) };
+    if d < 0 {
+        return fd;
+    }
+    // SAFETY: a fresh descriptor nobody else owns (`fd` closes on drop).
+    unsafe { OwnedFd::from_raw_fd(d) }
 }
 
 fn epoll_add(ep: RawFd, fd: RawFd, data: u64) -> Result<(), i32> {
@@ -270,6 +297,7 @@ fn epoll_del(ep: RawFd, fd: RawFd) {
 fn eventfd() -> Result<OwnedFd, i32> {
     EventFd::new()
         .map(OwnedFd::from)
+        .map(high)
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
 }
 
@@ -1229,4 +1257,44 @@ pub fn set_san_only(fd: RawFd, on: bool) -> Result<(), i32> {
 /// is in one of its SAN subnets).
 pub fn san_destination(ip: Ipv4Addr) -> bool {
     provider().is_some_and(|p| in_san_subnet(&p, ip))
+}
+
+/// Whether a receive on SAN connection `fd` would not block, checked on
+/// the rings themselves: a poll-style caller's wake-up from the readiness
+/// descriptor may be stale (an FD_READ posted for bytes read meanwhile).
+/// A stale wake-up clears the descriptor (the next FD_READ sets it again).
+/// True for a descriptor that is not a SAN connection.
+pub fn readable_now(fd: RawFd) -> bool {
+    let Ok((Target::San(ss, efd), _)) = target(fd) else {
+        return true;
+    };
+    if ss.readiness(true, false).readable {
+        return true;
+    }
+    drain(efd);
+    // Bytes that came while clearing it: set it again.
+    if ss.readiness(true, false).readable {
+        signal(efd);
+        return true;
+    }
+    false
+}
+
+/// As [`readable_now`], for sends and the FD_WRITE descriptor.
+pub fn writable_now(fd: RawFd) -> bool {
+    let Some(ss) = san_connection(fd) else {
+        return true;
+    };
+    if ss.readiness(false, true).writable {
+        return true;
+    }
+    let Some(w) = writable_fd(fd) else {
+        return false;
+    };
+    drain(w);
+    if ss.readiness(false, true).writable {
+        signal(w);
+        return true;
+    }
+    false
 }

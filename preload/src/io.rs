@@ -58,6 +58,15 @@ pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
         return Err(libc::EOPNOTSUPP);
     }
     let r = ready(p).and_then(|()| dsan_switch::send(p.sw, buf, flags & libc::MSG_DONTWAIT));
+    if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
+        crate::rules::log(|| {
+            format!(
+                "send on switch socket {} ({:?}): errno {e}",
+                p.sw,
+                p.state()
+            )
+        });
+    }
     if r == Err(libc::EPIPE) && flags & libc::MSG_NOSIGNAL == 0 {
         // As the kernel does for a socket whose peer is gone.
         // SAFETY: signalling the calling thread.

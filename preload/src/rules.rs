@@ -42,6 +42,8 @@ pub(crate) enum Role {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
+    /// Its line in the file (from 1).
+    line: usize,
     action: Action,
     role: Role,
     program: Option<String>,
@@ -93,7 +95,7 @@ fn parse_addr(s: &str) -> Result<Match, String> {
     Ok((Some((u32::from(ip), mask)), port))
 }
 
-fn parse_line(line: &str) -> Result<Option<Rule>, String> {
+fn parse_line(n: usize, line: &str) -> Result<Option<Rule>, String> {
     let line = line.split('#').next().unwrap_or("").trim();
     if line.is_empty() {
         return Ok(None);
@@ -117,6 +119,7 @@ fn parse_line(line: &str) -> Result<Option<Rule>, String> {
     let program = (w[2] != "*").then(|| w[2].to_string());
     let (net, port) = parse_addr(w[3])?;
     Ok(Some(Rule {
+        line: n,
         action,
         role,
         program,
@@ -148,7 +151,7 @@ fn config() -> &'static Config {
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
                     for (i, line) in text.lines().enumerate() {
-                        match parse_line(line) {
+                        match parse_line(i + 1, line) {
                             Ok(Some(r)) => rules.push(r),
                             Ok(None) => {}
                             Err(e) => say(&format!(
@@ -194,13 +197,13 @@ pub(crate) fn log(msg: impl FnOnce() -> String) {
 }
 
 /// What to do for a connect to (client) or a listener on (server) `a`:
-/// the action and the number (from 1) of the rule that decided, if one did.
+/// the action and the line of the rule that decided, if one did.
 pub(crate) fn decide(role: Role, a: SocketAddrV4) -> (Action, Option<usize>) {
     let c = config();
     c.rules
         .iter()
-        .position(|r| r.matches(role, &c.program, a))
-        .map_or((Action::Both, None), |i| (c.rules[i].action, Some(i + 1)))
+        .find(|r| r.matches(role, &c.program, a))
+        .map_or((Action::Both, None), |r| (r.action, Some(r.line)))
 }
 
 #[cfg(test)]
@@ -213,7 +216,7 @@ mod tests {
 
     #[test]
     fn lines_parse_and_match() {
-        let r = parse_line("tcp client curl 198.18.1.0/24:8080 # x")
+        let r = parse_line(1, "tcp client curl 198.18.1.0/24:8080 # x")
             .unwrap()
             .unwrap();
         assert!(r.matches(Role::Client, "curl", a("198.18.1.7:8080")));
@@ -221,15 +224,15 @@ mod tests {
         assert!(!r.matches(Role::Client, "curl", a("198.18.1.7:80")));
         assert!(!r.matches(Role::Server, "curl", a("198.18.1.7:8080")));
         assert!(!r.matches(Role::Client, "wget", a("198.18.1.7:8080")));
-        let r = parse_line("san any * *:6379").unwrap().unwrap();
+        let r = parse_line(1, "san any * *:6379").unwrap().unwrap();
         assert!(r.matches(Role::Server, "redis-server", a("0.0.0.0:6379")));
-        let r = parse_line("both server * 198.18.0.1").unwrap().unwrap();
+        let r = parse_line(1, "both server * 198.18.0.1").unwrap().unwrap();
         assert!(r.matches(Role::Server, "x", a("198.18.0.1:1")));
-        assert_eq!(parse_line("  # only a comment").unwrap(), None);
-        assert!(parse_line("fast client * *").is_err());
-        assert!(parse_line("san client *").is_err());
-        assert!(parse_line("san client * 1.2.3.4/33").is_err());
-        assert!(parse_line("san client * 1.2.3:5").is_err());
-        assert!(parse_line("san client * *:99999").is_err());
+        assert_eq!(parse_line(1, "  # only a comment").unwrap(), None);
+        assert!(parse_line(1, "fast client * *").is_err());
+        assert!(parse_line(1, "san client *").is_err());
+        assert!(parse_line(1, "san client * 1.2.3.4/33").is_err());
+        assert!(parse_line(1, "san client * 1.2.3:5").is_err());
+        assert!(parse_line(1, "san client * *:99999").is_err());
     }
 }

@@ -157,7 +157,7 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
     if action == Action::Tcp {
         rules::log(|| {
             format!(
-                "listen fd {fd} {bound}: kernel TCP (rule {})",
+                "listen fd {fd} {bound}: kernel TCP (rule on line {})",
                 rule.unwrap_or(0)
             )
         });
@@ -206,7 +206,7 @@ pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, 
     if action == Action::Tcp {
         rules::log(|| {
             format!(
-                "connect fd {fd} {dst}: kernel TCP (rule {})",
+                "connect fd {fd} {dst}: kernel TCP (rule on line {})",
                 rule.unwrap_or(0)
             )
         });
@@ -363,7 +363,8 @@ pub(crate) fn close(fd: RawFd) -> c_int {
     // SAFETY: plain call.
     let r = unsafe { real::close()(fd) };
     let e = errno();
-    if p.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !table::FORKED.load(Ordering::Relaxed) {
+    let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
+    if last && !table::FORKED.load(Ordering::Relaxed) {
         let _ = dsan_switch::close(p.sw);
     }
     set_errno(e);
@@ -378,7 +379,15 @@ pub(crate) fn duplicated(p: &Arc<PFd>, nfd: RawFd) {
 
 /// The kernel socket behind `p` for options and names.
 fn kernel(p: &PFd) -> Result<RawFd, i32> {
-    dsan_switch::kernel_socket(p.sw)
+    dsan_switch::kernel_socket(p.sw).inspect_err(|e| {
+        rules::log(|| {
+            format!(
+                "switch socket {} ({:?}): no kernel socket: errno {e}",
+                p.sw,
+                p.state()
+            )
+        })
+    })
 }
 
 /// `getsockopt` on a switch socket.

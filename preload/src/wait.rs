@@ -382,6 +382,12 @@ pub(crate) fn forget(p: &PFd, fd: RawFd) {
             if rs.by_id.get(&id).is_some_and(|r| r.fd == fd) {
                 let mut r = rs.by_id.remove(&id).expect("present");
                 rs.by_key.remove(&(r.ep, r.fd));
+                if table::FORKED.load(Ordering::Relaxed) {
+                    // A forked child shares the epoll instances with its
+                    // parent: closing its copy changes nothing there (as
+                    // with a kernel socket, still open in the parent).
+                    r.installed.clear();
+                }
                 uninstall(&mut r);
                 LIVE.fetch_sub(1, Ordering::Relaxed);
                 p.regs

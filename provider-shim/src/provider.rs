@@ -970,6 +970,9 @@ impl Provider {
 pub struct SanSocket {
     p: Arc<Provider>,
     s: SocketId,
+    /// Closed already ([`SanSocket::abort`]): the id may belong to another
+    /// socket by now, so dropping this one must not close it again.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl SanSocket {
@@ -981,7 +984,17 @@ impl SanSocket {
         Ok(SanSocket {
             s: p.socket()?,
             p: p.clone(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+    /// Its id, unless it was closed ([`SanSocket::abort`]): the id may be
+    /// another socket's by now.
+    fn live(&self) -> Result<SocketId> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::NotSock)
+        } else {
+            Ok(self.s)
+        }
     }
     /// Its id in the provider's table.
     pub fn id(&self) -> SocketId {
@@ -992,28 +1005,28 @@ impl SanSocket {
     /// # Errors
     /// As there.
     pub fn bind(&self, a: SocketAddrV4) -> Result<()> {
-        self.p.bind(self.s, a)
+        self.p.bind(self.live()?, a)
     }
     /// See [`Provider::listen`].
     ///
     /// # Errors
     /// As there.
     pub fn listen(&self, backlog: i32) -> Result<usize> {
-        self.p.listen(self.s, backlog)
+        self.p.listen(self.live()?, backlog)
     }
     /// See [`Provider::event_select`].
     ///
     /// # Errors
     /// As there.
     pub fn event_select(&self, efd: std::os::fd::BorrowedFd<'_>, mask: u32) -> Result<()> {
-        self.p.event_select(self.s, efd.as_raw_fd(), mask)
+        self.p.event_select(self.live()?, efd.as_raw_fd(), mask)
     }
     /// See [`Provider::enum_network_events`].
     ///
     /// # Errors
     /// As there.
     pub fn enum_network_events(&self) -> Result<NetworkEvents> {
-        self.p.enum_network_events(self.s)
+        self.p.enum_network_events(self.live()?)
     }
     /// See [`Provider::accept`].
     ///
@@ -1023,11 +1036,12 @@ impl SanSocket {
         &self,
         cond: impl FnMut(SocketAddrV4) -> Decision,
     ) -> Result<(SanSocket, SocketAddrV4)> {
-        let (s, a) = self.p.accept(self.s, cond)?;
+        let (s, a) = self.p.accept(self.live()?, cond)?;
         Ok((
             SanSocket {
                 p: self.p.clone(),
                 s,
+                closed: std::sync::atomic::AtomicBool::new(false),
             },
             a,
         ))
@@ -1037,21 +1051,21 @@ impl SanSocket {
     /// # Errors
     /// As there.
     pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
-        self.p.send(self.s, buf, flags)
+        self.p.send(self.live()?, buf, flags)
     }
     /// See [`Provider::send_mode`].
     ///
     /// # Errors
     /// As there.
     pub fn send_mode(&self, buf: &[u8], flags: i32, block: bool) -> Result<usize> {
-        self.p.send_mode(self.s, buf, flags, Some(block))
+        self.p.send_mode(self.live()?, buf, flags, Some(block))
     }
     /// See [`Provider::recv_mode`].
     ///
     /// # Errors
     /// As there.
     pub fn recv_mode(&self, buf: &mut [u8], flags: i32, block: bool) -> Result<usize> {
-        self.p.recv_mode(self.s, buf, flags, Some(block))
+        self.p.recv_mode(self.live()?, buf, flags, Some(block))
     }
     /// Sends all of `buf` (a blocking socket's send does).
     ///
@@ -1059,7 +1073,7 @@ impl SanSocket {
     /// As [`Provider::send`].
     pub fn send_all(&self, mut buf: &[u8]) -> Result<()> {
         while !buf.is_empty() {
-            let n = self.p.send(self.s, buf, 0)?;
+            let n = self.p.send(self.live()?, buf, 0)?;
             buf = &buf[n..];
         }
         Ok(())
@@ -1069,7 +1083,7 @@ impl SanSocket {
     /// # Errors
     /// As there.
     pub fn recv(&self, buf: &mut [u8], flags: i32) -> Result<usize> {
-        self.p.recv(self.s, buf, flags)
+        self.p.recv(self.live()?, buf, flags)
     }
     /// Receives exactly `buf.len()` bytes; `Ok(false)` if the stream ended first.
     ///
@@ -1078,7 +1092,7 @@ impl SanSocket {
     pub fn recv_exact(&self, buf: &mut [u8]) -> Result<bool> {
         let mut got = 0;
         while got < buf.len() {
-            match self.p.recv(self.s, &mut buf[got..], 0)? {
+            match self.p.recv(self.live()?, &mut buf[got..], 0)? {
                 0 => return Ok(false),
                 n => got += n,
             }
@@ -1090,41 +1104,45 @@ impl SanSocket {
     /// # Errors
     /// As there.
     pub fn shutdown(&self, how: i32) -> Result<()> {
-        self.p.shutdown(self.s, how)
+        self.p.shutdown(self.live()?, how)
     }
     /// See [`Provider::setsockopt`] (an int value).
     ///
     /// # Errors
     /// As there.
     pub fn set_option(&self, level: i32, name: i32, v: i32) -> Result<()> {
-        self.p.setsockopt(self.s, level, name, &v.to_ne_bytes())
+        self.p
+            .setsockopt(self.live()?, level, name, &v.to_ne_bytes())
     }
     /// See [`Provider::deferred`].
     ///
     /// # Errors
     /// As there.
     pub fn deferred(&self) -> Result<bool> {
-        self.p.deferred(self.s)
+        self.p.deferred(self.live()?)
     }
     /// See [`Provider::report_accepted_waiting`].
     ///
     /// # Errors
     /// As there.
     pub fn report_accepted_waiting(&self, n: usize) -> Result<()> {
-        self.p.report_accepted_waiting(self.s, n)
+        self.p.report_accepted_waiting(self.live()?, n)
     }
     /// See [`Provider::connect`].
     ///
     /// # Errors
     /// As there.
     pub fn connect(&self, dst: SocketAddrV4) -> Result<()> {
-        self.p.connect(self.s, dst)
+        self.p.connect(self.live()?, dst)
     }
 }
 
 impl SanSocket {
     /// See [`Provider::readiness`].
     pub fn readiness(&self, read: bool, write: bool) -> crate::Readiness {
+        if self.closed.load(Ordering::Acquire) {
+            return crate::Readiness::default();
+        }
         self.p.readiness(self.s, read, write)
     }
     /// See [`Provider::event_select_write`].
@@ -1132,7 +1150,7 @@ impl SanSocket {
     /// # Errors
     /// As there.
     pub fn event_select_write(&self, wfd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        self.p.event_select_write(self.s, wfd.as_raw_fd())
+        self.p.event_select_write(self.live()?, wfd.as_raw_fd())
     }
     /// Whether the daemon behind this socket is still there.
     pub fn daemon_alive(&self) -> bool {
@@ -1141,12 +1159,16 @@ impl SanSocket {
     /// Closes the socket now, from any thread: a call blocked on it (a
     /// connect, an accept) returns EINTR at once. Dropping it later is harmless.
     pub fn abort(&self) {
-        let _ = self.p.close(self.s);
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let _ = self.p.close(self.s);
+        }
     }
 }
 
 impl Drop for SanSocket {
     fn drop(&mut self) {
-        let _ = self.p.close(self.s);
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let _ = self.p.close(self.s);
+        }
     }
 }

@@ -217,16 +217,17 @@ fn run(args: Args) -> Result<i32, String> {
                 println!("{v}");
             } else {
                 println!(
-                    "{:<7} {:<22} {:<22} {:>8} state",
-                    "role", "local", "peer", "pid"
+                    "{:<7} {:<22} {:<22} {:>8} {:<16} state",
+                    "role", "local", "peer", "pid", "program"
                 );
                 for c in v["connections"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<7} {:<22} {:<22} {:>8} {}",
+                        "{:<7} {:<22} {:<22} {:>8} {:<16} {}",
                         c["role"].as_str().unwrap_or(""),
                         c["local"].as_str().unwrap_or(""),
                         c["peer"].as_str().unwrap_or(""),
                         c["pid"].as_u64().unwrap_or(0),
+                        c["program"].as_str().unwrap_or(""),
                         if c["closing"] == json!(true) {
                             "closing"
                         } else {

@@ -300,7 +300,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             let v = cx.lcore.ask(Command::Connections, ASK).map_err(err)?;
             let list: Vec<Value> = v
                 .iter()
-                .map(|c| json!({"role": c.role, "local": format!("{}:{}", c.local.0, c.local.1), "peer": format!("{}:{}", c.peer.0, c.peer.1), "pid": c.pid, "closing": c.closing}))
+                .map(|c| json!({"role": c.role, "local": format!("{}:{}", c.local.0, c.local.1), "peer": format!("{}:{}", c.peer.0, c.peer.1), "pid": c.pid, "program": program(c.pid), "closing": c.closing}))
                 .collect();
             Ok(json!({"ok": true, "connections": list}))
         }
@@ -315,4 +315,11 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
         )),
         None => Err("request has no \"cmd\"".into()),
     }
+}
+
+/// The name of process `pid` (its `comm`), empty if it is gone.
+fn program(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
 }

@@ -1,0 +1,631 @@
+//! Unmodified programs over the SAN with `libdsan_preload.so`: curl and
+//! nginx, redis-benchmark and redis-server, wrk, iperf3, each with a
+//! preloaded server in h1 and a preloaded client in h0, checking the result
+//! and that the SAN carried it (h1's accepted SAN connections and SAN bytes
+//! grew by what the workload implies; h0 fell back to TCP never). Plus a
+//! kernel client of a preloaded server, a preloaded client of a kernel
+//! server, the routing rules and log, and a program with no daemon. Needs
+//! root and the programs `scripts/setup.sh` installs.
+
+mod common;
+use common::*;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const METRICS_BASE: u16 = 19450;
+
+fn lib() -> PathBuf {
+    bindir().join("libdsan_preload.so")
+}
+
+/// `prog args` in lab host `host`, attached to its daemon, preloaded.
+fn preloaded(host: &str, prog: &str, args: &[&str]) -> Command {
+    let mut c = in_host(host, Path::new(prog), args);
+    c.env("LD_PRELOAD", lib());
+    c
+}
+
+/// `prog args` in lab host `host`, not preloaded.
+fn plain(host: &str, prog: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &format!("dsan-{host}"), prog])
+        .args(args);
+    c
+}
+
+/// Runs `c` to completion within `secs` (killed and failed otherwise).
+fn run(mut c: Command, secs: u64) -> Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Readers so that a chatty child never blocks on a full pipe.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = t_out.join().unwrap();
+            let err = t_err.join().unwrap();
+            panic!(
+                "{c:?} still running after {secs} s\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits until something listens on TCP `port` in `host` (a deadline of 10 s).
+fn wait_listening(host: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = plain(host, "ss", &["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        if !o.stdout.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {host}:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `path` contains `needle` (a deadline of `secs`).
+fn wait_for_text(path: &Path, needle: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if t.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never in {path:?}:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("dsan-preload-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("www")).unwrap();
+        Scratch(d)
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+    fn s(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// 64 MiB of reproducible bytes.
+fn big_file(path: &Path) -> Vec<u8> {
+    let mut v = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    std::fs::write(path, &v).unwrap();
+    v
+}
+
+/// An nginx configuration serving `dir/www` on `port`.
+fn nginx_conf(dir: &Scratch, port: u16, sendfile: bool, workers: u32) -> PathBuf {
+    let master = if workers == 0 { "off" } else { "on" };
+    let conf = format!(
+        "daemon off;\nmaster_process {master};\nworker_processes {};\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  sendfile {};\n  keepalive_requests 100000;\n  server {{ listen {port}; root {d}/www; }}\n}}\n",
+        workers.max(1),
+        if sendfile { "on" } else { "off" },
+        d = dir.s()
+    );
+    let p = dir.path("nginx.conf");
+    std::fs::write(&p, conf).unwrap();
+    p
+}
+
+fn nginx(host: &str, dir: &Scratch, conf: &Path, preload: bool) -> Reaped {
+    let args = ["-p", &dir.s(), "-c", &conf.display().to_string()];
+    let mut c = if preload {
+        preloaded(host, "nginx", &args)
+    } else {
+        plain(host, "nginx", &args)
+    };
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Reaped(child)
+}
+
+/// The counters a test compares before and after: h1's accepted SAN
+/// connections and SAN bytes (both directions), h0's fallbacks.
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    accepted: u64,
+    bytes: u64,
+    fallbacks: u64,
+    tcp_only: u64,
+}
+
+fn counts() -> Counts {
+    let h0 = scrape(METRICS_BASE);
+    let h1 = scrape(METRICS_BASE + 1);
+    Counts {
+        accepted: metric(&h1, "dsan_san_connects_accepted_total"),
+        bytes: metric_sum(&h1, "dsan_san_bytes_total"),
+        fallbacks: metric_sum(&h0, "dsan_switch_fallbacks_total"),
+        tcp_only: metric(&h0, "dsan_switch_fallbacks_total{reason=\"tcp_only\"}"),
+    }
+}
+
+/// Downloads `url` with curl in h0 (preloaded or not) into `out`.
+fn curl(preload: bool, url: &str, out: &Path, env: &[(&str, &str)]) -> Output {
+    let args = ["-sS", "--fail", "-o", &out.display().to_string(), url];
+    let mut c = if preload {
+        preloaded("h0", "curl", &args)
+    } else {
+        plain("h0", "curl", &args)
+    };
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = run(c, 60);
+    assert!(o.status.success(), "curl {url}: {}", text(&o));
+    o
+}
+
+fn same_file(got: &Path, want: &[u8]) {
+    let g = std::fs::read(got).unwrap();
+    assert_eq!(g.len(), want.len(), "length of {got:?}");
+    assert!(g == want, "{got:?} differs from what was served");
+}
+
+#[test]
+fn curl_downloads_64_mib_from_nginx_over_the_san() {
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("nginx");
+    let want = big_file(&dir.path("www/big"));
+    for sendfile in [false, true] {
+        let conf = nginx_conf(&dir, 8080, sendfile, 0);
+        let _srv = nginx("h1", &dir, &conf, true);
+        wait_listening("h1", 8080);
+        let before = counts();
+        let out = dir.path("got");
+        curl(true, "http://198.18.0.2:8080/big", &out, &[]);
+        same_file(&out, &want);
+        let after = counts();
+        assert!(
+            after.accepted > before.accepted,
+            "sendfile {sendfile}: no SAN connection accepted: {before:?} {after:?}"
+        );
+        assert!(
+            after.bytes - before.bytes >= want.len() as u64,
+            "sendfile {sendfile}: the SAN carried {} bytes",
+            after.bytes - before.bytes
+        );
+        assert_eq!(after.fallbacks, before.fallbacks, "no fallback to TCP");
+
+        // A kernel client (not preloaded) still reaches the preloaded
+        // nginx, over kernel TCP.
+        let before = counts();
+        curl(false, "http://198.18.0.2:8080/big", &out, &[]);
+        same_file(&out, &want);
+        let after = counts();
+        assert_eq!(
+            after.accepted, before.accepted,
+            "the kernel client used TCP"
+        );
+        assert!(after.bytes - before.bytes < 1 << 20);
+    }
+}
+
+#[test]
+fn a_preloaded_client_reaches_a_kernel_server_over_tcp() {
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("kernel-server");
+    let want = big_file(&dir.path("www/big"));
+    let conf = nginx_conf(&dir, 8081, true, 0);
+    let _srv = nginx("h1", &dir, &conf, false);
+    wait_listening("h1", 8081);
+    // h1's daemon learns of a kernel listener within its refresh (100 ms);
+    // until then a SAN connect is refused, as for a closed port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run(
+        preloaded(
+            "h0",
+            "curl",
+            &["-sS", "-o", "/dev/null", "http://198.18.0.2:8081/"],
+        ),
+        30,
+    )
+    .status
+    .success()
+    {
+        assert!(Instant::now() < deadline, "never reached over TCP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = counts();
+    let out = dir.path("got");
+    let o = curl(
+        true,
+        "http://198.18.0.2:8081/big",
+        &out,
+        &[("DSAN_PRELOAD_LOG", "1")],
+    );
+    same_file(&out, &want);
+    let after = counts();
+    assert_eq!(after.tcp_only, before.tcp_only + 1, "{}", text(&o));
+    assert_eq!(after.accepted, before.accepted);
+    assert!(
+        text(&o).contains("connect fd"),
+        "the decision is logged: {}",
+        text(&o)
+    );
+}
+
+#[test]
+fn routing_rules_send_a_connect_to_the_kernel() {
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("rules");
+    std::fs::write(dir.path("www/small"), b"hello\n").unwrap();
+    let conf = nginx_conf(&dir, 8082, false, 0);
+    let _srv = nginx("h1", &dir, &conf, true);
+    wait_listening("h1", 8082);
+    let rules = dir.path("rules.conf");
+    std::fs::write(
+        &rules,
+        "# the test's rules\nbogus line here\ntcp client curl 198.18.0.0/24:8082\nboth any * *\n",
+    )
+    .unwrap();
+    let before = counts();
+    let out = dir.path("got");
+    let o = curl(
+        true,
+        "http://198.18.0.2:8082/small",
+        &out,
+        &[
+            ("DSAN_PRELOAD_CONF", &rules.display().to_string()),
+            ("DSAN_PRELOAD_LOG", "1"),
+        ],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"hello\n");
+    let log = text(&o);
+    assert!(log.contains("rules.conf:2: expected four fields"), "{log}");
+    assert!(log.contains("kernel TCP (rule on line 3)"), "{log}");
+    let after = counts();
+    assert_eq!(after.accepted, before.accepted, "the rule kept it on TCP");
+    assert_eq!(after.fallbacks, before.fallbacks);
+}
+
+#[test]
+fn wrk_against_nginx_without_socket_errors() {
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("wrk");
+    std::fs::write(dir.path("www/small"), vec![b'x'; 512]).unwrap();
+    let conf = nginx_conf(&dir, 8083, false, 0);
+    let _srv = nginx("h1", &dir, &conf, true);
+    wait_listening("h1", 8083);
+    let before = counts();
+    let o = run(
+        preloaded(
+            "h0",
+            "wrk",
+            &["-t2", "-c20", "-d3s", "http://198.18.0.2:8083/small"],
+        ),
+        60,
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains("Socket errors"), "{t}");
+    assert!(!t.contains("Non-2xx"), "{t}");
+    let rps: f64 = t
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in {t}"));
+    assert!(rps > 100.0, "{t}");
+    let after = counts();
+    assert!(
+        after.accepted - before.accepted >= 20,
+        "{before:?} {after:?}"
+    );
+    // Each request is at least its 512-byte body.
+    assert!(
+        after.bytes - before.bytes >= (rps * 3.0 * 0.5) as u64 * 512,
+        "{t}"
+    );
+    assert_eq!(after.fallbacks, before.fallbacks);
+}
+
+fn redis_server(dir: &Scratch, save: &str) -> Reaped {
+    let child = preloaded(
+        "h1",
+        "redis-server",
+        &[
+            "--port",
+            "6379",
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            save,
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir.s(),
+            "--logfile",
+            &dir.path("redis.log").display().to_string(),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    Reaped(child)
+}
+
+fn redis_benchmark(n: u32) -> String {
+    let o = run(
+        preloaded(
+            "h0",
+            "redis-benchmark",
+            &[
+                "-h",
+                "198.18.0.2",
+                "-p",
+                "6379",
+                "-t",
+                "set,get",
+                "-n",
+                &n.to_string(),
+                "-c",
+                "50",
+                "-P",
+                "16",
+                "-q",
+                "--csv",
+            ],
+        ),
+        120,
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("\"SET\"") && t.contains("\"GET\""), "{t}");
+    assert!(!t.to_lowercase().contains("error"), "{t}");
+    t
+}
+
+#[test]
+fn redis_benchmark_over_the_san_also_while_redis_forks_to_save() {
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("redis");
+    {
+        let _srv = redis_server(&dir, "");
+        wait_listening("h1", 6379);
+        let before = counts();
+        redis_benchmark(100_000);
+        let after = counts();
+        // 50 clients (and the benchmark's own first connection).
+        assert!(
+            after.accepted - before.accepted >= 50,
+            "{before:?} {after:?}"
+        );
+        // 200,000 commands of at least 20 bytes each.
+        assert!(
+            after.bytes - before.bytes >= 200_000 * 20,
+            "{before:?} {after:?}"
+        );
+        assert_eq!(after.fallbacks, before.fallbacks);
+
+        // The connections preloaded programs hold show with their program.
+        let mut blpop = preloaded(
+            "h0",
+            "redis-cli",
+            &["-h", "198.18.0.2", "-p", "6379", "blpop", "nothing", "10"],
+        );
+        let _cli = Reaped(blpop.stdout(Stdio::null()).spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = dsanctl(&["--socket", "/run/dsan/lab/h1/dsand.sock", "connections"]);
+            let t = ok(&o);
+            if t.contains("redis-server") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{t}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Saving every second with writes coming: redis forks a child that
+    // saves while the parent serves SAN clients.
+    let _srv = redis_server(&dir, "1 1");
+    wait_listening("h1", 6379);
+    let before = counts();
+    redis_benchmark(300_000);
+    wait_for_text(
+        &dir.path("redis.log"),
+        "Background saving terminated with success",
+        30,
+    );
+    redis_benchmark(50_000);
+    let after = counts();
+    assert!(
+        after.accepted - before.accepted >= 100,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.fallbacks, before.fallbacks);
+}
+
+#[test]
+fn iperf3_both_directions_and_four_streams() {
+    let _lab = Lab::up(&[]);
+    for (i, extra) in [&[][..], &["-R"][..], &["-P", "4"][..]].iter().enumerate() {
+        let port = (5201 + i).to_string();
+        let _srv = Reaped(
+            preloaded("h1", "iperf3", &["-4", "-s", "-1", "-p", &port])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_listening("h1", 5201 + i as u16);
+        let before = counts();
+        let mut args = vec!["-c", "198.18.0.2", "-p", &port, "-t", "2"];
+        args.extend_from_slice(extra);
+        let o = run(preloaded("h0", "iperf3", &args), 60);
+        let t = text(&o);
+        assert!(
+            o.status.success() && t.contains("iperf Done."),
+            "{extra:?}: {t}"
+        );
+        let after = counts();
+        // The control connection and one or four data connections.
+        let streams = if extra.contains(&"-P") { 4 } else { 1 };
+        assert!(
+            after.accepted - before.accepted > streams,
+            "{extra:?}: {before:?} {after:?}"
+        );
+        assert!(after.bytes - before.bytes > 10 << 20, "{extra:?}: {t}");
+        assert_eq!(after.fallbacks, before.fallbacks, "{extra:?}");
+    }
+}
+
+/// A Python program exercising sockets the library leaves to the kernel:
+/// loopback TCP with select, poll and epoll, UDP, AF_UNIX, AF_INET6, dup and
+/// fork, in a process with no daemon (and with one, on loopback).
+const PASSTHROUGH: &str = r#"
+import os, select, socket
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(8)
+c = socket.create_connection(l.getsockname()); s, _ = l.accept()
+c.sendall(b"x" * 100000)
+got = b""
+ep = select.epoll(); ep.register(s.fileno(), select.EPOLLIN)
+while len(got) < 100000:
+    assert ep.poll(5), "epoll"
+    r, _, _ = select.select([s], [], [], 5); assert r, "select"
+    p = select.poll(); p.register(s, select.POLLIN); assert p.poll(5000), "poll"
+    got += s.recv(65536)
+d = os.dup(c.fileno()); os.write(d, b"y"); os.close(d); assert s.recv(1) == b"y"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0))
+u.sendto(b"dgram", u.getsockname()); assert u.recv(10) == b"dgram"
+a, b = socket.socketpair(); a.send(b"unix"); assert b.recv(4) == b"unix"
+try:
+    v6 = socket.socket(socket.AF_INET6); v6.bind(("::1", 0)); v6.listen(1)
+    w = socket.create_connection(v6.getsockname()[:2]); w.close(); v6.close()
+except OSError:
+    pass
+pid = os.fork()
+if pid == 0:
+    c.sendall(b"child"); os._exit(0)
+os.waitpid(pid, 0); assert s.recv(5) == b"child"
+print("ok")
+"#;
+
+#[test]
+fn everything_else_is_left_to_the_kernel() {
+    require_root();
+    // No daemon: every call passes through.
+    let mut c = Command::new("python3");
+    c.args(["-c", PASSTHROUGH])
+        .env("LD_PRELOAD", lib())
+        .env("DSAN_SOCKET", "/nonexistent/dsand.sock");
+    let o = run(c, 60);
+    assert!(
+        o.status.success() && text(&o).contains("ok"),
+        "{}",
+        text(&o)
+    );
+    // With a daemon: loopback is still the kernel's.
+    let _lab = Lab::up(&[]);
+    let before = counts();
+    let o = run(preloaded("h1", "python3", &["-c", PASSTHROUGH]), 60);
+    assert!(
+        o.status.success() && text(&o).contains("ok"),
+        "{}",
+        text(&o)
+    );
+    let after = counts();
+    assert_eq!(after.accepted, before.accepted);
+}
+
+#[test]
+fn the_library_exports_only_the_calls_it_interposes() {
+    let o = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(lib())
+        .output()
+        .expect("nm (binutils)");
+    let t = String::from_utf8_lossy(&o.stdout);
+    let mut syms: Vec<&str> = t
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    syms.sort_unstable();
+    let map = std::fs::read_to_string(root().join("preload/exports.map")).unwrap();
+    let body = map
+        .split("global:")
+        .nth(1)
+        .unwrap()
+        .split("local:")
+        .next()
+        .unwrap();
+    let mut want: Vec<&str> = body
+        .split(|c: char| c == ';' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .collect();
+    want.sort_unstable();
+    assert_eq!(syms, want);
+}

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Unmodified applications over the SAN and over kernel TCP, side by side on
+# the same lab veth: redis-benchmark against redis-server, and wrk against
+# nginx, each run once with both programs preloaded with libdsan_preload.so
+# (the SAN) and once without (kernel TCP), in one run.
+#
+#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S]
+#
+# Brings the two-host lab up (and down again at the end, also on failure),
+# prints a table, and writes DIR/apps.json (with the commit, the date, the
+# command line and the machine) and DIR/apps.md. Needs root and what
+# scripts/setup.sh installs. Network traffic stays inside the lab's
+# namespaces (198.18.0.0/24).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+out=bench-out/apps
+requests=200000
+clients=50
+duration=5
+cmdline="bench/apps.sh $*"
+while (($#)); do
+  case "$1" in
+    --out) out=$2; shift 2 ;;
+    --requests) requests=$2; shift 2 ;;
+    --clients) clients=$2; shift 2 ;;
+    --duration) duration=$2; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "apps.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+bin=$root/target/release
+lib=$bin/libdsan_preload.so
+for p in redis-server redis-benchmark nginx wrk; do
+  command -v "$p" >/dev/null || { echo "apps.sh: $p missing (run scripts/setup.sh)" >&2; exit 1; }
+done
+[ -e "$lib" ] || { echo "apps.sh: $lib missing (cargo build --release --workspace)" >&2; exit 1; }
+mkdir -p "$out"
+work=$(mktemp -d /tmp/dsan-apps.XXXXXX)
+srv=
+cleanup() {
+  [ -n "$srv" ] && kill -- "-$srv" 2>/dev/null || true
+  "$bin/dsanctl" lab down >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+"$bin/dsanctl" lab down >/dev/null 2>&1 || true
+"$bin/dsanctl" lab up >/dev/null
+
+in_host() { # host preload(0|1) prog args...
+  local h=$1 pre=$2; shift 2
+  if [ "$pre" = 1 ]; then
+    ip netns exec "dsan-$h" env DSAN_SOCKET="/run/dsan/lab/$h/dsand.sock" LD_PRELOAD="$lib" "$@"
+  else
+    ip netns exec "dsan-$h" "$@"
+  fi
+}
+start_bg() { # host preload(0|1) prog args...: a server in the background, its pid in $srv
+  local h=$1 pre=$2; shift 2
+  # In a process group of its own, so that stopping it stops all of it.
+  if [ "$pre" = 1 ]; then
+    setsid ip netns exec "dsan-$h" env DSAN_SOCKET="/run/dsan/lab/$h/dsand.sock" LD_PRELOAD="$lib" "$@" </dev/null >/dev/null 2>&1 &
+  else
+    setsid ip netns exec "dsan-$h" "$@" </dev/null >/dev/null 2>&1 &
+  fi
+  srv=$!
+}
+stop_bg() { # SIGTERM, then SIGKILL after 5 s
+  kill -- "-$srv" 2>/dev/null || true
+  for _ in $(seq 1 250); do
+    kill -0 "$srv" 2>/dev/null || break
+    sleep 0.02
+  done
+  if kill -0 "$srv" 2>/dev/null; then
+    echo "apps.sh: $(ps -o args= -p "$srv") did not stop on SIGTERM within 5 s; killed" >&2
+    kill -9 -- "-$srv" 2>/dev/null || true
+  fi
+  wait "$srv" 2>/dev/null || true
+  srv=
+}
+wait_port() { # host port
+  for _ in $(seq 1 500); do
+    [ -n "$(ip netns exec "dsan-$1" ss -Hltn "sport = :$2")" ] && return 0
+    sleep 0.02
+  done
+  echo "apps.sh: nothing listens on $1:$2" >&2; exit 1
+}
+# h1's daemon learns of kernel listeners within 100 ms; a preloaded client
+# waits for that (else a SAN connect is refused, as for a closed port).
+settle() { sleep 0.3; }
+
+mkdir -p "$work/www"
+head -c 512 /dev/zero | tr '\0' x > "$work/www/small"
+cat > "$work/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+error_log $work/error.log;
+pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/body;
+  proxy_temp_path $work/proxy;
+  fastcgi_temp_path $work/fastcgi;
+  uwsgi_temp_path $work/uwsgi;
+  scgi_temp_path $work/scgi;
+  keepalive_requests 1000000;
+  server { listen 8080; root $work/www; }
+}
+EOF
+
+results=()
+run_redis() { # transport preload
+  local t=$1 pre=$2 n=0
+  start_bg h1 "$pre" redis-server --port 6379 --bind 0.0.0.0 --protected-mode no --save '' \
+    --appendonly no --dir "$work" --logfile "$work/redis.log"
+  wait_port h1 6379; settle
+  for test in set get; do
+    local line
+    line=$(in_host h0 "$pre" timeout 300 redis-benchmark -h 198.18.0.2 -p 6379 -t "$test" \
+      -n "$requests" -c "$clients" -P 1 -q --csv | grep -i "^\"$test\"")
+    # "SET","rps","avg","min","p50","p95","p99","max"
+    IFS=, read -r name rps avg _min p50 _p95 p99 max <<<"$(tr -d '"' <<<"$line")"
+    results+=("{\"app\":\"redis-benchmark $name\",\"transport\":\"$t\",\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"max_ms\":$max,\"avg_ms\":$avg}")
+    n=$((n + 1))
+  done
+  stop_bg
+}
+run_wrk() { # transport preload
+  local t=$1 pre=$2
+  start_bg h1 "$pre" nginx -p "$work" -c "$work/nginx.conf"
+  wait_port h1 8080; settle
+  local o
+  o=$(in_host h0 "$pre" timeout $((duration + 60)) wrk -t2 -c"$clients" -d"${duration}s" --latency \
+    http://198.18.0.2:8080/small)
+  local rps p50 p99 errors
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$o")
+  # wrk prints latencies with units (us, ms, s): in milliseconds.
+  ms() { awk -v v="$1" 'BEGIN { u=v; sub(/[0-9.]+/, "", u); x=v+0; if (u=="us") x/=1000; else if (u=="s") x*=1000; printf "%.3f", x }'; }
+  p50=$(ms "$(awk '$1=="50%" {print $2}' <<<"$o")")
+  p99=$(ms "$(awk '$1=="99%" {print $2}' <<<"$o")")
+  errors=$(grep -c "Socket errors" <<<"$o" || true)
+  results+=("{\"app\":\"wrk GET 512 B\",\"transport\":\"$t\",\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"socket_error_lines\":$errors}")
+  stop_bg
+}
+
+echo "apps: redis-benchmark ($requests requests, $clients clients) and wrk (${duration} s, $clients connections)"
+run_redis san 1
+run_redis tcp 0
+run_wrk san 1
+run_wrk tcp 0
+
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+dirty=$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo true || echo false)
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+ncpu=$(nproc)
+mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
+{
+  printf '{"date":"%s","commit":"%s","dirty":%s,"command":"%s","machine":{"cpu":"%s","cpus":%s,"memory":"%s","kernel":"%s"},"results":[' \
+    "$(date -u +%FT%TZ)" "$commit" "$dirty" "$cmdline" "$cpu" "$ncpu" "$mem" "$(uname -r)"
+  (IFS=,; printf '%s' "${results[*]}")
+  printf ']}\n'
+} > "$out/apps.json"
+
+python3 - "$out/apps.json" "$out/apps.md" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+rows = {}
+for r in d["results"]:
+    rows.setdefault(r["app"], {})[r["transport"]] = r
+lines = [f"commit {d['commit'][:12]}{' (dirty)' if d['dirty'] else ''}, {d['date']}, "
+         f"{d['machine']['cpus']} x {d['machine']['cpu']}, {d['machine']['memory']}, Linux {d['machine']['kernel']}", "",
+         "| workload | SAN req/s | TCP req/s | ratio | SAN p50 ms | TCP p50 ms | SAN p99 ms | TCP p99 ms | p99 ratio |",
+         "|---|---|---|---|---|---|---|---|---|"]
+for app, t in rows.items():
+    s, k = t["san"], t["tcp"]
+    lines.append(f"| {app} | {s['rps']:,.0f} | {k['rps']:,.0f} | {s['rps']/k['rps']:.2f}x | {s['p50_ms']:.3f} | {k['p50_ms']:.3f} "
+                 f"| {s['p99_ms']:.3f} | {k['p99_ms']:.3f} | {s['p99_ms']/max(k['p99_ms'],1e-9):.2f}x |")
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF

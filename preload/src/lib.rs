@@ -43,6 +43,9 @@ static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
     dsan_switch::set_thread_hook(table::mark_internal);
+    // Programs poll their sockets for "writable": every SAN connection gets
+    // its FD_WRITE descriptor with its event descriptor, in one request.
+    dsan_switch::set_watch_writable(true);
     // The library's own descriptors go to the upper part of the
     // descriptor space, when there is room, so that the program's own
     // numbers stay as low as without the library.

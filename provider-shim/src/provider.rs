@@ -628,18 +628,37 @@ impl Provider {
     /// [`Error::NotSock`]; [`Error::Inval`] for a bad fd (not an eventfd) or
     /// mask; [`Error::NetDown`].
     pub fn event_select(&self, s: SocketId, efd: RawFd, mask: u32) -> Result<()> {
+        self.event_select_with(s, efd, None, mask)
+    }
+
+    /// As [`event_select`](Self::event_select), with `wfd` (an eventfd)
+    /// signalled for FD_WRITE instead of `efd` (see
+    /// [`event_select_write`](Self::event_select_write)), both registered in
+    /// one request: a process that polls "readable" and "writable" apart
+    /// pays one control round trip and one command per socket.
+    ///
+    /// # Errors
+    /// As [`event_select`](Self::event_select).
+    pub fn event_select_with(
+        &self,
+        s: SocketId,
+        efd: RawFd,
+        wfd: Option<RawFd>,
+        mask: u32,
+    ) -> Result<()> {
         self.check()?;
         let mut g = self.lock(s)?;
         let ls = g.as_mut().expect("checked");
-        if mask & !FD_ALL != 0 || (efd < 0 && mask != 0) {
+        if mask & !FD_ALL != 0 || (efd < 0 && (mask != 0 || wfd.is_some())) {
             return Err(Error::Inval);
         }
         if efd >= 0 {
-            if !sys::is_eventfd(efd) {
+            let fds: Vec<RawFd> = std::iter::once(efd).chain(wfd).collect();
+            if !fds.iter().all(|f| sys::is_eventfd(*f)) {
                 return Err(Error::Inval);
             }
             let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            request(&ctl, &json!({"cmd": "event_fd", "sock": s}), &[efd]).map_err(|e| {
+            request(&ctl, &json!({"cmd": "event_fd", "sock": s}), &fds).map_err(|e| {
                 if e == Error::Inval {
                     Error::Inval
                 } else {
@@ -663,7 +682,19 @@ impl Provider {
                 .sock(s as usize)
                 .events
                 .fetch_or(ready, Ordering::AcqRel);
-            sys::signal_eventfd(efd);
+            match wfd {
+                Some(w) => {
+                    if ready & FD_WRITE != 0 {
+                        sys::signal_eventfd(w);
+                    }
+                    if ready & !FD_WRITE != 0 {
+                        sys::signal_eventfd(efd);
+                    }
+                }
+                None => {
+                    sys::signal_eventfd(efd);
+                }
+            }
         }
         Ok(())
     }
@@ -1144,6 +1175,19 @@ impl SanSocket {
             return crate::Readiness::default();
         }
         self.p.readiness(self.s, read, write)
+    }
+    /// See [`Provider::event_select_with`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn event_select_with(
+        &self,
+        efd: std::os::fd::BorrowedFd<'_>,
+        wfd: std::os::fd::BorrowedFd<'_>,
+        mask: u32,
+    ) -> Result<()> {
+        self.p
+            .event_select_with(self.live()?, efd.as_raw_fd(), Some(wfd.as_raw_fd()), mask)
     }
     /// See [`Provider::event_select_write`].
     ///

@@ -1,7 +1,8 @@
 use dsan_channel::region::effective_backlog;
 use dsan_channel::sys::{drain_eventfd, signal_eventfd, EventFd};
 use dsan_provider::{
-    Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CLOSE, FD_READ, MSG_PEEK,
+    Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CLOSE, FD_READ, FD_WRITE,
+    MSG_PEEK,
 };
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -101,11 +102,24 @@ impl Sock {
         // (A weak reference: a connection closed before its turn is skipped
         // and holds no provider socket meanwhile.)
         let due = std::time::Instant::now() + REGISTER_AFTER;
+        // The FD_WRITE descriptor too, when every connection gets one: a new
+        // connection's send ring is empty, so it starts out writable.
+        let wfd = OnceLock::new();
+        let mut wcopy = None;
+        if WATCH_WRITABLE.load(Ordering::Relaxed) {
+            let w = eventfd()?;
+            signal(w.as_raw_fd());
+            wcopy = Some(
+                w.try_clone()
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?,
+            );
+            let _ = wfd.set(w);
+        }
         let queued = g()
             .register
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send((Arc::downgrade(&ss), copy, due, false));
+            .send((Arc::downgrade(&ss), copy, wcopy, due, false));
         if queued.is_err() {
             let copy = efd
                 .try_clone()
@@ -117,7 +131,7 @@ impl Sock {
             transport: Transport::San,
             san: Some(ss),
             efd: Some(efd),
-            wfd: OnceLock::new(),
+            wfd,
         });
         Ok(())
     }
@@ -165,12 +179,27 @@ impl Sock {
 /// from `due` on.
 /// With `true`, the descriptor is the connection's FD_WRITE descriptor
 /// (registered after its event descriptor, which is queued first).
+/// With a second descriptor, the pair (event descriptor, FD_WRITE
+/// descriptor) in one request.
 type Registration = (
     std::sync::Weak<SanSocket>,
     OwnedFd,
+    Option<OwnedFd>,
     std::time::Instant,
     bool,
 );
+
+/// Every new SAN connection gets its FD_WRITE descriptor at once (see
+/// [`set_watch_writable`]).
+static WATCH_WRITABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `on`, every SAN connection made from now on gets the eventfd
+/// [`watch_writable`] returns when it is set up, registered with its event
+/// descriptor in one request: for callers that poll every connection for
+/// "writable" (an interposing library).
+pub fn set_watch_writable(on: bool) {
+    WATCH_WRITABLE.store(on, Ordering::Relaxed);
+}
 
 /// How long a new SAN connection's readiness registration waits: a
 /// connection closed sooner (connect, a request, close) never costs the
@@ -204,18 +233,22 @@ fn g() -> &'static Global {
             .name("dsan-switch-register".into())
             .spawn(move || {
                 thread_hook();
-                for (ss, efd, due, write) in rx {
+                for (ss, efd, wfd, due, write) in rx {
                     let wait = due.saturating_duration_since(std::time::Instant::now());
                     if !wait.is_zero() {
                         std::thread::sleep(wait);
                     }
                     // A connection closed meanwhile is gone: nothing to do.
                     if let Some(ss) = ss.upgrade() {
-                        if write {
-                            let _ = ss.event_select_write(efd.as_fd());
-                        } else {
-                            let _ = ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE);
-                        }
+                        let _ = match (&wfd, write) {
+                            (Some(w), _) => ss.event_select_with(
+                                efd.as_fd(),
+                                w.as_fd(),
+                                FD_READ | FD_CLOSE | FD_WRITE,
+                            ),
+                            (None, true) => ss.event_select_write(efd.as_fd()),
+                            (None, false) => ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE),
+                        };
                     }
                 }
             })
@@ -1222,7 +1255,7 @@ pub fn watch_writable(fd: RawFd) -> Option<RawFd> {
         .register
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .send((Arc::downgrade(ss), copy, due, true));
+        .send((Arc::downgrade(ss), copy, None, due, true));
     Some(raw)
 }
 

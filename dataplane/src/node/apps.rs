@@ -170,7 +170,14 @@ impl Node {
     /// descriptor of a process's socket, or with `write` its FD_WRITE
     /// descriptor (which needs the event descriptor first). Returns false for
     /// an unknown process or a write descriptor without an event descriptor.
-    pub(super) fn set_event_fd(&mut self, id: u64, sock: u32, fd: OwnedFd, write: bool) -> bool {
+    pub(super) fn set_event_fd(
+        &mut self,
+        id: u64,
+        sock: u32,
+        fd: OwnedFd,
+        wfd: Option<OwnedFd>,
+        write: bool,
+    ) -> bool {
         let Some(p) = self.procs.get_mut(&id) else {
             return false;
         };
@@ -183,10 +190,11 @@ impl Node {
                 None => false,
             };
         }
-        let (mask, wfd) = p
+        let (mask, old_wfd) = p
             .events
             .get(&sock)
             .map_or((0, None), |r| (r.mask, r.wfd.clone()));
+        let wfd = wfd.map(Arc::new).or(old_wfd);
         let notifier = p.shared.notifier.get().cloned();
         p.events.insert(
             sock,

@@ -58,7 +58,9 @@ pub enum Command {
         sock: u32,
         /// The eventfd.
         fd: OwnedFd,
-        /// It is the socket's FD_WRITE descriptor (registered after its
+        /// The socket's FD_WRITE descriptor, registered with it.
+        wfd: Option<OwnedFd>,
+        /// `fd` is the socket's FD_WRITE descriptor (registered after its
         /// event descriptor).
         write: bool,
         /// Done.
@@ -327,10 +329,11 @@ impl Node {
                 app,
                 sock,
                 fd,
+                wfd,
                 write,
                 done,
             } => {
-                let _ = done.send(self.set_event_fd(app, sock, fd, write));
+                let _ = done.send(self.set_event_fd(app, sock, fd, wfd, write));
             }
             Command::Detach(id, done) => {
                 self.detach(now, id);

@@ -182,7 +182,7 @@ fn attach(
 /// `{"cmd":"event_fd","sock":N}` with one eventfd attached: the event
 /// descriptor of socket N, handed to the lcore (which owns and closes it).
 /// With `"write":true`, the descriptor FD_WRITE signals instead (after the
-/// event descriptor).
+/// event descriptor); with two descriptors, both at once.
 fn event_fd(
     req: &Value,
     cx: &Ctx,
@@ -194,14 +194,19 @@ fn event_fd(
         .as_u64()
         .filter(|s| (*s as usize) < MAX_SOCKETS)
         .ok_or("\"sock\" out of range")? as u32;
-    if fds.len() != 1 {
-        return Err("\"event_fd\" carries exactly one descriptor".into());
-    }
     let write = req["write"].as_bool().unwrap_or(false);
-    let fd = fds.pop().expect("one");
-    if !sys::is_eventfd(fd.as_raw_fd()) {
+    // One descriptor, or two: the event descriptor and the FD_WRITE one.
+    if fds.is_empty() || fds.len() > 2 || (write && fds.len() != 1) {
+        return Err(
+            "\"event_fd\" carries one descriptor (or two: the event and the FD_WRITE descriptor)"
+                .into(),
+        );
+    }
+    if fds.iter().any(|f| !sys::is_eventfd(f.as_raw_fd())) {
         return Err("the event descriptor must be an eventfd".into());
     }
+    let wfd = (fds.len() == 2).then(|| fds.pop().expect("two"));
+    let fd = fds.pop().expect("one");
     // The process's notifier thread (it writes the eventfds for the lcore),
     // started with its first event descriptor.
     if app.notifier.get().is_none() {
@@ -218,6 +223,7 @@ fn event_fd(
                 app: app.id,
                 sock,
                 fd,
+                wfd,
                 write,
                 done,
             },

@@ -237,6 +237,11 @@ pub enum Op {
         area: u16,
         /// Ring sizes of accepted connections.
         bufs: Bufs,
+        /// 0, or the pid of this process's parent: a process forked after its
+        /// parent listened takes the address over from the parent's listener
+        /// (which then gets no more requests), so that forked workers serve
+        /// SAN clients.
+        takeover: u32,
     },
     /// Answer the request `key` that arrived on this listener.
     Decide {
@@ -337,7 +342,10 @@ impl Command {
         };
         let op = match v.kind() {
             kind::LISTEN => {
-                used(14)?;
+                used(20)?;
+                if !zero(&a[14..16]) {
+                    return Err(ParseError::Reserved);
+                }
                 let port = u16_at(a, 4);
                 let area = u16_at(a, 6);
                 if port == 0 {
@@ -351,6 +359,7 @@ impl Command {
                     backlog: u32_at(a, 8) as i32,
                     area,
                     bufs: Bufs::parse(&a[12..14])?,
+                    takeover: u32_at(a, 16),
                 }
             }
             kind::DECIDE => {
@@ -433,12 +442,14 @@ impl Command {
                 backlog,
                 area,
                 bufs,
+                takeover,
             } => {
                 put(a, 0, &u32::from(*addr.ip()).to_le_bytes());
                 put(a, 4, &addr.port().to_le_bytes());
                 put(a, 6, &area.to_le_bytes());
                 put(a, 8, &backlog.to_le_bytes());
                 bufs.emit(&mut a[12..14]);
+                put(a, 16, &takeover.to_le_bytes());
                 kind::LISTEN
             }
             Op::Decide {
@@ -605,6 +616,7 @@ mod tests {
                 backlog: -1,
                 area: 2,
                 bufs: Bufs::default(),
+                takeover: 0,
             },
         };
         let s = c.to_slot();
@@ -729,6 +741,7 @@ mod tests {
                 backlog: 1,
                 area: 0,
                 bufs: Bufs::default(),
+                takeover: 0,
             },
         }
         .to_slot();

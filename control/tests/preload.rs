@@ -165,7 +165,7 @@ fn big_file(path: &Path) -> Vec<u8> {
 fn nginx_conf(dir: &Scratch, port: u16, sendfile: bool, workers: u32) -> PathBuf {
     let master = if workers == 0 { "off" } else { "on" };
     let conf = format!(
-        "daemon off;\nmaster_process {master};\nworker_processes {};\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  sendfile {};\n  keepalive_requests 100000;\n  server {{ listen {port}; root {d}/www; }}\n}}\n",
+        "daemon off;\nuser root;\nmaster_process {master};\nworker_processes {};\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  sendfile {};\n  keepalive_requests 100000;\n  server {{ listen {port}; root {d}/www; }}\n}}\n",
         workers.max(1),
         if sendfile { "on" } else { "off" },
         d = dir.s()
@@ -175,7 +175,36 @@ fn nginx_conf(dir: &Scratch, port: u16, sendfile: bool, workers: u32) -> PathBuf
     p
 }
 
-fn nginx(host: &str, dir: &Scratch, conf: &Path, preload: bool) -> Reaped {
+/// A running nginx: stopped with SIGTERM (its master stops its workers),
+/// waited for with a deadline, then killed, also when the test fails.
+struct Nginx {
+    child: std::process::Child,
+    dir: String,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let pattern = format!("nginx -p {}", self.dir);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let left = Command::new("pgrep")
+                .args(["-f", &pattern])
+                .output()
+                .unwrap();
+            if left.stdout.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx(host: &str, dir: &Scratch, conf: &Path, preload: bool) -> Nginx {
     let args = ["-p", &dir.s(), "-c", &conf.display().to_string()];
     let mut c = if preload {
         preloaded(host, "nginx", &args)
@@ -187,7 +216,10 @@ fn nginx(host: &str, dir: &Scratch, conf: &Path, preload: bool) -> Reaped {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Reaped(child)
+    Nginx {
+        child,
+        dir: dir.s(),
+    }
 }
 
 /// The counters a test compares before and after: h1's accepted SAN
@@ -270,6 +302,69 @@ fn curl_downloads_64_mib_from_nginx_over_the_san() {
         );
         assert!(after.bytes - before.bytes < 1 << 20);
     }
+}
+
+#[test]
+fn nginx_with_two_forked_workers_serves_over_the_san() {
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("workers");
+    let want = big_file(&dir.path("www/big"));
+    let conf = nginx_conf(&dir, 8084, true, 2);
+    let _srv = nginx("h1", &dir, &conf, true);
+    wait_listening("h1", 8084);
+    // The workers listen again when they start (one of them takes the SAN
+    // side over from the master): wait until a download goes over the SAN.
+    let out = dir.path("got");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = counts();
+        let o = run(
+            preloaded(
+                "h0",
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-o",
+                    &out.display().to_string(),
+                    "http://198.18.0.2:8084/big",
+                ],
+            ),
+            30,
+        );
+        let after = counts();
+        if o.status.success() && after.accepted > before.accepted {
+            same_file(&out, &want);
+            assert!(after.bytes - before.bytes >= want.len() as u64);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never over the SAN: {}",
+            text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every download now goes over the SAN to a worker, none falls back.
+    let before = counts();
+    for _ in 0..3 {
+        curl(true, "http://198.18.0.2:8084/big", &out, &[]);
+        same_file(&out, &want);
+    }
+    let after = counts();
+    assert_eq!(after.accepted - before.accepted, 3, "{before:?} {after:?}");
+    assert_eq!(after.fallbacks, before.fallbacks);
+    // The master's listener and the worker's that took its address over.
+    let t = ok(&dsanctl(&[
+        "--socket",
+        "/run/dsan/lab/h1/dsand.sock",
+        "listeners",
+    ]));
+    assert!(
+        t.lines().filter(|l| l.contains(" 8084 ")).count() >= 2,
+        "{t}"
+    );
 }
 
 #[test]

@@ -46,6 +46,12 @@ extern "C" fn init() {
     // Programs poll their sockets for "writable": every SAN connection gets
     // its FD_WRITE descriptor with its event descriptor, in one request.
     dsan_switch::set_watch_writable(true);
+    // What the environment says, now: programs may clear it later (nginx's
+    // workers keep only TZ).
+    if let Some(p) = std::env::var_os("DSAN_SOCKET") {
+        dsan_switch::set_daemon_socket(p.into());
+    }
+    rules::init();
     // The library's own descriptors go to the upper part of the
     // descriptor space, when there is room, so that the program's own
     // numbers stay as low as without the library.
@@ -69,9 +75,6 @@ extern "C" fn init() {
 static FINI: extern "C" fn() = fini;
 
 extern "C" fn fini() {
-    if table::FORKED.load(Ordering::Relaxed) {
-        return;
-    }
     let Some(_in) = table::enter() else {
         return;
     };
@@ -147,6 +150,10 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 pub unsafe extern "C" fn accept(fd: c_int, a: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours!(fd, unsafe { real::accept()(fd, a, len) });
+    let Some(p) = sock::own(fd, p) else {
+        // SAFETY: the caller's arguments (now a kernel listener).
+        return unsafe { real::accept()(fd, a, len) };
+    };
     ret(sock::accept(&p, a, len, 0))
 }
 
@@ -160,6 +167,10 @@ pub unsafe extern "C" fn accept4(
 ) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours!(fd, unsafe { real::accept4()(fd, a, len, flags) });
+    let Some(p) = sock::own(fd, p) else {
+        // SAFETY: the caller's arguments (now a kernel listener).
+        return unsafe { real::accept4()(fd, a, len, flags) };
+    };
     ret(sock::accept(&p, a, len, flags))
 }
 
@@ -529,8 +540,7 @@ fn dup_to(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
         // record goes first.
         if let Some(q) = table::remove(new) {
             wait::forget(&q, new);
-            if q.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !table::FORKED.load(Ordering::Relaxed)
-            {
+            if q.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !q.inherited() {
                 let _ = dsan_switch::close(q.sw);
             }
         }
@@ -787,6 +797,14 @@ pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
 pub unsafe extern "C" fn epoll_ctl(ep: c_int, op: c_int, fd: c_int, ev: *mut epoll_event) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours!(fd, unsafe { real::epoll_ctl()(ep, op, fd, ev) });
+    let p = match op {
+        libc::EPOLL_CTL_DEL => p,
+        _ => match sock::own(fd, p) {
+            Some(p) => p,
+            // SAFETY: the caller's arguments (now a kernel listener).
+            None => return unsafe { real::epoll_ctl()(ep, op, fd, ev) },
+        },
+    };
     // SAFETY: the caller's event (read unaligned: epoll_event is packed).
     let e = (!ev.is_null()).then(|| unsafe { std::ptr::read_unaligned(ev) });
     let r = wait::epoll_ctl(ep, op, fd, &p, e);
@@ -829,14 +847,16 @@ pub unsafe extern "C" fn epoll_pwait(
     unsafe { wait::epoll_wait(ep, evs, max, timeout, mask) }
 }
 
-/// Interposed: the child keeps its descriptors but leaves SAN sockets to
-/// the parent, and uses the kernel for new sockets.
+/// Interposed: the child keeps its descriptors; SAN connections stay the
+/// parent's (the child may close its copies), a listener is listened on
+/// again by the child when it first uses it (taking the SAN side over from
+/// the parent), and the child's new sockets get SAN sockets of its own.
 #[no_mangle]
 pub unsafe extern "C" fn fork() -> libc::pid_t {
     // SAFETY: plain call.
     let pid = unsafe { real::fork()() };
     if pid == 0 {
-        table::FORKED.store(true, Ordering::Relaxed);
+        table::mark_inherited();
     }
     pid
 }

@@ -130,22 +130,35 @@ fn parse_line(n: usize, line: &str) -> Result<Option<Rule>, String> {
 
 struct Config {
     rules: Vec<Rule>,
-    program: String,
     log: bool,
 }
 
-fn config() -> &'static Config {
-    static C: OnceLock<Config> = OnceLock::new();
-    C.get_or_init(|| {
-        let log = std::env::var_os("DSAN_PRELOAD_LOG").is_some_and(|v| v != "0" && !v.is_empty());
-        let program = std::env::args_os()
+/// The program's name (argv[0] without its directory).
+fn program() -> &'static str {
+    static P: OnceLock<String> = OnceLock::new();
+    P.get_or_init(|| {
+        std::env::args_os()
             .next()
             .and_then(|a| {
                 std::path::Path::new(&a)
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    })
+}
+
+/// Reads the rules and the log setting now, from the environment as the
+/// program was started with (the library calls it when it is loaded:
+/// programs may clear their environment later, as nginx's workers do).
+pub(crate) fn init() {
+    let _ = config();
+}
+
+fn config() -> &'static Config {
+    static C: OnceLock<Config> = OnceLock::new();
+    C.get_or_init(|| {
+        let log = std::env::var_os("DSAN_PRELOAD_LOG").is_some_and(|v| v != "0" && !v.is_empty());
         let mut rules = Vec::new();
         if let Some(path) = std::env::var_os("DSAN_PRELOAD_CONF") {
             match std::fs::read_to_string(&path) {
@@ -168,11 +181,7 @@ fn config() -> &'static Config {
                 )),
             }
         }
-        Config {
-            rules,
-            program,
-            log,
-        }
+        Config { rules, log }
     })
 }
 
@@ -202,7 +211,7 @@ pub(crate) fn decide(role: Role, a: SocketAddrV4) -> (Action, Option<usize>) {
     let c = config();
     c.rules
         .iter()
-        .find(|r| r.matches(role, &c.program, a))
+        .find(|r| r.matches(role, program(), a))
         .map_or((Action::Both, None), |r| (r.action, Some(r.line)))
 }
 

@@ -149,7 +149,7 @@ fn take_over(fd: RawFd, sw: RawFd, state: State) -> Result<Arc<PFd>, i32> {
 /// call is the right one (not an AF_INET stream socket, a `tcp` rule, a
 /// forked child).
 pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>> {
-    if table::FORKED.load(Ordering::Relaxed) || !is_stream(fd) {
+    if !is_stream(fd) {
         return None;
     }
     let bound = name_of(fd)?;
@@ -172,6 +172,7 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
         Ok(true) => {
             let r = take_over(fd, sw, State::Listening).map(|p| {
                 *p.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+                p.backlog.store(backlog, Ordering::Relaxed);
                 0
             });
             if r.is_err() {
@@ -199,7 +200,7 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
 /// `connect` on a descriptor that is not ours yet. `None`: the kernel's
 /// call is the right one.
 pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, i32>> {
-    if table::FORKED.load(Ordering::Relaxed) || dst.ip().is_loopback() || !is_stream(fd) {
+    if dst.ip().is_loopback() || !is_stream(fd) {
         return None;
     }
     let (action, rule) = rules::decide(Role::Client, dst);
@@ -364,7 +365,7 @@ pub(crate) fn close(fd: RawFd) -> c_int {
     let r = unsafe { real::close()(fd) };
     let e = errno();
     let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
-    if last && !table::FORKED.load(Ordering::Relaxed) {
+    if last && !p.inherited() {
         let _ = dsan_switch::close(p.sw);
     }
     set_errno(e);
@@ -505,4 +506,58 @@ pub(crate) unsafe fn name(
     // SAFETY: the caller's out-parameters.
     unsafe { write_v4(v, a, len) };
     Ok(0)
+}
+
+/// The socket behind program descriptor `fd` for this process to use: in
+/// a forked child, a listener inherited from the parent is listened on
+/// again first (a switch socket of the child's own over the same kernel
+/// listener, taking the SAN side over from the parent). None if `fd` is a
+/// plain kernel listener now (the child could not make a switch socket).
+pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
+    if !p.inherited() || p.state() != State::Listening {
+        return Some(p);
+    }
+    let Some(t) = dsan_switch::inherited_listener(p.sw) else {
+        return Some(p);
+    };
+    let local = *p.local.lock().unwrap_or_else(|e| e.into_inner());
+    let backlog = p.backlog.load(Ordering::Relaxed);
+    let made = dup_owned(t).and_then(dsan_switch::adopt).and_then(|sw| {
+        // SAFETY: plain call.
+        let ppid = unsafe { libc::getppid() } as u32;
+        let _ = dsan_switch::set_takeover(sw, ppid);
+        match dsan_switch::listen(sw, backlog) {
+            Ok(san) => Ok((sw, san)),
+            Err(e) => {
+                let _ = dsan_switch::close(sw);
+                Err(e)
+            }
+        }
+    });
+    match made.and_then(|(sw, san)| take_over(fd, sw, State::Listening).map(|np| (np, san))) {
+        Ok((np, san)) => {
+            *np.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
+            np.backlog.store(backlog, Ordering::Relaxed);
+            rules::log(|| {
+                format!(
+                    "listen fd {fd} again after fork: {}",
+                    if san {
+                        "kernel TCP and SAN"
+                    } else {
+                        "kernel TCP"
+                    }
+                )
+            });
+            Some(np)
+        }
+        Err(e) => {
+            // The kernel listener itself then: the program keeps accepting
+            // kernel TCP connections.
+            // SAFETY: two valid descriptors; `fd` is replaced atomically.
+            unsafe { real::dup3()(t, fd, if cloexec(fd) { libc::O_CLOEXEC } else { 0 }) };
+            table::remove(fd);
+            rules::log(|| format!("listen fd {fd} after fork: kernel TCP only (errno {e})"));
+            None
+        }
+    }
 }

@@ -53,10 +53,6 @@ static MAP: [AtomicU64; BITS / 64] = [const { AtomicU64::new(0) }; BITS / 64];
 static BIG: AtomicBool = AtomicBool::new(false);
 static TABLE: RwLock<Option<HashMap<RawFd, Arc<PFd>>>> = RwLock::new(None);
 
-/// The process is a child forked after SAN sockets were opened: inherited
-/// SAN sockets are only closed here, and new sockets use the kernel.
-pub(crate) static FORKED: AtomicBool = AtomicBool::new(false);
-
 /// Where a SAN-capable socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
@@ -84,6 +80,12 @@ pub(crate) struct PFd {
     pub(crate) local: Mutex<Option<SocketAddrV4>>,
     /// Its epoll registrations (ids in [`crate::wait`]).
     pub(crate) regs: Mutex<Vec<usize>>,
+    /// Inherited from the parent across fork: the parent's socket, which
+    /// this process only closes (closing its copy of the descriptor); a
+    /// listener is listened on again by the child on first use.
+    pub(crate) inherited: AtomicBool,
+    /// The listen backlog (a listener).
+    pub(crate) backlog: AtomicI32,
 }
 
 impl PFd {
@@ -96,6 +98,8 @@ impl PFd {
             peer: Mutex::new(None),
             local: Mutex::new(None),
             regs: Mutex::new(Vec::new()),
+            inherited: AtomicBool::new(false),
+            backlog: AtomicI32::new(0),
         })
     }
     pub(crate) fn state(&self) -> State {
@@ -103,6 +107,10 @@ impl PFd {
     }
     pub(crate) fn set_state(&self, s: State) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+    /// Whether it is the parent's (see `inherited`).
+    pub(crate) fn inherited(&self) -> bool {
+        self.inherited.load(Ordering::Relaxed)
     }
 }
 
@@ -168,4 +176,13 @@ pub(crate) fn all() -> Vec<RawFd> {
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
         .map_or_else(Vec::new, |t| t.keys().copied().collect())
+}
+
+/// In a forked child: every SAN socket there is now is the parent's.
+pub(crate) fn mark_inherited() {
+    if let Some(t) = TABLE.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        for p in t.values() {
+            p.inherited.store(true, Ordering::Relaxed);
+        }
+    }
 }

@@ -164,7 +164,7 @@ pub(crate) unsafe fn poll(
         let mut now_ready = false;
         for (i, f) in fds.iter_mut().enumerate() {
             f.revents = 0;
-            match table::get(f.fd) {
+            match table::get(f.fd).and_then(|p| crate::sock::own(f.fd, p)) {
                 None => {
                     k.push(*f);
                     map.push(Map {
@@ -290,11 +290,20 @@ fn install(id: usize, r: &mut Reg) -> Result<(), i32> {
     let want_in = r.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLPRI) as u32 != 0;
     let want_out = r.events & libc::EPOLLOUT as u32 != 0;
     for (t, kind) in targets(&r.p, r.fd, want_in, want_out) {
+        // EPOLLEXCLUSIVE cannot be set on an epoll instance (a switch
+        // socket's descriptor); the kernel sockets take it.
+        let on_epoll = t == r.fd && r.p.state() != State::Connected
+            || matches!(kind, Kind::Read | Kind::Connect);
+        let excl = if on_epoll {
+            !(libc::EPOLLEXCLUSIVE as u32)
+        } else {
+            u32::MAX
+        };
         let (events, data) = if kind == Kind::Plain {
-            (r.events, r.data)
+            (r.events & excl, r.data)
         } else {
             (
-                libc::EPOLLIN as u32 | (r.events & PASS_FLAGS),
+                libc::EPOLLIN as u32 | (r.events & PASS_FLAGS & excl),
                 (TAG << 48) | ((id as u64) << 2) | kind_bits(kind),
             )
         };
@@ -382,7 +391,7 @@ pub(crate) fn forget(p: &PFd, fd: RawFd) {
             if rs.by_id.get(&id).is_some_and(|r| r.fd == fd) {
                 let mut r = rs.by_id.remove(&id).expect("present");
                 rs.by_key.remove(&(r.ep, r.fd));
-                if table::FORKED.load(Ordering::Relaxed) {
+                if r.p.inherited() {
                     // A forked child shares the epoll instances with its
                     // parent: closing its copy changes nothing there (as
                     // with a kernel socket, still open in the parent).

@@ -205,6 +205,8 @@ struct LocalSock {
     bufs: Bufs,
     keepalive: bool,
     nodelay: bool,
+    /// 0, or the parent pid whose listener `listen` takes over.
+    takeover: u32,
     shut_rd: bool,
     shut_wr: bool,
     /// SO_ERROR reported how the connection ended already.
@@ -227,6 +229,7 @@ impl LocalSock {
             bufs: Bufs::default(),
             keepalive: false,
             nodelay: false,
+            takeover: 0,
             shut_rd: false,
             shut_wr: false,
             error_reported: false,
@@ -598,6 +601,7 @@ impl Provider {
                 backlog,
                 area: area as u16,
                 bufs: ls.bufs,
+                takeover: ls.takeover,
             },
             COMMAND_TIMEOUT,
         );
@@ -615,6 +619,20 @@ impl Provider {
         ls.area = Some(area);
         ls.state = State::Listening;
         Ok(r as usize)
+    }
+
+    /// Makes `listen` on `s` take the address over from the listener of
+    /// this process's parent `ppid` (a process forked after its parent
+    /// listened: the parent's listener then gets no more requests). The
+    /// daemon checks that `ppid` is the parent and holds the listener; else
+    /// the address is in use, as without this call.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`].
+    pub fn set_takeover(&self, s: SocketId, ppid: u32) -> Result<()> {
+        let mut g = self.lock(s)?;
+        g.as_mut().expect("checked").takeover = ppid;
+        Ok(())
     }
 
     /// Registers `efd` (an eventfd) for the `mask` events of `s` and makes `s`
@@ -1175,6 +1193,13 @@ impl SanSocket {
             return crate::Readiness::default();
         }
         self.p.readiness(self.s, read, write)
+    }
+    /// See [`Provider::set_takeover`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn set_takeover(&self, ppid: u32) -> Result<()> {
+        self.p.set_takeover(self.live()?, ppid)
     }
     /// See [`Provider::event_select_with`].
     ///

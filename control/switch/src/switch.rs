@@ -54,6 +54,8 @@ struct Sock {
     error: std::sync::atomic::AtomicI32,
     /// No fallback to kernel TCP: a SAN connect that cannot be made fails.
     san_only: std::sync::atomic::AtomicBool,
+    /// 0, or the parent pid whose SAN listener `listen` takes over.
+    takeover: std::sync::atomic::AtomicU32,
     /// Signalled when a nonblocking connect finishes (in `epfd`: the
     /// descriptor polls readable); drained when the outcome is reported.
     connect_efd: OnceLock<OwnedFd>,
@@ -213,53 +215,178 @@ struct Global {
     register: Mutex<std::sync::mpsc::Sender<Registration>>,
     provider: Mutex<Option<Arc<Provider>>>,
     /// The accept thread's epoll (SAN listeners' FD_ACCEPT eventfds).
-    accept_ep: OwnedFd,
+    accept_ep: std::sync::atomic::AtomicI32,
+    /// In a forked child: the kernel TCP sockets of the listeners the parent
+    /// had (by switch descriptor), for [`relisten`].
+    inherited_listeners: Mutex<HashMap<RawFd, RawFd>>,
+}
+
+/// Set in a forked child (pthread_atfork): the switch's threads, provider
+/// and accept epoll are the parent's and are made again on first use.
+static FORKED_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+type ForkGuards = (
+    std::sync::MutexGuard<'static, HashMap<RawFd, Entry>>,
+    std::sync::MutexGuard<'static, Option<Arc<Provider>>>,
+    std::sync::MutexGuard<'static, std::sync::mpsc::Sender<Registration>>,
+);
+
+thread_local! {
+    /// The switch's locks, held by the forking thread across fork, so that
+    /// the child never finds one held by a thread it does not have.
+    static FORK_GUARDS: std::cell::RefCell<Option<ForkGuards>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn on_fork_prepare() {
+    let Some(g) = GLOBAL.get() else {
+        return;
+    };
+    let guards = (
+        g.table.lock().unwrap_or_else(|e| e.into_inner()),
+        g.provider.lock().unwrap_or_else(|e| e.into_inner()),
+        g.register.lock().unwrap_or_else(|e| e.into_inner()),
+    );
+    let _ = FORK_GUARDS.try_with(|c| *c.borrow_mut() = Some(guards));
+}
+
+extern "C" fn on_fork_parent() {
+    let _ = FORK_GUARDS.try_with(|c| c.borrow_mut().take());
+}
+
+extern "C" fn on_fork_child() {
+    let _ = FORK_GUARDS.try_with(|c| c.borrow_mut().take());
+    FORKED_CHILD.store(true, Ordering::Relaxed);
+}
+
+static GLOBAL: OnceLock<Global> = OnceLock::new();
+
+/// Starts the switch's threads for this process: the accept thread on a
+/// new epoll instance, and the registration thread; returns the epoll and
+/// the registration queue.
+fn start_threads() -> (OwnedFd, std::sync::mpsc::Sender<Registration>) {
+    let ep = epoll_create().expect("epoll_create1");
+    let accept_ep_raw = ep.as_raw_fd();
+    std::thread::Builder::new()
+        .name("dsan-switch-accept".into())
+        .spawn(move || {
+            thread_hook();
+            accept_thread(accept_ep_raw)
+        })
+        .expect("spawning the switch's accept thread");
+    let (tx, rx) = std::sync::mpsc::channel::<Registration>();
+    std::thread::Builder::new()
+        .name("dsan-switch-register".into())
+        .spawn(move || {
+            thread_hook();
+            for (ss, efd, wfd, due, write) in rx {
+                let wait = due.saturating_duration_since(std::time::Instant::now());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+                // A connection closed meanwhile is gone: nothing to do.
+                if let Some(ss) = ss.upgrade() {
+                    let _ = match (&wfd, write) {
+                        (Some(w), _) => ss.event_select_with(
+                            efd.as_fd(),
+                            w.as_fd(),
+                            FD_READ | FD_CLOSE | FD_WRITE,
+                        ),
+                        (None, true) => ss.event_select_write(efd.as_fd()),
+                        (None, false) => ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE),
+                    };
+                }
+            }
+        })
+        .expect("spawning the switch's registration thread");
+    (ep, tx)
 }
 
 fn g() -> &'static Global {
-    static G: OnceLock<Global> = OnceLock::new();
-    G.get_or_init(|| {
-        let ep = epoll_create().expect("epoll_create1");
-        let accept_ep_raw = ep.as_raw_fd();
-        std::thread::Builder::new()
-            .name("dsan-switch-accept".into())
-            .spawn(move || {
-                thread_hook();
-                accept_thread(accept_ep_raw)
-            })
-            .expect("spawning the switch's accept thread");
-        let (tx, rx) = std::sync::mpsc::channel::<Registration>();
-        std::thread::Builder::new()
-            .name("dsan-switch-register".into())
-            .spawn(move || {
-                thread_hook();
-                for (ss, efd, wfd, due, write) in rx {
-                    let wait = due.saturating_duration_since(std::time::Instant::now());
-                    if !wait.is_zero() {
-                        std::thread::sleep(wait);
-                    }
-                    // A connection closed meanwhile is gone: nothing to do.
-                    if let Some(ss) = ss.upgrade() {
-                        let _ = match (&wfd, write) {
-                            (Some(w), _) => ss.event_select_with(
-                                efd.as_fd(),
-                                w.as_fd(),
-                                FD_READ | FD_CLOSE | FD_WRITE,
-                            ),
-                            (None, true) => ss.event_select_write(efd.as_fd()),
-                            (None, false) => ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE),
-                        };
-                    }
-                }
-            })
-            .expect("spawning the switch's registration thread");
+    let g = GLOBAL.get_or_init(|| {
+        // SAFETY: registering handlers that take and release the switch's
+        // own locks and store to an atomic.
+        unsafe {
+            libc::pthread_atfork(
+                Some(on_fork_prepare),
+                Some(on_fork_parent),
+                Some(on_fork_child),
+            )
+        };
+        let (ep, tx) = start_threads();
         Global {
             register: Mutex::new(tx),
             table: Mutex::new(HashMap::new()),
             provider: Mutex::new(None),
-            accept_ep: ep,
+            accept_ep: std::sync::atomic::AtomicI32::new(std::os::fd::IntoRawFd::into_raw_fd(ep)),
+            inherited_listeners: Mutex::new(HashMap::new()),
         }
-    })
+    });
+    if FORKED_CHILD.load(Ordering::Relaxed) {
+        after_fork(g);
+    }
+    g
+}
+
+/// In a forked child, on first use: the parent's sockets are set aside
+/// (never used or closed here: their SAN sockets belong to the parent's
+/// attachment, whose command ring only the parent may write), and the
+/// child gets threads, an accept epoll and (on first need) a daemon
+/// attachment of its own.
+fn after_fork(g: &'static Global) {
+    static ONCE: Mutex<()> = Mutex::new(());
+    let _one = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    if !FORKED_CHILD.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    let old: HashMap<RawFd, Entry> =
+        std::mem::take(&mut *g.table.lock().unwrap_or_else(|e| e.into_inner()));
+    {
+        let mut inh = g
+            .inherited_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        inh.clear();
+        for (fd, e) in &old {
+            if let Entry::Sock(s) = e {
+                let listening = s.listen.try_lock().map(|l| l.is_some()).unwrap_or(false);
+                let tcp = s
+                    .tcp
+                    .try_lock()
+                    .ok()
+                    .and_then(|t| t.as_ref().map(AsRawFd::as_raw_fd));
+                if let (true, Some(t)) = (listening, tcp) {
+                    inh.insert(*fd, t);
+                }
+            }
+        }
+    }
+    std::mem::forget(old);
+    // The parent's attachment: never dropped here (its drop would talk to
+    // the daemon on the parent's behalf).
+    std::mem::forget(g.provider.lock().unwrap_or_else(|e| e.into_inner()).take());
+    let (ep, tx) = start_threads();
+    *g.register.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    g.accept_ep
+        .store(std::os::fd::IntoRawFd::into_raw_fd(ep), Ordering::Release);
+}
+
+/// The accept thread's epoll of this process.
+fn accept_ep() -> RawFd {
+    g().accept_ep.load(Ordering::Acquire)
+}
+
+/// In a forked child: the kernel TCP socket of the parent's listener `fd`
+/// (a switch descriptor the child inherited), to listen on again with
+/// [`adopt`] and [`set_takeover`] in the child. None if `fd` was not a
+/// listener of the parent.
+pub fn inherited_listener(fd: RawFd) -> Option<RawFd> {
+    let _ = g();
+    g().inherited_listeners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&fd)
+        .copied()
 }
 
 fn errno() -> i32 {
@@ -362,7 +489,7 @@ fn provider() -> Option<Arc<Provider>> {
         }
         *p = None;
     }
-    *p = Provider::attach(None).ok();
+    *p = Provider::attach(DAEMON_SOCKET.get().map(|p| p.as_path())).ok();
     p.clone()
 }
 
@@ -387,6 +514,7 @@ pub fn socket() -> Result<RawFd, i32> {
         pending: Mutex::new(None),
         error: std::sync::atomic::AtomicI32::new(0),
         san_only: std::sync::atomic::AtomicBool::new(false),
+        takeover: std::sync::atomic::AtomicU32::new(0),
         connect_efd: OnceLock::new(),
     };
     g().table
@@ -510,6 +638,10 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
     let setup = || -> Result<(SanSocket, OwnedFd), SanError> {
         let ss = SanSocket::new(&p)?;
         ss.bind(bound)?;
+        let from = s.takeover.load(Ordering::Relaxed);
+        if from != 0 {
+            ss.set_takeover(from)?;
+        }
         ss.listen(backlog)?;
         let efd = eventfd().map_err(SanError::Os)?;
         ss.event_select(efd.as_fd(), FD_ACCEPT)?;
@@ -517,7 +649,7 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
     };
     match setup() {
         Ok((ss, efd)) => {
-            let _ = epoll_add(g().accept_ep.as_raw_fd(), efd.as_raw_fd(), fd as u64);
+            let _ = epoll_add(accept_ep(), efd.as_raw_fd(), fd as u64);
             l.san = Some((ss, efd));
             true
         }
@@ -550,7 +682,7 @@ fn revive_listeners() {
             continue;
         }
         if let Some((_, efd)) = l.san.take() {
-            epoll_del(g().accept_ep.as_raw_fd(), efd.as_raw_fd());
+            epoll_del(accept_ep(), efd.as_raw_fd());
         }
         san_side(fd, &s, l);
     }
@@ -995,7 +1127,7 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
         }
         if let Some(l) = s.listen.lock().unwrap_or_else(|e| e.into_inner()).take() {
             if let Some((_, efd)) = &l.san {
-                epoll_del(g().accept_ep.as_raw_fd(), efd.as_raw_fd());
+                epoll_del(accept_ep(), efd.as_raw_fd());
             }
         }
         s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -1330,4 +1462,27 @@ pub fn writable_now(fd: RawFd) -> bool {
         return true;
     }
     false
+}
+
+/// Makes `listen` on `fd` take the SAN address over from the listener of
+/// this process's parent `ppid` (a forked worker serving its parent's
+/// listening socket; see [`inherited_listener`]).
+///
+/// # Errors
+/// ENOTSOCK.
+pub fn set_takeover(fd: RawFd, ppid: u32) -> Result<(), i32> {
+    sock(fd)?.takeover.store(ppid, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The daemon's control socket, when set (else the provider's default:
+/// `DSAN_SOCKET`, then `/run/dsan/dsand.sock`).
+static DAEMON_SOCKET: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+/// Sets the daemon's control socket for every attachment this process makes
+/// from now on (once): an interposing library takes it from the
+/// environment when it is loaded, as programs may clear their environment
+/// later (nginx's workers keep only TZ).
+pub fn set_daemon_socket(path: std::path::PathBuf) {
+    let _ = DAEMON_SOCKET.set(path);
 }

@@ -271,7 +271,8 @@ impl Node {
                 backlog,
                 area,
                 bufs,
-            } => self.app_listen(id, sock, addr, backlog, area, bufs),
+                takeover,
+            } => self.app_listen(id, sock, addr, backlog, area, bufs, takeover),
             Op::Decide { key, verdict, .. } => self.app_decide(now, id, sock, key, verdict),
             Op::Connect {
                 dst,
@@ -312,6 +313,7 @@ impl Node {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn app_listen(
         &mut self,
         id: u64,
@@ -320,6 +322,7 @@ impl Node {
         backlog: i32,
         area: u16,
         bufs: Bufs,
+        takeover: u32,
     ) -> Option<i64> {
         let p = &self.procs[&id];
         let area_used = p
@@ -329,10 +332,25 @@ impl Node {
         if p.socks.contains_key(&sock) || area_used {
             return errno(libc::EINVAL);
         }
-        let l = match self
-            .ep
-            .listen((*addr.ip(), addr.port()), i64::from(backlog))
-        {
+        let a = (*addr.ip(), addr.port());
+        // A forked child takes the address over from its parent's listener
+        // (checked: the listener belongs to an attachment of that pid, and
+        // that pid is this process's parent).
+        let from = (takeover != 0)
+            .then(|| self.ep.listener_at(a))
+            .flatten()
+            .filter(|l| {
+                self.listener_owner
+                    .get(l)
+                    .and_then(|(owner, _)| self.procs.get(owner))
+                    .is_some_and(|o| o.shared.pid == takeover)
+                    && parent_of(p.shared.pid) == Some(takeover)
+            });
+        let listened = match from {
+            Some(f) => self.ep.listen_over(a, i64::from(backlog), f),
+            None => self.ep.listen(a, i64::from(backlog)),
+        };
+        let l = match listened {
             Ok(l) => l,
             Err(ListenError::AddrInUse) => return errno(libc::EADDRINUSE),
             Err(ListenError::AddrNotAvailable) => return errno(libc::EADDRNOTAVAIL),
@@ -445,4 +463,17 @@ impl Node {
             None // completes with the outcome
         }
     }
+}
+
+/// The parent of process `pid` (from `/proc`), if it is there. Read only
+/// when a process asks to take over its parent's listener (rare).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -104,6 +104,33 @@ impl<R: Rng> Endpoint<R> {
         Ok(id)
     }
 
+    /// Listens on `addr` in place of listener `from`, which holds it: new
+    /// requests for `addr` go to the new listener; `from` keeps what it has
+    /// and gets nothing more (a forked worker taking its parent's SAN side).
+    ///
+    /// # Errors
+    /// [`ListenError::AddrInUse`] if `from` is not the listener of `addr`;
+    /// as [`listen`](Self::listen).
+    pub fn listen_over(
+        &mut self,
+        addr: SockAddr,
+        backlog: i64,
+        from: ListenerId,
+    ) -> Result<ListenerId, ListenError> {
+        if self.listener_by_addr.get(&addr) != Some(&from) {
+            return Err(ListenError::AddrInUse);
+        }
+        self.listener_by_addr.remove(&addr);
+        self.listen(addr, backlog).inspect_err(|_| {
+            self.listener_by_addr.insert(addr, from);
+        })
+    }
+
+    /// The listener that requests for exactly `addr` go to.
+    pub fn listener_at(&self, addr: SockAddr) -> Option<ListenerId> {
+        self.listener_by_addr.get(&addr).copied()
+    }
+
     /// Closes a listener: every request still pending on it is refused to its
     /// peer (`ListenerClosed`, ECONNREFUSED there), in arrival order.
     ///
@@ -111,7 +138,10 @@ impl<R: Rng> Endpoint<R> {
     /// [`CloseError::Unknown`] for an unknown listener.
     pub fn close_listener(&mut self, now: Instant, id: ListenerId) -> Result<(), CloseError> {
         let l = self.listeners.remove(&id).ok_or(CloseError::Unknown)?;
-        self.listener_by_addr.remove(&l.addr);
+        // (A listener whose address was taken over holds no index entry.)
+        if self.listener_by_addr.get(&l.addr) == Some(&id) {
+            self.listener_by_addr.remove(&l.addr);
+        }
         if l.live == 0 {
             return Ok(());
         }

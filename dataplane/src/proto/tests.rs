@@ -698,3 +698,34 @@ fn resolution_answers_only_for_our_addresses_and_is_cached() {
         1
     );
 }
+
+#[test]
+fn a_listener_taken_over_gets_nothing_more() {
+    let mut p = Pair::new(cfg());
+    let parent = p.b.listen((Ipv4::UNSPECIFIED, 5000), 4).unwrap();
+    // Only the listener that holds the address can be taken over.
+    let other = p.b.listen((IB, 5001), 4).unwrap();
+    assert_eq!(
+        p.b.listen_over((Ipv4::UNSPECIFIED, 5000), 4, other),
+        Err(ListenError::AddrInUse)
+    );
+    let child =
+        p.b.listen_over((Ipv4::UNSPECIFIED, 5000), 4, parent)
+            .unwrap();
+    assert_eq!(p.b.listener_at((Ipv4::UNSPECIFIED, 5000)), Some(child));
+    p.a.connect(p.now, None, (IB, 5000)).unwrap();
+    p.deliver();
+    assert!(
+        matches!(p.ev_b[..], [Event::Incoming { listener, .. }] if listener == child),
+        "{:?}",
+        p.ev_b
+    );
+    // Closing the parent's listener leaves the child's address alone.
+    p.b.close_listener(p.now, parent).unwrap();
+    assert_eq!(p.b.listener_at((Ipv4::UNSPECIFIED, 5000)), Some(child));
+    // A second take-over from the parent's (now gone) listener fails.
+    assert_eq!(
+        p.b.listen_over((Ipv4::UNSPECIFIED, 5000), 4, parent),
+        Err(ListenError::AddrInUse)
+    );
+}

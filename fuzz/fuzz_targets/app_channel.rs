@@ -134,6 +134,9 @@ fuzz_target!(|ops: Vec<Op>| {
                         backlog: i32::from(backlog),
                         area: u16::from(area % 4),
                         bufs: Default::default(),
+                        // Now and then a take-over claim (by a pid that is
+                        // nobody's parent here): refused, as a plain listen.
+                        takeover: u32::from(backlog % 5 == 0),
                     },
                 }
                 .to_slot(),

@@ -234,11 +234,45 @@ fn a_real_prometheus_scrapes_the_lab_and_agrees_with_the_bench() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
     let dash: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("deploy/grafana/dsan-dashboard.json")).unwrap(),
     )
     .unwrap();
+    // Wait (with a deadline) until the server has what the checks below
+    // need: two scrapes of every main panel's series since the listener
+    // came up, and the recording rules evaluated on them.
+    let needs_data = |expr: &str| {
+        expr.contains("connects_accepted")
+            || expr.contains("lcore_polls")
+            || expr.contains("backlog_capacity")
+            || expr.contains("port_rx_packets")
+            || expr == "dsan_san_connections"
+    };
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| {
+            t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+        })
+        .filter(|e| needs_data(e))
+        .chain([
+            "instance:dsan_lcore_busy:ratio_rate1m".to_string(),
+            "listener:dsan_backlog_fill:ratio".to_string(),
+        ])
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(e) = exprs
+        .iter()
+        .find(|e| prom.query(e).as_array().is_none_or(|a| a.is_empty()))
+    {
+        assert!(Instant::now() < deadline, "no data for {e}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let mut checked = 0;
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {

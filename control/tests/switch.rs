@@ -219,8 +219,8 @@ fn the_c_abi_builds_and_serves_both_transports() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
+    // Printed once dsan_sw_listen returned: both sides listen.
     assert_eq!(line.trim(), "listening");
-    std::thread::sleep(Duration::from_millis(100));
     let c = connect("h0", "198.18.0.2", "5004");
     assert!(c.starts_with("connected san"), "{c}");
     tcp_client("h0", "198.18.0.2", 5004);
@@ -278,12 +278,16 @@ fn address_changes_apply_at_run_time() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(300)); // the lcore applies it on its next tick
+    // Asking for counters has the lcore take the new addresses first.
+    ok(&dsanctl(&[
+        "--socket",
+        "/run/dsan/lab/h1/dsand.sock",
+        "stats",
+    ]));
     let c = connect("h0", "198.18.0.102", "5005");
     assert!(c.starts_with("connected san "), "{c}");
     assert!(l.line().ends_with(" san"));
-    // dsanctl connections and stats answer (counters published on the next tick).
-    std::thread::sleep(Duration::from_millis(50));
+    // dsanctl connections and stats answer (counters published on request).
     let o = dsanctl(&["--json", "--socket", "/run/dsan/lab/h1/dsand.sock", "stats"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["connects_accepted"], 1, "{v}");

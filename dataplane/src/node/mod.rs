@@ -200,7 +200,8 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    /// Replaces the host's SAN addresses and subnets; the lcore applies them on its next tick.
+    /// Replaces the host's SAN addresses and subnets; the lcore applies them
+    /// on its next tick, or at once when asked to publish its counters.
     pub fn set_addrs(&self, addrs: Vec<Ipv4>, subnets: Vec<crate::proto::Subnet>) {
         *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
         *self.subnets.write().unwrap_or_else(|e| e.into_inner()) = subnets;
@@ -340,6 +341,7 @@ impl Node {
                 let _ = done.send(());
             }
             Command::Publish(done) => {
+                self.apply_addrs();
                 self.publish();
                 let _ = done.send(());
             }
@@ -538,6 +540,25 @@ impl<D: Device> Handler<D> for Node {
     }
 
     fn on_tick(&mut self, _now: Instant) {
+        self.apply_addrs();
+        self.publish();
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        let p = self.ping.as_ref().map(ActivePing::next_timer);
+        let d = self.delayed.iter().map(|(t, _)| *t).min();
+        [p, self.ep.poll_timeout(), self.next_stream_timer(), d]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+impl Node {
+    /// Takes the host's SAN addresses and subnets if they changed (on the
+    /// tick, and before counters are published on request: a caller that
+    /// saw the new addresses in `status` and then asks for counters knows
+    /// the lcore uses them).
+    fn apply_addrs(&mut self) {
         let v = self.addrs_version.load(Ordering::Acquire);
         if v != self.addrs_seen {
             self.addrs_seen = v;
@@ -556,16 +577,6 @@ impl<D: Device> Handler<D> for Node {
                     .store(v, Ordering::Release);
             }
         }
-        self.publish();
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let p = self.ping.as_ref().map(ActivePing::next_timer);
-        let d = self.delayed.iter().map(|(t, _)| *t).min();
-        [p, self.ep.poll_timeout(), self.next_stream_timer(), d]
-            .into_iter()
-            .flatten()
-            .min()
     }
 }
 

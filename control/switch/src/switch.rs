@@ -79,10 +79,13 @@ struct Conn {
     /// Written by the provider on FD_READ / FD_CLOSE; in the descriptor's
     /// epoll set, so the switch descriptor is readable when bytes or the end
     /// of the stream are there.
-    efd: Option<OwnedFd>,
+    /// (Shared with the registration thread: the provider keeps the
+    /// number of the descriptor it registers, so that one stays open as
+    /// long as the connection.)
+    efd: Option<Arc<OwnedFd>>,
     /// Signalled while a send would not block (see [`watch_writable`]);
     /// made on request.
-    wfd: OnceLock<OwnedFd>,
+    wfd: OnceLock<Arc<OwnedFd>>,
 }
 
 impl Sock {
@@ -92,15 +95,13 @@ impl Sock {
     }
 
     fn set_san_arc(&self, ss: Arc<SanSocket>) -> Result<(), i32> {
-        let efd = eventfd()?;
+        let efd = Arc::new(eventfd()?);
         epoll_add(self.epfd.as_raw_fd(), efd.as_raw_fd(), 0)?;
         // Registering the eventfd with the daemon is a control-socket round
         // trip: it runs on the switch's registration thread, so that connect
         // and accept return at once. Nothing is lost meanwhile: the
         // registration posts FD_READ at once if bytes arrived before it.
-        let copy = efd
-            .try_clone()
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?;
+        let copy = efd.clone();
         // (A weak reference: a connection closed before its turn is skipped
         // and holds no provider socket meanwhile.)
         let due = std::time::Instant::now() + REGISTER_AFTER;
@@ -109,12 +110,9 @@ impl Sock {
         let wfd = OnceLock::new();
         let mut wcopy = None;
         if WATCH_WRITABLE.load(Ordering::Relaxed) {
-            let w = eventfd()?;
+            let w = Arc::new(eventfd()?);
             signal(w.as_raw_fd());
-            wcopy = Some(
-                w.try_clone()
-                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?,
-            );
+            wcopy = Some(w.clone());
             let _ = wfd.set(w);
         }
         let queued = g()
@@ -123,10 +121,7 @@ impl Sock {
             .unwrap_or_else(|e| e.into_inner())
             .send((Arc::downgrade(&ss), copy, wcopy, due, false));
         if queued.is_err() {
-            let copy = efd
-                .try_clone()
-                .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?;
-            ss.event_select(copy.as_fd(), FD_READ | FD_CLOSE)
+            ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE)
                 .map_err(|e| e.errno())?;
         }
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
@@ -185,8 +180,8 @@ impl Sock {
 /// descriptor) in one request.
 type Registration = (
     std::sync::Weak<SanSocket>,
-    OwnedFd,
-    Option<OwnedFd>,
+    Arc<OwnedFd>,
+    Option<Arc<OwnedFd>>,
     std::time::Instant,
     bool,
 );
@@ -1375,8 +1370,8 @@ pub fn watch_writable(fd: RawFd) -> Option<RawFd> {
     if let Some(w) = c.wfd.get() {
         return Some(w.as_raw_fd());
     }
-    let w = eventfd().ok()?;
-    let copy = w.try_clone().ok()?;
+    let w = Arc::new(eventfd().ok()?);
+    let copy = w.clone();
     let raw = w.as_raw_fd();
     let _ = c.wfd.set(w);
     if ss.readiness(false, true).writable {

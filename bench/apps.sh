@@ -4,7 +4,7 @@
 # nginx, each run once with both programs preloaded with libdsan_preload.so
 # (the SAN) and once without (kernel TCP), in one run.
 #
-#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S]
+#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S] [--idle POLICY]
 #
 # Brings the two-host lab up (and down again at the end, also on failure),
 # prints a table, and writes DIR/apps.json (with the commit, the date, the
@@ -18,6 +18,7 @@ out=bench-out/apps
 requests=200000
 clients=50
 duration=5
+idle=adaptive
 cmdline="bench/apps.sh $*"
 while (($#)); do
   case "$1" in
@@ -25,7 +26,8 @@ while (($#)); do
     --requests) requests=$2; shift 2 ;;
     --clients) clients=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --idle) idle=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "apps.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -45,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$bin/dsanctl" lab down >/dev/null 2>&1 || true
-"$bin/dsanctl" lab up >/dev/null
+"$bin/dsanctl" lab up --idle "$idle" >/dev/null
 
 in_host() { # host preload(0|1) prog args...
   local h=$1 pre=$2; shift 2

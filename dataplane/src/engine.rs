@@ -58,9 +58,16 @@ impl std::str::FromStr for IdlePolicy {
         match s {
             "poll" => Ok(IdlePolicy::Poll),
             "adaptive" => Ok(IdlePolicy::ADAPTIVE_DEFAULT),
-            other => Err(format!(
-                "unknown idle policy {other:?} (expected \"poll\" or \"adaptive\")"
-            )),
+            other => match other.strip_prefix("adaptive:").map(str::parse::<u64>) {
+                // `adaptive:SPIN_US`: the adaptive policy with another spin.
+                Some(Ok(us)) if us <= 1_000_000 => Ok(IdlePolicy::Adaptive {
+                    spin: Duration::from_micros(us),
+                    max_sleep: Duration::from_micros(50),
+                }),
+                _ => Err(format!(
+                    "unknown idle policy {other:?} (expected \"poll\", \"adaptive\" or \"adaptive:SPIN_US\")"
+                )),
+            },
         }
     }
 }
@@ -413,6 +420,15 @@ mod tests {
         assert_eq!("poll".parse::<IdlePolicy>().unwrap(), IdlePolicy::Poll);
         assert_eq!("adaptive".parse::<IdlePolicy>().unwrap().name(), "adaptive");
         assert!("spin".parse::<IdlePolicy>().is_err());
+        assert_eq!(
+            "adaptive:20".parse::<IdlePolicy>().unwrap(),
+            IdlePolicy::Adaptive {
+                spin: Duration::from_micros(20),
+                max_sleep: Duration::from_micros(50),
+            }
+        );
+        assert!("adaptive:x".parse::<IdlePolicy>().is_err());
+        assert!("adaptive:2000000".parse::<IdlePolicy>().is_err());
     }
 
     struct FailingAlloc(Loopback);

@@ -93,6 +93,30 @@ unsafe fn iovecs<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], i32> {
     Ok(unsafe { std::slice::from_raw_parts(iov, n as usize) })
 }
 
+/// Runs `step` over the caller's iovecs in order (empty ones skipped; its
+/// second argument says whether nothing moved yet), stopping at a short
+/// step; a failure after some bytes moved ends the call with those bytes,
+/// as the kernel does.
+fn over_iovs(
+    v: &[iovec],
+    mut step: impl FnMut(&iovec, bool) -> Result<usize, i32>,
+) -> Result<usize, i32> {
+    let mut total = 0;
+    for io in v.iter().filter(|io| io.iov_len > 0) {
+        match step(io, total == 0) {
+            Ok(k) => {
+                total += k;
+                if k < io.iov_len {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
 /// Receives into the caller's iovecs (scatter): the first waits as the
 /// socket does, the rest take what is there.
 ///
@@ -106,27 +130,19 @@ pub(crate) unsafe fn recv_iov(
 ) -> Result<usize, i32> {
     // SAFETY: the caller's contract.
     let v = unsafe { iovecs(iov, n)? };
-    let mut total = 0;
-    for io in v.iter().filter(|io| io.iov_len > 0) {
+    over_iovs(v, |io, first| {
         // SAFETY: the caller's buffer of iov_len bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(io.iov_base.cast::<u8>(), io.iov_len) };
-        let f = if total > 0 {
-            flags | libc::MSG_DONTWAIT
-        } else {
-            flags
-        };
-        match recv(p, buf, f) {
-            Ok(k) => {
-                total += k;
-                if k < buf.len() {
-                    break;
-                }
-            }
-            Err(_) if total > 0 => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(total)
+        recv(
+            p,
+            buf,
+            if first {
+                flags
+            } else {
+                flags | libc::MSG_DONTWAIT
+            },
+        )
+    })
 }
 
 /// Sends from the caller's iovecs (gather), stopping at a partial send.
@@ -141,27 +157,19 @@ pub(crate) unsafe fn send_iov(
 ) -> Result<usize, i32> {
     // SAFETY: the caller's contract.
     let v = unsafe { iovecs(iov, n)? };
-    let mut total = 0;
-    for io in v.iter().filter(|io| io.iov_len > 0) {
+    over_iovs(v, |io, first| {
         // SAFETY: the caller's buffer of iov_len bytes.
         let buf = unsafe { std::slice::from_raw_parts(io.iov_base.cast::<u8>(), io.iov_len) };
-        let f = if total > 0 {
-            flags | libc::MSG_NOSIGNAL
-        } else {
-            flags
-        };
-        match send(p, buf, f) {
-            Ok(k) => {
-                total += k;
-                if k < buf.len() {
-                    break;
-                }
-            }
-            Err(_) if total > 0 => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(total)
+        send(
+            p,
+            buf,
+            if first {
+                flags
+            } else {
+                flags | libc::MSG_NOSIGNAL
+            },
+        )
+    })
 }
 
 thread_local! {

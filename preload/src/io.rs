@@ -30,13 +30,23 @@ fn ready(p: &PFd) -> Result<(), i32> {
     }
 }
 
+/// MSG_DONTWAIT for a nonblocking descriptor (so the switch need not ask
+/// the kernel for the descriptor's flags on every call).
+fn dontwait(p: &PFd) -> c_int {
+    if p.nonblock.load(Ordering::Relaxed) {
+        libc::MSG_DONTWAIT
+    } else {
+        0
+    }
+}
+
 /// Receives into `buf`.
 pub(crate) fn recv(p: &PFd, buf: &mut [u8], flags: c_int) -> Result<usize, i32> {
     if flags & !RECV_FLAGS != 0 {
         return Err(libc::EOPNOTSUPP);
     }
     ready(p)?;
-    let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK);
+    let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK) | dontwait(p);
     if flags & libc::MSG_WAITALL == 0 || f & libc::MSG_PEEK != 0 {
         return dsan_switch::recv(p.sw, buf, f);
     }
@@ -57,7 +67,8 @@ pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
     if flags & !SEND_FLAGS != 0 {
         return Err(libc::EOPNOTSUPP);
     }
-    let r = ready(p).and_then(|()| dsan_switch::send(p.sw, buf, flags & libc::MSG_DONTWAIT));
+    let r = ready(p)
+        .and_then(|()| dsan_switch::send(p.sw, buf, flags & libc::MSG_DONTWAIT | dontwait(p)));
     if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
         crate::rules::log(|| {
             format!(
@@ -222,16 +233,12 @@ pub(crate) unsafe fn sendfile(
             if n == 0 {
                 break;
             }
-            let sent = match send(p, &b[..n as usize], libc::MSG_NOSIGNAL) {
+            // SIGPIPE only when nothing was sent (else the bytes are the answer).
+            let quiet = if total > 0 { libc::MSG_NOSIGNAL } else { 0 };
+            let sent = match send(p, &b[..n as usize], quiet) {
                 Ok(k) => k,
                 Err(_) if total > 0 => break,
-                Err(e) => {
-                    if e == libc::EPIPE {
-                        // SAFETY: signalling the calling thread, as the kernel does.
-                        unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGPIPE) };
-                    }
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             pos += sent as i64;
             total += sent;

@@ -408,6 +408,10 @@ unsafe fn fcntl_any(
     if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
         sock::duplicated(&p, r);
     }
+    if r >= 0 && cmd == libc::F_SETFL {
+        p.nonblock
+            .store(arg as c_int & libc::O_NONBLOCK != 0, Ordering::Relaxed);
+    }
     r
 }
 
@@ -442,7 +446,13 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
     }
     if req == libc::FIONBIO {
         // SAFETY: the caller's arguments, passed on (the shared descriptor).
-        return unsafe { real::ioctl()(fd, req, arg) };
+        let r = unsafe { real::ioctl()(fd, req, arg) };
+        if r == 0 {
+            // SAFETY: the kernel read the caller's int just now.
+            let on = unsafe { *(arg as *const c_int) } != 0;
+            p.nonblock.store(on, Ordering::Relaxed);
+        }
+        return r;
     }
     match dsan_switch::kernel_socket(p.sw) {
         // SAFETY: the caller's arguments, to the kernel socket.
@@ -535,17 +545,8 @@ fn dup_to(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
         return call();
     }
     let p: Option<std::sync::Arc<PFd>> = table::get(old);
-    if table::get(new).is_some() {
-        // The kernel closes `new` as part of the call; the switch socket's
-        // record goes first.
-        if let Some(q) = table::remove(new) {
-            wait::forget(&q, new);
-            if q.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !q.inherited() {
-                let _ = dsan_switch::close(q.sw);
-            }
-        }
-    }
-    let r = call();
+    // The kernel closes `new` as part of the call.
+    let r = sock::close_as(new, call);
     if r >= 0 {
         if let Some(p) = p {
             sock::duplicated(&p, r);

@@ -27,6 +27,15 @@ pub(crate) fn errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
+/// A kernel call's result: the value, or its errno.
+pub(crate) fn kernel_result(r: c_int) -> Result<c_int, i32> {
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
 /// Sets errno.
 pub(crate) fn set_errno(e: i32) {
     // SAFETY: the calling thread's errno location.
@@ -141,6 +150,7 @@ fn take_over(fd: RawFd, sw: RawFd, state: State) -> Result<Arc<PFd>, i32> {
         return Err(errno());
     }
     let p = PFd::new(sw, state);
+    p.nonblock.store(nonblock != 0, Ordering::Relaxed);
     table::insert(fd, p.clone());
     Ok(p)
 }
@@ -340,6 +350,7 @@ pub(crate) fn accept(
                 set_fl(nfd, fl(nfd) | libc::O_NONBLOCK);
             }
             let np = PFd::new(nfd, State::Connected);
+            np.nonblock.store(nonblock, Ordering::Relaxed);
             let _ = dsan_switch::watch_writable(nfd);
             *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
             *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -356,13 +367,20 @@ pub(crate) fn accept(
 
 /// `close` of a program descriptor that is ours.
 pub(crate) fn close(fd: RawFd) -> c_int {
+    // SAFETY: plain call.
+    close_as(fd, || unsafe { real::close()(fd) })
+}
+
+/// Program descriptor `fd` is closed by the kernel call `op` (close, or a
+/// dup2/dup3 onto it): if it is ours, its record and epoll registrations go
+/// first, and the switch socket closes with its last descriptor. Returns
+/// what `op` returned, with its errno.
+pub(crate) fn close_as(fd: RawFd, op: impl FnOnce() -> c_int) -> c_int {
     let Some(p) = table::remove(fd) else {
-        // SAFETY: plain call.
-        return unsafe { real::close()(fd) };
+        return op();
     };
     wait::forget(&p, fd);
-    // SAFETY: plain call.
-    let r = unsafe { real::close()(fd) };
+    let r = op();
     let e = errno();
     let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
     if last && !p.inherited() {
@@ -443,12 +461,7 @@ pub(crate) unsafe fn getsockopt(
         })
     })?;
     // SAFETY: the caller's parameters, passed on.
-    let r = unsafe { real::getsockopt()(k, level, name, val, len) };
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(r)
-    }
+    kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })
 }
 
 /// `setsockopt` on a switch socket: the kernel socket takes it (it serves
@@ -465,12 +478,7 @@ pub(crate) unsafe fn setsockopt(
 ) -> Result<c_int, i32> {
     let k = kernel(p)?;
     // SAFETY: the caller's parameters, passed on.
-    let r = unsafe { real::setsockopt()(k, level, name, val, len) };
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(r)
-    }
+    kernel_result(unsafe { real::setsockopt()(k, level, name, val, len) })
 }
 
 /// `getsockname` / `getpeername` on a switch socket.
@@ -494,7 +502,7 @@ pub(crate) unsafe fn name(
                 real::getsockname()(k, a, len)
             }
         };
-        return if r < 0 { Err(errno()) } else { Ok(r) };
+        return kernel_result(r);
     }
     let v = if peer {
         (*p.peer.lock().unwrap_or_else(|e| e.into_inner())).ok_or(libc::ENOTCONN)?

@@ -86,6 +86,9 @@ pub(crate) struct PFd {
     pub(crate) inherited: AtomicBool,
     /// The listen backlog (a listener).
     pub(crate) backlog: AtomicI32,
+    /// The descriptor's O_NONBLOCK, as the program set it (kept here so
+    /// that a data call does not ask the kernel each time).
+    pub(crate) nonblock: AtomicBool,
 }
 
 impl PFd {
@@ -100,6 +103,7 @@ impl PFd {
             regs: Mutex::new(Vec::new()),
             inherited: AtomicBool::new(false),
             backlog: AtomicI32::new(0),
+            nonblock: AtomicBool::new(false),
         })
     }
     pub(crate) fn state(&self) -> State {

@@ -366,15 +366,8 @@ pub(crate) fn epoll_ctl(
             install(id, r)
         }
         libc::EPOLL_CTL_DEL => {
-            let id = rs.by_key.remove(&(ep, fd)).ok_or(libc::ENOENT)?;
-            if let Some(mut r) = rs.by_id.remove(&id) {
-                uninstall(&mut r);
-                LIVE.fetch_sub(1, Ordering::Relaxed);
-            }
-            p.regs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|i| *i != id);
+            let id = *rs.by_key.get(&(ep, fd)).ok_or(libc::ENOENT)?;
+            drop_reg(rs, p, id, true);
             Ok(())
         }
         _ => Err(libc::EINVAL),
@@ -389,23 +382,30 @@ pub(crate) fn forget(p: &PFd, fd: RawFd) {
     with_regs(|rs| {
         for id in ids {
             if rs.by_id.get(&id).is_some_and(|r| r.fd == fd) {
-                let mut r = rs.by_id.remove(&id).expect("present");
-                rs.by_key.remove(&(r.ep, r.fd));
-                if r.p.inherited() {
-                    // A forked child shares the epoll instances with its
-                    // parent: closing its copy changes nothing there (as
-                    // with a kernel socket, still open in the parent).
-                    r.installed.clear();
-                }
-                uninstall(&mut r);
-                LIVE.fetch_sub(1, Ordering::Relaxed);
-                p.regs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|i| *i != id);
+                // A forked child shares the epoll instances with its parent:
+                // closing its copy changes nothing there (as with a kernel
+                // socket, still open in the parent).
+                drop_reg(rs, p, id, !p.inherited());
             }
         }
     });
+}
+
+/// Registration `id` of `p` goes; with `kernel`, what the kernel holds for
+/// it is removed from the epoll instance too.
+fn drop_reg(rs: &mut Regs, p: &PFd, id: usize, kernel: bool) {
+    if let Some(mut r) = rs.by_id.remove(&id) {
+        rs.by_key.remove(&(r.ep, r.fd));
+        if !kernel {
+            r.installed.clear();
+        }
+        uninstall(&mut r);
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+    p.regs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|i| *i != id);
 }
 
 fn epoll_bits(poll: i16) -> u32 {

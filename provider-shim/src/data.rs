@@ -8,14 +8,13 @@
 //! ring message) only when no kick is pending, and woken (futex / eventfd)
 //! only when this process said it waits.
 
-use super::{request, Error, LocalSock, Provider, Result, SocketId, State};
+use super::{Error, LocalSock, Provider, Result, SocketId, State};
 use dsan_channel::msg::{Command, Op};
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
 use dsan_channel::stream::{
     ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_OPEN, ST_RX_EOF,
 };
 use dsan_channel::sys;
-use serde_json::json;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -467,54 +466,20 @@ impl Provider {
 
     /// Registers `wfd` (an eventfd) as the descriptor FD_WRITE signals for
     /// `s`, instead of its event descriptor (which must be registered
-    /// first), and adds FD_WRITE to its events. A process that polls keeps
-    /// "readable" and "writable" apart this way.
+    /// first), and adds FD_WRITE to its events: [`Provider::event_select_with`]
+    /// with the event descriptor and events it has. A process that polls
+    /// keeps "readable" and "writable" apart this way.
     ///
     /// # Errors
     /// [`Error::NotSock`]; [`Error::Inval`] (not an eventfd, no event
     /// descriptor yet); [`Error::NetDown`].
     pub fn event_select_write(&self, s: SocketId, wfd: RawFd) -> Result<()> {
-        self.check()?;
-        if !sys::is_eventfd(wfd) {
-            return Err(Error::Inval);
-        }
-        let mask = {
+        let (efd, mask) = {
             let g = self.lock(s)?;
             let ls = g.as_ref().expect("checked");
-            if ls.efd.is_none() {
-                return Err(Error::Inval);
-            }
-            ls.mask | FD_WRITE
+            (ls.efd.ok_or(Error::Inval)?, ls.mask)
         };
-        {
-            let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            request(
-                &ctl,
-                &json!({"cmd": "event_fd", "sock": s, "write": true}),
-                &[wfd],
-            )
-            .map_err(|e| {
-                if e == Error::Inval {
-                    Error::Inval
-                } else {
-                    Error::NetDown
-                }
-            })?;
-        }
-        let mut g = self.lock(s)?;
-        let ls = g.as_mut().expect("checked");
-        let r = self.command(s, ls, Op::EventSelect { mask }, super::COMMAND_TIMEOUT)?;
-        if r < 0 {
-            return Err(Error::from_errno(-r as i32));
-        }
-        ls.mask = mask;
-        drop(g);
-        // A send that found the ring full before this registration asked for
-        // an FD_WRITE that had nowhere to go: ask again, and post what holds.
-        if self.readiness(s, false, true).writable {
-            sys::signal_eventfd(wfd);
-        }
-        Ok(())
+        self.event_select_with(s, efd, Some(wfd), mask | FD_WRITE)
     }
 
     /// Sets a socket option. SOL_SOCKET: SO_RCVBUF and SO_SNDBUF (the ring

@@ -29,7 +29,7 @@ mod switch;
 pub use capi::*;
 pub use switch::{
     accept, adopt, bind, close, connect, connect_settled, error, high, inherited_listener,
-    is_listening, kernel_socket, listen, readable_now, recv, san_connection, san_destination, send,
+    kernel_socket, listen, readable_now, recv, san_connection, san_destination, send,
     set_condition, set_daemon_socket, set_fd_base, set_san_only, set_takeover, set_thread_hook,
     set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable, writable_now,
     Condition, Transport,

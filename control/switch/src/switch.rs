@@ -1351,11 +1351,6 @@ pub fn connect_settled(fd: RawFd) -> bool {
     })
 }
 
-/// Whether `fd` listens.
-pub fn is_listening(fd: RawFd) -> bool {
-    sock(fd).is_ok_and(|s| s.listen.lock().unwrap_or_else(|e| e.into_inner()).is_some())
-}
-
 /// An eventfd that is readable exactly while a send on SAN connection `fd`
 /// would take bytes (or fail at once): for callers that wait for
 /// "writable" (poll's POLLOUT). Made on the first call (then registered

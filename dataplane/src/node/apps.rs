@@ -166,41 +166,26 @@ impl Node {
         self.detach(now, id);
     }
 
-    /// Registers (replacing and closing any previous one) the event
-    /// descriptor of a process's socket, or with `write` its FD_WRITE
-    /// descriptor (which needs the event descriptor first). Returns false for
-    /// an unknown process or a write descriptor without an event descriptor.
+    /// Registers (replacing and closing any previous ones) the event
+    /// descriptor of a process's socket and, if given, the descriptor
+    /// FD_WRITE signals instead. Returns false for an unknown process.
     pub(super) fn set_event_fd(
         &mut self,
         id: u64,
         sock: u32,
         fd: OwnedFd,
         wfd: Option<OwnedFd>,
-        write: bool,
     ) -> bool {
         let Some(p) = self.procs.get_mut(&id) else {
             return false;
         };
-        if write {
-            return match p.events.get_mut(&sock) {
-                Some(r) => {
-                    r.wfd = Some(Arc::new(fd));
-                    true
-                }
-                None => false,
-            };
-        }
-        let (mask, old_wfd) = p
-            .events
-            .get(&sock)
-            .map_or((0, None), |r| (r.mask, r.wfd.clone()));
-        let wfd = wfd.map(Arc::new).or(old_wfd);
+        let mask = p.events.get(&sock).map_or(0, |r| r.mask);
         let notifier = p.shared.notifier.get().cloned();
         p.events.insert(
             sock,
             EventReg {
                 fd: Arc::new(fd),
-                wfd,
+                wfd: wfd.map(Arc::new),
                 mask,
                 notifier,
             },

@@ -60,9 +60,6 @@ pub enum Command {
         fd: OwnedFd,
         /// The socket's FD_WRITE descriptor, registered with it.
         wfd: Option<OwnedFd>,
-        /// `fd` is the socket's FD_WRITE descriptor (registered after its
-        /// event descriptor).
-        write: bool,
         /// Done.
         done: Sender<bool>,
     },
@@ -331,10 +328,9 @@ impl Node {
                 sock,
                 fd,
                 wfd,
-                write,
                 done,
             } => {
-                let _ = done.send(self.set_event_fd(app, sock, fd, wfd, write));
+                let _ = done.send(self.set_event_fd(app, sock, fd, wfd));
             }
             Command::Detach(id, done) => {
                 self.detach(now, id);

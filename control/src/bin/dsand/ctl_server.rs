@@ -181,8 +181,7 @@ fn attach(
 
 /// `{"cmd":"event_fd","sock":N}` with one eventfd attached: the event
 /// descriptor of socket N, handed to the lcore (which owns and closes it).
-/// With `"write":true`, the descriptor FD_WRITE signals instead (after the
-/// event descriptor); with two descriptors, both at once.
+/// With two descriptors, the second is the one FD_WRITE signals instead.
 fn event_fd(
     req: &Value,
     cx: &Ctx,
@@ -194,9 +193,8 @@ fn event_fd(
         .as_u64()
         .filter(|s| (*s as usize) < MAX_SOCKETS)
         .ok_or("\"sock\" out of range")? as u32;
-    let write = req["write"].as_bool().unwrap_or(false);
     // One descriptor, or two: the event descriptor and the FD_WRITE one.
-    if fds.is_empty() || fds.len() > 2 || (write && fds.len() != 1) {
+    if fds.is_empty() || fds.len() > 2 {
         return Err(
             "\"event_fd\" carries one descriptor (or two: the event and the FD_WRITE descriptor)"
                 .into(),
@@ -224,7 +222,6 @@ fn event_fd(
                 sock,
                 fd,
                 wfd,
-                write,
                 done,
             },
             ASK,

@@ -178,7 +178,7 @@ impl Sim {
             self.resets += 1;
             return;
         };
-        let mss = c.my_offer.mss.min(c.peer_offer.mss);
+        let mss = c.mss;
         let total = *self.totals.get(&gen).expect("planned");
         let abandon_at = if self.rng.chance(0.1) {
             Some(self.rng.below(50_000))
@@ -186,7 +186,7 @@ impl Sim {
             None
         };
         let side = Side {
-            s: Stream::new(self.now, T, mss, c.peer_offer.window, rcv as u32),
+            s: Stream::new(self.now, T, mss, c.peer_window(), rcv as u32),
             gen,
             peer_gen,
             total,

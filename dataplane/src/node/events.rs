@@ -137,8 +137,10 @@ impl Node {
                 }
             }
             Event::Closed { conn } | Event::Reset { conn, .. } => {
+                let owner = self.owner(conn);
                 self.stream_ended(conn, matches!(e, Event::Reset { .. }));
-                if let Some((pid, sock)) = self.conn_owner.remove(&conn) {
+                self.conn_owner.remove(&conn);
+                if let Some((pid, sock)) = owner {
                     if let Some(p) = self.procs.get_mut(&pid) {
                         p.socks.insert(sock, SockObj::Ended);
                     }

@@ -22,7 +22,7 @@ pub use counters::{
 };
 pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
-pub use streams::STREAM_STATE_BYTES;
+pub use streams::{STREAM_ENTRY_BYTES, STREAM_STATE_BYTES};
 
 use crate::device::Device;
 use crate::engine::{Handler, Tx};
@@ -360,9 +360,8 @@ impl Node {
                         local: c.local,
                         peer: c.peer,
                         pid: self
-                            .conn_owner
-                            .get(&h)
-                            .and_then(|(p, _)| self.procs.get(p))
+                            .owner(h)
+                            .and_then(|(p, _)| self.procs.get(&p))
                             .map_or(0, |p| p.shared.pid),
                         closing: c.is_closing(),
                     })

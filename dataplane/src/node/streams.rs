@@ -34,26 +34,36 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 /// The daemon's state per established connection, not counting the rings
-/// (which live in the process's region): the stream context, the protocol
-/// core's connection, and their index entries.
-pub const STREAM_STATE_BYTES: usize = std::mem::size_of::<StreamCtx>()
-    + std::mem::size_of::<crate::proto::Connection>()
-    + std::mem::size_of::<(Instant, ConnHandle)>()
-    + 3 * std::mem::size_of::<(ConnHandle, u64)>();
+/// (which live in the process's region): the stream context and the
+/// protocol core's connection, each with its key in its table, and the
+/// wire index and timer entries. Hash tables add one control byte per entry
+/// and keep some free slots (see docs/benchmarks.md); the process, socket
+/// and ring view are found through `app`, so there is no owner entry.
+pub const STREAM_STATE_BYTES: usize = std::mem::size_of::<(ConnHandle, StreamCtx)>()
+    + std::mem::size_of::<(ConnHandle, crate::proto::Connection)>()
+    + crate::proto::WIRE_INDEX_ENTRY_BYTES
+    + std::mem::size_of::<(Instant, ConnHandle)>();
+
+// Issue #13's budget, checked when the crate compiles.
+const _: () = assert!(STREAM_STATE_BYTES <= 256);
+
+/// Bytes of one entry of the stream table (a handle and a [`StreamCtx`]).
+pub const STREAM_ENTRY_BYTES: usize = std::mem::size_of::<(ConnHandle, StreamCtx)>();
 
 /// Frames one pass of the transmit queue may send (the rest wait for the next pass).
 const TX_BUDGET: usize = 64;
 
-/// The lcore's state for one connection's stream.
+/// The lcore's state for one connection's stream (152 bytes).
 pub(super) struct StreamCtx {
     app: Arc<AppShared>,
-    sock: u32,
-    /// Ring sizes (the rings are found from `app` and `sock` when needed).
-    snd_size: u32,
-    rcv_size: u32,
     s: Stream,
-    queued: bool,
     timer: Instant,
+    /// The socket (< `MAX_SOCKETS`, 1,024).
+    sock: u16,
+    /// log2 of the send ring's size (the rings are found from `app` and
+    /// `sock` when needed; the receive ring's size is the stream's).
+    snd_shift: u8,
+    queued: bool,
     probe: bool,
     app_closed: bool,
     stalled: bool,
@@ -61,17 +71,23 @@ pub(super) struct StreamCtx {
 
 impl StreamCtx {
     fn shm(&self) -> &StreamShm {
-        self.app.region.stream(self.sock as usize)
+        self.app.region.stream(usize::from(self.sock))
+    }
+    fn snd_size(&self) -> usize {
+        1 << self.snd_shift
     }
     fn area(&self) -> StreamArea {
         self.app.region.stream_area(
-            self.sock as usize,
-            self.snd_size as usize,
-            self.rcv_size as usize,
+            usize::from(self.sock),
+            self.snd_size(),
+            self.s.rcv_size() as usize,
         )
     }
     fn pid(&self) -> u64 {
         self.app.id
+    }
+    fn sock(&self) -> u32 {
+        u32::from(self.sock)
     }
 }
 
@@ -124,17 +140,15 @@ impl Node {
         // empty, as if a receive had found it so).
         shm.rcv_c.want.store(1, Ordering::Relaxed);
         shm.st.state.store(ST_OPEN, Ordering::Release);
-        let mss = c.my_offer.mss.min(c.peer_offer.mss);
         let timing = self.timing();
-        let s = Stream::new(now, timing, mss, c.peer_offer.window, bufs.rcv as u32);
+        let s = Stream::new(now, timing, c.mss, c.peer_window(), bufs.rcv as u32);
         let timer = s.next_timer(&timing);
         self.streams.insert(
             h,
             StreamCtx {
                 app,
-                sock,
-                snd_size: bufs.snd as u32,
-                rcv_size: bufs.rcv as u32,
+                sock: sock as u16,
+                snd_shift: bufs.snd.trailing_zeros() as u8,
                 s,
                 queued: false,
                 timer,
@@ -144,7 +158,21 @@ impl Node {
             },
         );
         self.stream_timers.insert((timer, h));
+        // The stream names its owner from now on.
+        self.conn_owner.remove(&h);
         true
+    }
+
+    /// The process and socket holding connection `h`, if any (a connect in
+    /// progress, or a stream whose socket is still open).
+    pub(super) fn owner(&self, h: ConnHandle) -> Option<(u64, u32)> {
+        if let Some(o) = self.conn_owner.get(&h) {
+            return Some(*o);
+        }
+        self.streams
+            .get(&h)
+            .filter(|c| !c.app_closed)
+            .map(|c| (c.pid(), c.sock()))
     }
 
     fn reschedule(&mut self, h: ConnHandle) {
@@ -175,15 +203,14 @@ impl Node {
 
     /// Reads what the application wrote and consumed. Err: it broke the protocol.
     fn sync_from_app(ctx: &mut StreamCtx, force_fin: bool) -> Result<(), ()> {
-        let shm = ctx.app.region.stream(ctx.sock as usize);
+        let shm = ctx.shm();
         shm.snd_p.kick.store(0, Ordering::SeqCst);
         let tail = shm.snd_p.tail.load(Ordering::Acquire);
         let fin = force_fin || shm.snd_p.fin.load(Ordering::Acquire) != 0;
-        ctx.s
-            .app_wrote(tail, u64::from(ctx.snd_size), fin)
-            .map_err(|_| ())?;
+        let head = shm.rcv_c.head.load(Ordering::Acquire);
+        let snd_size = ctx.snd_size() as u64;
+        ctx.s.app_wrote(tail, snd_size, fin).map_err(|_| ())?;
         if !ctx.app_closed {
-            let head = shm.rcv_c.head.load(Ordering::Acquire);
             ctx.s.app_read(head).map_err(|_| ())?;
         }
         Ok(())
@@ -276,8 +303,8 @@ impl Node {
         }
         if let Some(p) = self.procs.get(&ctx.pid()) {
             let ok = raise(
-                p.shared.region.sock(ctx.sock as usize),
-                p.events.get(&ctx.sock),
+                p.shared.region.sock(usize::from(ctx.sock)),
+                p.events.get(&ctx.sock()),
                 FD_CLOSE,
             );
             if !ok {
@@ -290,7 +317,9 @@ impl Node {
     pub(super) fn reset_stream(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
         self.local.resets[reset_index(reason)] += 1;
         self.ep.reset(now, h, reason);
-        if let Some((pid, sock)) = self.conn_owner.remove(&h) {
+        let owner = self.owner(h);
+        self.conn_owner.remove(&h);
+        if let Some((pid, sock)) = owner {
             if let Some(p) = self.procs.get_mut(&pid) {
                 p.socks.insert(sock, SockObj::Ended);
             }
@@ -430,8 +459,8 @@ impl Node {
         };
         if let Some(p) = self.procs.get(&ctx.pid()) {
             if !raise(
-                p.shared.region.sock(ctx.sock as usize),
-                p.events.get(&ctx.sock),
+                p.shared.region.sock(usize::from(ctx.sock)),
+                p.events.get(&ctx.sock()),
                 bit,
             ) {
                 self.local.event_signal_failed += 1;

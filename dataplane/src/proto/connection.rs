@@ -6,7 +6,7 @@ use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Message, Offer, ResetReason, SanHeader};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Which side opened a connection.
@@ -18,33 +18,39 @@ pub enum Role {
     Server,
 }
 
-/// An established (or closing) connection.
+/// An established (or closing) connection: 48 bytes. The close and
+/// confirmation retransmissions, which few connections have at a time, are
+/// kept by the endpoint beside its `closing` and `confirming` indexes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Connection {
-    /// Who opened it.
-    pub role: Role,
-    /// Our address.
-    pub local: SockAddr,
-    /// The peer's address.
-    pub peer: SockAddr,
-    /// The peer's MAC.
-    pub peer_mac: EthernetAddress,
     /// Wire connection id (chosen by the client).
     pub conn_id: u64,
     /// Our token (the peer echoes it).
     pub my_token: u64,
     /// The peer's token.
     pub peer_token: u64,
-    /// What we offered at setup.
-    pub my_offer: Offer,
-    /// What the peer offered at setup (its receive window: our first credit).
-    pub peer_offer: Offer,
-    /// Set once we started closing: the Close's retransmissions.
-    closing: Option<Retry>,
-    /// An accepted connection whose client has not confirmed the accept yet:
-    /// the Accept's retransmissions.
-    confirming: Option<Retry>,
+    /// Our address.
+    pub local: SockAddr,
+    /// The peer's address.
+    pub peer: SockAddr,
+    /// The peer's MAC.
+    pub peer_mac: EthernetAddress,
+    /// Who opened it.
+    pub role: Role,
+    /// The largest Data payload both sides take (the smaller offer).
+    pub mss: u16,
+    /// The peer's offered receive window in KiB (our first credit; rings
+    /// are whole KiB).
+    peer_window_kib: u16,
+    /// [`CLOSING`] and [`CONFIRMING`].
+    flags: u8,
 }
+
+/// We started closing (the Close is retransmitted).
+const CLOSING: u8 = 1;
+/// An accepted connection whose client has not confirmed the accept yet
+/// (the Accept is retransmitted).
+const CONFIRMING: u8 = 2;
 
 /// Retransmissions with exponential backoff until a budget runs out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,14 +61,14 @@ pub(super) struct Retry {
 }
 
 impl Retry {
-    fn start(now: Instant, budget: Duration, rto: Duration) -> Retry {
+    pub(super) fn start(now: Instant, budget: Duration, rto: Duration) -> Retry {
         Retry {
             give_up: now + budget,
             next: now + rto,
             rto,
         }
     }
-    fn timer(&self) -> Instant {
+    pub(super) fn timer(&self) -> Instant {
         self.give_up.min(self.next)
     }
     /// The next retransmission after one at `now`.
@@ -89,38 +95,34 @@ impl Connection {
         (my_offer, peer_offer): (Offer, Offer),
     ) -> Connection {
         Connection {
-            my_offer,
-            peer_offer,
-            role,
-            local,
-            peer,
-            peer_mac,
             conn_id,
             my_token,
             peer_token,
-            closing: None,
-            confirming: None,
+            local,
+            peer,
+            peer_mac,
+            role,
+            mss: my_offer.mss.min(peer_offer.mss),
+            peer_window_kib: (peer_offer.window >> 10).min(u32::from(u16::MAX)) as u16,
+            flags: 0,
         }
+    }
+
+    /// The peer's receive window as offered at setup, rounded down to a
+    /// KiB: our first credit.
+    pub fn peer_window(&self) -> u32 {
+        u32::from(self.peer_window_kib) << 10
     }
 
     /// Whether we are closing it.
     pub fn is_closing(&self) -> bool {
-        self.closing.is_some()
+        self.flags & CLOSING != 0
     }
 
     /// Whether the peer is known to hold it (a client always; a server once
     /// its accept was confirmed).
     pub fn is_confirmed(&self) -> bool {
-        self.confirming.is_none()
-    }
-
-    /// When a closing or unconfirmed connection next needs attention.
-    pub(super) fn next_timer(&self) -> Option<Instant> {
-        [self.closing, self.confirming]
-            .into_iter()
-            .flatten()
-            .map(|r| r.timer())
-            .min()
+        self.flags & CONFIRMING == 0
     }
 }
 
@@ -136,18 +138,17 @@ impl<R: Rng> Endpoint<R> {
             return Ok(());
         }
         let c = self.conns.get_mut(&h).ok_or(CloseError::Unknown)?;
-        if c.closing.is_some() {
+        if c.is_closing() {
             return Err(CloseError::Unknown);
         }
-        c.closing = Some(Retry::start(
-            now,
-            self.cfg.close_budget,
-            self.cfg.initial_rto,
-        ));
-        c.confirming = None; // the close handshake takes over
-        self.confirming.remove(&h);
-        self.closing.insert(h);
+        // The close handshake takes over from the confirmation.
+        c.flags = CLOSING;
         let c = *c;
+        self.confirming.remove(&h);
+        self.closing.insert(
+            h,
+            Retry::start(now, self.cfg.close_budget, self.cfg.initial_rto),
+        );
         self.send_close(&c);
         Ok(())
     }
@@ -157,18 +158,20 @@ impl<R: Rng> Endpoint<R> {
     /// arrives. Without one within the close budget the client is presumed
     /// gone: the application is told the connection closed, and a close
     /// handshake is attempted.
-    pub(super) fn await_confirmation(&mut self, now: Instant, h: ConnHandle) {
+    pub(super) fn await_confirmation(&mut self, now: Instant, h: ConnHandle, offer: Offer) {
         if let Some(c) = self.conns.get_mut(&h) {
-            c.confirming = Some(Retry::start(
-                now,
-                self.cfg.close_budget,
-                self.cfg.initial_rto,
-            ));
-            self.confirming.insert(h);
+            c.flags |= CONFIRMING;
+            self.confirming.insert(
+                h,
+                (
+                    Retry::start(now, self.cfg.close_budget, self.cfg.initial_rto),
+                    offer,
+                ),
+            );
         }
     }
 
-    fn send_accept(&mut self, c: &Connection) {
+    fn send_accept(&mut self, c: &Connection, offer: Offer) {
         self.emit(
             c.peer_mac,
             c.local,
@@ -177,7 +180,7 @@ impl<R: Rng> Endpoint<R> {
                 conn_id: c.conn_id,
                 client_token: c.peer_token,
                 server_token: c.my_token,
-                offer: c.my_offer,
+                offer,
             },
         );
     }
@@ -190,7 +193,7 @@ impl<R: Rng> Endpoint<R> {
         {
             Some(ch) if self.conns[&ch].my_token == token => {
                 if let Some(c) = self.conns.get_mut(&ch) {
-                    c.confirming = None;
+                    c.flags &= !CONFIRMING;
                 }
                 self.confirming.remove(&ch);
             }
@@ -199,16 +202,15 @@ impl<R: Rng> Endpoint<R> {
         }
     }
 
-    /// The connections of `set` whose retransmission (picked by `which`) is due.
-    fn due(
-        &self,
-        set: &BTreeSet<ConnHandle>,
-        which: fn(&Connection) -> Option<Retry>,
+    /// The entries of `set` whose retransmission (picked by `which`) is due.
+    fn due<T: Copy>(
+        set: &BTreeMap<ConnHandle, T>,
+        which: fn(&T) -> Retry,
         now: Instant,
-    ) -> Vec<(ConnHandle, Retry)> {
+    ) -> Vec<(ConnHandle, T)> {
         set.iter()
-            .filter_map(|h| Some((*h, which(self.conns.get(h)?)?)))
-            .filter(|(_, r)| r.timer() <= now)
+            .filter(|(_, v)| which(v).timer() <= now)
+            .map(|(h, v)| (*h, *v))
             .collect()
     }
 
@@ -227,17 +229,17 @@ impl<R: Rng> Endpoint<R> {
 
     /// Accept retransmissions of unconfirmed server connections, and give-ups.
     pub(super) fn confirm_timers(&mut self, now: Instant) {
-        for (h, r) in self.due(&self.confirming, |c| c.confirming, now) {
+        for (h, (r, offer)) in Self::due(&self.confirming, |e| e.0, now) {
             if r.give_up <= now {
                 self.stats.unconfirmed += 1;
                 self.events.push_back(Event::Closed { conn: h });
                 let _ = self.close(now, h);
                 continue;
             }
-            let c = self.conns.get_mut(&h).expect("listed");
-            c.confirming = Some(r.backed_off(now, self.cfg.max_rto));
-            let c = *c;
-            self.send_accept(&c);
+            let c = self.conns[&h];
+            self.confirming
+                .insert(h, (r.backed_off(now, self.cfg.max_rto), offer));
+            self.send_accept(&c, offer);
         }
     }
 
@@ -276,7 +278,7 @@ impl<R: Rng> Endpoint<R> {
                 let c = self
                     .remove_conn(now, ch)
                     .expect("indexed connection exists");
-                if c.closing.is_none() {
+                if !c.is_closing() {
                     self.events.push_back(Event::Closed { conn: ch });
                 }
             }
@@ -296,9 +298,7 @@ impl<R: Rng> Endpoint<R> {
 
     pub(super) fn on_close_ack(&mut self, now: Instant, h: &SanHeader, conn_id: u64, token: u64) {
         match self.conn_for(h, conn_id) {
-            Some(ch)
-                if self.conns[&ch].closing.is_some() && self.conns[&ch].peer_token == token =>
-            {
+            Some(ch) if self.conns[&ch].is_closing() && self.conns[&ch].peer_token == token => {
                 self.remove_conn(now, ch);
             }
             Some(_) => self.stats.bad_token += 1,
@@ -420,14 +420,13 @@ impl<R: Rng> Endpoint<R> {
 
     /// Close retransmissions and give-ups.
     pub(super) fn close_timers(&mut self, now: Instant) {
-        for (h, r) in self.due(&self.closing, |c| c.closing, now) {
+        for (h, r) in Self::due(&self.closing, |r| *r, now) {
             if r.give_up <= now {
                 self.remove_conn(now, h);
                 continue;
             }
-            let c = self.conns.get_mut(&h).expect("listed");
-            c.closing = Some(r.backed_off(now, self.cfg.max_rto));
-            let c = *c;
+            self.closing.insert(h, r.backed_off(now, self.cfg.max_rto));
+            let c = self.conns[&h];
             self.send_close(&c);
         }
     }

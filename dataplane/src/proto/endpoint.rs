@@ -57,15 +57,21 @@
 
 use super::client::Attempt;
 use super::config::{ProtoConfig, Subnet};
-use super::connection::{Connection, Role};
+use super::connection::{Connection, Retry, Role};
 use super::resolve::Resolver;
 use super::rng::Rng;
 use super::server::{Listener, Pending};
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
-use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, Repr, SanHeader};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use crate::wire::{EthernetAddress, Ipv4, Message, Offer, RejectReason, Repr, SanHeader};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// How frames name a connection: (peer address, connection id, our role).
+pub(super) type WireKey = (Ipv4, u64, Role);
+
+/// Bytes of one entry of the wire index (a connection's key and handle).
+pub const WIRE_INDEX_ENTRY_BYTES: usize = std::mem::size_of::<(WireKey, ConnHandle)>();
 
 /// The protocol state of one SAN host. See the module documentation.
 pub struct Endpoint<R: Rng> {
@@ -86,10 +92,11 @@ pub struct Endpoint<R: Rng> {
     pub(super) conns: HashMap<ConnHandle, Connection>,
     /// The connections we are closing (their timers), so that timer scans do
     /// not walk every connection.
-    pub(super) closing: BTreeSet<ConnHandle>,
-    /// Accepted connections whose client has not confirmed yet (their timers).
-    pub(super) confirming: BTreeSet<ConnHandle>,
-    pub(super) conn_by_wire: HashMap<(Ipv4, u64, Role), ConnHandle>,
+    pub(super) closing: BTreeMap<ConnHandle, Retry>,
+    /// Accepted connections whose client has not confirmed yet: the Accept's
+    /// retransmissions and the offer it carries.
+    pub(super) confirming: BTreeMap<ConnHandle, (Retry, Offer)>,
+    pub(super) conn_by_wire: HashMap<WireKey, ConnHandle>,
     pub(super) attempts: BTreeMap<ConnHandle, Attempt>,
     pub(super) attempt_by_wire: HashMap<u64, ConnHandle>,
     /// (peer ip, conn id) -> what became of a request, and when to forget it.
@@ -120,8 +127,8 @@ impl<R: Rng> Endpoint<R> {
             pending_order: VecDeque::new(),
             pending_by_source: HashMap::new(),
             conns: HashMap::new(),
-            closing: BTreeSet::new(),
-            confirming: BTreeSet::new(),
+            closing: BTreeMap::new(),
+            confirming: BTreeMap::new(),
             conn_by_wire: HashMap::new(),
             attempts: BTreeMap::new(),
             attempt_by_wire: HashMap::new(),
@@ -221,9 +228,9 @@ impl<R: Rng> Endpoint<R> {
         let a = self.attempts.values().map(Attempt::next_timer);
         let c = self
             .closing
-            .iter()
-            .chain(&self.confirming)
-            .filter_map(|h| self.conns.get(h)?.next_timer());
+            .values()
+            .map(Retry::timer)
+            .chain(self.confirming.values().map(|e| e.0.timer()));
         let t = self.tomb_order.front().map(|(_, e)| *e);
         let p = self
             .pending_order

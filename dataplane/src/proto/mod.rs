@@ -31,6 +31,6 @@ mod tests;
 
 pub use config::{PortSet, ProtoConfig, Subnet};
 pub use connection::{Connection, Role};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, WIRE_INDEX_ENTRY_BYTES};
 pub use server::Incoming;
 pub use types::*;

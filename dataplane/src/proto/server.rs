@@ -196,6 +196,15 @@ impl<R: Rng> Endpoint<R> {
                 return;
             }
             // Replayed even while closing: the close retransmissions follow.
+            // Once confirmed the client holds the connection and ignores
+            // the replay; until then the offer is kept with the retries.
+            let offer = self.confirming.get(&ch).map_or(
+                Offer {
+                    window: 0,
+                    mss: c.mss,
+                },
+                |e| e.1,
+            );
             self.stats.replayed_accepts += 1;
             self.emit(
                 h.src_mac,
@@ -205,7 +214,7 @@ impl<R: Rng> Endpoint<R> {
                     conn_id,
                     client_token,
                     server_token: c.my_token,
-                    offer: c.my_offer,
+                    offer,
                 },
             );
             return;
@@ -355,7 +364,7 @@ impl<R: Rng> Endpoint<R> {
                 self.conns.insert(ch, c);
                 self.conn_by_wire
                     .insert((inc.peer.0, inc.conn_id, Role::Server), ch);
-                self.await_confirmation(now, ch);
+                self.await_confirmation(now, ch, offer);
                 self.emit(
                     inc.peer_mac,
                     inc.local,

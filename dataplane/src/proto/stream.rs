@@ -72,36 +72,51 @@ pub enum Timer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadIndex;
 
-/// The stream state of one connection.
+/// The stream state of one connection (128 bytes: times and positions are
+/// plain numbers, "none" is a sentinel, small fields share one word).
 #[derive(Debug, Clone)]
 pub struct Stream {
-    mss: u16,
     // send side
     una: u64,
     nxt: u64,
     max: u64,
     end: u64,
-    fin: Option<u64>,
+    /// The FIN's position, or [`NO_FIN`].
+    fin: u64,
     limit: u64,
     recover: u64,
-    rto: Duration,
-    rtx_at: Option<Instant>,
+    /// The retransmission (or window probe) timer, or [`NEVER`].
+    rtx_at: Instant,
     progress_at: Instant,
     // receive side
     rcv_nxt: u64,
-    rcv_fin: bool,
-    rcv_size: u64,
     rcv_head: u64,
     rcv_limit: u64,
+    /// When a held acknowledgement goes out, or [`NEVER`].
+    ack_at: Instant,
+    // liveness
+    heard_at: Instant,
+    /// The current retransmission timeout (microseconds).
+    rto_us: u32,
+    rcv_size: u32,
+    mss: u16,
+    rcv_fin: bool,
     ack_due: bool,
     nak_due: bool,
     /// Segments taken since our last acknowledgement.
     unacked: u8,
-    /// When a held acknowledgement goes out.
-    ack_at: Option<Instant>,
-    // liveness
-    heard_at: Instant,
-    probe_at: Instant,
+    /// Keepalive probes sent since the peer was last heard from: the next
+    /// one is due at `heard_at + idle + probes * idle / 2`.
+    probes: u8,
+}
+
+/// No FIN queued.
+const NO_FIN: u64 = u64::MAX;
+/// A timer that is not set.
+const NEVER: Instant = Instant(u64::MAX);
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
 }
 
 impl Stream {
@@ -109,29 +124,44 @@ impl Stream {
     /// `rcv_size`; segments carry at most `mss` bytes.
     pub fn new(now: Instant, t: StreamTiming, mss: u16, peer_window: u32, rcv_size: u32) -> Stream {
         Stream {
-            mss: mss.max(1),
             una: 0,
             nxt: 0,
             max: 0,
             end: 0,
-            fin: None,
+            fin: NO_FIN,
             limit: u64::from(peer_window),
             recover: 0,
-            rto: t.rto,
-            rtx_at: None,
+            rtx_at: NEVER,
             progress_at: now,
             rcv_nxt: 0,
-            rcv_fin: false,
-            rcv_size: u64::from(rcv_size),
             rcv_head: 0,
             rcv_limit: u64::from(rcv_size),
+            ack_at: NEVER,
+            heard_at: now,
+            rto_us: micros(t.rto),
+            rcv_size,
+            mss: mss.max(1),
+            rcv_fin: false,
             ack_due: false,
             nak_due: false,
             unacked: 0,
-            ack_at: None,
-            heard_at: now,
-            probe_at: now + t.keepalive_idle,
+            probes: 0,
         }
+    }
+
+    fn rto(&self) -> Duration {
+        Duration::from_micros(u64::from(self.rto_us))
+    }
+    fn rcv_size64(&self) -> u64 {
+        u64::from(self.rcv_size)
+    }
+    /// When the next keepalive probe is due.
+    fn probe_at(&self, t: &StreamTiming) -> Instant {
+        self.heard_at + t.keepalive_idle + (t.keepalive_idle / 2) * u32::from(self.probes)
+    }
+    /// The receive ring's size (bytes).
+    pub fn rcv_size(&self) -> u32 {
+        self.rcv_size
     }
 
     /// Acknowledged bytes (the send ring's head).
@@ -152,11 +182,11 @@ impl Stream {
     }
     /// Whether our FIN was acknowledged (so was every byte).
     pub fn finished(&self) -> bool {
-        self.fin.is_some_and(|f| self.una > f)
+        self.fin != NO_FIN && self.una > self.fin
     }
     /// Whether the application shut down writing.
     pub fn fin_queued(&self) -> bool {
-        self.fin.is_some()
+        self.fin != NO_FIN
     }
     /// Bytes the application has consumed (as last reported).
     pub fn consumed(&self) -> u64 {
@@ -184,14 +214,12 @@ impl Stream {
         if tail < self.end || tail - self.acked() > size {
             return Err(BadIndex);
         }
-        if let Some(f) = self.fin {
-            if tail != f {
-                return Err(BadIndex);
-            }
+        if self.fin != NO_FIN && tail != self.fin {
+            return Err(BadIndex);
         }
         self.end = tail;
-        if fin && self.fin.is_none() {
-            self.fin = Some(tail);
+        if fin && self.fin == NO_FIN {
+            self.fin = tail;
         }
         Ok(())
     }
@@ -206,10 +234,11 @@ impl Stream {
             return Err(BadIndex);
         }
         self.rcv_head = head;
-        let limit = head + self.rcv_size;
+        let limit = head + self.rcv_size64();
         // Worth a frame once a quarter of the ring (or the whole advertised
         // space) was freed since the last advertisement.
-        let worth = limit >= self.rcv_limit + self.rcv_size / 4 || self.rcv_limit <= self.rcv_nxt;
+        let worth =
+            limit >= self.rcv_limit + self.rcv_size64() / 4 || self.rcv_limit <= self.rcv_nxt;
         if worth && limit > self.rcv_limit {
             self.ack_due = true;
             return Ok(true);
@@ -220,14 +249,14 @@ impl Stream {
     /// Whether the advertised credit runs low (the application should say
     /// when it consumed bytes).
     pub fn credit_low(&self) -> bool {
-        self.rcv_limit.saturating_sub(self.rcv_nxt) < self.rcv_size / 2
+        self.rcv_limit.saturating_sub(self.rcv_nxt) < self.rcv_size64() / 2
     }
 
     /// An acknowledgement (on any Data or Ack). Returns whether bytes were
     /// newly acknowledged.
     pub fn on_ack(&mut self, now: Instant, t: &StreamTiming, seg: &Segment) -> bool {
         self.heard_at = now;
-        self.probe_at = now + t.keepalive_idle;
+        self.probes = 0;
         if seg.flags & SEG_PROBE != 0 {
             self.ack_due = true;
         }
@@ -236,16 +265,16 @@ impl Stream {
         if seg.ack > self.una && seg.ack <= self.max {
             self.una = seg.ack;
             self.nxt = self.nxt.max(self.una);
-            self.rto = t.rto;
+            self.rto_us = micros(t.rto);
             self.progress_at = now;
             progress = true;
         }
         if self.outstanding() {
-            if progress || self.rtx_at.is_none() {
-                self.rtx_at = Some(now + self.rto);
+            if progress || self.rtx_at == NEVER {
+                self.rtx_at = now + self.rto();
             }
         } else {
-            self.rtx_at = None;
+            self.rtx_at = NEVER;
             self.progress_at = now;
         }
         if seg.flags & SEG_NAK != 0
@@ -283,11 +312,11 @@ impl Stream {
         self.unacked = self.unacked.saturating_add(1);
         if self.unacked >= 2 || seg.flags & SEG_FIN != 0 || t.ack_delay.is_zero() {
             self.ack_due = true;
-        } else if self.ack_at.is_none() {
-            self.ack_at = Some(now + t.ack_delay);
+        } else if self.ack_at == NEVER {
+            self.ack_at = now + t.ack_delay;
         }
         // Never beyond the credit we gave (the ring has room for that much).
-        let room = (self.rcv_head + self.rcv_size).saturating_sub(self.rcv_nxt);
+        let room = (self.rcv_head + self.rcv_size64()).saturating_sub(self.rcv_nxt);
         let take = (len - skip).min(room);
         self.rcv_nxt += take;
         if seg.flags & SEG_FIN != 0 && seg.seq + len == self.rcv_nxt {
@@ -306,7 +335,7 @@ impl Stream {
         let again = self.nxt < self.max;
         if self.nxt < stop {
             let len = (stop - self.nxt).min(u64::from(self.mss)) as u16;
-            let fin = self.fin == Some(self.nxt + u64::from(len));
+            let fin = self.fin == self.nxt + u64::from(len);
             return Some(Outgoing {
                 seq: self.nxt,
                 len,
@@ -314,7 +343,7 @@ impl Stream {
                 again,
             });
         }
-        if self.fin == Some(self.nxt) {
+        if self.fin == self.nxt {
             return Some(Outgoing {
                 seq: self.nxt,
                 len: 0,
@@ -330,14 +359,14 @@ impl Stream {
     pub fn sent(&mut self, now: Instant, o: Outgoing) {
         self.nxt = o.seq + u64::from(o.len) + u64::from(o.fin);
         self.max = self.max.max(self.nxt);
-        if self.rtx_at.is_none() {
-            self.rtx_at = Some(now + self.rto);
+        if self.rtx_at == NEVER {
+            self.rtx_at = now + self.rto();
         }
         self.ack_due = false;
         self.nak_due = false;
         self.unacked = 0;
-        self.ack_at = None;
-        self.rcv_limit = self.rcv_head + self.rcv_size;
+        self.ack_at = NEVER;
+        self.rcv_limit = self.rcv_head + self.rcv_size64();
     }
 
     /// Whether an acknowledgement should go now (nothing to piggy-back it on).
@@ -351,7 +380,7 @@ impl Stream {
     pub fn ack_fields(&self) -> (u64, u64, u8) {
         (
             self.rcv_nxt + u64::from(self.rcv_fin),
-            self.rcv_head + self.rcv_size,
+            self.rcv_head + self.rcv_size64(),
             if self.nak_due { SEG_NAK } else { 0 },
         )
     }
@@ -361,9 +390,9 @@ impl Stream {
     pub fn take_ack(&mut self) -> (u64, u64, u8) {
         self.ack_due = false;
         self.unacked = 0;
-        self.ack_at = None;
+        self.ack_at = NEVER;
         let nak = std::mem::take(&mut self.nak_due);
-        self.rcv_limit = self.rcv_head + self.rcv_size;
+        self.rcv_limit = self.rcv_head + self.rcv_size64();
         (
             self.rcv_nxt + u64::from(self.rcv_fin),
             self.rcv_limit,
@@ -373,20 +402,16 @@ impl Stream {
 
     /// When [`on_timer`](Self::on_timer) is due next.
     pub fn next_timer(&self, timing: &StreamTiming) -> Instant {
-        let mut t = self.probe_at;
-        if let Some(r) = self.rtx_at {
-            t = t.min(r);
-        }
-        if let Some(a) = self.ack_at {
-            t = t.min(a);
-        }
-        t.min(self.heard_at + timing.keepalive_timeout)
+        self.probe_at(timing)
+            .min(self.rtx_at)
+            .min(self.ack_at)
+            .min(self.heard_at + timing.keepalive_timeout)
     }
 
     /// Timers due at `now`.
     pub fn on_timer(&mut self, now: Instant, t: &StreamTiming) -> Timer {
-        if self.ack_at.is_some_and(|a| a <= now) {
-            self.ack_at = None;
+        if self.ack_at <= now {
+            self.ack_at = NEVER;
             self.ack_due = true;
         }
         if now >= self.heard_at + t.keepalive_timeout {
@@ -395,25 +420,23 @@ impl Stream {
         if self.outstanding() && now >= self.progress_at + t.keepalive_timeout {
             return Timer::Dead;
         }
-        if let Some(r) = self.rtx_at {
-            if now >= r {
-                self.rto = (self.rto * 2).min(t.max_rto);
-                if self.outstanding() {
-                    self.rtx_at = Some(now + self.rto);
-                    self.nxt = self.una;
-                    self.recover = self.max;
-                    return Timer::Retransmit;
-                }
-                self.rtx_at = None;
+        if now >= self.rtx_at {
+            self.rto_us = micros((self.rto() * 2).min(t.max_rto));
+            if self.outstanding() {
+                self.rtx_at = now + self.rto();
+                self.nxt = self.una;
+                self.recover = self.max;
+                return Timer::Retransmit;
             }
+            self.rtx_at = NEVER;
         }
-        if self.credit_stalled() && self.rtx_at.is_none() {
+        if self.credit_stalled() && self.rtx_at == NEVER {
             // Our window probe: the credit update may have been lost.
-            self.rtx_at = Some(now + self.rto);
+            self.rtx_at = now + self.rto();
             return Timer::Probe;
         }
-        if now >= self.probe_at {
-            self.probe_at = now + t.keepalive_idle / 2;
+        if now >= self.probe_at(t) {
+            self.probes = self.probes.saturating_add(1);
             return Timer::Probe;
         }
         Timer::Idle

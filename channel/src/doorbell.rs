@@ -92,6 +92,15 @@ impl Doorbell {
         )
     }
 
+    /// Adds the port's wake-up descriptor (level-triggered: the lcore
+    /// clears it itself after a sleep).
+    ///
+    /// # Errors
+    /// As `epoll_ctl`.
+    pub fn watch_wake(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32)
+    }
+
     /// Removes a process's bell (before the daemon closes its copy).
     pub fn unwatch(&self, bell: RawFd) {
         let _ = self.ctl(libc::EPOLL_CTL_DEL, bell, 0);

@@ -118,7 +118,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "app_protocol_violations": c.app_violations,
         "app_event_signals_failed": c.event_signal_failed,
         "attached_processes": c.attached,
-        "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps)},
+        "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},
     })
 }
 

@@ -172,98 +172,205 @@ pub fn euid() -> u32 {
 /// # Errors
 /// If the netlink socket cannot be opened or the kernel answers with an error.
 pub fn tcp_listening_ports() -> io::Result<Vec<u16>> {
-    let mut v = listening(libc::AF_INET)?;
-    v.extend(listening(libc::AF_INET6)?);
-    v.sort_unstable();
-    v.dedup();
-    Ok(v)
+    TcpListenerScan::new()?.ports()
 }
 
-fn listening(family: i32) -> io::Result<Vec<u16>> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const TCP_LISTEN: u32 = 10;
-    // SAFETY: plain system call; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+/// The TCP sockets hashed in this network namespace (listening and
+/// connected, IPv4 and IPv6), from /proc/net/sockstat and sockstat6: a
+/// cheap sign that the listeners may have changed. The files stay open;
+/// a count costs one `pread` each.
+#[derive(Debug)]
+pub struct TcpSocketCount {
+    files: Vec<(std::fs::File, &'static str)>,
+}
+
+impl TcpSocketCount {
+    /// Opens the two files.
+    ///
+    /// # Errors
+    /// If either cannot be opened.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            files: vec![
+                (std::fs::File::open("/proc/net/sockstat")?, "TCP:"),
+                (std::fs::File::open("/proc/net/sockstat6")?, "TCP6:"),
+            ],
+        })
     }
-    // SAFETY: a fresh descriptor we own.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // nlmsghdr (16) + inet_diag_req_v2 (56): family, protocol, ext, pad,
-    // states, then a zero socket id (48 bytes).
-    let mut req = [0u8; 72];
-    req[0..4].copy_from_slice(&72u32.to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    req[6..8].copy_from_slice(&flags.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[16] = family as u8;
-    req[17] = libc::IPPROTO_TCP as u8;
-    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    // SAFETY: a valid socket and a buffer of the given length.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
+
+    /// The count now, if the files read as expected.
+    pub fn get(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut n = 0;
+        let mut buf = [0u8; 1024];
+        for (f, key) in &self.files {
+            let len = f.read_at(&mut buf, 0).ok()?;
+            let text = std::str::from_utf8(&buf[..len]).ok()?;
+            let line = text.lines().find(|l| l.starts_with(key))?;
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inuse")?;
+            n += words.next()?.parse::<u64>().ok()?;
+        }
+        Some(n)
     }
-    let mut ports = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        // SAFETY: a valid socket and a writable buffer.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
+}
+
+/// A reusable sock_diag scan for [`tcp_listening_ports`]: one netlink
+/// socket and one buffer for every scan (dsand scans ten times a second).
+#[derive(Debug)]
+pub struct TcpListenerScan {
+    sock: std::os::fd::OwnedFd,
+    buf: Vec<u8>,
+    seq: u32,
+    /// Whether the kernel takes the older TCPDIAG_GETSOCK dump, which
+    /// walks the listening table once for both families (the table is
+    /// sized by the machine's memory: a walk costs tens of microseconds).
+    compat: bool,
+}
+
+impl TcpListenerScan {
+    /// A scanner.
+    ///
+    /// # Errors
+    /// If the netlink socket cannot be created.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain system call; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut msgs = &buf[..n as usize];
-        if msgs.is_empty() {
-            return Ok(ports);
-        }
-        while msgs.len() >= 16 {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
-            if len < 16 || len > msgs.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "short netlink message",
-                ));
-            }
-            match i32::from(kind) {
-                libc::NLMSG_DONE => return Ok(ports),
-                libc::NLMSG_ERROR => {
-                    let e = msgs
-                        .get(16..20)
-                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                    return Err(io::Error::from_raw_os_error(-e));
+        Ok(Self {
+            // SAFETY: a fresh descriptor we own.
+            sock: unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            buf: vec![0u8; 32 * 1024],
+            seq: 0,
+            compat: true,
+        })
+    }
+
+    /// The ports with a kernel TCP listener reachable from outside (IPv4,
+    /// the wildcard or dual-stack `[::]`), sorted, once each.
+    ///
+    /// # Errors
+    /// As the netlink calls; the scanner should then be replaced (a dump
+    /// may be left half read).
+    pub fn ports(&mut self) -> io::Result<Vec<u16>> {
+        if self.compat {
+            match self.listening(None) {
+                Ok(mut v) => {
+                    v.sort_unstable();
+                    v.dedup();
+                    return Ok(v);
                 }
-                _ => {
-                    // inet_diag_msg: family, state, timer, retrans, then the
-                    // socket id: sport (be16), dport, src[4] (be32), ...
-                    let m = &msgs[16..len];
-                    if m.len() >= 24 && m[1] as u32 == TCP_LISTEN {
-                        let port = u16::from_be_bytes([m[4], m[5]]);
-                        let src = if i32::from(m[0]) == libc::AF_INET6 {
-                            let a: [u8; 16] = m[8..24].try_into().expect("16 bytes");
-                            let a = std::net::Ipv6Addr::from(a);
-                            if a.is_unspecified() {
-                                Some(Ipv4Addr::UNSPECIFIED)
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(e),
+                Err(_) => self.compat = false,
+            }
+        }
+        let mut v = self.listening(Some(libc::AF_INET))?;
+        v.extend(self.listening(Some(libc::AF_INET6))?);
+        v.sort_unstable();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// One dump: of `family` (inet_diag_req_v2), or of both families in
+    /// one walk (`None`: the older inet_diag_req, which the kernel answers
+    /// for every family).
+    fn listening(&mut self, family: Option<i32>) -> io::Result<Vec<u16>> {
+        const TCPDIAG_GETSOCK: u16 = 18;
+        const SOCK_DIAG_BY_FAMILY: u16 = 20;
+        const TCP_LISTEN: u32 = 10;
+        let sock = &self.sock;
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = [0u8; 76];
+        let len = match family {
+            // nlmsghdr (16) + inet_diag_req_v2 (56): family, protocol, ext,
+            // pad, states, then a zero socket id (48 bytes).
+            Some(f) => {
+                req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+                req[16] = f as u8;
+                req[17] = libc::IPPROTO_TCP as u8;
+                req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+                72
+            }
+            // nlmsghdr (16) + inet_diag_req (60): family, src_len, dst_len,
+            // ext, a zero socket id (48), states, dbs.
+            None => {
+                req[4..6].copy_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+                req[16] = libc::AF_INET as u8;
+                req[68..72].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+                76
+            }
+        };
+        req[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+        req[6..8].copy_from_slice(&flags.to_ne_bytes());
+        req[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        // SAFETY: a valid socket and a buffer of at least `len` bytes.
+        if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), len, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ports = Vec::new();
+        let buf = &mut self.buf;
+        loop {
+            // SAFETY: a valid socket and a writable buffer.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut msgs = &buf[..n as usize];
+            if msgs.is_empty() {
+                return Ok(ports);
+            }
+            while msgs.len() >= 16 {
+                let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+                if len < 16 || len > msgs.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "short netlink message",
+                    ));
+                }
+                match i32::from(kind) {
+                    libc::NLMSG_DONE => return Ok(ports),
+                    libc::NLMSG_ERROR => {
+                        let e = msgs
+                            .get(16..20)
+                            .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                        return Err(io::Error::from_raw_os_error(-e));
+                    }
+                    _ => {
+                        // inet_diag_msg: family, state, timer, retrans, then the
+                        // socket id: sport (be16), dport, src[4] (be32), ...
+                        let m = &msgs[16..len];
+                        if m.len() >= 24 && m[1] as u32 == TCP_LISTEN {
+                            let port = u16::from_be_bytes([m[4], m[5]]);
+                            let src = if i32::from(m[0]) == libc::AF_INET6 {
+                                let a: [u8; 16] = m[8..24].try_into().expect("16 bytes");
+                                let a = std::net::Ipv6Addr::from(a);
+                                if a.is_unspecified() {
+                                    Some(Ipv4Addr::UNSPECIFIED)
+                                } else {
+                                    a.to_ipv4_mapped()
+                                }
                             } else {
-                                a.to_ipv4_mapped()
+                                Some(Ipv4Addr::new(m[8], m[9], m[10], m[11]))
+                            };
+                            if src.is_some_and(|s| !s.is_loopback()) {
+                                ports.push(port);
                             }
-                        } else {
-                            Some(Ipv4Addr::new(m[8], m[9], m[10], m[11]))
-                        };
-                        if src.is_some_and(|s| !s.is_loopback()) {
-                            ports.push(port);
                         }
                     }
                 }
+                let step = len.div_ceil(4) * 4;
+                msgs = msgs.get(step..).unwrap_or(&[]);
             }
-            let step = len.div_ceil(4) * 4;
-            msgs = msgs.get(step..).unwrap_or(&[]);
         }
     }
 }

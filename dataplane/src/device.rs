@@ -29,6 +29,20 @@ pub trait Device {
     fn alloc(&mut self, len: usize) -> Option<Self::Buf>;
     /// The port's MAC address.
     fn mac(&self) -> EthernetAddress;
+    /// A descriptor that becomes readable when a frame arrives while the
+    /// wake-up is armed (a receive interrupt, or a kernel socket that sees
+    /// the port's frames), if the port has one: a sleeping loop then waits
+    /// for it instead of waking on a period.
+    fn rx_wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Arms the wake-up, before the loop's last look at the port. Returns
+    /// false if it cannot (the loop then wakes on a period).
+    fn arm_rx_wake(&mut self) -> bool {
+        false
+    }
+    /// Disarms it after the sleep and clears what woke the loop.
+    fn disarm_rx_wake(&mut self) {}
 }
 
 /// Counters of a loopback link end.

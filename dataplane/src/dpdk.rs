@@ -323,6 +323,8 @@ pub struct PortStats {
 #[derive(Debug)]
 pub struct Port<'eal> {
     id: PortId,
+    /// Queue 0's receive interrupt descriptor (owned by DPDK).
+    rx_intr: Option<i32>,
     /// True while the port runs; [`PortStatsReader`]s read counters only then.
     alive: Arc<RwLock<bool>>,
     _eal: PhantomData<&'eal Eal>,
@@ -367,8 +369,43 @@ impl<'eal> Port<'eal> {
         rx_desc: u16,
         tx_desc: u16,
     ) -> Result<Port<'eal>> {
-        let conf: sys::rte_eth_conf = Default::default();
-        // SAFETY: conf is a valid, zeroed (default) configuration that outlives the call.
+        // Receive interrupts first (a sleeping lcore then wakes on a frame);
+        // a driver that refuses them gets the plain configuration.
+        let rx_intr = match Self::setup(id, pool, rx_desc, tx_desc, true) {
+            Ok(()) => {
+                // SAFETY: the port is started with one rx queue.
+                let fd = unsafe { sys::rte_eth_dev_rx_intr_ctl_q_get_fd(id.0, 0) };
+                (fd >= 0).then_some(fd)
+            }
+            Err(_) => {
+                // SAFETY: a configured (possibly started) port may be stopped.
+                unsafe { sys::rte_eth_dev_stop(id.0) };
+                Self::setup(id, pool, rx_desc, tx_desc, false)?;
+                None
+            }
+        };
+        // SAFETY: the port is started; failure (unsupported) is harmless.
+        unsafe { sys::rte_eth_promiscuous_enable(id.0) };
+        Ok(Port {
+            id,
+            rx_intr,
+            alive: Arc::new(RwLock::new(true)),
+            _eal: PhantomData,
+        })
+    }
+
+    /// Configures, sets up the queues of and starts `id`, with receive
+    /// interrupts if `rx_intr`.
+    fn setup(
+        id: PortId,
+        pool: &Mempool<'_>,
+        rx_desc: u16,
+        tx_desc: u16,
+        rx_intr: bool,
+    ) -> Result<()> {
+        let mut conf: sys::rte_eth_conf = Default::default();
+        conf.intr_conf.set_rxq(u32::from(rx_intr));
+        // SAFETY: conf is a valid configuration that outlives the call.
         DpdkError::check("rte_eth_dev_configure", unsafe {
             sys::rte_eth_dev_configure(id.0, 1, 1, &conf)
         })?;
@@ -385,13 +422,12 @@ impl<'eal> Port<'eal> {
         })?;
         // SAFETY: the port is configured.
         DpdkError::check("rte_eth_dev_start", unsafe { sys::rte_eth_dev_start(id.0) })?;
-        // SAFETY: the port is started; failure (unsupported) is harmless.
-        unsafe { sys::rte_eth_promiscuous_enable(id.0) };
-        Ok(Port {
-            id,
-            alive: Arc::new(RwLock::new(true)),
-            _eal: PhantomData,
-        })
+        Ok(())
+    }
+
+    /// The descriptor of queue 0's receive interrupt, if the driver has one.
+    pub fn rx_intr_fd(&self) -> Option<i32> {
+        self.rx_intr
     }
 
     /// A reader of this port's counters for other threads.
@@ -460,6 +496,28 @@ impl Drop for Port<'_> {
     }
 }
 
+/// How a sleeping lcore learns that a frame arrived.
+#[derive(Debug)]
+pub enum RxWake {
+    /// It does not: it wakes on a period.
+    None,
+    /// The driver's receive interrupt for queue 0 (an eventfd DPDK owns).
+    Interrupt(i32),
+    /// A kernel packet socket on the port's interface (af_packet).
+    Packet(crate::sys::PacketWaker),
+}
+
+impl RxWake {
+    /// A short description for logs and `dsanctl stats`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RxWake::None => "none",
+            RxWake::Interrupt(_) => "rx-interrupt",
+            RxWake::Packet(_) => "packet-socket",
+        }
+    }
+}
+
 /// A [`Device`] over queue 0 of a started port.
 #[derive(Debug)]
 pub struct DpdkDevice<'a> {
@@ -467,6 +525,7 @@ pub struct DpdkDevice<'a> {
     pool: &'a Mempool<'a>,
     mac: EthernetAddress,
     raw: [*mut sys::rte_mbuf; BURST],
+    wake: RxWake,
 }
 
 impl<'a> DpdkDevice<'a> {
@@ -480,7 +539,19 @@ impl<'a> DpdkDevice<'a> {
             pool,
             mac: port.mac()?,
             raw: [std::ptr::null_mut(); BURST],
+            wake: port.rx_intr.map_or(RxWake::None, RxWake::Interrupt),
         })
+    }
+
+    /// Uses `w` to wake the sleeping lcore (when the port has no receive
+    /// interrupt).
+    pub fn set_wake(&mut self, w: RxWake) {
+        self.wake = w;
+    }
+
+    /// What wakes the sleeping lcore.
+    pub fn wake(&self) -> &RxWake {
+        &self.wake
     }
 }
 
@@ -532,6 +603,43 @@ impl Device for DpdkDevice<'_> {
 
     fn mac(&self) -> EthernetAddress {
         self.mac
+    }
+
+    fn rx_wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        match &self.wake {
+            RxWake::None => None,
+            RxWake::Interrupt(fd) => Some(*fd),
+            RxWake::Packet(p) => Some(p.fd()),
+        }
+    }
+
+    fn arm_rx_wake(&mut self) -> bool {
+        match &self.wake {
+            RxWake::None => false,
+            // SAFETY: the port is started with queue 0; only this lcore uses it.
+            RxWake::Interrupt(_) => unsafe {
+                sys::rte_eth_dev_rx_intr_enable(self.port.id.0, 0) == 0
+            },
+            RxWake::Packet(p) => {
+                p.drain();
+                true
+            }
+        }
+    }
+
+    fn disarm_rx_wake(&mut self) {
+        if let RxWake::Interrupt(fd) = self.wake {
+            // SAFETY: as for enabling.
+            unsafe { sys::rte_eth_dev_rx_intr_disable(self.port.id.0, 0) };
+            // Clear the event counter (DPDK's eventfd), reading only when
+            // something is there: the descriptor may be blocking.
+            if crate::sys::wait_readable(fd, Some(std::time::Duration::ZERO)) {
+                let mut v = 0u64;
+                // SAFETY: an 8-byte buffer for an eventfd read of a
+                // descriptor that is readable.
+                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+            }
+        }
     }
 }
 

@@ -14,6 +14,10 @@
 //!   ([`Doorbell::is_sleeping`]), looks once more at its inputs, and sleeps on the
 //!   doorbell's eventfd for at most `max_sleep` (so arriving frames are picked up
 //!   within that bound). Clients ring the doorbell only when the loop sleeps.
+//!   A port that can wake the loop on a frame ([`Device::rx_wake_fd`]: a
+//!   receive interrupt, or for af_packet a kernel packet socket) is armed
+//!   before that last look, and the loop then sleeps until work comes (a
+//!   frame, a bell, the next timer), at most [`EngineConfig::wake_sleep_cap`].
 
 use crate::device::{Device, BURST};
 use crate::time::{Clock, Instant};
@@ -79,6 +83,10 @@ pub struct EngineConfig {
     pub idle: IdlePolicy,
     /// Longest time a frame waits in the transmit buffer (l2fwd's BURST_TX_DRAIN_US).
     pub drain_interval: Duration,
+    /// Longest single sleep when the port wakes the loop on a frame
+    /// ([`Device::rx_wake_fd`]): commands ring the doorbell and timers set
+    /// the sleep's end, so this only bounds the damage of a lost wake-up.
+    pub wake_sleep_cap: Duration,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +94,7 @@ impl Default for EngineConfig {
         Self {
             idle: IdlePolicy::ADAPTIVE_DEFAULT,
             drain_interval: Duration::from_micros(100),
+            wake_sleep_cap: Duration::from_secs(1),
         }
     }
 }
@@ -109,6 +118,9 @@ pub struct LcoreStats {
     pub idle_polls: AtomicU64,
     /// Times the loop went to sleep (adaptive policy).
     pub sleeps: AtomicU64,
+    /// Of those, sleeps until work (the port wakes the loop on a frame),
+    /// not for a period.
+    pub wake_sleeps: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -120,6 +132,7 @@ struct LocalStats {
     busy_polls: u64,
     idle_polls: u64,
     sleeps: u64,
+    wake_sleeps: u64,
 }
 
 impl LocalStats {
@@ -131,6 +144,7 @@ impl LocalStats {
         s.busy_polls.store(self.busy_polls, Ordering::Relaxed);
         s.idle_polls.store(self.idle_polls, Ordering::Relaxed);
         s.sleeps.store(self.sleeps, Ordering::Relaxed);
+        s.wake_sleeps.store(self.wake_sleeps, Ordering::Relaxed);
     }
 }
 
@@ -247,6 +261,11 @@ pub fn run<D: Device, H: Handler<D>>(
     let mut last_drain = clock.now();
     let mut last_busy = last_drain;
     let drain = cfg.drain_interval;
+    // A port that can wake the loop on a frame: its descriptor joins the
+    // doorbell's set.
+    let wake = dev
+        .rx_wake_fd()
+        .is_some_and(|fd| shared.doorbell.watch_wake(fd).is_ok());
 
     while !shared.stop.load(Ordering::Relaxed) {
         let now = clock.now();
@@ -289,6 +308,9 @@ pub fn run<D: Device, H: Handler<D>>(
             // Going to sleep: nothing may wait in the tx buffer.
             flush(dev, &mut pending, &mut stats);
             shared.doorbell.set_sleeping(true);
+            // The port's wake-up is armed before the last look, so that a
+            // frame arriving after that look wakes the loop.
+            let armed = wake && dev.arm_rx_wake();
             // Last look at the inputs after announcing the sleep.
             let n = dev.rx_burst(&mut rx, BURST);
             let mut tx = Tx {
@@ -303,13 +325,21 @@ pub fn run<D: Device, H: Handler<D>>(
             }
             let late = handler.poll(now, &mut tx) || n > 0;
             if !late && !shared.stop.load(Ordering::Relaxed) {
-                let mut sleep = max_sleep;
+                let mut sleep = if armed {
+                    stats.wake_sleeps += 1;
+                    cfg.wake_sleep_cap
+                } else {
+                    max_sleep
+                };
                 if let Some(d) = handler.next_deadline() {
                     sleep = sleep.min(d.saturating_since(now));
                 }
                 stats.sleeps += 1;
                 stats.publish(&shared.stats);
                 shared.doorbell.wait(sleep);
+            }
+            if armed {
+                dev.disarm_rx_wake();
             }
             shared.doorbell.set_sleeping(false);
             last_busy = if late { clock.now() } else { last_busy };
@@ -366,6 +396,7 @@ mod tests {
         let cfg = EngineConfig {
             idle: policy,
             drain_interval: Duration::from_micros(100),
+            ..Default::default()
         };
         let s2 = shared.clone();
         let t = std::thread::spawn(move || run(&mut dev, &mut h, &cfg, &s2, Clock::new()));

@@ -18,3 +18,104 @@ pub fn unpin_current_thread() {
     // SAFETY: pid 0 means this thread; the set is valid for its size.
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
+
+/// A kernel packet socket on the port's interface that sees the SAN's
+/// frames too, so that a sleeping lcore whose PMD has no receive interrupt
+/// (af_packet) wakes when a frame arrives instead of on a period.
+///
+/// It is bound to the SAN's EtherType only (the kernel hands it nothing
+/// else, and never the frames the PMD sends), with the smallest receive
+/// buffer: while the lcore is busy the few frames it holds are dropped by
+/// the kernel's buffer check, before any copy. Before sleeping the lcore
+/// empties it ([`PacketWaker::drain`]), then looks at the port once more:
+/// a frame that arrives after that makes the socket readable.
+#[derive(Debug)]
+pub struct PacketWaker {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PacketWaker {
+    /// A waker on interface `iface` for frames of `ethertype`.
+    ///
+    /// # Errors
+    /// If the interface does not exist or packet sockets are not allowed.
+    pub fn open(iface: &str, ethertype: u16) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new(iface)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let proto = ethertype.to_be();
+        // SAFETY: plain system call; the result is a new descriptor we own.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned by nobody else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let small: libc::c_int = 1; // the kernel rounds up to its minimum
+                                    // SAFETY: a valid socket and an int option of the right size.
+        unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: sockaddr_ll is plain data; zeroed is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: a valid socket and a sockaddr_ll of the size given.
+        let r = unsafe {
+            libc::bind(
+                raw,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// The descriptor to sleep on (readable when a frame came).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
+    /// Discards what the socket holds (only the kernel's copies: the PMD
+    /// receives the frames themselves).
+    pub fn drain(&self) {
+        let mut b = [0u8; 1];
+        loop {
+            // SAFETY: a valid socket and a 1-byte buffer (frames are
+            // truncated, which is all we want: they are discarded).
+            let r = unsafe {
+                libc::recv(
+                    self.fd(),
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
+            };
+            if r < 0 {
+                return;
+            }
+        }
+    }
+}

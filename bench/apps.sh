@@ -87,7 +87,7 @@ wait_port() { # host port
   done
   echo "apps.sh: nothing listens on $1:$2" >&2; exit 1
 }
-# h1's daemon learns of kernel listeners within 100 ms; a preloaded client
+# h1's daemon learns of kernel listeners within 150 ms; a preloaded client
 # waits for that (else a SAN connect is refused, as for a closed port).
 settle() { sleep 0.3; }
 

@@ -375,7 +375,7 @@ fn a_preloaded_client_reaches_a_kernel_server_over_tcp() {
     let conf = nginx_conf(&dir, 8081, true, 0);
     let _srv = nginx("h1", &dir, &conf, false);
     wait_listening("h1", 8081);
-    // h1's daemon learns of a kernel listener within its refresh (100 ms);
+    // h1's daemon learns of a kernel listener within its refresh (150 ms);
     // until then a SAN connect is refused, as for a closed port.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !run(

@@ -628,7 +628,7 @@ fn a_tcp_only_service_on_a_san_host_is_reached_over_tcp_at_once() {
         }
     });
     rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    // h1's daemon learns the listener within its refresh (100 ms); until
+    // h1's daemon learns the listener within its refresh (150 ms); until
     // then the SAN answers "no listener".
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let c = loop {

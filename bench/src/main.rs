@@ -13,6 +13,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod breakdown;
 mod connect;
 mod data;
 mod suite;
@@ -138,6 +139,28 @@ fn main() {
         eprintln!("dsan-bench: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Where a set of figures comes from: the build's commit (and whether its
+/// tree had uncommitted changes), when and with which command line.
+pub(crate) fn provenance() -> serde_json::Value {
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    json!({
+        "commit": env!("DSAN_BUILD_COMMIT"),
+        "dirty": match env!("DSAN_BUILD_DIRTY") {
+            "true" => json!(true),
+            "false" => json!(false),
+            _ => serde_json::Value::Null,
+        },
+        "date": date,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "version": env!("CARGO_PKG_VERSION"),
+    })
 }
 
 fn run(args: Args) -> Result<()> {
@@ -279,7 +302,7 @@ fn frame_rtt(count: u64, idle: &str, mode: &str, json_path: Option<PathBuf>) -> 
                 .find(|l| l.starts_with("model name"))
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         });
-        let doc = json!({"benchmark": "frame-rtt", "machine": {"cpus": cpus, "cpu_model": model}, "results": results});
+        let doc = json!({"benchmark": "frame-rtt", "provenance": provenance(), "machine": {"cpus": cpus, "cpu_model": model}, "results": results});
         std::fs::write(&p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
@@ -393,7 +416,7 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
         r?;
     }
     if let Some(path) = json_path {
-        let doc = json!({"benchmark": "connect", "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
+        let doc = json!({"benchmark": "connect", "provenance": provenance(), "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -538,7 +561,7 @@ fn data_bench(
         r?;
     }
     if let Some(path) = json_path {
-        let doc = json!({"benchmark": "data", "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
+        let doc = json!({"benchmark": "data", "provenance": provenance(), "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::breakdown::Breakdown;
 use control::lab;
 
 /// Options of a suite run.
@@ -327,7 +328,13 @@ impl Ports {
     }
 }
 
-fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) -> Result<()> {
+fn run_policy(
+    o: &Opts,
+    policy: &str,
+    rows: &mut Vec<Row>,
+    breakdowns: &mut Vec<(String, Breakdown)>,
+    ports: &mut Ports,
+) -> Result<()> {
     let s0 = lab::socket_of("h0").display().to_string();
     let s1 = lab::socket_of("h1").display().to_string();
     // The connecting side's switch attaches to h0's daemon.
@@ -416,6 +423,18 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
                 None,
             ));
         }
+    }
+
+    // The same connects again, traced hop by hop (dsan only).
+    for waiting in [false, true] {
+        let port = ports.next();
+        eprintln!(
+            "  [{policy}] breakdown / connect / {} ({} connects, traced)",
+            if waiting { "waiting" } else { "spinning" },
+            o.count
+        );
+        let b = crate::breakdown::connect(&p1, port, o.count, waiting)?;
+        breakdowns.push((policy.to_string(), b));
     }
 
     // reject: a backlog of 1, filled, never accepted.
@@ -507,6 +526,16 @@ fn run_policy(o: &Opts, policy: &str, rows: &mut Vec<Row>, ports: &mut Ports) ->
             None,
         ));
     }
+
+    let port = ports.next();
+    eprintln!(
+        "  [{policy}] breakdown / no-listener ({} connects, traced)",
+        o.count
+    );
+    breakdowns.push((
+        policy.to_string(),
+        crate::breakdown::no_listener(port, o.count)?,
+    ));
 
     // rate-closed: C connectors for the duration.
     for transport in ["dsan", "tcp"] {
@@ -791,6 +820,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
     let dsand = std::env::current_exe()?.with_file_name("dsand");
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let mut rows = Vec::new();
+    let mut breakdowns = Vec::new();
     let mut ports = Ports(30000);
     let started = SystemTime::now();
     let t0 = Instant::now();
@@ -809,7 +839,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             mtu: 1500,
         })
         .map_err(anyhow::Error::msg)?;
-        let r = run_policy(&o, policy, &mut rows, &mut ports);
+        let r = run_policy(&o, policy, &mut rows, &mut breakdowns, &mut ports);
         lab::down().map_err(anyhow::Error::msg)?;
         r?;
     }
@@ -921,6 +951,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             "tag": format!("{}/{}/{}/{}/{}", r.scenario, r.policy, r.accept, r.transport, r.what),
         }));
     }
+    let breakdown_json = print_breakdowns(&breakdowns, &rows);
     let machine = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())),
@@ -928,12 +959,14 @@ pub(crate) fn run(o: Opts) -> Result<()> {
     });
     let doc = json!({
         "benchmark": "dsan-bench suite",
+        "provenance": crate::provenance(),
         "machine": machine,
         "config": {"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency,
                    "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
                    "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"},
         "elapsed_s": elapsed.as_secs_f64(),
         "results": summary,
+        "breakdown": breakdown_json,
     });
     std::fs::write(
         o.out.join("summary.json"),
@@ -960,6 +993,71 @@ pub(crate) fn run(o: Opts) -> Result<()> {
     );
     let _ = files;
     Ok(())
+}
+
+/// Prints each breakdown (median and p99 per hop, the total, and kernel
+/// TCP's total for the same scenario from the table) and returns them as
+/// JSON.
+fn print_breakdowns(bs: &[(String, Breakdown)], rows: &[Row]) -> Value {
+    let mut out = Vec::new();
+    for (policy, b) in bs {
+        let tcp = rows.iter().find(|r| {
+            r.transport == "tcp"
+                && r.scenario == b.scenario
+                && &r.policy == policy
+                && (r.accept == b.accept || b.accept == "-")
+        });
+        println!();
+        println!(
+            "breakdown: {} / {policy} / {} ({} traced, {} left out)",
+            b.scenario,
+            b.accept,
+            b.total.len(),
+            b.unmatched
+        );
+        println!("  {:<50} {:>9} {:>9}", "hop", "p50 us", "p99 us");
+        let mut hops = Vec::new();
+        for h in &b.hops {
+            println!(
+                "  {:<50} {:>9.1} {:>9.1}",
+                h.name,
+                us(&h.hist, 0.5),
+                us(&h.hist, 0.99)
+            );
+            hops.push(json!({"hop": h.name, "p50_ns": q_or_null(&h.hist, 0.5), "p99_ns": q_or_null(&h.hist, 0.99)}));
+        }
+        let sum_p50: f64 = b.hops.iter().map(|h| us(&h.hist, 0.5)).sum();
+        println!(
+            "  {:<50} {:>9.1} {:>9.1}   (sum of the hops' medians {:.1})",
+            "total, dsan",
+            us(&b.total, 0.5),
+            us(&b.total, 0.99),
+            sum_p50
+        );
+        if let Some(t) = tcp {
+            println!(
+                "  {:<50} {:>9.1} {:>9.1}",
+                "total, kernel TCP (from the table)",
+                us(&t.hist, 0.5),
+                us(&t.hist, 0.99)
+            );
+        }
+        out.push(json!({
+            "scenario": b.scenario, "policy": policy, "accept": b.accept,
+            "traced": b.total.len(), "left_out": b.unmatched, "hops": hops,
+            "total": {"p50_ns": q_or_null(&b.total, 0.5), "p99_ns": q_or_null(&b.total, 0.99)},
+            "tcp_total": tcp.map(|t| json!({"p50_ns": q_or_null(&t.hist, 0.5), "p99_ns": q_or_null(&t.hist, 0.99)})),
+        }));
+    }
+    json!(out)
+}
+
+fn q_or_null(h: &Histogram<u64>, q: f64) -> Value {
+    if h.is_empty() {
+        Value::Null
+    } else {
+        json!(h.value_at_quantile(q))
+    }
 }
 
 /// Where the output goes by default.

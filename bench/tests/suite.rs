@@ -121,6 +121,45 @@ fn smoke_run_of_every_scenario() {
             assert!(r["rate_per_s"].as_f64().unwrap() > 0.0, "{tag}");
         }
     }
+    // The latency breakdown: for each policy, the traced connects (the
+    // accepting thread spinning and waiting) and refusals, every hop
+    // measured, the hops adding up to the total (each connect's hops are
+    // consecutive stamps of one clock), and the table's kernel TCP total
+    // beside it.
+    let bs = s["breakdown"].as_array().expect("breakdown");
+    assert_eq!(bs.len(), 6, "3 per policy: {bs:?}");
+    for b in bs {
+        let traced = b["traced"].as_u64().unwrap();
+        // (With the poll policy two daemons take both of this machine's
+        // two cores, and many connects time out: some must still line up.)
+        assert!(traced > 0, "{b}");
+        let hops = b["hops"].as_array().unwrap();
+        assert_eq!(
+            hops.len(),
+            if b["scenario"] == "connect" { 10 } else { 7 },
+            "{b}"
+        );
+        assert!(hops.iter().all(|h| h["p50_ns"].as_u64().is_some()), "{b}");
+        let total = b["total"]["p50_ns"].as_u64().unwrap();
+        assert!(
+            total > 0 && b["tcp_total"]["p50_ns"].as_u64().is_some(),
+            "{b}"
+        );
+    }
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("breakdown: connect"), "{table}");
+    assert!(table.contains("wire: request frame h0 -> h1"), "{table}");
+    // Where and when the figures were made.
+    assert!(s["provenance"]["commit"]
+        .as_str()
+        .is_some_and(|c| c.len() == 40 || c == "unknown"));
+    assert!(s["provenance"]["date"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("20")));
+    assert!(s["provenance"]["command"]
+        .as_str()
+        .is_some_and(|c| c.contains("suite")));
+
     // An independent reader: HdrHistogram's Python package decodes the log.
     let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
     let o = Command::new(python())

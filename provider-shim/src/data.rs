@@ -70,11 +70,14 @@ impl IoSlot {
     }
     /// Whether a close of the socket is under way.
     pub(super) fn closing(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        // SeqCst: a waiter announces itself, then looks here; a close
+        // sets this, then looks at the waiter counts (one of the two sees
+        // the other, so a close never leaves a waiter asleep for its nap).
+        self.closed.load(Ordering::SeqCst)
     }
     /// The socket is being closed: blocked calls give up.
     pub(super) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
@@ -244,7 +247,7 @@ impl Provider {
                 continue;
             }
             shm.snd_p.waiting.fetch_add(1, Ordering::SeqCst);
-            if shm.snd_c.head.load(Ordering::SeqCst) == head {
+            if shm.snd_c.head.load(Ordering::SeqCst) == head && !io.closing() {
                 sys::futex_wait(&shm.snd_c.seq, seq, NAP);
             }
             shm.snd_p.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -343,6 +346,7 @@ impl Provider {
             shm.rcv_c.waiting.fetch_add(1, Ordering::SeqCst);
             if shm.rcv_p.tail.load(Ordering::SeqCst) == tail
                 && shm.st.state.load(Ordering::SeqCst) == st
+                && !io.closing()
             {
                 sys::futex_wait(&shm.rcv_p.seq, seq, NAP);
             }

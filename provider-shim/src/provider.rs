@@ -498,7 +498,7 @@ impl Provider {
                 continue;
             }
             sh.waiters.fetch_add(1, Ordering::SeqCst);
-            if !done(word.load(Ordering::SeqCst)) {
+            if !done(word.load(Ordering::SeqCst)) && !closing() {
                 sys::futex_wait(word, v, Duration::from_millis(10));
             }
             sh.waiters.fetch_sub(1, Ordering::SeqCst);
@@ -984,22 +984,33 @@ impl Provider {
         // new socket there clears it.)
         let io = self.io.get(s as usize).ok_or(Error::NotSock)?;
         io.close();
+        // Only a thread that announced itself can be asleep (it looks at
+        // the closing flag after announcing): no system call otherwise.
         let sh = self.region.sock(s as usize);
-        sys::futex_wake(&sh.done_seq);
-        sys::futex_wake(&sh.arrivals);
+        if sh.waiters.load(Ordering::SeqCst) != 0 {
+            sys::futex_wake(&sh.done_seq);
+            sys::futex_wake(&sh.arrivals);
+        }
         let st = self.region.stream(s as usize);
-        sys::futex_wake(&st.rcv_p.seq);
-        sys::futex_wake(&st.snd_c.seq);
+        if st.rcv_c.waiting.load(Ordering::SeqCst) != 0 {
+            sys::futex_wake(&st.rcv_p.seq);
+        }
+        if st.snd_p.waiting.load(Ordering::SeqCst) != 0 {
+            sys::futex_wake(&st.snd_c.seq);
+        }
         let mut g = self.lock(s)?;
         let mut ls = g.take().expect("checked");
         io.close();
+        // A fresh socket whose connect failed holds nothing in the daemon
+        // (it forgets the socket with the failure), so its close costs no
+        // round trip; one that connected, or whose connect still runs, does.
         let had_state = ls.state != State::Fresh
             || self
                 .region
                 .sock(s as usize)
                 .connect_state
-                .load(Ordering::Relaxed)
-                != 0;
+                .load(Ordering::Acquire)
+                > 0;
         // The daemon forgets the socket's state and its event descriptor.
         if self.daemon_alive() && (had_state || ls.efd.is_some()) {
             let _ = self.command(s, &mut ls, Op::Close, COMMAND_TIMEOUT);

@@ -366,6 +366,7 @@ impl Node {
         key: RequestKey,
         verdict: Verdict,
     ) -> Option<i64> {
+        self.trace(key.conn_id, super::Hop::DecisionSeen);
         let p = &self.procs[&id];
         let Some(SockObj::Listener { id: l, bufs, .. }) = p.socks.get(&sock).copied() else {
             return errno(libc::EINVAL);
@@ -442,6 +443,7 @@ impl Node {
             },
         );
         self.conn_owner.insert(h, (id, sock));
+        self.trace_connect(h);
         if nonblocking {
             errno(libc::EINPROGRESS)
         } else {

@@ -8,11 +8,12 @@ use crate::proto::Event;
 use crate::time::Instant;
 use crate::wire::RejectReason;
 use dsan_channel::msg::Request;
-use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CLOSE, FD_CONNECT, FD_WRITE};
+use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CLOSE, FD_CONNECT, FD_READ, FD_WRITE};
 use dsan_channel::ring::PushError;
 use dsan_channel::sys;
 use std::net::SocketAddrV4;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Completes command `seq` of a socket with `result`, waking a waiting thread.
 pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
@@ -28,6 +29,17 @@ pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
 /// selected the bit, and wakes threads waiting for arrivals. Returns false if
 /// a selected eventfd could not be signalled.
 pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
+    raise_with(s, reg, bit, None)
+}
+
+/// [`raise`]; for FD_READ of a stream, `unread` names it, so that the
+/// notifier drops the signal if the process read the bytes meanwhile.
+pub(super) fn raise_with(
+    s: &SockShm,
+    reg: Option<&EventReg>,
+    bit: u32,
+    unread: Option<(&Arc<super::AppShared>, u16)>,
+) -> bool {
     s.events.fetch_or(bit, Ordering::AcqRel);
     s.arrivals.fetch_add(1, Ordering::Release);
     let mut ok = true;
@@ -37,7 +49,10 @@ pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
             Some(w) if bit == FD_WRITE => w,
             _ => &r.fd,
         };
-        ok = r.notifier.as_ref().is_some_and(|n| n.notify(fd));
+        ok = r.notifier.as_ref().is_some_and(|n| match unread {
+            Some((app, sock)) if bit == FD_READ => n.notify_read(fd, app, sock),
+            _ => n.notify(fd),
+        });
         if let Some(w) = r.wfd.as_ref().filter(|_| bit == FD_CLOSE) {
             // A writer waiting for room learns at once that none will come.
             ok &= r.notifier.as_ref().is_some_and(|n| n.notify(w));
@@ -57,15 +72,23 @@ impl Node {
                 let Some(&(pid, sock)) = self.listener_owner.get(&listener) else {
                     return;
                 };
-                let Some(p) = self.procs.get_mut(&pid) else {
+                if !self.procs.contains_key(&pid) {
                     return;
-                };
+                }
                 let left = (request.arrived + self.cfg.proto.connect_budget).saturating_since(now);
                 let req = Request {
                     peer: SocketAddrV4::new(request.peer.0, request.peer.1),
                     local: SocketAddrV4::new(request.local.0, request.local.1),
                     conn_id: request.conn_id,
                     expires_ns: sys::monotonic_ns() + left.as_nanos() as u64,
+                };
+                // Stamped before the push: a spinning accepting thread may
+                // take the request the moment it is in the ring.
+                if let Some(t) = self.trace.as_mut() {
+                    t.push(request.conn_id, super::Hop::Queued);
+                }
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
                 };
                 let pushed = match p.backlogs.get_mut(&sock) {
                     Some(ring) => ring.push(&req.to_slot()),
@@ -135,6 +158,7 @@ impl Node {
                         self.local.event_signal_failed += 1;
                     }
                 }
+                self.trace_completed(conn);
             }
             Event::Closed { conn } | Event::Reset { conn, .. } => {
                 let owner = self.owner(conn);

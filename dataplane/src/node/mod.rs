@@ -14,6 +14,7 @@ mod events;
 mod notify;
 mod probe;
 mod streams;
+mod trace;
 
 pub use apps::AppShared;
 pub use counters::{
@@ -23,6 +24,7 @@ pub use counters::{
 pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
 pub use streams::{STREAM_ENTRY_BYTES, STREAM_STATE_BYTES};
+pub use trace::{Hop, TraceAction, TraceEvent, TRACE_CAPACITY};
 
 use crate::device::Device;
 use crate::engine::{Handler, Tx};
@@ -76,6 +78,9 @@ pub enum Command {
     /// Publish the counters now (a report wants them current, not as of the
     /// last drain tick).
     Publish(Sender<()>),
+    /// Start or stop tracing connection setups; a stop answers with the
+    /// stamps and how many did not fit.
+    Trace(TraceAction, Sender<(Vec<TraceEvent>, u64)>),
 }
 
 /// One established SAN connection, for `dsanctl connections`.
@@ -179,6 +184,8 @@ pub struct Node {
     txq: VecDeque<ConnHandle>,
     fault_rng: crate::proto::rng::SeededRng,
     delayed: Vec<(Instant, Vec<u8>)>,
+    /// Connection-setup stamps, while tracing.
+    trace: Option<Box<trace::Tracer>>,
 }
 
 /// The control side's handle to a running node.
@@ -237,6 +244,7 @@ impl Node {
             txq: VecDeque::new(),
             fault_rng: crate::proto::rng::SeededRng::new(0),
             delayed: Vec::new(),
+            trace: None,
         };
         n.fault_rng = crate::proto::rng::SeededRng::new(n.cfg.faults.seed);
         (n, h)
@@ -253,6 +261,7 @@ impl Node {
             repr.emit(&mut wire::Frame::new_unchecked(b), et)
         }) {
             self.local.tx[kind_index(&repr.message)] += 1;
+            self.trace_frame(&repr.message, true);
         }
     }
 
@@ -264,6 +273,7 @@ impl Node {
             Err(_) => return self.local.malformed += 1,
         };
         self.local.rx[kind_index(&repr.message)] += 1;
+        self.trace_frame(&repr.message, false);
         let h = repr.header;
         let me = tx.mac();
         if h.src_mac.is_multicast() {
@@ -346,6 +356,9 @@ impl Node {
                     self.detach_for(now, id, wire::ResetReason::Shutdown);
                 }
                 let _ = done.send(());
+            }
+            Command::Trace(a, reply) => {
+                let _ = reply.send(self.trace_control(a));
             }
             Command::Connections(reply) => {
                 let mut v: Vec<ConnInfo> = self

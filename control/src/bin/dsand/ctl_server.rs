@@ -7,7 +7,7 @@ use super::log;
 use control::lcore::{counters_json, Lcore};
 use control::os;
 use dataplane::dpdk;
-use dataplane::node::{AppShared, Command, Counters, PingRequest};
+use dataplane::node::{AppShared, Command, Counters, PingRequest, TraceAction};
 use dataplane::wire::Ipv4;
 use dsan_channel::region::{layout, MAX_SOCKETS, REGION_VERSION};
 use dsan_channel::sys;
@@ -107,6 +107,7 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                 let r = match req["cmd"].as_str() {
                     Some("attach") if fds.is_empty() => attach(fd, cx, &mut app, &mut out_fds),
                     Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
+                    Some("trace") if fds.is_empty() => trace(&req, cx, fd),
                     Some("switch_fallback") if fds.is_empty() => {
                         cx.fallbacks.add(req["reason"].as_str());
                         Ok(json!({"ok": true}))
@@ -231,6 +232,32 @@ fn event_fd(
         return Err("this process is no longer attached".into());
     }
     Ok(json!({"ok": true}))
+}
+
+/// `{"cmd":"trace","action":"start"|"stop"}`: connection-setup tracing
+/// (for dsan-bench's latency breakdown). Only root or the daemon's own user
+/// may trace: the stamps name every connection the host sets up.
+fn trace(req: &Value, cx: &Ctx, fd: std::os::fd::RawFd) -> Result<Value, String> {
+    let uid = os::peer_cred(fd).map_or(u32::MAX, |(_, uid, _)| uid);
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if uid != 0 && uid != me {
+        return Err("tracing is for root and the daemon's user".into());
+    }
+    let action = match req["action"].as_str() {
+        Some("start") => TraceAction::Start,
+        Some("stop") => TraceAction::Stop,
+        _ => return Err("trace: \"action\" must be \"start\" or \"stop\"".into()),
+    };
+    let (events, dropped) = cx
+        .lcore
+        .ask(|tx| Command::Trace(action, tx), ASK)
+        .map_err(err)?;
+    let list: Vec<Value> = events
+        .iter()
+        .map(|e| json!([e.conn_id.to_string(), e.hop.name(), e.t_ns]))
+        .collect();
+    Ok(json!({"ok": true, "events": list, "dropped": dropped, "clock": "CLOCK_MONOTONIC ns"}))
 }
 
 fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {

@@ -62,6 +62,10 @@ enum Cmd {
         /// Length of each rate scenario, milliseconds.
         #[arg(long, default_value_t = 2000)]
         duration_ms: u64,
+        /// Connections per second the overload scenario's application
+        /// accepts (it is offered --rate per second).
+        #[arg(long, default_value_t = 1000)]
+        overload_accept: u64,
         /// How long a kernel TCP connect into a full backlog may stay pending
         /// before it counts as "not refused", milliseconds.
         #[arg(long, default_value_t = 1000)]
@@ -185,6 +189,7 @@ fn run(args: Args) -> Result<()> {
             concurrency,
             rate,
             duration_ms,
+            overload_accept,
             reject_wait_ms,
             idle,
             out,
@@ -199,6 +204,7 @@ fn run(args: Args) -> Result<()> {
                 idle: idle.split(',').map(|s| s.trim().to_string()).collect(),
                 out: out.unwrap_or_else(suite::default_out),
                 stream_bytes: 256 << 20,
+                overload_accept,
             };
             if smoke {
                 o.count = o.count.min(40);
@@ -206,9 +212,15 @@ fn run(args: Args) -> Result<()> {
                 o.duration = o.duration.min(Duration::from_millis(300));
                 o.reject_wait = o.reject_wait.min(Duration::from_millis(50));
                 o.stream_bytes = 8 << 20;
+                o.overload_accept = o.overload_accept.min(300);
             }
-            if o.count == 0 || o.concurrency == 0 || o.rate == 0 || o.duration.is_zero() {
-                bail!("--count, --concurrency, --rate and --duration-ms must be positive");
+            if o.count == 0
+                || o.concurrency == 0
+                || o.rate == 0
+                || o.duration.is_zero()
+                || o.overload_accept == 0
+            {
+                bail!("--count, --concurrency, --rate, --duration-ms and --overload-accept must be positive");
             }
             suite::run(o)
         }

@@ -49,6 +49,8 @@ pub(crate) struct Opts {
     pub(crate) out: PathBuf,
     /// Bytes of the stream scenario.
     pub(crate) stream_bytes: u64,
+    /// Connections per second the overload scenario's application accepts.
+    pub(crate) overload_accept: u64,
 }
 
 /// One measured row.
@@ -64,6 +66,9 @@ struct Row {
     refused: u64,
     pending: u64,
     rate: Option<f64>,
+    /// CPU time of every process involved (both daemons and this one,
+    /// clients and servers), per successful connect, microseconds.
+    cpu_us: Option<f64>,
 }
 
 fn hist() -> Histogram<u64> {
@@ -99,6 +104,32 @@ impl Server {
         waiting: bool,
         accept: bool,
         timed: bool,
+    ) -> Result<Server> {
+        Self::start_inner(p1, tcp, port, backlog, waiting, accept, timed, None)
+    }
+
+    /// A server that accepts at most one connection per `gap` (the overload
+    /// scenario's slow application).
+    fn throttled(
+        p1: &Arc<Provider>,
+        tcp: bool,
+        port: u16,
+        backlog: i32,
+        gap: Duration,
+    ) -> Result<Server> {
+        Self::start_inner(Some(p1), tcp, port, backlog, false, true, false, Some(gap))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_inner(
+        p1: Option<&Arc<Provider>>,
+        tcp: bool,
+        port: u16,
+        backlog: i32,
+        waiting: bool,
+        accept: bool,
+        timed: bool,
+        gap: Option<Duration>,
     ) -> Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
@@ -174,6 +205,7 @@ impl Server {
                                 }
                             }
                             acc.fetch_add(1, Ordering::Relaxed);
+                            throttle(gap);
                             drop(c);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -222,6 +254,7 @@ impl Server {
                             }
                         }
                         acc.fetch_add(1, Ordering::Relaxed);
+                        throttle(gap);
                         drop(c);
                     }
                     Err(SanError::Again) => std::thread::yield_now(),
@@ -270,6 +303,96 @@ impl Server {
             .join()
             .map_err(|_| anyhow!("server panicked"))??;
         Ok((h, self.accepted.load(Ordering::Relaxed)))
+    }
+}
+
+/// CPU time so far of every process a setup involves: both lab daemons
+/// (every thread's run time, from /proc/PID/task/*/schedstat) and this
+/// process (clients and servers; getrusage, which keeps the time of
+/// threads that ended). Nanoseconds.
+fn cpu_ns() -> u64 {
+    let mut total = 0u64;
+    for h in ["h0", "h1"] {
+        let pid =
+            std::fs::read_to_string(format!("/run/dsan/lab/{h}/dsand.pid")).unwrap_or_default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid.trim())) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            if let Ok(st) = std::fs::read_to_string(t.path().join("schedstat")) {
+                total += st
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid who and a live out-parameter.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    total + (us(ru.ru_utime) + us(ru.ru_stime)) * 1000
+}
+
+/// CPU microseconds per successful setup.
+fn per_setup(cpu_ns: u64, setups: u64) -> Option<f64> {
+    (setups > 0).then(|| cpu_ns as f64 / 1000.0 / setups as f64)
+}
+
+/// Kernel TCP as its users tune it for many connections: somaxconn and
+/// tcp_max_syn_backlog raised in both lab namespaces (only there) to at
+/// least the backlog, for the life of the value; restored on drop.
+struct Tuned(Vec<(&'static str, &'static str, String)>);
+
+impl Tuned {
+    fn set(on: bool, backlog: u32) -> Result<Tuned> {
+        let mut saved = Vec::new();
+        if !on {
+            return Ok(Tuned(saved));
+        }
+        let want = backlog.max(65535).to_string();
+        for ns in ["dsan-h0", "dsan-h1"] {
+            for key in ["net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog"] {
+                let old = sysctl_in(ns, key, None)?;
+                sysctl_in(ns, key, Some(&want))?;
+                saved.push((ns, key, old));
+            }
+        }
+        Ok(Tuned(saved))
+    }
+}
+
+impl Drop for Tuned {
+    fn drop(&mut self) {
+        for (ns, key, old) in &self.0 {
+            let _ = sysctl_in(ns, key, Some(old));
+        }
+    }
+}
+
+/// Reads (and with `set`, writes) `/proc/sys/KEY` inside namespace `ns`.
+fn sysctl_in(ns: &'static str, key: &'static str, set: Option<&str>) -> Result<String> {
+    let set = set.map(str::to_string);
+    std::thread::spawn(move || -> Result<String> {
+        enter_netns(ns)?;
+        let path = format!("/proc/sys/{key}");
+        let old = std::fs::read_to_string(&path)?.trim().to_string();
+        if let Some(v) = set {
+            std::fs::write(&path, v).with_context(|| format!("{ns}: {path}"))?;
+        }
+        Ok(old)
+    })
+    .join()
+    .map_err(|_| anyhow!("sysctl thread panicked"))?
+}
+
+/// The overload scenario's slow application: after an accept, waits out
+/// the rest of its `gap` (a pacing sleep, not a synchronisation).
+fn throttle(gap: Option<Duration>) {
+    if let Some(g) = gap {
+        std::thread::sleep(g);
     }
 }
 
@@ -355,6 +478,7 @@ fn run_policy(
             refused,
             pending,
             rate,
+            cpu_us: None,
         };
 
     // connect, accepting thread spinning and waiting.
@@ -538,9 +662,11 @@ fn run_policy(
     ));
 
     // rate-closed: C connectors for the duration.
-    for transport in ["dsan", "tcp"] {
-        let tcp = transport == "tcp";
+    for transport in ["dsan", "tcp", "tcp-tuned"] {
+        let tcp = transport != "dsan";
+        let _tuned = Tuned::set(transport == "tcp-tuned", 4096)?;
         let port = ports.next();
+        let cpu0 = cpu_ns();
         eprintln!(
             "  [{policy}] rate-closed / {transport} ({} connectors, {:?})",
             o.concurrency, o.duration
@@ -596,24 +722,30 @@ fn run_policy(
             );
         }
         let rate = (n - err) as f64 / secs;
-        rows.push(row(
-            "rate-closed",
-            "spinning",
-            transport,
-            "connected",
-            h,
-            n,
-            err,
-            0,
-            0,
-            Some(rate),
-        ));
+        let cpu = per_setup(cpu_ns() - cpu0, n - err);
+        rows.push(Row {
+            cpu_us: cpu,
+            ..row(
+                "rate-closed",
+                "spinning",
+                transport,
+                "connected",
+                h,
+                n,
+                err,
+                0,
+                0,
+                Some(rate),
+            )
+        });
     }
 
     // rate-open: a fixed offered rate, latency from the intended start.
-    for transport in ["dsan", "tcp"] {
-        let tcp = transport == "tcp";
+    for transport in ["dsan", "tcp", "tcp-tuned"] {
+        let tcp = transport != "dsan";
+        let _tuned = Tuned::set(transport == "tcp-tuned", 4096)?;
         let port = ports.next();
+        let cpu0 = cpu_ns();
         eprintln!(
             "  [{policy}] rate-open / {transport} ({}/s for {:?})",
             o.rate, o.duration
@@ -655,18 +787,84 @@ fn run_policy(
                 n - err
             );
         }
-        rows.push(row(
-            "rate-open",
-            "spinning",
-            transport,
-            "connected",
-            h,
-            n,
-            err,
-            0,
-            0,
-            Some((n - err) as f64 / secs),
-        ));
+        let cpu = per_setup(cpu_ns() - cpu0, n - err);
+        rows.push(Row {
+            cpu_us: cpu,
+            ..row(
+                "rate-open",
+                "spinning",
+                transport,
+                "connected",
+                h,
+                n,
+                err,
+                0,
+                0,
+                Some((n - err) as f64 / secs),
+            )
+        });
+    }
+
+    // overload: the application accepts at most `overload_accept` per
+    // second from a backlog of 128 (the same on both sides), while one
+    // client offers `rate` per second: what gets through, what is refused,
+    // and how long the successful connects took (from their intended start).
+    for transport in ["dsan", "tcp", "tcp-tuned"] {
+        let tcp = transport != "dsan";
+        let _tuned = Tuned::set(transport == "tcp-tuned", 128)?;
+        let port = ports.next();
+        eprintln!(
+            "  [{policy}] overload / {transport} ({}/s offered, {}/s accepted, {:?})",
+            o.rate, o.overload_accept, o.duration
+        );
+        let gap = Duration::from_secs_f64(1.0 / o.overload_accept.max(1) as f64);
+        let srv = Server::throttled(&p1, tcp, port, 128, gap)?;
+        let cpu0 = cpu_ns();
+        let (rate, dur) = (o.rate, o.duration);
+        let job = move || -> (Histogram<u64>, u64, u64, u64, f64) {
+            let mut h = hist();
+            let (mut n, mut refused, mut err) = (0, 0, 0);
+            let gap = Duration::from_secs_f64(1.0 / rate as f64);
+            let t0 = Instant::now();
+            let total = (dur.as_secs_f64() * rate as f64) as u64;
+            for i in 0..total {
+                let intended = t0 + gap * i as u32;
+                while Instant::now() < intended {
+                    std::hint::spin_loop();
+                }
+                let r = if tcp {
+                    tcp_connect(port, Duration::from_secs(3)).map_err(|_| 0)
+                } else {
+                    dsan_connect(port)
+                };
+                n += 1;
+                match r {
+                    Ok(true) => h.saturating_record(intended.elapsed().as_nanos() as u64),
+                    Ok(false) => refused += 1,
+                    Err(_) => err += 1,
+                }
+            }
+            (h, n, refused, err, t0.elapsed().as_secs_f64())
+        };
+        let (h, n, refused, err, secs) = if tcp { in_h0(job)? } else { job() };
+        let ok = n - refused - err;
+        srv.finish(tcp, port, 0)?;
+        let cpu = per_setup(cpu_ns() - cpu0, ok);
+        rows.push(Row {
+            cpu_us: cpu,
+            ..row(
+                "overload",
+                "throttled",
+                transport,
+                "connected",
+                h,
+                n,
+                err,
+                refused,
+                0,
+                Some(ok as f64 / secs),
+            )
+        });
     }
     // Byte streams (issue #13): request/response, one-way stream, and
     // connect-request-response-close, SAN against kernel TCP.
@@ -878,7 +1076,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
 
     // The table, with the ratio dsan / tcp under each pair.
     println!(
-        "{:<12} {:<9} {:<9} {:<10} {:<5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>7} {:>10}",
+        "{:<12} {:<9} {:<9} {:<10} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>7} {:>7} {:>10} {:>9}",
         "scenario",
         "policy",
         "accept",
@@ -891,12 +1089,14 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         "max us",
         "count",
         "errors",
-        "rate/s"
+        "refused",
+        "rate/s",
+        "cpu us/su"
     );
     let mut summary = Vec::new();
     for r in &rows {
         println!(
-            "{:<12} {:<9} {:<9} {:<10} {:<5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>7} {:>7} {:>10}",
+            "{:<12} {:<9} {:<9} {:<10} {:<9} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>7} {:>7} {:>7} {:>10} {:>9}",
             r.scenario,
             r.policy,
             r.accept,
@@ -909,9 +1109,11 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             if r.hist.is_empty() { f64::NAN } else { r.hist.max() as f64 / 1000.0 },
             r.hist.len(),
             r.errors + r.pending,
-            r.rate.map_or("-".into(), |x| format!("{x:.0}"))
+            r.refused,
+            r.rate.map_or("-".into(), |x| format!("{x:.0}")),
+            r.cpu_us.map_or("-".into(), |x| format!("{x:.1}"))
         );
-        if r.transport == "tcp" {
+        if r.transport.starts_with("tcp") {
             if let Some(d) = rows.iter().find(|x| {
                 x.transport == "dsan"
                     && x.scenario == r.scenario
@@ -924,9 +1126,13 @@ pub(crate) fn run(o: Opts) -> Result<()> {
                     (Some(a), Some(b)) => format!("{:.2}x", a / b),
                     _ => "-".into(),
                 };
+                let cpu = match (d.cpu_us, r.cpu_us) {
+                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                    _ => "-".into(),
+                };
                 println!(
-                    "{:<12} {:<9} {:<9} {:<10} {:<5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>7} {:>7} {:>10}",
-                    "", "", "", "", "ratio", q(0.5), q(0.9), q(0.99), q(0.999), "", "", "", rate
+                    "{:<12} {:<9} {:<9} {:<10} {:<9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>7} {:>7} {:>7} {:>10} {:>9}",
+                    "", "", "", "", "ratio", q(0.5), q(0.9), q(0.99), q(0.999), "", "", "", "", rate, cpu
                 );
             }
             if r.scenario == "reject" && r.pending > 0 {
@@ -946,7 +1152,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         summary.push(json!({
             "scenario": r.scenario, "policy": r.policy, "accept": r.accept, "transport": r.transport, "measure": r.what,
             "count": r.hist.len(), "attempts": r.attempts, "errors": r.errors, "refused": r.refused, "pending": r.pending,
-            "rate_per_s": r.rate, "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99), "p999_ns": q(0.999),
+            "rate_per_s": r.rate, "cpu_us_per_setup": r.cpu_us, "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99), "p999_ns": q(0.999),
             "max_ns": if r.hist.is_empty() { Value::Null } else { json!(r.hist.max()) },
             "tag": format!("{}/{}/{}/{}/{}", r.scenario, r.policy, r.accept, r.transport, r.what),
         }));
@@ -961,7 +1167,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         "benchmark": "dsan-bench suite",
         "provenance": crate::provenance(),
         "machine": machine,
-        "config": {"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency,
+        "config": {"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency, "overload_accept_per_s": o.overload_accept, "tcp_tuned": "somaxconn and tcp_max_syn_backlog 65535 in both lab namespaces",
                    "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
                    "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"},
         "elapsed_s": elapsed.as_secs_f64(),

@@ -61,6 +61,7 @@ fn smoke_run_of_every_scenario() {
             "connect",
             "crr",
             "no-listener",
+            "overload",
             "pingpong-16k",
             "pingpong-1k",
             "pingpong-64",
@@ -87,7 +88,7 @@ fn smoke_run_of_every_scenario() {
             r["measure"].as_str().unwrap(),
         ) {
             (_, _, "connected") => assert_eq!(
-                n("count") + n("errors"),
+                n("count") + n("errors") + n("refused"),
                 n("attempts"),
                 "{tag}: counts add up"
             ),
@@ -119,6 +120,19 @@ fn smoke_run_of_every_scenario() {
         }
         if r["scenario"].as_str().unwrap().starts_with("rate") {
             assert!(r["rate_per_s"].as_f64().unwrap() > 0.0, "{tag}");
+            // CPU per setup: both daemons and the clients and servers.
+            assert!(r["cpu_us_per_setup"].as_f64().unwrap() > 0.0, "{tag}");
+        }
+    }
+    // Kernel TCP twice in the rate and overload scenarios: defaults, and
+    // tuned as its users tune it.
+    for sc in ["rate-closed", "rate-open", "overload"] {
+        for t in ["dsan", "tcp", "tcp-tuned"] {
+            assert!(
+                rows.iter()
+                    .any(|r| r["scenario"] == sc && r["transport"] == t),
+                "no {sc} / {t} row"
+            );
         }
     }
     // The latency breakdown: for each policy, the traced connects (the
@@ -188,6 +202,7 @@ fn help_documents_every_flag_and_bad_flags_fail_in_one_line() {
         "--concurrency",
         "--rate",
         "--duration-ms",
+        "--overload-accept",
         "--reject-wait-ms",
         "--idle",
         "--out",

@@ -117,7 +117,6 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),
         "app_protocol_violations": c.app_violations,
         "app_event_signals_failed": c.event_signal_failed,
-        "app_stale_read_signals_dropped": c.stale_read_signals,
         "attached_processes": c.attached,
         "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},
     })

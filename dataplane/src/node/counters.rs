@@ -97,10 +97,6 @@ pub struct Counters {
     /// Event signals that could not be delivered (the application's eventfd
     /// was full or gone).
     pub event_signal_failed: u64,
-    /// FD_READ signals not written because the process had read the bytes
-    /// by the time its notifier got to them (they would have woken a
-    /// reader for nothing).
-    pub stale_read_signals: u64,
     /// Processes attached now.
     pub attached: u64,
     /// Connect requests received (the protocol core's count).
@@ -209,12 +205,6 @@ impl Node {
                 .filter_map(|p| p.shared.notifier.get())
                 .map(|n| n.skipped())
                 .sum::<u64>();
-        c.stale_read_signals = self
-            .procs
-            .values()
-            .filter_map(|p| p.shared.notifier.get())
-            .map(|n| n.stale())
-            .sum::<u64>();
         c.attached = self.procs.len() as u64;
         c.requests_received = ps.requests_received;
         c.accepted = ps.accepted;

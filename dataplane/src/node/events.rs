@@ -8,12 +8,11 @@ use crate::proto::Event;
 use crate::time::Instant;
 use crate::wire::RejectReason;
 use dsan_channel::msg::Request;
-use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CLOSE, FD_CONNECT, FD_READ, FD_WRITE};
+use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CLOSE, FD_CONNECT, FD_WRITE};
 use dsan_channel::ring::PushError;
 use dsan_channel::sys;
 use std::net::SocketAddrV4;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 /// Completes command `seq` of a socket with `result`, waking a waiting thread.
 pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
@@ -29,17 +28,6 @@ pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
 /// selected the bit, and wakes threads waiting for arrivals. Returns false if
 /// a selected eventfd could not be signalled.
 pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
-    raise_with(s, reg, bit, None)
-}
-
-/// [`raise`]; for FD_READ of a stream, `unread` names it, so that the
-/// notifier drops the signal if the process read the bytes meanwhile.
-pub(super) fn raise_with(
-    s: &SockShm,
-    reg: Option<&EventReg>,
-    bit: u32,
-    unread: Option<(&Arc<super::AppShared>, u16)>,
-) -> bool {
     s.events.fetch_or(bit, Ordering::AcqRel);
     s.arrivals.fetch_add(1, Ordering::Release);
     let mut ok = true;
@@ -49,10 +37,7 @@ pub(super) fn raise_with(
             Some(w) if bit == FD_WRITE => w,
             _ => &r.fd,
         };
-        ok = r.notifier.as_ref().is_some_and(|n| match unread {
-            Some((app, sock)) if bit == FD_READ => n.notify_read(fd, app, sock),
-            _ => n.notify(fd),
-        });
+        ok = r.notifier.as_ref().is_some_and(|n| n.notify(fd));
         if let Some(w) = r.wfd.as_ref().filter(|_| bit == FD_CLOSE) {
             // A writer waiting for room learns at once that none will come.
             ok &= r.notifier.as_ref().is_some_and(|n| n.notify(w));

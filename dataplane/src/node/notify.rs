@@ -9,51 +9,22 @@
 //! notifier; every other process and the lcore carry on.
 
 use crossbeam_queue::ArrayQueue;
-use dsan_channel::stream::{ST_DEAD, ST_RX_EOF};
 use dsan_channel::sys::{self, EventFd};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 /// Signals queued at most per process (beyond: counted as failed).
 const QUEUE: usize = 4096;
 
-/// A queued signal: the descriptor, and for an FD_READ of a stream, the
-/// stream to look at first (a signal for bytes the process has read
-/// meanwhile is stale: it would wake a reader for nothing).
-#[derive(Debug)]
-struct Queued {
-    fd: Arc<OwnedFd>,
-    unread: Option<(Weak<super::AppShared>, u16)>,
-}
-
-impl Queued {
-    /// Whether the stream it announces bytes for has none unread (and no
-    /// end of stream) by now.
-    fn stale(&self) -> bool {
-        let Some((app, sock)) = &self.unread else {
-            return false;
-        };
-        let Some(app) = app.upgrade() else {
-            return true;
-        };
-        let shm = app.region.stream(usize::from(*sock));
-        let st = shm.st.state.load(Ordering::Acquire);
-        st & (ST_RX_EOF | ST_DEAD) == 0
-            && shm.rcv_p.tail.load(Ordering::Acquire) == shm.rcv_c.head.load(Ordering::Acquire)
-    }
-}
-
 /// One attached process's notifier.
 #[derive(Debug)]
 pub struct Notifier {
-    queue: ArrayQueue<Queued>,
+    queue: ArrayQueue<Arc<OwnedFd>>,
     wake: EventFd,
     stop: AtomicBool,
     /// Signals skipped because the process's eventfd was full.
     skipped: std::sync::atomic::AtomicU64,
-    /// FD_READ signals dropped because the bytes were read meanwhile.
-    stale: std::sync::atomic::AtomicU64,
 }
 
 impl Notifier {
@@ -68,7 +39,6 @@ impl Notifier {
             wake: EventFd::new()?,
             stop: AtomicBool::new(false),
             skipped: std::sync::atomic::AtomicU64::new(0),
-            stale: std::sync::atomic::AtomicU64::new(0),
         });
         let t = n.clone();
         std::thread::Builder::new()
@@ -78,12 +48,7 @@ impl Notifier {
                 while !t.stop.load(Ordering::Acquire) {
                     t.wake.wait(None);
                     t.wake.drain();
-                    while let Some(q) = t.queue.pop() {
-                        if q.stale() {
-                            t.stale.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        let fd = q.fd;
+                    while let Some(fd) = t.queue.pop() {
                         // A full counter is the process's doing: skip it.
                         // (It could still fill it between this look and the
                         // write, and make the write block: then only this
@@ -102,23 +67,7 @@ impl Notifier {
     /// Queues a signal of `fd` (lcore side). Returns false if the queue is
     /// full (the process's notifier is stuck).
     pub fn notify(&self, fd: &Arc<OwnedFd>) -> bool {
-        self.push(Queued {
-            fd: fd.clone(),
-            unread: None,
-        })
-    }
-
-    /// Queues the FD_READ signal of stream `sock` of `app` (skipped if the
-    /// process has read every byte by the time the notifier gets to it).
-    pub fn notify_read(&self, fd: &Arc<OwnedFd>, app: &Arc<super::AppShared>, sock: u16) -> bool {
-        self.push(Queued {
-            fd: fd.clone(),
-            unread: Some((Arc::downgrade(app), sock)),
-        })
-    }
-
-    fn push(&self, q: Queued) -> bool {
-        if self.queue.push(q).is_err() {
+        if self.queue.push(fd.clone()).is_err() {
             return false;
         }
         self.wake.signal();
@@ -128,11 +77,6 @@ impl Notifier {
     /// Signals skipped so far (the process's eventfd was full).
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
-    }
-
-    /// FD_READ signals dropped so far because their bytes had been read.
-    pub fn stale(&self) -> u64 {
-        self.stale.load(Ordering::Relaxed)
     }
 
     /// Ends the thread (when its process detaches).

@@ -16,7 +16,7 @@
 //!   reset the connection.
 
 use super::apps::SockObj;
-use super::events::{raise, raise_with};
+use super::events::raise;
 use super::{AppShared, Node};
 use crate::device::Device;
 use crate::engine::Tx;
@@ -458,11 +458,10 @@ impl Node {
             return;
         };
         if let Some(p) = self.procs.get(&ctx.pid()) {
-            if !raise_with(
+            if !raise(
                 p.shared.region.sock(usize::from(ctx.sock)),
                 p.events.get(&ctx.sock()),
                 bit,
-                Some((&ctx.app, ctx.sock)),
             ) {
                 self.local.event_signal_failed += 1;
             }

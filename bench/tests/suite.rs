@@ -225,3 +225,35 @@ fn help_documents_every_flag_and_bad_flags_fail_in_one_line() {
     assert!(!o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
 }
+
+/// The figures published in docs/benchmarks.md: their interval log, read
+/// back by an independent reader, gives the counts and percentiles their
+/// summary.json states, and they say where they come from.
+#[test]
+fn published_figures_match_their_hlog() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/bench/suite");
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let p = &s["provenance"];
+    assert_eq!(p["commit"].as_str().map(str::len), Some(40), "{p}");
+    assert!(
+        p["command"]
+            .as_str()
+            .unwrap()
+            .contains("--out docs/bench/suite"),
+        "{p}"
+    );
+    assert!(p["date"].as_str().unwrap().starts_with("20"), "{p}");
+    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
+    let o = Command::new(python())
+        .arg(check)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

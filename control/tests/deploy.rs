@@ -340,6 +340,30 @@ fn harness_run(host: &str, script: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Waits (at most 20 s) until `host`'s SAN listener on `port` exists and
+/// holds at least `depth` requests not yet answered.
+fn wait_depth(host: &str, port: u16, depth: u64) {
+    let sock = format!("/run/dsan/lab/{host}/dsand.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = dsanctl(&["--json", "--socket", &sock, "listeners"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let have = v["listeners"].as_array().and_then(|ls| {
+            ls.iter()
+                .find(|l| l["port"].as_u64() == Some(u64::from(port)))
+                .and_then(|l| l["backlog_depth"].as_u64())
+        });
+        if have.is_some_and(|d| d >= depth) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host}:{port}: backlog depth {have:?}, waited for {depth}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn tshark_decodes_a_lab_capture_field_by_field() {
     let _lab = Lab::up(&[]);
@@ -367,6 +391,9 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
             .expect("dumpcap (scripts/setup.sh installs tshark)");
         caps.push((child, file));
     }
+    // dumpcap gives no sign that its capture runs (its file header comes
+    // before the capture socket is bound, and it writes frames only at
+    // the end): the one wait on the clock in this test is for the tool.
     std::thread::sleep(Duration::from_millis(1000));
     // A no-resources refusal first: restart h1's daemon with room for one
     // queued request in all, fill it, and connect to a second listener.
@@ -407,7 +434,7 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
         // Keep its stdin open: the harness exits at end of input.
         let mut keep = s.stdin.take().unwrap();
         keep.write_all(b"startup\nsocket\nbind 0 0.0.0.0 6005\nlisten 0 4\nsocket\nbind 1 0.0.0.0 6006\nlisten 1 4\n").unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        wait_depth("h1", 6006, 0);
         let out = harness_run("h0", "startup\nconnectn 1 198.18.0.2 6005\nresults 200\nconnectn 1 198.18.0.2 6006\nresults 1000\nquit\n");
         assert!(out.contains("-111"), "no-resources refusal: {out}");
         drop(keep);
@@ -446,7 +473,7 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
             "startup\nconnectn 1 198.18.0.2 6000\nresults 1500\nconnectn 2 198.18.0.2 6001\nresults 300\nconnectn 1 198.18.0.2 6002\nresults 300\nconnectn 1 198.18.0.2 6003\nresults 1500\nconnectn 1 198.18.0.2 6004\nresults 1500\nquit\n",
         )
     });
-    std::thread::sleep(Duration::from_millis(300));
+    wait_depth("h1", 6000, 1);
     let a = cmd("accept 0 accept");
     let accepted = a.split_whitespace().next().unwrap().parse::<i64>().unwrap();
     assert!(accepted >= 0, "{a}");
@@ -454,12 +481,13 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
     // Data, its Ack, the FIN (a Data frame), then Close and CloseAck.
     assert_eq!(cmd(&format!("send {accepted} 64")), "64");
     assert_eq!(cmd(&format!("close {accepted}")), "0");
-    std::thread::sleep(Duration::from_millis(900));
+    // The client goes on to 6001, 6002, then 6003: its request queued there.
+    wait_depth("h1", 6003, 1);
     assert_eq!(
         cmd("accept 2 reject").split_whitespace().next(),
         Some("-111")
     );
-    std::thread::sleep(Duration::from_millis(900));
+    wait_depth("h1", 6004, 1);
     assert_eq!(
         cmd("close 3"),
         "0",
@@ -467,6 +495,7 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
     );
     let out = cli.join().unwrap();
     assert!(out.contains("-111"), "{out}");
+    // (For the tool again: its capture ring hands frames over in blocks.)
     std::thread::sleep(Duration::from_millis(500));
     let _ = srv.kill();
     let _ = srv.wait();
@@ -613,8 +642,14 @@ fn dsand_telemetry_answers_dpdk_telemetry_py() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&c.stdout).starts_with("connected san"));
-    std::thread::sleep(Duration::from_millis(50));
-    let st = q("/dsan/stats");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = q("/dsan/stats");
+        if st["/dsan/stats"]["connects_accepted"] == 1 || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(st["/dsan/stats"]["connects_accepted"], 1, "{st}");
     assert!(q("/dsan/connections")["/dsan/connections"].is_object());
     let _ = l.kill();

@@ -306,6 +306,13 @@ impl Server {
     }
 }
 
+/// The overload scenario's backlog (both sides) and client threads.
+const OVERLOAD_BACKLOG: i32 = 16;
+const OVERLOAD_CLIENTS: usize = 32;
+/// How long an overload client waits for one connect (kernel TCP drops the
+/// SYNs a full queue cannot take and retries after a second).
+const OVERLOAD_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// CPU time so far of every process a setup involves: both lab daemons
 /// (every thread's run time, from /proc/PID/task/*/schedstat) and this
 /// process (clients and servers; getrusage, which keeps the time of
@@ -806,47 +813,76 @@ fn run_policy(
     }
 
     // overload: the application accepts at most `overload_accept` per
-    // second from a backlog of 128 (the same on both sides), while one
-    // client offers `rate` per second: what gets through, what is refused,
-    // and how long the successful connects took (from their intended start).
+    // second from a backlog of OVERLOAD_BACKLOG (the same on both sides),
+    // while OVERLOAD_CLIENTS threads together offer `rate` per second on an
+    // open-loop schedule: what gets through (goodput, over the offered
+    // period), what is refused at once, what times out or could not be
+    // sent in time, and how long the successful connects took from their
+    // intended start.
     for transport in ["dsan", "tcp", "tcp-tuned"] {
         let tcp = transport != "dsan";
-        let _tuned = Tuned::set(transport == "tcp-tuned", 128)?;
+        let _tuned = Tuned::set(transport == "tcp-tuned", OVERLOAD_BACKLOG as u32)?;
         let port = ports.next();
         eprintln!(
-            "  [{policy}] overload / {transport} ({}/s offered, {}/s accepted, {:?})",
+            "  [{policy}] overload / {transport} ({}/s offered by {OVERLOAD_CLIENTS} clients, {}/s accepted, backlog {OVERLOAD_BACKLOG}, {:?})",
             o.rate, o.overload_accept, o.duration
         );
         let gap = Duration::from_secs_f64(1.0 / o.overload_accept.max(1) as f64);
-        let srv = Server::throttled(&p1, tcp, port, 128, gap)?;
+        let srv = Server::throttled(&p1, tcp, port, OVERLOAD_BACKLOG, gap)?;
         let cpu0 = cpu_ns();
         let (rate, dur) = (o.rate, o.duration);
-        let job = move || -> (Histogram<u64>, u64, u64, u64, f64) {
-            let mut h = hist();
-            let (mut n, mut refused, mut err) = (0, 0, 0);
-            let gap = Duration::from_secs_f64(1.0 / rate as f64);
-            let t0 = Instant::now();
-            let total = (dur.as_secs_f64() * rate as f64) as u64;
-            for i in 0..total {
-                let intended = t0 + gap * i as u32;
-                while Instant::now() < intended {
-                    std::hint::spin_loop();
-                }
-                let r = if tcp {
-                    tcp_connect(port, Duration::from_secs(3)).map_err(|_| 0)
-                } else {
-                    dsan_connect(port)
-                };
-                n += 1;
-                match r {
-                    Ok(true) => h.saturating_record(intended.elapsed().as_nanos() as u64),
-                    Ok(false) => refused += 1,
-                    Err(_) => err += 1,
-                }
-            }
-            (h, n, refused, err, t0.elapsed().as_secs_f64())
-        };
-        let (h, n, refused, err, secs) = if tcp { in_h0(job)? } else { job() };
+        let t0 = Instant::now() + Duration::from_millis(20);
+        let clients: Vec<_> = (0..OVERLOAD_CLIENTS)
+            .map(|k| {
+                std::thread::spawn(move || -> Result<(Histogram<u64>, u64, u64, u64)> {
+                    if tcp {
+                        enter_netns("dsan-h0")?;
+                    }
+                    let mut h = hist();
+                    let (mut n, mut refused, mut err) = (0, 0, 0);
+                    let gap = Duration::from_secs_f64(1.0 / rate as f64);
+                    let total = (dur.as_secs_f64() * rate as f64) as u64;
+                    // Connects still waiting their turn when the offered
+                    // period and one timeout have passed count as failed
+                    // (the client could not even send them): the scenario
+                    // ends in bounded time whatever the server does.
+                    let stop = t0 + dur + OVERLOAD_TIMEOUT;
+                    for i in (k as u64..total).step_by(OVERLOAD_CLIENTS) {
+                        let intended = t0 + gap * i as u32;
+                        let now = Instant::now();
+                        n += 1;
+                        if now >= stop {
+                            err += 1;
+                            continue;
+                        }
+                        if now < intended {
+                            std::thread::sleep(intended - now);
+                        }
+                        let r = if tcp {
+                            tcp_connect(port, OVERLOAD_TIMEOUT).map_err(|_| 0)
+                        } else {
+                            dsan_connect(port)
+                        };
+                        match r {
+                            Ok(true) => h.saturating_record(intended.elapsed().as_nanos() as u64),
+                            Ok(false) => refused += 1,
+                            Err(_) => err += 1,
+                        }
+                    }
+                    Ok((h, n, refused, err))
+                })
+            })
+            .collect();
+        let mut h = hist();
+        let (mut n, mut refused, mut err) = (0, 0, 0);
+        for c in clients {
+            let (hh, nn, rr, ee) = c.join().map_err(|_| anyhow!("client panicked"))??;
+            h.add(&hh).map_err(|e| anyhow!("{e:?}"))?;
+            n += nn;
+            refused += rr;
+            err += ee;
+        }
+        let secs = dur.as_secs_f64();
         let ok = n - refused - err;
         srv.finish(tcp, port, 0)?;
         let cpu = per_setup(cpu_ns() - cpu0, ok);

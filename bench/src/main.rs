@@ -16,6 +16,7 @@ use std::time::Duration;
 mod breakdown;
 mod connect;
 mod data;
+mod peer;
 mod suite;
 
 /// dsan-bench: dsan's benchmarks.
@@ -104,6 +105,49 @@ enum Cmd {
         #[arg(long, default_value = "1500,9000")]
         mtu: String,
     },
+    /// Two-host mode, server side: answers on the SAN (attached to this
+    /// host's dsand) and on kernel TCP on --port, until killed; pair it
+    /// with `dsan-bench run --peer` on another host.
+    Serve {
+        /// The port (SAN and kernel TCP); port + 1 stays closed (the
+        /// no-listener scenario).
+        #[arg(long, default_value_t = 31000)]
+        port: u16,
+        /// This host's dsand control socket (default: $DSAN_SOCKET, else /run/dsan/dsand.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long)]
+        duration_s: Option<u64>,
+    },
+    /// Two-host mode, client side: connect latency, the no-listener
+    /// refusal and the closed-loop setup rate against a `dsan-bench serve`
+    /// on --peer, SAN (through the switch) and kernel TCP on the same wire;
+    /// the suite's outputs (table, bench.hlog, *.hgrm, summary.json,
+    /// bench.png). The lab suite stays the default benchmark.
+    Run {
+        /// The serving host's SAN address.
+        #[arg(long)]
+        peer: std::net::Ipv4Addr,
+        /// The port `dsan-bench serve` answers on.
+        #[arg(long, default_value_t = 31000)]
+        port: u16,
+        /// This host's dsand control socket (default: $DSAN_SOCKET, else /run/dsan/dsand.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Connects per latency scenario.
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        /// Connectors of the closed-loop rate scenario.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Length of the rate scenario, milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        /// Output directory (default: bench-out/peer-<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Connection set-up latency, SAN against kernel TCP between the same two
     /// lab hosts, with the accepting thread blocked and spinning, for each
     /// idle policy; and the provider's command round trip.
@@ -184,6 +228,45 @@ fn run(args: Args) -> Result<()> {
             out,
             mtu,
         } => data_bench(count, bytes, &idle, &mtu, json, out),
+        Cmd::Serve {
+            port,
+            socket,
+            duration_s,
+        } => peer::serve(peer::ServeOpts {
+            port,
+            socket,
+            duration: duration_s.map(Duration::from_secs),
+        }),
+        Cmd::Run {
+            peer,
+            port,
+            socket,
+            count,
+            concurrency,
+            duration_ms,
+            out,
+        } => {
+            if count == 0 || concurrency == 0 || duration_ms == 0 {
+                bail!("--count, --concurrency and --duration-ms must be positive");
+            }
+            peer::run(peer::RunOpts {
+                peer,
+                port,
+                socket,
+                count,
+                concurrency,
+                duration: Duration::from_millis(duration_ms),
+                out: out.unwrap_or_else(|| {
+                    suite::default_out().with_file_name(format!(
+                        "peer-{}",
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0)
+                    ))
+                }),
+            })
+        }
         Cmd::Suite {
             count,
             concurrency,

@@ -54,24 +54,24 @@ pub(crate) struct Opts {
 }
 
 /// One measured row.
-struct Row {
-    scenario: &'static str,
-    policy: String,
-    accept: &'static str,
-    transport: &'static str,
-    what: &'static str,
-    hist: Histogram<u64>,
-    attempts: u64,
-    errors: u64,
-    refused: u64,
-    pending: u64,
-    rate: Option<f64>,
+pub(crate) struct Row {
+    pub(crate) scenario: &'static str,
+    pub(crate) policy: String,
+    pub(crate) accept: &'static str,
+    pub(crate) transport: &'static str,
+    pub(crate) what: &'static str,
+    pub(crate) hist: Histogram<u64>,
+    pub(crate) attempts: u64,
+    pub(crate) errors: u64,
+    pub(crate) refused: u64,
+    pub(crate) pending: u64,
+    pub(crate) rate: Option<f64>,
     /// CPU time of every process involved (both daemons and this one,
     /// clients and servers), per successful connect, microseconds.
-    cpu_us: Option<f64>,
+    pub(crate) cpu_us: Option<f64>,
 }
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds")
 }
 
@@ -1078,6 +1078,37 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         r?;
     }
     let elapsed = t0.elapsed();
+    let config = json!({"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency,
+               "overload_accept_per_s": o.overload_accept, "tcp_tuned": "somaxconn and tcp_max_syn_backlog 65535 in both lab namespaces",
+               "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
+               "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"});
+    report(&Report {
+        out: &o.out,
+        rows: &rows,
+        breakdowns: &breakdowns,
+        config,
+        started,
+        elapsed,
+        reject_wait: o.reject_wait,
+    })
+}
+
+/// What a run leaves behind, and where.
+pub(crate) struct Report<'a> {
+    pub(crate) out: &'a Path,
+    pub(crate) rows: &'a [Row],
+    pub(crate) breakdowns: &'a [(String, Breakdown)],
+    pub(crate) config: Value,
+    pub(crate) started: SystemTime,
+    pub(crate) elapsed: Duration,
+    pub(crate) reject_wait: Duration,
+}
+
+/// Writes a run's table (stdout), `bench.hlog`, one `.hgrm` per row,
+/// `summary.json` (with the provenance) and `bench.png` into `r.out`.
+pub(crate) fn report(rep: &Report<'_>) -> Result<()> {
+    let (rows, breakdowns, started, elapsed) = (rep.rows, rep.breakdowns, rep.started, rep.elapsed);
+    let (o_out, reject_wait, config) = (rep.out, rep.reject_wait, rep.config.clone());
 
     // The interval log: one interval per row, tagged.
     let mut log = Vec::new();
@@ -1090,7 +1121,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         let mut w = b
             .begin_log_with(&mut log, &mut ser)
             .map_err(|e| anyhow!("{e}"))?;
-        for r in &rows {
+        for r in rows {
             let tag = format!(
                 "{}/{}/{}/{}/{}",
                 r.scenario, r.policy, r.accept, r.transport, r.what
@@ -1099,14 +1130,14 @@ pub(crate) fn run(o: Opts) -> Result<()> {
                 .map_err(|e| anyhow!("{e:?}"))?;
         }
     }
-    std::fs::write(o.out.join("bench.hlog"), &log)?;
+    std::fs::write(o_out.join("bench.hlog"), &log)?;
     let mut files = Vec::new();
-    for r in &rows {
+    for r in rows {
         let name = format!(
             "{}-{}-{}-{}-{}.hgrm",
             r.scenario, r.policy, r.accept, r.transport, r.what
         );
-        std::fs::write(o.out.join(&name), hgrm(&r.hist))?;
+        std::fs::write(o_out.join(&name), hgrm(&r.hist))?;
         files.push(name);
     }
 
@@ -1130,7 +1161,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         "cpu us/su"
     );
     let mut summary = Vec::new();
-    for r in &rows {
+    for r in rows {
         println!(
             "{:<12} {:<9} {:<9} {:<10} {:<9} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>7} {:>7} {:>7} {:>10} {:>9}",
             r.scenario,
@@ -1174,7 +1205,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             if r.scenario == "reject" && r.pending > 0 {
                 println!(
                     "{:<12} kernel TCP did not refuse: {} of {} connects still pending after {:?}",
-                    "", r.pending, r.attempts, o.reject_wait
+                    "", r.pending, r.attempts, reject_wait
                 );
             }
         }
@@ -1193,7 +1224,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
             "tag": format!("{}/{}/{}/{}/{}", r.scenario, r.policy, r.accept, r.transport, r.what),
         }));
     }
-    let breakdown_json = print_breakdowns(&breakdowns, &rows);
+    let breakdown_json = print_breakdowns(breakdowns, rows);
     let machine = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())),
@@ -1203,25 +1234,23 @@ pub(crate) fn run(o: Opts) -> Result<()> {
         "benchmark": "dsan-bench suite",
         "provenance": crate::provenance(),
         "machine": machine,
-        "config": {"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency, "overload_accept_per_s": o.overload_accept, "tcp_tuned": "somaxconn and tcp_max_syn_backlog 65535 in both lab namespaces",
-                   "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
-                   "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"},
+        "config": config,
         "elapsed_s": elapsed.as_secs_f64(),
         "results": summary,
         "breakdown": breakdown_json,
     });
     std::fs::write(
-        o.out.join("summary.json"),
+        o_out.join("summary.json"),
         serde_json::to_string_pretty(&doc)?,
     )?;
 
     // The plot (HdrHistogram's log percentile axis), drawn from the .hgrm files.
-    let script = o.out.join("plot.py");
+    let script = o_out.join("plot.py");
     std::fs::write(&script, PLOT_PY)?;
-    let png = o.out.join("bench.png");
+    let png = o_out.join("bench.png");
     let st = std::process::Command::new(python())
         .arg(&script)
-        .arg(&o.out)
+        .arg(o_out)
         .arg(&png)
         .status();
     match st {
@@ -1230,7 +1259,7 @@ pub(crate) fn run(o: Opts) -> Result<()> {
     }
     eprintln!(
         "wrote {} (bench.hlog, *.hgrm, summary.json, bench.png) in {:.1} s",
-        o.out.display(),
+        o_out.display(),
         elapsed.as_secs_f64()
     );
     let _ = files;

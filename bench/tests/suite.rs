@@ -257,3 +257,135 @@ fn published_figures_match_their_hlog() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Takes the lab down when dropped (also when the test fails).
+struct LabDown;
+impl Drop for LabDown {
+    fn drop(&mut self) {
+        let _ = Command::new(BENCH.replace("dsan-bench", "dsanctl"))
+            .args(["lab", "down"])
+            .status();
+    }
+}
+
+/// Two-host mode, exercised between the lab's two namespaces: `serve` in
+/// h1 (attached to h1's dsand), `run --peer` in h0 (attached to h0's).
+#[test]
+fn two_host_mode_runs_between_two_namespaces() {
+    let dsanctl = BENCH.replace("dsan-bench", "dsanctl");
+    let _ = Command::new(&dsanctl).args(["lab", "down"]).status();
+    let up = Command::new(&dsanctl).args(["lab", "up"]).output().unwrap();
+    let _down = LabDown;
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let mut serve = Command::new("ip")
+        .args([
+            "netns", "exec", "dsan-h1", BENCH, "serve", "--port", "31000",
+        ])
+        .args(["--socket", "/run/dsan/lab/h1/dsand.sock"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let out = serve.stdout.take().unwrap();
+    let serve = Kill(serve);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("serve printed nothing within 20 s");
+    assert!(first.starts_with("serving port 31000"), "{first}");
+
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsan-bench-peer-{}", std::process::id()));
+    let mut run = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "dsan-h0",
+            BENCH,
+            "run",
+            "--peer",
+            "198.18.0.2",
+        ])
+        .args(["--port", "31000", "--count", "50", "--duration-ms", "300"])
+        .args(["--socket", "/run/dsan/lab/h0/dsand.sock", "--out"])
+        .arg(&dir)
+        .env("DSAN_PYTHON", python())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = run.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = run.kill();
+            panic!("dsan-bench run still running after 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let o = run.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    drop(serve);
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["config"]["mode"], "two-host");
+    assert!(s["provenance"]["commit"].as_str().is_some());
+    let rows = s["results"].as_array().unwrap();
+    let get = |sc: &str, t: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == sc && r["transport"] == t)
+            .unwrap_or_else(|| panic!("no {sc} / {t} row: {s}"))
+    };
+    for t in ["dsan", "tcp"] {
+        assert_eq!(get("connect", t)["count"], 50, "{s}");
+        assert_eq!(get("no-listener", t)["refused"], 50, "{s}");
+        assert!(
+            get("rate-closed", t)["rate_per_s"].as_f64().unwrap() > 0.0,
+            "{s}"
+        );
+    }
+    // The SAN connects went over the SAN: h0's daemon counted them.
+    let st = Command::new(&dsanctl)
+        .args(["--json", "--socket", "/run/dsan/lab/h0/dsand.sock", "stats"])
+        .output()
+        .unwrap();
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        st["connect_attempts"]["connected"].as_u64().unwrap_or(0) >= 50,
+        "h0's daemon counted too few SAN connects: {st}"
+    );
+    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
+    let c = Command::new(python())
+        .arg(check)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -364,37 +364,88 @@ fn wait_depth(host: &str, port: u16, depth: u64) {
     }
 }
 
+/// The SAN frames arriving on `san0` in a lab host's namespace, written as
+/// a pcap file by a thread of this test (a packet socket bound to the SAN
+/// EtherType): capturing as soon as `start` returns, and every frame the
+/// socket received written out when `stop` returns. (The daemons send with
+/// `qdisc_bypass`, so each frame is seen by the host that receives it.)
+struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    kinds: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u8>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Capture {
+    fn start(host: &'static str, file: PathBuf) -> Capture {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kinds = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (st, kd) = (stop.clone(), kinds.clone());
+        let thread = std::thread::spawn(move || {
+            control::os::enter_netns(&format!("dsan-{host}")).expect("entering the namespace");
+            let sock = dataplane::sys::PacketSocket::open("san0", 0x88b5, 8 << 20)
+                .expect("packet socket on san0");
+            ready_tx.send(()).unwrap();
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+            // pcap: magic, version 2.4, zone, accuracy, snap length, Ethernet.
+            for w in [0xa1b2_c3d4u32, 0x0004_0002, 0, 0, 65535, 1] {
+                f.write_all(&w.to_le_bytes()).unwrap();
+            }
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match sock.recv(&mut buf, Duration::from_millis(20)) {
+                    Some(n) => {
+                        let t = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap();
+                        for w in [t.as_secs() as u32, t.subsec_micros(), n as u32, n as u32] {
+                            f.write_all(&w.to_le_bytes()).unwrap();
+                        }
+                        f.write_all(&buf[..n]).unwrap();
+                        if n > 15 {
+                            kd.lock().unwrap().insert(buf[15]);
+                        }
+                    }
+                    // Stopped, and nothing more queued: done.
+                    None if st.load(Ordering::Acquire) => break,
+                    None => {}
+                }
+            }
+            f.flush().unwrap();
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the capture did not start");
+        Capture {
+            stop,
+            kinds,
+            thread,
+        }
+    }
+
+    /// The message kinds captured so far.
+    fn kinds(&self) -> Vec<u8> {
+        self.kinds.lock().unwrap().iter().copied().collect()
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().expect("capture thread");
+    }
+}
+
 #[test]
 fn tshark_decodes_a_lab_capture_field_by_field() {
     let _lab = Lab::up(&[]);
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("dsan-pcap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut caps = Vec::new();
-    for h in ["h0", "h1"] {
-        let file = dir.join(format!("{h}.pcapng"));
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("dsan-{h}"),
-                "dumpcap",
-                "-q",
-                "-i",
-                "san0",
-                "-w",
-            ])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dumpcap (scripts/setup.sh installs tshark)");
-        caps.push((child, file));
-    }
-    // dumpcap gives no sign that its capture runs (its file header comes
-    // before the capture socket is bound, and it writes frames only at
-    // the end): the one wait on the clock in this test is for the tool.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Our own captures: live once started, complete once stopped.
+    let caps: Vec<Capture> = ["h0", "h1"]
+        .into_iter()
+        .map(|h| Capture::start(h, dir.join(format!("{h}.pcap"))))
+        .collect();
     // A no-resources refusal first: restart h1's daemon with room for one
     // queued request in all, fill it, and connect to a second listener.
     {
@@ -495,30 +546,22 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
     );
     let out = cli.join().unwrap();
     assert!(out.contains("-111"), "{out}");
-    // (For the tool again: its capture ring hands frames over in blocks.)
-    std::thread::sleep(Duration::from_millis(500));
     let _ = srv.kill();
     let _ = srv.wait();
-    // Stop the captures (found by their unique output directory: `ip netns
-    // exec` may leave dumpcap as a process of its own), then reap.
-    let pattern = format!("dumpcap -q -i san0 -w {}", dir.display());
-    let _ = Command::new("pkill")
-        .args(["-INT", "-f", &pattern])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Command::new("pgrep")
-        .args(["-f", &pattern])
-        .output()
-        .map(|o| !o.stdout.is_empty())
-        .unwrap_or(false)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
+    // Every kind of frame has crossed the wire (each is captured where it
+    // arrives): stop and drain the captures.
+    let want = [0x01u8, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x10, 0x11];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: std::collections::BTreeSet<u8> = caps.iter().flat_map(Capture::kinds).collect();
+        if want.iter().all(|k| seen.contains(k)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "captured kinds {seen:x?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
-    for (mut c, _) in caps {
-        let _ = c.kill();
-        let _ = c.wait();
+    for c in caps {
+        c.stop();
     }
     let lua = root().join("deploy/wireshark/dsan.lua");
     let mut seen_kinds = std::collections::BTreeSet::new();
@@ -529,7 +572,7 @@ fn tshark_decodes_a_lab_capture_field_by_field() {
             .arg("-X")
             .arg(format!("lua_script:{}", lua.display()))
             .arg("-r")
-            .arg(dir.join(format!("{h}.pcapng")))
+            .arg(dir.join(format!("{h}.pcap")))
             .args([
                 "-Y",
                 "dsan",

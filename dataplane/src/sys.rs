@@ -19,27 +19,21 @@ pub fn unpin_current_thread() {
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
 
-/// A kernel packet socket on the port's interface that sees the SAN's
-/// frames too, so that a sleeping lcore whose PMD has no receive interrupt
-/// (af_packet) wakes when a frame arrives instead of on a period.
-///
-/// It is bound to the SAN's EtherType only (the kernel hands it nothing
-/// else, and never the frames the PMD sends), with the smallest receive
-/// buffer: while the lcore is busy the few frames it holds are dropped by
-/// the kernel's buffer check, before any copy. Before sleeping the lcore
-/// empties it ([`PacketWaker::drain`]), then looks at the port once more:
-/// a frame that arrives after that makes the socket readable.
+/// A kernel packet socket bound to one EtherType on one interface: it
+/// receives a copy of each such frame the interface receives (never the
+/// frames a PMD sends with `qdisc_bypass`). Nonblocking.
 #[derive(Debug)]
-pub struct PacketWaker {
+pub struct PacketSocket {
     fd: std::os::fd::OwnedFd,
 }
 
-impl PacketWaker {
-    /// A waker on interface `iface` for frames of `ethertype`.
+impl PacketSocket {
+    /// A socket on `iface` for frames of `ethertype`, with a receive
+    /// buffer of `rcvbuf` bytes (the kernel rounds it up to its minimum).
     ///
     /// # Errors
     /// If the interface does not exist or packet sockets are not allowed.
-    pub fn open(iface: &str, ethertype: u16) -> std::io::Result<Self> {
+    pub fn open(iface: &str, ethertype: u16, rcvbuf: usize) -> std::io::Result<Self> {
         use std::os::fd::FromRawFd;
         let name = std::ffi::CString::new(iface)
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
@@ -63,14 +57,14 @@ impl PacketWaker {
         // SAFETY: just created, owned by nobody else.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        let small: libc::c_int = 1; // the kernel rounds up to its minimum
-                                    // SAFETY: a valid socket and an int option of the right size.
+        let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket and an int option of the right size.
         unsafe {
             libc::setsockopt(
                 raw,
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUF,
-                (&small as *const libc::c_int).cast(),
+                (&size as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
@@ -93,13 +87,30 @@ impl PacketWaker {
         Ok(Self { fd })
     }
 
-    /// The descriptor to sleep on (readable when a frame came).
+    /// The descriptor (readable when a frame is there).
     pub fn fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.fd)
     }
 
-    /// Discards what the socket holds (only the kernel's copies: the PMD
-    /// receives the frames themselves).
+    /// The next frame into `buf` (its length; a longer frame is cut to
+    /// `buf`), waiting at most `timeout`; None if none came.
+    pub fn recv(&self, buf: &mut [u8], timeout: std::time::Duration) -> Option<usize> {
+        if !wait_readable(self.fd(), Some(timeout)) {
+            return None;
+        }
+        // SAFETY: a valid socket and a writable buffer of the length given.
+        let r = unsafe {
+            libc::recv(
+                self.fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(r).ok()
+    }
+
+    /// Discards what the socket holds.
     pub fn drain(&self) {
         let mut b = [0u8; 1];
         loop {
@@ -117,5 +128,39 @@ impl PacketWaker {
                 return;
             }
         }
+    }
+}
+
+/// A kernel packet socket on the port's interface that sees the SAN's
+/// frames too, so that a sleeping lcore whose PMD has no receive interrupt
+/// (af_packet) wakes when a frame arrives instead of on a period.
+///
+/// It is bound to the SAN's EtherType only (the kernel hands it nothing
+/// else, and never the frames the PMD sends), with the smallest receive
+/// buffer: while the lcore is busy the few frames it holds are dropped by
+/// the kernel's buffer check, before any copy. Before sleeping the lcore
+/// empties it ([`PacketWaker::drain`]), then looks at the port once more:
+/// a frame that arrives after that makes the socket readable.
+#[derive(Debug)]
+pub struct PacketWaker(PacketSocket);
+
+impl PacketWaker {
+    /// A waker on interface `iface` for frames of `ethertype`.
+    ///
+    /// # Errors
+    /// If the interface does not exist or packet sockets are not allowed.
+    pub fn open(iface: &str, ethertype: u16) -> std::io::Result<Self> {
+        PacketSocket::open(iface, ethertype, 1).map(Self)
+    }
+
+    /// The descriptor to sleep on (readable when a frame came).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.0.fd()
+    }
+
+    /// Discards what the socket holds (only the kernel's copies: the PMD
+    /// receives the frames themselves).
+    pub fn drain(&self) {
+        self.0.drain();
     }
 }

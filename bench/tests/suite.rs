@@ -9,6 +9,13 @@ use std::process::Command;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_dsan-bench");
 
+/// The lab is one per machine: tests that bring it up take turns.
+static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lab_turn() -> std::sync::MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn python() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let venv = root.join(".venv/bin/python");
@@ -22,6 +29,7 @@ fn python() -> PathBuf {
 
 #[test]
 fn smoke_run_of_every_scenario() {
+    let _turn = lab_turn();
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("dsan-bench-smoke-{}", std::process::id()));
     let o = Command::new(BENCH)
@@ -272,6 +280,7 @@ impl Drop for LabDown {
 /// h1 (attached to h1's dsand), `run --peer` in h0 (attached to h0's).
 #[test]
 fn two_host_mode_runs_between_two_namespaces() {
+    let _turn = lab_turn();
     let dsanctl = BENCH.replace("dsan-bench", "dsanctl");
     let _ = Command::new(&dsanctl).args(["lab", "down"]).status();
     let up = Command::new(&dsanctl).args(["lab", "up"]).output().unwrap();

@@ -162,6 +162,41 @@ fn find(cmds: &[(u64, u64)], t0: u64, t1: u64) -> Option<u64> {
     cmds.get(i).filter(|&&(t, _)| t <= t1).map(|&(_, id)| id)
 }
 
+/// Records each call's hops (the differences between its consecutive
+/// stamps, from `line`; None leaves the call out) under `names`.
+fn tally(
+    scenario: &'static str,
+    accept: &'static str,
+    names: &[&'static str],
+    calls: &[(u64, u64, bool)],
+    line: impl Fn(u64, u64, bool) -> Option<Vec<u64>>,
+) -> Breakdown {
+    let mut hops: Vec<HopRow> = names
+        .iter()
+        .map(|&name| HopRow { name, hist: hist() })
+        .collect();
+    let mut total = hist();
+    let mut unmatched = 0;
+    for &(t0, t1, ok) in calls {
+        match line(t0, t1, ok).filter(|p| p.windows(2).all(|w| w[0] <= w[1])) {
+            Some(pts) => {
+                for (i, w) in pts.windows(2).enumerate() {
+                    hops[i].hist.saturating_record(w[1] - w[0]);
+                }
+                total.saturating_record(t1 - t0);
+            }
+            None => unmatched += 1,
+        }
+    }
+    Breakdown {
+        scenario,
+        accept,
+        hops,
+        total,
+        unmatched,
+    }
+}
+
 /// Measures `n` connects into an accepting listener (`waiting`: its thread
 /// sleeps on its eventfd; else it spins).
 pub(crate) fn connect(p1: &Arc<Provider>, port: u16, n: u64, waiting: bool) -> Result<Breakdown> {
@@ -185,54 +220,30 @@ pub(crate) fn connect(p1: &Arc<Provider>, port: u16, n: u64, waiting: bool) -> R
         "h0 core: accept -> completion posted",
         "h0 -> the call returns",
     ];
-    let mut hops: Vec<HopRow> = HOPS
-        .iter()
-        .map(|&name| HopRow { name, hist: hist() })
-        .collect();
-    let mut total = hist();
-    let mut unmatched = 0;
-    for &(t0, t1, ok) in &calls {
-        let line = (|| {
-            if !ok {
-                return None;
-            }
-            let id = find(&cmds, t0, t1)?;
-            let (a, b) = (h0.get(&id)?, h1.get(&id)?);
-            let queued = *b.get("queued")?;
-            let decided = *b.get("decision_seen")?;
-            let seen_at = *seen.iter().find(|&&t| t >= queued && t <= decided)?;
-            let pts = [
-                t0,
-                *a.get("client_command")?,
-                *a.get("request_sent")?,
-                *b.get("request_received")?,
-                queued,
-                seen_at,
-                decided,
-                *b.get("accept_sent")?,
-                *a.get("accept_received")?,
-                *a.get("completed")?,
-                t1,
-            ];
-            pts.windows(2).all(|w| w[0] <= w[1]).then_some(pts)
-        })();
-        match line {
-            Some(pts) => {
-                for (i, w) in pts.windows(2).enumerate() {
-                    hops[i].hist.saturating_record(w[1] - w[0]);
-                }
-                total.saturating_record(t1 - t0);
-            }
-            None => unmatched += 1,
+    let accept = if waiting { "waiting" } else { "spinning" };
+    Ok(tally("connect", accept, &HOPS, &calls, |t0, t1, ok| {
+        if !ok {
+            return None;
         }
-    }
-    Ok(Breakdown {
-        scenario: "connect",
-        accept: if waiting { "waiting" } else { "spinning" },
-        hops,
-        total,
-        unmatched,
-    })
+        let id = find(&cmds, t0, t1)?;
+        let (a, b) = (h0.get(&id)?, h1.get(&id)?);
+        let queued = *b.get("queued")?;
+        let decided = *b.get("decision_seen")?;
+        let seen_at = *seen.iter().find(|&&t| t >= queued && t <= decided)?;
+        Some(vec![
+            t0,
+            *a.get("client_command")?,
+            *a.get("request_sent")?,
+            *b.get("request_received")?,
+            queued,
+            seen_at,
+            decided,
+            *b.get("accept_sent")?,
+            *a.get("accept_received")?,
+            *a.get("completed")?,
+            t1,
+        ])
+    }))
 }
 
 /// Measures `n` connects to a port nobody listens on (h1 refuses).
@@ -252,46 +263,21 @@ pub(crate) fn no_listener(port: u16, n: u64) -> Result<Breakdown> {
         "h0 core: reject -> completion posted",
         "h0 -> the call returns",
     ];
-    let mut hops: Vec<HopRow> = HOPS
-        .iter()
-        .map(|&name| HopRow { name, hist: hist() })
-        .collect();
-    let mut total = hist();
-    let mut unmatched = 0;
-    for &(t0, t1, ok) in &calls {
-        let line = (|| {
-            if ok {
-                return None; // connected: nothing to break down
-            }
-            let id = find(&cmds, t0, t1)?;
-            let (a, b) = (h0.get(&id)?, h1.get(&id)?);
-            let pts = [
-                t0,
-                *a.get("client_command")?,
-                *a.get("request_sent")?,
-                *b.get("request_received")?,
-                *b.get("reject_sent")?,
-                *a.get("reject_received")?,
-                *a.get("completed")?,
-                t1,
-            ];
-            pts.windows(2).all(|w| w[0] <= w[1]).then_some(pts)
-        })();
-        match line {
-            Some(pts) => {
-                for (i, w) in pts.windows(2).enumerate() {
-                    hops[i].hist.saturating_record(w[1] - w[0]);
-                }
-                total.saturating_record(t1 - t0);
-            }
-            None => unmatched += 1,
+    Ok(tally("no-listener", "-", &HOPS, &calls, |t0, t1, ok| {
+        if ok {
+            return None; // connected: nothing to break down
         }
-    }
-    Ok(Breakdown {
-        scenario: "no-listener",
-        accept: "-",
-        hops,
-        total,
-        unmatched,
-    })
+        let id = find(&cmds, t0, t1)?;
+        let (a, b) = (h0.get(&id)?, h1.get(&id)?);
+        Some(vec![
+            t0,
+            *a.get("client_command")?,
+            *a.get("request_sent")?,
+            *b.get("request_received")?,
+            *b.get("reject_sent")?,
+            *a.get("reject_received")?,
+            *a.get("completed")?,
+            t1,
+        ])
+    }))
 }

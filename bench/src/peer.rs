@@ -13,13 +13,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use dsan_provider::{Decision, Error as SanError, Provider, SanSocket};
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::suite::{hist, report, Report, Row};
+use crate::suite::{hist, report, tcp_listener, Report, Row};
 
 /// `dsan-bench serve`.
 pub(crate) struct ServeOpts {
@@ -40,43 +39,6 @@ pub(crate) struct RunOpts {
     pub(crate) out: PathBuf,
 }
 
-/// A kernel TCP listener on 0.0.0.0:`port` with a backlog of 4096.
-fn tcp_listener(port: u16) -> Result<std::net::TcpListener> {
-    // SAFETY: plain socket calls on a fresh socket, checked.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh socket we own.
-    let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: valid socket, option and address buffers.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            4,
-        );
-        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), 16) != 0
-            || libc::listen(fd, 4096) != 0
-        {
-            bail!(
-                "kernel TCP port {port}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(l)
-}
-
 /// Serves until killed (or for `duration`): accepts every SAN and kernel
 /// TCP connection on `port` and closes it.
 pub(crate) fn serve(o: ServeOpts) -> Result<()> {
@@ -86,7 +48,7 @@ pub(crate) fn serve(o: ServeOpts) -> Result<()> {
     l.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, o.port))
         .map_err(|e| anyhow!("SAN port {}: {e}", o.port))?;
     l.listen(4096).map_err(|e| anyhow!("SAN listen: {e}"))?;
-    let t = tcp_listener(o.port)?;
+    let t = tcp_listener(Ipv4Addr::UNSPECIFIED, o.port, 4096)?;
     t.set_nonblocking(true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (san_n, tcp_n) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

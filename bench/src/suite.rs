@@ -142,39 +142,7 @@ impl Server {
             if tcp {
                 let setup = (|| -> Result<TcpListener> {
                     enter_netns("dsan-h1")?;
-                    // SAFETY: plain socket calls on a fresh socket.
-                    let fd = unsafe {
-                        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-                    };
-                    if fd < 0 {
-                        bail!("socket: {}", std::io::Error::last_os_error());
-                    }
-                    // SAFETY: a fresh socket we own.
-                    let l = unsafe { TcpListener::from_raw_fd(fd) };
-                    let one: libc::c_int = 1;
-                    let sa = libc::sockaddr_in {
-                        sin_family: libc::AF_INET as libc::sa_family_t,
-                        sin_port: port.to_be(),
-                        sin_addr: libc::in_addr {
-                            s_addr: u32::from(H1).to_be(),
-                        },
-                        sin_zero: [0; 8],
-                    };
-                    // SAFETY: valid socket, option and address buffers.
-                    unsafe {
-                        libc::setsockopt(
-                            fd,
-                            libc::SOL_SOCKET,
-                            libc::SO_REUSEADDR,
-                            (&one as *const libc::c_int).cast(),
-                            4,
-                        );
-                        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), 16) != 0
-                            || libc::listen(fd, backlog) != 0
-                        {
-                            bail!("bind/listen: {}", std::io::Error::last_os_error());
-                        }
-                    }
+                    let l = tcp_listener(H1, port, backlog)?;
                     l.set_nonblocking(!waiting)?;
                     Ok(l)
                 })();
@@ -304,6 +272,45 @@ impl Server {
             .map_err(|_| anyhow!("server panicked"))??;
         Ok((h, self.accepted.load(Ordering::Relaxed)))
     }
+}
+
+/// A kernel TCP listener on `ip`:`port` (SO_REUSEADDR) with `backlog`.
+pub(crate) fn tcp_listener(ip: Ipv4Addr, port: u16, backlog: i32) -> Result<TcpListener> {
+    // SAFETY: plain socket calls on a fresh socket, checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh socket we own.
+    let l = unsafe { TcpListener::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid socket, option and address buffers.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
+        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), 16) != 0
+            || libc::listen(fd, backlog) != 0
+        {
+            bail!(
+                "kernel TCP {ip}:{port}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(l)
 }
 
 /// The overload scenario's backlog (both sides) and client threads.

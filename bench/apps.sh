@@ -154,7 +154,8 @@ run_wrk san 1
 run_wrk tcp 0
 
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-dirty=$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo true || echo false)
+# Dirty: tracked sources changed (benchmark output under docs/bench does not count).
+dirty=$([ -n "$(git status --porcelain --untracked-files=no -- . ':!docs/bench' 2>/dev/null)" ] && echo true || echo false)
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 ncpu=$(nproc)
 mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)

@@ -110,7 +110,10 @@ def main():
     finally:
         sh(DSANCTL, "lab", "down")
     commit = sh("git", "-C", ROOT, "rev-parse", "HEAD").stdout.strip() or "unknown"
-    dirty = bool(sh("git", "-C", ROOT, "status", "--porcelain").stdout.strip())
+    # Dirty: tracked sources changed (benchmark output under docs/bench and
+    # untracked files do not count: they are what a run writes).
+    dirty = bool(sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no",
+                    "--", ".", ":!docs/bench").stdout.strip())
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 1048576
     d = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit, "dirty": dirty,

@@ -27,6 +27,19 @@ fn python() -> PathBuf {
     venv
 }
 
+/// An independent reader, HdrHistogram's Python package, decodes `dir`'s
+/// .hlog and finds the counts and percentiles its summary.json states.
+fn check_hlog(dir: &std::path::Path) {
+    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
+    let o = Command::new(python()).arg(check).arg(dir).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn smoke_run_of_every_scenario() {
     let _turn = lab_turn();
@@ -183,18 +196,7 @@ fn smoke_run_of_every_scenario() {
         .is_some_and(|c| c.contains("suite")));
 
     // An independent reader: HdrHistogram's Python package decodes the log.
-    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
-    let o = Command::new(python())
-        .arg(check)
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    check_hlog(&out);
     let _ = std::fs::remove_dir_all(out);
 }
 
@@ -252,18 +254,7 @@ fn published_figures_match_their_hlog() {
         "{p}"
     );
     assert!(p["date"].as_str().unwrap().starts_with("20"), "{p}");
-    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
-    let o = Command::new(python())
-        .arg(check)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    check_hlog(&dir);
 }
 
 /// Takes the lab down when dropped (also when the test fails).
@@ -389,12 +380,6 @@ fn two_host_mode_runs_between_two_namespaces() {
         st["connect_attempts"]["connected"].as_u64().unwrap_or(0) >= 50,
         "h0's daemon counted too few SAN connects: {st}"
     );
-    let check = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("check_hlog.py");
-    let c = Command::new(python())
-        .arg(check)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+    check_hlog(&dir);
     let _ = std::fs::remove_dir_all(dir);
 }

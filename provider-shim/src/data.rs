@@ -82,6 +82,22 @@ impl IoSlot {
     }
 }
 
+/// Bytes received and not read yet (after arming `want`: SeqCst tail).
+fn unread(shm: &StreamShm) -> u64 {
+    shm.rcv_p
+        .tail
+        .load(Ordering::SeqCst)
+        .wrapping_sub(shm.rcv_c.head.load(Ordering::Relaxed))
+}
+
+/// Bytes written and not yet acknowledged (after arming `want`: SeqCst head).
+fn snd_used(shm: &StreamShm) -> u64 {
+    shm.snd_p
+        .tail
+        .load(Ordering::Relaxed)
+        .wrapping_sub(shm.snd_c.head.load(Ordering::SeqCst))
+}
+
 /// Zeroes the words of a stream control block this process writes (a
 /// fresh socket in a slot used before).
 pub(super) fn clear_app_words(shm: &StreamShm) {
@@ -403,9 +419,7 @@ impl Provider {
         if mask & FD_READ != 0 {
             shm.rcv_c.want.store(1, Ordering::SeqCst);
             let st = shm.st.state.load(Ordering::SeqCst);
-            if shm.rcv_p.tail.load(Ordering::SeqCst) != shm.rcv_c.head.load(Ordering::Relaxed)
-                || st & (ST_RX_EOF | ST_DEAD) != 0
-            {
+            if unread(shm) != 0 || st & (ST_RX_EOF | ST_DEAD) != 0 {
                 ev |= FD_READ;
             }
         }
@@ -414,12 +428,7 @@ impl Provider {
         }
         if mask & FD_WRITE != 0 {
             shm.snd_p.want.store(1, Ordering::SeqCst);
-            let used = shm
-                .snd_p
-                .tail
-                .load(Ordering::Relaxed)
-                .wrapping_sub(shm.snd_c.head.load(Ordering::SeqCst));
-            if used < area.snd_size() as u64 {
+            if snd_used(shm) < area.snd_size() as u64 {
                 ev |= FD_WRITE;
             }
         }
@@ -428,8 +437,8 @@ impl Provider {
 
     /// The readiness of connected socket `s` now, for a poll-style caller:
     /// what a receive and a send would do, whether the peer finished
-    /// sending, and whether the connection is gone. With `arm`, what is
-    /// asked and not ready arms the daemon's FD_READ / FD_WRITE for it.
+    /// sending, and whether the connection is gone. Asking for `read` or
+    /// `write` arms the daemon's FD_READ / FD_WRITE for it.
     pub fn readiness(&self, s: SocketId, read: bool, write: bool) -> Readiness {
         let Ok((area, _, shut_rd, shut_wr)) = self.stream(s) else {
             return Readiness::default();
@@ -450,21 +459,12 @@ impl Provider {
         if read {
             shm.rcv_c.want.store(1, Ordering::SeqCst);
         }
-        r.unread = shm
-            .rcv_p
-            .tail
-            .load(Ordering::SeqCst)
-            .wrapping_sub(shm.rcv_c.head.load(Ordering::Relaxed));
+        r.unread = unread(shm);
         r.readable = shut_rd || dead || r.peer_closed || r.unread != 0;
         if write {
             shm.snd_p.want.store(1, Ordering::SeqCst);
         }
-        let used = shm
-            .snd_p
-            .tail
-            .load(Ordering::Relaxed)
-            .wrapping_sub(shm.snd_c.head.load(Ordering::SeqCst));
-        r.writable = shut_wr || dead || used < area.snd_size() as u64;
+        r.writable = shut_wr || dead || snd_used(shm) < area.snd_size() as u64;
         r
     }
 

@@ -177,7 +177,7 @@ fn a_real_prometheus_scrapes_the_lab_and_agrees_with_the_bench() {
     let prom = Prom::start();
     let n = 20;
     let lat = run_connects(7700, n);
-    // Let two scrapes pass.
+    // Wait until Prometheus has scraped the connects and both targets.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = prom
@@ -186,7 +186,9 @@ fn a_real_prometheus_scrapes_the_lab_and_agrees_with_the_bench() {
                 "h0",
             )
             .unwrap_or(0.0);
-        if got as usize == n {
+        // Both targets scraped at least once since (each on its own clock).
+        let up = ["h0", "h1"].iter().all(|h| prom.value("up", h).is_some());
+        if got as usize == n && up {
             break;
         }
         assert!(

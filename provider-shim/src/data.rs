@@ -38,6 +38,9 @@ pub(super) struct IoSlot {
     recv: Mutex<()>,
     /// Set by close: blocked calls return.
     closed: AtomicBool,
+    /// The sequence number of a close posted to the daemon and not waited
+    /// for (0: none): the slot is not reused until the daemon completes it.
+    close_seq: std::sync::atomic::AtomicU32,
 }
 
 /// What a poll of a connected SAN socket finds ([`Provider::readiness`]).
@@ -79,6 +82,21 @@ impl IoSlot {
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    /// A close with sequence number `seq` was posted and not waited for.
+    pub(super) fn posted_close(&self, seq: u32) {
+        self.close_seq.store(seq, Ordering::Release);
+    }
+    /// Whether a posted close is still under way (`done`: the daemon's last
+    /// completed sequence number for the slot); clears the record once it
+    /// is not.
+    pub(super) fn close_in_flight(&self, done: u32) -> bool {
+        let seq = self.close_seq.load(Ordering::Acquire);
+        if seq != 0 && seq != done {
+            return true;
+        }
+        self.close_seq.store(0, Ordering::Relaxed);
+        false
     }
 }
 

@@ -286,7 +286,15 @@ pub struct Provider {
     io: Vec<data::IoSlot>,
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
     san_addrs: Mutex<(u64, Vec<Subnet>)>,
+    /// When the control socket was last found open (CLOCK_MONOTONIC ns; 0
+    /// never): [`Provider::check`] trusts it for [`ALIVE_FOR`].
+    alive_at: std::sync::atomic::AtomicU64,
 }
+
+/// How long a look at the control socket that found the daemon there is
+/// trusted by the calls that start work (a command sent meanwhile to a
+/// daemon that died is caught by its wait, which looks again).
+const ALIVE_FOR: u64 = 1_000_000;
 
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -354,6 +362,7 @@ impl Provider {
             cmds: Mutex::new(cmds),
             doorbell,
             io: (0..MAX_SOCKETS).map(|_| data::IoSlot::default()).collect(),
+            alive_at: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -403,6 +412,7 @@ impl Provider {
         if self.region.header().closed.load(Ordering::Acquire) != 0 {
             return false;
         }
+        let now = sys::monotonic_ns();
         let mut p = libc::pollfd {
             fd: self.ctl_fd,
             events: libc::POLLRDHUP,
@@ -410,8 +420,23 @@ impl Provider {
         };
         // SAFETY: one valid pollfd, zero timeout.
         let r = unsafe { libc::poll(&mut p, 1, 0) };
-        !(r > 0
-            && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+        let alive = !(r > 0
+            && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0);
+        if alive {
+            self.alive_at.store(now, Ordering::Relaxed);
+        }
+        alive
+    }
+
+    /// [`Provider::daemon_alive`], trusting a look less than [`ALIVE_FOR`]
+    /// old: the calls that start work make no system call for it when the
+    /// process talks to the daemon often.
+    pub fn daemon_alive_recently(&self) -> bool {
+        if self.region.header().closed.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let at = self.alive_at.load(Ordering::Relaxed);
+        (at != 0 && sys::monotonic_ns().saturating_sub(at) < ALIVE_FOR) || self.daemon_alive()
     }
 
     fn lock(&self, s: SocketId) -> Result<MutexGuard<'_, Option<LocalSock>>> {
@@ -426,6 +451,17 @@ impl Provider {
     /// Sends a command for socket `s` and waits (at most `timeout`) for its
     /// completion. Returns the daemon's result.
     fn command(&self, s: SocketId, ls: &mut LocalSock, op: Op, timeout: Duration) -> Result<i64> {
+        let seq = self.post(s, ls, op)?;
+        let sh = self.region.sock(s as usize);
+        // A close interrupts every wait but its own.
+        let interruptible = !matches!(op, Op::Close);
+        self.wait_word(s, interruptible, sh, &sh.done_seq, |v| v == seq, timeout)?;
+        Ok(sh.result.load(Ordering::Acquire))
+    }
+
+    /// Sends a command for socket `s` without waiting for its completion;
+    /// returns its sequence number.
+    fn post(&self, s: SocketId, ls: &mut LocalSock, op: Op) -> Result<u32> {
         ls.seq = ls.seq.wrapping_add(1).max(1);
         let slot = Command {
             sock: s,
@@ -433,13 +469,8 @@ impl Provider {
             op,
         }
         .to_slot();
-        let sh = self.region.sock(s as usize);
         self.push_command(&slot)?;
-        let seq = ls.seq;
-        // A close interrupts every wait but its own.
-        let interruptible = !matches!(op, Op::Close);
-        self.wait_word(s, interruptible, sh, &sh.done_seq, |v| v == seq, timeout)?;
-        Ok(sh.result.load(Ordering::Acquire))
+        Ok(ls.seq)
     }
 
     /// Pushes a command slot onto the ring (waiting while the ring is full,
@@ -515,7 +546,7 @@ impl Provider {
     }
 
     fn check(&self) -> Result<()> {
-        if self.daemon_alive() {
+        if self.daemon_alive_recently() {
             Ok(())
         } else {
             Err(Error::NetDown)
@@ -532,6 +563,11 @@ impl Provider {
         for (i, m) in self.socks.iter().enumerate() {
             // A slot locked by a call in progress is in use: skip it.
             let Ok(mut g) = m.try_lock() else { continue };
+            // A close the daemon has not done yet: the slot is still its.
+            let done = self.region.sock(i).done_seq.load(Ordering::Acquire);
+            if g.is_none() && self.io[i].close_in_flight(done) {
+                continue;
+            }
             // A closed socket whose last bytes the daemon still sends is not free.
             let lingering = self.region.stream(i).st.state.load(Ordering::Acquire) & ST_LINGER != 0;
             if g.is_none() && !lingering {
@@ -1012,8 +1048,18 @@ impl Provider {
                 .load(Ordering::Acquire)
                 > 0;
         // The daemon forgets the socket's state and its event descriptor.
-        if self.daemon_alive() && (had_state || ls.efd.is_some()) {
-            let _ = self.command(s, &mut ls, Op::Close, COMMAND_TIMEOUT);
+        if self.daemon_alive_recently() && (had_state || ls.efd.is_some()) {
+            if ls.state == State::Connected && ls.area.is_none() {
+                // A connection's close is posted, not awaited (as a kernel
+                // close does not wait for the FIN): the daemon sends what
+                // the send ring still holds, then the FIN, on its own. The
+                // slot stays this socket's until the daemon has done it.
+                if let Ok(seq) = self.post(s, &mut ls, Op::Close) {
+                    io.posted_close(seq);
+                }
+            } else {
+                let _ = self.command(s, &mut ls, Op::Close, COMMAND_TIMEOUT);
+            }
         }
         let sh = self.region.sock(s as usize);
         sh.events.store(0, Ordering::Relaxed);

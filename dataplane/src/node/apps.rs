@@ -132,6 +132,9 @@ impl Node {
 
     /// [`detach`](Self::detach), resetting its connections for `reason`.
     pub(super) fn detach_for(&mut self, now: Instant, id: u64, reason: crate::wire::ResetReason) {
+        if reason == crate::wire::ResetReason::ProcessGone {
+            self.closes_left_by(now, id);
+        }
         self.reset_streams_of(now, id, reason);
         self.proc_ids.retain(|p| *p != id);
         if let Some(p) = self.procs.remove(&id) {
@@ -155,6 +158,27 @@ impl Node {
             p.shared.region.header().closed.store(1, Ordering::Release);
             if let Some(n) = p.shared.notifier.get() {
                 n.shutdown();
+            }
+        }
+    }
+
+    /// A process's close does not wait for the daemon: the closes it
+    /// posted before it went are done as closes (the send rings' last bytes
+    /// go out, then the FIN), not as resets. Nothing else it left in its
+    /// ring is done. Bounded by the ring's size: a process that is gone
+    /// adds nothing.
+    fn closes_left_by(&mut self, now: Instant, id: u64) {
+        loop {
+            let Some(p) = self.procs.get_mut(&id) else {
+                return;
+            };
+            let Ok(Some(slot)) = p.cmds.pop() else {
+                return;
+            };
+            if let Ok(cmd) = Command::parse(&slot) {
+                if matches!(cmd.op, Op::Close) {
+                    self.app_command(now, id, cmd);
+                }
             }
         }
     }

@@ -78,56 +78,64 @@ struct Conn {
     san: Option<Arc<SanSocket>>,
     /// Written by the provider on FD_READ / FD_CLOSE; in the descriptor's
     /// epoll set, so the switch descriptor is readable when bytes or the end
-    /// of the stream are there.
+    /// of the stream are there. Made by the registration thread
+    /// [`REGISTER_AFTER`] after the connection (a connection closed sooner
+    /// costs no descriptor and no system call for it).
     /// (Shared with the registration thread: the provider keeps the
     /// number of the descriptor it registers, so that one stays open as
     /// long as the connection.)
-    efd: Option<Arc<OwnedFd>>,
+    efd: OnceLock<Arc<OwnedFd>>,
     /// Signalled while a send would not block (see [`watch_writable`]);
     /// made on request.
     wfd: OnceLock<Arc<OwnedFd>>,
 }
 
-impl Sock {
-    /// The socket is now a SAN connection.
-    fn set_san(&self, ss: SanSocket) -> Result<(), i32> {
-        self.set_san_arc(Arc::new(ss))
-    }
+/// The socket is now a SAN connection.
+fn set_san(s: &Arc<Sock>, ss: SanSocket) -> Result<(), i32> {
+    set_san_arc(s, Arc::new(ss))
+}
 
-    fn set_san_arc(&self, ss: Arc<SanSocket>) -> Result<(), i32> {
-        let efd = Arc::new(eventfd()?);
-        epoll_add(self.epfd.as_raw_fd(), efd.as_raw_fd(), 0)?;
-        // Registering the eventfd with the daemon is a control-socket round
-        // trip: it runs on the switch's registration thread, so that connect
-        // and accept return at once. Nothing is lost meanwhile: the
-        // registration posts FD_READ at once if bytes arrived before it.
-        let copy = efd.clone();
-        // (A weak reference: a connection closed before its turn is skipped
-        // and holds no provider socket meanwhile.)
-        let due = std::time::Instant::now() + REGISTER_AFTER;
+fn set_san_arc(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
+    s.set_san_conn(ss.clone())?;
+    // The readiness eventfd is made, put in the descriptor's epoll set and
+    // registered with the daemon (a control-socket round trip) on the
+    // switch's registration thread, so that connect and accept return at
+    // once. Nothing is lost meanwhile: the registration posts FD_READ at
+    // once if bytes arrived before it.
+    // (Weak references: a connection closed before its turn is skipped and
+    // holds no provider socket meanwhile.)
+    let wfd = s
+        .conn
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|c| c.wfd.get().cloned());
+    let job = Registration {
+        ss: Arc::downgrade(&ss),
+        sock: Some(Arc::downgrade(s)),
+        fd: wfd,
+        due: std::time::Instant::now() + REGISTER_AFTER,
+    };
+    queue_registration(job);
+    Ok(())
+}
+
+impl Sock {
+    /// Records the SAN connection (and, when every connection gets one,
+    /// its FD_WRITE descriptor).
+    fn set_san_conn(&self, ss: Arc<SanSocket>) -> Result<(), i32> {
         // The FD_WRITE descriptor too, when every connection gets one: a new
         // connection's send ring is empty, so it starts out writable.
         let wfd = OnceLock::new();
-        let mut wcopy = None;
         if WATCH_WRITABLE.load(Ordering::Relaxed) {
             let w = Arc::new(eventfd()?);
             signal(w.as_raw_fd());
-            wcopy = Some(w.clone());
             let _ = wfd.set(w);
-        }
-        let queued = g()
-            .register
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send((Arc::downgrade(&ss), copy, wcopy, due, false));
-        if queued.is_err() {
-            ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE)
-                .map_err(|e| e.errno())?;
         }
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
             transport: Transport::San,
             san: Some(ss),
-            efd: Some(efd),
+            efd: OnceLock::new(),
             wfd,
         });
         Ok(())
@@ -141,7 +149,7 @@ impl Sock {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
             transport: Transport::Tcp,
             san: None,
-            efd: None,
+            efd: OnceLock::new(),
             wfd: OnceLock::new(),
         });
         Ok(())
@@ -172,19 +180,102 @@ impl Sock {
     }
 }
 
-/// A new SAN connection's event descriptor, to register with the daemon
-/// from `due` on.
-/// With `true`, the descriptor is the connection's FD_WRITE descriptor
-/// (registered after its event descriptor, which is queued first).
-/// With a second descriptor, the pair (event descriptor, FD_WRITE
-/// descriptor) in one request.
-type Registration = (
-    std::sync::Weak<SanSocket>,
-    Arc<OwnedFd>,
-    Option<Arc<OwnedFd>>,
-    std::time::Instant,
-    bool,
-);
+/// Work for the registration thread, due at `due`.
+struct Registration {
+    ss: std::sync::Weak<SanSocket>,
+    /// A new SAN connection of this switch socket: make its event
+    /// descriptor, put it in the socket's epoll set and register it with
+    /// the daemon (with `fd`, its FD_WRITE descriptor, in the same request).
+    /// None: `fd` is the connection's FD_WRITE descriptor, made later
+    /// (registered after its event descriptor, which was queued first).
+    sock: Option<std::sync::Weak<Sock>>,
+    fd: Option<Arc<OwnedFd>>,
+    due: std::time::Instant,
+}
+
+/// The registration thread's work, in the order it falls due (every job
+/// is due [`REGISTER_AFTER`] after it is queued).
+static REGISTRATIONS: Mutex<std::collections::VecDeque<Registration>> =
+    Mutex::new(std::collections::VecDeque::new());
+/// Wakes the registration thread when its queue gains a first job.
+static REGISTRATIONS_CV: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Queues a registration. The thread is woken only when the queue was
+/// empty: otherwise it sleeps until the head's due time, which is earlier
+/// than the new job's, so a busy process makes no wake-up per connection.
+fn queue_registration(job: Registration) {
+    let mut q = REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner());
+    let first = q.is_empty();
+    q.push_back(job);
+    drop(q);
+    if first {
+        REGISTRATIONS_CV.notify_one();
+    }
+}
+
+/// The registration thread: each job at its due time.
+fn registration_thread() {
+    let mut q = REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let Some(due) = q.front().map(|j| j.due) else {
+            q = REGISTRATIONS_CV.wait(q).unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+        let wait = due.saturating_duration_since(std::time::Instant::now());
+        if !wait.is_zero() {
+            q = REGISTRATIONS_CV
+                .wait_timeout(q, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        let job = q.pop_front().expect("looked");
+        drop(q);
+        register(job);
+        q = REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Does a registration (on the registration thread).
+fn register(job: Registration) {
+    // A connection closed meanwhile is gone: nothing to do.
+    let Some(ss) = job.ss.upgrade() else {
+        return;
+    };
+    let Some(sock) = job.sock.and_then(|w| w.upgrade()) else {
+        if let Some(w) = &job.fd {
+            let _ = ss.event_select_write(w.as_fd());
+        }
+        return;
+    };
+    // (Out of descriptors: the connection works, its descriptor never polls
+    // readable; recv and send still do.)
+    let Ok(efd) = eventfd() else {
+        return;
+    };
+    let efd = Arc::new(efd);
+    {
+        let c = sock.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match c.as_ref() {
+            Some(conn) if conn.efd.set(efd.clone()).is_ok() => {}
+            _ => return,
+        }
+    }
+    let _ = epoll_add(sock.epfd.as_raw_fd(), efd.as_raw_fd(), 0);
+    // Readable already (the end of the stream after a SHUT_RD; bytes are
+    // posted by the registration too).
+    let mut one = [0u8; 1];
+    if !matches!(
+        ss.recv_mode(&mut one, MSG_PEEK, false),
+        Err(SanError::Again)
+    ) {
+        signal(efd.as_raw_fd());
+    }
+    let _ = match &job.fd {
+        Some(w) => ss.event_select_with(efd.as_fd(), w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),
+        None => ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE),
+    };
+}
 
 /// Every new SAN connection gets its FD_WRITE descriptor at once (see
 /// [`set_watch_writable`]).
@@ -206,8 +297,6 @@ const REGISTER_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 struct Global {
     table: Mutex<HashMap<RawFd, Entry>>,
-    /// Event descriptors to register with the daemon for new SAN connections.
-    register: Mutex<std::sync::mpsc::Sender<Registration>>,
     provider: Mutex<Option<Arc<Provider>>>,
     /// The accept thread's epoll (SAN listeners' FD_ACCEPT eventfds).
     accept_ep: std::sync::atomic::AtomicI32,
@@ -223,7 +312,7 @@ static FORKED_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 type ForkGuards = (
     std::sync::MutexGuard<'static, HashMap<RawFd, Entry>>,
     std::sync::MutexGuard<'static, Option<Arc<Provider>>>,
-    std::sync::MutexGuard<'static, std::sync::mpsc::Sender<Registration>>,
+    std::sync::MutexGuard<'static, std::collections::VecDeque<Registration>>,
 );
 
 thread_local! {
@@ -240,7 +329,7 @@ extern "C" fn on_fork_prepare() {
     let guards = (
         g.table.lock().unwrap_or_else(|e| e.into_inner()),
         g.provider.lock().unwrap_or_else(|e| e.into_inner()),
-        g.register.lock().unwrap_or_else(|e| e.into_inner()),
+        REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner()),
     );
     let _ = FORK_GUARDS.try_with(|c| *c.borrow_mut() = Some(guards));
 }
@@ -257,9 +346,8 @@ extern "C" fn on_fork_child() {
 static GLOBAL: OnceLock<Global> = OnceLock::new();
 
 /// Starts the switch's threads for this process: the accept thread on a
-/// new epoll instance, and the registration thread; returns the epoll and
-/// the registration queue.
-fn start_threads() -> (OwnedFd, std::sync::mpsc::Sender<Registration>) {
+/// new epoll instance, and the registration thread; returns the epoll.
+fn start_threads() -> OwnedFd {
     let ep = epoll_create().expect("epoll_create1");
     let accept_ep_raw = ep.as_raw_fd();
     std::thread::Builder::new()
@@ -269,32 +357,14 @@ fn start_threads() -> (OwnedFd, std::sync::mpsc::Sender<Registration>) {
             accept_thread(accept_ep_raw)
         })
         .expect("spawning the switch's accept thread");
-    let (tx, rx) = std::sync::mpsc::channel::<Registration>();
     std::thread::Builder::new()
         .name("dsan-switch-register".into())
         .spawn(move || {
             thread_hook();
-            for (ss, efd, wfd, due, write) in rx {
-                let wait = due.saturating_duration_since(std::time::Instant::now());
-                if !wait.is_zero() {
-                    std::thread::sleep(wait);
-                }
-                // A connection closed meanwhile is gone: nothing to do.
-                if let Some(ss) = ss.upgrade() {
-                    let _ = match (&wfd, write) {
-                        (Some(w), _) => ss.event_select_with(
-                            efd.as_fd(),
-                            w.as_fd(),
-                            FD_READ | FD_CLOSE | FD_WRITE,
-                        ),
-                        (None, true) => ss.event_select_write(efd.as_fd()),
-                        (None, false) => ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE),
-                    };
-                }
-            }
+            registration_thread()
         })
         .expect("spawning the switch's registration thread");
-    (ep, tx)
+    ep
 }
 
 fn g() -> &'static Global {
@@ -308,9 +378,8 @@ fn g() -> &'static Global {
                 Some(on_fork_child),
             )
         };
-        let (ep, tx) = start_threads();
+        let ep = start_threads();
         Global {
-            register: Mutex::new(tx),
             table: Mutex::new(HashMap::new()),
             provider: Mutex::new(None),
             accept_ep: std::sync::atomic::AtomicI32::new(std::os::fd::IntoRawFd::into_raw_fd(ep)),
@@ -360,8 +429,12 @@ fn after_fork(g: &'static Global) {
     // The parent's attachment: never dropped here (its drop would talk to
     // the daemon on the parent's behalf).
     std::mem::forget(g.provider.lock().unwrap_or_else(|e| e.into_inner()).take());
-    let (ep, tx) = start_threads();
-    *g.register.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    // The parent's registrations are the parent's business (forgotten, as
+    // its sockets are: nothing of theirs is closed here).
+    std::mem::forget(std::mem::take(
+        &mut *REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner()),
+    ));
+    let ep = start_threads();
     g.accept_ep
         .store(std::os::fd::IntoRawFd::into_raw_fd(ep), Ordering::Release);
 }
@@ -479,7 +552,7 @@ fn sock(fd: RawFd) -> Result<Arc<Sock>, i32> {
 fn provider() -> Option<Arc<Provider>> {
     let mut p = g().provider.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(pp) = p.as_ref() {
-        if pp.daemon_alive() {
+        if pp.daemon_alive_recently() {
             return Some(pp.clone());
         }
         *p = None;
@@ -806,7 +879,7 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
                 }
                 let nfd = socket()?;
                 let ns = sock(nfd)?;
-                if let Err(e) = ns.set_san(conn) {
+                if let Err(e) = set_san(&ns, conn) {
                     let _ = close(nfd);
                     return Err(e);
                 }
@@ -967,7 +1040,11 @@ pub fn error(fd: RawFd) -> Result<i32, i32> {
 /// The connect itself (blocking; on the caller's thread or a nonblocking
 /// connect's own). `p`: the pending record of a nonblocking connect, which a
 /// close may cancel.
-fn connect_now(s: &Sock, dst: SocketAddrV4, p: Option<&Arc<Pending>>) -> Result<Transport, i32> {
+fn connect_now(
+    s: &Arc<Sock>,
+    dst: SocketAddrV4,
+    p: Option<&Arc<Pending>>,
+) -> Result<Transport, i32> {
     let cancelled = || p.is_some_and(|p| p.cancel.load(Ordering::Acquire));
     let prov = provider();
     if let Some(pr) = prov.as_ref().filter(|pr| in_san_subnet(pr, *dst.ip())) {
@@ -990,7 +1067,7 @@ fn connect_now(s: &Sock, dst: SocketAddrV4, p: Option<&Arc<Pending>>) -> Result<
         match attempt() {
             Ok(_) if cancelled() => return Err(libc::EINTR),
             Ok(ss) => {
-                s.set_san_arc(ss)?;
+                set_san_arc(s, ss)?;
                 return Ok(Transport::San);
             }
             Err(_) if cancelled() => return Err(libc::EINTR),
@@ -1134,8 +1211,8 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
 enum Target {
     /// A kernel TCP socket.
     Tcp(RawFd),
-    /// A SAN connection and its readiness eventfd.
-    San(Arc<SanSocket>, RawFd),
+    /// A SAN connection and its readiness eventfd (once it has one).
+    San(Arc<SanSocket>, Option<RawFd>),
 }
 
 fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
@@ -1148,10 +1225,8 @@ fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
     let t = match c.as_ref() {
         None => return Err(libc::ENOTCONN),
         Some(Conn {
-            san: Some(ss),
-            efd: Some(e),
-            ..
-        }) => Target::San(ss.clone(), e.as_raw_fd()),
+            san: Some(ss), efd, ..
+        }) => Target::San(ss.clone(), efd.get().map(|e| e.as_raw_fd())),
         Some(_) => Target::Tcp(s.tcp_fd()?),
     };
     drop(c);
@@ -1240,11 +1315,13 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
             // Readable stays true exactly while bytes or the end of the
             // stream are there: clear the eventfd, then look (a look that
             // finds nothing asks the provider for the next FD_READ).
-            drain(efd);
-            let mut one = [0u8; 1];
-            match ss.recv_mode(&mut one, MSG_PEEK, false) {
-                Err(SanError::Again) => {}
-                _ => signal(efd),
+            if let Some(efd) = efd {
+                drain(efd);
+                let mut one = [0u8; 1];
+                match ss.recv_mode(&mut one, MSG_PEEK, false) {
+                    Err(SanError::Again) => {}
+                    _ => signal(efd),
+                }
             }
             r
         }
@@ -1263,7 +1340,11 @@ pub fn shutdown(fd: RawFd, how: i32) -> Result<(), i32> {
         Target::San(ss, efd) => {
             ss.shutdown(how).map_err(|e| e.errno())?;
             if how != libc::SHUT_WR {
-                signal(efd); // receives return 0 now: readable
+                // Receives return 0 now: readable. (Without a descriptor
+                // yet, its registration looks.)
+                if let Some(efd) = efd {
+                    signal(efd);
+                }
             }
             Ok(())
         }
@@ -1373,11 +1454,13 @@ pub fn watch_writable(fd: RawFd) -> Option<RawFd> {
         signal(raw);
     }
     let due = std::time::Instant::now() + REGISTER_AFTER;
-    let _ = g()
-        .register
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((Arc::downgrade(ss), copy, None, due, true));
+    let job = Registration {
+        ss: Arc::downgrade(ss),
+        sock: None,
+        fd: Some(copy),
+        due,
+    };
+    queue_registration(job);
     Some(raw)
 }
 
@@ -1426,6 +1509,9 @@ pub fn readable_now(fd: RawFd) -> bool {
     if ss.readiness(true, false).readable {
         return true;
     }
+    let Some(efd) = efd else {
+        return false;
+    };
     drain(efd);
     // Bytes that came while clearing it: set it again.
     if ss.readiness(true, false).readable {

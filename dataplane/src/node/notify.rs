@@ -7,12 +7,6 @@
 //! wake-up of a daemon-private eventfd) for a notifier thread of that
 //! process, which does the writes. A hostile process stalls only its own
 //! notifier; every other process and the lcore carry on.
-//!
-//! After a signal the notifier keeps looking at its queue for [`SPIN`]
-//! (yielding the core between looks) before it sleeps again, and the lcore
-//! rings its eventfd only while it sleeps: events that come in a run (a
-//! connect every few tens of microseconds) cost neither the lcore's system
-//! call nor the notifier's wake-up.
 
 use crossbeam_queue::ArrayQueue;
 use dsan_channel::sys::{self, EventFd};
@@ -22,16 +16,12 @@ use std::sync::Arc;
 
 /// Signals queued at most per process (beyond: counted as failed).
 const QUEUE: usize = 4096;
-/// How long the notifier stays awake after its last signal.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// One attached process's notifier.
 #[derive(Debug)]
 pub struct Notifier {
     queue: ArrayQueue<Arc<OwnedFd>>,
     wake: EventFd,
-    /// The thread sleeps (or is about to) on `wake`: a push must ring it.
-    sleeping: AtomicBool,
     stop: AtomicBool,
     /// Signals skipped because the process's eventfd was full.
     skipped: std::sync::atomic::AtomicU64,
@@ -47,7 +37,6 @@ impl Notifier {
         let n = Arc::new(Notifier {
             queue: ArrayQueue::new(QUEUE),
             wake: EventFd::new()?,
-            sleeping: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             skipped: std::sync::atomic::AtomicU64::new(0),
         });
@@ -56,23 +45,9 @@ impl Notifier {
             .name(format!("notify-{pid}"))
             .spawn(move || {
                 crate::sys::unpin_current_thread();
-                let mut last = std::time::Instant::now();
                 while !t.stop.load(Ordering::Acquire) {
-                    if t.queue.is_empty() {
-                        if last.elapsed() < SPIN {
-                            std::thread::yield_now();
-                            continue;
-                        }
-                        // SeqCst with the pusher's: either it sees the
-                        // flag and rings, or this look sees its signal.
-                        t.sleeping.store(true, Ordering::SeqCst);
-                        if t.queue.is_empty() && !t.stop.load(Ordering::SeqCst) {
-                            t.wake.wait(None);
-                        }
-                        t.sleeping.store(false, Ordering::SeqCst);
-                        t.wake.drain();
-                    }
-                    last = std::time::Instant::now();
+                    t.wake.wait(None);
+                    t.wake.drain();
                     while let Some(fd) = t.queue.pop() {
                         // A full counter is the process's doing: skip it.
                         // (It could still fill it between this look and the
@@ -95,9 +70,7 @@ impl Notifier {
         if self.queue.push(fd.clone()).is_err() {
             return false;
         }
-        if self.sleeping.load(Ordering::SeqCst) {
-            self.wake.signal();
-        }
+        self.wake.signal();
         true
     }
 

@@ -81,26 +81,27 @@ pub(crate) fn san(
     let (tx, rx) = mpsc::channel::<Instant>();
     let done = Arc::new(AtomicBool::new(false));
     let done2 = done.clone();
+    // The accepting thread waits for the request itself (spinning on
+    // accept, or blocked on its FD_ACCEPT eventfd), never for the client's
+    // start time: the client sends that before it connects, so it is there
+    // when the connection is.
     let server = std::thread::spawn(move || -> Result<Histogram<u64>> {
         let mut h = hist();
         while !done2.load(Ordering::Relaxed) {
-            let Ok(start) = rx.recv_timeout(Duration::from_millis(100)) else {
-                continue;
-            };
-            loop {
-                if mode == AcceptMode::Blocked {
-                    efd.wait(Some(Duration::from_secs(1)));
-                    let _ = l.enum_network_events();
+            if mode == AcceptMode::Blocked {
+                efd.wait(Some(Duration::from_millis(100)));
+                let _ = l.enum_network_events();
+            }
+            match l.accept(|_| Decision::Accept) {
+                Ok((c, _)) => {
+                    let start = rx
+                        .recv_timeout(Duration::from_secs(5))
+                        .map_err(|_| anyhow!("no start time for an accepted connection"))?;
+                    h.saturating_record(start.elapsed().as_nanos() as u64);
+                    drop(c);
                 }
-                match l.accept(|_| Decision::Accept) {
-                    Ok((c, _)) => {
-                        h.saturating_record(start.elapsed().as_nanos() as u64);
-                        drop(c);
-                        break;
-                    }
-                    Err(SanError::Again) => std::thread::yield_now(),
-                    Err(e) => return Err(anyhow!("accept: {e}")),
-                }
+                Err(SanError::Again) => std::thread::yield_now(),
+                Err(e) => return Err(anyhow!("accept: {e}")),
             }
         }
         Ok(h)
@@ -142,6 +143,24 @@ pub(crate) fn tcp(port: u16, count: u64, mode: AcceptMode) -> Result<Run> {
             enter_netns("dsan-h1")?;
             let l = TcpListener::bind(("198.18.0.2", port))?;
             l.set_nonblocking(mode == AcceptMode::Spinning)?;
+            // A blocked accept returns every 100 ms to look at `done`.
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            // SAFETY: a valid socket and option buffer.
+            let r = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&l),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
             Ok(l)
         })();
         let l = match setup {
@@ -156,21 +175,21 @@ pub(crate) fn tcp(port: u16, count: u64, mode: AcceptMode) -> Result<Run> {
         };
         let mut h = hist();
         while !done2.load(Ordering::Relaxed) {
-            let Ok(start) = rx.recv_timeout(Duration::from_millis(100)) else {
-                continue;
-            };
-            loop {
-                match l.accept() {
-                    Ok((c, _)) => {
-                        h.saturating_record(start.elapsed().as_nanos() as u64);
-                        drop(c);
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            match l.accept() {
+                Ok((c, _)) => {
+                    let start = rx
+                        .recv_timeout(Duration::from_secs(5))
+                        .map_err(|_| anyhow!("no start time for an accepted connection"))?;
+                    h.saturating_record(start.elapsed().as_nanos() as u64);
+                    drop(c);
+                }
+                // Spinning: nothing yet; blocked: the 100 ms timeout.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if mode == AcceptMode::Spinning {
                         std::thread::yield_now()
                     }
-                    Err(e) => return Err(anyhow!("accept: {e}")),
                 }
+                Err(e) => return Err(anyhow!("accept: {e}")),
             }
         }
         Ok(h)

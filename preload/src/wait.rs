@@ -252,12 +252,27 @@ struct Regs {
     by_key: HashMap<(RawFd, RawFd), usize>,
 }
 
-static REGS: Mutex<Option<Regs>> = Mutex::new(None);
+/// The registrations, in shards by epoll instance: threads that each wait
+/// on an epoll instance of their own (wrk, nginx's workers, most event
+/// loops) never contend for one lock, which on a small machine a preempted
+/// holder would keep for a whole time slice. A registration's id carries
+/// its shard in its low bits.
+const SHARDS: usize = 16;
+static REGS: [Mutex<Option<Regs>>; SHARDS] = [const { Mutex::new(None) }; SHARDS];
 /// Registrations alive: epoll_wait translates nothing while there are none.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-fn with_regs<T>(f: impl FnOnce(&mut Regs) -> T) -> T {
-    let mut g = REGS.lock().unwrap_or_else(|e| e.into_inner());
+/// The shard of epoll instance `ep`.
+fn shard_of_ep(ep: RawFd) -> usize {
+    ep as usize % SHARDS
+}
+
+/// Runs `f` on shard `shard` (of an epoll instance, or `id % SHARDS` of a
+/// registration).
+fn with_regs<T>(shard: usize, f: impl FnOnce(&mut Regs) -> T) -> T {
+    let mut g = REGS[shard % SHARDS]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     f(g.get_or_insert_with(|| Regs {
         next: 1,
         by_id: HashMap::new(),
@@ -333,13 +348,14 @@ pub(crate) fn epoll_ctl(
     p: &Arc<PFd>,
     ev: Option<epoll_event>,
 ) -> Result<(), i32> {
-    with_regs(|rs| match op {
+    let shard = shard_of_ep(ep);
+    with_regs(shard, |rs| match op {
         libc::EPOLL_CTL_ADD => {
             let ev = ev.ok_or(libc::EFAULT)?;
             if rs.by_key.contains_key(&(ep, fd)) {
                 return Err(libc::EEXIST);
             }
-            let id = rs.next;
+            let id = rs.next * SHARDS + shard;
             rs.next += 1;
             let mut r = Reg {
                 ep,
@@ -379,16 +395,16 @@ pub(crate) fn epoll_ctl(
 /// the switch holds).
 pub(crate) fn forget(p: &PFd, fd: RawFd) {
     let ids: Vec<usize> = p.regs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    with_regs(|rs| {
-        for id in ids {
+    for id in ids {
+        with_regs(id, |rs| {
             if rs.by_id.get(&id).is_some_and(|r| r.fd == fd) {
                 // A forked child shares the epoll instances with its parent:
                 // closing its copy changes nothing there (as with a kernel
                 // socket, still open in the parent).
                 drop_reg(rs, p, id, !p.inherited());
             }
-        }
-    });
+        });
+    }
 }
 
 /// Registration `id` of `p` goes; with `kernel`, what the kernel holds for
@@ -460,9 +476,9 @@ fn translate_epoll(evs: &mut [epoll_event]) -> usize {
             2 => Kind::Write,
             _ => Kind::Connect,
         };
-        let Some((p, asked, app_data)) =
-            with_regs(|rs| rs.by_id.get(&id).map(|r| (r.p.clone(), r.events, r.data)))
-        else {
+        let Some((p, asked, app_data)) = with_regs(id, |rs| {
+            rs.by_id.get(&id).map(|r| (r.p.clone(), r.events, r.data))
+        }) else {
             continue;
         };
         let before = p.state();
@@ -487,14 +503,14 @@ fn translate_epoll(evs: &mut [epoll_event]) -> usize {
     for p in refresh {
         // A connect finished: wait on the connection's own targets now.
         let ids: Vec<usize> = p.regs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        with_regs(|rs| {
-            for id in ids {
+        for id in ids {
+            with_regs(id, |rs| {
                 if let Some(r) = rs.by_id.get_mut(&id) {
                     uninstall(r);
                     let _ = install(id, r);
                 }
-            }
-        });
+            });
+        }
     }
     out
 }

@@ -296,7 +296,7 @@ pub fn set_watch_writable(on: bool) {
 const REGISTER_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 struct Global {
-    table: Mutex<HashMap<RawFd, Entry>>,
+    table: std::sync::RwLock<HashMap<RawFd, Entry>>,
     provider: Mutex<Option<Arc<Provider>>>,
     /// The accept thread's epoll (SAN listeners' FD_ACCEPT eventfds).
     accept_ep: std::sync::atomic::AtomicI32,
@@ -310,7 +310,7 @@ struct Global {
 static FORKED_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 type ForkGuards = (
-    std::sync::MutexGuard<'static, HashMap<RawFd, Entry>>,
+    std::sync::RwLockWriteGuard<'static, HashMap<RawFd, Entry>>,
     std::sync::MutexGuard<'static, Option<Arc<Provider>>>,
     std::sync::MutexGuard<'static, std::collections::VecDeque<Registration>>,
 );
@@ -327,7 +327,7 @@ extern "C" fn on_fork_prepare() {
         return;
     };
     let guards = (
-        g.table.lock().unwrap_or_else(|e| e.into_inner()),
+        g.table.write().unwrap_or_else(|e| e.into_inner()),
         g.provider.lock().unwrap_or_else(|e| e.into_inner()),
         REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner()),
     );
@@ -380,7 +380,7 @@ fn g() -> &'static Global {
         };
         let ep = start_threads();
         Global {
-            table: Mutex::new(HashMap::new()),
+            table: std::sync::RwLock::new(HashMap::new()),
             provider: Mutex::new(None),
             accept_ep: std::sync::atomic::AtomicI32::new(std::os::fd::IntoRawFd::into_raw_fd(ep)),
             inherited_listeners: Mutex::new(HashMap::new()),
@@ -404,7 +404,7 @@ fn after_fork(g: &'static Global) {
         return;
     }
     let old: HashMap<RawFd, Entry> =
-        std::mem::take(&mut *g.table.lock().unwrap_or_else(|e| e.into_inner()));
+        std::mem::take(&mut *g.table.write().unwrap_or_else(|e| e.into_inner()));
     {
         let mut inh = g
             .inherited_listeners
@@ -540,7 +540,7 @@ fn drain(fd: RawFd) {
 use dsan_provider::sockaddr::{from_sockaddr_in as from_sin, sockaddr_in as sin};
 
 fn sock(fd: RawFd) -> Result<Arc<Sock>, i32> {
-    match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+    match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Sock(s)) => Ok(s.clone()),
         Some(Entry::Tcp(_)) => Err(libc::EINVAL),
         None => Err(libc::ENOTSOCK),
@@ -586,7 +586,7 @@ pub fn socket() -> Result<RawFd, i32> {
         connect_efd: OnceLock::new(),
     };
     g().table
-        .lock()
+        .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(fd, Entry::Sock(Arc::new(s)));
     Ok(fd)
@@ -733,7 +733,7 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
 fn revive_listeners() {
     let fds: Vec<RawFd> = g()
         .table
-        .lock()
+        .read()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .filter_map(|(fd, e)| match e {
@@ -903,7 +903,7 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
             let c = unsafe { OwnedFd::from_raw_fd(c) };
             let raw = c.as_raw_fd();
             g().table
-                .lock()
+                .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(raw, Entry::Tcp(c));
             return Ok((raw, from_sin(&peer)));
@@ -999,7 +999,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
 /// # Errors
 /// ENOTSOCK.
 pub fn error(fd: RawFd) -> Result<i32, i32> {
-    let s = match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+    let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Tcp(t)) => {
             let mut v: libc::c_int = 0;
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -1164,7 +1164,7 @@ fn connect_now(
 /// # Errors
 /// ENOTCONN if it is not connected; ENOTSOCK.
 pub fn transport(fd: RawFd) -> Result<Transport, i32> {
-    match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+    match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Tcp(_)) => Ok(Transport::Tcp),
         Some(Entry::Sock(s)) => s
             .conn
@@ -1184,7 +1184,7 @@ pub fn transport(fd: RawFd) -> Result<Transport, i32> {
 pub fn close(fd: RawFd) -> Result<(), i32> {
     let e = g()
         .table
-        .lock()
+        .write()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&fd)
         .ok_or(libc::ENOTSOCK)?;
@@ -1216,7 +1216,7 @@ enum Target {
 }
 
 fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
-    let s = match g().table.lock().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+    let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Tcp(t)) => return Ok((Target::Tcp(t.as_raw_fd()), None)),
         Some(Entry::Sock(s)) => s.clone(),
         None => return Err(libc::ENOTSOCK),
@@ -1391,7 +1391,7 @@ pub fn adopt(tcp: OwnedFd) -> Result<RawFd, i32> {
 /// # Errors
 /// EINVAL if `fd` is not an accepted kernel TCP connection; ENOTSOCK.
 pub fn take_tcp(fd: RawFd) -> Result<OwnedFd, i32> {
-    let mut t = g().table.lock().unwrap_or_else(|e| e.into_inner());
+    let mut t = g().table.write().unwrap_or_else(|e| e.into_inner());
     match t.remove(&fd) {
         Some(Entry::Tcp(o)) => Ok(o),
         Some(e) => {

@@ -41,13 +41,13 @@ pub enum IdlePolicy {
 
 impl IdlePolicy {
     /// The adaptive policy with the defaults documented in `docs/architecture.md`
-    /// (spin 20 us, sleep at most 50 us). A longer spin keeps the loop
-    /// runnable through a busy application's pauses: on a machine without
-    /// spare cores it then competes with that application for the core
-    /// (wrk against nginx through the preload: 3,000-38,000 requests per
-    /// second from run to run with 200 us, 9,000-11,000 with 50 us,
-    /// 24,000-25,000 with 20 us), while connection set-up, whose hops come
-    /// microseconds apart, measured the same with 20, 50 and 200 us.
+    /// (spin 20 us, 200 us while an answer is awaited, see
+    /// [`Handler::awaiting`]; sleep at most 50 us). A long spin with nothing
+    /// awaited keeps the loop runnable through a busy application's pauses,
+    /// and on a machine without spare cores it then competes with that
+    /// application for the core (wrk against nginx through the preload:
+    /// 3,000-38,000 requests per second from run to run with 200 us,
+    /// 9,000-11,000 with 50 us, 18,500-25,700 with 20 us).
     pub const ADAPTIVE_DEFAULT: IdlePolicy = IdlePolicy::Adaptive {
         spin: Duration::from_micros(20),
         max_sleep: Duration::from_micros(50),
@@ -238,6 +238,13 @@ fn flush<D: Device>(dev: &mut D, pending: &mut Vec<D::Buf>, stats: &mut LocalSta
     }
 }
 
+/// How much longer the adaptive loop spins while its handler awaits an
+/// answer ([`Handler::awaiting`]): a connect's reply comes after the peer's
+/// application has been woken and has decided, tens of microseconds, and a
+/// sleeping loop costs a wake-up on top. With nothing awaited, a short spin
+/// leaves the core to the applications.
+pub const AWAIT_SPIN_FACTOR: u32 = 10;
+
 /// What runs inside the loop.
 pub trait Handler<D: Device> {
     /// A burst of received frames (the handler takes them out of `rx`).
@@ -250,6 +257,12 @@ pub trait Handler<D: Device> {
     /// When the handler next needs `poll` for a timer, if ever.
     fn next_deadline(&self) -> Option<Instant> {
         None
+    }
+    /// Whether an answer is due shortly (a connection being set up or torn
+    /// down): the adaptive loop then spins [`AWAIT_SPIN_FACTOR`] times longer
+    /// before it sleeps, so that the answer does not have to wake it.
+    fn awaiting(&self) -> bool {
+        false
     }
 }
 
@@ -305,6 +318,11 @@ pub fn run<D: Device, H: Handler<D>>(
         }
         stats.idle_polls += 1;
         if let IdlePolicy::Adaptive { spin, max_sleep } = cfg.idle {
+            let spin = if handler.awaiting() {
+                spin * AWAIT_SPIN_FACTOR
+            } else {
+                spin
+            };
             if now - last_busy < spin {
                 // On a shared core, let whatever else is runnable (often the
                 // application we serve) have the CPU between two polls.

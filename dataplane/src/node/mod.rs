@@ -551,6 +551,9 @@ impl<D: Device> Handler<D> for Node {
         self.apply_addrs();
         self.publish();
     }
+    fn awaiting(&self) -> bool {
+        self.ep.awaiting_answer() || self.ping.is_some()
+    }
     fn next_deadline(&self) -> Option<Instant> {
         let p = self.ping.as_ref().map(ActivePing::next_timer);
         let d = self.delayed.iter().map(|(t, _)| *t).min();

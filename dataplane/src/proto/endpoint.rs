@@ -194,6 +194,15 @@ impl<R: Rng> Endpoint<R> {
     pub fn queued_total(&self) -> usize {
         self.pending.len()
     }
+    /// Whether an answer from a peer or from a local application is due
+    /// shortly: a connect attempt, a request waiting for its application's
+    /// decision, a close or an accept confirmation in flight.
+    pub fn awaiting_answer(&self) -> bool {
+        !(self.attempts.is_empty()
+            && self.pending.is_empty()
+            && self.closing.is_empty()
+            && self.confirming.is_empty())
+    }
     /// Remembered refusals.
     pub fn tombstones(&self) -> usize {
         self.tombstones.len()

@@ -17,7 +17,15 @@ fn main() {
         println!("cargo:rerun-if-changed={f}");
     }
     let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = match git(&["status", "--porcelain", "--untracked-files=no"]) {
+    // Benchmark output under docs/bench is what a run writes, not source.
+    let dirty = match git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ":(top)",
+        ":(top,exclude)docs/bench",
+    ]) {
         Some(s) => (!s.is_empty()).to_string(),
         None => "unknown".into(),
     };

@@ -109,6 +109,22 @@ fn both_ways(lab_args: &[&str], bytes: u64, seq: bool) -> (String, String) {
 
 const METRICS_BASE: u16 = 19450;
 
+/// A close is posted to the daemon, not awaited, and both programs exit
+/// right after it with bytes still in their send rings: the daemon sends
+/// them and the FIN anyway (it serves the closes a process left in its ring
+/// before it resets what the process still held), so each side gets every
+/// byte and a clean end of stream, not a reset.
+#[test]
+fn a_close_just_before_exit_lets_the_last_bytes_and_the_fin_through() {
+    let (m0, m1) = both_ways(&[], 4 << 20, false);
+    for m in [&m0, &m1] {
+        for reason in ["process_gone", "aborted", "peer"] {
+            let series = format!("dsan_san_connections_reset_total{{reason=\"{reason}\"}}");
+            assert_eq!(metric(m, &series), 0, "{series}");
+        }
+    }
+}
+
 #[test]
 fn sixty_four_mib_each_way_on_a_clean_link() {
     let (m0, _) = both_ways(&[], 64 << 20, false);

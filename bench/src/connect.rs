@@ -94,10 +94,7 @@ pub(crate) fn san(
             }
             match l.accept(|_| Decision::Accept) {
                 Ok((c, _)) => {
-                    let start = rx
-                        .recv_timeout(Duration::from_secs(5))
-                        .map_err(|_| anyhow!("no start time for an accepted connection"))?;
-                    h.saturating_record(start.elapsed().as_nanos() as u64);
+                    record_accepted(&rx, &mut h)?;
                     drop(c);
                 }
                 Err(SanError::Again) => std::thread::yield_now(),
@@ -130,6 +127,16 @@ pub(crate) fn san(
         accepted,
         errors,
     })
+}
+
+/// Records an accepted connection's latency: from the start time its
+/// client sent just before connecting.
+fn record_accepted(rx: &mpsc::Receiver<Instant>, h: &mut Histogram<u64>) -> Result<()> {
+    let start = rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow!("no start time for an accepted connection"))?;
+    h.saturating_record(start.elapsed().as_nanos() as u64);
+    Ok(())
 }
 
 /// Kernel TCP: `count` connects from h0 to h1:port over the lab's veth.
@@ -177,10 +184,7 @@ pub(crate) fn tcp(port: u16, count: u64, mode: AcceptMode) -> Result<Run> {
         while !done2.load(Ordering::Relaxed) {
             match l.accept() {
                 Ok((c, _)) => {
-                    let start = rx
-                        .recv_timeout(Duration::from_secs(5))
-                        .map_err(|_| anyhow!("no start time for an accepted connection"))?;
-                    h.saturating_record(start.elapsed().as_nanos() as u64);
+                    record_accepted(&rx, &mut h)?;
                     drop(c);
                 }
                 // Spinning: nothing yet; blocked: the 100 ms timeout.

@@ -145,6 +145,31 @@ fn connects(n: u64, port: u16) -> Vec<(u64, u64, bool)> {
         .collect()
 }
 
+/// `n` connects with both daemons tracing, and what the traces say.
+struct Traced {
+    /// (call, return, connected) of each connect.
+    calls: Vec<(u64, u64, bool)>,
+    h0: Stamps,
+    h1: Stamps,
+    /// h0's client commands by time.
+    cmds: Vec<(u64, u64)>,
+}
+
+fn traced_connects(n: u64, port: u16) -> Result<Traced> {
+    trace("h0", "start")?;
+    trace("h1", "start")?;
+    let calls = connects(n, port);
+    let (v0, v1) = (trace("h0", "stop")?, trace("h1", "stop")?);
+    let (h0, h1) = (stamps(&v0)?, stamps(&v1)?);
+    let cmds = commands(&h0);
+    Ok(Traced {
+        calls,
+        h0,
+        h1,
+        cmds,
+    })
+}
+
 /// The client commands of h0's trace, by time: (stamp, conn id).
 fn commands(h0: &Stamps) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = h0
@@ -201,13 +226,14 @@ fn tally(
 /// sleeps on its eventfd; else it spins).
 pub(crate) fn connect(p1: &Arc<Provider>, port: u16, n: u64, waiting: bool) -> Result<Breakdown> {
     let acc = Acceptor::start(p1, port, waiting)?;
-    trace("h0", "start")?;
-    trace("h1", "start")?;
-    let calls = connects(n, port);
-    let (v0, v1) = (trace("h0", "stop")?, trace("h1", "stop")?);
+    let traced = traced_connects(n, port);
     let seen = acc.finish()?;
-    let (h0, h1) = (stamps(&v0)?, stamps(&v1)?);
-    let cmds = commands(&h0);
+    let Traced {
+        calls,
+        h0,
+        h1,
+        cmds,
+    } = traced?;
     const HOPS: [&str; 10] = [
         "call -> h0 lcore takes the command",
         "h0 core: command -> request frame",
@@ -248,12 +274,12 @@ pub(crate) fn connect(p1: &Arc<Provider>, port: u16, n: u64, waiting: bool) -> R
 
 /// Measures `n` connects to a port nobody listens on (h1 refuses).
 pub(crate) fn no_listener(port: u16, n: u64) -> Result<Breakdown> {
-    trace("h0", "start")?;
-    trace("h1", "start")?;
-    let calls = connects(n, port);
-    let (v0, v1) = (trace("h0", "stop")?, trace("h1", "stop")?);
-    let (h0, h1) = (stamps(&v0)?, stamps(&v1)?);
-    let cmds = commands(&h0);
+    let Traced {
+        calls,
+        h0,
+        h1,
+        cmds,
+    } = traced_connects(n, port)?;
     const HOPS: [&str; 7] = [
         "call -> h0 lcore takes the command",
         "h0 core: command -> request frame",

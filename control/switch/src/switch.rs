@@ -90,13 +90,16 @@ struct Conn {
     wfd: OnceLock<Arc<OwnedFd>>,
 }
 
-/// The socket is now a SAN connection.
-fn set_san(s: &Arc<Sock>, ss: SanSocket) -> Result<(), i32> {
-    set_san_arc(s, Arc::new(ss))
-}
-
-fn set_san_arc(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
-    s.set_san_conn(ss.clone())?;
+/// The socket is now SAN connection `ss`.
+fn set_san(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
+    // The FD_WRITE descriptor too, when every connection gets one: a new
+    // connection's send ring is empty, so it starts out writable.
+    let wfd = OnceLock::new();
+    if WATCH_WRITABLE.load(Ordering::Relaxed) {
+        let w = Arc::new(eventfd()?);
+        signal(w.as_raw_fd());
+        let _ = wfd.set(w);
+    }
     // The readiness eventfd is made, put in the descriptor's epoll set and
     // registered with the daemon (a control-socket round trip) on the
     // switch's registration thread, so that connect and accept return at
@@ -104,43 +107,23 @@ fn set_san_arc(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
     // once if bytes arrived before it.
     // (Weak references: a connection closed before its turn is skipped and
     // holds no provider socket meanwhile.)
-    let wfd = s
-        .conn
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|c| c.wfd.get().cloned());
     let job = Registration {
         ss: Arc::downgrade(&ss),
         sock: Some(Arc::downgrade(s)),
-        fd: wfd,
+        fd: wfd.get().cloned(),
         due: std::time::Instant::now() + REGISTER_AFTER,
     };
+    *s.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
+        transport: Transport::San,
+        san: Some(ss),
+        efd: OnceLock::new(),
+        wfd,
+    });
     queue_registration(job);
     Ok(())
 }
 
 impl Sock {
-    /// Records the SAN connection (and, when every connection gets one,
-    /// its FD_WRITE descriptor).
-    fn set_san_conn(&self, ss: Arc<SanSocket>) -> Result<(), i32> {
-        // The FD_WRITE descriptor too, when every connection gets one: a new
-        // connection's send ring is empty, so it starts out writable.
-        let wfd = OnceLock::new();
-        if WATCH_WRITABLE.load(Ordering::Relaxed) {
-            let w = Arc::new(eventfd()?);
-            signal(w.as_raw_fd());
-            let _ = wfd.set(w);
-        }
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
-            transport: Transport::San,
-            san: Some(ss),
-            efd: OnceLock::new(),
-            wfd,
-        });
-        Ok(())
-    }
-
     /// The socket is now a kernel TCP connection (its socket in the epoll
     /// set: readable when the kernel socket is).
     fn set_tcp(&self) -> Result<(), i32> {
@@ -879,7 +862,7 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
                 }
                 let nfd = socket()?;
                 let ns = sock(nfd)?;
-                if let Err(e) = set_san(&ns, conn) {
+                if let Err(e) = set_san(&ns, Arc::new(conn)) {
                     let _ = close(nfd);
                     return Err(e);
                 }
@@ -1067,7 +1050,7 @@ fn connect_now(
         match attempt() {
             Ok(_) if cancelled() => return Err(libc::EINTR),
             Ok(ss) => {
-                set_san_arc(s, ss)?;
+                set_san(s, ss)?;
                 return Ok(Transport::San);
             }
             Err(_) if cancelled() => return Err(libc::EINTR),

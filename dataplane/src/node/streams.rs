@@ -20,6 +20,7 @@ use super::events::raise;
 use super::{AppShared, Node};
 use crate::device::Device;
 use crate::engine::Tx;
+use crate::proto::slab::Slab;
 use crate::proto::stream::{Outgoing, Stream, StreamTiming, Timer};
 use crate::proto::ConnHandle;
 use crate::time::Instant;
@@ -35,27 +36,69 @@ use std::sync::Arc;
 
 /// The daemon's state per established connection, not counting the rings
 /// (which live in the process's region): the stream context and the
-/// protocol core's connection, each with its key in its table, and the
-/// wire index and timer entries. Hash tables add one control byte per entry
-/// and keep some free slots (see docs/benchmarks.md); the process, socket
-/// and ring view are found through `app`, so there is no owner entry.
-pub const STREAM_STATE_BYTES: usize = std::mem::size_of::<(ConnHandle, StreamCtx)>()
-    + std::mem::size_of::<(ConnHandle, crate::proto::Connection)>()
+/// protocol core's connection, each in its slot of a slab indexed by the
+/// connection's handle, the core's wire index entry (a slot number in a
+/// hash table) and the timer entry. The process, socket and ring view are
+/// found through `app`, so there is no owner entry.
+pub const STREAM_STATE_BYTES: usize = STREAM_ENTRY_BYTES
+    + std::mem::size_of::<crate::proto::Connection>()
     + crate::proto::WIRE_INDEX_ENTRY_BYTES
     + std::mem::size_of::<(Instant, ConnHandle)>();
 
 // Issue #13's budget, checked when the crate compiles.
 const _: () = assert!(STREAM_STATE_BYTES <= 256);
 
-/// Bytes of one entry of the stream table (a handle and a [`StreamCtx`]).
-pub const STREAM_ENTRY_BYTES: usize = std::mem::size_of::<(ConnHandle, StreamCtx)>();
+/// Bytes of one slot of the stream table (an empty slot is the same size).
+pub const STREAM_ENTRY_BYTES: usize = std::mem::size_of::<Option<StreamCtx>>();
+
+const _: () = assert!(STREAM_ENTRY_BYTES == std::mem::size_of::<StreamCtx>());
 
 /// Frames one pass of the transmit queue may send (the rest wait for the next pass).
 const TX_BUDGET: usize = 64;
 
+/// The lcore's streams, in the slots of their connections' handles (the
+/// protocol core's slots: no hashing, and no spare room beyond a chunk).
+#[derive(Default)]
+pub(super) struct StreamTable(Slab<StreamCtx>);
+
+impl StreamTable {
+    pub(super) fn get(&self, h: &ConnHandle) -> Option<&StreamCtx> {
+        self.0.get(h.slot()).filter(|c| c.tag == h.tag())
+    }
+    fn get_mut(&mut self, h: &ConnHandle) -> Option<&mut StreamCtx> {
+        self.0.get_mut(h.slot()).filter(|c| c.tag == h.tag())
+    }
+    /// The handle of whatever stream holds `h`'s slot.
+    fn occupant(&self, h: ConnHandle) -> Option<ConnHandle> {
+        self.0
+            .get(h.slot())
+            .map(|c| ConnHandle::new(h.slot() as u32, c.tag))
+    }
+    fn insert(&mut self, h: ConnHandle, ctx: StreamCtx) {
+        debug_assert_eq!(ctx.tag, h.tag());
+        let old = self.0.insert(h.slot(), ctx);
+        debug_assert!(old.is_none());
+    }
+    fn remove(&mut self, h: &ConnHandle) -> Option<StreamCtx> {
+        self.get(h)?;
+        self.0.remove(h.slot())
+    }
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (ConnHandle, &StreamCtx)> {
+        self.0
+            .iter()
+            .map(|(i, c)| (ConnHandle::new(i as u32, c.tag), c))
+    }
+}
+
 /// The lcore's state for one connection's stream (152 bytes).
 pub(super) struct StreamCtx {
     app: Arc<AppShared>,
+    /// The random part of the connection's handle (the slot is its index
+    /// in the table; a slot's next occupant has another tag).
+    tag: u32,
     s: Stream,
     timer: Instant,
     /// The socket (< `MAX_SOCKETS`, 1,024).
@@ -63,13 +106,30 @@ pub(super) struct StreamCtx {
     /// log2 of the send ring's size (the rings are found from `app` and
     /// `sock` when needed; the receive ring's size is the stream's).
     snd_shift: u8,
-    queued: bool,
-    probe: bool,
-    app_closed: bool,
-    stalled: bool,
+    /// [`QUEUED`], [`PROBE`], [`APP_CLOSED`], [`STALLED`].
+    flags: u8,
 }
 
+/// In the transmit queue.
+const QUEUED: u8 = 1;
+/// A keepalive probe is due.
+const PROBE: u8 = 2;
+/// The application closed its socket (the stream lingers).
+const APP_CLOSED: u8 = 4;
+/// The peer's credit is exhausted (counted once per stall).
+const STALLED: u8 = 8;
+
 impl StreamCtx {
+    fn has(&self, f: u8) -> bool {
+        self.flags & f != 0
+    }
+    fn set(&mut self, f: u8, on: bool) {
+        if on {
+            self.flags |= f;
+        } else {
+            self.flags &= !f;
+        }
+    }
     fn shm(&self) -> &StreamShm {
         self.app.region.stream(usize::from(self.sock))
     }
@@ -125,7 +185,18 @@ impl Node {
         sock: u32,
         bufs: Bufs,
     ) -> bool {
-        let (Some(c), Some(p)) = (self.ep.connection(h).copied(), self.procs.get(&pid)) else {
+        let Some(c) = self.ep.connection(h).copied() else {
+            return false;
+        };
+        if let Some(stale) = self.streams.occupant(h).filter(|o| *o != h) {
+            // The core gave the slot to a new connection while the old one's
+            // stream was still here (it must not): end the old one.
+            debug_assert!(false, "stream slot {} still held", h.slot());
+            self.drop_stream(stale, -libc::ECONNRESET);
+        } else if let Some(old) = self.streams.remove(&h) {
+            self.stream_timers.remove(&(old.timer, h));
+        }
+        let Some(p) = self.procs.get(&pid) else {
             return false;
         };
         let app = p.shared.clone();
@@ -147,14 +218,12 @@ impl Node {
             h,
             StreamCtx {
                 app,
+                tag: h.tag(),
                 sock: sock as u16,
                 snd_shift: bufs.snd.trailing_zeros() as u8,
                 s,
-                queued: false,
                 timer,
-                probe: false,
-                app_closed: false,
-                stalled: false,
+                flags: 0,
             },
         );
         self.stream_timers.insert((timer, h));
@@ -171,7 +240,7 @@ impl Node {
         }
         self.streams
             .get(&h)
-            .filter(|c| !c.app_closed)
+            .filter(|c| !c.has(APP_CLOSED))
             .map(|c| (c.pid(), c.sock()))
     }
 
@@ -190,12 +259,14 @@ impl Node {
     fn enqueue(&mut self, h: ConnHandle) {
         if let Some(ctx) = self.streams.get_mut(&h) {
             let stalled = ctx.s.credit_stalled();
-            if stalled && !ctx.stalled {
+            if stalled && !ctx.has(STALLED) {
                 self.local.credit_stalls += 1;
             }
-            ctx.stalled = stalled;
-            if !ctx.queued && (ctx.probe || ctx.s.ack_due() || ctx.s.next_segment().is_some()) {
-                ctx.queued = true;
+            ctx.set(STALLED, stalled);
+            if !ctx.has(QUEUED)
+                && (ctx.has(PROBE) || ctx.s.ack_due() || ctx.s.next_segment().is_some())
+            {
+                ctx.set(QUEUED, true);
                 self.txq.push_back(h);
             }
         }
@@ -210,7 +281,7 @@ impl Node {
         let head = shm.rcv_c.head.load(Ordering::Acquire);
         let snd_size = ctx.snd_size() as u64;
         ctx.s.app_wrote(tail, snd_size, fin).map_err(|_| ())?;
-        if !ctx.app_closed {
+        if !ctx.has(APP_CLOSED) {
             ctx.s.app_read(head).map_err(|_| ())?;
         }
         Ok(())
@@ -243,7 +314,7 @@ impl Node {
         };
         let shm_head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
         let synced = Self::sync_from_app(ctx, true).is_ok();
-        ctx.app_closed = true;
+        ctx.set(APP_CLOSED, true);
         let unread = shm_head < ctx.s.received();
         if !synced || unread {
             self.reset_stream(now, h, ResetReason::Aborted);
@@ -271,7 +342,7 @@ impl Node {
         if self
             .streams
             .get(&h)
-            .is_some_and(|c| c.app_closed && c.s.finished())
+            .is_some_and(|c| c.has(APP_CLOSED) && c.s.finished())
         {
             let _ = self.ep.close(now, h);
             self.drop_stream(h, 0);
@@ -286,7 +357,7 @@ impl Node {
         };
         self.stream_timers.remove(&(ctx.timer, h));
         let shm = ctx.shm();
-        if ctx.app_closed {
+        if ctx.has(APP_CLOSED) {
             shm.st.state.store(0, Ordering::Release);
             return;
         }
@@ -349,8 +420,8 @@ impl Node {
             .iter()
             // Sockets it closed keep sending their last bytes (as TCP does
             // after close and exit): the daemon still maps the region.
-            .filter(|(_, c)| c.pid() == pid && !c.app_closed)
-            .map(|(h, _)| *h)
+            .filter(|(_, c)| c.pid() == pid && !c.has(APP_CLOSED))
+            .map(|(h, _)| h)
             .collect();
         mine.sort_unstable();
         for h in mine {
@@ -399,13 +470,13 @@ impl Node {
             delivered = take;
             eof = !was_fin && ctx.s.peer_finished();
         }
-        if ctx.app_closed && delivered > 0 {
+        if ctx.has(APP_CLOSED) && delivered > 0 {
             // Nobody will read these: as TCP does, reset.
             return self.reset_stream(now, h, ResetReason::Aborted);
         }
         self.local.bytes_rx += delivered as u64;
         let ctx = self.streams.get_mut(&h).expect("present");
-        if !ctx.app_closed && (delivered > 0 || eof) {
+        if !ctx.has(APP_CLOSED) && (delivered > 0 || eof) {
             let shm = ctx.shm();
             // Before the tail: a reader that sees the bytes sees the request.
             if ctx.s.credit_low() {
@@ -438,7 +509,7 @@ impl Node {
         let Some(ctx) = self.streams.get(&h) else {
             return;
         };
-        if ctx.app_closed {
+        if ctx.has(APP_CLOSED) {
             return;
         }
         let shm = ctx.shm();
@@ -485,7 +556,7 @@ impl Node {
                     self.reset_stream(now, h, ResetReason::TimedOut);
                     continue;
                 }
-                Timer::Probe => ctx.probe = true,
+                Timer::Probe => ctx.set(PROBE, true),
                 Timer::Retransmit | Timer::Idle => {}
             }
             let t = ctx.s.next_timer(&timing);
@@ -515,8 +586,8 @@ impl Node {
             let Some(ctx) = self.streams.get_mut(&h) else {
                 continue;
             };
-            ctx.queued = false;
-            if !ctx.app_closed {
+            ctx.set(QUEUED, false);
+            if !ctx.has(APP_CLOSED) {
                 // The credit we advertise is as fresh as the reader's head
                 // (a checked value; a bad one waits for the next kick).
                 let head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
@@ -564,7 +635,7 @@ impl Node {
                 budget -= 1;
                 busy = true;
             }
-            if !out_of_buffers && (ctx.s.ack_due() || ctx.probe) && budget > 0 {
+            if !out_of_buffers && (ctx.s.ack_due() || ctx.has(PROBE)) && budget > 0 {
                 let (ack, limit, flags) = ctx.s.ack_fields();
                 let seg = Segment {
                     conn_id,
@@ -572,7 +643,7 @@ impl Node {
                     seq: 0,
                     ack,
                     limit,
-                    flags: flags | if ctx.probe { SEG_PROBE } else { 0 },
+                    flags: flags | if ctx.has(PROBE) { SEG_PROBE } else { 0 },
                     len: 0,
                 };
                 let repr = Repr {
@@ -583,13 +654,13 @@ impl Node {
                     repr.emit(&mut wire::Frame::new_unchecked(b), et)
                 }) {
                     ctx.s.take_ack();
-                    ctx.probe = false;
+                    ctx.set(PROBE, false);
                     self.local.tx[11] += 1;
                     budget -= 1;
                     busy = true;
                 }
             }
-            if !ctx.app_closed && ctx.s.credit_low() {
+            if !ctx.has(APP_CLOSED) && ctx.s.credit_low() {
                 ctx.shm().rcv_p.credit_wanted.store(1, Ordering::Relaxed);
             }
             // More to send (budget ran out): back of the queue.

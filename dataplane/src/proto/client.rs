@@ -87,14 +87,16 @@ impl<R: Rng> Endpoint<R> {
         while self.attempt_by_wire.contains_key(&conn_id) {
             conn_id = self.rng.next_u64();
         }
-        let client_token = self.rng.next_u64();
         let port = self.next_port;
         self.next_port = if self.next_port == *EPHEMERAL.end() {
             *EPHEMERAL.start()
         } else {
             self.next_port + 1
         };
-        let h = ConnHandle(self.id());
+        // The handle is our token: the peer echoes it, and it names the
+        // slot the connection will take.
+        let h = self.conns.new_handle(self.rng.next_u64() as u32);
+        let client_token = h.0;
         let lookup = self.resolver.lookup(now, dst.0);
         let peer_mac = match lookup {
             Lookup::Found(m) => Some(m),
@@ -139,6 +141,7 @@ impl<R: Rng> Endpoint<R> {
         match self.attempts.remove(&h) {
             Some(a) => {
                 self.attempt_by_wire.remove(&a.conn_id);
+                self.conns.release(h);
                 true
             }
             None => false,
@@ -176,12 +179,11 @@ impl<R: Rng> Endpoint<R> {
                     server_token,
                     (a.offer, peer_offer),
                 );
-                self.conn_by_wire
-                    .insert((a.peer.0, a.conn_id, Role::Client), h);
                 self.conns.insert(h, c);
                 self.events.push_back(Event::Connected { conn: h });
             }
             Err(e) => {
+                self.conns.release(h);
                 self.stats.attempts[match e {
                     ConnectFailure::Refused(_) => 1,
                     ConnectFailure::Reset => 2,
@@ -243,9 +245,9 @@ impl<R: Rng> Endpoint<R> {
             return;
         }
         let known = self
-            .conn_by_wire
-            .get(&(h.src_ip, conn_id, Role::Client))
-            .and_then(|c| self.conns.get(c));
+            .conns
+            .by_wire((h.src_ip, conn_id, Role::Client))
+            .and_then(|c| self.conns.get(&c));
         match known {
             Some(c) if c.my_token == client_token && c.peer_token == server_token => {
                 // A duplicate: our confirmation was lost; confirm again.

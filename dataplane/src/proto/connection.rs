@@ -1,12 +1,14 @@
 //! Established connections and the close handshake.
 
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, WireKey};
 use super::rng::Rng;
+use super::slab::{Slab, Slots};
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Message, Offer, ResetReason, SanHeader};
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 /// Which side opened a connection.
@@ -51,6 +53,92 @@ const CLOSING: u8 = 1;
 /// An accepted connection whose client has not confirmed the accept yet
 /// (the Accept is retransmitted).
 const CONFIRMING: u8 = 2;
+
+/// The connections of an endpoint: a [`Slab`] indexed by the handle's slot
+/// (a handle is its connection's `my_token`, which the slot's entry must
+/// match), and the wire index, (peer address, connection id, role) -> slot,
+/// a hash table of bare slot numbers keyed through the slab's entries.
+/// Connect attempts take their slot (and so their handle) when they start.
+#[derive(Default)]
+pub(super) struct ConnTable {
+    slab: Slab<Connection>,
+    slots: Slots,
+    by_wire: hashbrown::HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl ConnTable {
+    /// A new handle, its slot taken (`tag` is its random part).
+    pub(super) fn new_handle(&mut self, tag: u32) -> ConnHandle {
+        ConnHandle::new(self.slots.take(), tag)
+    }
+    /// Gives back the slot of a handle that holds no connection (a connect
+    /// attempt that ended without one).
+    pub(super) fn release(&mut self, h: ConnHandle) {
+        debug_assert!(self.get(&h).is_none());
+        self.slots.give(h.slot() as u32);
+    }
+    pub(super) fn get(&self, h: &ConnHandle) -> Option<&Connection> {
+        self.slab.get(h.slot()).filter(|c| c.my_token == h.0)
+    }
+    pub(super) fn get_mut(&mut self, h: &ConnHandle) -> Option<&mut Connection> {
+        self.slab.get_mut(h.slot()).filter(|c| c.my_token == h.0)
+    }
+    /// Adds the connection of handle `h` (from [`ConnTable::new_handle`];
+    /// `c.my_token` is `h`).
+    pub(super) fn insert(&mut self, h: ConnHandle, c: Connection) {
+        debug_assert_eq!(c.my_token, h.0);
+        let hash = self.hasher.hash_one((c.peer.0, c.conn_id, c.role));
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.by_wire.insert_unique(hash, h.slot() as u32, |&s| {
+            let c = slab.get(s as usize).expect("indexed slot is occupied");
+            hasher.hash_one((c.peer.0, c.conn_id, c.role))
+        });
+        let old = self.slab.insert(h.slot(), c);
+        debug_assert!(old.is_none());
+    }
+    /// Removes the connection of `h` and frees its slot.
+    pub(super) fn remove(&mut self, h: &ConnHandle) -> Option<Connection> {
+        self.get(h)?;
+        let c = self.slab.remove(h.slot()).expect("checked");
+        let hash = self.hasher.hash_one((c.peer.0, c.conn_id, c.role));
+        if let Ok(e) = self.by_wire.find_entry(hash, |&s| s as usize == h.slot()) {
+            e.remove();
+        }
+        self.slots.give(h.slot() as u32);
+        Some(c)
+    }
+    /// The connection a frame names.
+    pub(super) fn by_wire(&self, key: WireKey) -> Option<ConnHandle> {
+        let hash = self.hasher.hash_one(key);
+        let s = self.by_wire.find(hash, |&s| {
+            self.slab
+                .get(s as usize)
+                .is_some_and(|c| (c.peer.0, c.conn_id, c.role) == key)
+        })?;
+        Some(ConnHandle(self.slab.get(*s as usize)?.my_token))
+    }
+    pub(super) fn len(&self) -> usize {
+        self.slab.len()
+    }
+    pub(super) fn is_empty(&self) -> bool {
+        self.slab.is_empty() && self.by_wire.is_empty()
+    }
+    /// Slots taken by connections and connect attempts.
+    pub(super) fn slots_taken(&self) -> usize {
+        self.slots.taken()
+    }
+    pub(super) fn iter(&self) -> impl Iterator<Item = (ConnHandle, &Connection)> {
+        self.slab.iter().map(|(_, c)| (ConnHandle(c.my_token), c))
+    }
+}
+
+impl std::ops::Index<&ConnHandle> for ConnTable {
+    type Output = Connection;
+    fn index(&self, h: &ConnHandle) -> &Connection {
+        self.get(h).expect("a known connection")
+    }
+}
 
 /// Retransmissions with exponential backoff until a budget runs out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,11 +274,7 @@ impl<R: Rng> Endpoint<R> {
     }
 
     pub(super) fn on_accept_ack(&mut self, h: &SanHeader, conn_id: u64, token: u64) {
-        match self
-            .conn_by_wire
-            .get(&(h.src_ip, conn_id, Role::Server))
-            .copied()
-        {
+        match self.conns.by_wire((h.src_ip, conn_id, Role::Server)) {
             Some(ch) if self.conns[&ch].my_token == token => {
                 if let Some(c) = self.conns.get_mut(&ch) {
                     c.flags &= !CONFIRMING;
@@ -247,7 +331,6 @@ impl<R: Rng> Endpoint<R> {
         let c = self.conns.remove(&h)?;
         self.closing.remove(&h);
         self.confirming.remove(&h);
-        self.conn_by_wire.remove(&(c.peer.0, c.conn_id, c.role));
         if c.role == Role::Server {
             // The client may still be retransmitting its request (our accept
             // lost): it must learn "accepted, then closed", never a refusal.
@@ -269,7 +352,7 @@ impl<R: Rng> Endpoint<R> {
     fn conn_for(&self, h: &SanHeader, conn_id: u64) -> Option<ConnHandle> {
         [Role::Server, Role::Client]
             .into_iter()
-            .find_map(|r| self.conn_by_wire.get(&(h.src_ip, conn_id, r)).copied())
+            .find_map(|r| self.conns.by_wire((h.src_ip, conn_id, r)))
     }
 
     pub(super) fn on_close(&mut self, now: Instant, h: &SanHeader, conn_id: u64, token: u64) {

@@ -57,7 +57,7 @@
 
 use super::client::Attempt;
 use super::config::{ProtoConfig, Subnet};
-use super::connection::{Connection, Retry, Role};
+use super::connection::{ConnTable, Connection, Retry, Role};
 use super::resolve::Resolver;
 use super::rng::Rng;
 use super::server::{Listener, Pending};
@@ -70,8 +70,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 /// How frames name a connection: (peer address, connection id, our role).
 pub(super) type WireKey = (Ipv4, u64, Role);
 
-/// Bytes of one entry of the wire index (a connection's key and handle).
-pub const WIRE_INDEX_ENTRY_BYTES: usize = std::mem::size_of::<(WireKey, ConnHandle)>();
+/// Bytes of one entry of the wire index (a slot number and the hash
+/// table's control byte).
+pub const WIRE_INDEX_ENTRY_BYTES: usize = std::mem::size_of::<u32>() + 1;
 
 /// The protocol state of one SAN host. See the module documentation.
 pub struct Endpoint<R: Rng> {
@@ -89,14 +90,13 @@ pub struct Endpoint<R: Rng> {
     pub(super) pending_order: VecDeque<(RequestKey, Instant)>,
     /// Requests pending per source address (entries at zero are removed).
     pub(super) pending_by_source: HashMap<Ipv4, usize>,
-    pub(super) conns: HashMap<ConnHandle, Connection>,
+    pub(super) conns: ConnTable,
     /// The connections we are closing (their timers), so that timer scans do
     /// not walk every connection.
     pub(super) closing: BTreeMap<ConnHandle, Retry>,
     /// Accepted connections whose client has not confirmed yet: the Accept's
     /// retransmissions and the offer it carries.
     pub(super) confirming: BTreeMap<ConnHandle, (Retry, Offer)>,
-    pub(super) conn_by_wire: HashMap<WireKey, ConnHandle>,
     pub(super) attempts: BTreeMap<ConnHandle, Attempt>,
     pub(super) attempt_by_wire: HashMap<u64, ConnHandle>,
     /// (peer ip, conn id) -> what became of a request, and when to forget it.
@@ -126,10 +126,9 @@ impl<R: Rng> Endpoint<R> {
             pending: HashMap::new(),
             pending_order: VecDeque::new(),
             pending_by_source: HashMap::new(),
-            conns: HashMap::new(),
+            conns: ConnTable::default(),
             closing: BTreeMap::new(),
             confirming: BTreeMap::new(),
-            conn_by_wire: HashMap::new(),
             attempts: BTreeMap::new(),
             attempt_by_wire: HashMap::new(),
             tombstones: HashMap::new(),
@@ -180,7 +179,7 @@ impl<R: Rng> Endpoint<R> {
     }
     /// Every connection (in no particular order).
     pub fn connections(&self) -> impl Iterator<Item = (ConnHandle, &Connection)> {
-        self.conns.iter().map(|(h, c)| (*h, c))
+        self.conns.iter()
     }
     /// A connect attempt in progress: (local address, peer address, wire connection id).
     pub fn attempt(&self, h: ConnHandle) -> Option<(SockAddr, SockAddr, u64)> {
@@ -215,7 +214,7 @@ impl<R: Rng> Endpoint<R> {
             && self.pending_order.is_empty()
             && self.pending_by_source.is_empty()
             && self.conns.is_empty()
-            && self.conn_by_wire.is_empty()
+            && self.conns.slots_taken() == 0
             && self.attempts.is_empty()
             && self.attempt_by_wire.is_empty()
             && self.tombstones.is_empty()

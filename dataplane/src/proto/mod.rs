@@ -11,6 +11,7 @@
 //! | `server` | listeners, pending requests, decisions, expiry |
 //! | `client` | connect attempts, retransmission, outcomes |
 //! | `connection` | established connections, the close handshake |
+//! | `slab` | handles and the connection tables' slots |
 //! | `tombstone` | consistent answers for finished requests |
 //! | `types`, `config` | vocabulary and parameters |
 //! | `resolve`, `rng` | address resolution, randomness |
@@ -22,6 +23,7 @@ pub mod endpoint;
 pub mod resolve;
 pub mod rng;
 mod server;
+pub mod slab;
 pub mod stream;
 mod tombstone;
 mod types;

@@ -185,11 +185,7 @@ impl<R: Rng> Endpoint<R> {
             conn_id,
         };
         // An accepted connection: replay the accept.
-        if let Some(ch) = self
-            .conn_by_wire
-            .get(&(h.src_ip, conn_id, Role::Server))
-            .copied()
-        {
+        if let Some(ch) = self.conns.by_wire((h.src_ip, conn_id, Role::Server)) {
             let c = self.conns[&ch];
             if c.peer_token != client_token {
                 self.stats.bad_token += 1;
@@ -292,6 +288,18 @@ impl<R: Rng> Endpoint<R> {
         if let Some(l) = self.listeners.get_mut(&p.listener) {
             l.live -= 1;
         }
+        // Answered requests at the head of the arrival order go now (so the
+        // queue holds little more than the live requests).
+        while let Some(&(k, arrived)) = self.pending_order.front() {
+            if self
+                .pending
+                .get(&k)
+                .is_some_and(|p| p.inc.arrived == arrived)
+            {
+                break;
+            }
+            self.pending_order.pop_front();
+        }
         Some(p)
     }
 
@@ -349,8 +357,9 @@ impl<R: Rng> Endpoint<R> {
             Decision::Accept => {
                 let inc = self.unpend(key).expect("checked").inc;
                 self.stats.accepted += 1;
-                let server_token = self.rng.next_u64();
-                let ch = ConnHandle(self.id());
+                // The handle is our token (see `ConnTable`).
+                let ch = self.conns.new_handle(self.rng.next_u64() as u32);
+                let server_token = ch.0;
                 let c = Connection::new(
                     Role::Server,
                     inc.local,
@@ -362,8 +371,6 @@ impl<R: Rng> Endpoint<R> {
                     (offer, inc.offer),
                 );
                 self.conns.insert(ch, c);
-                self.conn_by_wire
-                    .insert((inc.peer.0, inc.conn_id, Role::Server), ch);
                 self.await_confirmation(now, ch, offer);
                 self.emit(
                     inc.peer_mac,

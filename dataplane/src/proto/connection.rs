@@ -404,6 +404,16 @@ impl<R: Rng> Endpoint<R> {
         conn_id: u64,
         token: u64,
     ) -> Result<ConnHandle, bool> {
+        // The token is our handle: its slot holds the connection (no hashing
+        // on the data path).
+        let ch = ConnHandle(token);
+        if self
+            .conns
+            .get(&ch)
+            .is_some_and(|c| c.conn_id == conn_id && c.peer.0 == h.src_ip)
+        {
+            return Ok(ch);
+        }
         let Some(ch) = self.conn_for(h, conn_id) else {
             let attempting = self
                 .attempt_by_wire

@@ -180,6 +180,47 @@ fn connect_accept_establishes_both_sides() {
 }
 
 #[test]
+fn a_connection_is_named_by_its_token_and_a_stale_handle_finds_nothing() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((Ipv4::UNSPECIFIED, 5000), 4).unwrap();
+    let c1 = p.a.connect(p.now, None, (IB, 5000)).unwrap();
+    p.deliver();
+    let s1 = p.decide(l, Decision::Accept).unwrap().unwrap();
+    p.deliver();
+    let (ca, cb) = (*p.a.connection(c1).unwrap(), *p.b.connection(s1).unwrap());
+    assert_eq!((ca.my_token, cb.my_token), (c1.0, s1.0));
+    // A stream frame for it is found by its token, on either side.
+    let from_b = crate::wire::SanHeader {
+        dst_mac: MA,
+        src_mac: MB,
+        src_ip: IB,
+        src_port: 5000,
+        dst_ip: IA,
+        dst_port: ca.local.1,
+    };
+    assert_eq!(p.a.stream_conn(&from_b, ca.conn_id, c1.0), Ok(c1));
+    // Closed and forgotten: the slot goes to the next connection, whose
+    // handle differs, and the old handle names nothing.
+    p.a.close(p.now, c1).unwrap();
+    p.deliver();
+    assert!(p.a.connection(c1).is_none() && p.b.connection(s1).is_none());
+    let c2 = p.a.connect(p.now, None, (IB, 5000)).unwrap();
+    p.deliver();
+    p.decide(l, Decision::Accept).unwrap().unwrap();
+    p.deliver();
+    assert_eq!(c2.slot(), c1.slot());
+    assert_ne!(c2, c1);
+    assert!(p.a.connection(c1).is_none() && p.a.connection(c2).is_some());
+    let bad = p.a.stats().bad_token;
+    assert_eq!(p.a.stream_conn(&from_b, ca.conn_id, c1.0), Err(false));
+    assert_eq!(p.a.stats().bad_token, bad);
+    // The wrong token for a live connection is counted.
+    let id2 = p.a.connection(c2).unwrap().conn_id;
+    assert_eq!(p.a.stream_conn(&from_b, id2, c1.0), Err(true));
+    assert_eq!(p.a.stats().bad_token, bad + 1);
+}
+
+#[test]
 fn full_backlog_refuses_at_once_without_an_event() {
     let mut p = Pair::new(cfg());
     let l = p.b.listen((IB, 7000), 4).unwrap();

@@ -23,7 +23,7 @@ use dataplane::proto::stream::{Stream, StreamTiming, Timer};
 use dataplane::proto::*;
 use dataplane::time::Instant;
 use dataplane::wire::{
-    EthernetAddress, Ipv4, Message, Offer, Repr, ResetReason, Segment, SEG_FIN, SEG_PROBE,
+    EthernetAddress, Ipv4, Message, Offer, Repr, ResetReason, Segment, SEG_PROBE,
 };
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -375,7 +375,7 @@ impl Sim {
                     seq: o.seq,
                     ack,
                     limit,
-                    flags: flags | if o.fin { SEG_FIN } else { 0 },
+                    flags: flags | o.flags(),
                     len: o.len,
                 }),
                 payload,

@@ -25,7 +25,7 @@ use crate::proto::stream::{Outgoing, Stream, StreamTiming, Timer};
 use crate::proto::ConnHandle;
 use crate::time::Instant;
 use crate::wire::{
-    self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_FIN, SEG_PROBE,
+    self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_PROBE,
 };
 use dsan_channel::msg::Bufs;
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
@@ -609,7 +609,7 @@ impl Node {
                     seq: o.seq,
                     ack,
                     limit,
-                    flags: flags | if o.fin { SEG_FIN } else { 0 },
+                    flags: flags | o.flags(),
                     len: o.len,
                 };
                 let repr = Repr {

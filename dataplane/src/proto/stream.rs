@@ -53,6 +53,17 @@ pub struct Outgoing {
     pub fin: bool,
     /// Sent before (a retransmission).
     pub again: bool,
+    /// Ask for an Ack at once: this segment ends a write of several
+    /// segments, or fills half of our send ring (a receiver acknowledges
+    /// every few segments otherwise).
+    pub ack_now: bool,
+}
+
+impl Outgoing {
+    /// The segment flags it is sent with (besides the acknowledgement's).
+    pub fn flags(&self) -> u8 {
+        (if self.fin { SEG_FIN } else { 0 }) | if self.ack_now { SEG_PROBE } else { 0 }
+    }
 }
 
 /// What a timer pass asks of the I/O edge.
@@ -108,7 +119,11 @@ pub struct Stream {
     /// Keepalive probes sent since the peer was last heard from: the next
     /// one is due at `heard_at + idle + probes * idle / 2`.
     probes: u8,
+    /// log2 of the send ring's size (as the application last reported it).
+    snd_shift: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<Stream>() == 128);
 
 /// No FIN queued.
 const NO_FIN: u64 = u64::MAX;
@@ -145,6 +160,7 @@ impl Stream {
             ack_due: false,
             nak_due: false,
             unacked: 0,
+            snd_shift: 0,
             probes: 0,
         }
     }
@@ -218,6 +234,7 @@ impl Stream {
             return Err(BadIndex);
         }
         self.end = tail;
+        self.snd_shift = (63 - size.max(1).leading_zeros()) as u8;
         if fin && self.fin == NO_FIN {
             self.fin = tail;
         }
@@ -244,6 +261,15 @@ impl Stream {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Full segments received before an acknowledgement is due: an eighth
+    /// of the receive ring, from 2 to 16 segments (16 at 1500 bytes and
+    /// 256 KiB; 3 with jumbo frames). The sender holds a window of many
+    /// times that, so it never waits for these, and every Ack spared is a
+    /// frame neither host handles.
+    fn ack_every(&self) -> u8 {
+        (self.rcv_size / 8 / u32::from(self.mss.max(1))).clamp(2, 16) as u8
     }
 
     /// Whether the advertised credit runs low (the application should say
@@ -310,7 +336,7 @@ impl Stream {
             return (0, 0);
         }
         self.unacked = self.unacked.saturating_add(1);
-        if self.unacked >= 2 || seg.flags & SEG_FIN != 0 || t.ack_delay.is_zero() {
+        if self.unacked >= self.ack_every() || seg.flags & SEG_FIN != 0 || t.ack_delay.is_zero() {
             self.ack_due = true;
         } else if self.ack_at == NEVER {
             self.ack_at = now + t.ack_delay;
@@ -336,11 +362,21 @@ impl Stream {
         if self.nxt < stop {
             let len = (stop - self.nxt).min(u64::from(self.mss)) as u16;
             let fin = self.fin == self.nxt + u64::from(len);
+            let half = (1u64 << self.snd_shift) / 2;
+            let before = self.nxt - self.una;
+            let after = before + u64::from(len);
+            // The last segment of a write of several asks for its Ack at
+            // once (the writer may await an answer, and the Ack keeps the
+            // peer's loop awake for it), as does the one that fills half of
+            // the send ring (a small ring need not wait for the delayed
+            // Ack); in a bulk stream the queue seldom empties.
+            let last = self.nxt + u64::from(len) == self.end && before > 0;
             return Some(Outgoing {
                 seq: self.nxt,
                 len,
                 fin,
                 again,
+                ack_now: last || (before < half && after >= half),
             });
         }
         if self.fin == self.nxt {
@@ -349,6 +385,7 @@ impl Stream {
                 len: 0,
                 fin: true,
                 again,
+                ack_now: false,
             });
         }
         None
@@ -489,7 +526,7 @@ mod tests {
                     seq: o.seq,
                     ack,
                     limit,
-                    flags: flags | if o.fin { SEG_FIN } else { 0 },
+                    flags: flags | o.flags(),
                     len: o.len,
                 };
                 link.push((now, true, seg));
@@ -553,6 +590,68 @@ mod tests {
         for (i, x) in got.iter().enumerate() {
             assert_eq!(*x, data(i as u64), "byte {i}, seed {seed}");
         }
+    }
+
+    /// Sends every segment `a` has, delivers it to `b` and counts the
+    /// Acks `b` owes at once.
+    fn send_all(now: Instant, a: &mut Stream, b: &mut Stream) -> (usize, usize) {
+        let (mut segs, mut acks) = (0, 0);
+        while let Some(o) = a.next_segment() {
+            a.sent(now, o);
+            let seg = Segment {
+                conn_id: 1,
+                token: 1,
+                seq: o.seq,
+                ack: 0,
+                limit: 0,
+                flags: o.flags(),
+                len: o.len,
+            };
+            b.on_data(now, &T, &seg);
+            b.on_ack(now, &T, &seg);
+            segs += 1;
+            if b.ack_due() {
+                b.take_ack();
+                acks += 1;
+            }
+        }
+        (segs, acks)
+    }
+
+    #[test]
+    fn acks_come_every_eighth_of_the_ring_and_at_the_end_of_a_write() {
+        let now = Instant::ZERO;
+        let ring = 1u64 << 18;
+        let mut a = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        let mut b = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        assert_eq!(b.ack_every(), 16);
+        // A bulk write of 100 segments: an Ack every 16, and one for the
+        // last segment (the writer may be waiting for an answer).
+        a.app_wrote(100 * 1448, ring, false).unwrap();
+        assert_eq!(send_all(now, &mut a, &mut b), (100, 100 / 16 + 1));
+        // A one-segment message: its Ack waits (for a reply to carry it).
+        let mut a = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        let mut b = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        a.app_wrote(64, ring, false).unwrap();
+        assert_eq!(send_all(now, &mut a, &mut b), (1, 0));
+        assert!(b.next_timer(&T) <= now + T.ack_delay);
+        // Jumbo frames: every 3 segments.
+        let b = Stream::new(now, T, 8948, ring as u32, ring as u32);
+        assert_eq!(b.ack_every(), 3);
+        // A small send ring asks for its Ack when half of it is in flight,
+        // although the receiver's ring would let it wait longer.
+        let small = 8192u64;
+        let mut a = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        a.app_wrote(small, small, false).unwrap();
+        let o: Vec<Outgoing> = std::iter::from_fn(|| {
+            let o = a.next_segment()?;
+            a.sent(now, o);
+            Some(o)
+        })
+        .collect();
+        assert_eq!(o.len(), 6);
+        let asks: Vec<usize> = (0..6).filter(|i| o[*i].ack_now).collect();
+        assert_eq!(asks, vec![2, 5]); // 4,344 of 8,192 bytes, then the last
     }
 
     #[test]

@@ -104,6 +104,12 @@ enum Cmd {
         /// Link MTUs to measure (comma-separated; 9000: jumbo frames).
         #[arg(long, default_value = "1500,9000")]
         mtu: String,
+        /// Port kinds to measure (comma-separated: af_packet,memif). memif
+        /// joins the two daemons through shared memory, with no kernel on
+        /// the SAN's path (as a NIC has none); kernel TCP stays on the veth,
+        /// so its rows are not the same path (1500-byte MTU only).
+        #[arg(long, default_value = "af_packet")]
+        mode: String,
     },
     /// Two-host mode, server side: answers on the SAN (attached to this
     /// host's dsand) and on kernel TCP on --port, until killed; pair it
@@ -227,7 +233,8 @@ fn run(args: Args) -> Result<()> {
             json,
             out,
             mtu,
-        } => data_bench(count, bytes, &idle, &mtu, json, out),
+            mode,
+        } => data_bench(count, bytes, &idle, &mtu, &mode, json, out),
         Cmd::Serve {
             port,
             socket,
@@ -523,12 +530,17 @@ fn data_bench(
     bytes: u64,
     idle: &str,
     mtus: &str,
+    modes: &str,
     json_path: Option<PathBuf>,
     out: Option<PathBuf>,
 ) -> Result<()> {
     if count == 0 || bytes == 0 {
         bail!("--count and --bytes must be positive");
     }
+    let modes: Vec<lab::Mode> = modes
+        .split(',')
+        .map(|m| m.trim().parse::<lab::Mode>().map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
     let dsand = std::env::current_exe()?.with_file_name("dsand");
     let mut results = Vec::new();
     if let Some(o) = &out {
@@ -536,27 +548,37 @@ fn data_bench(
     }
     println!("byte streams h0 -> h1; dsan = SAN provider through both dataplanes, tcp = kernel TCP (TCP_NODELAY) on the same veth");
     println!(
-        "{:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
-        "idle", "mtu", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
+        "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+        "idle", "port", "mtu", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
     );
     let mut port = 21000u16;
-    let runs: Vec<(String, u16)> = idle
+    let runs: Vec<(String, lab::Mode, u16)> = idle
         .split(',')
         .flat_map(|p| {
-            mtus.split(',')
-                .map(move |m| (p.trim().to_string(), m.trim().to_string()))
+            modes.iter().flat_map(move |&mode| {
+                mtus.split(',')
+                    .map(move |m| (p.trim().to_string(), mode, m.trim().to_string()))
+            })
         })
-        .map(|(p, m)| Ok((p, m.parse::<u16>().context("--mtu")?)))
+        .map(|(p, mode, m)| Ok((p, mode, m.parse::<u16>().context("--mtu")?)))
         .collect::<Result<_>>()?;
-    for (p, mtu) in runs {
+    for (p, mode, mtu) in runs {
         let p = p.as_str();
         p.parse::<dataplane::engine::IdlePolicy>()
             .map_err(anyhow::Error::msg)?;
+        let port_kind = match mode {
+            lab::Mode::AfPacket => "af_packet",
+            lab::Mode::Memif => "memif",
+        };
+        if mode == lab::Mode::Memif && mtu != 1500 {
+            eprintln!("  {p} / memif / mtu {mtu}: skipped (the memif lab has 1500-byte frames)");
+            continue;
+        }
         lab::down().map_err(anyhow::Error::msg)?;
-        eprintln!("  lab up ({p}, mtu {mtu}) ...");
+        eprintln!("  lab up ({p}, {port_kind}, mtu {mtu}) ...");
         lab::up(&lab::UpOptions {
             hosts: 2,
-            mode: lab::Mode::AfPacket,
+            mode,
             idle: p.to_string(),
             dsand: dsand.clone(),
             faults: Default::default(),
@@ -579,7 +601,7 @@ fn data_bench(
             for (name, kind) in tests {
                 let mut pair = Vec::new();
                 for path in ["dsan", "tcp"] {
-                    eprintln!("  {p} / {name} / {path} ...");
+                    eprintln!("  {p} / {port_kind} / {name} / {path} ...");
                     let size: usize = name
                         .strip_prefix("pingpong-")
                         .map_or(64, |s| s.parse().unwrap_or(64));
@@ -612,8 +634,9 @@ fn data_bench(
                     };
                     if kind == "stream" {
                         println!(
-                            "{:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+                            "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
                             p,
+                            port_kind,
                             mtu,
                             name,
                             path,
@@ -626,8 +649,9 @@ fn data_bench(
                         );
                     } else {
                         println!(
-                            "{:<9} {:<5} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
+                            "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
                             p,
+                            port_kind,
                             mtu,
                             name,
                             path,
@@ -640,14 +664,21 @@ fn data_bench(
                         );
                         if let Some(o) = &out {
                             std::fs::write(
-                                o.join(format!("{p}-{mtu}-{name}-{path}.hgrm")),
+                                o.join(match mode {
+                                    lab::Mode::AfPacket => format!("{p}-{mtu}-{name}-{path}.hgrm"),
+                                    lab::Mode::Memif => {
+                                        format!("{p}-memif-{mtu}-{name}-{path}.hgrm")
+                                    }
+                                }),
                                 suite::hgrm(&r.lat),
                             )?;
                         }
                     }
-                    results.push(json!({"idle": p, "mtu": mtu, "test": name, "path": path,
+                    results.push(
+                        json!({"idle": p, "port": port_kind, "mtu": mtu, "test": name, "path": path,
                         "rate": rate, "rate_unit": unit, "elapsed_s": r.elapsed.as_secs_f64(),
-                        "latency": if kind == "stream" { json!(null) } else { summary(&r.lat) }}));
+                        "latency": if kind == "stream" { json!(null) } else { summary(&r.lat) }}),
+                    );
                 }
             }
             Ok(())

@@ -89,13 +89,15 @@ impl ConnTable {
     pub(super) fn insert(&mut self, h: ConnHandle, c: Connection) {
         debug_assert_eq!(c.my_token, h.0);
         let hash = self.hasher.hash_one((c.peer.0, c.conn_id, c.role));
+        let old = self.slab.insert(h.slot(), c);
+        debug_assert!(old.is_none());
+        // (Growing the index re-hashes its entries from the slab, where
+        // every indexed slot, this one included, is occupied.)
         let (slab, hasher) = (&self.slab, &self.hasher);
         self.by_wire.insert_unique(hash, h.slot() as u32, |&s| {
             let c = slab.get(s as usize).expect("indexed slot is occupied");
             hasher.hash_one((c.peer.0, c.conn_id, c.role))
         });
-        let old = self.slab.insert(h.slot(), c);
-        debug_assert!(old.is_none());
     }
     /// Removes the connection of `h` and frees its slot.
     pub(super) fn remove(&mut self, h: &ConnHandle) -> Option<Connection> {

@@ -110,6 +110,11 @@ enum Cmd {
         /// so its rows are not the same path (1500-byte MTU only).
         #[arg(long, default_value = "af_packet")]
         mode: String,
+        /// Runs of each row, dsan and kernel TCP alternating (rate: the
+        /// median run; latencies: every run merged; dsan/tcp: the median of
+        /// the runs' ratios). On a noisy machine 3 or more.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Two-host mode, server side: answers on the SAN (attached to this
     /// host's dsand) and on kernel TCP on --port, until killed; pair it
@@ -234,7 +239,17 @@ fn run(args: Args) -> Result<()> {
             out,
             mtu,
             mode,
-        } => data_bench(count, bytes, &idle, &mtu, &mode, json, out),
+            repeat,
+        } => data_bench(DataOpts {
+            count,
+            bytes,
+            idle,
+            mtus: mtu,
+            modes: mode,
+            repeat,
+            json_path: json,
+            out,
+        }),
         Cmd::Serve {
             port,
             socket,
@@ -525,17 +540,43 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
     Ok(())
 }
 
-fn data_bench(
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// What `dsan-bench data` was asked for.
+struct DataOpts {
     count: u64,
     bytes: u64,
-    idle: &str,
-    mtus: &str,
-    modes: &str,
+    idle: String,
+    mtus: String,
+    modes: String,
+    repeat: u32,
     json_path: Option<PathBuf>,
     out: Option<PathBuf>,
-) -> Result<()> {
-    if count == 0 || bytes == 0 {
-        bail!("--count and --bytes must be positive");
+}
+
+fn data_bench(o: DataOpts) -> Result<()> {
+    let DataOpts {
+        count,
+        bytes,
+        idle,
+        mtus,
+        modes,
+        repeat,
+        json_path,
+        out,
+    } = o;
+    let (idle, mtus) = (idle.as_str(), mtus.as_str());
+    if count == 0 || bytes == 0 || repeat == 0 {
+        bail!("--count, --bytes and --repeat must be positive");
     }
     let modes: Vec<lab::Mode> = modes
         .split(',')
@@ -547,6 +588,9 @@ fn data_bench(
         std::fs::create_dir_all(o).with_context(|| format!("creating {}", o.display()))?;
     }
     println!("byte streams h0 -> h1; dsan = SAN provider through both dataplanes, tcp = kernel TCP (TCP_NODELAY) on the same veth");
+    if repeat > 1 {
+        println!("{repeat} runs per row, dsan and tcp alternating: rate = the median run, latencies = all runs merged, dsan/tcp = the median of the runs' ratios");
+    }
     println!(
         "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
         "idle", "port", "mtu", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
@@ -599,36 +643,65 @@ fn data_bench(
                 ("crr".into(), "crr"),
             ];
             for (name, kind) in tests {
-                let mut pair = Vec::new();
-                for path in ["dsan", "tcp"] {
-                    eprintln!("  {p} / {port_kind} / {name} / {path} ...");
-                    let size: usize = name
-                        .strip_prefix("pingpong-")
-                        .map_or(64, |s| s.parse().unwrap_or(64));
-                    let crr_count = (count / 4).max(100);
-                    let mut go = |n: u64, b: u64| -> Result<data::Res> {
-                        port += 1;
-                        match (kind, path) {
-                            ("rr", "dsan") => san.pingpong(port, size, n),
-                            ("rr", _) => data::tcp_pingpong(port, size, n),
-                            ("stream", "dsan") => san.stream(port, b),
-                            ("stream", _) => data::tcp_stream(port, b),
-                            (_, "dsan") => san.crr(port, n),
-                            _ => data::tcp_crr(port, n),
+                let size: usize = name
+                    .strip_prefix("pingpong-")
+                    .map_or(64, |s| s.parse().unwrap_or(64));
+                let n = if kind == "crr" {
+                    (count / 4).max(100)
+                } else {
+                    count
+                };
+                let unit = if kind == "stream" { "Gbit/s" } else { "/s" };
+                // Per path (dsan, tcp): every run's rate, latencies merged,
+                // measured time.
+                let mut rates: [Vec<f64>; 2] = [vec![], vec![]];
+                let mut lats: [Option<Histogram<u64>>; 2] = [None, None];
+                let mut elapsed = [0f64; 2];
+                for run in 0..repeat {
+                    for (i, path) in ["dsan", "tcp"].into_iter().enumerate() {
+                        if repeat > 1 {
+                            eprintln!(
+                                "  {p} / {port_kind} / {name} / {path} ({}/{repeat}) ...",
+                                run + 1
+                            );
+                        } else {
+                            eprintln!("  {p} / {port_kind} / {name} / {path} ...");
                         }
-                    };
-                    let n = if kind == "crr" { crr_count } else { count };
-                    go((n / 10).max(10), (bytes / 10).max(1 << 20))?; // warm-up
-                    let r = go(n, bytes)?;
-                    let rate = if kind == "stream" {
-                        r.units as f64 * 8.0 / r.elapsed.as_secs_f64() / 1e9
-                    } else {
-                        r.units as f64 / r.elapsed.as_secs_f64()
-                    };
-                    pair.push(rate);
-                    let unit = if kind == "stream" { "Gbit/s" } else { "/s" };
-                    let ratio = if path == "tcp" && pair.len() == 2 {
-                        format!("{:.2}x", pair[0] / pair[1])
+                        let mut go = |n: u64, b: u64| -> Result<data::Res> {
+                            port += 1;
+                            match (kind, path) {
+                                ("rr", "dsan") => san.pingpong(port, size, n),
+                                ("rr", _) => data::tcp_pingpong(port, size, n),
+                                ("stream", "dsan") => san.stream(port, b),
+                                ("stream", _) => data::tcp_stream(port, b),
+                                (_, "dsan") => san.crr(port, n),
+                                _ => data::tcp_crr(port, n),
+                            }
+                        };
+                        if run == 0 {
+                            go((n / 10).max(10), (bytes / 10).max(1 << 20))?; // warm-up
+                        }
+                        let r = go(n, bytes)?;
+                        rates[i].push(if kind == "stream" {
+                            r.units as f64 * 8.0 / r.elapsed.as_secs_f64() / 1e9
+                        } else {
+                            r.units as f64 / r.elapsed.as_secs_f64()
+                        });
+                        elapsed[i] += r.elapsed.as_secs_f64();
+                        match &mut lats[i] {
+                            Some(h) => h
+                                .add(&r.lat)
+                                .map_err(|e| anyhow::anyhow!("merging latencies: {e:?}"))?,
+                            None => lats[i] = Some(r.lat),
+                        }
+                    }
+                }
+                let ratios: Vec<f64> = rates[0].iter().zip(&rates[1]).map(|(a, b)| a / b).collect();
+                for (i, path) in ["dsan", "tcp"].into_iter().enumerate() {
+                    let rate = median(&rates[i]);
+                    let lat = lats[i].take().expect("at least one run");
+                    let ratio = if path == "tcp" {
+                        format!("{:.2}x", median(&ratios))
                     } else {
                         String::new()
                     };
@@ -655,10 +728,10 @@ fn data_bench(
                             mtu,
                             name,
                             path,
-                            us(&r.lat, 0.5),
-                            us(&r.lat, 0.9),
-                            us(&r.lat, 0.99),
-                            us(&r.lat, 0.999),
+                            us(&lat, 0.5),
+                            us(&lat, 0.9),
+                            us(&lat, 0.99),
+                            us(&lat, 0.999),
                             format!("{rate:.0} {unit}"),
                             ratio
                         );
@@ -670,14 +743,15 @@ fn data_bench(
                                         format!("{p}-memif-{mtu}-{name}-{path}.hgrm")
                                     }
                                 }),
-                                suite::hgrm(&r.lat),
+                                suite::hgrm(&lat),
                             )?;
                         }
                     }
                     results.push(
                         json!({"idle": p, "port": port_kind, "mtu": mtu, "test": name, "path": path,
-                        "rate": rate, "rate_unit": unit, "elapsed_s": r.elapsed.as_secs_f64(),
-                        "latency": if kind == "stream" { json!(null) } else { summary(&r.lat) }}),
+                        "rate": rate, "rate_unit": unit, "rates": rates[i], "elapsed_s": elapsed[i],
+                        "ratio_to_tcp_runs": if path == "dsan" { json!(ratios) } else { json!(null) },
+                        "latency": if kind == "stream" { json!(null) } else { summary(&lat) }}),
                     );
                 }
             }
@@ -692,4 +766,17 @@ fn data_bench(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[5.0]), 5.0);
+        assert!(median(&[]).is_nan());
+    }
 }

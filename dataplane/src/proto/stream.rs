@@ -369,8 +369,11 @@ impl Stream {
             // once (the writer may await an answer, and the Ack keeps the
             // peer's loop awake for it), as does the one that fills half of
             // the send ring (a small ring need not wait for the delayed
-            // Ack); in a bulk stream the queue seldom empties.
-            let last = self.nxt + u64::from(len) == self.end && before > 0;
+            // Ack); in a bulk stream the queue seldom empties. "Several":
+            // a full segment's worth is unacknowledged before it, so that a
+            // run of small writes asks once per segment's worth, not at
+            // every write.
+            let last = self.nxt + u64::from(len) == self.end && before >= u64::from(self.mss);
             return Some(Outgoing {
                 seq: self.nxt,
                 len,
@@ -635,6 +638,32 @@ mod tests {
         a.app_wrote(64, ring, false).unwrap();
         assert_eq!(send_all(now, &mut a, &mut b), (1, 0));
         assert!(b.next_timer(&T) <= now + T.ack_delay);
+        // A run of small writes with bytes in flight: an Ack is asked for
+        // once a full segment's worth is unacknowledged, not at each write.
+        let mut a = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        let mut b = Stream::new(now, T, 1448, ring as u32, ring as u32);
+        let mut asked = 0;
+        for i in 1..=40u64 {
+            a.app_wrote(i * 100, ring, false).unwrap();
+            let (segs, acks) = send_all(now, &mut a, &mut b);
+            assert_eq!(segs, 1);
+            if acks > 0 {
+                let ack = Segment {
+                    conn_id: 1,
+                    token: 1,
+                    seq: 0,
+                    ack: b.received(),
+                    limit: b.received() + ring,
+                    flags: 0,
+                    len: 0,
+                };
+                a.on_ack(now, &T, &ack);
+            }
+            asked += acks;
+        }
+        // 40 writes of 100 bytes: asked at the 16th (1,500 bytes in
+        // flight) and the 31st (1,500 more after that Ack).
+        assert_eq!(asked, 2);
         // Jumbo frames: every 3 segments.
         let b = Stream::new(now, T, 8948, ring as u32, ring as u32);
         assert_eq!(b.ack_every(), 3);

@@ -610,9 +610,11 @@ fn data_bench(o: DataOpts) -> Result<()> {
         let p = p.as_str();
         p.parse::<dataplane::engine::IdlePolicy>()
             .map_err(anyhow::Error::msg)?;
-        let port_kind = match mode {
-            lab::Mode::AfPacket => "af_packet",
-            lab::Mode::Memif => "memif",
+        // The port kind's name, and its part of the .hgrm file names (none
+        // for af_packet, the default).
+        let (port_kind, file_kind) = match mode {
+            lab::Mode::AfPacket => ("af_packet", ""),
+            lab::Mode::Memif => ("memif", "memif-"),
         };
         if mode == lab::Mode::Memif && mtu != 1500 {
             eprintln!("  {p} / memif / mtu {mtu}: skipped (the memif lab has 1500-byte frames)");
@@ -737,12 +739,7 @@ fn data_bench(o: DataOpts) -> Result<()> {
                         );
                         if let Some(o) = &out {
                             std::fs::write(
-                                o.join(match mode {
-                                    lab::Mode::AfPacket => format!("{p}-{mtu}-{name}-{path}.hgrm"),
-                                    lab::Mode::Memif => {
-                                        format!("{p}-memif-{mtu}-{name}-{path}.hgrm")
-                                    }
-                                }),
+                                o.join(format!("{p}-{file_kind}{mtu}-{name}-{path}.hgrm")),
                                 suite::hgrm(&lat),
                             )?;
                         }

@@ -88,7 +88,7 @@ impl ConnTable {
     /// `c.my_token` is `h`).
     pub(super) fn insert(&mut self, h: ConnHandle, c: Connection) {
         debug_assert_eq!(c.my_token, h.0);
-        let hash = self.hasher.hash_one((c.peer.0, c.conn_id, c.role));
+        let hash = self.hasher.hash_one(c.wire_key());
         let old = self.slab.insert(h.slot(), c);
         debug_assert!(old.is_none());
         // (Growing the index re-hashes its entries from the slab, where
@@ -96,14 +96,14 @@ impl ConnTable {
         let (slab, hasher) = (&self.slab, &self.hasher);
         self.by_wire.insert_unique(hash, h.slot() as u32, |&s| {
             let c = slab.get(s as usize).expect("indexed slot is occupied");
-            hasher.hash_one((c.peer.0, c.conn_id, c.role))
+            hasher.hash_one(c.wire_key())
         });
     }
     /// Removes the connection of `h` and frees its slot.
     pub(super) fn remove(&mut self, h: &ConnHandle) -> Option<Connection> {
         self.get(h)?;
         let c = self.slab.remove(h.slot()).expect("checked");
-        let hash = self.hasher.hash_one((c.peer.0, c.conn_id, c.role));
+        let hash = self.hasher.hash_one(c.wire_key());
         if let Ok(e) = self.by_wire.find_entry(hash, |&s| s as usize == h.slot()) {
             e.remove();
         }
@@ -116,7 +116,7 @@ impl ConnTable {
         let s = self.by_wire.find(hash, |&s| {
             self.slab
                 .get(s as usize)
-                .is_some_and(|c| (c.peer.0, c.conn_id, c.role) == key)
+                .is_some_and(|c| c.wire_key() == key)
         })?;
         Some(ConnHandle(self.slab.get(*s as usize)?.my_token))
     }
@@ -124,7 +124,7 @@ impl ConnTable {
         self.slab.len()
     }
     pub(super) fn is_empty(&self) -> bool {
-        self.slab.is_empty() && self.by_wire.is_empty()
+        self.slab.is_empty()
     }
     /// Slots taken by connections and connect attempts.
     pub(super) fn slots_taken(&self) -> usize {
@@ -196,6 +196,11 @@ impl Connection {
             peer_window_kib: (peer_offer.window >> 10).min(u32::from(u16::MAX)) as u16,
             flags: 0,
         }
+    }
+
+    /// How its frames name it: (peer address, connection id, our role).
+    pub(super) fn wire_key(&self) -> WireKey {
+        (self.peer.0, self.conn_id, self.role)
     }
 
     /// The peer's receive window as offered at setup, rounded down to a

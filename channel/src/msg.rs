@@ -145,6 +145,8 @@ pub mod kind {
     pub const EVENT_SELECT: u8 = 5;
     /// Kick a stream.
     pub const KICK: u8 = 6;
+    /// Close with a reset (SO_LINGER {1, 0}).
+    pub const ABORT: u8 = 7;
     /// A connection request in a backlog ring.
     pub const REQUEST: u8 = 0x81;
 }
@@ -265,6 +267,10 @@ pub enum Op {
     },
     /// Close whatever the socket is.
     Close,
+    /// Close, resetting a connection (the peer sees ECONNRESET; unsent
+    /// bytes are dropped), as a close with SO_LINGER {1, 0} does on TCP.
+    /// On anything but a connection, the same as [`Op::Close`].
+    Abort,
     /// Select which events signal the socket's registered eventfd.
     EventSelect {
         /// FD_* bits.
@@ -410,6 +416,10 @@ impl Command {
                 used(0)?;
                 Op::Kick
             }
+            kind::ABORT => {
+                used(0)?;
+                Op::Abort
+            }
             kind::EVENT_SELECT => {
                 used(4)?;
                 let mask = u32_at(a, 0);
@@ -484,6 +494,7 @@ impl Command {
                 kind::CONNECT
             }
             Op::Close => kind::CLOSE,
+            Op::Abort => kind::ABORT,
             Op::Kick => kind::KICK,
             Op::EventSelect { mask } => {
                 put(a, 0, &mask.to_le_bytes());
@@ -693,6 +704,7 @@ mod tests {
                 bufs: Bufs::default(),
             },
             Op::Close,
+            Op::Abort,
             Op::Kick,
             Op::EventSelect { mask: FD_ALL },
         ] {

@@ -15,6 +15,16 @@
 //! when the peer has acknowledged them. The receive ring is the credit: the
 //! daemon advertises `head + size` as the last byte the peer may send.
 //!
+//! A block belongs to one socket slot and outlives the sockets in it, so
+//! it carries a generation: the process stamps each new socket of the slot
+//! with a fresh one (`snd_p.gen`) before asking for a connection, the
+//! daemon echoes it (`st.gen`) when it opens the stream (after resetting
+//! every word it owns), and the process uses the block only while the two
+//! agree. A slot gets a new socket only once both sides are done with the
+//! old one: the daemon has completed the socket's close and no longer
+//! lingers on it (`ST_LINGER` clear), and no call of the process still
+//! uses it.
+//!
 //! Notifications are coalesced:
 //! * the process pushes a `kick` command only when the `kick` word was clear
 //!   (the daemon clears it before it looks at the stream), so a busy stream
@@ -99,6 +109,11 @@ pub struct StreamState {
     pub snd_size: AtomicU32,
     /// Receive ring size (bytes).
     pub rcv_size: AtomicU32,
+    /// The generation of the socket this stream was opened for: the
+    /// daemon copies [`SendProducer::gen`] here when it opens the stream
+    /// (before it sets [`ST_OPEN`]). A process trusts the block only while
+    /// this equals the generation it gave the socket.
+    pub gen: AtomicU32,
 }
 
 /// Written by the process: the send ring's producer side.
@@ -116,6 +131,9 @@ pub struct SendProducer {
     /// 1: the process found the ring full; the daemon raises FD_WRITE (and
     /// clears this) when space is freed.
     pub want: AtomicU32,
+    /// The socket's generation (nonzero), set by the process each time the
+    /// slot gets a new socket, before it asks for a connection on it.
+    pub gen: AtomicU32,
 }
 
 /// Written by the daemon: the send ring's consumer side.

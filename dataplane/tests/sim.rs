@@ -178,7 +178,7 @@ impl Sim {
                     .or_default()
                     .push_back(request);
             }
-            Event::Connected { conn } => {
+            Event::Connected { conn, .. } => {
                 let id = self.hosts[i]
                     .attempts
                     .remove(&conn)

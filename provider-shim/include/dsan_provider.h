@@ -208,8 +208,10 @@ int dsan_shutdown(int s, int how);
  Sets an option (an int value): SOL_SOCKET SO_RCVBUF / SO_SNDBUF (ring
  sizes of the connection: 4 KiB to 1 MiB, rounded up to a power of two;
  set before connect or listen, inherited by accepted sockets),
- SO_KEEPALIVE; IPPROTO_TCP TCP_NODELAY (accepted). -ENOPROTOOPT for
- others; -EINVAL for a value shorter than an int; -EFAULT for NULL.
+ SO_KEEPALIVE, SO_LINGER (a `struct linger`: {1, 0} makes `dsan_close`
+ of a connection reset it, as on TCP); IPPROTO_TCP TCP_NODELAY
+ (accepted). -ENOPROTOOPT for others; -EINVAL for a value shorter than
+ an int (than a `struct linger` for SO_LINGER); -EFAULT for NULL.
 
  # Safety
  `val` is NULL or points to `len` readable bytes.

@@ -16,7 +16,7 @@ use dsan_channel::stream::{
 };
 use dsan_channel::sys;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,23 @@ pub(super) struct IoSlot {
     /// The sequence number of a close posted to the daemon and not waited
     /// for (0: none): the slot is not reused until the daemon completes it.
     close_seq: std::sync::atomic::AtomicU32,
+    /// The generation of the slot's current socket (this process's own
+    /// count, never shared: nothing outside can forge it). The daemon
+    /// echoes it in the stream block it opens for the socket.
+    gen: AtomicU32,
+    /// What keeps the slot from getting a new socket besides its own
+    /// state: every [`SanSocket`](crate::SanSocket) naming it (for its
+    /// whole life, also once aborted) and every data call in progress on it.
+    pins: AtomicU32,
+}
+
+/// A pin on a socket slot for as long as it lives (see [`IoSlot::pin`]).
+pub(super) struct SlotPin<'a>(&'a AtomicU32);
+
+impl Drop for SlotPin<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What a poll of a connected SAN socket finds ([`Provider::readiness`]).
@@ -66,10 +83,34 @@ pub const MSG_DONTWAIT: i32 = libc::MSG_DONTWAIT;
 pub const MSG_PEEK: i32 = libc::MSG_PEEK;
 
 impl IoSlot {
-    /// A fresh socket in this slot.
-    pub(super) fn reset(&self) {
+    /// A fresh socket in this slot: its generation, the next nonzero one.
+    pub(super) fn reset(&self) -> u32 {
         *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.closed.store(false, Ordering::Release);
+        let next = self.gen.load(Ordering::Relaxed).wrapping_add(1).max(1);
+        self.gen.store(next, Ordering::Release);
+        next
+    }
+    /// The generation of the slot's current socket.
+    pub(super) fn gen(&self) -> u32 {
+        self.gen.load(Ordering::Acquire)
+    }
+    /// Keeps the slot from being given to a new socket while the guard lives.
+    pub(super) fn pin(&self) -> SlotPin<'_> {
+        self.pins.fetch_add(1, Ordering::SeqCst);
+        SlotPin(&self.pins)
+    }
+    /// Takes a pin that outlives this borrow (a [`crate::SanSocket`]'s); undone by [`IoSlot::unpin`].
+    pub(super) fn pin_forever(&self) {
+        self.pins.fetch_add(1, Ordering::SeqCst);
+    }
+    /// Undoes [`IoSlot::pin_forever`].
+    pub(super) fn unpin(&self) {
+        self.pins.fetch_sub(1, Ordering::SeqCst);
+    }
+    /// Whether something still uses the slot.
+    pub(super) fn pinned(&self) -> bool {
+        self.pins.load(Ordering::SeqCst) != 0
     }
     /// Whether a close of the socket is under way.
     pub(super) fn closing(&self) -> bool {
@@ -117,8 +158,10 @@ fn snd_used(shm: &StreamShm) -> u64 {
 }
 
 /// Zeroes the words of a stream control block this process writes (a
-/// fresh socket in a slot used before).
-pub(super) fn clear_app_words(shm: &StreamShm) {
+/// fresh socket in a slot used before) and stamps it with the new socket's
+/// generation `gen`.
+pub(super) fn clear_app_words(shm: &StreamShm, gen: u32) {
+    shm.snd_p.gen.store(gen, Ordering::Relaxed);
     shm.snd_p.tail.store(0, Ordering::Relaxed);
     shm.snd_p.fin.store(0, Ordering::Relaxed);
     shm.snd_p.kick.store(0, Ordering::Relaxed);
@@ -150,11 +193,20 @@ impl Provider {
             return Err(Error::NotConn);
         }
         let flags = (ls.nonblocking, ls.shut_rd, ls.shut_wr);
+        let st = &self.region.stream(s as usize).st;
+        // The block is this socket's only if the daemon opened it for this
+        // socket: its stamp is the generation this process gave the socket.
+        // (The daemon opens the stream before it reports the connection, so
+        // a connected socket whose block carries another stamp was never
+        // given one: nothing in the block can be trusted.)
+        let state = st.state.load(Ordering::Acquire);
+        if state & ST_OPEN != 0 && st.gen.load(Ordering::Acquire) != io.gen() {
+            return Err(Error::ConnReset);
+        }
         if let Some(a) = io.area.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Ok((a.clone(), flags.0, flags.1, flags.2));
         }
-        let st = &self.region.stream(s as usize).st;
-        if st.state.load(Ordering::Acquire) & ST_OPEN == 0 {
+        if state & ST_OPEN == 0 {
             return Err(Error::NotConn);
         }
         let ok = |v: u32| {
@@ -222,6 +274,7 @@ impl Provider {
         if flags & !(MSG_DONTWAIT | libc::MSG_NOSIGNAL) != 0 {
             return Err(Error::Inval);
         }
+        let _pin = self.io.get(s as usize).ok_or(Error::NotSock)?.pin();
         let (area, nonblocking, _, shut_wr) = self.stream(s)?;
         let nonblocking = block.map_or(nonblocking, |b| !b) || flags & MSG_DONTWAIT != 0;
         let io = &self.io[s as usize];
@@ -316,6 +369,7 @@ impl Provider {
         if flags & !(MSG_DONTWAIT | MSG_PEEK) != 0 {
             return Err(Error::Inval);
         }
+        let _pin = self.io.get(s as usize).ok_or(Error::NotSock)?.pin();
         let (area, nonblocking, shut_rd, _) = self.stream(s)?;
         let nonblocking = block.map_or(nonblocking, |b| !b) || flags & MSG_DONTWAIT != 0;
         let io = &self.io[s as usize];
@@ -348,6 +402,11 @@ impl Provider {
                 return Ok(n);
             }
             let st = shm.st.state.load(Ordering::Acquire);
+            // The daemon publishes the last bytes before the end of the
+            // stream: if they came after `tail` was read, read them first.
+            if st & (ST_RX_EOF | ST_DEAD) != 0 && shm.rcv_p.tail.load(Ordering::Acquire) != tail {
+                continue;
+            }
             if st & ST_RX_EOF != 0 {
                 return Ok(0);
             }
@@ -398,6 +457,7 @@ impl Provider {
         if ![libc::SHUT_RD, libc::SHUT_WR, libc::SHUT_RDWR].contains(&how) {
             return Err(Error::Inval);
         }
+        let _pin = self.io.get(s as usize).ok_or(Error::NotSock)?.pin();
         self.stream(s)?;
         {
             let mut g = self.lock(s)?;
@@ -429,6 +489,10 @@ impl Provider {
         // Not connected (yet): nothing holds; a connect completing later
         // finds the want flags clear, so the first bytes are posted as
         // FD_READ by the next select or the first receive that finds none.
+        let Some(io) = self.io.get(s as usize) else {
+            return 0;
+        };
+        let _pin = io.pin();
         let Ok((area, ..)) = self.stream(s) else {
             return 0;
         };
@@ -458,6 +522,10 @@ impl Provider {
     /// sending, and whether the connection is gone. Asking for `read` or
     /// `write` arms the daemon's FD_READ / FD_WRITE for it.
     pub fn readiness(&self, s: SocketId, read: bool, write: bool) -> Readiness {
+        let Some(io) = self.io.get(s as usize) else {
+            return Readiness::default();
+        };
+        let _pin = io.pin();
         let Ok((area, _, shut_rd, shut_wr)) = self.stream(s) else {
             return Readiness::default();
         };
@@ -508,13 +576,27 @@ impl Provider {
     /// sizes of the connection, rounded up to a power of two between 4 KiB
     /// and 1 MiB; effective when set before connect or listen, and inherited
     /// by accepted sockets), SO_KEEPALIVE (SAN connections always have a
-    /// keepalive; recorded). IPPROTO_TCP: TCP_NODELAY (accepted: segments
-    /// leave as soon as they are written).
+    /// keepalive; recorded), SO_LINGER (a `struct linger`: {1, 0} makes
+    /// the close of a connection reset it, as on TCP; other values are
+    /// recorded, and a close never blocks). IPPROTO_TCP: TCP_NODELAY
+    /// (accepted: segments leave as soon as they are written).
     ///
     /// # Errors
     /// [`Error::NoProtoOpt`] for other options; [`Error::Inval`] for a short
     /// value; [`Error::NotSock`].
     pub fn setsockopt(&self, s: SocketId, level: i32, name: i32, val: &[u8]) -> Result<()> {
+        if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) {
+            // struct linger { int l_onoff; int l_linger; }
+            let word = |i: usize| {
+                val.get(i..i + 4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                    .ok_or(Error::Inval)
+            };
+            let (on, secs) = (word(0)?, word(4)?);
+            let mut g = self.lock(s)?;
+            g.as_mut().expect("checked").linger = (on != 0, secs.max(0));
+            return Ok(());
+        }
         let v = val
             .get(..4)
             .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))

@@ -205,6 +205,8 @@ struct LocalSock {
     bufs: Bufs,
     keepalive: bool,
     nodelay: bool,
+    /// SO_LINGER as set: (on, seconds). {1, 0} makes close reset the connection.
+    linger: (bool, i32),
     /// 0, or the parent pid whose listener `listen` takes over.
     takeover: u32,
     shut_rd: bool,
@@ -229,6 +231,7 @@ impl LocalSock {
             bufs: Bufs::default(),
             keepalive: false,
             nodelay: false,
+            linger: (false, 0),
             takeover: 0,
             shut_rd: false,
             shut_wr: false,
@@ -568,12 +571,14 @@ impl Provider {
             if g.is_none() && self.io[i].close_in_flight(done) {
                 continue;
             }
-            // A closed socket whose last bytes the daemon still sends is not free.
+            // A closed socket whose last bytes the daemon still sends is not
+            // free; nor is one that a call in progress or a `SanSocket` still
+            // names (its calls must never reach the slot's next socket).
             let lingering = self.region.stream(i).st.state.load(Ordering::Acquire) & ST_LINGER != 0;
-            if g.is_none() && !lingering {
+            if g.is_none() && !lingering && !self.io[i].pinned() {
                 let sh = self.region.sock(i);
-                data::clear_app_words(self.region.stream(i));
-                self.io[i].reset();
+                let gen = self.io[i].reset();
+                data::clear_app_words(self.region.stream(i), gen);
                 let mut ls = LocalSock::new();
                 // Sequence numbers continue across reuse of the slot, so a stale
                 // completion of the previous socket never answers a new command.
@@ -1054,7 +1059,12 @@ impl Provider {
                 // close does not wait for the FIN): the daemon sends what
                 // the send ring still holds, then the FIN, on its own. The
                 // slot stays this socket's until the daemon has done it.
-                if let Ok(seq) = self.post(s, &mut ls, Op::Close) {
+                let op = if ls.linger == (true, 0) {
+                    Op::Abort
+                } else {
+                    Op::Close
+                };
+                if let Ok(seq) = self.post(s, &mut ls, op) {
                     io.posted_close(seq);
                 }
             } else {
@@ -1072,12 +1082,16 @@ impl Provider {
 }
 
 /// An owned SAN socket for Rust callers; closed on drop.
+///
+/// It pins its slot for its whole life: an aborted `SanSocket` that another
+/// thread still holds can never reach a newer socket in the same slot (its
+/// calls find the slot closed, not someone else's connection).
 #[derive(Debug)]
 pub struct SanSocket {
     p: Arc<Provider>,
     s: SocketId,
-    /// Closed already ([`SanSocket::abort`]): the id may belong to another
-    /// socket by now, so dropping this one must not close it again.
+    /// Closed already ([`SanSocket::abort`]): dropping it must not close
+    /// it again.
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -1087,14 +1101,19 @@ impl SanSocket {
     /// # Errors
     /// As [`Provider::socket`].
     pub fn new(p: &Arc<Provider>) -> Result<SanSocket> {
-        Ok(SanSocket {
-            s: p.socket()?,
-            p: p.clone(),
-            closed: std::sync::atomic::AtomicBool::new(false),
-        })
+        let s = p.socket()?;
+        Ok(SanSocket::own(p.clone(), s))
     }
-    /// Its id, unless it was closed ([`SanSocket::abort`]): the id may be
-    /// another socket's by now.
+    /// Takes socket `s` (just made, so nothing else names it yet) and pins its slot.
+    fn own(p: Arc<Provider>, s: SocketId) -> SanSocket {
+        p.io[s as usize].pin_forever();
+        SanSocket {
+            p,
+            s,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+    /// Its id, unless it was closed ([`SanSocket::abort`]).
     fn live(&self) -> Result<SocketId> {
         if self.closed.load(Ordering::Acquire) {
             Err(Error::NotSock)
@@ -1143,14 +1162,7 @@ impl SanSocket {
         cond: impl FnMut(SocketAddrV4) -> Decision,
     ) -> Result<(SanSocket, SocketAddrV4)> {
         let (s, a) = self.p.accept(self.live()?, cond)?;
-        Ok((
-            SanSocket {
-                p: self.p.clone(),
-                s,
-                closed: std::sync::atomic::AtomicBool::new(false),
-            },
-            a,
-        ))
+        Ok((SanSocket::own(self.p.clone(), s), a))
     }
     /// See [`Provider::send`].
     ///
@@ -1219,6 +1231,17 @@ impl SanSocket {
     pub fn set_option(&self, level: i32, name: i32, v: i32) -> Result<()> {
         self.p
             .setsockopt(self.live()?, level, name, &v.to_ne_bytes())
+    }
+    /// SO_LINGER: `on` with 0 seconds makes the close reset the connection.
+    ///
+    /// # Errors
+    /// As [`Provider::setsockopt`].
+    pub fn set_linger(&self, on: bool, secs: i32) -> Result<()> {
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(&i32::from(on).to_ne_bytes());
+        v[4..].copy_from_slice(&secs.to_ne_bytes());
+        self.p
+            .setsockopt(self.live()?, libc::SOL_SOCKET, libc::SO_LINGER, &v)
     }
     /// See [`Provider::deferred`].
     ///
@@ -1296,5 +1319,6 @@ impl Drop for SanSocket {
         if !self.closed.swap(true, Ordering::AcqRel) {
             let _ = self.p.close(self.s);
         }
+        self.p.io[self.s as usize].unpin();
     }
 }

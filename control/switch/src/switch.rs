@@ -158,6 +158,30 @@ impl Sock {
         Ok(t.as_ref().expect("just set").as_raw_fd())
     }
 
+    /// Whether the kernel socket (when there is one) has SO_LINGER {1, 0}.
+    fn linger_abort(&self) -> bool {
+        let t = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fd) = t.as_ref() else {
+            return false;
+        };
+        let mut l = libc::linger {
+            l_onoff: 0,
+            l_linger: 0,
+        };
+        let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+        // SAFETY: a valid socket and out-buffers of the given length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&mut l as *mut libc::linger).cast(),
+                &mut len,
+            )
+        };
+        r == 0 && l.l_onoff != 0 && l.l_linger == 0
+    }
+
     fn ready_fd(&self) -> Option<RawFd> {
         self.ready.get().map(AsRawFd::as_raw_fd)
     }
@@ -1175,9 +1199,12 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
         if let Some(p) = s.pending.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // A nonblocking connect in progress ends now: its SAN attempt is
             // aborted (the provider wakes it), its TCP attempt stops polling.
-            p.cancel.store(true, Ordering::Release);
-            if let Some(ss) = p.san.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                ss.abort();
+            // (One that finished left its connection in `conn`, closed below.)
+            if !p.done.load(Ordering::Acquire) {
+                p.cancel.store(true, Ordering::Release);
+                if let Some(ss) = p.san.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    ss.abort();
+                }
             }
         }
         if let Some(l) = s.listen.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -1185,7 +1212,17 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
                 epoll_del(accept_ep(), efd.as_raw_fd());
             }
         }
-        s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let conn = s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(ss) = conn.and_then(|c| c.san) {
+            // Options are set on the kernel socket (it records them for
+            // either transport): SO_LINGER {1, 0} makes this close a reset
+            // on the SAN too.
+            // (Closed when the last holder lets go: a call in progress on
+            // another thread keeps it, as it keeps a kernel socket.)
+            if s.linger_abort() {
+                let _ = ss.set_linger(true, 0);
+            }
+        }
     }
     Ok(())
 }

@@ -176,7 +176,7 @@ impl Node {
                 return;
             };
             if let Ok(cmd) = Command::parse(&slot) {
-                if matches!(cmd.op, Op::Close) {
+                if matches!(cmd.op, Op::Close | Op::Abort) {
                     self.app_command(now, id, cmd);
                 }
             }
@@ -289,12 +289,14 @@ impl Node {
                 nonblocking,
                 bufs,
             } => self.app_connect(now, id, sock, cmd.seq, dst, src, nonblocking, bufs),
-            Op::Close => {
+            Op::Close | Op::Abort => {
+                let abort = cmd.op == Op::Abort;
                 let p = self.procs.get_mut(&id).expect("caller checked");
                 p.backlogs.remove(&sock);
                 p.events.remove(&sock);
                 match p.socks.remove(&sock) {
-                    Some(SockObj::Conn(h)) if self.close_stream(now, h) => {}
+                    Some(SockObj::Conn(h)) if abort && self.abort_stream(now, h) => {}
+                    Some(SockObj::Conn(h)) if !abort && self.close_stream(now, h) => {}
                     Some(obj) => self.release(now, obj),
                     None => {}
                 }
@@ -406,10 +408,15 @@ impl Node {
         match self.ep.decide_with(now, l, key, d, offer) {
             Ok(Some(h)) => {
                 let new_sock = new_sock.expect("accepted");
+                let params = self
+                    .ep
+                    .connection(h)
+                    .expect("just accepted")
+                    .stream_params();
                 let p = self.procs.get_mut(&id).expect("present");
                 p.socks.insert(new_sock, SockObj::Conn(h));
                 self.conn_owner.insert(h, (id, new_sock));
-                self.open_stream(now, h, id, new_sock, bufs);
+                self.open_stream(now, h, id, new_sock, bufs, params);
                 Some(0)
             }
             Ok(None) => errno(libc::ECONNREFUSED),

@@ -101,7 +101,7 @@ impl Node {
                     }
                 }
             }
-            Event::Connected { conn } | Event::ConnectFailed { conn, .. } => {
+            Event::Connected { conn, .. } | Event::ConnectFailed { conn, .. } => {
                 let Some(&(pid, sock)) = self.conn_owner.get(&conn) else {
                     return;
                 };
@@ -123,7 +123,10 @@ impl Node {
                 };
                 if err == 0 {
                     p.socks.insert(sock, SockObj::Conn(conn));
-                    self.open_stream(now, conn, pid, sock, bufs);
+                    let Event::Connected { params, .. } = e else {
+                        unreachable!("err is 0 only for Connected")
+                    };
+                    self.open_stream(now, conn, pid, sock, bufs, params);
                 } else {
                     p.socks.remove(&sock);
                     self.conn_owner.remove(&conn);

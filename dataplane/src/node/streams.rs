@@ -22,7 +22,7 @@ use crate::device::Device;
 use crate::engine::Tx;
 use crate::proto::slab::Slab;
 use crate::proto::stream::{Outgoing, Stream, StreamTiming, Timer};
-use crate::proto::ConnHandle;
+use crate::proto::{ConnHandle, StreamParams};
 use crate::time::Instant;
 use crate::wire::{
     self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_PROBE,
@@ -175,8 +175,17 @@ impl Node {
     }
 
     /// Sets up the stream of a connection that was just established for
-    /// socket `sock` of process `pid`, with ring sizes `bufs`. Returns false
-    /// if the connection or the process is gone.
+    /// socket `sock` of process `pid`, with ring sizes `bufs`, and hands the
+    /// socket's stream block to it: every word the daemon writes is reset,
+    /// and the block is stamped with the generation the process gave the
+    /// socket (`snd_p.gen`), so that the process can tell this connection's
+    /// block from what an earlier socket in the same slot left there.
+    ///
+    /// The stream opens even when the core has already forgotten the
+    /// connection (the peer's Close or Reset came in the same burst as its
+    /// Accept): the event that follows ends it, and the process reads the
+    /// end of the stream (or the reset) on a block of its own, never the
+    /// previous occupant's words. Returns false if the process is gone.
     pub(super) fn open_stream(
         &mut self,
         now: Instant,
@@ -184,10 +193,8 @@ impl Node {
         pid: u64,
         sock: u32,
         bufs: Bufs,
+        params: StreamParams,
     ) -> bool {
-        let Some(c) = self.ep.connection(h).copied() else {
-            return false;
-        };
         if let Some(stale) = self.streams.occupant(h).filter(|o| *o != h) {
             // The core gave the slot to a new connection while the old one's
             // stream was still here (it must not): end the old one.
@@ -210,9 +217,13 @@ impl Node {
         // The first bytes to arrive are an FD_READ (the receive ring starts
         // empty, as if a receive had found it so).
         shm.rcv_c.want.store(1, Ordering::Relaxed);
+        // The process's stamp, echoed (any value: a process that scribbles
+        // on it only confuses itself); published with the state.
+        let gen = shm.snd_p.gen.load(Ordering::Acquire);
+        shm.st.gen.store(gen, Ordering::Relaxed);
         shm.st.state.store(ST_OPEN, Ordering::Release);
         let timing = self.timing();
-        let s = Stream::new(now, timing, c.mss, c.peer_window(), bufs.rcv as u32);
+        let s = Stream::new(now, timing, params.mss, params.peer_window, bufs.rcv as u32);
         let timer = s.next_timer(&timing);
         self.streams.insert(
             h,
@@ -333,6 +344,19 @@ impl Node {
         self.finish_if_done(now, h);
         self.enqueue(h);
         self.reschedule(h);
+        true
+    }
+
+    /// The application closed socket `sock` holding connection `h` with
+    /// SO_LINGER {1, 0}: the connection is reset at once (unsent bytes are
+    /// dropped, the peer reads ECONNRESET) and the socket slot is free.
+    pub(super) fn abort_stream(&mut self, now: Instant, h: ConnHandle) -> bool {
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return false;
+        };
+        ctx.set(APP_CLOSED, true);
+        self.conn_owner.remove(&h);
+        self.reset_stream(now, h, ResetReason::Aborted);
         true
     }
 
@@ -461,7 +485,7 @@ impl Node {
             let was_fin = ctx.s.peer_finished();
             let at = ctx.s.received();
             let (skip, take) = ctx.s.on_data(now, &timing, &seg);
-            if take > 0 {
+            if take > 0 && !ctx.has(APP_CLOSED) {
                 match payload.get(skip..skip + take) {
                     Some(bytes) => ctx.area().write_recv(at, bytes),
                     None => return self.local.malformed += 1,

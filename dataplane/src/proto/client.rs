@@ -179,8 +179,9 @@ impl<R: Rng> Endpoint<R> {
                     server_token,
                     (a.offer, peer_offer),
                 );
+                let params = c.stream_params();
                 self.conns.insert(h, c);
-                self.events.push_back(Event::Connected { conn: h });
+                self.events.push_back(Event::Connected { conn: h, params });
             }
             Err(e) => {
                 self.conns.release(h);

@@ -209,6 +209,14 @@ impl Connection {
         u32::from(self.peer_window_kib) << 10
     }
 
+    /// What its byte stream starts from.
+    pub fn stream_params(&self) -> super::StreamParams {
+        super::StreamParams {
+            mss: self.mss,
+            peer_window: self.peer_window(),
+        }
+    }
+
     /// Whether we are closing it.
     pub fn is_closing(&self) -> bool {
         self.flags & CLOSING != 0
@@ -335,6 +343,18 @@ impl<R: Rng> Endpoint<R> {
     }
 
     pub(super) fn remove_conn(&mut self, now: Instant, h: ConnHandle) -> Option<Connection> {
+        self.remove_conn_as(now, h, None)
+    }
+
+    /// [`remove_conn`](Self::remove_conn), for a connection that ended with
+    /// a reset (`Some(reason)`): a client that retransmits its request later
+    /// is told so, not that it closed.
+    pub(super) fn remove_conn_as(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        reset: Option<ResetReason>,
+    ) -> Option<Connection> {
         let c = self.conns.remove(&h)?;
         self.closing.remove(&h);
         self.confirming.remove(&h);
@@ -350,6 +370,7 @@ impl<R: Rng> Endpoint<R> {
                 Tomb::Closed {
                     client_token: c.peer_token,
                     server_token: c.my_token,
+                    reset,
                 },
             );
         }
@@ -461,7 +482,7 @@ impl<R: Rng> Endpoint<R> {
         if self.abandon(h) {
             return;
         }
-        if let Some(c) = self.remove_conn(now, h) {
+        if let Some(c) = self.remove_conn_as(now, h, Some(reason)) {
             self.stats.resets_sent += 1;
             self.emit(
                 c.peer_mac,
@@ -514,7 +535,7 @@ impl<R: Rng> Endpoint<R> {
             return self.stats.bad_token += 1;
         }
         self.stats.resets_received += 1;
-        self.remove_conn(now, ch);
+        self.remove_conn_as(now, ch, Some(reason));
         self.events.push_back(Event::Reset { conn: ch, reason });
     }
 

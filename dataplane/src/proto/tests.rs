@@ -148,7 +148,7 @@ fn failures(ev: &[Event]) -> Vec<ConnectFailure> {
 fn connected(ev: &[Event]) -> Vec<ConnHandle> {
     ev.iter()
         .filter_map(|e| match e {
-            Event::Connected { conn } => Some(*conn),
+            Event::Connected { conn, .. } => Some(*conn),
             _ => None,
         })
         .collect()
@@ -166,7 +166,9 @@ fn connect_accept_establishes_both_sides() {
     assert_eq!(p.head(l).unwrap().peer.0, IA);
     let s = p.decide(l, Decision::Accept).unwrap().unwrap();
     p.deliver();
-    assert_eq!(p.ev_a, vec![Event::Connected { conn: c }]);
+    assert!(
+        matches!(p.ev_a[..], [Event::Connected { conn, params }] if conn == c && params == p.a.connection(c).unwrap().stream_params())
+    );
     let (ca, cb) = (p.a.connection(c).unwrap(), p.b.connection(s).unwrap());
     assert_eq!(
         (ca.conn_id, ca.my_token, ca.peer_token),
@@ -481,6 +483,33 @@ fn retransmissions_never_duplicate_and_replay_the_answer() {
     assert_eq!(p.b.stats().replayed_rejects, 1);
     assert_eq!(p.b.backlog(l), Some((0, 1)));
     assert_eq!(incoming(&p.ev_b), 1);
+}
+
+#[test]
+fn a_reset_replayed_to_a_client_that_missed_it_stays_a_reset() {
+    // The server accepts and resets at once (a close with SO_LINGER {1, 0});
+    // its Accept and its Reset are both lost. The client's retransmitted
+    // request finds the tombstone, which must say "accepted, then reset",
+    // never "accepted, then closed" (a clean end of stream would hide the
+    // bytes the server never sent).
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 5), 4).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 5)).unwrap();
+    p.deliver();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
+    p.b.reset(p.now, s, crate::wire::ResetReason::Aborted);
+    p.run(|from_a, f| {
+        !from_a && matches!(f.message, Message::Accept { .. } | Message::Reset { .. })
+    });
+    assert!(p.ev_a.is_empty());
+    p.advance(Duration::from_millis(500), |_, _| false);
+    assert!(
+        matches!(p.ev_a[..], [Event::Connected { conn, .. }, Event::Reset { conn: r, reason: crate::wire::ResetReason::Aborted }] if conn == c && r == c),
+        "{:?}",
+        p.ev_a
+    );
+    assert_eq!(p.a.connections().count(), 0);
+    assert!(p.b.stats().replayed_accepts >= 1);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use super::endpoint::Endpoint;
 use super::rng::Rng;
 use super::types::*;
 use crate::time::Instant;
-use crate::wire::{Message, RejectReason, SanHeader};
+use crate::wire::{Message, RejectReason, ResetReason, SanHeader};
 
 /// What a finished request's retransmissions are answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,10 +16,12 @@ pub(super) enum Tomb {
         reason: RejectReason,
     },
     /// It was accepted and the connection has since ended: replay the accept
-    /// and the close, so the client learns both.
+    /// and how it ended (a Close, or a Reset with its reason), so the client
+    /// learns both; a reset is never replayed as a clean close.
     Closed {
         client_token: u64,
         server_token: u64,
+        reset: Option<ResetReason>,
     },
 }
 
@@ -69,7 +71,11 @@ impl<R: Rng> Endpoint<R> {
                     },
                 );
             }
-            Tomb::Closed { server_token, .. } => {
+            Tomb::Closed {
+                server_token,
+                reset,
+                ..
+            } => {
                 self.stats.replayed_accepts += 1;
                 self.reply(
                     h,
@@ -83,9 +89,16 @@ impl<R: Rng> Endpoint<R> {
                 );
                 self.reply(
                     h,
-                    Message::Close {
-                        conn_id,
-                        token: client_token,
+                    match reset {
+                        None => Message::Close {
+                            conn_id,
+                            token: client_token,
+                        },
+                        Some(reason) => Message::Reset {
+                            conn_id,
+                            token: client_token,
+                            reason,
+                        },
                     },
                 );
             }

@@ -67,6 +67,12 @@ pub enum Event {
     Connected {
         /// The connection (same handle as the attempt).
         conn: ConnHandle,
+        /// What its byte stream starts from. Carried here because the
+        /// connection may be gone from the core by the time the event is
+        /// handled (the peer's Close can arrive in the same burst as its
+        /// Accept); the edge still opens the stream, and the `Closed` or
+        /// `Reset` event that follows ends it.
+        params: StreamParams,
     },
     /// A connect attempt failed (FD_CONNECT with an error).
     ConnectFailed {
@@ -211,4 +217,13 @@ impl ProtoStats {
             RejectReason::TcpOnly => 5,
         }
     }
+}
+
+/// What a connection's byte stream starts from, fixed at set-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamParams {
+    /// Largest segment payload both sides accept.
+    pub mss: u16,
+    /// The peer's receive window as offered at set-up (our first credit).
+    pub peer_window: u32,
 }

@@ -10,11 +10,14 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Most probes one `ping` may send.
-pub const PING_MAX_COUNT: u64 = 10_000_000;
-/// Longest pause between probes, microseconds (60 s).
-pub const PING_MAX_INTERVAL_US: u64 = 60_000_000;
-/// Longest wait for one reply, milliseconds (60 s).
-pub const PING_MAX_TIMEOUT_MS: u64 = 60_000;
+pub const PING_MAX_COUNT: u64 = 1_000_000;
+/// Longest pause between probes, microseconds (10 s).
+pub const PING_MAX_INTERVAL_US: u64 = 10_000_000;
+/// Longest wait for one reply, milliseconds (10 s).
+pub const PING_MAX_TIMEOUT_MS: u64 = 10_000;
+/// Longest a whole `ping` may run, seconds: the daemon serves one at a time,
+/// and cancels one that runs longer.
+pub const PING_MAX_SECS: u64 = 600;
 
 /// Checks a ping's numbers; returns how long the whole probe may take.
 ///
@@ -36,9 +39,13 @@ pub fn ping_budget(count: u64, interval_us: u64, timeout_ms: u64) -> Result<Dura
     }
     let per_probe = Duration::from_micros(interval_us) + Duration::from_millis(timeout_ms);
     let n = u32::try_from(count).expect("count checked");
-    Ok(Duration::from_millis(timeout_ms)
+    let worst = Duration::from_millis(timeout_ms)
         .saturating_mul(2)
-        .saturating_add(per_probe.saturating_mul(n))
+        .saturating_add(per_probe.saturating_mul(n));
+    // The daemon cancels a ping still running after PING_MAX_SECS (the
+    // replies so far are lost with it: ask for fewer probes).
+    Ok(worst
+        .min(Duration::from_secs(PING_MAX_SECS))
         .saturating_add(Duration::from_secs(5)))
 }
 

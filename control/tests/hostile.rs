@@ -273,3 +273,120 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
     }
     drop(pending);
 }
+
+/// h1's accepted SAN connections (from its counters).
+fn accepted(host: &str) -> u64 {
+    stats(host)["connects_accepted"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_process_that_scribbles_its_region_cannot_crash_the_daemon_serving_another() {
+    // Issue #27: the lcore walked its process list by index while a
+    // violation detached a process and shortened it; with the violator
+    // first in the list and another process after it, dsand died on an
+    // index out of bounds. The scribbler attaches first here.
+    let _lab = Lab::up(&[]);
+    let storm = cc("storm.c", true);
+    let hostile = cc("hostile.c", false);
+    let sock = "/run/dsan/lab/h1/dsand.sock";
+    let mut scribbler = Reaped(
+        in_host("h1", &hostile, &[sock, "scribble-wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let scr_out = lines(&mut scribbler.0);
+    let mut scr_in = scribbler.0.stdin.take().unwrap();
+    assert_eq!(
+        scr_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "attached"
+    );
+    // The good pair: a server on h1 attached after the scribbler, a client
+    // on h0 connecting one connection after another for 6 s.
+    let mut srv = Reaped(
+        in_host("h1", &storm, &["server", "7000", "64", "0", "all"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let srv_out = lines(&mut srv.0);
+    let mut srv_in = srv.0.stdin.take().unwrap();
+    assert_eq!(
+        srv_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let mut cli = Reaped(
+        in_host("h0", &storm, &["client", "198.18.0.2", "7000", "6000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let cli_out = lines(&mut cli.0);
+    // Served before the attack...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while accepted("h1") < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pair never got going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writeln!(scr_in, "go").unwrap();
+    let r = scr_out
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the scribbler reports");
+    assert_eq!(r, "ok detached", "{r}");
+    let at_attack = accepted("h1");
+    assert!(stats("h1")["ok"] == true, "h1's daemon answers");
+    // ...and after it, by the same daemon: the client's connects go on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while accepted("h1") < at_attack + 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the good pair stopped being served after the attack"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = cli_out
+        .recv_timeout(Duration::from_secs(30))
+        .expect("client result");
+    let v: Vec<i64> = c
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(v[0], v[1], "every connect of the good pair succeeded: {c}");
+    let s1 = stats("h1");
+    assert!(s1["app_protocol_violations"].as_u64() >= Some(1), "{s1}");
+    writeln!(srv_in, "quit").unwrap();
+}
+
+#[test]
+fn an_abandoned_ping_ends_with_its_requester() {
+    let _lab = Lab::up(&[]);
+    let sock = "/run/dsan/lab/h0/dsand.sock";
+    // A ping that would run 100 s (a probe a second), whose requester goes away.
+    {
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        writeln!(
+            s,
+            r#"{{"cmd":"ping","dst":"198.18.0.2","count":100,"interval_us":1000000}}"#
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The admin's next ping is served at once, not after the abandoned one.
+    let t = std::time::Instant::now();
+    let o = dsanctl(&["--socket", sock, "ping", "198.18.0.2", "--count", "3"]);
+    assert!(ok(&o).contains("3 replies"), "{}", ok(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the next ping waited {:?}",
+        t.elapsed()
+    );
+    // Out-of-range requests are refused with a reason.
+    let o = dsanctl(&["--socket", sock, "ping", "198.18.0.2", "--count", "2000000"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("count must be"));
+}

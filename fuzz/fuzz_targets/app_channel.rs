@@ -1,8 +1,10 @@
-//! The daemon's side of the application channel, against a hostile process:
-//! arbitrary slots pushed into the command ring, arbitrary bytes written over
-//! the ring's indices and over a listener's backlog ring, forged connect
-//! requests arriving from the wire, and time passing. The node must never
-//! panic or loop; a broken ring detaches the process (its region is marked
+//! The daemon's side of the application channel, against hostile processes:
+//! up to three attached at once, each pushing arbitrary slots into its
+//! command ring and writing arbitrary bytes over its ring's indices and its
+//! listeners' backlog rings, attaching, breaking the protocol, detaching and
+//! attaching again in any interleaving, with forged connect requests
+//! arriving from the wire and time passing. The node must never panic or
+//! loop; a broken ring detaches its process only (its region is marked
 //! closed), and the protocol core's bounds hold.
 #![no_main]
 
@@ -75,6 +77,50 @@ enum Op {
     Advance {
         millis: u16,
     },
+    /// The process attaches (again, if it was detached).
+    Attach,
+    /// The process goes away (its control connection closes).
+    Detach,
+}
+
+/// One step: which process acts, and what it does.
+#[derive(Debug, Arbitrary)]
+struct Step {
+    proc: u8,
+    op: Op,
+}
+
+/// An attached process as it sees itself.
+struct Proc {
+    id: u64,
+    region: dsan_channel::region::Region,
+    tx: dsan_channel::ring::Producer,
+    handed: Vec<RequestKey>,
+    backlogs: Vec<Option<dsan_channel::ring::Consumer>>,
+    seq: u32,
+}
+
+const PROCS: usize = 3;
+
+/// Attaches a new process (id `id`) through the control queue, as dsand does.
+fn attach(h: &NodeHandle, id: u64) -> Proc {
+    let (app, cmds) = AppShared::new(id, id as u32).unwrap();
+    assert!(h
+        .commands
+        .push(NodeCommand::Attach(app.clone(), cmds))
+        .is_ok());
+    // The process's view of its region.
+    // SAFETY: dup of a valid fd gives a new fd we own.
+    let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
+    let (region, tx) = dsan_channel::region::Region::open(dup, layout::size()).unwrap();
+    Proc {
+        id,
+        region,
+        tx,
+        handed: Vec::new(),
+        backlogs: (0..4).map(|_| None).collect(),
+        seq: 0,
+    }
 }
 
 fn node() -> (Node, NodeHandle) {
@@ -94,26 +140,38 @@ fn node() -> (Node, NodeHandle) {
     Node::new(cfg, EthernetAddress([2, 0, 0, 0, 0, 2]), vec![me])
 }
 
-fuzz_target!(|ops: Vec<Op>| {
+fuzz_target!(|steps: Vec<Step>| {
     let (mut n, h) = node();
-    let (app, cmds) = AppShared::new(1, 1).unwrap();
-    // Attached through the control queue, as dsand does.
-    assert!(h
-        .commands
-        .push(NodeCommand::Attach(app.clone(), cmds))
-        .is_ok());
-    // The process's view of its region.
-    // SAFETY: dup of a valid fd gives a new fd we own.
-    let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
-    let (mine, mut tx) = dsan_channel::region::Region::open(dup, layout::size()).unwrap();
+    let mut procs: Vec<Option<Proc>> = (0..PROCS).map(|_| None).collect();
+    let mut next_id = 1u64;
     let mut now = Instant(1_000_000);
-    let mut seq = 0u32;
-    let mut handed: Vec<RequestKey> = Vec::new();
-    let mut backlogs: Vec<Option<dsan_channel::ring::Consumer>> = (0..4).map(|_| None).collect();
-    for op in ops.into_iter().take(200) {
-        seq = seq.wrapping_add(1);
+    for step in steps.into_iter().take(200) {
+        let k = usize::from(step.proc) % PROCS;
+        let op = step.op;
+        match op {
+            Op::Attach if procs[k].is_some() => continue,
+            Op::Detach => {
+                // Its control connection closed: the control thread asks the
+                // lcore to release it (and waits for nothing here).
+                if let Some(p) = procs[k].take() {
+                    let (done, _) = std::sync::mpsc::channel();
+                    let _ = h.commands.push(NodeCommand::Detach(p.id, done));
+                }
+                let _ = n.step_without_device(now, &[]);
+                continue;
+            }
+            _ => {}
+        }
+        if procs[k].is_none() {
+            procs[k] = Some(attach(&h, next_id));
+            next_id += 1;
+        }
+        let p = procs[k].as_mut().expect("attached");
+        p.seq = p.seq.wrapping_add(1);
+        let seq = p.seq;
         let mut rx = Vec::new();
         let slot: Option<Slot> = match op {
+            Op::Attach | Op::Detach => None,
             Op::Raw(b) => {
                 let mut s = [0u8; SLOT];
                 let k = b.len().min(SLOT);
@@ -147,8 +205,8 @@ fuzz_target!(|ops: Vec<Op>| {
                 accept,
                 new_sock,
             } => {
-                let key = handed
-                    .get(which as usize % handed.len().max(1))
+                let key = p.handed
+                    .get(which as usize % p.handed.len().max(1))
                     .copied()
                     .unwrap_or(RequestKey {
                         peer_ip: Ipv4Addr::new(198, 18, 0, 1),
@@ -210,7 +268,7 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Kick { sock, word, value } => {
                 let i = usize::from(sock % 1024);
-                let st = mine.stream(i);
+                let st = p.region.stream(i);
                 match word % 4 {
                     0 => st.snd_p.tail.store(value, Ordering::Relaxed),
                     1 => st.snd_p.fin.store(value as u32, Ordering::Relaxed),
@@ -237,7 +295,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     k => layout::backlog_off(usize::from(k - 1)),
                 };
                 let off = base + (usize::from(offset) % 24) * 8;
-                let w: &std::sync::atomic::AtomicU64 = mine.mapping().at(off);
+                let w: &std::sync::atomic::AtomicU64 = p.region.mapping().at(off);
                 w.store(value, Ordering::Relaxed);
                 None
             }
@@ -261,12 +319,12 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Take { area } => {
                 let k = usize::from(area % 4);
-                if backlogs[k].is_none() {
-                    backlogs[k] = mine.open_backlog(k).ok();
+                if p.backlogs[k].is_none() {
+                    p.backlogs[k] = p.region.open_backlog(k).ok();
                 }
-                if let Some(Ok(Some(s))) = backlogs[k].as_mut().map(|c| c.pop()) {
+                if let Some(Ok(Some(s))) = p.backlogs[k].as_mut().map(|c| c.pop()) {
                     if let Ok(r) = dsan_channel::msg::Request::parse(&s) {
-                        handed.push(r.key());
+                        p.handed.push(r.key());
                     }
                 }
                 None
@@ -277,14 +335,19 @@ fuzz_target!(|ops: Vec<Op>| {
             }
         };
         if let Some(s) = slot {
-            let _ = tx.push(&s);
+            let _ = p.tx.push(&s);
         }
         let _ = n.step_without_device(now, &rx);
-        if mine.header().closed.load(Ordering::Acquire) != 0 {
-            // Detached for breaking the protocol: the rest is ignored, and
-            // the node carries on.
-            let _ = n.step_without_device(now + Duration::from_secs(3), &[]);
-            return;
+        // A process detached for breaking the protocol is gone; the node
+        // carries on with the others (and the slot may attach anew).
+        for q in &mut procs {
+            if q
+                .as_ref()
+                .is_some_and(|q| q.region.header().closed.load(Ordering::Acquire) != 0)
+            {
+                *q = None;
+            }
         }
     }
+    let _ = n.step_without_device(now + Duration::from_secs(3), &[]);
 });

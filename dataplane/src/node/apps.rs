@@ -98,6 +98,8 @@ pub(super) struct Proc {
     pub(super) socks: HashMap<u32, SockObj>,
     pub(super) events: HashMap<u32, EventReg>,
     pub(super) shared: Arc<AppShared>,
+    /// It broke the protocol: its ring is not served any more; detached soon.
+    pub(super) condemned: bool,
 }
 
 fn errno(e: i32) -> Option<i64> {
@@ -119,6 +121,7 @@ impl Node {
                 socks: HashMap::new(),
                 events: HashMap::new(),
                 shared: app,
+                condemned: false,
             },
         );
     }
@@ -165,10 +168,14 @@ impl Node {
     /// A process's close does not wait for the daemon: the closes it
     /// posted before it went are done as closes (the send rings' last bytes
     /// go out, then the FIN), not as resets. Nothing else it left in its
-    /// ring is done. Bounded by the ring's size: a process that is gone
-    /// adds nothing.
+    /// ring is done. At most the ring's capacity of slots is taken.
     fn closes_left_by(&mut self, now: Instant, id: u64) {
-        loop {
+        // At most one ring's worth: a process still alive (a violator, or
+        // one that shut its control socket) may keep pushing.
+        let Some(bound) = self.procs.get(&id).map(|p| p.cmds.capacity()) else {
+            return;
+        };
+        for _ in 0..bound {
             let Some(p) = self.procs.get_mut(&id) else {
                 return;
             };
@@ -183,11 +190,31 @@ impl Node {
         }
     }
 
-    /// The process broke the channel's protocol: it is detached; everyone
-    /// else carries on.
-    pub(super) fn violation(&mut self, now: Instant, id: u64) {
-        self.local.app_violations += 1;
-        self.detach(now, id);
+    /// The process broke the channel's protocol: it is condemned (nothing
+    /// more of its ring is served) and detached by [`Node::reap`] once no
+    /// walk over the process list is under way; everyone else carries on.
+    pub(super) fn violation(&mut self, _now: Instant, id: u64) {
+        let Some(p) = self.procs.get_mut(&id) else {
+            return;
+        };
+        if !p.condemned {
+            p.condemned = true;
+            self.local.app_violations += 1;
+            self.condemned.push(id);
+        }
+    }
+
+    /// Detaches the processes condemned since the last call. Returns
+    /// whether there were any.
+    pub(crate) fn reap(&mut self, now: Instant) -> bool {
+        if self.condemned.is_empty() {
+            return false;
+        }
+        let ids = std::mem::take(&mut self.condemned);
+        for id in ids {
+            self.detach(now, id);
+        }
+        true
     }
 
     /// Registers (replacing and closing any previous ones) the event
@@ -236,7 +263,7 @@ impl Node {
     pub(super) fn serve_app(&mut self, now: Instant, id: u64) -> bool {
         let mut busy = false;
         for _ in 0..crate::device::BURST {
-            let Some(p) = self.procs.get_mut(&id) else {
+            let Some(p) = self.procs.get_mut(&id).filter(|p| !p.condemned) else {
                 return busy;
             };
             let slot = match p.cmds.pop() {

@@ -174,6 +174,10 @@ pub struct Node {
     procs: HashMap<u64, Proc>,
     /// The keys of `procs`, for the loop to walk without allocating.
     proc_ids: Vec<u64>,
+    /// Processes that broke the channel's protocol, detached by
+    /// [`Node::reap`] once nothing walks the process list (never from
+    /// inside a walk: a detach changes `proc_ids`).
+    condemned: Vec<u64>,
     listener_owner: HashMap<ListenerId, (u64, u32)>,
     conn_owner: HashMap<ConnHandle, (u64, u32)>,
     stats: Arc<NodeStats>,
@@ -234,6 +238,7 @@ impl Node {
             ping: None,
             procs: HashMap::new(),
             proc_ids: Vec::new(),
+            condemned: Vec::new(),
             listener_owner: HashMap::new(),
             conn_owner: HashMap::new(),
             stats: h.stats.clone(),
@@ -495,11 +500,14 @@ impl Node {
             busy = true;
         }
         // Serve every attached process's command ring (no allocation: the ids
-        // are kept in a list maintained on attach and detach).
+        // are kept in a list maintained on attach and detach). Nothing in the
+        // walk changes the list: a process that breaks the protocol is only
+        // condemned here, and detached after the walk.
         for i in 0..self.proc_ids.len() {
             let id = self.proc_ids[i];
             busy |= self.serve_app(now, id);
         }
+        busy |= self.reap(now);
         if self.ep.poll_timeout().is_some_and(|t| t <= now) {
             self.ep.handle_timeout(now);
         }
@@ -520,6 +528,8 @@ impl Node {
         self.serve_inputs(now);
         let mut out = Vec::new();
         self.flush_core(now, |_, r| out.push(r));
+        self.reap(now);
+        self.flush_core(now, |_, r| out.push(r));
         out
     }
 }
@@ -535,6 +545,7 @@ impl<D: Device> Handler<D> for Node {
         }
         self.flush_core(now, |n, r| n.send(tx, r));
         self.stream_tx(now, tx);
+        self.reap(now);
     }
 
     fn poll(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
@@ -544,6 +555,7 @@ impl<D: Device> Handler<D> for Node {
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy |= self.stream_tx(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
+        busy |= self.reap(now);
         busy
     }
 
@@ -625,6 +637,7 @@ mod tests {
                 interval: Duration::ZERO,
                 timeout: Duration::from_secs(1),
                 reply: txr,
+                cancel: Default::default(),
             }))
             .unwrap();
         sa.doorbell.ring();
@@ -641,6 +654,7 @@ mod tests {
                 interval: Duration::ZERO,
                 timeout: Duration::from_millis(50),
                 reply: txr,
+                cancel: Default::default(),
             }))
             .unwrap();
         sa.doorbell.ring();

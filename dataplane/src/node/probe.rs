@@ -24,6 +24,9 @@ pub struct PingRequest {
     pub timeout: Duration,
     /// Where the result goes.
     pub reply: Sender<PingResult>,
+    /// Set by the requester when it no longer wants the answer (its
+    /// connection closed): the probe ends at once, and the next one may start.
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What an echo probe measured.
@@ -93,6 +96,10 @@ impl Node {
         let Some(mut p) = self.ping.take() else {
             return false;
         };
+        if p.req.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = p.req.reply.send(p.result);
+            return true;
+        }
         let mut busy = false;
         if p.result.mac.is_none() {
             match self.ep.resolver_mut().lookup(now, p.req.dst) {

@@ -5,6 +5,9 @@
  *
  *   hostile SOCKET truncate    memfds: truncate, grow, map the flag page writable
  *   hostile SOCKET scribble    random bytes over the region's first megabyte, ring
+ *   hostile SOCKET scribble-wait  attach, print "attached", wait for a line on
+ *                              stdin, then scribble as above (so that processes
+ *                              attached later are served after it)
  *   hostile SOCKET indices     an impossible command-ring tail, ring
  *   hostile SOCKET garbage     N well-framed slots of garbage, ring, wait until consumed
  *   hostile SOCKET pipe        a pipe and a socket as event descriptors
@@ -232,6 +235,12 @@ int main(int argc, char **argv) {
         printf("%s truncate=%d grow=%d page=%d writable-page=%s\n", refused ? "ok refused" : "fail", a, b, c,
                w == MAP_FAILED ? "no" : "yes");
         return 0;
+    }
+    if (!strcmp(attack, "scribble-wait")) {
+        printf("attached\n");
+        char line[64];
+        if (!fgets(line, sizeof line, stdin)) { printf("fail stdin\n"); return 2; }
+        attack = "scribble";
     }
     if (!strcmp(attack, "scribble") || !strcmp(attack, "indices")) {
         volatile uint8_t *r = map_region();

@@ -115,6 +115,7 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                     _ if !fds.is_empty() => {
                         Err("descriptors are accepted only with \"event_fd\"".to_string())
                     }
+                    Some("ping") if fds.is_empty() => ping(&req, cx, fd),
                     _ => handle_request(&req, cx),
                 };
                 r.unwrap_or_else(|e| json!({"ok": false, "error": e}))
@@ -260,6 +261,68 @@ fn trace(req: &Value, cx: &Ctx, fd: std::os::fd::RawFd) -> Result<Value, String>
     Ok(json!({"ok": true, "events": list, "dropped": dropped, "clock": "CLOCK_MONOTONIC ns"}))
 }
 
+/// Whether the peer of control connection `fd` has gone (hung up or shut
+/// down its side), without reading from it.
+fn peer_gone(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// `ping`: echo probes through the dataplane. Bounded in count and length
+/// (`control::ctl::ping_budget`), and cancelled as soon as its requester
+/// disconnects, so that an abandoned ping never holds up the next one.
+fn ping(req: &Value, cx: &Ctx, fd: std::os::fd::RawFd) -> Result<Value, String> {
+    let dst: Ipv4 = req["dst"]
+        .as_str()
+        .ok_or("ping needs \"dst\": a SAN IPv4 address")?
+        .parse()
+        .map_err(|_| "\"dst\" is not an IPv4 address")?;
+    let count = req["count"].as_u64().unwrap_or(1);
+    let interval_us = req["interval_us"].as_u64().unwrap_or(0);
+    let timeout_ms = req["timeout_ms"].as_u64().unwrap_or(1000);
+    let wait = control::ctl::ping_budget(count, interval_us, timeout_ms)?;
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (reply, rx) = std::sync::mpsc::channel();
+    cx.lcore
+        .tell(
+            Command::Ping(PingRequest {
+                dst,
+                count: count as u32,
+                interval: Duration::from_micros(interval_us),
+                timeout: Duration::from_millis(timeout_ms),
+                reply,
+                cancel: cancel.clone(),
+            }),
+            ASK,
+        )
+        .map_err(err)?;
+    let deadline = std::time::Instant::now() + wait;
+    let r = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("the dataplane dropped the probe".into())
+            }
+            Err(_) => {}
+        }
+        if peer_gone(fd) || std::time::Instant::now() >= deadline {
+            cancel.store(true, Ordering::Relaxed);
+            cx.lcore.engine.doorbell.ring();
+            return Err("ping cancelled (requester gone or budget spent)".into());
+        }
+    };
+    Ok(
+        json!({"ok": true, "dst": dst.to_string(), "mac": r.mac.map(|m| m.to_string()), "resolve_ns": r.resolve_ns,
+              "sent": r.sent, "received": r.received, "rtt_ns": r.rtt_ns}),
+    )
+}
+
 fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
     let (shared, node) = (&cx.lcore.engine, &cx.lcore.node);
     match req["cmd"].as_str() {
@@ -287,38 +350,6 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             Ok(v)
         }
         Some("subnets") => Ok(json!({"ok": true, "san_addrs": current_addrs(node)})),
-        Some("ping") => {
-            let dst: Ipv4 = req["dst"]
-                .as_str()
-                .ok_or("ping needs \"dst\": a SAN IPv4 address")?
-                .parse()
-                .map_err(|_| "\"dst\" is not an IPv4 address")?;
-            let count = req["count"].as_u64().unwrap_or(1);
-            let interval_us = req["interval_us"].as_u64().unwrap_or(0);
-            let timeout_ms = req["timeout_ms"].as_u64().unwrap_or(1000);
-            let wait = control::ctl::ping_budget(count, interval_us, timeout_ms)?;
-            let interval = Duration::from_micros(interval_us);
-            let timeout = Duration::from_millis(timeout_ms);
-            let r = cx
-                .lcore
-                .ask(
-                    |reply| {
-                        Command::Ping(PingRequest {
-                            dst,
-                            count: count as u32,
-                            interval,
-                            timeout,
-                            reply,
-                        })
-                    },
-                    wait,
-                )
-                .map_err(err)?;
-            Ok(
-                json!({"ok": true, "dst": dst.to_string(), "mac": r.mac.map(|m| m.to_string()), "resolve_ns": r.resolve_ns,
-                      "sent": r.sent, "received": r.received, "rtt_ns": r.rtt_ns}),
-            )
-        }
         Some("listeners") => {
             let v = cx.lcore.ask(Command::Listeners, ASK).map_err(err)?;
             let list: Vec<Value> = v

@@ -242,8 +242,16 @@ impl StreamArea {
     }
 
     /// Copies `src` into `ring` (of `size` bytes) from absolute position `pos`, wrapping.
+    ///
+    /// # Panics
+    /// If `src` is longer than the ring (checked in every build: the copy
+    /// below relies on it).
     fn put(ring: NonNull<u8>, size: usize, pos: u64, src: &[u8]) {
-        debug_assert!(src.len() <= size);
+        assert!(
+            src.len() <= size,
+            "{} bytes into a {size}-byte ring",
+            src.len()
+        );
         let off = (pos as usize) & (size - 1);
         let first = src.len().min(size - off);
         // SAFETY: `ring..ring+size` lies inside the mapping (checked in `new`,
@@ -261,8 +269,15 @@ impl StreamArea {
     }
 
     /// Copies from `ring` at absolute position `pos` into `dst`, wrapping.
+    ///
+    /// # Panics
+    /// If `dst` is longer than the ring (checked in every build).
     fn get(ring: NonNull<u8>, size: usize, pos: u64, dst: &mut [u8]) {
-        debug_assert!(dst.len() <= size);
+        assert!(
+            dst.len() <= size,
+            "{} bytes out of a {size}-byte ring",
+            dst.len()
+        );
         let off = (pos as usize) & (size - 1);
         let first = dst.len().min(size - off);
         // SAFETY: as in `put`, reading instead of writing.
@@ -276,7 +291,8 @@ impl StreamArea {
         }
     }
 
-    /// Process: writes bytes into the send ring at `pos`.
+    /// Process: writes bytes into the send ring at `pos` (at most the ring's
+    /// size: longer panics; callers copy what the ring has room for).
     pub fn write_send(&self, pos: u64, src: &[u8]) {
         Self::put(self.snd, self.snd_size, pos, src)
     }

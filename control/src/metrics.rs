@@ -356,6 +356,9 @@ pub fn serve(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
             let Ok((stream, _)) = l.accept().await else {
+                // Out of descriptors (or memory): wait a little instead of
+                // spinning on the error.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {

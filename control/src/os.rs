@@ -7,6 +7,30 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
+/// Raises this process's soft descriptor limit to its hard limit; returns
+/// the limit now in force.
+///
+/// # Errors
+/// If the limits cannot be read or set.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(r.rlim_cur)
+}
+
 /// Moves the calling thread into the named network namespace (`/run/netns/NAME`).
 /// Call before spawning threads: they inherit it.
 ///

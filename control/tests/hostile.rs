@@ -390,3 +390,70 @@ fn an_abandoned_ping_ends_with_its_requester() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("count must be"));
 }
+
+#[test]
+fn a_daemon_started_with_1024_descriptors_serves_700_connections_of_a_process() {
+    // Issue #27: every SAN connection of an attached process costs the
+    // daemon its event descriptors; dsand raises its soft limit to the hard
+    // one (the unit sets LimitNOFILE) instead of failing at 1,024. (DPDK's
+    // EAL raises it too, for its memory segment descriptors: this checks
+    // the outcome, whichever does it.)
+    let _lab = Lab::up(&[]);
+    ok(&dsanctl(&["lab", "down"]));
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-parameter.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+    let o = Command::new("prlimit")
+        .arg(format!("--nofile=1024:{}", r.rlim_max))
+        .args([DSANCTL, "lab", "up"])
+        .env("DSAN_DSAND", DSAND)
+        .output()
+        .unwrap();
+    ok(&o);
+    let pid = std::fs::read_to_string("/run/dsan/lab/h1/dsand.pid").unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pid.trim())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap();
+    assert!(soft > 1024, "dsand kept a soft limit of {soft}");
+    let script = root().join("control/tests/py/hold_many.py");
+    let s = script.display().to_string();
+    let preload = bindir().join("libdsan_preload.so");
+    let mut srv = in_host(
+        "h1",
+        std::path::Path::new("python3"),
+        &[&s, "server", "7550", "700"],
+    )
+    .env("LD_PRELOAD", &preload)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let out = lines(&mut srv);
+    let _srv = Reaped(srv);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let o = in_host(
+        "h0",
+        std::path::Path::new("timeout"),
+        &["120", "python3", &s, "client", "198.18.0.2", "7550", "700"],
+    )
+    .env("LD_PRELOAD", &preload)
+    .output()
+    .unwrap();
+    let t = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(t.contains("ok 700"), "{t}");
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(30)).unwrap(),
+        "held 700"
+    );
+    let s1 = stats("h1");
+    assert!(s1["connects_accepted"].as_u64() >= Some(700), "{s1}");
+}

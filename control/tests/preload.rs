@@ -724,3 +724,34 @@ fn the_library_exports_only_the_calls_it_interposes() {
     want.sort_unstable();
     assert_eq!(syms, want);
 }
+
+#[test]
+fn a_program_that_forks_while_its_threads_use_sockets_never_hangs_its_child() {
+    // Issue #27: the library's locks are taken and released around fork
+    // (with the switch's), so a child never inherits one held by a thread
+    // it does not have.
+    let _lab = Lab::up(&[]);
+    let script = root().join("control/tests/py/fork_churn.py");
+    let s = script.display().to_string();
+    let mut srv = preloaded("h1", "python3", &[&s, "server", "7450"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(&mut srv);
+    let _srv = Reaped(srv);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let o = run(
+        preloaded(
+            "h0",
+            "python3",
+            &[&s, "client", "198.18.0.2", "7450", "300"],
+        ),
+        120,
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("forks 300 hung 0 "), "{t}");
+}

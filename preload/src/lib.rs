@@ -43,6 +43,9 @@ static INIT: extern "C" fn() = init;
 
 extern "C" fn init() {
     dsan_switch::set_thread_hook(table::mark_internal);
+    // The library's locks join the switch's fork handlers, taken before
+    // the switch's (the library calls the switch while holding them).
+    dsan_switch::set_fork_hooks(fork_prepare, fork_release);
     // Programs poll their sockets for "writable": every SAN connection gets
     // its FD_WRITE descriptor with its event descriptor, in one request.
     dsan_switch::set_watch_writable(true);
@@ -64,6 +67,16 @@ extern "C" fn init() {
         let base = (r.rlim_cur / 4).clamp(1024, i32::MAX as u64) as i32;
         dsan_switch::set_fd_base(base);
     }
+}
+
+fn fork_prepare() {
+    wait::fork_prepare();
+    table::fork_prepare();
+}
+
+fn fork_release() {
+    table::fork_release();
+    wait::fork_release();
 }
 
 /// At exit, the program's SAN sockets are closed as the kernel closes its

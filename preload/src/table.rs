@@ -182,6 +182,25 @@ pub(crate) fn all() -> Vec<RawFd> {
         .map_or_else(Vec::new, |t| t.keys().copied().collect())
 }
 
+type TableGuard = std::sync::RwLockWriteGuard<'static, Option<HashMap<RawFd, Arc<PFd>>>>;
+
+thread_local! {
+    /// The descriptor table, held by a forking thread across the fork.
+    static FORK_TABLE: std::cell::RefCell<Option<TableGuard>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before a fork (after the registration shards: the table is a leaf lock).
+pub(crate) fn fork_prepare() {
+    let g = TABLE.write().unwrap_or_else(|e| e.into_inner());
+    let _ = FORK_TABLE.try_with(|c| *c.borrow_mut() = Some(g));
+}
+
+/// After a fork, in the parent and the child.
+pub(crate) fn fork_release() {
+    let _ = FORK_TABLE.try_with(|c| c.borrow_mut().take());
+}
+
 /// In a forked child: every SAN socket there is now is the parent's.
 pub(crate) fn mark_inherited() {
     if let Some(t) = TABLE.read().unwrap_or_else(|e| e.into_inner()).as_ref() {

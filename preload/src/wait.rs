@@ -262,6 +262,29 @@ static REGS: [Mutex<Option<Regs>>; SHARDS] = [const { Mutex::new(None) }; SHARDS
 /// Registrations alive: epoll_wait translates nothing while there are none.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
+type RegsGuard = std::sync::MutexGuard<'static, Option<Regs>>;
+
+thread_local! {
+    /// The registration shards, held by a forking thread across the fork.
+    static FORK_REGS: std::cell::RefCell<Vec<RegsGuard>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Before a fork: takes every shard (in order), so that the child never
+/// finds one held by a thread it does not have.
+pub(crate) fn fork_prepare() {
+    let gs: Vec<RegsGuard> = REGS
+        .iter()
+        .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let _ = FORK_REGS.try_with(|c| *c.borrow_mut() = gs);
+}
+
+/// After a fork, in the parent and the child: releases what [`fork_prepare`] took.
+pub(crate) fn fork_release() {
+    let _ = FORK_REGS.try_with(|c| c.borrow_mut().clear());
+}
+
 /// The shard of epoll instance `ep`.
 fn shard_of_ep(ep: RawFd) -> usize {
     ep as usize % SHARDS

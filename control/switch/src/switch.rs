@@ -329,10 +329,29 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// An interposing library's own locks, taken before the switch's when a
+/// process forks (its code calls the switch while holding them, never the
+/// other way round) and released after them: (prepare, release).
+static FORK_HOOKS: OnceLock<ForkHooks> = OnceLock::new();
+
+/// (prepare, release).
+type ForkHooks = (fn(), fn());
+
+/// Sets the functions that take (`prepare`) and release (`release`) the
+/// caller's own locks around a fork, in the switch's fork handlers: so that a
+/// forked child never finds a lock held by a thread it does not have. Set
+/// once; later calls change nothing.
+pub fn set_fork_hooks(prepare: fn(), release: fn()) {
+    let _ = FORK_HOOKS.set((prepare, release));
+}
+
 extern "C" fn on_fork_prepare() {
     let Some(g) = GLOBAL.get() else {
         return;
     };
+    if let Some((prepare, _)) = FORK_HOOKS.get() {
+        prepare();
+    }
     let guards = (
         g.table.write().unwrap_or_else(|e| e.into_inner()),
         g.provider.lock().unwrap_or_else(|e| e.into_inner()),
@@ -342,11 +361,23 @@ extern "C" fn on_fork_prepare() {
 }
 
 extern "C" fn on_fork_parent() {
+    if GLOBAL.get().is_none() {
+        return;
+    }
     let _ = FORK_GUARDS.try_with(|c| c.borrow_mut().take());
+    if let Some((_, release)) = FORK_HOOKS.get() {
+        release();
+    }
 }
 
 extern "C" fn on_fork_child() {
+    if GLOBAL.get().is_none() {
+        return;
+    }
     let _ = FORK_GUARDS.try_with(|c| c.borrow_mut().take());
+    if let Some((_, release)) = FORK_HOOKS.get() {
+        release();
+    }
     FORKED_CHILD.store(true, Ordering::Relaxed);
 }
 

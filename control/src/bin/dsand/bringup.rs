@@ -276,7 +276,22 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             .name("control".into())
             .spawn(move || {
                 dataplane::sys::unpin_current_thread();
-                for conn in listener.incoming().flatten() {
+                loop {
+                    let conn = match listener.accept() {
+                        Ok((c, _)) => c,
+                        Err(e) => {
+                            // Out of descriptors (or memory): the pending
+                            // connection stays queued; try again a little
+                            // later instead of spinning on the error.
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                            ) {
+                                std::thread::sleep(std::time::Duration::from_millis(50));
+                            }
+                            continue;
+                        }
+                    };
                     // One thread per connection, within limits per uid and in all.
                     let Some(slot) = super::ctl_server::admit(&conn, &cx) else {
                         continue;

@@ -169,5 +169,10 @@ fn run(args: Args) -> Result<()> {
     let Some(eff) = eff else {
         bail!("{}", problems[0]);
     };
+    // Every attached process's event descriptors and control connection
+    // are the daemon's: use what the hard limit allows (the unit sets it).
+    if let Err(e) = os::raise_nofile_limit() {
+        eprintln!("dsand: warning: cannot raise the descriptor limit: {e}");
+    }
     bringup::serve(eff, metrics_listener)
 }

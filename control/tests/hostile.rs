@@ -457,3 +457,88 @@ fn a_daemon_started_with_1024_descriptors_serves_700_connections_of_a_process() 
     let s1 = stats("h1");
     assert!(s1["connects_accepted"].as_u64() >= Some(700), "{s1}");
 }
+
+/// h1's frames sent of the kinds a connection request can provoke.
+fn provoked(s: &Value) -> u64 {
+    ["accept", "close", "reset", "reject", "data", "ack"]
+        .iter()
+        .map(|k| s["frames_sent"][k].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn a_forged_connect_request_makes_the_daemon_send_at_most_two_frames() {
+    // Issue #27: requests carrying a victim's addresses, to a listener that
+    // accepts everything, made h1 retransmit Accepts and then Closes to the
+    // victim (16 frames per forged request). A source that never confirms
+    // gets the Accept and one retransmission, nothing more.
+    let _lab = Lab::up(&[]);
+    let storm = cc("storm.c", true);
+    let hostile = cc("hostile.c", false);
+    let mut srv = Reaped(
+        in_host("h1", &storm, &["server", "7600", "64", "0", "all"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let srv_out = lines(&mut srv.0);
+    assert_eq!(
+        srv_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let before = stats("h1");
+    const N: u64 = 10;
+    let r = run_in(
+        "h0",
+        &hostile,
+        &["forge", "san0", "02:d5:a0:00:00:02", "7600", &N.to_string()],
+    );
+    assert!(r.starts_with(&format!("sent {N}")), "{r}");
+    // Every forged request was seen, and accepted by the application...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats("h1");
+        let got = s["connect_requests_received"].as_u64().unwrap_or(0)
+            - before["connect_requests_received"].as_u64().unwrap_or(0);
+        if got >= N {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{got} requests seen: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...and once the connections are given up (the close budget, 10 s),
+    // the victim got at most two frames for each.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = serde_json::from_str(&ok(&dsanctl(&[
+            "--json",
+            "--socket",
+            "/run/dsan/lab/h1/dsand.sock",
+            "connections",
+        ])))
+        .unwrap();
+        if v["connections"].as_array().is_some_and(|a| a.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never given up: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = stats("h1");
+    let sent = provoked(&after) - provoked(&before);
+    eprintln!(
+        "{N} forged requests: {sent} frames sent toward the victim ({:.1} each)",
+        sent as f64 / N as f64
+    );
+    assert!(
+        sent <= 2 * N,
+        "{sent} frames for {N} forged requests: {after}"
+    );
+    assert!(
+        after["connects_accepted"].as_u64() >= Some(N),
+        "the listener accepted them: {after}"
+    );
+}

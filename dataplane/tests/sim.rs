@@ -444,12 +444,22 @@ impl Sim {
                 if cc.role != Role::Client || cc.is_closing() {
                     continue;
                 }
-                let s = servers.get(&(h.ip, cc.conn_id)).unwrap_or_else(|| {
-                    panic!(
+                let key = RequestKey {
+                    peer_ip: h.ip,
+                    conn_id: cc.conn_id,
+                };
+                let Some(s) = servers.get(&(h.ip, cc.conn_id)) else {
+                    // Every AcceptAck lost: the server forgot the connection
+                    // without a Close (its client never proved itself). The
+                    // client learns at its next frame (a Reset) or keepalive.
+                    assert!(
+                        self.hosts.iter().any(|s| s.ep.forgot_unconfirmed(key)),
                         "client {} holds {:#x}, the server does not",
-                        h.ip, cc.conn_id
-                    )
-                });
+                        h.ip,
+                        cc.conn_id
+                    );
+                    continue;
+                };
                 assert_eq!(
                     (s.my_token, s.peer_token, s.peer),
                     (cc.peer_token, cc.my_token, cc.local)

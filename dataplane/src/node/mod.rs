@@ -186,6 +186,8 @@ pub struct Node {
     streams: streams::StreamTable,
     stream_timers: BTreeSet<(Instant, ConnHandle)>,
     txq: VecDeque<ConnHandle>,
+    /// Streams whose client has not confirmed yet (see `release_held`).
+    held: Vec<ConnHandle>,
     fault_rng: crate::proto::rng::SeededRng,
     delayed: Vec<(Instant, Vec<u8>)>,
     /// Connection-setup stamps, while tracing.
@@ -247,6 +249,7 @@ impl Node {
             streams: streams::StreamTable::default(),
             stream_timers: BTreeSet::new(),
             txq: VecDeque::new(),
+            held: Vec::new(),
             fault_rng: crate::proto::rng::SeededRng::new(0),
             delayed: Vec::new(),
             trace: None,
@@ -544,6 +547,7 @@ impl<D: Device> Handler<D> for Node {
             }
         }
         self.flush_core(now, |n, r| n.send(tx, r));
+        self.release_held();
         self.stream_tx(now, tx);
         self.reap(now);
     }
@@ -553,6 +557,7 @@ impl<D: Device> Handler<D> for Node {
         busy |= self.release_delayed(now, tx);
         busy |= self.drive_ping(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
+        busy |= self.release_held();
         busy |= self.stream_tx(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy |= self.reap(now);

@@ -527,6 +527,33 @@ impl Node {
         self.reschedule(h);
     }
 
+    /// Streams held back while their client was unconfirmed: those now
+    /// confirmed join the transmit queue (those gone are dropped). Returns
+    /// whether any did.
+    pub(super) fn release_held(&mut self) -> bool {
+        if self.held.is_empty() {
+            return false;
+        }
+        let mut ready = Vec::new();
+        let ep = &self.ep;
+        let streams = &self.streams;
+        self.held.retain(|h| {
+            if streams.get(h).is_none() {
+                return false;
+            }
+            if ep.is_unconfirmed(*h) {
+                return true;
+            }
+            ready.push(*h);
+            false
+        });
+        let any = !ready.is_empty();
+        for h in ready {
+            self.enqueue(h);
+        }
+        any
+    }
+
     /// Bytes were acknowledged: the send ring's head moves, and a writer
     /// waiting for space learns it.
     fn acked(&mut self, h: ConnHandle) {
@@ -611,6 +638,16 @@ impl Node {
                 continue;
             };
             ctx.set(QUEUED, false);
+            if self.ep.is_unconfirmed(h) {
+                // The client has not proven its address yet (the request
+                // may be forged): nothing goes to it but the Accept. The
+                // stream waits, and goes once it is confirmed.
+                self.held.push(h);
+                continue;
+            }
+            let Some(ctx) = self.streams.get_mut(&h) else {
+                continue;
+            };
             if !ctx.has(APP_CLOSED) {
                 // The credit we advertise is as fresh as the reader's head
                 // (a checked value; a bad one waits for the next kick).

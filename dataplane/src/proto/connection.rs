@@ -44,7 +44,7 @@ pub struct Connection {
     /// The peer's offered receive window in KiB (our first credit; rings
     /// are whole KiB).
     peer_window_kib: u16,
-    /// [`CLOSING`] and [`CONFIRMING`].
+    /// [`CLOSING`], [`CONFIRMING`] and [`CLOSE_PENDING`].
     flags: u8,
 }
 
@@ -53,6 +53,9 @@ const CLOSING: u8 = 1;
 /// An accepted connection whose client has not confirmed the accept yet
 /// (the Accept is retransmitted).
 const CONFIRMING: u8 = 2;
+/// The application closed it while it was [`CONFIRMING`]: the Close waits
+/// for the client's confirmation (no Close goes to an unproven source).
+const CLOSE_PENDING: u8 = 4;
 
 /// The connections of an endpoint: a [`Slab`] indexed by the handle's slot
 /// (a handle is its connection's `my_token`, which the slot's entry must
@@ -142,6 +145,11 @@ impl std::ops::Index<&ConnHandle> for ConnTable {
     }
 }
 
+/// Accepts sent to a client that has not confirmed yet, at most (the
+/// first and one retransmission): a forged request makes this host send
+/// no more than that toward the forged source.
+pub const ACCEPT_SENDS: u8 = 2;
+
 /// Retransmissions with exponential backoff until a budget runs out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Retry {
@@ -217,9 +225,9 @@ impl Connection {
         }
     }
 
-    /// Whether we are closing it.
+    /// Whether we are closing it (or will, once its client confirms it).
     pub fn is_closing(&self) -> bool {
-        self.flags & CLOSING != 0
+        self.flags & (CLOSING | CLOSE_PENDING) != 0
     }
 
     /// Whether the peer is known to hold it (a client always; a server once
@@ -244,6 +252,20 @@ impl<R: Rng> Endpoint<R> {
         if c.is_closing() {
             return Err(CloseError::Unknown);
         }
+        if c.flags & CONFIRMING != 0 {
+            // Its client has not proven its address: the Close waits for
+            // the confirmation (see `confirm_timers`), and goes nowhere if
+            // none comes.
+            c.flags |= CLOSE_PENDING;
+            return Ok(());
+        }
+        self.start_close(now, h);
+        Ok(())
+    }
+
+    /// Starts the close handshake of `h` (known, not closing yet).
+    fn start_close(&mut self, now: Instant, h: ConnHandle) {
+        let c = self.conns.get_mut(&h).expect("known");
         // The close handshake takes over from the confirmation.
         c.flags = CLOSING;
         let c = *c;
@@ -253,14 +275,18 @@ impl<R: Rng> Endpoint<R> {
             Retry::start(now, self.cfg.close_budget, self.cfg.initial_rto),
         );
         self.send_close(&c);
-        Ok(())
     }
 
-    /// A server connection starts waiting for its client's confirmation: the
-    /// accept is retransmitted with backoff until an AcceptAck (or a Close)
-    /// arrives. Without one within the close budget the client is presumed
-    /// gone: the application is told the connection closed, and a close
-    /// handshake is attempted.
+    /// A server connection starts waiting for its client's confirmation (an
+    /// AcceptAck, or any stream frame with our token: only the client that
+    /// got our Accept knows it). Until then the source is unproven (a
+    /// request may carry a victim's forged addresses), so the Accept is sent
+    /// again at most once ([`ACCEPT_SENDS`] in all) and nothing else goes to
+    /// it: the stream waits (see [`Endpoint::is_unconfirmed`]), and a client
+    /// that never confirms within the close budget is forgotten without a
+    /// Close; the application is told the connection closed. A real client
+    /// whose Accept was lost retransmits its request, and each request is
+    /// answered with the Accept again (one frame per frame received).
     pub(super) fn await_confirmation(&mut self, now: Instant, h: ConnHandle, offer: Offer) {
         if let Some(c) = self.conns.get_mut(&h) {
             c.flags |= CONFIRMING;
@@ -269,9 +295,36 @@ impl<R: Rng> Endpoint<R> {
                 (
                     Retry::start(now, self.cfg.close_budget, self.cfg.initial_rto),
                     offer,
+                    1,
                 ),
             );
         }
+    }
+
+    /// Whether `h` is a server connection whose client has not confirmed
+    /// it yet: nothing but the Accept may be sent to it.
+    pub fn is_unconfirmed(&self, h: ConnHandle) -> bool {
+        self.conns
+            .get(&h)
+            .is_some_and(|c| c.flags & CONFIRMING != 0)
+    }
+
+    /// The client of server connection `ch` proved itself (an AcceptAck, or
+    /// a stream frame carrying our token).
+    fn confirmed(&mut self, ch: ConnHandle) {
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        c.flags &= !CONFIRMING;
+        if c.flags & CLOSE_PENDING != 0 {
+            // Closed by its application meanwhile: the close handshake
+            // starts at once (from the timers, which know the time).
+            if let Some(e) = self.confirming.get_mut(&ch) {
+                e.0.next = Instant(0);
+            }
+            return;
+        }
+        self.confirming.remove(&ch);
     }
 
     fn send_accept(&mut self, c: &Connection, offer: Offer) {
@@ -290,12 +343,7 @@ impl<R: Rng> Endpoint<R> {
 
     pub(super) fn on_accept_ack(&mut self, h: &SanHeader, conn_id: u64, token: u64) {
         match self.conns.by_wire((h.src_ip, conn_id, Role::Server)) {
-            Some(ch) if self.conns[&ch].my_token == token => {
-                if let Some(c) = self.conns.get_mut(&ch) {
-                    c.flags &= !CONFIRMING;
-                }
-                self.confirming.remove(&ch);
-            }
+            Some(ch) if self.conns[&ch].my_token == token => self.confirmed(ch),
             Some(_) => self.stats.bad_token += 1,
             None => self.stats.late_replies += 1,
         }
@@ -326,18 +374,39 @@ impl<R: Rng> Endpoint<R> {
         );
     }
 
-    /// Accept retransmissions of unconfirmed server connections, and give-ups.
+    /// Accept retransmissions of unconfirmed server connections (at most
+    /// [`ACCEPT_SENDS`] Accepts in all), and give-ups: a client that never
+    /// confirmed is forgotten without a Close (its source was never proven;
+    /// a late frame from a real one is answered by the tombstone or a Reset).
     pub(super) fn confirm_timers(&mut self, now: Instant) {
-        for (h, (r, offer)) in Self::due(&self.confirming, |e| e.0, now) {
+        for (h, (r, offer, sent)) in Self::due(&self.confirming, |e| e.0, now) {
+            let flags = self.conns[&h].flags;
+            if flags & CLOSE_PENDING != 0 && flags & CONFIRMING == 0 {
+                // Confirmed after its application closed it: close now.
+                self.confirming.remove(&h);
+                self.start_close(now, h);
+                continue;
+            }
             if r.give_up <= now {
                 self.stats.unconfirmed += 1;
-                self.events.push_back(Event::Closed { conn: h });
-                let _ = self.close(now, h);
+                if flags & CLOSE_PENDING == 0 {
+                    self.events.push_back(Event::Closed { conn: h });
+                }
+                self.remove_conn(now, h);
+                continue;
+            }
+            if sent >= ACCEPT_SENDS {
+                // Nothing more to send: wait for the give-up.
+                let wait = Retry {
+                    next: r.give_up,
+                    ..r
+                };
+                self.confirming.insert(h, (wait, offer, sent));
                 continue;
             }
             let c = self.conns[&h];
             self.confirming
-                .insert(h, (r.backed_off(now, self.cfg.max_rto), offer));
+                .insert(h, (r.backed_off(now, self.cfg.max_rto), offer, sent + 1));
             self.send_accept(&c, offer);
         }
     }
@@ -371,6 +440,7 @@ impl<R: Rng> Endpoint<R> {
                     client_token: c.peer_token,
                     server_token: c.my_token,
                     reset,
+                    unconfirmed: c.flags & CONFIRMING != 0,
                 },
             );
         }
@@ -435,11 +505,14 @@ impl<R: Rng> Endpoint<R> {
         // The token is our handle: its slot holds the connection (no hashing
         // on the data path).
         let ch = ConnHandle(token);
-        if self
+        if let Some(c) = self
             .conns
             .get(&ch)
-            .is_some_and(|c| c.conn_id == conn_id && c.peer.0 == h.src_ip)
+            .filter(|c| c.conn_id == conn_id && c.peer.0 == h.src_ip)
         {
+            if c.flags & CONFIRMING != 0 {
+                self.confirmed(ch);
+            }
             return Ok(ch);
         }
         let Some(ch) = self.conn_for(h, conn_id) else {
@@ -453,6 +526,9 @@ impl<R: Rng> Endpoint<R> {
         if self.conns[&ch].my_token != token {
             self.stats.bad_token += 1;
             return Err(true);
+        }
+        if self.conns[&ch].flags & CONFIRMING != 0 {
+            self.confirmed(ch);
         }
         Ok(ch)
     }

@@ -96,7 +96,9 @@ pub struct Endpoint<R: Rng> {
     pub(super) closing: BTreeMap<ConnHandle, Retry>,
     /// Accepted connections whose client has not confirmed yet: the Accept's
     /// retransmissions and the offer it carries.
-    pub(super) confirming: BTreeMap<ConnHandle, (Retry, Offer)>,
+    /// Unconfirmed server connections: retry timer, the offer their Accept
+    /// carries, Accepts sent so far.
+    pub(super) confirming: BTreeMap<ConnHandle, (Retry, Offer, u8)>,
     pub(super) attempts: BTreeMap<ConnHandle, Attempt>,
     pub(super) attempt_by_wire: HashMap<u64, ConnHandle>,
     /// (peer ip, conn id) -> what became of a request, and when to forget it.

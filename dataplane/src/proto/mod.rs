@@ -32,7 +32,7 @@ mod types;
 mod tests;
 
 pub use config::{PortSet, ProtoConfig, Subnet};
-pub use connection::{Connection, Role};
+pub use connection::{Connection, Role, ACCEPT_SENDS};
 pub use endpoint::{Endpoint, WIRE_INDEX_ENTRY_BYTES};
 pub use server::Incoming;
 pub use types::*;

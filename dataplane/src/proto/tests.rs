@@ -405,8 +405,48 @@ fn an_accept_nobody_confirms_ends_the_server_connection() {
     assert!(p.ev_b.contains(&Event::Closed { conn: s }));
     assert_eq!(p.b.stats().unconfirmed, 1);
     assert_eq!(p.b.connections().count(), 0);
+    // A source that never proved itself (a forged request names a victim)
+    // gets the Accept and one retransmission, and nothing else: no Close.
     let accepts = p.sent(false, |m| matches!(m, Message::Accept { .. }));
-    assert!((5..=40).contains(&accepts), "{accepts} accepts sent");
+    assert_eq!(accepts, usize::from(ACCEPT_SENDS), "{accepts} accepts sent");
+    assert_eq!(
+        p.sent(false, |m| !matches!(m, Message::ResolveReply { .. })),
+        usize::from(ACCEPT_SENDS),
+        "only the Accepts went to the unproven source"
+    );
+}
+
+#[test]
+fn a_stream_frame_confirms_an_accept_whose_ack_was_lost() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 6), 1).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 6)).unwrap();
+    p.deliver();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
+    // Every AcceptAck is lost.
+    p.advance(Duration::from_millis(50), |from_a, f| {
+        from_a && matches!(f.message, Message::AcceptAck { .. })
+    });
+    assert!(p.b.is_unconfirmed(s));
+    // The client's first stream frame carries the server's token: proof enough.
+    let (hdr, conn_id, token) = p.a.stream_route(c).expect("connected");
+    let f = Repr {
+        header: hdr,
+        message: Message::Ack(crate::wire::Segment {
+            conn_id,
+            token,
+            seq: 0,
+            ack: 0,
+            limit: 4096,
+            flags: 0,
+            len: 0,
+        }),
+    };
+    assert_eq!(p.b.stream_conn(&f.header, conn_id, token), Ok(s));
+    assert!(!p.b.is_unconfirmed(s));
+    p.advance(Duration::from_secs(25), |_, _| false);
+    assert_eq!(p.b.stats().unconfirmed, 0);
+    assert_eq!(p.b.connections().count(), 1);
 }
 
 #[test]

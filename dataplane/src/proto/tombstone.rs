@@ -22,6 +22,8 @@ pub(super) enum Tomb {
         client_token: u64,
         server_token: u64,
         reset: Option<ResetReason>,
+        /// Its client never confirmed it (it was forgotten without a Close).
+        unconfirmed: bool,
     },
 }
 
@@ -104,6 +106,22 @@ impl<R: Rng> Endpoint<R> {
             }
         }
         true
+    }
+
+    /// Whether the server connection of request `key` ended because its
+    /// client never confirmed it (so the client, if it exists, may still
+    /// hold it until its keepalive or its next frame learns otherwise).
+    pub fn forgot_unconfirmed(&self, key: RequestKey) -> bool {
+        matches!(
+            self.tombstones.get(&key),
+            Some((
+                Tomb::Closed {
+                    unconfirmed: true,
+                    ..
+                },
+                _
+            ))
+        )
     }
 
     pub(super) fn expire_tombstones(&mut self, now: Instant) {

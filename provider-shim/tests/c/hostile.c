@@ -15,6 +15,10 @@
  *   hostile SOCKET hugeline    a 1 MiB line without a newline
  *   hostile SOCKET fds         a line with 5 descriptors
  *   hostile SOCKET connflood   300 control connections held open at once
+ *   hostile forge IFACE DSTMAC PORT N   N well-formed ConnectRequests to PORT, each
+ *                              with a new connection id, all from one victim's
+ *                              addresses (02:00:00:00:00:99, 198.18.0.77), which
+ *                              never answers
  *   hostile flood IFACE DSTMAC PORT N   N forged frames: random ConnectRequests to
  *                              PORT from random sources, and random/mutated bytes
  */
@@ -137,7 +141,7 @@ static volatile uint8_t *map_region(void) {
     return p == MAP_FAILED ? NULL : p;
 }
 
-static int flood(const char *iface, const char *dstmac, int port, long n) {
+static int flood(const char *iface, const char *dstmac, int port, long n, int victim) {
     int s = socket(AF_PACKET, SOCK_RAW, htons(0x88b5));
     if (s < 0) { perror("socket"); return 2; }
     struct sockaddr_ll ll;
@@ -155,7 +159,12 @@ static int flood(const char *iface, const char *dstmac, int port, long n) {
         for (int k = 0; k < 6; k++) f[k] = (uint8_t)mac[k];
         f[6] = 0x02; /* a unicast, locally administered, random source */
         f[12] = 0x88; f[13] = 0xb5;
-        if (i % 2 == 0) {
+        if (victim) {
+            /* The victim's MAC and SAN address on every request. */
+            f[6] = 0x02; f[7] = 0; f[8] = 0; f[9] = 0; f[10] = 0; f[11] = 0x99;
+            f[20] = 198; f[21] = 18; f[22] = 0; f[23] = 77;
+        }
+        if (victim || i % 2 == 0) {
             /* A well-formed ConnectRequest from a random source address. */
             f[14] = 1; f[15] = 0x01; f[16] = 0; f[17] = 0;
             f[24] = 198; f[25] = 18; f[26] = 0; f[27] = 2; /* dst 198.18.0.2 */
@@ -176,7 +185,8 @@ static int flood(const char *iface, const char *dstmac, int port, long n) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 6 && !strcmp(argv[1], "flood")) return flood(argv[2], argv[3], atoi(argv[4]), atol(argv[5]));
+    if (argc == 6 && !strcmp(argv[1], "flood")) return flood(argv[2], argv[3], atoi(argv[4]), atol(argv[5]), 0);
+    if (argc == 6 && !strcmp(argv[1], "forge")) return flood(argv[2], argv[3], atoi(argv[4]), atol(argv[5]), 1);
     if (argc != 3) { fprintf(stderr, "usage: see the comment at the top\n"); return 2; }
     const char *attack = argv[2];
     if (!strcmp(attack, "connflood")) {

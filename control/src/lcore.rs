@@ -4,8 +4,8 @@
 
 use dataplane::engine::{EngineShared, LcoreStats};
 use dataplane::node::{
-    Command, Counters, NodeHandle, APP_REJECT_REASONS, ATTEMPT_RESULTS, KIND_NAMES, REJECT_REASONS,
-    RESET_REASONS,
+    Command, Counters, NodeHandle, APP_REJECT_REASONS, ATTEMPT_RESULTS, KIND_NAMES, LISTEN_DENIALS,
+    REJECT_REASONS, RESET_REASONS,
 };
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
@@ -116,6 +116,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
                     "state_bytes_per_connection": dataplane::node::STREAM_STATE_BYTES},
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),
         "app_protocol_violations": c.app_violations,
+        "san_listens_denied": named(&LISTEN_DENIALS, &c.listen_denials),
         "app_event_signals_failed": c.event_signal_failed,
         "attached_processes": c.attached,
         "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},

@@ -48,8 +48,10 @@ pub struct Metrics {
     expired: IntCounter,
     app_rejects: IntCounterVec,
     app_violations: IntCounter,
+    listen_denials: IntCounterVec,
     event_signals_failed: IntCounter,
     fallbacks_metric: IntCounterVec,
+    listen_failures_metric: IntCounterVec,
     attached: prometheus::IntGauge,
     backlog_capacity: IntGaugeVec,
     backlog_depth: IntGaugeVec,
@@ -69,9 +71,19 @@ pub struct Metrics {
 /// (`dsan_switch_fallbacks_total{reason}`).
 pub const FALLBACK_REASONS: [&str; 3] = ["timed_out", "tcp_only", "no_san_socket"];
 
-/// Switch fallbacks by reason ([`FALLBACK_REASONS`]).
+/// Why a switch listener serves kernel TCP only, as applications report it
+/// (`dsan_switch_san_listen_failures_total{reason}`): the SAN port is held
+/// by another listener, the daemon denied it (another user's port, or below
+/// 1024 without the right to bind it), or anything else.
+pub const LISTEN_FAILURE_REASONS: [&str; 3] = ["in_use", "denied", "other"];
+
+/// Switch fallbacks by reason ([`FALLBACK_REASONS`]), and failed SAN
+/// listens by reason ([`LISTEN_FAILURE_REASONS`]).
 #[derive(Debug, Default)]
-pub struct Fallbacks([std::sync::atomic::AtomicU64; 3]);
+pub struct Fallbacks(
+    [std::sync::atomic::AtomicU64; 3],
+    [std::sync::atomic::AtomicU64; 3],
+);
 
 impl Fallbacks {
     /// Counts one for `reason` (an unknown reason counts as `timed_out`, what
@@ -89,6 +101,17 @@ impl Fallbacks {
     /// All reasons together.
     pub fn total(&self) -> u64 {
         (0..self.0.len()).map(|i| self.get(i)).sum()
+    }
+    /// Counts a failed SAN listen for `reason` (unknown: `other`).
+    pub fn add_listen_failure(&self, reason: Option<&str>) {
+        let i = reason
+            .and_then(|r| LISTEN_FAILURE_REASONS.iter().position(|x| *x == r))
+            .unwrap_or(2);
+        self.1[i].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Failed SAN listens for reason `i`.
+    pub fn listen_failures(&self, i: usize) -> u64 {
+        self.1[i].load(Ordering::Relaxed)
     }
 }
 
@@ -194,8 +217,10 @@ impl Metrics {
             expired: c("dsan_san_requests_expired_total", "SAN connect requests dropped unanswered after the connect budget (their clients had given up)."),
             app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
             app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
+            listen_denials: cv("dsan_san_listens_denied_total", "SAN listens refused (the port's kernel TCP listener belongs to another user; a port below 1024 without the right to bind it) and SAN listeners revoked (a kernel TCP listener of another user took the port), by reason.", &["reason"]),
             event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's eventfd could not take."),
             fallbacks_metric: cv("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP, by reason: the SAN attempt timed out, the port has only a kernel TCP listener, or no SAN socket could be set up.", &["reason"]),
+            listen_failures_metric: cv("dsan_switch_san_listen_failures_total", "Listens the switch serves on kernel TCP only because their SAN side could not be set up, by reason (reported by applications).", &["reason"]),
             backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
             backlog_depth: gv("dsan_backlog_depth", "Connect requests queued on each SAN listener."),
             backlog_accepted: gv("dsan_backlog_accepted", "Connections the switch accepted on the application's behalf, waiting for its accept, per SAN listener."),
@@ -262,7 +287,19 @@ impl Metrics {
             set(&self.app_rejects.with_label_values(&[r]), n.app_rejects[i]);
         }
         set(&self.app_violations, n.app_violations);
+        for (i, r) in dataplane::node::LISTEN_DENIALS.iter().enumerate() {
+            set(
+                &self.listen_denials.with_label_values(&[r]),
+                n.listen_denials[i],
+            );
+        }
         set(&self.event_signals_failed, n.event_signal_failed);
+        for (i, r) in LISTEN_FAILURE_REASONS.iter().enumerate() {
+            set(
+                &self.listen_failures_metric.with_label_values(&[r]),
+                self.fallbacks.listen_failures(i),
+            );
+        }
         for (i, r) in FALLBACK_REASONS.iter().enumerate() {
             set(
                 &self.fallbacks_metric.with_label_values(&[r]),

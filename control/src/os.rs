@@ -7,6 +7,28 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
+/// Of process `pid` (from `/proc/PID/status`): whether its effective
+/// capabilities hold CAP_NET_BIND_SERVICE, and its parent's pid (0 if
+/// unknown).
+pub fn proc_caps(pid: u32) -> (bool, u32) {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return (false, 0);
+    };
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .map(str::to_string)
+    };
+    let caps = field("CapEff:")
+        .and_then(|h| u64::from_str_radix(&h, 16).ok())
+        .unwrap_or(0);
+    let ppid = field("PPid:").and_then(|p| p.parse().ok()).unwrap_or(0);
+    // linux/capability.h: CAP_NET_BIND_SERVICE is bit 10.
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    (caps & (1 << CAP_NET_BIND_SERVICE) != 0, ppid)
+}
+
 /// Raises this process's soft descriptor limit to its hard limit; returns
 /// the limit now in force.
 ///
@@ -285,6 +307,17 @@ impl TcpListenerScan {
     /// As the netlink calls; the scanner should then be replaced (a dump
     /// may be left half read).
     pub fn ports(&mut self) -> io::Result<Vec<u16>> {
+        let mut v: Vec<u16> = self.listeners()?.into_iter().map(|(p, _)| p).collect();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// The kernel TCP listeners reachable from outside, as (port, owner
+    /// uid), sorted (a port may appear once per uid).
+    ///
+    /// # Errors
+    /// As [`ports`](Self::ports).
+    pub fn listeners(&mut self) -> io::Result<Vec<(u16, u32)>> {
         if self.compat {
             match self.listening(None) {
                 Ok(mut v) => {
@@ -306,7 +339,7 @@ impl TcpListenerScan {
     /// One dump: of `family` (inet_diag_req_v2), or of both families in
     /// one walk (`None`: the older inet_diag_req, which the kernel answers
     /// for every family).
-    fn listening(&mut self, family: Option<i32>) -> io::Result<Vec<u16>> {
+    fn listening(&mut self, family: Option<i32>) -> io::Result<Vec<(u16, u32)>> {
         const TCPDIAG_GETSOCK: u16 = 18;
         const SOCK_DIAG_BY_FAMILY: u16 = 20;
         const TCP_LISTEN: u32 = 10;
@@ -386,8 +419,14 @@ impl TcpListenerScan {
                             } else {
                                 Some(Ipv4Addr::new(m[8], m[9], m[10], m[11]))
                             };
+                            // inet_diag_msg: after the socket id (48
+                            // bytes from offset 4) come expires, rqueue,
+                            // wqueue, then the owner's uid.
+                            let uid = m.get(64..68).map_or(u32::MAX, |b| {
+                                u32::from_ne_bytes(b.try_into().expect("4 bytes"))
+                            });
                             if src.is_some_and(|s| !s.is_loopback()) {
-                                ports.push(port);
+                                ports.push((port, uid));
                             }
                         }
                     }

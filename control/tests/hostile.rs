@@ -542,3 +542,174 @@ fn a_forged_connect_request_makes_the_daemon_send_at_most_two_frames() {
         "the listener accepted them: {after}"
     );
 }
+
+/// `prog args` in lab host `host` as user `uid` (group 0, the lab socket's
+/// group, so that it may attach), unprivileged.
+fn as_user(host: &str, uid: u32, prog: &std::path::Path, args: &[&str]) -> Command {
+    let mut a: Vec<String> = vec![
+        format!("--reuid={uid}"),
+        "--regid=0".into(),
+        "--clear-groups".into(),
+        "--inh-caps=-all".into(),
+        "--bounding-set=-all".into(),
+        prog.display().to_string(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    in_host(host, std::path::Path::new("setpriv"), &a)
+}
+
+/// The pid listening on SAN port `port` of h1, if any.
+fn san_listener_pid(port: u16) -> Option<u64> {
+    let v: Value = serde_json::from_str(&ok(&dsanctl(&[
+        "--json",
+        "--socket",
+        "/run/dsan/lab/h1/dsand.sock",
+        "listeners",
+    ])))
+    .unwrap();
+    v["listeners"]
+        .as_array()?
+        .iter()
+        .find(|l| l["port"] == port)
+        .and_then(|l| l["pid"].as_u64())
+}
+
+#[test]
+fn a_user_cannot_take_or_hijack_another_users_san_port() {
+    let _lab = Lab::up(&[]);
+    let stream = {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("dsan-harness-ustream-{}", std::process::id()));
+        let st = Command::new("cc")
+            .args(["-O2", "-I"])
+            .arg(root().join("provider-shim/include"))
+            .arg(root().join("provider-shim/tests/c/stream.c"))
+            .arg("-L")
+            .arg(bindir())
+            .args(["-ldsan_provider", "-lpthread", "-o"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        out
+    };
+    let count = |reason: &str| -> u64 {
+        stats("h1")["san_listens_denied"][reason]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // 1. Below 1024 a SAN port needs root or CAP_NET_BIND_SERVICE, as TCP does.
+    let o = as_user("h1", 2000, &stream, &["server", "80", "1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "uid 2000 listened on SAN port 80");
+    assert!(count("privileged_port") >= 1);
+
+    // 2. A port whose kernel TCP listener belongs to uid 1000 is not uid 2000's.
+    let mut tcp = Reaped(
+        as_user(
+            "h1",
+            1000,
+            // Debian's interpreter (readable by every user, unlike a
+            // per-user installation that may come first in PATH).
+            std::path::Path::new("/usr/bin/python3"),
+            &[
+                "-c",
+                "import socket,sys,time\ns=socket.socket()\ns.bind(('0.0.0.0',7702))\ns.listen()\nprint('listening',flush=True)\nsys.stdin.read()",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let tcp_out = lines(&mut tcp.0);
+    assert_eq!(
+        tcp_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The daemon learns listeners from its scan (within a second).
+        let o = as_user("h1", 2000, &stream, &["server", "7702", "1"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut o = Reaped(o);
+        let out = lines(&mut o.0);
+        match out.recv_timeout(Duration::from_secs(5)) {
+            Ok(l) if l == "listening" => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "uid 2000 got SAN port 7702 of uid 1000's TCP listener"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            _ => break,
+        }
+    }
+    assert!(count("other_user") >= 1);
+
+    // 3. A squatter of uid 2000 holding SAN port 7701 first loses it to
+    //    uid 1000's service (kernel TCP and SAN, through the switch) once
+    //    that service's TCP listener shows whose port it is; SAN clients of
+    //    7701 then reach uid 1000's service.
+    let mut squat = Reaped(
+        as_user("h1", 2000, &stream, &["server", "7701", "1"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let squat_out = lines(&mut squat.0);
+    assert_eq!(
+        squat_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let squatter = u64::from(squat.0.id());
+    let mut victim = Reaped(
+        as_user(
+            "h1",
+            1000,
+            &probe(),
+            &["listen", "0.0.0.0", "7701", "16", "1"],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let victim_out = lines(&mut victim.0);
+    assert!(victim_out
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .starts_with("listening san="));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let pid = san_listener_pid(7701);
+        if pid.is_some_and(|p| p != squatter) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the squatter kept SAN port 7701 ({pid:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(count("revoked") >= 1);
+    let c = run_in("h0", &probe(), &["connect", "198.18.0.2", "7701"]);
+    assert!(c.starts_with("connected san "), "{c}");
+    assert!(victim_out
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .ends_with(" san"));
+    // The switch said its first SAN listen failed (logged and counted).
+    let m = scrape(19451);
+    assert!(
+        metric(
+            &m,
+            "dsan_switch_san_listen_failures_total{reason=\"in_use\"}"
+        ) >= 1,
+        "{m}"
+    );
+    drop(tcp);
+}

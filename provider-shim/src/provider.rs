@@ -409,6 +409,27 @@ impl Provider {
         .map(|_| ())
     }
 
+    /// Reports (for the daemon's log and
+    /// `dsan_switch_san_listen_failures_total{reason}`) that a listen on
+    /// `port` serves kernel TCP only: its SAN side failed with `err`.
+    ///
+    /// # Errors
+    /// [`Error::NetDown`] if the daemon cannot be reached.
+    pub fn report_listen_failure(&self, port: u16, err: Error) -> Result<()> {
+        let reason = match err {
+            Error::AddrInUse => "in_use",
+            Error::Os(libc::EACCES) => "denied",
+            _ => "other",
+        };
+        let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        request(
+            &ctl,
+            &json!({"cmd": "switch_listen_failed", "reason": reason, "port": port, "errno": err.errno()}),
+            &[],
+        )
+        .map(|_| ())
+    }
+
     /// Whether the daemon is still there (its control socket open, our region
     /// not closed by it).
     pub fn daemon_alive(&self) -> bool {

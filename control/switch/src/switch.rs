@@ -34,6 +34,9 @@ struct Listen {
     pending: VecDeque<(SanSocket, SocketAddrV4)>,
     /// The listen backlog, as the provider clamps it.
     backlog: usize,
+    /// Its SAN side failed and the daemon was told (told once per failure
+    /// run: the accept thread retries every second).
+    san_failure_reported: bool,
 }
 
 struct Sock {
@@ -681,6 +684,7 @@ pub fn set_condition(fd: RawFd, cond: Option<Condition>) -> Result<(), i32> {
                 cond,
                 pending: VecDeque::new(),
                 backlog: 1,
+                san_failure_reported: false,
             })
         }
     }
@@ -717,6 +721,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
         cond: None,
         pending: VecDeque::new(),
         backlog: 1,
+        san_failure_reported: false,
     });
     l.backlog = effective_backlog(i64::from(backlog));
     if l.san.is_some() {
@@ -757,10 +762,21 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
         Ok((ss, efd)) => {
             let _ = epoll_add(accept_ep(), efd.as_raw_fd(), fd as u64);
             l.san = Some((ss, efd));
+            l.san_failure_reported = false;
             true
         }
-        // The SAN side cannot be set up: serve TCP alone, no error.
-        Err(_) => false,
+        // The SAN side cannot be set up: serve TCP alone (no error for the
+        // application, as WSD's switch), but never silently: the daemon
+        // logs and counts it. The accept thread tries again every second
+        // (another user's process may hold the SAN port until its own
+        // kernel TCP listener shows the port is not its own).
+        Err(e) => {
+            if !l.san_failure_reported {
+                l.san_failure_reported = true;
+                let _ = p.report_listen_failure(bound.port(), e);
+            }
+            false
+        }
     }
 }
 

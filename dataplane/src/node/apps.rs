@@ -9,7 +9,9 @@
 
 use super::events::complete;
 use super::Node;
-use crate::proto::{AcceptError, ConnHandle, ConnectError, Decision, ListenError, ListenerId};
+use crate::proto::{
+    AcceptError, ConnHandle, ConnectError, Decision, ListenError, ListenerId, PortOwner,
+};
 use crate::time::Instant;
 use dsan_channel::msg::{Bufs, Command, CommandView, Op, RequestKey, Verdict};
 use dsan_channel::region::{Region, FD_ACCEPT, FD_ALL, MAX_SOCKETS};
@@ -28,6 +30,15 @@ pub struct AppShared {
     pub id: u64,
     /// The process (from SO_PEERCRED).
     pub pid: u32,
+    /// Its user (from SO_PEERCRED): a SAN port whose kernel TCP listener
+    /// belongs to another user is not granted to it.
+    pub uid: u32,
+    /// Whether it may listen on ports below 1024 (root or
+    /// CAP_NET_BIND_SERVICE, read at attach).
+    pub low_ports: bool,
+    /// Its parent when it attached (for taking a listener over from it,
+    /// checked without reading /proc on the lcore).
+    pub ppid: u32,
     /// Its shared region.
     pub region: Region,
     /// Its own doorbell (the daemon's copy; the lcore waits on it and never reads it).
@@ -45,12 +56,30 @@ impl AppShared {
     /// # Errors
     /// If the region cannot be created.
     pub fn new(id: u64, pid: u32) -> std::io::Result<(Arc<AppShared>, Consumer)> {
+        Self::new_as(id, pid, 0, true, 0)
+    }
+
+    /// [`new`](Self::new) for a process of user `uid`, that may bind ports
+    /// below 1024 if `low_ports`, child of `ppid`.
+    ///
+    /// # Errors
+    /// If the region cannot be created.
+    pub fn new_as(
+        id: u64,
+        pid: u32,
+        uid: u32,
+        low_ports: bool,
+        ppid: u32,
+    ) -> std::io::Result<(Arc<AppShared>, Consumer)> {
         let (region, cmds) = Region::create(&format!("dsan-app-{pid}"))?;
         let bell = EventFd::new()?;
         Ok((
             Arc::new(AppShared {
                 id,
                 pid,
+                uid,
+                low_ports,
+                ppid,
                 region,
                 bell,
                 notifier: std::sync::OnceLock::new(),
@@ -371,9 +400,29 @@ impl Node {
             return errno(libc::EINVAL);
         }
         let a = (*addr.ip(), addr.port());
+        // Who may listen on a SAN port: as with TCP, a port below 1024
+        // needs root or CAP_NET_BIND_SERVICE; and a port whose kernel TCP
+        // listener belongs to another user is that user's.
+        let (uid, low) = (p.shared.uid, p.shared.low_ports);
+        if a.1 < 1024 && !low {
+            self.local.listen_denials[1] += 1;
+            return errno(libc::EACCES);
+        }
+        if let Some(set) = &self.cfg.proto.tcp_listening {
+            let theirs = match set.owner(a.1) {
+                PortOwner::Uid(u) => u != uid,
+                PortOwner::Mixed => true,
+                PortOwner::Nobody => false,
+            };
+            if theirs && uid != 0 {
+                self.local.listen_denials[0] += 1;
+                return errno(libc::EACCES);
+            }
+        }
         // A forked child takes the address over from its parent's listener
-        // (checked: the listener belongs to an attachment of that pid, and
-        // that pid is this process's parent).
+        // (checked: the listener belongs to an attachment of that pid, that
+        // pid was this process's parent when it attached, and both are the
+        // same user).
         let from = (takeover != 0)
             .then(|| self.ep.listener_at(a))
             .flatten()
@@ -381,8 +430,8 @@ impl Node {
                 self.listener_owner
                     .get(l)
                     .and_then(|(owner, _)| self.procs.get(owner))
-                    .is_some_and(|o| o.shared.pid == takeover)
-                    && parent_of(p.shared.pid) == Some(takeover)
+                    .is_some_and(|o| o.shared.pid == takeover && o.shared.uid == uid)
+                    && p.shared.ppid == takeover
             });
         let listened = match from {
             Some(f) => self.ep.listen_over(a, i64::from(backlog), f),
@@ -508,17 +557,51 @@ impl Node {
             None // completes with the outcome
         }
     }
-}
 
-/// The parent of process `pid` (from `/proc`), if it is there. Read only
-/// when a process asks to take over its parent's listener (rare).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    /// A SAN listener whose port now has a kernel TCP listener of another
+    /// user (who could not get the SAN port because this one held it) is
+    /// closed: the port is that user's, and its switch takes the SAN side
+    /// on its next try. The process learns it as FD_ACCEPT with EACCES.
+    /// Runs when the listener table changed (the scanner bumps its version).
+    pub(super) fn revoke_foreign_listeners(&mut self, now: Instant) {
+        let Some(set) = self.cfg.proto.tcp_listening.clone() else {
+            return;
+        };
+        let v = set.version();
+        if v == self.owners_seen {
+            return;
+        }
+        self.owners_seen = v;
+        let mut foreign: Vec<(ListenerId, u64, u32)> = Vec::new();
+        for (l, addr, _, _) in self.ep.listeners() {
+            let Some(&(pid, sock)) = self.listener_owner.get(&l) else {
+                continue;
+            };
+            let Some(p) = self.procs.get(&pid) else {
+                continue;
+            };
+            let theirs = match set.owner(addr.1) {
+                PortOwner::Uid(u) => u != p.shared.uid,
+                PortOwner::Mixed | PortOwner::Nobody => false,
+            };
+            if theirs && p.shared.uid != 0 {
+                foreign.push((l, pid, sock));
+            }
+        }
+        foreign.sort_unstable();
+        for (l, pid, sock) in foreign {
+            self.local.listen_denials[2] += 1;
+            self.listener_owner.remove(&l);
+            let _ = self.ep.close_listener(now, l);
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.socks.remove(&sock);
+                p.backlogs.remove(&sock);
+                let sh = p.shared.region.sock(sock as usize);
+                sh.accept_error.store(-libc::EACCES, Ordering::Release);
+                if !super::events::raise(sh, p.events.get(&sock), FD_ACCEPT) {
+                    self.local.event_signal_failed += 1;
+                }
+            }
+        }
+    }
 }

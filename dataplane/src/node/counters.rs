@@ -94,6 +94,11 @@ pub struct Counters {
     /// Processes detached for breaking the channel's protocol (an impossible
     /// ring index).
     pub app_violations: u64,
+    /// SAN listens refused because the port's kernel TCP listener belongs to
+    /// another user, or the port is below 1024 and the process may not bind
+    /// it ([`LISTEN_DENIALS`]: index 0 and 1), and SAN listeners revoked
+    /// because a kernel TCP listener of another user took the port (2).
+    pub listen_denials: [u64; 3],
     /// Event signals that could not be delivered (the application's eventfd
     /// was full or gone).
     pub event_signal_failed: u64,
@@ -159,6 +164,9 @@ impl NodeStats {
     }
 }
 
+/// Labels of [`Counters::listen_denials`].
+pub const LISTEN_DENIALS: [&str; 3] = ["other_user", "privileged_port", "revoked"];
+
 /// What the lcore counts itself (the protocol core counts the rest).
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Local {
@@ -171,6 +179,7 @@ pub(super) struct Local {
     pub(super) unexpected: u64,
     pub(super) app_rejects: [u64; 4],
     pub(super) app_violations: u64,
+    pub(super) listen_denials: [u64; 3],
     pub(super) event_signal_failed: u64,
     pub(super) bytes_tx: u64,
     pub(super) bytes_rx: u64,
@@ -196,6 +205,7 @@ impl Node {
         c.drop_bad_token = ps.bad_token;
         c.app_rejects = l.app_rejects;
         c.app_violations = l.app_violations;
+        c.listen_denials = l.listen_denials;
         // Signals the lcore could not queue, and those the processes'
         // notifiers skipped (their eventfds full), attached processes only.
         c.event_signal_failed = l.event_signal_failed

@@ -19,7 +19,7 @@ mod trace;
 pub use apps::AppShared;
 pub use counters::{
     kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
-    REJECT_REASONS, RESET_REASONS,
+    LISTEN_DENIALS, REJECT_REASONS, RESET_REASONS,
 };
 pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
@@ -188,6 +188,9 @@ pub struct Node {
     txq: VecDeque<ConnHandle>,
     /// Streams whose client has not confirmed yet (see `release_held`).
     held: Vec<ConnHandle>,
+    /// The version of the kernel TCP listener table last checked against
+    /// the SAN listeners (see `revoke_foreign_listeners`).
+    owners_seen: u64,
     fault_rng: crate::proto::rng::SeededRng,
     delayed: Vec<(Instant, Vec<u8>)>,
     /// Connection-setup stamps, while tracing.
@@ -250,6 +253,7 @@ impl Node {
             stream_timers: BTreeSet::new(),
             txq: VecDeque::new(),
             held: Vec::new(),
+            owners_seen: 0,
             fault_rng: crate::proto::rng::SeededRng::new(0),
             delayed: Vec::new(),
             trace: None,
@@ -564,8 +568,9 @@ impl<D: Device> Handler<D> for Node {
         busy
     }
 
-    fn on_tick(&mut self, _now: Instant) {
+    fn on_tick(&mut self, now: Instant) {
         self.apply_addrs();
+        self.revoke_foreign_listeners(now);
         self.publish();
     }
     fn awaiting(&self) -> bool {

@@ -61,9 +61,28 @@ pub struct ProtoConfig {
 }
 
 /// A set of ports that one thread replaces and another reads, lock-free
-/// (one bit per port).
+/// (one bit per port), with the uid that owns each port's listeners.
 pub struct PortSet {
     bits: Box<[std::sync::atomic::AtomicU64]>,
+    /// Per port: 0 (no owner known), uid + 1, or [`MIXED`] (listeners of
+    /// several uids).
+    owners: Box<[std::sync::atomic::AtomicU32]>,
+    /// Bumped after each replacement.
+    version: std::sync::atomic::AtomicU64,
+}
+
+/// [`PortSet`] owner word: listeners of several uids share the port.
+const MIXED: u32 = u32::MAX;
+
+/// Who owns the kernel TCP listeners of a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortOwner {
+    /// No kernel TCP listener (or none known).
+    Nobody,
+    /// Every listener belongs to this uid.
+    Uid(u32),
+    /// Listeners of several uids.
+    Mixed,
 }
 
 impl std::fmt::Debug for PortSet {
@@ -78,6 +97,10 @@ impl Default for PortSet {
             bits: (0..1024)
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
+            owners: (0..65536)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            version: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -92,13 +115,60 @@ impl PortSet {
     /// Makes the set exactly `ports` (word by word: a reader may see a mix of
     /// the old and the new set for an instant, never a torn word).
     pub fn replace(&self, ports: impl IntoIterator<Item = u16>) {
+        self.replace_owned(ports.into_iter().map(|p| (p, None)));
+    }
+
+    /// Makes the set exactly the ports of `listeners` (port, owner uid if
+    /// known), and records each port's owner.
+    pub fn replace_owned(&self, listeners: impl IntoIterator<Item = (u16, Option<u32>)>) {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut words = [0u64; 1024];
-        for p in ports {
+        let mut owners: std::collections::HashMap<u16, u32> = std::collections::HashMap::new();
+        for (p, uid) in listeners {
             words[usize::from(p) / 64] |= 1 << (p % 64);
+            if let Some(u) = uid {
+                let w = u.saturating_add(1).min(MIXED - 1);
+                owners
+                    .entry(p)
+                    .and_modify(|o| {
+                        if *o != w {
+                            *o = MIXED;
+                        }
+                    })
+                    .or_insert(w);
+            }
         }
-        for (w, v) in self.bits.iter().zip(words) {
-            w.store(v, std::sync::atomic::Ordering::Relaxed);
+        for (i, (w, v)) in self.bits.iter().zip(words).enumerate() {
+            let old = w.swap(v, Relaxed);
+            // Owners of the ports of this word (only where something changed
+            // or someone owns: most words are empty).
+            if old != 0 || v != 0 {
+                for b in 0..64 {
+                    let port = (i * 64 + b) as u16;
+                    let o = owners.get(&port).copied().unwrap_or(0);
+                    self.owners[usize::from(port)].store(o, Relaxed);
+                }
+            }
         }
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Who owns `port`'s kernel TCP listeners.
+    pub fn owner(&self, port: u16) -> PortOwner {
+        if !self.contains(port) {
+            return PortOwner::Nobody;
+        }
+        match self.owners[usize::from(port)].load(std::sync::atomic::Ordering::Relaxed) {
+            0 => PortOwner::Nobody,
+            MIXED => PortOwner::Mixed,
+            w => PortOwner::Uid(w - 1),
+        }
+    }
+
+    /// Bumped at every replacement (a reader compares it to notice one).
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

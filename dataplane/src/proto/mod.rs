@@ -31,7 +31,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-pub use config::{PortSet, ProtoConfig, Subnet};
+pub use config::{PortOwner, PortSet, ProtoConfig, Subnet};
 pub use connection::{Connection, Role, ACCEPT_SENDS};
 pub use endpoint::{Endpoint, WIRE_INDEX_ENTRY_BYTES};
 pub use server::Incoming;

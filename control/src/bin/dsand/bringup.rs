@@ -109,9 +109,9 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                     seen = inuse;
                     scanned = std::time::Instant::now();
                     let r = match &mut scan {
-                        Some(s) => control::os::TcpListenerScan::ports(s),
+                        Some(s) => control::os::TcpListenerScan::listeners(s),
                         None => control::os::TcpListenerScan::new().and_then(|mut s| {
-                            let r = s.ports();
+                            let r = s.listeners();
                             scan = Some(s);
                             r
                         }),
@@ -120,7 +120,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                         scan = None; // a dump may be left half read
                     }
                     match r {
-                        Ok(p) => ports.replace(p),
+                        Ok(l) => ports.replace_owned(l.into_iter().map(|(p, u)| (p, Some(u)))),
                         Err(e) if !warned => {
                             warned = true;
                             log(

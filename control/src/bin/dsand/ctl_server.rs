@@ -108,6 +108,20 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                     Some("attach") if fds.is_empty() => attach(fd, cx, &mut app, &mut out_fds),
                     Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
                     Some("trace") if fds.is_empty() => trace(&req, cx, fd),
+                    Some("switch_listen_failed") if fds.is_empty() => {
+                        // Never silent: the daemon's log says which process
+                        // and port, the counter how often.
+                        cx.fallbacks.add_listen_failure(req["reason"].as_str());
+                        let pid = os::peer_cred(fd).map_or(0, |(pid, _, _)| pid);
+                        log(
+                            "warn",
+                            &format!(
+                                "pid {pid}: SAN listen on port {} failed (errno {}, {}): it serves kernel TCP only",
+                                req["port"], req["errno"], req["reason"]
+                            ),
+                        );
+                        Ok(json!({"ok": true}))
+                    }
                     Some("switch_fallback") if fds.is_empty() => {
                         cx.fallbacks.add(req["reason"].as_str());
                         Ok(json!({"ok": true}))
@@ -160,8 +174,12 @@ fn attach(
         ));
     }
     let id = NEXT_APP.fetch_add(1, Ordering::Relaxed);
-    let (a, cmds) =
-        AppShared::new(id, pid).map_err(|e| format!("cannot create the shared region: {e}"))?;
+    // What the lcore needs to know about it, read here (never on the lcore):
+    // whether it may bind ports below 1024, and its parent (a forked worker
+    // takes its parent's listener over).
+    let (low_ports, ppid) = os::proc_caps(pid);
+    let (a, cmds) = AppShared::new_as(id, pid, uid, uid == 0 || low_ports, ppid)
+        .map_err(|e| format!("cannot create the shared region: {e}"))?;
     let doorbell = &cx.lcore.engine.doorbell;
     doorbell
         .watch(a.bell.as_raw_fd())

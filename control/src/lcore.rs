@@ -78,6 +78,34 @@ impl Lcore {
             .map_err(|_| AskError::NoAnswer)
     }
 
+    /// The listener table, sorted by port and address (the lcore hands it
+    /// over unsorted: listings cost it no more than a copy).
+    ///
+    /// # Errors
+    /// [`AskError`].
+    pub fn listeners(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<dataplane::node::ListenerInfo>, AskError> {
+        let mut v = self.ask(Command::Listeners, timeout)?;
+        v.sort_by_key(|l| (l.port, l.ip));
+        Ok(v)
+    }
+
+    /// The established connections, sorted by local port and peer (sorted
+    /// here, not on the lcore).
+    ///
+    /// # Errors
+    /// [`AskError`].
+    pub fn connections(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<dataplane::node::ConnInfo>, AskError> {
+        let mut v = self.ask(Command::Connections, timeout)?;
+        v.sort_by_key(|c| (c.local.1, c.peer));
+        Ok(v)
+    }
+
     /// The node's counters now: the lcore publishes them first (within
     /// 100 ms; a busy or stuck lcore gives its last published ones).
     pub fn counters(&self) -> Counters {
@@ -117,6 +145,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),
         "app_protocol_violations": c.app_violations,
         "san_listens_denied": named(&LISTEN_DENIALS, &c.listen_denials),
+        "app_quota_refusals": named(&dataplane::node::QUOTAS, &c.quota_refusals),
         "app_event_signals_failed": c.event_signal_failed,
         "attached_processes": c.attached,
         "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},

@@ -713,3 +713,51 @@ fn a_user_cannot_take_or_hijack_another_users_san_port() {
     );
     drop(tcp);
 }
+
+#[test]
+fn one_user_cannot_take_every_listener_of_the_host() {
+    // Issue #27: listeners come from a host-wide pool (4,096); one user
+    // (other than root) gets at most 1,024 of them across its processes,
+    // and a refusal says so (EMFILE, counted).
+    let _lab = Lab::up(&[]);
+    let storm = cc("storm.c", true);
+    let mut held = Vec::new();
+    let mut total = 0;
+    let mut refused_errno = 0;
+    for i in 0..17u32 {
+        let base = (20000 + i * 64).to_string();
+        let mut c = Reaped(
+            as_user("h1", 2000, &storm, &["listen-many", &base, "64"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let out = lines(&mut c.0);
+        let l = out
+            .recv_timeout(Duration::from_secs(20))
+            .expect("listen-many reports");
+        let w: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!((w[0], w[2]), ("listened", "error"), "{l}");
+        total += w[1].parse::<u32>().unwrap();
+        if w[3] != "0" {
+            refused_errno = w[3].parse().unwrap();
+        }
+        held.push(c);
+    }
+    assert_eq!(
+        total,
+        dataplane::node::UID_LISTENERS,
+        "listeners held by uid 2000"
+    );
+    assert_eq!(refused_errno, libc::EMFILE);
+    let s = stats("h1");
+    assert!(
+        s["app_quota_refusals"]["listeners"].as_u64() >= Some(64),
+        "{s}"
+    );
+    // Root (here: the good pair's server) still gets a listener.
+    let probe_out = run_in("h1", &storm, &["listen-many", "30000", "1"]);
+    assert!(probe_out.starts_with("listened 1 error 0"), "{probe_out}");
+    drop(held);
+}

@@ -182,9 +182,11 @@ impl Node {
                     }
                 }
             }
+            let uid = p.shared.uid;
             let mut socks: Vec<(u32, SockObj)> = p.socks.into_iter().collect();
             socks.sort_unstable_by_key(|(s, _)| *s);
             for (_, obj) in socks {
+                self.quota_release(uid, &obj);
                 self.release(now, obj);
             }
             p.shared.region.header().closed.store(1, Ordering::Release);
@@ -273,6 +275,18 @@ impl Node {
         true
     }
 
+    /// A socket of a process of user `uid` goes: its quota counts drop.
+    pub(super) fn quota_release(&mut self, uid: u32, obj: &SockObj) {
+        if uid == 0 {
+            return;
+        }
+        match obj {
+            SockObj::Listener { .. } => quota_sub(&mut self.uid_listeners, uid),
+            SockObj::Attempt { .. } => quota_sub(&mut self.uid_attempts, uid),
+            _ => {}
+        }
+    }
+
     /// Releases what a socket holds in the core.
     pub(super) fn release(&mut self, now: Instant, obj: SockObj) {
         match obj {
@@ -350,7 +364,12 @@ impl Node {
                 let p = self.procs.get_mut(&id).expect("caller checked");
                 p.backlogs.remove(&sock);
                 p.events.remove(&sock);
-                match p.socks.remove(&sock) {
+                let uid = p.shared.uid;
+                let removed = p.socks.remove(&sock);
+                if let Some(o) = &removed {
+                    self.quota_release(uid, o);
+                }
+                match removed {
                     Some(SockObj::Conn(h)) if abort && self.abort_stream(now, h) => {}
                     Some(SockObj::Conn(h)) if !abort && self.close_stream(now, h) => {}
                     Some(obj) => self.release(now, obj),
@@ -433,15 +452,27 @@ impl Node {
                     .is_some_and(|o| o.shared.pid == takeover && o.shared.uid == uid)
                     && p.shared.ppid == takeover
             });
+        // One user's share of the host's listeners.
+        if !quota_take(&mut self.uid_listeners, uid, super::UID_LISTENERS) {
+            self.local.quota_refusals[0] += 1;
+            return errno(libc::EMFILE);
+        }
         let listened = match from {
             Some(f) => self.ep.listen_over(a, i64::from(backlog), f),
             None => self.ep.listen(a, i64::from(backlog)),
         };
         let l = match listened {
             Ok(l) => l,
-            Err(ListenError::AddrInUse) => return errno(libc::EADDRINUSE),
-            Err(ListenError::AddrNotAvailable) => return errno(libc::EADDRNOTAVAIL),
-            Err(_) => return errno(libc::EMFILE),
+            Err(e) => {
+                if uid != 0 {
+                    quota_sub(&mut self.uid_listeners, uid);
+                }
+                return match e {
+                    ListenError::AddrInUse => errno(libc::EADDRINUSE),
+                    ListenError::AddrNotAvailable => errno(libc::EADDRNOTAVAIL),
+                    _ => errno(libc::EMFILE),
+                };
+            }
         };
         let cap = self.ep.backlog(l).map_or(1, |b| b.1);
         let p = self.procs.get_mut(&id).expect("present");
@@ -521,15 +552,27 @@ impl Node {
             Some(SockObj::Listener { .. }) => return errno(libc::EINVAL),
             _ => {}
         }
+        // One user's share of the host's connect attempts (EAGAIN, as a
+        // kernel out of local ports answers).
+        let uid = self.procs[&id].shared.uid;
+        if !quota_take(&mut self.uid_attempts, uid, super::UID_ATTEMPTS) {
+            self.local.quota_refusals[1] += 1;
+            return errno(libc::EAGAIN);
+        }
         let offer = self.cfg.proto.offer(bufs.rcv as u32);
         let h = match self
             .ep
             .connect_with(now, src, (*dst.ip(), dst.port()), offer)
         {
             Ok(h) => h,
-            Err(ConnectError::HostUnreachable) => return errno(libc::EHOSTUNREACH),
-            Err(ConnectError::NoLocalAddress) => return errno(libc::EADDRNOTAVAIL),
-            Err(_) => return errno(libc::EAGAIN),
+            Err(e) => {
+                quota_sub(&mut self.uid_attempts, uid);
+                return match e {
+                    ConnectError::HostUnreachable => errno(libc::EHOSTUNREACH),
+                    ConnectError::NoLocalAddress => errno(libc::EADDRNOTAVAIL),
+                    _ => errno(libc::EAGAIN),
+                };
+            }
         };
         let p = self.procs.get_mut(&id).expect("present");
         let s = p.shared.region.sock(sock as usize);
@@ -594,7 +637,13 @@ impl Node {
             self.listener_owner.remove(&l);
             let _ = self.ep.close_listener(now, l);
             if let Some(p) = self.procs.get_mut(&pid) {
-                p.socks.remove(&sock);
+                if let Some(o) = p.socks.remove(&sock) {
+                    let uid = p.shared.uid;
+                    self.quota_release(uid, &o);
+                }
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    continue;
+                };
                 p.backlogs.remove(&sock);
                 let sh = p.shared.region.sock(sock as usize);
                 sh.accept_error.store(-libc::EACCES, Ordering::Release);
@@ -604,4 +653,27 @@ impl Node {
             }
         }
     }
+}
+
+/// One fewer of a user's quota count.
+pub(super) fn quota_sub(m: &mut std::collections::HashMap<u32, u32>, uid: u32) {
+    if let Some(n) = m.get_mut(&uid) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(&uid);
+        }
+    }
+}
+
+/// Takes one of a user's quota (root has none): false when it is used up.
+fn quota_take(m: &mut std::collections::HashMap<u32, u32>, uid: u32, max: u32) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let n = m.entry(uid).or_insert(0);
+    if *n >= max {
+        return false;
+    }
+    *n += 1;
+    true
 }

@@ -99,6 +99,9 @@ pub struct Counters {
     /// it ([`LISTEN_DENIALS`]: index 0 and 1), and SAN listeners revoked
     /// because a kernel TCP listener of another user took the port (2).
     pub listen_denials: [u64; 3],
+    /// Listens and connects refused because their user's share of the
+    /// host's listeners or connect attempts was used up ([`QUOTAS`]).
+    pub quota_refusals: [u64; 2],
     /// Event signals that could not be delivered (the application's eventfd
     /// was full or gone).
     pub event_signal_failed: u64,
@@ -164,6 +167,9 @@ impl NodeStats {
     }
 }
 
+/// Labels of [`Counters::quota_refusals`].
+pub const QUOTAS: [&str; 2] = ["listeners", "attempts"];
+
 /// Labels of [`Counters::listen_denials`].
 pub const LISTEN_DENIALS: [&str; 3] = ["other_user", "privileged_port", "revoked"];
 
@@ -180,6 +186,7 @@ pub(super) struct Local {
     pub(super) app_rejects: [u64; 4],
     pub(super) app_violations: u64,
     pub(super) listen_denials: [u64; 3],
+    pub(super) quota_refusals: [u64; 2],
     pub(super) event_signal_failed: u64,
     pub(super) bytes_tx: u64,
     pub(super) bytes_rx: u64,
@@ -206,6 +213,7 @@ impl Node {
         c.app_rejects = l.app_rejects;
         c.app_violations = l.app_violations;
         c.listen_denials = l.listen_denials;
+        c.quota_refusals = l.quota_refusals;
         // Signals the lcore could not queue, and those the processes'
         // notifiers skipped (their eventfds full), attached processes only.
         c.event_signal_failed = l.event_signal_failed

@@ -121,6 +121,11 @@ impl Node {
                     Event::ConnectFailed { error, .. } => -error.errno(),
                     _ => 0,
                 };
+                let uid = p.shared.uid;
+                super::apps::quota_sub(&mut self.uid_attempts, uid);
+                let Some(p) = self.procs.get_mut(&pid) else {
+                    return;
+                };
                 if err == 0 {
                     p.socks.insert(sock, SockObj::Conn(conn));
                     let Event::Connected { params, .. } = e else {

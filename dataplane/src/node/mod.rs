@@ -19,7 +19,7 @@ mod trace;
 pub use apps::AppShared;
 pub use counters::{
     kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
-    LISTEN_DENIALS, REJECT_REASONS, RESET_REASONS,
+    LISTEN_DENIALS, QUOTAS, REJECT_REASONS, RESET_REASONS,
 };
 pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
@@ -188,6 +188,10 @@ pub struct Node {
     txq: VecDeque<ConnHandle>,
     /// Streams whose client has not confirmed yet (see `release_held`).
     held: Vec<ConnHandle>,
+    /// Per user (not root): SAN listeners and connect attempts held, against
+    /// [`UID_LISTENERS`] and [`UID_ATTEMPTS`].
+    uid_listeners: HashMap<u32, u32>,
+    uid_attempts: HashMap<u32, u32>,
     /// The version of the kernel TCP listener table last checked against
     /// the SAN listeners (see `revoke_foreign_listeners`).
     owners_seen: u64,
@@ -196,6 +200,14 @@ pub struct Node {
     /// Connection-setup stamps, while tracing.
     trace: Option<Box<trace::Tracer>>,
 }
+
+/// SAN listeners one user (other than root) may hold at once, in all its
+/// processes: a quarter of the host's (`max_listeners`, 4,096), so that one
+/// user cannot take every listener of the host.
+pub const UID_LISTENERS: u32 = 1024;
+/// Connect attempts in progress one user (other than root) may have at
+/// once: a quarter of the host's (`max_attempts`, 65,536).
+pub const UID_ATTEMPTS: u32 = 16384;
 
 /// The control side's handle to a running node.
 #[derive(Clone)]
@@ -254,6 +266,8 @@ impl Node {
             txq: VecDeque::new(),
             held: Vec::new(),
             owners_seen: 0,
+            uid_listeners: HashMap::new(),
+            uid_attempts: HashMap::new(),
             fault_rng: crate::proto::rng::SeededRng::new(0),
             delayed: Vec::new(),
             trace: None,
@@ -373,7 +387,7 @@ impl Node {
                 let _ = reply.send(self.trace_control(a));
             }
             Command::Connections(reply) => {
-                let mut v: Vec<ConnInfo> = self
+                let v: Vec<ConnInfo> = self
                     .ep
                     .connections()
                     .map(|(h, c)| ConnInfo {
@@ -391,11 +405,11 @@ impl Node {
                         closing: c.is_closing(),
                     })
                     .collect();
-                v.sort_by_key(|c| (c.local.1, c.peer));
+                // Sorted by the asker (never on the lcore).
                 let _ = reply.send(v);
             }
             Command::Listeners(reply) => {
-                let mut v: Vec<ListenerInfo> = self
+                let v: Vec<ListenerInfo> = self
                     .ep
                     .listeners()
                     .map(|(id, addr, depth, capacity)| {
@@ -423,7 +437,7 @@ impl Node {
                         }
                     })
                     .collect();
-                v.sort_by_key(|l| (l.port, l.ip));
+                // Sorted by the asker (never on the lcore).
                 let _ = reply.send(v);
             }
         }

@@ -10,6 +10,11 @@
  *                                         is empty; on "all" starts accepting
  *                                         every request and prints "all"; exits
  *                                         on "quit" or EOF.
+ *   storm listen-many BASE N              N listeners on ports BASE..BASE+N-1;
+ *                                         prints "listened K error E" (K that
+ *                                         succeeded, E the first failure's
+ *                                         errno, 0 if none), then holds them
+ *                                         until stdin closes.
  *   storm client IP PORT MS               blocking connects, one after another,
  *                                         for MS milliseconds; prints
  *                                         "attempts N connected C refused R other O
@@ -108,6 +113,31 @@ static int server(int port, int backlog) {
     return 0;
 }
 
+static int listen_many(int base, int n) {
+    if (dsan_startup(NULL) != 0) return 2;
+    int ok = 0, first = 0;
+    for (int i = 0; i < n; i++) {
+        int s = dsan_socket();
+        struct sockaddr_in a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_port = htons((uint16_t)(base + i));
+        int r = s < 0 ? s : dsan_bind(s, (struct sockaddr *)&a, sizeof a);
+        if (r == 0) r = dsan_listen(s, 4);
+        if (r >= 0) {
+            ok++;
+        } else if (first == 0) {
+            first = -r;
+        }
+    }
+    printf("listened %d error %d\n", ok, first);
+    fflush(stdout);
+    char buf[64];
+    while (fgets(buf, sizeof buf, stdin)) {
+    }
+    return 0;
+}
+
 static int by_value(const void *x, const void *y) {
     double a = *(const double *)x, b = *(const double *)y;
     return a < b ? -1 : a > b;
@@ -149,6 +179,7 @@ int main(int argc, char **argv) {
         return server(atoi(argv[2]), atoi(argv[3]));
     }
     if (argc == 5 && !strcmp(argv[1], "client")) return client(argv[2], atoi(argv[3]), atoi(argv[4]));
+    if (argc == 4 && !strcmp(argv[1], "listen-many")) return listen_many(atoi(argv[2]), atoi(argv[3]));
     fprintf(stderr, "usage: storm server PORT BACKLOG DECIDE_US [all] | storm client IP PORT MS\n");
     return 2;
 }

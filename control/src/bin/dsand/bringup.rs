@@ -235,7 +235,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                     let lcore = lcore.clone();
                     Box::new(move || {
                         lcore
-                            .ask(Command::Listeners, Duration::from_millis(500))
+                            .listeners(Duration::from_millis(500))
                             .unwrap_or_default()
                     })
                 },

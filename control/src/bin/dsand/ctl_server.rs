@@ -369,7 +369,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
         }
         Some("subnets") => Ok(json!({"ok": true, "san_addrs": current_addrs(node)})),
         Some("listeners") => {
-            let v = cx.lcore.ask(Command::Listeners, ASK).map_err(err)?;
+            let v = cx.lcore.listeners(ASK).map_err(err)?;
             let list: Vec<Value> = v
                 .iter()
                 .map(|l| json!({"address": l.ip.to_string(), "port": l.port, "pid": l.pid, "backlog_capacity": l.capacity, "backlog_depth": l.depth, "accepted_waiting": l.accepted_waiting}))
@@ -377,7 +377,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             Ok(json!({"ok": true, "listeners": list}))
         }
         Some("connections") => {
-            let v = cx.lcore.ask(Command::Connections, ASK).map_err(err)?;
+            let v = cx.lcore.connections(ASK).map_err(err)?;
             let list: Vec<Value> = v
                 .iter()
                 .map(|c| json!({"role": c.role, "local": format!("{}:{}", c.local.0, c.local.1), "peer": format!("{}:{}", c.peer.0, c.peer.1), "pid": c.pid, "program": program(c.pid), "closing": c.closing}))

@@ -3,7 +3,6 @@
 use super::log;
 use control::lcore::{counters_flat, Lcore};
 use dataplane::dpdk;
-use dataplane::node::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +16,7 @@ pub(crate) fn register_telemetry(
     use dpdk::TelemetryValue;
     let l1 = lcore.clone();
     let listeners: dpdk::TelemetryFn = Box::new(move || {
-        let v = l1
-            .ask(Command::Listeners, Duration::from_secs(2))
-            .unwrap_or_default();
+        let v = l1.listeners(Duration::from_secs(2)).unwrap_or_default();
         TelemetryValue::Strings(
             v.iter()
                 // Telemetry names allow letters, digits and '_' only.
@@ -37,9 +34,7 @@ pub(crate) fn register_telemetry(
     });
     let l2 = lcore.clone();
     let connections: dpdk::TelemetryFn = Box::new(move || {
-        let v = l2
-            .ask(Command::Connections, Duration::from_secs(2))
-            .unwrap_or_default();
+        let v = l2.connections(Duration::from_secs(2)).unwrap_or_default();
         TelemetryValue::Strings(
             v.iter()
                 .enumerate()

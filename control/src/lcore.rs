@@ -146,6 +146,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "app_protocol_violations": c.app_violations,
         "san_listens_denied": named(&LISTEN_DENIALS, &c.listen_denials),
         "app_quota_refusals": named(&dataplane::node::QUOTAS, &c.quota_refusals),
+        "resolve_conflicts": c.resolve_conflicts,
         "app_event_signals_failed": c.event_signal_failed,
         "attached_processes": c.attached,
         "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},

@@ -50,6 +50,7 @@ pub struct Metrics {
     app_violations: IntCounter,
     listen_denials: IntCounterVec,
     quota_refusals: IntCounterVec,
+    resolve_conflicts: IntCounter,
     event_signals_failed: IntCounter,
     fallbacks_metric: IntCounterVec,
     listen_failures_metric: IntCounterVec,
@@ -218,6 +219,7 @@ impl Metrics {
             expired: c("dsan_san_requests_expired_total", "SAN connect requests dropped unanswered after the connect budget (their clients had given up)."),
             app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
             app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
+            resolve_conflicts: c("dsan_resolve_conflicts_total", "Resolution replies that named another MAC for a learned SAN address (the entry is dropped and the address resolved again)."),
             quota_refusals: cv("dsan_app_quota_refusals_total", "Listens (EMFILE) and connects (EAGAIN) refused because their user's share of the host's SAN listeners (1,024) or connect attempts (16,384) was used up; root has no share.", &["what"]),
             listen_denials: cv("dsan_san_listens_denied_total", "SAN listens refused (the port's kernel TCP listener belongs to another user; a port below 1024 without the right to bind it) and SAN listeners revoked (a kernel TCP listener of another user took the port), by reason.", &["reason"]),
             event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's eventfd could not take."),
@@ -289,6 +291,7 @@ impl Metrics {
             set(&self.app_rejects.with_label_values(&[r]), n.app_rejects[i]);
         }
         set(&self.app_violations, n.app_violations);
+        set(&self.resolve_conflicts, n.resolve_conflicts);
         for (i, r) in dataplane::node::QUOTAS.iter().enumerate() {
             set(
                 &self.quota_refusals.with_label_values(&[r]),

@@ -102,6 +102,9 @@ pub struct Counters {
     /// Listens and connects refused because their user's share of the
     /// host's listeners or connect attempts was used up ([`QUOTAS`]).
     pub quota_refusals: [u64; 2],
+    /// Resolution replies that contradicted a learned entry (which was
+    /// dropped, so that the address is resolved again).
+    pub resolve_conflicts: u64,
     /// Event signals that could not be delivered (the application's eventfd
     /// was full or gone).
     pub event_signal_failed: u64,
@@ -214,6 +217,7 @@ impl Node {
         c.app_violations = l.app_violations;
         c.listen_denials = l.listen_denials;
         c.quota_refusals = l.quota_refusals;
+        c.resolve_conflicts = self.ep.resolver().conflicts();
         // Signals the lcore could not queue, and those the processes'
         // notifiers skipped (their eventfds full), attached processes only.
         c.event_signal_failed = l.event_signal_failed

@@ -161,6 +161,10 @@ impl<R: Rng> Endpoint<R> {
     pub fn set_subnets(&mut self, subnets: Vec<Subnet>) {
         self.cfg.subnets = subnets;
     }
+    /// The resolution cache.
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
     /// The resolution cache (for static entries).
     pub fn resolver_mut(&mut self) -> &mut Resolver {
         &mut self.resolver
@@ -376,7 +380,7 @@ impl<R: Rng> Endpoint<R> {
             Message::ResolveReply { mac } => {
                 if self.resolver.on_reply(now, h.src_ip, mac) {
                     self.resolved(h.src_ip, mac);
-                } else {
+                } else if !self.resolver.on_unsolicited(h.src_ip, mac) {
                     self.stats.late_replies += 1;
                 }
             }

@@ -72,6 +72,8 @@ pub struct Resolver {
     failed: Vec<Ipv4>,
     /// Addresses that did not answer, until when (bounded by `max_pending`).
     silent: HashMap<Ipv4, Instant>,
+    /// Replies that named another MAC for a learned address.
+    conflicts: u64,
 }
 
 impl Resolver {
@@ -149,6 +151,28 @@ impl Resolver {
             _ => {}
         }
         true
+    }
+
+    /// A reply nobody was waiting for, from `ip` saying it is at `mac`. If
+    /// it contradicts a learned entry (two stations answer for one address:
+    /// one of them lies, and the first answer is not the more trustworthy),
+    /// the entry is dropped and counted, so that the next lookup asks again
+    /// instead of trusting the first answer for its whole lifetime. Static
+    /// entries are never dropped. Returns whether it was a conflict.
+    pub fn on_unsolicited(&mut self, ip: Ipv4, mac: EthernetAddress) -> bool {
+        match self.entries.get(&ip) {
+            Some(e) if e.expires.is_some() && e.mac != mac => {
+                self.entries.remove(&ip);
+                self.conflicts += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replies that contradicted a learned entry (see [`on_unsolicited`](Self::on_unsolicited)).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
     }
 
     /// The next address to send a request for, if one is due.
@@ -236,6 +260,29 @@ mod tests {
             Lookup::Pending,
             "expired"
         );
+    }
+
+    #[test]
+    fn a_conflicting_answer_drops_the_entry_and_is_counted() {
+        let mut r = Resolver::new(ResolveConfig::default());
+        let t0 = Instant(0);
+        assert_eq!(r.lookup(t0, IP), Lookup::Pending);
+        assert_eq!(r.poll_request(t0), Some(IP));
+        // A liar answers first; the real station's answer comes next.
+        let liar = EthernetAddress([2, 0, 0, 0, 0, 0x66]);
+        assert!(r.on_reply(t0, IP, liar));
+        assert!(!r.on_reply(t0, IP, MAC));
+        assert!(r.on_unsolicited(IP, MAC));
+        assert_eq!(r.conflicts(), 1);
+        // Not pinned: the next lookup asks again.
+        assert_eq!(r.lookup(t0, IP), Lookup::Pending);
+        // A repeated answer with the same MAC is no conflict; a static entry
+        // is never dropped.
+        assert!(r.on_reply(t0, IP, MAC));
+        assert!(!r.on_unsolicited(IP, MAC));
+        r.add_static(IP, MAC);
+        assert!(!r.on_unsolicited(IP, liar));
+        assert_eq!(r.lookup(t0, IP), Lookup::Found(MAC));
     }
 
     #[test]

@@ -79,6 +79,50 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
             .unwrap(),
     );
     let cli_out = lines(&mut cli.0);
+    // A second good pair the other way: a server on h0, and on h1 (beside
+    // the attackers, as the first pair's server) a client connecting.
+    let mut srv0 = Reaped(
+        in_host("h0", &storm, &["server", "7002", "64", "0", "all"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let srv0_out = lines(&mut srv0.0);
+    let mut srv0_in = srv0.0.stdin.take().unwrap();
+    assert_eq!(
+        srv0_out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let mut cli1 = Reaped(
+        in_host("h1", &storm, &["client", "198.18.0.1", "7002", "8000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let cli1_out = lines(&mut cli1.0);
+    // Both pairs are served throughout: after each attack (started while
+    // they run), each has gone on connecting since the attack began.
+    let progress = || {
+        (
+            stats("h1")["connects_accepted"].as_u64().unwrap_or(0),
+            stats("h0")["connects_accepted"].as_u64().unwrap_or(0),
+        )
+    };
+    let served_since = |at: (u64, u64), what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = progress();
+            if now.0 >= at.0 + 5 && now.1 >= at.1 + 5 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the good pairs stalled around {what}: {at:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
 
     // Local attackers on h1, through what attaching hands them.
     let sock = "/run/dsan/lab/h1/dsand.sock";
@@ -93,6 +137,7 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
         "fds",
         "connflood",
     ] {
+        let at = progress();
         let r = run_in("h1", &hostile, &[sock, attack]);
         eprintln!("{attack}: {r}");
         assert!(r.starts_with("ok"), "{attack}: {r}");
@@ -100,6 +145,7 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
             stats("h1")["ok"] == true,
             "h1's daemon answers after {attack}"
         );
+        served_since(at, attack);
     }
     // Slow and silent scrapers hold 12 connections to h1's metrics endpoint
     // (fewer than its 16 places): a real scrape still gets its answer at once.
@@ -153,8 +199,24 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
     let r = srv_out.recv_timeout(Duration::from_secs(10)).unwrap();
     let accepted: i64 = r.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert_eq!(accepted, v[1], "{r}");
+    let c1 = cli1_out
+        .recv_timeout(Duration::from_secs(60))
+        .expect("second client result");
+    let v1: Vec<i64> = c1
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(v1[0] > 100, "the second pair kept connecting: {c1}");
+    assert_eq!(
+        v1[0], v1[1],
+        "every connect of the second pair succeeded: {c1}"
+    );
+    writeln!(srv0_in, "quit").unwrap();
 
-    // Both daemons alive, and every attack visible in a counter.
+    // Both daemons alive, and every attack the daemon can see visible in a
+    // counter (truncating the memfds and playing with its own bell are
+    // refused by the kernel or hurt only the attacker: the daemon never
+    // sees them).
     let (s0, s1) = (stats("h0"), stats("h1"));
     assert_eq!(s0["ok"], true);
     assert_eq!(s1["ok"], true, "{s1}");
@@ -165,6 +227,8 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
         s1["control_connections_refused"].as_u64() >= Some(200),
         "{s1}"
     );
+    // pipe (a pipe and a socket as event descriptors), hugeline, fds.
+    assert!(s1["control_requests_refused"].as_u64() >= Some(3), "{s1}");
     assert!(
         s1["connects_rejected"]["no_listener"].as_u64() > Some(0),
         "{s1}"

@@ -271,6 +271,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             fallbacks: fallbacks.clone(),
             conns: Default::default(),
             refused: Default::default(),
+            bad_requests: Default::default(),
         });
         std::thread::Builder::new()
             .name("control".into())

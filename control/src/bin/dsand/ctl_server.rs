@@ -35,6 +35,10 @@ pub(crate) struct Ctx {
     pub(crate) conns: Arc<Mutex<HashMap<u32, usize>>>,
     /// Connections refused for exceeding the limits.
     pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// Requests refused (malformed, descriptors where none belong, an event
+    /// descriptor that is not an eventfd, ...) and connections closed for a
+    /// line that is too long or a truncated control message.
+    pub(crate) bad_requests: std::sync::atomic::AtomicU64,
 }
 
 /// Control connections one uid may hold open at once.
@@ -96,7 +100,13 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
     loop {
         let (line, fds) = match sys::recv_line(fd) {
             Ok(Some(x)) => x,
-            _ => break,
+            Ok(None) => break,
+            Err(_) => {
+                // A line over the limit, a truncated control message: the
+                // connection closes, and it shows.
+                cx.bad_requests.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
         };
         if line.trim().is_empty() {
             continue;
@@ -132,9 +142,13 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                     Some("ping") if fds.is_empty() => ping(&req, cx, fd),
                     _ => handle_request(&req, cx),
                 };
-                r.unwrap_or_else(|e| json!({"ok": false, "error": e}))
+                r.unwrap_or_else(|e| {
+                    cx.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    json!({"ok": false, "error": e})
+                })
             }
             Err(e) => {
+                cx.bad_requests.fetch_add(1, Ordering::Relaxed);
                 json!({"ok": false, "error": format!("malformed request (expected one JSON object per line): {e}")})
             }
         };
@@ -388,6 +402,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             let mut v = counters_json(&cx.lcore.counters(), &shared.stats);
             v["ok"] = json!(true);
             v["control_connections_refused"] = json!(cx.refused.load(Ordering::Relaxed));
+            v["control_requests_refused"] = json!(cx.bad_requests.load(Ordering::Relaxed));
             Ok(v)
         }
         Some(other) => Err(format!(

@@ -258,6 +258,7 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
         .spawn()
         .unwrap();
     let out = lines(&mut attacker);
+    let attacker_pid = attacker.id();
     let _attacker = Reaped(attacker);
     assert_eq!(
         out.recv_timeout(Duration::from_secs(10))
@@ -336,6 +337,35 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(pending);
+    // When the attacker goes, so does its notifier thread (a write it made
+    // block would be interrupted at the detach, not left for good).
+    let pid = attacker_pid.to_string();
+    let dsand = std::fs::read_to_string("/run/dsan/lab/h1/dsand.pid").unwrap();
+    let threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", dsand.trim()))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                    .map(|s| s.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        threads().iter().any(|t| *t == format!("notify-{pid}")),
+        "{:?}",
+        threads()
+    );
+    drop(_attacker);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while threads().iter().any(|t| *t == format!("notify-{pid}")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the attacker's notifier outlived it: {:?}",
+            threads()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// h1's accepted SAN connections (from its counters).

@@ -164,3 +164,43 @@ impl PacketWaker {
         self.0.drain();
     }
 }
+
+/// The signal that interrupts a thread blocked in a system call (a notifier
+/// stuck writing an eventfd a process made blocking and filled): a handler
+/// that does nothing, installed without SA_RESTART, so the call returns
+/// EINTR. SIGRTMIN + 7 (nothing else in dsand uses the real-time signals).
+fn interrupt_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 7
+}
+
+extern "C" fn on_interrupt(_: libc::c_int) {}
+
+/// Installs the interrupt signal's handler (once per process; idempotent).
+pub fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler is an
+        // async-signal-safe function that does nothing; no SA_RESTART.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            libc::sigaction(interrupt_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+/// The calling thread, for [`interrupt_thread`].
+pub fn current_thread() -> libc::pthread_t {
+    // SAFETY: no preconditions.
+    unsafe { libc::pthread_self() }
+}
+
+/// Interrupts `t`'s blocking system call, if it is in one (it returns
+/// EINTR; [`install_interrupt_handler`] must have run). Never blocks.
+pub fn interrupt_thread(t: libc::pthread_t) {
+    // SAFETY: `t` is a thread of this process that has not been joined
+    // (notifier threads are detached and signal their own end first).
+    unsafe { libc::pthread_kill(t, interrupt_signal()) };
+}

@@ -25,6 +25,12 @@ pub struct Notifier {
     stop: AtomicBool,
     /// Signals skipped because the process's eventfd was full.
     skipped: std::sync::atomic::AtomicU64,
+    /// The thread, and whether it is inside a write: a write the process
+    /// made block is interrupted at its detach (see [`Notifier::reap`]).
+    thread: std::sync::OnceLock<libc::pthread_t>,
+    writing: AtomicBool,
+    /// The thread has ended.
+    ended: AtomicBool,
 }
 
 impl Notifier {
@@ -34,17 +40,22 @@ impl Notifier {
     /// # Errors
     /// If the eventfd or the thread cannot be created.
     pub fn start(pid: u32) -> std::io::Result<Arc<Notifier>> {
+        crate::sys::install_interrupt_handler();
         let n = Arc::new(Notifier {
             queue: ArrayQueue::new(QUEUE),
             wake: EventFd::new()?,
             stop: AtomicBool::new(false),
             skipped: std::sync::atomic::AtomicU64::new(0),
+            thread: std::sync::OnceLock::new(),
+            writing: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         });
         let t = n.clone();
         std::thread::Builder::new()
             .name(format!("notify-{pid}"))
             .spawn(move || {
                 crate::sys::unpin_current_thread();
+                let _ = t.thread.set(crate::sys::current_thread());
                 while !t.stop.load(Ordering::Acquire) {
                     t.wake.wait(None);
                     t.wake.drain();
@@ -52,16 +63,43 @@ impl Notifier {
                         // A full counter is the process's doing: skip it.
                         // (It could still fill it between this look and the
                         // write, and make the write block: then only this
-                        // thread waits.)
-                        if !sys::writable_now(fd.as_raw_fd())
-                            || !sys::signal_eventfd(fd.as_raw_fd())
-                        {
+                        // thread waits, until the process detaches and
+                        // `reap` interrupts the write.)
+                        t.writing.store(true, Ordering::SeqCst);
+                        let ok = !t.stop.load(Ordering::SeqCst)
+                            && sys::writable_now(fd.as_raw_fd())
+                            && sys::signal_eventfd(fd.as_raw_fd());
+                        t.writing.store(false, Ordering::SeqCst);
+                        if !ok {
                             t.skipped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
+                t.ended.store(true, Ordering::Release);
             })?;
         Ok(n)
+    }
+
+    /// After [`shutdown`](Self::shutdown), off the lcore: interrupts a write
+    /// the process made block until the thread has ended (at most `within`).
+    /// Returns whether it ended.
+    pub fn reap(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.ended.load(Ordering::Acquire) {
+                return true;
+            }
+            if self.writing.load(Ordering::SeqCst) {
+                if let Some(t) = self.thread.get() {
+                    crate::sys::interrupt_thread(*t);
+                }
+            }
+            self.wake.signal();
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Queues a signal of `fd` (lcore side). Returns false if the queue is

@@ -160,6 +160,17 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
     if let Some(app) = app {
         let detached = cx.lcore.ask(|tx| Command::Detach(app.id, tx), ASK);
         cx.lcore.engine.doorbell.unwatch(app.bell.as_raw_fd());
+        // Its notifier ends with it, also when the process left it blocked
+        // in a write on an eventfd it made blocking and filled.
+        if let Some(n) = app.notifier.get() {
+            n.shutdown();
+            if !n.reap(Duration::from_secs(1)) {
+                log(
+                    "warn",
+                    &format!("the notifier of pid {} did not end", app.pid),
+                );
+            }
+        }
         if detached.is_err() {
             log(
                 "warn",

@@ -66,8 +66,9 @@ impl Notifier {
                         // thread waits, until the process detaches and
                         // `reap` interrupts the write.)
                         t.writing.store(true, Ordering::SeqCst);
-                        let ok = !t.stop.load(Ordering::SeqCst)
-                            && sys::writable_now(fd.as_raw_fd())
+                        // (Signals queued before a shutdown are still
+                        // delivered: the last FD_ACCEPT says ENETDOWN.)
+                        let ok = sys::writable_now(fd.as_raw_fd())
                             && sys::signal_eventfd(fd.as_raw_fd());
                         t.writing.store(false, Ordering::SeqCst);
                         if !ok {

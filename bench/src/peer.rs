@@ -142,6 +142,7 @@ fn row(scenario: &'static str, transport: &'static str, what: &'static str) -> R
         pending: 0,
         rate: None,
         cpu_us: None,
+        wall_after: None,
     }
 }
 

@@ -69,7 +69,14 @@ pub(crate) struct Row {
     /// CPU time of every process involved (both daemons and this one,
     /// clients and servers), per successful connect, microseconds.
     pub(crate) cpu_us: Option<f64>,
+    /// Closed loop: after how many connects the connects turned slow (over
+    /// 1 ms) for good, if they did: the mark of a wall (ephemeral ports in
+    /// TIME_WAIT, a full queue), not of the stack's speed.
+    pub(crate) wall_after: Option<u64>,
 }
+
+/// A connect slower than this counts as slow (`over_1ms`, `wall_after`).
+const SLOW_NS: u64 = 1_000_000;
 
 pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds")
@@ -316,9 +323,11 @@ pub(crate) fn tcp_listener(ip: Ipv4Addr, port: u16, backlog: i32) -> Result<TcpL
 /// The overload scenario's backlog (both sides) and client threads.
 const OVERLOAD_BACKLOG: i32 = 16;
 const OVERLOAD_CLIENTS: usize = 32;
-/// How long an overload client waits for one connect (kernel TCP drops the
-/// SYNs a full queue cannot take and retries after a second).
-const OVERLOAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an overload client waits for one connect: above kernel TCP's
+/// SYN retransmission schedule's first two retries (after 1 s and 3 s), so
+/// that a SYN a full queue dropped is not counted as a failure while its
+/// retransmission may still get it in.
+const OVERLOAD_TIMEOUT: Duration = Duration::from_millis(3500);
 
 /// CPU time so far of every process a setup involves: both lab daemons
 /// (every thread's run time, from /proc/PID/task/*/schedstat) and this
@@ -355,9 +364,18 @@ fn per_setup(cpu_ns: u64, setups: u64) -> Option<f64> {
     (setups > 0).then(|| cpu_ns as f64 / 1000.0 / setups as f64)
 }
 
-/// Kernel TCP as its users tune it for many connections: somaxconn and
-/// tcp_max_syn_backlog raised in both lab namespaces (only there) to at
-/// least the backlog, for the life of the value; restored on drop.
+/// Every sysctl the tuned baseline sets, in both lab namespaces (only
+/// there): the accept and SYN queues at least the backlog (65535), TIME_WAIT
+/// sockets reused for new connects, and the whole ephemeral port range.
+pub(crate) const TCP_TUNED: [(&str, &str); 4] = [
+    ("net/core/somaxconn", "65535"),
+    ("net/ipv4/tcp_max_syn_backlog", "65535"),
+    ("net/ipv4/tcp_tw_reuse", "1"),
+    ("net/ipv4/ip_local_port_range", "1024\t65535"),
+];
+
+/// Kernel TCP as its users tune it for many connections ([`TCP_TUNED`]),
+/// for the life of the value; restored on drop.
 struct Tuned(Vec<(&'static str, &'static str, String)>);
 
 impl Tuned {
@@ -366,9 +384,14 @@ impl Tuned {
         if !on {
             return Ok(Tuned(saved));
         }
-        let want = backlog.max(65535).to_string();
         for ns in ["dsan-h0", "dsan-h1"] {
-            for key in ["net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog"] {
+            for (key, v) in TCP_TUNED {
+                let want = match key {
+                    "net/core/somaxconn" | "net/ipv4/tcp_max_syn_backlog" => {
+                        backlog.max(65535).to_string()
+                    }
+                    _ => v.to_string(),
+                };
                 let old = sysctl_in(ns, key, None)?;
                 sysctl_in(ns, key, Some(&want))?;
                 saved.push((ns, key, old));
@@ -415,10 +438,36 @@ fn throttle(gap: Option<Duration>) {
 /// Err(()) still pending at the timeout.
 fn tcp_connect(port: u16, timeout: Duration) -> std::result::Result<bool, ()> {
     match TcpStream::connect_timeout(&SocketAddrV4::new(H1, port).into(), timeout) {
-        Ok(_) => Ok(true),
+        Ok(s) => {
+            // The client closes first, as a benchmark of set-ups should have
+            // it: SO_LINGER {1, 0} resets instead of leaving the client's
+            // port in TIME_WAIT (which walls a closed loop off after half
+            // the ephemeral range, about 14,000 connects, at 1-10 ms each).
+            linger0(&s);
+            Ok(true)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(false),
         Err(_) => Err(()),
     }
+}
+
+/// SO_LINGER {1, 0}: closing `s` resets it (no TIME_WAIT).
+fn linger0(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the given size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
 }
 
 /// A connect through the switch (the process's switch is attached to h0).
@@ -493,6 +542,7 @@ fn run_policy(
             pending,
             rate,
             cpu_us: None,
+            wall_after: None,
         };
 
     // connect, accepting thread spinning and waiting.
@@ -690,12 +740,14 @@ fn run_policy(
         let start = Instant::now();
         let handles: Vec<_> = (0..o.concurrency)
             .map(|_| {
-                std::thread::spawn(move || -> Result<(Histogram<u64>, u64, u64)> {
+                std::thread::spawn(move || -> Result<(Histogram<u64>, u64, u64, Option<u64>)> {
                     if tcp {
                         enter_netns("dsan-h0")?;
                     }
                     let mut h = hist();
                     let (mut n, mut err) = (0, 0);
+                    // The first slow connect, and how many were slow from it on.
+                    let (mut first_slow, mut slow) = (None, 0u64);
                     let end = Instant::now() + dur;
                     while Instant::now() < end {
                         let t = Instant::now();
@@ -704,25 +756,43 @@ fn run_policy(
                         } else {
                             dsan_connect(port) == Ok(true)
                         };
+                        let ns = t.elapsed().as_nanos() as u64;
+                        if ns > SLOW_NS {
+                            first_slow.get_or_insert(n);
+                            slow += 1;
+                        }
                         n += 1;
                         if ok {
-                            h.saturating_record(t.elapsed().as_nanos() as u64);
+                            h.saturating_record(ns);
                         } else {
                             err += 1;
                         }
                     }
-                    Ok((h, n, err))
+                    // A wall: from some connect on, most are slow (and at
+                    // least a hundred of them).
+                    let wall = first_slow.filter(|f| {
+                        let after = n - f;
+                        after >= 100 && slow * 10 >= after * 8
+                    });
+                    Ok((h, n, err, wall))
                 })
             })
             .collect();
         let mut h = hist();
         let (mut n, mut err) = (0, 0);
+        let mut walls = Vec::new();
         for j in handles {
-            let (hh, nn, ee) = j.join().map_err(|_| anyhow!("connector panicked"))??;
+            let (hh, nn, ee, ww) = j.join().map_err(|_| anyhow!("connector panicked"))??;
             h.add(&hh).map_err(|e| anyhow!("{e:?}"))?;
             n += nn;
             err += ee;
+            walls.push(ww);
         }
+        // Every connector hit it: the connects made before it, in all.
+        let wall_after = walls
+            .iter()
+            .all(Option::is_some)
+            .then(|| walls.iter().flatten().sum::<u64>());
         let secs = start.elapsed().as_secs_f64();
         let (_, server_accepted) = srv.finish(tcp, port, n - err)?;
         // Every connect that succeeded was accepted (the TCP server may also
@@ -739,6 +809,7 @@ fn run_policy(
         let cpu = per_setup(cpu_ns() - cpu0, n - err);
         rows.push(Row {
             cpu_us: cpu,
+            wall_after,
             ..row(
                 "rate-closed",
                 "spinning",
@@ -1086,7 +1157,8 @@ pub(crate) fn run(o: Opts) -> Result<()> {
     }
     let elapsed = t0.elapsed();
     let config = json!({"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency,
-               "overload_accept_per_s": o.overload_accept, "tcp_tuned": "somaxconn and tcp_max_syn_backlog 65535 in both lab namespaces",
+               "overload_accept_per_s": o.overload_accept, "tcp_tuned": TCP_TUNED.iter().map(|(k, v)| format!("{}={}", k.replace('/', "."), v.replace('\t', " "))).collect::<Vec<_>>(),
+               "tcp_client": "closes first, with SO_LINGER {1, 0} (no TIME_WAIT)",
                "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
                "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"});
     report(&Report {
@@ -1209,6 +1281,12 @@ pub(crate) fn report(rep: &Report<'_>) -> Result<()> {
                     "", "", "", "", "ratio", q(0.5), q(0.9), q(0.99), q(0.999), "", "", "", "", rate, cpu
                 );
             }
+            if let Some(w) = r.wall_after {
+                println!(
+                    "{:<12} WALL: after {w} connects nearly every connect took over 1 ms: this row measures a wall (ports, queues), not the stack",
+                    ""
+                );
+            }
             if r.scenario == "reject" && r.pending > 0 {
                 println!(
                     "{:<12} kernel TCP did not refuse: {} of {} connects still pending after {:?}",
@@ -1226,7 +1304,9 @@ pub(crate) fn report(rep: &Report<'_>) -> Result<()> {
         summary.push(json!({
             "scenario": r.scenario, "policy": r.policy, "accept": r.accept, "transport": r.transport, "measure": r.what,
             "count": r.hist.len(), "attempts": r.attempts, "errors": r.errors, "refused": r.refused, "pending": r.pending,
-            "rate_per_s": r.rate, "cpu_us_per_setup": r.cpu_us, "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99), "p999_ns": q(0.999),
+            "rate_per_s": r.rate, "cpu_us_per_setup": r.cpu_us,
+            "over_1ms": if r.hist.is_empty() { 0 } else { r.hist.count_between(SLOW_NS + 1, r.hist.max().max(SLOW_NS + 1)) },
+            "wall_after": r.wall_after, "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99), "p999_ns": q(0.999),
             "max_ns": if r.hist.is_empty() { Value::Null } else { json!(r.hist.max()) },
             "tag": format!("{}/{}/{}/{}/{}", r.scenario, r.policy, r.accept, r.transport, r.what),
         }));

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod breakdown;
+mod compare;
 mod connect;
 mod data;
 mod peer;
@@ -115,6 +116,16 @@ enum Cmd {
         /// the runs' ratios). On a noisy machine 3 or more.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+    },
+    /// Compares two `dsan-bench data --repeat N --json` files row by row:
+    /// each row's change (median of the new runs over median of the old)
+    /// with a 95 % bootstrap interval, for the rate and for the dsan/tcp
+    /// ratio; "faster" or "slower" only when the interval excludes 1.0.
+    Compare {
+        /// The file before the change.
+        old: PathBuf,
+        /// The file after it.
+        new: PathBuf,
     },
     /// Two-host mode, server side: answers on the SAN (attached to this
     /// host's dsand) and on kernel TCP on --port, until killed; pair it
@@ -231,6 +242,7 @@ fn run(args: Args) -> Result<()> {
             json,
         } => frame_rtt(count, &idle, &mode, json),
         Cmd::Connect { count, idle, json } => connect_bench(count, &idle, json),
+        Cmd::Compare { old, new } => compare::run(&old, &new).map(|_| ()),
         Cmd::Data {
             count,
             bytes,

@@ -204,6 +204,41 @@ pub fn peer_cred(fd: std::os::fd::RawFd) -> io::Result<(u32, u32, u32)> {
     Ok((c.pid as u32, c.uid, c.gid))
 }
 
+/// The supplementary groups of the peer of Unix socket `fd`, as they were
+/// when it connected (SO_PEERGROUPS).
+///
+/// # Errors
+/// If the kernel cannot tell.
+pub fn peer_groups(fd: std::os::fd::RawFd) -> io::Result<Vec<u32>> {
+    // asm-generic/socket.h (x86_64, aarch64): not in the libc crate.
+    const SO_PEERGROUPS: libc::c_int = 59;
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: a valid out-buffer of the announced length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            groups.truncate(len as usize / 4);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // ERANGE: `len` says how much room it needs.
+        if e.raw_os_error() == Some(libc::ERANGE) && (len as usize / 4) > groups.len() {
+            groups.resize(len as usize / 4, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
 /// The effective uid of this process.
 pub fn euid() -> u32 {
     // SAFETY: no preconditions.

@@ -855,3 +855,51 @@ fn one_user_cannot_take_every_listener_of_the_host() {
     assert!(probe_out.starts_with("listened 1 error 0"), "{probe_out}");
     drop(held);
 }
+
+#[test]
+fn a_member_of_the_socket_group_by_a_supplementary_group_may_attach() {
+    // Issue #27: attach looked at the peer's primary group only.
+    let _lab = Lab::up(&[]);
+    let storm = cc("storm.c", true);
+    let o = in_host(
+        "h1",
+        std::path::Path::new("setpriv"),
+        &[
+            "--reuid=3000",
+            "--regid=3000",
+            "--groups=0",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            &storm.display().to_string(),
+            "listen-many",
+            "7800",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("listened 1 error 0"), "{out} {o:?}");
+    // Without the group: refused.
+    let o = in_host(
+        "h1",
+        std::path::Path::new("setpriv"),
+        &[
+            "--reuid=3000",
+            "--regid=3000",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            &storm.display().to_string(),
+            "listen-many",
+            "7801",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).starts_with("listened 1"),
+        "{o:?}"
+    );
+}

@@ -41,6 +41,9 @@ pub(crate) struct Ctx {
     pub(crate) bad_requests: std::sync::atomic::AtomicU64,
 }
 
+/// How long a control connection that is not an attachment may stay silent.
+pub(crate) const IDLE: Duration = Duration::from_secs(60);
+
 /// Control connections one uid may hold open at once.
 pub(crate) const MAX_CONNS_PER_UID: usize = 64;
 /// Control connections open at once, in all.
@@ -97,6 +100,10 @@ fn err(e: impl std::fmt::Display) -> String {
 pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
     let fd = conn.as_raw_fd();
     let mut app: Option<Arc<AppShared>> = None;
+    // A connection that is not an attachment must send a request at least
+    // every IDLE (it holds one of the uid's places): an attached process's
+    // connection may be silent for ever (it is the attachment).
+    let _ = conn.set_read_timeout(Some(IDLE));
     loop {
         let (line, fds) = match sys::recv_line(fd) {
             Ok(Some(x)) => x,
@@ -115,7 +122,13 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
         let reply = match serde_json::from_str::<Value>(&line) {
             Ok(req) => {
                 let r = match req["cmd"].as_str() {
-                    Some("attach") if fds.is_empty() => attach(fd, cx, &mut app, &mut out_fds),
+                    Some("attach") if fds.is_empty() => {
+                        let r = attach(fd, cx, &mut app, &mut out_fds);
+                        if app.is_some() {
+                            let _ = conn.set_read_timeout(None);
+                        }
+                        r
+                    }
                     Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
                     Some("trace") if fds.is_empty() => trace(&req, cx, fd),
                     Some("switch_listen_failed") if fds.is_empty() => {
@@ -193,7 +206,11 @@ fn attach(
     }
     let (pid, uid, gid) =
         os::peer_cred(fd).map_err(|e| format!("cannot read peer credentials: {e}"))?;
-    if uid != 0 && uid != os::euid() && gid != cx.socket_gid {
+    // The socket's group counts as a supplementary group too (as the
+    // socket file's permissions count it).
+    let in_group =
+        gid == cx.socket_gid || os::peer_groups(fd).is_ok_and(|g| g.contains(&cx.socket_gid));
+    if uid != 0 && uid != os::euid() && !in_group {
         return Err(format!(
             "uid {uid} may not attach (root, the daemon's user or the socket's group only)"
         ));

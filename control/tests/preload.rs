@@ -755,3 +755,87 @@ fn a_program_that_forks_while_its_threads_use_sockets_never_hangs_its_child() {
     assert!(o.status.success(), "{t}");
     assert!(t.contains("forks 300 hung 0 "), "{t}");
 }
+
+#[test]
+fn a_plain_blocking_accept_waits_for_san_clients() {
+    // Issue #24: a blocking accept() with nothing polled first returned
+    // EAGAIN at once (the switch's listen made the program's descriptor
+    // nonblocking through the kernel socket they shared).
+    let _lab = Lab::up(&[]);
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "dsan-harness-blocking-accept-{}",
+        std::process::id()
+    ));
+    let st = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
+        .arg(&exe)
+        .arg(root().join("provider-shim/tests/c/blocking_accept.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let before = counts();
+    let mut srv = preloaded("h1", &exe.display().to_string(), &["7460", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(&mut srv);
+    let _srv = Reaped(srv);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    // (With the old bug the three accepts failed at once, before any
+    // client came: the first line would say so.)
+    for _ in 0..3 {
+        let o = run(
+            preloaded(
+                "h0",
+                "python3",
+                &[
+                    "-c",
+                    "import socket\ns=socket.create_connection(('198.18.0.2',7460),timeout=5)\ns.sendall(b'hello')\nassert s.recv(16)==b'hello'\ns.close()",
+                ],
+            ),
+            30,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let l = out.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(l, "accepted 198.18.0.1 read 5");
+    }
+    let after = counts();
+    assert_eq!(after.accepted - before.accepted, 3, "the SAN carried them");
+    // And Python's blocking socket.accept() too.
+    let mut py = preloaded(
+        "h1",
+        "python3",
+        &[
+            "-c",
+            "import socket\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',7461))\nl.listen()\nprint('listening',flush=True)\nc,a=l.accept()\nprint('accepted',a[0],c.recv(16).decode(),flush=True)",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pout = lines(&mut py);
+    let _py = Reaped(py);
+    assert_eq!(
+        pout.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let o = run(
+        preloaded(
+            "h0",
+            "python3",
+            &[
+                "-c",
+                "import socket\ns=socket.create_connection(('198.18.0.2',7461),timeout=5)\ns.sendall(b'hi')\ns.close()",
+            ],
+        ),
+        30,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        pout.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "accepted 198.18.0.1 hi"
+    );
+}

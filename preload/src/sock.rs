@@ -140,9 +140,12 @@ fn dup_owned(fd: RawFd) -> Result<OwnedFd, i32> {
 }
 
 /// Puts switch socket `sw` in the place of program descriptor `fd` (same
-/// number, same O_NONBLOCK and close-on-exec), and records it.
-fn take_over(fd: RawFd, sw: RawFd, state: State) -> Result<Arc<PFd>, i32> {
-    let nonblock = fl(fd) & libc::O_NONBLOCK;
+/// number, the program's O_NONBLOCK `nonblock` and close-on-exec), and
+/// records it. `nonblock` is read before the switch touched the kernel
+/// socket: its listen makes that socket nonblocking, and the program's
+/// descriptor shares the socket's flags until it is replaced here.
+fn take_over(fd: RawFd, sw: RawFd, state: State, nonblock: c_int) -> Result<Arc<PFd>, i32> {
+    let nonblock = nonblock & libc::O_NONBLOCK;
     set_fl(sw, (fl(sw) & !libc::O_NONBLOCK) | nonblock);
     let flags = if cloexec(fd) { libc::O_CLOEXEC } else { 0 };
     // SAFETY: two valid descriptors; `fd` is replaced atomically.
@@ -180,7 +183,7 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
     };
     match dsan_switch::listen(sw, backlog) {
         Ok(true) => {
-            let r = take_over(fd, sw, State::Listening).map(|p| {
+            let r = take_over(fd, sw, State::Listening, flags).map(|p| {
                 *p.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
                 p.backlog.store(backlog, Ordering::Relaxed);
                 0
@@ -232,7 +235,7 @@ pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, 
         Err(e) => return Some(Err(e)),
     };
     let _ = dsan_switch::set_san_only(sw, action == Action::San);
-    let p = match take_over(fd, sw, State::Connecting) {
+    let p = match take_over(fd, sw, State::Connecting, fl(fd)) {
         Ok(p) => p,
         Err(e) => {
             let _ = dsan_switch::close(sw);
@@ -530,6 +533,7 @@ pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     };
     let local = *p.local.lock().unwrap_or_else(|e| e.into_inner());
     let backlog = p.backlog.load(Ordering::Relaxed);
+    let flags = fl(fd);
     let made = dup_owned(t).and_then(dsan_switch::adopt).and_then(|sw| {
         // SAFETY: plain call.
         let ppid = unsafe { libc::getppid() } as u32;
@@ -542,7 +546,8 @@ pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
             }
         }
     });
-    match made.and_then(|(sw, san)| take_over(fd, sw, State::Listening).map(|np| (np, san))) {
+    match made.and_then(|(sw, san)| take_over(fd, sw, State::Listening, flags).map(|np| (np, san)))
+    {
         Ok((np, san)) => {
             *np.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
             np.backlog.store(backlog, Ordering::Relaxed);

@@ -839,3 +839,62 @@ fn a_plain_blocking_accept_waits_for_san_clients() {
         "accepted 198.18.0.1 hi"
     );
 }
+
+#[test]
+fn socket_names_are_the_connections_as_on_kernel_tcp() {
+    // Issue #24: getsockname() gave 0.0.0.0:0 on a SAN client and
+    // 0.0.0.0:PORT on an accepted SAN connection.
+    let _lab = Lab::up(&[]);
+    let s = root()
+        .join("control/tests/py/names.py")
+        .display()
+        .to_string();
+    let mut seen = Vec::new();
+    for (preload, port) in [(false, "7480"), (true, "7481")] {
+        let mk = |host: &str, args: &[&str]| {
+            if preload {
+                preloaded(host, "python3", args)
+            } else {
+                plain(host, "python3", args)
+            }
+        };
+        let mut srv = mk("h1", &[&s, "server", port])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = lines(&mut srv);
+        let _srv = Reaped(srv);
+        assert_eq!(
+            out.recv_timeout(Duration::from_secs(10)).unwrap(),
+            "listening"
+        );
+        let before = counts();
+        let o = run(mk("h0", &[&s, "client", port]), 30);
+        let client = text(&o);
+        let san = counts().accepted - before.accepted;
+        assert_eq!(san, u64::from(preload), "SAN connections accepted");
+        let server = out.recv_timeout(Duration::from_secs(10)).unwrap();
+        // client sock ('198.18.0.1', P) peer ('198.18.0.2', PORT)
+        // server sock ('198.18.0.2', PORT) peer ('198.18.0.1', P) accept-addr (...)
+        let p = client
+            .split("('198.18.0.1', ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .unwrap_or_else(|| panic!("{client}"))
+            .to_string();
+        assert_ne!(p, "0", "{client}");
+        assert!(
+            client.contains(&format!("peer ('198.18.0.2', {port})")),
+            "{client}"
+        );
+        assert_eq!(
+            server,
+            format!(
+                "server sock ('198.18.0.2', {port}) peer ('198.18.0.1', {p}) accept-addr ('198.18.0.1', {p})"
+            ),
+            "preload {preload}"
+        );
+        seen.push(preload);
+    }
+    assert_eq!(seen, [false, true]);
+}

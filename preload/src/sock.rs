@@ -510,7 +510,13 @@ pub(crate) unsafe fn name(
     let v = if peer {
         (*p.peer.lock().unwrap_or_else(|e| e.into_inner())).ok_or(libc::ENOTCONN)?
     } else {
-        (*p.local.lock().unwrap_or_else(|e| e.into_inner()))
+        // The SAN connection's own address and port (a connect's, chosen
+        // by the daemon; an accepted one's, the address the client asked
+        // for), as the kernel names a TCP connection.
+        dsan_switch::san_connection(p.sw)
+            .and_then(|ss| ss.local_addr().ok())
+            .filter(|a| !a.ip().is_unspecified())
+            .or(*p.local.lock().unwrap_or_else(|e| e.into_inner()))
             .or_else(|| kernel(p).ok().and_then(name_of))
             .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
     };

@@ -987,6 +987,18 @@ impl Provider {
             COMMAND_TIMEOUT,
         )?;
         ls.peer = Some(dst);
+        // The daemon chose the connection's local address and port with the
+        // attempt (`result2`: IPv4 << 16 | port): the socket's name from now on.
+        if r == 0 || r == -i64::from(libc::EINPROGRESS) {
+            let w = sh.result2.load(Ordering::Acquire);
+            let port = (w & 0xffff) as u16;
+            if port != 0 {
+                ls.bound = Some(SocketAddrV4::new(
+                    std::net::Ipv4Addr::from((w >> 16) as u32),
+                    port,
+                ));
+            }
+        }
         match r {
             0 => {
                 ls.state = State::Connected;
@@ -1023,6 +1035,16 @@ impl Provider {
             .accepted_waiting
             .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The local address of a socket: what it was bound to, or, once
+    /// connected or accepted, the connection's own address and port.
+    ///
+    /// # Errors
+    /// [`Error::NotSock`]; [`Error::Inval`] if it has none yet.
+    pub fn local_addr(&self, s: SocketId) -> Result<SocketAddrV4> {
+        let g = self.lock(s)?;
+        g.as_ref().and_then(|l| l.bound).ok_or(Error::Inval)
     }
 
     /// The peer of a connected socket.
@@ -1252,6 +1274,13 @@ impl SanSocket {
     pub fn set_option(&self, level: i32, name: i32, v: i32) -> Result<()> {
         self.p
             .setsockopt(self.live()?, level, name, &v.to_ne_bytes())
+    }
+    /// See [`Provider::local_addr`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn local_addr(&self) -> Result<SocketAddrV4> {
+        self.p.local_addr(self.live()?)
     }
     /// SO_LINGER: `on` with 0 seconds makes the close reset the connection.
     ///

@@ -898,3 +898,65 @@ fn socket_names_are_the_connections_as_on_kernel_tcp() {
     }
     assert_eq!(seen, [false, true]);
 }
+
+#[test]
+fn a_fortified_program_reads_its_san_connections() {
+    // Issue #24: a client built with -O2 -D_FORTIFY_SOURCE=2 (as Debian
+    // builds its packages) read through __read_chk, which reached the
+    // kernel on the switch's epoll descriptor (EINVAL).
+    let _lab = Lab::up(&[]);
+    let cc = |src: &str, name: &str| {
+        let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("dsan-harness-{name}-{}", std::process::id()));
+        let st = Command::new("cc")
+            .args([
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-O2",
+                "-D_FORTIFY_SOURCE=2",
+                "-o",
+            ])
+            .arg(&exe)
+            .arg(root().join("provider-shim/tests/c").join(src))
+            .status()
+            .unwrap();
+        assert!(st.success(), "compiling {src}");
+        exe
+    };
+    let server = cc("blocking_accept.c", "fortified-server");
+    let client = cc("fortified_client.c", "fortified-client");
+    // The test means something only if the client does use the entries.
+    let nm = Command::new("nm").arg("-D").arg(&client).output().unwrap();
+    let syms = String::from_utf8_lossy(&nm.stdout);
+    for s in ["__read_chk", "__recv_chk", "__recvfrom_chk"] {
+        assert!(syms.contains(s), "{s} not used by the client:\n{syms}");
+    }
+    let before = counts();
+    let mut srv = preloaded("h1", &server.display().to_string(), &["7490", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(&mut srv);
+    let _srv = Reaped(srv);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let o = run(
+        preloaded(
+            "h0",
+            &client.display().to_string(),
+            &["198.18.0.2", "7490", "64"],
+        ),
+        30,
+    );
+    assert!(text(&o).contains("ok read recv recvfrom"), "{}", text(&o));
+    for _ in 0..3 {
+        assert_eq!(
+            out.recv_timeout(Duration::from_secs(10)).unwrap(),
+            "accepted 198.18.0.1 read 5"
+        );
+    }
+    assert_eq!(counts().accepted - before.accepted, 3, "over the SAN");
+}

@@ -260,6 +260,81 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
     sret(r)
 }
 
+extern "C" {
+    /// The C library's report of a buffer overflow caught by a fortified
+    /// call: it ends the process, as the C library's own checks do.
+    fn __chk_fail() -> !;
+}
+
+/// Interposed: the fortified `read` (`-D_FORTIFY_SOURCE`, as Debian builds
+/// its packages): the same check as the C library's, then [`read`].
+#[no_mangle]
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+) -> ssize_t {
+    if n > buflen {
+        // SAFETY: the C library's overflow report; it does not return.
+        unsafe { __chk_fail() }
+    }
+    // SAFETY: the caller's arguments, checked as the C library checks them.
+    unsafe { read(fd, buf, n) }
+}
+
+/// Interposed: the fortified `recv`.
+#[no_mangle]
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+) -> ssize_t {
+    if n > buflen {
+        // SAFETY: as in `__read_chk`.
+        unsafe { __chk_fail() }
+    }
+    // SAFETY: the caller's arguments, checked.
+    unsafe { recv(fd, buf, n, flags) }
+}
+
+/// Interposed: the fortified `recvfrom`.
+#[no_mangle]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+    a: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    if n > buflen {
+        // SAFETY: as in `__read_chk`.
+        unsafe { __chk_fail() }
+    }
+    // SAFETY: the caller's arguments, checked.
+    unsafe { recvfrom(fd, buf, n, flags, a, len) }
+}
+
+/// Interposed: the fortified `poll`.
+#[no_mangle]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut pollfd,
+    nfds: nfds_t,
+    timeout: c_int,
+    fdslen: size_t,
+) -> c_int {
+    if (fdslen / std::mem::size_of::<pollfd>()) < nfds as usize {
+        // SAFETY: as in `__read_chk`.
+        unsafe { __chk_fail() }
+    }
+    // SAFETY: the caller's arguments, checked.
+    unsafe { poll(fds, nfds, timeout) }
+}
+
 /// Interposed.
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {

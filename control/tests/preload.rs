@@ -960,3 +960,40 @@ fn a_fortified_program_reads_its_san_connections() {
     }
     assert_eq!(counts().accepted - before.accepted, 3, "over the SAN");
 }
+
+#[test]
+fn shut_rd_leaves_the_bytes_already_received_readable() {
+    // Issue #24: SHUT_RD discarded the bytes already queued; Linux's TCP
+    // hands them over, then the end of the stream.
+    let _lab = Lab::up(&[]);
+    let s = root()
+        .join("control/tests/py/shut_rd.py")
+        .display()
+        .to_string();
+    let mut got = Vec::new();
+    for (preload, port) in [(false, "7495"), (true, "7496")] {
+        let mk = |host: &str, args: &[&str]| {
+            if preload {
+                preloaded(host, "python3", args)
+            } else {
+                plain(host, "python3", args)
+            }
+        };
+        let mut srv = mk("h1", &[&s, "server", port])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = lines(&mut srv);
+        let _srv = Reaped(srv);
+        assert_eq!(
+            out.recv_timeout(Duration::from_secs(10)).unwrap(),
+            "listening"
+        );
+        let before = counts();
+        let o = run(mk("h0", &[&s, "client", port]), 30);
+        got.push(text(&o).trim().to_string());
+        assert_eq!(counts().accepted - before.accepted, u64::from(preload));
+    }
+    assert_eq!(got[0], "after SHUT_RD: b'abc' b''", "kernel TCP");
+    assert_eq!(got[1], got[0], "over the SAN as on kernel TCP");
+}

@@ -376,7 +376,7 @@ impl Provider {
         let _g = io.recv.lock().unwrap_or_else(|e| e.into_inner());
         let shm = self.region.stream(s as usize);
         let size = area.rcv_size() as u64;
-        if shut_rd || buf.is_empty() {
+        if buf.is_empty() {
             return Ok(0);
         }
         loop {
@@ -400,6 +400,11 @@ impl Provider {
                     }
                 }
                 return Ok(n);
+            }
+            // After SHUT_RD the bytes already received are still read (as
+            // Linux's TCP gives them); then the end of the stream, at once.
+            if shut_rd {
+                return Ok(0);
             }
             let st = shm.st.state.load(Ordering::Acquire);
             // The daemon publishes the last bytes before the end of the
@@ -447,7 +452,8 @@ impl Provider {
         }
     }
 
-    /// Shuts down receiving (`SHUT_RD`: later receives return 0), sending
+    /// Shuts down receiving (`SHUT_RD`: later receives give the bytes
+    /// already received, then 0, as Linux's TCP does), sending
     /// (`SHUT_WR`: the peer reads the end of the stream after the bytes
     /// sent), or both.
     ///

@@ -840,39 +840,54 @@ fn a_plain_blocking_accept_waits_for_san_clients() {
     );
 }
 
+/// One round of a differential check: the Python pair `script` (its
+/// "server PORT" mode in h1, which prints "listening" first, then its
+/// "client PORT" mode in h0), on kernel TCP or preloaded over the SAN.
+/// Returns the client's output, the server's further lines and the server
+/// (reaped when dropped); checks that h1 accepted one SAN connection when
+/// preloaded and none otherwise.
+fn pair_round(
+    script: &str,
+    preload: bool,
+    port: &str,
+) -> (String, std::sync::mpsc::Receiver<String>, Reaped) {
+    let s = root().join(script).display().to_string();
+    let mk = |host: &str, args: &[&str]| {
+        if preload {
+            preloaded(host, "python3", args)
+        } else {
+            plain(host, "python3", args)
+        }
+    };
+    let mut srv = mk("h1", &[&s, "server", port])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(&mut srv);
+    let srv = Reaped(srv);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening"
+    );
+    let before = counts();
+    let o = run(mk("h0", &[&s, "client", port]), 30);
+    let san = counts().accepted - before.accepted;
+    assert_eq!(
+        san,
+        u64::from(preload),
+        "SAN connections accepted ({script})"
+    );
+    (text(&o), out, srv)
+}
+
 #[test]
 fn socket_names_are_the_connections_as_on_kernel_tcp() {
     // Issue #24: getsockname() gave 0.0.0.0:0 on a SAN client and
     // 0.0.0.0:PORT on an accepted SAN connection.
     let _lab = Lab::up(&[]);
-    let s = root()
-        .join("control/tests/py/names.py")
-        .display()
-        .to_string();
     let mut seen = Vec::new();
     for (preload, port) in [(false, "7480"), (true, "7481")] {
-        let mk = |host: &str, args: &[&str]| {
-            if preload {
-                preloaded(host, "python3", args)
-            } else {
-                plain(host, "python3", args)
-            }
-        };
-        let mut srv = mk("h1", &[&s, "server", port])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = lines(&mut srv);
-        let _srv = Reaped(srv);
-        assert_eq!(
-            out.recv_timeout(Duration::from_secs(10)).unwrap(),
-            "listening"
-        );
-        let before = counts();
-        let o = run(mk("h0", &[&s, "client", port]), 30);
-        let client = text(&o);
-        let san = counts().accepted - before.accepted;
-        assert_eq!(san, u64::from(preload), "SAN connections accepted");
+        let (client, out, _srv) = pair_round("control/tests/py/names.py", preload, port);
         let server = out.recv_timeout(Duration::from_secs(10)).unwrap();
         // client sock ('198.18.0.1', P) peer ('198.18.0.2', PORT)
         // server sock ('198.18.0.2', PORT) peer ('198.18.0.1', P) accept-addr (...)
@@ -966,33 +981,10 @@ fn shut_rd_leaves_the_bytes_already_received_readable() {
     // Issue #24: SHUT_RD discarded the bytes already queued; Linux's TCP
     // hands them over, then the end of the stream.
     let _lab = Lab::up(&[]);
-    let s = root()
-        .join("control/tests/py/shut_rd.py")
-        .display()
-        .to_string();
     let mut got = Vec::new();
     for (preload, port) in [(false, "7495"), (true, "7496")] {
-        let mk = |host: &str, args: &[&str]| {
-            if preload {
-                preloaded(host, "python3", args)
-            } else {
-                plain(host, "python3", args)
-            }
-        };
-        let mut srv = mk("h1", &[&s, "server", port])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = lines(&mut srv);
-        let _srv = Reaped(srv);
-        assert_eq!(
-            out.recv_timeout(Duration::from_secs(10)).unwrap(),
-            "listening"
-        );
-        let before = counts();
-        let o = run(mk("h0", &[&s, "client", port]), 30);
-        got.push(text(&o).trim().to_string());
-        assert_eq!(counts().accepted - before.accepted, u64::from(preload));
+        let (client, _, _srv) = pair_round("control/tests/py/shut_rd.py", preload, port);
+        got.push(client.trim().to_string());
     }
     assert_eq!(got[0], "after SHUT_RD: b'abc' b''", "kernel TCP");
     assert_eq!(got[1], got[0], "over the SAN as on kernel TCP");

@@ -51,6 +51,30 @@ fn stats(host: &str) -> Value {
     serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
 }
 
+/// A storm server accepting every request on `port` of `host`, ready: the
+/// process, its stdout lines and its stdin ("report", "quit").
+fn storm_server(
+    storm: &std::path::Path,
+    host: &str,
+    port: &str,
+) -> (
+    Reaped,
+    std::sync::mpsc::Receiver<String>,
+    std::process::ChildStdin,
+) {
+    let mut srv = Reaped(
+        in_host(host, storm, &["server", port, "64", "0", "all"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = lines(&mut srv.0);
+    let stdin = srv.0.stdin.take().unwrap();
+    assert_eq!(out.recv_timeout(Duration::from_secs(10)).unwrap(), "ready");
+    (srv, out, stdin)
+}
+
 #[test]
 fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
     let _lab = Lab::up(&[]);
@@ -59,19 +83,7 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
 
     // The well-behaved pair: a fast server on h1, one client on h0 connecting
     // one connection after another for the whole attack.
-    let mut srv = Reaped(
-        in_host("h1", &storm, &["server", "7000", "64", "0", "all"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let srv_out = lines(&mut srv.0);
-    let mut srv_in = srv.0.stdin.take().unwrap();
-    assert_eq!(
-        srv_out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "ready"
-    );
+    let (_srv, srv_out, mut srv_in) = storm_server(&storm, "h1", "7000");
     let mut cli = Reaped(
         in_host("h0", &storm, &["client", "198.18.0.2", "7000", "8000"])
             .stdout(Stdio::piped())
@@ -81,19 +93,7 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
     let cli_out = lines(&mut cli.0);
     // A second good pair the other way: a server on h0, and on h1 (beside
     // the attackers, as the first pair's server) a client connecting.
-    let mut srv0 = Reaped(
-        in_host("h0", &storm, &["server", "7002", "64", "0", "all"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let srv0_out = lines(&mut srv0.0);
-    let mut srv0_in = srv0.0.stdin.take().unwrap();
-    assert_eq!(
-        srv0_out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "ready"
-    );
+    let (_srv0, _srv0_out, mut srv0_in) = storm_server(&storm, "h0", "7002");
     let mut cli1 = Reaped(
         in_host("h1", &storm, &["client", "198.18.0.1", "7002", "8000"])
             .stdout(Stdio::piped())
@@ -398,19 +398,7 @@ fn a_process_that_scribbles_its_region_cannot_crash_the_daemon_serving_another()
     );
     // The good pair: a server on h1 attached after the scribbler, a client
     // on h0 connecting one connection after another for 6 s.
-    let mut srv = Reaped(
-        in_host("h1", &storm, &["server", "7000", "64", "0", "all"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let srv_out = lines(&mut srv.0);
-    let mut srv_in = srv.0.stdin.take().unwrap();
-    assert_eq!(
-        srv_out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "ready"
-    );
+    let (_srv, _srv_out, mut srv_in) = storm_server(&storm, "h1", "7000");
     let mut cli = Reaped(
         in_host("h0", &storm, &["client", "198.18.0.2", "7000", "6000"])
             .stdout(Stdio::piped())
@@ -569,18 +557,7 @@ fn a_forged_connect_request_makes_the_daemon_send_at_most_two_frames() {
     let _lab = Lab::up(&[]);
     let storm = cc("storm.c", true);
     let hostile = cc("hostile.c", false);
-    let mut srv = Reaped(
-        in_host("h1", &storm, &["server", "7600", "64", "0", "all"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let srv_out = lines(&mut srv.0);
-    assert_eq!(
-        srv_out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "ready"
-    );
+    let (_srv, _srv_out, _srv_in) = storm_server(&storm, "h1", "7600");
     let before = stats("h1");
     const N: u64 = 10;
     let r = run_in(

@@ -510,18 +510,9 @@ fn a_daemon_started_with_1024_descriptors_serves_700_connections_of_a_process() 
         "h1",
         std::path::Path::new("python3"),
         &[&s, "server", "7550", "700"],
-    )
-    .env("LD_PRELOAD", &preload)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let out = lines(&mut srv);
-    let _srv = Reaped(srv);
-    assert_eq!(
-        out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening"
     );
+    srv.env("LD_PRELOAD", &preload);
+    let (_srv, out) = started(srv, "listening");
     let o = in_host(
         "h0",
         std::path::Path::new("timeout"),

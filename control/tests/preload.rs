@@ -733,15 +733,9 @@ fn a_program_that_forks_while_its_threads_use_sockets_never_hangs_its_child() {
     let _lab = Lab::up(&[]);
     let script = root().join("control/tests/py/fork_churn.py");
     let s = script.display().to_string();
-    let mut srv = preloaded("h1", "python3", &[&s, "server", "7450"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(&mut srv);
-    let _srv = Reaped(srv);
-    assert_eq!(
-        out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening"
+    let (_srv, _out) = started(
+        preloaded("h1", "python3", &[&s, "server", "7450"]),
+        "listening",
     );
     let o = run(
         preloaded(
@@ -756,33 +750,34 @@ fn a_program_that_forks_while_its_threads_use_sockets_never_hangs_its_child() {
     assert!(t.contains("forks 300 hung 0 "), "{t}");
 }
 
+/// Compiles `provider-shim/tests/c/SRC`, a plain C program (no dsan
+/// library), with `-O2` and `flags`; the executable's path.
+fn cc_plain(src: &str, name: &str, flags: &[&str]) -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("dsan-harness-{name}-{}", std::process::id()));
+    let st = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-O2"])
+        .args(flags)
+        .arg("-o")
+        .arg(&exe)
+        .arg(root().join("provider-shim/tests/c").join(src))
+        .status()
+        .unwrap();
+    assert!(st.success(), "compiling {src}");
+    exe
+}
+
 #[test]
 fn a_plain_blocking_accept_waits_for_san_clients() {
     // Issue #24: a blocking accept() with nothing polled first returned
     // EAGAIN at once (the switch's listen made the program's descriptor
     // nonblocking through the kernel socket they shared).
     let _lab = Lab::up(&[]);
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "dsan-harness-blocking-accept-{}",
-        std::process::id()
-    ));
-    let st = Command::new("cc")
-        .args(["-Wall", "-Wextra", "-Werror", "-O2", "-o"])
-        .arg(&exe)
-        .arg(root().join("provider-shim/tests/c/blocking_accept.c"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let exe = cc_plain("blocking_accept.c", "blocking-accept", &[]);
     let before = counts();
-    let mut srv = preloaded("h1", &exe.display().to_string(), &["7460", "3"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(&mut srv);
-    let _srv = Reaped(srv);
-    assert_eq!(
-        out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening"
+    let (_srv, out) = started(
+        preloaded("h1", &exe.display().to_string(), &["7460", "3"]),
+        "listening",
     );
     // (With the old bug the three accepts failed at once, before any
     // client came: the first line would say so.)
@@ -805,23 +800,14 @@ fn a_plain_blocking_accept_waits_for_san_clients() {
     let after = counts();
     assert_eq!(after.accepted - before.accepted, 3, "the SAN carried them");
     // And Python's blocking socket.accept() too.
-    let mut py = preloaded(
+    let (_py, pout) = started(preloaded(
         "h1",
         "python3",
         &[
             "-c",
             "import socket\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',7461))\nl.listen()\nprint('listening',flush=True)\nc,a=l.accept()\nprint('accepted',a[0],c.recv(16).decode(),flush=True)",
         ],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let pout = lines(&mut py);
-    let _py = Reaped(py);
-    assert_eq!(
-        pout.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening"
-    );
+    ), "listening");
     let o = run(
         preloaded(
             "h0",
@@ -859,16 +845,7 @@ fn pair_round(
             plain(host, "python3", args)
         }
     };
-    let mut srv = mk("h1", &[&s, "server", port])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(&mut srv);
-    let srv = Reaped(srv);
-    assert_eq!(
-        out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening"
-    );
+    let (srv, out) = started(mk("h1", &[&s, "server", port]), "listening");
     let before = counts();
     let o = run(mk("h0", &[&s, "client", port]), 30);
     let san = counts().accepted - before.accepted;
@@ -920,27 +897,9 @@ fn a_fortified_program_reads_its_san_connections() {
     // builds its packages) read through __read_chk, which reached the
     // kernel on the switch's epoll descriptor (EINVAL).
     let _lab = Lab::up(&[]);
-    let cc = |src: &str, name: &str| {
-        let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("dsan-harness-{name}-{}", std::process::id()));
-        let st = Command::new("cc")
-            .args([
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-O2",
-                "-D_FORTIFY_SOURCE=2",
-                "-o",
-            ])
-            .arg(&exe)
-            .arg(root().join("provider-shim/tests/c").join(src))
-            .status()
-            .unwrap();
-        assert!(st.success(), "compiling {src}");
-        exe
-    };
-    let server = cc("blocking_accept.c", "fortified-server");
-    let client = cc("fortified_client.c", "fortified-client");
+    let fortify = ["-D_FORTIFY_SOURCE=2"];
+    let server = cc_plain("blocking_accept.c", "fortified-server", &fortify);
+    let client = cc_plain("fortified_client.c", "fortified-client", &fortify);
     // The test means something only if the client does use the entries.
     let nm = Command::new("nm").arg("-D").arg(&client).output().unwrap();
     let syms = String::from_utf8_lossy(&nm.stdout);
@@ -948,15 +907,9 @@ fn a_fortified_program_reads_its_san_connections() {
         assert!(syms.contains(s), "{s} not used by the client:\n{syms}");
     }
     let before = counts();
-    let mut srv = preloaded("h1", &server.display().to_string(), &["7490", "3"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(&mut srv);
-    let _srv = Reaped(srv);
-    assert_eq!(
-        out.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening"
+    let (_srv, out) = started(
+        preloaded("h1", &server.display().to_string(), &["7490", "3"]),
+        "listening",
     );
     let o = run(
         preloaded(

@@ -59,19 +59,8 @@ fn reuse_bin(switch: bool) -> PathBuf {
 }
 
 /// A server in h1: started, "listening" awaited.
-fn server(mut c: Command) -> (Reaped, std::sync::mpsc::Receiver<String>) {
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn server");
-    let out = lines(&mut child);
-    let child = Reaped(child);
-    let l = out
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the server says it listens");
-    assert_eq!(l, "listening");
-    (child, out)
+fn server(c: Command) -> (Reaped, std::sync::mpsc::Receiver<String>) {
+    started(c, "listening")
 }
 
 /// Runs a client to completion within `secs`; its stdout.

@@ -228,6 +228,25 @@ pub fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Strin
     rx
 }
 
+/// Spawns `c` with stdin and stdout piped (stdin stays open until the child
+/// is dropped) and waits up to 10 s for its first line, which must be
+/// `first` ("listening", "ready"): the child, reaped on drop, and its
+/// further lines.
+pub fn started(mut c: Command, first: &str) -> (Reaped, std::sync::mpsc::Receiver<String>) {
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {c:?}: {e}"));
+    let out = lines(&mut child);
+    let child = Reaped(child);
+    let l = out
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("no {first:?} line from {c:?}"));
+    assert_eq!(l, first, "{c:?}");
+    (child, out)
+}
+
 /// Kills and reaps a child when dropped (also when the test fails).
 pub struct Reaped(pub std::process::Child);
 

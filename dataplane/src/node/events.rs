@@ -117,20 +117,20 @@ impl Node {
                 else {
                     return;
                 };
-                let err: i32 = match e {
-                    Event::ConnectFailed { error, .. } => -error.errno(),
-                    _ => 0,
+                // The stream's parameters when connected, else the errno.
+                let outcome = match e {
+                    Event::Connected { params, .. } => Ok(params),
+                    Event::ConnectFailed { error, .. } => Err(-error.errno()),
+                    _ => return,
                 };
+                let err = outcome.err().unwrap_or(0);
                 let uid = p.shared.uid;
                 super::apps::quota_sub(&mut self.uid_attempts, uid);
                 let Some(p) = self.procs.get_mut(&pid) else {
                     return;
                 };
-                if err == 0 {
+                if let Ok(params) = outcome {
                     p.socks.insert(sock, SockObj::Conn(conn));
-                    let Event::Connected { params, .. } = e else {
-                        unreachable!("err is 0 only for Connected")
-                    };
                     self.open_stream(now, conn, pid, sock, bufs, params);
                 } else {
                     p.socks.remove(&sock);

@@ -131,6 +131,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "connects_accepted": c.accepted,
         "connects_rejected": named(&REJECT_REASONS, &c.rejected),
         "connect_requests_expired": c.expired,
+        "connect_requests_displaced": c.displaced,
         "connect_attempts_unresolved_fast": c.unresolved_fast,
         "connect_attempts": named(&ATTEMPT_RESULTS, &c.attempts),
         "frames_received": named(&KIND_NAMES, &c.rx_by_kind),

@@ -46,6 +46,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     attempts: IntCounterVec,
     expired: IntCounter,
+    displaced: IntCounter,
     app_rejects: IntCounterVec,
     app_violations: IntCounter,
     listen_denials: IntCounterVec,
@@ -217,6 +218,7 @@ impl Metrics {
             rejected: cv("dsan_san_connects_rejected_total", "SAN connect requests refused, by reason.", &["reason"]),
             attempts: cv("dsan_san_connect_attempts_total", "SAN connect attempts made from this host, by result.", &["result"]),
             expired: c("dsan_san_requests_expired_total", "SAN connect requests dropped unanswered after the connect budget (their clients had given up)."),
+            displaced: c("dsan_san_requests_displaced_total", "SAN connect requests forgotten unanswered to make room for a newer request from the same source address, whose share of pending requests was full (their clients retransmit)."),
             app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
             app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
             resolve_conflicts: c("dsan_resolve_conflicts_total", "Resolution replies that named another MAC for a learned SAN address (the entry is dropped and the address resolved again)."),
@@ -287,6 +289,7 @@ impl Metrics {
             set(&self.attempts.with_label_values(&[r]), n.attempts[i]);
         }
         set(&self.expired, n.expired);
+        set(&self.displaced, n.displaced);
         for (i, r) in APP_REJECT_REASONS.iter().enumerate() {
             set(&self.app_rejects.with_label_values(&[r]), n.app_rejects[i]);
         }

@@ -118,6 +118,8 @@ pub struct Counters {
     pub rejected: [u64; 6],
     /// Requests that waited longer than the connect budget and were dropped.
     pub expired: u64,
+    /// Pending requests displaced by a newer one from the same source.
+    pub displaced: u64,
     /// Decisions for requests no longer pending (ignored).
     pub stale_decisions: u64,
     /// Connects failed at once: the destination did not answer resolution a
@@ -232,6 +234,7 @@ impl Node {
         c.accepted = ps.accepted;
         c.rejected = ps.rejected;
         c.expired = ps.expired;
+        c.displaced = ps.displaced;
         c.stale_decisions = ps.stale_decisions;
         c.unresolved_fast = ps.unresolved_fast;
         c.attempts = ps.attempts;

@@ -60,7 +60,7 @@ use super::config::{ProtoConfig, Subnet};
 use super::connection::{ConnTable, Connection, Retry, Role};
 use super::resolve::Resolver;
 use super::rng::Rng;
-use super::server::{Listener, Pending};
+use super::server::{Listener, Pending, SourceShare};
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
@@ -88,8 +88,9 @@ pub struct Endpoint<R: Rng> {
     /// The same requests in arrival order, with their arrival time (expiry);
     /// entries whose request has been answered are skipped lazily.
     pub(super) pending_order: VecDeque<(RequestKey, Instant)>,
-    /// Requests pending per source address (entries at zero are removed).
-    pub(super) pending_by_source: HashMap<Ipv4, usize>,
+    /// Requests pending per source address, with their arrival order
+    /// (entries at zero are removed).
+    pub(super) pending_by_source: HashMap<Ipv4, SourceShare>,
     pub(super) conns: ConnTable,
     /// The connections we are closing (their timers), so that timer scans do
     /// not walk every connection.

@@ -14,6 +14,7 @@ use super::types::*;
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Ipv4, Message, Offer, RejectReason, SanHeader};
 use dsan_channel::region::{effective_backlog, MAX_BACKLOG};
+use std::collections::VecDeque;
 
 /// A request waiting for the application's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,14 @@ pub(super) struct Listener {
     /// Requests pending on it (handed to the application, not yet answered
     /// or expired).
     pub(super) live: usize,
+}
+
+/// One source address's pending requests: how many, and their connection
+/// ids in arrival order (answered ones are skipped lazily).
+#[derive(Debug, Default)]
+pub(super) struct SourceShare {
+    pub(super) live: usize,
+    pub(super) order: VecDeque<(u64, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -251,10 +260,17 @@ impl<R: Rng> Endpoint<R> {
             // [SEED] refused at once, and no event.
             return self.reject(now, h, conn_id, client_token, RejectReason::BacklogFull);
         }
-        let from_source = self.pending_by_source.get(&h.src_ip).copied().unwrap_or(0);
-        if self.pending.len() >= self.cfg.max_half_open
-            || from_source >= self.cfg.max_half_open_per_source
-        {
+        // One source's share of the pending requests is full: its oldest
+        // request makes room (forgotten without an answer, as a dropped
+        // frame: its client retransmits and queues again). A forger using a
+        // real client's address so cannot lock it out: each of the client's
+        // requests is queued and stays until as many newer ones came from
+        // that address.
+        let from_source = self.pending_by_source.get(&h.src_ip).map_or(0, |s| s.live);
+        if from_source >= self.cfg.max_half_open_per_source {
+            self.displace_oldest(h.src_ip);
+        }
+        if self.pending.len() >= self.cfg.max_half_open {
             return self.reject(now, h, conn_id, client_token, RejectReason::NoResources);
         }
         let inc = Incoming {
@@ -267,7 +283,9 @@ impl<R: Rng> Endpoint<R> {
             offer,
         };
         self.listeners.get_mut(&lid).expect("listener exists").live += 1;
-        *self.pending_by_source.entry(h.src_ip).or_insert(0) += 1;
+        let share = self.pending_by_source.entry(h.src_ip).or_default();
+        share.live += 1;
+        share.order.push_back((conn_id, now));
         self.pending.insert(key, Pending { listener: lid, inc });
         self.pending_order.push_back((key, now));
         self.events.push_back(Event::Incoming {
@@ -279,10 +297,22 @@ impl<R: Rng> Endpoint<R> {
     /// Takes a request out of the pending set (answered, expired or refused).
     fn unpend(&mut self, key: RequestKey) -> Option<Pending> {
         let p = self.pending.remove(&key)?;
-        if let Some(n) = self.pending_by_source.get_mut(&key.peer_ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(share) = self.pending_by_source.get_mut(&key.peer_ip) {
+            share.live -= 1;
+            if share.live == 0 {
                 self.pending_by_source.remove(&key.peer_ip);
+            } else if share.order.len() > 2 * share.live + 8 {
+                // Answered entries are skipped lazily; keep the queue near
+                // the live count (amortised: at most once per `live` answers).
+                let pending = &self.pending;
+                share.order.retain(|&(conn_id, arrived)| {
+                    pending
+                        .get(&RequestKey {
+                            peer_ip: key.peer_ip,
+                            conn_id,
+                        })
+                        .is_some_and(|p| p.inc.arrived == arrived)
+                });
             }
         }
         if let Some(l) = self.listeners.get_mut(&p.listener) {
@@ -301,6 +331,29 @@ impl<R: Rng> Endpoint<R> {
             self.pending_order.pop_front();
         }
         Some(p)
+    }
+
+    /// Forgets the oldest pending request from `src` (no answer, no
+    /// tombstone: a retransmission is a new request).
+    fn displace_oldest(&mut self, src: Ipv4) {
+        let Some(share) = self.pending_by_source.get_mut(&src) else {
+            return;
+        };
+        while let Some((conn_id, arrived)) = share.order.pop_front() {
+            let key = RequestKey {
+                peer_ip: src,
+                conn_id,
+            };
+            if self
+                .pending
+                .get(&key)
+                .is_some_and(|p| p.inc.arrived == arrived)
+            {
+                self.unpend(key);
+                self.stats.displaced += 1;
+                return;
+            }
+        }
     }
 
     /// Answers the pending request `key` that arrived on listener `id`.

@@ -727,7 +727,52 @@ fn listen_rules() {
 }
 
 #[test]
-fn one_source_cannot_take_every_backlog() {
+fn one_source_holds_at_most_its_share_and_its_newest_request_gets_in() {
+    let mut c = cfg();
+    c.max_half_open_per_source = 3;
+    let mut p = Pair::new(c);
+    let l = p.b.listen((IB, 90), 8).unwrap();
+    // A forger fills the share of the real client's address (its MAC too).
+    for id in 0..3u64 {
+        let f = Repr {
+            header: crate::wire::SanHeader {
+                dst_mac: MB,
+                src_mac: MA,
+                src_ip: IA,
+                src_port: 4000 + id as u16,
+                dst_ip: IB,
+                dst_port: 90,
+            },
+            message: Message::ConnectRequest {
+                conn_id: 0xf0f0 + id,
+                client_token: 7,
+                offer: crate::wire::Offer::DEFAULT,
+            },
+        };
+        p.b.handle_frame(p.now, &f);
+    }
+    p.deliver();
+    assert_eq!(p.b.backlog(l), Some((3, 8)));
+    // The real client is not locked out: its request displaces the oldest
+    // of its address's share, which stays at three.
+    p.a.connect(p.now, None, (IB, 90)).unwrap();
+    p.deliver();
+    assert_eq!(p.b.backlog(l), Some((3, 8)));
+    assert_eq!(p.b.stats().displaced, 1);
+    assert!(failures(&p.ev_a).is_empty(), "no refusal");
+    // The application meets the displaced request as stale, refuses the
+    // other two forgeries and accepts the real one.
+    assert_eq!(p.decide(l, Decision::Accept), Err(AcceptError::Stale));
+    assert_eq!(p.decide(l, Decision::Reject), Ok(None));
+    assert_eq!(p.decide(l, Decision::Reject), Ok(None));
+    assert!(p.decide(l, Decision::Accept).unwrap().is_some());
+    p.deliver();
+    assert!(p.ev_a.iter().any(|e| matches!(e, Event::Connected { .. })));
+    assert_eq!(p.b.backlog(l), Some((0, 8)));
+}
+
+#[test]
+fn a_displaced_request_is_retransmitted_and_queued_again() {
     let mut c = cfg();
     c.max_half_open_per_source = 3;
     let mut p = Pair::new(c);
@@ -737,15 +782,29 @@ fn one_source_cannot_take_every_backlog() {
     }
     p.deliver();
     assert_eq!(p.b.backlog(l), Some((3, 8)));
+    assert_eq!(p.b.stats().displaced, 2);
+    assert!(failures(&p.ev_a).is_empty());
+    // Answered one by one, every connect gets through (the displaced ones
+    // come back with their retransmissions), none refused.
+    let mut connected = 0;
+    for _ in 0..50 {
+        while let Some(inc) = p.head(l) {
+            if p.b.decide(p.now, l, inc.key(), Decision::Accept).is_ok() {
+                connected += 1;
+            }
+            p.ring_b.get_mut(&l).unwrap().pop_front();
+        }
+        p.advance(Duration::from_millis(20), |_, _| false);
+    }
+    assert_eq!(connected, 5);
     assert_eq!(
-        failures(&p.ev_a),
-        vec![ConnectFailure::Refused(RejectReason::NoResources); 2]
+        p.ev_a
+            .iter()
+            .filter(|e| matches!(e, Event::Connected { .. }))
+            .count(),
+        5
     );
-    // Answering one frees a place for that source again.
-    p.decide(l, Decision::Reject).unwrap();
-    p.a.connect(p.now, None, (IB, 90)).unwrap();
-    p.deliver();
-    assert_eq!(p.b.backlog(l), Some((3, 8)));
+    assert!(failures(&p.ev_a).is_empty());
 }
 
 #[test]

@@ -187,6 +187,10 @@ pub struct ProtoStats {
     pub expired: u64,
     /// Decisions for requests that were no longer pending (ignored).
     pub stale_decisions: u64,
+    /// Pending requests dropped (silently: their client retransmits) to make
+    /// room for a newer request from the same source address, whose share
+    /// (`max_half_open_per_source`) was full.
+    pub displaced: u64,
     /// Accepted connections whose client never confirmed (presumed gone).
     pub unconfirmed: u64,
     /// Connect attempts failed at once because their destination had not

@@ -2,10 +2,11 @@
 //! reading interface addresses, checking privileges.
 #![allow(unsafe_code)]
 
+use dataplane::node::Lineage;
 use std::ffi::CStr;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Of process `pid` (from `/proc/PID/status`): whether its effective
 /// capabilities hold CAP_NET_BIND_SERVICE, and its parent's pid (0 if
@@ -27,6 +28,112 @@ pub fn proc_caps(pid: u32) -> (bool, u32) {
     // linux/capability.h: CAP_NET_BIND_SERVICE is bit 10.
     const CAP_NET_BIND_SERVICE: u32 = 10;
     (caps & (1 << CAP_NET_BIND_SERVICE) != 0, ppid)
+}
+
+/// Who the process at the other end of the unix socket `sock` is and whose
+/// child, proven with pidfds where the kernel has them (`SO_PEERPIDFD`,
+/// Linux 6.5; `pidfd_open` otherwise) and pidfs (Linux 6.9: a pidfd's inode
+/// number names its process uniquely for the boot, so a recycled pid never
+/// matches). Also whether it holds CAP_NET_BIND_SERVICE. `pid` is the
+/// peer's pid from SO_PEERCRED.
+pub fn peer_lineage(sock: i32, pid: u32) -> (bool, Lineage) {
+    let me = peer_pidfd(sock).or_else(|_| pidfd_open(pid));
+    let (low_ports, ppid) = proc_caps(pid);
+    let mut l = Lineage {
+        ppid,
+        ..Lineage::default()
+    };
+    let Ok(me) = me else {
+        return (low_ports, l);
+    };
+    // The status just read is this process's only if it is still alive
+    // (else the pid may name another process by now).
+    if !pidfd_alive(&me) {
+        return (false, Lineage::default());
+    }
+    l.ino = pidfs_ino(&me);
+    if ppid == 0 {
+        return (low_ports, l);
+    }
+    // The parent's pidfd names the parent only if the child still has that
+    // parent after it was opened (a parent that died in between would have
+    // reparented the child, and its pid might be someone else's by then).
+    if let Ok(parent) = pidfd_open(ppid) {
+        if proc_caps(pid).1 == ppid && pidfd_alive(&me) {
+            l.parent_ino = pidfs_ino(&parent);
+        }
+    }
+    (low_ports, l)
+}
+
+/// The pidfd of a unix socket's peer (SO_PEERPIDFD).
+fn peer_pidfd(fd: i32) -> io::Result<OwnedFd> {
+    // asm-generic/socket.h (x86_64, aarch64 and most others).
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid out-parameters of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut pidfd).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd) })
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open(pid, 0) takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Whether the process of a pidfd has not exited (signal 0).
+fn pidfd_alive(fd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal(fd, 0, NULL, 0): no pointers read.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    // EPERM: alive, but ours to signal it is not (another user's parent).
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// A pidfd's inode number if it lives in pidfs (unique per process for the
+/// boot); `None` on kernels whose pidfds share one anonymous inode.
+fn pidfs_ino(fd: &OwnedFd) -> Option<u64> {
+    const PIDFS_MAGIC: i64 = 0x5049_4446;
+    // SAFETY: zeroed plain C structs as out-parameters.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out-parameter.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 || fs.f_type as i64 != PIDFS_MAGIC {
+        return None;
+    }
+    // SAFETY: zeroed plain C struct as out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out-parameter.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.st_ino)
 }
 
 /// Raises this process's soft descriptor limit to its hard limit; returns
@@ -475,6 +582,60 @@ impl TcpListenerScan {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_peers_lineage_names_its_parent_by_pidfd() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("dsan-lineage-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let l = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+        // A child that connects and waits for us to close.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(1)",
+            ])
+            .arg(&dir)
+            .spawn()
+            .unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (c, _) = l.accept().unwrap();
+        let (pid, _, _) = super::peer_cred(c.as_raw_fd()).unwrap();
+        assert_eq!(pid, child.id());
+        let (_, theirs) = super::peer_lineage(c.as_raw_fd(), pid);
+        // Our own, through the same path (a socket pair's peer is ourselves).
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_, ours) = super::peer_lineage(a.as_raw_fd(), std::process::id());
+        assert_eq!(theirs.ppid, std::process::id());
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        if (major, minor) >= (6, 9) {
+            assert!(ours.ino.is_some(), "pidfs on Linux {release}");
+        }
+        if ours.ino.is_some() {
+            assert!(theirs.ino.is_some() && theirs.parent_ino == ours.ino);
+            assert_ne!(theirs.ino, ours.ino);
+        }
+        assert!(theirs.child_of(std::process::id(), &ours));
+        // Not the child of another process, nor of itself.
+        assert!(!theirs.child_of(pid, &theirs));
+        // Our pid, but another process's identity (a recycled pid): refused
+        // where pidfs tells processes apart.
+        if ours.ino.is_some() {
+            let impostor = super::Lineage {
+                ino: Some(ours.ino.unwrap() ^ 1),
+                ..ours
+            };
+            assert!(!theirs.child_of(std::process::id(), &impostor));
+        }
+        // Closing lets the child's recv end, and the child exit.
+        drop(c);
+        child.wait().unwrap();
+        let _ = std::fs::remove_file(&dir);
+    }
+
     #[test]
     fn sees_a_kernel_tcp_listener() {
         let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();

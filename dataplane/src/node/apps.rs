@@ -36,9 +36,9 @@ pub struct AppShared {
     /// Whether it may listen on ports below 1024 (root or
     /// CAP_NET_BIND_SERVICE, read at attach).
     pub low_ports: bool,
-    /// Its parent when it attached (for taking a listener over from it,
-    /// checked without reading /proc on the lcore).
-    pub ppid: u32,
+    /// Who it is and whose child, proven at attach (for taking a listener
+    /// over from its parent, checked without reading /proc on the lcore).
+    pub lineage: Lineage,
     /// Its shared region.
     pub region: Region,
     /// Its own doorbell (the daemon's copy; the lcore waits on it and never reads it).
@@ -46,6 +46,31 @@ pub struct AppShared {
     /// The thread that writes its event descriptors, started by the control
     /// thread with the first one it registers.
     pub notifier: std::sync::OnceLock<Arc<super::Notifier>>,
+}
+
+/// A process's identity and parent, as the control thread proved them when
+/// it attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// Its parent's pid then (0 if unknown).
+    pub ppid: u32,
+    /// Its pidfd's inode in pidfs: unique for the boot (Linux 6.9 and
+    /// later), so it never names another process after the pid is reused.
+    pub ino: Option<u64>,
+    /// Its parent's, read while that process was still its parent.
+    pub parent_ino: Option<u64>,
+}
+
+impl Lineage {
+    /// Whether the process of `parent` (attached with pid `parent_pid`) was
+    /// this one's parent when this one attached: by pidfs inode where both
+    /// have one, else by pid.
+    pub fn child_of(&self, parent_pid: u32, parent: &Lineage) -> bool {
+        match (self.parent_ino, parent.ino) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.ppid != 0 && self.ppid == parent_pid,
+        }
+    }
 }
 
 impl AppShared {
@@ -56,11 +81,11 @@ impl AppShared {
     /// # Errors
     /// If the region cannot be created.
     pub fn new(id: u64, pid: u32) -> std::io::Result<(Arc<AppShared>, Consumer)> {
-        Self::new_as(id, pid, 0, true, 0)
+        Self::new_as(id, pid, 0, true, Lineage::default())
     }
 
     /// [`new`](Self::new) for a process of user `uid`, that may bind ports
-    /// below 1024 if `low_ports`, child of `ppid`.
+    /// below 1024 if `low_ports`, of `lineage`.
     ///
     /// # Errors
     /// If the region cannot be created.
@@ -69,7 +94,7 @@ impl AppShared {
         pid: u32,
         uid: u32,
         low_ports: bool,
-        ppid: u32,
+        lineage: Lineage,
     ) -> std::io::Result<(Arc<AppShared>, Consumer)> {
         let (region, cmds) = Region::create(&format!("dsan-app-{pid}"))?;
         let bell = EventFd::new()?;
@@ -79,7 +104,7 @@ impl AppShared {
                 pid,
                 uid,
                 low_ports,
-                ppid,
+                lineage,
                 region,
                 bell,
                 notifier: std::sync::OnceLock::new(),
@@ -440,8 +465,8 @@ impl Node {
         }
         // A forked child takes the address over from its parent's listener
         // (checked: the listener belongs to an attachment of that pid, that
-        // pid was this process's parent when it attached, and both are the
-        // same user).
+        // process, proven by its pidfd, was this process's parent when it
+        // attached, and both are the same user).
         let from = (takeover != 0)
             .then(|| self.ep.listener_at(a))
             .flatten()
@@ -449,8 +474,11 @@ impl Node {
                 self.listener_owner
                     .get(l)
                     .and_then(|(owner, _)| self.procs.get(owner))
-                    .is_some_and(|o| o.shared.pid == takeover && o.shared.uid == uid)
-                    && p.shared.ppid == takeover
+                    .is_some_and(|o| {
+                        o.shared.pid == takeover
+                            && o.shared.uid == uid
+                            && p.shared.lineage.child_of(o.shared.pid, &o.shared.lineage)
+                    })
             });
         // One user's share of the host's listeners.
         if !quota_take(&mut self.uid_listeners, uid, super::UID_LISTENERS) {

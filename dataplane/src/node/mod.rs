@@ -16,7 +16,7 @@ mod probe;
 mod streams;
 mod trace;
 
-pub use apps::AppShared;
+pub use apps::{AppShared, Lineage};
 pub use counters::{
     kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
     LISTEN_DENIALS, QUOTAS, REJECT_REASONS, RESET_REASONS,

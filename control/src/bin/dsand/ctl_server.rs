@@ -219,8 +219,8 @@ fn attach(
     // What the lcore needs to know about it, read here (never on the lcore):
     // whether it may bind ports below 1024, and its parent (a forked worker
     // takes its parent's listener over).
-    let (low_ports, ppid) = os::proc_caps(pid);
-    let (a, cmds) = AppShared::new_as(id, pid, uid, uid == 0 || low_ports, ppid)
+    let (low_ports, lineage) = os::peer_lineage(fd, pid);
+    let (a, cmds) = AppShared::new_as(id, pid, uid, uid == 0 || low_ports, lineage)
         .map_err(|e| format!("cannot create the shared region: {e}"))?;
     let doorbell = &cx.lcore.engine.doorbell;
     doorbell

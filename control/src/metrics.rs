@@ -222,7 +222,7 @@ impl Metrics {
             app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
             app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
             resolve_conflicts: c("dsan_resolve_conflicts_total", "Resolution replies that named another MAC for a learned SAN address (the entry is dropped and the address resolved again)."),
-            quota_refusals: cv("dsan_app_quota_refusals_total", "Listens (EMFILE) and connects (EAGAIN) refused because their user's share of the host's SAN listeners (1,024) or connect attempts (16,384) was used up; root has no share.", &["what"]),
+            quota_refusals: cv("dsan_app_quota_refusals_total", "Listens (EMFILE), connects (EAGAIN) and event descriptor registrations (EMFILE) refused because their user's share of the host's SAN listeners (1,024), connect attempts (16,384) or the daemon's descriptors (a quarter) was used up; root has no share.", &["what"]),
             listen_denials: cv("dsan_san_listens_denied_total", "SAN listens refused (the port's kernel TCP listener belongs to another user; a port below 1024 without the right to bind it) and SAN listeners revoked (a kernel TCP listener of another user took the port), by reason.", &["reason"]),
             event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's eventfd could not take."),
             fallbacks_metric: cv("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP, by reason: the SAN attempt timed out, the port has only a kernel TCP listener, or no SAN socket could be set up.", &["reason"]),

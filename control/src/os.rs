@@ -623,9 +623,9 @@ mod tests {
         assert!(!theirs.child_of(pid, &theirs));
         // Our pid, but another process's identity (a recycled pid): refused
         // where pidfs tells processes apart.
-        if ours.ino.is_some() {
+        if let Some(ino) = ours.ino {
             let impostor = super::Lineage {
-                ino: Some(ours.ino.unwrap() ^ 1),
+                ino: Some(ino ^ 1),
                 ..ours
             };
             assert!(!theirs.child_of(std::process::id(), &impostor));

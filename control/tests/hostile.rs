@@ -825,6 +825,74 @@ fn one_user_cannot_take_every_listener_of_the_host() {
 }
 
 #[test]
+fn one_user_cannot_take_the_daemons_descriptors() {
+    // Issue #27: every event descriptor a process registers is a descriptor
+    // of the daemon; one user (other than root) gets at most a quarter of
+    // the daemon's limit (256 of 1,024 here), across its processes.
+    let _lab = Lab::up(&[]);
+    ok(&dsanctl(&["lab", "down"]));
+    let o = Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .args([DSANCTL, "lab", "up"])
+        .env("DSAN_DSAND", DSAND)
+        .output()
+        .unwrap();
+    ok(&o);
+    let storm = cc("storm.c", true);
+    let hold = |uid: u32, n: &str| {
+        let mut c = Reaped(
+            as_user("h1", uid, &storm, &["events-many", n])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let l = lines(&mut c.0)
+            .recv_timeout(Duration::from_secs(20))
+            .expect("events-many reports");
+        let w: Vec<String> = l.split_whitespace().map(str::to_string).collect();
+        assert_eq!(
+            (w[0].as_str(), w[2].as_str()),
+            ("registered", "error"),
+            "{l}"
+        );
+        (
+            c,
+            w[1].parse::<u32>().unwrap(),
+            w[3].parse::<i32>().unwrap(),
+        )
+    };
+    let (first, n1, e1) = hold(2001, "200");
+    assert_eq!((n1, e1), (200, 0));
+    let (second, n2, e2) = hold(2001, "200");
+    assert_eq!((n2, e2), (56, libc::EMFILE), "the user's share is 256");
+    // Another user is not affected, nor root.
+    let (_other, n3, e3) = hold(2002, "100");
+    assert_eq!((n3, e3), (100, 0));
+    let probe = run_in("h1", &storm, &["events-many", "300"]);
+    assert!(probe.starts_with("registered 300 error 0"), "{probe}");
+    let s = stats("h1");
+    assert!(
+        s["app_quota_refusals"]["event_fds"].as_u64() >= Some(144),
+        "{s}"
+    );
+    // The share comes back when a process goes.
+    drop(first);
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_again, n, _) = hold(2001, "200");
+        if n == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the share never came back: {n}"
+        );
+    }
+}
+
+#[test]
 fn a_member_of_the_socket_group_by_a_supplementary_group_may_attach() {
     // Issue #27: attach looked at the peer's primary group only.
     let _lab = Lab::up(&[]);

@@ -324,7 +324,9 @@ fn request(ctl: &UnixStream, req: &Value, fds: &[RawFd]) -> Result<(Value, Vec<O
         .ok_or(Error::NetDown)?;
     let v: Value = serde_json::from_str(&line).map_err(|_| Error::NetDown)?;
     if v["ok"] != json!(true) {
-        return Err(Error::Inval);
+        // A refusal for want of a share of the daemon's descriptors says so.
+        let quota = v["error"].as_str().is_some_and(|e| e.starts_with("EMFILE"));
+        return Err(if quota { Error::MFile } else { Error::Inval });
     }
     Ok((v, fds))
 }
@@ -738,12 +740,9 @@ impl Provider {
                 return Err(Error::Inval);
             }
             let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            request(&ctl, &json!({"cmd": "event_fd", "sock": s}), &fds).map_err(|e| {
-                if e == Error::Inval {
-                    Error::Inval
-                } else {
-                    Error::NetDown
-                }
+            request(&ctl, &json!({"cmd": "event_fd", "sock": s}), &fds).map_err(|e| match e {
+                Error::Inval | Error::MFile => e,
+                _ => Error::NetDown,
             })?;
         }
         let r = self.command(s, ls, Op::EventSelect { mask }, COMMAND_TIMEOUT)?;

@@ -145,15 +145,33 @@ pub(super) struct EventReg {
     pub(super) notifier: Option<Arc<super::Notifier>>,
 }
 
+impl EventReg {
+    fn descriptors(&self) -> u32 {
+        1 + u32::from(self.wfd.is_some())
+    }
+}
+
 /// The lcore's state for one process.
 pub(super) struct Proc {
     pub(super) cmds: Consumer,
     pub(super) backlogs: HashMap<u32, Producer>,
     pub(super) socks: HashMap<u32, SockObj>,
     pub(super) events: HashMap<u32, EventReg>,
+    /// The descriptors `events` holds (counted against its user's share).
+    pub(super) event_fds: u32,
     pub(super) shared: Arc<AppShared>,
     /// It broke the protocol: its ring is not served any more; detached soon.
     pub(super) condemned: bool,
+}
+
+impl Proc {
+    /// Drops socket `sock`'s event registration (its descriptors close once
+    /// the notifier lets go of them).
+    pub(super) fn unregister_events(&mut self, sock: u32) {
+        if let Some(r) = self.events.remove(&sock) {
+            self.event_fds -= r.descriptors();
+        }
+    }
 }
 
 fn errno(e: i32) -> Option<i64> {
@@ -174,6 +192,7 @@ impl Node {
                 backlogs: HashMap::new(),
                 socks: HashMap::new(),
                 events: HashMap::new(),
+                event_fds: 0,
                 shared: app,
                 condemned: false,
             },
@@ -275,19 +294,43 @@ impl Node {
 
     /// Registers (replacing and closing any previous ones) the event
     /// descriptor of a process's socket and, if given, the descriptor
-    /// FD_WRITE signals instead. Returns false for an unknown process.
+    /// FD_WRITE signals instead.
+    ///
+    /// # Errors
+    /// ESRCH for an unknown process; EMFILE when its user (not root) would
+    /// hold more than `uid_event_fds` event descriptors in the daemon.
     pub(super) fn set_event_fd(
         &mut self,
         id: u64,
         sock: u32,
         fd: OwnedFd,
         wfd: Option<OwnedFd>,
-    ) -> bool {
-        let Some(p) = self.procs.get_mut(&id) else {
-            return false;
+    ) -> Result<(), i32> {
+        let Some(p) = self.procs.get(&id) else {
+            return Err(libc::ESRCH);
         };
+        let uid = p.shared.uid;
+        let old = p.events.get(&sock).map_or(0, EventReg::descriptors);
+        let new = 1 + u32::from(wfd.is_some());
+        if uid != 0 && new > old {
+            // The user's descriptors in every process (at most 64
+            // attachments per user, so a short walk, only on registration).
+            let held: u64 = self
+                .procs
+                .values()
+                .filter(|q| q.shared.uid == uid)
+                .map(|q| u64::from(q.event_fds))
+                .sum();
+            if held - u64::from(old) + u64::from(new) > u64::from(self.cfg.uid_event_fds) {
+                self.local.quota_refusals[2] += 1;
+                return Err(libc::EMFILE);
+            }
+        }
+        let p = self.procs.get_mut(&id).expect("present");
         let mask = p.events.get(&sock).map_or(0, |r| r.mask);
         let notifier = p.shared.notifier.get().cloned();
+        p.unregister_events(sock);
+        p.event_fds += new;
         p.events.insert(
             sock,
             EventReg {
@@ -297,7 +340,7 @@ impl Node {
                 notifier,
             },
         );
-        true
+        Ok(())
     }
 
     /// A socket of a process of user `uid` goes: its quota counts drop.
@@ -388,7 +431,7 @@ impl Node {
                 let abort = cmd.op == Op::Abort;
                 let p = self.procs.get_mut(&id).expect("caller checked");
                 p.backlogs.remove(&sock);
-                p.events.remove(&sock);
+                p.unregister_events(sock);
                 let uid = p.shared.uid;
                 let removed = p.socks.remove(&sock);
                 if let Some(o) = &removed {
@@ -409,7 +452,7 @@ impl Node {
             Op::EventSelect { mask } => {
                 let p = self.procs.get_mut(&id).expect("caller checked");
                 if mask == 0 {
-                    p.events.remove(&sock);
+                    p.unregister_events(sock);
                     Some(0)
                 } else if let Some(r) = p.events.get_mut(&sock) {
                     r.mask = mask & FD_ALL;

@@ -101,7 +101,7 @@ pub struct Counters {
     pub listen_denials: [u64; 3],
     /// Listens and connects refused because their user's share of the
     /// host's listeners or connect attempts was used up ([`QUOTAS`]).
-    pub quota_refusals: [u64; 2],
+    pub quota_refusals: [u64; 3],
     /// Resolution replies that contradicted a learned entry (which was
     /// dropped, so that the address is resolved again).
     pub resolve_conflicts: u64,
@@ -173,7 +173,7 @@ impl NodeStats {
 }
 
 /// Labels of [`Counters::quota_refusals`].
-pub const QUOTAS: [&str; 2] = ["listeners", "attempts"];
+pub const QUOTAS: [&str; 3] = ["listeners", "attempts", "event_fds"];
 
 /// Labels of [`Counters::listen_denials`].
 pub const LISTEN_DENIALS: [&str; 3] = ["other_user", "privileged_port", "revoked"];
@@ -191,7 +191,7 @@ pub(super) struct Local {
     pub(super) app_rejects: [u64; 4],
     pub(super) app_violations: u64,
     pub(super) listen_denials: [u64; 3],
-    pub(super) quota_refusals: [u64; 2],
+    pub(super) quota_refusals: [u64; 3],
     pub(super) event_signal_failed: u64,
     pub(super) bytes_tx: u64,
     pub(super) bytes_rx: u64,

@@ -62,8 +62,9 @@ pub enum Command {
         fd: OwnedFd,
         /// The socket's FD_WRITE descriptor, registered with it.
         wfd: Option<OwnedFd>,
-        /// Done.
-        done: Sender<bool>,
+        /// Done: or the errno (ESRCH: not attached; EMFILE: its user's
+        /// share of event descriptors is used up).
+        done: Sender<Result<(), i32>>,
     },
     /// A process went away (or detached): release everything it held. The
     /// sender is told when it is done.
@@ -125,6 +126,10 @@ pub struct NodeConfig {
     pub proto: ProtoConfig,
     /// Fault injection on received SAN frames (the lab's stand-in for netem).
     pub faults: Faults,
+    /// Event descriptors one user (other than root) may register in the
+    /// daemon, in all its processes (dsand sets a quarter of its descriptor
+    /// limit).
+    pub uid_event_fds: u32,
 }
 
 impl Default for NodeConfig {
@@ -133,6 +138,7 @@ impl Default for NodeConfig {
             ethertype: wire::DEFAULT_ETHERTYPE,
             proto: ProtoConfig::default(),
             faults: Faults::default(),
+            uid_event_fds: 16384,
         }
     }
 }

@@ -15,6 +15,11 @@
  *                                         succeeded, E the first failure's
  *                                         errno, 0 if none), then holds them
  *                                         until stdin closes.
+ *   storm events-many N                  N sockets (not bound), each with its own
+ *                                         event descriptor registered;
+ *                                         prints "registered K error E" as
+ *                                         listen-many, then holds them until
+ *                                         stdin closes.
  *   storm client IP PORT MS               blocking connects, one after another,
  *                                         for MS milliseconds; prints
  *                                         "attempts N connected C refused R other O
@@ -138,6 +143,27 @@ static int listen_many(int base, int n) {
     return 0;
 }
 
+static int events_many(int n) {
+    if (dsan_startup(NULL) != 0) return 2;
+    int ok = 0, first = 0;
+    for (int i = 0; i < n; i++) {
+        int s = dsan_socket();
+        int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        int r = s < 0 ? s : efd < 0 ? -errno : dsan_event_select(s, efd, DSAN_FD_CONNECT);
+        if (r >= 0) {
+            ok++;
+        } else if (first == 0) {
+            first = -r;
+        }
+    }
+    printf("registered %d error %d\n", ok, first);
+    fflush(stdout);
+    char buf[64];
+    while (fgets(buf, sizeof buf, stdin)) {
+    }
+    return 0;
+}
+
 static int by_value(const void *x, const void *y) {
     double a = *(const double *)x, b = *(const double *)y;
     return a < b ? -1 : a > b;
@@ -180,6 +206,7 @@ int main(int argc, char **argv) {
     }
     if (argc == 5 && !strcmp(argv[1], "client")) return client(argv[2], atoi(argv[3]), atoi(argv[4]));
     if (argc == 4 && !strcmp(argv[1], "listen-many")) return listen_many(atoi(argv[2]), atoi(argv[3]));
+    if (argc == 3 && !strcmp(argv[1], "events-many")) return events_many(atoi(argv[2]));
     fprintf(stderr, "usage: storm server PORT BACKLOG DECIDE_US [all] | storm client IP PORT MS\n");
     return 2;
 }

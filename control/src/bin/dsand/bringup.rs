@@ -168,6 +168,11 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
         ethertype,
         proto: dataplane::proto::ProtoConfig { mtu, ..proto },
         faults: eff.cfg.faults.faults().map_err(|e| anyhow::anyhow!(e))?,
+        // A quarter of the daemon's descriptors for one user's event
+        // descriptors (main raised the soft limit to the hard one already).
+        uid_event_fds: u32::try_from(os::raise_nofile_limit().unwrap_or(1024) / 4)
+            .unwrap_or(u32::MAX)
+            .max(256),
     };
     if node_cfg.faults.active() {
         super::log(

@@ -276,7 +276,7 @@ fn event_fd(
             n.shutdown(); // another connection of the process was first
         }
     }
-    let attached = cx
+    let registered = cx
         .lcore
         .ask(
             |done| Command::EventFd {
@@ -289,10 +289,14 @@ fn event_fd(
             ASK,
         )
         .map_err(err)?;
-    if !attached {
-        return Err("this process is no longer attached".into());
+    match registered {
+        Ok(()) => Ok(json!({"ok": true})),
+        Err(libc::EMFILE) => Err(format!(
+            "EMFILE: user {}'s share of the daemon's event descriptors is used up",
+            app.uid
+        )),
+        Err(_) => Err("this process is no longer attached".into()),
     }
-    Ok(json!({"ok": true}))
 }
 
 /// `{"cmd":"trace","action":"start"|"stop"}`: connection-setup tracing

@@ -83,7 +83,7 @@ impl San {
     /// Request/response of `size` bytes, `count` times.
     pub(crate) fn pingpong(&self, port: u16, size: usize, count: u64) -> Result<Res> {
         let l = self.listen(port)?;
-        let server = std::thread::spawn(move || -> Result<()> {
+        let server = server_thread(move || -> Result<()> {
             let (c, _) = l.accept(|_| Decision::Accept).map_err(e("accept"))?;
             let mut b = vec![0u8; size];
             while c.recv_exact(&mut b).map_err(e("recv"))? {
@@ -117,7 +117,7 @@ impl San {
     pub(crate) fn stream(&self, port: u16, bytes: u64) -> Result<Res> {
         let l = self.listen(port)?;
         let (tx, rx) = mpsc::channel();
-        let server = std::thread::spawn(move || -> Result<()> {
+        let server = server_thread(move || -> Result<()> {
             let (c, _) = l.accept(|_| Decision::Accept).map_err(e("accept"))?;
             let mut b = vec![0u8; 1 << 16];
             let mut got = 0u64;
@@ -160,7 +160,7 @@ impl San {
     /// Connect, 64-byte request and response, close; `count` times.
     pub(crate) fn crr(&self, port: u16, count: u64) -> Result<Res> {
         let l = self.listen(port)?;
-        let server = std::thread::spawn(move || -> Result<()> {
+        let server = server_thread(move || -> Result<()> {
             for _ in 0..count {
                 let (c, _) = l.accept(|_| Decision::Accept).map_err(e("accept"))?;
                 let mut b = [0u8; 64];
@@ -195,12 +195,23 @@ impl San {
     }
 }
 
+/// A server thread: its CPU time counts in the `server` class.
+fn server_thread(
+    f: impl FnOnce() -> Result<()> + Send + 'static,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || {
+        let r = f();
+        crate::cpu::server_thread_done();
+        r
+    })
+}
+
 fn tcp_server<F>(port: u16, f: F) -> Result<std::thread::JoinHandle<Result<()>>>
 where
     F: FnOnce(TcpListener) -> Result<()> + Send + 'static,
 {
     let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
-    let t = std::thread::spawn(move || -> Result<()> {
+    let t = server_thread(move || -> Result<()> {
         let l = (|| -> Result<TcpListener> {
             enter("dsan-h1")?;
             Ok(TcpListener::bind(("198.18.0.2", port))?)

@@ -16,6 +16,7 @@ use std::time::Duration;
 mod breakdown;
 mod compare;
 mod connect;
+mod cpu;
 mod data;
 mod peer;
 mod suite;
@@ -81,6 +82,10 @@ enum Cmd {
         /// A seconds-long run of every scenario (as the test suite does).
         #[arg(long)]
         smoke: bool,
+        /// Runs of the whole suite, the paths of each comparison in an order
+        /// rotated per run; tables show the median ratio and its range.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
     },
     /// Byte streams, SAN against kernel TCP between the same two lab hosts
     /// in one run: pingpong (request/response latency, 64 B, 1 KiB, 16 KiB;
@@ -311,8 +316,10 @@ fn run(args: Args) -> Result<()> {
             idle,
             out,
             smoke,
+            repeat,
         } => {
             let mut o = suite::Opts {
+                repeat,
                 count,
                 concurrency,
                 rate,
@@ -330,14 +337,16 @@ fn run(args: Args) -> Result<()> {
                 o.reject_wait = o.reject_wait.min(Duration::from_millis(50));
                 o.stream_bytes = 8 << 20;
                 o.overload_accept = o.overload_accept.min(300);
+                o.repeat = o.repeat.min(2);
             }
             if o.count == 0
                 || o.concurrency == 0
                 || o.rate == 0
                 || o.duration.is_zero()
                 || o.overload_accept == 0
+                || o.repeat == 0
             {
-                bail!("--count, --concurrency, --rate, --duration-ms and --overload-accept must be positive");
+                bail!("--count, --concurrency, --rate, --duration-ms, --overload-accept and --repeat must be positive");
             }
             suite::run(o)
         }
@@ -553,7 +562,7 @@ fn connect_bench(count: u64, idle: &str, json_path: Option<PathBuf>) -> Result<(
 }
 
 /// The median of `v` (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     match s.len() {

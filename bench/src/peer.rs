@@ -142,6 +142,8 @@ fn row(scenario: &'static str, transport: &'static str, what: &'static str) -> R
         pending: 0,
         rate: None,
         cpu_us: None,
+        cpu: None,
+        runs: Vec::new(),
         wall_after: None,
     }
 }
@@ -222,6 +224,7 @@ pub(crate) fn run(o: RunOpts) -> Result<()> {
         r.rate = Some((r.attempts - r.errors) as f64 / start.elapsed().as_secs_f64());
         rows.push(r);
     }
+    let rows = crate::suite::merge_runs(rows);
     report(&Report {
         out: &o.out,
         rows: &rows,

@@ -51,6 +51,8 @@ pub(crate) struct Opts {
     pub(crate) stream_bytes: u64,
     /// Connections per second the overload scenario's application accepts.
     pub(crate) overload_accept: u64,
+    /// Runs of the whole suite; each compares the paths in another order.
+    pub(crate) repeat: u32,
 }
 
 /// One measured row.
@@ -69,10 +71,26 @@ pub(crate) struct Row {
     /// CPU time of every process involved (both daemons and this one,
     /// clients and servers), per successful connect, microseconds.
     pub(crate) cpu_us: Option<f64>,
+    /// The same by class, with the machine's system, softirq, idle and
+    /// steal time over the row ([`crate::cpu`]), and the operations it is
+    /// divided by.
+    pub(crate) cpu: Option<(crate::cpu::Use, u64)>,
+    /// After merging the runs: each run's own figures.
+    pub(crate) runs: Vec<RunStat>,
     /// Closed loop: after how many connects the connects turned slow (over
     /// 1 ms) for good, if they did: the mark of a wall (ephemeral ports in
     /// TIME_WAIT, a full queue), not of the stack's speed.
     pub(crate) wall_after: Option<u64>,
+}
+
+/// One run's figures of a row (what the ratios' spread is computed from).
+#[derive(Clone, Debug)]
+pub(crate) struct RunStat {
+    pub(crate) p50_ns: Option<u64>,
+    pub(crate) p99_ns: Option<u64>,
+    pub(crate) rate: Option<f64>,
+    pub(crate) cpu_us: Option<f64>,
+    pub(crate) cpu_per_op: Value,
 }
 
 /// A connect slower than this counts as slow (`over_1ms`, `wall_after`).
@@ -145,34 +163,84 @@ impl Server {
         let (st, acc) = (stop.clone(), accepted.clone());
         let p1 = p1.cloned();
         let thread = std::thread::spawn(move || -> Result<Histogram<u64>> {
-            let mut h = hist();
-            if tcp {
-                let setup = (|| -> Result<TcpListener> {
-                    enter_netns("dsan-h1")?;
-                    let l = tcp_listener(H1, port, backlog)?;
-                    l.set_nonblocking(!waiting)?;
-                    Ok(l)
+            let r = (move || -> Result<Histogram<u64>> {
+                let mut h = hist();
+                if tcp {
+                    let setup = (|| -> Result<TcpListener> {
+                        enter_netns("dsan-h1")?;
+                        let l = tcp_listener(H1, port, backlog)?;
+                        l.set_nonblocking(!waiting)?;
+                        Ok(l)
+                    })();
+                    let l = match setup {
+                        Ok(l) => {
+                            ready_tx.send(Ok(())).ok();
+                            l
+                        }
+                        Err(e) => {
+                            ready_tx.send(Err(anyhow!("{e:#}"))).ok();
+                            return Err(e);
+                        }
+                    };
+                    if waiting {
+                        // Wake a blocked accept() at the end with a last connection.
+                        l.set_nonblocking(false)?;
+                    }
+                    while !st.load(Ordering::Relaxed) {
+                        if !accept {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        match l.accept() {
+                            Ok((c, _)) => {
+                                if timed {
+                                    if let Ok(t) = rx.recv_timeout(Duration::from_secs(5)) {
+                                        h.saturating_record(t.elapsed().as_nanos() as u64);
+                                    }
+                                }
+                                acc.fetch_add(1, Ordering::Relaxed);
+                                throttle(gap);
+                                drop(c);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::yield_now()
+                            }
+                            Err(e) => return Err(anyhow!("accept: {e}")),
+                        }
+                    }
+                    return Ok(h);
+                }
+                let p1 = p1.ok_or_else(|| anyhow!("no provider"))?;
+                let setup = (|| -> Result<(SanSocket, EventFd)> {
+                    let l = SanSocket::new(&p1).map_err(|e| anyhow!("{e}"))?;
+                    l.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+                        .map_err(|e| anyhow!("bind: {e}"))?;
+                    l.listen(backlog).map_err(|e| anyhow!("listen: {e}"))?;
+                    let efd = eventfd()?;
+                    l.event_select(efd.as_fd(), FD_ACCEPT)
+                        .map_err(|e| anyhow!("event_select: {e}"))?;
+                    Ok((l, efd))
                 })();
-                let l = match setup {
-                    Ok(l) => {
+                let (l, efd) = match setup {
+                    Ok(x) => {
                         ready_tx.send(Ok(())).ok();
-                        l
+                        x
                     }
                     Err(e) => {
                         ready_tx.send(Err(anyhow!("{e:#}"))).ok();
                         return Err(e);
                     }
                 };
-                if waiting {
-                    // Wake a blocked accept() at the end with a last connection.
-                    l.set_nonblocking(false)?;
-                }
                 while !st.load(Ordering::Relaxed) {
                     if !accept {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     }
-                    match l.accept() {
+                    if waiting {
+                        efd.wait(Some(Duration::from_millis(50)));
+                        let _ = l.enum_network_events();
+                    }
+                    match l.accept(|_| Decision::Accept) {
                         Ok((c, _)) => {
                             if timed {
                                 if let Ok(t) = rx.recv_timeout(Duration::from_secs(5)) {
@@ -183,60 +251,14 @@ impl Server {
                             throttle(gap);
                             drop(c);
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::yield_now()
-                        }
+                        Err(SanError::Again) => std::thread::yield_now(),
                         Err(e) => return Err(anyhow!("accept: {e}")),
                     }
                 }
-                return Ok(h);
-            }
-            let p1 = p1.ok_or_else(|| anyhow!("no provider"))?;
-            let setup = (|| -> Result<(SanSocket, EventFd)> {
-                let l = SanSocket::new(&p1).map_err(|e| anyhow!("{e}"))?;
-                l.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-                    .map_err(|e| anyhow!("bind: {e}"))?;
-                l.listen(backlog).map_err(|e| anyhow!("listen: {e}"))?;
-                let efd = eventfd()?;
-                l.event_select(efd.as_fd(), FD_ACCEPT)
-                    .map_err(|e| anyhow!("event_select: {e}"))?;
-                Ok((l, efd))
+                Ok(h)
             })();
-            let (l, efd) = match setup {
-                Ok(x) => {
-                    ready_tx.send(Ok(())).ok();
-                    x
-                }
-                Err(e) => {
-                    ready_tx.send(Err(anyhow!("{e:#}"))).ok();
-                    return Err(e);
-                }
-            };
-            while !st.load(Ordering::Relaxed) {
-                if !accept {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                if waiting {
-                    efd.wait(Some(Duration::from_millis(50)));
-                    let _ = l.enum_network_events();
-                }
-                match l.accept(|_| Decision::Accept) {
-                    Ok((c, _)) => {
-                        if timed {
-                            if let Ok(t) = rx.recv_timeout(Duration::from_secs(5)) {
-                                h.saturating_record(t.elapsed().as_nanos() as u64);
-                            }
-                        }
-                        acc.fetch_add(1, Ordering::Relaxed);
-                        throttle(gap);
-                        drop(c);
-                    }
-                    Err(SanError::Again) => std::thread::yield_now(),
-                    Err(e) => return Err(anyhow!("accept: {e}")),
-                }
-            }
-            Ok(h)
+            crate::cpu::server_thread_done();
+            r
         });
         ready_rx
             .recv()
@@ -328,36 +350,6 @@ const OVERLOAD_CLIENTS: usize = 32;
 /// that a SYN a full queue dropped is not counted as a failure while its
 /// retransmission may still get it in.
 const OVERLOAD_TIMEOUT: Duration = Duration::from_millis(3500);
-
-/// CPU time so far of every process a setup involves: both lab daemons
-/// (every thread's run time, from /proc/PID/task/*/schedstat) and this
-/// process (clients and servers; getrusage, which keeps the time of
-/// threads that ended). Nanoseconds.
-fn cpu_ns() -> u64 {
-    let mut total = 0u64;
-    for h in ["h0", "h1"] {
-        let pid =
-            std::fs::read_to_string(format!("/run/dsan/lab/{h}/dsand.pid")).unwrap_or_default();
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid.trim())) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            if let Ok(st) = std::fs::read_to_string(t.path().join("schedstat")) {
-                total += st
-                    .split_whitespace()
-                    .next()
-                    .and_then(|x| x.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid who and a live out-parameter.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    total + (us(ru.ru_utime) + us(ru.ru_stime)) * 1000
-}
 
 /// CPU microseconds per successful setup.
 fn per_setup(cpu_ns: u64, setups: u64) -> Option<f64> {
@@ -514,8 +506,20 @@ impl Ports {
     }
 }
 
+/// The paths of a comparison in the order run `run` measures them: rotated
+/// by one each run, so that no path always goes first (a machine that
+/// warms up, or a neighbour that wakes, does not favour one path).
+fn order<'a>(run: u32, paths: &[&'a str]) -> Vec<&'a str> {
+    let mut v = paths.to_vec();
+    let k = run as usize % v.len();
+    v.rotate_left(k);
+    v
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_policy(
     o: &Opts,
+    run: u32,
     policy: &str,
     rows: &mut Vec<Row>,
     breakdowns: &mut Vec<(String, Breakdown)>,
@@ -528,6 +532,11 @@ fn run_policy(
     let p0 = Provider::attach(Some(s0.as_ref())).map_err(|e| anyhow!("attach to h0: {e}"))?;
     let p1 = Provider::attach(Some(s1.as_ref())).map_err(|e| anyhow!("attach to h1: {e}"))?;
     let pol = policy.to_string();
+    let run_tag = if o.repeat > 1 {
+        format!(" [run {}/{}]", run + 1, o.repeat)
+    } else {
+        String::new()
+    };
     let row =
         |scenario, accept, transport, what, hist, attempts, errors, refused, pending, rate| Row {
             scenario,
@@ -542,16 +551,18 @@ fn run_policy(
             pending,
             rate,
             cpu_us: None,
+            cpu: None,
+            runs: Vec::new(),
             wall_after: None,
         };
 
     // connect, accepting thread spinning and waiting.
     for (accept, waiting) in [("spinning", false), ("waiting", true)] {
-        for transport in ["dsan", "tcp"] {
+        for transport in order(run, &["dsan", "tcp"]) {
             let tcp = transport == "tcp";
             let port = ports.next();
             eprintln!(
-                "  [{policy}] connect / {accept} / {transport} ({} connects)",
+                "  [{policy}] connect / {accept} / {transport} ({} connects){run_tag}",
                 o.count
             );
             let srv = Server::start(Some(&p1), tcp, port, 128, waiting, true, true)?;
@@ -613,8 +624,8 @@ fn run_policy(
         }
     }
 
-    // The same connects again, traced hop by hop (dsan only).
-    for waiting in [false, true] {
+    // The same connects again, traced hop by hop (dsan only; the first run).
+    for waiting in [false, true].into_iter().filter(|_| run == 0) {
         let port = ports.next();
         eprintln!(
             "  [{policy}] breakdown / connect / {} ({} connects, traced)",
@@ -626,7 +637,7 @@ fn run_policy(
     }
 
     // reject: a backlog of 1, filled, never accepted.
-    for transport in ["dsan", "tcp"] {
+    for transport in order(run, &["dsan", "tcp"]) {
         let tcp = transport == "tcp";
         let port = ports.next();
         let srv = Server::start(
@@ -639,7 +650,7 @@ fn run_policy(
             false,
         )?;
         let n = if tcp { o.count.min(5) } else { o.count };
-        eprintln!("  [{policy}] reject / {transport} ({n} connects into a full backlog)");
+        eprintln!("  [{policy}] reject / {transport} ({n} connects into a full backlog){run_tag}");
         let (h, refused, pending, errors) = if tcp {
             let wait = o.reject_wait;
             in_h0(move || {
@@ -687,10 +698,10 @@ fn run_policy(
     }
 
     // no-listener.
-    for transport in ["dsan", "tcp"] {
+    for transport in order(run, &["dsan", "tcp"]) {
         let port = ports.next();
         eprintln!(
-            "  [{policy}] no-listener / {transport} ({} connects)",
+            "  [{policy}] no-listener / {transport} ({} connects){run_tag}",
             o.count
         );
         let n = o.count;
@@ -715,27 +726,31 @@ fn run_policy(
         ));
     }
 
-    let port = ports.next();
-    eprintln!(
-        "  [{policy}] breakdown / no-listener ({} connects, traced)",
-        o.count
-    );
-    breakdowns.push((
-        policy.to_string(),
-        crate::breakdown::no_listener(port, o.count)?,
-    ));
+    if run == 0 {
+        let port = ports.next();
+        eprintln!(
+            "  [{policy}] breakdown / no-listener ({} connects, traced)",
+            o.count
+        );
+        breakdowns.push((
+            policy.to_string(),
+            crate::breakdown::no_listener(port, o.count)?,
+        ));
+    }
 
     // rate-closed: C connectors for the duration.
-    for transport in ["dsan", "tcp", "tcp-tuned"] {
+    for transport in order(run, &["dsan", "tcp", "tcp-tuned"]) {
         let tcp = transport != "dsan";
         let _tuned = Tuned::set(transport == "tcp-tuned", 4096)?;
         let port = ports.next();
-        let cpu0 = cpu_ns();
+        let cpu0 = crate::cpu::snap();
         eprintln!(
-            "  [{policy}] rate-closed / {transport} ({} connectors, {:?})",
-            o.concurrency, o.duration
+            "  [{policy}] rate-closed / {transport} ({} connectors, {:?}){}",
+            o.concurrency, o.duration, run_tag
         );
-        let srv = Server::start(Some(&p1), tcp, port, 4096, false, true, false)?;
+        // The server waits (blocks) for connections, as a real one does:
+        // its CPU is what accepting costs, not what polling burns.
+        let srv = Server::start(Some(&p1), tcp, port, 4096, true, true, false)?;
         let dur = o.duration;
         let start = Instant::now();
         let handles: Vec<_> = (0..o.concurrency)
@@ -806,13 +821,14 @@ fn run_policy(
             );
         }
         let rate = (n - err) as f64 / secs;
-        let cpu = per_setup(cpu_ns() - cpu0, n - err);
+        let used = cpu0.used();
         rows.push(Row {
-            cpu_us: cpu,
+            cpu_us: per_setup(used.processes(), n - err),
+            cpu: Some((used, n - err)),
             wall_after,
             ..row(
                 "rate-closed",
-                "spinning",
+                "waiting",
                 transport,
                 "connected",
                 h,
@@ -826,16 +842,16 @@ fn run_policy(
     }
 
     // rate-open: a fixed offered rate, latency from the intended start.
-    for transport in ["dsan", "tcp", "tcp-tuned"] {
+    for transport in order(run, &["dsan", "tcp", "tcp-tuned"]) {
         let tcp = transport != "dsan";
         let _tuned = Tuned::set(transport == "tcp-tuned", 4096)?;
         let port = ports.next();
-        let cpu0 = cpu_ns();
+        let cpu0 = crate::cpu::snap();
         eprintln!(
-            "  [{policy}] rate-open / {transport} ({}/s for {:?})",
-            o.rate, o.duration
+            "  [{policy}] rate-open / {transport} ({}/s for {:?}){}",
+            o.rate, o.duration, run_tag
         );
-        let srv = Server::start(Some(&p1), tcp, port, 4096, false, true, false)?;
+        let srv = Server::start(Some(&p1), tcp, port, 4096, true, true, false)?;
         let (rate, dur) = (o.rate, o.duration);
         let job = move || -> (Histogram<u64>, u64, u64, f64) {
             let mut h = hist();
@@ -843,10 +859,16 @@ fn run_policy(
             let gap = Duration::from_secs_f64(1.0 / rate as f64);
             let t0 = Instant::now();
             let total = (dur.as_secs_f64() * rate as f64) as u64;
+            // Sleeps to each start (blocking, as the issue asks of the
+            // harness), with a 1 ns timer slack so that the wake-up is on
+            // time; lateness counts in the latency (from the intended start).
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
             for i in 0..total {
                 let intended = t0 + gap * i as u32;
-                while Instant::now() < intended {
-                    std::hint::spin_loop();
+                let now = Instant::now();
+                if now < intended {
+                    std::thread::sleep(intended - now);
                 }
                 let ok = if tcp {
                     tcp_connect(port, Duration::from_secs(3)) == Ok(true)
@@ -872,12 +894,13 @@ fn run_policy(
                 n - err
             );
         }
-        let cpu = per_setup(cpu_ns() - cpu0, n - err);
+        let used = cpu0.used();
         rows.push(Row {
-            cpu_us: cpu,
+            cpu_us: per_setup(used.processes(), n - err),
+            cpu: Some((used, n - err)),
             ..row(
                 "rate-open",
-                "spinning",
+                "waiting",
                 transport,
                 "connected",
                 h,
@@ -897,17 +920,17 @@ fn run_policy(
     // period), what is refused at once, what times out or could not be
     // sent in time, and how long the successful connects took from their
     // intended start.
-    for transport in ["dsan", "tcp", "tcp-tuned"] {
+    for transport in order(run, &["dsan", "tcp", "tcp-tuned"]) {
         let tcp = transport != "dsan";
         let _tuned = Tuned::set(transport == "tcp-tuned", OVERLOAD_BACKLOG as u32)?;
         let port = ports.next();
         eprintln!(
-            "  [{policy}] overload / {transport} ({}/s offered by {OVERLOAD_CLIENTS} clients, {}/s accepted, backlog {OVERLOAD_BACKLOG}, {:?})",
+            "  [{policy}] overload / {transport} ({}/s offered by {OVERLOAD_CLIENTS} clients, {}/s accepted, backlog {OVERLOAD_BACKLOG}, {:?}){run_tag}",
             o.rate, o.overload_accept, o.duration
         );
         let gap = Duration::from_secs_f64(1.0 / o.overload_accept.max(1) as f64);
         let srv = Server::throttled(&p1, tcp, port, OVERLOAD_BACKLOG, gap)?;
-        let cpu0 = cpu_ns();
+        let cpu0 = crate::cpu::snap();
         let (rate, dur) = (o.rate, o.duration);
         let t0 = Instant::now() + Duration::from_millis(20);
         let clients: Vec<_> = (0..OVERLOAD_CLIENTS)
@@ -963,9 +986,10 @@ fn run_policy(
         let secs = dur.as_secs_f64();
         let ok = n - refused - err;
         srv.finish(tcp, port, 0)?;
-        let cpu = per_setup(cpu_ns() - cpu0, ok);
+        let used = cpu0.used();
         rows.push(Row {
-            cpu_us: cpu,
+            cpu_us: per_setup(used.processes(), ok),
+            cpu: Some((used, ok)),
             ..row(
                 "overload",
                 "throttled",
@@ -992,9 +1016,10 @@ fn run_policy(
         ("stream", "send-64k"),
         ("crr", "transaction"),
     ] {
-        for transport in ["dsan", "tcp"] {
+        for transport in order(run, &["dsan", "tcp"]) {
             let port = ports.next();
-            eprintln!("  [{policy}] {scenario} / {transport}");
+            eprintln!("  [{policy}] {scenario} / {transport}{run_tag}");
+            let cpu0 = crate::cpu::snap();
             let size = match scenario {
                 "pingpong-1k" => 1024,
                 "pingpong-16k" => 16384,
@@ -1017,22 +1042,124 @@ fn run_policy(
                 r.units as f64 / secs
             };
             let n = r.lat.len();
-            rows.push(row(
-                scenario,
-                "-",
-                transport,
-                what,
-                r.lat,
-                n,
-                0,
-                0,
-                0,
-                Some(rate),
-            ));
+            // CPU per exchange; the stream's per MiB moved.
+            let used = cpu0.used();
+            let ops = if scenario == "stream" {
+                r.units >> 20
+            } else {
+                r.units
+            };
+            rows.push(Row {
+                cpu_us: per_setup(used.processes(), ops),
+                cpu: Some((used, ops)),
+                ..row(
+                    scenario,
+                    "-",
+                    transport,
+                    what,
+                    r.lat,
+                    n,
+                    0,
+                    0,
+                    0,
+                    Some(rate),
+                )
+            });
         }
     }
     let _ = (p0, p1);
     Ok(())
+}
+
+fn same_row(a: &Row, b: &Row) -> bool {
+    (a.scenario, &a.policy, a.accept, a.transport, a.what)
+        == (b.scenario, &b.policy, b.accept, b.transport, b.what)
+}
+
+/// Merges each row's runs into one: latencies merged, counts summed, the
+/// rate and the CPU per operation the median of the runs'; `runs` keeps
+/// every run's own figures (the spread of the ratios comes from them).
+pub(crate) fn merge_runs(rows: Vec<Row>) -> Vec<Row> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out: Vec<Row> = Vec::new();
+    for mut r in rows {
+        let q = |h: &Histogram<u64>, x| (!h.is_empty()).then(|| h.value_at_quantile(x));
+        let stat = RunStat {
+            p50_ns: q(&r.hist, 0.5),
+            p99_ns: q(&r.hist, 0.99),
+            rate: r.rate,
+            cpu_us: r.cpu_us,
+            cpu_per_op: r.cpu.map_or(Value::Null, |(u, ops)| u.per_op(ops, cpus)),
+        };
+        match out.iter_mut().find(|m| same_row(m, &r)) {
+            Some(m) => {
+                let _ = m.hist.add(&r.hist);
+                m.attempts += r.attempts;
+                m.errors += r.errors;
+                m.refused += r.refused;
+                m.pending += r.pending;
+                m.wall_after = m.wall_after.or(r.wall_after);
+                m.runs.push(stat);
+            }
+            None => {
+                r.runs = vec![stat];
+                out.push(r);
+            }
+        }
+    }
+    for m in &mut out {
+        let med = |f: &dyn Fn(&RunStat) -> Option<f64>| {
+            let v: Option<Vec<f64>> = m.runs.iter().map(f).collect();
+            v.filter(|v| !v.is_empty()).map(|v| crate::median(&v))
+        };
+        m.rate = med(&|r| r.rate);
+        m.cpu_us = med(&|r| r.cpu_us);
+    }
+    out
+}
+
+/// The median of `v` and its range, if any.
+pub(crate) fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((crate::median(&v), min, max))
+}
+
+fn spread_json(v: &[f64]) -> Value {
+    match spread(v) {
+        Some((m, lo, hi)) => json!({"median": m, "min": lo, "max": hi, "runs": v}),
+        None => Value::Null,
+    }
+}
+
+/// Per run: dsan's figure over the other path's (runs matched by index).
+fn run_ratios(d: &Row, t: &Row, f: impl Fn(&RunStat) -> Option<f64>) -> Vec<f64> {
+    d.runs
+        .iter()
+        .zip(&t.runs)
+        .filter_map(|(a, b)| Some(f(a)? / f(b)?))
+        .collect()
+}
+
+/// The per-class CPU per operation, the median of the runs' per class.
+fn cpu_median(r: &Row) -> Value {
+    let Some(first) = r.runs.iter().find_map(|x| x.cpu_per_op.as_object()) else {
+        return Value::Null;
+    };
+    let mut m = serde_json::Map::new();
+    for k in first.keys() {
+        let v: Vec<f64> = r
+            .runs
+            .iter()
+            .filter_map(|x| x.cpu_per_op.get(k)?.as_f64())
+            .collect();
+        m.insert(k.clone(), json!(crate::median(&v)));
+    }
+    Value::Object(m)
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
@@ -1136,31 +1263,38 @@ pub(crate) fn run(o: Opts) -> Result<()> {
     let mut ports = Ports(30000);
     let started = SystemTime::now();
     let t0 = Instant::now();
-    for policy in &o.idle {
-        policy
-            .parse::<dataplane::engine::IdlePolicy>()
+    let meter = crate::cpu::RunMeter::start();
+    for run in 0..o.repeat {
+        for policy in &o.idle {
+            policy
+                .parse::<dataplane::engine::IdlePolicy>()
+                .map_err(anyhow::Error::msg)?;
+            lab::down().map_err(anyhow::Error::msg)?;
+            eprintln!("lab up, idle policy {policy} ...");
+            lab::up(&lab::UpOptions {
+                hosts: 2,
+                mode: lab::Mode::AfPacket,
+                idle: policy.clone(),
+                dsand: dsand.clone(),
+                faults: Default::default(),
+                mtu: 1500,
+            })
             .map_err(anyhow::Error::msg)?;
-        lab::down().map_err(anyhow::Error::msg)?;
-        eprintln!("lab up, idle policy {policy} ...");
-        lab::up(&lab::UpOptions {
-            hosts: 2,
-            mode: lab::Mode::AfPacket,
-            idle: policy.clone(),
-            dsand: dsand.clone(),
-            faults: Default::default(),
-            mtu: 1500,
-        })
-        .map_err(anyhow::Error::msg)?;
-        let r = run_policy(&o, policy, &mut rows, &mut breakdowns, &mut ports);
-        lab::down().map_err(anyhow::Error::msg)?;
-        r?;
+            let r = run_policy(&o, run, policy, &mut rows, &mut breakdowns, &mut ports);
+            lab::down().map_err(anyhow::Error::msg)?;
+            r?;
+        }
     }
     let elapsed = t0.elapsed();
+    let rows = merge_runs(rows);
     let config = json!({"pmd": "net_af_packet (veth)", "idle_policies": o.idle, "count": o.count, "concurrency": o.concurrency,
                "overload_accept_per_s": o.overload_accept, "tcp_tuned": TCP_TUNED.iter().map(|(k, v)| format!("{}={}", k.replace('/', "."), v.replace('\t', " "))).collect::<Vec<_>>(),
                "tcp_client": "closes first, with SO_LINGER {1, 0} (no TIME_WAIT)",
                "rate_per_s": o.rate, "duration_s": o.duration.as_secs_f64(), "reject_wait_ms": o.reject_wait.as_millis() as u64,
-               "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start"});
+               "build": env!("CARGO_PKG_VERSION"), "open_loop_method": "latency from each request's intended start",
+               "runs": o.repeat, "order": "paths rotated by one each run (run 1: dsan first, run 2: tcp first, ...)",
+               "servers": "wait (block) for connections; the open-loop client sleeps to each start",
+               "cpu_classes": crate::cpu::CLASSES, "machine_during_run": meter.summary()});
     report(&Report {
         out: &o.out,
         rows: &rows,
@@ -1267,19 +1401,32 @@ pub(crate) fn report(rep: &Report<'_>) -> Result<()> {
                     && x.accept == r.accept
                     && x.what == r.what
             }) {
+                // p50: the median of the runs' ratios; the tail quantiles
+                // from the merged latencies.
                 let q = |qq| us(&d.hist, qq) / us(&r.hist, qq);
-                let rate = match (d.rate, r.rate) {
-                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
-                    _ => "-".into(),
-                };
-                let cpu = match (d.cpu_us, r.cpu_us) {
-                    (Some(a), Some(b)) => format!("{:.2}x", a / b),
-                    _ => "-".into(),
+                let p50 = spread(&run_ratios(d, r, |x| x.p50_ns.map(|v| v as f64)));
+                let rate = spread(&run_ratios(d, r, |x| x.rate));
+                let cpu = spread(&run_ratios(d, r, |x| x.cpu_us));
+                let x = |s: Option<(f64, f64, f64)>| {
+                    s.map_or("-".into(), |(m, _, _)| format!("{m:.2}x"))
                 };
                 println!(
-                    "{:<12} {:<9} {:<9} {:<10} {:<9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>7} {:>7} {:>7} {:>10} {:>9}",
-                    "", "", "", "", "ratio", q(0.5), q(0.9), q(0.99), q(0.999), "", "", "", "", rate, cpu
+                    "{:<12} {:<9} {:<9} {:<10} {:<9} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>7} {:>7} {:>7} {:>10} {:>9}",
+                    "", "", "", "", "ratio", x(p50), q(0.9), q(0.99), q(0.999), "", "", "", "", x(rate), x(cpu)
                 );
+                if d.runs.len() > 1 {
+                    let r = |s: Option<(f64, f64, f64)>| {
+                        s.map_or("-".into(), |(_, lo, hi)| format!("{lo:.2}-{hi:.2}"))
+                    };
+                    println!(
+                        "{:<12} over {} runs, min-max: p50 {}, rate {}, cpu {}",
+                        "",
+                        d.runs.len(),
+                        r(p50),
+                        r(rate),
+                        r(cpu)
+                    );
+                }
             }
             if let Some(w) = r.wall_after {
                 println!(
@@ -1304,7 +1451,22 @@ pub(crate) fn report(rep: &Report<'_>) -> Result<()> {
         summary.push(json!({
             "scenario": r.scenario, "policy": r.policy, "accept": r.accept, "transport": r.transport, "measure": r.what,
             "count": r.hist.len(), "attempts": r.attempts, "errors": r.errors, "refused": r.refused, "pending": r.pending,
-            "rate_per_s": r.rate, "cpu_us_per_setup": r.cpu_us,
+            "rate_per_s": r.rate, "cpu_us_per_setup": r.cpu_us, "cpu_per_op": cpu_median(r),
+            "cpu_unit": if r.scenario == "stream" { "per MiB" } else { "per operation" },
+            "runs": r.runs.iter().map(|x| json!({"p50_ns": x.p50_ns, "p99_ns": x.p99_ns, "rate_per_s": x.rate,
+                "cpu_us_per_op": x.cpu_us, "cpu_per_op": x.cpu_per_op})).collect::<Vec<_>>(),
+            "vs": if r.transport == "dsan" {
+                let mut m = serde_json::Map::new();
+                for t in rows.iter().filter(|t| t.transport.starts_with("tcp") && t.scenario == r.scenario
+                        && t.policy == r.policy && t.accept == r.accept && t.what == r.what) {
+                    m.insert(t.transport.to_string(), json!({
+                        "p50": spread_json(&run_ratios(r, t, |x| x.p50_ns.map(|v| v as f64))),
+                        "rate": spread_json(&run_ratios(r, t, |x| x.rate)),
+                        "cpu": spread_json(&run_ratios(r, t, |x| x.cpu_us)),
+                    }));
+                }
+                Value::Object(m)
+            } else { Value::Null },
             "over_1ms": if r.hist.is_empty() { 0 } else { r.hist.count_between(SLOW_NS + 1, r.hist.max().max(SLOW_NS + 1)) },
             "wall_after": r.wall_after, "p50_ns": q(0.5), "p90_ns": q(0.9), "p99_ns": q(0.99), "p999_ns": q(0.999),
             "max_ns": if r.hist.is_empty() { Value::Null } else { json!(r.hist.max()) },

@@ -143,6 +143,40 @@ fn smoke_run_of_every_scenario() {
             assert!(r["rate_per_s"].as_f64().unwrap() > 0.0, "{tag}");
             // CPU per setup: both daemons and the clients and servers.
             assert!(r["cpu_us_per_setup"].as_f64().unwrap() > 0.0, "{tag}");
+            // ... by class: the daemons and both sides of the harness used
+            // some; the machine's idle and steal are reported beside them.
+            let c = &r["cpu_per_op"];
+            for k in ["daemons_us", "server_us", "client_us"] {
+                assert!(c[k].as_f64().unwrap() > 0.0, "{tag}: {k} in {c}");
+            }
+            for k in [
+                "system_us",
+                "softirq_us",
+                "idle_us",
+                "steal_us",
+                "steal_pct",
+            ] {
+                assert!(c[k].as_f64().is_some(), "{tag}: {k} in {c}");
+            }
+            // The servers wait for connections (blocking), not spin.
+            assert_eq!(r["accept"], "waiting", "{tag}");
+        }
+        // Two runs (the smoke run's), each row keeping both; every dsan row
+        // with its ratio to each TCP row of the same scenario, per run, with
+        // the median and the range.
+        assert_eq!(r["runs"].as_array().unwrap().len(), 2, "{tag}");
+        if r["transport"] == "dsan" && r["scenario"] != "reject" {
+            let vs = r["vs"]["tcp"]["rate"].clone();
+            if r["rate_per_s"].as_f64().is_some() {
+                let runs = vs["runs"].as_array().expect("per-run ratios");
+                assert_eq!(runs.len(), 2, "{tag}: {vs}");
+                let (lo, m, hi) = (
+                    vs["min"].as_f64().unwrap(),
+                    vs["median"].as_f64().unwrap(),
+                    vs["max"].as_f64().unwrap(),
+                );
+                assert!(lo <= m && m <= hi, "{tag}: {vs}");
+            }
         }
     }
     // Kernel TCP twice in the rate and overload scenarios: defaults, and
@@ -184,6 +218,19 @@ fn smoke_run_of_every_scenario() {
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("breakdown: connect"), "{table}");
     assert!(table.contains("wire: request frame h0 -> h1"), "{table}");
+    // The paths of each comparison alternate: the second run went tcp first.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let first = |run: &str| {
+        err.lines()
+            .find(|l| l.contains("rate-closed /") && l.contains(run))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    assert!(first("[run 1/2]").contains("/ dsan"), "{err}");
+    assert!(first("[run 2/2]").contains("/ tcp"), "{err}");
+    assert!(s["config"]["machine_during_run"]["steal_pct"]
+        .as_f64()
+        .is_some());
     // Where and when the figures were made.
     assert!(s["provenance"]["commit"]
         .as_str()

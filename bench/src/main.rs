@@ -116,10 +116,11 @@ enum Cmd {
         /// so its rows are not the same path (1500-byte MTU only).
         #[arg(long, default_value = "af_packet")]
         mode: String,
-        /// Runs of each row, dsan and kernel TCP alternating (rate: the
-        /// median run; latencies: every run merged; dsan/tcp: the median of
-        /// the runs' ratios). On a noisy machine 3 or more.
-        #[arg(long, default_value_t = 1)]
+        /// Runs of each row, dsan and kernel TCP alternating, which goes
+        /// first changing every run (rate: the median run; latencies: every
+        /// run merged; dsan/tcp: the median of the runs' ratios, with their
+        /// range).
+        #[arg(long, default_value_t = 3)]
         repeat: u32,
     },
     /// Compares two `dsan-bench data --repeat N --json` files row by row:
@@ -218,6 +219,15 @@ fn main() {
 
 /// Where a set of figures comes from: the build's commit (and whether its
 /// tree had uncommitted changes), when and with which command line.
+/// The machine a run was on.
+pub(crate) fn machine() -> serde_json::Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
+    })
+}
+
 pub(crate) fn provenance() -> serde_json::Value {
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
@@ -605,16 +615,30 @@ fn data_bench(o: DataOpts) -> Result<()> {
         .collect::<Result<_>>()?;
     let dsand = std::env::current_exe()?.with_file_name("dsand");
     let mut results = Vec::new();
+    let meter = cpu::RunMeter::start();
     if let Some(o) = &out {
         std::fs::create_dir_all(o).with_context(|| format!("creating {}", o.display()))?;
     }
     println!("byte streams h0 -> h1; dsan = SAN provider through both dataplanes, tcp = kernel TCP (TCP_NODELAY) on the same veth");
     if repeat > 1 {
-        println!("{repeat} runs per row, dsan and tcp alternating: rate = the median run, latencies = all runs merged, dsan/tcp = the median of the runs' ratios");
+        println!("{repeat} runs per row, dsan and tcp alternating (who goes first changes every run): rate = the median run, latencies = all runs merged, dsan/tcp = the median of the runs' ratios (min-max)");
     }
+    println!("memif rows: the SAN over shared memory between the daemons, kernel TCP over the veth: not the same path, so no ratio");
     println!(
-        "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
-        "idle", "port", "mtu", "test", "path", "p50 us", "p90", "p99", "p99.9", "rate", "dsan/tcp"
+        "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>16} {:>9}",
+        "idle",
+        "port",
+        "mtu",
+        "test",
+        "path",
+        "p50 us",
+        "p90",
+        "p99",
+        "p99.9",
+        "rate",
+        "cpu us",
+        "dsan/tcp",
+        "cpu d/t"
     );
     let mut port = 21000u16;
     let runs: Vec<(String, lab::Mode, u16)> = idle
@@ -678,10 +702,18 @@ fn data_bench(o: DataOpts) -> Result<()> {
                 // Per path (dsan, tcp): every run's rate, latencies merged,
                 // measured time.
                 let mut rates: [Vec<f64>; 2] = [vec![], vec![]];
+                // CPU per exchange (per MiB for the stream), per run: the
+                // measured processes' total and each class's.
+                let mut cpus: [Vec<f64>; 2] = [vec![], vec![]];
+                let mut cpu_runs: [Vec<serde_json::Value>; 2] = [vec![], vec![]];
                 let mut lats: [Option<Histogram<u64>>; 2] = [None, None];
                 let mut elapsed = [0f64; 2];
+                let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
                 for run in 0..repeat {
-                    for (i, path) in ["dsan", "tcp"].into_iter().enumerate() {
+                    // dsan first in even runs, kernel TCP first in odd ones.
+                    let turn = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+                    for i in turn {
+                        let path = ["dsan", "tcp"][i];
                         if repeat > 1 {
                             eprintln!(
                                 "  {p} / {port_kind} / {name} / {path} ({}/{repeat}) ...",
@@ -704,7 +736,16 @@ fn data_bench(o: DataOpts) -> Result<()> {
                         if run == 0 {
                             go((n / 10).max(10), (bytes / 10).max(1 << 20))?; // warm-up
                         }
+                        let c0 = cpu::snap();
                         let r = go(n, bytes)?;
+                        let used = c0.used();
+                        let ops = if kind == "stream" {
+                            r.units >> 20
+                        } else {
+                            r.units
+                        };
+                        cpus[i].push(used.processes() as f64 / 1000.0 / ops.max(1) as f64);
+                        cpu_runs[i].push(used.per_op(ops, ncpu));
                         rates[i].push(if kind == "stream" {
                             r.units as f64 * 8.0 / r.elapsed.as_secs_f64() / 1e9
                         } else {
@@ -720,17 +761,33 @@ fn data_bench(o: DataOpts) -> Result<()> {
                     }
                 }
                 let ratios: Vec<f64> = rates[0].iter().zip(&rates[1]).map(|(a, b)| a / b).collect();
+                let cpu_ratios: Vec<f64> =
+                    cpus[0].iter().zip(&cpus[1]).map(|(a, b)| a / b).collect();
+                // Over different paths (memif against the veth) no ratio is
+                // a dsan-against-TCP comparison: none is given.
+                let same_path = mode == lab::Mode::AfPacket;
                 for (i, path) in ["dsan", "tcp"].into_iter().enumerate() {
                     let rate = median(&rates[i]);
+                    let cpu_us = median(&cpus[i]);
                     let lat = lats[i].take().expect("at least one run");
-                    let ratio = if path == "tcp" {
-                        format!("{:.2}x", median(&ratios))
+                    let (ratio, cpu_ratio) = if path == "tcp" && !same_path {
+                        ("other path".to_string(), String::new())
+                    } else if path == "tcp" {
+                        let (m, lo, hi) =
+                            suite::spread(&ratios).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+                        let c = suite::spread(&cpu_ratios)
+                            .map_or(String::new(), |c| format!("{:.2}x", c.0));
+                        if ratios.len() > 1 {
+                            (format!("{m:.2}x ({lo:.2}-{hi:.2})"), c)
+                        } else {
+                            (format!("{m:.2}x"), c)
+                        }
                     } else {
-                        String::new()
+                        (String::new(), String::new())
                     };
                     if kind == "stream" {
                         println!(
-                            "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9}",
+                            "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10} {:>9} {:>9} {:>9} {:>12} {:>9} {:>16} {:>9}",
                             p,
                             port_kind,
                             mtu,
@@ -741,11 +798,13 @@ fn data_bench(o: DataOpts) -> Result<()> {
                             "-",
                             "-",
                             format!("{rate:.2} {unit}"),
-                            ratio
+                            format!("{cpu_us:.0}/MiB"),
+                            ratio,
+                            cpu_ratio
                         );
                     } else {
                         println!(
-                            "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9}",
+                            "{:<9} {:<9} {:<5} {:<15} {:<5} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>9} {:>16} {:>9}",
                             p,
                             port_kind,
                             mtu,
@@ -756,7 +815,9 @@ fn data_bench(o: DataOpts) -> Result<()> {
                             us(&lat, 0.99),
                             us(&lat, 0.999),
                             format!("{rate:.0} {unit}"),
-                            ratio
+                            format!("{cpu_us:.1}"),
+                            ratio,
+                            cpu_ratio
                         );
                         if let Some(o) = &out {
                             std::fs::write(
@@ -767,8 +828,13 @@ fn data_bench(o: DataOpts) -> Result<()> {
                     }
                     results.push(
                         json!({"idle": p, "port": port_kind, "mtu": mtu, "test": name, "path": path,
+                        "paths": if same_path { "same veth" } else { "dsan over memif, tcp over the veth: not comparable" },
                         "rate": rate, "rate_unit": unit, "rates": rates[i], "elapsed_s": elapsed[i],
-                        "ratio_to_tcp_runs": if path == "dsan" { json!(ratios) } else { json!(null) },
+                        "cpu_us": cpu_us, "cpu_unit": if kind == "stream" { "per MiB" } else { "per exchange" },
+                        "cpu_runs": cpu_runs[i],
+                        "ratio_to_tcp_runs": if path == "dsan" && same_path { json!(ratios) } else { json!(null) },
+                        "ratio_to_tcp": if path == "dsan" && same_path { suite::spread(&ratios).map_or(json!(null), |(m, lo, hi)| json!({"median": m, "min": lo, "max": hi})) } else { json!(null) },
+                        "cpu_ratio_to_tcp_runs": if path == "dsan" && same_path { json!(cpu_ratios) } else { json!(null) },
                         "latency": if kind == "stream" { json!(null) } else { summary(&lat) }}),
                     );
                 }
@@ -779,7 +845,8 @@ fn data_bench(o: DataOpts) -> Result<()> {
         r?;
     }
     if let Some(path) = json_path {
-        let doc = json!({"benchmark": "data", "provenance": provenance(), "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)}, "results": results});
+        let doc = json!({"benchmark": "data", "provenance": provenance(), "machine": machine(), "machine_during_run": meter.summary(),
+                         "order": "dsan first in odd runs, kernel TCP first in even ones", "runs": repeat, "cpu_classes": cpu::CLASSES, "results": results});
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

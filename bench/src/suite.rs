@@ -1474,11 +1474,7 @@ pub(crate) fn report(rep: &Report<'_>) -> Result<()> {
         }));
     }
     let breakdown_json = print_breakdowns(breakdowns, rows);
-    let machine = json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())),
-        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
-    });
+    let machine = crate::machine();
     let doc = json!({
         "benchmark": "dsan-bench suite",
         "provenance": crate::provenance(),

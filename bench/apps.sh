@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Unmodified applications over the SAN and over kernel TCP, side by side on
 # the same lab veth: redis-benchmark against redis-server, and wrk against
-# nginx, each run once with both programs preloaded with libdsan_preload.so
-# (the SAN) and once without (kernel TCP), in one run.
+# nginx, with both programs preloaded with libdsan_preload.so (the SAN) and
+# without (kernel TCP), alternating: REPEAT runs, the SAN first in odd runs
+# and kernel TCP first in even ones.
 #
-#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S] [--idle POLICY]
+#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S] [--idle POLICY] [--repeat N]
 #
 # Brings the two-host lab up (and down again at the end, also on failure),
-# prints a table, and writes DIR/apps.json (with the commit, the date, the
-# command line and the machine) and DIR/apps.md. Needs root and what
-# scripts/setup.sh installs. Network traffic stays inside the lab's
-# namespaces (198.18.0.0/24).
+# prints a table (median ratio of the runs and its range), and writes
+# DIR/apps.json (every run; the commit and dirty flag the binaries were built
+# from, the date, the command line, the machine and its steal time during
+# the run) and DIR/apps.md. Needs root and what scripts/setup.sh installs.
+# Network traffic stays inside the lab's namespaces (198.18.0.0/24).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -19,6 +21,7 @@ requests=200000
 clients=50
 duration=5
 idle=adaptive
+repeat=3
 cmdline="bench/apps.sh $*"
 while (($#)); do
   case "$1" in
@@ -27,7 +30,8 @@ while (($#)); do
     --clients) clients=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --idle) idle=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --repeat) repeat=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "apps.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -37,6 +41,9 @@ for p in redis-server redis-benchmark nginx wrk; do
   command -v "$p" >/dev/null || { echo "apps.sh: $p missing (run scripts/setup.sh)" >&2; exit 1; }
 done
 [ -e "$lib" ] || { echo "apps.sh: $lib missing (cargo build --release --workspace)" >&2; exit 1; }
+[[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "apps.sh: --repeat must be a positive number" >&2; exit 2; }
+# Where the binaries come from: their build-time commit and dirty flag.
+build=$("$bin/dsan-bench" provenance)
 mkdir -p "$out"
 work=$(mktemp -d /tmp/dsan-apps.XXXXXX)
 srv=
@@ -124,7 +131,7 @@ run_redis() { # transport preload
       -n "$requests" -c "$clients" -P 1 -q --csv | grep -i "^\"$test\"")
     # "SET","rps","avg","min","p50","p95","p99","max"
     IFS=, read -r name rps avg _min p50 _p95 p99 max <<<"$(tr -d '"' <<<"$line")"
-    results+=("{\"app\":\"redis-benchmark $name\",\"transport\":\"$t\",\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"max_ms\":$max,\"avg_ms\":$avg}")
+    results+=("{\"app\":\"redis-benchmark $name\",\"run\":$run,\"transport\":\"$t\",\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"max_ms\":$max,\"avg_ms\":$avg}")
     n=$((n + 1))
   done
   stop_bg
@@ -143,43 +150,44 @@ run_wrk() { # transport preload
   p50=$(ms "$(awk '$1=="50%" {print $2}' <<<"$o")")
   p99=$(ms "$(awk '$1=="99%" {print $2}' <<<"$o")")
   errors=$(grep -c "Socket errors" <<<"$o" || true)
-  results+=("{\"app\":\"wrk GET 512 B\",\"transport\":\"$t\",\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"socket_error_lines\":$errors}")
+  results+=("{\"app\":\"wrk GET 512 B\",\"run\":$run,\"transport\":\"$t\",\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"socket_error_lines\":$errors}")
   stop_bg
 }
 
-echo "apps: redis-benchmark ($requests requests, $clients clients) and wrk (${duration} s, $clients connections)"
-run_redis san 1
-run_redis tcp 0
-run_wrk san 1
-run_wrk tcp 0
-
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-# Dirty: tracked sources changed (benchmark output under docs/bench does not count).
-dirty=$([ -n "$(git status --porcelain --untracked-files=no -- . ':!docs/bench' 2>/dev/null)" ] && echo true || echo false)
+stat0=$(head -1 /proc/stat)
+echo "apps: redis-benchmark ($requests requests, $clients clients) and wrk (${duration} s, $clients connections), $repeat runs"
+for run in $(seq 1 "$repeat"); do
+  if [ $((run % 2)) = 1 ]; then order="san tcp"; else order="tcp san"; fi
+  for t in $order; do
+    echo "  run $run/$repeat: redis-benchmark, $t" >&2
+    run_redis "$t" "$([ "$t" = san ] && echo 1 || echo 0)"
+  done
+  for t in $order; do
+    echo "  run $run/$repeat: wrk, $t" >&2
+    run_wrk "$t" "$([ "$t" = san ] && echo 1 || echo 0)"
+  done
+done
+stat1=$(head -1 /proc/stat)
+# Steal, idle and softirq over the run, percent of all CPUs' time.
+during=$(python3 -c '
+import sys
+a = [int(x) for x in sys.argv[1].split()[1:]]
+b = [int(x) for x in sys.argv[2].split()[1:]]
+d = [y - x for x, y in zip(a, b)]
+t = max(sum(d[:8]), 1)
+print("{\"steal_pct\":%.2f,\"idle_pct\":%.2f,\"softirq_pct\":%.2f}" % (d[7] * 100 / t, (d[3] + d[4]) * 100 / t, d[6] * 100 / t))
+' "$stat0" "$stat1")
+commit=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["commit"])' "$build")
+dirty=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1])["dirty"]; print("null" if d is None else str(d).lower())' "$build")
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 ncpu=$(nproc)
 mem=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
 {
-  printf '{"date":"%s","commit":"%s","dirty":%s,"command":"%s","machine":{"cpu":"%s","cpus":%s,"memory":"%s","kernel":"%s"},"results":[' \
-    "$(date -u +%FT%TZ)" "$commit" "$dirty" "$cmdline" "$cpu" "$ncpu" "$mem" "$(uname -r)"
+  printf '{"date":"%s","commit":"%s","dirty":%s,"command":"%s","runs":%s,"order":"SAN first in odd runs, kernel TCP first in even ones","machine":{"cpu":"%s","cpus":%s,"memory":"%s","kernel":"%s"},"machine_during_run":%s,"results":[' \
+    "$(date -u +%FT%TZ)" "$commit" "$dirty" "$cmdline" "$repeat" "$cpu" "$ncpu" "$mem" "$(uname -r)" "$during"
   (IFS=,; printf '%s' "${results[*]}")
   printf ']}\n'
 } > "$out/apps.json"
 
-python3 - "$out/apps.json" "$out/apps.md" <<'EOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-rows = {}
-for r in d["results"]:
-    rows.setdefault(r["app"], {})[r["transport"]] = r
-lines = [f"commit {d['commit'][:12]}{' (dirty)' if d['dirty'] else ''}, {d['date']}, "
-         f"{d['machine']['cpus']} x {d['machine']['cpu']}, {d['machine']['memory']}, Linux {d['machine']['kernel']}", "",
-         "| workload | SAN req/s | TCP req/s | ratio | SAN p50 ms | TCP p50 ms | SAN p99 ms | TCP p99 ms | p99 ratio |",
-         "|---|---|---|---|---|---|---|---|---|"]
-for app, t in rows.items():
-    s, k = t["san"], t["tcp"]
-    lines.append(f"| {app} | {s['rps']:,.0f} | {k['rps']:,.0f} | {s['rps']/k['rps']:.2f}x | {s['p50_ms']:.3f} | {k['p50_ms']:.3f} "
-                 f"| {s['p99_ms']:.3f} | {k['p99_ms']:.3f} | {s['p99_ms']/max(k['p99_ms'],1e-9):.2f}x |")
-open(sys.argv[2], "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+# The table: the same generator as docs/benchmarks.md's.
+"$bin/dsan-bench" tables --print apps --apps "$out/apps.json" | tee "$out/apps.md"

@@ -92,6 +92,18 @@ def one(n, count, window):
     return r
 
 
+def cpu_stat():
+    return [int(x) for x in open("/proc/stat").readline().split()[1:]]
+
+
+def during(a, b):
+    """Steal, idle and softirq between two /proc/stat samples, percent of all CPUs' time."""
+    d = [y - x for x, y in zip(a, b)]
+    t = max(sum(d[:8]), 1)
+    return {"steal_pct": round(d[7] * 100 / t, 2), "idle_pct": round((d[3] + d[4]) * 100 / t, 2),
+            "softirq_pct": round(d[6] * 100 / t, 2)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", default="2,16,64,128")
@@ -103,22 +115,22 @@ def main():
         raise SystemExit(f"hosts.py: {DSANCTL} missing (cargo build --release --workspace)")
     os.makedirs(a.out, exist_ok=True)
     results = []
+    stat0 = cpu_stat()
     try:
         for n in [int(x) for x in a.hosts.split(",")]:
             print(f"hosts.py: {n} hosts ...", file=sys.stderr, flush=True)
             results.append(one(n, a.count, a.window))
     finally:
         sh(DSANCTL, "lab", "down")
-    commit = sh("git", "-C", ROOT, "rev-parse", "HEAD").stdout.strip() or "unknown"
-    # Dirty: tracked sources changed (benchmark output under docs/bench and
-    # untracked files do not count: they are what a run writes).
-    dirty = bool(sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no",
-                    "--", ".", ":!docs/bench").stdout.strip())
+    # Where the binaries come from: their build-time commit and dirty flag.
+    build = json.loads(sh(os.path.join(ROOT, "target", "release", "dsan-bench"), "provenance").stdout)
+    commit, dirty = build["commit"], build["dirty"]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 1048576
     d = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit, "dirty": dirty,
          "command": " ".join(["bench/hosts.py"] + sys.argv[1:]),
          "machine": {"cpu": cpu, "cpus": os.cpu_count(), "memory": f"{mem:.0f} GiB", "kernel": platform.release()},
+         "machine_during_run": during(stat0, cpu_stat()),
          "results": results}
     json.dump(d, open(os.path.join(a.out, "hosts.json"), "w"), indent=1)
     lines = [f"commit {commit[:12]}{' (dirty)' if dirty else ''}, {d['date']}, {d['machine']['cpus']} x {cpu}, "

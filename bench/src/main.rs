@@ -20,6 +20,7 @@ mod cpu;
 mod data;
 mod peer;
 mod suite;
+mod tables;
 
 /// dsan-bench: dsan's benchmarks.
 #[derive(Parser, Debug)]
@@ -133,6 +134,33 @@ enum Cmd {
         /// The file after it.
         new: PathBuf,
     },
+    /// The tables of docs/benchmarks.md, generated from the JSON under
+    /// docs/bench (what scripts/bench.sh writes): --write replaces the
+    /// doc's generated blocks, --check fails if one differs from the data,
+    /// --print NAME prints one block.
+    Tables {
+        /// The data files' directory.
+        #[arg(long, default_value = "docs/bench")]
+        data: PathBuf,
+        /// The document.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        doc: PathBuf,
+        /// Rewrite the document's generated blocks.
+        #[arg(long, conflicts_with_all = ["check", "print"])]
+        write: bool,
+        /// Check the document's generated blocks against the data.
+        #[arg(long, conflicts_with = "print")]
+        check: bool,
+        /// Print one block (provenance, headline, suite, cpu, data, apps, hosts).
+        #[arg(long)]
+        print: Option<String>,
+        /// An apps.json elsewhere than DATA/apps (bench/apps.sh --out).
+        #[arg(long)]
+        apps: Option<PathBuf>,
+    },
+    /// The commit and dirty flag this binary was built from, as JSON (the
+    /// provenance the benchmark scripts record).
+    Provenance,
     /// Two-host mode, server side: answers on the SAN (attached to this
     /// host's dsand) and on kernel TCP on --port, until killed; pair it
     /// with `dsan-bench run --peer` on another host.
@@ -250,6 +278,35 @@ pub(crate) fn provenance() -> serde_json::Value {
 
 fn run(args: Args) -> Result<()> {
     match args.cmd {
+        Cmd::Provenance => {
+            println!("{}", provenance());
+            Ok(())
+        }
+        Cmd::Tables {
+            data,
+            doc,
+            write,
+            check,
+            print,
+            apps,
+        } => {
+            let src = tables::Sources { dir: data, apps };
+            if let Some(name) = print {
+                print!("{}", tables::block(&name, &src)?);
+            } else if check {
+                tables::check(&doc, &src)?;
+                println!("{}: every generated block matches the data", doc.display());
+            } else if write {
+                let text = std::fs::read_to_string(&doc)
+                    .with_context(|| format!("reading {}", doc.display()))?;
+                std::fs::write(&doc, tables::rewrite(&text, &src)?)
+                    .with_context(|| format!("writing {}", doc.display()))?;
+                println!("{}: generated blocks rewritten", doc.display());
+            } else {
+                bail!("tables: say --write, --check or --print NAME");
+            }
+            Ok(())
+        }
         Cmd::FrameRtt {
             count,
             idle,

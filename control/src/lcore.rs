@@ -132,6 +132,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "connects_rejected": named(&REJECT_REASONS, &c.rejected),
         "connect_requests_expired": c.expired,
         "connect_requests_displaced": c.displaced,
+        "connect_requests_unsure_to_tcp": c.unsure_to_tcp,
         "connect_attempts_unresolved_fast": c.unresolved_fast,
         "connect_attempts": named(&ATTEMPT_RESULTS, &c.attempts),
         "frames_received": named(&KIND_NAMES, &c.rx_by_kind),

@@ -942,3 +942,62 @@ fn shut_rd_leaves_the_bytes_already_received_readable() {
     assert_eq!(got[0], "after SHUT_RD: b'abc' b''", "kernel TCP");
     assert_eq!(got[1], got[0], "over the SAN as on kernel TCP");
 }
+
+#[test]
+fn a_service_that_just_started_listening_is_never_refused() {
+    // Issue #24: h1's daemon learned kernel TCP listeners from a scan every
+    // 100-150 ms and answered "no listener" (final: ECONNREFUSED, no
+    // fallback) in between, so a preloaded client that connected right
+    // after a plain TCP server's listen() was refused. Now "no listener" is
+    // said only after a scan that began after the request arrived; else
+    // "TCP only", and the switch connects over TCP.
+    let _lab = Lab::up(&[]);
+    use std::io::Write;
+    let s = root()
+        .join("control/tests/py/listen_race.py")
+        .display()
+        .to_string();
+    let rounds = 1000u32;
+    let mut srv = Reaped(
+        plain(
+            "h1",
+            "python3",
+            &[&s, "server", "24000", &rounds.to_string()],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let mut cli = Reaped(
+        preloaded("h0", "python3", &[&s, "client"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (srv_out, cli_out) = (lines(&mut srv.0), lines(&mut cli.0));
+    let before = counts();
+    let mut srv_in = srv.0.stdin.take().unwrap();
+    let mut cli_in = cli.0.stdin.take().unwrap();
+    for i in 0..rounds {
+        let l = srv_out
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("round {i}: the server did not listen"));
+        let port = l.strip_prefix("listening ").expect("listening PORT");
+        writeln!(cli_in, "{port}").unwrap();
+        let r = cli_out
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("round {i}: the client did not answer"));
+        assert_eq!(r, format!("ok {port}"), "round {i}");
+        writeln!(srv_in, "next").unwrap();
+    }
+    // Every round asked the SAN first and went to TCP on h1's answer.
+    let after = counts();
+    assert!(
+        after.tcp_only - before.tcp_only >= u64::from(rounds),
+        "tcp_only fallbacks: {} -> {}",
+        before.tcp_only,
+        after.tcp_only
+    );
+}

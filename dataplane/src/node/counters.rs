@@ -120,6 +120,9 @@ pub struct Counters {
     pub expired: u64,
     /// Pending requests displaced by a newer one from the same source.
     pub displaced: u64,
+    /// Requests for a port with no listener known that no fresh scan of
+    /// the kernel's TCP listeners answered in time (answered "TCP only").
+    pub unsure_to_tcp: u64,
     /// Decisions for requests no longer pending (ignored).
     pub stale_decisions: u64,
     /// Connects failed at once: the destination did not answer resolution a
@@ -235,6 +238,7 @@ impl Node {
         c.rejected = ps.rejected;
         c.expired = ps.expired;
         c.displaced = ps.displaced;
+        c.unsure_to_tcp = ps.unsure_to_tcp;
         c.stale_decisions = ps.stale_decisions;
         c.unresolved_fast = ps.unresolved_fast;
         c.attempts = ps.attempts;

@@ -53,7 +53,10 @@ pub struct ProtoConfig {
     pub keepalive_timeout: Duration,
     /// The kernel TCP ports listening on this host (kept current by the
     /// daemon): a request for a port without a SAN listener but with one of
-    /// these is answered `Reject(TcpOnly)`. `None`: never.
+    /// these is answered `Reject(TcpOnly)`; for a port without either the
+    /// answer waits for a scan that began after the request arrived (a
+    /// listener may have just started), and is `NoListener` only if that
+    /// scan shows none either. `None`: never (`NoListener` at once).
     pub tcp_listening: Option<std::sync::Arc<PortSet>>,
     /// Streams: hold the acknowledgement of a lone segment this long so a
     /// reply can carry it (default 200 us; 0 acknowledges every burst at once).
@@ -67,8 +70,14 @@ pub struct PortSet {
     /// Per port: 0 (no owner known), uid + 1, or [`MIXED`] (listeners of
     /// several uids).
     owners: Box<[std::sync::atomic::AtomicU32]>,
-    /// Bumped after each replacement.
+    /// Bumped after each replacement: the number of the scan it came from.
     version: std::sync::atomic::AtomicU64,
+    /// Scans begun (bumped before the scanner reads the kernel's table).
+    started: std::sync::atomic::AtomicU64,
+    /// A reader asked for a scan now (see [`PortSet::ask`]).
+    asked: std::sync::atomic::AtomicBool,
+    /// The scanning thread, woken when asked.
+    scanner: std::sync::OnceLock<std::thread::Thread>,
 }
 
 /// [`PortSet`] owner word: listeners of several uids share the port.
@@ -101,6 +110,9 @@ impl Default for PortSet {
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
             version: std::sync::atomic::AtomicU64::new(0),
+            started: std::sync::atomic::AtomicU64::new(0),
+            asked: std::sync::atomic::AtomicBool::new(false),
+            scanner: std::sync::OnceLock::new(),
         }
     }
 }
@@ -150,8 +162,49 @@ impl PortSet {
                 }
             }
         }
-        self.version
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        // The version is the number of the scan just completed (scans
+        // begun, a failed one included); a replacement without a scan
+        // (`replace`) counts as one begun and completed now.
+        use std::sync::atomic::Ordering::AcqRel;
+        let v = (self.version.load(std::sync::atomic::Ordering::Acquire) + 1)
+            .max(self.started.load(std::sync::atomic::Ordering::Acquire));
+        self.version.store(v, std::sync::atomic::Ordering::Release);
+        self.started.fetch_max(v, AcqRel);
+    }
+
+    /// The scanner is about to read the kernel's table (a scan that begins
+    /// now sees every listener that exists now).
+    pub fn scan_started(&self) {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Registers the thread that scans (woken by [`PortSet::ask`]).
+    pub fn set_scanner(&self, t: std::thread::Thread) {
+        let _ = self.scanner.set(t);
+    }
+
+    /// Asks for a scan now; returns a ticket for [`PortSet::fresh_since`].
+    /// Never blocks (at most one wake-up of the scanner per scan).
+    pub fn ask(&self) -> u64 {
+        let ticket = self.started.load(std::sync::atomic::Ordering::Acquire);
+        if !self.asked.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            if let Some(t) = self.scanner.get() {
+                t.unpark();
+            }
+        }
+        ticket
+    }
+
+    /// For the scanner: whether a scan was asked for (and clears it).
+    pub fn take_asked(&self) -> bool {
+        self.asked.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Whether a scan that began after [`PortSet::ask`] gave `ticket` has
+    /// completed (the set now shows every listener that existed then).
+    pub fn fresh_since(&self, ticket: u64) -> bool {
+        self.version.load(std::sync::atomic::Ordering::Acquire) > ticket
     }
 
     /// Who owns `port`'s kernel TCP listeners.

@@ -60,7 +60,7 @@ use super::config::{ProtoConfig, Subnet};
 use super::connection::{ConnTable, Connection, Retry, Role};
 use super::resolve::Resolver;
 use super::rng::Rng;
-use super::server::{Listener, Pending, SourceShare};
+use super::server::{Listener, Pending, SourceShare, Unsure};
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
@@ -88,6 +88,11 @@ pub struct Endpoint<R: Rng> {
     /// The same requests in arrival order, with their arrival time (expiry);
     /// entries whose request has been answered are skipped lazily.
     pub(super) pending_order: VecDeque<(RequestKey, Instant)>,
+    /// Requests for a port nobody is known to listen on, waiting for a scan
+    /// of the kernel's TCP listeners (in arrival order).
+    pub(super) unsure: VecDeque<Unsure>,
+    /// When to look at `unsure` again (every `UNSURE_POLL` while any wait).
+    pub(super) unsure_check: Instant,
     /// Requests pending per source address, with their arrival order
     /// (entries at zero are removed).
     pub(super) pending_by_source: HashMap<Ipv4, SourceShare>,
@@ -129,6 +134,8 @@ impl<R: Rng> Endpoint<R> {
             pending: HashMap::new(),
             pending_order: VecDeque::new(),
             pending_by_source: HashMap::new(),
+            unsure: VecDeque::new(),
+            unsure_check: Instant(0),
             conns: ConnTable::default(),
             closing: BTreeMap::new(),
             confirming: BTreeMap::new(),
@@ -220,6 +227,7 @@ impl<R: Rng> Endpoint<R> {
             && self.pending.is_empty()
             && self.pending_order.is_empty()
             && self.pending_by_source.is_empty()
+            && self.unsure.is_empty()
             && self.conns.is_empty()
             && self.conns.slots_taken() == 0
             && self.attempts.is_empty()
@@ -251,9 +259,13 @@ impl<R: Rng> Endpoint<R> {
             .pending_order
             .front()
             .map(|(_, arrived)| *arrived + self.cfg.connect_budget);
+        // Requests waiting for a scan are looked at again shortly (their
+        // answer is due as soon as the scan completes).
+        let u = self.unsure.front().map(|_| self.unsure_check);
         a.chain(c)
             .chain(t)
             .chain(p)
+            .chain(u)
             .chain(self.resolver.next_deadline())
             .min()
     }
@@ -404,6 +416,7 @@ impl<R: Rng> Endpoint<R> {
         self.close_timers(now);
         self.confirm_timers(now);
         self.expire_requests(now);
+        self.settle_unsure(now);
         self.expire_tombstones(now);
     }
 }

@@ -66,6 +66,28 @@ pub(super) struct Listener {
     pub(super) live: usize,
 }
 
+/// Requests for a port with no listener at all, waiting for a fresh scan of
+/// the kernel's TCP listeners before their answer (at most this many; more
+/// are answered `TcpOnly` at once).
+pub(super) const MAX_UNSURE: usize = 4096;
+/// How long a request waits for that scan before it is answered `TcpOnly`
+/// (the scanner is stuck or gone: TCP decides).
+pub(super) const UNSURE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often those requests are looked at while they wait (a scan takes
+/// about 0.1 ms).
+pub(super) const UNSURE_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// A request waiting for a fresh scan of the kernel's TCP listeners.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unsure {
+    pub(super) header: SanHeader,
+    pub(super) key: RequestKey,
+    pub(super) client_token: u64,
+    /// From [`super::config::PortSet::ask`].
+    pub(super) ticket: u64,
+    pub(super) arrived: Instant,
+}
+
 /// One source address's pending requests: how many, and their connection
 /// ids in arrival order (answered ones are skipped lazily).
 #[derive(Debug, Default)]
@@ -243,15 +265,35 @@ impl<R: Rng> Endpoint<R> {
             .or_else(|| self.listener_by_addr.get(&(Ipv4::UNSPECIFIED, h.dst_port)))
             .copied();
         let Some(lid) = lid else {
-            let tcp = self
-                .cfg
-                .tcp_listening
-                .as_ref()
-                .is_some_and(|p| p.contains(h.dst_port));
-            let why = if tcp {
-                RejectReason::TcpOnly
-            } else {
-                RejectReason::NoListener
+            let why = match self.cfg.tcp_listening.clone() {
+                Some(p) if p.contains(h.dst_port) => RejectReason::TcpOnly,
+                // Nothing known to listen: "no listener" is final for the
+                // client (no fallback to TCP), so it is said only when TCP
+                // would surely fail too: after a scan of the kernel's
+                // listeners that began after this request arrived (a
+                // service may have started a moment ago).
+                Some(p) => {
+                    if self.unsure.iter().any(|u| u.key == key) {
+                        self.stats.duplicate_requests += 1;
+                        return;
+                    }
+                    if self.unsure.len() < MAX_UNSURE {
+                        if self.unsure.is_empty() {
+                            self.unsure_check = now + UNSURE_POLL;
+                        }
+                        self.unsure.push_back(Unsure {
+                            header: *h,
+                            key,
+                            client_token,
+                            ticket: p.ask(),
+                            arrived: now,
+                        });
+                        return;
+                    }
+                    // Too many to check: the answer that lets TCP decide.
+                    RejectReason::TcpOnly
+                }
+                None => RejectReason::NoListener,
             };
             return self.reject(now, h, conn_id, client_token, why);
         };
@@ -448,6 +490,30 @@ impl<R: Rng> Endpoint<R> {
         if let Some(p) = self.unpend(key) {
             let h = p.inc.header(self.mac);
             self.reject(now, &h, p.inc.conn_id, p.inc.client_token, reason);
+        }
+    }
+
+    /// Answers the requests that waited for a scan of the kernel's TCP
+    /// listeners: `TcpOnly` if the port has one now (or no scan came in
+    /// time), `NoListener` if a scan that began after the request shows none.
+    pub(super) fn settle_unsure(&mut self, now: Instant) {
+        let Some(set) = self.cfg.tcp_listening.clone() else {
+            return;
+        };
+        self.unsure_check = now + UNSURE_POLL;
+        while let Some(u) = self.unsure.front().copied() {
+            let fresh = set.fresh_since(u.ticket);
+            if !fresh && u.arrived + UNSURE_WAIT > now {
+                break;
+            }
+            self.unsure.pop_front();
+            let why = if fresh && !set.contains(u.header.dst_port) {
+                RejectReason::NoListener
+            } else {
+                self.stats.unsure_to_tcp += u64::from(!fresh);
+                RejectReason::TcpOnly
+            };
+            self.reject(now, &u.header, u.key.conn_id, u.client_token, why);
         }
     }
 

@@ -898,3 +898,52 @@ fn a_listener_taken_over_gets_nothing_more() {
         Err(ListenError::AddrInUse)
     );
 }
+
+#[test]
+fn no_listener_is_said_only_after_a_scan_that_began_after_the_request() {
+    use super::config::PortSet;
+    use std::sync::Arc;
+    let set = Arc::new(PortSet::default());
+    let mut c = cfg();
+    c.tcp_listening = Some(set.clone());
+    let mut p = Pair::new(c);
+    // A scan is under way when the request arrives.
+    set.scan_started();
+    // Nothing listens on 70 (as far as the last scan knew): no answer yet.
+    p.a.connect(p.now, None, (IB, 70)).unwrap();
+    p.deliver();
+    assert!(failures(&p.ev_a).is_empty(), "answered before a fresh scan");
+    // The scan that began before the request ends after it: it may have
+    // read the table before a listener came, so it does not count.
+    set.replace([]);
+    p.advance(Duration::from_micros(100), |_, _| false);
+    assert!(failures(&p.ev_a).is_empty());
+    // ... the next one does: it shows nobody, so "no listener".
+    set.replace([]);
+    p.advance(Duration::from_micros(100), |_, _| false);
+    assert_eq!(failures(&p.ev_a), vec![ConnectFailure::Reset]);
+    // A service that started meanwhile: the fresh scan shows it, so
+    // "TCP only" (the switch connects over TCP).
+    p.a.connect(p.now, None, (IB, 71)).unwrap();
+    p.deliver();
+    set.replace([71]);
+    p.advance(Duration::from_micros(100), |_, _| false);
+    assert_eq!(
+        failures(&p.ev_a)[1],
+        ConnectFailure::Refused(RejectReason::TcpOnly)
+    );
+    // No scan in time (the scanner is stuck): "TCP only", counted.
+    p.a.connect(p.now, None, (IB, 72)).unwrap();
+    p.deliver();
+    p.advance(Duration::from_millis(25), |_, _| false);
+    assert_eq!(
+        failures(&p.ev_a)[2],
+        ConnectFailure::Refused(RejectReason::TcpOnly)
+    );
+    assert_eq!(p.b.stats().unsure_to_tcp, 1);
+    // Without a listener set (the simulator's default): at once, as before.
+    let mut q = Pair::new(cfg());
+    q.a.connect(q.now, None, (IB, 70)).unwrap();
+    q.deliver();
+    assert_eq!(failures(&q.ev_a), vec![ConnectFailure::Reset]);
+}

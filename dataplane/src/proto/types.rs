@@ -191,6 +191,9 @@ pub struct ProtoStats {
     /// room for a newer request from the same source address, whose share
     /// (`max_half_open_per_source`) was full.
     pub displaced: u64,
+    /// Requests for a port with no listener known that no scan of the
+    /// kernel's TCP listeners answered in time: answered `TcpOnly`.
+    pub unsure_to_tcp: u64,
     /// Accepted connections whose client never confirmed (presumed gone).
     pub unconfirmed: u64,
     /// Connect attempts failed at once because their destination had not

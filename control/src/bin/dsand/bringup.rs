@@ -79,13 +79,16 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
     // The kernel TCP ports listening on this host, so that a SAN request for
     // a TCP-only service is answered "TCP listening" (the switch then
     // connects over TCP at once). Checked every 150 ms, off the
-    // lcore; the lcore reads the set without a lock.
+    // lcore, and at once when the lcore asks (a request found no listener
+    // at all: it is answered only after a scan begun since); the lcore reads
+    // the set without a lock and wakes this thread without blocking.
     let tcp_ports = Arc::new(dataplane::proto::PortSet::default());
     {
         let ports = tcp_ports.clone();
         std::thread::Builder::new()
             .name("tcp-listeners".into())
             .spawn(move || {
+                ports.set_scanner(std::thread::current());
                 let mut warned = false;
                 let mut scan = None;
                 // A walk of the kernel's listening table costs about 0.1 ms
@@ -97,17 +100,19 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                 let count = control::os::TcpSocketCount::new().ok();
                 loop {
                     let inuse = count.as_ref().and_then(|c| c.get());
-                    let due = first
+                    let due = ports.take_asked()
+                        || first
                         || inuse.is_none()
                         || inuse != seen
                         || scanned.elapsed() >= Duration::from_secs(1);
                     if !due {
-                        std::thread::sleep(LISTENER_REFRESH);
+                        std::thread::park_timeout(LISTENER_REFRESH);
                         continue;
                     }
                     first = false;
                     seen = inuse;
                     scanned = std::time::Instant::now();
+                    ports.scan_started();
                     let r = match &mut scan {
                         Some(s) => control::os::TcpListenerScan::listeners(s),
                         None => control::os::TcpListenerScan::new().and_then(|mut s| {
@@ -130,7 +135,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
                         }
                         Err(_) => {}
                     }
-                    std::thread::sleep(LISTENER_REFRESH);
+                    std::thread::park_timeout(LISTENER_REFRESH);
                 }
             })?;
     }

@@ -1001,3 +1001,102 @@ fn a_service_that_just_started_listening_is_never_refused() {
         after.tcp_only
     );
 }
+
+/// Behaviours of `control/tests/py/differential.py` in which a preloaded
+/// program still observes something else over the SAN than on kernel TCP
+/// (each listed with its status in docs/preload.md). The test fails when
+/// one of them starts to match (take it off the list) or another differs.
+const KNOWN_DIFFERENCES: &[&str] = &[
+    "bind-then-connect",
+    "epoll-edge",
+    "fork-child-sends",
+    "oob",
+    "scm-rights",
+];
+
+/// One run of the differential script, plain or preloaded, on ports from
+/// `base`: every observation of both sides, sorted.
+fn differential(preload: bool, base: u16) -> Vec<String> {
+    let s = root()
+        .join("control/tests/py/differential.py")
+        .display()
+        .to_string();
+    let b = base.to_string();
+    let mk = |host: &str, args: &[&str]| {
+        if preload {
+            preloaded(host, "python3", args)
+        } else {
+            plain(host, "python3", args)
+        }
+    };
+    let (_srv, out) = started(mk("h1", &[&s, "server", &b]), "listening");
+    let o = run(mk("h0", &[&s, "client", &b]), 300);
+    let client = text(&o);
+    assert!(client.contains("client done"), "{client}");
+    let mut lines: Vec<String> = client
+        .lines()
+        .filter(|l| !l.contains("client done"))
+        .map(str::to_string)
+        .collect();
+    loop {
+        let l = out
+            .recv_timeout(Duration::from_secs(150))
+            .expect("the server side finishes");
+        if l == "server done" {
+            break;
+        }
+        lines.push(l);
+    }
+    lines.sort();
+    lines
+}
+
+#[test]
+fn unmodified_programs_observe_over_the_san_what_they_observe_on_kernel_tcp() {
+    // Issue #24: the differential suite. Each behaviour runs on plain
+    // kernel TCP and preloaded over the SAN, and the observations (return
+    // values, errno, bytes, readiness, names) must be the same.
+    let _lab = Lab::up(&[]);
+    let names = {
+        let o = Command::new("python3")
+            .arg(root().join("control/tests/py/differential.py"))
+            .arg("list")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(names.len() >= 60, "{} behaviours", names.len());
+    let tcp = differential(false, 26000);
+    let before = counts();
+    let san = differential(true, 26200);
+    let used = counts().accepted - before.accepted;
+    let of = |all: &[String], n: &str| -> Vec<String> {
+        all.iter()
+            .filter(|l| l.split(' ').next() == Some(n))
+            .cloned()
+            .collect()
+    };
+    let mut unexpected = Vec::new();
+    for n in &names {
+        let (a, b) = (of(&tcp, n), of(&san, n));
+        let same = a == b;
+        let known = KNOWN_DIFFERENCES.contains(&n.as_str());
+        if same == known {
+            unexpected.push(format!(
+                "{n}: {}\n  tcp: {a:?}\n  san: {b:?}",
+                if same {
+                    "now matches kernel TCP: take it off KNOWN_DIFFERENCES"
+                } else {
+                    "differs from kernel TCP"
+                }
+            ));
+        }
+    }
+    assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
+    // The preloaded run went over the SAN (one or more connections for
+    // nearly every behaviour).
+    assert!(used >= 45, "SAN connections accepted on h1: {used}");
+}

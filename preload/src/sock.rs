@@ -464,7 +464,30 @@ pub(crate) unsafe fn getsockopt(
         })
     })?;
     // SAFETY: the caller's parameters, passed on.
-    kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })
+    let r = kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })?;
+    // TCP_INFO of a SAN connection: the kernel socket behind it never
+    // connected, so its state says CLOSE; the connection's own state goes in
+    // (its first byte, `tcpi_state`), as Linux reports it.
+    if level == libc::IPPROTO_TCP && name == libc::TCP_INFO && !val.is_null() && !len.is_null() {
+        if let Some(ss) = dsan_switch::san_connection(p.sw) {
+            let rd = ss.readiness(false, false);
+            // linux/tcp_states.h
+            let state: u8 = if rd.dead {
+                7 // TCP_CLOSE
+            } else if rd.peer_closed {
+                8 // TCP_CLOSE_WAIT
+            } else {
+                1 // TCP_ESTABLISHED
+            };
+            // SAFETY: the kernel filled *len (> 0 checked) bytes of `val`.
+            unsafe {
+                if *len > 0 {
+                    *val.cast::<u8>() = state;
+                }
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// `setsockopt` on a switch socket: the kernel socket takes it (it serves

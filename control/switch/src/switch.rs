@@ -1401,6 +1401,36 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
 /// # Errors
 /// EINVAL, ENOTCONN, ENOTSOCK.
 pub fn shutdown(fd: RawFd, how: i32) -> Result<(), i32> {
+    if !matches!(how, libc::SHUT_RD | libc::SHUT_WR | libc::SHUT_RDWR) {
+        return Err(libc::EINVAL);
+    }
+    // A listener, as Linux treats one: SHUT_WR does nothing; SHUT_RD and
+    // SHUT_RDWR stop listening (the SAN listener closes with the
+    // connections it had accepted for the program, the kernel listener is
+    // shut down, and a blocked accept wakes and fails with EINVAL).
+    if let Ok(s) = sock(fd) {
+        let mut l = s.listen.lock().unwrap_or_else(|e| e.into_inner());
+        if l.is_some() {
+            if how == libc::SHUT_WR {
+                return Ok(());
+            }
+            if let Some(old) = l.take() {
+                if let Some((_, efd)) = &old.san {
+                    epoll_del(accept_ep(), efd.as_raw_fd());
+                }
+                drop(old);
+            }
+            drop(l);
+            if let Ok(t) = s.tcp_fd() {
+                // SAFETY: a valid socket.
+                unsafe { libc::shutdown(t, how) };
+            }
+            if let Some(r) = s.ready_fd() {
+                signal(r);
+            }
+            return Ok(());
+        }
+    }
     match target(fd)?.0 {
         // SAFETY: a valid socket.
         Target::Tcp(t) => cvt(unsafe { libc::shutdown(t, how) }).map(|_| ()),

@@ -6,6 +6,7 @@
 //! socket and shared memory, so it needs no network namespace); for kernel
 //! TCP each thread enters its host's namespace with setns, so both transports
 //! cross the same veth. Times come from one monotonic clock.
+#![allow(unsafe_code)] // system calls and shared memory: each block has a SAFETY comment
 
 use anyhow::{anyhow, Context, Result};
 use dsan_channel::sys::EventFd;

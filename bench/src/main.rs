@@ -4,6 +4,7 @@
 //! hosts through both dataplanes (echo request and reply over the SAN
 //! EtherType), for each idle policy and port kind asked for. It brings the lab
 //! up and down itself.
+#![deny(unsafe_code)] // only the modules that need it allow it
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

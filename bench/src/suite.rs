@@ -20,6 +20,7 @@
 //!   histogram is the time of each 64 KiB send, the rate Mbit/s, like
 //!   iperf3) and `crr` (connect, 64 bytes each way, close; like netperf
 //!   TCP_CRR).
+#![allow(unsafe_code)] // system calls and shared memory: each block has a SAFETY comment
 
 use anyhow::{anyhow, bail, Context, Result};
 use dsan_channel::sys::EventFd;

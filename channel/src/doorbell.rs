@@ -196,6 +196,7 @@ impl Bell {
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)] // descriptors duplicated and flags changed by hand
 mod tests {
     use super::*;
     use std::os::fd::AsFd;

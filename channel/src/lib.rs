@@ -19,6 +19,7 @@
 //! The daemon (`control`, `dataplane`) and the application libraries
 //! (`provider-shim`, the switch) both depend on this crate and on nothing of
 //! each other.
+#![deny(unsafe_code)] // only the modules that need it allow it
 
 pub mod doorbell;
 pub mod msg;

@@ -19,6 +19,7 @@
 //! own copies of the ring indices it owns, of each ring's capacity and of
 //! every socket's state; the words the process writes (ring heads and tails,
 //! `waiters`) are checked where they are read.
+#![allow(unsafe_code)] // system calls and shared memory: each block has a SAFETY comment
 
 use crate::ring::{self, Consumer, FormatError, Producer};
 use crate::stream::{StreamArea, StreamShm, MAX_RING};

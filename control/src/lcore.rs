@@ -145,7 +145,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
                     "resets": named(&RESET_REASONS, &c.resets),
                     "state_bytes_per_connection": dataplane::node::STREAM_STATE_BYTES},
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),
-        "app_protocol_violations": c.app_violations,
+        "app_protocol_violations": c.app_protocol_violations,
         "san_listens_denied": named(&LISTEN_DENIALS, &c.listen_denials),
         "app_quota_refusals": named(&dataplane::node::QUOTAS, &c.quota_refusals),
         "resolve_conflicts": c.resolve_conflicts,

@@ -48,7 +48,7 @@ pub struct Metrics {
     expired: IntCounter,
     displaced: IntCounter,
     app_rejects: IntCounterVec,
-    app_violations: IntCounter,
+    app_protocol_violations: IntCounter,
     listen_denials: IntCounterVec,
     quota_refusals: IntCounterVec,
     resolve_conflicts: IntCounter,
@@ -220,7 +220,7 @@ impl Metrics {
             expired: c("dsan_san_requests_expired_total", "SAN connect requests dropped unanswered after the connect budget (their clients had given up)."),
             displaced: c("dsan_san_requests_displaced_total", "SAN connect requests forgotten unanswered to make room for a newer request from the same source address, whose share of pending requests was full (their clients retransmit)."),
             app_rejects: cv("dsan_app_messages_rejected_total", "Messages from attached processes that failed to parse, by reason.", &["reason"]),
-            app_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
+            app_protocol_violations: c("dsan_app_protocol_violations_total", "Processes detached for breaking the shared-memory protocol."),
             resolve_conflicts: c("dsan_resolve_conflicts_total", "Resolution replies that named another MAC for a learned SAN address (the entry is dropped and the address resolved again)."),
             quota_refusals: cv("dsan_app_quota_refusals_total", "Listens (EMFILE), connects (EAGAIN) and event descriptor registrations (EMFILE) refused because their user's share of the host's SAN listeners (1,024), connect attempts (16,384) or the daemon's descriptors (a quarter) was used up; root has no share.", &["what"]),
             listen_denials: cv("dsan_san_listens_denied_total", "SAN listens refused (the port's kernel TCP listener belongs to another user; a port below 1024 without the right to bind it) and SAN listeners revoked (a kernel TCP listener of another user took the port), by reason.", &["reason"]),
@@ -293,7 +293,7 @@ impl Metrics {
         for (i, r) in APP_REJECT_REASONS.iter().enumerate() {
             set(&self.app_rejects.with_label_values(&[r]), n.app_rejects[i]);
         }
-        set(&self.app_violations, n.app_violations);
+        set(&self.app_protocol_violations, n.app_protocol_violations);
         set(&self.resolve_conflicts, n.resolve_conflicts);
         for (i, r) in dataplane::node::QUOTAS.iter().enumerate() {
             set(

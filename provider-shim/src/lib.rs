@@ -12,6 +12,7 @@
 //!   or a negative errno.
 //!
 //! Semantics follow Windows Sockets Direct; `docs/c-api.md` documents each call.
+#![deny(unsafe_code)] // only the modules that need it allow it
 
 mod capi;
 mod provider;

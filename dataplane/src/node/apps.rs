@@ -274,7 +274,7 @@ impl Node {
         };
         if !p.condemned {
             p.condemned = true;
-            self.local.app_violations += 1;
+            self.local.app_protocol_violations += 1;
             self.condemned.push(id);
         }
     }

@@ -3,56 +3,22 @@
 //! DPDK telemetry, `dsanctl status` / `stats`) renders from.
 
 use super::Node;
-use crate::wire::Message;
+use crate::wire::{Kind, Message, RejectReason};
 use std::sync::Mutex;
 
-/// Number of message kinds counted.
-pub const KINDS: usize = 13;
-/// Names of the kinds, by index.
-pub const KIND_NAMES: [&str; KINDS] = [
-    "connect_request",
-    "accept",
-    "reject",
-    "close",
-    "close_ack",
-    "resolve_request",
-    "resolve_reply",
-    "echo_request",
-    "echo_reply",
-    "accept_ack",
-    "data",
-    "ack",
-    "reset",
-];
+/// Number of message kinds counted (every kind the wire format declares).
+pub const KINDS: usize = Kind::COUNT;
+/// Names of the kinds, by counter index (the declaration order of [`Kind`]).
+pub const KIND_NAMES: [&str; KINDS] = Kind::NAMES;
 
 /// The counter index of a message.
 pub fn kind_index(m: &Message) -> usize {
-    match m {
-        Message::ConnectRequest { .. } => 0,
-        Message::Accept { .. } => 1,
-        Message::Reject { .. } => 2,
-        Message::Close { .. } => 3,
-        Message::CloseAck { .. } => 4,
-        Message::ResolveRequest => 5,
-        Message::ResolveReply { .. } => 6,
-        Message::EchoRequest { .. } => 7,
-        Message::EchoReply { .. } => 8,
-        Message::AcceptAck { .. } => 9,
-        Message::Data(_) => 10,
-        Message::Ack(_) => 11,
-        Message::Reset { .. } => 12,
-    }
+    m.kind().index().expect("a message's kind is declared")
 }
 
-/// Labels of [`Counters::rejected`], in order.
-pub const REJECT_REASONS: [&str; 6] = [
-    "backlog_full",
-    "no_listener",
-    "refused",
-    "no_resources",
-    "listener_closed",
-    "tcp_only",
-];
+/// Labels of [`Counters::rejected`], in order (the declaration order of
+/// [`RejectReason`]).
+pub const REJECT_REASONS: [&str; RejectReason::COUNT] = RejectReason::NAMES;
 /// Labels of [`Counters::resets`], in order: why SAN connections were reset
 /// (by this host, or by the peer: `peer`).
 pub const RESET_REASONS: [&str; 6] = [
@@ -93,7 +59,7 @@ pub struct Counters {
     pub app_rejects: [u64; 4],
     /// Processes detached for breaking the channel's protocol (an impossible
     /// ring index).
-    pub app_violations: u64,
+    pub app_protocol_violations: u64,
     /// SAN listens refused because the port's kernel TCP listener belongs to
     /// another user, or the port is below 1024 and the process may not bind
     /// it ([`LISTEN_DENIALS`]: index 0 and 1), and SAN listeners revoked
@@ -115,7 +81,7 @@ pub struct Counters {
     /// Requests accepted.
     pub accepted: u64,
     /// Requests refused, by [`REJECT_REASONS`].
-    pub rejected: [u64; 6],
+    pub rejected: [u64; RejectReason::COUNT],
     /// Requests that waited longer than the connect budget and were dropped.
     pub expired: u64,
     /// Pending requests displaced by a newer one from the same source.
@@ -192,7 +158,7 @@ pub(super) struct Local {
     pub(super) not_ours: u64,
     pub(super) unexpected: u64,
     pub(super) app_rejects: [u64; 4],
-    pub(super) app_violations: u64,
+    pub(super) app_protocol_violations: u64,
     pub(super) listen_denials: [u64; 3],
     pub(super) quota_refusals: [u64; 3],
     pub(super) event_signal_failed: u64,
@@ -219,7 +185,7 @@ impl Node {
         c.drop_unexpected = l.unexpected + ps.late_replies;
         c.drop_bad_token = ps.bad_token;
         c.app_rejects = l.app_rejects;
-        c.app_violations = l.app_violations;
+        c.app_protocol_violations = l.app_protocol_violations;
         c.listen_denials = l.listen_denials;
         c.quota_refusals = l.quota_refusals;
         c.resolve_conflicts = self.ep.resolver().conflicts();

@@ -696,10 +696,12 @@ mod tests {
         ta.join().unwrap();
         tb.join().unwrap();
         let (a, b) = (ha.stats.snapshot(), hb.stats.snapshot());
-        assert_eq!(b.rx_by_kind[7], 50);
-        assert_eq!(b.tx_by_kind[8], 50);
-        assert_eq!(a.rx_by_kind[8], 50);
-        assert_eq!(b.tx_by_kind[6], 1, "one resolve reply");
+        let at = |k: crate::wire::Kind| k.index().expect("declared");
+        use crate::wire::Kind::{EchoReply, EchoRequest, ResolveReply};
+        assert_eq!(b.rx_by_kind[at(EchoRequest)], 50);
+        assert_eq!(b.tx_by_kind[at(EchoReply)], 50);
+        assert_eq!(a.rx_by_kind[at(EchoReply)], 50);
+        assert_eq!(b.tx_by_kind[at(ResolveReply)], 1, "one resolve reply");
     }
 
     #[test]

@@ -151,6 +151,16 @@ impl StreamCtx {
     }
 }
 
+/// Counter indices of the stream's frame kinds.
+const DATA_INDEX: usize = match wire::Kind::Data.index() {
+    Some(i) => i,
+    None => 0,
+};
+const ACK_INDEX: usize = match wire::Kind::Ack.index() {
+    Some(i) => i,
+    None => 0,
+};
+
 /// Index of a reason in [`super::RESET_REASONS`].
 fn reset_index(r: ResetReason) -> usize {
     match r {
@@ -688,7 +698,7 @@ impl Node {
                     break;
                 }
                 ctx.s.sent(now, o);
-                self.local.tx[10] += 1;
+                self.local.tx[DATA_INDEX] += 1;
                 self.local.bytes_tx += u64::from(o.len);
                 if let Outgoing { again: true, .. } = o {
                     self.local.retransmitted += 1;
@@ -716,7 +726,7 @@ impl Node {
                 }) {
                     ctx.s.take_ack();
                     ctx.set(PROBE, false);
-                    self.local.tx[11] += 1;
+                    self.local.tx[ACK_INDEX] += 1;
                     budget -= 1;
                     busy = true;
                 }

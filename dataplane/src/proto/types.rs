@@ -159,7 +159,7 @@ pub struct ProtoStats {
     /// Requests accepted by the application.
     pub accepted: u64,
     /// Requests refused, by reason: backlog full, no listener, refused, no resources, listener closed.
-    pub rejected: [u64; 6],
+    pub rejected: [u64; RejectReason::COUNT],
     /// Attempts finished: connected, refused, reset, timed out.
     pub attempts: [u64; 4],
     /// Duplicate requests for a queued entry (ignored).
@@ -215,14 +215,10 @@ pub const CONNECT_BUCKETS_S: [f64; 18] = [
 impl ProtoStats {
     /// Index of a reject reason in [`ProtoStats::rejected`].
     pub fn reason_index(r: RejectReason) -> usize {
-        match r {
-            RejectReason::BacklogFull => 0,
-            RejectReason::NoListener => 1,
-            RejectReason::Refused => 2,
-            RejectReason::NoResources => 3,
-            RejectReason::ListenerClosed | RejectReason::Unknown(_) => 4,
-            RejectReason::TcpOnly => 5,
-        }
+        // (An unknown reason counts as the listener's going away.)
+        r.index()
+            .or(RejectReason::ListenerClosed.index())
+            .expect("declared")
     }
 }
 

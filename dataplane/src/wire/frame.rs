@@ -81,54 +81,105 @@ macro_rules! enum_with_unknown {
     };
 }
 
-enum_with_unknown! {
+/// [`enum_with_unknown`] for a code that is counted and labelled: each
+/// variant also names its label (metric label, `dsanctl stats` key), and
+/// the type gets `COUNT`, `ALL`, `CODES`, `NAMES` and `index()` (the
+/// position in the declaration: the counters' order), so that every table
+/// about the codes is derived from this one declaration.
+macro_rules! labelled_codes {
+    ($(#[$m:meta])* pub enum $name:ident(u8) { $( $(#[$vm:meta])* $var:ident = $val:expr => $label:literal ),* $(,)? }) => {
+        enum_with_unknown! { $(#[$m])* pub enum $name(u8) { $( $(#[$vm])* $var = $val ),* } }
+        impl $name {
+            /// How many codes this version knows.
+            pub const COUNT: usize = [$($val),*].len();
+            /// Every known code, in declaration order.
+            pub const ALL: [$name; Self::COUNT] = [$($name::$var),*];
+            /// Their wire values, in that order.
+            pub const CODES: [u8; Self::COUNT] = [$($val),*];
+            /// Their labels, in that order.
+            pub const NAMES: [&'static str; Self::COUNT] = [$($label),*];
+            const INDEX: [u8; 256] = {
+                let mut t = [u8::MAX; 256];
+                let mut i = 0;
+                while i < Self::COUNT {
+                    t[Self::CODES[i] as usize] = i as u8;
+                    i += 1;
+                }
+                t
+            };
+            /// The position of a known code in [`Self::ALL`] (`None` for an
+            /// unknown one).
+            pub const fn index(self) -> Option<usize> {
+                let i = Self::INDEX[self.code() as usize];
+                if i == u8::MAX {
+                    None
+                } else {
+                    Some(i as usize)
+                }
+            }
+            /// The wire value.
+            pub const fn code(self) -> u8 {
+                match self {
+                    $( $name::$var => $val, )*
+                    $name::Unknown(c) => c,
+                }
+            }
+            /// The label of a known code.
+            pub fn label(self) -> Option<&'static str> {
+                self.index().map(|i| Self::NAMES[i])
+            }
+        }
+    };
+}
+
+labelled_codes! {
     /// The message kind (byte 1 of the SAN header).
     pub enum Kind(u8) {
         /// A client asks to connect to (dst_ip, dst_port).
-        ConnectRequest = 0x01,
+        ConnectRequest = 0x01 => "connect_request",
         /// The accepting side accepted the request.
-        Accept = 0x02,
+        Accept = 0x02 => "accept",
         /// The request was refused; the body says why.
-        Reject = 0x03,
+        Reject = 0x03 => "reject",
         /// Either side tears an established connection down.
-        Close = 0x04,
+        Close = 0x04 => "close",
         /// Acknowledges a Close.
-        CloseAck = 0x05,
+        CloseAck = 0x05 => "close_ack",
         /// The client confirms an Accept (the server stops retransmitting it).
-        AcceptAck = 0x06,
+        AcceptAck = 0x06 => "accept_ack",
         /// Stream bytes (and/or the sender's FIN), with an acknowledgement and credit.
-        Data = 0x07,
+        Data = 0x07 => "data",
         /// An acknowledgement with credit (no bytes).
-        Ack = 0x08,
+        Ack = 0x08 => "ack",
         /// The connection is aborted; the body says why.
-        Reset = 0x09,
+        Reset = 0x09 => "reset",
         /// Who has SAN address dst_ip?
-        ResolveRequest = 0x10,
+        ResolveRequest = 0x10 => "resolve_request",
         /// The reply: src_ip is at the body's MAC.
-        ResolveReply = 0x11,
+        ResolveReply = 0x11 => "resolve_reply",
         /// Echo request (dataplane round-trip probe).
-        EchoRequest = 0x20,
+        EchoRequest = 0x20 => "echo_request",
         /// Echo reply.
-        EchoReply = 0x21,
+        EchoReply = 0x21 => "echo_reply",
     }
 }
 
-enum_with_unknown! {
+labelled_codes! {
     /// Why a connect request was refused.
     pub enum RejectReason(u8) {
         /// The listener's backlog was full; refused at once, no event raised.
-        BacklogFull = 0x01,
+        BacklogFull = 0x01 => "backlog_full",
         /// Nobody listens on (dst_ip, dst_port).
-        NoListener = 0x02,
+        NoListener = 0x02 => "no_listener",
         /// The accepting application refused (condition function said reject).
-        Refused = 0x03,
+        Refused = 0x03 => "refused",
         /// The accepting host is out of resources for new connections.
-        NoResources = 0x04,
+        NoResources = 0x04 => "no_resources",
         /// The listener went away (closed, its process died, the daemon stops).
-        ListenerClosed = 0x05,
+        ListenerClosed = 0x05 => "listener_closed",
         /// No SAN listener on that port, but a kernel TCP listener: the
         /// switch connects over TCP at once.
-        TcpOnly = 0x06,
+        TcpOnly = 0x06 => "tcp_only",
     }
 }
 
@@ -1076,5 +1127,45 @@ mod test {
             let r = Repr { header: h, message };
             proptest::prop_assert_eq!(Repr::parse_bytes(&r.to_bytes(0x1234), 0x1234).unwrap(), r);
         }
+    }
+}
+
+#[cfg(test)]
+mod declared_once {
+    use super::{Kind, RejectReason};
+
+    /// The Wireshark dissector (deploy/wireshark/dsan.lua) names every kind
+    /// and every reject reason as the declaration does.
+    #[test]
+    fn the_dissector_knows_every_declared_code() {
+        let lua = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/wireshark/dsan.lua"),
+        )
+        .unwrap();
+        for k in Kind::ALL {
+            let entry = format!("[0x{:02x}] = \"{k:?}\"", k.code());
+            assert!(lua.contains(&entry), "dsan.lua lacks {entry}");
+            let body = format!("[0x{:02x}] = ", k.code());
+            let lens = lua.split("local body_len").nth(1).unwrap_or("");
+            assert!(
+                lens.contains(&body),
+                "dsan.lua has no body length for {k:?}"
+            );
+        }
+        for r in RejectReason::ALL {
+            let entry = format!("[0x{:02x}] = \"{}\"", r.code(), r.label().unwrap());
+            assert!(lua.contains(&entry), "dsan.lua lacks {entry}");
+        }
+    }
+
+    #[test]
+    fn indices_follow_the_declaration_and_unknown_codes_have_none() {
+        for (i, k) in Kind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), Some(i));
+            assert_eq!(Kind::from(k.code()), *k);
+        }
+        assert_eq!(Kind::from(0x7f).index(), None);
+        assert_eq!(RejectReason::TcpOnly.label(), Some("tcp_only"));
+        assert_eq!(Kind::COUNT, Kind::NAMES.len());
     }
 }

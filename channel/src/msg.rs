@@ -260,6 +260,9 @@ pub enum Op {
         dst: SocketAddrV4,
         /// Source address (None: the daemon chooses).
         src: Option<Ipv4Addr>,
+        /// Source port (0: the daemon chooses one; the application's own
+        /// bind reserved it in the kernel).
+        src_port: u16,
         /// Report the outcome as FD_CONNECT instead of completing the command.
         nonblocking: bool,
         /// Ring sizes of the connection.
@@ -391,7 +394,7 @@ impl Command {
                 }
             }
             kind::CONNECT => {
-                used(14)?;
+                used(16)?;
                 let ip = Ipv4Addr::from(u32_at(a, 0));
                 let port = u16_at(a, 4);
                 if port == 0 || ip.is_unspecified() {
@@ -404,6 +407,7 @@ impl Command {
                 Op::Connect {
                     dst: SocketAddrV4::new(ip, port),
                     src: (!src.is_unspecified()).then_some(src),
+                    src_port: u16_at(a, 14),
                     nonblocking: a[6] & 1 == 1,
                     bufs: Bufs::parse(&a[12..14])?,
                 }
@@ -479,10 +483,12 @@ impl Command {
             Op::Connect {
                 dst,
                 src,
+                src_port,
                 nonblocking,
                 bufs,
             } => {
                 bufs.emit(&mut a[12..14]);
+                put(a, 14, &src_port.to_le_bytes());
                 put(a, 0, &u32::from(*dst.ip()).to_le_bytes());
                 put(a, 4, &dst.port().to_le_bytes());
                 a[6] = u8::from(nonblocking);
@@ -691,6 +697,7 @@ mod tests {
             Op::Connect {
                 dst: SocketAddrV4::new(ip(198, 18, 0, 2), 9),
                 src: Some(ip(198, 18, 0, 1)),
+                src_port: 4321,
                 nonblocking: true,
                 bufs: Bufs {
                     snd: 4096,
@@ -700,6 +707,7 @@ mod tests {
             Op::Connect {
                 dst: SocketAddrV4::new(ip(198, 18, 0, 2), 9),
                 src: None,
+                src_port: 0,
                 nonblocking: false,
                 bufs: Bufs::default(),
             },

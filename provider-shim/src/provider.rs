@@ -971,6 +971,7 @@ impl Provider {
             return Err(Error::Inval);
         }
         let src = ls.bound.map(|b| *b.ip()).filter(|ip| !ip.is_unspecified());
+        let src_port = ls.bound.map_or(0, |b| b.port());
         let nonblocking = ls.nonblocking && ls.mask & FD_CONNECT != 0;
         sh.connect_error.store(0, Ordering::Relaxed);
         // The connect budget (2 s) plus margin.
@@ -980,6 +981,7 @@ impl Provider {
             Op::Connect {
                 dst,
                 src,
+                src_port,
                 nonblocking,
                 bufs: ls.bufs,
             },

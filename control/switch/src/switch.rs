@@ -1104,10 +1104,12 @@ fn connect_now(
     if let Some(pr) = prov.as_ref().filter(|pr| in_san_subnet(pr, *dst.ip())) {
         let attempt = || -> Result<Arc<SanSocket>, SanError> {
             let ss = Arc::new(SanSocket::new(pr)?);
-            // The application's bind names the source address on the SAN too.
+            // The application's bind names the source address and port on
+            // the SAN too (its kernel socket holds the port, so that no
+            // other socket of the host takes it).
             let bound = *s.bound.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(b) = bound.filter(|b| !b.ip().is_unspecified()) {
-                ss.bind(SocketAddrV4::new(*b.ip(), 0))?;
+            if let Some(b) = bound.filter(|b| !b.ip().is_unspecified() || b.port() != 0) {
+                ss.bind(b)?;
             }
             if let Some(p) = p {
                 *p.san.lock().unwrap_or_else(|e| e.into_inner()) = Some(ss.clone());

@@ -424,9 +424,19 @@ impl Node {
             Op::Connect {
                 dst,
                 src,
+                src_port,
                 nonblocking,
                 bufs,
-            } => self.app_connect(now, id, sock, cmd.seq, dst, src, nonblocking, bufs),
+            } => self.app_connect(
+                now,
+                id,
+                sock,
+                cmd.seq,
+                dst,
+                (src, src_port),
+                nonblocking,
+                bufs,
+            ),
             Op::Close | Op::Abort => {
                 let abort = cmd.op == Op::Abort;
                 let p = self.procs.get_mut(&id).expect("caller checked");
@@ -613,7 +623,7 @@ impl Node {
         sock: u32,
         seq: u32,
         dst: SocketAddrV4,
-        src: Option<std::net::Ipv4Addr>,
+        (src, src_port): (Option<std::net::Ipv4Addr>, u16),
         nonblocking: bool,
         bufs: Bufs,
     ) -> Option<i64> {
@@ -622,6 +632,10 @@ impl Node {
             Some(SockObj::Conn(_)) => return errno(libc::EISCONN),
             Some(SockObj::Listener { .. }) => return errno(libc::EINVAL),
             _ => {}
+        }
+        // A source port below 1024 needs the right, as a kernel bind does.
+        if src_port != 0 && src_port < 1024 && !self.procs[&id].shared.low_ports {
+            return errno(libc::EACCES);
         }
         // One user's share of the host's connect attempts (EAGAIN, as a
         // kernel out of local ports answers).
@@ -633,7 +647,7 @@ impl Node {
         let offer = self.cfg.proto.offer(bufs.rcv as u32);
         let h = match self
             .ep
-            .connect_with(now, src, (*dst.ip(), dst.port()), offer)
+            .connect_from(now, src, src_port, (*dst.ip(), dst.port()), offer)
         {
             Ok(h) => h,
             Err(e) => {

@@ -62,6 +62,24 @@ impl<R: Rng> Endpoint<R> {
         dst: SockAddr,
         offer: Offer,
     ) -> Result<ConnHandle, ConnectError> {
+        self.connect_from(now, local_ip, 0, dst, offer)
+    }
+
+    /// [`Endpoint::connect_with`] from local port `local_port` (0: one of
+    /// the ephemeral range, in turn). The port names the connection only
+    /// (the connection id identifies it on the wire); the application's
+    /// kernel bind keeps two sockets of a host from sharing one.
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect_with`].
+    pub fn connect_from(
+        &mut self,
+        now: Instant,
+        local_ip: Option<Ipv4>,
+        local_port: u16,
+        dst: SockAddr,
+        offer: Offer,
+    ) -> Result<ConnHandle, ConnectError> {
         let subnet = self
             .cfg
             .subnets
@@ -87,11 +105,16 @@ impl<R: Rng> Endpoint<R> {
         while self.attempt_by_wire.contains_key(&conn_id) {
             conn_id = self.rng.next_u64();
         }
-        let port = self.next_port;
-        self.next_port = if self.next_port == *EPHEMERAL.end() {
-            *EPHEMERAL.start()
+        let port = if local_port != 0 {
+            local_port
         } else {
-            self.next_port + 1
+            let p = self.next_port;
+            self.next_port = if self.next_port == *EPHEMERAL.end() {
+                *EPHEMERAL.start()
+            } else {
+                self.next_port + 1
+            };
+            p
         };
         // The handle is our token: the peer echoes it, and it names the
         // slot the connection will take.

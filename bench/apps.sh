@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Unmodified applications over the SAN and over kernel TCP, side by side on
-# the same lab veth: redis-benchmark against redis-server, and wrk against
-# nginx, with both programs preloaded with libdsan_preload.so (the SAN) and
+# the same lab veth: redis-benchmark against redis-server, wrk against
+# nginx, and sockperf ping-pong (the tool libvma/XLIO users measure with:
+# an independent yardstick; its latency is half a round trip), with both programs preloaded with libdsan_preload.so (the SAN) and
 # without (kernel TCP), alternating: REPEAT runs, the SAN first in odd runs
 # and kernel TCP first in even ones.
 #
@@ -37,7 +38,7 @@ while (($#)); do
 done
 bin=$root/target/release
 lib=$bin/libdsan_preload.so
-for p in redis-server redis-benchmark nginx wrk; do
+for p in redis-server redis-benchmark nginx wrk sockperf; do
   command -v "$p" >/dev/null || { echo "apps.sh: $p missing (run scripts/setup.sh)" >&2; exit 1; }
 done
 [ -e "$lib" ] || { echo "apps.sh: $lib missing (cargo build --release --workspace)" >&2; exit 1; }
@@ -155,6 +156,27 @@ run_wrk() { # transport preload
 }
 
 stat0=$(head -1 /proc/stat)
+run_sockperf() { # transport preload
+  local t=$1 pre=$2
+  start_bg h1 "$pre" sockperf server --tcp -i 0.0.0.0 -p 11111
+  wait_port h1 11111; settle
+  local o
+  o=$(in_host h0 "$pre" timeout $((duration + 60)) sockperf ping-pong --tcp -i 198.18.0.2 -p 11111 \
+    -t "$duration" -m 64 2>&1)
+  # "[Valid Duration] RunTime=1.550 sec; SentMessages=12652; ReceivedMessages=12652",
+  # "---> percentile 50.000 =   58.594" (microseconds, half a round trip)
+  local secs msgs p50 p99
+  secs=$(sed -n 's/.*\[Valid Duration\] RunTime=\([0-9.]*\) sec.*/\1/p' <<<"$o")
+  msgs=$(sed -n 's/.*\[Valid Duration\].*ReceivedMessages=\([0-9]*\).*/\1/p' <<<"$o")
+  p50=$(awk '/percentile 50.000/ {printf "%.4f", $NF / 1000}' <<<"$o")
+  p99=$(awk '/percentile 99.000/ {printf "%.4f", $NF / 1000}' <<<"$o")
+  if [ -z "$secs" ] || [ -z "$msgs" ] || [ -z "$p50" ]; then
+    echo "apps.sh: sockperf ($t) gave no figures:" >&2; echo "$o" >&2; exit 1
+  fi
+  results+=("{\"app\":\"sockperf ping-pong 64 B\",\"run\":$run,\"transport\":\"$t\",\"rps\":$(awk -v m="$msgs" -v s="$secs" 'BEGIN {printf "%.1f", m / s}'),\"p50_ms\":$p50,\"p99_ms\":$p99,\"latency\":\"half round trip\"}")
+  stop_bg
+}
+
 echo "apps: redis-benchmark ($requests requests, $clients clients) and wrk (${duration} s, $clients connections), $repeat runs"
 for run in $(seq 1 "$repeat"); do
   if [ $((run % 2)) = 1 ]; then order="san tcp"; else order="tcp san"; fi
@@ -165,6 +187,10 @@ for run in $(seq 1 "$repeat"); do
   for t in $order; do
     echo "  run $run/$repeat: wrk, $t" >&2
     run_wrk "$t" "$([ "$t" = san ] && echo 1 || echo 0)"
+  done
+  for t in $order; do
+    echo "  run $run/$repeat: sockperf ping-pong, $t" >&2
+    run_sockperf "$t" "$([ "$t" = san ] && echo 1 || echo 0)"
   done
 done
 stat1=$(head -1 /proc/stat)

@@ -455,10 +455,11 @@ fn headline(src: &Sources) -> Result<String> {
         }
     }
     let a = apps(src)?;
-    for line in a
-        .lines()
-        .filter(|l| l.starts_with("| redis") || l.starts_with("| wrk"))
-    {
+    for line in a.lines().filter(|l| {
+        ["| redis", "| wrk", "| sockperf"]
+            .iter()
+            .any(|p| l.starts_with(p))
+    }) {
         let c: Vec<&str> = line.split('|').map(str::trim).collect();
         if c.len() > 9 {
             writeln!(

@@ -939,3 +939,44 @@ fn a_member_of_the_socket_group_by_a_supplementary_group_may_attach() {
         "{o:?}"
     );
 }
+
+#[test]
+fn a_silent_control_connection_is_closed_after_a_minute_but_a_silent_attachment_stays() {
+    // Issue #27: a control connection that is not an attachment holds one
+    // of its user's 64 places; it is closed after 60 s without a request.
+    // An attachment may stay silent for ever (it is the process's
+    // attachment).
+    use std::io::Read;
+    let _lab = Lab::up(&[]);
+    let storm = cc("storm.c", true);
+    let mut attached = Reaped(
+        in_host("h1", &storm, &["events-many", "1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let l = lines(&mut attached.0)
+        .recv_timeout(Duration::from_secs(20))
+        .expect("events-many reports");
+    assert!(l.starts_with("registered 1 error 0"), "{l}");
+    let mut idle = std::os::unix::net::UnixStream::connect("/run/dsan/lab/h1/dsand.sock").unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    let r = idle.read(&mut b);
+    let waited = t.elapsed();
+    assert!(matches!(r, Ok(0)), "the daemon closes it: {r:?}");
+    assert!(
+        waited >= Duration::from_secs(55) && waited < Duration::from_secs(80),
+        "closed after {waited:?}"
+    );
+    // The attachment, as silent, is still there.
+    let s = stats("h1");
+    assert!(s["attached_processes"].as_u64() >= Some(1), "{s}");
+    assert!(
+        attached.0.try_wait().unwrap().is_none(),
+        "the attached process runs on"
+    );
+}

@@ -85,6 +85,23 @@ pub fn signal_eventfd(fd: RawFd) -> bool {
     }
 }
 
+/// Signals an eventfd unless it is readable already. For posting a state
+/// that holds (not news): a second write to a readable eventfd is one more
+/// wake-up, which an edge-triggered epoll registration reports as a new
+/// edge although nothing new happened.
+pub fn signal_eventfd_if_quiet(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    if unsafe { libc::poll(&mut p, 1, 0) } == 1 && p.revents & libc::POLLIN != 0 {
+        return true;
+    }
+    signal_eventfd(fd)
+}
+
 /// Reads and clears an eventfd's counter without blocking (a blocking eventfd
 /// is polled first). Returns the value, 0 if nothing was pending.
 pub fn drain_eventfd(fd: RawFd) -> u64 {

@@ -761,17 +761,19 @@ impl Provider {
                 .sock(s as usize)
                 .events
                 .fetch_or(ready, Ordering::AcqRel);
+            // (A state that holds, not news: no second wake-up for a
+            // descriptor signalled already.)
             match wfd {
                 Some(w) => {
                     if ready & FD_WRITE != 0 {
-                        sys::signal_eventfd(w);
+                        sys::signal_eventfd_if_quiet(w);
                     }
                     if ready & !FD_WRITE != 0 {
-                        sys::signal_eventfd(efd);
+                        sys::signal_eventfd_if_quiet(efd);
                     }
                 }
                 None => {
-                    sys::signal_eventfd(efd);
+                    sys::signal_eventfd_if_quiet(efd);
                 }
             }
         }

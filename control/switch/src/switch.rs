@@ -1,5 +1,5 @@
 use dsan_channel::region::effective_backlog;
-use dsan_channel::sys::{drain_eventfd, signal_eventfd, EventFd};
+use dsan_channel::sys::{drain_eventfd, signal_eventfd, signal_eventfd_if_quiet, EventFd};
 use dsan_provider::{
     Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CLOSE, FD_READ, FD_WRITE,
     MSG_PEEK,
@@ -279,7 +279,7 @@ fn register(job: Registration) {
         ss.recv_mode(&mut one, MSG_PEEK, false),
         Err(SanError::Again)
     ) {
-        signal(efd.as_raw_fd());
+        signal_eventfd_if_quiet(efd.as_raw_fd());
     }
     let _ = match &job.fd {
         Some(w) => ss.event_select_with(efd.as_fd(), w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),

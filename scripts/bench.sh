@@ -21,7 +21,7 @@
 # would name a commit that did not make them) unless --allow-dirty.
 # --quick: fewer connects and bytes, the same shape (minutes, not tens).
 # Needs root and what scripts/setup.sh installs; traffic stays in the lab's
-# network namespaces (198.18.0.0/24). Takes about 15 minutes on 2 vCPUs.
+# network namespaces (198.18.0.0/24). Takes about 10 minutes on 2 vCPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0

@@ -28,7 +28,9 @@ fn cc(src: &str, provider: bool) -> PathBuf {
         .arg("-o")
         .arg(&out);
     if provider {
-        c.arg("-L").arg(bindir()).arg("-ldsan_provider");
+        c.arg("-L")
+            .arg(bindir())
+            .args(["-ldsan_provider", "-lpthread"]);
     }
     assert!(c.status().expect("cc").success(), "compiling {src}");
     out
@@ -640,22 +642,7 @@ fn san_listener_pid(port: u16) -> Option<u64> {
 #[test]
 fn a_user_cannot_take_or_hijack_another_users_san_port() {
     let _lab = Lab::up(&[]);
-    let stream = {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("dsan-harness-ustream-{}", std::process::id()));
-        let st = Command::new("cc")
-            .args(["-O2", "-I"])
-            .arg(root().join("provider-shim/include"))
-            .arg(root().join("provider-shim/tests/c/stream.c"))
-            .arg("-L")
-            .arg(bindir())
-            .args(["-ldsan_provider", "-lpthread", "-o"])
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        out
-    };
+    let stream = cc("stream.c", true);
     let count = |reason: &str| -> u64 {
         stats("h1")["san_listens_denied"][reason]
             .as_u64()

@@ -82,6 +82,13 @@ def recv_all(c, n):
     return b
 
 
+def served(x, n=1):
+    """The usual server side: accept, read n bytes, close."""
+    c = accept(x)
+    recv_all(c, n)
+    c.close()
+
+
 # Each behaviour: f(role, sock_or_port, out, base, sync) where role is
 # 'server' (sock: its listener) or 'client' (port). sync(k) is a barrier
 # point k shared by the two sides of one behaviour through the bytes they
@@ -155,9 +162,7 @@ def _(role, x, out, base):
 @behaviour('dontwait-empty')
 def _(role, x, out, base):
     if role == 'server':
-        c = accept(x)
-        c.recv(1)
-        c.close()
+        served(x)
     else:
         s = connect(x)
         attempt(out, 'recv', lambda: s.recv(10, socket.MSG_DONTWAIT))
@@ -168,9 +173,7 @@ def _(role, x, out, base):
 @behaviour('nonblocking-connect')
 def _(role, x, out, base):
     if role == 'server':
-        c = accept(x)
-        c.recv(1)
-        c.close()
+        served(x)
     else:
         s = socket.socket()
         s.setblocking(False)
@@ -465,9 +468,7 @@ def _(role, x, out, base):
 @behaviour('connect-twice')
 def _(role, x, out, base):
     if role == 'server':
-        c = accept(x)
-        c.recv(1)
-        c.close()
+        served(x)
     else:
         s = connect(x)
         attempt(out, 'again', lambda: s.connect((SERVER, x)))
@@ -533,9 +534,7 @@ def _(role, x, out, base):
 @behaviour('select-idle-timeout')
 def _(role, x, out, base):
     if role == 'server':
-        c = accept(x)
-        c.recv(1)
-        c.close()
+        served(x)
     else:
         s = connect(x)
         r, _, _ = select.select([s], [], [], 0.1)
@@ -543,13 +542,6 @@ def _(role, x, out, base):
         s.sendall(b'.')
         s.close()
 
-
-
-def served(x, n=1):
-    """The usual server side: accept, read n bytes, close."""
-    c = accept(x)
-    recv_all(c, n)
-    c.close()
 
 
 @behaviour('recv-zero-length')

@@ -497,6 +497,9 @@ impl<R: Rng> Endpoint<R> {
     /// listeners: `TcpOnly` if the port has one now (or no scan came in
     /// time), `NoListener` if a scan that began after the request shows none.
     pub(super) fn settle_unsure(&mut self, now: Instant) {
+        if self.unsure.is_empty() {
+            return;
+        }
         let Some(set) = self.cfg.tcp_listening.clone() else {
             return;
         };

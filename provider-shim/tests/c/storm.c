@@ -118,6 +118,16 @@ static int server(int port, int backlog) {
     return 0;
 }
 
+/* Prints "WHAT K error E" and holds what was made until stdin closes. */
+static int report_and_hold(const char *what, int ok, int first) {
+    printf("%s %d error %d\n", what, ok, first);
+    fflush(stdout);
+    char buf[64];
+    while (fgets(buf, sizeof buf, stdin)) {
+    }
+    return 0;
+}
+
 static int listen_many(int base, int n) {
     if (dsan_startup(NULL) != 0) return 2;
     int ok = 0, first = 0;
@@ -135,12 +145,7 @@ static int listen_many(int base, int n) {
             first = -r;
         }
     }
-    printf("listened %d error %d\n", ok, first);
-    fflush(stdout);
-    char buf[64];
-    while (fgets(buf, sizeof buf, stdin)) {
-    }
-    return 0;
+    return report_and_hold("listened", ok, first);
 }
 
 static int events_many(int n) {
@@ -156,12 +161,7 @@ static int events_many(int n) {
             first = -r;
         }
     }
-    printf("registered %d error %d\n", ok, first);
-    fflush(stdout);
-    char buf[64];
-    while (fgets(buf, sizeof buf, stdin)) {
-    }
-    return 0;
+    return report_and_hold("registered", ok, first);
 }
 
 static int by_value(const void *x, const void *y) {

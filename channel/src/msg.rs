@@ -12,7 +12,7 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 0 | kind: 1 listen, 2 decide, 3 connect, 4 close, 5 event-select, 6 kick |
+//! | 0 | kind: 1 listen, 2 decide, 3 connect, 4 close, 5 event-select, 6 kick, 7 abort, 8 claim |
 //! | 1..4 | reserved, 0 |
 //! | 4..8 | socket (index into the socket table, < [`MAX_SOCKETS`](crate::region::MAX_SOCKETS)) |
 //! | 8..12 | sequence number the completion carries back |
@@ -33,6 +33,13 @@
 //! * event-select: 16..20 event mask (only [`FD_ALL`] bits);
 //! * kick: no arguments: the socket's stream has news (bytes to send, a
 //!   shutdown, consumed bytes that free credit). Never completed.
+//! * abort: no arguments (a close that resets a connection);
+//! * claim: 16..24 the attachment holding the connection, 24..28 its
+//!   socket (< [`MAX_SOCKETS`](crate::region::MAX_SOCKETS)), 28..32
+//!   reserved, 32..40 the connection's claim key (read from that socket's
+//!   stream block: proof of holding its process's region, as a forked child
+//!   does): the connection's rings move into this socket (which must be
+//!   free, or be that very socket, handed away earlier).
 //!
 //! ## Daemon -> application: connection requests (a listener's backlog ring)
 //!
@@ -147,6 +154,8 @@ pub mod kind {
     pub const KICK: u8 = 6;
     /// Close with a reset (SO_LINGER {1, 0}).
     pub const ABORT: u8 = 7;
+    /// Claim a connection another socket holds (a forked child's copy).
+    pub const CLAIM: u8 = 8;
     /// A connection request in a backlog ring.
     pub const REQUEST: u8 = 0x81;
 }
@@ -281,6 +290,18 @@ pub enum Op {
     },
     /// The socket's stream has news (see [`crate::stream`]).
     Kick,
+    /// Serve the connection that socket `from_sock` of attachment
+    /// `from_app` holds through this socket from now on: its rings move
+    /// here, and the holder keeps a claim on it (the connection ends when
+    /// the last holder closes it, as a TCP socket shared across fork does).
+    Claim {
+        /// The attachment holding it.
+        from_app: u64,
+        /// Its socket there.
+        from_sock: u32,
+        /// The connection's claim key ([`crate::stream::StreamState::claim`]).
+        key: u64,
+    },
 }
 
 /// A connection's ring sizes, in bytes (powers of two in range; see
@@ -424,6 +445,21 @@ impl Command {
                 used(0)?;
                 Op::Abort
             }
+            kind::CLAIM => {
+                used(24)?;
+                if !zero(&a[12..16]) {
+                    return Err(ParseError::Reserved);
+                }
+                let from_sock = u32_at(a, 8);
+                if from_sock as usize >= MAX_SOCKETS {
+                    return Err(ParseError::Field("claimed socket"));
+                }
+                Op::Claim {
+                    from_app: u64_at(a, 0),
+                    from_sock,
+                    key: u64_at(a, 16),
+                }
+            }
             kind::EVENT_SELECT => {
                 used(4)?;
                 let mask = u32_at(a, 0);
@@ -502,6 +538,16 @@ impl Command {
             Op::Close => kind::CLOSE,
             Op::Abort => kind::ABORT,
             Op::Kick => kind::KICK,
+            Op::Claim {
+                from_app,
+                from_sock,
+                key,
+            } => {
+                put(a, 0, &from_app.to_le_bytes());
+                put(a, 8, &from_sock.to_le_bytes());
+                put(a, 16, &key.to_le_bytes());
+                kind::CLAIM
+            }
             Op::EventSelect { mask } => {
                 put(a, 0, &mask.to_le_bytes());
                 kind::EVENT_SELECT
@@ -715,6 +761,11 @@ mod tests {
             Op::Abort,
             Op::Kick,
             Op::EventSelect { mask: FD_ALL },
+            Op::Claim {
+                from_app: u64::MAX - 1,
+                from_sock: 1023,
+                key: 0x0102_0304_0506_0708,
+            },
         ] {
             let c = Command {
                 sock: 1,

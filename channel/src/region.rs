@@ -40,7 +40,7 @@ pub const CMD_RING: usize = 256;
 /// Marks a region ("dsanPROC").
 pub const REGION_MAGIC: u64 = 0x6473_616e_5052_4f43;
 /// Layout version.
-pub const REGION_VERSION: u32 = 3;
+pub const REGION_VERSION: u32 = 4;
 
 /// Event bit (as in WSD): a connection request is waiting.
 pub const FD_ACCEPT: u32 = 1 << 3;

@@ -63,6 +63,10 @@ pub const ST_DEAD: u32 = 1 << 2;
 /// The application closed the socket and the daemon still sends its last
 /// bytes (and FIN): the socket slot is not free for reuse yet.
 pub const ST_LINGER: u32 = 1 << 3;
+/// The connection is served through another socket now (a forked child
+/// claimed it); this socket still holds it: its next call claims it back
+/// (`claim` key below), its close only lets go of it.
+pub const ST_MOVED: u32 = 1 << 4;
 
 /// The ring size for a requested buffer size: a power of two in
 /// [`MIN_RING`]..=[`MAX_RING`] (0 means the default).
@@ -114,6 +118,10 @@ pub struct StreamState {
     /// (before it sets [`ST_OPEN`]). A process trusts the block only while
     /// this equals the generation it gave the socket.
     pub gen: AtomicU32,
+    /// The connection's claim key: a process that can read it (this
+    /// process, or a child forked with this region mapped) may move the
+    /// connection to a socket of its own (`Op::Claim`).
+    pub claim: AtomicU64,
 }
 
 /// Written by the process: the send ring's producer side.

@@ -122,6 +122,41 @@ pub fn is_eventfd(fd: RawFd) -> bool {
         .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
 }
 
+/// Whether `fd` is a pipe (a FIFO).
+pub fn is_pipe(fd: RawFd) -> bool {
+    // SAFETY: stat is plain data; zeroed is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live out-buffer.
+    unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
+}
+
+/// A new pipe (read end, write end), both close-on-exec.
+///
+/// # Errors
+/// The kernel's (EMFILE, ...).
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: a live two-element out-array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors, owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Whether the far end of `fd` (a pipe's read end: every copy of its write
+/// end) is gone, without waiting.
+pub fn hung_up(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the one clock both sides of the channel
 /// read the same way (request expiry).
 pub fn monotonic_ns() -> u64 {

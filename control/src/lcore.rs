@@ -142,6 +142,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
                   "bad_command": c.bad_commands(), "injected": c.drop_injected},
         "streams": {"connections": c.connections, "bytes_sent": c.san_bytes_tx, "bytes_received": c.san_bytes_rx,
                     "frames_retransmitted": c.frames_retransmitted, "credit_stalls": c.credit_stalls,
+                    "handovers": c.handovers, "claims_refused": c.claims_refused,
                     "resets": named(&RESET_REASONS, &c.resets),
                     "state_bytes_per_connection": dataplane::node::STREAM_STATE_BYTES},
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),

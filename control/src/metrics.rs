@@ -62,6 +62,8 @@ pub struct Metrics {
     bytes: IntCounterVec,
     retransmitted: IntCounter,
     credit_stalls: IntCounter,
+    handovers: IntCounter,
+    claims_refused: IntCounter,
     resets: IntCounterVec,
     connections: prometheus::IntGauge,
     lcore: Lcore,
@@ -233,6 +235,8 @@ impl Metrics {
             bytes: cv("dsan_san_bytes_total", "SAN stream payload bytes: sent (tx, retransmissions included) and delivered in order to applications (rx).", &["direction"]),
             retransmitted: c("dsan_san_frames_retransmitted_total", "SAN Data frames sent again after a loss (go-back-N)."),
             credit_stalls: c("dsan_san_credit_stalls_total", "Times a SAN sender had bytes to send but no credit from its receiver."),
+            handovers: c("dsan_san_connection_handovers_total", "SAN connections moved between the processes holding them (a forked child claimed one; a holder let go and another took it back)."),
+            claims_refused: c("dsan_san_connection_claims_refused_total", "Claims of a SAN connection refused for a wrong claim key."),
             resets: cv("dsan_san_connections_reset_total", "SAN connections reset, by reason (peer: reset by the other host).", &["reason"]),
             connections,
             attached,
@@ -326,6 +330,8 @@ impl Metrics {
         set(&self.bytes.with_label_values(&["rx"]), n.san_bytes_rx);
         set(&self.retransmitted, n.frames_retransmitted);
         set(&self.credit_stalls, n.credit_stalls);
+        set(&self.handovers, n.handovers);
+        set(&self.claims_refused, n.claims_refused);
         for (i, r) in RESET_REASONS.iter().enumerate() {
             set(&self.resets.with_label_values(&[r]), n.resets[i]);
         }

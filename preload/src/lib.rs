@@ -116,6 +116,22 @@ macro_rules! ours {
     }};
 }
 
+/// [`ours!`], for a call that uses the connection: in a forked child, an
+/// inherited connection is claimed first (see [`sock::own`]); one that is
+/// a plain kernel socket now goes to `$real`.
+macro_rules! ours_live {
+    ($fd:expr, $real:expr) => {{
+        let (p, inside) = ours!($fd, $real);
+        match sock::own($fd, p) {
+            Some(p) => (p, inside),
+            None => {
+                drop(inside);
+                return $real;
+            }
+        }
+    }};
+}
+
 fn sret(r: Result<usize, i32>) -> ssize_t {
     ret(r.map(|n| n as ssize_t))
 }
@@ -221,7 +237,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: plain call.
-    let (p, _in) = ours!(fd, unsafe { real::shutdown()(fd, how) });
+    let (p, _in) = ours_live!(fd, unsafe { real::shutdown()(fd, how) });
     ret(dsan_switch::shutdown(p.sw, how).map(|()| 0))
 }
 
@@ -251,7 +267,7 @@ unsafe fn bytes_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
 #[no_mangle]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::read()(fd, buf, n) });
+    let (p, _in) = ours_live!(fd, unsafe { real::read()(fd, buf, n) });
     // SAFETY: the caller's buffer.
     let r = io::recv(&p, unsafe { bytes_mut(buf, n) }, 0);
     if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
@@ -339,7 +355,7 @@ pub unsafe extern "C" fn __poll_chk(
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::write()(fd, buf, n) });
+    let (p, _in) = ours_live!(fd, unsafe { real::write()(fd, buf, n) });
     // SAFETY: the caller's buffer.
     sret(io::send(&p, unsafe { bytes(buf, n) }, 0))
 }
@@ -348,7 +364,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 #[no_mangle]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::readv()(fd, iov, n) });
+    let (p, _in) = ours_live!(fd, unsafe { real::readv()(fd, iov, n) });
     // SAFETY: the caller's iovecs.
     sret(unsafe { io::recv_iov(&p, iov, n, 0) })
 }
@@ -357,7 +373,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
 #[no_mangle]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::writev()(fd, iov, n) });
+    let (p, _in) = ours_live!(fd, unsafe { real::writev()(fd, iov, n) });
     // SAFETY: the caller's iovecs.
     sret(unsafe { io::send_iov(&p, iov, n, 0) })
 }
@@ -366,7 +382,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::recv()(fd, buf, n, flags) });
+    let (p, _in) = ours_live!(fd, unsafe { real::recv()(fd, buf, n, flags) });
     // SAFETY: the caller's buffer.
     sret(io::recv(&p, unsafe { bytes_mut(buf, n) }, flags))
 }
@@ -375,7 +391,7 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
 #[no_mangle]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::send()(fd, buf, n, flags) });
+    let (p, _in) = ours_live!(fd, unsafe { real::send()(fd, buf, n, flags) });
     // SAFETY: the caller's buffer.
     sret(io::send(&p, unsafe { bytes(buf, n) }, flags))
 }
@@ -391,7 +407,7 @@ pub unsafe extern "C" fn recvfrom(
     len: *mut socklen_t,
 ) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::recvfrom()(fd, buf, n, flags, a, len) });
+    let (p, _in) = ours_live!(fd, unsafe { real::recvfrom()(fd, buf, n, flags, a, len) });
     // SAFETY: the caller's buffer.
     let r = io::recv(&p, unsafe { bytes_mut(buf, n) }, flags);
     if r.is_ok() && !a.is_null() {
@@ -412,7 +428,7 @@ pub unsafe extern "C" fn sendto(
     len: socklen_t,
 ) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::sendto()(fd, buf, n, flags, a, len) });
+    let (p, _in) = ours_live!(fd, unsafe { real::sendto()(fd, buf, n, flags, a, len) });
     // SAFETY: the caller's buffer.
     sret(io::send(&p, unsafe { bytes(buf, n) }, flags))
 }
@@ -421,7 +437,7 @@ pub unsafe extern "C" fn sendto(
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::recvmsg()(fd, m, flags) });
+    let (p, _in) = ours_live!(fd, unsafe { real::recvmsg()(fd, m, flags) });
     if m.is_null() {
         return ret(Err(libc::EFAULT));
     }
@@ -444,7 +460,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssi
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::sendmsg()(fd, m, flags) });
+    let (p, _in) = ours_live!(fd, unsafe { real::sendmsg()(fd, m, flags) });
     if m.is_null() {
         return ret(Err(libc::EFAULT));
     }
@@ -461,7 +477,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> s
 #[no_mangle]
 pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(out, unsafe { real::sendfile()(out, inp, off, n) });
+    let (p, _in) = ours_live!(out, unsafe { real::sendfile()(out, inp, off, n) });
     // SAFETY: off_t is 64-bit here; the caller's offset.
     sret(unsafe { io::sendfile(&p, inp, off.cast(), n) })
 }
@@ -475,7 +491,7 @@ pub unsafe extern "C" fn sendfile64(
     n: size_t,
 ) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(out, unsafe { real::sendfile64()(out, inp, off, n) });
+    let (p, _in) = ours_live!(out, unsafe { real::sendfile64()(out, inp, off, n) });
     // SAFETY: the caller's offset.
     sret(unsafe { io::sendfile(&p, inp, off, n) })
 }
@@ -522,7 +538,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::ioctl()(fd, req, arg) });
+    let (p, _in) = ours_live!(fd, unsafe { real::ioctl()(fd, req, arg) });
     if req == libc::FIONREAD && dsan_switch::san_connection(p.sw).is_some() {
         let ptr = arg as *mut c_int;
         if ptr.is_null() {
@@ -559,7 +575,7 @@ pub unsafe extern "C" fn setsockopt(
     len: socklen_t,
 ) -> c_int {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::setsockopt()(fd, level, name, val, len) });
+    let (p, _in) = ours_live!(fd, unsafe { real::setsockopt()(fd, level, name, val, len) });
     // SAFETY: the caller's arguments.
     ret(unsafe { sock::setsockopt(&p, level, name, val, len) })
 }
@@ -574,7 +590,7 @@ pub unsafe extern "C" fn getsockopt(
     len: *mut socklen_t,
 ) -> c_int {
     // SAFETY: the caller's arguments, passed on.
-    let (p, _in) = ours!(fd, unsafe { real::getsockopt()(fd, level, name, val, len) });
+    let (p, _in) = ours_live!(fd, unsafe { real::getsockopt()(fd, level, name, val, len) });
     // SAFETY: the caller's arguments.
     ret(unsafe { sock::getsockopt(&p, level, name, val, len) })
 }
@@ -936,10 +952,11 @@ pub unsafe extern "C" fn epoll_pwait(
     unsafe { wait::epoll_wait(ep, evs, max, timeout, mask) }
 }
 
-/// Interposed: the child keeps its descriptors; SAN connections stay the
-/// parent's (the child may close its copies), a listener is listened on
-/// again by the child when it first uses it (taking the SAN side over from
-/// the parent), and the child's new sockets get SAN sockets of its own.
+/// Interposed: the child keeps its descriptors; a SAN connection it uses
+/// is claimed from the parent's attachment (both keep holding it; it ends
+/// with the last close), a listener is listened on again by the child when
+/// it first uses it (taking the SAN side over from the parent), and the
+/// child's new sockets get SAN sockets of its own.
 #[no_mangle]
 pub unsafe extern "C" fn fork() -> libc::pid_t {
     // SAFETY: plain call.

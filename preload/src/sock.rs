@@ -16,7 +16,7 @@ use dsan_provider::sockaddr::{from_sockaddr_in, sockaddr_in};
 use dsan_switch::Transport;
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -388,6 +388,10 @@ pub(crate) fn close_as(fd: RawFd, op: impl FnOnce() -> c_int) -> c_int {
     let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
     if last && !p.inherited() {
         let _ = dsan_switch::close(p.sw);
+    } else if last {
+        // The parent's connection, never used here: the child lets go of
+        // its copies (the parent's close then ends it).
+        dsan_switch::release_inherited(p.sw);
     }
     set_errno(e);
     r
@@ -554,9 +558,66 @@ pub(crate) unsafe fn name(
 /// listener, taking the SAN side over from the parent). None if `fd` is a
 /// plain kernel listener now (the child could not make a switch socket).
 pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
-    if !p.inherited() || p.state() != State::Listening {
+    if !p.inherited() {
         return Some(p);
     }
+    match p.state() {
+        State::Listening => relisten(fd, p),
+        State::Connected => claim(fd, p),
+        _ => Some(p),
+    }
+}
+
+/// In a forked child: the parent's connection on `fd` becomes the child's
+/// to use (the parent keeps holding it, as a TCP socket shared across fork
+/// is held by both): a SAN connection is claimed from the daemon into a
+/// switch socket of the child's, a kernel TCP one is the kernel socket
+/// from now on (None then: the caller makes the kernel's call).
+fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
+    match dsan_switch::claim_inherited(p.sw) {
+        Ok(Some(dsan_switch::Inherited::San(sw))) => {
+            let flags = fl(fd);
+            match take_over(fd, sw, State::Connected, flags) {
+                Ok(np) => {
+                    *np.peer.lock().unwrap_or_else(|e| e.into_inner()) =
+                        *p.peer.lock().unwrap_or_else(|e| e.into_inner());
+                    *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
+                        *p.local.lock().unwrap_or_else(|e| e.into_inner());
+                    rules::log(|| format!("fd {fd}: the parent's SAN connection, claimed"));
+                    Some(np)
+                }
+                Err(e) => {
+                    let _ = dsan_switch::close(sw);
+                    rules::log(|| {
+                        format!("fd {fd}: cannot take the claimed connection (errno {e})")
+                    });
+                    Some(p)
+                }
+            }
+        }
+        Ok(Some(dsan_switch::Inherited::Tcp(t))) => {
+            // SAFETY: two valid descriptors; `fd` is replaced atomically.
+            unsafe {
+                real::dup3()(
+                    t.as_raw_fd(),
+                    fd,
+                    if cloexec(fd) { libc::O_CLOEXEC } else { 0 },
+                )
+            };
+            table::remove(fd);
+            rules::log(|| format!("fd {fd}: the parent's kernel TCP connection"));
+            None
+        }
+        Ok(None) => Some(p),
+        Err(e) => {
+            rules::log(|| format!("fd {fd}: cannot claim the parent's connection (errno {e})"));
+            Some(p)
+        }
+    }
+}
+
+/// In a forked child: the parent's listener on `fd`, listened on again.
+fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     let Some(t) = dsan_switch::inherited_listener(p.sw) else {
         return Some(p);
     };

@@ -12,7 +12,7 @@ use super::{Error, LocalSock, Provider, Result, SocketId, State};
 use dsan_channel::msg::{Command, Op};
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
 use dsan_channel::stream::{
-    ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_OPEN, ST_RX_EOF,
+    ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_MOVED, ST_OPEN, ST_RX_EOF,
 };
 use dsan_channel::sys;
 use std::os::fd::RawFd;
@@ -199,9 +199,15 @@ impl Provider {
         // (The daemon opens the stream before it reports the connection, so
         // a connected socket whose block carries another stamp was never
         // given one: nothing in the block can be trusted.)
-        let state = st.state.load(Ordering::Acquire);
+        let mut state = st.state.load(Ordering::Acquire);
         if state & ST_OPEN != 0 && st.gen.load(Ordering::Acquire) != io.gen() {
             return Err(Error::ConnReset);
+        }
+        if state & ST_MOVED != 0 {
+            // Another process (a forked child) serves the connection now:
+            // this call takes it back.
+            self.reclaim(s, ls)?;
+            state = st.state.load(Ordering::Acquire);
         }
         if let Some(a) = io.area.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Ok((a.clone(), flags.0, flags.1, flags.2));

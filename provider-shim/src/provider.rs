@@ -14,7 +14,7 @@ pub use data::{Readiness, MSG_DONTWAIT, MSG_PEEK};
 use dsan_channel::msg::{Bufs, Command, Op, Request, Verdict};
 use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
 use dsan_channel::ring::{Consumer, Producer, PushError};
-use dsan_channel::stream::ST_LINGER;
+use dsan_channel::stream::{ST_LINGER, ST_OPEN};
 use dsan_channel::sys;
 use serde_json::{json, Value};
 use std::net::SocketAddrV4;
@@ -177,6 +177,23 @@ pub struct NetworkEvents {
     pub close_error: i32,
 }
 
+/// A connection as another holder of its socket claims it
+/// ([`Provider::claim_ticket`], [`Provider::claim`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimTicket {
+    app: u64,
+    sock: SocketId,
+    key: u64,
+    peer: Option<SocketAddrV4>,
+    local: Option<SocketAddrV4>,
+    nonblocking: bool,
+    keepalive: bool,
+    nodelay: bool,
+    linger: (bool, i32),
+    shut: (bool, bool),
+    bufs: Bufs,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Fresh,
@@ -185,7 +202,7 @@ enum State {
     Connected,
 }
 
-struct LocalSock {
+pub(crate) struct LocalSock {
     state: State,
     bound: Option<SocketAddrV4>,
     nonblocking: bool,
@@ -273,6 +290,9 @@ const SPIN: Duration = Duration::from_micros(200);
 
 /// An attachment to the local dsand.
 pub struct Provider {
+    /// The daemon's id for this attachment (a forked child names the
+    /// parent's sockets by it when it claims their connections).
+    app_id: u64,
     ctl: Mutex<UnixStream>,
     ctl_fd: RawFd,
     // Drop order: socket views (in `socks`) before the region they point into.
@@ -356,7 +376,9 @@ impl Provider {
         let ctl_fd = ctl.as_raw_fd();
         let epoch = region.header().subnets_epoch.load(Ordering::Acquire);
         let san_addrs = Mutex::new((epoch, subnets_of(&v)));
+        let app_id = v["app"].as_u64().ok_or(Error::NetDown)?;
         Ok(Arc::new(Provider {
+            app_id,
             san_addrs,
             ctl: Mutex::new(ctl),
             ctl_fd,
@@ -1059,6 +1081,134 @@ impl Provider {
         g.as_ref().and_then(|l| l.peer).ok_or(Error::Inval)
     }
 
+    /// What another holder of connected socket `s` (a child forked with
+    /// this attachment's region mapped) needs to claim its connection with
+    /// [`Provider::claim`]: the socket's name here, the connection's claim
+    /// key from its stream block, and what the socket recorded (addresses,
+    /// options). Takes no lock that a thread lost in a fork may hold.
+    ///
+    /// # Errors
+    /// [`Error::NotConn`] unless connected; [`Error::NotSock`];
+    /// [`Error::Again`] if a call of the parent held the socket at the fork.
+    pub fn claim_ticket(&self, s: SocketId) -> Result<ClaimTicket> {
+        let m = self.socks.get(s as usize).ok_or(Error::NotSock)?;
+        let g = match m.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(Error::Again),
+        };
+        let ls = g.as_ref().ok_or(Error::NotSock)?;
+        let connected = ls.state == State::Connected
+            || (ls.state == State::Connecting
+                && self
+                    .region
+                    .sock(s as usize)
+                    .connect_state
+                    .load(Ordering::Acquire)
+                    == 1);
+        let st = &self.region.stream(s as usize).st;
+        if !connected
+            || st.state.load(Ordering::Acquire) & ST_OPEN == 0
+            || st.gen.load(Ordering::Acquire) != self.io[s as usize].gen()
+        {
+            return Err(Error::NotConn);
+        }
+        Ok(ClaimTicket {
+            app: self.app_id,
+            sock: s,
+            key: st.claim.load(Ordering::Acquire),
+            peer: ls.peer,
+            local: ls.bound,
+            nonblocking: ls.nonblocking,
+            keepalive: ls.keepalive,
+            nodelay: ls.nodelay,
+            linger: ls.linger,
+            shut: (ls.shut_rd, ls.shut_wr),
+            bufs: ls.bufs,
+        })
+    }
+
+    /// A new socket of this attachment that serves the connection `t`
+    /// names from now on (the daemon moves its rings here; the socket it
+    /// came from still holds it, and the connection ends when the last
+    /// holder closes it).
+    ///
+    /// # Errors
+    /// [`Error::MFile`]; [`Error::NotConn`] if the connection is gone;
+    /// [`Error::Os`] (EACCES: a wrong key or another user's connection;
+    /// EBADF: no such socket); [`Error::NetDown`].
+    pub fn claim(&self, t: &ClaimTicket) -> Result<SocketId> {
+        let s = self.socket()?;
+        let r = {
+            let mut g = self.lock(s)?;
+            let ls = g.as_mut().expect("checked");
+            let op = Op::Claim {
+                from_app: t.app,
+                from_sock: t.sock,
+                key: t.key,
+            };
+            let r = self.command(s, ls, op, COMMAND_TIMEOUT);
+            if matches!(r, Ok(0)) {
+                ls.state = State::Connected;
+                ls.peer = t.peer;
+                ls.bound = t.local;
+                ls.nonblocking = t.nonblocking;
+                ls.keepalive = t.keepalive;
+                ls.nodelay = t.nodelay;
+                ls.linger = t.linger;
+                (ls.shut_rd, ls.shut_wr) = t.shut;
+                ls.bufs = t.bufs;
+            }
+            r
+        };
+        match r {
+            Ok(0) => Ok(s),
+            other => {
+                let _ = self.close(s);
+                Err(match other {
+                    Ok(e) => Error::from_errno(i32::try_from(-e).unwrap_or(libc::EINVAL)),
+                    Err(e) => e,
+                })
+            }
+        }
+    }
+
+    /// Registers the life of connected socket `s`: `fd` is the read end of
+    /// a pipe whose write end the caller keeps beside the socket (and every
+    /// process that inherits the socket inherits it too); the connection
+    /// ends only once every copy of the write end is gone and no socket
+    /// holds it (see [`Provider::claim`]).
+    ///
+    /// # Errors
+    /// [`Error::NotConn`] if `s` holds no connection; [`Error::MFile`];
+    /// [`Error::NetDown`].
+    pub fn register_life(&self, s: SocketId, fd: RawFd) -> Result<()> {
+        let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+        request(&ctl, &json!({"cmd": "life", "sock": s}), &[fd])
+            .map(|_| ())
+            .map_err(|e| if e == Error::Inval { Error::NotConn } else { e })
+    }
+
+    /// In [`Provider::stream`]: socket `s` holds a connection that another
+    /// socket serves now (`ST_MOVED`): take it back.
+    pub(crate) fn reclaim(&self, s: SocketId, ls: &mut LocalSock) -> Result<()> {
+        let key = self
+            .region
+            .stream(s as usize)
+            .st
+            .claim
+            .load(Ordering::Acquire);
+        let op = Op::Claim {
+            from_app: self.app_id,
+            from_sock: s,
+            key,
+        };
+        match self.command(s, ls, op, COMMAND_TIMEOUT)? {
+            0 => Ok(()),
+            e => Err(Error::from_errno(i32::try_from(-e).unwrap_or(libc::EINVAL))),
+        }
+    }
+
     /// Closes `s`: a listener refuses what it still queues, a connection is
     /// torn down, a connect in progress is abandoned.
     ///
@@ -1170,6 +1320,28 @@ impl SanSocket {
     /// Its id in the provider's table.
     pub fn id(&self) -> SocketId {
         self.s
+    }
+    /// See [`Provider::register_life`].
+    ///
+    /// # Errors
+    /// As [`Provider::register_life`].
+    pub fn register_life(&self, fd: RawFd) -> Result<()> {
+        self.p.register_life(self.live()?, fd)
+    }
+    /// See [`Provider::claim_ticket`].
+    ///
+    /// # Errors
+    /// As [`Provider::claim_ticket`].
+    pub fn claim_ticket(&self) -> Result<ClaimTicket> {
+        self.p.claim_ticket(self.live()?)
+    }
+    /// A socket of `p` that serves the connection `t` names (see [`Provider::claim`]).
+    ///
+    /// # Errors
+    /// As [`Provider::claim`].
+    pub fn claim(p: &Arc<Provider>, t: &ClaimTicket) -> Result<SanSocket> {
+        let s = p.claim(t)?;
+        Ok(SanSocket::own(p.clone(), s))
     }
     /// See [`Provider::bind`].
     ///

@@ -28,9 +28,9 @@ mod switch;
 
 pub use capi::*;
 pub use switch::{
-    accept, adopt, bind, close, connect, connect_settled, error, high, inherited_listener,
-    kernel_socket, listen, readable_now, recv, san_connection, san_destination, send,
-    set_condition, set_daemon_socket, set_fd_base, set_fork_hooks, set_san_only, set_takeover,
-    set_thread_hook, set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable,
-    writable_now, Condition, Transport,
+    accept, adopt, bind, claim_inherited, close, connect, connect_settled, error, high,
+    inherited_listener, kernel_socket, listen, readable_now, recv, release_inherited,
+    san_connection, san_destination, send, set_condition, set_daemon_socket, set_fd_base,
+    set_fork_hooks, set_san_only, set_takeover, set_thread_hook, set_watch_writable, shutdown,
+    socket, take_tcp, transport, watch_writable, writable_now, Condition, Inherited, Transport,
 };

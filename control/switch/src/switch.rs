@@ -62,6 +62,12 @@ struct Sock {
     /// Signalled when a nonblocking connect finishes (in `epfd`: the
     /// descriptor polls readable); drained when the outcome is reported.
     connect_efd: OnceLock<OwnedFd>,
+    /// A SAN connection's life, made before the process first forks with
+    /// it: the write end of a pipe whose read end the daemon holds. Every
+    /// process that inherits the socket inherits this too, so the daemon
+    /// learns from the kernel when the last holder is gone (a child may
+    /// claim the connection until then; see [`claim_inherited`]).
+    life: Mutex<Option<OwnedFd>>,
 }
 
 /// A nonblocking connect, run on a thread of its own.
@@ -313,6 +319,10 @@ struct Global {
     /// In a forked child: the kernel TCP sockets of the listeners the parent
     /// had (by switch descriptor), for [`relisten`].
     inherited_listeners: Mutex<HashMap<RawFd, RawFd>>,
+    /// In a forked child: the parent's connected sockets (by switch
+    /// descriptor), for [`claim_inherited`]. Never dropped here (their SAN
+    /// sockets are the parent's attachment's).
+    inherited_conns: Mutex<HashMap<RawFd, Arc<Sock>>>,
 }
 
 /// Set in a forked child (pthread_atfork): the switch's threads, provider
@@ -348,10 +358,50 @@ pub fn set_fork_hooks(prepare: fn(), release: fn()) {
     let _ = FORK_HOOKS.set((prepare, release));
 }
 
+/// Before a fork: every SAN connection of this process that has no life
+/// yet gets one (see [`Sock::life`]), so that the child inherits it and the
+/// connection outlives the parent's close while the child holds it. One
+/// control-socket request per connection, the first time it is forked with.
+fn register_lives(g: &Global) {
+    if FORKED_CHILD.load(Ordering::Relaxed) {
+        return; // the table is the parent's
+    }
+    let socks: Vec<Arc<Sock>> = g
+        .table
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter_map(|e| match e {
+            Entry::Sock(s) => Some(s.clone()),
+            Entry::Tcp(_) => None,
+        })
+        .collect();
+    for s in socks {
+        let mut life = s.life.lock().unwrap_or_else(|e| e.into_inner());
+        if life.is_some() {
+            continue;
+        }
+        let ss = {
+            let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+            c.as_ref().and_then(|c| c.san.clone())
+        };
+        let Some(ss) = ss else {
+            continue;
+        };
+        let Ok((r, w)) = dsan_channel::sys::pipe_cloexec() else {
+            continue;
+        };
+        if ss.register_life(r.as_raw_fd()).is_ok() {
+            *life = Some(w);
+        }
+    }
+}
+
 extern "C" fn on_fork_prepare() {
     let Some(g) = GLOBAL.get() else {
         return;
     };
+    register_lives(g);
     if let Some((prepare, _)) = FORK_HOOKS.get() {
         prepare();
     }
@@ -425,6 +475,7 @@ fn g() -> &'static Global {
             provider: Mutex::new(None),
             accept_ep: std::sync::atomic::AtomicI32::new(std::os::fd::IntoRawFd::into_raw_fd(ep)),
             inherited_listeners: Mutex::new(HashMap::new()),
+            inherited_conns: Mutex::new(HashMap::new()),
         }
     });
     if FORKED_CHILD.load(Ordering::Relaxed) {
@@ -465,6 +516,15 @@ fn after_fork(g: &'static Global) {
                 }
             }
         }
+        let mut conns = g.inherited_conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.clear();
+        for (fd, e) in &old {
+            if let Entry::Sock(s) = e {
+                if s.conn.try_lock().is_ok_and(|c| c.is_some()) {
+                    conns.insert(*fd, s.clone());
+                }
+            }
+        }
     }
     std::mem::forget(old);
     // The parent's attachment: never dropped here (its drop would talk to
@@ -478,6 +538,145 @@ fn after_fork(g: &'static Global) {
     let ep = start_threads();
     g.accept_ep
         .store(std::os::fd::IntoRawFd::into_raw_fd(ep), Ordering::Release);
+}
+
+/// What a forked child serves a connection of its parent's through
+/// ([`claim_inherited`]).
+#[derive(Debug)]
+pub enum Inherited {
+    /// A switch socket of the child's own, serving the SAN connection.
+    San(RawFd),
+    /// The kernel TCP connection itself (a plain kernel socket from now on).
+    Tcp(OwnedFd),
+}
+
+/// In a forked child: takes over the connection that the parent's switch
+/// socket `fd` (a descriptor the child inherited) is, so that the child
+/// can use it. A SAN connection is claimed from the daemon with the claim
+/// key the child reads in the parent's region (which it inherited mapped):
+/// the connection's rings move to a socket of the child's attachment, and
+/// the parent's socket keeps holding it (see `docs/architecture.md`,
+/// "Sockets shared across fork"); a kernel TCP connection is simply the
+/// kernel socket. The child's copies of the parent's other descriptors for
+/// it are closed. `None` if `fd` was not a connection of the parent.
+///
+/// # Errors
+/// ENETDOWN without a daemon; the claim's errno (ENOTCONN: the connection
+/// ended; EMFILE).
+pub fn claim_inherited(fd: RawFd) -> Result<Option<Inherited>, i32> {
+    let Some(s) = g()
+        .inherited_conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&fd)
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    let (transport, ss, efds) = {
+        let c = s.conn.try_lock().map_err(|_| libc::EAGAIN)?;
+        let Some(c) = c.as_ref() else {
+            return Ok(None);
+        };
+        let efds: Vec<RawFd> = [c.efd.get(), c.wfd.get()]
+            .into_iter()
+            .flatten()
+            .map(|f| f.as_raw_fd())
+            .collect();
+        (c.transport, c.san.clone(), efds)
+    };
+    let tcp_raw = s
+        .tcp
+        .try_lock()
+        .ok()
+        .and_then(|t| t.as_ref().map(AsRawFd::as_raw_fd));
+    let made = match (transport, ss) {
+        (Transport::San, Some(ss)) => {
+            let ticket = ss.claim_ticket().map_err(|e| e.errno())?;
+            drop(ss);
+            let p = provider().ok_or(libc::ENETDOWN)?;
+            let mine = SanSocket::claim(&p, &ticket).map_err(|e| e.errno())?;
+            let nfd = socket()?;
+            let ns = sock(nfd)?;
+            if let Some(t) = tcp_raw {
+                // SAFETY: the child's copy of the parent's kernel socket,
+                // moved out of a record that is never dropped nor used again.
+                *ns.tcp.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(unsafe { OwnedFd::from_raw_fd(t) });
+            }
+            *ns.bound.lock().unwrap_or_else(|e| e.into_inner()) =
+                s.bound.try_lock().ok().and_then(|b| *b);
+            if let Some(w) = s
+                .life
+                .try_lock()
+                .ok()
+                .and_then(|l| l.as_ref().map(AsRawFd::as_raw_fd))
+            {
+                // SAFETY: the child's copy of the life, moved out of a
+                // record that is never dropped nor used again.
+                *ns.life.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(unsafe { OwnedFd::from_raw_fd(w) });
+            }
+            set_san(&ns, Arc::new(mine))?;
+            Inherited::San(nfd)
+        }
+        (Transport::Tcp, _) => {
+            let t = tcp_raw.ok_or(libc::ENOTCONN)?;
+            // SAFETY: as above.
+            Inherited::Tcp(unsafe { OwnedFd::from_raw_fd(t) })
+        }
+        (Transport::San, None) => return Ok(None),
+    };
+    g().inherited_conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&fd);
+    // The child's copies of the parent's epoll and event descriptors: the
+    // record that names them is forgotten (never dropped), so they are
+    // closed here, once.
+    for f in efds.into_iter().chain([s.epfd.as_raw_fd()]) {
+        // SAFETY: descriptors of this process that nothing else uses.
+        unsafe { libc::close(f) };
+    }
+    Ok(Some(made))
+}
+
+/// In a forked child: the program closed its copy of the parent's
+/// connection on switch descriptor `fd` without using it; the child's
+/// copies of the parent's descriptors for it (the life among them) are
+/// closed, so that the connection ends when the parent closes it too (as a
+/// TCP socket does once every process closed it). Nothing for another
+/// descriptor.
+pub fn release_inherited(fd: RawFd) {
+    let Some(s) = g()
+        .inherited_conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&fd)
+    else {
+        return;
+    };
+    let mut copies: Vec<RawFd> = vec![s.epfd.as_raw_fd()];
+    if let Ok(c) = s.conn.try_lock() {
+        if let Some(c) = c.as_ref() {
+            copies.extend(
+                [c.efd.get(), c.wfd.get()]
+                    .into_iter()
+                    .flatten()
+                    .map(|f| f.as_raw_fd()),
+            );
+        }
+    }
+    for m in [&s.life, &s.tcp] {
+        if let Ok(l) = m.try_lock() {
+            copies.extend(l.as_ref().map(AsRawFd::as_raw_fd));
+        }
+    }
+    for f in copies {
+        // SAFETY: the child's copies; the record that names them is
+        // forgotten (never dropped nor used again), so each closes once.
+        unsafe { libc::close(f) };
+    }
 }
 
 /// The accept thread's epoll of this process.
@@ -625,6 +824,7 @@ pub fn socket() -> Result<RawFd, i32> {
         san_only: std::sync::atomic::AtomicBool::new(false),
         takeover: std::sync::atomic::AtomicU32::new(0),
         connect_efd: OnceLock::new(),
+        life: Mutex::new(None),
     };
     g().table
         .write()
@@ -1261,6 +1461,9 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
                 epoll_del(accept_ep(), efd.as_raw_fd());
             }
         }
+        // The life first: the daemon looks at it when the close arrives (a
+        // connection that another process still holds stays open for it).
+        drop(s.life.lock().unwrap_or_else(|e| e.into_inner()).take());
         let conn = s.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(ss) = conn.and_then(|c| c.san) {
             // Options are set on the kernel socket (it records them for

@@ -129,6 +129,9 @@ pub(super) enum SockObj {
         bufs: Bufs,
     },
     Conn(ConnHandle),
+    /// It holds a connection that another socket serves now (a forked
+    /// child claimed it; see [`super::handover`]).
+    Away(ConnHandle),
     /// The peer closed it; the application has yet to.
     Ended,
 }
@@ -210,6 +213,10 @@ impl Node {
     pub(super) fn detach_for(&mut self, now: Instant, id: u64, reason: crate::wire::ResetReason) {
         if reason == crate::wire::ResetReason::ProcessGone {
             self.closes_left_by(now, id);
+        }
+        if reason != crate::wire::ResetReason::Shutdown {
+            // What it shares with other processes stays theirs.
+            self.hand_over_all(now, id);
         }
         self.reset_streams_of(now, id, reason);
         self.proc_ids.retain(|p| *p != id);
@@ -366,7 +373,7 @@ impl Node {
                 self.conn_owner.remove(&h);
                 let _ = self.ep.close(now, h);
             }
-            SockObj::Ended => {}
+            SockObj::Ended | SockObj::Away(_) => {}
         }
     }
 
@@ -448,6 +455,13 @@ impl Node {
                     self.quota_release(uid, o);
                 }
                 match removed {
+                    // Another socket still holds it: it stays open there
+                    // (also after SO_LINGER {1, 0}: on TCP, only the last
+                    // close of a shared socket resets).
+                    Some(SockObj::Conn(h))
+                        if (self.away.contains_key(&h) || self.life.contains_key(&h))
+                            && self.hand_back(now, h) => {}
+                    Some(SockObj::Away(h)) => self.let_go(h, id, sock),
                     Some(SockObj::Conn(h)) if abort && self.abort_stream(now, h) => {}
                     Some(SockObj::Conn(h)) if !abort && self.close_stream(now, h) => {}
                     Some(obj) => self.release(now, obj),
@@ -459,6 +473,11 @@ impl Node {
                 self.kick(now, id, sock);
                 None
             }
+            Op::Claim {
+                from_app,
+                from_sock,
+                key,
+            } => self.app_claim(now, id, sock, (from_app, from_sock), key),
             Op::EventSelect { mask } => {
                 let p = self.procs.get_mut(&id).expect("caller checked");
                 if mask == 0 {

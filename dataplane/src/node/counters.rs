@@ -108,6 +108,11 @@ pub struct Counters {
     pub frames_retransmitted: u64,
     /// Times a sender had bytes but no credit.
     pub credit_stalls: u64,
+    /// SAN connections moved between the sockets holding them (a forked
+    /// child's claim; a hand-back when the serving socket lets go).
+    pub handovers: u64,
+    /// Claims refused for a wrong claim key.
+    pub claims_refused: u64,
     /// Established SAN connections with a stream now.
     pub connections: u64,
     /// Connections reset, by [`RESET_REASONS`].
@@ -166,6 +171,8 @@ pub(super) struct Local {
     pub(super) bytes_rx: u64,
     pub(super) retransmitted: u64,
     pub(super) credit_stalls: u64,
+    pub(super) handovers: u64,
+    pub(super) claims_refused: u64,
     pub(super) resets: [u64; 6],
     pub(super) injected: u64,
 }
@@ -214,6 +221,8 @@ impl Node {
         c.san_bytes_rx = l.bytes_rx;
         c.frames_retransmitted = l.retransmitted;
         c.credit_stalls = l.credit_stalls;
+        c.handovers = l.handovers;
+        c.claims_refused = l.claims_refused;
         c.connections = self.streams.len() as u64;
         c.resets = l.resets;
         c.drop_injected = l.injected;

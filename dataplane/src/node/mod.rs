@@ -11,6 +11,7 @@
 mod apps;
 mod counters;
 mod events;
+mod handover;
 mod notify;
 mod probe;
 mod streams;
@@ -64,6 +65,20 @@ pub enum Command {
         wfd: Option<OwnedFd>,
         /// Done: or the errno (ESRCH: not attached; EMFILE: its user's
         /// share of event descriptors is used up).
+        done: Sender<Result<(), i32>>,
+    },
+    /// Register the life of a process's connection (the read end of a pipe
+    /// whose write end the process holds beside the socket, so that every
+    /// process that inherits the socket holds it too; see
+    /// `node::handover`). The lcore owns and closes it.
+    Life {
+        /// The attachment.
+        app: u64,
+        /// The socket.
+        sock: u32,
+        /// The pipe's read end.
+        fd: OwnedFd,
+        /// Done: or the errno (ESRCH, ENOTCONN, EMFILE).
         done: Sender<Result<(), i32>>,
     },
     /// A process went away (or detached): release everything it held. The
@@ -186,6 +201,20 @@ pub struct Node {
     condemned: Vec<u64>,
     listener_owner: HashMap<ListenerId, (u64, u32)>,
     conn_owner: HashMap<ConnHandle, (u64, u32)>,
+    /// Connections also held by sockets other than the one serving them
+    /// (their rings moved away: a forked child claimed the connection):
+    /// those sockets, by connection. Empty unless processes share one.
+    away: HashMap<ConnHandle, Vec<(u64, u32)>>,
+    /// The keys of every connection's claim key (see `claim_key`).
+    claim_keys: std::hash::RandomState,
+    /// Connections that processes may share (see [`handover`]): their
+    /// lives (the read end of a pipe, and the process that registered it) ...
+    life: HashMap<ConnHandle, (std::os::fd::OwnedFd, u64)>,
+    /// ... and their claim keys.
+    claimable: HashMap<u64, ConnHandle>,
+    /// Connections no socket holds any more while a life still does.
+    orphans: Vec<ConnHandle>,
+    orphan_check_at: Instant,
     stats: Arc<NodeStats>,
     local: Local,
     counters: Counters,
@@ -264,6 +293,12 @@ impl Node {
             condemned: Vec::new(),
             listener_owner: HashMap::new(),
             conn_owner: HashMap::new(),
+            away: HashMap::new(),
+            claim_keys: std::hash::RandomState::new(),
+            life: HashMap::new(),
+            claimable: HashMap::new(),
+            orphans: Vec::new(),
+            orphan_check_at: Instant::ZERO,
             stats: h.stats.clone(),
             local: Local::default(),
             counters: Counters::default(),
@@ -373,6 +408,14 @@ impl Node {
                 done,
             } => {
                 let _ = done.send(self.set_event_fd(app, sock, fd, wfd));
+            }
+            Command::Life {
+                app,
+                sock,
+                fd,
+                done,
+            } => {
+                let _ = done.send(self.set_life(app, sock, fd));
             }
             Command::Detach(id, done) => {
                 self.detach(now, id);
@@ -589,6 +632,7 @@ impl<D: Device> Handler<D> for Node {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        self.check_orphans(now);
         self.apply_addrs();
         self.revoke_foreign_listeners(now);
         self.publish();
@@ -599,7 +643,8 @@ impl<D: Device> Handler<D> for Node {
     fn next_deadline(&self) -> Option<Instant> {
         let p = self.ping.as_ref().map(ActivePing::next_timer);
         let d = self.delayed.iter().map(|(t, _)| *t).min();
-        [p, self.ep.poll_timeout(), self.next_stream_timer(), d]
+        let o = self.next_orphan_check();
+        [p, self.ep.poll_timeout(), self.next_stream_timer(), d, o]
             .into_iter()
             .flatten()
             .min()

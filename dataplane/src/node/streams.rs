@@ -29,7 +29,9 @@ use crate::wire::{
 };
 use dsan_channel::msg::Bufs;
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
-use dsan_channel::stream::{StreamArea, StreamShm, ST_DEAD, ST_LINGER, ST_OPEN, ST_RX_EOF};
+use dsan_channel::stream::{
+    StreamArea, StreamShm, ST_DEAD, ST_LINGER, ST_MOVED, ST_OPEN, ST_RX_EOF,
+};
 use dsan_channel::sys;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -118,6 +120,9 @@ const PROBE: u8 = 2;
 const APP_CLOSED: u8 = 4;
 /// The peer's credit is exhausted (counted once per stall).
 const STALLED: u8 = 8;
+/// No socket holds it, a process that may claim it still does (its slot
+/// lingers; see [`super::handover`]).
+const ORPHAN: u8 = 16;
 
 impl StreamCtx {
     fn has(&self, f: u8) -> bool {
@@ -231,6 +236,7 @@ impl Node {
         // on it only confuses itself); published with the state.
         let gen = shm.snd_p.gen.load(Ordering::Acquire);
         shm.st.gen.store(gen, Ordering::Relaxed);
+        shm.st.claim.store(self.claim_key(h), Ordering::Relaxed);
         shm.st.state.store(ST_OPEN, Ordering::Release);
         let timing = self.timing();
         let s = Stream::new(now, timing, params.mss, params.peer_window, bufs.rcv as u32);
@@ -390,8 +396,10 @@ impl Node {
             return;
         };
         self.stream_timers.remove(&(ctx.timer, h));
+        self.end_away_holders(h, close_error);
+        self.forget_shared(h);
         let shm = ctx.shm();
-        if ctx.has(APP_CLOSED) {
+        if ctx.has(APP_CLOSED) || ctx.has(ORPHAN) {
             shm.st.state.store(0, Ordering::Release);
             return;
         }
@@ -454,11 +462,12 @@ impl Node {
             .iter()
             // Sockets it closed keep sending their last bytes (as TCP does
             // after close and exit): the daemon still maps the region.
-            .filter(|(_, c)| c.pid() == pid && !c.has(APP_CLOSED))
+            .filter(|(_, c)| c.pid() == pid && !c.has(APP_CLOSED) && !c.has(ORPHAN))
             .map(|(h, _)| h)
             .collect();
         mine.sort_unstable();
         for h in mine {
+            self.forget_shared(h);
             self.local.resets[reset_index(reason)] += 1;
             self.ep.reset(now, h, reason);
             self.conn_owner.remove(&h);
@@ -594,6 +603,181 @@ impl Node {
                 p.shared.region.sock(usize::from(ctx.sock)),
                 p.events.get(&ctx.sock()),
                 bit,
+            ) {
+                self.local.event_signal_failed += 1;
+            }
+        }
+    }
+
+    /// The claim key of connection `h`: SipHash of its handle under the
+    /// daemon's random keys (nothing stored per connection; a process
+    /// learns it only from a stream block the connection had in its region).
+    pub(super) fn claim_key(&self, h: ConnHandle) -> u64 {
+        use std::hash::BuildHasher;
+        self.claim_keys.hash_one((h.slot(), h.tag()))
+    }
+
+    /// Moves connection `h`'s rings into socket `sock` of process `pid`
+    /// (a claim, or a hand-back when the socket serving it lets go): the
+    /// bytes the peer has not acknowledged and the bytes not read yet are
+    /// copied to the same absolute positions of the new rings, the new
+    /// block gets every word of both sides (the process waits for the
+    /// claim's completion before it touches it) and the process's own
+    /// generation stamp, and the old block is marked [`ST_MOVED`]. The
+    /// protocol state does not change: the peer sees nothing. False if the
+    /// stream is gone or closing, or the old holder's words are broken (it
+    /// is condemned for that).
+    pub(super) fn move_stream(&mut self, now: Instant, h: ConnHandle, pid: u64, sock: u32) -> bool {
+        let Some(to) = self.procs.get(&pid).map(|p| p.shared.clone()) else {
+            return false;
+        };
+        let key = self.claim_key(h);
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return false;
+        };
+        if ctx.has(APP_CLOSED) {
+            return false;
+        }
+        if Self::sync_from_app(ctx, false).is_err() {
+            let old = ctx.pid();
+            self.local.resets[reset_index(ResetReason::Protocol)] += 1;
+            self.violation(now, old);
+            return false;
+        }
+        let (from, from_area) = (ctx.shm(), ctx.area());
+        let (acked, written) = (ctx.s.acked(), ctx.s.written());
+        let (consumed, received) = (ctx.s.consumed(), ctx.s.received());
+        let (snd_size, rcv_size) = (ctx.snd_size(), ctx.s.rcv_size() as usize);
+        let new = to.region.stream(sock as usize);
+        let new_area = to.region.stream_area(sock as usize, snd_size, rcv_size);
+        // At most a ring each (the stream's indices keep them so).
+        let mut buf = vec![0u8; (written - acked) as usize];
+        from_area.read_send(acked, &mut buf);
+        new_area.write_send(acked, &buf);
+        buf.resize((received - consumed) as usize, 0);
+        from_area.read_recv(consumed, &mut buf);
+        new_area.write_recv(consumed, &buf);
+        // The process's words first (it waits for the claim to complete).
+        new.snd_p.tail.store(written, Ordering::Relaxed);
+        new.snd_p.fin.store(
+            from.snd_p.fin.load(Ordering::Acquire).min(1),
+            Ordering::Relaxed,
+        );
+        new.snd_p.kick.store(0, Ordering::Relaxed);
+        new.rcv_c.head.store(consumed, Ordering::Relaxed);
+        new.rcv_c.want.store(1, Ordering::Relaxed);
+        new.snd_c.head.store(acked, Ordering::Relaxed);
+        new.rcv_p.tail.store(received, Ordering::Relaxed);
+        new.rcv_p.credit_wanted.store(
+            from.rcv_p.credit_wanted.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        new.st.close_error.store(0, Ordering::Relaxed);
+        new.st.snd_size.store(snd_size as u32, Ordering::Relaxed);
+        new.st.rcv_size.store(rcv_size as u32, Ordering::Relaxed);
+        new.st
+            .gen
+            .store(new.snd_p.gen.load(Ordering::Acquire), Ordering::Relaxed);
+        new.st.claim.store(key, Ordering::Relaxed);
+        let state = from.st.state.load(Ordering::Acquire) & (ST_OPEN | ST_RX_EOF);
+        new.st.state.store(state | ST_OPEN, Ordering::Release);
+        if ctx.has(ORPHAN) {
+            // Nobody holds the old slot: it is free now.
+            from.st.state.store(0, Ordering::Release);
+            ctx.set(ORPHAN, false);
+        } else {
+            from.st.state.fetch_or(ST_MOVED, Ordering::Release);
+        }
+        ctx.app = to.clone();
+        ctx.sock = sock as u16;
+        // Threads of the new holder that wait on the block (a holder
+        // taking the connection back after the other let go) look again.
+        for (seq, waiting) in [
+            (&new.rcv_p.seq, &new.rcv_c.waiting),
+            (&new.snd_c.seq, &new.snd_p.waiting),
+        ] {
+            seq.fetch_add(1, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if waiting.load(Ordering::Relaxed) != 0 {
+                sys::futex_wake(seq);
+            }
+        }
+        if received > consumed || state & ST_RX_EOF != 0 {
+            new.rcv_c.want.store(0, Ordering::Relaxed);
+            self.signal(h, FD_READ);
+        }
+        self.local.handovers += 1;
+        self.enqueue(h);
+        self.reschedule(h);
+        true
+    }
+
+    /// Who serves connection `h`: process, socket, its user, and whether it
+    /// is an orphan (no socket holds it; see [`super::handover`]).
+    pub(super) fn serving(&self, h: ConnHandle) -> Option<(u64, u32, u32, bool)> {
+        let c = self.streams.get(&h)?;
+        (!c.has(APP_CLOSED)).then(|| (c.pid(), c.sock(), c.app.uid, c.has(ORPHAN)))
+    }
+
+    /// The socket serving `h` closed while another process may still claim
+    /// it: the stream stays (its slot lingers, so the process does not
+    /// reuse it) and bytes keep arriving into its ring. False if there is
+    /// no such stream.
+    pub(super) fn orphan_stream(&mut self, h: ConnHandle) -> bool {
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return false;
+        };
+        if ctx.has(APP_CLOSED) {
+            return false;
+        }
+        ctx.set(ORPHAN, true);
+        ctx.shm().st.state.fetch_or(ST_LINGER, Ordering::Release);
+        self.conn_owner.remove(&h);
+        true
+    }
+
+    /// An orphan whose last holder went: it closes as that holder's close
+    /// would have (its last bytes and FIN, or a reset if bytes arrived
+    /// that nobody read).
+    pub(super) fn close_orphan(&mut self, now: Instant, h: ConnHandle) {
+        if let Some(ctx) = self.streams.get_mut(&h) {
+            ctx.set(ORPHAN, false);
+        }
+        self.forget_shared(h);
+        self.close_stream(now, h);
+    }
+
+    /// Connection `h` ended: the sockets that held it from afar (see
+    /// [`ST_MOVED`]) read its end as their own, on their own blocks.
+    fn end_away_holders(&mut self, h: ConnHandle, close_error: i32) {
+        let Some(list) = self.away.remove(&h) else {
+            return;
+        };
+        for (pid, sock) in list {
+            let Some(p) = self.procs.get(&pid) else {
+                continue;
+            };
+            let shm = p.shared.region.stream(sock as usize);
+            shm.st.close_error.store(close_error, Ordering::Relaxed);
+            // Nothing to read there: its bytes went with the connection.
+            shm.rcv_p
+                .tail
+                .store(shm.rcv_c.head.load(Ordering::Acquire), Ordering::Relaxed);
+            shm.st.state.fetch_and(!ST_MOVED, Ordering::Relaxed);
+            shm.st.state.fetch_or(ST_DEAD, Ordering::Release);
+            shm.rcv_p.seq.fetch_add(1, Ordering::Release);
+            shm.snd_c.seq.fetch_add(1, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
+                sys::futex_wake(&shm.rcv_p.seq);
+            }
+            if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
+                sys::futex_wake(&shm.snd_c.seq);
+            }
+            if !raise(
+                p.shared.region.sock(sock as usize),
+                p.events.get(&sock),
+                FD_CLOSE,
             ) {
                 self.local.event_signal_failed += 1;
             }

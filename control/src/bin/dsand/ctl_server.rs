@@ -130,6 +130,7 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                         r
                     }
                     Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
+                    Some("life") => life(&req, cx, app.as_deref(), fds),
                     Some("trace") if fds.is_empty() => trace(&req, cx, fd),
                     Some("switch_listen_failed") if fds.is_empty() => {
                         // Never silent: the daemon's log says which process
@@ -149,9 +150,9 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                         cx.fallbacks.add(req["reason"].as_str());
                         Ok(json!({"ok": true}))
                     }
-                    _ if !fds.is_empty() => {
-                        Err("descriptors are accepted only with \"event_fd\"".to_string())
-                    }
+                    _ if !fds.is_empty() => Err(
+                        "descriptors are accepted only with \"event_fd\" and \"life\"".to_string(),
+                    ),
                     Some("ping") if fds.is_empty() => ping(&req, cx, fd),
                     _ => handle_request(&req, cx),
                 };
@@ -295,6 +296,48 @@ fn event_fd(
             "EMFILE: user {}'s share of the daemon's event descriptors is used up",
             app.uid
         )),
+        Err(_) => Err("this process is no longer attached".into()),
+    }
+}
+
+/// `{"cmd":"life","sock":N}` with the read end of a pipe attached: the
+/// life of socket N's connection (its process holds the write end beside
+/// the socket, and so does every process that inherits it), handed to the
+/// lcore (`dataplane::node::handover`).
+fn life(
+    req: &Value,
+    cx: &Ctx,
+    app: Option<&AppShared>,
+    mut fds: Vec<OwnedFd>,
+) -> Result<Value, String> {
+    let app = app.ok_or("attach first")?;
+    let sock = req["sock"]
+        .as_u64()
+        .filter(|s| (*s as usize) < MAX_SOCKETS)
+        .ok_or("\"sock\" out of range")? as u32;
+    if fds.len() != 1 || !sys::is_pipe(fds[0].as_raw_fd()) {
+        return Err("\"life\" carries one descriptor: the read end of a pipe".into());
+    }
+    let fd = fds.pop().expect("one");
+    let r = cx
+        .lcore
+        .ask(
+            |done| Command::Life {
+                app: app.id,
+                sock,
+                fd,
+                done,
+            },
+            ASK,
+        )
+        .map_err(err)?;
+    match r {
+        Ok(()) => Ok(json!({"ok": true})),
+        Err(libc::EMFILE) => Err(format!(
+            "EMFILE: user {}'s share of the daemon's event descriptors is used up",
+            app.uid
+        )),
+        Err(libc::ENOTCONN) => Err("that socket holds no connection".into()),
         Err(_) => Err("this process is no longer attached".into()),
     }
 }

@@ -31,8 +31,9 @@ use std::sync::Arc;
 
 /// Sockets per attached process.
 pub const MAX_SOCKETS: usize = 1024;
-/// Listening sockets per attached process (backlog areas in the region).
-pub const MAX_LISTENERS: usize = 64;
+/// Listening sockets per attached process (backlog areas in the region:
+/// 256 KiB each, touched only as far as a backlog fills).
+pub const MAX_LISTENERS: usize = 256;
 /// Largest backlog of one listener.
 pub const MAX_BACKLOG: usize = 4096;
 /// Slots in the command ring.

@@ -1006,7 +1006,7 @@ fn a_service_that_just_started_listening_is_never_refused() {
 /// program still observes something else over the SAN than on kernel TCP
 /// (each listed with its status in docs/preload.md). The test fails when
 /// one of them starts to match (take it off the list) or another differs.
-const KNOWN_DIFFERENCES: &[&str] = &["fork-child-sends", "oob", "scm-rights"];
+const KNOWN_DIFFERENCES: &[&str] = &["oob", "scm-rights"];
 
 /// One run of the differential script, plain or preloaded, on ports from
 /// `base`: every observation of both sides, sorted.
@@ -1093,4 +1093,78 @@ fn unmodified_programs_observe_over_the_san_what_they_observe_on_kernel_tcp() {
     // The preloaded run went over the SAN (one or more connections for
     // nearly every behaviour).
     assert!(used >= 45, "SAN connections accepted on h1: {used}");
+}
+
+#[test]
+fn a_fork_per_connection_server_serves_every_san_client() {
+    // Issue #24: Python's ForkingTCPServer answered 0 of 20 SAN clients (a
+    // child's inherited SAN connection was the parent's alone, and the
+    // parent's close reset it). Now the child claims the connection (its
+    // rings move to the child's attachment) and the parent's close, with the
+    // child still holding it, closes nothing.
+    let _lab = Lab::up(&[]);
+    let s = root()
+        .join("control/tests/py/fork_server.py")
+        .display()
+        .to_string();
+    let (_srv, _) = started(
+        preloaded("h1", "python3", &[&s, "server", "7510"]),
+        "listening",
+    );
+    let h1 = |name: &str| metric(&scrape(METRICS_BASE + 1), name);
+    let (acc, hand, reset) = (
+        h1("dsan_san_connects_accepted_total"),
+        h1("dsan_san_connection_handovers_total"),
+        metric_sum(
+            &scrape(METRICS_BASE + 1),
+            "dsan_san_connections_reset_total",
+        ),
+    );
+    let fallbacks = counts().fallbacks;
+    let n = 200;
+    let o = run(
+        preloaded("h0", "python3", &[&s, "client", "7510", &n.to_string()]),
+        120,
+    );
+    let t = text(&o);
+    assert!(t.contains(&format!("ok {n} of {n}")), "{t}");
+    // Every connection over the SAN, each claimed by its child, none reset.
+    assert_eq!(h1("dsan_san_connects_accepted_total") - acc, n, "{t}");
+    assert!(h1("dsan_san_connection_handovers_total") - hand >= n, "{t}");
+    assert_eq!(
+        metric_sum(
+            &scrape(METRICS_BASE + 1),
+            "dsan_san_connections_reset_total"
+        ),
+        reset,
+        "{t}"
+    );
+    assert_eq!(
+        counts().fallbacks,
+        fallbacks,
+        "no connection fell back to TCP"
+    );
+}
+
+#[test]
+fn a_blocking_send_over_the_tcp_fallback_waits_for_room() {
+    // Found by the differential suite: a preloaded client whose connect fell
+    // back to kernel TCP got EAGAIN from a blocking send once the path was
+    // full (the switch's kernel socket is nonblocking). It waits now, as a
+    // blocking kernel send does.
+    let _lab = Lab::up(&[]);
+    let s = root()
+        .join("control/tests/py/slow_reader.py")
+        .display()
+        .to_string();
+    let (srv, out) = started(plain("h1", "python3", &[&s, "server", "7511"]), "listening");
+    let before = counts();
+    let o = run(preloaded("h0", "python3", &[&s, "client", "7511"]), 60);
+    assert_eq!(text(&o).trim(), format!("sent {}", 8 << 20), "{}", text(&o));
+    let got = out
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server's count");
+    assert_eq!(got, format!("got {}", 8 << 20));
+    drop(srv);
+    assert_eq!(counts().tcp_only, before.tcp_only + 1, "over kernel TCP");
 }

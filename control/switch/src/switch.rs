@@ -213,6 +213,12 @@ struct Registration {
 /// is due [`REGISTER_AFTER`] after it is queued).
 static REGISTRATIONS: Mutex<std::collections::VecDeque<Registration>> =
     Mutex::new(std::collections::VecDeque::new());
+/// Held by the registration thread while it does a registration (which
+/// locks the connection's record) and by a forking thread across the fork,
+/// so that a child never inherits a record locked by a thread it does not
+/// have (and could then never claim that connection).
+static REGISTERING: Mutex<()> = Mutex::new(());
+
 /// Wakes the registration thread when its queue gains a first job.
 static REGISTRATIONS_CV: std::sync::Condvar = std::sync::Condvar::new();
 
@@ -247,7 +253,10 @@ fn registration_thread() {
         }
         let job = q.pop_front().expect("looked");
         drop(q);
-        register(job);
+        {
+            let _busy = REGISTERING.lock().unwrap_or_else(|e| e.into_inner());
+            register(job);
+        }
         q = REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner());
     }
 }
@@ -330,6 +339,7 @@ struct Global {
 static FORKED_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 type ForkGuards = (
+    std::sync::MutexGuard<'static, ()>,
     std::sync::RwLockWriteGuard<'static, HashMap<RawFd, Entry>>,
     std::sync::MutexGuard<'static, Option<Arc<Provider>>>,
     std::sync::MutexGuard<'static, std::collections::VecDeque<Registration>>,
@@ -402,10 +412,12 @@ extern "C" fn on_fork_prepare() {
         return;
     };
     register_lives(g);
+    let registering = REGISTERING.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((prepare, _)) = FORK_HOOKS.get() {
         prepare();
     }
     let guards = (
+        registering,
         g.table.write().unwrap_or_else(|e| e.into_inner()),
         g.provider.lock().unwrap_or_else(|e| e.into_inner()),
         REGISTRATIONS.lock().unwrap_or_else(|e| e.into_inner()),
@@ -1517,19 +1529,34 @@ pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
     }
     match target(fd)?.0 {
         Target::Tcp(t) => {
-            // SAFETY: a valid socket and buffer.
-            let r = unsafe {
-                libc::send(
-                    t,
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    flags | libc::MSG_NOSIGNAL,
-                )
-            };
-            if r < 0 {
-                Err(errno())
-            } else {
-                Ok(r as usize)
+            // The kernel socket is nonblocking (the switch's); a blocking
+            // descriptor's send takes everything, waiting for room as a
+            // blocking kernel send does (within SO_SNDTIMEO).
+            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
+            let mut sent = 0;
+            loop {
+                let rest = &buf[sent..];
+                // SAFETY: a valid socket and buffer.
+                let r = unsafe {
+                    libc::send(
+                        t,
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
+                };
+                let e = if r < 0 { errno() } else { 0 };
+                if r >= 0 {
+                    sent += r as usize;
+                    if sent == buf.len() || !block {
+                        return Ok(sent);
+                    }
+                } else if e != libc::EAGAIN || !block {
+                    return if sent > 0 { Ok(sent) } else { Err(e) };
+                }
+                if let Err(e) = wait_kernel(t, libc::POLLOUT, libc::SO_SNDTIMEO) {
+                    return if sent > 0 { Ok(sent) } else { Err(e) };
+                }
             }
         }
         Target::San(ss, _) => {
@@ -1561,6 +1588,44 @@ pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
     }
 }
 
+/// Waits until the kernel socket `t` is ready for `events`, at most its
+/// timeout option `opt` (SO_SNDTIMEO / SO_RCVTIMEO; none: for ever), as a
+/// blocking kernel call waits. EAGAIN when the timeout passes, EINTR on a
+/// signal.
+fn wait_kernel(t: RawFd, events: libc::c_short, opt: libc::c_int) -> Result<(), i32> {
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: a valid socket and out-buffers of the given length.
+    let r = unsafe {
+        libc::getsockopt(
+            t,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    };
+    let ms = if r == 0 && (tv.tv_sec > 0 || tv.tv_usec > 0) {
+        (tv.tv_sec.saturating_mul(1000) + tv.tv_usec / 1000).clamp(1, i64::from(i32::MAX)) as i32
+    } else {
+        -1
+    };
+    let mut p = libc::pollfd {
+        fd: t,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        0 => Err(libc::EAGAIN),
+        r if r < 0 => Err(errno()),
+        _ => Ok(()),
+    }
+}
+
 /// Receives from a connected switch descriptor, whichever transport serves
 /// it: bytes, 0 at the end of the stream, as `recv(2)`. `flags`: 0,
 /// MSG_DONTWAIT, MSG_PEEK.
@@ -1573,12 +1638,26 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
     }
     match target(fd)?.0 {
         Target::Tcp(t) => {
-            // SAFETY: a valid socket and buffer.
-            let r = unsafe { libc::recv(t, buf.as_mut_ptr().cast(), buf.len(), flags) };
-            if r < 0 {
-                Err(errno())
-            } else {
-                Ok(r as usize)
+            // As in `send`: a blocking descriptor waits (within SO_RCVTIMEO).
+            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
+            loop {
+                // SAFETY: a valid socket and buffer.
+                let r = unsafe {
+                    libc::recv(
+                        t,
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        flags | libc::MSG_DONTWAIT,
+                    )
+                };
+                if r >= 0 {
+                    return Ok(r as usize);
+                }
+                let e = errno();
+                if e != libc::EAGAIN || !block {
+                    return Err(e);
+                }
+                wait_kernel(t, libc::POLLIN, libc::SO_RCVTIMEO)?;
             }
         }
         Target::San(ss, efd) => {

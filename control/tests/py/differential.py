@@ -991,6 +991,154 @@ def _(role, x, out, base):
         s.close()
 
 
+def reap(pid):
+    """Waits (at most T) for a forked child; its exit code."""
+    deadline = time.time() + T
+    while time.time() < deadline:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(st)
+        time.sleep(0.005)
+    os.kill(pid, 9)
+    return 'hung'
+
+
+def eof_after(c):
+    """Reads to the end of the stream: the bytes, and the seconds it took."""
+    t0 = time.time()
+    c.settimeout(T)
+    b = b''
+    try:
+        while True:
+            x = c.recv(4096)
+            if not x:
+                break
+            b += x
+    except OSError as e:
+        b += b'<' + err_name(e).encode() + b'>'
+    return b, time.time() - t0
+
+
+@behaviour('fork-per-connection')
+def _(role, x, out, base):
+    # socketserver.ForkingTCPServer's shape: the parent closes its copy at
+    # once, the child serves the connection and exits.
+    if role == 'server':
+        c = accept(x)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                line = recv_all(c, 6)
+                c.sendall(b'child:' + line)
+                c.shutdown(socket.SHUT_WR)
+                c.close()
+                code = 0
+            finally:
+                os._exit(code)
+        c.close()
+        out('child_exit', reap(pid))
+    else:
+        s = connect(x)
+        s.sendall(b'hello!')
+        b, _ = eof_after(s)
+        out('got', b)
+        s.close()
+
+
+@behaviour('fork-child-holds-it-open')
+def _(role, x, out, base):
+    # The parent closes; a child that never touches the socket still holds
+    # it: the end of the stream comes only when the child exits.
+    if role == 'server':
+        c = accept(x)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)  # until the parent says so
+            os._exit(0)
+        os.close(r)
+        c.sendall(b'p')
+        c.close()
+        time.sleep(0.3)
+        os.write(w, b'.')
+        os.close(w)
+        out('child_exit', reap(pid))
+    else:
+        s = connect(x)
+        b, took = eof_after(s)
+        out('got', b)
+        out('eof_waited_for_the_child', took >= 0.25)
+        s.close()
+
+
+@behaviour('fork-child-closes-its-copy')
+def _(role, x, out, base):
+    # A child that closes its copy at once holds nothing: the parent's
+    # close ends the connection, while the child lives on.
+    if role == 'server':
+        c = accept(x)
+        r, w = os.pipe()
+        r2, w2 = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.close(r2)
+            c.close()
+            os.write(w2, b'.')  # closed
+            os.read(r, 1)  # lives on until the parent says so
+            os._exit(0)
+        os.close(r)
+        os.close(w2)
+        os.read(r2, 1)
+        c.sendall(b'p')
+        c.close()
+        time.sleep(0.5)
+        os.write(w, b'.')
+        os.close(w)
+        os.close(r2)
+        out('child_exit', reap(pid))
+    else:
+        s = connect(x)
+        b, took = eof_after(s)
+        out('got', b)
+        out('eof_before_the_child_exits', took < 0.4)
+        s.close()
+
+
+@behaviour('fork-both-talk')
+def _(role, x, out, base):
+    # Parent and child both use the socket, one after the other; the
+    # child exits normally (its copy closes), the parent goes on.
+    if role == 'server':
+        c = accept(x)
+        out('first', recv_all(c, 1))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                c.sendall(b'c')
+                got = recv_all(c, 1)
+                c.sendall(got.upper())
+            finally:
+                os._exit(0)
+        out('child_exit', reap(pid))
+        c.sendall(b'p')
+        out('last', recv_all(c, 1))
+        c.close()
+    else:
+        s = connect(x)
+        s.sendall(b'a')
+        out('from_child', recv_all(s, 1))
+        s.sendall(b'b')
+        out('child_echo', recv_all(s, 1))
+        out('from_parent', recv_all(s, 1))
+        s.sendall(b'z')
+        b, _ = eof_after(s)
+        out('end', b)
+        s.close()
+
+
 @behaviour('scm-rights')
 def _(role, x, out, base):
     if role == 'server':
@@ -1060,6 +1208,9 @@ def main():
         return
     base = int(sys.argv[2])
     lock = threading.Lock()
+    only = os.environ.get('DIFF_ONLY')  # a comma-separated subset, for a quick look
+    if only:
+        BEHAVIOURS[:] = [b for b in BEHAVIOURS if b[0] in only.split(',')]
 
     def printer(n):
         def out(key, value):

@@ -1093,6 +1093,19 @@ fn unmodified_programs_observe_over_the_san_what_they_observe_on_kernel_tcp() {
     // The preloaded run went over the SAN (one or more connections for
     // nearly every behaviour).
     assert!(used >= 45, "SAN connections accepted on h1: {used}");
+    // docs/preload.md lists every behaviour with its status.
+    let doc = std::fs::read_to_string(root().join("docs/preload.md")).unwrap();
+    for n in &names {
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{n}` |")))
+            .unwrap_or_else(|| panic!("docs/preload.md has no row for {n}"));
+        assert_eq!(
+            row.contains("| differs"),
+            KNOWN_DIFFERENCES.contains(&n.as_str()),
+            "docs/preload.md: the row for {n} gives the wrong status: {row}"
+        );
+    }
 }
 
 #[test]

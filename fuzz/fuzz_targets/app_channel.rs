@@ -2,7 +2,9 @@
 //! up to three attached at once, each pushing arbitrary slots into its
 //! command ring and writing arbitrary bytes over its ring's indices and its
 //! listeners' backlog rings, attaching, breaking the protocol, detaching and
-//! attaching again in any interleaving, with forged connect requests
+//! attaching again in any interleaving, giving connections lives and
+//! claiming each other's connections (with real or guessed keys), with
+//! forged connect requests
 //! arriving from the wire and time passing. The node must never panic or
 //! loop; a broken ring detaches its process only (its region is marked
 //! closed), and the protocol core's bounds hold.
@@ -77,6 +79,26 @@ enum Op {
     Advance {
         millis: u16,
     },
+    /// The process gives a socket's connection a life (a pipe's read end
+    /// to the daemon), keeping the write end or dropping it at once.
+    Life {
+        sock: u16,
+        keep: bool,
+    },
+    /// The process lets go of the write end of one of its lives.
+    DropLife {
+        which: u8,
+    },
+    /// The process claims into `sock` the connection that process
+    /// `from_proc`'s socket `from_sock` holds, with that socket's real
+    /// claim key (read in its region, as a forked child does) or a guess.
+    Claim {
+        sock: u16,
+        from_proc: u8,
+        from_sock: u16,
+        real_key: bool,
+        guess: u64,
+    },
     /// The process attaches (again, if it was detached).
     Attach,
     /// The process goes away (its control connection closes).
@@ -98,6 +120,8 @@ struct Proc {
     handed: Vec<RequestKey>,
     backlogs: Vec<Option<dsan_channel::ring::Consumer>>,
     seq: u32,
+    /// The write ends of the lives it registered.
+    lives: Vec<OwnedFd>,
 }
 
 const PROCS: usize = 3;
@@ -120,6 +144,7 @@ fn attach(h: &NodeHandle, id: u64) -> Proc {
         handed: Vec::new(),
         backlogs: (0..4).map(|_| None).collect(),
         seq: 0,
+        lives: Vec::new(),
     }
 }
 
@@ -166,6 +191,35 @@ fuzz_target!(|steps: Vec<Step>| {
             procs[k] = Some(attach(&h, next_id));
             next_id += 1;
         }
+        // What a claim names, read before this process is borrowed.
+        let claimed = match &op {
+            Op::Claim {
+                from_proc,
+                from_sock,
+                real_key,
+                guess,
+                ..
+            } => {
+                let j = usize::from(*from_proc) % PROCS;
+                let from_sock = u32::from(*from_sock % 1024);
+                Some(match procs[j].as_ref() {
+                    Some(q) => {
+                        let key = if *real_key {
+                            q.region
+                                .stream(from_sock as usize)
+                                .st
+                                .claim
+                                .load(Ordering::Relaxed)
+                        } else {
+                            *guess
+                        };
+                        (q.id, from_sock, key)
+                    }
+                    None => (*guess, from_sock, *guess),
+                })
+            }
+            _ => None,
+        };
         let p = procs[k].as_mut().expect("attached");
         p.seq = p.seq.wrapping_add(1);
         let seq = p.seq;
@@ -334,6 +388,42 @@ fuzz_target!(|steps: Vec<Step>| {
             Op::Advance { millis } => {
                 now = now + Duration::from_millis(u64::from(millis));
                 None
+            }
+            Op::Life { sock, keep } => {
+                let (r, w) = dsan_channel::sys::pipe_cloexec().unwrap();
+                let (done, _) = std::sync::mpsc::channel();
+                let _ = h.commands.push(NodeCommand::Life {
+                    app: p.id,
+                    sock: u32::from(sock % 1024),
+                    fd: r,
+                    done,
+                });
+                if keep {
+                    p.lives.push(w);
+                }
+                None
+            }
+            Op::DropLife { which } => {
+                if !p.lives.is_empty() {
+                    let i = usize::from(which) % p.lives.len();
+                    drop(p.lives.swap_remove(i));
+                }
+                None
+            }
+            Op::Claim { sock, .. } => {
+                let (from_app, from_sock, key) = claimed.expect("a claim");
+                Some(
+                    Command {
+                        sock: u32::from(sock % 1024),
+                        seq,
+                        op: AppOp::Claim {
+                            from_app,
+                            from_sock,
+                            key,
+                        },
+                    }
+                    .to_slot(),
+                )
             }
         };
         if let Some(s) = slot {

@@ -596,6 +596,7 @@ impl Node {
             self.ep.handle_frame(now, r);
         }
         self.serve_inputs(now);
+        self.check_orphans(now);
         let mut out = Vec::new();
         self.flush_core(now, |_, r| out.push(r));
         self.reap(now);

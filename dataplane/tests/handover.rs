@@ -1,0 +1,350 @@
+//! A connection shared across fork, in the daemon's node without a device:
+//! a process accepts a connection, gives it a life, another process (its
+//! "child") claims it with the key read in the first one's region; wrong
+//! keys are refused; the holder that lets go hands the connection back;
+//! the connection closes (a Close frame to the peer) only once no socket
+//! and no life holds it. (`docs/architecture.md`, "Sockets shared across
+//! fork".)
+
+use dataplane::node::{AppShared, Command as NodeCommand, Counters, Node, NodeConfig, NodeHandle};
+use dataplane::proto::{ProtoConfig, Subnet};
+use dataplane::time::Instant;
+use dataplane::wire::{EthernetAddress, Ipv4, Message, Offer, Repr, SanHeader};
+use dsan_channel::msg::{Command, Op, Verdict};
+use dsan_channel::region::{layout, Region};
+use dsan_channel::ring::Producer;
+use dsan_channel::stream::{ST_LINGER, ST_MOVED, ST_OPEN};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const ME: Ipv4 = Ipv4::new(198, 18, 0, 2);
+const PEER: Ipv4 = Ipv4::new(198, 18, 0, 1);
+
+struct App {
+    id: u64,
+    region: Region,
+    tx: Producer,
+    seq: u32,
+}
+
+impl App {
+    fn attach(h: &NodeHandle, id: u64) -> App {
+        let (app, cmds) = AppShared::new(id, id as u32).unwrap();
+        assert!(h
+            .commands
+            .push(NodeCommand::Attach(app.clone(), cmds))
+            .is_ok());
+        // SAFETY: dup of a valid descriptor gives one we own.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
+        let (region, tx) = Region::open(dup, layout::size()).unwrap();
+        App {
+            id,
+            region,
+            tx,
+            seq: 0,
+        }
+    }
+    /// Sends a command; returns its sequence number.
+    fn send(&mut self, sock: u32, op: Op) -> u32 {
+        self.seq += 1;
+        let seq = self.seq;
+        self.tx.push(&Command { sock, seq, op }.to_slot()).unwrap();
+        seq
+    }
+    /// The result of the last completed command of `sock`, if it is `seq`'s.
+    fn result(&self, sock: u32, seq: u32) -> Option<i64> {
+        let s = self.region.sock(sock as usize);
+        (s.done_seq.load(Ordering::Acquire) == seq).then(|| s.result.load(Ordering::Acquire))
+    }
+    fn state(&self, sock: u32) -> u32 {
+        self.region
+            .stream(sock as usize)
+            .st
+            .state
+            .load(Ordering::Acquire)
+    }
+    fn key(&self, sock: u32) -> u64 {
+        self.region
+            .stream(sock as usize)
+            .st
+            .claim
+            .load(Ordering::Acquire)
+    }
+}
+
+struct Host {
+    n: Node,
+    h: NodeHandle,
+    now: Instant,
+    sent: Vec<Repr>,
+}
+
+impl Host {
+    fn new() -> Host {
+        let cfg = NodeConfig {
+            proto: ProtoConfig {
+                subnets: vec![Subnet {
+                    addr: ME,
+                    prefix: 24,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (n, h) = Node::new(cfg, EthernetAddress([2, 0, 0, 0, 0, 2]), vec![ME]);
+        Host {
+            n,
+            h,
+            now: Instant(1_000_000),
+            sent: Vec::new(),
+        }
+    }
+    fn step(&mut self, rx: &[Repr]) {
+        let out = self.n.step_without_device(self.now, rx);
+        self.sent.extend(out);
+    }
+    fn after(&mut self, d: Duration) {
+        self.now = self.now + d;
+        self.step(&[]);
+    }
+    fn counters(&mut self) -> Counters {
+        let (tx, rx) = std::sync::mpsc::channel();
+        assert!(self.h.commands.push(NodeCommand::Publish(tx)).is_ok());
+        self.step(&[]);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        self.h.stats.snapshot()
+    }
+    fn closes_sent(&self) -> usize {
+        self.sent
+            .iter()
+            .filter(|r| matches!(r.message, Message::Close { .. }))
+            .count()
+    }
+    /// Registers a life for `app`'s socket `sock`; the write end.
+    fn life(&mut self, app: &App, sock: u32) -> OwnedFd {
+        let (r, w) = dsan_channel::sys::pipe_cloexec().unwrap();
+        let (done, got) = std::sync::mpsc::channel();
+        assert!(self
+            .h
+            .commands
+            .push(NodeCommand::Life {
+                app: app.id,
+                sock,
+                fd: r,
+                done,
+            })
+            .is_ok());
+        self.step(&[]);
+        assert_eq!(got.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
+        w
+    }
+}
+
+/// `a` listens on port 80 (socket 1) and accepts a connection from the
+/// peer into socket 5.
+fn accepted(host: &mut Host, a: &mut App) {
+    let seq = a.send(
+        1,
+        Op::Listen {
+            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+            backlog: 8,
+            area: 0,
+            bufs: Default::default(),
+            takeover: 0,
+        },
+    );
+    host.step(&[]);
+    assert!(a.result(1, seq).is_some_and(|r| r > 0), "listening");
+    let req = Repr {
+        header: SanHeader {
+            dst_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            src_ip: PEER,
+            src_port: 40000,
+            dst_ip: ME,
+            dst_port: 80,
+        },
+        message: Message::ConnectRequest {
+            conn_id: 77,
+            client_token: 7,
+            offer: Offer::DEFAULT,
+        },
+    };
+    host.step(&[req]);
+    let mut backlog = a.region.open_backlog(0).unwrap();
+    let r = dsan_channel::msg::Request::parse(&backlog.pop().unwrap().unwrap()).unwrap();
+    let seq = a.send(
+        1,
+        Op::Decide {
+            key: r.key(),
+            peer_port: r.peer.port(),
+            verdict: Verdict::Accept { new_sock: 5 },
+        },
+    );
+    host.step(&[]);
+    assert_eq!(a.result(1, seq), Some(0), "accepted");
+    assert_eq!(a.state(5), ST_OPEN);
+    // The peer confirms.
+    let token = host
+        .sent
+        .iter()
+        .find_map(|r| match r.message {
+            Message::Accept { server_token, .. } => Some(server_token),
+            _ => None,
+        })
+        .expect("an Accept");
+    let mut ack = req;
+    ack.message = Message::AcceptAck { conn_id: 77, token };
+    host.step(&[ack]);
+    host.sent.clear();
+}
+
+#[test]
+fn a_claimed_connection_moves_and_comes_back_and_closes_with_its_last_holder() {
+    let mut host = Host::new();
+    let mut a = App::attach(&host.h, 1);
+    let mut b = App::attach(&host.h, 2);
+    host.step(&[]);
+    accepted(&mut host, &mut a);
+
+    // Without a life nobody may claim it, whatever the key.
+    let seq = b.send(
+        7,
+        Op::Claim {
+            from_app: a.id,
+            from_sock: 5,
+            key: a.key(5),
+        },
+    );
+    host.step(&[]);
+    assert_eq!(b.result(7, seq), Some(-i64::from(libc::EBADF)));
+
+    let w_a = host.life(&a, 5);
+    // B stands for a forked child: it holds a copy of the life.
+    // SAFETY: dup of a valid descriptor gives one we own.
+    let w_b = unsafe { OwnedFd::from_raw_fd(libc::dup(std::os::fd::AsRawFd::as_raw_fd(&w_a))) };
+
+    // A wrong key is refused and counted.
+    let seq = b.send(
+        7,
+        Op::Claim {
+            from_app: a.id,
+            from_sock: 5,
+            key: a.key(5) ^ 1,
+        },
+    );
+    host.step(&[]);
+    assert_eq!(b.result(7, seq), Some(-i64::from(libc::EBADF)));
+    assert_eq!(host.counters().claims_refused, 2);
+
+    // The right key: the connection moves to B's socket 7.
+    let seq = b.send(
+        7,
+        Op::Claim {
+            from_app: a.id,
+            from_sock: 5,
+            key: a.key(5),
+        },
+    );
+    host.step(&[]);
+    assert_eq!(b.result(7, seq), Some(0));
+    assert_eq!(b.state(7), ST_OPEN);
+    assert_eq!(b.key(7), a.key(5));
+    assert_ne!(a.state(5) & ST_MOVED, 0, "A's socket is away");
+    assert_eq!(host.counters().handovers, 1);
+
+    // A takes it back with its own next call (a claim of its own socket).
+    let seq = a.send(
+        5,
+        Op::Claim {
+            from_app: a.id,
+            from_sock: 5,
+            key: a.key(5),
+        },
+    );
+    host.step(&[]);
+    assert_eq!(a.result(5, seq), Some(0));
+    assert_eq!(a.state(5), ST_OPEN);
+    assert_ne!(b.state(7) & ST_MOVED, 0, "now B's is away");
+
+    // B claims again, then A (away) closes: nothing goes to the peer.
+    let seq = b.send(
+        7,
+        Op::Claim {
+            from_app: b.id,
+            from_sock: 7,
+            key: b.key(7),
+        },
+    );
+    host.step(&[]);
+    assert_eq!(b.result(7, seq), Some(0));
+    drop(w_a);
+    let seq = a.send(5, Op::Close);
+    host.step(&[]);
+    assert_eq!(a.result(5, seq), Some(0));
+    host.after(Duration::from_millis(50));
+    assert_eq!(host.closes_sent(), 0, "B still holds it");
+
+    // B's close while its life is still held elsewhere (another child):
+    // an orphan, its slot lingering, no Close yet.
+    // SAFETY: as above.
+    let w_c = unsafe { OwnedFd::from_raw_fd(libc::dup(std::os::fd::AsRawFd::as_raw_fd(&w_b))) };
+    drop(w_b);
+    let seq = b.send(7, Op::Close);
+    host.step(&[]);
+    assert_eq!(b.result(7, seq), Some(0));
+    assert_ne!(b.state(7) & ST_LINGER, 0, "the orphan's slot lingers");
+    host.after(Duration::from_millis(50));
+    assert_eq!(host.closes_sent(), 0, "a holder that never claimed it");
+
+    // The last holder goes (exits without claiming): the connection closes.
+    drop(w_c);
+    host.after(Duration::from_millis(20));
+    host.after(Duration::from_millis(20));
+    let kinds: Vec<String> = host
+        .sent
+        .iter()
+        .map(|r| format!("{:?}", r.message).chars().take(12).collect())
+        .collect();
+    assert!(host.closes_sent() >= 1, "a Close to the peer: {kinds:?}");
+    assert!(
+        kinds.iter().all(|k| !k.starts_with("Reset")),
+        "a clean close, not a reset: {kinds:?}"
+    );
+    assert_eq!(b.state(7) & ST_LINGER, 0, "the slot is free again");
+    assert_eq!(host.counters().handovers, 3);
+}
+
+#[test]
+fn a_holder_that_leaves_hands_the_connection_to_the_other() {
+    let mut host = Host::new();
+    let mut a = App::attach(&host.h, 1);
+    let mut b = App::attach(&host.h, 2);
+    host.step(&[]);
+    accepted(&mut host, &mut a);
+    let _w = host.life(&a, 5);
+    let seq = b.send(
+        9,
+        Op::Claim {
+            from_app: a.id,
+            from_sock: 5,
+            key: a.key(5),
+        },
+    );
+    host.step(&[]);
+    assert_eq!(b.result(9, seq), Some(0));
+    // B's process goes away (a child that exits): A serves it again; the
+    // peer sees nothing.
+    let (done, _) = std::sync::mpsc::channel();
+    assert!(host
+        .h
+        .commands
+        .push(NodeCommand::Detach(b.id, done))
+        .is_ok());
+    host.step(&[]);
+    assert_eq!(a.state(5), ST_OPEN, "back with A, not moved, not dead");
+    assert_eq!(host.counters().resets, [0; 6]);
+    assert_eq!(host.closes_sent(), 0);
+}

@@ -1181,3 +1181,135 @@ fn a_blocking_send_over_the_tcp_fallback_waits_for_room() {
     drop(srv);
     assert_eq!(counts().tcp_only, before.tcp_only + 1, "over kernel TCP");
 }
+
+/// PostgreSQL's programs (Debian's postgresql-15, which `scripts/setup.sh`
+/// installs without starting a server).
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL server started for a test: a fast shutdown (SIGINT to the
+/// postmaster, which ends its backends) on drop, waited for.
+struct Postgres(std::process::Child);
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SAFETY: plain call on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn pgbench_against_a_preloaded_postgresql_over_the_san() {
+    // Issue #24: PostgreSQL forks a backend per connection, which serves the
+    // connection its postmaster accepted (and closed at once). With the
+    // fork hand-over, pgbench -c 16 runs over the SAN without errors.
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("pg");
+    let data = dir.path("data");
+    let owned = Command::new("chown")
+        .args(["-R", "postgres:postgres", &dir.s()])
+        .status()
+        .unwrap();
+    assert!(owned.success());
+    let init = run(
+        {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--clear-groups",
+                &format!("{PG_BIN}/initdb"),
+                "-D",
+                &data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ]);
+            c
+        },
+        120,
+    );
+    assert!(init.status.success(), "initdb: {}", text(&init));
+    // The lab's clients (initdb's trust covers local connections only).
+    {
+        use std::io::Write;
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .unwrap();
+        writeln!(hba, "host all all 198.18.0.0/15 trust").unwrap();
+    }
+    // The server in h1, preloaded, as user postgres with the root group as
+    // a supplementary group (the lab's control sockets are root's group's:
+    // docs/operations.md, who may attach).
+    let mut c = in_host(
+        "h1",
+        Path::new("setpriv"),
+        &[
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--groups=postgres,root",
+            &format!("{PG_BIN}/postgres"),
+            "-D",
+            &data.display().to_string(),
+            "-c",
+            "listen_addresses=0.0.0.0",
+            "-c",
+            "port=5433",
+            "-c",
+            &format!("unix_socket_directories={}", dir.s()),
+            "-c",
+            "max_connections=40",
+            "-c",
+            "fsync=off",
+            "-c",
+            "shared_buffers=32MB",
+        ],
+    );
+    c.env("LD_PRELOAD", lib())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _pg = Postgres(c.spawn().unwrap());
+    wait_listening("h1", 5433);
+    let bench = |args: &[&str]| {
+        let mut a = vec!["-h", "198.18.0.2", "-p", "5433", "-U", "postgres"];
+        a.extend_from_slice(args);
+        a.push("postgres");
+        run(preloaded("h0", &format!("{PG_BIN}/pgbench"), &a), 180)
+    };
+    let before = counts();
+    let h1 = |name: &str| metric(&scrape(METRICS_BASE + 1), name);
+    let hand = h1("dsan_san_connection_handovers_total");
+    let init = bench(&["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "pgbench -i: {}", text(&init));
+    let o = bench(&["-c", "16", "-j", "2", "-T", "5", "-n"]);
+    let t = text(&o);
+    assert!(o.status.success(), "pgbench: {t}");
+    assert!(t.contains("number of clients: 16"), "{t}");
+    assert!(t.contains("number of failed transactions: 0 "), "{t}");
+    let txs: u64 = t
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(txs > 0, "{t}");
+    // Over the SAN: every client connection accepted on h1 and claimed by
+    // its backend; nothing fell back to TCP.
+    let after = counts();
+    assert!(after.accepted - before.accepted >= 17, "{t}");
+    assert!(
+        h1("dsan_san_connection_handovers_total") - hand >= 17,
+        "{t}"
+    );
+    assert_eq!(after.fallbacks, before.fallbacks, "{t}");
+}

@@ -250,8 +250,9 @@ pub enum Op {
         bufs: Bufs,
         /// 0, or the pid of this process's parent: a process forked after its
         /// parent listened takes the address over from the parent's listener
-        /// (which then gets no more requests), so that forked workers serve
-        /// SAN clients.
+        /// (which then gets no more requests), and a later sibling joins the
+        /// one that did (requests go to the workers in turn), so that every
+        /// forked worker serves SAN clients.
         takeover: u32,
     },
     /// Answer the request `key` that arrived on this listener.

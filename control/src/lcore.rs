@@ -143,6 +143,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "streams": {"connections": c.connections, "bytes_sent": c.san_bytes_tx, "bytes_received": c.san_bytes_rx,
                     "frames_retransmitted": c.frames_retransmitted, "credit_stalls": c.credit_stalls,
                     "handovers": c.handovers, "claims_refused": c.claims_refused,
+                    "listener_joins": c.listener_joins,
                     "resets": named(&RESET_REASONS, &c.resets),
                     "state_bytes_per_connection": dataplane::node::STREAM_STATE_BYTES},
         "app_messages_rejected": named(&APP_REJECT_REASONS, &c.app_rejects),

@@ -64,6 +64,7 @@ pub struct Metrics {
     credit_stalls: IntCounter,
     handovers: IntCounter,
     claims_refused: IntCounter,
+    listener_joins: IntCounter,
     resets: IntCounterVec,
     connections: prometheus::IntGauge,
     lcore: Lcore,
@@ -237,6 +238,7 @@ impl Metrics {
             credit_stalls: c("dsan_san_credit_stalls_total", "Times a SAN sender had bytes to send but no credit from its receiver."),
             handovers: c("dsan_san_connection_handovers_total", "SAN connections moved between the processes holding them (a forked child claimed one; a holder let go and another took it back)."),
             claims_refused: c("dsan_san_connection_claims_refused_total", "Claims of a SAN connection refused for a wrong claim key."),
+            listener_joins: c("dsan_san_listener_joins_total", "Forked workers that joined a sibling's SAN listener (requests are shared among the workers)."),
             resets: cv("dsan_san_connections_reset_total", "SAN connections reset, by reason (peer: reset by the other host).", &["reason"]),
             connections,
             attached,
@@ -332,6 +334,7 @@ impl Metrics {
         set(&self.credit_stalls, n.credit_stalls);
         set(&self.handovers, n.handovers);
         set(&self.claims_refused, n.claims_refused);
+        set(&self.listener_joins, n.listener_joins);
         for (i, r) in RESET_REASONS.iter().enumerate() {
             set(&self.resets.with_label_values(&[r]), n.resets[i]);
         }

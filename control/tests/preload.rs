@@ -1313,3 +1313,69 @@ fn pgbench_against_a_preloaded_postgresql_over_the_san() {
     );
     assert_eq!(after.fallbacks, before.fallbacks, "{t}");
 }
+
+#[test]
+fn nginx_with_four_workers_serves_san_clients_from_every_worker() {
+    // Issue #24: of several forked workers only the first to use the
+    // inherited listener served SAN clients. Now later workers join its SAN
+    // listener and requests are handed to the workers in turn.
+    let _lab = Lab::up(&[]);
+    let dir = Scratch::new("four-workers");
+    std::fs::write(dir.path("www/index.html"), b"hello\n").unwrap();
+    let conf = dir.path("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nuser root;\nmaster_process on;\nworker_processes 4;\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n  log_format w '$pid $remote_addr';\n  access_log {d}/access.log w;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  keepalive_requests 100000;\n  server {{ listen 8086; root {d}/www; }}\n}}\n",
+            d = dir.s()
+        ),
+    )
+    .unwrap();
+    let _srv = nginx("h1", &dir, &conf, true);
+    wait_listening("h1", 8086);
+    let h1 = |name: &str| metric(&scrape(METRICS_BASE + 1), name);
+    // The workers listen again as they start: three join the one that took
+    // the address over from the master.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h1("dsan_san_listener_joins_total") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "joins: {}",
+            h1("dsan_san_listener_joins_total")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = dir.path("access.log");
+    let seen = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let before = counts();
+    let o = run(
+        preloaded(
+            "h0",
+            "wrk",
+            &["-t", "2", "-c", "16", "-d", "2s", "http://198.18.0.2:8086/"],
+        ),
+        60,
+    );
+    let t = text(&o);
+    assert!(o.status.success() && !t.contains("Socket errors"), "{t}");
+    let after = counts();
+    assert!(
+        after.accepted - before.accepted >= 16,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.fallbacks, before.fallbacks, "{t}");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let mut per_worker = std::collections::BTreeMap::<String, u64>::new();
+    for l in lines.lines().skip(seen) {
+        let pid = l.split_whitespace().next().unwrap_or("").to_string();
+        *per_worker.entry(pid).or_default() += 1;
+    }
+    assert_eq!(
+        per_worker.len(),
+        4,
+        "requests per worker (pid: count): {per_worker:?}"
+    );
+}

@@ -3,10 +3,14 @@
 //! "child") claims it with the key read in the first one's region; wrong
 //! keys are refused; the holder that lets go hands the connection back;
 //! the connection closes (a Close frame to the peer) only once no socket
-//! and no life holds it. (`docs/architecture.md`, "Sockets shared across
-//! fork".)
+//! and no life holds it. And a listener shared by forked workers: the
+//! first takes it over from the parent, later siblings join, requests go
+//! to the workers in turn, and it closes with its last worker.
+//! (`docs/architecture.md`, "Sockets shared across fork".)
 
-use dataplane::node::{AppShared, Command as NodeCommand, Counters, Node, NodeConfig, NodeHandle};
+use dataplane::node::{
+    AppShared, Command as NodeCommand, Counters, Lineage, Node, NodeConfig, NodeHandle,
+};
 use dataplane::proto::{ProtoConfig, Subnet};
 use dataplane::time::Instant;
 use dataplane::wire::{EthernetAddress, Ipv4, Message, Offer, Repr, SanHeader};
@@ -31,7 +35,11 @@ struct App {
 
 impl App {
     fn attach(h: &NodeHandle, id: u64) -> App {
-        let (app, cmds) = AppShared::new(id, id as u32).unwrap();
+        App::attach_as(h, id, Lineage::default())
+    }
+    /// A process (pid = id) of root's, whose parent is as `lineage` says.
+    fn attach_as(h: &NodeHandle, id: u64, lineage: Lineage) -> App {
+        let (app, cmds) = AppShared::new_as(id, id as u32, 0, true, lineage).unwrap();
         assert!(h
             .commands
             .push(NodeCommand::Attach(app.clone(), cmds))
@@ -347,4 +355,117 @@ fn a_holder_that_leaves_hands_the_connection_to_the_other() {
     assert_eq!(a.state(5), ST_OPEN, "back with A, not moved, not dead");
     assert_eq!(host.counters().resets, [0; 6]);
     assert_eq!(host.closes_sent(), 0);
+}
+
+/// A connect request from the peer's port `src_port` to port 80.
+fn request(src_port: u16, conn_id: u64) -> Repr {
+    Repr {
+        header: SanHeader {
+            dst_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            src_ip: PEER,
+            src_port,
+            dst_ip: ME,
+            dst_port: 80,
+        },
+        message: Message::ConnectRequest {
+            conn_id,
+            client_token: 7,
+            offer: Offer::DEFAULT,
+        },
+    }
+}
+
+fn listen(host: &mut Host, a: &mut App, sock: u32, area: u16, takeover: u32) -> i64 {
+    let seq = a.send(
+        sock,
+        Op::Listen {
+            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+            backlog: 8,
+            area,
+            bufs: Default::default(),
+            takeover,
+        },
+    );
+    host.step(&[]);
+    a.result(sock, seq).expect("completed")
+}
+
+/// Requests waiting in `a`'s backlog ring `area`.
+fn queued(a: &App, area: usize) -> usize {
+    let Ok(mut ring) = a.region.open_backlog(area) else {
+        return 0;
+    };
+    let mut n = 0;
+    while let Ok(Some(_)) = ring.pop() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn forked_workers_share_a_listener_in_turn_and_it_closes_with_the_last() {
+    let mut host = Host::new();
+    let parent = Lineage {
+        ppid: 1,
+        ino: Some(100),
+        parent_ino: Some(1),
+    };
+    let child = Lineage {
+        ppid: 10,
+        ino: None,
+        parent_ino: Some(100),
+    };
+    let mut master = App::attach_as(&host.h, 10, parent);
+    let mut w1 = App::attach_as(&host.h, 11, child);
+    let mut w2 = App::attach_as(&host.h, 12, child);
+    let mut stranger = App::attach_as(
+        &host.h,
+        13,
+        Lineage {
+            ppid: 10,
+            ino: None,
+            parent_ino: Some(999),
+        },
+    );
+    host.step(&[]);
+    assert!(listen(&mut host, &mut master, 1, 0, 0) > 0);
+    // The first worker takes the address over, the second joins it; a
+    // process that is not their sibling may do neither.
+    assert!(listen(&mut host, &mut w1, 1, 0, 10) > 0);
+    assert!(listen(&mut host, &mut w2, 3, 1, 10) > 0);
+    assert_eq!(
+        listen(&mut host, &mut stranger, 1, 0, 10),
+        -i64::from(libc::EADDRINUSE)
+    );
+    assert_eq!(host.counters().listener_joins, 1);
+    // Four requests: two for each worker, none for the master.
+    for i in 0..4u16 {
+        host.step(&[request(41000 + i, 500 + u64::from(i))]);
+    }
+    assert_eq!(
+        (queued(&w1, 0), queued(&w2, 1), queued(&master, 0)),
+        (2, 2, 0)
+    );
+    // The first worker leaves: the second serves every request.
+    let seq = w1.send(1, Op::Close);
+    host.step(&[]);
+    assert_eq!(w1.result(1, seq), Some(0));
+    for i in 4..6u16 {
+        host.step(&[request(41000 + i, 500 + u64::from(i))]);
+    }
+    assert_eq!(queued(&w2, 1), 2);
+    // The last worker leaves: the listener is gone (the master's was taken
+    // over), so a request is refused.
+    let seq = w2.send(3, Op::Close);
+    host.step(&[]);
+    assert_eq!(w2.result(3, seq), Some(0));
+    host.sent.clear();
+    host.step(&[request(41010, 600)]);
+    assert!(
+        host.sent
+            .iter()
+            .any(|r| matches!(r.message, Message::Reject { .. })),
+        "refused once no worker listens"
+    );
 }

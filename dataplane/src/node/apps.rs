@@ -62,6 +62,15 @@ pub struct Lineage {
 }
 
 impl Lineage {
+    /// Whether `other` had the same parent as this process when each
+    /// attached: by pidfs inode where both have one, else by pid.
+    pub fn sibling_of(&self, other: &Lineage) -> bool {
+        match (self.parent_ino, other.parent_ino) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.ppid != 0 && self.ppid == other.ppid,
+        }
+    }
+
     /// Whether the process of `parent` (attached with pid `parent_pid`) was
     /// this one's parent when this one attached: by pidfs inode where both
     /// have one, else by pid.
@@ -236,7 +245,13 @@ impl Node {
             let uid = p.shared.uid;
             let mut socks: Vec<(u32, SockObj)> = p.socks.into_iter().collect();
             socks.sort_unstable_by_key(|(s, _)| *s);
-            for (_, obj) in socks {
+            for (sock, obj) in socks {
+                // A listener its sibling workers still serve lives on.
+                if reason != crate::wire::ResetReason::Shutdown
+                    && self.left_group(now, id, sock, &obj)
+                {
+                    continue;
+                }
                 self.quota_release(uid, &obj);
                 self.release(now, obj);
             }
@@ -367,6 +382,7 @@ impl Node {
         match obj {
             SockObj::Listener { id, .. } => {
                 self.listener_owner.remove(&id);
+                self.disband(id);
                 let _ = self.ep.close_listener(now, id);
             }
             SockObj::Attempt { h, .. } | SockObj::Conn(h) => {
@@ -452,6 +468,11 @@ impl Node {
                 let uid = p.shared.uid;
                 let removed = p.socks.remove(&sock);
                 if let Some(o) = &removed {
+                    if self.left_group(now, id, sock, o) {
+                        // Its sibling workers still serve the listener.
+                        complete(app.region.sock(sock as usize), cmd.seq, 0);
+                        return;
+                    }
                     self.quota_release(uid, o);
                 }
                 match removed {
@@ -552,6 +573,27 @@ impl Node {
                             && p.shared.lineage.child_of(o.shared.pid, &o.shared.lineage)
                     })
             });
+        // A later worker of the same parent joins the worker that took
+        // the address over (see `groups`).
+        if from.is_none() && takeover != 0 {
+            if let Some(l) = self
+                .ep
+                .listener_at(a)
+                .filter(|l| self.may_join(*l, id, takeover))
+            {
+                let cap = self.ep.backlog(l).map_or(1, |b| b.1);
+                let p = self.procs.get_mut(&id).expect("present");
+                let Ok(ring) = p.shared.region.format_backlog(usize::from(area), cap) else {
+                    return errno(libc::EINVAL);
+                };
+                p.backlogs.insert(sock, ring);
+                p.socks
+                    .insert(sock, SockObj::Listener { id: l, area, bufs });
+                self.join(l, id, sock);
+                self.local.listener_joins += 1;
+                return Some(cap as i64);
+            }
+        }
         // One user's share of the host's listeners.
         if !quota_take(&mut self.uid_listeners, uid, super::UID_LISTENERS) {
             self.local.quota_refusals[0] += 1;
@@ -739,6 +781,16 @@ impl Node {
         for (l, pid, sock) in foreign {
             self.local.listen_denials[2] += 1;
             self.listener_owner.remove(&l);
+            // Its sibling workers' sockets learn it too.
+            for (mpid, msock) in self.disband(l) {
+                if let Some(p) = self.procs.get(&mpid) {
+                    let sh = p.shared.region.sock(msock as usize);
+                    sh.accept_error.store(-libc::EACCES, Ordering::Release);
+                    if !super::events::raise(sh, p.events.get(&msock), FD_ACCEPT) {
+                        self.local.event_signal_failed += 1;
+                    }
+                }
+            }
             let _ = self.ep.close_listener(now, l);
             if let Some(p) = self.procs.get_mut(&pid) {
                 if let Some(o) = p.socks.remove(&sock) {

@@ -113,6 +113,8 @@ pub struct Counters {
     pub handovers: u64,
     /// Claims refused for a wrong claim key.
     pub claims_refused: u64,
+    /// Forked workers that joined a sibling's SAN listener.
+    pub listener_joins: u64,
     /// Established SAN connections with a stream now.
     pub connections: u64,
     /// Connections reset, by [`RESET_REASONS`].
@@ -173,6 +175,7 @@ pub(super) struct Local {
     pub(super) credit_stalls: u64,
     pub(super) handovers: u64,
     pub(super) claims_refused: u64,
+    pub(super) listener_joins: u64,
     pub(super) resets: [u64; 6],
     pub(super) injected: u64,
 }
@@ -223,6 +226,7 @@ impl Node {
         c.credit_stalls = l.credit_stalls;
         c.handovers = l.handovers;
         c.claims_refused = l.claims_refused;
+        c.listener_joins = l.listener_joins;
         c.connections = self.streams.len() as u64;
         c.resets = l.resets;
         c.drop_injected = l.injected;

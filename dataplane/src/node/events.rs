@@ -54,10 +54,10 @@ impl Node {
     pub(super) fn dispatch(&mut self, now: Instant, e: Event) {
         match e {
             Event::Incoming { listener, request } => {
-                let Some(&(pid, sock)) = self.listener_owner.get(&listener) else {
-                    return;
-                };
-                if !self.procs.contains_key(&pid) {
+                let mut members = std::mem::take(&mut self.member_buf);
+                self.members_into(listener, &mut members);
+                if members.is_empty() {
+                    self.member_buf = members;
                     return;
                 }
                 let left = (request.arrived + self.cfg.proto.connect_budget).saturating_since(now);
@@ -72,33 +72,39 @@ impl Node {
                 if let Some(t) = self.trace.as_mut() {
                     t.push(request.conn_id, super::Hop::Queued);
                 }
-                let Some(p) = self.procs.get_mut(&pid) else {
-                    return;
-                };
-                let pushed = match p.backlogs.get_mut(&sock) {
-                    Some(ring) => ring.push(&req.to_slot()),
-                    None => Err(PushError::Full),
-                };
-                match pushed {
-                    Ok(()) => {
-                        let s = p.shared.region.sock(sock as usize);
-                        if !raise(s, p.events.get(&sock), FD_ACCEPT) {
-                            self.local.event_signal_failed += 1;
+                // To the first member (in turn) whose ring takes it.
+                let slot = req.to_slot();
+                let mut taken = false;
+                for &(pid, sock) in &members {
+                    let Some(p) = self.procs.get_mut(&pid).filter(|p| !p.condemned) else {
+                        continue;
+                    };
+                    let pushed = match p.backlogs.get_mut(&sock) {
+                        Some(ring) => ring.push(&slot),
+                        None => Err(PushError::Full),
+                    };
+                    match pushed {
+                        Ok(()) => {
+                            let s = p.shared.region.sock(sock as usize);
+                            if !raise(s, p.events.get(&sock), FD_ACCEPT) {
+                                self.local.event_signal_failed += 1;
+                            }
+                            taken = true;
+                            break;
                         }
+                        // The core counts the request as pending, so an
+                        // honest application's ring has room; it is full
+                        // only when it holds requests that expired before
+                        // the application took them: the next member.
+                        Err(PushError::Full) => {}
+                        Err(PushError::Violation(_)) => self.violation(now, pid),
                     }
-                    // The core counts the request as pending, so an honest
-                    // application's ring has room; it is full only when it
-                    // holds requests that expired before the application took
-                    // them. Refused at once, no event.
-                    Err(PushError::Full) => {
-                        self.ep
-                            .refuse(now, request.key(), RejectReason::BacklogFull);
-                    }
-                    Err(PushError::Violation(_)) => {
-                        self.ep
-                            .refuse(now, request.key(), RejectReason::BacklogFull);
-                        self.violation(now, pid);
-                    }
+                }
+                self.member_buf = members;
+                if !taken {
+                    // No ring took it: refused at once, no event.
+                    self.ep
+                        .refuse(now, request.key(), RejectReason::BacklogFull);
                 }
             }
             Event::Connected { conn, .. } | Event::ConnectFailed { conn, .. } => {

@@ -11,6 +11,7 @@
 mod apps;
 mod counters;
 mod events;
+mod groups;
 mod handover;
 mod notify;
 mod probe;
@@ -200,6 +201,12 @@ pub struct Node {
     /// inside a walk: a detach changes `proc_ids`).
     condemned: Vec<u64>,
     listener_owner: HashMap<ListenerId, (u64, u32)>,
+    /// Listeners shared by forked workers: the members besides the owner,
+    /// and whose turn it is (see [`groups`]).
+    joined: HashMap<ListenerId, Vec<(u64, u32)>>,
+    turns: HashMap<ListenerId, usize>,
+    /// Scratch for a request's candidate sockets (kept: no allocation per request).
+    member_buf: Vec<(u64, u32)>,
     conn_owner: HashMap<ConnHandle, (u64, u32)>,
     /// Connections also held by sockets other than the one serving them
     /// (their rings moved away: a forked child claimed the connection):
@@ -292,6 +299,9 @@ impl Node {
             proc_ids: Vec::new(),
             condemned: Vec::new(),
             listener_owner: HashMap::new(),
+            joined: HashMap::new(),
+            turns: HashMap::new(),
+            member_buf: Vec::new(),
             conn_owner: HashMap::new(),
             away: HashMap::new(),
             claim_keys: std::hash::RandomState::new(),

@@ -1,0 +1,105 @@
+//! Listeners shared by forked workers (nginx, gunicorn, pre-fork servers):
+//! a parent listens, forks workers, and every worker accepts.
+//!
+//! The first worker to use the inherited listener takes the SAN address over
+//! from its parent (`Op::Listen`'s take-over pid; the parent, often a
+//! master that never accepts, gets no more requests). Each later worker of
+//! the same parent *joins* that listener: it gets a backlog ring of its own
+//! in its region, and the requests that arrive are handed to the group's
+//! members in turn (a member whose ring is full is skipped). A member that
+//! leaves takes only its own ring with it; when the owner leaves, a member
+//! becomes the owner, and the listener closes with its last member.
+
+use super::apps::SockObj;
+use super::Node;
+use crate::proto::ListenerId;
+use crate::time::Instant;
+
+impl Node {
+    /// Whether process `id` (of user `uid`, whose parent is `ppid`) may
+    /// join listener `l`: its owner is a sibling (the same parent, proven
+    /// by pidfds where there are), not the process itself, of the same user.
+    pub(super) fn may_join(&self, l: ListenerId, id: u64, ppid: u32) -> bool {
+        let Some(me) = self.procs.get(&id) else {
+            return false;
+        };
+        self.listener_owner
+            .get(&l)
+            .filter(|(owner, _)| *owner != id)
+            .and_then(|(owner, _)| self.procs.get(owner))
+            .is_some_and(|o| {
+                o.shared.uid == me.shared.uid
+                    && o.shared.lineage.ppid == ppid
+                    && me.shared.lineage.sibling_of(&o.shared.lineage)
+            })
+    }
+
+    /// Socket `sock` of process `id` is a member of listener `l` now.
+    pub(super) fn join(&mut self, l: ListenerId, id: u64, sock: u32) {
+        self.joined.entry(l).or_default().push((id, sock));
+    }
+
+    /// Every socket requests for `l` may go to, in the order to try them
+    /// (the owner, then the members, turning by one each time), into `out`
+    /// (cleared first; no allocation once it has grown).
+    pub(super) fn members_into(&mut self, l: ListenerId, out: &mut Vec<(u64, u32)>) {
+        out.clear();
+        let Some(owner) = self.listener_owner.get(&l).copied() else {
+            return;
+        };
+        out.push(owner);
+        if let Some(more) = self.joined.get(&l).filter(|m| !m.is_empty()) {
+            out.extend_from_slice(more);
+            let turn = self.turns.entry(l).or_insert(0);
+            let start = *turn % out.len();
+            *turn = turn.wrapping_add(1);
+            out.rotate_left(start);
+        }
+    }
+
+    /// Socket `sock` of process `id`, a socket of listener `l`, leaves the
+    /// group. True if the listener lives on (with its other members: an
+    /// owner that leaves hands the listener to one); false if `sock` was
+    /// its only socket (the caller closes it).
+    pub(super) fn leave(&mut self, l: ListenerId, id: u64, sock: u32) -> bool {
+        let Some(members) = self.joined.get_mut(&l) else {
+            return false;
+        };
+        let was_member = members.contains(&(id, sock));
+        members.retain(|m| *m != (id, sock));
+        let owner_left = self.listener_owner.get(&l) == Some(&(id, sock));
+        let next = if owner_left { members.pop() } else { None };
+        if members.is_empty() {
+            self.joined.remove(&l);
+            self.turns.remove(&l);
+        }
+        if let Some(n) = next {
+            self.listener_owner.insert(l, n);
+            return true;
+        }
+        was_member
+    }
+
+    /// A listener closed: its members' sockets learn it (the owner's is
+    /// the caller's business). Returns them.
+    pub(super) fn disband(&mut self, l: ListenerId) -> Vec<(u64, u32)> {
+        self.turns.remove(&l);
+        let members = self.joined.remove(&l).unwrap_or_default();
+        for (pid, sock) in &members {
+            if let Some(p) = self.procs.get_mut(pid) {
+                p.socks.remove(sock);
+                p.backlogs.remove(sock);
+            }
+        }
+        members
+    }
+
+    /// Whether `obj` of process `id`'s socket `sock` is a listener that
+    /// lives on without it (see [`Node::leave`]); closes nothing.
+    pub(super) fn left_group(&mut self, _now: Instant, id: u64, sock: u32, obj: &SockObj) -> bool {
+        match obj {
+            SockObj::Listener { id: l, .. } => self.leave(*l, id, sock),
+            _ => false,
+        }
+    }
+}

@@ -1024,7 +1024,15 @@ fn differential(preload: bool, base: u16) -> Vec<String> {
         }
     };
     let (_srv, out) = started(mk("h1", &[&s, "server", &b]), "listening");
-    let o = run(mk("h0", &[&s, "client", &b]), 300);
+    let o = std::panic::catch_unwind(|| run(mk("h0", &[&s, "client", &b]), 240));
+    let Ok(o) = o else {
+        // The client did not finish: what the server side saw says where.
+        let server: Vec<String> = out.try_iter().collect();
+        panic!(
+            "the client side (preload: {preload}) did not finish; the server side saw:\n{}",
+            server.join("\n")
+        );
+    };
     let client = text(&o);
     assert!(client.contains("client done"), "{client}");
     let mut lines: Vec<String> = client

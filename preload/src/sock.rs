@@ -91,6 +91,67 @@ pub(crate) unsafe fn write_v4(v: SocketAddrV4, a: *mut sockaddr, len: *mut sockl
     }
 }
 
+/// Writes `v` as the kernel names an IPv4 peer to an AF_INET6 socket (a
+/// v4-mapped `::ffff:a.b.c.d` in a sockaddr_in6) when `v6`, else as
+/// [`write_v4`] does.
+///
+/// # Safety
+/// As [`write_v4`].
+pub(crate) unsafe fn write_addr(v: SocketAddrV4, v6: bool, a: *mut sockaddr, len: *mut socklen_t) {
+    if !v6 {
+        // SAFETY: the caller's contract.
+        return unsafe { write_v4(v, a, len) };
+    }
+    if a.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: sockaddr_in6 is plain data; zeroed is valid.
+    let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sin6.sin6_port = v.port().to_be();
+    sin6.sin6_addr.s6_addr = v.ip().to_ipv6_mapped().octets();
+    let full = std::mem::size_of::<libc::sockaddr_in6>();
+    // SAFETY: `len` is valid (caller).
+    let room = unsafe { *len } as usize;
+    // SAFETY: `a` has `room` writable bytes; we copy at most that many.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&sin6 as *const libc::sockaddr_in6).cast::<u8>(),
+            a.cast::<u8>(),
+            room.min(full),
+        );
+        *len = full as socklen_t;
+    }
+}
+
+/// The IPv4 address a listener on `fd` serves: its bound IPv4 address, or
+/// for an AF_INET6 socket bound to `::` without IPV6_V6ONLY (a dual-stack
+/// listener) the IPv4 wildcard, or for one bound to a v4-mapped address
+/// that address; with whether the socket is AF_INET6.
+fn listen_name(fd: RawFd) -> Option<(SocketAddrV4, bool)> {
+    if let Some(v4) = name_of(fd) {
+        return Some((v4, false));
+    }
+    // SAFETY: sockaddr_in6 is plain data; zeroed is valid.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as socklen_t;
+    // SAFETY: valid out-buffers.
+    let r =
+        unsafe { real::getsockname()(fd, (&mut sa as *mut libc::sockaddr_in6).cast(), &mut len) };
+    if r != 0 || i32::from(sa.sin6_family) != libc::AF_INET6 {
+        return None;
+    }
+    let port = u16::from_be(sa.sin6_port);
+    let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr);
+    let v4 = if ip.is_unspecified() {
+        (int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(0))
+            .then_some(Ipv4Addr::UNSPECIFIED)?
+    } else {
+        ip.to_ipv4_mapped()?
+    };
+    Some((SocketAddrV4::new(v4, port), true))
+}
+
 fn int_opt(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
     let mut v: c_int = 0;
     let mut len = std::mem::size_of::<c_int>() as socklen_t;
@@ -165,7 +226,7 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
     if !is_stream(fd) {
         return None;
     }
-    let bound = name_of(fd)?;
+    let (bound, v6) = listen_name(fd)?;
     let (action, rule) = rules::decide(Role::Server, bound);
     if action == Action::Tcp {
         rules::log(|| {
@@ -186,6 +247,7 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
             let r = take_over(fd, sw, State::Listening, flags).map(|p| {
                 *p.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
                 p.backlog.store(backlog, Ordering::Relaxed);
+                p.v6.store(v6, Ordering::Relaxed);
                 0
             });
             if r.is_err() {
@@ -327,6 +389,12 @@ pub(crate) fn accept(
             // A kernel TCP connection: the program gets the kernel socket.
             use std::os::fd::IntoRawFd;
             let fd = tcp.into_raw_fd();
+            if p.v6.load(Ordering::Relaxed) {
+                // An IPv6 (or v4-mapped) client of a dual-stack listener:
+                // its name as the kernel gives it.
+                // SAFETY: a valid socket and the caller's out-parameters.
+                unsafe { real::getpeername()(fd, addr, len) };
+            }
             if nonblock {
                 set_fl(fd, fl(fd) | libc::O_NONBLOCK);
             }
@@ -354,6 +422,7 @@ pub(crate) fn accept(
             }
             let np = PFd::new(nfd, State::Connected);
             np.nonblock.store(nonblock, Ordering::Relaxed);
+            np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
             let _ = dsan_switch::watch_writable(nfd);
             *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
             *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -363,8 +432,10 @@ pub(crate) fn accept(
             fd
         }
     };
-    // SAFETY: the caller's out-parameters.
-    unsafe { write_v4(peer, addr, len) };
+    if !(p.v6.load(Ordering::Relaxed) && table::get(fd).is_none()) {
+        // SAFETY: the caller's out-parameters.
+        unsafe { write_addr(peer, p.v6.load(Ordering::Relaxed), addr, len) };
+    }
     Ok(fd)
 }
 
@@ -453,7 +524,13 @@ pub(crate) unsafe fn getsockopt(
                 }
             }
             libc::SO_TYPE => return int(libc::SOCK_STREAM),
-            libc::SO_DOMAIN => return int(libc::AF_INET),
+            libc::SO_DOMAIN => {
+                return int(if p.v6.load(Ordering::Relaxed) {
+                    libc::AF_INET6
+                } else {
+                    libc::AF_INET
+                })
+            }
             libc::SO_PROTOCOL => return int(libc::IPPROTO_TCP),
             libc::SO_ACCEPTCONN => return int(c_int::from(p.state() == State::Listening)),
             _ => {}
@@ -548,7 +625,7 @@ pub(crate) unsafe fn name(
             .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
     };
     // SAFETY: the caller's out-parameters.
-    unsafe { write_v4(v, a, len) };
+    unsafe { write_addr(v, p.v6.load(Ordering::Relaxed), a, len) };
     Ok(0)
 }
 
@@ -583,6 +660,7 @@ fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
                         *p.peer.lock().unwrap_or_else(|e| e.into_inner());
                     *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
                         *p.local.lock().unwrap_or_else(|e| e.into_inner());
+                    np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
                     rules::log(|| format!("fd {fd}: the parent's SAN connection, claimed"));
                     Some(np)
                 }
@@ -641,6 +719,7 @@ fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
         Ok((np, san)) => {
             *np.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
             np.backlog.store(backlog, Ordering::Relaxed);
+            np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
             rules::log(|| {
                 format!(
                     "listen fd {fd} again after fork: {}",

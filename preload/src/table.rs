@@ -89,6 +89,9 @@ pub(crate) struct PFd {
     /// The descriptor's O_NONBLOCK, as the program set it (kept here so
     /// that a data call does not ask the kernel each time).
     pub(crate) nonblock: AtomicBool,
+    /// An AF_INET6 socket (a dual-stack listener and what it accepts): SAN
+    /// addresses are named v4-mapped, as Linux names IPv4 peers there.
+    pub(crate) v6: AtomicBool,
 }
 
 impl PFd {
@@ -104,6 +107,7 @@ impl PFd {
             inherited: AtomicBool::new(false),
             backlog: AtomicI32::new(0),
             nonblock: AtomicBool::new(false),
+            v6: AtomicBool::new(false),
         })
     }
     pub(crate) fn state(&self) -> State {

@@ -285,6 +285,8 @@ impl LocalSock {
 /// How long a command may take before the daemon is presumed stuck; connects
 /// wait for the connect budget on top.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a control-socket request waits for the daemon's answer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Spin this long on shared memory before sleeping on a futex.
 const SPIN: Duration = Duration::from_micros(200);
 
@@ -363,6 +365,10 @@ impl Provider {
             .or_else(|| std::env::var_os("DSAN_SOCKET").map(Into::into))
             .unwrap_or_else(|| "/run/dsan/dsand.sock".into());
         let ctl = UnixStream::connect(&path).map_err(|_| Error::NetDown)?;
+        // No request may hang its caller for ever (a fork handler among
+        // them): a daemon that does not answer within this is gone.
+        let _ = ctl.set_read_timeout(Some(CONTROL_TIMEOUT));
+        let _ = ctl.set_write_timeout(Some(CONTROL_TIMEOUT));
         let (v, mut fds) = request(&ctl, &json!({"cmd": "attach"}), &[])?;
         if fds.len() != 3 {
             return Err(Error::NetDown);

@@ -1747,23 +1747,70 @@ fn writable_fd(fd: RawFd) -> Option<RawFd> {
 /// # Errors
 /// An errno from the kernel.
 pub fn adopt(tcp: OwnedFd) -> Result<RawFd, i32> {
-    let mut sa: libc::sockaddr_in = sin(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a valid socket and out-buffers.
-    let r = unsafe {
-        libc::getsockname(
-            tcp.as_raw_fd(),
-            (&mut sa as *mut libc::sockaddr_in).cast(),
-            &mut len,
-        )
-    };
-    let bound = (r == 0 && i32::from(sa.sin_family) == libc::AF_INET && sa.sin_port != 0)
-        .then(|| from_sin(&sa));
+    let bound = bound_v4(tcp.as_raw_fd());
     let fd = socket()?;
     let s = sock(fd)?;
     *s.tcp.lock().unwrap_or_else(|e| e.into_inner()) = Some(tcp);
     *s.bound.lock().unwrap_or_else(|e| e.into_inner()) = bound;
     Ok(fd)
+}
+
+/// The IPv4 address and port a kernel socket is bound to: its own for an
+/// AF_INET socket; for an AF_INET6 one bound to `::` without IPV6_V6ONLY
+/// (dual-stack) the IPv4 wildcard, for one bound to a v4-mapped address
+/// that address. None when unbound or IPv6 only.
+fn bound_v4(fd: RawFd) -> Option<SocketAddrV4> {
+    // SAFETY: sockaddr_storage is plain data; zeroed is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: a valid socket and out-buffers of the given length.
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET address fits a sockaddr_storage.
+            let sa: libc::sockaddr_in =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            (sa.sin_port != 0).then(|| from_sin(&sa))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 address fits a sockaddr_storage.
+            let sa: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+            let port = u16::from_be(sa.sin6_port);
+            let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            if port == 0 {
+                return None;
+            }
+            let v4 = if ip.is_unspecified() {
+                let mut only: libc::c_int = 1;
+                let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: a valid socket and out-buffers of the given length.
+                let r = unsafe {
+                    libc::getsockopt(
+                        fd,
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                        (&mut only as *mut libc::c_int).cast(),
+                        &mut l,
+                    )
+                };
+                (r == 0 && only == 0).then_some(Ipv4Addr::UNSPECIFIED)?
+            } else {
+                ip.to_ipv4_mapped()?
+            };
+            Some(SocketAddrV4::new(v4, port))
+        }
+        _ => None,
+    }
 }
 
 /// Hands over an accepted kernel TCP connection (from [`accept`]): the

@@ -1003,6 +1003,12 @@ def reap(pid):
     return 'hung'
 
 
+def wait_byte(fd):
+    """Reads one byte from a pipe, waiting at most T."""
+    r, _, _ = select.select([fd], [], [], T)
+    return os.read(fd, 1) if r else b'<timeout>'
+
+
 def eof_after(c):
     """Reads to the end of the stream: the bytes, and the seconds it took."""
     t0 = time.time()
@@ -1056,7 +1062,7 @@ def _(role, x, out, base):
         pid = os.fork()
         if pid == 0:
             os.close(w)
-            os.read(r, 1)  # until the parent says so
+            wait_byte(r)  # until the parent says so
             os._exit(0)
         os.close(r)
         c.sendall(b'p')
@@ -1087,11 +1093,11 @@ def _(role, x, out, base):
             os.close(r2)
             c.close()
             os.write(w2, b'.')  # closed
-            os.read(r, 1)  # lives on until the parent says so
+            wait_byte(r)  # lives on until the parent says so
             os._exit(0)
         os.close(r)
         os.close(w2)
-        os.read(r2, 1)
+        out('child_closed', wait_byte(r2))
         c.sendall(b'p')
         c.close()
         time.sleep(0.5)
@@ -1136,6 +1142,28 @@ def _(role, x, out, base):
         s.sendall(b'z')
         b, _ = eof_after(s)
         out('end', b)
+        s.close()
+
+
+@behaviour('dual-stack-listener')
+def _(role, x, out, base):
+    # A listener on [::] (IPV6_V6ONLY off), as many servers open one: IPv4
+    # clients appear as v4-mapped IPv6 addresses.
+    if role == 'server':
+        c, peer = x.accept()
+        out('family', c.family.name)
+        out('peer', name(peer, base))
+        out('peer_name', name(c.getpeername(), base))
+        out('local_name', name(c.getsockname(), base))
+        out('domain', c.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN))
+        out('got', recv_all(c, 3))
+        c.sendall(b'v6!')
+        c.close()
+    else:
+        s = connect(x)
+        s.sendall(b'abc')
+        out('got', recv_all(s, 3))
+        out('peer_name', name(s.getpeername(), base))
         s.close()
 
 
@@ -1221,9 +1249,16 @@ def main():
     if role == 'server':
         ls = []
         for i, (n, f) in enumerate(BEHAVIOURS):
-            l = socket.socket()
-            l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            l.bind(('0.0.0.0', base + i))
+            if n.startswith('dual-stack'):
+                # An IPv6 socket on [::] that takes IPv4 clients too.
+                l = socket.socket(socket.AF_INET6)
+                l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                l.bind(('::', base + i))
+            else:
+                l = socket.socket()
+                l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                l.bind(('0.0.0.0', base + i))
             l.listen(8)
             l.settimeout(WAIT)
             ls.append(l)

@@ -997,18 +997,22 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
 /// a dsand restart, listeners serve SAN clients again with nothing for the
 /// application to do.
 fn revive_listeners() {
-    let fds: Vec<RawFd> = g()
+    // The sockets first, the table's lock released before any socket's
+    // lock is taken: `accept` holds a listener's lock while it adds the
+    // accepted socket to the table, so taking them the other way round
+    // here deadlocked the two (seen once a second at worst, when this ran
+    // beside an accept).
+    let socks: Vec<(RawFd, Arc<Sock>)> = g()
         .table
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .filter_map(|(fd, e)| match e {
-            Entry::Sock(s) if s.listen.lock().map(|l| l.is_some()).unwrap_or(false) => Some(*fd),
-            _ => None,
+            Entry::Sock(s) => Some((*fd, s.clone())),
+            Entry::Tcp(_) => None,
         })
         .collect();
-    for fd in fds {
-        let Ok(s) = sock(fd) else { continue };
+    for (fd, s) in socks {
         let mut guard = s.listen.lock().unwrap_or_else(|e| e.into_inner());
         let Some(l) = guard.as_mut() else { continue };
         let alive = l.san.as_ref().is_some_and(|(ss, _)| ss.daemon_alive());
@@ -1432,17 +1436,14 @@ fn connect_now(
 /// # Errors
 /// ENOTCONN if it is not connected; ENOTSOCK.
 pub fn transport(fd: RawFd) -> Result<Transport, i32> {
-    match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
-        Some(Entry::Tcp(_)) => Ok(Transport::Tcp),
-        Some(Entry::Sock(s)) => s
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|c| c.transport)
-            .ok_or(libc::ENOTCONN),
-        None => Err(libc::ENOTSOCK),
-    }
+    // (No socket lock under the table's: see `revive_listeners`.)
+    let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+        Some(Entry::Tcp(_)) => return Ok(Transport::Tcp),
+        Some(Entry::Sock(s)) => s.clone(),
+        None => return Err(libc::ENOTSOCK),
+    };
+    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+    c.as_ref().map(|c| c.transport).ok_or(libc::ENOTCONN)
 }
 
 /// Closes a switch descriptor (its SAN side too).

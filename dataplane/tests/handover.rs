@@ -82,6 +82,21 @@ impl App {
     }
 }
 
+/// `x` claims into its socket `sock` the connection `from` names, with
+/// `key`: the claim's result.
+fn claim(host: &mut Host, x: &mut App, sock: u32, from: (u64, u32), key: u64) -> Option<i64> {
+    let seq = x.send(
+        sock,
+        Op::Claim {
+            from_app: from.0,
+            from_sock: from.1,
+            key,
+        },
+    );
+    host.step(&[]);
+    x.result(sock, seq)
+}
+
 struct Host {
     n: Node,
     h: NodeHandle,
@@ -218,16 +233,10 @@ fn a_claimed_connection_moves_and_comes_back_and_closes_with_its_last_holder() {
     accepted(&mut host, &mut a);
 
     // Without a life nobody may claim it, whatever the key.
-    let seq = b.send(
-        7,
-        Op::Claim {
-            from_app: a.id,
-            from_sock: 5,
-            key: a.key(5),
-        },
+    assert_eq!(
+        claim(&mut host, &mut b, 7, (a.id, 5), a.key(5)),
+        Some(-i64::from(libc::EBADF))
     );
-    host.step(&[]);
-    assert_eq!(b.result(7, seq), Some(-i64::from(libc::EBADF)));
 
     let w_a = host.life(&a, 5);
     // B stands for a forked child: it holds a copy of the life.
@@ -235,59 +244,28 @@ fn a_claimed_connection_moves_and_comes_back_and_closes_with_its_last_holder() {
     let w_b = unsafe { OwnedFd::from_raw_fd(libc::dup(std::os::fd::AsRawFd::as_raw_fd(&w_a))) };
 
     // A wrong key is refused and counted.
-    let seq = b.send(
-        7,
-        Op::Claim {
-            from_app: a.id,
-            from_sock: 5,
-            key: a.key(5) ^ 1,
-        },
+    assert_eq!(
+        claim(&mut host, &mut b, 7, (a.id, 5), a.key(5) ^ 1),
+        Some(-i64::from(libc::EBADF))
     );
-    host.step(&[]);
-    assert_eq!(b.result(7, seq), Some(-i64::from(libc::EBADF)));
     assert_eq!(host.counters().claims_refused, 2);
 
     // The right key: the connection moves to B's socket 7.
-    let seq = b.send(
-        7,
-        Op::Claim {
-            from_app: a.id,
-            from_sock: 5,
-            key: a.key(5),
-        },
-    );
-    host.step(&[]);
-    assert_eq!(b.result(7, seq), Some(0));
+    assert_eq!(claim(&mut host, &mut b, 7, (a.id, 5), a.key(5)), Some(0));
     assert_eq!(b.state(7), ST_OPEN);
     assert_eq!(b.key(7), a.key(5));
     assert_ne!(a.state(5) & ST_MOVED, 0, "A's socket is away");
     assert_eq!(host.counters().handovers, 1);
 
     // A takes it back with its own next call (a claim of its own socket).
-    let seq = a.send(
-        5,
-        Op::Claim {
-            from_app: a.id,
-            from_sock: 5,
-            key: a.key(5),
-        },
-    );
-    host.step(&[]);
-    assert_eq!(a.result(5, seq), Some(0));
+    let (from, key) = ((a.id, 5), a.key(5));
+    assert_eq!(claim(&mut host, &mut a, 5, from, key), Some(0));
     assert_eq!(a.state(5), ST_OPEN);
     assert_ne!(b.state(7) & ST_MOVED, 0, "now B's is away");
 
     // B claims again, then A (away) closes: nothing goes to the peer.
-    let seq = b.send(
-        7,
-        Op::Claim {
-            from_app: b.id,
-            from_sock: 7,
-            key: b.key(7),
-        },
-    );
-    host.step(&[]);
-    assert_eq!(b.result(7, seq), Some(0));
+    let (from, key) = ((b.id, 7), b.key(7));
+    assert_eq!(claim(&mut host, &mut b, 7, from, key), Some(0));
     drop(w_a);
     let seq = a.send(5, Op::Close);
     host.step(&[]);
@@ -333,16 +311,7 @@ fn a_holder_that_leaves_hands_the_connection_to_the_other() {
     host.step(&[]);
     accepted(&mut host, &mut a);
     let _w = host.life(&a, 5);
-    let seq = b.send(
-        9,
-        Op::Claim {
-            from_app: a.id,
-            from_sock: 5,
-            key: a.key(5),
-        },
-    );
-    host.step(&[]);
-    assert_eq!(b.result(9, seq), Some(0));
+    assert_eq!(claim(&mut host, &mut b, 9, (a.id, 5), a.key(5)), Some(0));
     // B's process goes away (a child that exits): A serves it again; the
     // peer sees nothing.
     let (done, _) = std::sync::mpsc::channel();

@@ -166,6 +166,28 @@ const ACK_INDEX: usize = match wire::Kind::Ack.index() {
     None => 0,
 };
 
+/// Both rings' futex words move on, and the process's threads that wait
+/// on them (it said so) are woken to look again.
+fn wake_waiters(shm: &StreamShm) {
+    shm.rcv_p.seq.fetch_add(1, Ordering::Release);
+    shm.snd_c.seq.fetch_add(1, Ordering::Release);
+    fence(Ordering::SeqCst);
+    if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
+        sys::futex_wake(&shm.rcv_p.seq);
+    }
+    if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
+        sys::futex_wake(&shm.snd_c.seq);
+    }
+}
+
+/// The connection of this block is gone (`close_error`: 0 or a negative
+/// errno): its receives drain what is there, its sends fail.
+fn mark_dead(shm: &StreamShm, close_error: i32) {
+    shm.st.close_error.store(close_error, Ordering::Relaxed);
+    shm.st.state.fetch_or(ST_DEAD, Ordering::Release);
+    wake_waiters(shm);
+}
+
 /// Index of a reason in [`super::RESET_REASONS`].
 fn reset_index(r: ResetReason) -> usize {
     match r {
@@ -403,17 +425,7 @@ impl Node {
             shm.st.state.store(0, Ordering::Release);
             return;
         }
-        shm.st.close_error.store(close_error, Ordering::Relaxed);
-        shm.st.state.fetch_or(ST_DEAD, Ordering::Release);
-        shm.rcv_p.seq.fetch_add(1, Ordering::Release);
-        shm.snd_c.seq.fetch_add(1, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
-            sys::futex_wake(&shm.rcv_p.seq);
-        }
-        if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
-            sys::futex_wake(&shm.snd_c.seq);
-        }
+        mark_dead(shm, close_error);
         if let Some(p) = self.procs.get(&ctx.pid()) {
             let ok = raise(
                 p.shared.region.sock(usize::from(ctx.sock)),
@@ -692,16 +704,7 @@ impl Node {
         ctx.sock = sock as u16;
         // Threads of the new holder that wait on the block (a holder
         // taking the connection back after the other let go) look again.
-        for (seq, waiting) in [
-            (&new.rcv_p.seq, &new.rcv_c.waiting),
-            (&new.snd_c.seq, &new.snd_p.waiting),
-        ] {
-            seq.fetch_add(1, Ordering::Release);
-            fence(Ordering::SeqCst);
-            if waiting.load(Ordering::Relaxed) != 0 {
-                sys::futex_wake(seq);
-            }
-        }
+        wake_waiters(new);
         if received > consumed || state & ST_RX_EOF != 0 {
             new.rcv_c.want.store(0, Ordering::Relaxed);
             self.signal(h, FD_READ);
@@ -758,22 +761,12 @@ impl Node {
                 continue;
             };
             let shm = p.shared.region.stream(sock as usize);
-            shm.st.close_error.store(close_error, Ordering::Relaxed);
             // Nothing to read there: its bytes went with the connection.
             shm.rcv_p
                 .tail
                 .store(shm.rcv_c.head.load(Ordering::Acquire), Ordering::Relaxed);
             shm.st.state.fetch_and(!ST_MOVED, Ordering::Relaxed);
-            shm.st.state.fetch_or(ST_DEAD, Ordering::Release);
-            shm.rcv_p.seq.fetch_add(1, Ordering::Release);
-            shm.snd_c.seq.fetch_add(1, Ordering::Release);
-            fence(Ordering::SeqCst);
-            if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
-                sys::futex_wake(&shm.rcv_p.seq);
-            }
-            if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
-                sys::futex_wake(&shm.snd_c.seq);
-            }
+            mark_dead(shm, close_error);
             if !raise(
                 p.shared.region.sock(sock as usize),
                 p.events.get(&sock),

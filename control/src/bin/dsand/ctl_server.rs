@@ -242,6 +242,30 @@ fn attach(
     )
 }
 
+/// The attachment and the request's `"sock"` (in range) of a request that
+/// registers descriptors for a socket.
+fn socket_of<'a>(req: &Value, app: Option<&'a AppShared>) -> Result<(&'a AppShared, u32), String> {
+    let app = app.ok_or("attach first")?;
+    let sock = req["sock"]
+        .as_u64()
+        .filter(|s| (*s as usize) < MAX_SOCKETS)
+        .ok_or("\"sock\" out of range")? as u32;
+    Ok((app, sock))
+}
+
+/// The reply to a registration the lcore did (or refused with an errno).
+fn registered(r: Result<(), i32>, app: &AppShared) -> Result<Value, String> {
+    match r {
+        Ok(()) => Ok(json!({"ok": true})),
+        Err(libc::EMFILE) => Err(format!(
+            "EMFILE: user {}'s share of the daemon's event descriptors is used up",
+            app.uid
+        )),
+        Err(libc::ENOTCONN) => Err("that socket holds no connection".into()),
+        Err(_) => Err("this process is no longer attached".into()),
+    }
+}
+
 /// `{"cmd":"event_fd","sock":N}` with one eventfd attached: the event
 /// descriptor of socket N, handed to the lcore (which owns and closes it).
 /// With two descriptors, the second is the one FD_WRITE signals instead.
@@ -251,11 +275,7 @@ fn event_fd(
     app: Option<&AppShared>,
     mut fds: Vec<OwnedFd>,
 ) -> Result<Value, String> {
-    let app = app.ok_or("attach first")?;
-    let sock = req["sock"]
-        .as_u64()
-        .filter(|s| (*s as usize) < MAX_SOCKETS)
-        .ok_or("\"sock\" out of range")? as u32;
+    let (app, sock) = socket_of(req, app)?;
     // One descriptor, or two: the event descriptor and the FD_WRITE one.
     if fds.is_empty() || fds.len() > 2 {
         return Err(
@@ -277,7 +297,7 @@ fn event_fd(
             n.shutdown(); // another connection of the process was first
         }
     }
-    let registered = cx
+    let r = cx
         .lcore
         .ask(
             |done| Command::EventFd {
@@ -290,14 +310,7 @@ fn event_fd(
             ASK,
         )
         .map_err(err)?;
-    match registered {
-        Ok(()) => Ok(json!({"ok": true})),
-        Err(libc::EMFILE) => Err(format!(
-            "EMFILE: user {}'s share of the daemon's event descriptors is used up",
-            app.uid
-        )),
-        Err(_) => Err("this process is no longer attached".into()),
-    }
+    registered(r, app)
 }
 
 /// `{"cmd":"life","sock":N}` with the read end of a pipe attached: the
@@ -310,11 +323,7 @@ fn life(
     app: Option<&AppShared>,
     mut fds: Vec<OwnedFd>,
 ) -> Result<Value, String> {
-    let app = app.ok_or("attach first")?;
-    let sock = req["sock"]
-        .as_u64()
-        .filter(|s| (*s as usize) < MAX_SOCKETS)
-        .ok_or("\"sock\" out of range")? as u32;
+    let (app, sock) = socket_of(req, app)?;
     if fds.len() != 1 || !sys::is_pipe(fds[0].as_raw_fd()) {
         return Err("\"life\" carries one descriptor: the read end of a pipe".into());
     }
@@ -331,15 +340,7 @@ fn life(
             ASK,
         )
         .map_err(err)?;
-    match r {
-        Ok(()) => Ok(json!({"ok": true})),
-        Err(libc::EMFILE) => Err(format!(
-            "EMFILE: user {}'s share of the daemon's event descriptors is used up",
-            app.uid
-        )),
-        Err(libc::ENOTCONN) => Err("that socket holds no connection".into()),
-        Err(_) => Err("this process is no longer attached".into()),
-    }
+    registered(r, app)
 }
 
 /// `{"cmd":"trace","action":"start"|"stop"}`: connection-setup tracing

@@ -186,7 +186,7 @@ impl Proc {
     }
 }
 
-fn errno(e: i32) -> Option<i64> {
+pub(super) fn errno(e: i32) -> Option<i64> {
     Some(-i64::from(e))
 }
 
@@ -247,9 +247,7 @@ impl Node {
             socks.sort_unstable_by_key(|(s, _)| *s);
             for (sock, obj) in socks {
                 // A listener its sibling workers still serve lives on.
-                if reason != crate::wire::ResetReason::Shutdown
-                    && self.left_group(now, id, sock, &obj)
-                {
+                if reason != crate::wire::ResetReason::Shutdown && self.left_group(id, sock, &obj) {
                     continue;
                 }
                 self.quota_release(uid, &obj);
@@ -468,7 +466,7 @@ impl Node {
                 let uid = p.shared.uid;
                 let removed = p.socks.remove(&sock);
                 if let Some(o) = &removed {
-                    if self.left_group(now, id, sock, o) {
+                    if self.left_group(id, sock, o) {
                         // Its sibling workers still serve the listener.
                         complete(app.region.sock(sock as usize), cmd.seq, 0);
                         return;
@@ -479,9 +477,7 @@ impl Node {
                     // Another socket still holds it: it stays open there
                     // (also after SO_LINGER {1, 0}: on TCP, only the last
                     // close of a shared socket resets).
-                    Some(SockObj::Conn(h))
-                        if (self.away.contains_key(&h) || self.life.contains_key(&h))
-                            && self.hand_back(now, h) => {}
+                    Some(SockObj::Conn(h)) if self.shared(h) && self.hand_back(now, h) => {}
                     Some(SockObj::Away(h)) => self.let_go(h, id, sock),
                     Some(SockObj::Conn(h)) if abort && self.abort_stream(now, h) => {}
                     Some(SockObj::Conn(h)) if !abort && self.close_stream(now, h) => {}

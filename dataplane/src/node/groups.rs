@@ -13,7 +13,6 @@
 use super::apps::SockObj;
 use super::Node;
 use crate::proto::ListenerId;
-use crate::time::Instant;
 
 impl Node {
     /// Whether process `id` (of user `uid`, whose parent is `ppid`) may
@@ -96,7 +95,7 @@ impl Node {
 
     /// Whether `obj` of process `id`'s socket `sock` is a listener that
     /// lives on without it (see [`Node::leave`]); closes nothing.
-    pub(super) fn left_group(&mut self, _now: Instant, id: u64, sock: u32, obj: &SockObj) -> bool {
+    pub(super) fn left_group(&mut self, id: u64, sock: u32, obj: &SockObj) -> bool {
         match obj {
             SockObj::Listener { id: l, .. } => self.leave(*l, id, sock),
             _ => false,

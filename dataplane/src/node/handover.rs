@@ -21,7 +21,7 @@
 //! then does it close. So a connection ends with its last holder, as a TCP
 //! socket shared across fork does.
 
-use super::apps::SockObj;
+use super::apps::{errno, SockObj};
 use super::Node;
 use crate::proto::ConnHandle;
 use crate::time::Instant;
@@ -31,10 +31,6 @@ use std::time::Duration;
 /// How often orphans' lives are looked at (a child that exits without
 /// claiming or closing its copy: its connection closes this much later).
 const ORPHAN_CHECK: Duration = Duration::from_millis(10);
-
-fn errno(e: i32) -> Option<i64> {
-    Some(-i64::from(e))
-}
 
 /// Whether some process still holds the write end of the pipe whose read
 /// end is `fd` (no hang-up reported).
@@ -80,6 +76,12 @@ impl Node {
         let key = self.claim_key(h);
         self.claimable.insert(key, h);
         Ok(())
+    }
+
+    /// Whether other sockets or processes may hold `h` (one holds it from
+    /// afar, or it has a life): its serving socket's close hands it back.
+    pub(super) fn shared(&self, h: ConnHandle) -> bool {
+        self.away.contains_key(&h) || self.life.contains_key(&h)
     }
 
     /// Whether a process other than the one letting go still holds `h`
@@ -214,10 +216,7 @@ impl Node {
                     self.let_go(h, id, sock);
                     done.push(sock);
                 }
-                SockObj::Conn(h)
-                    if (self.away.contains_key(&h) || self.life.contains_key(&h))
-                        && self.hand_back(now, h) =>
-                {
+                SockObj::Conn(h) if self.shared(h) && self.hand_back(now, h) => {
                     done.push(sock);
                 }
                 _ => {}

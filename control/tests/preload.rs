@@ -768,6 +768,56 @@ fn cc_plain(src: &str, name: &str, flags: &[&str]) -> PathBuf {
 }
 
 #[test]
+fn a_program_with_1024_descriptors_holds_1000_san_connections() {
+    // Issue #24: a SAN connection cost a preloaded program about six
+    // descriptors (its number, the switch's epoll instance, a kernel socket,
+    // a connect's, a readable and a writable eventfd): a client with the
+    // default limit of 1,024 held some 170. Now each costs the one number
+    // the program holds, on both sides (Python's socket with a timeout
+    // polls for "writable" before every send, and epoll for the replies).
+    let _lab = Lab::up(&[]);
+    let script = root().join("control/tests/py/hold_many.py");
+    let s = script.display().to_string();
+    let before = counts();
+    let limited = |host: &str, args: &[&str]| {
+        let mut a = vec!["--nofile=1024:1024", "python3", &s];
+        a.extend_from_slice(args);
+        preloaded(host, "prlimit", &a)
+    };
+    let (_srv, out) = started(limited("h1", &["server", "7470", "1000"]), "listening");
+    let o = run(
+        limited("h0", &["client", "198.18.0.2", "7470", "1000"]),
+        120,
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let fds: usize = t
+        .split_whitespace()
+        .skip_while(|w| *w != "fds")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(t.contains("ok 1000 fds"), "{t}");
+    assert!(fds <= 1000 + 24, "the client held {fds} descriptors: {t}");
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(30)).unwrap(),
+        "held 1000"
+    );
+    let sfds: usize = out
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .trim_start_matches("fds ")
+        .parse()
+        .unwrap();
+    assert!(sfds <= 1000 + 24, "the server held {sfds} descriptors");
+    let after = counts();
+    assert!(
+        after.accepted - before.accepted >= 1000,
+        "the SAN carried them"
+    );
+}
+
+#[test]
 fn a_plain_blocking_accept_waits_for_san_clients() {
     // Issue #24: a blocking accept() with nothing polled first returned
     // EAGAIN at once (the switch's listen made the program's descriptor

@@ -48,11 +48,11 @@ pub(crate) fn recv(p: &PFd, buf: &mut [u8], flags: c_int) -> Result<usize, i32> 
     ready(p)?;
     let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK) | dontwait(p);
     if flags & libc::MSG_WAITALL == 0 || f & libc::MSG_PEEK != 0 {
-        return dsan_switch::recv(p.sw, buf, f);
+        return dsan_switch::recv(p.sw(), buf, f);
     }
     let mut got = 0;
     while got < buf.len() {
-        match dsan_switch::recv(p.sw, &mut buf[got..], f) {
+        match dsan_switch::recv(p.sw(), &mut buf[got..], f) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(_) if got > 0 => break,
@@ -68,12 +68,12 @@ pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
         return Err(libc::EOPNOTSUPP);
     }
     let r = ready(p)
-        .and_then(|()| dsan_switch::send(p.sw, buf, flags & libc::MSG_DONTWAIT | dontwait(p)));
+        .and_then(|()| dsan_switch::send(p.sw(), buf, flags & libc::MSG_DONTWAIT | dontwait(p)));
     if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
         crate::rules::log(|| {
             format!(
                 "send on switch socket {} ({:?}): errno {e}",
-                p.sw,
+                p.sw(),
                 p.state()
             )
         });
@@ -260,5 +260,5 @@ pub(crate) unsafe fn sendfile(
 
 /// Bytes waiting to be received (FIONREAD).
 pub(crate) fn unread(p: &PFd) -> usize {
-    dsan_switch::san_connection(p.sw).map_or(0, |ss| ss.readiness(false, false).unread as usize)
+    dsan_switch::san_connection(p.sw()).map_or(0, |ss| ss.readiness(false, false).unread as usize)
 }

@@ -24,6 +24,7 @@
 #![allow(clippy::missing_safety_doc)] // each call's contract is the C library's
 
 mod io;
+mod opts;
 mod real;
 mod rules;
 mod sock;
@@ -46,9 +47,6 @@ extern "C" fn init() {
     // The library's locks join the switch's fork handlers, taken before
     // the switch's (the library calls the switch while holding them).
     dsan_switch::set_fork_hooks(fork_prepare, fork_release);
-    // Programs poll their sockets for "writable": every SAN connection gets
-    // its FD_WRITE descriptor with its event descriptor, in one request.
-    dsan_switch::set_watch_writable(true);
     // What the environment says, now: programs may clear it later (nginx's
     // workers keep only TZ).
     if let Some(p) = std::env::var_os("DSAN_SOCKET") {
@@ -141,7 +139,9 @@ fn sret(r: Result<usize, i32>) -> ssize_t {
 #[no_mangle]
 pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int {
     // SAFETY: the caller's arguments, passed on.
-    unsafe { real::socket()(domain, ty, proto) }
+    let fd = unsafe { real::socket()(domain, ty, proto) };
+    opts::clear(fd);
+    fd
 }
 
 /// Interposed: a switch socket binds its kernel socket.
@@ -149,9 +149,12 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
 pub unsafe extern "C" fn bind(fd: c_int, a: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours!(fd, unsafe { real::bind()(fd, a, len) });
-    match dsan_switch::kernel_socket(p.sw) {
+    match dsan_switch::kernel_socket(p.sw()) {
         // SAFETY: the caller's arguments.
         Ok(k) => unsafe { real::bind()(k, a, len) },
+        // A SAN connection without a kernel socket: connected, as the
+        // kernel says of a connected socket.
+        Err(libc::EBADFD) => ret(Err(libc::EINVAL)),
         Err(e) => ret(Err(e)),
     }
 }
@@ -165,7 +168,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         return unsafe { real::listen()(fd, backlog) };
     };
     if let Some(p) = table::get(fd) {
-        return ret(dsan_switch::listen(p.sw, backlog).map(|_| 0));
+        return ret(dsan_switch::listen(p.sw(), backlog).map(|_| 0));
     }
     match sock::listen_new(fd, backlog) {
         Some(r) => ret(r),
@@ -238,7 +241,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: plain call.
     let (p, _in) = ours_live!(fd, unsafe { real::shutdown()(fd, how) });
-    ret(dsan_switch::shutdown(p.sw, how).map(|()| 0))
+    ret(dsan_switch::shutdown(p.sw(), how).map(|()| 0))
 }
 
 /// A caller's buffer as a slice (empty for a zero length).
@@ -539,7 +542,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::ioctl()(fd, req, arg) });
-    if req == libc::FIONREAD && dsan_switch::san_connection(p.sw).is_some() {
+    if req == libc::FIONREAD && dsan_switch::san_connection(p.sw()).is_some() {
         let ptr = arg as *mut c_int;
         if ptr.is_null() {
             return ret(Err(libc::EFAULT));
@@ -558,9 +561,10 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
         }
         return r;
     }
-    match dsan_switch::kernel_socket(p.sw) {
+    match dsan_switch::kernel_socket(p.sw()) {
         // SAFETY: the caller's arguments, to the kernel socket.
         Ok(k) => unsafe { real::ioctl()(k, req, arg) },
+        Err(libc::EBADFD) => ret(Err(libc::ENOTTY)),
         Err(e) => ret(Err(e)),
     }
 }
@@ -574,6 +578,11 @@ pub unsafe extern "C" fn setsockopt(
     val: *const c_void,
     len: socklen_t,
 ) -> c_int {
+    if !table::maybe_ours(fd) {
+        // Kept in mind for a socket that later connects over the SAN and
+        // gives its kernel socket up (`opts`).
+        opts::mark(fd);
+    }
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::setsockopt()(fd, level, name, val, len) });
     // SAFETY: the caller's arguments.

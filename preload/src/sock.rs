@@ -292,25 +292,28 @@ pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, 
         rules::log(|| format!("connect fd {fd} {dst}: kernel TCP (not a SAN destination)"));
         return None;
     }
-    let sw = match dup_owned(fd).and_then(dsan_switch::adopt) {
+    // A lean socket: the program's number becomes the socket's eventfd
+    // (its kernel socket lives on, moved, until a SAN connection serves it).
+    let nonblock = fl(fd) & libc::O_NONBLOCK != 0;
+    let cloexec = cloexec(fd);
+    let sw = match dup_owned(fd).and_then(|k| dsan_switch::adopt_lean(k, fd, nonblock, cloexec)) {
         Ok(sw) => sw,
         Err(e) => return Some(Err(e)),
     };
     let _ = dsan_switch::set_san_only(sw, action == Action::San);
-    let p = match take_over(fd, sw, State::Connecting, fl(fd)) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = dsan_switch::close(sw);
-            return Some(Err(e));
-        }
-    };
+    let p = PFd::new(sw, State::Connecting);
+    p.nonblock.store(nonblock, Ordering::Relaxed);
+    if crate::opts::take_mark(fd) {
+        p.opts_set.store(true, Ordering::Relaxed);
+    }
+    table::insert(fd, p.clone());
     *p.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(dst);
     Some(connect_ours(fd, &p, dst))
 }
 
 /// `connect` on a switch socket.
 pub(crate) fn connect_ours(fd: RawFd, p: &Arc<PFd>, dst: SocketAddrV4) -> Result<c_int, i32> {
-    let r = dsan_switch::connect(p.sw, dst);
+    let r = dsan_switch::connect(p.sw(), dst);
     match r {
         Ok(t) => {
             connected(p, t);
@@ -342,18 +345,25 @@ fn transport_name(t: Transport) -> &'static str {
 fn connected(p: &PFd, t: Transport) {
     p.set_state(State::Connected);
     if t == Transport::San {
-        let _ = dsan_switch::watch_writable(p.sw);
+        // A lean socket's kernel socket goes (unless the program bound it):
+        // the connection costs the program its one descriptor. What the
+        // program set on it is kept first.
+        if let Some(k) = dsan_switch::release_kernel_socket(p.sw()) {
+            if p.opts_set.load(Ordering::Relaxed) {
+                crate::opts::carry_from(p, k.as_raw_fd());
+            }
+        }
     }
 }
 
 /// A nonblocking connect that finished is recorded (its outcome kept for
 /// SO_ERROR). Returns whether the state changed.
 pub(crate) fn settle(p: &PFd) -> bool {
-    if p.state() != State::Connecting || !dsan_switch::connect_settled(p.sw) {
+    if p.state() != State::Connecting || !dsan_switch::connect_settled(p.sw()) {
         return false;
     }
-    match dsan_switch::error(p.sw) {
-        Ok(0) => match dsan_switch::transport(p.sw) {
+    match dsan_switch::error(p.sw()) {
+        Ok(0) => match dsan_switch::transport(p.sw()) {
             Ok(t) => connected(p, t),
             Err(e) => {
                 p.so_error.store(e, Ordering::Release);
@@ -381,9 +391,9 @@ pub(crate) fn accept(
     if p.state() != State::Listening {
         return Err(libc::EINVAL);
     }
-    let (nfd, peer) = dsan_switch::accept(p.sw)?;
     let nonblock = flags & libc::SOCK_NONBLOCK != 0;
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+    let (nfd, peer) = dsan_switch::accept_lean(p.sw(), nonblock, cloexec)?;
     let fd = match dsan_switch::take_tcp(nfd) {
         Ok(tcp) => {
             // A kernel TCP connection: the program gets the kernel socket.
@@ -405,25 +415,11 @@ pub(crate) fn accept(
             fd
         }
         Err(_) => {
-            let cmd = if cloexec {
-                libc::F_DUPFD_CLOEXEC
-            } else {
-                libc::F_DUPFD
-            };
-            // SAFETY: a valid descriptor; F_DUPFD* with an int argument.
-            let fd = unsafe { real::fcntl()(nfd, cmd, 0) };
-            if fd < 0 {
-                let e = errno();
-                let _ = dsan_switch::close(nfd);
-                return Err(e);
-            }
-            if nonblock {
-                set_fl(nfd, fl(nfd) | libc::O_NONBLOCK);
-            }
+            // A lean SAN connection: `nfd` is the program's descriptor.
+            let fd = nfd;
             let np = PFd::new(nfd, State::Connected);
             np.nonblock.store(nonblock, Ordering::Relaxed);
             np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
-            let _ = dsan_switch::watch_writable(nfd);
             *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
             *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
                 *p.local.lock().unwrap_or_else(|e| e.into_inner());
@@ -454,15 +450,32 @@ pub(crate) fn close_as(fd: RawFd, op: impl FnOnce() -> c_int) -> c_int {
         return op();
     };
     wait::forget(&p, fd);
+    if p.sw() == fd {
+        // A lean socket, which the switch knows by this number: it lets go
+        // of the number before the program's call closes it.
+        if p.refs.fetch_sub(1, Ordering::AcqRel) > 1 {
+            // The program keeps a duplicate: the socket goes by that now.
+            if let Some(m) = table::other_number(&p, fd) {
+                if dsan_switch::renumber(fd, m).is_ok() {
+                    p.set_sw(m);
+                }
+            }
+        } else if p.inherited() {
+            dsan_switch::release_inherited(fd);
+        } else {
+            let _ = dsan_switch::close(fd);
+        }
+        return op();
+    }
     let r = op();
     let e = errno();
     let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
     if last && !p.inherited() {
-        let _ = dsan_switch::close(p.sw);
+        let _ = dsan_switch::close(p.sw());
     } else if last {
         // The parent's connection, never used here: the child lets go of
         // its copies (the parent's close then ends it).
-        dsan_switch::release_inherited(p.sw);
+        dsan_switch::release_inherited(p.sw());
     }
     set_errno(e);
     r
@@ -476,11 +489,11 @@ pub(crate) fn duplicated(p: &Arc<PFd>, nfd: RawFd) {
 
 /// The kernel socket behind `p` for options and names.
 fn kernel(p: &PFd) -> Result<RawFd, i32> {
-    dsan_switch::kernel_socket(p.sw).inspect_err(|e| {
+    dsan_switch::kernel_socket(p.sw()).inspect_err(|e| {
         rules::log(|| {
             format!(
                 "switch socket {} ({:?}): no kernel socket: errno {e}",
-                p.sw,
+                p.sw(),
                 p.state()
             )
         })
@@ -518,7 +531,7 @@ pub(crate) unsafe fn getsockopt(
                 if e != 0 {
                     return int(e);
                 }
-                if let Some(ss) = dsan_switch::san_connection(p.sw) {
+                if let Some(ss) = dsan_switch::san_connection(p.sw()) {
                     let r = ss.readiness(false, false);
                     return int(if r.dead { -r.error } else { 0 });
                 }
@@ -536,21 +549,26 @@ pub(crate) unsafe fn getsockopt(
             _ => {}
         }
     }
-    let k = kernel(p).inspect_err(|e| {
-        rules::log(|| {
-            format!(
-                "getsockopt {level}/{name} on switch socket {}: errno {e}",
-                p.sw
-            )
-        })
-    })?;
-    // SAFETY: the caller's parameters, passed on.
-    let r = kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })?;
+    let r = match dsan_switch::kernel_socket(p.sw()) {
+        // SAFETY: the caller's parameters, passed on.
+        Ok(k) => kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })?,
+        // SAFETY: the caller's parameters, passed on.
+        Err(libc::EBADFD) => unsafe { crate::opts::get(p, level, name, val, len) }?,
+        Err(e) => {
+            rules::log(|| {
+                format!(
+                    "getsockopt {level}/{name} on switch socket {}: errno {e}",
+                    p.sw()
+                )
+            });
+            return Err(e);
+        }
+    };
     // TCP_INFO of a SAN connection: the kernel socket behind it never
     // connected, so its state says CLOSE; the connection's own state goes in
     // (its first byte, `tcpi_state`), as Linux reports it.
     if level == libc::IPPROTO_TCP && name == libc::TCP_INFO && !val.is_null() && !len.is_null() {
-        if let Some(ss) = dsan_switch::san_connection(p.sw) {
+        if let Some(ss) = dsan_switch::san_connection(p.sw()) {
             let rd = ss.readiness(false, false);
             // linux/tcp_states.h
             let state: u8 = if rd.dead {
@@ -583,9 +601,20 @@ pub(crate) unsafe fn setsockopt(
     val: *const libc::c_void,
     len: socklen_t,
 ) -> Result<c_int, i32> {
-    let k = kernel(p)?;
-    // SAFETY: the caller's parameters, passed on.
-    kernel_result(unsafe { real::setsockopt()(k, level, name, val, len) })
+    match dsan_switch::kernel_socket(p.sw()) {
+        Ok(k) => {
+            // SAFETY: the caller's parameters, passed on.
+            let r = kernel_result(unsafe { real::setsockopt()(k, level, name, val, len) })?;
+            p.opts_set.store(true, Ordering::Relaxed);
+            if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
+                let _ = dsan_switch::set_linger_abort(p.sw(), false);
+            }
+            Ok(r)
+        }
+        // SAFETY: the caller's parameters, passed on.
+        Err(libc::EBADFD) => unsafe { crate::opts::set(p, level, name, val, len) },
+        Err(e) => Err(e),
+    }
 }
 
 /// `getsockname` / `getpeername` on a switch socket.
@@ -598,7 +627,7 @@ pub(crate) unsafe fn name(
     a: *mut sockaddr,
     len: *mut socklen_t,
 ) -> Result<c_int, i32> {
-    let san = dsan_switch::san_connection(p.sw).is_some();
+    let san = dsan_switch::san_connection(p.sw()).is_some();
     if !san {
         let k = kernel(p)?;
         // SAFETY: the caller's out-parameters, passed on.
@@ -617,7 +646,7 @@ pub(crate) unsafe fn name(
         // The SAN connection's own address and port (a connect's, chosen
         // by the daemon; an accepted one's, the address the client asked
         // for), as the kernel names a TCP connection.
-        dsan_switch::san_connection(p.sw)
+        dsan_switch::san_connection(p.sw())
             .and_then(|ss| ss.local_addr().ok())
             .filter(|a| !a.ip().is_unspecified())
             .or(*p.local.lock().unwrap_or_else(|e| e.into_inner()))
@@ -651,7 +680,7 @@ pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
 /// switch socket of the child's, a kernel TCP one is the kernel socket
 /// from now on (None then: the caller makes the kernel's call).
 fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
-    match dsan_switch::claim_inherited(p.sw) {
+    match dsan_switch::claim_inherited(p.sw()) {
         Ok(Some(dsan_switch::Inherited::San(sw))) => {
             let flags = fl(fd);
             match take_over(fd, sw, State::Connected, flags) {
@@ -696,7 +725,7 @@ fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
 
 /// In a forked child: the parent's listener on `fd`, listened on again.
 fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
-    let Some(t) = dsan_switch::inherited_listener(p.sw) else {
+    let Some(t) = dsan_switch::inherited_listener(p.sw()) else {
         return Some(p);
     };
     let local = *p.local.lock().unwrap_or_else(|e| e.into_inner());

@@ -69,8 +69,10 @@ pub(crate) enum State {
 /// One socket of the program that the switch serves; every descriptor
 /// number that refers to it (dup) maps here.
 pub(crate) struct PFd {
-    /// The switch's descriptor.
-    pub(crate) sw: RawFd,
+    /// The switch's descriptor: its own (an epoll instance the program's
+    /// numbers are duplicates of), or for a lean socket one of the
+    /// program's numbers (see `dsan_switch::adopt_lean`).
+    sw: AtomicI32,
     /// Program descriptors that refer to it.
     pub(crate) refs: AtomicUsize,
     pub(crate) state: Mutex<State>,
@@ -92,12 +94,18 @@ pub(crate) struct PFd {
     /// An AF_INET6 socket (a dual-stack listener and what it accepts): SAN
     /// addresses are named v4-mapped, as Linux names IPv4 peers there.
     pub(crate) v6: AtomicBool,
+    /// Options kept for a socket without a kernel socket (`crate::opts`):
+    /// (level, name, the bytes getsockopt gives).
+    pub(crate) opts: Mutex<Vec<(libc::c_int, libc::c_int, Vec<u8>)>>,
+    /// The program set options on its kernel socket (before or after it
+    /// became ours): they are carried over when that socket is released.
+    pub(crate) opts_set: AtomicBool,
 }
 
 impl PFd {
     pub(crate) fn new(sw: RawFd, state: State) -> Arc<PFd> {
         Arc::new(PFd {
-            sw,
+            sw: AtomicI32::new(sw),
             refs: AtomicUsize::new(1),
             state: Mutex::new(state),
             so_error: AtomicI32::new(0),
@@ -108,7 +116,17 @@ impl PFd {
             backlog: AtomicI32::new(0),
             nonblock: AtomicBool::new(false),
             v6: AtomicBool::new(false),
+            opts: Mutex::new(Vec::new()),
+            opts_set: AtomicBool::new(false),
         })
+    }
+    /// The switch's descriptor.
+    pub(crate) fn sw(&self) -> RawFd {
+        self.sw.load(Ordering::Acquire)
+    }
+    /// A lean socket is known to the switch by program descriptor `fd` now.
+    pub(crate) fn set_sw(&self, fd: RawFd) {
+        self.sw.store(fd, Ordering::Release);
     }
     pub(crate) fn state(&self) -> State {
         *self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -175,6 +193,17 @@ pub(crate) fn remove(fd: RawFd) -> Option<Arc<PFd>> {
         MAP[w].fetch_and(!b, Ordering::Release);
     }
     p
+}
+
+/// Another program descriptor than `fd` that refers to `p`, if any.
+pub(crate) fn other_number(p: &Arc<PFd>, fd: RawFd) -> Option<RawFd> {
+    TABLE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()?
+        .iter()
+        .find(|(n, q)| **n != fd && Arc::ptr_eq(q, p))
+        .map(|(n, _)| *n)
 }
 
 /// Every program descriptor that is ours.

@@ -48,8 +48,8 @@ fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kin
         // Reported at once by poll (see `immediate`).
         State::Idle => Vec::new(),
         State::Connected => {
-            if dsan_switch::san_connection(p.sw).is_none() {
-                return dsan_switch::kernel_socket(p.sw)
+            if dsan_switch::san_connection(p.sw()).is_none() {
+                return dsan_switch::kernel_socket(p.sw())
                     .map_or_else(|_| vec![(fd, Kind::Read)], |k| vec![(k, Kind::Plain)]);
             }
             let mut v = Vec::new();
@@ -57,13 +57,20 @@ fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kin
                 v.push((fd, Kind::Read));
             }
             if want_out {
-                if let Some(w) = dsan_switch::watch_writable(p.sw) {
+                if let Some(w) = dsan_switch::watch_writable(p.sw()) {
                     v.push((w, Kind::Write));
                 }
             }
             v
         }
     }
+}
+
+/// Whether `p` is a SAN connection a send on which would not block now.
+fn writable_san(p: &PFd) -> bool {
+    settle(p);
+    p.state() == State::Connected
+        && dsan_switch::san_connection(p.sw()).is_some_and(|ss| ss.readiness(false, true).writable)
 }
 
 /// The poll events of switch socket `p` that the kernel's wake-up of
@@ -86,9 +93,9 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
             // is not there.
             let fired = fired
                 && if kind == Kind::Read {
-                    dsan_switch::readable_now(p.sw)
+                    dsan_switch::readable_now(p.sw())
                 } else {
-                    dsan_switch::writable_now(p.sw)
+                    dsan_switch::writable_now(p.sw())
                 };
             if fired {
                 ev |= if kind == Kind::Read {
@@ -100,7 +107,7 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
             if p.state() == State::Idle {
                 ev |= libc::POLLERR | libc::POLLHUP;
             } else if fired {
-                if let Some(ss) = dsan_switch::san_connection(p.sw) {
+                if let Some(ss) = dsan_switch::san_connection(p.sw()) {
                     let r = ss.readiness(false, false);
                     if r.peer_closed {
                         ev |= libc::POLLRDHUP;
@@ -175,9 +182,16 @@ pub(crate) unsafe fn poll(
                 }
                 Some(p) => {
                     f.revents = immediate(&p, f.events);
-                    now_ready |= f.revents != 0;
                     let want_in = f.events & (libc::POLLIN | libc::POLLRDHUP | libc::POLLPRI) != 0;
-                    let want_out = f.events & libc::POLLOUT != 0;
+                    let mut want_out = f.events & libc::POLLOUT != 0;
+                    if want_out && writable_san(&p) {
+                        // Writable now, by the rings: no descriptor to wait on
+                        // for it (a SAN connection gets its FD_WRITE
+                        // descriptor only once it has to wait for room).
+                        f.revents |= libc::POLLOUT;
+                        want_out = false;
+                    }
+                    now_ready |= f.revents != 0;
                     for (t, kind) in targets(&p, f.fd, want_in, want_out) {
                         let events = if kind == Kind::Plain {
                             f.events

@@ -19,6 +19,10 @@
 //!   ECONNREFUSED, ECONNRESET and EHOSTUNREACH do not fall back, and the
 //!   application sees ECONNREFUSED for both refusals and "no listener".
 //! * [`transport`] says which provider serves a connection.
+//! * For an interposing library, *lean* sockets ([`adopt_lean`],
+//!   [`accept_lean`]): the socket's descriptor is the program's own number,
+//!   an eventfd that is the connection's readiness, and a SAN connection
+//!   costs the process that one descriptor.
 //!
 //! The C ABI (`control/include/dsan_switch.h`, `libdsan_switch.so`) is in `capi`.
 #![allow(unsafe_code)] // socket system calls, epoll, the C ABI
@@ -28,9 +32,10 @@ mod switch;
 
 pub use capi::*;
 pub use switch::{
-    accept, adopt, bind, claim_inherited, close, connect, connect_settled, error, high,
-    inherited_listener, kernel_socket, listen, readable_now, recv, release_inherited,
-    san_connection, san_destination, send, set_condition, set_daemon_socket, set_fd_base,
-    set_fork_hooks, set_san_only, set_takeover, set_thread_hook, set_watch_writable, shutdown,
-    socket, take_tcp, transport, watch_writable, writable_now, Condition, Inherited, Transport,
+    accept, accept_lean, adopt, adopt_lean, bind, claim_inherited, close, connect, connect_settled,
+    error, high, inherited_listener, kernel_socket, listen, readable_now, recv, release_inherited,
+    release_kernel_socket, renumber, san_connection, san_destination, send, set_condition,
+    set_daemon_socket, set_fd_base, set_fork_hooks, set_linger_abort, set_san_only, set_takeover,
+    set_thread_hook, set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable,
+    writable_now, Condition, Inherited, Transport,
 };

@@ -40,7 +40,19 @@ struct Listen {
 }
 
 struct Sock {
-    epfd: OwnedFd,
+    /// The switch's descriptor: an epoll instance over whatever says the
+    /// socket is readable (its kernel socket, readiness eventfds). None for
+    /// a lean socket (see `face`).
+    epfd: Option<OwnedFd>,
+    /// A lean socket's descriptor: a number of the program's own (an
+    /// interposing library's program descriptor, see [`adopt_lean`] and
+    /// [`accept_lean`]) that is an eventfd readable exactly while the
+    /// connection has bytes or the end of the stream to read, or a
+    /// nonblocking connect's outcome to report: the socket costs the
+    /// process that one descriptor. The switch touches it only under this
+    /// lock and never once it is -1 (released: the program closes the
+    /// number itself). -1 for other sockets.
+    face: Mutex<RawFd>,
     /// The kernel TCP socket, created on first need (bind, listen, a TCP
     /// connect), so that a SAN connect costs no kernel socket.
     tcp: Mutex<Option<OwnedFd>>,
@@ -68,6 +80,9 @@ struct Sock {
     /// learns from the kernel when the last holder is gone (a child may
     /// claim the connection until then; see [`claim_inherited`]).
     life: Mutex<Option<OwnedFd>>,
+    /// SO_LINGER {1, 0} set for it (see [`set_linger_abort`]): its close
+    /// resets the connection.
+    abort_on_close: std::sync::atomic::AtomicBool,
 }
 
 /// A nonblocking connect, run on a thread of its own.
@@ -137,7 +152,10 @@ impl Sock {
     /// set: readable when the kernel socket is).
     fn set_tcp(&self) -> Result<(), i32> {
         let tcp = self.tcp_fd()?;
-        epoll_add(self.epfd.as_raw_fd(), tcp, 0)?;
+        // (A lean socket's caller waits on the kernel socket itself.)
+        if let Some(ep) = &self.epfd {
+            epoll_add(ep.as_raw_fd(), tcp, 0)?;
+        }
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
             transport: Transport::Tcp,
             san: None,
@@ -167,8 +185,12 @@ impl Sock {
         Ok(t.as_ref().expect("just set").as_raw_fd())
     }
 
-    /// Whether the kernel socket (when there is one) has SO_LINGER {1, 0}.
+    /// Whether SO_LINGER {1, 0} was set ([`set_linger_abort`], or on the
+    /// kernel socket when there is one).
     fn linger_abort(&self) -> bool {
+        if self.abort_on_close.load(Ordering::Relaxed) {
+            return true;
+        }
         let t = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
         let Some(fd) = t.as_ref() else {
             return false;
@@ -194,6 +216,74 @@ impl Sock {
     fn ready_fd(&self) -> Option<RawFd> {
         self.ready.get().map(AsRawFd::as_raw_fd)
     }
+
+    /// The epoll instance of a socket that is not lean.
+    fn ep(&self) -> Result<RawFd, i32> {
+        self.epfd
+            .as_ref()
+            .map(AsRawFd::as_raw_fd)
+            .ok_or(libc::EINVAL)
+    }
+
+    fn is_lean(&self) -> bool {
+        self.epfd.is_none()
+    }
+
+    /// Runs `f` on the eventfd that says "readable" for this connection
+    /// (a lean socket's descriptor, else the connection's registered event
+    /// descriptor), if there is one: under the lean socket's lock, so that
+    /// the program's close of that number never races a signal or a drain
+    /// (drains are serialized too: the descriptor may be blocking).
+    fn with_readable<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
+        if self.is_lean() {
+            let face = self.face.lock().unwrap_or_else(|e| e.into_inner());
+            return (*face >= 0).then(|| f(*face));
+        }
+        let efd = {
+            let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            c.as_ref().and_then(|c| c.efd.get().cloned())
+        };
+        efd.map(|e| f(e.as_raw_fd()))
+    }
+
+    /// Runs `f` on the descriptor a nonblocking connect's outcome is
+    /// signalled on (a lean socket's descriptor, else `connect_efd`).
+    fn with_connect_fd<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
+        if self.is_lean() {
+            let face = self.face.lock().unwrap_or_else(|e| e.into_inner());
+            return (*face >= 0).then(|| f(*face));
+        }
+        self.connect_efd.get().map(|e| f(e.as_raw_fd()))
+    }
+
+    /// A nonblocking connect's outcome is being reported: its signal is
+    /// cleared. A lean socket's descriptor also says "readable", so a SAN
+    /// connection with bytes or the end of the stream there already stays
+    /// readable.
+    fn clear_connect_signal(&self) {
+        let san = self
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|c| c.san.clone());
+        self.with_connect_fd(|fd| {
+            drain(fd);
+            if self.is_lean() && san.as_ref().is_some_and(|ss| has_input(ss)) {
+                signal(fd);
+            }
+        });
+    }
+}
+
+/// Whether a receive on `ss` would not block (bytes, the end of the
+/// stream, or an error to report).
+fn has_input(ss: &SanSocket) -> bool {
+    let mut one = [0u8; 1];
+    !matches!(
+        ss.recv_mode(&mut one, MSG_PEEK, false),
+        Err(SanError::Again)
+    )
 }
 
 /// Work for the registration thread, due at `due`.
@@ -273,6 +363,24 @@ fn register(job: Registration) {
         }
         return;
     };
+    if sock.is_lean() {
+        // The socket's own descriptor is the event descriptor: readable
+        // already if bytes came first, then registered (under its lock,
+        // so that the number is the socket's while it is sent).
+        let has = has_input(&ss);
+        sock.with_readable(|face| {
+            if has {
+                signal_eventfd_if_quiet(face);
+            }
+            // SAFETY: the lean socket's descriptor, open while its lock is held.
+            let face = unsafe { std::os::fd::BorrowedFd::borrow_raw(face) };
+            let _ = match &job.fd {
+                Some(w) => ss.event_select_with(face, w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),
+                None => ss.event_select(face, FD_READ | FD_CLOSE),
+            };
+        });
+        return;
+    }
     // (Out of descriptors: the connection works, its descriptor never polls
     // readable; recv and send still do.)
     let Ok(efd) = eventfd() else {
@@ -286,14 +394,12 @@ fn register(job: Registration) {
             _ => return,
         }
     }
-    let _ = epoll_add(sock.epfd.as_raw_fd(), efd.as_raw_fd(), 0);
+    if let Ok(ep) = sock.ep() {
+        let _ = epoll_add(ep, efd.as_raw_fd(), 0);
+    }
     // Readable already (the end of the stream after a SHUT_RD; bytes are
     // posted by the registration too).
-    let mut one = [0u8; 1];
-    if !matches!(
-        ss.recv_mode(&mut one, MSG_PEEK, false),
-        Err(SanError::Again)
-    ) {
+    if has_input(&ss) {
         signal_eventfd_if_quiet(efd.as_raw_fd());
     }
     let _ = match &job.fd {
@@ -646,7 +752,10 @@ pub fn claim_inherited(fd: RawFd) -> Result<Option<Inherited>, i32> {
     // The child's copies of the parent's epoll and event descriptors: the
     // record that names them is forgotten (never dropped), so they are
     // closed here, once.
-    for f in efds.into_iter().chain([s.epfd.as_raw_fd()]) {
+    for f in efds
+        .into_iter()
+        .chain(s.epfd.as_ref().map(AsRawFd::as_raw_fd))
+    {
         // SAFETY: descriptors of this process that nothing else uses.
         unsafe { libc::close(f) };
     }
@@ -668,7 +777,7 @@ pub fn release_inherited(fd: RawFd) {
     else {
         return;
     };
-    let mut copies: Vec<RawFd> = vec![s.epfd.as_raw_fd()];
+    let mut copies: Vec<RawFd> = s.epfd.iter().map(AsRawFd::as_raw_fd).collect();
     if let Ok(c) = s.conn.try_lock() {
         if let Some(c) = c.as_ref() {
             copies.extend(
@@ -824,8 +933,15 @@ fn in_san_subnet(p: &Provider, ip: Ipv4Addr) -> bool {
 pub fn socket() -> Result<RawFd, i32> {
     let epfd = epoll_create()?;
     let fd = epfd.as_raw_fd();
-    let s = Sock {
+    insert_sock(fd, Some(epfd), -1);
+    Ok(fd)
+}
+
+/// Records a new switch socket under number `fd`.
+fn insert_sock(fd: RawFd, epfd: Option<OwnedFd>, face: RawFd) -> Arc<Sock> {
+    let s = Arc::new(Sock {
         epfd,
+        face: Mutex::new(face),
         tcp: Mutex::new(None),
         ready: OnceLock::new(),
         bound: Mutex::new(None),
@@ -837,12 +953,71 @@ pub fn socket() -> Result<RawFd, i32> {
         takeover: std::sync::atomic::AtomicU32::new(0),
         connect_efd: OnceLock::new(),
         life: Mutex::new(None),
-    };
+        abort_on_close: std::sync::atomic::AtomicBool::new(false),
+    });
     g().table
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(fd, Entry::Sock(Arc::new(s)));
-    Ok(fd)
+        .insert(fd, Entry::Sock(s.clone()));
+    s
+}
+
+/// A new eventfd at the lowest free number (a program descriptor, never
+/// moved to [`FD_BASE`]), O_NONBLOCK as asked, close-on-exec as asked.
+fn program_eventfd(nonblock: bool, cloexec: bool) -> Result<OwnedFd, i32> {
+    let mut flags = 0;
+    if nonblock {
+        flags |= libc::EFD_NONBLOCK;
+    }
+    if cloexec {
+        flags |= libc::EFD_CLOEXEC;
+    }
+    // SAFETY: plain system call.
+    owned(unsafe { libc::eventfd(0, flags) })
+}
+
+/// A lean switch socket whose kernel TCP side is `tcp` (as [`adopt`]) and
+/// whose descriptor is the caller's number `at`: `at` becomes an eventfd
+/// (O_NONBLOCK and close-on-exec as given; the kernel socket it was is
+/// closed there, `tcp` being a copy), which is all the socket costs once it
+/// is connected over the SAN and its kernel socket is released (see
+/// [`release_kernel_socket`]). For an interposing library, which owns and
+/// closes `at` itself: [`close`] first (the switch then never touches the
+/// number again), then the library's own close of `at`. Lean sockets
+/// connect; they do not listen (EINVAL).
+///
+/// # Errors
+/// An errno from the kernel (EMFILE).
+pub fn adopt_lean(tcp: OwnedFd, at: RawFd, nonblock: bool, cloexec: bool) -> Result<RawFd, i32> {
+    let bound = bound_v4(tcp.as_raw_fd());
+    let e = program_eventfd(nonblock, cloexec)?;
+    let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: two valid descriptors; `at` is replaced atomically.
+    cvt(unsafe { libc::dup3(e.as_raw_fd(), at, flags) })?;
+    drop(e);
+    let s = insert_sock(at, None, at);
+    *s.tcp.lock().unwrap_or_else(|e| e.into_inner()) = Some(tcp);
+    *s.bound.lock().unwrap_or_else(|e| e.into_inner()) = bound;
+    Ok(at)
+}
+
+/// Lean socket `old` (see [`adopt_lean`]) is known by the number `new`
+/// from now on (a duplicate of it: the program closes `old` and keeps
+/// `new`).
+///
+/// # Errors
+/// ENOTSOCK; EINVAL if `old` is not lean.
+pub fn renumber(old: RawFd, new: RawFd) -> Result<(), i32> {
+    let mut t = g().table.write().unwrap_or_else(|e| e.into_inner());
+    let s = match t.get(&old) {
+        Some(Entry::Sock(s)) if s.is_lean() => s.clone(),
+        Some(_) => return Err(libc::EINVAL),
+        None => return Err(libc::ENOTSOCK),
+    };
+    *s.face.lock().unwrap_or_else(|e| e.into_inner()) = new;
+    t.remove(&old);
+    t.insert(new, Entry::Sock(s));
+    Ok(())
 }
 
 /// Binds the kernel TCP socket (the SAN side binds at listen).
@@ -913,7 +1088,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
     let tcp = s.tcp_fd()?;
     if s.ready.get().is_none() {
         let ready = eventfd()?;
-        epoll_add(s.epfd.as_raw_fd(), ready.as_raw_fd(), 0)?;
+        epoll_add(s.ep()?, ready.as_raw_fd(), 0)?;
         let _ = s.ready.set(ready);
     }
     // SAFETY: a valid socket.
@@ -926,7 +1101,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
             libc::fcntl(tcp, libc::F_GETFL) | libc::O_NONBLOCK,
         )
     };
-    let _ = epoll_add(s.epfd.as_raw_fd(), tcp, 1);
+    let _ = epoll_add(s.ep()?, tcp, 1);
     let mut l = s.listen.lock().unwrap_or_else(|e| e.into_inner());
     let l = l.get_or_insert_with(|| Listen {
         san: None,
@@ -1117,6 +1292,22 @@ fn nonblocking(fd: RawFd) -> bool {
 /// EAGAIN if nothing is ready and `fd` is O_NONBLOCK; EINVAL if not listening;
 /// ENOTSOCK.
 pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
+    accept_as(fd, None)
+}
+
+/// As [`accept`], a SAN connection becoming a lean socket (see
+/// [`adopt_lean`]) whose descriptor is a new program descriptor (the
+/// lowest free number) with O_NONBLOCK and close-on-exec as given: the
+/// connection costs the process that one descriptor. A kernel TCP
+/// connection is returned as by [`accept`].
+///
+/// # Errors
+/// As [`accept`].
+pub fn accept_lean(fd: RawFd, nonblock: bool, cloexec: bool) -> Result<(RawFd, SocketAddrV4), i32> {
+    accept_as(fd, Some((nonblock, cloexec)))
+}
+
+fn accept_as(fd: RawFd, lean: Option<(bool, bool)>) -> Result<(RawFd, SocketAddrV4), i32> {
     let s = sock(fd)?;
     loop {
         {
@@ -1147,10 +1338,23 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
                         signal(efd.as_raw_fd());
                     }
                 }
-                let nfd = socket()?;
-                let ns = sock(nfd)?;
+                let (nfd, ns) = match lean {
+                    None => {
+                        let nfd = socket()?;
+                        (nfd, sock(nfd)?)
+                    }
+                    Some((nonblock, cloexec)) => {
+                        let e = program_eventfd(nonblock, cloexec)?;
+                        let nfd = std::os::fd::IntoRawFd::into_raw_fd(e);
+                        (nfd, insert_sock(nfd, None, nfd))
+                    }
+                };
                 if let Err(e) = set_san(&ns, Arc::new(conn)) {
                     let _ = close(nfd);
+                    if lean.is_some() {
+                        // SAFETY: the descriptor made above, released by `close`.
+                        unsafe { libc::close(nfd) };
+                    }
                     return Err(e);
                 }
                 return Ok((nfd, peer));
@@ -1187,7 +1391,7 @@ pub fn accept(fd: RawFd) -> Result<(RawFd, SocketAddrV4), i32> {
         }
         let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 4];
         // SAFETY: a valid epoll fd and buffer.
-        unsafe { libc::epoll_wait(s.epfd.as_raw_fd(), ev.as_mut_ptr(), 4, 1000) };
+        unsafe { libc::epoll_wait(s.ep()?, ev.as_mut_ptr(), 4, 1000) };
     }
 }
 
@@ -1212,9 +1416,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
         }
         // Finished: the outcome is reported now.
         let e = s.error.swap(0, Ordering::AcqRel);
-        if let Some(efd) = s.connect_efd.get() {
-            drain(efd.as_raw_fd());
-        }
+        s.clear_connect_signal();
         if e != 0 {
             *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return Err(e);
@@ -1227,17 +1429,12 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
     if !nonblocking(fd) {
         return connect_now(&s, dst, None);
     }
-    let efd = match s.connect_efd.get() {
-        Some(e) => e.as_raw_fd(),
-        None => {
-            let e = eventfd()?;
-            epoll_add(s.epfd.as_raw_fd(), e.as_raw_fd(), 0)?;
-            let raw = e.as_raw_fd();
-            let _ = s.connect_efd.set(e);
-            raw
-        }
-    };
-    drain(efd);
+    if !s.is_lean() && s.connect_efd.get().is_none() {
+        let e = eventfd()?;
+        epoll_add(s.ep()?, e.as_raw_fd(), 0)?;
+        let _ = s.connect_efd.set(e);
+    }
+    s.with_connect_fd(drain);
     let p = Arc::new(Pending {
         cancel: std::sync::atomic::AtomicBool::new(false),
         done: std::sync::atomic::AtomicBool::new(false),
@@ -1255,7 +1452,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
                 s2.error.store(r.err().unwrap_or(0), Ordering::Release);
             }
             p.done.store(true, Ordering::Release);
-            signal(efd);
+            s2.with_connect_fd(signal);
         })
         .map_err(|_| libc::EAGAIN)?;
     Err(libc::EINPROGRESS)
@@ -1296,9 +1493,7 @@ pub fn error(fd: RawFd) -> Result<i32, i32> {
         .is_some_and(|p| p.done.load(Ordering::Acquire));
     let e = s.error.swap(0, Ordering::AcqRel);
     if done {
-        if let Some(efd) = s.connect_efd.get() {
-            drain(efd.as_raw_fd());
-        }
+        s.clear_connect_signal();
         if s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
             // It failed and the failure is reported: a new connect may start.
             *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -1458,6 +1653,9 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
         .remove(&fd)
         .ok_or(libc::ENOTSOCK)?;
     if let Entry::Sock(s) = e {
+        // A lean socket's number is the program's to close: never touched
+        // here again.
+        *s.face.lock().unwrap_or_else(|e| e.into_inner()) = -1;
         if let Some(p) = s.pending.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // A nonblocking connect in progress ends now: its SAN attempt is
             // aborted (the provider wakes it), its TCP attempt stops polling.
@@ -1496,8 +1694,8 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
 enum Target {
     /// A kernel TCP socket.
     Tcp(RawFd),
-    /// A SAN connection and its readiness eventfd (once it has one).
-    San(Arc<SanSocket>, Option<RawFd>),
+    /// A SAN connection (its readiness eventfd: [`Sock::with_readable`]).
+    San(Arc<SanSocket>),
 }
 
 fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
@@ -1509,9 +1707,7 @@ fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
     let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
     let t = match c.as_ref() {
         None => return Err(libc::ENOTCONN),
-        Some(Conn {
-            san: Some(ss), efd, ..
-        }) => Target::San(ss.clone(), efd.get().map(|e| e.as_raw_fd())),
+        Some(Conn { san: Some(ss), .. }) => Target::San(ss.clone()),
         Some(_) => Target::Tcp(s.tcp_fd()?),
     };
     drop(c);
@@ -1560,7 +1756,7 @@ pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
                 }
             }
         }
-        Target::San(ss, _) => {
+        Target::San(ss) => {
             let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let mut sent = 0;
             let r = loop {
@@ -1637,7 +1833,8 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
     if flags & !(libc::MSG_DONTWAIT | libc::MSG_PEEK) != 0 {
         return Err(libc::EINVAL);
     }
-    match target(fd)?.0 {
+    let (t, s) = target(fd)?;
+    match t {
         Target::Tcp(t) => {
             // As in `send`: a blocking descriptor waits (within SO_RCVTIMEO).
             let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
@@ -1661,19 +1858,19 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
                 wait_kernel(t, libc::POLLIN, libc::SO_RCVTIMEO)?;
             }
         }
-        Target::San(ss, efd) => {
+        Target::San(ss) => {
             let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
             // Readable stays true exactly while bytes or the end of the
             // stream are there: clear the eventfd, then look (a look that
             // finds nothing asks the provider for the next FD_READ).
-            if let Some(efd) = efd {
-                drain(efd);
-                let mut one = [0u8; 1];
-                match ss.recv_mode(&mut one, MSG_PEEK, false) {
-                    Err(SanError::Again) => {}
-                    _ => signal(efd),
-                }
+            if let Some(s) = s {
+                s.with_readable(|efd| {
+                    drain(efd);
+                    if has_input(&ss) {
+                        signal(efd);
+                    }
+                });
             }
             r
         }
@@ -1716,16 +1913,17 @@ pub fn shutdown(fd: RawFd, how: i32) -> Result<(), i32> {
             return Ok(());
         }
     }
-    match target(fd)?.0 {
+    let (t, s) = target(fd)?;
+    match t {
         // SAFETY: a valid socket.
         Target::Tcp(t) => cvt(unsafe { libc::shutdown(t, how) }).map(|_| ()),
-        Target::San(ss, efd) => {
+        Target::San(ss) => {
             ss.shutdown(how).map_err(|e| e.errno())?;
             if how != libc::SHUT_WR {
                 // Receives return 0 now: readable. (Without a descriptor
                 // yet, its registration looks.)
-                if let Some(efd) = efd {
-                    signal(efd);
+                if let Some(s) = s {
+                    s.with_readable(signal);
                 }
             }
             Ok(())
@@ -1838,7 +2036,53 @@ pub fn take_tcp(fd: RawFd) -> Result<OwnedFd, i32> {
 /// ENOTSOCK, EINVAL (an accepted TCP connection: `fd` itself is the
 /// socket), and the kernel's errors.
 pub fn kernel_socket(fd: RawFd) -> Result<RawFd, i32> {
-    sock(fd)?.tcp_fd()
+    let s = sock(fd)?;
+    if s.is_lean() {
+        // A lean socket never gets one after the fact: its options are
+        // the caller's to keep (see `release_kernel_socket`).
+        let t = s.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        return t.as_ref().map(AsRawFd::as_raw_fd).ok_or(libc::EBADFD);
+    }
+    s.tcp_fd()
+}
+
+/// The kernel socket of lean socket `fd` once a SAN connection serves it
+/// and the program did not bind it (a bound one keeps its port reserved):
+/// handed to the caller, who reads what it needs of it (its options) and
+/// closes it, so that the connection costs the process one descriptor.
+/// [`kernel_socket`] is EBADFD from then on.
+pub fn release_kernel_socket(fd: RawFd) -> Option<OwnedFd> {
+    let s = sock(fd).ok()?;
+    if !s.is_lean() {
+        return None;
+    }
+    let san = s
+        .conn
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|c| c.san.is_some());
+    let bound = s
+        .bound
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some_and(|b| !b.ip().is_unspecified() || b.port() != 0);
+    if !san || bound {
+        return None;
+    }
+    let t = s.tcp.lock().unwrap_or_else(|e| e.into_inner()).take();
+    t
+}
+
+/// Records SO_LINGER {1, 0} (`on`) for switch socket `fd` (set by a
+/// caller that keeps its options itself): its close then resets a SAN
+/// connection, as TCP's does.
+///
+/// # Errors
+/// ENOTSOCK.
+pub fn set_linger_abort(fd: RawFd, on: bool) -> Result<(), i32> {
+    sock(fd)?.abort_on_close.store(on, Ordering::Relaxed);
+    Ok(())
 }
 
 /// The SAN connection behind switch socket `fd`, if a SAN connection
@@ -1932,22 +2176,22 @@ pub fn san_destination(ip: Ipv4Addr) -> bool {
 /// A stale wake-up clears the descriptor (the next FD_READ sets it again).
 /// True for a descriptor that is not a SAN connection.
 pub fn readable_now(fd: RawFd) -> bool {
-    let Ok((Target::San(ss, efd), _)) = target(fd) else {
+    let Ok((Target::San(ss), Some(s))) = target(fd) else {
         return true;
     };
     if ss.readiness(true, false).readable {
         return true;
     }
-    let Some(efd) = efd else {
-        return false;
-    };
-    drain(efd);
-    // Bytes that came while clearing it: set it again.
-    if ss.readiness(true, false).readable {
-        signal(efd);
-        return true;
-    }
-    false
+    s.with_readable(|efd| {
+        drain(efd);
+        // Bytes that came while clearing it: set it again.
+        let now = ss.readiness(true, false).readable;
+        if now {
+            signal(efd);
+        }
+        now
+    })
+    .unwrap_or(false)
 }
 
 /// As [`readable_now`], for sends and the FD_WRITE descriptor.

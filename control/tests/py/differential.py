@@ -609,6 +609,59 @@ def _(role, x, out, base):
         s.close()
 
 
+@behaviour('options-before-connect')
+def _(role, x, out, base):
+    if role == 'server':
+        c = accept(x)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        out('srv_nodelay', c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0)
+        out('srv_rcvbuf', c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        out('srv_keepalive', c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        recv_all(c, 1)
+        c.close()
+    else:
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 45)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 7))
+        s.settimeout(T)
+        s.connect((SERVER, x))
+        s.settimeout(None)
+        out('nodelay', s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0)
+        out('keepalive', s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0)
+        out('keepidle', s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+        out('sndbuf', s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        out('linger', struct.unpack('ii', s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)))
+        out('rcvbuf_default', s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > 0)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        out('nodelay_off', s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        attempt(out, 'bad_option', lambda: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'x'))
+        s.sendall(b'.')
+        s.close()
+
+
+@behaviour('linger-reset-set-before-connect')
+def _(role, x, out, base):
+    if role == 'server':
+        c = accept(x)
+        out('got', recv_all(c, 1))
+        c.sendall(b'k')
+        attempt(out, 'recv', lambda: c.recv(10))
+        c.close()
+    else:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        s.settimeout(T)
+        s.connect((SERVER, x))
+        s.settimeout(None)
+        s.sendall(b'.')
+        out('ack', recv_all(s, 1))
+        s.close()
+
+
 @behaviour('listener-shutdown')
 def _(role, x, out, base):
     if role == 'server':

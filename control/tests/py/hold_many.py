@@ -2,14 +2,21 @@
 
     hold_many.py server PORT N
         accepts N connections (epoll), echoes what each sends, prints "held N"
-        once all N are open and answered, then holds them until stdin closes.
+        once all N are open and answered, then "fds D" (its open
+        descriptors), then holds them until stdin closes.
     hold_many.py client IP PORT N
         opens N connections, then sends 4 bytes on each and reads them back
-        (epoll): prints "ok N" when every one answered.
+        (epoll): prints "ok N fds D" when every one answered (D: its open
+        descriptors then, the connections among them).
 """
+import os
 import selectors
 import socket
 import sys
+
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
 
 
 def serve(port, n):
@@ -41,6 +48,7 @@ def serve(port, n):
                     key.fileobj.sendall(d)
                     answered += 1
     print(f"held {len(conns)}", flush=True)
+    print(f"fds {fds()}", flush=True)
     sys.stdin.read()
 
 
@@ -64,7 +72,7 @@ def client(host, port, n):
             assert d == b"%04d" % key.data, (d, key.data)
             sel.unregister(key.fileobj)
             got += 1
-    print(f"ok {got}", flush=True)
+    print(f"ok {got} fds {fds()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,223 @@
+//! Socket options of SAN connections that have no kernel socket (lean
+//! sockets, `dsan_switch::adopt_lean`): each costs the program one
+//! descriptor, so its options are kept here instead of in a kernel socket
+//! of its own.
+//!
+//! * An option the program sets is first set on a throw-away kernel socket
+//!   of the same family (so that it is refused exactly as the kernel
+//!   refuses it), read back from there (so that it reads back as the
+//!   kernel reports it: SO_RCVBUF doubled, TCP_CONGESTION as a name) and
+//!   kept as those bytes.
+//! * An option read is answered from what was kept, else from a kernel
+//!   socket of the family that nothing ever changes (the defaults: one per
+//!   family and process).
+//! * A client's kernel socket, released once the SAN connection is made,
+//!   leaves the options the program set on it here first: each option
+//!   below that differs from the default is kept. Only sockets the program
+//!   set options on pay for that look ([`mark`]).
+
+use crate::real;
+use crate::sock::errno;
+use crate::table::PFd;
+use libc::{c_int, socklen_t};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The options a released kernel socket hands over when they differ from
+/// the defaults.
+const CARRIED: &[(c_int, c_int)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_CORK),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_TCP, libc::TCP_MAXSEG),
+    (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+    (libc::IPPROTO_TCP, libc::TCP_CONGESTION),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IP, libc::IP_TTL),
+];
+
+/// Descriptors (below this) the program set an option on before they
+/// became ours: one bit each.
+const BITS: usize = 1 << 16;
+static TOUCHED: [AtomicU64; BITS / 64] = [const { AtomicU64::new(0) }; BITS / 64];
+
+fn bit(fd: RawFd) -> Option<(usize, u64)> {
+    let i = usize::try_from(fd).ok()?;
+    (i < BITS).then(|| (i / 64, 1u64 << (i % 64)))
+}
+
+/// The program set an option on `fd` (not ours).
+pub(crate) fn mark(fd: RawFd) {
+    if let Some((w, b)) = bit(fd) {
+        TOUCHED[w].fetch_or(b, Ordering::Relaxed);
+    }
+}
+
+/// Whether the program set an option on `fd` since its socket was made
+/// (and forgets it). A number it cannot tell about counts as set.
+pub(crate) fn take_mark(fd: RawFd) -> bool {
+    match bit(fd) {
+        Some((w, b)) => TOUCHED[w].fetch_and(!b, Ordering::Relaxed) & b != 0,
+        None => true,
+    }
+}
+
+/// A new socket is at `fd`: nothing set on it yet.
+pub(crate) fn clear(fd: RawFd) {
+    let _ = take_mark(fd);
+}
+
+fn family(p: &PFd) -> c_int {
+    if p.v6.load(Ordering::Relaxed) {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    }
+}
+
+fn new_socket(fam: c_int) -> Result<OwnedFd, i32> {
+    // SAFETY: plain call.
+    let k = unsafe { real::socket()(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if k < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(k) })
+}
+
+/// The kernel socket of family `fam` that holds the defaults.
+fn defaults(fam: c_int) -> Result<RawFd, i32> {
+    static V4: OnceLock<OwnedFd> = OnceLock::new();
+    static V6: OnceLock<OwnedFd> = OnceLock::new();
+    let cell = if fam == libc::AF_INET6 { &V6 } else { &V4 };
+    if let Some(k) = cell.get() {
+        return Ok(k.as_raw_fd());
+    }
+    let k = dsan_switch::high(new_socket(fam)?);
+    Ok(cell.get_or_init(|| k).as_raw_fd())
+}
+
+/// Reads option (`level`, `name`) of kernel socket `k`.
+fn read(k: RawFd, level: c_int, name: c_int) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as socklen_t;
+    // SAFETY: a valid socket and out-buffers of the given length.
+    let r = unsafe { real::getsockopt()(k, level, name, buf.as_mut_ptr().cast(), &mut len) };
+    (r == 0).then(|| buf[..(len as usize).min(buf.len())].to_vec())
+}
+
+fn keep(p: &PFd, level: c_int, name: c_int, v: Vec<u8>) {
+    let mut o = p.opts.lock().unwrap_or_else(|e| e.into_inner());
+    match o.iter_mut().find(|(l, n, _)| *l == level && *n == name) {
+        Some(e) => e.2 = v,
+        None => o.push((level, name, v)),
+    }
+}
+
+/// Whether `v` (SO_LINGER's bytes) is {1, 0}: a close that resets.
+fn linger_abort(v: &[u8]) -> bool {
+    if v.len() < std::mem::size_of::<libc::linger>() {
+        return false;
+    }
+    // SAFETY: at least a linger's bytes; read unaligned.
+    let l: libc::linger = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
+    l.l_onoff != 0 && l.l_linger == 0
+}
+
+/// Kernel socket `k` of `p` is about to go: what the program set on it
+/// (the options above that differ from the defaults) is kept.
+pub(crate) fn carry_from(p: &PFd, k: RawFd) {
+    let Ok(d) = defaults(family(p)) else {
+        return;
+    };
+    for &(level, name) in CARRIED {
+        let (Some(v), dv) = (read(k, level, name), read(d, level, name)) else {
+            continue;
+        };
+        if Some(&v) != dv.as_ref() {
+            if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
+                let _ = dsan_switch::set_linger_abort(p.sw(), linger_abort(&v));
+            }
+            keep(p, level, name, v);
+        }
+    }
+}
+
+/// `getsockopt` of a socket without a kernel socket.
+///
+/// # Safety
+/// `val` and `len` are the caller's out-parameters.
+pub(crate) unsafe fn get(
+    p: &PFd,
+    level: c_int,
+    name: c_int,
+    val: *mut libc::c_void,
+    len: *mut socklen_t,
+) -> Result<c_int, i32> {
+    let kept = {
+        let o = p.opts.lock().unwrap_or_else(|e| e.into_inner());
+        o.iter()
+            .find(|(l, n, _)| *l == level && *n == name)
+            .map(|e| e.2.clone())
+    };
+    let Some(v) = kept else {
+        let d = defaults(family(p))?;
+        // SAFETY: the caller's parameters, passed on.
+        return crate::sock::kernel_result(unsafe { real::getsockopt()(d, level, name, val, len) });
+    };
+    if val.is_null() || len.is_null() {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: the caller's out-parameters; at most *len bytes written.
+    unsafe {
+        if (*len as i32) < 0 {
+            return Err(libc::EINVAL);
+        }
+        let n = (*len as usize).min(v.len());
+        std::ptr::copy_nonoverlapping(v.as_ptr(), val.cast::<u8>(), n);
+        *len = n as socklen_t;
+    }
+    Ok(0)
+}
+
+/// `setsockopt` of a socket without a kernel socket.
+///
+/// # Safety
+/// `val` points to `len` readable bytes (or is null).
+pub(crate) unsafe fn set(
+    p: &PFd,
+    level: c_int,
+    name: c_int,
+    val: *const libc::c_void,
+    len: socklen_t,
+) -> Result<c_int, i32> {
+    let k = new_socket(family(p))?;
+    // SAFETY: the caller's parameters, passed on to a socket of our own.
+    crate::sock::kernel_result(unsafe {
+        real::setsockopt()(k.as_raw_fd(), level, name, val, len)
+    })?;
+    // (An option that cannot be read back is accepted and not kept.)
+    if let Some(v) = read(k.as_raw_fd(), level, name) {
+        if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
+            let _ = dsan_switch::set_linger_abort(p.sw(), linger_abort(&v));
+        }
+        keep(p, level, name, v);
+    }
+    Ok(0)
+}

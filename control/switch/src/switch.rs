@@ -112,6 +112,9 @@ struct Conn {
     /// Signalled while a send would not block (see [`watch_writable`]);
     /// made on request.
     wfd: OnceLock<Arc<OwnedFd>>,
+    /// `wfd` went to the daemon (with the event descriptor when it was
+    /// made before that registration ran: one request for both).
+    wfd_registered: std::sync::atomic::AtomicBool,
 }
 
 /// The socket is now SAN connection `ss`.
@@ -133,8 +136,8 @@ fn set_san(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
     // holds no provider socket meanwhile.)
     let job = Registration {
         ss: Arc::downgrade(&ss),
-        sock: Some(Arc::downgrade(s)),
-        fd: wfd.get().cloned(),
+        sock: Arc::downgrade(s),
+        fd: None,
         due: std::time::Instant::now() + REGISTER_AFTER,
     };
     *s.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
@@ -142,6 +145,7 @@ fn set_san(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
         san: Some(ss),
         efd: OnceLock::new(),
         wfd,
+        wfd_registered: std::sync::atomic::AtomicBool::new(false),
     });
     queue_registration(job);
     Ok(())
@@ -161,6 +165,7 @@ impl Sock {
             san: None,
             efd: OnceLock::new(),
             wfd: OnceLock::new(),
+            wfd_registered: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(())
     }
@@ -289,12 +294,14 @@ fn has_input(ss: &SanSocket) -> bool {
 /// Work for the registration thread, due at `due`.
 struct Registration {
     ss: std::sync::Weak<SanSocket>,
-    /// A new SAN connection of this switch socket: make its event
-    /// descriptor, put it in the socket's epoll set and register it with
-    /// the daemon (with `fd`, its FD_WRITE descriptor, in the same request).
-    /// None: `fd` is the connection's FD_WRITE descriptor, made later
-    /// (registered after its event descriptor, which was queued first).
-    sock: Option<std::sync::Weak<Sock>>,
+    /// The switch socket the SAN connection serves.
+    sock: std::sync::Weak<Sock>,
+    /// None: the connection is new: make its event descriptor (a lean
+    /// socket's is its own descriptor), put it in the socket's epoll set
+    /// and register it with the daemon (with its FD_WRITE descriptor in the
+    /// same request, when that was made meanwhile). Some: the connection's
+    /// FD_WRITE descriptor, made later (registered after its event
+    /// descriptor, which was queued first, unless that took it along).
     fd: Option<Arc<OwnedFd>>,
     due: std::time::Instant,
 }
@@ -357,11 +364,29 @@ fn register(job: Registration) {
     let Some(ss) = job.ss.upgrade() else {
         return;
     };
-    let Some(sock) = job.sock.and_then(|w| w.upgrade()) else {
-        if let Some(w) = &job.fd {
+    let Some(sock) = job.sock.upgrade() else {
+        return;
+    };
+    if let Some(w) = &job.fd {
+        // (Registered already with its connection's event descriptor?)
+        let done = sock
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|c| c.wfd_registered.swap(true, Ordering::AcqRel));
+        if !done {
             let _ = ss.event_select_write(w.as_fd());
         }
         return;
+    }
+    // The FD_WRITE descriptor goes in the same request when it exists by now.
+    let wfd = {
+        let c = sock.conn.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref().and_then(|c| {
+            let w = c.wfd.get().cloned()?;
+            (!c.wfd_registered.swap(true, Ordering::AcqRel)).then_some(w)
+        })
     };
     if sock.is_lean() {
         // The socket's own descriptor is the event descriptor: readable
@@ -374,7 +399,7 @@ fn register(job: Registration) {
             }
             // SAFETY: the lean socket's descriptor, open while its lock is held.
             let face = unsafe { std::os::fd::BorrowedFd::borrow_raw(face) };
-            let _ = match &job.fd {
+            let _ = match &wfd {
                 Some(w) => ss.event_select_with(face, w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),
                 None => ss.event_select(face, FD_READ | FD_CLOSE),
             };
@@ -402,7 +427,7 @@ fn register(job: Registration) {
     if has_input(&ss) {
         signal_eventfd_if_quiet(efd.as_raw_fd());
     }
-    let _ = match &job.fd {
+    let _ = match &wfd {
         Some(w) => ss.event_select_with(efd.as_fd(), w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),
         None => ss.event_select(efd.as_fd(), FD_READ | FD_CLOSE),
     };
@@ -2129,7 +2154,7 @@ pub fn watch_writable(fd: RawFd) -> Option<RawFd> {
     let due = std::time::Instant::now() + REGISTER_AFTER;
     let job = Registration {
         ss: Arc::downgrade(ss),
-        sock: None,
+        sock: Arc::downgrade(&s),
         fd: Some(copy),
         due,
     };

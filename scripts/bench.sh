@@ -8,7 +8,7 @@
 #   1. dsan-bench suite      -> docs/bench/suite/   (connect, reject, rates,
 #                               overload, byte streams; CPU by class)
 #   2. dsan-bench data       -> docs/bench/data/    (pingpong, stream, crr at
-#                               MTU 1500 and 9000; memif rows labelled)
+#                               MTU 1500, 9000 and 61346; memif rows labelled)
 #   3. dsan-bench connect    -> docs/bench/connect.json (command round trip)
 #   4. bench/apps.sh         -> docs/bench/apps/    (redis-benchmark, wrk/nginx)
 #   5. bench/hosts.py        -> docs/bench/hosts/   (idle cost, 2..128 hosts)
@@ -70,7 +70,7 @@ say "suite (3 runs, paths rotated per run)"
 "$bin/dsan-bench" suite --idle adaptive --repeat 3 "${suite_args[@]}" --out "$out/suite" | tee "$out/suite/table.txt"
 
 say "byte streams (3 runs, alternating; MTU 1500 and 9000; memif)"
-"$bin/dsan-bench" data --idle adaptive --repeat 3 --mtu 1500,9000 --mode af_packet,memif \
+"$bin/dsan-bench" data --idle adaptive --repeat 3 --mtu 1500,9000,61346 --mode af_packet,memif \
   "${data_args[@]}" --json "$out/data/data.json" --out "$out/data" | tee "$out/data/table.txt"
 
 say "command round trip and connect latency"

@@ -109,8 +109,9 @@ enum Cmd {
         /// Write each latency row's .hgrm here.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Link MTUs to measure (comma-separated; 9000: jumbo frames).
-        #[arg(long, default_value = "1500,9000")]
+        /// Link MTUs to measure (comma-separated; 9000: jumbo frames;
+        /// 61346: the lab's default on af_packet, its largest).
+        #[arg(long, default_value = "1500,9000,61346")]
         mtu: String,
         /// Port kinds to measure (comma-separated: af_packet,memif). memif
         /// joins the two daemons through shared memory, with no kernel on

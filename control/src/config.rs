@@ -69,7 +69,7 @@ pub struct Config {
     /// Mbufs in the pool.
     pub mbufs: Option<u32>,
     /// The SAN link's MTU (default 1500): stream payloads are cut to fit, and
-    /// mbufs are sized for it (jumbo frames: up to 9000).
+    /// mbufs are sized for it (larger frames: up to `lab::MAX_MTU`).
     pub mtu: Option<u16>,
     /// Protocol limits.
     #[serde(default)]

@@ -58,7 +58,7 @@ pub struct UpOptions {
     pub dsand: PathBuf,
     /// Fault injection in every daemon (all 0: off).
     pub faults: dataplane::node::Faults,
-    /// The links' MTU (1500; up to 9000 for jumbo frames, af_packet mode).
+    /// The links' MTU (576 to [`MAX_MTU`]; above 1500 af_packet mode only).
     pub mtu: u16,
 }
 
@@ -81,11 +81,30 @@ pub struct HostInfo {
     pub pid: u32,
 }
 
+/// The largest MTU of a SAN link: a frame of it (with the Ethernet header
+/// and af_packet's ring header) fills a 60 KiB PACKET_MMAP frame, and an
+/// mbuf (whose size is 16 bits) holds it; as large as the emulated NIC's
+/// frames go (a 64 KiB GSO buffer is what the kernel's TCP moves over the
+/// same veth).
+pub const MAX_MTU: u16 = 61440 - 14 - 80;
+
+/// The lab's MTU when none is asked for: the fastest that works (the
+/// largest on af_packet, where a frame costs the kernel a system call and a
+/// copy whatever its size; memif's only one, 1500).
+pub fn default_mtu(mode: Mode) -> u16 {
+    match mode {
+        Mode::AfPacket => MAX_MTU,
+        Mode::Memif => 1500,
+    }
+}
+
 /// The PACKET_MMAP frame size that holds a frame of `mtu`: whole pages, so
 /// that one frame is one block (the af_packet PMD finds frame i at
 /// i x frame size, which holds only when frames tile the blocks exactly).
 pub fn frame_size(mtu: u16) -> usize {
-    (usize::from(mtu) + 14 + 64).div_ceil(4096) * 4096
+    // (The kernel puts the frame's Ethernet header 66 bytes in: the ring's
+    // header and address, aligned so that the network header is at 80.)
+    (usize::from(mtu) + 14 + 80).div_ceil(4096) * 4096
 }
 
 /// A lab host's namespace name.

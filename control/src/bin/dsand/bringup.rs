@@ -41,11 +41,21 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
         .first()
         .cloned()
         .ok_or_else(|| anyhow!("DPDK found no port (check the vdev or PCI allow-list)"))?;
-    let mbufs = eff.cfg.mbufs.unwrap_or(4095);
-    let mtu = eff.cfg.mtu.unwrap_or(1500).clamp(576, 9000);
+    let mtu = eff
+        .cfg
+        .mtu
+        .unwrap_or(1500)
+        .clamp(576, control::lab::MAX_MTU);
     // One mbuf holds a whole frame of the MTU (af_packet copies a frame into
     // one mbuf; its PACKET_MMAP frame is sized as the lab sizes it).
     let room = (crate::lab_frame_room(mtu) + 128).max(2048 + 128);
+    // As many as 160 MiB of them hold (4,095 at most): large frames take
+    // fewer, and the pool stays within the lab's EAL memory.
+    let fit = ((160usize << 20) / (room + 128)).clamp(1024, 4096);
+    let mbufs = eff
+        .cfg
+        .mbufs
+        .unwrap_or((1u32 << (usize::BITS - 1 - fit.leading_zeros())) - 1);
     let pool = Mempool::new(&eal, "dsan_mbufs", mbufs, 128, room as u16)?;
     let port = Port::start(&eal, port_id, &pool, 512, 512)?;
     let mac = port.mac()?;

@@ -87,7 +87,7 @@ pub(crate) struct Args {
     /// Limit: a SAN connect gives up after this long (ETIMEDOUT), ms.
     #[arg(long)]
     pub(crate) connect_budget_ms: Option<u64>,
-    /// The SAN link's MTU (default 1500; jumbo frames up to 9000).
+    /// The SAN link's MTU (default 1500; larger frames up to 61346).
     #[arg(long)]
     pub(crate) mtu: Option<u16>,
     /// Lab fault injection: drop this fraction of received SAN frames.

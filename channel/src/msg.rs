@@ -254,6 +254,10 @@ pub enum Op {
         /// one that did (requests go to the workers in turn), so that every
         /// forked worker serves SAN clients.
         takeover: u32,
+        /// SO_REUSEPORT: a listener of another process of the same user on
+        /// the same address that set it too is joined (requests go to the
+        /// listeners in turn), as the kernel groups TCP listeners.
+        reuse_port: bool,
     },
     /// Answer the request `key` that arrived on this listener.
     Decide {
@@ -374,7 +378,7 @@ impl Command {
         let op = match v.kind() {
             kind::LISTEN => {
                 used(20)?;
-                if !zero(&a[14..16]) {
+                if a[14] > 1 || a[15] != 0 {
                     return Err(ParseError::Reserved);
                 }
                 let port = u16_at(a, 4);
@@ -391,6 +395,7 @@ impl Command {
                     area,
                     bufs: Bufs::parse(&a[12..14])?,
                     takeover: u32_at(a, 16),
+                    reuse_port: a[14] == 1,
                 }
             }
             kind::DECIDE => {
@@ -494,12 +499,14 @@ impl Command {
                 area,
                 bufs,
                 takeover,
+                reuse_port,
             } => {
                 put(a, 0, &u32::from(*addr.ip()).to_le_bytes());
                 put(a, 4, &addr.port().to_le_bytes());
                 put(a, 6, &area.to_le_bytes());
                 put(a, 8, &backlog.to_le_bytes());
                 bufs.emit(&mut a[12..14]);
+                a[14] = u8::from(reuse_port);
                 put(a, 16, &takeover.to_le_bytes());
                 kind::LISTEN
             }
@@ -681,6 +688,7 @@ mod tests {
                 area: 2,
                 bufs: Bufs::default(),
                 takeover: 0,
+                reuse_port: false,
             },
         };
         let s = c.to_slot();
@@ -814,6 +822,7 @@ mod tests {
                 area: 0,
                 bufs: Bufs::default(),
                 takeover: 0,
+                reuse_port: false,
             },
         }
         .to_slot();

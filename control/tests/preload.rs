@@ -818,6 +818,51 @@ fn a_program_with_1024_descriptors_holds_1000_san_connections() {
 }
 
 #[test]
+fn unrelated_servers_with_so_reuseport_share_their_san_clients() {
+    // Issue #24: two processes (not forked from one another) that each
+    // listen on the port with SO_REUSEPORT share its kernel TCP clients;
+    // the second one got no SAN listener (the address was in use) and
+    // served kernel TCP only. Now it joins the first one's SAN listener and
+    // SAN requests go to the two in turn.
+    let _lab = Lab::up(&[]);
+    let server = "import socket,sys\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\nl.bind(('0.0.0.0',7480))\nl.listen(64)\nprint('listening',flush=True)\nwhile True:\n  c,_=l.accept()\n  c.recv(16)\n  c.sendall(sys.argv[1].encode())\n  c.close()";
+    let before = counts();
+    let joins = |m: &str| metric(m, "dsan_san_listener_joins_total");
+    let joins_before = joins(&scrape(METRICS_BASE + 1));
+    let (_a, _) = started(
+        preloaded("h1", "python3", &["-c", server, "a"]),
+        "listening",
+    );
+    let (_b, _) = started(
+        preloaded("h1", "python3", &["-c", server, "b"]),
+        "listening",
+    );
+    let o = run(
+        preloaded(
+            "h0",
+            "python3",
+            &[
+                "-c",
+                "import socket\nfor i in range(40):\n  s=socket.create_connection(('198.18.0.2',7480),timeout=10)\n  s.sendall(b'x')\n  print(s.recv(16).decode(),flush=True)\n  s.close()",
+            ],
+        ),
+        60,
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let served = |who: &str| t.lines().filter(|l| l.trim() == who).count();
+    assert_eq!(served("a") + served("b"), 40, "{t}");
+    assert!(served("a") >= 10 && served("b") >= 10, "both serve: {t}");
+    let after = counts();
+    assert_eq!(after.accepted - before.accepted, 40, "the SAN carried them");
+    assert_eq!(after.fallbacks, before.fallbacks, "no fallback");
+    assert!(
+        joins(&scrape(METRICS_BASE + 1)) > joins_before,
+        "the second joined"
+    );
+}
+
+#[test]
 fn a_plain_blocking_accept_waits_for_san_clients() {
     // Issue #24: a blocking accept() with nothing polled first returned
     // EAGAIN at once (the switch's listen made the program's descriptor

@@ -176,6 +176,7 @@ fn accepted(host: &mut Host, a: &mut App) {
             area: 0,
             bufs: Default::default(),
             takeover: 0,
+            reuse_port: false,
         },
     );
     host.step(&[]);
@@ -346,6 +347,17 @@ fn request(src_port: u16, conn_id: u64) -> Repr {
 }
 
 fn listen(host: &mut Host, a: &mut App, sock: u32, area: u16, takeover: u32) -> i64 {
+    listen_with(host, a, sock, area, takeover, false)
+}
+
+fn listen_with(
+    host: &mut Host,
+    a: &mut App,
+    sock: u32,
+    area: u16,
+    takeover: u32,
+    reuse_port: bool,
+) -> i64 {
     let seq = a.send(
         sock,
         Op::Listen {
@@ -354,6 +366,7 @@ fn listen(host: &mut Host, a: &mut App, sock: u32, area: u16, takeover: u32) -> 
             area,
             bufs: Default::default(),
             takeover,
+            reuse_port,
         },
     );
     host.step(&[]);
@@ -437,4 +450,53 @@ fn forked_workers_share_a_listener_in_turn_and_it_closes_with_the_last() {
             .any(|r| matches!(r.message, Message::Reject { .. })),
         "refused once no worker listens"
     );
+}
+
+#[test]
+fn processes_of_one_user_with_so_reuseport_share_a_listener() {
+    let mut host = Host::new();
+    let attach_uid = |h: &NodeHandle, id: u64, uid: u32| {
+        let (app, cmds) = AppShared::new_as(id, id as u32, uid, true, Lineage::default()).unwrap();
+        assert!(h
+            .commands
+            .push(NodeCommand::Attach(app.clone(), cmds))
+            .is_ok());
+        // SAFETY: dup of a valid descriptor gives one we own.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
+        let (region, tx) = Region::open(dup, layout::size()).unwrap();
+        App {
+            id,
+            region,
+            tx,
+            seq: 0,
+        }
+    };
+    let mut a = attach_uid(&host.h, 20, 1000);
+    let mut b = attach_uid(&host.h, 21, 1000);
+    let mut plain = attach_uid(&host.h, 22, 1000);
+    let mut other = attach_uid(&host.h, 23, 1001);
+    host.step(&[]);
+    assert!(listen_with(&mut host, &mut a, 1, 0, 0, true) > 0);
+    // Without SO_REUSEPORT, or as another user: the address is in use.
+    assert_eq!(
+        listen_with(&mut host, &mut plain, 1, 0, 0, false),
+        -i64::from(libc::EADDRINUSE)
+    );
+    assert_eq!(
+        listen_with(&mut host, &mut other, 1, 0, 0, true),
+        -i64::from(libc::EADDRINUSE)
+    );
+    // The same user with it: joins, and requests go to the two in turn.
+    assert!(listen_with(&mut host, &mut b, 1, 0, 0, true) > 0);
+    assert_eq!(host.counters().listener_joins, 1);
+    for i in 0..4u16 {
+        host.step(&[request(42000 + i, 700 + u64::from(i))]);
+    }
+    assert_eq!((queued(&a, 0), queued(&b, 0)), (2, 2));
+    // The first one leaves: the second holds the listener alone.
+    let seq = a.send(1, Op::Close);
+    host.step(&[]);
+    assert_eq!(a.result(1, seq), Some(0));
+    host.step(&[request(42010, 710)]);
+    assert_eq!(queued(&b, 0), 1);
 }

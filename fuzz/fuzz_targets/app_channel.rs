@@ -249,6 +249,7 @@ fuzz_target!(|steps: Vec<Step>| {
                         // Now and then a take-over claim (by a pid that is
                         // nobody's parent here): refused, as a plain listen.
                         takeover: u32::from(backlog % 5 == 0),
+                        reuse_port: backlog % 3 == 0,
                     },
                 }
                 .to_slot(),

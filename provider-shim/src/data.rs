@@ -590,7 +590,9 @@ impl Provider {
     /// by accepted sockets), SO_KEEPALIVE (SAN connections always have a
     /// keepalive; recorded), SO_LINGER (a `struct linger`: {1, 0} makes
     /// the close of a connection reset it, as on TCP; other values are
-    /// recorded, and a close never blocks). IPPROTO_TCP: TCP_NODELAY
+    /// recorded, and a close never blocks), SO_REUSEPORT (a listener joins
+    /// one of another process of the same user on the same address that
+    /// set it too: requests go to them in turn). IPPROTO_TCP: TCP_NODELAY
     /// (accepted: segments leave as soon as they are written).
     ///
     /// # Errors
@@ -619,6 +621,7 @@ impl Provider {
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => ls.bufs.rcv = ring_size(v.max(1) as usize),
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => ls.bufs.snd = ring_size(v.max(1) as usize),
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => ls.keepalive = v != 0,
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT) => ls.reuse_port = v != 0,
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => ls.nodelay = v != 0,
             _ => return Err(Error::NoProtoOpt),
         }
@@ -639,6 +642,7 @@ impl Provider {
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => ls.bufs.rcv as i32,
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => ls.bufs.snd as i32,
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => i32::from(ls.keepalive),
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT) => i32::from(ls.reuse_port),
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => i32::from(ls.nodelay),
             (libc::SOL_SOCKET, libc::SO_ERROR) => {

@@ -226,6 +226,9 @@ pub(crate) struct LocalSock {
     linger: (bool, i32),
     /// 0, or the parent pid whose listener `listen` takes over.
     takeover: u32,
+    /// SO_REUSEPORT: `listen` joins a listener of the same user on the same
+    /// address that set it too.
+    reuse_port: bool,
     shut_rd: bool,
     shut_wr: bool,
     /// SO_ERROR reported how the connection ended already.
@@ -250,6 +253,7 @@ impl LocalSock {
             nodelay: false,
             linger: (false, 0),
             takeover: 0,
+            reuse_port: false,
             shut_rd: false,
             shut_wr: false,
             error_reported: false,
@@ -694,6 +698,7 @@ impl Provider {
                 area: area as u16,
                 bufs: ls.bufs,
                 takeover: ls.takeover,
+                reuse_port: ls.reuse_port,
             },
             COMMAND_TIMEOUT,
         );
@@ -1511,6 +1516,18 @@ impl SanSocket {
     /// As there.
     pub fn set_takeover(&self, ppid: u32) -> Result<()> {
         self.p.set_takeover(self.live()?, ppid)
+    }
+    /// SO_REUSEPORT (see [`Provider::setsockopt`]).
+    ///
+    /// # Errors
+    /// As there.
+    pub fn set_reuse_port(&self, on: bool) -> Result<()> {
+        self.p.setsockopt(
+            self.live()?,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            &i32::from(on).to_ne_bytes(),
+        )
     }
     /// See [`Provider::event_select_with`].
     ///

@@ -843,6 +843,23 @@ pub fn inherited_listener(fd: RawFd) -> Option<RawFd> {
         .copied()
 }
 
+/// An int socket option of `fd`.
+fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a socket and out-buffers of the given length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
 fn errno() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
@@ -1164,6 +1181,16 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
         let from = s.takeover.load(Ordering::Relaxed);
         if from != 0 {
             ss.set_takeover(from)?;
+        }
+        // SO_REUSEPORT on the kernel socket: the SAN listener joins one of
+        // another process of this user that set it too, as the kernel
+        // groups the TCP listeners.
+        if s.tcp_fd()
+            .ok()
+            .and_then(|t| int_opt(t, libc::SOL_SOCKET, libc::SO_REUSEPORT))
+            .is_some_and(|v| v != 0)
+        {
+            ss.set_reuse_port(true)?;
         }
         ss.listen(backlog)?;
         let efd = eventfd().map_err(SanError::Os)?;

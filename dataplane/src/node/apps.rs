@@ -440,7 +440,8 @@ impl Node {
                 area,
                 bufs,
                 takeover,
-            } => self.app_listen(id, sock, addr, backlog, area, bufs, takeover),
+                reuse_port,
+            } => self.app_listen(id, sock, addr, backlog, area, bufs, takeover, reuse_port),
             Op::Decide { key, verdict, .. } => self.app_decide(now, id, sock, key, verdict),
             Op::Connect {
                 dst,
@@ -523,6 +524,7 @@ impl Node {
         area: u16,
         bufs: Bufs,
         takeover: u32,
+        reuse_port: bool,
     ) -> Option<i64> {
         let p = &self.procs[&id];
         let area_used = p
@@ -570,13 +572,13 @@ impl Node {
                     })
             });
         // A later worker of the same parent joins the worker that took
-        // the address over (see `groups`).
-        if from.is_none() && takeover != 0 {
-            if let Some(l) = self
-                .ep
-                .listener_at(a)
-                .filter(|l| self.may_join(*l, id, takeover))
-            {
+        // the address over; a process of the same user joins a listener
+        // that it and the owner both made with SO_REUSEPORT (see `groups`).
+        if from.is_none() && (takeover != 0 || reuse_port) {
+            if let Some(l) = self.ep.listener_at(a).filter(|l| {
+                (takeover != 0 && self.may_join(*l, id, takeover))
+                    || (reuse_port && self.may_share(*l, id))
+            }) {
                 let cap = self.ep.backlog(l).map_or(1, |b| b.1);
                 let p = self.procs.get_mut(&id).expect("present");
                 let Ok(ring) = p.shared.region.format_backlog(usize::from(area), cap) else {
@@ -626,6 +628,9 @@ impl Node {
         p.socks
             .insert(sock, SockObj::Listener { id: l, area, bufs });
         self.listener_owner.insert(l, (id, sock));
+        if reuse_port {
+            self.reuse_port.insert(l);
+        }
         Some(cap as i64)
     }
 

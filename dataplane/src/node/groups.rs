@@ -1,5 +1,7 @@
 //! Listeners shared by forked workers (nginx, gunicorn, pre-fork servers):
-//! a parent listens, forks workers, and every worker accepts.
+//! a parent listens, forks workers, and every worker accepts; and by
+//! processes of one user that each listen on the address with SO_REUSEPORT
+//! (the first one's listener is joined by the others).
 //!
 //! The first worker to use the inherited listener takes the SAN address over
 //! from its parent (`Op::Listen`'s take-over pid; the parent, often a
@@ -31,6 +33,23 @@ impl Node {
                     && o.shared.lineage.ppid == ppid
                     && me.shared.lineage.sibling_of(&o.shared.lineage)
             })
+    }
+
+    /// Whether process `id` may join listener `l` with SO_REUSEPORT: the
+    /// listener was made with it, and its owner is another process of the
+    /// same user (as the kernel groups TCP listeners: same address, the
+    /// option on every socket, one effective user).
+    pub(super) fn may_share(&self, l: ListenerId, id: u64) -> bool {
+        let Some(me) = self.procs.get(&id) else {
+            return false;
+        };
+        self.reuse_port.contains(&l)
+            && self
+                .listener_owner
+                .get(&l)
+                .filter(|(owner, _)| *owner != id)
+                .and_then(|(owner, _)| self.procs.get(owner))
+                .is_some_and(|o| o.shared.uid == me.shared.uid)
     }
 
     /// Socket `sock` of process `id` is a member of listener `l` now.
@@ -83,6 +102,7 @@ impl Node {
     /// the caller's business). Returns them.
     pub(super) fn disband(&mut self, l: ListenerId) -> Vec<(u64, u32)> {
         self.turns.remove(&l);
+        self.reuse_port.remove(&l);
         let members = self.joined.remove(&l).unwrap_or_default();
         for (pid, sock) in &members {
             if let Some(p) = self.procs.get_mut(pid) {

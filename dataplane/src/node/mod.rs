@@ -205,6 +205,9 @@ pub struct Node {
     /// and whose turn it is (see [`groups`]).
     joined: HashMap<ListenerId, Vec<(u64, u32)>>,
     turns: HashMap<ListenerId, usize>,
+    /// Listeners made with SO_REUSEPORT: another process of their owner's
+    /// user that sets it too joins them (see [`groups`]).
+    reuse_port: std::collections::HashSet<ListenerId>,
     /// Scratch for a request's candidate sockets (kept: no allocation per request).
     member_buf: Vec<(u64, u32)>,
     conn_owner: HashMap<ConnHandle, (u64, u32)>,
@@ -301,6 +304,7 @@ impl Node {
             listener_owner: HashMap::new(),
             joined: HashMap::new(),
             turns: HashMap::new(),
+            reuse_port: std::collections::HashSet::new(),
             member_buf: Vec::new(),
             conn_owner: HashMap::new(),
             away: HashMap::new(),

@@ -6,7 +6,7 @@
 # without (kernel TCP), alternating: REPEAT runs, the SAN first in odd runs
 # and kernel TCP first in even ones.
 #
-#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S] [--idle POLICY] [--repeat N]
+#   bench/apps.sh [--out DIR] [--requests N] [--clients N] [--duration S] [--idle POLICY] [--mtu N] [--repeat N]
 #
 # Brings the two-host lab up (and down again at the end, also on failure),
 # prints a table (median ratio of the runs and its range), and writes
@@ -22,6 +22,7 @@ requests=200000
 clients=50
 duration=5
 idle=adaptive
+mtu=()
 repeat=3
 cmdline="bench/apps.sh $*"
 while (($#)); do
@@ -31,6 +32,7 @@ while (($#)); do
     --clients) clients=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --idle) idle=$2; shift 2 ;;
+    --mtu) mtu=(--mtu "$2"); shift 2 ;;
     --repeat) repeat=$2; shift 2 ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "apps.sh: unknown argument $1" >&2; exit 2 ;;
@@ -55,7 +57,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$bin/dsanctl" lab down >/dev/null 2>&1 || true
-"$bin/dsanctl" lab up --idle "$idle" >/dev/null
+"$bin/dsanctl" lab up --idle "$idle" "${mtu[@]}" >/dev/null
 
 in_host() { # host preload(0|1) prog args...
   local h=$1 pre=$2; shift 2

@@ -262,3 +262,144 @@ pub(crate) unsafe fn sendfile(
 pub(crate) fn unread(p: &PFd) -> usize {
     dsan_switch::san_connection(p.sw()).map_or(0, |ss| ss.readiness(false, false).unread as usize)
 }
+
+/// Whether `fd` is a pipe (a FIFO).
+fn is_pipe(fd: c_int) -> bool {
+    // SAFETY: stat is plain data; zeroed is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live out-buffer.
+    unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
+}
+
+/// The most one splice moves (as the kernel's pipe-sized steps).
+const SPLICE_MAX: usize = 256 << 10;
+
+/// splice from SAN socket `p` into pipe `pipe`: the bytes are looked at
+/// (MSG_PEEK), written to the pipe, and only what the pipe took is
+/// consumed, so nothing is lost when the pipe is full.
+pub(crate) fn splice_to_pipe(
+    p: &PFd,
+    off_in: *mut libc::loff_t,
+    pipe: c_int,
+    off_out: *mut libc::loff_t,
+    len: usize,
+    flags: libc::c_uint,
+) -> Result<usize, i32> {
+    if !off_in.is_null() || !off_out.is_null() {
+        return Err(libc::ESPIPE);
+    }
+    if !is_pipe(pipe) {
+        return Err(libc::EINVAL);
+    }
+    if len == 0 {
+        return Ok(0);
+    }
+    let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0;
+    let mut buf = vec![0u8; len.min(SPLICE_MAX)];
+    let peek = libc::MSG_PEEK | if nonblock { libc::MSG_DONTWAIT } else { 0 };
+    let k = recv(p, &mut buf, peek)?;
+    if k == 0 {
+        return Ok(0);
+    }
+    let w = loop {
+        // SAFETY: a valid buffer of `k` bytes.
+        let w = unsafe { crate::real::write()(pipe, buf.as_ptr().cast(), k) };
+        if w >= 0 {
+            break w as usize;
+        }
+        let e = errno();
+        if e == libc::EAGAIN && !nonblock {
+            // A pipe the program made nonblocking: the kernel's splice
+            // waits for room unless told not to.
+            let mut pfd = libc::pollfd {
+                fd: pipe,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { crate::real::poll()(&mut pfd, 1, -1) };
+            continue;
+        }
+        return Err(e);
+    };
+    // The bytes the pipe took are there to consume.
+    let mut done = 0;
+    while done < w {
+        done += recv(p, &mut buf[done..w], libc::MSG_DONTWAIT)?;
+    }
+    Ok(w)
+}
+
+/// splice from pipe `pipe` into SAN socket `p`: no more is read from the
+/// pipe than the socket takes (when it must not wait, no more than its
+/// send ring has room for), and all of it is sent.
+pub(crate) fn splice_from_pipe(
+    pipe: c_int,
+    off_in: *mut libc::loff_t,
+    p: &PFd,
+    off_out: *mut libc::loff_t,
+    len: usize,
+    flags: libc::c_uint,
+) -> Result<usize, i32> {
+    if !off_in.is_null() || !off_out.is_null() {
+        return Err(libc::ESPIPE);
+    }
+    if !is_pipe(pipe) {
+        return Err(libc::EINVAL);
+    }
+    if len == 0 {
+        return Ok(0);
+    }
+    ready(p)?;
+    let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0 || p.nonblock.load(Ordering::Relaxed);
+    let mut n = len.min(SPLICE_MAX);
+    if nonblock {
+        let room = dsan_switch::san_connection(p.sw())
+            .map_or(n as u64, |ss| ss.readiness(false, true).room);
+        if room == 0 {
+            return Err(libc::EAGAIN);
+        }
+        n = n.min(room as usize);
+    }
+    let mut buf = vec![0u8; n];
+    if flags & libc::SPLICE_F_NONBLOCK != 0 {
+        // The pipe without waiting: nothing in it is EAGAIN.
+        let mut pfd = libc::pollfd {
+            fd: pipe,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { crate::real::poll()(&mut pfd, 1, 0) } == 0 {
+            return Err(libc::EAGAIN);
+        }
+    }
+    // SAFETY: a valid buffer of `n` bytes.
+    let r = unsafe { crate::real::read()(pipe, buf.as_mut_ptr().cast(), n) };
+    if r < 0 {
+        return Err(errno());
+    }
+    let k = r as usize;
+    let mut done = 0;
+    while done < k {
+        // The bytes are out of the pipe and must go: a full ring is waited
+        // for, whatever the socket's O_NONBLOCK.
+        match dsan_switch::send(p.sw(), &buf[done..k], libc::MSG_NOSIGNAL) {
+            Ok(m) => done += m,
+            Err(libc::EAGAIN) => {
+                if let Some(w) = dsan_switch::watch_writable(p.sw()) {
+                    let mut pfd = libc::pollfd {
+                        fd: w,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { crate::real::poll()(&mut pfd, 1, 100) };
+                }
+            }
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => return Ok(done),
+        }
+    }
+    Ok(k)
+}

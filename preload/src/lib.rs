@@ -441,22 +441,165 @@ pub unsafe extern "C" fn sendto(
 pub unsafe extern "C" fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::recvmsg()(fd, m, flags) });
+    // SAFETY: the caller's message header.
+    sret(unsafe { recv_msg(&p, m, flags) })
+}
+
+/// recvmsg on switch socket `p`.
+///
+/// # Safety
+/// `m` is null or the caller's message header.
+unsafe fn recv_msg(p: &PFd, m: *mut msghdr, flags: c_int) -> Result<usize, i32> {
     if m.is_null() {
-        return ret(Err(libc::EFAULT));
+        return Err(libc::EFAULT);
     }
     // SAFETY: the caller's message header.
     let m = unsafe { &mut *m };
     // SAFETY: the caller's iovecs.
-    let r = unsafe { io::recv_iov(&p, m.msg_iov, m.msg_iovlen as c_int, flags) };
+    let r = unsafe { io::recv_iov(p, m.msg_iov, m.msg_iovlen as c_int, flags) };
     if r.is_ok() {
         if !m.msg_name.is_null() {
             // SAFETY: the caller's name buffer and its length.
-            let _ = unsafe { sock::name(&p, true, m.msg_name.cast(), &mut m.msg_namelen) };
+            let _ = unsafe { sock::name(p, true, m.msg_name.cast(), &mut m.msg_namelen) };
         }
         m.msg_controllen = 0;
         m.msg_flags = 0;
     }
-    sret(r)
+    r
+}
+
+/// sendmsg on switch socket `p`: ancillary data is refused.
+///
+/// # Safety
+/// `m` is null or the caller's message header.
+unsafe fn send_msg(p: &PFd, m: *const msghdr, flags: c_int) -> Result<usize, i32> {
+    if m.is_null() {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: the caller's message header.
+    let m = unsafe { &*m };
+    if m.msg_controllen != 0 {
+        return Err(libc::EOPNOTSUPP);
+    }
+    // SAFETY: the caller's iovecs.
+    unsafe { io::send_iov(p, m.msg_iov, m.msg_iovlen as c_int, flags) }
+}
+
+/// Interposed: on a SAN socket, one recvmsg per message, as the kernel
+/// does for a stream socket (MSG_WAITFORONE: the messages after the first
+/// do not wait; the timeout is looked at after each message, as Linux's).
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    v: *mut libc::mmsghdr,
+    n: libc::c_uint,
+    flags: c_int,
+    timeout: *mut timespec,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours_live!(fd, unsafe { real::recvmmsg()(fd, v, n, flags, timeout) });
+    if v.is_null() && n > 0 {
+        return ret(Err(libc::EFAULT));
+    }
+    let until = if timeout.is_null() {
+        None
+    } else {
+        // SAFETY: the caller's timespec.
+        let t = unsafe { *timeout };
+        if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
+            return ret(Err(libc::EINVAL));
+        }
+        Some(
+            std::time::Instant::now() + std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
+        )
+    };
+    let mut f = flags & !libc::MSG_WAITFORONE;
+    let mut got: c_int = 0;
+    for i in 0..n.min(libc::UIO_MAXIOV as libc::c_uint) as usize {
+        // SAFETY: the caller's array of `n` headers.
+        let e = unsafe { &mut *v.add(i) };
+        // SAFETY: the caller's message header.
+        match unsafe { recv_msg(&p, &mut e.msg_hdr, f) } {
+            Ok(k) => {
+                e.msg_len = k as libc::c_uint;
+                got += 1;
+            }
+            Err(e) if got == 0 => return ret(Err(e)),
+            Err(_) => break,
+        }
+        if flags & libc::MSG_WAITFORONE != 0 {
+            f |= libc::MSG_DONTWAIT;
+        }
+        if until.is_some_and(|d| std::time::Instant::now() >= d) {
+            break;
+        }
+    }
+    got
+}
+
+/// Interposed: on a SAN socket, one sendmsg per message.
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    v: *mut libc::mmsghdr,
+    n: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: the caller's arguments, passed on.
+    let (p, _in) = ours_live!(fd, unsafe { real::sendmmsg()(fd, v, n, flags) });
+    if v.is_null() && n > 0 {
+        return ret(Err(libc::EFAULT));
+    }
+    let mut sent: c_int = 0;
+    for i in 0..n.min(libc::UIO_MAXIOV as libc::c_uint) as usize {
+        // SAFETY: the caller's array of `n` headers.
+        let e = unsafe { &mut *v.add(i) };
+        // SAFETY: the caller's message header.
+        match unsafe { send_msg(&p, &e.msg_hdr, flags) } {
+            Ok(k) => {
+                e.msg_len = k as libc::c_uint;
+                sent += 1;
+            }
+            Err(e) if sent == 0 => return ret(Err(e)),
+            Err(_) => break,
+        }
+    }
+    sent
+}
+
+/// Interposed: bytes move between a pipe and a SAN socket (read from one,
+/// written to the other, never lost: what the pipe cannot take stays in
+/// the socket, and no more is taken from the pipe than the socket takes
+/// without waiting when it must not wait).
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut libc::loff_t,
+    fd_out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: libc::c_uint,
+) -> ssize_t {
+    let call = || {
+        // SAFETY: the caller's arguments, passed on.
+        unsafe { real::splice()(fd_in, off_in, fd_out, off_out, len, flags) }
+    };
+    if !table::maybe_ours(fd_in) && !table::maybe_ours(fd_out) {
+        return call();
+    }
+    let Some(_in) = table::enter() else {
+        return call();
+    };
+    let (pin, pout) = (
+        table::get(fd_in).and_then(|p| sock::own(fd_in, p)),
+        table::get(fd_out).and_then(|p| sock::own(fd_out, p)),
+    );
+    sret(match (pin, pout) {
+        (None, None) => return call(),
+        (Some(_), Some(_)) => Err(libc::EINVAL),
+        (Some(p), None) => io::splice_to_pipe(&p, off_in, fd_out, off_out, len, flags),
+        (None, Some(p)) => io::splice_from_pipe(fd_in, off_in, &p, off_out, len, flags),
+    })
 }
 
 /// Interposed: ancillary data is refused on a SAN socket.
@@ -464,16 +607,8 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssi
 pub unsafe extern "C" fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::sendmsg()(fd, m, flags) });
-    if m.is_null() {
-        return ret(Err(libc::EFAULT));
-    }
     // SAFETY: the caller's message header.
-    let m = unsafe { &*m };
-    if m.msg_controllen != 0 {
-        return ret(Err(libc::EOPNOTSUPP));
-    }
-    // SAFETY: the caller's iovecs.
-    sret(unsafe { io::send_iov(&p, m.msg_iov, m.msg_iovlen as c_int, flags) })
+    sret(unsafe { send_msg(&p, m, flags) })
 }
 
 /// Interposed: to a SAN socket, the file is read and sent.
@@ -959,6 +1094,35 @@ pub unsafe extern "C" fn epoll_pwait(
     };
     // SAFETY: the caller's buffer and mask.
     unsafe { wait::epoll_wait(ep, evs, max, timeout, mask) }
+}
+
+/// Interposed: as [`epoll_pwait`], with a timeout in nanoseconds.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait2(
+    ep: c_int,
+    evs: *mut epoll_event,
+    max: c_int,
+    timeout: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    let Some(_in) = table::enter() else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::epoll_pwait2()(ep, evs, max, timeout, mask) };
+    };
+    let until = if timeout.is_null() {
+        None
+    } else {
+        // SAFETY: the caller's timespec.
+        let t = unsafe { *timeout };
+        if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
+            return ret(Err(libc::EINVAL));
+        }
+        Some(
+            std::time::Instant::now() + std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
+        )
+    };
+    // SAFETY: the caller's buffer and mask.
+    unsafe { wait::epoll_wait_until(ep, evs, max, until, mask) }
 }
 
 /// Interposed: the child keeps its descriptors; a SAN connection it uses

@@ -587,6 +587,42 @@ pub(crate) unsafe fn epoll_wait(
     }
 }
 
+/// epoll_pwait2: as [`epoll_wait`], until `until` (None: for ever), the
+/// kernel's own wait given the time left to the nanosecond.
+///
+/// # Safety
+/// `evs` points to `max` writable events; `sigmask` is null or valid.
+pub(crate) unsafe fn epoll_wait_until(
+    ep: RawFd,
+    evs: *mut epoll_event,
+    max: c_int,
+    until: Option<Instant>,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    loop {
+        let ts = left(until);
+        // SAFETY: the caller's buffer and mask; `ts` null or valid.
+        let n = unsafe {
+            real::epoll_pwait2()(
+                ep,
+                evs,
+                max,
+                ts.as_ref().map_or(std::ptr::null(), |t| t as *const _),
+                sigmask,
+            )
+        };
+        if n <= 0 || LIVE.load(Ordering::Relaxed) == 0 {
+            return n;
+        }
+        // SAFETY: the kernel filled `n` events of the caller's buffer.
+        let slice = unsafe { std::slice::from_raw_parts_mut(evs, n as usize) };
+        let m = translate_epoll(slice);
+        if m > 0 || until.is_some_and(|d| Instant::now() >= d) {
+            return m as c_int;
+        }
+    }
+}
+
 /// The poll timeout of a select's timeval, as a deadline.
 pub(crate) fn until_ms(timeout_ms: c_int) -> Option<Instant> {
     deadline(timeout_ms)

@@ -75,6 +75,9 @@ pub struct Readiness {
     pub error: i32,
     /// Bytes received and not read yet.
     pub unread: u64,
+    /// Bytes a send would take now (room in the send ring; 0 after a
+    /// shutdown or the end of the connection).
+    pub room: u64,
 }
 
 /// `send` / `recv` flags this provider knows.
@@ -562,7 +565,13 @@ impl Provider {
         if write {
             shm.snd_p.want.store(1, Ordering::SeqCst);
         }
-        r.writable = shut_wr || dead || snd_used(shm) < area.snd_size() as u64;
+        let used = snd_used(shm);
+        r.room = if shut_wr || dead {
+            0
+        } else {
+            (area.snd_size() as u64).saturating_sub(used)
+        };
+        r.writable = shut_wr || dead || used < area.snd_size() as u64;
         r
     }
 

@@ -930,6 +930,136 @@ def _(role, x, out, base):
         s.close()
 
 
+LIBC = None
+
+
+def libc():
+    """The C library's calls as the program would make them (the preload's
+    when it is loaded: ctypes resolves names in the global scope)."""
+    global LIBC
+    if LIBC is None:
+        import ctypes
+        LIBC = ctypes.CDLL(None, use_errno=True)
+    return LIBC
+
+
+def mmsg_arrays(bufs):
+    """struct mmsghdr[] over `bufs` (one iovec each), ctypes-built."""
+    import ctypes
+
+    class iovec(ctypes.Structure):
+        _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
+
+    class msghdr(ctypes.Structure):
+        _fields_ = [('name', ctypes.c_void_p), ('namelen', ctypes.c_uint32),
+                    ('iov', ctypes.POINTER(iovec)), ('iovlen', ctypes.c_size_t),
+                    ('control', ctypes.c_void_p), ('controllen', ctypes.c_size_t),
+                    ('flags', ctypes.c_int)]
+
+    class mmsghdr(ctypes.Structure):
+        _fields_ = [('hdr', msghdr), ('len', ctypes.c_uint)]
+
+    n = len(bufs)
+    iovs = (iovec * n)()
+    msgs = (mmsghdr * n)()
+    keep = []
+    for i, b in enumerate(bufs):
+        cb = ctypes.create_string_buffer(b, len(b)) if isinstance(b, bytes) else ctypes.create_string_buffer(b)
+        keep.append(cb)
+        iovs[i].base = ctypes.cast(cb, ctypes.c_void_p)
+        iovs[i].len = len(cb) if not isinstance(b, bytes) else len(b)
+        msgs[i].hdr.iov = ctypes.pointer(iovs[i])
+        msgs[i].hdr.iovlen = 1
+    return msgs, keep
+
+
+@behaviour('sendmmsg-recvmmsg')
+def _(role, x, out, base):
+    import ctypes
+    if role == 'server':
+        c = accept(x)
+        select.select([c], [], [], T)
+        time.sleep(0.1)
+        msgs, keep = mmsg_arrays([3, 3, 10])
+        n = libc().recvmmsg(c.fileno(), msgs, 3, 0x10000, None)  # MSG_WAITFORONE
+        out('recvmmsg', n)
+        got = b''.join(keep[i].raw[:msgs[i].len] for i in range(max(n, 0)))
+        out('got', got + recv_all(c, 9 - len(got)) if len(got) < 9 else got)
+        c.sendall(b'.')
+        c.close()
+    else:
+        s = connect(x)
+        msgs, _ = mmsg_arrays([b'abc', b'def', b'ghi'])
+        out('sendmmsg', libc().sendmmsg(s.fileno(), msgs, 3, 0))
+        out('lens', [msgs[i].len for i in range(3)])
+        s.recv(1)
+        s.close()
+
+
+@behaviour('splice')
+def _(role, x, out, base):
+    if role == 'server':
+        c = accept(x)
+        r, w = os.pipe()
+        got = b''
+        while len(got) < 5000:
+            n = os.splice(c.fileno(), w, 5000 - len(got))
+            if n == 0:
+                break
+            got += os.read(r, n)
+        out('spliced_in', (len(got), hashlib.sha256(got).hexdigest()[:16]))
+        os.write(w, b'back')
+        out('spliced_out', os.splice(r, c.fileno(), 4))
+        c.close()
+    else:
+        s = connect(x)
+        r, w = os.pipe()
+        data = bytes(range(256)) * 20
+        data = data[:5000]
+        os.write(w, data)
+        sent = 0
+        while sent < len(data):
+            sent += os.splice(r, s.fileno(), len(data) - sent)
+        out('spliced', sent)
+        out('reply', recv_all(s, 4))
+        s.close()
+
+
+@behaviour('epoll-pwait2')
+def _(role, x, out, base):
+    import ctypes
+    if role == 'server':
+        c = accept(x)
+        c.recv(1)
+        time.sleep(0.05)
+        c.sendall(b'data')
+        c.recv(1)
+        c.close()
+    else:
+        s = connect(x)
+
+        class ev(ctypes.Structure):
+            _pack_ = 1
+            _fields_ = [('events', ctypes.c_uint32), ('data', ctypes.c_uint64)]
+
+        class ts(ctypes.Structure):
+            _fields_ = [('sec', ctypes.c_long), ('nsec', ctypes.c_long)]
+
+        L = libc()
+        ep = L.epoll_create1(0)
+        e = ev(select.EPOLLIN, 77)
+        out('ctl', L.epoll_ctl(ep, 1, s.fileno(), ctypes.byref(e)))
+        evs = (ev * 4)()
+        out('idle', L.epoll_pwait2(ep, evs, 4, ctypes.byref(ts(0, 20_000_000)), None))
+        s.sendall(b'.')
+        n = L.epoll_pwait2(ep, evs, 4, ctypes.byref(ts(T, 0)), None)
+        out('ready', (n, evs[0].events & select.EPOLLIN != 0, evs[0].data))
+        out('read', s.recv(10))
+        os.close(ep)
+        s.sendall(b'.')
+        s.close()
+
+
 @behaviour('readv-writev')
 def _(role, x, out, base):
     if role == 'server':

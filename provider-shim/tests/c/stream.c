@@ -194,11 +194,19 @@ static void stall_client(int s) {
   printf("blocked %llu again %zd\n", (unsigned long long)sent, again);
   fflush(stdout);
   struct pollfd p = {efd, POLLIN, 0};
-  int pr = poll(&p, 1, 20000);
-  if (pr == 1 && read(efd, &v, sizeof v) == sizeof v) {
+  /* A signal whose event the enumeration above took already (the daemon
+     sets the event, then its notifier writes the eventfd) wakes the poll
+     with no event to report: wait for the next one. */
+  int writable = 0, woken = 0;
+  for (int tries = 0; tries < 16 && !writable; tries++) {
+    if (poll(&p, 1, 20000) != 1 || read(efd, &v, sizeof v) != sizeof v) break;
+    woken = 1;
     dsan_enum_network_events(s, &ev);
+    writable = (ev.events & DSAN_FD_WRITE) != 0;
+  }
+  if (woken) {
     ssize_t r = dsan_send(s, buf, sizeof buf, 0);
-    printf("writable %d send %zd\n", (ev.events & DSAN_FD_WRITE) != 0, r);
+    printf("writable %d send %zd\n", writable, r);
   } else {
     printf("no FD_WRITE\n");
   }

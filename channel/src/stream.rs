@@ -26,14 +26,17 @@
 //! uses it.
 //!
 //! Notifications are coalesced:
-//! * the process pushes a `kick` command only when the `kick` word was clear
-//!   (the daemon clears it before it looks at the stream), so a busy stream
-//!   costs one ring message per burst, not one per send;
+//! * the process pushes a `kick` command only when the `kick` word
+//!   (`snd_p.kick`) was clear (the daemon clears it before it looks at the
+//!   stream), so a busy stream costs one ring message per burst, not one
+//!   per send;
 //! * after consuming received bytes the process kicks only when the daemon
-//!   asked for it (`credit_wanted`: the advertised credit ran low) ;
-//! * the daemon bumps the futex words `rx_seq` / `tx_seq` on progress and
-//!   makes a system call (futex wake) only when the process said it sleeps
-//!   (`rx_waiting` / `tx_waiting`).
+//!   asked for it (`rcv_p.credit_wanted`: the advertised credit ran low);
+//! * the daemon bumps the futex words `rcv_p.seq` / `snd_c.seq` on progress
+//!   and makes a system call (futex wake) only when the process said it
+//!   sleeps (`rcv_c.waiting` / `snd_p.waiting`);
+//! * FD_READ / FD_WRITE are posted only when the process asked for the next
+//!   one (`rcv_c.want` / `snd_p.want`: it found the ring empty or full).
 //!
 //! Every word the process writes is untrusted: the daemon keeps its own copy
 //! of the indices it owns and checks the others (a tail behind the last one

@@ -11,6 +11,7 @@
 //! | `server` | listeners, pending requests, decisions, expiry |
 //! | `client` | connect attempts, retransmission, outcomes |
 //! | `connection` | established connections, the close handshake |
+//! | `stream` | one connection's byte stream: sequence, window, acknowledgement and retransmission arithmetic (the node's `streams` holds the rings, timers and transmit queue around it) |
 //! | `slab` | handles and the connection tables' slots |
 //! | `tombstone` | consistent answers for finished requests |
 //! | `types`, `config` | vocabulary and parameters |

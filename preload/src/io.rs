@@ -271,6 +271,24 @@ fn is_pipe(fd: c_int) -> bool {
     unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
 }
 
+/// What splice answers before moving anything: ESPIPE for an offset (a
+/// socket and a pipe have none), EINVAL if the other end is not a pipe, 0
+/// for nothing to move; None to go on.
+fn splice_check(
+    off_in: *mut libc::loff_t,
+    pipe: c_int,
+    off_out: *mut libc::loff_t,
+    len: usize,
+) -> Option<Result<usize, i32>> {
+    if !off_in.is_null() || !off_out.is_null() {
+        return Some(Err(libc::ESPIPE));
+    }
+    if !is_pipe(pipe) {
+        return Some(Err(libc::EINVAL));
+    }
+    (len == 0).then_some(Ok(0))
+}
+
 /// The most one splice moves (as the kernel's pipe-sized steps).
 const SPLICE_MAX: usize = 256 << 10;
 
@@ -285,14 +303,8 @@ pub(crate) fn splice_to_pipe(
     len: usize,
     flags: libc::c_uint,
 ) -> Result<usize, i32> {
-    if !off_in.is_null() || !off_out.is_null() {
-        return Err(libc::ESPIPE);
-    }
-    if !is_pipe(pipe) {
-        return Err(libc::EINVAL);
-    }
-    if len == 0 {
-        return Ok(0);
+    if let Some(r) = splice_check(off_in, pipe, off_out, len) {
+        return r;
     }
     let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0;
     let mut buf = vec![0u8; len.min(SPLICE_MAX)];
@@ -341,14 +353,8 @@ pub(crate) fn splice_from_pipe(
     len: usize,
     flags: libc::c_uint,
 ) -> Result<usize, i32> {
-    if !off_in.is_null() || !off_out.is_null() {
-        return Err(libc::ESPIPE);
-    }
-    if !is_pipe(pipe) {
-        return Err(libc::EINVAL);
-    }
-    if len == 0 {
-        return Ok(0);
+    if let Some(r) = splice_check(off_in, pipe, off_out, len) {
+        return r;
     }
     ready(p)?;
     let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0 || p.nonblock.load(Ordering::Relaxed);

@@ -485,6 +485,24 @@ unsafe fn send_msg(p: &PFd, m: *const msghdr, flags: c_int) -> Result<usize, i32
     unsafe { io::send_iov(p, m.msg_iov, m.msg_iovlen as c_int, flags) }
 }
 
+/// The deadline a call's timespec timeout sets (None: null, for ever).
+///
+/// # Safety
+/// `t` is null or the caller's timespec.
+unsafe fn deadline_of(t: *const timespec) -> Result<Option<std::time::Instant>, i32> {
+    if t.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: the caller's timespec.
+    let t = unsafe { *t };
+    if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
+        return Err(libc::EINVAL);
+    }
+    Ok(Some(
+        std::time::Instant::now() + std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
+    ))
+}
+
 /// Interposed: on a SAN socket, one recvmsg per message, as the kernel
 /// does for a stream socket (MSG_WAITFORONE: the messages after the first
 /// do not wait; the timeout is looked at after each message, as Linux's).
@@ -501,17 +519,10 @@ pub unsafe extern "C" fn recvmmsg(
     if v.is_null() && n > 0 {
         return ret(Err(libc::EFAULT));
     }
-    let until = if timeout.is_null() {
-        None
-    } else {
-        // SAFETY: the caller's timespec.
-        let t = unsafe { *timeout };
-        if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
-            return ret(Err(libc::EINVAL));
-        }
-        Some(
-            std::time::Instant::now() + std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
-        )
+    // SAFETY: the caller's timespec.
+    let until = match unsafe { deadline_of(timeout) } {
+        Ok(u) => u,
+        Err(e) => return ret(Err(e)),
     };
     let mut f = flags & !libc::MSG_WAITFORONE;
     let mut got: c_int = 0;
@@ -1109,17 +1120,10 @@ pub unsafe extern "C" fn epoll_pwait2(
         // SAFETY: the caller's arguments, passed on.
         return unsafe { real::epoll_pwait2()(ep, evs, max, timeout, mask) };
     };
-    let until = if timeout.is_null() {
-        None
-    } else {
-        // SAFETY: the caller's timespec.
-        let t = unsafe { *timeout };
-        if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
-            return ret(Err(libc::EINVAL));
-        }
-        Some(
-            std::time::Instant::now() + std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32),
-        )
+    // SAFETY: the caller's timespec.
+    let until = match unsafe { deadline_of(timeout) } {
+        Ok(u) => u,
+        Err(e) => return ret(Err(e)),
     };
     // SAFETY: the caller's buffer and mask.
     unsafe { wait::epoll_wait_until(ep, evs, max, until, mask) }

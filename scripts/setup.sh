@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 # prometheus: promtool and a real server for the metrics tests; tshark: the
 # Wireshark dissector's test; python3-venv: the benchmark's plot and .hlog reader.
 # systemd: systemd-analyze verify on the unit; gcc: the C examples and tests.
-# nginx, redis, iperf3, wrk, sockperf: unmodified programs the LD_PRELOAD tests
+# nginx, redis, iperf3, wrk, sockperf, postgresql, memcached, socat: unmodified
+# programs the LD_PRELOAD tests
 # and bench/apps.sh run
 # over the SAN (their binaries only: the tests start them in lab namespaces
 # with their own minimal configurations; no service is started).
-PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev gcc libc6-dev iproute2 procps util-linux python3 python3-venv curl prometheus tshark systemd nginx-light redis-server redis-tools iperf3 wrk sockperf postgresql-15)
+PKGS=(dpdk dpdk-dev libdpdk-dev pkg-config clang libclang-dev gcc libc6-dev iproute2 procps util-linux python3 python3-venv curl prometheus tshark systemd nginx-light redis-server redis-tools iperf3 wrk sockperf postgresql-15 memcached socat)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,7 +20,7 @@ done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # Install without starting services (Debian's prometheus, nginx, redis and postgresql
+  # Install without starting services (Debian's prometheus, nginx, redis, postgresql and memcached
   # packages would start servers on the machine): a temporary policy-rc.d
   # refuses service starts.
   policy=/usr/sbin/policy-rc.d

@@ -863,6 +863,90 @@ fn unrelated_servers_with_so_reuseport_share_their_san_clients() {
 }
 
 #[test]
+fn memcached_and_socat_over_the_san() {
+    // Issue #24: more unmodified programs. memcached (libevent, worker
+    // threads) serves a socat client; socat's forking server (a child per
+    // connection, which forks again to run `cat` on pipes) echoes to socat
+    // clients. Each over the SAN, none falling back.
+    let _lab = Lab::up(&[]);
+    let spawn = |args: &[&str]| {
+        let mut c = preloaded("h1", args[0], &args[1..]);
+        Reaped(
+            c.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _mc = spawn(&[
+        "memcached",
+        "-u",
+        "root",
+        "-l",
+        "0.0.0.0",
+        "-p",
+        "7490",
+        "-U",
+        "0",
+        "-t",
+        "2",
+    ]);
+    let _echo = spawn(&["socat", "TCP4-LISTEN:7491,fork,reuseaddr", "EXEC:cat"]);
+    wait_listening("h1", 7490);
+    wait_listening("h1", 7491);
+    let before = counts();
+    let socat = |port: &str, input: &str| -> String {
+        let mut c = preloaded(
+            "h0",
+            "socat",
+            &["-t", "5", "-", &format!("TCP4:198.18.0.2:{port}")],
+        );
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let mut r = Reaped(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = r.0.try_wait().unwrap() {
+                let mut out = String::new();
+                r.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+                assert!(st.success(), "socat to {port}: {st} {out}");
+                return out;
+            }
+            assert!(Instant::now() < deadline, "socat to {port} did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    for i in 0..10 {
+        let out = socat(
+            "7490",
+            &format!("set k{i} 0 0 5\r\nval{i:02}\r\nget k{i}\r\nquit\r\n"),
+        );
+        assert_eq!(
+            out,
+            format!("STORED\r\nVALUE k{i} 0 5\r\nval{i:02}\r\nEND\r\n"),
+            "memcached round {i}"
+        );
+        assert_eq!(
+            socat("7491", &format!("hello {i}\n")),
+            format!("hello {i}\n")
+        );
+    }
+    let after = counts();
+    assert_eq!(after.accepted - before.accepted, 20, "the SAN carried them");
+    assert_eq!(after.fallbacks, before.fallbacks, "no fallback");
+}
+
+#[test]
 fn a_plain_blocking_accept_waits_for_san_clients() {
     // Issue #24: a blocking accept() with nothing polled first returned
     // EAGAIN at once (the switch's listen made the program's descriptor

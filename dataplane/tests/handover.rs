@@ -39,7 +39,11 @@ impl App {
     }
     /// A process (pid = id) of root's, whose parent is as `lineage` says.
     fn attach_as(h: &NodeHandle, id: u64, lineage: Lineage) -> App {
-        let (app, cmds) = AppShared::new_as(id, id as u32, 0, true, lineage).unwrap();
+        App::attach_user(h, id, 0, lineage)
+    }
+    /// A process (pid = id) of user `uid` (allowed ports below 1024).
+    fn attach_user(h: &NodeHandle, id: u64, uid: u32, lineage: Lineage) -> App {
+        let (app, cmds) = AppShared::new_as(id, id as u32, uid, true, lineage).unwrap();
         assert!(h
             .commands
             .push(NodeCommand::Attach(app.clone(), cmds))
@@ -455,22 +459,8 @@ fn forked_workers_share_a_listener_in_turn_and_it_closes_with_the_last() {
 #[test]
 fn processes_of_one_user_with_so_reuseport_share_a_listener() {
     let mut host = Host::new();
-    let attach_uid = |h: &NodeHandle, id: u64, uid: u32| {
-        let (app, cmds) = AppShared::new_as(id, id as u32, uid, true, Lineage::default()).unwrap();
-        assert!(h
-            .commands
-            .push(NodeCommand::Attach(app.clone(), cmds))
-            .is_ok());
-        // SAFETY: dup of a valid descriptor gives one we own.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
-        let (region, tx) = Region::open(dup, layout::size()).unwrap();
-        App {
-            id,
-            region,
-            tx,
-            seq: 0,
-        }
-    };
+    let attach_uid =
+        |h: &NodeHandle, id: u64, uid: u32| App::attach_user(h, id, uid, Lineage::default());
     let mut a = attach_uid(&host.h, 20, 1000);
     let mut b = attach_uid(&host.h, 21, 1000);
     let mut plain = attach_uid(&host.h, 22, 1000);

@@ -564,7 +564,7 @@ pub(crate) unsafe fn epoll_wait(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     let until = deadline(timeout);
-    loop {
+    let wait = || {
         let t = match until {
             None => -1,
             Some(d) => {
@@ -574,17 +574,10 @@ pub(crate) unsafe fn epoll_wait(
             }
         };
         // SAFETY: the caller's buffer and mask.
-        let n = unsafe { real::epoll_pwait()(ep, evs, max, t, sigmask) };
-        if n <= 0 || LIVE.load(Ordering::Relaxed) == 0 {
-            return n;
-        }
-        // SAFETY: the kernel filled `n` events of the caller's buffer.
-        let slice = unsafe { std::slice::from_raw_parts_mut(evs, n as usize) };
-        let m = translate_epoll(slice);
-        if m > 0 || until.is_some_and(|d| Instant::now() >= d) {
-            return m as c_int;
-        }
-    }
+        unsafe { real::epoll_pwait()(ep, evs, max, t, sigmask) }
+    };
+    // SAFETY: `wait` fills at most `max` events of the caller's buffer.
+    unsafe { wait_translated(evs, until, wait) }
 }
 
 /// epoll_pwait2: as [`epoll_wait`], until `until` (None: for ever), the
@@ -599,10 +592,10 @@ pub(crate) unsafe fn epoll_wait_until(
     until: Option<Instant>,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    loop {
+    let wait = || {
         let ts = left(until);
         // SAFETY: the caller's buffer and mask; `ts` null or valid.
-        let n = unsafe {
+        unsafe {
             real::epoll_pwait2()(
                 ep,
                 evs,
@@ -610,7 +603,25 @@ pub(crate) unsafe fn epoll_wait_until(
                 ts.as_ref().map_or(std::ptr::null(), |t| t as *const _),
                 sigmask,
             )
-        };
+        }
+    };
+    // SAFETY: `wait` fills at most `max` events of the caller's buffer.
+    unsafe { wait_translated(evs, until, wait) }
+}
+
+/// The kernel's wait (`wait`, which fills `evs`), again until an event
+/// means something to the program or `until` passes; the events of switch
+/// sockets translated.
+///
+/// # Safety
+/// `wait` fills at most its return value of events of `evs`.
+unsafe fn wait_translated(
+    evs: *mut epoll_event,
+    until: Option<Instant>,
+    mut wait: impl FnMut() -> c_int,
+) -> c_int {
+    loop {
+        let n = wait();
         if n <= 0 || LIVE.load(Ordering::Relaxed) == 0 {
             return n;
         }

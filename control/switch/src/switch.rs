@@ -241,8 +241,7 @@ impl Sock {
     /// (drains are serialized too: the descriptor may be blocking).
     fn with_readable<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
         if self.is_lean() {
-            let face = self.face.lock().unwrap_or_else(|e| e.into_inner());
-            return (*face >= 0).then(|| f(*face));
+            return self.with_face(f);
         }
         let efd = {
             let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
@@ -255,10 +254,16 @@ impl Sock {
     /// signalled on (a lean socket's descriptor, else `connect_efd`).
     fn with_connect_fd<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
         if self.is_lean() {
-            let face = self.face.lock().unwrap_or_else(|e| e.into_inner());
-            return (*face >= 0).then(|| f(*face));
+            return self.with_face(f);
         }
         self.connect_efd.get().map(|e| f(e.as_raw_fd()))
+    }
+
+    /// Runs `f` on a lean socket's descriptor under its lock, unless it
+    /// was released.
+    fn with_face<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
+        let face = self.face.lock().unwrap_or_else(|e| e.into_inner());
+        (*face >= 0).then(|| f(*face))
     }
 
     /// A nonblocking connect's outcome is being reported: its signal is
@@ -844,11 +849,11 @@ pub fn inherited_listener(fd: RawFd) -> Option<RawFd> {
 }
 
 /// An int socket option of `fd`.
-fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
+fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Result<libc::c_int, i32> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a socket and out-buffers of the given length.
-    let r = unsafe {
+    cvt(unsafe {
         libc::getsockopt(
             fd,
             level,
@@ -856,8 +861,8 @@ fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_i
             (&mut v as *mut libc::c_int).cast(),
             &mut len,
         )
-    };
-    (r == 0).then_some(v)
+    })?;
+    Ok(v)
 }
 
 fn errno() -> i32 {
@@ -1186,9 +1191,8 @@ fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
         // another process of this user that set it too, as the kernel
         // groups the TCP listeners.
         if s.tcp_fd()
-            .ok()
             .and_then(|t| int_opt(t, libc::SOL_SOCKET, libc::SO_REUSEPORT))
-            .is_some_and(|v| v != 0)
+            .is_ok_and(|v| v != 0)
         {
             ss.set_reuse_port(true)?;
         }
@@ -1519,21 +1523,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
 /// ENOTSOCK.
 pub fn error(fd: RawFd) -> Result<i32, i32> {
     let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
-        Some(Entry::Tcp(t)) => {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: a valid socket and out-buffers.
-            cvt(unsafe {
-                libc::getsockopt(
-                    t.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_ERROR,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            })?;
-            return Ok(v);
-        }
+        Some(Entry::Tcp(t)) => return int_opt(t.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR),
         Some(Entry::Sock(s)) => s.clone(),
         None => return Err(libc::ENOTSOCK),
     };
@@ -1655,18 +1645,7 @@ fn connect_now(
                 break;
             }
         }
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: a valid socket and out-buffers.
-        cvt(unsafe {
-            libc::getsockopt(
-                tcp,
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        })?;
+        let v = int_opt(tcp, libc::SOL_SOCKET, libc::SO_ERROR)?;
         if v != 0 {
             return Err(v);
         }
@@ -2042,19 +2021,8 @@ fn bound_v4(fd: RawFd) -> Option<SocketAddrV4> {
                 return None;
             }
             let v4 = if ip.is_unspecified() {
-                let mut only: libc::c_int = 1;
-                let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                // SAFETY: a valid socket and out-buffers of the given length.
-                let r = unsafe {
-                    libc::getsockopt(
-                        fd,
-                        libc::IPPROTO_IPV6,
-                        libc::IPV6_V6ONLY,
-                        (&mut only as *mut libc::c_int).cast(),
-                        &mut l,
-                    )
-                };
-                (r == 0 && only == 0).then_some(Ipv4Addr::UNSPECIFIED)?
+                (int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Ok(0))
+                    .then_some(Ipv4Addr::UNSPECIFIED)?
             } else {
                 ip.to_ipv4_mapped()?
             };

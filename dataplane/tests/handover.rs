@@ -8,83 +8,16 @@
 //! to the workers in turn, and it closes with its last worker.
 //! (`docs/architecture.md`, "Sockets shared across fork".)
 
-use dataplane::node::{
-    AppShared, Command as NodeCommand, Counters, Lineage, Node, NodeConfig, NodeHandle,
-};
-use dataplane::proto::{ProtoConfig, Subnet};
-use dataplane::time::Instant;
-use dataplane::wire::{EthernetAddress, Ipv4, Message, Offer, Repr, SanHeader};
-use dsan_channel::msg::{Command, Op, Verdict};
-use dsan_channel::region::{layout, Region};
-use dsan_channel::ring::Producer;
+mod common;
+
+use common::*;
+use dataplane::node::{Command as NodeCommand, Lineage, NodeHandle};
+use dataplane::wire::{EthernetAddress, Message, Offer, Repr, SanHeader};
+use dsan_channel::msg::{Op, Verdict};
 use dsan_channel::stream::{ST_LINGER, ST_MOVED, ST_OPEN};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-const ME: Ipv4 = Ipv4::new(198, 18, 0, 2);
-const PEER: Ipv4 = Ipv4::new(198, 18, 0, 1);
-
-struct App {
-    id: u64,
-    region: Region,
-    tx: Producer,
-    seq: u32,
-}
-
-impl App {
-    fn attach(h: &NodeHandle, id: u64) -> App {
-        App::attach_as(h, id, Lineage::default())
-    }
-    /// A process (pid = id) of root's, whose parent is as `lineage` says.
-    fn attach_as(h: &NodeHandle, id: u64, lineage: Lineage) -> App {
-        App::attach_user(h, id, 0, lineage)
-    }
-    /// A process (pid = id) of user `uid` (allowed ports below 1024).
-    fn attach_user(h: &NodeHandle, id: u64, uid: u32, lineage: Lineage) -> App {
-        let (app, cmds) = AppShared::new_as(id, id as u32, uid, true, lineage).unwrap();
-        assert!(h
-            .commands
-            .push(NodeCommand::Attach(app.clone(), cmds))
-            .is_ok());
-        // SAFETY: dup of a valid descriptor gives one we own.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
-        let (region, tx) = Region::open(dup, layout::size()).unwrap();
-        App {
-            id,
-            region,
-            tx,
-            seq: 0,
-        }
-    }
-    /// Sends a command; returns its sequence number.
-    fn send(&mut self, sock: u32, op: Op) -> u32 {
-        self.seq += 1;
-        let seq = self.seq;
-        self.tx.push(&Command { sock, seq, op }.to_slot()).unwrap();
-        seq
-    }
-    /// The result of the last completed command of `sock`, if it is `seq`'s.
-    fn result(&self, sock: u32, seq: u32) -> Option<i64> {
-        let s = self.region.sock(sock as usize);
-        (s.done_seq.load(Ordering::Acquire) == seq).then(|| s.result.load(Ordering::Acquire))
-    }
-    fn state(&self, sock: u32) -> u32 {
-        self.region
-            .stream(sock as usize)
-            .st
-            .state
-            .load(Ordering::Acquire)
-    }
-    fn key(&self, sock: u32) -> u64 {
-        self.region
-            .stream(sock as usize)
-            .st
-            .claim
-            .load(Ordering::Acquire)
-    }
-}
 
 /// `x` claims into its socket `sock` the connection `from` names, with
 /// `key`: the claim's result.
@@ -99,74 +32,6 @@ fn claim(host: &mut Host, x: &mut App, sock: u32, from: (u64, u32), key: u64) ->
     );
     host.step(&[]);
     x.result(sock, seq)
-}
-
-struct Host {
-    n: Node,
-    h: NodeHandle,
-    now: Instant,
-    sent: Vec<Repr>,
-}
-
-impl Host {
-    fn new() -> Host {
-        let cfg = NodeConfig {
-            proto: ProtoConfig {
-                subnets: vec![Subnet {
-                    addr: ME,
-                    prefix: 24,
-                }],
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let (n, h) = Node::new(cfg, EthernetAddress([2, 0, 0, 0, 0, 2]), vec![ME]);
-        Host {
-            n,
-            h,
-            now: Instant(1_000_000),
-            sent: Vec::new(),
-        }
-    }
-    fn step(&mut self, rx: &[Repr]) {
-        let out = self.n.step_without_device(self.now, rx);
-        self.sent.extend(out);
-    }
-    fn after(&mut self, d: Duration) {
-        self.now = self.now + d;
-        self.step(&[]);
-    }
-    fn counters(&mut self) -> Counters {
-        let (tx, rx) = std::sync::mpsc::channel();
-        assert!(self.h.commands.push(NodeCommand::Publish(tx)).is_ok());
-        self.step(&[]);
-        rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        self.h.stats.snapshot()
-    }
-    fn closes_sent(&self) -> usize {
-        self.sent
-            .iter()
-            .filter(|r| matches!(r.message, Message::Close { .. }))
-            .count()
-    }
-    /// Registers a life for `app`'s socket `sock`; the write end.
-    fn life(&mut self, app: &App, sock: u32) -> OwnedFd {
-        let (r, w) = dsan_channel::sys::pipe_cloexec().unwrap();
-        let (done, got) = std::sync::mpsc::channel();
-        assert!(self
-            .h
-            .commands
-            .push(NodeCommand::Life {
-                app: app.id,
-                sock,
-                fd: r,
-                done,
-            })
-            .is_ok());
-        self.step(&[]);
-        assert_eq!(got.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
-        w
-    }
 }
 
 /// `a` listens on port 80 (socket 1) and accepts a connection from the
@@ -329,64 +194,6 @@ fn a_holder_that_leaves_hands_the_connection_to_the_other() {
     assert_eq!(a.state(5), ST_OPEN, "back with A, not moved, not dead");
     assert_eq!(host.counters().resets, [0; 6]);
     assert_eq!(host.closes_sent(), 0);
-}
-
-/// A connect request from the peer's port `src_port` to port 80.
-fn request(src_port: u16, conn_id: u64) -> Repr {
-    Repr {
-        header: SanHeader {
-            dst_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
-            src_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
-            src_ip: PEER,
-            src_port,
-            dst_ip: ME,
-            dst_port: 80,
-        },
-        message: Message::ConnectRequest {
-            conn_id,
-            client_token: 7,
-            offer: Offer::DEFAULT,
-        },
-    }
-}
-
-fn listen(host: &mut Host, a: &mut App, sock: u32, area: u16, takeover: u32) -> i64 {
-    listen_with(host, a, sock, area, takeover, false)
-}
-
-fn listen_with(
-    host: &mut Host,
-    a: &mut App,
-    sock: u32,
-    area: u16,
-    takeover: u32,
-    reuse_port: bool,
-) -> i64 {
-    let seq = a.send(
-        sock,
-        Op::Listen {
-            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
-            backlog: 8,
-            area,
-            bufs: Default::default(),
-            takeover,
-            reuse_port,
-        },
-    );
-    host.step(&[]);
-    a.result(sock, seq).expect("completed")
-}
-
-/// Requests waiting in `a`'s backlog ring `area`.
-fn queued(a: &App, area: usize) -> usize {
-    let Ok(mut ring) = a.region.open_backlog(area) else {
-        return 0;
-    };
-    let mut n = 0;
-    while let Ok(Some(_)) = ring.pop() {
-        n += 1;
-    }
-    n
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! impossible ring index detaches the process. Event descriptors are owned
 //! here (the lcore closes them), never by the control thread.
 
+use super::counters::Quota;
 use super::events::complete;
 use super::Node;
 use crate::proto::{
@@ -342,7 +343,7 @@ impl Node {
                 .map(|q| u64::from(q.event_fds))
                 .sum();
             if held - u64::from(old) + u64::from(new) > u64::from(self.cfg.uid_event_fds) {
-                self.local.quota_refusals[2] += 1;
+                self.local.quota_refusals[Quota::EventFds as usize] += 1;
                 return Err(libc::EMFILE);
             }
         }
@@ -361,6 +362,14 @@ impl Node {
             },
         );
         Ok(())
+    }
+
+    /// Whether user `uid` (not root) serves as many connections, with its
+    /// connect attempts in progress, as its share of the host's
+    /// (`max_connections`, a quarter) allows.
+    fn connections_full(&self, uid: u32) -> bool {
+        let held = self.streams.of_user(uid) + self.uid_attempts.get(&uid).copied().unwrap_or(0);
+        uid != 0 && held as usize >= (self.cfg.proto.max_connections / 4).max(1)
     }
 
     /// A socket of a process of user `uid` goes: its quota counts drop.
@@ -594,7 +603,7 @@ impl Node {
         }
         // One user's share of the host's listeners.
         if !quota_take(&mut self.uid_listeners, uid, super::UID_LISTENERS) {
-            self.local.quota_refusals[0] += 1;
+            self.local.quota_refusals[Quota::Listeners as usize] += 1;
             return errno(libc::EMFILE);
         }
         let listened = match from {
@@ -654,6 +663,12 @@ impl Node {
         if new_sock.is_some_and(|s| p.socks.contains_key(&s)) {
             return errno(libc::EINVAL);
         }
+        // One user's share of the host's connections (ENOBUFS, as the
+        // host's own limit answers: the request stays queued).
+        if d == Decision::Accept && self.connections_full(p.shared.uid) {
+            self.local.quota_refusals[Quota::Connections as usize] += 1;
+            return errno(libc::ENOBUFS);
+        }
         let offer = self.cfg.proto.offer(bufs.rcv as u32);
         match self.ep.decide_with(now, l, key, d, offer) {
             Ok(Some(h)) => {
@@ -702,14 +717,18 @@ impl Node {
         // One user's share of the host's connect attempts (EAGAIN, as a
         // kernel out of local ports answers).
         let uid = self.procs[&id].shared.uid;
+        if self.connections_full(uid) {
+            self.local.quota_refusals[Quota::Connections as usize] += 1;
+            return errno(libc::EAGAIN);
+        }
         if !quota_take(&mut self.uid_attempts, uid, super::UID_ATTEMPTS) {
-            self.local.quota_refusals[1] += 1;
+            self.local.quota_refusals[Quota::Attempts as usize] += 1;
             return errno(libc::EAGAIN);
         }
         let offer = self.cfg.proto.offer(bufs.rcv as u32);
         let h = match self
             .ep
-            .connect_from(now, src, src_port, (*dst.ip(), dst.port()), offer)
+            .connect_for(now, uid, src, src_port, (*dst.ip(), dst.port()), offer)
         {
             Ok(h) => h,
             Err(e) => {
@@ -717,6 +736,10 @@ impl Node {
                 return match e {
                     ConnectError::HostUnreachable => errno(libc::EHOSTUNREACH),
                     ConnectError::NoLocalAddress => errno(libc::EADDRNOTAVAIL),
+                    ConnectError::ResolutionShare => {
+                        self.local.quota_refusals[Quota::Resolutions as usize] += 1;
+                        errno(libc::EAGAIN)
+                    }
                     _ => errno(libc::EAGAIN),
                 };
             }

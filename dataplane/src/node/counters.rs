@@ -65,9 +65,9 @@ pub struct Counters {
     /// it ([`LISTEN_DENIALS`]: index 0 and 1), and SAN listeners revoked
     /// because a kernel TCP listener of another user took the port (2).
     pub listen_denials: [u64; 3],
-    /// Listens and connects refused because their user's share of the
-    /// host's listeners or connect attempts was used up ([`QUOTAS`]).
-    pub quota_refusals: [u64; 3],
+    /// Listens, connects, accepts and event registrations refused because
+    /// their user's share was used up ([`QUOTAS`], indexed by [`Quota`]).
+    pub quota_refusals: [u64; QUOTAS.len()],
     /// Resolution replies that contradicted a learned entry (which was
     /// dropped, so that the address is resolved again).
     pub resolve_conflicts: u64,
@@ -148,8 +148,33 @@ impl NodeStats {
     }
 }
 
-/// Labels of [`Counters::quota_refusals`].
-pub const QUOTAS: [&str; 3] = ["listeners", "attempts", "event_fds"];
+/// A user's share of something the host has a limited number of (root has
+/// none): the index of its refusals in [`Counters::quota_refusals`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// SAN listeners (EMFILE).
+    Listeners,
+    /// Connect attempts in progress (EAGAIN).
+    Attempts,
+    /// The daemon's descriptors, as event descriptors and lives (EMFILE).
+    EventFds,
+    /// Connections and attempts together (accept: ENOBUFS, the request
+    /// stays queued; connect: EAGAIN).
+    Connections,
+    /// Address resolutions in progress (connect: EAGAIN).
+    Resolutions,
+}
+
+/// Labels of [`Counters::quota_refusals`], in [`Quota`]'s order.
+pub const QUOTAS: [&str; 5] = [
+    "listeners",
+    "attempts",
+    "event_fds",
+    "connections",
+    "resolutions",
+];
+
+const _: () = assert!(Quota::Resolutions as usize + 1 == QUOTAS.len());
 
 /// Labels of [`Counters::listen_denials`].
 pub const LISTEN_DENIALS: [&str; 3] = ["other_user", "privileged_port", "revoked"];
@@ -167,7 +192,7 @@ pub(super) struct Local {
     pub(super) app_rejects: [u64; 4],
     pub(super) app_protocol_violations: u64,
     pub(super) listen_denials: [u64; 3],
-    pub(super) quota_refusals: [u64; 3],
+    pub(super) quota_refusals: [u64; QUOTAS.len()],
     pub(super) event_signal_failed: u64,
     pub(super) bytes_tx: u64,
     pub(super) bytes_rx: u64,

@@ -22,6 +22,7 @@
 //! socket shared across fork does.
 
 use super::apps::{errno, SockObj};
+use super::counters::Quota;
 use super::Node;
 use crate::proto::ConnHandle;
 use crate::time::Instant;
@@ -67,7 +68,7 @@ impl Node {
                 .map(|q| u64::from(q.event_fds))
                 .sum();
             if used + 1 > u64::from(self.cfg.uid_event_fds) {
-                self.local.quota_refusals[2] += 1;
+                self.local.quota_refusals[Quota::EventFds as usize] += 1;
                 return Err(libc::EMFILE);
             }
         }

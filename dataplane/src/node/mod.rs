@@ -25,7 +25,7 @@ mod trace;
 
 pub use apps::{AppShared, Lineage};
 pub use counters::{
-    kind_index, Counters, NodeStats, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
+    kind_index, Counters, NodeStats, Quota, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
     LISTEN_DENIALS, QUOTAS, REJECT_REASONS, RESET_REASONS,
 };
 pub use notify::Notifier;

@@ -33,6 +33,7 @@ use dsan_channel::stream::{
     StreamArea, StreamShm, ST_DEAD, ST_LINGER, ST_MOVED, ST_OPEN, ST_RX_EOF,
 };
 use dsan_channel::sys;
+use std::collections::HashMap;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
@@ -59,9 +60,12 @@ const _: () = assert!(STREAM_ENTRY_BYTES == std::mem::size_of::<StreamCtx>());
 const TX_BUDGET: usize = 64;
 
 /// The lcore's streams, in the slots of their connections' handles (the
-/// protocol core's slots: no hashing, and no spare room beyond a chunk).
+/// protocol core's slots: no hashing, and no spare room beyond a chunk),
+/// and how many each user (other than root) serves: every established
+/// connection has a stream until it ends, so this is the user's count of
+/// connections, kept where streams come and go.
 #[derive(Default)]
-pub(super) struct StreamTable(Slab<StreamCtx>);
+pub(super) struct StreamTable(Slab<StreamCtx>, HashMap<u32, u32>);
 
 impl StreamTable {
     pub(super) fn get(&self, h: &ConnHandle) -> Option<&StreamCtx> {
@@ -69,6 +73,23 @@ impl StreamTable {
     }
     fn get_mut(&mut self, h: &ConnHandle) -> Option<&mut StreamCtx> {
         self.0.get_mut(h.slot()).filter(|c| c.tag == h.tag())
+    }
+    /// Connections that processes of user `uid` serve (0 for root).
+    pub(super) fn of_user(&self, uid: u32) -> u32 {
+        self.1.get(&uid).copied().unwrap_or(0)
+    }
+    fn count(&mut self, uid: u32, up: bool) {
+        if uid == 0 {
+            return;
+        }
+        if up {
+            *self.1.entry(uid).or_insert(0) += 1;
+        } else if let Some(n) = self.1.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.1.remove(&uid);
+            }
+        }
     }
     /// The handle of whatever stream holds `h`'s slot.
     fn occupant(&self, h: ConnHandle) -> Option<ConnHandle> {
@@ -78,12 +99,26 @@ impl StreamTable {
     }
     fn insert(&mut self, h: ConnHandle, ctx: StreamCtx) {
         debug_assert_eq!(ctx.tag, h.tag());
+        self.count(ctx.app.uid, true);
         let old = self.0.insert(h.slot(), ctx);
         debug_assert!(old.is_none());
     }
     fn remove(&mut self, h: &ConnHandle) -> Option<StreamCtx> {
         self.get(h)?;
-        self.0.remove(h.slot())
+        let ctx = self.0.remove(h.slot())?;
+        self.count(ctx.app.uid, false);
+        Some(ctx)
+    }
+    /// Stream `h` is served by `to` from now on.
+    fn rehome(&mut self, h: ConnHandle, to: Arc<AppShared>) {
+        let (from, uid) = (self.get(&h).map(|c| c.app.uid), to.uid);
+        if let Some(ctx) = self.get_mut(&h) {
+            ctx.app = to;
+        }
+        if let Some(from) = from.filter(|f| *f != uid) {
+            self.count(from, false);
+            self.count(uid, true);
+        }
     }
     pub(super) fn len(&self) -> usize {
         self.0.len()
@@ -700,8 +735,8 @@ impl Node {
         } else {
             from.st.state.fetch_or(ST_MOVED, Ordering::Release);
         }
-        ctx.app = to.clone();
         ctx.sock = sock as u16;
+        self.streams.rehome(h, to.clone());
         // Threads of the new holder that wait on the block (a holder
         // taking the connection back after the other let go) look again.
         wake_waiters(new);

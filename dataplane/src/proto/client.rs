@@ -80,6 +80,25 @@ impl<R: Rng> Endpoint<R> {
         dst: SockAddr,
         offer: Offer,
     ) -> Result<ConnHandle, ConnectError> {
+        self.connect_for(now, 0, local_ip, local_port, dst, offer)
+    }
+
+    /// [`Endpoint::connect_from`] on behalf of `owner` (a user; 0 for
+    /// none): if the destination must be resolved, the resolution counts in
+    /// the owner's share of the resolver's table.
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect_with`], and [`ConnectError::ResolutionShare`]
+    /// when that share is used up.
+    pub fn connect_for(
+        &mut self,
+        now: Instant,
+        owner: u32,
+        local_ip: Option<Ipv4>,
+        local_port: u16,
+        dst: SockAddr,
+        offer: Offer,
+    ) -> Result<ConnHandle, ConnectError> {
         let subnet = self
             .cfg
             .subnets
@@ -101,6 +120,9 @@ impl<R: Rng> Endpoint<R> {
         if self.attempts.len() >= self.cfg.max_attempts {
             return Err(ConnectError::TooManyAttempts);
         }
+        if self.resolver.over_share(now, dst.0, owner) {
+            return Err(ConnectError::ResolutionShare);
+        }
         let mut conn_id = self.rng.next_u64();
         while self.attempt_by_wire.contains_key(&conn_id) {
             conn_id = self.rng.next_u64();
@@ -120,7 +142,7 @@ impl<R: Rng> Endpoint<R> {
         // slot the connection will take.
         let h = self.conns.new_handle(self.rng.next_u64() as u32);
         let client_token = h.0;
-        let lookup = self.resolver.lookup(now, dst.0);
+        let lookup = self.resolver.lookup_for(now, dst.0, owner);
         let peer_mac = match lookup {
             Lookup::Found(m) => Some(m),
             Lookup::Pending | Lookup::Failed => None,

@@ -18,6 +18,10 @@ pub struct ResolveConfig {
     pub max_tries: u32,
     /// Most unresolved addresses tracked at once (a bound on memory).
     pub max_pending: usize,
+    /// Most of them that one owner (a user other than root, see
+    /// [`Resolver::lookup_for`]) may have started: the rest of the table
+    /// stays for everyone else.
+    pub max_pending_per_owner: usize,
     /// Most learned entries kept.
     pub max_entries: usize,
     /// How long an address that did not answer is remembered as silent:
@@ -32,6 +36,7 @@ impl Default for ResolveConfig {
             retry: Duration::from_millis(100),
             max_tries: 10,
             max_pending: 1024,
+            max_pending_per_owner: 256,
             max_entries: 65536,
             negative_ttl: Duration::from_secs(3),
         }
@@ -49,6 +54,8 @@ struct Entry {
 struct Pending {
     next_send: Instant,
     tries: u32,
+    /// Who started it (0: nobody's share).
+    owner: u32,
 }
 
 /// The answer of a lookup.
@@ -74,6 +81,8 @@ pub struct Resolver {
     silent: HashMap<Ipv4, Instant>,
     /// Replies that named another MAC for a learned address.
     conflicts: u64,
+    /// Pending resolutions per owner (not 0), against `max_pending_per_owner`.
+    by_owner: HashMap<u32, usize>,
 }
 
 impl Resolver {
@@ -88,12 +97,52 @@ impl Resolver {
     /// Adds a static entry (never expires, not overwritten by replies).
     pub fn add_static(&mut self, ip: Ipv4, mac: EthernetAddress) {
         self.entries.insert(ip, Entry { mac, expires: None });
-        self.pending.remove(&ip);
+        self.unpend(&ip);
+    }
+
+    /// Forgets the pending resolution of `ip`, if any, and its owner's share.
+    fn unpend(&mut self, ip: &Ipv4) -> Option<Pending> {
+        let p = self.pending.remove(ip)?;
+        if let Some(n) = self.by_owner.get_mut(&p.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_owner.remove(&p.owner);
+            }
+        }
+        Some(p)
+    }
+
+    /// Whether a lookup of `ip` for `owner` would be refused because it
+    /// would start a resolution and `owner` (not 0) has as many pending as
+    /// its share allows. An address that is known, being resolved or
+    /// remembered as silent costs nothing.
+    pub fn over_share(&self, now: Instant, ip: Ipv4, owner: u32) -> bool {
+        if owner == 0 || self.pending.contains_key(&ip) {
+            return false;
+        }
+        if self
+            .entries
+            .get(&ip)
+            .is_some_and(|e| e.expires.is_none_or(|t| t > now))
+        {
+            return false;
+        }
+        if self.silent.get(&ip).is_some_and(|until| *until > now) {
+            return false;
+        }
+        self.by_owner.get(&owner).copied().unwrap_or(0) >= self.cfg.max_pending_per_owner
     }
 
     /// Looks `ip` up, starting resolution if it is unknown. An address that
     /// did not answer within the last `negative_ttl` fails at once.
     pub fn lookup(&mut self, now: Instant, ip: Ipv4) -> Lookup {
+        self.lookup_for(now, ip, 0)
+    }
+
+    /// [`lookup`](Self::lookup) on behalf of `owner` (a user; 0 for none):
+    /// a resolution it starts counts in its share until it ends (see
+    /// [`over_share`](Self::over_share), which the caller checks first).
+    pub fn lookup_for(&mut self, now: Instant, ip: Ipv4, owner: u32) -> Lookup {
         if let Some(e) = self.entries.get(&ip) {
             match e.expires {
                 Some(t) if t <= now => {
@@ -120,8 +169,12 @@ impl Resolver {
             Pending {
                 next_send: now,
                 tries: 0,
+                owner,
             },
         );
+        if owner != 0 {
+            *self.by_owner.entry(owner).or_insert(0) += 1;
+        }
         Lookup::Pending
     }
 
@@ -133,7 +186,7 @@ impl Resolver {
         if mac.is_multicast() {
             return false;
         }
-        if self.pending.remove(&ip).is_none() {
+        if self.unpend(&ip).is_none() {
             return false;
         }
         self.silent.remove(&ip);
@@ -193,7 +246,7 @@ impl Resolver {
             break;
         }
         if let Some(ip) = give_up {
-            self.pending.remove(&ip);
+            self.unpend(&ip);
             self.failed.push(ip);
             if self.silent.len() >= self.cfg.max_pending {
                 self.silent.retain(|_, until| *until > now);
@@ -367,5 +420,44 @@ mod tests {
             Ipv4::new(198, 18, 0, 5),
             EthernetAddress::BROADCAST
         ));
+    }
+
+    #[test]
+    fn one_owner_starts_at_most_its_share_of_resolutions() {
+        let mut r = Resolver::new(ResolveConfig {
+            max_pending: 8,
+            max_pending_per_owner: 2,
+            max_tries: 1,
+            ..Default::default()
+        });
+        let t0 = Instant(0);
+        let ip = |i: u8| Ipv4::new(198, 18, 0, i);
+        for i in 10..12 {
+            assert!(!r.over_share(t0, ip(i), 7));
+            assert_eq!(r.lookup_for(t0, ip(i), 7), Lookup::Pending);
+        }
+        // A third unknown address is over its share; what is already being
+        // resolved (by anyone) or known costs nothing.
+        assert!(r.over_share(t0, ip(12), 7));
+        assert!(!r.over_share(t0, ip(11), 7));
+        r.add_static(ip(3), MAC);
+        assert!(!r.over_share(t0, ip(3), 7));
+        // Another owner, and nobody's lookups, still get the rest.
+        assert!(!r.over_share(t0, ip(12), 8));
+        assert_eq!(r.lookup_for(t0, ip(12), 8), Lookup::Pending);
+        assert!(!r.over_share(t0, ip(13), 0));
+        assert_eq!(r.lookup(t0, ip(13)), Lookup::Pending);
+        // A reply ends one of the owner's resolutions: room for one more.
+        assert!(r.on_reply(t0, ip(10), MAC));
+        assert!(!r.over_share(t0, ip(14), 7));
+        assert_eq!(r.lookup_for(t0, ip(14), 7), Lookup::Pending);
+        assert!(r.over_share(t0, ip(15), 7));
+        // Giving up ends them too (the silent addresses then cost nothing).
+        while r.poll_request(t0).is_some() {}
+        let later = t0 + Duration::from_secs(1);
+        while r.poll_request(later).is_some() {}
+        assert_eq!(r.pending_len(), 0);
+        assert!(!r.over_share(later, ip(15), 7));
+        assert!(!r.over_share(later, ip(11), 7), "silent: fails at once");
     }
 }

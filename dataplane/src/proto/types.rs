@@ -140,6 +140,10 @@ pub enum ConnectError {
     /// Too many attempts in progress.
     #[error("too many connect attempts in progress")]
     TooManyAttempts,
+    /// The destination is unresolved and the caller's owner has its share
+    /// of the resolutions in progress (see [`crate::proto::Resolver::over_share`]).
+    #[error("too many address resolutions in progress for this user")]
+    ResolutionShare,
 }
 
 /// Errors of [`Endpoint::close`] and friends.

@@ -130,6 +130,16 @@ pub fn is_pipe(fd: RawFd) -> bool {
     unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
 }
 
+/// The inode of the pipe `fd` is an end of (both ends have the same one,
+/// and no other pipe has it while it exists); None if `fd` is no pipe.
+pub fn pipe_inode(fd: RawFd) -> Option<u64> {
+    // SAFETY: stat is plain data; zeroed is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live out-buffer.
+    let ok = unsafe { libc::fstat(fd, &mut st) == 0 };
+    (ok && st.st_mode & libc::S_IFMT == libc::S_IFIFO).then_some(st.st_ino)
+}
+
 /// A new pipe (read end, write end), both close-on-exec.
 ///
 /// # Errors

@@ -1185,7 +1185,7 @@ fn a_service_that_just_started_listening_is_never_refused() {
 /// program still observes something else over the SAN than on kernel TCP
 /// (each listed with its status in docs/preload.md). The test fails when
 /// one of them starts to match (take it off the list) or another differs.
-const KNOWN_DIFFERENCES: &[&str] = &["oob", "scm-rights"];
+const KNOWN_DIFFERENCES: &[&str] = &["oob"];
 
 /// One run of the differential script, plain or preloaded, on ports from
 /// `base`: every observation of both sides, sorted.
@@ -1329,6 +1329,61 @@ fn a_fork_per_connection_server_serves_every_san_client() {
     let t = text(&o);
     assert!(t.contains(&format!("ok {n} of {n}")), "{t}");
     // Every connection over the SAN, each claimed by its child, none reset.
+    assert_eq!(h1("dsan_san_connects_accepted_total") - acc, n, "{t}");
+    assert!(h1("dsan_san_connection_handovers_total") - hand >= n, "{t}");
+    assert_eq!(
+        metric_sum(
+            &scrape(METRICS_BASE + 1),
+            "dsan_san_connections_reset_total"
+        ),
+        reset,
+        "{t}"
+    );
+    assert_eq!(
+        counts().fallbacks,
+        fallbacks,
+        "no connection fell back to TCP"
+    );
+}
+
+#[test]
+fn a_connection_passed_with_scm_rights_is_served_by_the_process_that_received_it() {
+    // Issue #24, fourth item: a SAN connection received in an SCM_RIGHTS
+    // message was the sender's alone (ENOTSOCK in the receiver). A master
+    // passes each accepted connection to one of two worker processes
+    // (started afresh, not forked) and closes its copy at once: each worker
+    // claims the connection with the life that travelled beside it and
+    // answers; nothing is reset, nothing falls back to TCP.
+    let _lab = Lab::up(&[]);
+    let s = root()
+        .join("control/tests/py/pass_server.py")
+        .display()
+        .to_string();
+    let dir = Scratch::new("pass");
+    let (_srv, _) = started(
+        preloaded("h1", "python3", &[&s, "server", "7512", &dir.s()]),
+        "listening",
+    );
+    let h1 = |name: &str| metric(&scrape(METRICS_BASE + 1), name);
+    let (acc, hand, reset) = (
+        h1("dsan_san_connects_accepted_total"),
+        h1("dsan_san_connection_handovers_total"),
+        metric_sum(
+            &scrape(METRICS_BASE + 1),
+            "dsan_san_connections_reset_total",
+        ),
+    );
+    let fallbacks = counts().fallbacks;
+    let n = 100;
+    let o = run(
+        preloaded("h0", "python3", &[&s, "client", "7512", &n.to_string()]),
+        120,
+    );
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("ok {n} of {n}, 2 server processes")),
+        "{t}"
+    );
     assert_eq!(h1("dsan_san_connects_accepted_total") - acc, n, "{t}");
     assert!(h1("dsan_san_connection_handovers_total") - hand >= n, "{t}");
     assert_eq!(

@@ -297,3 +297,58 @@ fn processes_of_one_user_with_so_reuseport_share_a_listener() {
     host.step(&[request(42010, 710)]);
     assert_eq!(queued(&b, 0), 1);
 }
+
+/// The claim key `app` gets for the life whose pipe inode is `ino`.
+fn life_key(host: &mut Host, app: &App, ino: u64) -> Result<u64, i32> {
+    let (done, got) = std::sync::mpsc::channel();
+    assert!(host
+        .h
+        .commands
+        .push(NodeCommand::LifeKey {
+            app: app.id,
+            ino,
+            done,
+        })
+        .is_ok());
+    host.step(&[]);
+    got.recv_timeout(Duration::from_secs(5)).unwrap()
+}
+
+#[test]
+fn a_holder_of_the_life_learns_the_claim_key_and_claims_the_connection() {
+    // A connection passed with SCM_RIGHTS travels with its life; the
+    // receiver shows the life's write end, the daemon finds the connection
+    // by the pipe's inode and names its claim key (same user or root).
+    let mut host = Host::new();
+    let mut a = App::attach_user(&host.h, 1, 2000, Lineage::default());
+    let mut b = App::attach_user(&host.h, 2, 2000, Lineage::default());
+    let c = App::attach_user(&host.h, 3, 3000, Lineage::default());
+    host.step(&[]);
+    accepted(&mut host, &mut a);
+    assert_eq!(
+        life_key(&mut host, &b, 1),
+        Err(libc::ENOTCONN),
+        "no such life"
+    );
+    let w = host.life(&a, 5);
+    let ino = dsan_channel::sys::pipe_inode(std::os::fd::AsRawFd::as_raw_fd(&w)).unwrap();
+    assert_eq!(life_key(&mut host, &c, ino), Err(libc::EACCES));
+    assert_eq!(host.counters().claims_refused, 1);
+    let key = life_key(&mut host, &b, ino).unwrap();
+    assert_eq!(key, a.key(5));
+    assert_eq!(claim(&mut host, &mut b, 9, (0, 0), key), Some(0));
+    assert_eq!(b.state(9), ST_OPEN);
+    assert_ne!(a.state(5) & ST_MOVED, 0, "the sender's socket is away");
+    // B lets go (the sender's socket still holds it: it goes back there);
+    // then the last holder goes: the life with it, and the inode names
+    // nothing any more.
+    let seq = b.send(9, Op::Abort);
+    host.step(&[]);
+    assert_eq!(b.result(9, seq), Some(0));
+    assert_eq!(a.state(5), ST_OPEN, "back with the sender's socket");
+    drop(w);
+    let seq = a.send(5, Op::Abort);
+    host.step(&[]);
+    assert_eq!(a.result(5, seq), Some(0));
+    assert_eq!(life_key(&mut host, &b, ino), Err(libc::ENOTCONN));
+}

@@ -25,6 +25,7 @@
 
 mod io;
 mod opts;
+mod pass;
 mod real;
 mod rules;
 mod sock;
@@ -439,6 +440,10 @@ pub unsafe extern "C" fn sendto(
 /// Interposed: no ancillary data on a SAN socket.
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_t {
+    if !table::maybe_ours(fd) {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { pass::recv_msg(fd, m, flags) };
+    }
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::recvmsg()(fd, m, flags) });
     // SAFETY: the caller's message header.
@@ -616,6 +621,10 @@ pub unsafe extern "C" fn splice(
 /// Interposed: ancillary data is refused on a SAN socket.
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, m: *const msghdr, flags: c_int) -> ssize_t {
+    if !table::maybe_ours(fd) {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { pass::send_msg(fd, m, flags) };
+    }
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::sendmsg()(fd, m, flags) });
     // SAFETY: the caller's message header.

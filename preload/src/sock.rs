@@ -723,6 +723,55 @@ fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     }
 }
 
+/// A passed connection's life (write end), ticket and whether its socket
+/// is IPv6.
+pub(crate) type PassInfo = (RawFd, [u8; dsan_provider::TICKET_BYTES], bool);
+
+/// What goes beside program descriptor `fd` when the program sends it in
+/// an `SCM_RIGHTS` message (see [`crate::pass`]): the write end of its
+/// connection's life, its ticket and whether it is an IPv6 socket. None
+/// unless `fd` is a SAN connection of ours (anything else travels as the
+/// descriptor it is).
+pub(crate) fn pass_info(fd: RawFd) -> Option<PassInfo> {
+    let p = own(fd, table::get(fd)?)?;
+    if p.state() != State::Connected {
+        return None;
+    }
+    match dsan_switch::pass_ticket(p.sw()) {
+        Ok(Some((life, ticket))) => Some((life, ticket, p.v6.load(Ordering::Relaxed))),
+        Ok(None) => None,
+        Err(e) => {
+            rules::log(|| format!("fd {fd}: sent without its connection's life (errno {e})"));
+            None
+        }
+    }
+}
+
+/// Program descriptor `fd`, just received in an `SCM_RIGHTS` message with
+/// `life` and `ticket` beside it (see [`crate::pass`]), becomes a socket of
+/// this process serving the SAN connection the sender passed: claimed from
+/// the daemon with the life, in a switch socket put in `fd`'s place. Left
+/// as it came if the claim fails (the connection ended meanwhile).
+pub(crate) fn take_passed(fd: RawFd, life: OwnedFd, ticket: &[u8], v6: bool) {
+    let t = dsan_provider::ClaimTicket::from_bytes(ticket);
+    let r = dsan_switch::claim_passed(life, ticket).and_then(|sw| {
+        take_over(fd, sw, State::Connected, fl(fd)).inspect_err(|_| {
+            let _ = dsan_switch::close(sw);
+        })
+    });
+    match r {
+        Ok(np) => {
+            *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.peer());
+            *np.local.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.local());
+            np.v6.store(v6, Ordering::Relaxed);
+            rules::log(|| format!("fd {fd}: a SAN connection received, claimed"));
+        }
+        Err(e) => {
+            rules::log(|| format!("fd {fd}: cannot claim the SAN connection received (errno {e})"))
+        }
+    }
+}
+
 /// In a forked child: the parent's listener on `fd`, listened on again.
 fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     let Some(t) = dsan_switch::inherited_listener(p.sw()) else {

@@ -194,6 +194,84 @@ pub struct ClaimTicket {
     bufs: Bufs,
 }
 
+/// Bytes of [`ClaimTicket::to_bytes`].
+pub const TICKET_BYTES: usize = 40;
+
+impl ClaimTicket {
+    /// What the ticket records of the socket (addresses and options), for
+    /// a process that receives the socket in an `SCM_RIGHTS` message and
+    /// claims its connection with its life ([`Provider::claim_by_life`]);
+    /// the socket's name and the claim key stay out (the receiver gets the
+    /// key from the daemon).
+    pub fn to_bytes(&self) -> [u8; TICKET_BYTES] {
+        let mut b = [0u8; TICKET_BYTES];
+        let addr = |a: Option<SocketAddrV4>, out: &mut [u8]| {
+            if let Some(a) = a {
+                out[0] = 1;
+                out[1..5].copy_from_slice(&a.ip().octets());
+                out[5..7].copy_from_slice(&a.port().to_le_bytes());
+            }
+        };
+        addr(self.peer, &mut b[0..7]);
+        addr(self.local, &mut b[7..14]);
+        b[14] = u8::from(self.nonblocking)
+            | u8::from(self.keepalive) << 1
+            | u8::from(self.nodelay) << 2
+            | u8::from(self.linger.0) << 3
+            | u8::from(self.shut.0) << 4
+            | u8::from(self.shut.1) << 5;
+        b[16..20].copy_from_slice(&self.linger.1.to_le_bytes());
+        b[20..28].copy_from_slice(&(self.bufs.snd as u64).to_le_bytes());
+        b[28..36].copy_from_slice(&(self.bufs.rcv as u64).to_le_bytes());
+        b
+    }
+
+    /// The connection's peer, as its socket recorded it.
+    pub fn peer(&self) -> Option<SocketAddrV4> {
+        self.peer
+    }
+
+    /// The connection's local address, as its socket recorded it.
+    pub fn local(&self) -> Option<SocketAddrV4> {
+        self.local
+    }
+
+    /// The inverse of [`ClaimTicket::to_bytes`] (None for bytes it never
+    /// writes: ring sizes that are not powers of two of at most 1 GiB).
+    pub fn from_bytes(b: &[u8]) -> Option<ClaimTicket> {
+        let b: &[u8; TICKET_BYTES] = b.try_into().ok()?;
+        let addr = |x: &[u8]| {
+            (x[0] == 1).then(|| {
+                SocketAddrV4::new(
+                    std::net::Ipv4Addr::new(x[1], x[2], x[3], x[4]),
+                    u16::from_le_bytes([x[5], x[6]]),
+                )
+            })
+        };
+        let size = |x: &[u8]| {
+            let v = u64::from_le_bytes(x.try_into().expect("8 bytes"));
+            (v.is_power_of_two() && v <= 1 << 30).then_some(v as usize)
+        };
+        let f = |bit: u8| b[14] & (1 << bit) != 0;
+        Some(ClaimTicket {
+            app: 0,
+            sock: 0,
+            key: 0,
+            peer: addr(&b[0..7]),
+            local: addr(&b[7..14]),
+            nonblocking: f(0),
+            keepalive: f(1),
+            nodelay: f(2),
+            linger: (f(3), i32::from_le_bytes(b[16..20].try_into().ok()?)),
+            shut: (f(4), f(5)),
+            bufs: Bufs {
+                snd: size(&b[20..28])?,
+                rcv: size(&b[28..36])?,
+            },
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Fresh,
@@ -1184,6 +1262,38 @@ impl Provider {
         }
     }
 
+    /// A new socket of this attachment that serves the connection whose
+    /// life `life` is (the write end of the pipe, received with the socket
+    /// in an `SCM_RIGHTS` message: holding it proves holding the
+    /// connection), recorded as `t` says ([`ClaimTicket::from_bytes`]).
+    /// The daemon names the connection's claim key to a holder of its
+    /// life; the claim is then [`Provider::claim`]'s.
+    ///
+    /// # Errors
+    /// As [`Provider::claim`]; [`Error::NotConn`] if no connection has that
+    /// life (it ended).
+    pub fn claim_by_life(&self, life: RawFd, t: &ClaimTicket) -> Result<SocketId> {
+        let key = {
+            let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
+            let (v, _) = request(&ctl, &json!({"cmd": "life_key"}), &[life]).map_err(|e| {
+                if e == Error::Inval {
+                    Error::NotConn
+                } else {
+                    e
+                }
+            })?;
+            v["key"].as_u64().ok_or(Error::NetDown)?
+        };
+        // Named by its key alone: no attachment is 0 (the daemon counts
+        // from 1), so the claim never takes it for a socket's own.
+        self.claim(&ClaimTicket {
+            app: 0,
+            sock: 0,
+            key,
+            ..*t
+        })
+    }
+
     /// Registers the life of connected socket `s`: `fd` is the read end of
     /// a pipe whose write end the caller keeps beside the socket (and every
     /// process that inherits the socket inherits it too); the connection
@@ -1345,6 +1455,15 @@ impl SanSocket {
     /// As [`Provider::claim_ticket`].
     pub fn claim_ticket(&self) -> Result<ClaimTicket> {
         self.p.claim_ticket(self.live()?)
+    }
+    /// A socket of `p` that serves the connection whose life is `life`
+    /// (see [`Provider::claim_by_life`]).
+    ///
+    /// # Errors
+    /// As [`Provider::claim_by_life`].
+    pub fn claim_by_life(p: &Arc<Provider>, life: RawFd, t: &ClaimTicket) -> Result<SanSocket> {
+        let s = p.claim_by_life(life, t)?;
+        Ok(SanSocket::own(p.clone(), s))
     }
     /// A socket of `p` that serves the connection `t` names (see [`Provider::claim`]).
     ///

@@ -523,24 +523,88 @@ fn register_lives(g: &Global) {
         })
         .collect();
     for s in socks {
-        let mut life = s.life.lock().unwrap_or_else(|e| e.into_inner());
-        if life.is_some() {
-            continue;
-        }
-        let ss = {
-            let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
-            c.as_ref().and_then(|c| c.san.clone())
-        };
-        let Some(ss) = ss else {
-            continue;
-        };
-        let Ok((r, w)) = dsan_channel::sys::pipe_cloexec() else {
-            continue;
-        };
-        if ss.register_life(r.as_raw_fd()).is_ok() {
-            *life = Some(w);
-        }
+        let _ = give_life(&s);
     }
+}
+
+/// Socket `s`'s SAN connection gets a life if it has none yet (one
+/// control-socket request); the write end's number (the socket keeps it),
+/// or None for a socket without a SAN connection or when the daemon
+/// refused (its errno then).
+fn give_life(s: &Sock) -> Result<Option<RawFd>, i32> {
+    let mut life = s.life.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(w) = life.as_ref() {
+        return Ok(Some(w.as_raw_fd()));
+    }
+    let ss = {
+        let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref().and_then(|c| c.san.clone())
+    };
+    let Some(ss) = ss else {
+        return Ok(None);
+    };
+    let (r, w) =
+        dsan_channel::sys::pipe_cloexec().map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?;
+    ss.register_life(r.as_raw_fd()).map_err(|e| e.errno())?;
+    let raw = w.as_raw_fd();
+    *life = Some(w);
+    Ok(Some(raw))
+}
+
+/// What goes beside switch socket `fd` when the program sends it to
+/// another process (or to itself) in an `SCM_RIGHTS` message: the write end
+/// of its connection's life (made now if it has none; the socket keeps it,
+/// so the number is valid while `fd` is) and its ticket
+/// ([`ClaimTicket::to_bytes`]). The receiver claims the connection with
+/// them ([`claim_passed`]); the life keeps the connection while the
+/// message is in flight, also when the sender closes `fd` at once. None
+/// for a socket with no SAN connection (a kernel TCP one travels as the
+/// kernel socket it is).
+///
+/// # Errors
+/// ENOTSOCK; the daemon's (EMFILE: the user's share of event descriptors).
+pub fn pass_ticket(fd: RawFd) -> Result<Option<(RawFd, [u8; dsan_provider::TICKET_BYTES])>, i32> {
+    let s = sock(fd)?;
+    let ss = {
+        let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref()
+            .filter(|c| c.transport == Transport::San)
+            .and_then(|c| c.san.clone())
+    };
+    let Some(ss) = ss else {
+        return Ok(None);
+    };
+    let ticket = ss.claim_ticket().map_err(|e| e.errno())?.to_bytes();
+    Ok(give_life(&s)?.map(|w| (w, ticket)))
+}
+
+/// The switch socket of this process that serves a SAN connection received
+/// in an `SCM_RIGHTS` message, with the `life` and `ticket` that came with
+/// it ([`pass_ticket`]): the daemon names the connection to the holder of
+/// its life, and its rings move to a socket of this process's attachment
+/// (the sender's socket still holds it, as both hold a passed TCP socket;
+/// see `docs/architecture.md`, "Sockets shared across fork"). The socket
+/// keeps the life.
+///
+/// # Errors
+/// EINVAL (a ticket that does not parse), ENETDOWN without a daemon, the
+/// claim's errno (ENOTCONN: the connection ended; EACCES: another user's;
+/// EMFILE).
+pub fn claim_passed(life: OwnedFd, ticket: &[u8]) -> Result<RawFd, i32> {
+    let t = dsan_provider::ClaimTicket::from_bytes(ticket).ok_or(libc::EINVAL)?;
+    let p = provider().ok_or(libc::ENETDOWN)?;
+    let mine = SanSocket::claim_by_life(&p, life.as_raw_fd(), &t).map_err(|e| e.errno())?;
+    let nfd = socket()?;
+    let ns = sock(nfd)?;
+    // SAFETY: F_SETFD on a descriptor we own: the life is this process's
+    // own, never the program's.
+    unsafe { libc::fcntl(life.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    *ns.life.lock().unwrap_or_else(|e| e.into_inner()) = Some(life);
+    if let Err(e) = set_san(&ns, Arc::new(mine)) {
+        let _ = close(nfd);
+        return Err(e);
+    }
+    Ok(nfd)
 }
 
 extern "C" fn on_fork_prepare() {

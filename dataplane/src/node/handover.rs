@@ -39,6 +39,16 @@ fn held(fd: &OwnedFd) -> bool {
     !dsan_channel::sys::hung_up(fd.as_raw_fd())
 }
 
+/// A connection's life: the read end the daemon holds, the process that
+/// registered it (its share of event descriptors counts it), and the
+/// pipe's inode (which names the life to a holder of a write end).
+#[derive(Debug)]
+pub(super) struct Life {
+    fd: OwnedFd,
+    owner: u64,
+    ino: u64,
+}
+
 impl Node {
     /// Registers the life of the connection socket `sock` of process `app`
     /// holds (see the module docs). One per connection: a second is
@@ -72,8 +82,18 @@ impl Node {
                 return Err(libc::EMFILE);
             }
         }
+        let Some(ino) = dsan_channel::sys::pipe_inode(fd.as_raw_fd()) else {
+            return Err(libc::EINVAL);
+        };
         self.procs.get_mut(&app).expect("present").event_fds += 1;
-        self.life.insert(h, (fd, app));
+        self.life.insert(
+            h,
+            Life {
+                fd,
+                owner: app,
+                ino,
+            },
+        );
         let key = self.claim_key(h);
         self.claimable.insert(key, h);
         Ok(())
@@ -88,12 +108,12 @@ impl Node {
     /// Whether a process other than the one letting go still holds `h`
     /// (its life has not hung up).
     fn life_held(&self, h: ConnHandle) -> bool {
-        self.life.get(&h).is_some_and(|(fd, _)| held(fd))
+        self.life.get(&h).is_some_and(|l| held(&l.fd))
     }
 
     /// Connection `h` ended: its life and claim key go.
     pub(super) fn forget_shared(&mut self, h: ConnHandle) {
-        if let Some((_, owner)) = self.life.remove(&h) {
+        if let Some(Life { owner, .. }) = self.life.remove(&h) {
             if let Some(p) = self.procs.get_mut(&owner) {
                 p.event_fds = p.event_fds.saturating_sub(1);
             }
@@ -101,6 +121,34 @@ impl Node {
             self.claimable.remove(&key);
         }
         self.orphans.retain(|o| *o != h);
+    }
+
+    /// The claim key of the connection whose life is the pipe `ino`, for
+    /// process `app`, which holds a write end of it (the control thread
+    /// took the inode from the descriptor the process sent): a socket
+    /// received in an `SCM_RIGHTS` message comes with its life, and a
+    /// holder of the life holds the connection. The claim itself is then
+    /// [`Node::app_claim`]'s (which checks the user again). A walk over the
+    /// lives, only on such a request.
+    ///
+    /// # Errors
+    /// ESRCH (no such process), ENOTCONN (no such life: the connection
+    /// ended), EACCES (another user's connection; counted as a refused
+    /// claim).
+    pub(super) fn life_key(&mut self, app: u64, ino: u64) -> Result<u64, i32> {
+        let uid = self.procs.get(&app).ok_or(libc::ESRCH)?.shared.uid;
+        let h = self
+            .life
+            .iter()
+            .find(|(_, l)| l.ino == ino)
+            .map(|(h, _)| *h)
+            .ok_or(libc::ENOTCONN)?;
+        let (_, _, suid, _) = self.serving(h).ok_or(libc::ENOTCONN)?;
+        if uid != 0 && uid != suid {
+            self.local.claims_refused += 1;
+            return Err(libc::EACCES);
+        }
+        Ok(self.claim_key(h))
     }
 
     /// Socket `sock` of process `id` claims the connection whose claim key

@@ -87,6 +87,18 @@ pub enum Command {
         /// Done: or the errno (ESRCH, ENOTCONN, EMFILE).
         done: Sender<Result<(), i32>>,
     },
+    /// The claim key of the connection whose life is the pipe with inode
+    /// `ino`, for process `app` (which holds a write end of it: it received
+    /// the socket in an `SCM_RIGHTS` message with the life beside it).
+    LifeKey {
+        /// The attachment asking.
+        app: u64,
+        /// The pipe's inode.
+        ino: u64,
+        /// The key, or the errno (ESRCH, ENOTCONN: no such life, EACCES:
+        /// another user's connection).
+        done: Sender<Result<u64, i32>>,
+    },
     /// A process went away (or detached): release everything it held. The
     /// sender is told when it is done.
     Detach(u64, Sender<()>),
@@ -224,7 +236,7 @@ pub struct Node {
     claim_keys: std::hash::RandomState,
     /// Connections that processes may share (see [`handover`]): their
     /// lives (the read end of a pipe, and the process that registered it) ...
-    life: HashMap<ConnHandle, (std::os::fd::OwnedFd, u64)>,
+    life: HashMap<ConnHandle, handover::Life>,
     /// ... and their claim keys.
     claimable: HashMap<u64, ConnHandle>,
     /// Connections no socket holds any more while a life still does.
@@ -435,6 +447,9 @@ impl Node {
                 done,
             } => {
                 let _ = done.send(self.set_life(app, sock, fd));
+            }
+            Command::LifeKey { app, ino, done } => {
+                let _ = done.send(self.life_key(app, ino));
             }
             Command::Detach(id, done) => {
                 self.detach(now, id);

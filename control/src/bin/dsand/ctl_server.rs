@@ -131,6 +131,7 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                     }
                     Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
                     Some("life") => life(&req, cx, app.as_deref(), fds),
+                    Some("life_key") => life_key(cx, app.as_deref(), fds),
                     Some("trace") if fds.is_empty() => trace(&req, cx, fd),
                     Some("switch_listen_failed") if fds.is_empty() => {
                         // Never silent: the daemon's log says which process
@@ -151,7 +152,8 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                         Ok(json!({"ok": true}))
                     }
                     _ if !fds.is_empty() => Err(
-                        "descriptors are accepted only with \"event_fd\" and \"life\"".to_string(),
+                        "descriptors are accepted only with \"event_fd\", \"life\" and \"life_key\""
+                            .to_string(),
                     ),
                     Some("ping") if fds.is_empty() => ping(&req, cx, fd),
                     _ => handle_request(&req, cx),
@@ -341,6 +343,38 @@ fn life(
         )
         .map_err(err)?;
     registered(r, app)
+}
+
+/// `{"cmd":"life_key"}` with the write end of a connection's life
+/// attached (a socket received in an `SCM_RIGHTS` message came with it):
+/// the connection's claim key, `{"ok":true,"key":K}`, for the process to
+/// claim it with (`dataplane::node::handover`). The descriptor is the
+/// proof of holding the connection; it is closed here at once.
+fn life_key(cx: &Ctx, app: Option<&AppShared>, fds: Vec<OwnedFd>) -> Result<Value, String> {
+    let app = app.ok_or("attach first")?;
+    let ino = match fds.as_slice() {
+        [fd] => sys::pipe_inode(fd.as_raw_fd()),
+        _ => None,
+    }
+    .ok_or("\"life_key\" carries one descriptor: the write end of a connection's life")?;
+    drop(fds);
+    let r = cx
+        .lcore
+        .ask(
+            |done| Command::LifeKey {
+                app: app.id,
+                ino,
+                done,
+            },
+            ASK,
+        )
+        .map_err(err)?;
+    match r {
+        Ok(key) => Ok(json!({"ok": true, "key": key})),
+        Err(libc::EACCES) => Err("EACCES: another user's connection".into()),
+        Err(libc::ENOTCONN) => Err("no connection has that life (it ended)".into()),
+        Err(_) => Err("this process is no longer attached".into()),
+    }
 }
 
 /// `{"cmd":"trace","action":"start"|"stop"}`: connection-setup tracing

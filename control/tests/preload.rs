@@ -1302,48 +1302,8 @@ fn a_fork_per_connection_server_serves_every_san_client() {
     // parent's close reset it). Now the child claims the connection (its
     // rings move to the child's attachment) and the parent's close, with the
     // child still holding it, closes nothing.
-    let _lab = Lab::up(&[]);
-    let s = root()
-        .join("control/tests/py/fork_server.py")
-        .display()
-        .to_string();
-    let (_srv, _) = started(
-        preloaded("h1", "python3", &[&s, "server", "7510"]),
-        "listening",
-    );
-    let h1 = |name: &str| metric(&scrape(METRICS_BASE + 1), name);
-    let (acc, hand, reset) = (
-        h1("dsan_san_connects_accepted_total"),
-        h1("dsan_san_connection_handovers_total"),
-        metric_sum(
-            &scrape(METRICS_BASE + 1),
-            "dsan_san_connections_reset_total",
-        ),
-    );
-    let fallbacks = counts().fallbacks;
-    let n = 200;
-    let o = run(
-        preloaded("h0", "python3", &[&s, "client", "7510", &n.to_string()]),
-        120,
-    );
-    let t = text(&o);
-    assert!(t.contains(&format!("ok {n} of {n}")), "{t}");
-    // Every connection over the SAN, each claimed by its child, none reset.
-    assert_eq!(h1("dsan_san_connects_accepted_total") - acc, n, "{t}");
-    assert!(h1("dsan_san_connection_handovers_total") - hand >= n, "{t}");
-    assert_eq!(
-        metric_sum(
-            &scrape(METRICS_BASE + 1),
-            "dsan_san_connections_reset_total"
-        ),
-        reset,
-        "{t}"
-    );
-    assert_eq!(
-        counts().fallbacks,
-        fallbacks,
-        "no connection fell back to TCP"
-    );
+    let t = handed_over_to_every_client("fork_server.py", &[], "7510", 200);
+    assert!(t.contains("ok 200 of 200"), "{t}");
 }
 
 #[test]
@@ -1353,52 +1313,53 @@ fn a_connection_passed_with_scm_rights_is_served_by_the_process_that_received_it
     // passes each accepted connection to one of two worker processes
     // (started afresh, not forked) and closes its copy at once: each worker
     // claims the connection with the life that travelled beside it and
-    // answers; nothing is reset, nothing falls back to TCP.
+    // answers.
+    let dir = Scratch::new("pass");
+    let t = handed_over_to_every_client("pass_server.py", &[&dir.s()], "7512", 100);
+    assert!(t.contains("ok 100 of 100, 2 server processes"), "{t}");
+}
+
+/// Runs `script` (fork_server.py's shape) preloaded as a server on h1
+/// (with `args` after the port) and its client on h0 with `n` connections:
+/// the client's output. Every connection went over the SAN and was handed
+/// over to another process (a claim), none was reset, none fell back to TCP.
+fn handed_over_to_every_client(script: &str, args: &[&str], port: &str, n: u64) -> String {
     let _lab = Lab::up(&[]);
     let s = root()
-        .join("control/tests/py/pass_server.py")
+        .join("control/tests/py")
+        .join(script)
         .display()
         .to_string();
-    let dir = Scratch::new("pass");
-    let (_srv, _) = started(
-        preloaded("h1", "python3", &[&s, "server", "7512", &dir.s()]),
-        "listening",
-    );
+    let mut a = vec![s.as_str(), "server", port];
+    a.extend_from_slice(args);
+    let (_srv, _) = started(preloaded("h1", "python3", &a), "listening");
     let h1 = |name: &str| metric(&scrape(METRICS_BASE + 1), name);
-    let (acc, hand, reset) = (
-        h1("dsan_san_connects_accepted_total"),
-        h1("dsan_san_connection_handovers_total"),
+    let resets = || {
         metric_sum(
             &scrape(METRICS_BASE + 1),
             "dsan_san_connections_reset_total",
-        ),
+        )
+    };
+    let (acc, hand, reset) = (
+        h1("dsan_san_connects_accepted_total"),
+        h1("dsan_san_connection_handovers_total"),
+        resets(),
     );
     let fallbacks = counts().fallbacks;
-    let n = 100;
     let o = run(
-        preloaded("h0", "python3", &[&s, "client", "7512", &n.to_string()]),
+        preloaded("h0", "python3", &[&s, "client", port, &n.to_string()]),
         120,
     );
     let t = text(&o);
-    assert!(
-        t.contains(&format!("ok {n} of {n}, 2 server processes")),
-        "{t}"
-    );
     assert_eq!(h1("dsan_san_connects_accepted_total") - acc, n, "{t}");
     assert!(h1("dsan_san_connection_handovers_total") - hand >= n, "{t}");
-    assert_eq!(
-        metric_sum(
-            &scrape(METRICS_BASE + 1),
-            "dsan_san_connections_reset_total"
-        ),
-        reset,
-        "{t}"
-    );
+    assert_eq!(resets(), reset, "{t}");
     assert_eq!(
         counts().fallbacks,
         fallbacks,
         "no connection fell back to TCP"
     );
+    t
 }
 
 #[test]

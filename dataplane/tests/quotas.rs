@@ -10,7 +10,7 @@ use common::*;
 use dataplane::node::{Lineage, Quota};
 use dataplane::wire::{Ipv4, Repr};
 use dsan_channel::msg::{Op, Request, Verdict};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 
 const USER: u32 = 2000;
 
@@ -19,21 +19,9 @@ fn errno(e: i32) -> Option<i64> {
 }
 
 /// `a` listens on `port` with its socket 1 (backlog area 0).
-fn listen_on(host: &mut Host, a: &mut App, port: u16) {
-    let seq = a.send(
-        1,
-        Op::Listen {
-            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
-            backlog: 8,
-            area: 0,
-            bufs: Default::default(),
-            takeover: 0,
-            reuse_port: false,
-        },
-    );
-    host.step(&[]);
+fn listen(host: &mut Host, a: &mut App, port: u16) {
     assert!(
-        a.result(1, seq).is_some_and(|r| r > 0),
+        listen_on(host, a, (1, 0), port, 0, false) > 0,
         "listening on {port}"
     );
 }
@@ -96,7 +84,7 @@ fn one_user_serves_at_most_its_share_of_the_hosts_connections() {
     let mut user = App::attach_user(&host.h, 1, USER, Lineage::default());
     let mut root = App::attach(&host.h, 2);
     host.step(&[]);
-    listen_on(&mut host, &mut user, 80);
+    listen(&mut host, &mut user, 80);
     host.step(&[request_to(80, 1), request_to(80, 2), request_to(80, 3)]);
     let reqs = pending(&user);
     assert_eq!(reqs.len(), 3);
@@ -117,7 +105,7 @@ fn one_user_serves_at_most_its_share_of_the_hosts_connections() {
     assert_eq!(refusals(&mut host, Quota::Connections), 2);
 
     // Root has no share: its service is still served.
-    listen_on(&mut host, &mut root, 81);
+    listen(&mut host, &mut root, 81);
     host.step(&[request_to(81, 9)]);
     let r = pending(&root);
     assert_eq!(accept(&mut host, &mut root, &r[0], 10), Some(0));

@@ -29,14 +29,10 @@ class Server(socketserver.ForkingTCPServer):
     allow_reuse_address = True
 
 
-def main():
-    role, port = sys.argv[1], int(sys.argv[2])
-    if role == 'server':
-        s = Server(('0.0.0.0', port), Echo)
-        print('listening', flush=True)
-        s.serve_forever()
-        return
-    n, ok, pids = int(sys.argv[3]), 0, set()
+def client(port, n):
+    """N connections one after the other, each with its own payload, every
+    answer checked; prints "ok K of N, P server processes"."""
+    ok, pids = 0, set()
     for i in range(n):
         c = socket.create_connection((SERVER, port), timeout=10)
         want = b'connection %d of %d\n' % (i, n)
@@ -56,4 +52,15 @@ def main():
     print('ok %d of %d, %d server processes' % (ok, n, len(pids)), flush=True)
 
 
-main()
+def main():
+    role, port = sys.argv[1], int(sys.argv[2])
+    if role == 'server':
+        s = Server(('0.0.0.0', port), Echo)
+        print('listening', flush=True)
+        s.serve_forever()
+        return
+    client(port, int(sys.argv[3]))
+
+
+if __name__ == '__main__':
+    main()

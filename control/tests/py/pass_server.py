@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 
-SERVER = '198.18.0.2'
+from fork_server import client  # the same client and its check
+
 WORKERS = 2
 
 
@@ -58,27 +59,6 @@ def server(port, d):
     finally:
         for p in procs:
             p.kill()
-
-
-def client(port, n):
-    ok, pids = 0, set()
-    for i in range(n):
-        c = socket.create_connection((SERVER, port), timeout=10)
-        want = b'connection %d of %d\n' % (i, n)
-        c.sendall(want)
-        got = b''
-        while True:
-            b = c.recv(4096)
-            if not b:
-                break
-            got += b
-        c.close()
-        if got.endswith(b': ' + want):
-            ok += 1
-            pids.add(got.split(b':')[0])
-        else:
-            print('connection', i, 'got', got, flush=True)
-    print('ok %d of %d, %d server processes' % (ok, n, len(pids)), flush=True)
 
 
 def main():

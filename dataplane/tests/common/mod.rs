@@ -185,10 +185,23 @@ pub(crate) fn listen_with(
     takeover: u32,
     reuse_port: bool,
 ) -> i64 {
+    listen_on(host, a, (sock, area), 80, takeover, reuse_port)
+}
+
+/// `a`'s socket `sock` listens on `port` with backlog ring `area`: the
+/// listen's result.
+pub(crate) fn listen_on(
+    host: &mut Host,
+    a: &mut App,
+    (sock, area): (u32, u16),
+    port: u16,
+    takeover: u32,
+    reuse_port: bool,
+) -> i64 {
     let seq = a.send(
         sock,
         Op::Listen {
-            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+            addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
             backlog: 8,
             area,
             bufs: Default::default(),

@@ -32,8 +32,10 @@ mod sock;
 mod table;
 mod wait;
 
+use libc::{
+    c_char, epoll_event, fd_set, sigset_t, sockaddr, socklen_t, ssize_t, timespec, timeval,
+};
 use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, off64_t, off_t, pollfd, size_t};
-use libc::{epoll_event, fd_set, sigset_t, sockaddr, socklen_t, ssize_t, timespec, timeval};
 use sock::ret;
 use std::sync::atomic::Ordering;
 use table::PFd;
@@ -54,6 +56,8 @@ extern "C" fn init() {
         dsan_switch::set_daemon_socket(p.into());
     }
     rules::init();
+    // Connections the program that exec'd this one kept open.
+    pass::adopt_kept();
     // The library's own descriptors go to the upper part of the
     // descriptor space, when there is room, so that the program's own
     // numbers stay as low as without the library.
@@ -106,6 +110,14 @@ macro_rules! ours {
             return $real;
         };
         match table::get($fd) {
+            // A connection kept across exec is claimed on any first use.
+            Some(p) if p.kept() => match sock::own($fd, p) {
+                Some(p) => (p, inside),
+                None => {
+                    drop(inside);
+                    return $real;
+                }
+            },
             Some(p) => (p, inside),
             None => {
                 drop(inside);
@@ -133,6 +145,68 @@ macro_rules! ours_live {
 
 fn sret(r: Result<usize, i32>) -> ssize_t {
     ret(r.map(|n| n as ssize_t))
+}
+
+extern "C" {
+    /// The C library's environment (what execv and execvp pass).
+    static environ: *const *const c_char;
+}
+
+/// Interposed: SAN connections that stay open across the exec go with it
+/// (see [`pass::for_exec`]); the new program claims them on first use.
+#[no_mangle]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: the caller's environment.
+    let kept = unsafe { pass::for_exec(envp) };
+    let env = kept.as_ref().map_or(envp, pass::Exec::env);
+    // SAFETY: the caller's arguments, the environment with the marker.
+    unsafe { real::execve()(path, argv, env) }
+}
+
+/// Interposed: as [`execve`] with the process's environment.
+#[no_mangle]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: the C library's environment, read once here.
+    unsafe { execve(path, argv, environ) }
+}
+
+/// Interposed: as [`execve`], searching `PATH`.
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: the caller's environment.
+    let kept = unsafe { pass::for_exec(envp) };
+    let env = kept.as_ref().map_or(envp, pass::Exec::env);
+    // SAFETY: the caller's arguments, the environment with the marker.
+    unsafe { real::execvpe()(file, argv, env) }
+}
+
+/// Interposed: as [`execvpe`] with the process's environment.
+#[no_mangle]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: the C library's environment, read once here.
+    unsafe { execvpe(file, argv, environ) }
+}
+
+/// Interposed: as [`execve`], of an open file.
+#[no_mangle]
+pub unsafe extern "C" fn fexecve(
+    fd: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: the caller's environment.
+    let kept = unsafe { pass::for_exec(envp) };
+    let env = kept.as_ref().map_or(envp, pass::Exec::env);
+    // SAFETY: the caller's arguments, the environment with the marker.
+    unsafe { real::fexecve()(fd, argv, env) }
 }
 
 /// Interposed: passes to the C library (sockets are looked at when they
@@ -691,8 +765,9 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
     unsafe { fcntl_any(fd, cmd, arg, real::fcntl64()) }
 }
 
-/// Interposed: FIONREAD counts a SAN socket's received bytes; FIONBIO and
-/// the rest are the kernel's.
+/// Interposed: FIONREAD counts a SAN socket's received bytes; FIONBIO,
+/// FIOCLEX and FIONCLEX act on the program's descriptor; the rest are the
+/// kernel socket's.
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
     // SAFETY: the caller's arguments, passed on.
@@ -705,6 +780,11 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
         // SAFETY: the caller's int out-parameter.
         unsafe { *ptr = io::unread(&p).min(c_int::MAX as usize) as c_int };
         return 0;
+    }
+    if req == libc::FIOCLEX || req == libc::FIONCLEX {
+        // Close-on-exec is the program's descriptor's own flag.
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real::ioctl()(fd, req, arg) };
     }
     if req == libc::FIONBIO {
         // SAFETY: the caller's arguments, passed on (the shared descriptor).

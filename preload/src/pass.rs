@@ -25,7 +25,8 @@
 
 use crate::real;
 use crate::sock::{self, PassInfo};
-use libc::{c_int, cmsghdr, msghdr, ssize_t};
+use libc::{c_char, c_int, cmsghdr, msghdr, ssize_t};
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The marker's first bytes.
@@ -105,7 +106,12 @@ pub(crate) unsafe fn send_msg(fd: c_int, m: *const msghdr, flags: c_int) -> ssiz
     if infos.is_empty() || k + infos.len() + 1 > MAX_FDS {
         return plain();
     }
-    let Some(marker) = marker(k, &infos) else {
+    let entries: Vec<Entry> = infos
+        .iter()
+        .enumerate()
+        .map(|(j, (i, (_, ticket, v6)))| (*i as u32, (k + j) as u32, ticket.to_vec(), *v6))
+        .collect();
+    let Some(marker) = marker(&entries, false) else {
         return plain();
     };
     let extra: Vec<RawFd> = infos
@@ -140,26 +146,26 @@ pub(crate) unsafe fn send_msg(fd: c_int, m: *const msghdr, flags: c_int) -> ssiz
     unsafe { real::sendmsg()(fd, &copy, flags) }
 }
 
-/// A sealed memfd that says where the lives are: entries for the passed
-/// connections of a message whose program descriptors number `k` (the
-/// lives follow them in order, then the marker).
-fn marker(k: usize, infos: &[(usize, PassInfo)]) -> Option<OwnedFd> {
-    let mut b = Vec::with_capacity(12 + ENTRY * infos.len());
+/// One entry of a marker: the program's descriptor and the connection's
+/// life (in a message, their indices among its descriptors; across exec,
+/// their numbers), the socket's ticket, IPv6.
+type Entry = (u32, u32, Vec<u8>, bool);
+
+/// A sealed memfd holding `entries` (close-on-exec unless `exec`: then it
+/// is for the program that an exec starts).
+fn marker(entries: &[Entry], exec: bool) -> Option<OwnedFd> {
+    let mut b = Vec::with_capacity(12 + ENTRY * entries.len());
     b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&(infos.len() as u32).to_le_bytes());
-    for (j, (i, (_, ticket, v6))) in infos.iter().enumerate() {
-        b.extend_from_slice(&(*i as u32).to_le_bytes());
-        b.extend_from_slice(&((k + j) as u32).to_le_bytes());
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (i, l, ticket, v6) in entries {
+        b.extend_from_slice(&i.to_le_bytes());
+        b.extend_from_slice(&l.to_le_bytes());
         b.extend_from_slice(&[u8::from(*v6), 0, 0, 0]);
         b.extend_from_slice(ticket);
     }
+    let flags = libc::MFD_ALLOW_SEALING | if exec { 0 } else { libc::MFD_CLOEXEC };
     // SAFETY: a constant name; flags the kernel knows.
-    let m = unsafe {
-        libc::memfd_create(
-            c"dsan-scm".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let m = unsafe { libc::memfd_create(c"dsan-scm".as_ptr(), flags) };
     if m < 0 {
         return None;
     }
@@ -172,39 +178,48 @@ fn marker(k: usize, infos: &[(usize, PassInfo)]) -> Option<OwnedFd> {
     (w == b.len() as isize && sealed).then_some(m)
 }
 
-/// A passed connection as received: the program's descriptor, the life,
-/// the ticket, IPv6.
-type Received = (RawFd, RawFd, Vec<u8>, bool);
-
-/// The passed connections a received block of descriptors `fds` carries,
-/// if its last one is a marker: (program descriptor, life, ticket, IPv6)
-/// each, and how many of `fds` are the program's.
-fn read_marker(fds: &[RawFd]) -> Option<(Vec<Received>, usize)> {
-    let (&last, rest) = fds.split_last()?;
+/// The entries of marker `fd`; None if `fd` is not one.
+fn entries(fd: RawFd) -> Option<Vec<Entry>> {
     // SAFETY: F_GET_SEALS has no argument (EINVAL on anything but a memfd).
-    if unsafe { libc::fcntl(last, libc::F_GET_SEALS) } != SEALS {
+    if unsafe { libc::fcntl(fd, libc::F_GET_SEALS) } != SEALS {
         return None;
     }
     let mut b = vec![0u8; 12 + ENTRY * MAX_FDS];
     // SAFETY: our buffer.
-    let n = unsafe { libc::pread(last, b.as_mut_ptr().cast(), b.len(), 0) };
+    let n = unsafe { libc::pread(fd, b.as_mut_ptr().cast(), b.len(), 0) };
     let b = b.get(..usize::try_from(n).ok()?)?;
     if b.get(..8)? != MAGIC {
         return None;
     }
     let count = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
-    let mine = rest.len().checked_sub(count)?;
-    let mut out = Vec::with_capacity(count);
-    for j in 0..count {
-        let e = b.get(12 + j * ENTRY..12 + (j + 1) * ENTRY)?;
-        let i = u32::from_le_bytes(e[0..4].try_into().ok()?) as usize;
-        let l = u32::from_le_bytes(e[4..8].try_into().ok()?) as usize;
-        if i >= mine || l != mine + j {
-            return None;
-        }
-        out.push((rest[i], rest[l], e[12..].to_vec(), e[8] == 1));
-    }
-    Some((out, mine))
+    (0..count)
+        .map(|j| {
+            let e = b.get(12 + j * ENTRY..12 + (j + 1) * ENTRY)?;
+            Some((
+                u32::from_le_bytes(e[0..4].try_into().ok()?),
+                u32::from_le_bytes(e[4..8].try_into().ok()?),
+                e[12..].to_vec(),
+                e[8] == 1,
+            ))
+        })
+        .collect()
+}
+
+/// The passed connections a received block of descriptors `fds` carries,
+/// if its last one is a marker: (program descriptor, life, ticket, IPv6)
+/// each, and how many of `fds` are the program's.
+fn read_marker(fds: &[RawFd]) -> Option<(Vec<Entry>, usize)> {
+    let (&last, rest) = fds.split_last()?;
+    let e = entries(last)?;
+    let mine = rest.len().checked_sub(e.len())?;
+    e.into_iter()
+        .enumerate()
+        .map(|(j, (i, l, ticket, v6))| {
+            let (i, l) = (i as usize, l as usize);
+            (i < mine && l == mine + j).then(|| (rest[i] as u32, rest[l] as u32, ticket, v6))
+        })
+        .collect::<Option<Vec<Entry>>>()
+        .map(|v| (v, mine))
 }
 
 /// Interposed `recvmsg` on a descriptor that is not a SAN socket, with a
@@ -257,14 +272,15 @@ pub(crate) unsafe fn recv_msg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_
             let mut fds = unsafe { fds_of(c) };
             if let Some((passed, mine)) = read_marker(&fds) {
                 for &f in &fds[mine..] {
-                    if !passed.iter().any(|(_, l, _, _)| *l == f) {
+                    if !passed.iter().any(|(_, l, _, _)| *l as RawFd == f) {
                         // SAFETY: the marker, ours alone.
                         unsafe { libc::close(f) };
                     }
                 }
                 for (f, life, ticket, v6) in passed {
                     // SAFETY: a life the message gave us, ours alone.
-                    sock::take_passed(f, unsafe { OwnedFd::from_raw_fd(life) }, &ticket, v6);
+                    let life = unsafe { OwnedFd::from_raw_fd(life as RawFd) };
+                    sock::take_passed(f as RawFd, life, &ticket, v6);
                 }
                 fds.truncate(mine);
             }
@@ -311,4 +327,156 @@ pub(crate) unsafe fn recv_msg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_
     }
     h.msg_controllen = used as _;
     r
+}
+
+/// The environment variable that names the marker an exec hands over.
+const KEPT: &str = "DSAN_INHERITED";
+
+/// What an exec takes along for the SAN connections that stay open across
+/// it: the environment to start the program with (the caller's, with
+/// [`KEPT`] naming the marker), and the copies of the lives and the marker
+/// (not close-on-exec: the new program inherits them; closed here again if
+/// the exec fails).
+pub(crate) struct Exec {
+    env: Vec<*const c_char>,
+    _strings: Vec<CString>,
+    _fds: Vec<OwnedFd>,
+}
+
+impl Exec {
+    /// The environment to pass (NULL-terminated).
+    pub(crate) fn env(&self) -> *const *const c_char {
+        self.env.as_ptr()
+    }
+}
+
+/// Before an exec that starts a program with environment `envp`: None when
+/// no SAN connection stays open across it (the common case, found with a
+/// look at the descriptor bitmap and no allocation, so that it is safe in
+/// a vfork child). Otherwise each connection gets a life (made now if it
+/// has none), a copy of it that the new program inherits, and an entry in
+/// a marker the new program finds through [`KEPT`] ([`adopt_kept`]). The
+/// old program's attachment goes with the exec (its control socket is
+/// close-on-exec); the connections then wait as orphans, held by their
+/// lives, until the new program claims them.
+///
+/// # Safety
+/// `envp` is null or a NULL-terminated array of C strings.
+pub(crate) unsafe fn for_exec(envp: *const *const c_char) -> Option<Exec> {
+    if !crate::table::any() {
+        return None;
+    }
+    let _in = crate::table::enter()?;
+    let kept: Vec<RawFd> = crate::table::all()
+        .into_iter()
+        // SAFETY: F_GETFD has no argument.
+        .filter(|fd| unsafe { real::fcntl()(*fd, libc::F_GETFD, 0) } == 0)
+        .collect();
+    let mut fds = Vec::new();
+    let mut copies: Vec<(RawFd, u32)> = Vec::new(); // life -> its copy
+    let mut es: Vec<Entry> = Vec::new();
+    for fd in kept {
+        let Some((life, ticket, v6)) = sock::pass_info(fd) else {
+            sock::kernel_for_exec(fd);
+            continue;
+        };
+        let copy = match copies.iter().find(|(l, _)| *l == life) {
+            Some((_, c)) => *c,
+            None => {
+                // SAFETY: F_DUPFD with an int argument: not close-on-exec.
+                let c = unsafe { real::fcntl()(life, libc::F_DUPFD, 0) };
+                if c < 0 {
+                    continue;
+                }
+                // SAFETY: a fresh descriptor nobody else owns.
+                fds.push(unsafe { OwnedFd::from_raw_fd(c) });
+                copies.push((life, c as u32));
+                c as u32
+            }
+        };
+        es.push((fd as u32, copy, ticket.to_vec(), v6));
+    }
+    if es.is_empty() {
+        return None;
+    }
+    let m = marker(&es, true)?;
+    let var = CString::new(format!("{KEPT}={}", m.as_raw_fd())).ok()?;
+    fds.push(m);
+    let mut env: Vec<*const c_char> = Vec::new();
+    let mut e = envp;
+    // SAFETY: the caller's NULL-terminated array of C strings.
+    while !e.is_null() && unsafe { !(*e).is_null() } {
+        // SAFETY: as above.
+        let s = unsafe { CStr::from_ptr(*e) };
+        if !s.to_bytes().starts_with(KEPT.as_bytes()) {
+            // SAFETY: as above.
+            env.push(unsafe { *e });
+        }
+        // SAFETY: as above (not past the NULL).
+        e = unsafe { e.add(1) };
+    }
+    env.push(var.as_ptr());
+    env.push(std::ptr::null());
+    Some(Exec {
+        env,
+        _strings: vec![var],
+        _fds: fds,
+    })
+}
+
+/// Whether descriptor `fd` is open.
+fn open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD has no argument.
+    unsafe { real::fcntl()(fd, libc::F_GETFD, 0) >= 0 }
+}
+
+/// When the library is loaded: the SAN connections a program that exec'd
+/// this one kept open (see [`for_exec`]) are this program's, claimed on
+/// their first use. Descriptors of one connection (duplicates) share one
+/// socket. Nothing if [`KEPT`] names no marker.
+pub(crate) fn adopt_kept() {
+    let Some(v) = std::env::var_os(KEPT) else {
+        return;
+    };
+    // Not for the programs this one starts.
+    std::env::remove_var(KEPT);
+    let Some(m) = v.to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
+        return;
+    };
+    let Some(es) = entries(m) else {
+        return;
+    };
+    // SAFETY: the marker, ours alone.
+    unsafe { libc::close(m) };
+    let mut lives: Vec<u32> = es.iter().map(|e| e.1).collect();
+    lives.sort_unstable();
+    lives.dedup();
+    for life in lives {
+        let group: Vec<&Entry> = es
+            .iter()
+            .filter(|e| e.1 == life && open(e.0 as RawFd))
+            .collect();
+        let life = life as RawFd;
+        // SAFETY: F_SETFD with an int argument, on a descriptor the marker
+        // says is ours.
+        let own = unsafe { real::fcntl()(life, libc::F_SETFD, libc::FD_CLOEXEC as usize) } == 0;
+        if group.is_empty() || !own {
+            continue;
+        }
+        let first = group[0];
+        let p = crate::table::PFd::new(first.0 as RawFd, crate::table::State::Connected);
+        p.inherited
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        p.refs
+            .store(group.len(), std::sync::atomic::Ordering::Relaxed);
+        *p.passed.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::table::Passed {
+            // SAFETY: the life's copy the old program made for us.
+            life: unsafe { OwnedFd::from_raw_fd(life) },
+            ticket: first.2.clone(),
+            v6: first.3,
+        });
+        for e in group {
+            crate::table::insert(e.0 as RawFd, p.clone());
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The real calls: the next definition after this library (libc's), found
 //! with `dlsym(RTLD_NEXT)` on first use and kept.
 
-use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, off64_t, off_t, pollfd};
+use libc::{c_char, c_int, c_ulong, c_void, iovec, msghdr, nfds_t, off64_t, off_t, pollfd};
 use libc::{
     epoll_event, fd_set, sigset_t, size_t, sockaddr, socklen_t, ssize_t, timespec, timeval,
 };
@@ -40,6 +40,9 @@ macro_rules! real {
 }
 
 real! {
+    execve: fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    execvpe: fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    fexecve: fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
     socket: fn(c_int, c_int, c_int) -> c_int;
     bind: fn(c_int, *const sockaddr, socklen_t) -> c_int;
     listen: fn(c_int, c_int) -> c_int;

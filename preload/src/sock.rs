@@ -667,6 +667,10 @@ pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     if !p.inherited() {
         return Some(p);
     }
+    let kept = p.passed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(kept) = kept {
+        return claim_kept(fd, &p, kept);
+    }
     match p.state() {
         State::Listening => relisten(fd, p),
         State::Connected => claim(fd, p),
@@ -680,11 +684,13 @@ pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
 /// switch socket of the child's, a kernel TCP one is the kernel socket
 /// from now on (None then: the caller makes the kernel's call).
 fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
+    let others = table::other_numbers(&p, fd);
     match dsan_switch::claim_inherited(p.sw()) {
         Ok(Some(dsan_switch::Inherited::San(sw))) => {
             let flags = fl(fd);
             match take_over(fd, sw, State::Connected, flags) {
                 Ok(np) => {
+                    follow(fd, &np, others);
                     *np.peer.lock().unwrap_or_else(|e| e.into_inner()) =
                         *p.peer.lock().unwrap_or_else(|e| e.into_inner());
                     *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -712,6 +718,17 @@ fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
                 )
             };
             table::remove(fd);
+            for m in others {
+                // SAFETY: as above; the program's other numbers for it.
+                unsafe {
+                    real::dup3()(
+                        t.as_raw_fd(),
+                        m,
+                        if cloexec(m) { libc::O_CLOEXEC } else { 0 },
+                    )
+                };
+                table::remove(m);
+            }
             rules::log(|| format!("fd {fd}: the parent's kernel TCP connection"));
             None
         }
@@ -747,6 +764,27 @@ pub(crate) fn pass_info(fd: RawFd) -> Option<PassInfo> {
     }
 }
 
+/// Before an exec: if program descriptor `fd` is a connection that the
+/// switch serves over kernel TCP, the kernel socket takes the number (in
+/// this process's descriptor table only, which the new program inherits:
+/// a vfork child shares the parent's memory but not its descriptors, so
+/// nothing of the library's records changes).
+pub(crate) fn kernel_for_exec(fd: RawFd) {
+    let Some(p) = table::get(fd) else {
+        return;
+    };
+    if p.state() != State::Connected
+        || dsan_switch::transport(p.sw()) != Ok(dsan_switch::Transport::Tcp)
+    {
+        return;
+    }
+    if let Some(k) = dsan_switch::kernel_socket(p.sw()).ok().filter(|k| *k != fd) {
+        // SAFETY: two valid descriptors; `fd` is replaced atomically and
+        // stays inheritable, as it was.
+        unsafe { real::dup3()(k, fd, 0) };
+    }
+}
+
 /// Program descriptor `fd`, just received in an `SCM_RIGHTS` message with
 /// `life` and `ticket` beside it (see [`crate::pass`]), becomes a socket of
 /// this process serving the SAN connection the sender passed: claimed from
@@ -764,10 +802,42 @@ pub(crate) fn take_passed(fd: RawFd, life: OwnedFd, ticket: &[u8], v6: bool) {
             *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.peer());
             *np.local.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.local());
             np.v6.store(v6, Ordering::Relaxed);
-            rules::log(|| format!("fd {fd}: a SAN connection received, claimed"));
+            rules::log(|| format!("fd {fd}: a SAN connection passed to this process, claimed"));
         }
         Err(e) => {
             rules::log(|| format!("fd {fd}: cannot claim the SAN connection received (errno {e})"))
+        }
+    }
+}
+
+/// A connection this program was started with (kept across exec, see
+/// [`crate::pass`]) is claimed on `fd`'s first use; the program's other
+/// numbers for it become duplicates of the claimed socket. None if the
+/// claim failed (the connection ended): the numbers are plain
+/// descriptors then.
+fn claim_kept(fd: RawFd, p: &Arc<PFd>, kept: table::Passed) -> Option<Arc<PFd>> {
+    let others = table::other_numbers(p, fd);
+    take_passed(fd, kept.life, &kept.ticket, kept.v6);
+    let Some(np) = table::get(fd).filter(|np| !Arc::ptr_eq(np, p)) else {
+        for n in others.into_iter().chain([fd]) {
+            table::remove(n);
+        }
+        return None;
+    };
+    follow(fd, &np, others);
+    Some(np)
+}
+
+/// The program's `others` numbers, which referred to the socket that `fd`
+/// referred to before it was claimed into `np`, refer to `np` now
+/// (duplicates of `fd`, as they were before).
+fn follow(fd: RawFd, np: &Arc<PFd>, others: Vec<RawFd>) {
+    for m in others {
+        let flags = if cloexec(m) { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: two valid descriptors; `m` is replaced atomically.
+        if unsafe { real::dup3()(fd, m, flags) } >= 0 {
+            table::remove(m);
+            duplicated(np, m);
         }
     }
 }

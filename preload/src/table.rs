@@ -66,6 +66,14 @@ pub(crate) enum State {
     Idle,
 }
 
+/// A SAN connection this process holds but has not claimed yet (kept
+/// across exec): its life's write end, its ticket, IPv6.
+pub(crate) struct Passed {
+    pub(crate) life: std::os::fd::OwnedFd,
+    pub(crate) ticket: Vec<u8>,
+    pub(crate) v6: bool,
+}
+
 /// One socket of the program that the switch serves; every descriptor
 /// number that refers to it (dup) maps here.
 pub(crate) struct PFd {
@@ -97,6 +105,9 @@ pub(crate) struct PFd {
     /// Options kept for a socket without a kernel socket (`crate::opts`):
     /// (level, name, the bytes getsockopt gives).
     pub(crate) opts: Mutex<Vec<(libc::c_int, libc::c_int, Vec<u8>)>>,
+    /// Kept across exec (see [`crate::pass`]): the connection's life and
+    /// ticket, until the first use claims the connection.
+    pub(crate) passed: Mutex<Option<Passed>>,
     /// The program set options on its kernel socket (before or after it
     /// became ours): they are carried over when that socket is released.
     pub(crate) opts_set: AtomicBool,
@@ -118,6 +129,7 @@ impl PFd {
             v6: AtomicBool::new(false),
             opts: Mutex::new(Vec::new()),
             opts_set: AtomicBool::new(false),
+            passed: Mutex::new(None),
         })
     }
     /// The switch's descriptor.
@@ -133,6 +145,15 @@ impl PFd {
     }
     pub(crate) fn set_state(&self, s: State) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+    /// Whether it is a connection kept across exec, not claimed yet.
+    pub(crate) fn kept(&self) -> bool {
+        self.inherited()
+            && self
+                .passed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
     }
     /// Whether it is the parent's (see `inherited`).
     pub(crate) fn inherited(&self) -> bool {
@@ -204,6 +225,26 @@ pub(crate) fn other_number(p: &Arc<PFd>, fd: RawFd) -> Option<RawFd> {
         .iter()
         .find(|(n, q)| **n != fd && Arc::ptr_eq(q, p))
         .map(|(n, _)| *n)
+}
+
+/// Every program descriptor other than `fd` that refers to `p`.
+pub(crate) fn other_numbers(p: &Arc<PFd>, fd: RawFd) -> Vec<RawFd> {
+    TABLE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or_else(Vec::new, |t| {
+            t.iter()
+                .filter(|(n, q)| **n != fd && Arc::ptr_eq(q, p))
+                .map(|(n, _)| *n)
+                .collect()
+        })
+}
+
+/// Whether any descriptor may be ours (a look at the bitmap only: no lock,
+/// no allocation, so that it is safe in a vfork child).
+pub(crate) fn any() -> bool {
+    BIG.load(Ordering::Acquire) || MAP.iter().any(|w| w.load(Ordering::Acquire) != 0)
 }
 
 /// Every program descriptor that is ours.

@@ -1369,6 +1369,71 @@ def _(role, x, out, base):
         b.close()
 
 
+def read_to_end(c):
+    d = b''
+    while True:
+        x = c.recv(4096)
+        if not x:
+            return d
+        d += x
+
+
+@behaviour('exec-keeps-socket')
+def _(role, x, out, base):
+    # A forked child execs a program that uses the connection it inherited
+    # (same number); the parent sends after it exits.
+    if role == 'server':
+        c = accept(x)
+        out('got', read_to_end(c))
+        c.close()
+    else:
+        s = connect(x)
+        fd = s.fileno()
+        code = ('import socket, sys; s = socket.socket(fileno=int(sys.argv[1])); '
+                's.sendall(b"exec,"); print(s.family.name, s.type.name, s.getpeername()[0], flush=True)')
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.set_inheritable(fd, True)
+                os.dup2(w, 1)
+                os.execv(sys.executable, [sys.executable, '-c', code, str(fd)])
+            finally:
+                os._exit(127)
+        os.close(w)
+        out('child_exit', reap(pid))
+        out('child_said', os.read(r, 200).decode().strip())
+        os.close(r)
+        s.sendall(b'parent')
+        s.close()
+
+
+@behaviour('exec-inetd-style')
+def _(role, x, out, base):
+    # inetd's shape: a child puts the connection on its standard input and
+    # output, closes the original and execs a program that reads stdin and
+    # writes stdout; the parent closes its copy at once.
+    if role == 'server':
+        c = accept(x)
+        c.sendall(b'hello\n')
+        out('got', read_to_end(c))
+        c.close()
+    else:
+        s = connect(x)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.dup2(s.fileno(), 0)
+                os.dup2(s.fileno(), 1)
+                s.close()
+                os.execv(sys.executable, [sys.executable, '-c',
+                         'import os; os.write(1, os.read(0, 6).upper())'])
+            finally:
+                os._exit(127)
+        s.close()
+        out('child_exit', reap(pid))
+
+
 @behaviour('tcp-keepidle')
 def _(role, x, out, base):
     if role == 'server':

@@ -635,6 +635,7 @@ impl Node {
         self.flush_core(now, |_, r| out.push(r));
         self.reap(now);
         self.flush_core(now, |_, r| out.push(r));
+        notify::wake_due();
         out
     }
 }
@@ -663,6 +664,9 @@ impl<D: Device> Handler<D> for Node {
         busy |= self.stream_tx(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy |= self.reap(now);
+        // The pass ends (the frames of `on_rx` were this pass's too): each
+        // process whose sockets it made ready is signalled once.
+        notify::wake_due();
         busy
     }
 
@@ -671,6 +675,7 @@ impl<D: Device> Handler<D> for Node {
         self.apply_addrs();
         self.revoke_foreign_listeners(now);
         self.publish();
+        notify::wake_due();
     }
     fn awaiting(&self) -> bool {
         self.ep.awaiting_answer() || self.ping.is_some()

@@ -17,11 +17,32 @@ use std::sync::Arc;
 /// Signals queued at most per process (beyond: counted as failed).
 const QUEUE: usize = 4096;
 
+thread_local! {
+    /// The notifiers given signals during the lcore's current pass: each is
+    /// woken once, at the pass's end ([`wake_due`]), however many signals
+    /// the pass queued for it.
+    static DUE: std::cell::RefCell<Vec<Arc<Notifier>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// At the end of a pass of the lcore: wakes each notifier that was given
+/// signals during it, once (one system call per process per pass, however
+/// many of its sockets became ready).
+pub(super) fn wake_due() {
+    let _ = DUE.try_with(|d| {
+        for n in d.borrow_mut().drain(..) {
+            n.due.store(false, Ordering::Release);
+            n.wake.signal();
+        }
+    });
+}
+
 /// One attached process's notifier.
 #[derive(Debug)]
 pub struct Notifier {
     queue: ArrayQueue<Arc<OwnedFd>>,
     wake: EventFd,
+    /// In [`DUE`]: to be woken at the end of the lcore's pass.
+    due: AtomicBool,
     stop: AtomicBool,
     /// Signals skipped because the process's eventfd was full.
     skipped: std::sync::atomic::AtomicU64,
@@ -44,6 +65,7 @@ impl Notifier {
         let n = Arc::new(Notifier {
             queue: ArrayQueue::new(QUEUE),
             wake: EventFd::new()?,
+            due: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             skipped: std::sync::atomic::AtomicU64::new(0),
             thread: std::sync::OnceLock::new(),
@@ -103,13 +125,21 @@ impl Notifier {
         }
     }
 
-    /// Queues a signal of `fd` (lcore side). Returns false if the queue is
-    /// full (the process's notifier is stuck).
-    pub fn notify(&self, fd: &Arc<OwnedFd>) -> bool {
+    /// Queues a signal of `fd` (lcore side); the notifier is woken at the
+    /// end of the pass ([`wake_due`]). Returns false if the queue is full
+    /// (the process's notifier is stuck).
+    pub fn notify(self: &Arc<Self>, fd: &Arc<OwnedFd>) -> bool {
         if self.queue.push(fd.clone()).is_err() {
             return false;
         }
-        self.wake.signal();
+        if !self.due.swap(true, Ordering::AcqRel) {
+            let queued = DUE.try_with(|d| d.borrow_mut().push(self.clone())).is_ok();
+            if !queued {
+                // (The thread's storage is gone: wake it now.)
+                self.due.store(false, Ordering::Release);
+                self.wake.signal();
+            }
+        }
         true
     }
 

@@ -145,6 +145,10 @@ pub struct SendProducer {
     /// The socket's generation (nonzero), set by the process each time the
     /// slot gets a new socket, before it asks for a connection on it.
     pub gen: AtomicU32,
+    /// The stream position just past the last urgent byte written (a send
+    /// with MSG_OOB: its last byte), or 0. The daemon ends a segment there
+    /// and flags it urgent (any value is harmless: it only cuts segments).
+    pub urgent: AtomicU64,
 }
 
 /// Written by the daemon: the send ring's consumer side.
@@ -167,6 +171,12 @@ pub struct RecvProducer {
     pub seq: AtomicU32,
     /// 1: the daemon wants a kick after the process consumes (credit ran low).
     pub credit_wanted: AtomicU32,
+    /// The urgent byte the peer sent last (0x100 | the byte), written
+    /// before [`RecvProducer::urgent`].
+    pub urgent_byte: AtomicU32,
+    /// The stream position just past that urgent byte (it is in the ring
+    /// at `urgent - 1`), or 0: TCP's urgent mark.
+    pub urgent: AtomicU64,
 }
 
 /// Written by the process: the receive ring's consumer side.

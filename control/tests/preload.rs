@@ -1185,7 +1185,7 @@ fn a_service_that_just_started_listening_is_never_refused() {
 /// program still observes something else over the SAN than on kernel TCP
 /// (each listed with its status in docs/preload.md). The test fails when
 /// one of them starts to match (take it off the list) or another differs.
-const KNOWN_DIFFERENCES: &[&str] = &["oob"];
+const KNOWN_DIFFERENCES: &[&str] = &[];
 
 /// One run of the differential script, plain or preloaded, on ports from
 /// `base`: every observation of both sides, sorted.

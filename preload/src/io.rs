@@ -9,11 +9,13 @@ use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
 const RECV_FLAGS: c_int = libc::MSG_DONTWAIT
+    | libc::MSG_OOB
     | libc::MSG_PEEK
     | libc::MSG_WAITALL
     | libc::MSG_NOSIGNAL
     | libc::MSG_CMSG_CLOEXEC;
-const SEND_FLAGS: c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_MORE | libc::MSG_EOR;
+const SEND_FLAGS: c_int =
+    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_MORE | libc::MSG_EOR | libc::MSG_OOB;
 
 /// Whether data calls can go ahead: connected (after recording a finished
 /// nonblocking connect).
@@ -46,8 +48,8 @@ pub(crate) fn recv(p: &PFd, buf: &mut [u8], flags: c_int) -> Result<usize, i32> 
         return Err(libc::EOPNOTSUPP);
     }
     ready(p)?;
-    let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK) | dontwait(p);
-    if flags & libc::MSG_WAITALL == 0 || f & libc::MSG_PEEK != 0 {
+    let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK | libc::MSG_OOB) | dontwait(p);
+    if flags & libc::MSG_WAITALL == 0 || f & (libc::MSG_PEEK | libc::MSG_OOB) != 0 {
         return dsan_switch::recv(p.sw(), buf, f);
     }
     let mut got = 0;
@@ -67,8 +69,10 @@ pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
     if flags & !SEND_FLAGS != 0 {
         return Err(libc::EOPNOTSUPP);
     }
-    let r = ready(p)
-        .and_then(|()| dsan_switch::send(p.sw(), buf, flags & libc::MSG_DONTWAIT | dontwait(p)));
+    let r = ready(p).and_then(|()| {
+        let f = flags & (libc::MSG_DONTWAIT | libc::MSG_OOB) | dontwait(p);
+        dsan_switch::send(p.sw(), buf, f)
+    });
     if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
         crate::rules::log(|| {
             format!(

@@ -765,7 +765,26 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
     unsafe { fcntl_any(fd, cmd, arg, real::fcntl64()) }
 }
 
-/// Interposed: FIONREAD counts a SAN socket's received bytes; FIONBIO,
+/// ioctl: whether the next byte to read is the urgent one.
+const SIOCATMARK: libc::c_ulong = 0x8905;
+
+/// Interposed: whether the next byte to read is the urgent one (the C
+/// library's own calls its ioctl from inside, where the interposer does
+/// not see it).
+#[no_mangle]
+pub unsafe extern "C" fn sockatmark(fd: c_int) -> c_int {
+    let mut at: c_int = 0;
+    // SAFETY: a valid int out-parameter.
+    let r = unsafe { ioctl(fd, SIOCATMARK, (&mut at as *mut c_int) as usize) };
+    if r < 0 {
+        r
+    } else {
+        at
+    }
+}
+
+/// Interposed: FIONREAD counts a SAN socket's received bytes; SIOCATMARK
+/// says whether the urgent byte is next; FIONBIO,
 /// FIOCLEX and FIONCLEX act on the program's descriptor; the rest are the
 /// kernel socket's.
 #[no_mangle]
@@ -780,6 +799,17 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
         // SAFETY: the caller's int out-parameter.
         unsafe { *ptr = io::unread(&p).min(c_int::MAX as usize) as c_int };
         return 0;
+    }
+    if req == SIOCATMARK {
+        if let Some(at) = dsan_switch::at_mark(p.sw()) {
+            let ptr = arg as *mut c_int;
+            if ptr.is_null() {
+                return ret(Err(libc::EFAULT));
+            }
+            // SAFETY: the caller's int out-parameter.
+            unsafe { *ptr = c_int::from(at) };
+            return 0;
+        }
     }
     if req == libc::FIOCLEX || req == libc::FIONCLEX {
         // Close-on-exec is the program's descriptor's own flag.

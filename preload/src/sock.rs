@@ -609,12 +609,31 @@ pub(crate) unsafe fn setsockopt(
             if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
                 let _ = dsan_switch::set_linger_abort(p.sw(), false);
             }
+            oob_inline(p, level, name, val, len);
             Ok(r)
         }
-        // SAFETY: the caller's parameters, passed on.
-        Err(libc::EBADFD) => unsafe { crate::opts::set(p, level, name, val, len) },
+        Err(libc::EBADFD) => {
+            // SAFETY: the caller's parameters, passed on.
+            let r = unsafe { crate::opts::set(p, level, name, val, len) }?;
+            oob_inline(p, level, name, val, len);
+            Ok(r)
+        }
         Err(e) => Err(e),
     }
+}
+
+/// SO_OOBINLINE, just set on `p`: its SAN connection keeps the urgent
+/// byte in the stream (or not) too.
+fn oob_inline(p: &PFd, level: c_int, name: c_int, val: *const libc::c_void, len: socklen_t) {
+    if (level, name) != (libc::SOL_SOCKET, libc::SO_OOBINLINE)
+        || val.is_null()
+        || (len as usize) < std::mem::size_of::<c_int>()
+    {
+        return;
+    }
+    // SAFETY: the kernel (or its stand-in) read this int just now.
+    let on = unsafe { std::ptr::read_unaligned(val.cast::<c_int>()) } != 0;
+    dsan_switch::set_oob_inline(p.sw(), on);
 }
 
 /// `getsockname` / `getpeername` on a switch socket.

@@ -91,12 +91,17 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
             // A stale wake-up (bytes read or room used up meanwhile) is
             // not passed on: kernel sockets do not report readiness that
             // is not there.
-            let fired = fired
-                && if kind == Kind::Read {
-                    dsan_switch::readable_now(p.sw())
-                } else {
-                    dsan_switch::writable_now(p.sw())
-                };
+            let (fired, urgent) = if !fired {
+                (false, false)
+            } else if kind == Kind::Read {
+                dsan_switch::input_now(p.sw())
+            } else {
+                (dsan_switch::writable_now(p.sw()), false)
+            };
+            if urgent {
+                // TCP's out-of-band byte waits (POLLPRI).
+                ev |= libc::POLLPRI;
+            }
             if fired {
                 ev |= if kind == Kind::Read {
                     libc::POLLIN

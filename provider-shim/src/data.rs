@@ -45,6 +45,11 @@ pub(super) struct IoSlot {
     /// count, never shared: nothing outside can forge it). The daemon
     /// echoes it in the stream block it opens for the socket.
     gen: AtomicU32,
+    /// SO_OOBINLINE: the urgent byte stays in the stream.
+    oob_inline: AtomicBool,
+    /// The urgent mark (see [`StreamShm`]'s `rcv_p.urgent`) whose byte a
+    /// receive with MSG_OOB took (it is not there to take again).
+    urgent_taken: std::sync::atomic::AtomicU64,
     /// What keeps the slot from getting a new socket besides its own
     /// state: every [`SanSocket`](crate::SanSocket) naming it (for its
     /// whole life, also once aborted) and every data call in progress on it.
@@ -78,7 +83,16 @@ pub struct Readiness {
     /// Bytes a send would take now (room in the send ring; 0 after a
     /// shutdown or the end of the connection).
     pub room: u64,
+    /// An urgent byte arrived that a receive with MSG_OOB can take (or,
+    /// with SO_OOBINLINE, that the reader has not passed): POLLPRI.
+    pub urgent: bool,
+    /// The next byte to read is the urgent one (SIOCATMARK).
+    pub at_mark: bool,
 }
+
+/// Send with the last byte urgent; receive the urgent byte (TCP's
+/// out-of-band data).
+pub const MSG_OOB: i32 = libc::MSG_OOB;
 
 /// `send` / `recv` flags this provider knows.
 pub const MSG_DONTWAIT: i32 = libc::MSG_DONTWAIT;
@@ -90,6 +104,8 @@ impl IoSlot {
     pub(super) fn reset(&self) -> u32 {
         *self.area.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.closed.store(false, Ordering::Release);
+        self.oob_inline.store(false, Ordering::Relaxed);
+        self.urgent_taken.store(0, Ordering::Relaxed);
         let next = self.gen.load(Ordering::Relaxed).wrapping_add(1).max(1);
         self.gen.store(next, Ordering::Release);
         next
@@ -170,6 +186,7 @@ pub(super) fn clear_app_words(shm: &StreamShm, gen: u32) {
     shm.snd_p.kick.store(0, Ordering::Relaxed);
     shm.snd_p.waiting.store(0, Ordering::Relaxed);
     shm.snd_p.want.store(0, Ordering::Relaxed);
+    shm.snd_p.urgent.store(0, Ordering::Relaxed);
     shm.rcv_c.head.store(0, Ordering::Relaxed);
     shm.rcv_c.waiting.store(0, Ordering::Relaxed);
     shm.rcv_c.want.store(0, Ordering::Release);
@@ -280,7 +297,7 @@ impl Provider {
         flags: i32,
         block: Option<bool>,
     ) -> Result<usize> {
-        if flags & !(MSG_DONTWAIT | libc::MSG_NOSIGNAL) != 0 {
+        if flags & !(MSG_DONTWAIT | libc::MSG_NOSIGNAL | MSG_OOB) != 0 {
             return Err(Error::Inval);
         }
         let _pin = self.io.get(s as usize).ok_or(Error::NotSock)?.pin();
@@ -312,6 +329,11 @@ impl Provider {
             if free > 0 {
                 let n = free.min(buf.len() - sent);
                 area.write_send(tail, &buf[sent..sent + n]);
+                if flags & MSG_OOB != 0 {
+                    // The last byte sent so far is the urgent one (as TCP
+                    // marks the end of what a send with MSG_OOB took).
+                    shm.snd_p.urgent.store(tail + n as u64, Ordering::Release);
+                }
                 shm.snd_p.tail.store(tail + n as u64, Ordering::Release);
                 sent += n;
                 self.kick(s, shm);
@@ -375,11 +397,14 @@ impl Provider {
         flags: i32,
         block: Option<bool>,
     ) -> Result<usize> {
-        if flags & !(MSG_DONTWAIT | MSG_PEEK) != 0 {
+        if flags & !(MSG_DONTWAIT | MSG_PEEK | MSG_OOB) != 0 {
             return Err(Error::Inval);
         }
         let _pin = self.io.get(s as usize).ok_or(Error::NotSock)?.pin();
         let (area, nonblocking, shut_rd, _) = self.stream(s)?;
+        if flags & MSG_OOB != 0 {
+            return self.recv_urgent(s, buf, flags & MSG_PEEK != 0);
+        }
         let nonblocking = block.map_or(nonblocking, |b| !b) || flags & MSG_DONTWAIT != 0;
         let io = &self.io[s as usize];
         let _g = io.recv.lock().unwrap_or_else(|e| e.into_inner());
@@ -399,16 +424,38 @@ impl Provider {
                 .checked_sub(head)
                 .filter(|a| *a <= size)
                 .ok_or(Error::NetDown)?;
+            // TCP's urgent mark: a receive stops before the urgent byte;
+            // at it, the byte is passed over (it is out of band) unless
+            // SO_OOBINLINE keeps it in the stream.
+            let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+            let (mut from, mut avail) = (head, avail);
+            let mut upto = avail;
+            if urgent > head && urgent - head <= avail {
+                if urgent - 1 > head {
+                    upto = urgent - 1 - head;
+                } else if !io.oob_inline.load(Ordering::Relaxed) {
+                    from += 1;
+                    avail -= 1;
+                    upto = avail;
+                }
+            }
             if avail > 0 {
-                let n = (avail as usize).min(buf.len());
-                area.read_recv(head, &mut buf[..n]);
+                let n = (upto as usize).min(buf.len());
+                area.read_recv(from, &mut buf[..n]);
                 if flags & MSG_PEEK == 0 {
-                    shm.rcv_c.head.store(head + n as u64, Ordering::Release);
+                    shm.rcv_c.head.store(from + n as u64, Ordering::Release);
                     if shm.rcv_p.credit_wanted.swap(0, Ordering::AcqRel) != 0 {
                         self.kick(s, shm);
                     }
                 }
                 return Ok(n);
+            }
+            if from != head && flags & MSG_PEEK == 0 {
+                // Only the urgent byte was there: it is passed over.
+                shm.rcv_c.head.store(from, Ordering::Release);
+                if shm.rcv_p.credit_wanted.swap(0, Ordering::AcqRel) != 0 {
+                    self.kick(s, shm);
+                }
             }
             // After SHUT_RD the bytes already received are still read (as
             // Linux's TCP gives them); then the end of the stream, at once.
@@ -458,6 +505,41 @@ impl Provider {
                 sys::futex_wait(&shm.rcv_p.seq, seq, NAP);
             }
             shm.rcv_c.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A receive with MSG_OOB: the urgent byte the peer sent last, if it
+    /// arrived, was not taken yet and the reader has not passed it (as
+    /// Linux's TCP gives it; never with SO_OOBINLINE).
+    ///
+    /// # Errors
+    /// [`Error::Inval`] when there is no such byte.
+    fn recv_urgent(&self, s: SocketId, buf: &mut [u8], peek: bool) -> Result<usize> {
+        let io = &self.io[s as usize];
+        let shm = self.region.stream(s as usize);
+        let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+        let byte = shm.rcv_p.urgent_byte.load(Ordering::Relaxed);
+        if io.oob_inline.load(Ordering::Relaxed)
+            || urgent <= shm.rcv_c.head.load(Ordering::Acquire)
+            || io.urgent_taken.load(Ordering::Relaxed) == urgent
+            || byte & 0x100 == 0
+        {
+            return Err(Error::Inval);
+        }
+        let Some(b) = buf.first_mut() else {
+            return Ok(0);
+        };
+        *b = byte as u8;
+        if !peek {
+            io.urgent_taken.store(urgent, Ordering::Relaxed);
+        }
+        Ok(1)
+    }
+
+    /// SO_OOBINLINE for socket `s`: the urgent byte stays in the stream.
+    pub fn set_oob_inline(&self, s: SocketId, on: bool) {
+        if let Some(io) = self.io.get(s as usize) {
+            io.oob_inline.store(on, Ordering::Relaxed);
         }
     }
 
@@ -561,7 +643,15 @@ impl Provider {
             shm.rcv_c.want.store(1, Ordering::SeqCst);
         }
         r.unread = unread(shm);
-        r.readable = shut_rd || dead || r.peer_closed || r.unread != 0;
+        let head = shm.rcv_c.head.load(Ordering::Relaxed);
+        let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+        let inline = io.oob_inline.load(Ordering::Relaxed);
+        let unpassed = urgent > head;
+        r.at_mark = unpassed && urgent - 1 == head;
+        r.urgent = unpassed && (inline || io.urgent_taken.load(Ordering::Relaxed) != urgent);
+        // An urgent byte out of band at the head is nothing to read.
+        let data = r.unread - u64::from(r.at_mark && !inline && r.unread > 0);
+        r.readable = shut_rd || dead || r.peer_closed || data != 0;
         if write {
             shm.snd_p.want.store(1, Ordering::SeqCst);
         }
@@ -631,6 +721,7 @@ impl Provider {
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => ls.bufs.snd = ring_size(v.max(1) as usize),
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => ls.keepalive = v != 0,
             (libc::SOL_SOCKET, libc::SO_REUSEPORT) => ls.reuse_port = v != 0,
+            (libc::SOL_SOCKET, libc::SO_OOBINLINE) => self.set_oob_inline(s, v != 0),
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => ls.nodelay = v != 0,
             _ => return Err(Error::NoProtoOpt),
         }
@@ -653,6 +744,9 @@ impl Provider {
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => i32::from(ls.keepalive),
             (libc::SOL_SOCKET, libc::SO_REUSEPORT) => i32::from(ls.reuse_port),
             (libc::SOL_SOCKET, libc::SO_TYPE) => libc::SOCK_STREAM,
+            (libc::SOL_SOCKET, libc::SO_OOBINLINE) => {
+                i32::from(self.io[s as usize].oob_inline.load(Ordering::Relaxed))
+            }
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => i32::from(ls.nodelay),
             (libc::SOL_SOCKET, libc::SO_ERROR) => {
                 let c = sh.connect_error.swap(0, Ordering::AcqRel);

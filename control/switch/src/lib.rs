@@ -32,10 +32,11 @@ mod switch;
 
 pub use capi::*;
 pub use switch::{
-    accept, accept_lean, adopt, adopt_lean, bind, claim_inherited, claim_passed, close, connect,
-    connect_settled, error, high, inherited_listener, kernel_socket, listen, pass_ticket,
-    readable_now, recv, release_inherited, release_kernel_socket, renumber, san_connection,
-    san_destination, send, set_condition, set_daemon_socket, set_fd_base, set_fork_hooks,
-    set_linger_abort, set_san_only, set_takeover, set_thread_hook, set_watch_writable, shutdown,
-    socket, take_tcp, transport, watch_writable, writable_now, Condition, Inherited, Transport,
+    accept, accept_lean, adopt, adopt_lean, at_mark, bind, claim_inherited, claim_passed, close,
+    connect, connect_settled, error, high, inherited_listener, input_now, kernel_socket, listen,
+    pass_ticket, readable_now, recv, release_inherited, release_kernel_socket, renumber,
+    san_connection, san_destination, send, set_condition, set_daemon_socket, set_fd_base,
+    set_fork_hooks, set_linger_abort, set_oob_inline, set_san_only, set_takeover, set_thread_hook,
+    set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable, writable_now,
+    Condition, Inherited, Transport,
 };

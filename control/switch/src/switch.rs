@@ -293,7 +293,7 @@ fn has_input(ss: &SanSocket) -> bool {
     !matches!(
         ss.recv_mode(&mut one, MSG_PEEK, false),
         Err(SanError::Again)
-    )
+    ) || ss.readiness(false, false).urgent
 }
 
 /// Work for the registration thread, due at `due`.
@@ -1811,12 +1811,13 @@ fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
 
 /// Sends on a connected switch descriptor, whichever transport serves it:
 /// the bytes taken (all of them when blocking), as `send(2)` with
-/// MSG_NOSIGNAL. `flags`: 0 or MSG_DONTWAIT.
+/// MSG_NOSIGNAL. `flags`: 0, MSG_DONTWAIT, MSG_OOB (the last byte is
+/// urgent, as TCP's out-of-band byte).
 ///
 /// # Errors
 /// EAGAIN, EPIPE, ECONNRESET, ENOTCONN, ENOTSOCK, EINVAL, and kernel errors.
 pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
-    if flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) != 0 {
+    if flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_OOB) != 0 {
         return Err(libc::EINVAL);
     }
     match target(fd)?.0 {
@@ -1855,7 +1856,7 @@ pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
             let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let mut sent = 0;
             let r = loop {
-                match ss.send_mode(&buf[sent..], 0, block) {
+                match ss.send_mode(&buf[sent..], flags & libc::MSG_OOB, block) {
                     Ok(n) => sent += n,
                     Err(_) if sent > 0 => break Ok(sent),
                     Err(e) => break Err(e.errno()),
@@ -1920,12 +1921,12 @@ fn wait_kernel(t: RawFd, events: libc::c_short, opt: libc::c_int) -> Result<(), 
 
 /// Receives from a connected switch descriptor, whichever transport serves
 /// it: bytes, 0 at the end of the stream, as `recv(2)`. `flags`: 0,
-/// MSG_DONTWAIT, MSG_PEEK.
+/// MSG_DONTWAIT, MSG_PEEK, MSG_OOB (the urgent byte, as TCP gives it).
 ///
 /// # Errors
 /// EAGAIN, ECONNRESET, ENOTCONN, ENOTSOCK, EINVAL, and kernel errors.
 pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
-    if flags & !(libc::MSG_DONTWAIT | libc::MSG_PEEK) != 0 {
+    if flags & !(libc::MSG_DONTWAIT | libc::MSG_PEEK | libc::MSG_OOB) != 0 {
         return Err(libc::EINVAL);
     }
     let (t, s) = target(fd)?;
@@ -1969,6 +1970,15 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
             }
             r
         }
+    }
+}
+
+/// SO_OOBINLINE on switch descriptor `fd`'s SAN connection (a kernel TCP
+/// one has it on its kernel socket): the urgent byte stays in the stream.
+/// Nothing for a descriptor without one.
+pub fn set_oob_inline(fd: RawFd, on: bool) {
+    if let Some(ss) = san_connection(fd) {
+        ss.set_oob_inline(on);
     }
 }
 
@@ -2260,22 +2270,35 @@ pub fn san_destination(ip: Ipv4Addr) -> bool {
 /// A stale wake-up clears the descriptor (the next FD_READ sets it again).
 /// True for a descriptor that is not a SAN connection.
 pub fn readable_now(fd: RawFd) -> bool {
+    input_now(fd).0
+}
+
+/// As [`readable_now`], and whether an urgent byte waits (POLLPRI: TCP's
+/// out-of-band byte, which keeps the readiness descriptor set too).
+pub fn input_now(fd: RawFd) -> (bool, bool) {
     let Ok((Target::San(ss), Some(s))) = target(fd) else {
-        return true;
+        return (true, false);
     };
-    if ss.readiness(true, false).readable {
-        return true;
+    let r = ss.readiness(true, false);
+    if r.readable || r.urgent {
+        return (r.readable, r.urgent);
     }
     s.with_readable(|efd| {
         drain(efd);
         // Bytes that came while clearing it: set it again.
-        let now = ss.readiness(true, false).readable;
-        if now {
+        let r = ss.readiness(true, false);
+        if r.readable || r.urgent {
             signal(efd);
         }
-        now
+        (r.readable, r.urgent)
     })
-    .unwrap_or(false)
+    .unwrap_or((false, false))
+}
+
+/// Whether the next byte to read on switch descriptor `fd`'s SAN
+/// connection is its urgent byte (SIOCATMARK); None without one.
+pub fn at_mark(fd: RawFd) -> Option<bool> {
+    san_connection(fd).map(|ss| ss.readiness(false, false).at_mark)
 }
 
 /// As [`readable_now`], for sends and the FD_WRITE descriptor.

@@ -677,15 +677,54 @@ def _(role, x, out, base):
         s.close()
 
 
+def at_mark(c):
+    import fcntl
+    return struct.unpack('i', fcntl.ioctl(c.fileno(), 0x8905, b'\0\0\0\0'))[0]  # SIOCATMARK
+
+
+def urgent_server(x, out, inline):
+    c = accept(x)
+    if inline:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    _, _, ex = select.select([], [], [c], T)
+    out('exceptional', bool(ex))
+    out('at_mark_first', at_mark(c))
+    attempt(out, 'oob', lambda: c.recv(1, socket.MSG_OOB))
+    out('first', c.recv(100))
+    out('at_mark_then', at_mark(c))
+    attempt(out, 'oob_again', lambda: c.recv(1, socket.MSG_OOB))
+    _, _, ex = select.select([], [], [c], 0)
+    out('still_exceptional', bool(ex))
+    out('rest', read_to_end(c))
+    c.close()
+
+
+def urgent_client(x, out):
+    s = connect(x)
+    s.sendall(b'ab')
+    attempt(out, 'send_oob', lambda: s.send(b'!', socket.MSG_OOB))
+    s.sendall(b'cd')
+    s.close()
+
+
 @behaviour('oob')
 def _(role, x, out, base):
+    # TCP's urgent byte: select's exceptional condition, recv(MSG_OOB), the
+    # mark that a read stops at, the byte left out of the stream.
     if role == 'server':
-        served(x, 2)
+        urgent_server(x, out, False)
     else:
-        s = connect(x)
-        attempt(out, 'send_oob', lambda: s.send(b'!', socket.MSG_OOB))
-        s.sendall(b'..')
-        s.close()
+        urgent_client(x, out)
+
+
+@behaviour('oob-inline')
+def _(role, x, out, base):
+    # With SO_OOBINLINE the urgent byte stays in the stream (recv(MSG_OOB)
+    # is EINVAL); a read still stops at the mark.
+    if role == 'server':
+        urgent_server(x, out, True)
+    else:
+        urgent_client(x, out)
 
 
 @behaviour('recv-after-own-shut-wr')

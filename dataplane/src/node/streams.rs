@@ -25,7 +25,7 @@ use crate::proto::stream::{Outgoing, Stream, StreamTiming, Timer};
 use crate::proto::{ConnHandle, StreamParams};
 use crate::time::Instant;
 use crate::wire::{
-    self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_PROBE,
+    self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_PROBE, SEG_URG,
 };
 use dsan_channel::msg::Bufs;
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
@@ -283,6 +283,8 @@ impl Node {
         shm.snd_c.head.store(0, Ordering::Relaxed);
         shm.rcv_p.tail.store(0, Ordering::Relaxed);
         shm.rcv_p.credit_wanted.store(0, Ordering::Relaxed);
+        shm.rcv_p.urgent.store(0, Ordering::Relaxed);
+        shm.rcv_p.urgent_byte.store(0, Ordering::Relaxed);
         shm.st.close_error.store(0, Ordering::Relaxed);
         shm.st.snd_size.store(bufs.snd as u32, Ordering::Relaxed);
         shm.st.rcv_size.store(bufs.rcv as u32, Ordering::Relaxed);
@@ -559,6 +561,25 @@ impl Node {
             }
             delivered = take;
             eof = !was_fin && ctx.s.peer_finished();
+            // An urgent byte that arrived just now: its mark and value for
+            // the process (TCP's out-of-band byte; POLLPRI until read).
+            let urgent = seg.seq + u64::from(seg.len);
+            if seg.flags & SEG_URG != 0
+                && urgent > at
+                && urgent <= ctx.s.received()
+                && !ctx.has(APP_CLOSED)
+            {
+                let mut b = [0u8];
+                ctx.area().read_recv(urgent - 1, &mut b);
+                let shm = ctx.shm();
+                shm.rcv_p
+                    .urgent_byte
+                    .store(0x100 | u32::from(b[0]), Ordering::Relaxed);
+                shm.rcv_p.urgent.store(urgent, Ordering::Release);
+                // A process that waits for the exceptional condition only
+                // (select's exceptfds) is told too.
+                shm.rcv_c.want.store(1, Ordering::Relaxed);
+            }
         }
         if ctx.has(APP_CLOSED) && delivered > 0 {
             // Nobody will read these: as TCP does, reset.
@@ -719,6 +740,16 @@ impl Node {
             from.rcv_p.credit_wanted.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        new.rcv_p.urgent_byte.store(
+            from.rcv_p.urgent_byte.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        new.rcv_p
+            .urgent
+            .store(from.rcv_p.urgent.load(Ordering::Relaxed), Ordering::Relaxed);
+        new.snd_p
+            .urgent
+            .store(from.snd_p.urgent.load(Ordering::Relaxed), Ordering::Relaxed);
         new.st.close_error.store(0, Ordering::Relaxed);
         new.st.snd_size.store(snd_size as u32, Ordering::Relaxed);
         new.st.rcv_size.store(rcv_size as u32, Ordering::Relaxed);
@@ -884,7 +915,17 @@ impl Node {
             };
             let mut out_of_buffers = false;
             while budget > 0 {
-                let Some(o) = ctx.s.next_segment() else { break };
+                let Some(mut o) = ctx.s.next_segment() else {
+                    break;
+                };
+                // An urgent byte ends its segment, which says so (the
+                // process's word: a wrong value only cuts a segment).
+                let urgent = ctx.shm().snd_p.urgent.load(Ordering::Acquire);
+                let urg = urgent > o.seq && urgent <= o.seq + u64::from(o.len);
+                if urg {
+                    o.fin &= urgent == o.seq + u64::from(o.len);
+                    o.len = (urgent - o.seq) as u16;
+                }
                 let (ack, limit, flags) = ctx.s.ack_fields();
                 let seg = Segment {
                     conn_id,
@@ -892,7 +933,7 @@ impl Node {
                     seq: o.seq,
                     ack,
                     limit,
-                    flags: flags | o.flags(),
+                    flags: flags | o.flags() | if urg { SEG_URG } else { 0 },
                     len: o.len,
                 };
                 let repr = Repr {

@@ -234,6 +234,9 @@ pub const SEG_FIN: u8 = 1;
 pub const SEG_NAK: u8 = 2;
 /// Segment flag: answer with an Ack at once (keepalive, window probe).
 pub const SEG_PROBE: u8 = 4;
+/// Segment flag: the payload's last byte is urgent (TCP's out-of-band byte,
+/// a send with MSG_OOB); only on Data with a payload.
+pub const SEG_URG: u8 = 8;
 
 /// The header of a Data or Ack body (the payload follows a Data header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -622,19 +625,19 @@ impl Repr {
                     flags: b[40],
                     len: be!(u16, &b[42..44]),
                 };
-                let known = SEG_FIN | SEG_NAK | SEG_PROBE;
+                let known = SEG_FIN | SEG_NAK | SEG_PROBE | SEG_URG;
                 if seg.flags & !known != 0 || b[41] != 0 {
                     return Err(Error::Malformed);
                 }
                 if kind == Kind::Data {
                     if usize::from(seg.len) != have - want
-                        || (seg.len == 0 && seg.flags & SEG_FIN == 0)
+                        || (seg.len == 0 && seg.flags & (SEG_FIN | SEG_URG) != SEG_FIN)
                     {
                         return Err(Error::Malformed);
                     }
                     Message::Data(seg)
                 } else {
-                    if seg.len != 0 || seg.flags & SEG_FIN != 0 {
+                    if seg.len != 0 || seg.flags & (SEG_FIN | SEG_URG) != 0 {
                         return Err(Error::Malformed);
                     }
                     Message::Ack(seg)
@@ -1087,6 +1090,42 @@ mod test {
         );
         assert_eq!(Kind::from(0xee), Kind::Unknown(0xee));
         assert_eq!(u8::from(Kind::Unknown(0xee)), 0xee);
+    }
+
+    #[test]
+    fn the_urgent_flag_marks_a_data_payload_only() {
+        let seg = |flags, len| Segment {
+            conn_id: 1,
+            token: 2,
+            seq: 3,
+            ack: 4,
+            limit: 5,
+            flags,
+            len,
+        };
+        let bytes = |m: Message, payload: usize| {
+            let r = Repr {
+                header: hdr(),
+                message: m,
+            };
+            let mut b = r.to_bytes(DEFAULT_ETHERTYPE);
+            b.resize(b.len() + payload, b'!');
+            b
+        };
+        let b = bytes(Message::Data(seg(SEG_URG, 1)), 1);
+        assert_eq!(
+            Repr::parse_bytes(&b, DEFAULT_ETHERTYPE).unwrap().message,
+            Message::Data(seg(SEG_URG, 1))
+        );
+        for bad in [
+            bytes(Message::Data(seg(SEG_URG | SEG_FIN, 0)), 0),
+            bytes(Message::Ack(seg(SEG_URG, 0)), 0),
+        ] {
+            assert_eq!(
+                Repr::parse_bytes(&bad, DEFAULT_ETHERTYPE).unwrap_err(),
+                Error::Malformed
+            );
+        }
     }
 
     #[test]

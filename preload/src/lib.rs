@@ -289,14 +289,14 @@ pub unsafe extern "C" fn connect(fd: c_int, a: *const sockaddr, len: socklen_t) 
         return unsafe { real::connect()(fd, a, len) };
     };
     // SAFETY: the caller's address buffer.
-    let dst = unsafe { sock::read_v4(a, len) };
+    let dst = unsafe { sock::read_dst(a, len) };
     if let Some(p) = table::get(fd) {
         return match dst {
-            Some(d) => ret(sock::connect_ours(fd, &p, d)),
+            Some((d, _)) => ret(sock::connect_ours(fd, &p, d)),
             None => ret(Err(libc::EAFNOSUPPORT)),
         };
     }
-    match dst.and_then(|d| sock::connect_new(fd, d)) {
+    match dst.and_then(|(d, v6)| sock::connect_new(fd, d, v6)) {
         Some(r) => ret(r),
         // SAFETY: the caller's arguments, passed on.
         None => unsafe { real::connect()(fd, a, len) },

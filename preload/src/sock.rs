@@ -67,6 +67,30 @@ pub(crate) unsafe fn read_v4(a: *const sockaddr, len: socklen_t) -> Option<Socke
     (i32::from(sin.sin_family) == libc::AF_INET).then(|| from_sockaddr_in(&sin))
 }
 
+/// An IPv4 destination from a caller's address: a `sockaddr_in`, or a
+/// `sockaddr_in6` holding a v4-mapped address (an IPv6 socket reaching an
+/// IPv4 peer, as Java's and other dual-stack clients do); with whether it
+/// was the latter.
+///
+/// # Safety
+/// `a` is null or points to `len` readable bytes.
+pub(crate) unsafe fn read_dst(a: *const sockaddr, len: socklen_t) -> Option<(SocketAddrV4, bool)> {
+    // SAFETY: the caller's contract.
+    if let Some(v4) = unsafe { read_v4(a, len) } {
+        return Some((v4, false));
+    }
+    if a.is_null() || (len as usize) < std::mem::size_of::<libc::sockaddr_in6>() {
+        return None;
+    }
+    // SAFETY: the caller's buffer holds a sockaddr_in6 (checked length).
+    let s6: libc::sockaddr_in6 = unsafe { std::ptr::read_unaligned(a.cast()) };
+    if i32::from(s6.sin6_family) != libc::AF_INET6 {
+        return None;
+    }
+    let ip = std::net::Ipv6Addr::from(s6.sin6_addr.s6_addr).to_ipv4_mapped()?;
+    Some((SocketAddrV4::new(ip, u16::from_be(s6.sin6_port)), true))
+}
+
 /// Writes `v` to a caller's sockaddr out-parameters (truncated to its
 /// length, which is set to the full length), as the kernel does.
 ///
@@ -274,8 +298,12 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
 
 /// `connect` on a descriptor that is not ours yet. `None`: the kernel's
 /// call is the right one.
-pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, i32>> {
+pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4, v6: bool) -> Option<Result<c_int, i32>> {
     if dst.ip().is_loopback() || !is_stream(fd) {
+        return None;
+    }
+    // An IPv6 socket that may not reach IPv4 peers is the kernel's to refuse.
+    if v6 && int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != Some(0) {
         return None;
     }
     let (action, rule) = rules::decide(Role::Client, dst);
@@ -303,6 +331,7 @@ pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4) -> Option<Result<c_int, 
     let _ = dsan_switch::set_san_only(sw, action == Action::San);
     let p = PFd::new(sw, State::Connecting);
     p.nonblock.store(nonblock, Ordering::Relaxed);
+    p.v6.store(v6, Ordering::Relaxed);
     if crate::opts::take_mark(fd) {
         p.opts_set.store(true, Ordering::Relaxed);
     }

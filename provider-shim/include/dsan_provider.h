@@ -50,6 +50,8 @@
 
 
 
+
+
 /*
  Events recorded on a socket since the last `dsan_enum_network_events`.
  */

@@ -1682,13 +1682,31 @@ fn connect_now(
             )
         };
     }
-    // SAFETY: a valid socket, sockaddr_in and length.
-    let r = unsafe {
-        libc::connect(
-            tcp,
-            (&sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        )
+    let r = if int_opt(tcp, libc::SOL_SOCKET, libc::SO_DOMAIN) == Ok(libc::AF_INET6) {
+        // An AF_INET6 socket (a program's IPv6 client): the v4-mapped
+        // address, as the program asked.
+        // SAFETY: sockaddr_in6 is plain data; zeroed is valid.
+        let mut s6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        s6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        s6.sin6_port = dst.port().to_be();
+        s6.sin6_addr.s6_addr = dst.ip().to_ipv6_mapped().octets();
+        // SAFETY: a valid socket, sockaddr_in6 and length.
+        unsafe {
+            libc::connect(
+                tcp,
+                (&s6 as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as u32,
+            )
+        }
+    } else {
+        // SAFETY: a valid socket, sockaddr_in and length.
+        unsafe {
+            libc::connect(
+                tcp,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        }
     };
     if r < 0 {
         let e = errno();

@@ -1389,6 +1389,30 @@ def _(role, x, out, base):
         s.close()
 
 
+@behaviour('v6-client')
+def _(role, x, out, base):
+    # An AF_INET6 client (as Java's and other dual-stack programs open)
+    # reaching an IPv4 server through a v4-mapped address.
+    if role == 'server':
+        c = accept(x)
+        out('peer_family', c.family.name)
+        out('got', recv_all(c, 3))
+        c.sendall(b'v4!')
+        c.close()
+    else:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.settimeout(T)
+        s.connect(('::ffff:' + SERVER, x))
+        s.settimeout(None)
+        out('family', s.family.name)
+        out('peer', name(s.getpeername(), base))
+        out('local_is_mapped', s.getsockname()[0].startswith('::ffff:198.18.'))
+        out('domain', s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN))
+        s.sendall(b'abc')
+        out('got', recv_all(s, 3))
+        s.close()
+
+
 @behaviour('scm-rights')
 def _(role, x, out, base):
     if role == 'server':

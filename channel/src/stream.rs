@@ -121,6 +121,8 @@ pub struct StreamState {
     /// (before it sets [`ST_OPEN`]). A process trusts the block only while
     /// this equals the generation it gave the socket.
     pub gen: AtomicU32,
+    /// The largest payload of one segment (the connection's mss).
+    pub mss: AtomicU32,
     /// The connection's claim key: a process that can read it (this
     /// process, or a child forked with this region mapped) may move the
     /// connection to a socket of its own (`Op::Claim`).

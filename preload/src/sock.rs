@@ -578,6 +578,25 @@ pub(crate) unsafe fn getsockopt(
             _ => {}
         }
     }
+    if (level, name) == (libc::IPPROTO_TCP, libc::TCP_INFO) {
+        if let Some(i) = dsan_switch::san_connection(p.sw()).and_then(|ss| ss.stream_info()) {
+            if val.is_null() || len.is_null() {
+                return Err(libc::EFAULT);
+            }
+            let t = tcp_info(&i);
+            // SAFETY: the caller's out-parameters; we write at most *len bytes.
+            unsafe {
+                let n = (*len as usize).min(std::mem::size_of::<libc::tcp_info>());
+                std::ptr::copy_nonoverlapping(
+                    (&t as *const libc::tcp_info).cast::<u8>(),
+                    val.cast::<u8>(),
+                    n,
+                );
+                *len = n as socklen_t;
+            }
+            return Ok(0);
+        }
+    }
     let r = match dsan_switch::kernel_socket(p.sw()) {
         // SAFETY: the caller's parameters, passed on.
         Ok(k) => kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })?,
@@ -616,6 +635,40 @@ pub(crate) unsafe fn getsockopt(
         }
     }
     Ok(r)
+}
+
+/// What TCP_INFO says of a SAN connection, in Linux's terms: the state
+/// (ESTABLISHED; CLOSE_WAIT once the peer's FIN came; FIN_WAIT1/2 after
+/// a shutdown of sending, as the peer acknowledged; LAST_ACK, then CLOSE,
+/// with both; CLOSE once gone), the mss, the windows (the rings), the byte counts
+/// (`tcpi_bytes_acked` counts the SYN, as Linux's does), what is not
+/// acknowledged yet. Round-trip times are not measured (0).
+fn tcp_info(i: &dsan_provider::StreamInfo) -> libc::tcp_info {
+    // SAFETY: tcp_info is plain data; zeroed is valid.
+    let mut t: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let all_acked = i.acked == i.written;
+    t.tcpi_state = match (i.dead, i.shut_wr, i.peer_closed) {
+        (true, ..) => 7,                        // TCP_CLOSE
+        (false, false, false) => 1,             // TCP_ESTABLISHED
+        (false, false, true) => 8,              // TCP_CLOSE_WAIT
+        (false, true, false) if all_acked => 5, // TCP_FIN_WAIT2
+        (false, true, false) => 4,              // TCP_FIN_WAIT1
+        (false, true, true) if all_acked => 7,  // both sides done: TCP_CLOSE
+        (false, true, true) => 9,               // TCP_LAST_ACK
+    };
+    t.tcpi_snd_mss = i.mss;
+    t.tcpi_rcv_mss = i.mss;
+    t.tcpi_advmss = i.mss;
+    t.tcpi_pmtu = i.mss + 40;
+    t.tcpi_rcv_space = i.rcv_size;
+    t.tcpi_rcv_ssthresh = i.rcv_size;
+    t.tcpi_snd_cwnd = (i.snd_size / i.mss.max(1)).max(1);
+    t.tcpi_snd_ssthresh = t.tcpi_snd_cwnd;
+    let unacked = i.written - i.acked;
+    t.tcpi_unacked = unacked.div_ceil(u64::from(i.mss.max(1))) as u32;
+    t.tcpi_bytes_acked = i.acked + 1;
+    t.tcpi_bytes_received = i.received;
+    t
 }
 
 /// `setsockopt` on a switch socket: the kernel socket takes it (it serves

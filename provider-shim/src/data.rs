@@ -90,6 +90,32 @@ pub struct Readiness {
     pub at_mark: bool,
 }
 
+/// A connected SAN socket's stream, in numbers ([`Provider::stream_info`]):
+/// what TCP_INFO reports of a TCP connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// Bytes the peer acknowledged.
+    pub acked: u64,
+    /// Bytes the process wrote into the send ring.
+    pub written: u64,
+    /// Bytes received in order.
+    pub received: u64,
+    /// Bytes the process read.
+    pub consumed: u64,
+    /// Send ring (bytes).
+    pub snd_size: u32,
+    /// Receive ring (bytes): the receive window.
+    pub rcv_size: u32,
+    /// The largest payload of one segment.
+    pub mss: u32,
+    /// The peer's FIN arrived.
+    pub peer_closed: bool,
+    /// This side shut down sending.
+    pub shut_wr: bool,
+    /// The connection is gone.
+    pub dead: bool,
+}
+
 /// Send with the last byte urgent; receive the urgent byte (TCP's
 /// out-of-band data).
 pub const MSG_OOB: i32 = libc::MSG_OOB;
@@ -534,6 +560,27 @@ impl Provider {
             io.urgent_taken.store(urgent, Ordering::Relaxed);
         }
         Ok(1)
+    }
+
+    /// Connected socket `s`'s stream in numbers (None unless connected).
+    pub fn stream_info(&self, s: SocketId) -> Option<StreamInfo> {
+        let io = self.io.get(s as usize)?;
+        let _pin = io.pin();
+        let (area, _, _, shut_wr) = self.stream(s).ok()?;
+        let shm = self.region.stream(s as usize);
+        let st = shm.st.state.load(Ordering::Acquire);
+        Some(StreamInfo {
+            acked: shm.snd_c.head.load(Ordering::Acquire),
+            written: shm.snd_p.tail.load(Ordering::Relaxed),
+            received: shm.rcv_p.tail.load(Ordering::Acquire),
+            consumed: shm.rcv_c.head.load(Ordering::Relaxed),
+            snd_size: area.snd_size() as u32,
+            rcv_size: area.rcv_size() as u32,
+            mss: shm.st.mss.load(Ordering::Relaxed),
+            peer_closed: st & ST_RX_EOF != 0,
+            shut_wr: shut_wr || shm.snd_p.fin.load(Ordering::Relaxed) != 0,
+            dead: st & ST_DEAD != 0,
+        })
     }
 
     /// SO_OOBINLINE for socket `s`: the urgent byte stays in the stream.

@@ -20,7 +20,7 @@ pub mod sockaddr;
 
 pub use capi::*;
 pub use provider::{
-    ClaimTicket, Decision, Error, NetworkEvents, Provider, Readiness, SanSocket, SocketId, Subnet,
-    FD_ACCEPT, FD_ALL, FD_CLOSE, FD_CONNECT, FD_READ, FD_WRITE, MSG_DONTWAIT, MSG_OOB, MSG_PEEK,
-    TICKET_BYTES,
+    ClaimTicket, Decision, Error, NetworkEvents, Provider, Readiness, SanSocket, SocketId,
+    StreamInfo, Subnet, FD_ACCEPT, FD_ALL, FD_CLOSE, FD_CONNECT, FD_READ, FD_WRITE, MSG_DONTWAIT,
+    MSG_OOB, MSG_PEEK, TICKET_BYTES,
 };

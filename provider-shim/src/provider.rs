@@ -9,7 +9,7 @@
 use dsan_channel::doorbell::Bell;
 #[path = "data.rs"]
 mod data;
-pub use data::{Readiness, MSG_DONTWAIT, MSG_OOB, MSG_PEEK};
+pub use data::{Readiness, StreamInfo, MSG_DONTWAIT, MSG_OOB, MSG_PEEK};
 
 use dsan_channel::msg::{Bufs, Command, Op, Request, Verdict};
 use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
@@ -1622,6 +1622,13 @@ impl SanSocket {
 }
 
 impl SanSocket {
+    /// See [`Provider::stream_info`].
+    pub fn stream_info(&self) -> Option<crate::StreamInfo> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.p.stream_info(self.s)
+    }
     /// See [`Provider::set_oob_inline`].
     pub fn set_oob_inline(&self, on: bool) {
         self.p.set_oob_inline(self.s, on);

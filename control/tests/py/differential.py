@@ -1413,6 +1413,29 @@ def _(role, x, out, base):
         s.close()
 
 
+@behaviour('tcp-info')
+def _(role, x, out, base):
+    # TCP_INFO of a connection that exchanged bytes: its state and byte
+    # counts (tcpi_bytes_acked counts the SYN).
+    if role == 'server':
+        c = accept(x)
+        out('got', recv_all(c, 10))
+        c.sendall(b'y' * 7)
+        recv_all(c, 1)
+        c.close()
+    else:
+        s = connect(x)
+        s.sendall(b'x' * 10)
+        out('reply', recv_all(s, 7))
+        b = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+        out('state', b[0])
+        out('bytes_acked', struct.unpack_from('Q', b, 120)[0])
+        out('bytes_received', struct.unpack_from('Q', b, 128)[0])
+        out('mss_set', struct.unpack_from('I', b, 16)[0] > 0)
+        s.sendall(b'.')
+        s.close()
+
+
 @behaviour('scm-rights')
 def _(role, x, out, base):
     if role == 'server':

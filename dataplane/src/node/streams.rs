@@ -288,6 +288,7 @@ impl Node {
         shm.st.close_error.store(0, Ordering::Relaxed);
         shm.st.snd_size.store(bufs.snd as u32, Ordering::Relaxed);
         shm.st.rcv_size.store(bufs.rcv as u32, Ordering::Relaxed);
+        shm.st.mss.store(u32::from(params.mss), Ordering::Relaxed);
         // The first bytes to arrive are an FD_READ (the receive ring starts
         // empty, as if a receive had found it so).
         shm.rcv_c.want.store(1, Ordering::Relaxed);
@@ -586,6 +587,12 @@ impl Node {
             return self.reset_stream(now, h, ResetReason::Aborted);
         }
         self.local.bytes_rx += delivered as u64;
+        // The acknowledgement first, as TCP takes a segment's ACK before its
+        // data: a reader that sees the peer's answer sees its own bytes
+        // acknowledged (TCP_INFO, SIOCOUTQ).
+        if progress {
+            self.acked(h);
+        }
         let ctx = self.streams.get_mut(&h).expect("present");
         if !ctx.has(APP_CLOSED) && (delivered > 0 || eof) {
             let shm = ctx.shm();
@@ -605,9 +612,6 @@ impl Node {
             if shm.rcv_c.want.swap(0, Ordering::AcqRel) != 0 {
                 self.signal(h, FD_READ);
             }
-        }
-        if progress {
-            self.acked(h);
         }
         self.finish_if_done(now, h);
         self.enqueue(h);
@@ -753,6 +757,9 @@ impl Node {
         new.st.close_error.store(0, Ordering::Relaxed);
         new.st.snd_size.store(snd_size as u32, Ordering::Relaxed);
         new.st.rcv_size.store(rcv_size as u32, Ordering::Relaxed);
+        new.st
+            .mss
+            .store(from.st.mss.load(Ordering::Relaxed), Ordering::Relaxed);
         new.st
             .gen
             .store(new.snd_p.gen.load(Ordering::Acquire), Ordering::Relaxed);

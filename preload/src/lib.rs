@@ -161,7 +161,7 @@ pub unsafe extern "C" fn execve(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp) };
+    let kept = unsafe { pass::for_exec(envp, true) };
     let env = kept.as_ref().map_or(envp, pass::Exec::env);
     // SAFETY: the caller's arguments, the environment with the marker.
     unsafe { real::execve()(path, argv, env) }
@@ -182,7 +182,7 @@ pub unsafe extern "C" fn execvpe(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp) };
+    let kept = unsafe { pass::for_exec(envp, true) };
     let env = kept.as_ref().map_or(envp, pass::Exec::env);
     // SAFETY: the caller's arguments, the environment with the marker.
     unsafe { real::execvpe()(file, argv, env) }
@@ -195,6 +195,43 @@ pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char)
     unsafe { execvpe(file, argv, environ) }
 }
 
+/// Interposed: as [`execve`], for the program `posix_spawn` starts (the
+/// C library's spawn calls the kernel from inside it): the connections'
+/// lives and marker are made in this process and inherited by the new one,
+/// and this process's copies are closed once it started.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's environment.
+    let kept = unsafe { pass::for_exec(envp.cast(), false) };
+    let env = kept.as_ref().map_or(envp, |k| k.env().cast());
+    // SAFETY: the caller's arguments, the environment with the marker.
+    unsafe { real::posix_spawn()(pid, path, actions, attr, argv, env) }
+}
+
+/// Interposed: as [`posix_spawn`], searching `PATH`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: the caller's environment.
+    let kept = unsafe { pass::for_exec(envp.cast(), false) };
+    let env = kept.as_ref().map_or(envp, |k| k.env().cast());
+    // SAFETY: the caller's arguments, the environment with the marker.
+    unsafe { real::posix_spawnp()(pid, file, actions, attr, argv, env) }
+}
+
 /// Interposed: as [`execve`], of an open file.
 #[no_mangle]
 pub unsafe extern "C" fn fexecve(
@@ -203,7 +240,7 @@ pub unsafe extern "C" fn fexecve(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp) };
+    let kept = unsafe { pass::for_exec(envp, true) };
     let env = kept.as_ref().map_or(envp, pass::Exec::env);
     // SAFETY: the caller's arguments, the environment with the marker.
     unsafe { real::fexecve()(fd, argv, env) }

@@ -360,9 +360,14 @@ impl Exec {
 /// close-on-exec); the connections then wait as orphans, held by their
 /// lives, until the new program claims them.
 ///
+/// `in_child`: called in the process that execs (a forked child); else
+/// in a parent that spawns (`posix_spawn`), whose own descriptors must not
+/// change (a connection over kernel TCP then goes along as the switch's
+/// descriptor, not as its kernel socket).
+///
 /// # Safety
 /// `envp` is null or a NULL-terminated array of C strings.
-pub(crate) unsafe fn for_exec(envp: *const *const c_char) -> Option<Exec> {
+pub(crate) unsafe fn for_exec(envp: *const *const c_char, in_child: bool) -> Option<Exec> {
     if !crate::table::any() {
         return None;
     }
@@ -377,7 +382,9 @@ pub(crate) unsafe fn for_exec(envp: *const *const c_char) -> Option<Exec> {
     let mut es: Vec<Entry> = Vec::new();
     for fd in kept {
         let Some((life, ticket, v6)) = sock::pass_info(fd) else {
-            sock::kernel_for_exec(fd);
+            if in_child {
+                sock::kernel_for_exec(fd);
+            }
             continue;
         };
         let copy = match copies.iter().find(|(l, _)| *l == life) {

@@ -1494,6 +1494,26 @@ def _(role, x, out, base):
         s.close()
 
 
+@behaviour('spawn-keeps-socket')
+def _(role, x, out, base):
+    # posix_spawn of a program that uses an inheritable connection; the
+    # parent sends after it exits.
+    if role == 'server':
+        c = accept(x)
+        out('got', read_to_end(c))
+        c.close()
+    else:
+        s = connect(x)
+        fd = s.fileno()
+        os.set_inheritable(fd, True)
+        code = ('import socket, sys; s = socket.socket(fileno=int(sys.argv[1])); '
+                's.sendall(b"spawned,"); s.detach()')
+        pid = os.posix_spawn(sys.executable, [sys.executable, '-c', code, str(fd)], os.environ)
+        out('child_exit', reap(pid))
+        s.sendall(b'parent')
+        s.close()
+
+
 @behaviour('exec-inetd-style')
 def _(role, x, out, base):
     # inetd's shape: a child puts the connection on its standard input and

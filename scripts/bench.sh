@@ -62,8 +62,11 @@ else
 fi
 
 out=docs/bench
-# The figures of earlier commits go: every file under docs/bench is this run's.
-rm -rf "$out"
+# The figures of earlier commits go: every file under docs/bench is this
+# run's, but for the labelled comparisons of named builds (compare-*, each
+# file with its build's commit), which docs/benchmarks.md quotes apart.
+mkdir -p "$out"
+find "$out" -mindepth 1 -maxdepth 1 ! -name 'compare-*' -exec rm -rf {} +
 mkdir -p "$out/suite" "$out/data" "$out/apps" "$out/hosts"
 
 say "suite (3 runs, paths rotated per run)"

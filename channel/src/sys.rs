@@ -124,10 +124,7 @@ pub fn is_eventfd(fd: RawFd) -> bool {
 
 /// Whether `fd` is a pipe (a FIFO).
 pub fn is_pipe(fd: RawFd) -> bool {
-    // SAFETY: stat is plain data; zeroed is valid.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a live out-buffer.
-    unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
+    pipe_inode(fd).is_some()
 }
 
 /// The inode of the pipe `fd` is an end of (both ends have the same one,

@@ -153,18 +153,15 @@ extern "C" {
 }
 
 /// Interposed: SAN connections that stay open across the exec go with it
-/// (see [`pass::for_exec`]); the new program claims them on first use.
+/// (see [`pass::with_kept`]); the new program claims them on first use.
 #[no_mangle]
 pub unsafe extern "C" fn execve(
     path: *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp, true) };
-    let env = kept.as_ref().map_or(envp, pass::Exec::env);
-    // SAFETY: the caller's arguments, the environment with the marker.
-    unsafe { real::execve()(path, argv, env) }
+    // SAFETY: the caller's environment; the caller's arguments passed on.
+    unsafe { pass::with_kept(envp, true, |env| real::execve()(path, argv, env)) }
 }
 
 /// Interposed: as [`execve`] with the process's environment.
@@ -181,11 +178,8 @@ pub unsafe extern "C" fn execvpe(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp, true) };
-    let env = kept.as_ref().map_or(envp, pass::Exec::env);
-    // SAFETY: the caller's arguments, the environment with the marker.
-    unsafe { real::execvpe()(file, argv, env) }
+    // SAFETY: as in `execve`.
+    unsafe { pass::with_kept(envp, true, |env| real::execvpe()(file, argv, env)) }
 }
 
 /// Interposed: as [`execvpe`] with the process's environment.
@@ -193,6 +187,17 @@ pub unsafe extern "C" fn execvpe(
 pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: the C library's environment, read once here.
     unsafe { execvpe(file, argv, environ) }
+}
+
+/// Interposed: as [`execve`], of an open file.
+#[no_mangle]
+pub unsafe extern "C" fn fexecve(
+    fd: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: as in `execve`.
+    unsafe { pass::with_kept(envp, true, |env| real::fexecve()(fd, argv, env)) }
 }
 
 /// Interposed: as [`execve`], for the program `posix_spawn` starts (the
@@ -208,11 +213,12 @@ pub unsafe extern "C" fn posix_spawn(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp.cast(), false) };
-    let env = kept.as_ref().map_or(envp, |k| k.env().cast());
-    // SAFETY: the caller's arguments, the environment with the marker.
-    unsafe { real::posix_spawn()(pid, path, actions, attr, argv, env) }
+    // SAFETY: as in `execve`.
+    unsafe {
+        pass::with_kept(envp.cast(), false, |env| {
+            real::posix_spawn()(pid, path, actions, attr, argv, env.cast())
+        })
+    }
 }
 
 /// Interposed: as [`posix_spawn`], searching `PATH`.
@@ -225,25 +231,12 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp.cast(), false) };
-    let env = kept.as_ref().map_or(envp, |k| k.env().cast());
-    // SAFETY: the caller's arguments, the environment with the marker.
-    unsafe { real::posix_spawnp()(pid, file, actions, attr, argv, env) }
-}
-
-/// Interposed: as [`execve`], of an open file.
-#[no_mangle]
-pub unsafe extern "C" fn fexecve(
-    fd: c_int,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-) -> c_int {
-    // SAFETY: the caller's environment.
-    let kept = unsafe { pass::for_exec(envp, true) };
-    let env = kept.as_ref().map_or(envp, pass::Exec::env);
-    // SAFETY: the caller's arguments, the environment with the marker.
-    unsafe { real::fexecve()(fd, argv, env) }
+    // SAFETY: as in `execve`.
+    unsafe {
+        pass::with_kept(envp.cast(), false, |env| {
+            real::posix_spawnp()(pid, file, actions, attr, argv, env.cast())
+        })
+    }
 }
 
 /// Interposed: passes to the C library (sockets are looked at when they

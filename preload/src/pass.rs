@@ -40,6 +40,9 @@ const SEALS: c_int =
 const ENTRY: usize = 12 + dsan_provider::TICKET_BYTES;
 /// Most descriptors one message carries (the kernel's SCM_MAX_FD).
 const MAX_FDS: usize = 253;
+/// A receive's control buffer on the stack (room for the program's and
+/// [`MAX_FDS`] descriptors more), in 8-byte words.
+const STACK_WORDS: usize = 512;
 
 /// The descriptors of an `SCM_RIGHTS` block.
 ///
@@ -246,7 +249,16 @@ pub(crate) unsafe fn recv_msg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_
     let want = h.msg_controllen;
     // SAFETY: plain arithmetic.
     let room = want + unsafe { libc::CMSG_SPACE((MAX_FDS * 4) as u32) } as usize;
-    let mut buf = vec![0u64; room.div_ceil(8)];
+    // On the stack when it fits (every recvmsg with a control buffer comes
+    // here, a UDP server's among them: no allocation for those).
+    let mut stack = [std::mem::MaybeUninit::<u64>::uninit(); STACK_WORDS];
+    let mut heap = Vec::new();
+    let buf: &mut [std::mem::MaybeUninit<u64>] = if room.div_ceil(8) <= STACK_WORDS {
+        &mut stack
+    } else {
+        heap.resize(room.div_ceil(8), std::mem::MaybeUninit::uninit());
+        &mut heap
+    };
     let mut copy = *h;
     copy.msg_control = buf.as_mut_ptr().cast();
     copy.msg_controllen = (buf.len() * 8) as _;
@@ -329,6 +341,23 @@ pub(crate) unsafe fn recv_msg(fd: c_int, m: *mut msghdr, flags: c_int) -> ssize_
     r
 }
 
+/// Runs `exec` (an exec or a spawn of the C library) with environment
+/// `envp`, or with the one [`for_exec`] makes when SAN connections go
+/// along; the copies it made are closed again when `exec` returns (the
+/// exec failed, or a spawn started its program).
+///
+/// # Safety
+/// As [`for_exec`]; `exec` is the caller's call.
+pub(crate) unsafe fn with_kept(
+    envp: *const *const c_char,
+    in_child: bool,
+    exec: impl FnOnce(*const *const c_char) -> c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    let kept = unsafe { for_exec(envp, in_child) };
+    exec(kept.as_ref().map_or(envp, Exec::env))
+}
+
 /// The environment variable that names the marker an exec hands over.
 const KEPT: &str = "DSAN_INHERITED";
 
@@ -337,7 +366,7 @@ const KEPT: &str = "DSAN_INHERITED";
 /// [`KEPT`] naming the marker), and the copies of the lives and the marker
 /// (not close-on-exec: the new program inherits them; closed here again if
 /// the exec fails).
-pub(crate) struct Exec {
+struct Exec {
     env: Vec<*const c_char>,
     _strings: Vec<CString>,
     _fds: Vec<OwnedFd>,
@@ -345,7 +374,7 @@ pub(crate) struct Exec {
 
 impl Exec {
     /// The environment to pass (NULL-terminated).
-    pub(crate) fn env(&self) -> *const *const c_char {
+    fn env(&self) -> *const *const c_char {
         self.env.as_ptr()
     }
 }
@@ -367,7 +396,7 @@ impl Exec {
 ///
 /// # Safety
 /// `envp` is null or a NULL-terminated array of C strings.
-pub(crate) unsafe fn for_exec(envp: *const *const c_char, in_child: bool) -> Option<Exec> {
+unsafe fn for_exec(envp: *const *const c_char, in_child: bool) -> Option<Exec> {
     if !crate::table::any() {
         return None;
     }

@@ -194,6 +194,18 @@ fn unread(shm: &StreamShm) -> u64 {
         .wrapping_sub(shm.rcv_c.head.load(Ordering::Relaxed))
 }
 
+/// Whether an urgent byte waits: one arrived (the word is 0 on nearly every
+/// connection, so this is mostly one load), the reader has not passed it,
+/// and a receive with MSG_OOB did not take it (with SO_OOBINLINE: until
+/// the reader passes it).
+fn urgent_waits(io: &IoSlot, shm: &StreamShm) -> bool {
+    let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+    urgent != 0
+        && urgent > shm.rcv_c.head.load(Ordering::Relaxed)
+        && (io.oob_inline.load(Ordering::Relaxed)
+            || io.urgent_taken.load(Ordering::Relaxed) != urgent)
+}
+
 /// Bytes written and not yet acknowledged (after arming `want`: SeqCst head).
 fn snd_used(shm: &StreamShm) -> u64 {
     shm.snd_p
@@ -583,6 +595,14 @@ impl Provider {
         })
     }
 
+    /// Whether an urgent byte of connected socket `s` waits (POLLPRI; see
+    /// [`Readiness::urgent`]): a look at two words, no lock.
+    pub fn urgent_pending(&self, s: SocketId) -> bool {
+        self.io
+            .get(s as usize)
+            .is_some_and(|io| urgent_waits(io, self.region.stream(s as usize)))
+    }
+
     /// SO_OOBINLINE for socket `s`: the urgent byte stays in the stream.
     pub fn set_oob_inline(&self, s: SocketId, on: bool) {
         if let Some(io) = self.io.get(s as usize) {
@@ -693,9 +713,8 @@ impl Provider {
         let head = shm.rcv_c.head.load(Ordering::Relaxed);
         let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
         let inline = io.oob_inline.load(Ordering::Relaxed);
-        let unpassed = urgent > head;
-        r.at_mark = unpassed && urgent - 1 == head;
-        r.urgent = unpassed && (inline || io.urgent_taken.load(Ordering::Relaxed) != urgent);
+        r.at_mark = urgent > head && urgent - 1 == head;
+        r.urgent = urgent_waits(io, shm);
         // An urgent byte out of band at the head is nothing to read.
         let data = r.unread - u64::from(r.at_mark && !inline && r.unread > 0);
         r.readable = shut_rd || dead || r.peer_closed || data != 0;

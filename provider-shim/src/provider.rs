@@ -1629,6 +1629,10 @@ impl SanSocket {
         }
         self.p.stream_info(self.s)
     }
+    /// See [`Provider::urgent_pending`].
+    pub fn urgent_pending(&self) -> bool {
+        self.p.urgent_pending(self.s)
+    }
     /// See [`Provider::set_oob_inline`].
     pub fn set_oob_inline(&self, on: bool) {
         self.p.set_oob_inline(self.s, on);

@@ -293,7 +293,7 @@ fn has_input(ss: &SanSocket) -> bool {
     !matches!(
         ss.recv_mode(&mut one, MSG_PEEK, false),
         Err(SanError::Again)
-    ) || ss.readiness(false, false).urgent
+    ) || ss.urgent_pending()
 }
 
 /// Work for the registration thread, due at `due`.

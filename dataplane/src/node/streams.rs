@@ -921,13 +921,13 @@ impl Node {
                 continue;
             };
             let mut out_of_buffers = false;
+            // An urgent byte ends its segment, which says so (the process's
+            // word, read once a pass: a wrong value only cuts a segment).
+            let urgent = ctx.shm().snd_p.urgent.load(Ordering::Acquire);
             while budget > 0 {
                 let Some(mut o) = ctx.s.next_segment() else {
                     break;
                 };
-                // An urgent byte ends its segment, which says so (the
-                // process's word: a wrong value only cuts a segment).
-                let urgent = ctx.shm().snd_p.urgent.load(Ordering::Acquire);
                 let urg = urgent > o.seq && urgent <= o.seq + u64::from(o.len);
                 if urg {
                     o.fin &= urgent == o.seq + u64::from(o.len);

@@ -9,6 +9,8 @@
 //! * [`msg`]: the typed messages in those slots (commands from the process,
 //!   connection requests from the daemon): views and values, parse checks
 //!   everything, emit is the only writer.
+//! * [`ctl`]: the application's requests on the control socket and the
+//!   daemon's replies, typed and versioned.
 //! * [`stream`]: per-connection send and receive byte rings, and who
 //!   writes which of their words.
 //! * [`doorbell`]: how a process wakes a sleeping lcore.
@@ -21,6 +23,7 @@
 //! each other.
 #![deny(unsafe_code)] // only the modules that need it allow it
 
+pub mod ctl;
 pub mod doorbell;
 pub mod msg;
 pub mod net;

@@ -447,11 +447,25 @@ pub const MAX_FDS: usize = 4;
 /// # Errors
 /// As `sendmsg`; more than [`MAX_FDS`] descriptors is EINVAL.
 pub fn send_line(sock: RawFd, line: &str, fds: &[RawFd]) -> io::Result<()> {
+    let mut data = line.as_bytes().to_vec();
+    data.push(b'\n');
+    send_bytes(sock, data, fds)
+}
+
+/// Sends one typed control message ([`crate::ctl`]) with file descriptors
+/// attached.
+///
+/// # Errors
+/// As [`send_line`].
+pub fn send_typed(sock: RawFd, message: Vec<u8>, fds: &[RawFd]) -> io::Result<()> {
+    send_bytes(sock, message, fds)
+}
+
+/// Sends `data`, the descriptors with its first byte.
+fn send_bytes(sock: RawFd, mut data: Vec<u8>, fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let mut data = line.as_bytes().to_vec();
-    data.push(b'\n');
     let mut sent = 0;
     let mut first = true;
     while sent < data.len() {
@@ -498,6 +512,16 @@ pub fn send_line(sock: RawFd, line: &str, fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
+/// A message read from a control socket: a JSON line (the operator's
+/// requests) or a typed message ([`crate::ctl`]: the application's).
+#[derive(Debug)]
+pub enum Received {
+    /// A line, without its newline.
+    Line(String),
+    /// A typed message, whole (header and body; not yet parsed).
+    Typed(Vec<u8>),
+}
+
 /// Receives one line (without the newline) and the descriptors sent with it.
 /// The protocol is strictly request / response, so a line never shares a read
 /// with the next one. Returns `None` at end of file.
@@ -508,8 +532,44 @@ pub fn send_line(sock: RawFd, line: &str, fds: &[RawFd]) -> io::Result<()> {
 ///
 /// # Errors
 /// As `recvmsg`; a line longer than [`MAX_LINE`], descriptors beyond the
-/// first read or [`MAX_FDS`], or truncated control data (InvalidData).
+/// first read or [`MAX_FDS`], or truncated control data (InvalidData); a
+/// typed message where a line was expected.
 pub fn recv_line(sock: RawFd) -> io::Result<Option<(String, Vec<OwnedFd>)>> {
+    match recv_message(sock)? {
+        None => Ok(None),
+        Some((Received::Line(l), fds)) => Ok(Some((l, fds))),
+        Some((Received::Typed(_), _)) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a typed message where a line was expected",
+        )),
+    }
+}
+
+/// Receives one typed control message ([`crate::ctl`], not yet parsed) and
+/// the descriptors sent with it; `None` at end of file.
+///
+/// # Errors
+/// As [`recv_message`]; a line where a typed message was expected.
+pub fn recv_typed(sock: RawFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    match recv_message(sock)? {
+        None => Ok(None),
+        Some((Received::Typed(m), fds)) => Ok(Some((m, fds))),
+        Some((Received::Line(_), _)) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a line where a typed message was expected",
+        )),
+    }
+}
+
+/// Receives one message, a line or a typed message (told apart by its first
+/// byte, [`crate::ctl::MAGIC`]), with the descriptors sent with it, under
+/// the rules of [`recv_line`]. Bytes beyond a typed message's declared
+/// length in the same read are an error (the protocol never pipelines).
+///
+/// # Errors
+/// As [`recv_line`]; a typed message whose header declares a body over
+/// [`crate::ctl::MAX_BODY`] (InvalidData).
+pub fn recv_message(sock: RawFd) -> io::Result<Option<(Received, Vec<OwnedFd>)>> {
     let mut out = Vec::new();
     let mut fds = Vec::new();
     let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
@@ -570,12 +630,27 @@ pub fn recv_line(sock: RawFd) -> io::Result<Option<(String, Vec<OwnedFd>)>> {
             };
         }
         out.extend_from_slice(&buf[..n as usize]);
+        if out[0] == crate::ctl::MAGIC {
+            match crate::ctl::message_len(&out) {
+                Some(len) if len > crate::ctl::HEADER + crate::ctl::MAX_BODY => {
+                    return Err(invalid("typed control message too long"));
+                }
+                Some(len) if out.len() > len => {
+                    return Err(invalid("bytes after a typed control message"));
+                }
+                Some(len) if out.len() == len => return Ok(Some((Received::Typed(out), fds))),
+                _ => continue,
+            }
+        }
         if out.last() == Some(&b'\n') {
             out.pop();
             if out.len() > MAX_LINE {
                 return Err(invalid("line too long"));
             }
-            return Ok(Some((String::from_utf8_lossy(&out).into_owned(), fds)));
+            return Ok(Some((
+                Received::Line(String::from_utf8_lossy(&out).into_owned()),
+                fds,
+            )));
         }
         if out.len() > MAX_LINE {
             return Err(invalid("line too long"));
@@ -647,5 +722,39 @@ mod tests {
         assert!(recv_line(b.as_raw_fd()).is_err());
         drop(b);
         drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn typed_messages_and_lines_share_the_socket() {
+        use crate::ctl::{Reply, Request};
+        let (a, b) = UnixStream::pair().unwrap();
+        let e = EventFd::new().unwrap();
+        let req = Request::EventFd { sock: 3 };
+        send_typed(a.as_raw_fd(), req.emit(), &[e.as_raw_fd()]).unwrap();
+        let (m, fds) = recv_typed(b.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(Request::parse(&m), Ok(req));
+        assert_eq!(fds.len(), 1);
+        // A line where a typed message is expected, and the other way round.
+        send_line(a.as_raw_fd(), "{\"cmd\":\"status\"}", &[]).unwrap();
+        assert!(recv_typed(b.as_raw_fd()).is_err());
+        send_typed(a.as_raw_fd(), Reply::Ok.emit(), &[]).unwrap();
+        assert!(recv_line(b.as_raw_fd()).is_err());
+        // Either, told apart by the first byte.
+        send_typed(a.as_raw_fd(), Reply::Key(9).emit(), &[]).unwrap();
+        match recv_message(b.as_raw_fd()).unwrap().unwrap().0 {
+            Received::Typed(m) => assert_eq!(Reply::parse(&m), Ok(Reply::Key(9))),
+            other => panic!("{other:?}"),
+        }
+        // Bytes after a typed message in the same read: the protocol never
+        // pipelines, so that is refused.
+        let mut two = Request::Attach.emit();
+        two.extend(Request::Attach.emit());
+        send_typed(a.as_raw_fd(), two, &[]).unwrap();
+        assert!(recv_message(b.as_raw_fd()).is_err());
+        // A header declaring a body over the limit.
+        let mut big = Request::Attach.emit();
+        big[4..8].copy_from_slice(&((crate::ctl::MAX_BODY + 1) as u32).to_le_bytes());
+        send_typed(a.as_raw_fd(), big, &[]).unwrap();
+        assert!(recv_message(b.as_raw_fd()).is_err());
     }
 }

@@ -73,32 +73,27 @@ pub struct Metrics {
     fallbacks: Arc<Fallbacks>,
 }
 
-/// Why the switch moved a connect to kernel TCP, as applications report it
-/// (`dsan_switch_fallbacks_total{reason}`).
-pub const FALLBACK_REASONS: [&str; 3] = ["timed_out", "tcp_only", "no_san_socket"];
-
-/// Why a switch listener serves kernel TCP only, as applications report it
-/// (`dsan_switch_san_listen_failures_total{reason}`): the SAN port is held
-/// by another listener, the daemon denied it (another user's port, or below
-/// 1024 without the right to bind it), or anything else.
-pub const LISTEN_FAILURE_REASONS: [&str; 3] = ["in_use", "denied", "other"];
+/// Why the switch moved a connect to kernel TCP
+/// (`dsan_switch_fallbacks_total{reason}`), and why a switch listener
+/// serves kernel TCP only (`dsan_switch_san_listen_failures_total{reason}`),
+/// as applications report them: declared once, with their wire codes, in
+/// the contract (`dsan_channel::ctl`).
+pub use dsan_channel::ctl::{
+    FallbackReason, ListenFailure, FALLBACK_REASONS, LISTEN_FAILURE_REASONS,
+};
 
 /// Switch fallbacks by reason ([`FALLBACK_REASONS`]), and failed SAN
 /// listens by reason ([`LISTEN_FAILURE_REASONS`]).
 #[derive(Debug, Default)]
 pub struct Fallbacks(
-    [std::sync::atomic::AtomicU64; 3],
-    [std::sync::atomic::AtomicU64; 3],
+    [std::sync::atomic::AtomicU64; FALLBACK_REASONS.len()],
+    [std::sync::atomic::AtomicU64; LISTEN_FAILURE_REASONS.len()],
 );
 
 impl Fallbacks {
-    /// Counts one for `reason` (an unknown reason counts as `timed_out`, what
-    /// a switch that names no reason reports).
-    pub fn add(&self, reason: Option<&str>) {
-        let i = reason
-            .and_then(|r| FALLBACK_REASONS.iter().position(|x| *x == r))
-            .unwrap_or(0);
-        self.0[i].fetch_add(1, Ordering::Relaxed);
+    /// Counts one for `reason`.
+    pub fn add(&self, reason: FallbackReason) {
+        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
     /// The count for reason `i`.
     pub fn get(&self, i: usize) -> u64 {
@@ -108,12 +103,9 @@ impl Fallbacks {
     pub fn total(&self) -> u64 {
         (0..self.0.len()).map(|i| self.get(i)).sum()
     }
-    /// Counts a failed SAN listen for `reason` (unknown: `other`).
-    pub fn add_listen_failure(&self, reason: Option<&str>) {
-        let i = reason
-            .and_then(|r| LISTEN_FAILURE_REASONS.iter().position(|x| *x == r))
-            .unwrap_or(2);
-        self.1[i].fetch_add(1, Ordering::Relaxed);
+    /// Counts a failed SAN listen for `reason`.
+    pub fn add_listen_failure(&self, reason: ListenFailure) {
+        self.1[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
     /// Failed SAN listens for reason `i`.
     pub fn listen_failures(&self, i: usize) -> u64 {

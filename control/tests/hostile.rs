@@ -134,6 +134,7 @@ fn hostile_processes_and_forged_frames_cannot_take_the_san_down() {
         "indices",
         "garbage",
         "pipe",
+        "badtyped",
         "nonblock",
         "hugeline",
         "fds",

@@ -11,7 +11,9 @@
     missing_docs
 )]
 #![allow(unreachable_pub, clippy::all, clippy::undocumented_unsafe_blocks)]
+#![deny(unsafe_code)] // only the bindings and their wrappers allow it
 
+#[allow(unsafe_code)] // the generated foreign functions
 mod raw {
     include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 }
@@ -33,14 +35,21 @@ macro_rules! reexport {
     };
 }
 
-reexport! {
-    /// `rte_errno` of the calling thread.
-    fn rte_errno = rte_errno_() -> i32;
-    fn rte_eth_rx_burst = rte_eth_rx_burst_(port_id: u16, queue_id: u16, rx_pkts: *mut *mut rte_mbuf, nb_pkts: u16) -> u16;
-    fn rte_eth_tx_burst = rte_eth_tx_burst_(port_id: u16, queue_id: u16, tx_pkts: *mut *mut rte_mbuf, nb_pkts: u16) -> u16;
-    fn rte_pktmbuf_alloc = rte_pktmbuf_alloc_(mp: *mut rte_mempool) -> *mut rte_mbuf;
-    fn rte_pktmbuf_free = rte_pktmbuf_free_(m: *mut rte_mbuf);
-    fn rte_pktmbuf_append = rte_pktmbuf_append_(m: *mut rte_mbuf, len: u16) -> *mut std::os::raw::c_char;
-    fn rte_pktmbuf_mtod = rte_pktmbuf_mtod_(m: *mut rte_mbuf) -> *mut std::os::raw::c_void;
-    fn rte_pktmbuf_data_len = rte_pktmbuf_data_len_(m: *const rte_mbuf) -> u16;
+#[allow(unsafe_code)] // forwarding wrappers of DPDK's static inline functions
+mod inline {
+    use super::raw;
+    use super::raw::*;
+    reexport! {
+        /// `rte_errno` of the calling thread.
+        fn rte_errno = rte_errno_() -> i32;
+        fn rte_eth_rx_burst = rte_eth_rx_burst_(port_id: u16, queue_id: u16, rx_pkts: *mut *mut rte_mbuf, nb_pkts: u16) -> u16;
+        fn rte_eth_tx_burst = rte_eth_tx_burst_(port_id: u16, queue_id: u16, tx_pkts: *mut *mut rte_mbuf, nb_pkts: u16) -> u16;
+        fn rte_pktmbuf_alloc = rte_pktmbuf_alloc_(mp: *mut rte_mempool) -> *mut rte_mbuf;
+        fn rte_pktmbuf_free = rte_pktmbuf_free_(m: *mut rte_mbuf);
+        fn rte_pktmbuf_append = rte_pktmbuf_append_(m: *mut rte_mbuf, len: u16) -> *mut std::os::raw::c_char;
+        fn rte_pktmbuf_mtod = rte_pktmbuf_mtod_(m: *mut rte_mbuf) -> *mut std::os::raw::c_void;
+        fn rte_pktmbuf_data_len = rte_pktmbuf_data_len_(m: *const rte_mbuf) -> u16;
+    }
 }
+
+pub use inline::*;

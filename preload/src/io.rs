@@ -2,7 +2,8 @@
 //! sendfile, with a kernel socket's semantics (blocking or O_NONBLOCK,
 //! partial writes, MSG_* flags, SIGPIPE unless MSG_NOSIGNAL).
 
-use crate::sock::{errno, settle};
+use crate::cret::errno;
+use crate::sock::settle;
 use crate::table::{PFd, State};
 use libc::{c_int, iovec};
 use std::cell::RefCell;

@@ -23,6 +23,8 @@
 #![allow(unsafe_code)] // the C library's calls, interposed
 #![allow(clippy::missing_safety_doc)] // each call's contract is the C library's
 
+mod closing;
+mod cret;
 mod io;
 mod opts;
 mod pass;
@@ -32,11 +34,11 @@ mod sock;
 mod table;
 mod wait;
 
+use cret::ret;
 use libc::{
     c_char, epoll_event, fd_set, sigset_t, sockaddr, socklen_t, ssize_t, timespec, timeval,
 };
 use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, off64_t, off_t, pollfd, size_t};
-use sock::ret;
 use std::sync::atomic::Ordering;
 use table::PFd;
 
@@ -95,7 +97,7 @@ extern "C" fn fini() {
         return;
     };
     for fd in table::all() {
-        sock::close(fd);
+        closing::close(fd);
     }
 }
 
@@ -338,7 +340,7 @@ pub unsafe extern "C" fn connect(fd: c_int, a: *const sockaddr, len: socklen_t) 
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // SAFETY: plain call.
     let (_p, _in) = ours!(fd, unsafe { real::close()(fd) });
-    sock::close(fd)
+    closing::close(fd)
 }
 
 /// Interposed.
@@ -954,7 +956,7 @@ fn dup_to(old: c_int, new: c_int, flags: c_int, three: bool) -> c_int {
     }
     let p: Option<std::sync::Arc<PFd>> = table::get(old);
     // The kernel closes `new` as part of the call.
-    let r = sock::close_as(new, call);
+    let r = closing::close_as(new, call);
     if r >= 0 {
         if let Some(p) = p {
             sock::duplicated(&p, r);

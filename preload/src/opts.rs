@@ -16,8 +16,8 @@
 //!   below that differs from the default is kept. Only sockets the program
 //!   set options on pay for that look ([`mark`]).
 
+use crate::cret::errno;
 use crate::real;
-use crate::sock::errno;
 use crate::table::PFd;
 use libc::{c_int, socklen_t};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -179,7 +179,7 @@ pub(crate) unsafe fn get(
     let Some(v) = kept else {
         let d = defaults(family(p))?;
         // SAFETY: the caller's parameters, passed on.
-        return crate::sock::kernel_result(unsafe { real::getsockopt()(d, level, name, val, len) });
+        return crate::cret::kernel_result(unsafe { real::getsockopt()(d, level, name, val, len) });
     };
     if val.is_null() || len.is_null() {
         return Err(libc::EFAULT);
@@ -209,7 +209,7 @@ pub(crate) unsafe fn set(
 ) -> Result<c_int, i32> {
     let k = new_socket(family(p))?;
     // SAFETY: the caller's parameters, passed on to a socket of our own.
-    crate::sock::kernel_result(unsafe {
+    crate::cret::kernel_result(unsafe {
         real::setsockopt()(k.as_raw_fd(), level, name, val, len)
     })?;
     // (An option that cannot be read back is accepted and not kept.)

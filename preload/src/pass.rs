@@ -16,7 +16,7 @@
 //! The receiver's `recvmsg` reads with room for those descriptors, takes
 //! them out again (the program sees exactly what it would with TCP), and
 //! for each passed connection asks the daemon for the connection its life
-//! names (`{"cmd":"life_key"}`: holding the life is the proof) and claims
+//! names (the typed request `life_key`: holding the life is the proof) and claims
 //! it into a switch socket in the received descriptor's place.
 //!
 //! Only the two ends of the message need the preload; nothing else of the

@@ -8,10 +8,10 @@
 //! socket lives on as the switch socket's kernel TCP side (with its bound
 //! address and options).
 
+use crate::cret::{errno, kernel_result};
 use crate::real;
 use crate::rules::{self, Action, Role};
 use crate::table::{self, PFd, State};
-use crate::wait;
 use dsan_provider::sockaddr::{from_sockaddr_in, sockaddr_in};
 use dsan_switch::Transport;
 use libc::{c_int, sockaddr, socklen_t};
@@ -19,39 +19,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-
-/// The calling thread's errno.
-pub(crate) fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-}
-
-/// A kernel call's result: the value, or its errno.
-pub(crate) fn kernel_result(r: c_int) -> Result<c_int, i32> {
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(r)
-    }
-}
-
-/// Sets errno.
-pub(crate) fn set_errno(e: i32) {
-    // SAFETY: the calling thread's errno location.
-    unsafe { *libc::__errno_location() = e };
-}
-
-/// A C return value: `Ok(v)` as is, `Err(e)` as -1 with errno `e`.
-pub(crate) fn ret<T: From<i8>>(r: Result<T, i32>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            set_errno(e);
-            T::from(-1)
-        }
-    }
-}
 
 /// The IPv4 address in a caller's sockaddr, if it is one.
 ///
@@ -462,52 +429,6 @@ pub(crate) fn accept(
         unsafe { write_addr(peer, p.v6.load(Ordering::Relaxed), addr, len) };
     }
     Ok(fd)
-}
-
-/// `close` of a program descriptor that is ours.
-pub(crate) fn close(fd: RawFd) -> c_int {
-    // SAFETY: plain call.
-    close_as(fd, || unsafe { real::close()(fd) })
-}
-
-/// Program descriptor `fd` is closed by the kernel call `op` (close, or a
-/// dup2/dup3 onto it): if it is ours, its record and epoll registrations go
-/// first, and the switch socket closes with its last descriptor. Returns
-/// what `op` returned, with its errno.
-pub(crate) fn close_as(fd: RawFd, op: impl FnOnce() -> c_int) -> c_int {
-    let Some(p) = table::remove(fd) else {
-        return op();
-    };
-    wait::forget(&p, fd);
-    if p.sw() == fd {
-        // A lean socket, which the switch knows by this number: it lets go
-        // of the number before the program's call closes it.
-        if p.refs.fetch_sub(1, Ordering::AcqRel) > 1 {
-            // The program keeps a duplicate: the socket goes by that now.
-            if let Some(m) = table::other_number(&p, fd) {
-                if dsan_switch::renumber(fd, m).is_ok() {
-                    p.set_sw(m);
-                }
-            }
-        } else if p.inherited() {
-            dsan_switch::release_inherited(fd);
-        } else {
-            let _ = dsan_switch::close(fd);
-        }
-        return op();
-    }
-    let r = op();
-    let e = errno();
-    let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
-    if last && !p.inherited() {
-        let _ = dsan_switch::close(p.sw());
-    } else if last {
-        // The parent's connection, never used here: the child lets go of
-        // its copies (the parent's close then ends it).
-        dsan_switch::release_inherited(p.sw());
-    }
-    set_errno(e);
-    r
 }
 
 /// A new program descriptor `nfd` refers to the same socket as `p`.

@@ -17,8 +17,9 @@
 //! direction; the top 16 bits of an epoll data word equal to [`TAG`] are
 //! the library's.
 
+use crate::cret::errno;
 use crate::real;
-use crate::sock::{errno, settle};
+use crate::sock::settle;
 use crate::table::{self, PFd, State};
 use libc::{c_int, epoll_event, pollfd};
 use std::collections::HashMap;

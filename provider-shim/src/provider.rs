@@ -6,17 +6,18 @@
 //! messages, the doorbell.
 #![allow(unsafe_code)] // poll() on the control socket
 
+use dsan_channel::ctl::{self, Reply};
 use dsan_channel::doorbell::Bell;
 #[path = "data.rs"]
 mod data;
 pub use data::{Readiness, StreamInfo, MSG_DONTWAIT, MSG_OOB, MSG_PEEK};
 
 use dsan_channel::msg::{Bufs, Command, Op, Request, Verdict};
-use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS};
+use dsan_channel::region::{Region, SockShm, MAX_LISTENERS, MAX_SOCKETS, REGION_VERSION};
 use dsan_channel::ring::{Consumer, Producer, PushError};
 use dsan_channel::stream::{ST_LINGER, ST_OPEN};
 use dsan_channel::sys;
-use serde_json::{json, Value};
+
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -412,27 +413,20 @@ impl std::fmt::Debug for Provider {
 }
 
 /// The `san_addrs` of a daemon's reply.
-fn subnets_of(v: &Value) -> Vec<Subnet> {
-    v["san_addrs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.as_str()?.parse().ok())
-        .collect()
-}
-
-fn request(ctl: &UnixStream, req: &Value, fds: &[RawFd]) -> Result<(Value, Vec<OwnedFd>)> {
-    sys::send_line(ctl.as_raw_fd(), &req.to_string(), fds).map_err(|_| Error::NetDown)?;
-    let (line, fds) = sys::recv_line(ctl.as_raw_fd())
+/// One request on the control socket and its reply (`dsan_channel::ctl`).
+/// A refusal is [`Error::MFile`] when the daemon's share of descriptors is
+/// used up, else [`Error::Inval`]; a daemon that does not answer, or
+/// answers with anything but a reply of this format, [`Error::NetDown`].
+fn request(ctl: &UnixStream, req: ctl::Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
+    sys::send_typed(ctl.as_raw_fd(), req.emit(), fds).map_err(|_| Error::NetDown)?;
+    let (b, fds) = sys::recv_typed(ctl.as_raw_fd())
         .map_err(|_| Error::NetDown)?
         .ok_or(Error::NetDown)?;
-    let v: Value = serde_json::from_str(&line).map_err(|_| Error::NetDown)?;
-    if v["ok"] != json!(true) {
-        // A refusal for want of a share of the daemon's descriptors says so.
-        let quota = v["error"].as_str().is_some_and(|e| e.starts_with("EMFILE"));
-        return Err(if quota { Error::MFile } else { Error::Inval });
+    match Reply::parse(&b).map_err(|_| Error::NetDown)? {
+        Reply::Refused { errno, .. } if errno == libc::EMFILE => Err(Error::MFile),
+        Reply::Refused { .. } => Err(Error::Inval),
+        r => Ok((r, fds)),
     }
-    Ok((v, fds))
 }
 
 impl Provider {
@@ -451,11 +445,22 @@ impl Provider {
         // them): a daemon that does not answer within this is gone.
         let _ = ctl.set_read_timeout(Some(CONTROL_TIMEOUT));
         let _ = ctl.set_write_timeout(Some(CONTROL_TIMEOUT));
-        let (v, mut fds) = request(&ctl, &json!({"cmd": "attach"}), &[])?;
-        if fds.len() != 3 {
+        let (
+            Reply::Attached {
+                app: app_id,
+                region_size,
+                region_version,
+                subnets,
+            },
+            mut fds,
+        ) = request(&ctl, ctl::Request::Attach, &[])?
+        else {
+            return Err(Error::NetDown);
+        };
+        if fds.len() != 3 || region_version != REGION_VERSION {
             return Err(Error::NetDown);
         }
-        let size = v["region_size"].as_u64().ok_or(Error::NetDown)? as usize;
+        let size = usize::try_from(region_size).map_err(|_| Error::NetDown)?;
         let doorbell = fds.pop().expect("three fds");
         let page = fds.pop().expect("three fds");
         let region_fd = fds.pop().expect("three fds");
@@ -463,8 +468,7 @@ impl Provider {
         let doorbell = Bell::open(page, doorbell).map_err(|_| Error::NetDown)?;
         let ctl_fd = ctl.as_raw_fd();
         let epoch = region.header().subnets_epoch.load(Ordering::Acquire);
-        let san_addrs = Mutex::new((epoch, subnets_of(&v)));
-        let app_id = v["app"].as_u64().ok_or(Error::NetDown)?;
+        let san_addrs = Mutex::new((epoch, subnets));
         Ok(Arc::new(Provider {
             app_id,
             san_addrs,
@@ -489,8 +493,8 @@ impl Provider {
         let mut cached = self.san_addrs.lock().unwrap_or_else(|e| e.into_inner());
         if cached.0 != epoch {
             let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            if let Ok((v, _)) = request(&ctl, &json!({"cmd": "subnets"}), &[]) {
-                *cached = (epoch, subnets_of(&v));
+            if let Ok((Reply::Subnets(s), _)) = request(&ctl, ctl::Request::Subnets, &[]) {
+                *cached = (epoch, s);
             }
         }
         cached.1.clone()
@@ -512,13 +516,10 @@ impl Provider {
     /// # Errors
     /// [`Error::NetDown`] if the daemon is gone.
     pub fn report_fallback_for(&self, reason: &str) -> Result<()> {
+        let reason =
+            ctl::FallbackReason::from_label(reason).unwrap_or(ctl::FallbackReason::TimedOut);
         let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        request(
-            &ctl,
-            &json!({"cmd": "switch_fallback", "reason": reason}),
-            &[],
-        )
-        .map(|_| ())
+        request(&ctl, ctl::Request::SwitchFallback(reason), &[]).map(|_| ())
     }
 
     /// Reports (for the daemon's log and
@@ -529,17 +530,17 @@ impl Provider {
     /// [`Error::NetDown`] if the daemon cannot be reached.
     pub fn report_listen_failure(&self, port: u16, err: Error) -> Result<()> {
         let reason = match err {
-            Error::AddrInUse => "in_use",
-            Error::Os(libc::EACCES) => "denied",
-            _ => "other",
+            Error::AddrInUse => ctl::ListenFailure::InUse,
+            Error::Os(libc::EACCES) => ctl::ListenFailure::Denied,
+            _ => ctl::ListenFailure::Other,
+        };
+        let req = ctl::Request::SwitchListenFailed {
+            reason,
+            port,
+            errno: err.errno(),
         };
         let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        request(
-            &ctl,
-            &json!({"cmd": "switch_listen_failed", "reason": reason, "port": port, "errno": err.errno()}),
-            &[],
-        )
-        .map(|_| ())
+        request(&ctl, req, &[]).map(|_| ())
     }
 
     /// Whether the daemon is still there (its control socket open, our region
@@ -851,7 +852,7 @@ impl Provider {
                 return Err(Error::Inval);
             }
             let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            request(&ctl, &json!({"cmd": "event_fd", "sock": s}), &fds).map_err(|e| match e {
+            request(&ctl, ctl::Request::EventFd { sock: s }, &fds).map_err(|e| match e {
                 Error::Inval | Error::MFile => e,
                 _ => Error::NetDown,
             })?;
@@ -1275,14 +1276,17 @@ impl Provider {
     pub fn claim_by_life(&self, life: RawFd, t: &ClaimTicket) -> Result<SocketId> {
         let key = {
             let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            let (v, _) = request(&ctl, &json!({"cmd": "life_key"}), &[life]).map_err(|e| {
+            let (r, _) = request(&ctl, ctl::Request::LifeKey, &[life]).map_err(|e| {
                 if e == Error::Inval {
                     Error::NotConn
                 } else {
                     e
                 }
             })?;
-            v["key"].as_u64().ok_or(Error::NetDown)?
+            let Reply::Key(key) = r else {
+                return Err(Error::NetDown);
+            };
+            key
         };
         // Named by its key alone: no attachment is 0 (the daemon counts
         // from 1), so the claim never takes it for a socket's own.
@@ -1305,7 +1309,7 @@ impl Provider {
     /// [`Error::NetDown`].
     pub fn register_life(&self, s: SocketId, fd: RawFd) -> Result<()> {
         let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-        request(&ctl, &json!({"cmd": "life", "sock": s}), &[fd])
+        request(&ctl, ctl::Request::Life { sock: s }, &[fd])
             .map(|_| ())
             .map_err(|e| if e == Error::Inval { Error::NotConn } else { e })
     }

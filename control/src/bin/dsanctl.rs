@@ -1,4 +1,5 @@
 //! dsanctl: administers a running dsand and brings the NIC-less lab up and down.
+#![deny(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 use control::{ctl, lab};

@@ -25,7 +25,7 @@
 //!   costs the process that one descriptor.
 //!
 //! The C ABI (`control/include/dsan_switch.h`, `libdsan_switch.so`) is in `capi`.
-#![allow(unsafe_code)] // socket system calls, epoll, the C ABI
+#![deny(unsafe_code)] // only the modules that need it allow it
 
 mod capi;
 mod switch;

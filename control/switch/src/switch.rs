@@ -1,3 +1,4 @@
+#![allow(unsafe_code)] // socket system calls and epoll: each block with a SAFETY comment
 use dsan_channel::region::effective_backlog;
 use dsan_channel::sys::{drain_eventfd, signal_eventfd, signal_eventfd_if_quiet, EventFd};
 use dsan_provider::{

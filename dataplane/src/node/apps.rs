@@ -8,7 +8,7 @@
 //! here (the lcore closes them), never by the control thread.
 
 use super::counters::Quota;
-use super::events::complete;
+use super::signal::{complete, raise, EventReg};
 use super::Node;
 use crate::proto::{
     AcceptError, ConnHandle, ConnectError, Decision, ListenError, ListenerId, PortOwner,
@@ -146,24 +146,6 @@ pub(super) enum SockObj {
     Ended,
 }
 
-/// A registered event descriptor and the events that signal it.
-#[derive(Debug)]
-pub(super) struct EventReg {
-    pub(super) fd: Arc<OwnedFd>,
-    /// A second descriptor that FD_WRITE signals instead of `fd` (so that a
-    /// process can wait for "readable" and "writable" apart, as poll does).
-    pub(super) wfd: Option<Arc<OwnedFd>>,
-    pub(super) mask: u32,
-    /// Writes `fd` for the lcore (see [`super::notify`]).
-    pub(super) notifier: Option<Arc<super::Notifier>>,
-}
-
-impl EventReg {
-    fn descriptors(&self) -> u32 {
-        1 + u32::from(self.wfd.is_some())
-    }
-}
-
 /// The lcore's state for one process.
 pub(super) struct Proc {
     pub(super) cmds: Consumer,
@@ -239,7 +221,7 @@ impl Node {
                     if matches!(obj, SockObj::Listener { .. }) {
                         let sh = p.shared.region.sock(*sock as usize);
                         sh.accept_error.store(-libc::ENETDOWN, Ordering::Release);
-                        super::events::raise(sh, p.events.get(sock), FD_ACCEPT);
+                        raise(sh, p.events.get(sock), FD_ACCEPT);
                     }
                 }
             }
@@ -810,7 +792,7 @@ impl Node {
                 if let Some(p) = self.procs.get(&mpid) {
                     let sh = p.shared.region.sock(msock as usize);
                     sh.accept_error.store(-libc::EACCES, Ordering::Release);
-                    if !super::events::raise(sh, p.events.get(&msock), FD_ACCEPT) {
+                    if !raise(sh, p.events.get(&msock), FD_ACCEPT) {
                         self.local.event_signal_failed += 1;
                     }
                 }
@@ -827,7 +809,7 @@ impl Node {
                 p.backlogs.remove(&sock);
                 let sh = p.shared.region.sock(sock as usize);
                 sh.accept_error.store(-libc::EACCES, Ordering::Release);
-                if !super::events::raise(sh, p.events.get(&sock), FD_ACCEPT) {
+                if !raise(sh, p.events.get(&sock), FD_ACCEPT) {
                     self.local.event_signal_failed += 1;
                 }
             }

@@ -2,53 +2,18 @@
 //! listener's backlog ring (or a refusal when it is full), connect outcomes
 //! into the socket table, event bits, eventfd signals and futex wake-ups.
 
-use super::apps::{EventReg, SockObj};
+use super::apps::SockObj;
+use super::signal::{complete, raise};
 use super::Node;
 use crate::proto::Event;
 use crate::time::Instant;
 use crate::wire::RejectReason;
 use dsan_channel::msg::Request;
-use dsan_channel::region::{SockShm, FD_ACCEPT, FD_CLOSE, FD_CONNECT, FD_WRITE};
+use dsan_channel::region::{FD_ACCEPT, FD_CONNECT};
 use dsan_channel::ring::PushError;
 use dsan_channel::sys;
 use std::net::SocketAddrV4;
 use std::sync::atomic::Ordering;
-
-/// Completes command `seq` of a socket with `result`, waking a waiting thread.
-pub(super) fn complete(s: &SockShm, seq: u32, result: i64) {
-    s.result.store(result, Ordering::Relaxed);
-    s.done_seq.store(seq, Ordering::Release);
-    std::sync::atomic::fence(Ordering::SeqCst);
-    if s.waiters.load(Ordering::Relaxed) != 0 {
-        sys::futex_wake(&s.done_seq);
-    }
-}
-
-/// Records event `bit` on a socket, signals its eventfd if the application
-/// selected the bit, and wakes threads waiting for arrivals. Returns false if
-/// a selected eventfd could not be signalled.
-pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
-    s.events.fetch_or(bit, Ordering::AcqRel);
-    s.arrivals.fetch_add(1, Ordering::Release);
-    let mut ok = true;
-    if let Some(r) = reg.filter(|r| r.mask & bit != 0) {
-        // Never a write from the lcore: the process could make it block.
-        let fd = match &r.wfd {
-            Some(w) if bit == FD_WRITE => w,
-            _ => &r.fd,
-        };
-        ok = r.notifier.as_ref().is_some_and(|n| n.notify(fd));
-        if let Some(w) = r.wfd.as_ref().filter(|_| bit == FD_CLOSE) {
-            // A writer waiting for room learns at once that none will come.
-            ok &= r.notifier.as_ref().is_some_and(|n| n.notify(w));
-        }
-    }
-    std::sync::atomic::fence(Ordering::SeqCst);
-    if s.waiters.load(Ordering::Relaxed) != 0 {
-        sys::futex_wake(&s.arrivals);
-    }
-    ok
-}
 
 impl Node {
     pub(super) fn dispatch(&mut self, now: Instant, e: Event) {

@@ -20,6 +20,7 @@ mod groups;
 mod handover;
 mod notify;
 mod probe;
+mod signal;
 mod streams;
 mod trace;
 

@@ -16,7 +16,7 @@
 //!   reset the connection.
 
 use super::apps::SockObj;
-use super::events::raise;
+use super::signal::raise;
 use super::{AppShared, Node};
 use crate::device::Device;
 use crate::engine::Tx;

@@ -11,6 +11,7 @@
  *   hostile SOCKET indices     an impossible command-ring tail, ring
  *   hostile SOCKET garbage     N well-framed slots of garbage, ring, wait until consumed
  *   hostile SOCKET pipe        a pipe and a socket as event descriptors
+ *   hostile SOCKET badtyped    malformed typed control requests, then a good one
  *   hostile SOCKET nonblock    clear O_NONBLOCK everywhere, fill the bell, read it away
  *   hostile SOCKET hugeline    a 1 MiB line without a newline
  *   hostile SOCKET fds         a line with 5 descriptors
@@ -45,6 +46,14 @@
 #define CMD_SLOTS 256
 #define HEADER_CLOSED 12 /* u32 at offset 12 of the header */
 
+/* The application's control requests (docs/wire-protocol.md). */
+#define CTL_MAGIC 0xd5
+#define CTL_VERSION 1
+#define CTL_ATTACH 1
+#define CTL_EVENT_FD 2
+#define CTL_ATTACHED 129
+#define CTL_REFUSED 132
+
 static int ctl;
 static int fds[3] = {-1, -1, -1}; /* region, flag page, bell */
 static size_t region_size;
@@ -63,9 +72,11 @@ static double now_ms(void) {
     return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
 }
 
-/* Sends a line with descriptors; reads one reply line (or "" at EOF). */
-static int request(const char *line, const int *sfds, int nfds, char *reply, size_t cap, int *rfds) {
-    struct iovec iov = {(void *)line, strlen(line)};
+/* Sends a message (a JSON line, or a typed message: dsan_channel::ctl) with
+ * descriptors; reads one reply (a line, or a typed message) into reply. */
+static int request_bytes(const void *msg, size_t len, const int *sfds, int nfds, char *reply, size_t cap,
+                         int *rfds) {
+    struct iovec iov = {(void *)msg, len};
     char cbuf[CMSG_SPACE(sizeof(int) * 8)];
     struct msghdr m;
     memset(&m, 0, sizeof m);
@@ -100,9 +111,27 @@ static int request(const char *line, const int *sfds, int nfds, char *reply, siz
                 memcpy(rfds, CMSG_DATA(c), c->cmsg_len - CMSG_LEN(0));
         got += (size_t)n;
         reply[got] = 0;
+        if ((uint8_t)reply[0] == CTL_MAGIC) {
+            uint32_t blen;
+            if (got >= 8 && (memcpy(&blen, reply + 4, 4), got >= 8 + (size_t)blen)) return 0;
+            continue;
+        }
         if (reply[got - 1] == '\n') return 0;
     }
     return 0;
+}
+
+static int request(const char *line, const int *sfds, int nfds, char *reply, size_t cap, int *rfds) {
+    return request_bytes(line, strlen(line), sfds, nfds, reply, cap, rfds);
+}
+
+/* A typed request of kind k with body b (dsan_channel::ctl, format 1). */
+static int typed(uint8_t k, const void *b, uint32_t blen, const int *sfds, int nfds, char *reply, size_t cap,
+                 int *rfds) {
+    uint8_t m[64] = {CTL_MAGIC, CTL_VERSION, k, 0};
+    memcpy(m + 4, &blen, 4);
+    memcpy(m + 8, b, blen);
+    return request_bytes(m, 8 + blen, sfds, nfds, reply, cap, rfds);
 }
 
 static int attach(const char *path) {
@@ -113,10 +142,11 @@ static int attach(const char *path) {
     snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
     if (connect(ctl, (struct sockaddr *)&a, sizeof a) != 0) return -1;
     char reply[4096];
-    if (request("{\"cmd\":\"attach\"}\n", NULL, 0, reply, sizeof reply, fds) != 0) return -1;
-    const char *p = strstr(reply, "\"region_size\":");
-    if (!p || fds[0] < 0 || fds[2] < 0) return -1;
-    region_size = strtoull(p + 14, NULL, 10);
+    if (typed(CTL_ATTACH, NULL, 0, NULL, 0, reply, sizeof reply, fds) != 0) return -1;
+    if ((uint8_t)reply[2] != CTL_ATTACHED || fds[0] < 0 || fds[2] < 0) return -1;
+    uint64_t size;
+    memcpy(&size, reply + 8 + 8, 8); /* app u64, then region_size u64 */
+    region_size = size;
     return 0;
 }
 
@@ -292,10 +322,32 @@ int main(int argc, char **argv) {
         int sv[2];
         socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
         char r1[512], r2[512];
-        request("{\"cmd\":\"event_fd\",\"sock\":0}\n", &p[1], 1, r1, sizeof r1, NULL);
-        request("{\"cmd\":\"event_fd\",\"sock\":1}\n", &sv[0], 1, r2, sizeof r2, NULL);
-        int refused = strstr(r1, "\"ok\":false") && strstr(r2, "\"ok\":false");
+        uint32_t s0 = 0, s1 = 1;
+        typed(CTL_EVENT_FD, &s0, 4, &p[1], 1, r1, sizeof r1, NULL);
+        typed(CTL_EVENT_FD, &s1, 4, &sv[0], 1, r2, sizeof r2, NULL);
+        int refused = (uint8_t)r1[2] == CTL_REFUSED && (uint8_t)r2[2] == CTL_REFUSED;
         printf("%s\n", refused ? "ok refused" : "fail accepted");
+        return 0;
+    }
+    if (!strcmp(attack, "badtyped")) {
+        /* Malformed typed requests: another version, an unknown kind, a
+         * body of the wrong length, a bad reason, descriptors where none
+         * belong. Each is refused with a typed refusal; the attachment and
+         * the daemon carry on. */
+        char r[512];
+        int refused = 0;
+        uint8_t wrongver[8] = {CTL_MAGIC, CTL_VERSION + 1, CTL_ATTACH, 0, 0, 0, 0, 0};
+        if (request_bytes(wrongver, 8, NULL, 0, r, sizeof r, NULL) == 0 && (uint8_t)r[2] == CTL_REFUSED) refused++;
+        if (typed(99, NULL, 0, NULL, 0, r, sizeof r, NULL) == 0 && (uint8_t)r[2] == CTL_REFUSED) refused++;
+        uint16_t two = 7;
+        if (typed(CTL_EVENT_FD, &two, 2, NULL, 0, r, sizeof r, NULL) == 0 && (uint8_t)r[2] == CTL_REFUSED) refused++;
+        uint32_t reason = 200; /* SwitchFallback with no such reason */
+        if (typed(6, &reason, 4, NULL, 0, r, sizeof r, NULL) == 0 && (uint8_t)r[2] == CTL_REFUSED) refused++;
+        int e = eventfd(0, 0);
+        if (typed(5, NULL, 0, &e, 1, r, sizeof r, NULL) == 0 && (uint8_t)r[2] == CTL_REFUSED) refused++;
+        /* Still attached and served: a well-formed request is answered. */
+        int ok = typed(5, NULL, 0, NULL, 0, r, sizeof r, NULL) == 0 && (uint8_t)r[2] == 130;
+        printf("%s refused=%d\n", refused == 5 && ok ? "ok refused" : "fail", refused);
         return 0;
     }
     if (!strcmp(attack, "nonblock")) {

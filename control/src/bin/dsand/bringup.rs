@@ -8,7 +8,7 @@ use control::lcore::Lcore;
 use control::{metrics, os};
 use dataplane::dpdk::{self, DpdkDevice, Mempool, Port};
 use dataplane::engine::{self, EngineConfig, EngineShared};
-use dataplane::node::{Command, Node, NodeConfig, NodeHandle};
+use dataplane::node::{Command, Node, NodeConfig};
 use dataplane::proto::{ProtoConfig, Subnet};
 use dataplane::time::Clock;
 use dataplane::wire::Ipv4;
@@ -411,18 +411,6 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
     drop(eal);
     log("info", "stopped");
     Ok(())
-}
-
-/// The host's SAN addresses now, as `ip/prefix`.
-pub(crate) fn current_addrs(node: &NodeHandle) -> Vec<String> {
-    node.subnets
-        .read()
-        .map(|v| {
-            v.iter()
-                .map(|s| format!("{}/{}", s.addr, s.prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What wakes the sleeping lcore when a frame arrives: the port's receive

@@ -1,16 +1,19 @@
-//! The control socket: one JSON object per line each way; attachments (the
-//! shared region and doorbell handed over with SCM_RIGHTS), event
-//! descriptors (handed to the lcore, which owns them), and queries.
+//! The control socket: the applications' typed requests
+//! (`dsan_channel::ctl`: attachments, the shared region and doorbell handed
+//! over with SCM_RIGHTS; event descriptors and lives, handed to the lcore,
+//! which owns them) and the operator's JSON lines (queries, ping, trace).
+#![allow(unsafe_code)] // geteuid and a zero-wait poll: each block with a SAFETY comment
 
-use super::bringup::current_addrs;
 use super::log;
 use control::lcore::{counters_json, Lcore};
 use control::os;
 use dataplane::dpdk;
-use dataplane::node::{AppShared, Command, Counters, PingRequest, TraceAction};
+use dataplane::node::{AppShared, Command, Counters, NodeHandle, PingRequest, TraceAction};
+use dataplane::proto::Subnet;
 use dataplane::wire::Ipv4;
+use dsan_channel::ctl::{self, Reply};
 use dsan_channel::region::{layout, MAX_SOCKETS, REGION_VERSION};
-use dsan_channel::sys;
+use dsan_channel::sys::{self, Received};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -105,7 +108,7 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
     // connection may be silent for ever (it is the attachment).
     let _ = conn.set_read_timeout(Some(IDLE));
     loop {
-        let (line, fds) = match sys::recv_line(fd) {
+        let (msg, fds) = match sys::recv_message(fd) {
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(_) => {
@@ -115,60 +118,31 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
                 break;
             }
         };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let mut out_fds = Vec::new();
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => {
-                let r = match req["cmd"].as_str() {
-                    Some("attach") if fds.is_empty() => {
-                        let r = attach(fd, cx, &mut app, &mut out_fds);
-                        if app.is_some() {
-                            let _ = conn.set_read_timeout(None);
-                        }
-                        r
-                    }
-                    Some("event_fd") => event_fd(&req, cx, app.as_deref(), fds),
-                    Some("life") => life(&req, cx, app.as_deref(), fds),
-                    Some("life_key") => life_key(cx, app.as_deref(), fds),
-                    Some("trace") if fds.is_empty() => trace(&req, cx, fd),
-                    Some("switch_listen_failed") if fds.is_empty() => {
-                        // Never silent: the daemon's log says which process
-                        // and port, the counter how often.
-                        cx.fallbacks.add_listen_failure(req["reason"].as_str());
-                        let pid = os::peer_cred(fd).map_or(0, |(pid, _, _)| pid);
-                        log(
-                            "warn",
-                            &format!(
-                                "pid {pid}: SAN listen on port {} failed (errno {}, {}): it serves kernel TCP only",
-                                req["port"], req["errno"], req["reason"]
-                            ),
-                        );
-                        Ok(json!({"ok": true}))
-                    }
-                    Some("switch_fallback") if fds.is_empty() => {
-                        cx.fallbacks.add(req["reason"].as_str());
-                        Ok(json!({"ok": true}))
-                    }
-                    _ if !fds.is_empty() => Err(
-                        "descriptors are accepted only with \"event_fd\", \"life\" and \"life_key\""
-                            .to_string(),
-                    ),
-                    Some("ping") if fds.is_empty() => ping(&req, cx, fd),
-                    _ => handle_request(&req, cx),
+        let sent = match msg {
+            Received::Typed(b) => {
+                let mut out_fds = Vec::new();
+                let reply = match ctl::Request::parse(&b) {
+                    Ok(req) => serve_typed(req, fd, cx, &mut app, fds, &mut out_fds),
+                    Err(e) => Err((libc::EINVAL, format!("malformed request: {e}"))),
                 };
-                r.unwrap_or_else(|e| {
+                let reply = reply.unwrap_or_else(|(errno, message)| {
                     cx.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    json!({"ok": false, "error": e})
-                })
+                    out_fds.clear();
+                    Reply::Refused { errno, message }
+                });
+                if matches!(reply, Reply::Attached { .. }) {
+                    // An attached process's connection may be silent for ever.
+                    let _ = conn.set_read_timeout(None);
+                }
+                sys::send_typed(fd, reply.emit(), &out_fds)
             }
-            Err(e) => {
-                cx.bad_requests.fetch_add(1, Ordering::Relaxed);
-                json!({"ok": false, "error": format!("malformed request (expected one JSON object per line): {e}")})
+            Received::Line(line) if line.trim().is_empty() => continue,
+            Received::Line(line) => {
+                let reply = serve_line(&line, fd, cx, &fds);
+                sys::send_line(fd, &reply.to_string(), &[])
             }
         };
-        if sys::send_line(fd, &reply.to_string(), &out_fds).is_err() {
+        if sent.is_err() {
             break;
         }
     }
@@ -198,12 +172,92 @@ pub(crate) fn serve_conn(conn: UnixStream, cx: &Ctx) {
     }
 }
 
+/// A refusal: the errno the library returns and a message for people.
+type Refusal = (i32, String);
+
+fn refuse(errno: i32) -> impl Fn(String) -> Refusal {
+    move |m| (errno, m)
+}
+
+/// One typed request of an application (`dsan_channel::ctl`).
+fn serve_typed(
+    req: ctl::Request,
+    fd: i32,
+    cx: &Ctx,
+    app: &mut Option<Arc<AppShared>>,
+    fds: Vec<OwnedFd>,
+    out_fds: &mut Vec<i32>,
+) -> Result<Reply, Refusal> {
+    let (fewest, most) = req.descriptors();
+    if fds.len() < fewest || fds.len() > most {
+        return Err((
+            libc::EINVAL,
+            format!(
+                "\"{}\" carries {fewest} to {most} descriptors, not {}",
+                req.name(),
+                fds.len()
+            ),
+        ));
+    }
+    match req {
+        ctl::Request::Attach => attach(fd, cx, app, out_fds).map_err(refuse(libc::EACCES)),
+        ctl::Request::EventFd { sock } => event_fd(sock, cx, app.as_deref(), fds),
+        ctl::Request::Life { sock } => life(sock, cx, app.as_deref(), fds),
+        ctl::Request::LifeKey => life_key(cx, app.as_deref(), fds),
+        ctl::Request::Subnets => Ok(Reply::Subnets(current_addrs(&cx.lcore.node))),
+        ctl::Request::SwitchListenFailed {
+            reason,
+            port,
+            errno,
+        } => {
+            // Never silent: the daemon's log says which process and port,
+            // the counter how often.
+            cx.fallbacks.add_listen_failure(reason);
+            let pid = os::peer_cred(fd).map_or(0, |(pid, _, _)| pid);
+            log(
+                "warn",
+                &format!(
+                    "pid {pid}: SAN listen on port {port} failed (errno {errno}, {}): it serves kernel TCP only",
+                    reason.label()
+                ),
+            );
+            Ok(Reply::Ok)
+        }
+        ctl::Request::SwitchFallback(reason) => {
+            cx.fallbacks.add(reason);
+            Ok(Reply::Ok)
+        }
+    }
+}
+
+/// One JSON line: the operator's requests (`dsanctl`).
+fn serve_line(line: &str, fd: i32, cx: &Ctx, fds: &[OwnedFd]) -> Value {
+    let r = match serde_json::from_str::<Value>(line) {
+        Ok(req) => match req["cmd"].as_str() {
+            _ if !fds.is_empty() => Err("descriptors come only with an application's typed requests".to_string()),
+            Some("attach" | "event_fd" | "life" | "life_key" | "switch_fallback" | "switch_listen_failed") => Err(format!(
+                "{} is an application's request: typed (dsan_channel::ctl, format {}), not a JSON line",
+                req["cmd"],
+                ctl::VERSION
+            )),
+            Some("trace") => trace(&req, cx, fd),
+            Some("ping") => ping(&req, cx, fd),
+            _ => handle_request(&req, cx),
+        },
+        Err(e) => Err(format!("malformed request (expected one JSON object per line): {e}")),
+    };
+    r.unwrap_or_else(|e| {
+        cx.bad_requests.fetch_add(1, Ordering::Relaxed);
+        json!({"ok": false, "error": e})
+    })
+}
+
 fn attach(
     fd: i32,
     cx: &Ctx,
     app: &mut Option<Arc<AppShared>>,
     out_fds: &mut Vec<i32>,
-) -> Result<Value, String> {
+) -> Result<Reply, String> {
     if app.is_some() {
         return Err("this connection is already attached".into());
     }
@@ -238,55 +292,57 @@ fn attach(
     out_fds.push(a.bell.as_raw_fd());
     log("info", &format!("attached pid {pid} uid {uid} as app {id}"));
     *app = Some(a);
-    Ok(
-        json!({"ok": true, "app": id, "region_size": layout::size(), "version": REGION_VERSION, "san_addrs": current_addrs(&cx.lcore.node),
-              "fds": ["region", "doorbell_page", "bell"]}),
-    )
+    Ok(Reply::Attached {
+        app: id,
+        region_size: layout::size() as u64,
+        region_version: REGION_VERSION,
+        subnets: current_addrs(&cx.lcore.node),
+    })
 }
 
-/// The attachment and the request's `"sock"` (in range) of a request that
-/// registers descriptors for a socket.
-fn socket_of<'a>(req: &Value, app: Option<&'a AppShared>) -> Result<(&'a AppShared, u32), String> {
-    let app = app.ok_or("attach first")?;
-    let sock = req["sock"]
-        .as_u64()
-        .filter(|s| (*s as usize) < MAX_SOCKETS)
-        .ok_or("\"sock\" out of range")? as u32;
+/// The attachment and the socket (in range) of a request that registers
+/// descriptors for a socket.
+fn socket_of(sock: u32, app: Option<&AppShared>) -> Result<(&AppShared, u32), Refusal> {
+    let app = app.ok_or((libc::EINVAL, "attach first".to_string()))?;
+    if sock as usize >= MAX_SOCKETS {
+        return Err((libc::EINVAL, format!("socket {sock} out of range")));
+    }
     Ok((app, sock))
 }
 
 /// The reply to a registration the lcore did (or refused with an errno).
-fn registered(r: Result<(), i32>, app: &AppShared) -> Result<Value, String> {
+fn registered(r: Result<(), i32>, app: &AppShared) -> Result<Reply, Refusal> {
     match r {
-        Ok(()) => Ok(json!({"ok": true})),
-        Err(libc::EMFILE) => Err(format!(
-            "EMFILE: user {}'s share of the daemon's event descriptors is used up",
-            app.uid
+        Ok(()) => Ok(Reply::Ok),
+        Err(libc::EMFILE) => Err((
+            libc::EMFILE,
+            format!(
+                "EMFILE: user {}'s share of the daemon's event descriptors is used up",
+                app.uid
+            ),
         )),
-        Err(libc::ENOTCONN) => Err("that socket holds no connection".into()),
-        Err(_) => Err("this process is no longer attached".into()),
+        Err(libc::ENOTCONN) => Err((libc::ENOTCONN, "that socket holds no connection".into())),
+        Err(_) => Err((libc::ENETDOWN, "this process is no longer attached".into())),
     }
 }
 
-/// `{"cmd":"event_fd","sock":N}` with one eventfd attached: the event
-/// descriptor of socket N, handed to the lcore (which owns and closes it).
-/// With two descriptors, the second is the one FD_WRITE signals instead.
+/// `EventFd { sock }` with one eventfd attached: the event descriptor of
+/// socket `sock`, handed to the lcore (which owns and closes it). With two
+/// descriptors, the second is the one FD_WRITE signals instead.
 fn event_fd(
-    req: &Value,
+    sock: u32,
     cx: &Ctx,
     app: Option<&AppShared>,
     mut fds: Vec<OwnedFd>,
-) -> Result<Value, String> {
-    let (app, sock) = socket_of(req, app)?;
-    // One descriptor, or two: the event descriptor and the FD_WRITE one.
-    if fds.is_empty() || fds.len() > 2 {
-        return Err(
-            "\"event_fd\" carries one descriptor (or two: the event and the FD_WRITE descriptor)"
-                .into(),
-        );
-    }
+) -> Result<Reply, Refusal> {
+    let (app, sock) = socket_of(sock, app)?;
+    // (One descriptor, or two: the event descriptor and the FD_WRITE one;
+    // counted by `serve_typed`.)
     if fds.iter().any(|f| !sys::is_eventfd(f.as_raw_fd())) {
-        return Err("the event descriptor must be an eventfd".into());
+        return Err((
+            libc::EINVAL,
+            "the event descriptor must be an eventfd".into(),
+        ));
     }
     let wfd = (fds.len() == 2).then(|| fds.pop().expect("two"));
     let fd = fds.pop().expect("one");
@@ -294,7 +350,7 @@ fn event_fd(
     // started with its first event descriptor.
     if app.notifier.get().is_none() {
         let n = dataplane::node::Notifier::start(app.pid)
-            .map_err(|e| format!("cannot start a notifier: {e}"))?;
+            .map_err(|e| (libc::EAGAIN, format!("cannot start a notifier: {e}")))?;
         if let Err(n) = app.notifier.set(n) {
             n.shutdown(); // another connection of the process was first
         }
@@ -311,23 +367,26 @@ fn event_fd(
             },
             ASK,
         )
-        .map_err(err)?;
+        .map_err(|e| (libc::ENETDOWN, err(e)))?;
     registered(r, app)
 }
 
-/// `{"cmd":"life","sock":N}` with the read end of a pipe attached: the
-/// life of socket N's connection (its process holds the write end beside
+/// `Life { sock }` with the read end of a pipe attached: the life of
+/// socket `sock`'s connection (its process holds the write end beside
 /// the socket, and so does every process that inherits it), handed to the
 /// lcore (`dataplane::node::handover`).
 fn life(
-    req: &Value,
+    sock: u32,
     cx: &Ctx,
     app: Option<&AppShared>,
     mut fds: Vec<OwnedFd>,
-) -> Result<Value, String> {
-    let (app, sock) = socket_of(req, app)?;
+) -> Result<Reply, Refusal> {
+    let (app, sock) = socket_of(sock, app)?;
     if fds.len() != 1 || !sys::is_pipe(fds[0].as_raw_fd()) {
-        return Err("\"life\" carries one descriptor: the read end of a pipe".into());
+        return Err((
+            libc::EINVAL,
+            "\"life\" carries one descriptor: the read end of a pipe".into(),
+        ));
     }
     let fd = fds.pop().expect("one");
     let r = cx
@@ -341,22 +400,25 @@ fn life(
             },
             ASK,
         )
-        .map_err(err)?;
+        .map_err(|e| (libc::ENETDOWN, err(e)))?;
     registered(r, app)
 }
 
-/// `{"cmd":"life_key"}` with the write end of a connection's life
-/// attached (a socket received in an `SCM_RIGHTS` message came with it):
-/// the connection's claim key, `{"ok":true,"key":K}`, for the process to
+/// `LifeKey` with the write end of a connection's life attached (a socket
+/// received in an `SCM_RIGHTS` message came with it): the connection's
+/// claim key, `Reply::Key`, for the process to
 /// claim it with (`dataplane::node::handover`). The descriptor is the
 /// proof of holding the connection; it is closed here at once.
-fn life_key(cx: &Ctx, app: Option<&AppShared>, fds: Vec<OwnedFd>) -> Result<Value, String> {
-    let app = app.ok_or("attach first")?;
+fn life_key(cx: &Ctx, app: Option<&AppShared>, fds: Vec<OwnedFd>) -> Result<Reply, Refusal> {
+    let app = app.ok_or((libc::EINVAL, "attach first".to_string()))?;
     let ino = match fds.as_slice() {
         [fd] => sys::pipe_inode(fd.as_raw_fd()),
         _ => None,
     }
-    .ok_or("\"life_key\" carries one descriptor: the write end of a connection's life")?;
+    .ok_or((
+        libc::EINVAL,
+        "\"life_key\" carries one descriptor: the write end of a connection's life".to_string(),
+    ))?;
     drop(fds);
     let r = cx
         .lcore
@@ -368,12 +430,15 @@ fn life_key(cx: &Ctx, app: Option<&AppShared>, fds: Vec<OwnedFd>) -> Result<Valu
             },
             ASK,
         )
-        .map_err(err)?;
+        .map_err(|e| (libc::ENETDOWN, err(e)))?;
     match r {
-        Ok(key) => Ok(json!({"ok": true, "key": key})),
-        Err(libc::EACCES) => Err("EACCES: another user's connection".into()),
-        Err(libc::ENOTCONN) => Err("no connection has that life (it ended)".into()),
-        Err(_) => Err("this process is no longer attached".into()),
+        Ok(key) => Ok(Reply::Key(key)),
+        Err(libc::EACCES) => Err((libc::EACCES, "EACCES: another user's connection".into())),
+        Err(libc::ENOTCONN) => Err((
+            libc::ENOTCONN,
+            "no connection has that life (it ended)".into(),
+        )),
+        Err(_) => Err((libc::ENETDOWN, "this process is no longer attached".into())),
     }
 }
 
@@ -475,7 +540,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             let ps = cx.port.stats().ok();
             let mut v = (*cx.info).clone();
             v["ok"] = json!(true);
-            v["san_addrs"] = json!(current_addrs(node));
+            v["san_addrs"] = json!(current_addr_names(node));
             v["lcore_stats"] = json!({
                 "rx_frames": s.rx_frames.load(Ordering::Relaxed), "tx_frames": s.tx_frames.load(Ordering::Relaxed),
                 "tx_dropped": s.tx_dropped.load(Ordering::Relaxed), "alloc_failed": s.alloc_failed.load(Ordering::Relaxed),
@@ -491,7 +556,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
             }
             Ok(v)
         }
-        Some("subnets") => Ok(json!({"ok": true, "san_addrs": current_addrs(node)})),
+        Some("subnets") => Ok(json!({"ok": true, "san_addrs": current_addr_names(node)})),
         Some("listeners") => {
             let v = cx.lcore.listeners(ASK).map_err(err)?;
             let list: Vec<Value> = v
@@ -527,4 +592,17 @@ fn program(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_string())
         .unwrap_or_default()
+}
+
+/// The host's SAN addresses now.
+fn current_addrs(node: &NodeHandle) -> Vec<Subnet> {
+    node.subnets.read().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// The host's SAN addresses now, as `ip/prefix` (for the operator's JSON).
+fn current_addr_names(node: &NodeHandle) -> Vec<String> {
+    current_addrs(node)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }

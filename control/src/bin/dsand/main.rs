@@ -14,8 +14,9 @@
 //! | `main.rs` | command line, start-up order |
 //! | `checks.rs` | configuration merge and host checks (`--check`) |
 //! | `bringup.rs` | EAL, port, node, threads, the loop |
-//! | `ctl_server.rs` | the control socket (attach, event descriptors, queries) |
+//! | `ctl_server.rs` | the control socket (applications' typed requests, the operator's queries) |
 //! | `telemetry.rs` | DPDK telemetry commands |
+#![deny(unsafe_code)] // only the modules that need it allow it
 
 mod bringup;
 mod checks;

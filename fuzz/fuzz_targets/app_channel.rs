@@ -9,6 +9,7 @@
 //! loop; a broken ring detaches its process only (its region is marked
 //! closed), and the protocol core's bounds hold.
 #![no_main]
+#![deny(unsafe_code)]
 
 use arbitrary::Arbitrary;
 use dataplane::node::{AppShared, Command as NodeCommand, Node, NodeConfig, NodeHandle};
@@ -134,6 +135,7 @@ fn attach(h: &NodeHandle, id: u64) -> Proc {
         .push(NodeCommand::Attach(app.clone(), cmds))
         .is_ok());
     // The process's view of its region.
+    #[allow(unsafe_code)] // the one descriptor taken over by number
     // SAFETY: dup of a valid fd gives a new fd we own.
     let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(app.region.fd())) };
     let (region, tx) = dsan_channel::region::Region::open(dup, layout::size()).unwrap();

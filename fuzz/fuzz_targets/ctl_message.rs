@@ -2,6 +2,7 @@
 //! (`dsan_channel::ctl`) on arbitrary bytes: parse never panics, and
 //! whatever it accepts emits back to the same bytes.
 #![no_main]
+#![deny(unsafe_code)]
 
 use dsan_channel::ctl::{Reply, Request};
 use libfuzzer_sys::fuzz_target;

@@ -1,6 +1,7 @@
 //! The SAN frame parser on arbitrary bytes: it never panics, and whatever it
 //! accepts emits back to the same frame.
 #![no_main]
+#![deny(unsafe_code)]
 
 use dataplane::wire::{Frame, Message, Repr, DEFAULT_ETHERTYPE, PAYLOAD_OFFSET};
 use libfuzzer_sys::fuzz_target;

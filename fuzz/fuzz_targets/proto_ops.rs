@@ -3,6 +3,7 @@
 //! forged frames (arbitrary bytes) against three endpoints. Nothing may panic,
 //! and the core's bounds hold after every operation.
 #![no_main]
+#![deny(unsafe_code)]
 
 use arbitrary::Arbitrary;
 use dataplane::proto::rng::SeededRng;

@@ -1,6 +1,7 @@
 //! Closing a program descriptor that is ours (close, or a dup2/dup3 onto
 //! it): its record and epoll registrations go first, then the switch socket
 //! with its last descriptor.
+#![allow(unsafe_code)] // the C library's close: each block with a SAFETY comment
 
 use crate::cret::{errno, set_errno};
 use crate::real;

@@ -1,5 +1,6 @@
 //! The C calling convention of the interposed calls: errno, and a result
 //! as a value or -1 with errno set.
+#![allow(unsafe_code)] // errno, the calling thread's: each block with a SAFETY comment
 
 use libc::c_int;
 

@@ -1,6 +1,7 @@
 //! Moving bytes on switch sockets: the receive and send families and
 //! sendfile, with a kernel socket's semantics (blocking or O_NONBLOCK,
 //! partial writes, MSG_* flags, SIGPIPE unless MSG_NOSIGNAL).
+#![allow(unsafe_code)] // the caller's buffers and iovecs: each block with a SAFETY comment
 
 use crate::cret::errno;
 use crate::sock::settle;

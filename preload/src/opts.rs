@@ -15,6 +15,7 @@
 //!   leaves the options the program set on it here first: each option
 //!   below that differs from the default is kept. Only sockets the program
 //!   set options on pay for that look ([`mark`]).
+#![allow(unsafe_code)] // the caller's option buffers: each block with a SAFETY comment
 
 use crate::cret::errno;
 use crate::real;

@@ -22,6 +22,7 @@
 //! Only the two ends of the message need the preload; nothing else of the
 //! message changes, and the kernel joins several `SCM_RIGHTS` blocks of one
 //! message into one, so the appended block arrives after the program's.
+#![allow(unsafe_code)] // control messages, exec and spawn arguments: each block with a SAFETY comment
 
 use crate::real;
 use crate::sock::{self, PassInfo};

@@ -1,5 +1,6 @@
 //! The real calls: the next definition after this library (libc's), found
 //! with `dlsym(RTLD_NEXT)` on first use and kept.
+#![allow(unsafe_code)] // the C library's definitions, found with dlsym: each block with a SAFETY comment
 
 use libc::{c_char, c_int, c_ulong, c_void, iovec, msghdr, nfds_t, off64_t, off_t, pollfd};
 use libc::{

@@ -20,6 +20,7 @@
 //! * address: `*`, `ADDR`, `ADDR/PREFIX`, each optionally with `:PORT`
 //!   (`*:PORT` for any address): the destination of a connect, the bound
 //!   address of a listener.
+#![allow(unsafe_code)] // the log line written with the C library's write: a SAFETY comment
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::OnceLock;

@@ -7,6 +7,7 @@
 //! receive or accept) is duplicated onto it, and the program's kernel
 //! socket lives on as the switch socket's kernel TCP side (with its bound
 //! address and options).
+#![allow(unsafe_code)] // the caller's socket addresses and the kernel's calls: each block with a SAFETY comment
 
 use crate::cret::{errno, kernel_result};
 use crate::real;

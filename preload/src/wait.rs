@@ -16,6 +16,7 @@
 //! events it receives), so that a wake-up says which socket and which
 //! direction; the top 16 bits of an epoll data word equal to [`TAG`] are
 //! the library's.
+#![allow(unsafe_code)] // the caller's pollfd, fd_set and epoll_event arrays: each block with a SAFETY comment
 
 use crate::cret::errno;
 use crate::real;

@@ -274,20 +274,136 @@ mod field {
     pub(super) const BODY: usize = 32;
 }
 
+/// Where one field of a message body lies: its name (as the Wireshark
+/// dissector, `deploy/wireshark/dsan.lua`, names it) and its bytes. Every
+/// integer is big-endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyField {
+    /// The dissector's field name.
+    pub name: &'static str,
+    /// Offset in the body.
+    pub at: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl BodyField {
+    const fn new(name: &'static str, at: usize, len: usize) -> BodyField {
+        BodyField { name, at, len }
+    }
+    /// Its bytes in the body.
+    #[inline(always)]
+    pub const fn range(&self) -> core::ops::Range<usize> {
+        self.at..self.at + self.len
+    }
+}
+
+/// The body fields, each declared once: [`body_layout`] lists them per
+/// kind, parse and emit read and write through them, and a test holds the
+/// dissector to them. Bytes of a body that no field covers are reserved
+/// (zero on the wire, checked on parse).
+pub mod body {
+    use super::BodyField;
+    /// The connection (every connection message).
+    pub const CONN_ID: BodyField = BodyField::new("conn_id", 0, 8);
+    /// The client's token (ConnectRequest, Accept, Reject).
+    pub const CLIENT_TOKEN: BodyField = BodyField::new("client_token", 8, 8);
+    /// The receiver's token (Close, CloseAck, AcceptAck, Data, Ack, Reset).
+    pub const TOKEN: BodyField = BodyField::new("token", 8, 8);
+    /// The server's token (Accept).
+    pub const SERVER_TOKEN: BodyField = BodyField::new("server_token", 16, 8);
+    /// A ConnectRequest's offer: receive window, largest payload (then 2 reserved).
+    pub const REQUEST_WINDOW: BodyField = BodyField::new("window", 16, 4);
+    /// See [`REQUEST_WINDOW`].
+    pub const REQUEST_MSS: BodyField = BodyField::new("mss", 20, 2);
+    /// An Accept's offer: receive window, largest payload (then 2 reserved).
+    pub const ACCEPT_WINDOW: BodyField = BodyField::new("window", 24, 4);
+    /// See [`ACCEPT_WINDOW`].
+    pub const ACCEPT_MSS: BodyField = BodyField::new("mss", 28, 2);
+    /// Why a request was refused (Reject).
+    pub const REJECT_REASON: BodyField = BodyField::new("reason", 16, 1);
+    /// Why a connection was reset (Reset).
+    pub const RESET_REASON: BodyField = BodyField::new("reset_reason", 16, 1);
+    /// A segment's stream offset (Data, Ack).
+    pub const SEQ: BodyField = BodyField::new("sseq", 16, 8);
+    /// A segment's acknowledgement.
+    pub const ACK: BodyField = BodyField::new("ack", 24, 8);
+    /// A segment's credit limit.
+    pub const LIMIT: BodyField = BodyField::new("limit", 32, 8);
+    /// A segment's `SEG_*` flags (then 1 reserved).
+    pub const SEG_FLAGS: BodyField = BodyField::new("seg_flags", 40, 1);
+    /// A segment's payload length.
+    pub const PAYLOAD_LEN: BodyField = BodyField::new("payload_len", 42, 2);
+    /// The resolved MAC (ResolveReply; then 2 reserved).
+    pub const MAC: BodyField = BodyField::new("mac", 0, 6);
+    /// An echo's sequence number.
+    pub const ECHO_SEQ: BodyField = BodyField::new("seq", 0, 8);
+    /// An echo's stamp.
+    pub const ECHO_STAMP: BodyField = BodyField::new("stamp", 8, 8);
+}
+
+/// The body of one kind: its fields, its reserved bytes (zero on the wire,
+/// checked on parse), which together cover it exactly once (a test
+/// checks), and its length (a Data body's payload follows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLayout {
+    /// The fields, in order.
+    pub fields: &'static [BodyField],
+    /// The reserved bytes.
+    pub reserved: &'static [core::ops::Range<usize>],
+    /// The body's length.
+    pub len: usize,
+}
+
+/// The body of each kind; `None` for an unknown kind.
+#[inline]
+#[allow(clippy::single_range_in_vec_init)] // lists of reserved ranges, some of one
+pub fn body_layout(kind: Kind) -> Option<BodyLayout> {
+    use body::*;
+    let (fields, reserved, len): (
+        &'static [BodyField],
+        &'static [core::ops::Range<usize>],
+        usize,
+    ) = match kind {
+        Kind::ConnectRequest => (
+            &[CONN_ID, CLIENT_TOKEN, REQUEST_WINDOW, REQUEST_MSS],
+            &[22..24],
+            24,
+        ),
+        Kind::Accept => (
+            &[
+                CONN_ID,
+                CLIENT_TOKEN,
+                SERVER_TOKEN,
+                ACCEPT_WINDOW,
+                ACCEPT_MSS,
+            ],
+            &[30..32],
+            32,
+        ),
+        Kind::Reject => (&[CONN_ID, CLIENT_TOKEN, REJECT_REASON], &[17..24], 24),
+        Kind::Close | Kind::CloseAck | Kind::AcceptAck => (&[CONN_ID, TOKEN], &[], 16),
+        Kind::Data | Kind::Ack => (
+            &[CONN_ID, TOKEN, SEQ, ACK, LIMIT, SEG_FLAGS, PAYLOAD_LEN],
+            &[41..42],
+            DATA_HEADER_LEN,
+        ),
+        Kind::Reset => (&[CONN_ID, TOKEN, RESET_REASON], &[17..24], 24),
+        Kind::ResolveRequest => (&[], &[], 0),
+        Kind::ResolveReply => (&[MAC], &[6..8], 8),
+        Kind::EchoRequest | Kind::EchoReply => (&[ECHO_SEQ, ECHO_STAMP], &[], 16),
+        Kind::Unknown(_) => return None,
+    };
+    Some(BodyLayout {
+        fields,
+        reserved,
+        len,
+    })
+}
+
 /// Body lengths per kind.
 fn body_len(kind: Kind) -> Option<usize> {
-    Some(match kind {
-        Kind::ConnectRequest => 24,
-        Kind::Accept => 32,
-        Kind::Reject => 24,
-        Kind::Close | Kind::CloseAck | Kind::AcceptAck => 16,
-        Kind::Data | Kind::Ack => DATA_HEADER_LEN,
-        Kind::Reset => 24,
-        Kind::ResolveRequest => 0,
-        Kind::ResolveReply => 8,
-        Kind::EchoRequest | Kind::EchoReply => 16,
-        Kind::Unknown(_) => return None,
-    })
+    body_layout(kind).map(|l| l.len)
 }
 
 /// A read/write view of a SAN frame (Ethernet header included).
@@ -597,36 +713,55 @@ impl Repr {
             return Err(Error::Malformed);
         }
         let kind = f.kind();
-        let want = body_len(kind).ok_or(Error::Malformed)?;
+        let layout = body_layout(kind).ok_or(Error::Malformed)?;
+        let want = layout.len;
         let have = f.body_len() as usize;
         if have != want && !(kind == Kind::Data && have > want) {
             return Err(Error::Malformed);
         }
         let b = f.body();
+        if layout
+            .reserved
+            .iter()
+            .any(|r| b[r.clone()].iter().any(|&x| x != 0))
+        {
+            return Err(Error::Malformed);
+        }
+        let u64_at = |x: BodyField| be!(u64, &b[x.range()]);
+        let offer = |window: BodyField, mss: BodyField| {
+            let o = Offer {
+                window: be!(u32, &b[window.range()]),
+                mss: be!(u16, &b[mss.range()]),
+            };
+            if o.window < Offer::MIN.window || o.mss < Offer::MIN.mss {
+                return Err(Error::Malformed);
+            }
+            Ok(o)
+        };
         let message = match kind {
             Kind::ConnectRequest => Message::ConnectRequest {
-                conn_id: be!(u64, &b[0..8]),
-                client_token: be!(u64, &b[8..16]),
-                offer: parse_offer(&b[16..24])?,
+                conn_id: u64_at(body::CONN_ID),
+                client_token: u64_at(body::CLIENT_TOKEN),
+                offer: offer(body::REQUEST_WINDOW, body::REQUEST_MSS)?,
             },
             Kind::Accept => Message::Accept {
-                conn_id: be!(u64, &b[0..8]),
-                client_token: be!(u64, &b[8..16]),
-                server_token: be!(u64, &b[16..24]),
-                offer: parse_offer(&b[24..32])?,
+                conn_id: u64_at(body::CONN_ID),
+                client_token: u64_at(body::CLIENT_TOKEN),
+                server_token: u64_at(body::SERVER_TOKEN),
+                offer: offer(body::ACCEPT_WINDOW, body::ACCEPT_MSS)?,
             },
             Kind::Data | Kind::Ack => {
                 let seg = Segment {
-                    conn_id: be!(u64, &b[0..8]),
-                    token: be!(u64, &b[8..16]),
-                    seq: be!(u64, &b[16..24]),
-                    ack: be!(u64, &b[24..32]),
-                    limit: be!(u64, &b[32..40]),
-                    flags: b[40],
-                    len: be!(u16, &b[42..44]),
+                    conn_id: u64_at(body::CONN_ID),
+                    token: u64_at(body::TOKEN),
+                    seq: u64_at(body::SEQ),
+                    ack: u64_at(body::ACK),
+                    limit: u64_at(body::LIMIT),
+                    flags: b[body::SEG_FLAGS.at],
+                    len: be!(u16, &b[body::PAYLOAD_LEN.range()]),
                 };
                 let known = SEG_FIN | SEG_NAK | SEG_PROBE | SEG_URG;
-                if seg.flags & !known != 0 || b[41] != 0 {
+                if seg.flags & !known != 0 {
                     return Err(Error::Malformed);
                 }
                 if kind == Kind::Data {
@@ -644,55 +779,50 @@ impl Repr {
                 }
             }
             Kind::Reset => {
-                let reason = ResetReason::from(b[16]);
-                if matches!(reason, ResetReason::Unknown(_)) || b[17..24].iter().any(|&x| x != 0) {
+                let reason = ResetReason::from(b[body::RESET_REASON.at]);
+                if matches!(reason, ResetReason::Unknown(_)) {
                     return Err(Error::Malformed);
                 }
                 Message::Reset {
-                    conn_id: be!(u64, &b[0..8]),
-                    token: be!(u64, &b[8..16]),
+                    conn_id: u64_at(body::CONN_ID),
+                    token: u64_at(body::TOKEN),
                     reason,
                 }
             }
             Kind::Reject => {
-                let reason = RejectReason::from(b[16]);
-                if matches!(reason, RejectReason::Unknown(_)) || b[17..24].iter().any(|&x| x != 0) {
+                let reason = RejectReason::from(b[body::REJECT_REASON.at]);
+                if matches!(reason, RejectReason::Unknown(_)) {
                     return Err(Error::Malformed);
                 }
                 Message::Reject {
-                    conn_id: be!(u64, &b[0..8]),
-                    client_token: be!(u64, &b[8..16]),
+                    conn_id: u64_at(body::CONN_ID),
+                    client_token: u64_at(body::CLIENT_TOKEN),
                     reason,
                 }
             }
             Kind::Close => Message::Close {
-                conn_id: be!(u64, &b[0..8]),
-                token: be!(u64, &b[8..16]),
+                conn_id: u64_at(body::CONN_ID),
+                token: u64_at(body::TOKEN),
             },
             Kind::CloseAck => Message::CloseAck {
-                conn_id: be!(u64, &b[0..8]),
-                token: be!(u64, &b[8..16]),
+                conn_id: u64_at(body::CONN_ID),
+                token: u64_at(body::TOKEN),
             },
             Kind::AcceptAck => Message::AcceptAck {
-                conn_id: be!(u64, &b[0..8]),
-                token: be!(u64, &b[8..16]),
+                conn_id: u64_at(body::CONN_ID),
+                token: u64_at(body::TOKEN),
             },
             Kind::ResolveRequest => Message::ResolveRequest,
-            Kind::ResolveReply => {
-                if b[6..8] != [0, 0] {
-                    return Err(Error::Malformed);
-                }
-                Message::ResolveReply {
-                    mac: EthernetAddress(b[0..6].try_into().unwrap()),
-                }
-            }
+            Kind::ResolveReply => Message::ResolveReply {
+                mac: EthernetAddress(b[body::MAC.range()].try_into().unwrap()),
+            },
             Kind::EchoRequest => Message::EchoRequest {
-                seq: be!(u64, &b[0..8]),
-                stamp: be!(u64, &b[8..16]),
+                seq: u64_at(body::ECHO_SEQ),
+                stamp: u64_at(body::ECHO_STAMP),
             },
             Kind::EchoReply => Message::EchoReply {
-                seq: be!(u64, &b[0..8]),
-                stamp: be!(u64, &b[8..16]),
+                seq: u64_at(body::ECHO_SEQ),
+                stamp: u64_at(body::ECHO_STAMP),
             },
             Kind::Unknown(_) => return Err(Error::Malformed),
         };
@@ -743,17 +873,23 @@ impl Repr {
         f.set_src_ip(h.src_ip);
         f.set_dst_ip(h.dst_ip);
         f.set_dst_port(h.dst_port);
+        let layout = body_layout(self.message.kind());
         f.set_body_len(self.body_len() as u16);
         let b = f.body_mut();
+        for r in layout.map_or(&[][..], |l| l.reserved) {
+            b[r.clone()].fill(0);
+        }
+        let mut put = |x: BodyField, bytes: &[u8]| b[x.range()].copy_from_slice(bytes);
         match self.message {
             Message::ConnectRequest {
                 conn_id,
                 client_token,
                 offer,
             } => {
-                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
-                b[8..16].copy_from_slice(&client_token.to_be_bytes());
-                emit_offer(&offer, &mut b[16..24]);
+                put(body::CONN_ID, &conn_id.to_be_bytes());
+                put(body::CLIENT_TOKEN, &client_token.to_be_bytes());
+                put(body::REQUEST_WINDOW, &offer.window.to_be_bytes());
+                put(body::REQUEST_MSS, &offer.mss.to_be_bytes());
             }
             Message::Accept {
                 conn_id,
@@ -761,55 +897,50 @@ impl Repr {
                 server_token,
                 offer,
             } => {
-                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
-                b[8..16].copy_from_slice(&client_token.to_be_bytes());
-                b[16..24].copy_from_slice(&server_token.to_be_bytes());
-                emit_offer(&offer, &mut b[24..32]);
+                put(body::CONN_ID, &conn_id.to_be_bytes());
+                put(body::CLIENT_TOKEN, &client_token.to_be_bytes());
+                put(body::SERVER_TOKEN, &server_token.to_be_bytes());
+                put(body::ACCEPT_WINDOW, &offer.window.to_be_bytes());
+                put(body::ACCEPT_MSS, &offer.mss.to_be_bytes());
             }
             Message::Data(s) | Message::Ack(s) => {
-                b[0..8].copy_from_slice(&s.conn_id.to_be_bytes());
-                b[8..16].copy_from_slice(&s.token.to_be_bytes());
-                b[16..24].copy_from_slice(&s.seq.to_be_bytes());
-                b[24..32].copy_from_slice(&s.ack.to_be_bytes());
-                b[32..40].copy_from_slice(&s.limit.to_be_bytes());
-                b[40] = s.flags;
-                b[41] = 0;
-                b[42..44].copy_from_slice(&s.len.to_be_bytes());
+                put(body::CONN_ID, &s.conn_id.to_be_bytes());
+                put(body::TOKEN, &s.token.to_be_bytes());
+                put(body::SEQ, &s.seq.to_be_bytes());
+                put(body::ACK, &s.ack.to_be_bytes());
+                put(body::LIMIT, &s.limit.to_be_bytes());
+                put(body::SEG_FLAGS, &[s.flags]);
+                put(body::PAYLOAD_LEN, &s.len.to_be_bytes());
             }
             Message::Reset {
                 conn_id,
                 token,
                 reason,
             } => {
-                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
-                b[8..16].copy_from_slice(&token.to_be_bytes());
-                b[16] = reason.into();
-                b[17..24].fill(0);
+                put(body::CONN_ID, &conn_id.to_be_bytes());
+                put(body::TOKEN, &token.to_be_bytes());
+                put(body::RESET_REASON, &[reason.into()]);
             }
             Message::Reject {
                 conn_id,
                 client_token,
                 reason,
             } => {
-                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
-                b[8..16].copy_from_slice(&client_token.to_be_bytes());
-                b[16] = reason.into();
-                b[17..24].fill(0);
+                put(body::CONN_ID, &conn_id.to_be_bytes());
+                put(body::CLIENT_TOKEN, &client_token.to_be_bytes());
+                put(body::REJECT_REASON, &[reason.into()]);
             }
             Message::Close { conn_id, token }
             | Message::CloseAck { conn_id, token }
             | Message::AcceptAck { conn_id, token } => {
-                b[0..8].copy_from_slice(&conn_id.to_be_bytes());
-                b[8..16].copy_from_slice(&token.to_be_bytes());
+                put(body::CONN_ID, &conn_id.to_be_bytes());
+                put(body::TOKEN, &token.to_be_bytes());
             }
             Message::ResolveRequest => {}
-            Message::ResolveReply { mac } => {
-                b[0..6].copy_from_slice(&mac.0);
-                b[6..8].fill(0);
-            }
+            Message::ResolveReply { mac } => put(body::MAC, &mac.0),
             Message::EchoRequest { seq, stamp } | Message::EchoReply { seq, stamp } => {
-                b[0..8].copy_from_slice(&seq.to_be_bytes());
-                b[8..16].copy_from_slice(&stamp.to_be_bytes());
+                put(body::ECHO_SEQ, &seq.to_be_bytes());
+                put(body::ECHO_STAMP, &stamp.to_be_bytes());
             }
         }
     }
@@ -820,23 +951,6 @@ impl Repr {
         self.emit(&mut Frame::new_unchecked(&mut v[..]), ethertype);
         v
     }
-}
-
-fn parse_offer(b: &[u8]) -> Result<Offer> {
-    let o = Offer {
-        window: be!(u32, &b[0..4]),
-        mss: be!(u16, &b[4..6]),
-    };
-    if b[6..8] != [0, 0] || o.window < Offer::MIN.window || o.mss < Offer::MIN.mss {
-        return Err(Error::Malformed);
-    }
-    Ok(o)
-}
-
-fn emit_offer(o: &Offer, b: &mut [u8]) {
-    b[0..4].copy_from_slice(&o.window.to_be_bytes());
-    b[4..6].copy_from_slice(&o.mss.to_be_bytes());
-    b[6..8].fill(0);
 }
 
 /// The payload of a Data frame (its bytes after the body header); empty for
@@ -1206,5 +1320,90 @@ mod declared_once {
         assert_eq!(Kind::from(0x7f).index(), None);
         assert_eq!(RejectReason::TcpOnly.label(), Some("tcp_only"));
         assert_eq!(Kind::COUNT, Kind::NAMES.len());
+    }
+
+    /// The dissector reads each kind's body where the layout table says:
+    /// every `t:add(f.NAME, buf(b + AT, LEN))` of a kind's branch is one of
+    /// its fields, every field is there, and its body length is the table's.
+    #[test]
+    fn the_dissector_reads_every_body_as_the_layout_table_says() {
+        use super::{body_layout, BodyField};
+        let lua = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/wireshark/dsan.lua"),
+        )
+        .unwrap();
+        // The branches: `if kind == 0x01 then` / `elseif kind == 0x04 or kind == 0x05 ...`.
+        let mut branches: Vec<(Vec<u8>, Vec<BodyField>)> = Vec::new();
+        for line in lua.lines().map(str::trim) {
+            if (line.starts_with("if kind == ") || line.starts_with("elseif kind == "))
+                && line.ends_with("then")
+            {
+                let codes = line
+                    .split("kind == ")
+                    .skip(1)
+                    .map(|c| {
+                        let hex = c
+                            .split_whitespace()
+                            .next()
+                            .unwrap()
+                            .trim_start_matches("0x");
+                        u8::from_str_radix(hex, 16).unwrap()
+                    })
+                    .collect();
+                branches.push((codes, Vec::new()));
+                continue;
+            }
+            if line == "end" {
+                continue;
+            }
+            let Some((_, fields)) = branches.last_mut() else {
+                continue;
+            };
+            for add in line.split("t:add(f.").skip(1) {
+                let name = add.split(',').next().unwrap();
+                if name == "payload" {
+                    continue;
+                }
+                let args = add.split("buf(b").nth(1).unwrap();
+                let args = args.split(')').next().unwrap();
+                let (at, len) = args.split_once(',').unwrap();
+                let at = at.trim().trim_start_matches('+').trim();
+                let at = if at.is_empty() {
+                    0
+                } else {
+                    at.parse().unwrap()
+                };
+                let len = len.trim().parse().unwrap();
+                let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+                fields.push(BodyField { name, at, len });
+            }
+        }
+        for k in Kind::ALL {
+            let l = body_layout(k).unwrap();
+            let (want, len) = (l.fields, l.len);
+            let have = branches
+                .iter()
+                .find(|(codes, _)| codes.contains(&k.code()))
+                .map(|(_, f)| f.clone())
+                .unwrap_or_default();
+            assert_eq!(have, want, "dsan.lua's fields of {k:?}");
+            // Fields and reserved bytes cover the body exactly once.
+            let mut covered = vec![0u8; len];
+            for r in want
+                .iter()
+                .map(BodyField::range)
+                .chain(l.reserved.iter().cloned())
+            {
+                for i in r {
+                    covered[i] += 1;
+                }
+            }
+            assert!(covered.iter().all(|&c| c == 1), "{k:?}: {covered:?}");
+            let entry = format!("[0x{:02x}] = {len}", k.code());
+            assert!(
+                lua.split("local body_len").nth(1).unwrap().contains(&entry),
+                "dsan.lua's body length of {k:?} is not {len}"
+            );
+        }
     }
 }

@@ -16,9 +16,9 @@
 mod frame;
 
 pub use frame::{
-    payload, EthernetAddress, Frame, Ipv4, Kind, Message, Offer, RejectReason, Repr, ResetReason,
-    SanHeader, Segment, DATA_HEADER_LEN, DEFAULT_ETHERTYPE, ETH_HEADER_LEN, PAYLOAD_OFFSET,
-    SAN_HEADER_LEN, SEG_FIN, SEG_NAK, SEG_PROBE, SEG_URG, VERSION,
+    body, body_layout, payload, BodyField, BodyLayout, EthernetAddress, Frame, Ipv4, Kind, Message,
+    Offer, RejectReason, Repr, ResetReason, SanHeader, Segment, DATA_HEADER_LEN, DEFAULT_ETHERTYPE,
+    ETH_HEADER_LEN, PAYLOAD_OFFSET, SAN_HEADER_LEN, SEG_FIN, SEG_NAK, SEG_PROBE, SEG_URG, VERSION,
 };
 
 /// The one parse error: the bytes are not a well-formed SAN frame of this version.

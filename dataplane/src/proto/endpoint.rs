@@ -57,18 +57,20 @@
 
 use super::client::Attempt;
 use super::config::{ProtoConfig, Subnet};
-use super::connection::{ConnTable, Connection, Retry, Role};
-use super::resolve::Resolver;
+use super::connection::{
+    ConnTable, Connection, Retry, Role, ACCEPT_SENDS, CLOSE_PENDING, CLOSING, CONFIRMING,
+};
+use super::resolve::{Lookup, Resolver};
 use super::rng::Rng;
-use super::server::{Listener, Pending, SourceShare, Unsure};
+use super::server::{Listener, Pending, SourceShare, Unsure, MAX_UNSURE, UNSURE_POLL, UNSURE_WAIT};
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
-use crate::wire::{EthernetAddress, Ipv4, Message, Offer, RejectReason, Repr, SanHeader};
+use crate::wire::{
+    EthernetAddress, Ipv4, Message, Offer, RejectReason, Repr, ResetReason, SanHeader,
+};
+use dsan_channel::region::{effective_backlog, MAX_BACKLOG};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-
-/// How frames name a connection: (peer address, connection id, our role).
-pub(super) type WireKey = (Ipv4, u64, Role);
 
 /// Bytes of one entry of the wire index (a slot number and the hash
 /// table's control byte).
@@ -418,5 +420,1347 @@ impl<R: Rng> Endpoint<R> {
         self.expire_requests(now);
         self.settle_unsure(now);
         self.expire_tombstones(now);
+    }
+}
+
+// ----------------------------------------------------------------------
+// The client side: connect attempts, their answers and timers. (the types: `client.rs`)
+
+impl<R: Rng> Endpoint<R> {
+    /// Starts connecting to `dst` from `local_ip` (or this host's first
+    /// address in the destination's subnet). The result arrives as
+    /// [`Event::Connected`] or [`Event::ConnectFailed`].
+    ///
+    /// # Errors
+    /// See [`ConnectError`].
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        local_ip: Option<Ipv4>,
+        dst: SockAddr,
+    ) -> Result<ConnHandle, ConnectError> {
+        self.connect_with(now, local_ip, dst, self.cfg.offer(Offer::DEFAULT.window))
+    }
+
+    /// [`connect`](Self::connect), offering the peer `offer` (our receive
+    /// window and frame size).
+    ///
+    /// # Errors
+    /// See [`ConnectError`].
+    pub fn connect_with(
+        &mut self,
+        now: Instant,
+        local_ip: Option<Ipv4>,
+        dst: SockAddr,
+        offer: Offer,
+    ) -> Result<ConnHandle, ConnectError> {
+        self.connect_from(now, local_ip, 0, dst, offer)
+    }
+
+    /// [`Endpoint::connect_with`] from local port `local_port` (0: one of
+    /// the ephemeral range, in turn). The port names the connection only
+    /// (the connection id identifies it on the wire); the application's
+    /// kernel bind keeps two sockets of a host from sharing one.
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect_with`].
+    pub fn connect_from(
+        &mut self,
+        now: Instant,
+        local_ip: Option<Ipv4>,
+        local_port: u16,
+        dst: SockAddr,
+        offer: Offer,
+    ) -> Result<ConnHandle, ConnectError> {
+        self.connect_for(now, 0, local_ip, local_port, dst, offer)
+    }
+
+    /// [`Endpoint::connect_from`] on behalf of `owner` (a user; 0 for
+    /// none): if the destination must be resolved, the resolution counts in
+    /// the owner's share of the resolver's table.
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect_with`], and [`ConnectError::ResolutionShare`]
+    /// when that share is used up.
+    pub fn connect_for(
+        &mut self,
+        now: Instant,
+        owner: u32,
+        local_ip: Option<Ipv4>,
+        local_port: u16,
+        dst: SockAddr,
+        offer: Offer,
+    ) -> Result<ConnHandle, ConnectError> {
+        let subnet = self
+            .cfg
+            .subnets
+            .iter()
+            .find(|s| s.contains(dst.0))
+            .copied()
+            .ok_or(ConnectError::HostUnreachable)?;
+        let src = match local_ip {
+            Some(ip) if self.is_ours(ip) => ip,
+            Some(_) => return Err(ConnectError::NoLocalAddress),
+            None => self
+                .addrs
+                .iter()
+                .copied()
+                .find(|a| subnet.contains(*a))
+                .or(self.addrs.first().copied())
+                .ok_or(ConnectError::NoLocalAddress)?,
+        };
+        if self.attempts.len() >= self.cfg.max_attempts {
+            return Err(ConnectError::TooManyAttempts);
+        }
+        if self.resolver.over_share(now, dst.0, owner) {
+            return Err(ConnectError::ResolutionShare);
+        }
+        let mut conn_id = self.rng.next_u64();
+        while self.attempt_by_wire.contains_key(&conn_id) {
+            conn_id = self.rng.next_u64();
+        }
+        let port = if local_port != 0 {
+            local_port
+        } else {
+            let p = self.next_port;
+            self.next_port = if self.next_port == *EPHEMERAL.end() {
+                *EPHEMERAL.start()
+            } else {
+                self.next_port + 1
+            };
+            p
+        };
+        // The handle is our token: the peer echoes it, and it names the
+        // slot the connection will take.
+        let h = self.conns.new_handle(self.rng.next_u64() as u32);
+        let client_token = h.0;
+        let lookup = self.resolver.lookup_for(now, dst.0, owner);
+        let peer_mac = match lookup {
+            Lookup::Found(m) => Some(m),
+            Lookup::Pending | Lookup::Failed => None,
+        };
+        let rto = self.cfg.initial_rto;
+        self.attempts.insert(
+            h,
+            Attempt {
+                local: (src, port),
+                peer: dst,
+                peer_mac,
+                conn_id,
+                client_token,
+                started: now,
+                deadline: now + self.cfg.connect_budget,
+                next_send: now + rto,
+                rto,
+                offer,
+            },
+        );
+        self.attempt_by_wire.insert(conn_id, h);
+        match lookup {
+            Lookup::Found(_) => self.send_request(h),
+            Lookup::Pending => self.resolution_timers(now), // sends the resolution request now
+            Lookup::Failed => {
+                // Nobody answered for this address a moment ago (or the
+                // resolver is full): due at once, the next timer pass ends
+                // it as the timeout would.
+                self.stats.unresolved_fast += 1;
+                if let Some(a) = self.attempts.get_mut(&h) {
+                    a.deadline = now;
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// Abandons a connect attempt in progress (nothing is sent; a late accept
+    /// will be answered with a close). Returns whether `h` was an attempt.
+    pub(super) fn abandon(&mut self, h: ConnHandle) -> bool {
+        match self.attempts.remove(&h) {
+            Some(a) => {
+                self.attempt_by_wire.remove(&a.conn_id);
+                self.conns.release(h);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn finish_attempt(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        outcome: Result<(SanHeader, u64, Offer), ConnectFailure>,
+    ) {
+        let Some(a) = self.attempts.remove(&h) else {
+            return;
+        };
+        self.attempt_by_wire.remove(&a.conn_id);
+        match outcome {
+            Ok((hdr, server_token, peer_offer)) => {
+                self.stats.attempts[0] += 1;
+                let d = now.saturating_since(a.started);
+                let secs = d.as_secs_f64();
+                let b = CONNECT_BUCKETS_S
+                    .iter()
+                    .position(|ub| secs <= *ub)
+                    .unwrap_or(CONNECT_BUCKETS_S.len());
+                self.stats.connect_duration_buckets[b] += 1;
+                self.stats.connect_duration_sum_ns += d.as_nanos() as u64;
+                let c = Connection::new(
+                    Role::Client,
+                    a.local,
+                    a.peer,
+                    hdr.src_mac,
+                    a.conn_id,
+                    a.client_token,
+                    server_token,
+                    (a.offer, peer_offer),
+                );
+                let params = c.stream_params();
+                self.conns.insert(h, c);
+                self.events.push_back(Event::Connected { conn: h, params });
+            }
+            Err(e) => {
+                self.conns.release(h);
+                self.stats.attempts[match e {
+                    ConnectFailure::Refused(_) => 1,
+                    ConnectFailure::Reset => 2,
+                    ConnectFailure::TimedOut => 3,
+                }] += 1;
+                self.events
+                    .push_back(Event::ConnectFailed { conn: h, error: e });
+            }
+        }
+    }
+
+    fn send_request(&mut self, h: ConnHandle) {
+        let Some(a) = self.attempts.get(&h) else {
+            return;
+        };
+        let Some(mac) = a.peer_mac else { return };
+        let (local, peer, m) = (
+            a.local,
+            a.peer,
+            Message::ConnectRequest {
+                conn_id: a.conn_id,
+                client_token: a.client_token,
+                offer: a.offer,
+            },
+        );
+        self.emit(mac, local, peer, m);
+    }
+
+    /// The attempt matching a reply from `src` with `conn_id` and `client_token`
+    /// (a wrong token is counted).
+    fn attempt_for(&mut self, src: Ipv4, conn_id: u64, client_token: u64) -> Option<ConnHandle> {
+        let ah = self.attempt_by_wire.get(&conn_id).copied()?;
+        let a = &self.attempts[&ah];
+        if a.peer.0 != src || a.client_token != client_token {
+            self.stats.bad_token += 1;
+            return None;
+        }
+        Some(ah)
+    }
+
+    pub(super) fn on_accept(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        client_token: u64,
+        server_token: u64,
+        offer: Offer,
+    ) {
+        let confirm = Message::AcceptAck {
+            conn_id,
+            token: server_token,
+        };
+        if self.attempt_by_wire.contains_key(&conn_id) {
+            if let Some(ah) = self.attempt_for(h.src_ip, conn_id, client_token) {
+                self.finish_attempt(now, ah, Ok((*h, server_token, offer)));
+                self.reply(h, confirm);
+            }
+            return;
+        }
+        let known = self
+            .conns
+            .by_wire((h.src_ip, conn_id, Role::Client))
+            .and_then(|c| self.conns.get(&c));
+        match known {
+            Some(c) if c.my_token == client_token && c.peer_token == server_token => {
+                // A duplicate: our confirmation was lost; confirm again.
+                self.stats.late_replies += 1;
+                if !c.is_closing() {
+                    self.reply(h, confirm);
+                }
+            }
+            Some(_) => self.stats.bad_token += 1,
+            None => {
+                // The attempt is over (timed out, abandoned): tell the
+                // accepting side to drop the connection it made.
+                self.stats.late_replies += 1;
+                self.reply(
+                    h,
+                    Message::Close {
+                        conn_id,
+                        token: server_token,
+                    },
+                );
+            }
+        }
+    }
+
+    pub(super) fn on_reject(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        client_token: u64,
+        reason: RejectReason,
+    ) {
+        if !self.attempt_by_wire.contains_key(&conn_id) {
+            self.stats.late_replies += 1;
+            return;
+        }
+        if let Some(ah) = self.attempt_for(h.src_ip, conn_id, client_token) {
+            let e = match reason {
+                RejectReason::NoListener => ConnectFailure::Reset,
+                r => ConnectFailure::Refused(r),
+            };
+            self.finish_attempt(now, ah, Err(e));
+        }
+    }
+
+    /// The accepting side accepted and closed before its accept reached us
+    /// (lost or reordered): the attempt succeeded and the connection ended.
+    /// Returns false only for a frame with a wrong token (not to be acknowledged).
+    pub(super) fn accepted_then_closed(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        token: u64,
+    ) -> bool {
+        if !self.attempt_by_wire.contains_key(&conn_id) {
+            return true;
+        }
+        let Some(ah) = self.attempt_for(h.src_ip, conn_id, token) else {
+            return false;
+        };
+        self.finish_attempt(now, ah, Ok((*h, 0, crate::wire::Offer::MIN)));
+        self.remove_conn(now, ah);
+        self.events.push_back(Event::Closed { conn: ah });
+        true
+    }
+
+    /// Attempts waiting for `ip`'s MAC send their request now (in handle order).
+    pub(super) fn resolved(&mut self, ip: Ipv4, mac: EthernetAddress) {
+        let waiting: Vec<ConnHandle> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.peer.0 == ip && a.peer_mac.is_none())
+            .map(|(h, _)| *h)
+            .collect();
+        for h in waiting {
+            if let Some(a) = self.attempts.get_mut(&h) {
+                a.peer_mac = Some(mac);
+            }
+            self.send_request(h);
+        }
+    }
+
+    /// Resolution requests due, and attempts whose resolution failed.
+    pub(super) fn resolution_timers(&mut self, now: Instant) {
+        while let Some(ip) = self.resolver.poll_request(now) {
+            let src = self.addrs.first().copied().unwrap_or(Ipv4::UNSPECIFIED);
+            self.emit(
+                EthernetAddress::BROADCAST,
+                (src, 0),
+                (ip, 0),
+                Message::ResolveRequest,
+            );
+        }
+        while let Some(ip) = self.resolver.poll_failed() {
+            let failed: Vec<ConnHandle> = self
+                .attempts
+                .iter()
+                .filter(|(_, a)| a.peer.0 == ip && a.peer_mac.is_none())
+                .map(|(h, _)| *h)
+                .collect();
+            for h in failed {
+                self.finish_attempt(now, h, Err(ConnectFailure::TimedOut));
+            }
+        }
+    }
+
+    /// Retransmissions and give-ups of connect attempts (in handle order).
+    pub(super) fn attempt_timers(&mut self, now: Instant) {
+        let due: Vec<ConnHandle> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.deadline <= now || (a.peer_mac.is_some() && a.next_send <= now))
+            .map(|(h, _)| *h)
+            .collect();
+        for h in due {
+            let a = self.attempts.get_mut(&h).expect("listed");
+            if a.deadline <= now {
+                self.finish_attempt(now, h, Err(ConnectFailure::TimedOut));
+                continue;
+            }
+            a.rto = (a.rto * 2).min(self.cfg.max_rto);
+            a.next_send = now + a.rto;
+            self.send_request(h);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------
+// The server side: listeners, incoming requests, decisions. (the types: `server.rs`)
+
+impl<R: Rng> Endpoint<R> {
+    /// Listens on `addr` (a SAN address of this host, or 0.0.0.0 for all) with
+    /// a backlog of `backlog` requests (see [`effective_backlog`]).
+    ///
+    /// # Errors
+    /// See [`ListenError`].
+    pub fn listen(&mut self, addr: SockAddr, backlog: i64) -> Result<ListenerId, ListenError> {
+        if !addr.0.is_unspecified() && !self.is_ours(addr.0) {
+            return Err(ListenError::AddrNotAvailable);
+        }
+        let clash = self.listener_by_addr.keys().any(|(ip, port)| {
+            *port == addr.1 && (*ip == addr.0 || ip.is_unspecified() || addr.0.is_unspecified())
+        });
+        if clash {
+            return Err(ListenError::AddrInUse);
+        }
+        if self.listeners.len() >= self.cfg.max_listeners {
+            return Err(ListenError::TooManyListeners);
+        }
+        let capacity = effective_backlog(backlog).min(MAX_BACKLOG);
+        let id = ListenerId(self.id());
+        self.listeners.insert(
+            id,
+            Listener {
+                addr,
+                capacity,
+                live: 0,
+            },
+        );
+        self.listener_by_addr.insert(addr, id);
+        Ok(id)
+    }
+
+    /// Listens on `addr` in place of listener `from`, which holds it: new
+    /// requests for `addr` go to the new listener; `from` keeps what it has
+    /// and gets nothing more (a forked worker taking its parent's SAN side).
+    ///
+    /// # Errors
+    /// [`ListenError::AddrInUse`] if `from` is not the listener of `addr`;
+    /// as [`listen`](Self::listen).
+    pub fn listen_over(
+        &mut self,
+        addr: SockAddr,
+        backlog: i64,
+        from: ListenerId,
+    ) -> Result<ListenerId, ListenError> {
+        if self.listener_by_addr.get(&addr) != Some(&from) {
+            return Err(ListenError::AddrInUse);
+        }
+        self.listener_by_addr.remove(&addr);
+        self.listen(addr, backlog).inspect_err(|_| {
+            self.listener_by_addr.insert(addr, from);
+        })
+    }
+
+    /// The listener that requests for exactly `addr` go to.
+    pub fn listener_at(&self, addr: SockAddr) -> Option<ListenerId> {
+        self.listener_by_addr.get(&addr).copied()
+    }
+
+    /// Closes a listener: every request still pending on it is refused to its
+    /// peer (`ListenerClosed`, ECONNREFUSED there), in arrival order.
+    ///
+    /// # Errors
+    /// [`CloseError::Unknown`] for an unknown listener.
+    pub fn close_listener(&mut self, now: Instant, id: ListenerId) -> Result<(), CloseError> {
+        let l = self.listeners.remove(&id).ok_or(CloseError::Unknown)?;
+        // (A listener whose address was taken over holds no index entry.)
+        if self.listener_by_addr.get(&l.addr) == Some(&id) {
+            self.listener_by_addr.remove(&l.addr);
+        }
+        if l.live == 0 {
+            return Ok(());
+        }
+        let mine: Vec<RequestKey> = self
+            .pending_order
+            .iter()
+            .filter(|(k, arrived)| {
+                self.pending
+                    .get(k)
+                    .is_some_and(|p| p.listener == id && p.inc.arrived == *arrived)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in mine {
+            if let Some(p) = self.unpend(k) {
+                let h = p.inc.header(self.mac);
+                self.reject(
+                    now,
+                    &h,
+                    p.inc.conn_id,
+                    p.inc.client_token,
+                    RejectReason::ListenerClosed,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A request arrived (or a retransmission of one).
+    pub(super) fn on_request(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        client_token: u64,
+        offer: Offer,
+    ) {
+        self.stats.requests_received += 1;
+        let key = RequestKey {
+            peer_ip: h.src_ip,
+            conn_id,
+        };
+        // An accepted connection: replay the accept.
+        if let Some(ch) = self.conns.by_wire((h.src_ip, conn_id, Role::Server)) {
+            let c = self.conns[&ch];
+            if c.peer_token != client_token {
+                self.stats.bad_token += 1;
+                return;
+            }
+            // Replayed even while closing: the close retransmissions follow.
+            // Once confirmed the client holds the connection and ignores
+            // the replay; until then the offer is kept with the retries.
+            let offer = self.confirming.get(&ch).map_or(
+                Offer {
+                    window: 0,
+                    mss: c.mss,
+                },
+                |e| e.1,
+            );
+            self.stats.replayed_accepts += 1;
+            self.emit(
+                h.src_mac,
+                c.local,
+                c.peer,
+                Message::Accept {
+                    conn_id,
+                    client_token,
+                    server_token: c.my_token,
+                    offer,
+                },
+            );
+            return;
+        }
+        // Still pending: one entry only.
+        if let Some(p) = self.pending.get(&key) {
+            if p.inc.client_token == client_token {
+                self.stats.duplicate_requests += 1;
+            } else {
+                self.stats.bad_token += 1;
+            }
+            return;
+        }
+        // Answered before: the same answer.
+        if self.replay(h, key, client_token) {
+            return;
+        }
+        let lid = self
+            .listener_by_addr
+            .get(&(h.dst_ip, h.dst_port))
+            .or_else(|| self.listener_by_addr.get(&(Ipv4::UNSPECIFIED, h.dst_port)))
+            .copied();
+        let Some(lid) = lid else {
+            let why = match self.cfg.tcp_listening.clone() {
+                Some(p) if p.contains(h.dst_port) => RejectReason::TcpOnly,
+                // Nothing known to listen: "no listener" is final for the
+                // client (no fallback to TCP), so it is said only when TCP
+                // would surely fail too: after a scan of the kernel's
+                // listeners that began after this request arrived (a
+                // service may have started a moment ago).
+                Some(p) => {
+                    if self.unsure.iter().any(|u| u.key == key) {
+                        self.stats.duplicate_requests += 1;
+                        return;
+                    }
+                    if self.unsure.len() < MAX_UNSURE {
+                        if self.unsure.is_empty() {
+                            self.unsure_check = now + UNSURE_POLL;
+                        }
+                        self.unsure.push_back(Unsure {
+                            header: *h,
+                            key,
+                            client_token,
+                            ticket: p.ask(),
+                            arrived: now,
+                        });
+                        return;
+                    }
+                    // Too many to check: the answer that lets TCP decide.
+                    RejectReason::TcpOnly
+                }
+                None => RejectReason::NoListener,
+            };
+            return self.reject(now, h, conn_id, client_token, why);
+        };
+        let l = &self.listeners[&lid];
+        if l.live >= l.capacity {
+            // [SEED] refused at once, and no event.
+            return self.reject(now, h, conn_id, client_token, RejectReason::BacklogFull);
+        }
+        // One source's share of the pending requests is full: its oldest
+        // request makes room (forgotten without an answer, as a dropped
+        // frame: its client retransmits and queues again). A forger using a
+        // real client's address so cannot lock it out: each of the client's
+        // requests is queued and stays until as many newer ones came from
+        // that address.
+        let from_source = self.pending_by_source.get(&h.src_ip).map_or(0, |s| s.live);
+        if from_source >= self.cfg.max_half_open_per_source {
+            self.displace_oldest(h.src_ip);
+        }
+        if self.pending.len() >= self.cfg.max_half_open {
+            return self.reject(now, h, conn_id, client_token, RejectReason::NoResources);
+        }
+        let inc = Incoming {
+            peer: (h.src_ip, h.src_port),
+            local: (h.dst_ip, h.dst_port),
+            peer_mac: h.src_mac,
+            conn_id,
+            client_token,
+            arrived: now,
+            offer,
+        };
+        self.listeners.get_mut(&lid).expect("listener exists").live += 1;
+        let share = self.pending_by_source.entry(h.src_ip).or_default();
+        share.live += 1;
+        share.order.push_back((conn_id, now));
+        self.pending.insert(key, Pending { listener: lid, inc });
+        self.pending_order.push_back((key, now));
+        self.events.push_back(Event::Incoming {
+            listener: lid,
+            request: inc,
+        });
+    }
+
+    /// Takes a request out of the pending set (answered, expired or refused).
+    fn unpend(&mut self, key: RequestKey) -> Option<Pending> {
+        let p = self.pending.remove(&key)?;
+        if let Some(share) = self.pending_by_source.get_mut(&key.peer_ip) {
+            share.live -= 1;
+            if share.live == 0 {
+                self.pending_by_source.remove(&key.peer_ip);
+            } else if share.order.len() > 2 * share.live + 8 {
+                // Answered entries are skipped lazily; keep the queue near
+                // the live count (amortised: at most once per `live` answers).
+                let pending = &self.pending;
+                share.order.retain(|&(conn_id, arrived)| {
+                    pending
+                        .get(&RequestKey {
+                            peer_ip: key.peer_ip,
+                            conn_id,
+                        })
+                        .is_some_and(|p| p.inc.arrived == arrived)
+                });
+            }
+        }
+        if let Some(l) = self.listeners.get_mut(&p.listener) {
+            l.live -= 1;
+        }
+        // Answered requests at the head of the arrival order go now (so the
+        // queue holds little more than the live requests).
+        while let Some(&(k, arrived)) = self.pending_order.front() {
+            if self
+                .pending
+                .get(&k)
+                .is_some_and(|p| p.inc.arrived == arrived)
+            {
+                break;
+            }
+            self.pending_order.pop_front();
+        }
+        Some(p)
+    }
+
+    /// Forgets the oldest pending request from `src` (no answer, no
+    /// tombstone: a retransmission is a new request).
+    fn displace_oldest(&mut self, src: Ipv4) {
+        let Some(share) = self.pending_by_source.get_mut(&src) else {
+            return;
+        };
+        while let Some((conn_id, arrived)) = share.order.pop_front() {
+            let key = RequestKey {
+                peer_ip: src,
+                conn_id,
+            };
+            if self
+                .pending
+                .get(&key)
+                .is_some_and(|p| p.inc.arrived == arrived)
+            {
+                self.unpend(key);
+                self.stats.displaced += 1;
+                return;
+            }
+        }
+    }
+
+    /// Answers the pending request `key` that arrived on listener `id`.
+    /// Returns the new connection for [`Decision::Accept`], `None` otherwise.
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error nothing changes.
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        key: RequestKey,
+        d: Decision,
+    ) -> Result<Option<ConnHandle>, AcceptError> {
+        self.decide_with(now, id, key, d, self.cfg.offer(Offer::DEFAULT.window))
+    }
+
+    /// [`decide`](Self::decide), offering the client `offer` on accept.
+    ///
+    /// # Errors
+    /// See [`AcceptError`]; on error nothing changes.
+    pub fn decide_with(
+        &mut self,
+        now: Instant,
+        id: ListenerId,
+        key: RequestKey,
+        d: Decision,
+        offer: Offer,
+    ) -> Result<Option<ConnHandle>, AcceptError> {
+        if !self.listeners.contains_key(&id) {
+            return Err(AcceptError::UnknownListener);
+        }
+        if self.pending.get(&key).is_none_or(|p| p.listener != id) {
+            self.stats.stale_decisions += 1;
+            return Err(AcceptError::Stale);
+        }
+        match d {
+            Decision::Defer => Ok(None),
+            Decision::Accept if self.conns.len() >= self.cfg.max_connections => {
+                Err(AcceptError::TooManyConnections)
+            }
+            Decision::Reject => {
+                let inc = self.unpend(key).expect("checked").inc;
+                let h = inc.header(self.mac);
+                self.reject(
+                    now,
+                    &h,
+                    inc.conn_id,
+                    inc.client_token,
+                    RejectReason::Refused,
+                );
+                Ok(None)
+            }
+            Decision::Accept => {
+                let inc = self.unpend(key).expect("checked").inc;
+                self.stats.accepted += 1;
+                // The handle is our token (see `ConnTable`).
+                let ch = self.conns.new_handle(self.rng.next_u64() as u32);
+                let server_token = ch.0;
+                let c = Connection::new(
+                    Role::Server,
+                    inc.local,
+                    inc.peer,
+                    inc.peer_mac,
+                    inc.conn_id,
+                    server_token,
+                    inc.client_token,
+                    (offer, inc.offer),
+                );
+                self.conns.insert(ch, c);
+                self.await_confirmation(now, ch, offer);
+                self.emit(
+                    inc.peer_mac,
+                    inc.local,
+                    inc.peer,
+                    Message::Accept {
+                        conn_id: inc.conn_id,
+                        client_token: inc.client_token,
+                        server_token,
+                        offer,
+                    },
+                );
+                Ok(Some(ch))
+            }
+        }
+    }
+
+    /// Refuses a pending request whose place in the application's queue could
+    /// not be taken (the I/O edge found the ring full or broken): the peer
+    /// learns `reason` at once.
+    pub fn refuse(&mut self, now: Instant, key: RequestKey, reason: RejectReason) {
+        if let Some(p) = self.unpend(key) {
+            let h = p.inc.header(self.mac);
+            self.reject(now, &h, p.inc.conn_id, p.inc.client_token, reason);
+        }
+    }
+
+    /// Answers the requests that waited for a scan of the kernel's TCP
+    /// listeners: `TcpOnly` if the port has one now (or no scan came in
+    /// time), `NoListener` if a scan that began after the request shows none.
+    pub(super) fn settle_unsure(&mut self, now: Instant) {
+        if self.unsure.is_empty() {
+            return;
+        }
+        let Some(set) = self.cfg.tcp_listening.clone() else {
+            return;
+        };
+        self.unsure_check = now + UNSURE_POLL;
+        while let Some(u) = self.unsure.front().copied() {
+            let fresh = set.fresh_since(u.ticket);
+            if !fresh && u.arrived + UNSURE_WAIT > now {
+                break;
+            }
+            self.unsure.pop_front();
+            let why = if fresh && !set.contains(u.header.dst_port) {
+                RejectReason::NoListener
+            } else {
+                self.stats.unsure_to_tcp += u64::from(!fresh);
+                RejectReason::TcpOnly
+            };
+            self.reject(now, &u.header, u.key.conn_id, u.client_token, why);
+        }
+    }
+
+    /// Drops requests pending longer than the connect budget: their clients
+    /// have given up, so nothing is sent; a retransmission (from a client with
+    /// a longer budget) is answered `Refused` from the tombstone.
+    pub(super) fn expire_requests(&mut self, now: Instant) {
+        while let Some(&(key, arrived)) = self.pending_order.front() {
+            let live = self
+                .pending
+                .get(&key)
+                .is_some_and(|p| p.inc.arrived == arrived);
+            if live && arrived + self.cfg.connect_budget > now {
+                break;
+            }
+            self.pending_order.pop_front();
+            if !live {
+                continue; // answered already
+            }
+            let p = self.unpend(key).expect("live");
+            self.stats.expired += 1;
+            self.remember(
+                now,
+                key,
+                Tomb::Refused {
+                    client_token: p.inc.client_token,
+                    reason: RejectReason::Refused,
+                },
+            );
+        }
+    }
+}
+
+// ----------------------------------------------------------------------
+// Established connections: close handshakes, retransmissions, resets. (the types: `connection.rs`)
+
+impl<R: Rng> Endpoint<R> {
+    /// Closes a connection (a `Close` is retransmitted until acknowledged or
+    /// the close budget runs out), or abandons a connect attempt in progress
+    /// (nothing is sent; a late accept will be answered with a close).
+    ///
+    /// # Errors
+    /// [`CloseError::Unknown`] for an unknown or already closing handle.
+    pub fn close(&mut self, now: Instant, h: ConnHandle) -> Result<(), CloseError> {
+        if self.abandon(h) {
+            return Ok(());
+        }
+        let c = self.conns.get_mut(&h).ok_or(CloseError::Unknown)?;
+        if c.is_closing() {
+            return Err(CloseError::Unknown);
+        }
+        if c.flags & CONFIRMING != 0 {
+            // Its client has not proven its address: the Close waits for
+            // the confirmation (see `confirm_timers`), and goes nowhere if
+            // none comes.
+            c.flags |= CLOSE_PENDING;
+            return Ok(());
+        }
+        self.start_close(now, h);
+        Ok(())
+    }
+
+    /// Starts the close handshake of `h` (known, not closing yet).
+    fn start_close(&mut self, now: Instant, h: ConnHandle) {
+        let c = self.conns.get_mut(&h).expect("known");
+        // The close handshake takes over from the confirmation.
+        c.flags = CLOSING;
+        let c = *c;
+        self.confirming.remove(&h);
+        self.closing.insert(
+            h,
+            Retry::start(now, self.cfg.close_budget, self.cfg.initial_rto),
+        );
+        self.send_close(&c);
+    }
+
+    /// A server connection starts waiting for its client's confirmation (an
+    /// AcceptAck, or any stream frame with our token: only the client that
+    /// got our Accept knows it). Until then the source is unproven (a
+    /// request may carry a victim's forged addresses), so the Accept is sent
+    /// again at most once ([`ACCEPT_SENDS`] in all) and nothing else goes to
+    /// it: the stream waits (see [`Endpoint::is_unconfirmed`]), and a client
+    /// that never confirms within the close budget is forgotten without a
+    /// Close; the application is told the connection closed. A real client
+    /// whose Accept was lost retransmits its request, and each request is
+    /// answered with the Accept again (one frame per frame received).
+    pub(super) fn await_confirmation(&mut self, now: Instant, h: ConnHandle, offer: Offer) {
+        if let Some(c) = self.conns.get_mut(&h) {
+            c.flags |= CONFIRMING;
+            self.confirming.insert(
+                h,
+                (
+                    Retry::start(now, self.cfg.close_budget, self.cfg.initial_rto),
+                    offer,
+                    1,
+                ),
+            );
+        }
+    }
+
+    /// Whether `h` is a server connection whose client has not confirmed
+    /// it yet: nothing but the Accept may be sent to it.
+    pub fn is_unconfirmed(&self, h: ConnHandle) -> bool {
+        self.conns
+            .get(&h)
+            .is_some_and(|c| c.flags & CONFIRMING != 0)
+    }
+
+    /// The client of server connection `ch` proved itself (an AcceptAck, or
+    /// a stream frame carrying our token).
+    fn confirmed(&mut self, ch: ConnHandle) {
+        let Some(c) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        c.flags &= !CONFIRMING;
+        if c.flags & CLOSE_PENDING != 0 {
+            // Closed by its application meanwhile: the close handshake
+            // starts at once (from the timers, which know the time).
+            if let Some(e) = self.confirming.get_mut(&ch) {
+                e.0.next = Instant(0);
+            }
+            return;
+        }
+        self.confirming.remove(&ch);
+    }
+
+    fn send_accept(&mut self, c: &Connection, offer: Offer) {
+        self.emit(
+            c.peer_mac,
+            c.local,
+            c.peer,
+            Message::Accept {
+                conn_id: c.conn_id,
+                client_token: c.peer_token,
+                server_token: c.my_token,
+                offer,
+            },
+        );
+    }
+
+    pub(super) fn on_accept_ack(&mut self, h: &SanHeader, conn_id: u64, token: u64) {
+        match self.conns.by_wire((h.src_ip, conn_id, Role::Server)) {
+            Some(ch) if self.conns[&ch].my_token == token => self.confirmed(ch),
+            Some(_) => self.stats.bad_token += 1,
+            None => self.stats.late_replies += 1,
+        }
+    }
+
+    /// The entries of `set` whose retransmission (picked by `which`) is due.
+    fn due<T: Copy>(
+        set: &BTreeMap<ConnHandle, T>,
+        which: fn(&T) -> Retry,
+        now: Instant,
+    ) -> Vec<(ConnHandle, T)> {
+        set.iter()
+            .filter(|(_, v)| which(v).timer() <= now)
+            .map(|(h, v)| (*h, *v))
+            .collect()
+    }
+
+    /// Sends (or resends) the Close of a connection we are closing.
+    fn send_close(&mut self, c: &Connection) {
+        self.emit(
+            c.peer_mac,
+            c.local,
+            c.peer,
+            Message::Close {
+                conn_id: c.conn_id,
+                token: c.peer_token,
+            },
+        );
+    }
+
+    /// Accept retransmissions of unconfirmed server connections (at most
+    /// [`ACCEPT_SENDS`] Accepts in all), and give-ups: a client that never
+    /// confirmed is forgotten without a Close (its source was never proven;
+    /// a late frame from a real one is answered by the tombstone or a Reset).
+    pub(super) fn confirm_timers(&mut self, now: Instant) {
+        for (h, (r, offer, sent)) in Self::due(&self.confirming, |e| e.0, now) {
+            let flags = self.conns[&h].flags;
+            if flags & CLOSE_PENDING != 0 && flags & CONFIRMING == 0 {
+                // Confirmed after its application closed it: close now.
+                self.confirming.remove(&h);
+                self.start_close(now, h);
+                continue;
+            }
+            if r.give_up <= now {
+                self.stats.unconfirmed += 1;
+                if flags & CLOSE_PENDING == 0 {
+                    self.events.push_back(Event::Closed { conn: h });
+                }
+                self.remove_conn(now, h);
+                continue;
+            }
+            if sent >= ACCEPT_SENDS {
+                // Nothing more to send: wait for the give-up.
+                let wait = Retry {
+                    next: r.give_up,
+                    ..r
+                };
+                self.confirming.insert(h, (wait, offer, sent));
+                continue;
+            }
+            let c = self.conns[&h];
+            self.confirming
+                .insert(h, (r.backed_off(now, self.cfg.max_rto), offer, sent + 1));
+            self.send_accept(&c, offer);
+        }
+    }
+
+    pub(super) fn remove_conn(&mut self, now: Instant, h: ConnHandle) -> Option<Connection> {
+        self.remove_conn_as(now, h, None)
+    }
+
+    /// [`remove_conn`](Self::remove_conn), for a connection that ended with
+    /// a reset (`Some(reason)`): a client that retransmits its request later
+    /// is told so, not that it closed.
+    pub(super) fn remove_conn_as(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        reset: Option<ResetReason>,
+    ) -> Option<Connection> {
+        let c = self.conns.remove(&h)?;
+        self.closing.remove(&h);
+        self.confirming.remove(&h);
+        if c.role == Role::Server {
+            // The client may still be retransmitting its request (our accept
+            // lost): it must learn "accepted, then closed", never a refusal.
+            self.remember(
+                now,
+                RequestKey {
+                    peer_ip: c.peer.0,
+                    conn_id: c.conn_id,
+                },
+                Tomb::Closed {
+                    client_token: c.peer_token,
+                    server_token: c.my_token,
+                    reset,
+                    unconfirmed: c.flags & CONFIRMING != 0,
+                },
+            );
+        }
+        Some(c)
+    }
+
+    fn conn_for(&self, h: &SanHeader, conn_id: u64) -> Option<ConnHandle> {
+        [Role::Server, Role::Client]
+            .into_iter()
+            .find_map(|r| self.conns.by_wire((h.src_ip, conn_id, r)))
+    }
+
+    pub(super) fn on_close(&mut self, now: Instant, h: &SanHeader, conn_id: u64, token: u64) {
+        match self.conn_for(h, conn_id) {
+            Some(ch) if self.conns[&ch].my_token == token => {
+                let c = self
+                    .remove_conn(now, ch)
+                    .expect("indexed connection exists");
+                if !c.is_closing() {
+                    self.events.push_back(Event::Closed { conn: ch });
+                }
+            }
+            Some(_) => {
+                self.stats.bad_token += 1;
+                return;
+            }
+            None => {
+                if !self.accepted_then_closed(now, h, conn_id, token) {
+                    return;
+                }
+            }
+        }
+        // Acknowledge (again, if our first ack was lost).
+        self.reply(h, Message::CloseAck { conn_id, token });
+    }
+
+    pub(super) fn on_close_ack(&mut self, now: Instant, h: &SanHeader, conn_id: u64, token: u64) {
+        match self.conn_for(h, conn_id) {
+            Some(ch) if self.conns[&ch].is_closing() && self.conns[&ch].peer_token == token => {
+                self.remove_conn(now, ch);
+            }
+            Some(_) => self.stats.bad_token += 1,
+            None => self.stats.late_replies += 1,
+        }
+    }
+
+    /// The connection a stream frame from `h` names, if its token is ours
+    /// (a wrong token is counted). `None` also when unknown: the caller
+    /// answers with [`Endpoint::reset_unknown`].
+    ///
+    /// # Errors
+    /// `Err(false)` for an unknown connection (answer with a reset);
+    /// `Err(true)` to drop the frame: a wrong token (counted), or a connect
+    /// attempt to that peer still waiting for its Accept (the accepting side
+    /// may send before its Accept arrives: its bytes come again).
+    pub fn stream_conn(
+        &mut self,
+        h: &SanHeader,
+        conn_id: u64,
+        token: u64,
+    ) -> Result<ConnHandle, bool> {
+        // The token is our handle: its slot holds the connection (no hashing
+        // on the data path).
+        let ch = ConnHandle(token);
+        if let Some(c) = self
+            .conns
+            .get(&ch)
+            .filter(|c| c.conn_id == conn_id && c.peer.0 == h.src_ip)
+        {
+            if c.flags & CONFIRMING != 0 {
+                self.confirmed(ch);
+            }
+            return Ok(ch);
+        }
+        let Some(ch) = self.conn_for(h, conn_id) else {
+            let attempting = self
+                .attempt_by_wire
+                .get(&conn_id)
+                .and_then(|a| self.attempts.get(a))
+                .is_some_and(|a| a.peer.0 == h.src_ip && a.client_token == token);
+            return Err(attempting);
+        };
+        if self.conns[&ch].my_token != token {
+            self.stats.bad_token += 1;
+            return Err(true);
+        }
+        if self.conns[&ch].flags & CONFIRMING != 0 {
+            self.confirmed(ch);
+        }
+        Ok(ch)
+    }
+
+    /// The header and ids to send a stream frame on connection `c`:
+    /// (header, conn_id, the peer's token).
+    pub fn stream_route(&self, c: ConnHandle) -> Option<(SanHeader, u64, u64)> {
+        let c = self.conns.get(&c)?;
+        Some((
+            SanHeader {
+                dst_mac: c.peer_mac,
+                src_mac: self.mac,
+                src_ip: c.local.0,
+                src_port: c.local.1,
+                dst_ip: c.peer.0,
+                dst_port: c.peer.1,
+            },
+            c.conn_id,
+            c.peer_token,
+        ))
+    }
+
+    /// Aborts a connection: a `Reset` goes to the peer (once; a lost one is
+    /// answered again when the peer's next frame finds no connection), and
+    /// the connection is gone. No event.
+    pub fn reset(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
+        if self.abandon(h) {
+            return;
+        }
+        if let Some(c) = self.remove_conn_as(now, h, Some(reason)) {
+            self.stats.resets_sent += 1;
+            self.emit(
+                c.peer_mac,
+                c.local,
+                c.peer,
+                Message::Reset {
+                    conn_id: c.conn_id,
+                    token: c.peer_token,
+                    reason,
+                },
+            );
+        }
+    }
+
+    /// Answers a stream frame for a connection this host does not have: a
+    /// `Reset` echoing the frame's token (the sender checks it is the one it
+    /// gave its peer).
+    pub fn reset_unknown(&mut self, h: &SanHeader, conn_id: u64, token: u64) {
+        self.stats.resets_sent += 1;
+        self.reply(
+            h,
+            Message::Reset {
+                conn_id,
+                token,
+                reason: ResetReason::NoConnection,
+            },
+        );
+    }
+
+    pub(super) fn on_reset(
+        &mut self,
+        now: Instant,
+        h: &SanHeader,
+        conn_id: u64,
+        token: u64,
+        reason: ResetReason,
+    ) {
+        let Some(ch) = self.conn_for(h, conn_id) else {
+            return self.stats.late_replies += 1;
+        };
+        let c = self.conns[&ch];
+        // A reset for a frame we sent echoes the peer's token; any other
+        // carries ours.
+        let ok = if reason == ResetReason::NoConnection {
+            token == c.peer_token
+        } else {
+            token == c.my_token
+        };
+        if !ok {
+            return self.stats.bad_token += 1;
+        }
+        self.stats.resets_received += 1;
+        self.remove_conn_as(now, ch, Some(reason));
+        self.events.push_back(Event::Reset { conn: ch, reason });
+    }
+
+    /// Close retransmissions and give-ups.
+    pub(super) fn close_timers(&mut self, now: Instant) {
+        for (h, r) in Self::due(&self.closing, |r| *r, now) {
+            if r.give_up <= now {
+                self.remove_conn(now, h);
+                continue;
+            }
+            self.closing.insert(h, r.backed_off(now, self.cfg.max_rto));
+            let c = self.conns[&h];
+            self.send_close(&c);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------
+// Tombstones: answering frames of connections that ended. (the types: `tombstone.rs`)
+
+impl<R: Rng> Endpoint<R> {
+    pub(super) fn remember(&mut self, now: Instant, key: RequestKey, tomb: Tomb) {
+        if self.tombstones.len() >= self.cfg.max_tombstones {
+            if let Some((old, exp)) = self.tomb_order.pop_front() {
+                if self.tombstones.get(&old).is_some_and(|t| t.1 == exp) {
+                    self.tombstones.remove(&old);
+                }
+                self.stats.tombstones_evicted += 1;
+            }
+        }
+        let exp = now + self.cfg.tombstone_ttl;
+        self.tombstones.insert(key, (tomb, exp));
+        self.tomb_order.push_back((key, exp));
+    }
+
+    /// Answers a retransmitted request from its tombstone. Returns whether
+    /// there was one (a wrong token is counted and answered with nothing).
+    pub(super) fn replay(&mut self, h: &SanHeader, key: RequestKey, client_token: u64) -> bool {
+        let Some(&(tomb, _)) = self.tombstones.get(&key) else {
+            return false;
+        };
+        if tomb.client_token() != client_token {
+            self.stats.bad_token += 1;
+            return true;
+        }
+        let conn_id = key.conn_id;
+        match tomb {
+            Tomb::Refused { reason, .. } => {
+                self.stats.replayed_rejects += 1;
+                self.reply(
+                    h,
+                    Message::Reject {
+                        conn_id,
+                        client_token,
+                        reason,
+                    },
+                );
+            }
+            Tomb::Closed {
+                server_token,
+                reset,
+                ..
+            } => {
+                self.stats.replayed_accepts += 1;
+                self.reply(
+                    h,
+                    Message::Accept {
+                        conn_id,
+                        client_token,
+                        server_token,
+                        // Closed already: the close that follows ends it.
+                        offer: crate::wire::Offer::MIN,
+                    },
+                );
+                self.reply(
+                    h,
+                    match reset {
+                        None => Message::Close {
+                            conn_id,
+                            token: client_token,
+                        },
+                        Some(reason) => Message::Reset {
+                            conn_id,
+                            token: client_token,
+                            reason,
+                        },
+                    },
+                );
+            }
+        }
+        true
+    }
+
+    /// Whether the server connection of request `key` ended because its
+    /// client never confirmed it (so the client, if it exists, may still
+    /// hold it until its keepalive or its next frame learns otherwise).
+    pub fn forgot_unconfirmed(&self, key: RequestKey) -> bool {
+        matches!(
+            self.tombstones.get(&key),
+            Some((
+                Tomb::Closed {
+                    unconfirmed: true,
+                    ..
+                },
+                _
+            ))
+        )
+    }
+
+    pub(super) fn expire_tombstones(&mut self, now: Instant) {
+        while let Some(&(key, exp)) = self.tomb_order.front() {
+            if exp > now {
+                break;
+            }
+            self.tomb_order.pop_front();
+            if self.tombstones.get(&key).is_some_and(|t| t.1 == exp) {
+                self.tombstones.remove(&key);
+            }
+        }
     }
 }

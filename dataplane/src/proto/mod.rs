@@ -7,15 +7,19 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `endpoint` | the state of one host, its inputs, outputs and timers |
-//! | `server` | listeners, pending requests, decisions, expiry |
-//! | `client` | connect attempts, retransmission, outcomes |
-//! | `connection` | established connections, the close handshake |
+//! | `endpoint` | the state of one host and all of its behaviour: inputs, outputs and timers, in sections (set-up, the client side, the server side, established connections, tombstones) |
+//! | `server` | the types of listeners and pending requests |
+//! | `client` | the type of a connect attempt |
+//! | `connection` | established connections and their table, retransmission backoff |
 //! | `stream` | one connection's byte stream: sequence, window, acknowledgement and retransmission arithmetic (the node's `streams` holds the rings, timers and transmit queue around it) |
 //! | `slab` | handles and the connection tables' slots |
-//! | `tombstone` | consistent answers for finished requests |
+//! | `tombstone` | what a finished request's retransmission is answered |
 //! | `types`, `config` | vocabulary and parameters |
 //! | `resolve`, `rng` | address resolution, randomness |
+//!
+//! `Endpoint` is implemented in one file: the files it holds the state of
+//! (`server`, `client`, `connection`, `tombstone`, `slab`, `types`) import
+//! nothing from it, so the module has no import circle.
 
 mod client;
 mod config;
@@ -35,5 +39,4 @@ mod tests;
 pub use config::{PortOwner, PortSet, ProtoConfig, Subnet};
 pub use connection::{Connection, Role, ACCEPT_SENDS};
 pub use endpoint::{Endpoint, WIRE_INDEX_ENTRY_BYTES};
-pub use server::Incoming;
 pub use types::*;

@@ -1,9 +1,50 @@
 //! The protocol core's vocabulary: handles, decisions, events, errors and counters.
 
-use super::server::Incoming;
-use crate::wire::{Ipv4, RejectReason};
+use crate::time::Instant;
+use crate::wire::{EthernetAddress, Ipv4, Offer, RejectReason, SanHeader};
 
 pub use dsan_channel::msg::RequestKey;
+
+/// A request waiting for the application's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming {
+    /// The connecting peer.
+    pub peer: SockAddr,
+    /// The local address it asked for.
+    pub local: SockAddr,
+    /// Its MAC.
+    pub peer_mac: EthernetAddress,
+    /// Wire connection id.
+    pub conn_id: u64,
+    /// The client's token.
+    pub client_token: u64,
+    /// When it arrived.
+    pub arrived: Instant,
+    /// The client's receive window and frame size.
+    pub offer: Offer,
+}
+
+impl Incoming {
+    /// The key the application answers it by.
+    pub fn key(&self) -> RequestKey {
+        RequestKey {
+            peer_ip: self.peer.0,
+            conn_id: self.conn_id,
+        }
+    }
+
+    /// The header the request arrived with (to answer it as `reject` does).
+    pub(super) fn header(&self, my_mac: EthernetAddress) -> SanHeader {
+        SanHeader {
+            dst_mac: my_mac,
+            src_mac: self.peer_mac,
+            src_ip: self.peer.0,
+            src_port: self.peer.1,
+            dst_ip: self.local.0,
+            dst_port: self.local.1,
+        }
+    }
+}
 
 /// A listener, as the application names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

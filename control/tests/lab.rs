@@ -132,6 +132,69 @@ fn af_packet_frames_both_ways_adaptive() {
     exchange_and_count("adaptive");
 }
 
+/// The CPUs in a `Cpus_allowed_list` line ("0-3,6").
+fn cpus(list: &str) -> usize {
+    list.split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[test]
+fn only_the_lcore_is_pinned() {
+    // The lcore has its core; every other thread of the daemon (control,
+    // per-connection, metrics, signals, address and TCP-listener
+    // watchers, notifiers) may run on any CPU, so none of them takes the
+    // lcore's core from it (DPDK's own service threads are EAL's to place).
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) } as usize;
+    if n < 2 {
+        eprintln!("one CPU: nothing to tell apart");
+        return;
+    }
+    let _lab = Lab::up(&[]);
+    // An attached process with an event descriptor starts a notifier.
+    let (o, _) = ping("h0", "198.18.0.2", 1);
+    assert!(o.status.success());
+    for host in ["h0", "h1"] {
+        let pid = status(host)["pid"].as_u64().unwrap();
+        let mut ours = 0;
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let t = t.unwrap().path();
+            let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+            let comm = comm.trim();
+            let st = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+            let Some(list) = st
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            else {
+                continue; // the thread ended meanwhile
+            };
+            let allowed = cpus(list.trim());
+            if comm == "dsand" {
+                assert_eq!(allowed, 1, "{host}'s lcore: {list}");
+            } else if [
+                "tcp-listeners",
+                "signals",
+                "metrics",
+                "control",
+                "addrs",
+                "control-conn",
+            ]
+            .contains(&comm)
+                || comm.starts_with("notify-")
+            {
+                ours += 1;
+                assert_eq!(allowed, n, "{host}'s thread {comm}: {list}");
+            }
+        }
+        assert!(ours >= 5, "{host}: {ours} threads of ours");
+    }
+}
+
 #[test]
 fn af_packet_frames_both_ways_poll() {
     let _lab = Lab::up(&["--idle", "poll"]);

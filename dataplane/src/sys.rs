@@ -19,6 +19,27 @@ pub fn unpin_current_thread() {
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
 }
 
+/// Starts a thread named `name` that may run on every CPU: a thread
+/// spawned by an EAL lcore inherits its single-core mask, and one that
+/// polled or slept there would take the lcore's core (every thread of the
+/// daemon but the lcore starts this way; the lab test
+/// `only_the_lcore_is_pinned` checks).
+///
+/// # Errors
+/// As [`std::thread::Builder::spawn`].
+pub fn spawn_unpinned<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            unpin_current_thread();
+            f()
+        })
+}
+
 /// A kernel packet socket bound to one EtherType on one interface: it
 /// receives a copy of each such frame the interface receives (never the
 /// frames a PMD sends with `qdisc_bypass`). Nonblocking.

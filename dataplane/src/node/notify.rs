@@ -73,33 +73,30 @@ impl Notifier {
             ended: AtomicBool::new(false),
         });
         let t = n.clone();
-        std::thread::Builder::new()
-            .name(format!("notify-{pid}"))
-            .spawn(move || {
-                crate::sys::unpin_current_thread();
-                let _ = t.thread.set(crate::sys::current_thread());
-                while !t.stop.load(Ordering::Acquire) {
-                    t.wake.wait(None);
-                    t.wake.drain();
-                    while let Some(fd) = t.queue.pop() {
-                        // A full counter is the process's doing: skip it.
-                        // (It could still fill it between this look and the
-                        // write, and make the write block: then only this
-                        // thread waits, until the process detaches and
-                        // `reap` interrupts the write.)
-                        t.writing.store(true, Ordering::SeqCst);
-                        // (Signals queued before a shutdown are still
-                        // delivered: the last FD_ACCEPT says ENETDOWN.)
-                        let ok = sys::writable_now(fd.as_raw_fd())
-                            && sys::signal_eventfd(fd.as_raw_fd());
-                        t.writing.store(false, Ordering::SeqCst);
-                        if !ok {
-                            t.skipped.fetch_add(1, Ordering::Relaxed);
-                        }
+        crate::sys::spawn_unpinned(&format!("notify-{pid}"), move || {
+            let _ = t.thread.set(crate::sys::current_thread());
+            while !t.stop.load(Ordering::Acquire) {
+                t.wake.wait(None);
+                t.wake.drain();
+                while let Some(fd) = t.queue.pop() {
+                    // A full counter is the process's doing: skip it.
+                    // (It could still fill it between this look and the
+                    // write, and make the write block: then only this
+                    // thread waits, until the process detaches and
+                    // `reap` interrupts the write.)
+                    t.writing.store(true, Ordering::SeqCst);
+                    // (Signals queued before a shutdown are still
+                    // delivered: the last FD_ACCEPT says ENETDOWN.)
+                    let ok =
+                        sys::writable_now(fd.as_raw_fd()) && sys::signal_eventfd(fd.as_raw_fd());
+                    t.writing.store(false, Ordering::SeqCst);
+                    if !ok {
+                        t.skipped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                t.ended.store(true, Ordering::Release);
-            })?;
+            }
+            t.ended.store(true, Ordering::Release);
+        })?;
         Ok(n)
     }
 

@@ -95,59 +95,57 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
     let tcp_ports = Arc::new(dataplane::proto::PortSet::default());
     {
         let ports = tcp_ports.clone();
-        std::thread::Builder::new()
-            .name("tcp-listeners".into())
-            .spawn(move || {
-                ports.set_scanner(std::thread::current());
-                let mut warned = false;
-                let mut scan = None;
-                // A walk of the kernel's listening table costs about 0.1 ms
-                // with cold caches: it runs when the namespace's count of
-                // TCP sockets moved, and at least once a second.
-                let mut seen: Option<u64> = None;
-                let mut scanned = std::time::Instant::now();
-                let mut first = true;
-                let count = control::os::TcpSocketCount::new().ok();
-                loop {
-                    let inuse = count.as_ref().and_then(|c| c.get());
-                    let due = ports.take_asked()
-                        || first
-                        || inuse.is_none()
-                        || inuse != seen
-                        || scanned.elapsed() >= Duration::from_secs(1);
-                    if !due {
-                        std::thread::park_timeout(LISTENER_REFRESH);
-                        continue;
-                    }
-                    first = false;
-                    seen = inuse;
-                    scanned = std::time::Instant::now();
-                    ports.scan_started();
-                    let r = match &mut scan {
-                        Some(s) => control::os::TcpListenerScan::listeners(s),
-                        None => control::os::TcpListenerScan::new().and_then(|mut s| {
-                            let r = s.listeners();
-                            scan = Some(s);
-                            r
-                        }),
-                    };
-                    if r.is_err() {
-                        scan = None; // a dump may be left half read
-                    }
-                    match r {
-                        Ok(l) => ports.replace_owned(l.into_iter().map(|(p, u)| (p, Some(u)))),
-                        Err(e) if !warned => {
-                            warned = true;
-                            log(
-                                "warn",
-                                &format!("cannot list kernel TCP listeners (sock_diag): {e}"),
-                            );
-                        }
-                        Err(_) => {}
-                    }
+        dataplane::sys::spawn_unpinned("tcp-listeners", move || {
+            ports.set_scanner(std::thread::current());
+            let mut warned = false;
+            let mut scan = None;
+            // A walk of the kernel's listening table costs about 0.1 ms
+            // with cold caches: it runs when the namespace's count of
+            // TCP sockets moved, and at least once a second.
+            let mut seen: Option<u64> = None;
+            let mut scanned = std::time::Instant::now();
+            let mut first = true;
+            let count = control::os::TcpSocketCount::new().ok();
+            loop {
+                let inuse = count.as_ref().and_then(|c| c.get());
+                let due = ports.take_asked()
+                    || first
+                    || inuse.is_none()
+                    || inuse != seen
+                    || scanned.elapsed() >= Duration::from_secs(1);
+                if !due {
                     std::thread::park_timeout(LISTENER_REFRESH);
+                    continue;
                 }
-            })?;
+                first = false;
+                seen = inuse;
+                scanned = std::time::Instant::now();
+                ports.scan_started();
+                let r = match &mut scan {
+                    Some(s) => control::os::TcpListenerScan::listeners(s),
+                    None => control::os::TcpListenerScan::new().and_then(|mut s| {
+                        let r = s.listeners();
+                        scan = Some(s);
+                        r
+                    }),
+                };
+                if r.is_err() {
+                    scan = None; // a dump may be left half read
+                }
+                match r {
+                    Ok(l) => ports.replace_owned(l.into_iter().map(|(p, u)| (p, Some(u)))),
+                    Err(e) if !warned => {
+                        warned = true;
+                        log(
+                            "warn",
+                            &format!("cannot list kernel TCP listeners (sock_diag): {e}"),
+                        );
+                    }
+                    Err(_) => {}
+                }
+                std::thread::park_timeout(LISTENER_REFRESH);
+            }
+        })?;
     }
     let mut proto = ProtoConfig {
         tcp_listening: Some(tcp_ports),
@@ -209,21 +207,19 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
         ])?;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    log(
-                        "info",
-                        &format!("signal {sig}: releasing attached processes, then stopping"),
-                    );
-                    if lcore.ask(Command::Shutdown, Duration::from_secs(2)).is_ok() {
-                        // Let the loop transmit the refusals.
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    lcore.engine.request_stop();
+        dataplane::sys::spawn_unpinned("signals", move || {
+            if let Some(sig) = signals.forever().next() {
+                log(
+                    "info",
+                    &format!("signal {sig}: releasing attached processes, then stopping"),
+                );
+                if lcore.ask(Command::Shutdown, Duration::from_secs(2)).is_ok() {
+                    // Let the loop transmit the refusals.
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-            })?;
+                lcore.engine.request_stop();
+            }
+        })?;
     }
 
     let fallbacks = Arc::new(control::metrics::Fallbacks::default());
@@ -263,12 +259,7 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             },
         );
         let m = Arc::new(Mutex::new(m));
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                dataplane::sys::unpin_current_thread();
-                metrics::serve(l, m)
-            })?;
+        dataplane::sys::spawn_unpinned("metrics", move || metrics::serve(l, m))?;
     }
 
     let _ = std::fs::remove_file(&eff.socket);
@@ -293,102 +284,91 @@ pub(crate) fn serve(eff: Effective, metrics_listener: Option<TcpListener>) -> Re
             refused: Default::default(),
             bad_requests: Default::default(),
         });
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                dataplane::sys::unpin_current_thread();
-                loop {
-                    let conn = match listener.accept() {
-                        Ok((c, _)) => c,
-                        Err(e) => {
-                            // Out of descriptors (or memory): the pending
-                            // connection stays queued; try again a little
-                            // later instead of spinning on the error.
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                            ) {
-                                std::thread::sleep(std::time::Duration::from_millis(50));
-                            }
-                            continue;
+        dataplane::sys::spawn_unpinned("control", move || {
+            loop {
+                let conn = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) => {
+                        // Out of descriptors (or memory): the pending
+                        // connection stays queued; try again a little
+                        // later instead of spinning on the error.
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                        ) {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
                         }
-                    };
-                    // One thread per connection, within limits per uid and in all.
-                    let Some(slot) = super::ctl_server::admit(&conn, &cx) else {
                         continue;
-                    };
-                    let cx = cx.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("control-conn".into())
-                        .spawn(move || {
-                            dataplane::sys::unpin_current_thread();
-                            super::ctl_server::serve_conn(conn, &cx);
-                            drop(slot);
-                        });
-                }
-            })?;
+                    }
+                };
+                // One thread per connection, within limits per uid and in all.
+                let Some(slot) = super::ctl_server::admit(&conn, &cx) else {
+                    continue;
+                };
+                let cx = cx.clone();
+                let _ = dataplane::sys::spawn_unpinned("control-conn", move || {
+                    super::ctl_server::serve_conn(conn, &cx);
+                    drop(slot);
+                });
+            }
+        })?;
     }
 
     // Follow the interface's addresses at run time (the lab's hosts, and hosts
     // configured with `iface` and no `san_addrs`).
     if let (true, Some(iface)) = (eff.addrs_from_iface, eff.cfg.iface.clone()) {
         let handle = handle.clone();
-        std::thread::Builder::new()
-            .name("addrs".into())
-            .spawn(move || {
-                dataplane::sys::unpin_current_thread();
-                let mut last: Vec<(Ipv4, u8)> = handle
-                    .subnets
-                    .read()
-                    .map(|v| v.iter().map(|s| (s.addr, s.prefix)).collect())
-                    .unwrap_or_default();
-                // The kernel says when addresses or links change
-                // (rtnetlink); without that socket, look every 500 ms.
-                let watch = match control::addrwatch::AddrWatch::new() {
-                    Ok(w) => Some(w),
-                    Err(e) => {
-                        log(
-                            "warn",
-                            &format!(
-                                "no rtnetlink notifications ({e}): reading {iface} every 500 ms"
-                            ),
-                        );
-                        None
-                    }
-                };
-                // Look once now: a change between start-up and the
-                // subscription is not missed.
-                let mut first = true;
-                loop {
-                    match &watch {
-                        _ if first => first = false,
-                        Some(w) => {
-                            if let Err(e) = w.wait() {
-                                log("warn", &format!("rtnetlink: {e}"));
-                                std::thread::sleep(Duration::from_millis(500));
-                            }
-                        }
-                        None => std::thread::sleep(Duration::from_millis(500)),
-                    }
-                    let Some(now) = os::iface_addrs(&iface) else {
-                        continue;
-                    };
-                    let now: Vec<(Ipv4, u8)> = now.iter().map(|a| (a.addr, a.prefix)).collect();
-                    if now != last {
-                        log(
-                            "info",
-                            &format!("SAN addresses of {iface} changed: {now:?}"),
-                        );
-                        handle.set_addrs(
-                            now.iter().map(|a| a.0).collect(),
-                            now.iter()
-                                .map(|&(addr, prefix)| Subnet { addr, prefix })
-                                .collect(),
-                        );
-                        last = now;
-                    }
+        dataplane::sys::spawn_unpinned("addrs", move || {
+            let mut last: Vec<(Ipv4, u8)> = handle
+                .subnets
+                .read()
+                .map(|v| v.iter().map(|s| (s.addr, s.prefix)).collect())
+                .unwrap_or_default();
+            // The kernel says when addresses or links change
+            // (rtnetlink); without that socket, look every 500 ms.
+            let watch = match control::addrwatch::AddrWatch::new() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log(
+                        "warn",
+                        &format!("no rtnetlink notifications ({e}): reading {iface} every 500 ms"),
+                    );
+                    None
                 }
-            })?;
+            };
+            // Look once now: a change between start-up and the
+            // subscription is not missed.
+            let mut first = true;
+            loop {
+                match &watch {
+                    _ if first => first = false,
+                    Some(w) => {
+                        if let Err(e) = w.wait() {
+                            log("warn", &format!("rtnetlink: {e}"));
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                    None => std::thread::sleep(Duration::from_millis(500)),
+                }
+                let Some(now) = os::iface_addrs(&iface) else {
+                    continue;
+                };
+                let now: Vec<(Ipv4, u8)> = now.iter().map(|a| (a.addr, a.prefix)).collect();
+                if now != last {
+                    log(
+                        "info",
+                        &format!("SAN addresses of {iface} changed: {now:?}"),
+                    );
+                    handle.set_addrs(
+                        now.iter().map(|a| a.0).collect(),
+                        now.iter()
+                            .map(|&(addr, prefix)| Subnet { addr, prefix })
+                            .collect(),
+                    );
+                    last = now;
+                }
+            }
+        })?;
     }
 
     log(

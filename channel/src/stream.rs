@@ -38,6 +38,13 @@
 //! * FD_READ / FD_WRITE are posted only when the process asked for the next
 //!   one (`rcv_c.want` / `snd_p.want`: it found the ring empty or full).
 //!
+//! The wait / wake handshake is written once, here, for both sides:
+//! the daemon publishes with [`StreamShm::publish_received`],
+//! [`StreamShm::publish_acked`], [`StreamShm::wake_waiters`] and
+//! [`StreamShm::mark_dead`]; a process asks and sleeps with
+//! [`StreamShm::want_room`] / [`StreamShm::sleep_for_room`] and
+//! [`StreamShm::want_bytes`] / [`StreamShm::sleep_for_bytes`].
+//!
 //! Every word the process writes is untrusted: the daemon keeps its own copy
 //! of the indices it owns and checks the others (a tail behind the last one
 //! seen, or further ahead than the ring size, is a protocol violation).
@@ -46,8 +53,9 @@
 
 use crate::sys::{Mapping, Shared};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Smallest ring (bytes).
 pub const MIN_RING: usize = 4096;
@@ -211,6 +219,128 @@ pub struct StreamShm {
 }
 // SAFETY: repr(C), atomics only (and alignment padding).
 unsafe impl Shared for StreamShm {}
+
+/// The daemon's end of the wait / wake handshake: publishing progress on a
+/// ring, then waking the process's threads that said they sleep on it
+/// (futex) and reporting whether the process asked for the next event.
+/// One place for the order that makes a sleeping reader or writer never
+/// miss a wake-up: the index, then the futex word, then a full fence, then
+/// the process's `waiting` word (which the process raises before its last
+/// look at the index).
+impl StreamShm {
+    /// Received bytes up to `tail` are in the receive ring, and with `eof`
+    /// nothing comes after them; with `credit_low` the process is asked to
+    /// kick once it has consumed (before the tail, so that a reader that
+    /// sees the bytes sees the request). Returns whether the process asked
+    /// for FD_READ (the request is taken).
+    pub fn publish_received(&self, tail: u64, eof: bool, credit_low: bool) -> bool {
+        if credit_low {
+            self.rcv_p.credit_wanted.store(1, Ordering::Relaxed);
+        }
+        self.rcv_p.tail.store(tail, Ordering::Release);
+        if eof {
+            self.st.state.fetch_or(ST_RX_EOF, Ordering::Release);
+        }
+        self.rcv_p.seq.fetch_add(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
+            crate::sys::futex_wake(&self.rcv_p.seq);
+        }
+        self.rcv_c.want.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// The peer acknowledged the send ring up to `head`: its room is free
+    /// again. Returns whether the process asked for FD_WRITE (taken).
+    pub fn publish_acked(&self, head: u64) -> bool {
+        self.snd_c.head.store(head, Ordering::Release);
+        self.snd_c.seq.fetch_add(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.snd_p.waiting.load(Ordering::Relaxed) != 0 {
+            crate::sys::futex_wake(&self.snd_c.seq);
+        }
+        self.snd_p.want.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Both rings' futex words move on, and the process's threads that
+    /// wait on them are woken to look again (the stream's state changed).
+    pub fn wake_waiters(&self) {
+        self.rcv_p.seq.fetch_add(1, Ordering::Release);
+        self.snd_c.seq.fetch_add(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
+            crate::sys::futex_wake(&self.rcv_p.seq);
+        }
+        if self.snd_p.waiting.load(Ordering::Relaxed) != 0 {
+            crate::sys::futex_wake(&self.snd_c.seq);
+        }
+    }
+
+    /// The connection is gone (`close_error`: 0 when the peer closed, or a
+    /// negative errno): receives drain what is there, sends fail; waiters
+    /// are woken.
+    pub fn mark_dead(&self, close_error: i32) {
+        self.st.close_error.store(close_error, Ordering::Relaxed);
+        self.st.state.fetch_or(ST_DEAD, Ordering::Release);
+        self.wake_waiters();
+    }
+}
+
+/// The process's end of the same handshake: ask for the next event, look
+/// again, and only then sleep on the futex word, with `waiting` raised
+/// around the sleep so that the daemon's publish wakes it.
+impl StreamShm {
+    /// The send ring was full at `head`: asks for FD_WRITE (and a wake-up).
+    /// Returns whether it is still full (else: look again).
+    pub fn want_room(&self, head: u64) -> bool {
+        self.snd_p.want.store(1, Ordering::SeqCst);
+        self.snd_c.head.load(Ordering::SeqCst) == head
+    }
+
+    /// Sleeps at most `nap` while the send ring's head is still `head` and
+    /// its futex word still `seq` (read before [`Self::want_room`]), unless
+    /// `closing()` says the socket is being closed.
+    pub fn sleep_for_room(
+        &self,
+        head: u64,
+        seq: u32,
+        nap: Duration,
+        closing: impl FnOnce() -> bool,
+    ) {
+        self.snd_p.waiting.fetch_add(1, Ordering::SeqCst);
+        if self.snd_c.head.load(Ordering::SeqCst) == head && !closing() {
+            crate::sys::futex_wait(&self.snd_c.seq, seq, nap);
+        }
+        self.snd_p.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The receive ring was empty at `tail`: asks for FD_READ (and a
+    /// wake-up). Returns whether it is still empty (else: look again).
+    pub fn want_bytes(&self, tail: u64) -> bool {
+        self.rcv_c.want.store(1, Ordering::SeqCst);
+        self.rcv_p.tail.load(Ordering::SeqCst) == tail
+    }
+
+    /// Sleeps at most `nap` while the receive ring's tail is still `tail`,
+    /// the stream's state still `state` and the futex word still `seq`
+    /// (read before the tail), unless `closing()`.
+    pub fn sleep_for_bytes(
+        &self,
+        tail: u64,
+        state: u32,
+        seq: u32,
+        nap: Duration,
+        closing: impl FnOnce() -> bool,
+    ) {
+        self.rcv_c.waiting.fetch_add(1, Ordering::SeqCst);
+        if self.rcv_p.tail.load(Ordering::SeqCst) == tail
+            && self.st.state.load(Ordering::SeqCst) == state
+            && !closing()
+        {
+            crate::sys::futex_wait(&self.rcv_p.seq, seq, nap);
+        }
+        self.rcv_c.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The two byte rings of one socket, as mapped by one side. Holds the
 /// mapping alive.

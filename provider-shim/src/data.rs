@@ -14,7 +14,6 @@ use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
 use dsan_channel::stream::{
     ring_size, StreamArea, StreamShm, MAX_RING, MIN_RING, ST_DEAD, ST_MOVED, ST_OPEN, ST_RX_EOF,
 };
-use dsan_channel::sys;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -385,8 +384,7 @@ impl Provider {
             }
             // Full: ask for FD_WRITE / a wake-up, then look again.
             let seq = shm.snd_c.seq.load(Ordering::Acquire);
-            shm.snd_p.want.store(1, Ordering::SeqCst);
-            if shm.snd_c.head.load(Ordering::SeqCst) != head {
+            if !shm.want_room(head) {
                 continue;
             }
             if nonblocking {
@@ -402,11 +400,7 @@ impl Provider {
             if shm.snd_c.head.load(Ordering::Acquire) != head {
                 continue;
             }
-            shm.snd_p.waiting.fetch_add(1, Ordering::SeqCst);
-            if shm.snd_c.head.load(Ordering::SeqCst) == head && !io.closing() {
-                sys::futex_wait(&shm.snd_c.seq, seq, NAP);
-            }
-            shm.snd_p.waiting.fetch_sub(1, Ordering::SeqCst);
+            shm.sleep_for_room(head, seq, NAP, || io.closing());
         }
     }
 
@@ -518,8 +512,7 @@ impl Provider {
             if self.gone() {
                 return Err(Error::NetDown);
             }
-            shm.rcv_c.want.store(1, Ordering::SeqCst);
-            if shm.rcv_p.tail.load(Ordering::SeqCst) != tail {
+            if !shm.want_bytes(tail) {
                 continue;
             }
             if nonblocking {
@@ -535,14 +528,7 @@ impl Provider {
             if shm.rcv_p.tail.load(Ordering::Acquire) != tail {
                 continue;
             }
-            shm.rcv_c.waiting.fetch_add(1, Ordering::SeqCst);
-            if shm.rcv_p.tail.load(Ordering::SeqCst) == tail
-                && shm.st.state.load(Ordering::SeqCst) == st
-                && !io.closing()
-            {
-                sys::futex_wait(&shm.rcv_p.seq, seq, NAP);
-            }
-            shm.rcv_c.waiting.fetch_sub(1, Ordering::SeqCst);
+            shm.sleep_for_bytes(tail, st, seq, NAP, || io.closing());
         }
     }
 

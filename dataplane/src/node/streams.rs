@@ -29,12 +29,9 @@ use crate::wire::{
 };
 use dsan_channel::msg::Bufs;
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
-use dsan_channel::stream::{
-    StreamArea, StreamShm, ST_DEAD, ST_LINGER, ST_MOVED, ST_OPEN, ST_RX_EOF,
-};
-use dsan_channel::sys;
+use dsan_channel::stream::{StreamArea, StreamShm, ST_LINGER, ST_MOVED, ST_OPEN, ST_RX_EOF};
 use std::collections::HashMap;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The daemon's state per established connection, not counting the rings
@@ -200,28 +197,6 @@ const ACK_INDEX: usize = match wire::Kind::Ack.index() {
     Some(i) => i,
     None => 0,
 };
-
-/// Both rings' futex words move on, and the process's threads that wait
-/// on them (it said so) are woken to look again.
-fn wake_waiters(shm: &StreamShm) {
-    shm.rcv_p.seq.fetch_add(1, Ordering::Release);
-    shm.snd_c.seq.fetch_add(1, Ordering::Release);
-    fence(Ordering::SeqCst);
-    if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
-        sys::futex_wake(&shm.rcv_p.seq);
-    }
-    if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
-        sys::futex_wake(&shm.snd_c.seq);
-    }
-}
-
-/// The connection of this block is gone (`close_error`: 0 or a negative
-/// errno): its receives drain what is there, its sends fail.
-fn mark_dead(shm: &StreamShm, close_error: i32) {
-    shm.st.close_error.store(close_error, Ordering::Relaxed);
-    shm.st.state.fetch_or(ST_DEAD, Ordering::Release);
-    wake_waiters(shm);
-}
 
 /// Index of a reason in [`super::RESET_REASONS`].
 fn reset_index(r: ResetReason) -> usize {
@@ -463,7 +438,7 @@ impl Node {
             shm.st.state.store(0, Ordering::Release);
             return;
         }
-        mark_dead(shm, close_error);
+        shm.mark_dead(close_error);
         if let Some(p) = self.procs.get(&ctx.pid()) {
             let ok = raise(
                 p.shared.region.sock(usize::from(ctx.sock)),
@@ -594,24 +569,15 @@ impl Node {
             self.acked(h);
         }
         let ctx = self.streams.get_mut(&h).expect("present");
-        if !ctx.has(APP_CLOSED) && (delivered > 0 || eof) {
-            let shm = ctx.shm();
-            // Before the tail: a reader that sees the bytes sees the request.
-            if ctx.s.credit_low() {
-                shm.rcv_p.credit_wanted.store(1, Ordering::Relaxed);
-            }
-            shm.rcv_p.tail.store(ctx.s.received(), Ordering::Release);
-            if eof {
-                shm.st.state.fetch_or(ST_RX_EOF, Ordering::Release);
-            }
-            shm.rcv_p.seq.fetch_add(1, Ordering::Release);
-            fence(Ordering::SeqCst);
-            if shm.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
-                sys::futex_wake(&shm.rcv_p.seq);
-            }
-            if shm.rcv_c.want.swap(0, Ordering::AcqRel) != 0 {
-                self.signal(h, FD_READ);
-            }
+        // (Publishing asks the process for a kick first if the credit ran
+        // low: a reader that sees the bytes sees the request.)
+        if !ctx.has(APP_CLOSED)
+            && (delivered > 0 || eof)
+            && ctx
+                .shm()
+                .publish_received(ctx.s.received(), eof, ctx.s.credit_low())
+        {
+            self.signal(h, FD_READ);
         }
         self.finish_if_done(now, h);
         self.enqueue(h);
@@ -654,14 +620,7 @@ impl Node {
         if ctx.has(APP_CLOSED) {
             return;
         }
-        let shm = ctx.shm();
-        shm.snd_c.head.store(ctx.s.acked(), Ordering::Release);
-        shm.snd_c.seq.fetch_add(1, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if shm.snd_p.waiting.load(Ordering::Relaxed) != 0 {
-            sys::futex_wake(&shm.snd_c.seq);
-        }
-        if shm.snd_p.want.swap(0, Ordering::AcqRel) != 0 {
+        if ctx.shm().publish_acked(ctx.s.acked()) {
             self.signal(h, FD_WRITE);
         }
     }
@@ -777,7 +736,7 @@ impl Node {
         self.streams.rehome(h, to.clone());
         // Threads of the new holder that wait on the block (a holder
         // taking the connection back after the other let go) look again.
-        wake_waiters(new);
+        new.wake_waiters();
         if received > consumed || state & ST_RX_EOF != 0 {
             new.rcv_c.want.store(0, Ordering::Relaxed);
             self.signal(h, FD_READ);
@@ -839,7 +798,7 @@ impl Node {
                 .tail
                 .store(shm.rcv_c.head.load(Ordering::Acquire), Ordering::Relaxed);
             shm.st.state.fetch_and(!ST_MOVED, Ordering::Relaxed);
-            mark_dead(shm, close_error);
+            shm.mark_dead(close_error);
             if !raise(
                 p.shared.region.sock(sock as usize),
                 p.events.get(&sock),

@@ -1786,6 +1786,14 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
                 epoll_del(accept_ep(), efd.as_raw_fd());
             }
         }
+        // No registration holds the connection while this close lets go of
+        // it: the registration thread would otherwise be its last holder,
+        // and the close would be posted only when that registration ends,
+        // never if the process exits first (a fork-per-connection child
+        // that closes and `_exit`s: the daemon then reset the connection
+        // as its process's death, and the peer could read ECONNRESET
+        // before the last bytes).
+        let _registering = REGISTERING.lock().unwrap_or_else(|e| e.into_inner());
         // The life first: the daemon looks at it when the close arrives (a
         // connection that another process still holds stays open for it).
         drop(s.life.lock().unwrap_or_else(|e| e.into_inner()).take());

@@ -1307,6 +1307,43 @@ fn a_fork_per_connection_server_serves_every_san_client() {
 }
 
 #[test]
+fn a_fork_per_connection_server_serves_every_san_client_on_a_busy_machine() {
+    // A child that closed its connection and _exited while the switch's
+    // registration thread still held the connection left the close
+    // unposted: the daemon reset the connection as the child's death (the
+    // client could read ECONNRESET). The window is short on an idle
+    // machine; two busy threads here (one per CPU of the CI machine) made
+    // it show in about half of the runs before the fix.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    struct Stop(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        Vec<std::thread::JoinHandle<()>>,
+    );
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            for t in self.1.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let _stop = Stop(stop, busy);
+    let t = handed_over_to_every_client("fork_server.py", &[], "7513", 400);
+    assert!(t.contains("ok 400 of 400"), "{t}");
+}
+
+#[test]
 fn a_connection_passed_with_scm_rights_is_served_by_the_process_that_received_it() {
     // Issue #24, fourth item: a SAN connection received in an SCM_RIGHTS
     // message was the sender's alone (ENOTSOCK in the receiver). A master

@@ -243,9 +243,7 @@ impl StreamShm {
         }
         self.rcv_p.seq.fetch_add(1, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
-            crate::sys::futex_wake(&self.rcv_p.seq);
-        }
+        wake_if_waiting(&self.rcv_p.seq, &self.rcv_c.waiting);
         self.rcv_c.want.swap(0, Ordering::AcqRel) != 0
     }
 
@@ -255,9 +253,7 @@ impl StreamShm {
         self.snd_c.head.store(head, Ordering::Release);
         self.snd_c.seq.fetch_add(1, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.snd_p.waiting.load(Ordering::Relaxed) != 0 {
-            crate::sys::futex_wake(&self.snd_c.seq);
-        }
+        wake_if_waiting(&self.snd_c.seq, &self.snd_p.waiting);
         self.snd_p.want.swap(0, Ordering::AcqRel) != 0
     }
 
@@ -267,12 +263,8 @@ impl StreamShm {
         self.rcv_p.seq.fetch_add(1, Ordering::Release);
         self.snd_c.seq.fetch_add(1, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.rcv_c.waiting.load(Ordering::Relaxed) != 0 {
-            crate::sys::futex_wake(&self.rcv_p.seq);
-        }
-        if self.snd_p.waiting.load(Ordering::Relaxed) != 0 {
-            crate::sys::futex_wake(&self.snd_c.seq);
-        }
+        wake_if_waiting(&self.rcv_p.seq, &self.rcv_c.waiting);
+        wake_if_waiting(&self.snd_c.seq, &self.snd_p.waiting);
     }
 
     /// The connection is gone (`close_error`: 0 when the peer closed, or a
@@ -282,6 +274,14 @@ impl StreamShm {
         self.st.close_error.store(close_error, Ordering::Relaxed);
         self.st.state.fetch_or(ST_DEAD, Ordering::Release);
         self.wake_waiters();
+    }
+}
+
+/// After a futex word moved on (and a full fence): wakes the threads
+/// sleeping on it, with a system call only if the process said some do.
+fn wake_if_waiting(seq: &AtomicU32, waiting: &AtomicU32) {
+    if waiting.load(Ordering::Relaxed) != 0 {
+        crate::sys::futex_wake(seq);
     }
 }
 

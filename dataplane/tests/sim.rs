@@ -10,12 +10,14 @@
 //! A failing schedule prints its seed; replay it with
 //! `DSAN_SIM_SEED=<seed> cargo test --release -p dataplane --test sim -- replay --nocapture`.
 
+mod fabric;
+
 use dataplane::proto::rng::SeededRng;
 use dataplane::proto::*;
 use dataplane::time::Instant;
-use dataplane::wire::{EthernetAddress, Ipv4, Repr};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use dataplane::wire::{Ipv4, Repr};
+use fabric::{endpoint, ip_of, mac_of, Fabric, World};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,14 +48,8 @@ struct Host {
 struct Sim {
     rng: SeededRng,
     hosts: Vec<Host>,
-    mac_to_host: HashMap<EthernetAddress, usize>,
     now: Instant,
-    wire: BinaryHeap<Reverse<(Instant, u64)>>,
-    in_flight: HashMap<u64, (usize, Repr)>,
-    seq: u64,
-    loss: f64,
-    dup: f64,
-    max_delay_us: u64,
+    fabric: Fabric<Repr>,
     /// (client ip, conn id) -> outcomes seen by the client.
     outcomes: HashMap<(Ipv4, u64), Vec<Outcome>>,
     /// (client ip, conn id) -> what the accepting application decided.
@@ -61,14 +57,6 @@ struct Sim {
     steps: usize,
     /// FNV-1a over every frame delivered, in order: the schedule's fingerprint.
     digest: u64,
-}
-
-fn mac_of(i: usize) -> EthernetAddress {
-    EthernetAddress([2, 0xd5, 0, 0, (i >> 8) as u8, i as u8])
-}
-
-fn ip_of(i: usize) -> Ipv4 {
-    Ipv4::new(198, 18, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
 const PORTS: [u16; 3] = [7, 80, 443];
@@ -84,21 +72,9 @@ impl Sim {
         let loss = [0.0, 0.1, 0.3][rng.below(3) as usize];
         let dup = [0.0, 0.1][rng.below(2) as usize];
         let max_delay_us = [10, 200, 5000][rng.below(3) as usize];
-        let cfg = ProtoConfig {
-            subnets: vec![Subnet {
-                addr: Ipv4::new(198, 18, 0, 0),
-                prefix: 15,
-            }],
-            ..Default::default()
-        };
         let hosts = (0..n)
             .map(|i| Host {
-                ep: Endpoint::new(
-                    cfg.clone(),
-                    mac_of(i),
-                    vec![ip_of(i)],
-                    SeededRng::new(seed ^ (i as u64 + 1).wrapping_mul(0x9E37)),
-                ),
+                ep: endpoint(i, seed, 1),
                 ip: ip_of(i),
                 listeners: vec![],
                 conns: HashSet::new(),
@@ -109,31 +85,12 @@ impl Sim {
         Sim {
             rng,
             hosts,
-            mac_to_host: (0..n).map(|i| (mac_of(i), i)).collect(),
-            now: Instant(1_000_000_000),
-            wire: BinaryHeap::new(),
-            in_flight: HashMap::new(),
-            seq: 0,
-            loss,
-            dup,
-            max_delay_us,
+            now: fabric::START,
+            fabric: Fabric::new(n, loss, dup, max_delay_us),
             outcomes: HashMap::new(),
             decisions: HashMap::new(),
             steps: 0,
             digest: 0xcbf2_9ce4_8422_2325,
-        }
-    }
-
-    fn put_on_wire(&mut self, dst: usize, f: Repr) {
-        let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
-        for _ in 0..copies {
-            if self.rng.chance(self.loss) {
-                continue;
-            }
-            let delay = Duration::from_micros(1 + self.rng.below(self.max_delay_us));
-            self.seq += 1;
-            self.wire.push(Reverse((self.now + delay, self.seq)));
-            self.in_flight.insert(self.seq, (dst, f));
         }
     }
 
@@ -142,15 +99,8 @@ impl Sim {
         for i in 0..self.hosts.len() {
             while let Some(f) = self.hosts[i].ep.poll_transmit() {
                 assert_eq!(f.header.src_mac, mac_of(i));
-                if f.header.dst_mac.is_multicast() {
-                    for j in 0..self.hosts.len() {
-                        if j != i {
-                            self.put_on_wire(j, f);
-                        }
-                    }
-                } else if let Some(&j) = self.mac_to_host.get(&f.header.dst_mac) {
-                    self.put_on_wire(j, f);
-                }
+                self.fabric
+                    .send(&mut self.rng, self.now, i, f.header.dst_mac, f);
             }
             while let Some(e) = self.hosts[i].ep.poll_event() {
                 self.on_event(i, e);
@@ -209,35 +159,7 @@ impl Sim {
 
     /// Advances time to `until`, delivering frames and firing timers in order.
     fn advance(&mut self, until: Instant) {
-        loop {
-            let next_frame = self.wire.peek().map(|Reverse((t, _))| *t);
-            let next_timer = self.hosts.iter().filter_map(|h| h.ep.poll_timeout()).min();
-            let next = [next_frame, next_timer].into_iter().flatten().min();
-            let Some(t) = next.filter(|t| *t <= until) else {
-                break;
-            };
-            self.now = self.now.max(t);
-            if next_frame == Some(t) {
-                let Reverse((_, seq)) = self.wire.pop().unwrap();
-                let (dst, f) = self.in_flight.remove(&seq).unwrap();
-                for b in f
-                    .to_bytes(0x88b5)
-                    .into_iter()
-                    .chain((dst as u64).to_le_bytes())
-                {
-                    self.digest = (self.digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-                }
-                self.hosts[dst].ep.handle_frame(self.now, &f);
-            } else {
-                for h in &mut self.hosts {
-                    if h.ep.poll_timeout().is_some_and(|x| x <= self.now) {
-                        h.ep.handle_timeout(self.now);
-                    }
-                }
-            }
-            self.pump();
-        }
-        self.now = self.now.max(until);
+        fabric::advance(self, until);
     }
 
     fn pick<T: Copy>(&mut self, v: &[T]) -> Option<T> {
@@ -498,8 +420,8 @@ impl Sim {
     fn finish(&mut self) {
         // Lossless from here on; let every attempt finish, and every close
         // handshake (the close budget) with it.
-        self.loss = 0.0;
-        self.dup = 0.0;
+        self.fabric.loss = 0.0;
+        self.fabric.dup = 0.0;
         self.advance(self.now + Duration::from_secs(12));
         for h in &self.hosts {
             assert!(
@@ -541,7 +463,35 @@ impl Sim {
                 h.ep.queued_total()
             );
         }
-        assert!(self.in_flight.is_empty());
+        assert!(self.fabric.is_empty());
+    }
+}
+
+impl World for Sim {
+    type Frame = Repr;
+    fn fabric(&mut self) -> &mut Fabric<Repr> {
+        &mut self.fabric
+    }
+    fn clock(&mut self) -> &mut Instant {
+        &mut self.now
+    }
+    fn endpoints(&mut self) -> impl Iterator<Item = &mut Endpoint<SeededRng>> {
+        self.hosts.iter_mut().map(|h| &mut h.ep)
+    }
+    /// Every frame delivered joins the schedule's fingerprint.
+    fn deliver(&mut self, dst: usize, f: Repr) -> bool {
+        for b in f
+            .to_bytes(0x88b5)
+            .into_iter()
+            .chain((dst as u64).to_le_bytes())
+        {
+            self.digest = (self.digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        self.hosts[dst].ep.handle_frame(self.now, &f);
+        true
+    }
+    fn pump(&mut self) {
+        Sim::pump(self);
     }
 }
 

@@ -27,23 +27,16 @@
 //! Replay a seed: `DSAN_SIM_SEED=<seed> cargo test --release -p dataplane
 //! --test stream_sim -- replay --nocapture`.
 
+mod fabric;
+
 use dataplane::proto::rng::SeededRng;
 use dataplane::proto::stream::{Stream, StreamTiming, Timer};
 use dataplane::proto::*;
 use dataplane::time::Instant;
-use dataplane::wire::{
-    EthernetAddress, Ipv4, Message, Offer, Repr, ResetReason, Segment, SEG_PROBE,
-};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use dataplane::wire::{Ipv4, Message, Offer, Repr, ResetReason, Segment, SEG_PROBE};
+use fabric::{endpoint, ip_of, Fabric, World};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
-
-fn mac_of(i: usize) -> EthernetAddress {
-    EthernetAddress([2, 0xd5, 0, 0, 0, i as u8])
-}
-fn ip_of(i: usize) -> Ipv4 {
-    Ipv4::new(198, 18, 0, i as u8 + 1)
-}
 
 /// The byte at offset `i` of the stream `gen` sends.
 fn byte(gen: u64, i: u64) -> u8 {
@@ -96,12 +89,8 @@ struct Sim {
     rng: SeededRng,
     hosts: Vec<Host>,
     now: Instant,
-    wire: BinaryHeap<Reverse<(Instant, u64)>>,
-    in_flight: HashMap<u64, (usize, Repr, Vec<u8>)>,
-    seq: u64,
-    loss: f64,
-    dup: f64,
-    max_delay_us: u64,
+    /// Frames with their payloads.
+    fabric: Fabric<(Repr, Vec<u8>)>,
     /// gen -> total bytes that stream carries.
     totals: HashMap<u64, u64>,
     /// gens whose reader aborted (their peers may see a reset).
@@ -127,21 +116,9 @@ impl Sim {
         let loss = [0.0, 0.02, 0.1][rng.below(3) as usize];
         let dup = [0.0, 0.05][rng.below(2) as usize];
         let max_delay_us = [20, 300, 2000][rng.below(3) as usize];
-        let cfg = ProtoConfig {
-            subnets: vec![Subnet {
-                addr: Ipv4::new(198, 18, 0, 0),
-                prefix: 15,
-            }],
-            ..Default::default()
-        };
         let hosts = (0..n)
             .map(|i| {
-                let mut ep = Endpoint::new(
-                    cfg.clone(),
-                    mac_of(i),
-                    vec![ip_of(i)],
-                    SeededRng::new(seed ^ (i as u64 + 7).wrapping_mul(0x9E37)),
-                );
+                let mut ep = endpoint(i, seed, 7);
                 ep.listen((Ipv4::UNSPECIFIED, 80), 64).unwrap();
                 Host {
                     ep,
@@ -155,13 +132,8 @@ impl Sim {
         Sim {
             rng,
             hosts,
-            now: Instant(1_000_000_000),
-            wire: BinaryHeap::new(),
-            in_flight: HashMap::new(),
-            seq: 0,
-            loss,
-            dup,
-            max_delay_us,
+            now: fabric::START,
+            fabric: Fabric::new(n, loss, dup, max_delay_us),
             totals: HashMap::new(),
             aborted: Vec::new(),
             completed: 0,
@@ -174,25 +146,9 @@ impl Sim {
         [4096, 8192, 65536][self.rng.below(3) as usize]
     }
 
-    fn put(&mut self, f: Repr, payload: Vec<u8>) {
-        let targets: Vec<usize> = (0..self.hosts.len())
-            .filter(|j| {
-                let m = mac_of(*j);
-                m != f.header.src_mac && (f.header.dst_mac == m || f.header.dst_mac.is_multicast())
-            })
-            .collect();
-        for j in targets {
-            let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
-            for _ in 0..copies {
-                if self.rng.chance(self.loss) {
-                    continue;
-                }
-                let d = Duration::from_micros(1 + self.rng.below(self.max_delay_us));
-                self.seq += 1;
-                self.wire.push(Reverse((self.now + d, self.seq)));
-                self.in_flight.insert(self.seq, (j, f, payload.clone()));
-            }
-        }
+    fn put(&mut self, src: usize, f: Repr, payload: Vec<u8>) {
+        self.fabric
+            .send(&mut self.rng, self.now, src, f.header.dst_mac, (f, payload));
     }
 
     /// A new side for connection `h` of host `i`, in the lowest free slot.
@@ -254,7 +210,7 @@ impl Sim {
     fn pump(&mut self) {
         for i in 0..self.hosts.len() {
             while let Some(f) = self.hosts[i].ep.poll_transmit() {
-                self.put(f, Vec::new());
+                self.put(i, f, Vec::new());
             }
             while let Some(e) = self.hosts[i].ep.poll_event() {
                 match e {
@@ -464,7 +420,7 @@ impl Sim {
                 Timer::Dead => {
                     let gen = sd.gen;
                     assert!(
-                        self.loss > 0.0,
+                        self.fabric.loss > 0.0,
                         "stream {gen:#x} timed out on a lossless fabric"
                     );
                     self.hosts[i].ep.reset(now, h, ResetReason::TimedOut);
@@ -496,6 +452,7 @@ impl Sim {
         let done = sd.s.finished() && sd.eof;
         for (m, p) in frames {
             self.put(
+                i,
                 Repr {
                     header: hdr,
                     message: m,
@@ -542,38 +499,7 @@ impl Sim {
     }
 
     fn advance(&mut self, until: Instant) {
-        loop {
-            let next_frame = self.wire.peek().map(|Reverse((t, _))| *t);
-            let next_timer = self.hosts.iter().filter_map(|h| h.ep.poll_timeout()).min();
-            let Some(t) = [next_frame, next_timer]
-                .into_iter()
-                .flatten()
-                .min()
-                .filter(|t| *t <= until)
-            else {
-                break;
-            };
-            self.now = self.now.max(t);
-            if next_frame == Some(t) {
-                let Reverse((_, seq)) = self.wire.pop().unwrap();
-                let (dst, f, p) = self.in_flight.remove(&seq).unwrap();
-                self.deliver(dst, f, p);
-                // Frames arrive in bursts: the events of several wait for
-                // the edge (an Accept and the peer's Reset right after it).
-                if self.rng.chance(0.5) {
-                    continue;
-                }
-            } else {
-                for h in &mut self.hosts {
-                    if h.ep.poll_timeout().is_some_and(|x| x <= self.now) {
-                        h.ep.handle_timeout(self.now);
-                    }
-                }
-            }
-            self.pump();
-        }
-        self.pump();
-        self.now = self.now.max(until);
+        fabric::advance(self, until);
     }
 
     /// The side is done: its slot is free for the next connection (its
@@ -589,6 +515,28 @@ impl Sim {
             .iter()
             .map(|h| h.sides.len() + h.attempts.len())
             .sum()
+    }
+}
+
+impl World for Sim {
+    type Frame = (Repr, Vec<u8>);
+    fn fabric(&mut self) -> &mut Fabric<(Repr, Vec<u8>)> {
+        &mut self.fabric
+    }
+    fn clock(&mut self) -> &mut Instant {
+        &mut self.now
+    }
+    fn endpoints(&mut self) -> impl Iterator<Item = &mut Endpoint<SeededRng>> {
+        self.hosts.iter_mut().map(|h| &mut h.ep)
+    }
+    fn deliver(&mut self, dst: usize, (f, payload): (Repr, Vec<u8>)) -> bool {
+        Sim::deliver(self, dst, f, payload);
+        // Frames arrive in bursts: the events of several wait for the edge
+        // (an Accept and the peer's Reset right after it).
+        !self.rng.chance(0.5)
+    }
+    fn pump(&mut self) {
+        Sim::pump(self);
     }
 }
 
@@ -615,8 +563,8 @@ fn run(seed: u64) -> (usize, usize, usize) {
         sim.advance(t);
     }
     // Teardown finishes (Close retransmissions, tombstones): no state left.
-    let lossless = sim.loss == 0.0 && sim.dup == 0.0;
-    sim.loss = 0.0;
+    let lossless = sim.fabric.loss == 0.0 && sim.fabric.dup == 0.0;
+    sim.fabric.loss = 0.0;
     let end = sim.now + Duration::from_secs(30);
     sim.advance(end);
     for (i, h) in sim.hosts.iter().enumerate() {

@@ -7,9 +7,9 @@
 //! the daemon went away, return -ENETDOWN.
 #![allow(unsafe_code, non_camel_case_types)]
 
+use crate::cabi::{self, bytes, bytes_mut, peer_room, put_peer};
 use crate::provider::{Decision, Error, Provider};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -65,13 +65,14 @@ fn provider() -> Result<Arc<Provider>, Error> {
         .ok_or(Error::NetDown)
 }
 
-/// Runs `f` behind a panic boundary, turning errors into negative errnos.
+/// [`cabi::guard`] for calls whose errors are [`Error`]s.
 fn guard(f: impl FnOnce() -> Result<c_int, Error>) -> c_int {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => -e.errno(),
-        Err(_) => -libc::EIO,
-    }
+    cabi::guard(f)
+}
+
+/// [`cabi::guard_size`] for calls whose errors are [`Error`]s.
+fn guard_size(f: impl FnOnce() -> Result<usize, Error>) -> libc::ssize_t {
+    cabi::guard_size(f)
 }
 
 fn sock(s: c_int) -> Result<u32, Error> {
@@ -216,15 +217,8 @@ pub unsafe extern "C" fn dsan_accept(
     guard(|| {
         let p = provider()?;
         let s = sock(s)?;
-        if !peer.is_null() {
-            if peer_len.is_null() {
-                return Err(Error::Fault);
-            }
-            // SAFETY: non-NULL, per the contract.
-            if (unsafe { *peer_len } as usize) < std::mem::size_of::<libc::sockaddr_in>() {
-                return Err(Error::Inval);
-            }
-        }
+        // SAFETY: `peer_len` is NULL or valid, per the contract.
+        unsafe { peer_room(peer, peer_len) }?;
         let (new, addr) = p.accept(s, |a| {
             let Some(f) = cond else {
                 return Decision::Accept;
@@ -244,14 +238,8 @@ pub unsafe extern "C" fn dsan_accept(
                 _ => Decision::Reject,
             }
         })?;
-        if !peer.is_null() {
-            let sin = crate::sockaddr::sockaddr_in(addr);
-            // SAFETY: checked non-NULL and large enough above.
-            unsafe {
-                std::ptr::write_unaligned(peer.cast::<libc::sockaddr_in>(), sin);
-                *peer_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            }
-        }
+        // SAFETY: approved by `peer_room` above.
+        unsafe { put_peer(peer, peer_len, addr) };
         Ok(new as c_int)
     })
 }
@@ -309,14 +297,8 @@ pub unsafe extern "C" fn dsan_send(
     guard_size(|| {
         let p = provider()?;
         let s = sock(s)?;
-        let b: &[u8] = if len == 0 {
-            &[]
-        } else if buf.is_null() {
-            return Err(Error::Fault);
-        } else {
-            // SAFETY: non-NULL and `len` readable bytes, per the contract.
-            unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) }
-        };
+        // SAFETY: NULL only with `len` 0, else `len` readable bytes, per the contract.
+        let b = unsafe { bytes(buf, len) }?;
         p.send(s, b, flags)
     })
 }
@@ -338,14 +320,8 @@ pub unsafe extern "C" fn dsan_recv(
     guard_size(|| {
         let p = provider()?;
         let s = sock(s)?;
-        let b: &mut [u8] = if len == 0 {
-            &mut []
-        } else if buf.is_null() {
-            return Err(Error::Fault);
-        } else {
-            // SAFETY: non-NULL and `len` writable bytes, per the contract.
-            unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
-        };
+        // SAFETY: NULL only with `len` 0, else `len` writable bytes, per the contract.
+        let b = unsafe { bytes_mut(buf, len) }?;
         p.recv(s, b, flags)
     })
 }
@@ -421,13 +397,4 @@ pub unsafe extern "C" fn dsan_getsockopt(
         }
         Ok(0)
     })
-}
-
-/// [`guard`] for calls that return a byte count.
-fn guard_size(f: impl FnOnce() -> Result<usize, Error>) -> libc::ssize_t {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => isize::try_from(v).unwrap_or(isize::MAX),
-        Ok(Err(e)) => -(e.errno() as isize),
-        Err(_) => -(libc::EIO as isize),
-    }
 }

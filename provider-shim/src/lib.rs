@@ -9,11 +9,13 @@
 //! * [`SanSocket`]: an owned socket handle for Rust callers (closed on drop);
 //! * `capi`: the C ABI of `include/dsan_provider.h` (`libdsan_provider.so`),
 //!   every function behind a panic boundary, returning a non-negative value
-//!   or a negative errno.
+//!   or a negative errno; [`cabi`]: the panic boundary and the checks of
+//!   C callers' buffers that it shares with the switch's C ABI.
 //!
 //! Semantics follow Windows Sockets Direct; `docs/c-api.md` documents each call.
 #![deny(unsafe_code)] // only the modules that need it allow it
 
+pub mod cabi;
 mod capi;
 mod provider;
 pub mod sockaddr;

@@ -5,22 +5,24 @@
 #![allow(non_camel_case_types)]
 
 use crate::switch::{self, Transport};
+use dsan_provider::cabi::{self, bytes, bytes_mut, peer_room, put_peer};
 use dsan_provider::{dsan_condition_fn, sockaddr, Decision, DSAN_CF_ACCEPT, DSAN_CF_DEFER};
 use std::ffi::{c_int, c_void};
 use std::net::SocketAddrV4;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// `dsan_sw_transport`: kernel TCP serves the connection.
 pub const DSAN_SW_TRANSPORT_TCP: c_int = 1;
 /// `dsan_sw_transport`: the SAN serves the connection.
 pub const DSAN_SW_TRANSPORT_SAN: c_int = 2;
 
+/// [`cabi::guard`] for calls whose errors are errnos.
 fn guard(f: impl FnOnce() -> Result<c_int, i32>) -> c_int {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => -e,
-        Err(_) => -libc::EIO,
-    }
+    cabi::guard(f)
+}
+
+/// [`cabi::guard_size`] for calls whose errors are errnos.
+fn guard_size(f: impl FnOnce() -> Result<usize, i32>) -> libc::ssize_t {
+    cabi::guard_size(f)
 }
 
 /// # Safety
@@ -112,24 +114,11 @@ pub unsafe extern "C" fn dsan_sw_accept(
     peer_len: *mut libc::socklen_t,
 ) -> c_int {
     guard(|| {
-        if !peer.is_null() {
-            if peer_len.is_null() {
-                return Err(libc::EFAULT);
-            }
-            // SAFETY: non-NULL.
-            if (unsafe { *peer_len } as usize) < std::mem::size_of::<libc::sockaddr_in>() {
-                return Err(libc::EINVAL);
-            }
-        }
+        // SAFETY: `peer_len` is NULL or valid, per the contract.
+        unsafe { peer_room(peer, peer_len) }.map_err(|e| e.errno())?;
         let (fd, a) = switch::accept(s)?;
-        if !peer.is_null() {
-            let sa = sockaddr::sockaddr_in(a);
-            // SAFETY: checked above.
-            unsafe {
-                std::ptr::write_unaligned(peer.cast::<libc::sockaddr_in>(), sa);
-                *peer_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            }
-        }
+        // SAFETY: approved by `peer_room` above.
+        unsafe { put_peer(peer, peer_len, a) };
         Ok(fd)
     })
 }
@@ -173,14 +162,6 @@ pub extern "C" fn dsan_sw_close(s: c_int) -> c_int {
     guard(|| switch::close(s).map(|_| 0))
 }
 
-fn guard_size(f: impl FnOnce() -> Result<usize, i32>) -> libc::ssize_t {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => libc::ssize_t::try_from(v).unwrap_or(libc::ssize_t::MAX),
-        Ok(Err(e)) => -(e as libc::ssize_t),
-        Err(_) => -(libc::EIO as libc::ssize_t),
-    }
-}
-
 /// Sends up to `len` bytes on a connected or accepted descriptor, over
 /// whichever transport serves it (as send(2) with MSG_NOSIGNAL): the bytes
 /// taken, all of them when blocking. `flags`: 0 or MSG_DONTWAIT. -EAGAIN,
@@ -196,14 +177,8 @@ pub unsafe extern "C" fn dsan_sw_send(
     flags: c_int,
 ) -> libc::ssize_t {
     guard_size(|| {
-        let b: &[u8] = if len == 0 {
-            &[]
-        } else if buf.is_null() {
-            return Err(libc::EFAULT);
-        } else {
-            // SAFETY: non-NULL and `len` readable bytes, per the contract.
-            unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) }
-        };
+        // SAFETY: NULL only with `len` 0, else `len` readable bytes, per the contract.
+        let b = unsafe { bytes(buf, len) }.map_err(|e| e.errno())?;
         switch::send(s, b, flags)
     })
 }
@@ -224,14 +199,8 @@ pub unsafe extern "C" fn dsan_sw_recv(
     flags: c_int,
 ) -> libc::ssize_t {
     guard_size(|| {
-        let b: &mut [u8] = if len == 0 {
-            &mut []
-        } else if buf.is_null() {
-            return Err(libc::EFAULT);
-        } else {
-            // SAFETY: non-NULL and `len` writable bytes, per the contract.
-            unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
-        };
+        // SAFETY: NULL only with `len` 0, else `len` writable bytes, per the contract.
+        let b = unsafe { bytes_mut(buf, len) }.map_err(|e| e.errno())?;
         switch::recv(s, b, flags)
     })
 }

@@ -277,6 +277,188 @@ impl StreamShm {
     }
 }
 
+/// What the process has written and consumed, as the daemon reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppIndices {
+    /// The send ring's tail (bytes written, absolute).
+    pub tail: u64,
+    /// The process shut down sending (SHUT_WR or close).
+    pub fin: bool,
+    /// The receive ring's head (bytes consumed, absolute).
+    pub head: u64,
+}
+
+/// Where a connection's two rings stand (absolute positions), for moving
+/// it from one block to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingMarks {
+    /// Sent bytes the peer acknowledged (the send ring's head).
+    pub acked: u64,
+    /// Bytes the process wrote (the send ring's tail).
+    pub written: u64,
+    /// Received bytes the process consumed (the receive ring's head).
+    pub consumed: u64,
+    /// Bytes received (the receive ring's tail).
+    pub received: u64,
+}
+
+/// The daemon's other dealings with a block: opening it for a connection,
+/// reading what the process wrote, the states of a closing socket, the
+/// urgent byte, and moving a connection to another block. The process's
+/// words are only read here, and every value read is checked by the
+/// caller before it is used (a process may write anything).
+impl StreamShm {
+    /// Hands the block to a new connection: every word the daemon owns is
+    /// reset, the sizes and the segment size are set, the process's
+    /// generation stamp (`snd_p.gen`, any value) is echoed in `st.gen` and
+    /// the state published as open. The first bytes to arrive are an
+    /// FD_READ (the receive ring starts empty, as if a receive had found
+    /// it so).
+    pub fn open(&self, snd_size: u32, rcv_size: u32, mss: u32, claim: u64) {
+        self.snd_c.head.store(0, Ordering::Relaxed);
+        self.rcv_p.tail.store(0, Ordering::Relaxed);
+        self.rcv_p.credit_wanted.store(0, Ordering::Relaxed);
+        self.rcv_p.urgent.store(0, Ordering::Relaxed);
+        self.rcv_p.urgent_byte.store(0, Ordering::Relaxed);
+        self.st.close_error.store(0, Ordering::Relaxed);
+        self.st.snd_size.store(snd_size, Ordering::Relaxed);
+        self.st.rcv_size.store(rcv_size, Ordering::Relaxed);
+        self.st.mss.store(mss, Ordering::Relaxed);
+        self.rcv_c.want.store(1, Ordering::Relaxed);
+        let gen = self.snd_p.gen.load(Ordering::Acquire);
+        self.st.gen.store(gen, Ordering::Relaxed);
+        self.st.claim.store(claim, Ordering::Relaxed);
+        self.st.state.store(ST_OPEN, Ordering::Release);
+    }
+
+    /// The process's indices, after taking its kick (cleared first, so
+    /// that a kick the process raises after this read is not lost).
+    pub fn take_kick(&self) -> AppIndices {
+        self.snd_p.kick.store(0, Ordering::SeqCst);
+        AppIndices {
+            tail: self.snd_p.tail.load(Ordering::Acquire),
+            fin: self.snd_p.fin.load(Ordering::Acquire) != 0,
+            head: self.rcv_c.head.load(Ordering::Acquire),
+        }
+    }
+
+    /// The receive ring's head as the process left it (unchecked).
+    pub fn read_head(&self) -> u64 {
+        self.rcv_c.head.load(Ordering::Acquire)
+    }
+
+    /// Where the process put its urgent byte's mark (unchecked; 0: none).
+    pub fn send_urgent_mark(&self) -> u64 {
+        self.snd_p.urgent.load(Ordering::Acquire)
+    }
+
+    /// The process is asked to kick once it has consumed (the credit the
+    /// daemon can give runs low).
+    pub fn ask_for_credit(&self) {
+        self.rcv_p.credit_wanted.store(1, Ordering::Relaxed);
+    }
+
+    /// An urgent byte `byte` arrived, ending at absolute position `mark`:
+    /// published for the process (TCP's out-of-band byte, POLLPRI until
+    /// read), which is asked for the next FD_READ too, so that a process
+    /// waiting only for the exceptional condition learns it.
+    pub fn publish_urgent(&self, mark: u64, byte: u8) {
+        self.rcv_p
+            .urgent_byte
+            .store(0x100 | u32::from(byte), Ordering::Relaxed);
+        self.rcv_p.urgent.store(mark, Ordering::Release);
+        self.rcv_c.want.store(1, Ordering::Relaxed);
+    }
+
+    /// The socket closed and the daemon still sends its last bytes: the
+    /// slot is not free for reuse yet.
+    pub fn linger(&self) {
+        self.st.state.fetch_or(ST_LINGER, Ordering::Release);
+    }
+
+    /// Nothing in the daemon uses the block any more: the process may
+    /// reuse the slot.
+    pub fn release(&self) {
+        self.st.state.store(0, Ordering::Release);
+    }
+
+    /// Takes over the connection that block `from` served, standing at
+    /// `at` (its ring bytes already copied to the same absolute positions
+    /// of this block's rings): every word of both sides, the process's own
+    /// generation stamp and the claim key `claim`; published open (with
+    /// the end of stream if `from` had it). The process waits for the
+    /// claim's completion before it touches the block. `from` is released
+    /// if `orphan` (no socket holds it), else marked [`ST_MOVED`]. Returns
+    /// whether bytes or the end of the stream wait to be read.
+    pub fn take_over(
+        &self,
+        from: &StreamShm,
+        at: RingMarks,
+        snd_size: u32,
+        rcv_size: u32,
+        claim: u64,
+        orphan: bool,
+    ) -> bool {
+        self.snd_p.tail.store(at.written, Ordering::Relaxed);
+        self.snd_p.fin.store(
+            from.snd_p.fin.load(Ordering::Acquire).min(1),
+            Ordering::Relaxed,
+        );
+        self.snd_p.kick.store(0, Ordering::Relaxed);
+        self.rcv_c.head.store(at.consumed, Ordering::Relaxed);
+        self.rcv_c.want.store(1, Ordering::Relaxed);
+        self.snd_c.head.store(at.acked, Ordering::Relaxed);
+        self.rcv_p.tail.store(at.received, Ordering::Relaxed);
+        for (to, fr) in [
+            (&self.rcv_p.credit_wanted, &from.rcv_p.credit_wanted),
+            (&self.rcv_p.urgent_byte, &from.rcv_p.urgent_byte),
+            (&self.st.mss, &from.st.mss),
+        ] {
+            to.store(fr.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        for (to, fr) in [
+            (&self.rcv_p.urgent, &from.rcv_p.urgent),
+            (&self.snd_p.urgent, &from.snd_p.urgent),
+        ] {
+            to.store(fr.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.st.close_error.store(0, Ordering::Relaxed);
+        self.st.snd_size.store(snd_size, Ordering::Relaxed);
+        self.st.rcv_size.store(rcv_size, Ordering::Relaxed);
+        self.st
+            .gen
+            .store(self.snd_p.gen.load(Ordering::Acquire), Ordering::Relaxed);
+        self.st.claim.store(claim, Ordering::Relaxed);
+        let state = from.st.state.load(Ordering::Acquire) & (ST_OPEN | ST_RX_EOF);
+        self.st.state.store(state | ST_OPEN, Ordering::Release);
+        if orphan {
+            from.release();
+        } else {
+            from.st.state.fetch_or(ST_MOVED, Ordering::Release);
+        }
+        // Threads of this block's process that wait on it (a holder taking
+        // the connection back after the other let go) look again.
+        self.wake_waiters();
+        let readable = at.received > at.consumed || state & ST_RX_EOF != 0;
+        if readable {
+            // The FD_READ goes now: the request is taken.
+            self.rcv_c.want.store(0, Ordering::Relaxed);
+        }
+        readable
+    }
+
+    /// The connection this block held from afar ([`ST_MOVED`]) ended
+    /// (`close_error` as [`Self::mark_dead`]): nothing is left to read
+    /// here (its bytes went with the connection).
+    pub fn end_moved(&self, close_error: i32) {
+        self.rcv_p
+            .tail
+            .store(self.rcv_c.head.load(Ordering::Acquire), Ordering::Relaxed);
+        self.st.state.fetch_and(!ST_MOVED, Ordering::Relaxed);
+        self.mark_dead(close_error);
+    }
+}
+
 /// After a futex word moved on (and a full fence): wakes the threads
 /// sleeping on it, with a system call only if the process said some do.
 fn wake_if_waiting(seq: &AtomicU32, waiting: &AtomicU32) {

@@ -29,9 +29,8 @@ use crate::wire::{
 };
 use dsan_channel::msg::Bufs;
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
-use dsan_channel::stream::{StreamArea, StreamShm, ST_LINGER, ST_MOVED, ST_OPEN, ST_RX_EOF};
+use dsan_channel::stream::{RingMarks, StreamArea, StreamShm};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The daemon's state per established connection, not counting the rings
@@ -254,25 +253,14 @@ impl Node {
             return false;
         };
         let app = p.shared.clone();
-        let shm = app.region.stream(sock as usize);
-        shm.snd_c.head.store(0, Ordering::Relaxed);
-        shm.rcv_p.tail.store(0, Ordering::Relaxed);
-        shm.rcv_p.credit_wanted.store(0, Ordering::Relaxed);
-        shm.rcv_p.urgent.store(0, Ordering::Relaxed);
-        shm.rcv_p.urgent_byte.store(0, Ordering::Relaxed);
-        shm.st.close_error.store(0, Ordering::Relaxed);
-        shm.st.snd_size.store(bufs.snd as u32, Ordering::Relaxed);
-        shm.st.rcv_size.store(bufs.rcv as u32, Ordering::Relaxed);
-        shm.st.mss.store(u32::from(params.mss), Ordering::Relaxed);
-        // The first bytes to arrive are an FD_READ (the receive ring starts
-        // empty, as if a receive had found it so).
-        shm.rcv_c.want.store(1, Ordering::Relaxed);
-        // The process's stamp, echoed (any value: a process that scribbles
-        // on it only confuses itself); published with the state.
-        let gen = shm.snd_p.gen.load(Ordering::Acquire);
-        shm.st.gen.store(gen, Ordering::Relaxed);
-        shm.st.claim.store(self.claim_key(h), Ordering::Relaxed);
-        shm.st.state.store(ST_OPEN, Ordering::Release);
+        // The process's stamp is echoed (any value: a process that
+        // scribbles on it only confuses itself).
+        app.region.stream(sock as usize).open(
+            bufs.snd as u32,
+            bufs.rcv as u32,
+            u32::from(params.mss),
+            self.claim_key(h),
+        );
         let timing = self.timing();
         let s = Stream::new(now, timing, params.mss, params.peer_window, bufs.rcv as u32);
         let timer = s.next_timer(&timing);
@@ -336,15 +324,13 @@ impl Node {
 
     /// Reads what the application wrote and consumed. Err: it broke the protocol.
     fn sync_from_app(ctx: &mut StreamCtx, force_fin: bool) -> Result<(), ()> {
-        let shm = ctx.shm();
-        shm.snd_p.kick.store(0, Ordering::SeqCst);
-        let tail = shm.snd_p.tail.load(Ordering::Acquire);
-        let fin = force_fin || shm.snd_p.fin.load(Ordering::Acquire) != 0;
-        let head = shm.rcv_c.head.load(Ordering::Acquire);
+        let at = ctx.shm().take_kick();
         let snd_size = ctx.snd_size() as u64;
-        ctx.s.app_wrote(tail, snd_size, fin).map_err(|_| ())?;
+        ctx.s
+            .app_wrote(at.tail, snd_size, force_fin || at.fin)
+            .map_err(|_| ())?;
         if !ctx.has(APP_CLOSED) {
-            ctx.s.app_read(head).map_err(|_| ())?;
+            ctx.s.app_read(at.head).map_err(|_| ())?;
         }
         Ok(())
     }
@@ -374,7 +360,7 @@ impl Node {
         let Some(ctx) = self.streams.get_mut(&h) else {
             return false;
         };
-        let shm_head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
+        let shm_head = ctx.shm().read_head();
         let synced = Self::sync_from_app(ctx, true).is_ok();
         ctx.set(APP_CLOSED, true);
         let unread = shm_head < ctx.s.received();
@@ -391,7 +377,7 @@ impl Node {
             self.drop_stream(h, 0);
             return true;
         }
-        ctx.shm().st.state.fetch_or(ST_LINGER, Ordering::Release);
+        ctx.shm().linger();
         self.finish_if_done(now, h);
         self.enqueue(h);
         self.reschedule(h);
@@ -435,7 +421,7 @@ impl Node {
         self.forget_shared(h);
         let shm = ctx.shm();
         if ctx.has(APP_CLOSED) || ctx.has(ORPHAN) {
-            shm.st.state.store(0, Ordering::Release);
+            shm.release();
             return;
         }
         shm.mark_dead(close_error);
@@ -547,14 +533,7 @@ impl Node {
             {
                 let mut b = [0u8];
                 ctx.area().read_recv(urgent - 1, &mut b);
-                let shm = ctx.shm();
-                shm.rcv_p
-                    .urgent_byte
-                    .store(0x100 | u32::from(b[0]), Ordering::Relaxed);
-                shm.rcv_p.urgent.store(urgent, Ordering::Release);
-                // A process that waits for the exceptional condition only
-                // (select's exceptfds) is told too.
-                shm.rcv_c.want.store(1, Ordering::Relaxed);
+                ctx.shm().publish_urgent(urgent, b[0]);
             }
         }
         if ctx.has(APP_CLOSED) && delivered > 0 {
@@ -654,7 +633,7 @@ impl Node {
     /// copied to the same absolute positions of the new rings, the new
     /// block gets every word of both sides (the process waits for the
     /// claim's completion before it touches it) and the process's own
-    /// generation stamp, and the old block is marked [`ST_MOVED`]. The
+    /// generation stamp, and the old block is marked [`ST_MOVED`](dsan_channel::stream::ST_MOVED). The
     /// protocol state does not change: the peer sees nothing. False if the
     /// stream is gone or closing, or the old holder's words are broken (it
     /// is condemned for that).
@@ -676,69 +655,28 @@ impl Node {
             return false;
         }
         let (from, from_area) = (ctx.shm(), ctx.area());
-        let (acked, written) = (ctx.s.acked(), ctx.s.written());
-        let (consumed, received) = (ctx.s.consumed(), ctx.s.received());
+        let at = RingMarks {
+            acked: ctx.s.acked(),
+            written: ctx.s.written(),
+            consumed: ctx.s.consumed(),
+            received: ctx.s.received(),
+        };
         let (snd_size, rcv_size) = (ctx.snd_size(), ctx.s.rcv_size() as usize);
         let new = to.region.stream(sock as usize);
         let new_area = to.region.stream_area(sock as usize, snd_size, rcv_size);
         // At most a ring each (the stream's indices keep them so).
-        let mut buf = vec![0u8; (written - acked) as usize];
-        from_area.read_send(acked, &mut buf);
-        new_area.write_send(acked, &buf);
-        buf.resize((received - consumed) as usize, 0);
-        from_area.read_recv(consumed, &mut buf);
-        new_area.write_recv(consumed, &buf);
-        // The process's words first (it waits for the claim to complete).
-        new.snd_p.tail.store(written, Ordering::Relaxed);
-        new.snd_p.fin.store(
-            from.snd_p.fin.load(Ordering::Acquire).min(1),
-            Ordering::Relaxed,
-        );
-        new.snd_p.kick.store(0, Ordering::Relaxed);
-        new.rcv_c.head.store(consumed, Ordering::Relaxed);
-        new.rcv_c.want.store(1, Ordering::Relaxed);
-        new.snd_c.head.store(acked, Ordering::Relaxed);
-        new.rcv_p.tail.store(received, Ordering::Relaxed);
-        new.rcv_p.credit_wanted.store(
-            from.rcv_p.credit_wanted.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        new.rcv_p.urgent_byte.store(
-            from.rcv_p.urgent_byte.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        new.rcv_p
-            .urgent
-            .store(from.rcv_p.urgent.load(Ordering::Relaxed), Ordering::Relaxed);
-        new.snd_p
-            .urgent
-            .store(from.snd_p.urgent.load(Ordering::Relaxed), Ordering::Relaxed);
-        new.st.close_error.store(0, Ordering::Relaxed);
-        new.st.snd_size.store(snd_size as u32, Ordering::Relaxed);
-        new.st.rcv_size.store(rcv_size as u32, Ordering::Relaxed);
-        new.st
-            .mss
-            .store(from.st.mss.load(Ordering::Relaxed), Ordering::Relaxed);
-        new.st
-            .gen
-            .store(new.snd_p.gen.load(Ordering::Acquire), Ordering::Relaxed);
-        new.st.claim.store(key, Ordering::Relaxed);
-        let state = from.st.state.load(Ordering::Acquire) & (ST_OPEN | ST_RX_EOF);
-        new.st.state.store(state | ST_OPEN, Ordering::Release);
-        if ctx.has(ORPHAN) {
-            // Nobody holds the old slot: it is free now.
-            from.st.state.store(0, Ordering::Release);
-            ctx.set(ORPHAN, false);
-        } else {
-            from.st.state.fetch_or(ST_MOVED, Ordering::Release);
-        }
+        let mut buf = vec![0u8; (at.written - at.acked) as usize];
+        from_area.read_send(at.acked, &mut buf);
+        new_area.write_send(at.acked, &buf);
+        buf.resize((at.received - at.consumed) as usize, 0);
+        from_area.read_recv(at.consumed, &mut buf);
+        new_area.write_recv(at.consumed, &buf);
+        let orphan = ctx.has(ORPHAN);
+        let readable = new.take_over(from, at, snd_size as u32, rcv_size as u32, key, orphan);
+        ctx.set(ORPHAN, false);
         ctx.sock = sock as u16;
         self.streams.rehome(h, to.clone());
-        // Threads of the new holder that wait on the block (a holder
-        // taking the connection back after the other let go) look again.
-        new.wake_waiters();
-        if received > consumed || state & ST_RX_EOF != 0 {
-            new.rcv_c.want.store(0, Ordering::Relaxed);
+        if readable {
             self.signal(h, FD_READ);
         }
         self.local.handovers += 1;
@@ -766,7 +704,7 @@ impl Node {
             return false;
         }
         ctx.set(ORPHAN, true);
-        ctx.shm().st.state.fetch_or(ST_LINGER, Ordering::Release);
+        ctx.shm().linger();
         self.conn_owner.remove(&h);
         true
     }
@@ -783,7 +721,7 @@ impl Node {
     }
 
     /// Connection `h` ended: the sockets that held it from afar (see
-    /// [`ST_MOVED`]) read its end as their own, on their own blocks.
+    /// [`ST_MOVED`](dsan_channel::stream::ST_MOVED)) read its end as their own, on their own blocks.
     fn end_away_holders(&mut self, h: ConnHandle, close_error: i32) {
         let Some(list) = self.away.remove(&h) else {
             return;
@@ -792,13 +730,7 @@ impl Node {
             let Some(p) = self.procs.get(&pid) else {
                 continue;
             };
-            let shm = p.shared.region.stream(sock as usize);
-            // Nothing to read there: its bytes went with the connection.
-            shm.rcv_p
-                .tail
-                .store(shm.rcv_c.head.load(Ordering::Acquire), Ordering::Relaxed);
-            shm.st.state.fetch_and(!ST_MOVED, Ordering::Relaxed);
-            shm.mark_dead(close_error);
+            p.shared.region.stream(sock as usize).end_moved(close_error);
             if !raise(
                 p.shared.region.sock(sock as usize),
                 p.events.get(&sock),
@@ -870,8 +802,7 @@ impl Node {
             if !ctx.has(APP_CLOSED) {
                 // The credit we advertise is as fresh as the reader's head
                 // (a checked value; a bad one waits for the next kick).
-                let head = ctx.shm().rcv_c.head.load(Ordering::Acquire);
-                let _ = ctx.s.app_read(head);
+                let _ = ctx.s.app_read(ctx.shm().read_head());
             }
             let Some((hdr, conn_id, token)) = self.ep.stream_route(h) else {
                 continue;
@@ -882,7 +813,7 @@ impl Node {
             let mut out_of_buffers = false;
             // An urgent byte ends its segment, which says so (the process's
             // word, read once a pass: a wrong value only cuts a segment).
-            let urgent = ctx.shm().snd_p.urgent.load(Ordering::Acquire);
+            let urgent = ctx.shm().send_urgent_mark();
             while budget > 0 {
                 let Some(mut o) = ctx.s.next_segment() else {
                     break;
@@ -951,7 +882,7 @@ impl Node {
                 }
             }
             if !ctx.has(APP_CLOSED) && ctx.s.credit_low() {
-                ctx.shm().rcv_p.credit_wanted.store(1, Ordering::Relaxed);
+                ctx.shm().ask_for_credit();
             }
             // More to send (budget ran out): back of the queue.
             self.enqueue(h);

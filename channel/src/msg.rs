@@ -304,7 +304,7 @@ pub enum Op {
         from_app: u64,
         /// Its socket there.
         from_sock: u32,
-        /// The connection's claim key ([`crate::stream::StreamState::claim`]).
+        /// The connection's claim key ([`crate::stream::StreamShm::claim_key`]).
         key: u64,
     },
 }

@@ -117,24 +117,24 @@ pub fn size_from_log2(l: u8) -> Option<usize> {
 #[derive(Default)]
 pub struct StreamState {
     /// `ST_*` bits.
-    pub state: AtomicU32,
+    pub(crate) state: AtomicU32,
     /// Why the connection ended: 0 (the peer closed) or a negative errno.
-    pub close_error: AtomicI32,
+    pub(crate) close_error: AtomicI32,
     /// Send ring size (bytes).
-    pub snd_size: AtomicU32,
+    pub(crate) snd_size: AtomicU32,
     /// Receive ring size (bytes).
-    pub rcv_size: AtomicU32,
+    pub(crate) rcv_size: AtomicU32,
     /// The generation of the socket this stream was opened for: the
     /// daemon copies [`SendProducer::gen`] here when it opens the stream
     /// (before it sets [`ST_OPEN`]). A process trusts the block only while
     /// this equals the generation it gave the socket.
-    pub gen: AtomicU32,
+    pub(crate) gen: AtomicU32,
     /// The largest payload of one segment (the connection's mss).
-    pub mss: AtomicU32,
+    pub(crate) mss: AtomicU32,
     /// The connection's claim key: a process that can read it (this
     /// process, or a child forked with this region mapped) may move the
     /// connection to a socket of its own (`Op::Claim`).
-    pub claim: AtomicU64,
+    pub(crate) claim: AtomicU64,
 }
 
 /// Written by the process: the send ring's producer side.
@@ -142,23 +142,23 @@ pub struct StreamState {
 #[derive(Default)]
 pub struct SendProducer {
     /// Bytes written into the send ring, ever.
-    pub tail: AtomicU64,
+    pub(crate) tail: AtomicU64,
     /// 1 once the process shut down writing: `tail` is final (FIN after it).
-    pub fin: AtomicU32,
+    pub(crate) fin: AtomicU32,
     /// 1 while a kick is queued (the process sets it, the daemon clears it).
-    pub kick: AtomicU32,
+    pub(crate) kick: AtomicU32,
     /// Threads of the process waiting for send space.
-    pub waiting: AtomicU32,
+    pub(crate) waiting: AtomicU32,
     /// 1: the process found the ring full; the daemon raises FD_WRITE (and
     /// clears this) when space is freed.
-    pub want: AtomicU32,
+    pub(crate) want: AtomicU32,
     /// The socket's generation (nonzero), set by the process each time the
     /// slot gets a new socket, before it asks for a connection on it.
-    pub gen: AtomicU32,
+    pub(crate) gen: AtomicU32,
     /// The stream position just past the last urgent byte written (a send
     /// with MSG_OOB: its last byte), or 0. The daemon ends a segment there
     /// and flags it urgent (any value is harmless: it only cuts segments).
-    pub urgent: AtomicU64,
+    pub(crate) urgent: AtomicU64,
 }
 
 /// Written by the daemon: the send ring's consumer side.
@@ -166,9 +166,9 @@ pub struct SendProducer {
 #[derive(Default)]
 pub struct SendConsumer {
     /// Bytes acknowledged by the peer (freed), ever.
-    pub head: AtomicU64,
+    pub(crate) head: AtomicU64,
     /// Futex word, bumped when `head` or the state changes.
-    pub seq: AtomicU32,
+    pub(crate) seq: AtomicU32,
 }
 
 /// Written by the daemon: the receive ring's producer side.
@@ -176,17 +176,17 @@ pub struct SendConsumer {
 #[derive(Default)]
 pub struct RecvProducer {
     /// Bytes delivered into the receive ring, ever.
-    pub tail: AtomicU64,
+    pub(crate) tail: AtomicU64,
     /// Futex word, bumped when `tail` or the state changes.
-    pub seq: AtomicU32,
+    pub(crate) seq: AtomicU32,
     /// 1: the daemon wants a kick after the process consumes (credit ran low).
-    pub credit_wanted: AtomicU32,
+    pub(crate) credit_wanted: AtomicU32,
     /// The urgent byte the peer sent last (0x100 | the byte), written
     /// before [`RecvProducer::urgent`].
-    pub urgent_byte: AtomicU32,
+    pub(crate) urgent_byte: AtomicU32,
     /// The stream position just past that urgent byte (it is in the ring
     /// at `urgent - 1`), or 0: TCP's urgent mark.
-    pub urgent: AtomicU64,
+    pub(crate) urgent: AtomicU64,
 }
 
 /// Written by the process: the receive ring's consumer side.
@@ -194,28 +194,31 @@ pub struct RecvProducer {
 #[derive(Default)]
 pub struct RecvConsumer {
     /// Bytes consumed by the process, ever.
-    pub head: AtomicU64,
+    pub(crate) head: AtomicU64,
     /// Threads of the process waiting for data.
-    pub waiting: AtomicU32,
+    pub(crate) waiting: AtomicU32,
     /// 1: the process found the ring empty; the daemon raises FD_READ (and
     /// clears this) when bytes or the end of stream arrive.
-    pub want: AtomicU32,
+    pub(crate) want: AtomicU32,
 }
 
-/// One socket's stream control block: five cache lines, each written by one side.
+/// One socket's stream control block: five cache lines, each written by one
+/// side. Its words are the contract crate's alone: the daemon and the
+/// process reach them only through the methods below, which hold the
+/// orders and the wait / wake handshake.
 #[repr(C, align(64))]
 #[derive(Default)]
 pub struct StreamShm {
     /// Daemon.
-    pub st: StreamState,
+    pub(crate) st: StreamState,
     /// Process.
-    pub snd_p: SendProducer,
+    pub(crate) snd_p: SendProducer,
     /// Daemon.
-    pub snd_c: SendConsumer,
+    pub(crate) snd_c: SendConsumer,
     /// Daemon.
-    pub rcv_p: RecvProducer,
+    pub(crate) rcv_p: RecvProducer,
     /// Process.
-    pub rcv_c: RecvConsumer,
+    pub(crate) rcv_c: RecvConsumer,
 }
 // SAFETY: repr(C), atomics only (and alignment padding).
 unsafe impl Shared for StreamShm {}
@@ -233,6 +236,7 @@ impl StreamShm {
     /// kick once it has consumed (before the tail, so that a reader that
     /// sees the bytes sees the request). Returns whether the process asked
     /// for FD_READ (the request is taken).
+    #[inline]
     pub fn publish_received(&self, tail: u64, eof: bool, credit_low: bool) -> bool {
         if credit_low {
             self.rcv_p.credit_wanted.store(1, Ordering::Relaxed);
@@ -249,6 +253,7 @@ impl StreamShm {
 
     /// The peer acknowledged the send ring up to `head`: its room is free
     /// again. Returns whether the process asked for FD_WRITE (taken).
+    #[inline]
     pub fn publish_acked(&self, head: u64) -> bool {
         self.snd_c.head.store(head, Ordering::Release);
         self.snd_c.seq.fetch_add(1, Ordering::Release);
@@ -333,6 +338,7 @@ impl StreamShm {
 
     /// The process's indices, after taking its kick (cleared first, so
     /// that a kick the process raises after this read is not lost).
+    #[inline]
     pub fn take_kick(&self) -> AppIndices {
         self.snd_p.kick.store(0, Ordering::SeqCst);
         AppIndices {
@@ -343,17 +349,20 @@ impl StreamShm {
     }
 
     /// The receive ring's head as the process left it (unchecked).
+    #[inline]
     pub fn read_head(&self) -> u64 {
         self.rcv_c.head.load(Ordering::Acquire)
     }
 
     /// Where the process put its urgent byte's mark (unchecked; 0: none).
+    #[inline]
     pub fn send_urgent_mark(&self) -> u64 {
         self.snd_p.urgent.load(Ordering::Acquire)
     }
 
     /// The process is asked to kick once it has consumed (the credit the
     /// daemon can give runs low).
+    #[inline]
     pub fn ask_for_credit(&self) {
         self.rcv_p.credit_wanted.store(1, Ordering::Relaxed);
     }
@@ -372,12 +381,14 @@ impl StreamShm {
 
     /// The socket closed and the daemon still sends its last bytes: the
     /// slot is not free for reuse yet.
+    #[inline]
     pub fn linger(&self) {
         self.st.state.fetch_or(ST_LINGER, Ordering::Release);
     }
 
     /// Nothing in the daemon uses the block any more: the process may
     /// reuse the slot.
+    #[inline]
     pub fn release(&self) {
         self.st.state.store(0, Ordering::Release);
     }
@@ -473,6 +484,7 @@ fn wake_if_waiting(seq: &AtomicU32, waiting: &AtomicU32) {
 impl StreamShm {
     /// The send ring was full at `head`: asks for FD_WRITE (and a wake-up).
     /// Returns whether it is still full (else: look again).
+    #[inline]
     pub fn want_room(&self, head: u64) -> bool {
         self.snd_p.want.store(1, Ordering::SeqCst);
         self.snd_c.head.load(Ordering::SeqCst) == head
@@ -497,6 +509,7 @@ impl StreamShm {
 
     /// The receive ring was empty at `tail`: asks for FD_READ (and a
     /// wake-up). Returns whether it is still empty (else: look again).
+    #[inline]
     pub fn want_bytes(&self, tail: u64) -> bool {
         self.rcv_c.want.store(1, Ordering::SeqCst);
         self.rcv_p.tail.load(Ordering::SeqCst) == tail
@@ -521,6 +534,216 @@ impl StreamShm {
             crate::sys::futex_wait(&self.rcv_p.seq, seq, nap);
         }
         self.rcv_c.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The process's other dealings with its block: its own words (a fresh
+/// socket's reset, the send ring's tail and FIN, the receive ring's head,
+/// the kick, the requests for events) and what it reads of the daemon's.
+/// Every value read of the daemon's words is checked by the caller against
+/// the ring sizes before it is used.
+impl StreamShm {
+    /// A fresh socket in a slot used before: the words this process writes
+    /// are zeroed and stamped with the new socket's generation `gen`, which
+    /// the daemon echoes in `st.gen` when it opens the block for it.
+    pub fn reset_app_words(&self, gen: u32) {
+        self.snd_p.gen.store(gen, Ordering::Relaxed);
+        self.snd_p.tail.store(0, Ordering::Relaxed);
+        self.snd_p.fin.store(0, Ordering::Relaxed);
+        self.snd_p.kick.store(0, Ordering::Relaxed);
+        self.snd_p.waiting.store(0, Ordering::Relaxed);
+        self.snd_p.want.store(0, Ordering::Relaxed);
+        self.snd_p.urgent.store(0, Ordering::Relaxed);
+        self.rcv_c.head.store(0, Ordering::Relaxed);
+        self.rcv_c.waiting.store(0, Ordering::Relaxed);
+        self.rcv_c.want.store(0, Ordering::Release);
+    }
+
+    /// The stream's state ([`ST_OPEN`] and the other bits).
+    #[inline]
+    pub fn state(&self) -> u32 {
+        self.st.state.load(Ordering::Acquire)
+    }
+
+    /// The generation the daemon echoed when it opened the block.
+    #[inline]
+    pub fn stamp(&self) -> u32 {
+        self.st.gen.load(Ordering::Acquire)
+    }
+
+    /// The send and receive rings' sizes the daemon set (unchecked).
+    #[inline]
+    pub fn ring_sizes(&self) -> (u32, u32) {
+        (
+            self.st.snd_size.load(Ordering::Relaxed),
+            self.st.rcv_size.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How the connection ended (with [`ST_DEAD`]): 0 or a negative errno.
+    #[inline]
+    pub fn close_error(&self) -> i32 {
+        self.st.close_error.load(Ordering::Acquire)
+    }
+
+    /// The connection's segment size.
+    #[inline]
+    pub fn mss(&self) -> u32 {
+        self.st.mss.load(Ordering::Relaxed)
+    }
+
+    /// Raises the kick word. True if it was clear: the process owes the
+    /// daemon a Kick command (else one is pending and covers this news).
+    #[inline]
+    pub fn raise_kick(&self) -> bool {
+        self.snd_p.kick.swap(1, Ordering::SeqCst) == 0
+    }
+
+    /// Whether this process shut down sending on the block.
+    #[inline]
+    pub fn fin_sent(&self) -> bool {
+        self.snd_p.fin.load(Ordering::Relaxed) != 0
+    }
+
+    /// Shuts down sending: the peer reads the end of the stream after the
+    /// bytes written.
+    #[inline]
+    pub fn send_fin(&self) {
+        self.snd_p.fin.store(1, Ordering::Release);
+    }
+
+    /// The send ring's tail (this process's) and head (acknowledged).
+    #[inline]
+    pub fn send_marks(&self) -> (u64, u64) {
+        (
+            self.snd_p.tail.load(Ordering::Relaxed),
+            self.snd_c.head.load(Ordering::Acquire),
+        )
+    }
+
+    /// The send ring's head: bytes the peer acknowledged.
+    #[inline]
+    pub fn acked_head(&self) -> u64 {
+        self.snd_c.head.load(Ordering::Acquire)
+    }
+
+    /// The send ring's futex word (read before [`Self::want_room`]).
+    #[inline]
+    pub fn room_seq(&self) -> u32 {
+        self.snd_c.seq.load(Ordering::Acquire)
+    }
+
+    /// Bytes up to `tail` are in the send ring; with `urgent` the last of
+    /// them is the urgent byte (MSG_OOB).
+    #[inline]
+    pub fn publish_written(&self, tail: u64, urgent: bool) {
+        if urgent {
+            self.snd_p.urgent.store(tail, Ordering::Release);
+        }
+        self.snd_p.tail.store(tail, Ordering::Release);
+    }
+
+    /// The receive ring's futex word (read before the tail).
+    #[inline]
+    pub fn bytes_seq(&self) -> u32 {
+        self.rcv_p.seq.load(Ordering::Acquire)
+    }
+
+    /// The receive ring's tail: bytes received.
+    #[inline]
+    pub fn received_tail(&self) -> u64 {
+        self.rcv_p.tail.load(Ordering::Acquire)
+    }
+
+    /// Where the last urgent byte received ends (0: none came).
+    #[inline]
+    pub fn urgent_mark(&self) -> u64 {
+        self.rcv_p.urgent.load(Ordering::Acquire)
+    }
+
+    /// The urgent byte's value, with bit 8 set once one came.
+    #[inline]
+    pub fn urgent_byte(&self) -> u32 {
+        self.rcv_p.urgent_byte.load(Ordering::Relaxed)
+    }
+
+    /// The process consumed the receive ring up to `head`. True if the
+    /// daemon asked for a kick after consuming (its credit runs low): the
+    /// request is taken.
+    #[inline]
+    pub fn consume(&self, head: u64) -> bool {
+        self.rcv_c.head.store(head, Ordering::Release);
+        self.rcv_p.credit_wanted.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Asks for the next FD_READ (before a look at the tail and the state:
+    /// [`Self::unread`], [`Self::state_now`]).
+    #[inline]
+    pub fn arm_read(&self) {
+        self.rcv_c.want.store(1, Ordering::SeqCst);
+    }
+
+    /// Asks for the next FD_WRITE (before a look at the head: [`Self::unacked`]).
+    #[inline]
+    pub fn arm_write(&self) {
+        self.snd_p.want.store(1, Ordering::SeqCst);
+    }
+
+    /// Writes `value` into one of the words a process owns (0: the send
+    /// ring's tail, 1: its FIN word, 2: the receive ring's head), as a
+    /// broken or hostile process may: for the fuzz targets and tests that
+    /// play one. Nothing else calls it.
+    #[doc(hidden)]
+    pub fn scribble_app_word(&self, word: u8, value: u64) {
+        match word {
+            0 => self.snd_p.tail.store(value, Ordering::Relaxed),
+            1 => self.snd_p.fin.store(value as u32, Ordering::Relaxed),
+            2 => self.rcv_c.head.store(value, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    /// The claim key the daemon gave the connection (proof of holding it).
+    #[inline]
+    pub fn claim_key(&self) -> u64 {
+        self.st.claim.load(Ordering::Acquire)
+    }
+
+    /// The process is closing the socket: its own threads asleep on the
+    /// block wake and look again (they see the closing flag raised before
+    /// this call, as they look at it after they announced their sleep).
+    pub fn wake_sleepers(&self) {
+        if self.rcv_c.waiting.load(Ordering::SeqCst) != 0 {
+            crate::sys::futex_wake(&self.rcv_p.seq);
+        }
+        if self.snd_p.waiting.load(Ordering::SeqCst) != 0 {
+            crate::sys::futex_wake(&self.snd_c.seq);
+        }
+    }
+
+    /// The stream's state, ordered after an arming store.
+    #[inline]
+    pub fn state_now(&self) -> u32 {
+        self.st.state.load(Ordering::SeqCst)
+    }
+
+    /// Bytes received and not read yet (ordered after [`Self::arm_read`]).
+    #[inline]
+    pub fn unread(&self) -> u64 {
+        self.rcv_p
+            .tail
+            .load(Ordering::SeqCst)
+            .wrapping_sub(self.rcv_c.head.load(Ordering::Relaxed))
+    }
+
+    /// Bytes written and not yet acknowledged (ordered after
+    /// [`Self::arm_write`]).
+    #[inline]
+    pub fn unacked(&self) -> u64 {
+        self.snd_p
+            .tail
+            .load(Ordering::Relaxed)
+            .wrapping_sub(self.snd_c.head.load(Ordering::SeqCst))
     }
 }
 

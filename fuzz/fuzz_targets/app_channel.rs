@@ -207,11 +207,7 @@ fuzz_target!(|steps: Vec<Step>| {
                 Some(match procs[j].as_ref() {
                     Some(q) => {
                         let key = if *real_key {
-                            q.region
-                                .stream(from_sock as usize)
-                                .st
-                                .claim
-                                .load(Ordering::Relaxed)
+                            q.region.stream(from_sock as usize).claim_key()
                         } else {
                             *guess
                         };
@@ -262,7 +258,8 @@ fuzz_target!(|steps: Vec<Step>| {
                 accept,
                 new_sock,
             } => {
-                let key = p.handed
+                let key = p
+                    .handed
                     .get(which as usize % p.handed.len().max(1))
                     .copied()
                     .unwrap_or(RequestKey {
@@ -300,7 +297,11 @@ fuzz_target!(|steps: Vec<Step>| {
                         dst: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), u16::from(port) + 1),
                         src: None,
                         // Sometimes a chosen source port (below 1024 too).
-                        src_port: if port % 3 == 0 { u16::from(port) * 7 } else { 0 },
+                        src_port: if port % 3 == 0 {
+                            u16::from(port) * 7
+                        } else {
+                            0
+                        },
                         nonblocking,
                         bufs: Default::default(),
                     },
@@ -327,13 +328,7 @@ fuzz_target!(|steps: Vec<Step>| {
             }
             Op::Kick { sock, word, value } => {
                 let i = usize::from(sock % 1024);
-                let st = p.region.stream(i);
-                match word % 4 {
-                    0 => st.snd_p.tail.store(value, Ordering::Relaxed),
-                    1 => st.snd_p.fin.store(value as u32, Ordering::Relaxed),
-                    2 => st.rcv_c.head.store(value, Ordering::Relaxed),
-                    _ => {}
-                }
+                p.region.stream(i).scribble_app_word(word % 4, value);
                 Some(
                     Command {
                         sock: i as u32,
@@ -436,8 +431,7 @@ fuzz_target!(|steps: Vec<Step>| {
         // A process detached for breaking the protocol is gone; the node
         // carries on with the others (and the slot may attach anew).
         for q in &mut procs {
-            if q
-                .as_ref()
+            if q.as_ref()
                 .is_some_and(|q| q.region.header().closed.load(Ordering::Acquire) != 0)
             {
                 *q = None;

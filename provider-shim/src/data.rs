@@ -185,48 +185,16 @@ impl IoSlot {
     }
 }
 
-/// Bytes received and not read yet (after arming `want`: SeqCst tail).
-fn unread(shm: &StreamShm) -> u64 {
-    shm.rcv_p
-        .tail
-        .load(Ordering::SeqCst)
-        .wrapping_sub(shm.rcv_c.head.load(Ordering::Relaxed))
-}
-
 /// Whether an urgent byte waits: one arrived (the word is 0 on nearly every
 /// connection, so this is mostly one load), the reader has not passed it,
 /// and a receive with MSG_OOB did not take it (with SO_OOBINLINE: until
 /// the reader passes it).
 fn urgent_waits(io: &IoSlot, shm: &StreamShm) -> bool {
-    let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+    let urgent = shm.urgent_mark();
     urgent != 0
-        && urgent > shm.rcv_c.head.load(Ordering::Relaxed)
+        && urgent > shm.read_head()
         && (io.oob_inline.load(Ordering::Relaxed)
             || io.urgent_taken.load(Ordering::Relaxed) != urgent)
-}
-
-/// Bytes written and not yet acknowledged (after arming `want`: SeqCst head).
-fn snd_used(shm: &StreamShm) -> u64 {
-    shm.snd_p
-        .tail
-        .load(Ordering::Relaxed)
-        .wrapping_sub(shm.snd_c.head.load(Ordering::SeqCst))
-}
-
-/// Zeroes the words of a stream control block this process writes (a
-/// fresh socket in a slot used before) and stamps it with the new socket's
-/// generation `gen`.
-pub(super) fn clear_app_words(shm: &StreamShm, gen: u32) {
-    shm.snd_p.gen.store(gen, Ordering::Relaxed);
-    shm.snd_p.tail.store(0, Ordering::Relaxed);
-    shm.snd_p.fin.store(0, Ordering::Relaxed);
-    shm.snd_p.kick.store(0, Ordering::Relaxed);
-    shm.snd_p.waiting.store(0, Ordering::Relaxed);
-    shm.snd_p.want.store(0, Ordering::Relaxed);
-    shm.snd_p.urgent.store(0, Ordering::Relaxed);
-    shm.rcv_c.head.store(0, Ordering::Relaxed);
-    shm.rcv_c.waiting.store(0, Ordering::Relaxed);
-    shm.rcv_c.want.store(0, Ordering::Release);
 }
 
 impl Provider {
@@ -250,21 +218,21 @@ impl Provider {
             return Err(Error::NotConn);
         }
         let flags = (ls.nonblocking, ls.shut_rd, ls.shut_wr);
-        let st = &self.region.stream(s as usize).st;
+        let st = self.region.stream(s as usize);
         // The block is this socket's only if the daemon opened it for this
         // socket: its stamp is the generation this process gave the socket.
         // (The daemon opens the stream before it reports the connection, so
         // a connected socket whose block carries another stamp was never
         // given one: nothing in the block can be trusted.)
-        let mut state = st.state.load(Ordering::Acquire);
-        if state & ST_OPEN != 0 && st.gen.load(Ordering::Acquire) != io.gen() {
+        let mut state = st.state();
+        if state & ST_OPEN != 0 && st.stamp() != io.gen() {
             return Err(Error::ConnReset);
         }
         if state & ST_MOVED != 0 {
             // Another process (a forked child) serves the connection now:
             // this call takes it back.
             self.reclaim(s, ls)?;
-            state = st.state.load(Ordering::Acquire);
+            state = st.state();
         }
         if let Some(a) = io.area.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Ok((a.clone(), flags.0, flags.1, flags.2));
@@ -276,10 +244,7 @@ impl Provider {
             let v = v as usize;
             v.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&v)
         };
-        let (snd, rcv) = (
-            st.snd_size.load(Ordering::Relaxed),
-            st.rcv_size.load(Ordering::Relaxed),
-        );
+        let (snd, rcv) = st.ring_sizes();
         if !ok(snd) || !ok(rcv) {
             return Err(Error::NetDown);
         }
@@ -292,7 +257,7 @@ impl Provider {
 
     /// Tells the daemon the stream of `s` has news, unless a kick is pending.
     fn kick(&self, s: SocketId, shm: &StreamShm) {
-        if shm.snd_p.kick.swap(1, Ordering::SeqCst) != 0 {
+        if !shm.raise_kick() {
             return;
         }
         let slot = Command {
@@ -349,15 +314,13 @@ impl Provider {
             if io.closed.load(Ordering::Acquire) {
                 return Err(Error::NotSock);
             }
-            let st = shm.st.state.load(Ordering::Acquire);
-            if shut_wr || st & ST_DEAD != 0 || shm.snd_p.fin.load(Ordering::Relaxed) != 0 {
+            if shut_wr || shm.state() & ST_DEAD != 0 || shm.fin_sent() {
                 return if sent > 0 { Ok(sent) } else { Err(Error::Pipe) };
             }
             if self.gone() {
                 return Err(Error::NetDown);
             }
-            let tail = shm.snd_p.tail.load(Ordering::Relaxed);
-            let head = shm.snd_c.head.load(Ordering::Acquire);
+            let (tail, head) = shm.send_marks();
             let used = tail
                 .checked_sub(head)
                 .filter(|u| *u <= size)
@@ -366,12 +329,9 @@ impl Provider {
             if free > 0 {
                 let n = free.min(buf.len() - sent);
                 area.write_send(tail, &buf[sent..sent + n]);
-                if flags & MSG_OOB != 0 {
-                    // The last byte sent so far is the urgent one (as TCP
-                    // marks the end of what a send with MSG_OOB took).
-                    shm.snd_p.urgent.store(tail + n as u64, Ordering::Release);
-                }
-                shm.snd_p.tail.store(tail + n as u64, Ordering::Release);
+                // With MSG_OOB, the last byte sent so far is the urgent one
+                // (as TCP marks the end of what a send with MSG_OOB took).
+                shm.publish_written(tail + n as u64, flags & MSG_OOB != 0);
                 sent += n;
                 self.kick(s, shm);
                 if sent == buf.len() {
@@ -383,7 +343,7 @@ impl Provider {
                 return Ok(sent);
             }
             // Full: ask for FD_WRITE / a wake-up, then look again.
-            let seq = shm.snd_c.seq.load(Ordering::Acquire);
+            let seq = shm.room_seq();
             if !shm.want_room(head) {
                 continue;
             }
@@ -392,12 +352,12 @@ impl Provider {
             }
             let spin_until = Instant::now() + SPIN;
             while Instant::now() < spin_until
-                && shm.snd_c.head.load(Ordering::Acquire) == head
-                && shm.st.state.load(Ordering::Acquire) & ST_DEAD == 0
+                && shm.acked_head() == head
+                && shm.state() & ST_DEAD == 0
             {
                 std::thread::yield_now();
             }
-            if shm.snd_c.head.load(Ordering::Acquire) != head {
+            if shm.acked_head() != head {
                 continue;
             }
             shm.sleep_for_room(head, seq, NAP, || io.closing());
@@ -449,9 +409,9 @@ impl Provider {
             if io.closed.load(Ordering::Acquire) {
                 return Err(Error::NotSock);
             }
-            let seq = shm.rcv_p.seq.load(Ordering::Acquire);
-            let tail = shm.rcv_p.tail.load(Ordering::Acquire);
-            let head = shm.rcv_c.head.load(Ordering::Relaxed);
+            let seq = shm.bytes_seq();
+            let tail = shm.received_tail();
+            let head = shm.read_head();
             let avail = tail
                 .checked_sub(head)
                 .filter(|a| *a <= size)
@@ -459,7 +419,7 @@ impl Provider {
             // TCP's urgent mark: a receive stops before the urgent byte;
             // at it, the byte is passed over (it is out of band) unless
             // SO_OOBINLINE keeps it in the stream.
-            let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+            let urgent = shm.urgent_mark();
             let (mut from, mut avail) = (head, avail);
             let mut upto = avail;
             if urgent > head && urgent - head <= avail {
@@ -474,37 +434,31 @@ impl Provider {
             if avail > 0 {
                 let n = (upto as usize).min(buf.len());
                 area.read_recv(from, &mut buf[..n]);
-                if flags & MSG_PEEK == 0 {
-                    shm.rcv_c.head.store(from + n as u64, Ordering::Release);
-                    if shm.rcv_p.credit_wanted.swap(0, Ordering::AcqRel) != 0 {
-                        self.kick(s, shm);
-                    }
+                if flags & MSG_PEEK == 0 && shm.consume(from + n as u64) {
+                    self.kick(s, shm);
                 }
                 return Ok(n);
             }
-            if from != head && flags & MSG_PEEK == 0 {
-                // Only the urgent byte was there: it is passed over.
-                shm.rcv_c.head.store(from, Ordering::Release);
-                if shm.rcv_p.credit_wanted.swap(0, Ordering::AcqRel) != 0 {
-                    self.kick(s, shm);
-                }
+            // Only the urgent byte was there: it is passed over.
+            if from != head && flags & MSG_PEEK == 0 && shm.consume(from) {
+                self.kick(s, shm);
             }
             // After SHUT_RD the bytes already received are still read (as
             // Linux's TCP gives them); then the end of the stream, at once.
             if shut_rd {
                 return Ok(0);
             }
-            let st = shm.st.state.load(Ordering::Acquire);
+            let st = shm.state();
             // The daemon publishes the last bytes before the end of the
             // stream: if they came after `tail` was read, read them first.
-            if st & (ST_RX_EOF | ST_DEAD) != 0 && shm.rcv_p.tail.load(Ordering::Acquire) != tail {
+            if st & (ST_RX_EOF | ST_DEAD) != 0 && shm.received_tail() != tail {
                 continue;
             }
             if st & ST_RX_EOF != 0 {
                 return Ok(0);
             }
             if st & ST_DEAD != 0 {
-                return match shm.st.close_error.load(Ordering::Relaxed) {
+                return match shm.close_error() {
                     0 => Ok(0),
                     _ => Err(Error::ConnReset),
                 };
@@ -519,13 +473,10 @@ impl Provider {
                 return Err(Error::Again);
             }
             let spin_until = Instant::now() + SPIN;
-            while Instant::now() < spin_until
-                && shm.rcv_p.tail.load(Ordering::Acquire) == tail
-                && shm.st.state.load(Ordering::Acquire) == st
-            {
+            while Instant::now() < spin_until && shm.received_tail() == tail && shm.state() == st {
                 std::thread::yield_now();
             }
-            if shm.rcv_p.tail.load(Ordering::Acquire) != tail {
+            if shm.received_tail() != tail {
                 continue;
             }
             shm.sleep_for_bytes(tail, st, seq, NAP, || io.closing());
@@ -541,10 +492,10 @@ impl Provider {
     fn recv_urgent(&self, s: SocketId, buf: &mut [u8], peek: bool) -> Result<usize> {
         let io = &self.io[s as usize];
         let shm = self.region.stream(s as usize);
-        let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
-        let byte = shm.rcv_p.urgent_byte.load(Ordering::Relaxed);
+        let urgent = shm.urgent_mark();
+        let byte = shm.urgent_byte();
         if io.oob_inline.load(Ordering::Relaxed)
-            || urgent <= shm.rcv_c.head.load(Ordering::Acquire)
+            || urgent <= shm.read_head()
             || io.urgent_taken.load(Ordering::Relaxed) == urgent
             || byte & 0x100 == 0
         {
@@ -566,17 +517,18 @@ impl Provider {
         let _pin = io.pin();
         let (area, _, _, shut_wr) = self.stream(s).ok()?;
         let shm = self.region.stream(s as usize);
-        let st = shm.st.state.load(Ordering::Acquire);
+        let st = shm.state();
+        let (written, acked) = shm.send_marks();
         Some(StreamInfo {
-            acked: shm.snd_c.head.load(Ordering::Acquire),
-            written: shm.snd_p.tail.load(Ordering::Relaxed),
-            received: shm.rcv_p.tail.load(Ordering::Acquire),
-            consumed: shm.rcv_c.head.load(Ordering::Relaxed),
+            acked,
+            written,
+            received: shm.received_tail(),
+            consumed: shm.read_head(),
             snd_size: area.snd_size() as u32,
             rcv_size: area.rcv_size() as u32,
-            mss: shm.st.mss.load(Ordering::Relaxed),
+            mss: shm.mss(),
             peer_closed: st & ST_RX_EOF != 0,
-            shut_wr: shut_wr || shm.snd_p.fin.load(Ordering::Relaxed) != 0,
+            shut_wr: shut_wr || shm.fin_sent(),
             dead: st & ST_DEAD != 0,
         })
     }
@@ -626,7 +578,7 @@ impl Provider {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             let shm = self.region.stream(s as usize);
-            shm.snd_p.fin.store(1, Ordering::Release);
+            shm.send_fin();
             self.kick(s, shm);
         }
         Ok(())
@@ -649,18 +601,18 @@ impl Provider {
         let shm = self.region.stream(s as usize);
         let mut ev = 0;
         if mask & FD_READ != 0 {
-            shm.rcv_c.want.store(1, Ordering::SeqCst);
-            let st = shm.st.state.load(Ordering::SeqCst);
-            if unread(shm) != 0 || st & (ST_RX_EOF | ST_DEAD) != 0 {
+            shm.arm_read();
+            let st = shm.state_now();
+            if shm.unread() != 0 || st & (ST_RX_EOF | ST_DEAD) != 0 {
                 ev |= FD_READ;
             }
         }
-        if mask & FD_CLOSE != 0 && shm.st.state.load(Ordering::Acquire) & ST_DEAD != 0 {
+        if mask & FD_CLOSE != 0 && shm.state() & ST_DEAD != 0 {
             ev |= FD_CLOSE;
         }
         if mask & FD_WRITE != 0 {
-            shm.snd_p.want.store(1, Ordering::SeqCst);
-            if snd_used(shm) < area.snd_size() as u64 {
+            shm.arm_write();
+            if shm.unacked() < area.snd_size() as u64 {
                 ev |= FD_WRITE;
             }
         }
@@ -680,24 +632,20 @@ impl Provider {
             return Readiness::default();
         };
         let shm = self.region.stream(s as usize);
-        let st = shm.st.state.load(Ordering::SeqCst);
+        let st = shm.state_now();
         let dead = st & ST_DEAD != 0;
         let mut r = Readiness {
             peer_closed: st & ST_RX_EOF != 0,
             dead,
-            error: if dead {
-                shm.st.close_error.load(Ordering::Relaxed)
-            } else {
-                0
-            },
+            error: if dead { shm.close_error() } else { 0 },
             ..Readiness::default()
         };
         if read {
-            shm.rcv_c.want.store(1, Ordering::SeqCst);
+            shm.arm_read();
         }
-        r.unread = unread(shm);
-        let head = shm.rcv_c.head.load(Ordering::Relaxed);
-        let urgent = shm.rcv_p.urgent.load(Ordering::Acquire);
+        r.unread = shm.unread();
+        let head = shm.read_head();
+        let urgent = shm.urgent_mark();
         let inline = io.oob_inline.load(Ordering::Relaxed);
         r.at_mark = urgent > head && urgent - 1 == head;
         r.urgent = urgent_waits(io, shm);
@@ -705,9 +653,9 @@ impl Provider {
         let data = r.unread - u64::from(r.at_mark && !inline && r.unread > 0);
         r.readable = shut_rd || dead || r.peer_closed || data != 0;
         if write {
-            shm.snd_p.want.store(1, Ordering::SeqCst);
+            shm.arm_write();
         }
-        let used = snd_used(shm);
+        let used = shm.unacked();
         r.room = if shut_wr || dead {
             0
         } else {
@@ -805,9 +753,9 @@ impl Provider {
                 if c != 0 {
                     -c
                 } else if ls.state == State::Connected && !ls.error_reported {
-                    let st = &self.region.stream(s as usize).st;
-                    let e = if st.state.load(Ordering::Acquire) & ST_DEAD != 0 {
-                        st.close_error.load(Ordering::Relaxed)
+                    let st = self.region.stream(s as usize);
+                    let e = if st.state() & ST_DEAD != 0 {
+                        st.close_error()
                     } else {
                         0
                     };

@@ -708,11 +708,11 @@ impl Provider {
             // A closed socket whose last bytes the daemon still sends is not
             // free; nor is one that a call in progress or a `SanSocket` still
             // names (its calls must never reach the slot's next socket).
-            let lingering = self.region.stream(i).st.state.load(Ordering::Acquire) & ST_LINGER != 0;
+            let lingering = self.region.stream(i).state() & ST_LINGER != 0;
             if g.is_none() && !lingering && !self.io[i].pinned() {
                 let sh = self.region.sock(i);
                 let gen = self.io[i].reset();
-                data::clear_app_words(self.region.stream(i), gen);
+                self.region.stream(i).reset_app_words(gen);
                 let mut ls = LocalSock::new();
                 // Sequence numbers continue across reuse of the slot, so a stale
                 // completion of the previous socket never answers a new command.
@@ -919,11 +919,7 @@ impl Provider {
             }
         };
         let close_error = if events & FD_CLOSE != 0 {
-            self.region
-                .stream(s as usize)
-                .st
-                .close_error
-                .load(Ordering::Acquire)
+            self.region.stream(s as usize).close_error()
         } else {
             0
         };
@@ -1196,17 +1192,14 @@ impl Provider {
                     .connect_state
                     .load(Ordering::Acquire)
                     == 1);
-        let st = &self.region.stream(s as usize).st;
-        if !connected
-            || st.state.load(Ordering::Acquire) & ST_OPEN == 0
-            || st.gen.load(Ordering::Acquire) != self.io[s as usize].gen()
-        {
+        let st = self.region.stream(s as usize);
+        if !connected || st.state() & ST_OPEN == 0 || st.stamp() != self.io[s as usize].gen() {
             return Err(Error::NotConn);
         }
         Ok(ClaimTicket {
             app: self.app_id,
             sock: s,
-            key: st.claim.load(Ordering::Acquire),
+            key: st.claim_key(),
             peer: ls.peer,
             local: ls.bound,
             nonblocking: ls.nonblocking,
@@ -1317,12 +1310,7 @@ impl Provider {
     /// In [`Provider::stream`]: socket `s` holds a connection that another
     /// socket serves now (`ST_MOVED`): take it back.
     pub(crate) fn reclaim(&self, s: SocketId, ls: &mut LocalSock) -> Result<()> {
-        let key = self
-            .region
-            .stream(s as usize)
-            .st
-            .claim
-            .load(Ordering::Acquire);
+        let key = self.region.stream(s as usize).claim_key();
         let op = Op::Claim {
             from_app: self.app_id,
             from_sock: s,
@@ -1353,13 +1341,7 @@ impl Provider {
             sys::futex_wake(&sh.done_seq);
             sys::futex_wake(&sh.arrivals);
         }
-        let st = self.region.stream(s as usize);
-        if st.rcv_c.waiting.load(Ordering::SeqCst) != 0 {
-            sys::futex_wake(&st.rcv_p.seq);
-        }
-        if st.snd_p.waiting.load(Ordering::SeqCst) != 0 {
-            sys::futex_wake(&st.snd_c.seq);
-        }
+        self.region.stream(s as usize).wake_sleepers();
         let mut g = self.lock(s)?;
         let mut ls = g.take().expect("checked");
         io.close();

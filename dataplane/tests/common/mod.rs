@@ -65,18 +65,10 @@ impl App {
         (s.done_seq.load(Ordering::Acquire) == seq).then(|| s.result.load(Ordering::Acquire))
     }
     pub(crate) fn state(&self, sock: u32) -> u32 {
-        self.region
-            .stream(sock as usize)
-            .st
-            .state
-            .load(Ordering::Acquire)
+        self.region.stream(sock as usize).state()
     }
     pub(crate) fn key(&self, sock: u32) -> u64 {
-        self.region
-            .stream(sock as usize)
-            .st
-            .claim
-            .load(Ordering::Acquire)
+        self.region.stream(sock as usize).claim_key()
     }
 }
 

@@ -78,7 +78,7 @@ enum Cmd {
         /// Idle policies to measure (comma-separated: adaptive,poll).
         #[arg(long, default_value = "adaptive,poll")]
         idle: String,
-        /// Output directory (default: bench-out/suite-<time>).
+        /// Output directory (default: `bench-out/suite-<time>`).
         #[arg(long)]
         out: Option<PathBuf>,
         /// A seconds-long run of every scenario (as the test suite does).
@@ -202,7 +202,7 @@ enum Cmd {
         /// Length of the rate scenario, milliseconds.
         #[arg(long, default_value_t = 2000)]
         duration_ms: u64,
-        /// Output directory (default: bench-out/peer-<time>).
+        /// Output directory (default: `bench-out/peer-<time>`).
         #[arg(long)]
         out: Option<PathBuf>,
     },

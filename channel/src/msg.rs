@@ -14,13 +14,13 @@
 //! |---|---|
 //! | 0 | kind: 1 listen, 2 decide, 3 connect, 4 close, 5 event-select, 6 kick, 7 abort, 8 claim |
 //! | 1..4 | reserved, 0 |
-//! | 4..8 | socket (index into the socket table, < [`MAX_SOCKETS`](crate::region::MAX_SOCKETS)) |
+//! | 4..8 | socket (index into the socket table, < [`MAX_SOCKETS`]) |
 //! | 8..12 | sequence number the completion carries back |
 //! | 12..16 | reserved, 0 |
 //! | 16..64 | the kind's arguments, below; unused bytes 0 |
 //!
 //! * listen: 16..20 IPv4 (0 = any), 20..22 port (not 0), 22..24 backlog area
-//!   (< [`MAX_LISTENERS`](crate::region::MAX_LISTENERS)), 24..28 backlog (i32;
+//!   (< [`MAX_LISTENERS`]), 24..28 backlog (i32;
 //!   <= 0 or huge: the maximum), 28 send ring size and 29 receive ring size of
 //!   the connections it accepts (log2, 12..=20; 0: the default);
 //! * decide: 16..24 connection id, 24..28 peer IPv4, 28..30 peer port,
@@ -35,7 +35,7 @@
 //!   shutdown, consumed bytes that free credit). Never completed.
 //! * abort: no arguments (a close that resets a connection);
 //! * claim: 16..24 the attachment holding the connection, 24..28 its
-//!   socket (< [`MAX_SOCKETS`](crate::region::MAX_SOCKETS)), 28..32
+//!   socket (< [`MAX_SOCKETS`]), 28..32
 //!   reserved, 32..40 the connection's claim key (read from that socket's
 //!   stream block: proof of holding its process's region, as a forked child
 //!   does): the connection's rings move into this socket (which must be

@@ -202,7 +202,7 @@ unsafe fn attach_raw(base: NonNull<u8>, len: usize) -> Result<Raw, FormatError> 
 /// Opens the producing end of a ring formatted elsewhere.
 ///
 /// # Safety
-/// As [`format`]; nobody else may produce into this ring.
+/// As [`format()`]; nobody else may produce into this ring.
 ///
 /// # Errors
 /// See [`FormatError`].
@@ -220,7 +220,7 @@ pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer,
 /// Opens the consuming end of a ring formatted elsewhere.
 ///
 /// # Safety
-/// As [`format`]; nobody else may consume from this ring.
+/// As [`format()`]; nobody else may consume from this ring.
 ///
 /// # Errors
 /// See [`FormatError`].

@@ -384,8 +384,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 
 /// Serves `GET /metrics` on `listener` until the process exits, with hyper
 /// (HTTP/1.1) on a single-threaded tokio runtime: every connection is a task
-/// of its own, at most [`MAX_CLIENTS`] at once (more are closed at once), a
-/// request head must arrive within [`DEADLINE`] and fit [`MAX_REQUEST`], and
+/// of its own, at most `MAX_CLIENTS` at once (more are closed at once), a
+/// request head must arrive within `DEADLINE` and fit `MAX_REQUEST`, and
 /// the whole exchange ends within twice that. A slow or silent client holds
 /// only its own task, never another scrape. Rendering runs on tokio's
 /// blocking pool.

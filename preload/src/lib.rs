@@ -13,11 +13,11 @@
 //!   takes over keeps its number (the switch socket's descriptor is
 //!   duplicated onto it), so select's FD_SETSIZE and dup stay sane, and a
 //!   program that waits on kernel and SAN descriptors together is woken by
-//!   either, by the kernel, without spinning ([`wait`]).
+//!   either, by the kernel, without spinning (`wait`).
 //! * The library's own calls (and every call on the switch's threads) go
 //!   straight to the C library: a thread-local flag is set while the
 //!   library runs.
-//! * Rules and logging: [`rules`] (`DSAN_PRELOAD_CONF`, `DSAN_PRELOAD_LOG=1`).
+//! * Rules and logging: `rules` (`DSAN_PRELOAD_CONF`, `DSAN_PRELOAD_LOG=1`).
 //! * fork: a child keeps its inherited descriptors (it may close them) and
 //!   uses the kernel for new sockets; SAN sockets stay with the parent.
 #![deny(unsafe_code)] // only the modules that need it allow it

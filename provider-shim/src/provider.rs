@@ -395,7 +395,7 @@ pub struct Provider {
     /// The host's SAN addresses with their prefix lengths (the switch's subnet table).
     san_addrs: Mutex<(u64, Vec<Subnet>)>,
     /// When the control socket was last found open (CLOCK_MONOTONIC ns; 0
-    /// never): [`Provider::check`] trusts it for [`ALIVE_FOR`].
+    /// never): [`Provider::check`] trusts it for `ALIVE_FOR`.
     alive_at: std::sync::atomic::AtomicU64,
 }
 
@@ -565,7 +565,7 @@ impl Provider {
         alive
     }
 
-    /// [`Provider::daemon_alive`], trusting a look less than [`ALIVE_FOR`]
+    /// [`Provider::daemon_alive`], trusting a look less than `ALIVE_FOR`
     /// old: the calls that start work make no system call for it when the
     /// process talks to the daemon often.
     pub fn daemon_alive_recently(&self) -> bool {

@@ -556,7 +556,7 @@ fn give_life(s: &Sock) -> Result<Option<RawFd>, i32> {
 /// another process (or to itself) in an `SCM_RIGHTS` message: the write end
 /// of its connection's life (made now if it has none; the socket keeps it,
 /// so the number is valid while `fd` is) and its ticket
-/// ([`ClaimTicket::to_bytes`]). The receiver claims the connection with
+/// ([`ClaimTicket::to_bytes`](dsan_provider::ClaimTicket::to_bytes)). The receiver claims the connection with
 /// them ([`claim_passed`]); the life keeps the connection while the
 /// message is in flight, also when the sender closes `fd` at once. None
 /// for a socket with no SAN connection (a kernel TCP one travels as the
@@ -966,7 +966,7 @@ pub fn set_fd_base(base: i32) {
     FD_BASE.store(base.max(0), Ordering::Relaxed);
 }
 
-/// `fd` moved to [`FD_BASE`] or above (as it is if that fails).
+/// `fd` moved to the base [`set_fd_base`] gave, or above (as it is if that fails).
 pub fn high(fd: OwnedFd) -> OwnedFd {
     let base = FD_BASE.load(Ordering::Relaxed);
     if base == 0 || fd.as_raw_fd() >= base {

@@ -19,7 +19,7 @@ const QUEUE: usize = 4096;
 
 thread_local! {
     /// The notifiers given signals during the lcore's current pass: each is
-    /// woken once, at the pass's end ([`wake_due`]), however many signals
+    /// woken once, at the pass's end (`wake_due`), however many signals
     /// the pass queued for it.
     static DUE: std::cell::RefCell<Vec<Arc<Notifier>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -123,7 +123,7 @@ impl Notifier {
     }
 
     /// Queues a signal of `fd` (lcore side); the notifier is woken at the
-    /// end of the pass ([`wake_due`]). Returns false if the queue is full
+    /// end of the pass (`wake_due`). Returns false if the queue is full
     /// (the process's notifier is stuck).
     pub fn notify(self: &Arc<Self>, fd: &Arc<OwnedFd>) -> bool {
         if self.queue.push(fd.clone()).is_err() {

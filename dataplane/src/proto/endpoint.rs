@@ -16,10 +16,10 @@
 //!   then [`poll_timeout`](Endpoint::poll_timeout) (when to call
 //!   `handle_timeout` next).
 //!
-//! The parts, one file each: [`server`](super::server) (listeners, requests,
-//! decisions), [`client`](super::client) (connect attempts),
-//! [`connection`](super::connection) (established connections and the close
-//! handshake), [`tombstone`](super::tombstone) (answers for finished
+//! The parts, one file each: `server` (listeners, requests,
+//! decisions), `client` (connect attempts),
+//! `connection` (established connections and the close
+//! handshake), `tombstone` (answers for finished
 //! requests).
 //!
 //! Behaviour (WSD, `docs/wire-protocol.md` "Connection protocol"):

@@ -136,7 +136,7 @@ pub enum Event {
     },
 }
 
-/// Errors of [`Endpoint::listen`].
+/// Errors of [`Endpoint::listen`](super::Endpoint::listen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ListenError {
@@ -151,7 +151,7 @@ pub enum ListenError {
     TooManyListeners,
 }
 
-/// Errors of [`Endpoint::decide`].
+/// Errors of [`Endpoint::decide`](super::Endpoint::decide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AcceptError {
@@ -168,7 +168,7 @@ pub enum AcceptError {
     TooManyConnections,
 }
 
-/// Errors of [`Endpoint::connect`].
+/// Errors of [`Endpoint::connect`](super::Endpoint::connect).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
@@ -182,12 +182,12 @@ pub enum ConnectError {
     #[error("too many connect attempts in progress")]
     TooManyAttempts,
     /// The destination is unresolved and the caller's owner has its share
-    /// of the resolutions in progress (see [`crate::proto::Resolver::over_share`]).
+    /// of the resolutions in progress (see `Resolver::over_share`).
     #[error("too many address resolutions in progress for this user")]
     ResolutionShare,
 }
 
-/// Errors of [`Endpoint::close`] and friends.
+/// Errors of [`Endpoint::close`](super::Endpoint::close) and friends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CloseError {

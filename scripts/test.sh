@@ -8,6 +8,8 @@ echo "test: cargo fmt --check"
 cargo fmt --all -- --check
 echo "test: cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "test: cargo doc builds without warnings (no broken or private links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "test: the dataplane builds without DPDK (--no-default-features)"
 cargo build -p dataplane --no-default-features --quiet
 echo "test: the fuzz targets build (stable toolchain) and replay their seed corpora"

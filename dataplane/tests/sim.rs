@@ -154,6 +154,9 @@ impl Sim {
                     "closed a connection the application did not hold"
                 );
             }
+            Event::Aborted { .. } | Event::StreamDone { .. } => {
+                panic!("a stream event, and no stream was opened: {e:?}")
+            }
         }
     }
 

@@ -6,8 +6,10 @@
 //! half-closes (a side shuts down writing when done, then keeps reading), a
 //! few readers that abandon their connection (stop reading, then abort it),
 //! on a fabric that drops, duplicates and reorders frames. The protocol core
-//! (`Endpoint` for set-up and teardown, `Stream` for the bytes) is driven as
-//! dsand's I/O edge drives it.
+//! (`Endpoint`: set-up, teardown and the streams: their state, timers,
+//! transmit queue, lingering closes and resets) is driven as dsand's I/O
+//! edge drives it: the simulator only plays the applications and copies
+//! bytes between the frames and the rings.
 //!
 //! As in dsand, a connection's receive ring belongs to the application's
 //! socket slot, not to the connection: each host has a few slots, a new
@@ -30,10 +32,9 @@
 mod fabric;
 
 use dataplane::proto::rng::SeededRng;
-use dataplane::proto::stream::{Stream, StreamTiming, Timer};
 use dataplane::proto::*;
 use dataplane::time::Instant;
-use dataplane::wire::{Ipv4, Message, Offer, Repr, ResetReason, Segment, SEG_PROBE};
+use dataplane::wire::{Ipv4, Offer, Repr, ResetReason};
 use fabric::{endpoint, ip_of, Fabric, World};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -45,9 +46,9 @@ fn byte(gen: u64, i: u64) -> u8 {
     (x.wrapping_mul(0xBF58_476D_1CE4_E5B9) >> 56) as u8
 }
 
-/// One side of a connection, as an application and dsand's edge hold it.
+/// One side of a connection, as an application and dsand's edge hold it
+/// (the stream's protocol state is the core's).
 struct Side {
-    s: Stream,
     /// Identifies the bytes this side sends (its peer checks them).
     gen: u64,
     /// The application's socket slot holding the receive ring.
@@ -65,7 +66,8 @@ struct Side {
     /// Set when the core ended the connection (Close or Reset from the peer).
     ended: bool,
     reset: bool,
-    /// The application closed (Close handshake started): waiting for removal.
+    /// The application closed its socket: the stream lingers until its
+    /// last bytes are acknowledged (`StreamDone`).
     closed: bool,
 }
 
@@ -100,14 +102,6 @@ struct Sim {
     /// Sides opened after the core had already ended their connection.
     late: usize,
 }
-
-const T: StreamTiming = StreamTiming {
-    rto: Duration::from_millis(5),
-    max_rto: Duration::from_millis(400),
-    keepalive_idle: Duration::from_secs(1),
-    keepalive_timeout: Duration::from_secs(3),
-    ack_delay: Duration::from_micros(200),
-};
 
 impl Sim {
     fn new(seed: u64) -> Sim {
@@ -188,8 +182,10 @@ impl Sim {
         } else {
             None
         };
+        self.hosts[i]
+            .ep
+            .open_stream(self.now, h, params, rcv as u32);
         let side = Side {
-            s: Stream::new(self.now, T, params.mss, params.peer_window, rcv as u32),
             gen,
             slot,
             rcv,
@@ -212,7 +208,13 @@ impl Sim {
             while let Some(f) = self.hosts[i].ep.poll_transmit() {
                 self.put(i, f, Vec::new());
             }
-            while let Some(e) = self.hosts[i].ep.poll_event() {
+            let mut events: Vec<Event> =
+                std::iter::from_fn(|| self.hosts[i].ep.poll_event()).collect();
+            // As in dsand, the application decides on a request after the
+            // edge has handled the other events of the burst (a decision
+            // reaches the daemon as a later command).
+            events.sort_by_key(|e| matches!(e, Event::Incoming { .. }));
+            for e in events {
                 match e {
                     Event::Incoming { listener, request } => {
                         let rcv = self.ring_size();
@@ -263,7 +265,40 @@ impl Sim {
                         if let Some(sd) = self.hosts[i].sides.get_mut(&conn) {
                             sd.ended = true;
                             sd.reset = matches!(e, Event::Reset { .. });
+                            if sd.closed {
+                                // It had closed and lingered: gone now.
+                                let reset = sd.reset;
+                                self.remove_side(i, conn);
+                                if reset {
+                                    self.resets += 1;
+                                } else {
+                                    self.completed += 1;
+                                }
+                            }
                         }
+                    }
+                    Event::Aborted { conn, reason } => {
+                        // The core gave the peer up (only on a lossy fabric)
+                        // or bytes came after the close.
+                        if std::env::var("DSAN_SIM_SEED").is_ok() {
+                            eprintln!("host {i} {e:?}");
+                        }
+                        if reason == ResetReason::TimedOut {
+                            assert!(
+                                self.fabric.loss > 0.0,
+                                "a stream timed out on a lossless fabric"
+                            );
+                        }
+                        if self.hosts[i].sides.contains_key(&conn) {
+                            self.remove_side(i, conn);
+                            self.resets += 1;
+                        }
+                    }
+                    Event::StreamDone { conn } => {
+                        let sd = self.hosts[i].sides.get(&conn).expect("a lingering side");
+                        assert!(sd.closed, "done without a close");
+                        self.remove_side(i, conn);
+                        self.completed += 1;
                     }
                 }
             }
@@ -288,14 +323,15 @@ impl Sim {
         self.hosts[a].attempts.insert(h, id);
     }
 
-    /// The applications and the I/O edge of every side: write, read, send,
-    /// acknowledge, timers, teardown.
+    /// The applications of every side (write, read, close, abandon), then
+    /// the I/O edge of every host (what the core's transmit queue holds).
     fn drive(&mut self) {
         for i in 0..self.hosts.len() {
             let handles: Vec<ConnHandle> = self.hosts[i].sides.keys().copied().collect();
             for h in handles {
                 self.drive_side(i, h);
             }
+            self.transmit(i);
         }
     }
 
@@ -310,18 +346,18 @@ impl Sim {
         if sd.closed {
             return;
         }
+        let s = host.ep.stream(h).expect("a side's stream");
+        let (acked, received, peer_finished) = (s.acked(), s.received(), s.peer_finished());
         // The application writes what fits, then shuts down writing.
         if !sd.ended {
-            let room = sd.snd_size - (sd.written - sd.s.acked());
+            let room = sd.snd_size - (sd.written - acked);
             let n = room.min(sd.total - sd.written).min(chunk);
             sd.written += n;
-            sd.s.app_wrote(sd.written, sd.snd_size, sd.written == sd.total)
-                .expect("honest indices");
         }
         // It reads (and checks) what arrived, unless it abandoned the stream.
         let abandoned = sd.abandon_at.is_some_and(|a| sd.consumed >= a);
         if !abandoned {
-            let avail = sd.s.received() - sd.consumed;
+            let avail = received - sd.consumed;
             let k = avail.min(read_chunk);
             let size = sd.rcv as u64;
             let ring = &host.rings[sd.slot];
@@ -334,17 +370,24 @@ impl Sim {
                 );
             }
             sd.consumed += k;
-            let _ = sd.s.app_read(sd.consumed).expect("honest head");
-            if sd.s.peer_finished() && sd.consumed == sd.s.received() && !sd.eof {
+            if peer_finished && sd.consumed == received && !sd.eof {
                 sd.eof = true;
                 let want = self.totals[&sd.peer_gen];
                 assert_eq!(sd.consumed, want, "end of stream before the last byte");
             }
         }
-        let Some(sd) = self.hosts[i].sides.get_mut(&h) else {
-            return;
-        };
-        if sd.ended && !sd.reset && !sd.eof && sd.s.received() == 0 && !sd.s.peer_finished() {
+        // What it wrote and read, as dsand reads it from the rings.
+        host.ep
+            .stream_app(
+                h,
+                sd.written,
+                sd.written == sd.total,
+                sd.consumed,
+                sd.snd_size,
+            )
+            .expect("honest indices");
+        let unconfirmed = host.ep.stats().unconfirmed;
+        if sd.ended && !sd.reset && !sd.eof && received == 0 && !peer_finished {
             // Closed by a peer that never wrote (no FIN then): dsand reports
             // the end of the stream (`stream_ended`). The peer must indeed
             // have had nothing to send.
@@ -352,9 +395,9 @@ impl Sim {
             assert_eq!(
                 want,
                 0,
-                "host {i}: {:#x} closed without its {want} bytes (aborted: {})",
+                "host {i}: {:#x} closed without its {want} bytes (aborted: {}, unconfirmed: {unconfirmed})",
                 sd.peer_gen,
-                self.aborted.contains(&sd.peer_gen)
+                self.aborted.contains(&sd.peer_gen),
             );
             sd.eof = true;
         }
@@ -378,124 +421,107 @@ impl Sim {
         }
         if abandoned {
             // It stops reading and aborts (as a close with unread bytes does).
+            if std::env::var("DSAN_SIM_SEED").is_ok() {
+                eprintln!("host {i} side {:#x} ({h:?}) aborts", sd.gen);
+            }
             self.aborted.push(sd.gen);
-            self.hosts[i].ep.reset(now, h, ResetReason::Aborted);
+            self.hosts[i].ep.abort_stream(now, h, ResetReason::Aborted);
             self.remove_side(i, h);
             self.resets += 1;
             return;
         }
-        // Transmit: data (with the acknowledgement), else an Ack if due.
-        let Some((hdr, conn_id, token)) = self.hosts[i].ep.stream_route(h) else {
-            return;
-        };
-        let sd = self.hosts[i].sides.get_mut(&h).expect("present");
-        let mut frames = Vec::new();
-        let mut budget = 32;
-        while let Some(o) = sd.s.next_segment() {
-            let (ack, limit, flags) = sd.s.ack_fields();
-            let payload: Vec<u8> = (o.seq..o.seq + u64::from(o.len))
-                .map(|x| byte(sd.gen, x))
-                .collect();
-            frames.push((
-                Message::Data(Segment {
-                    conn_id,
-                    token,
-                    seq: o.seq,
-                    ack,
-                    limit,
-                    flags: flags | o.flags(),
-                    len: o.len,
-                }),
-                payload,
-            ));
-            sd.s.sent(now, o);
-            budget -= 1;
-            if budget == 0 {
-                break;
+        // Everything written and everything read: the application closes;
+        // its last bytes and FIN go before the Close handshake.
+        if sd.eof && sd.written == sd.total {
+            let (written, consumed, snd) = (sd.written, sd.consumed, sd.snd_size);
+            let r = self.hosts[i]
+                .ep
+                .close_stream(now, h, written, consumed, snd);
+            if std::env::var("DSAN_SIM_SEED").is_ok() {
+                eprintln!("host {i} side ({h:?}) closes: {r:?}");
             }
-        }
-        let mut probe = false;
-        if sd.s.next_timer(&T) <= now {
-            match sd.s.on_timer(now, &T) {
-                Timer::Dead => {
-                    let gen = sd.gen;
-                    assert!(
-                        self.fabric.loss > 0.0,
-                        "stream {gen:#x} timed out on a lossless fabric"
-                    );
-                    self.hosts[i].ep.reset(now, h, ResetReason::TimedOut);
+            match r {
+                StreamClose::Closed => {
                     self.remove_side(i, h);
-                    self.resets += 1;
-                    return;
+                    self.completed += 1;
                 }
-                Timer::Probe => probe = true,
-                _ => {}
+                StreamClose::Lingering => {
+                    self.hosts[i].sides.get_mut(&h).expect("present").closed = true;
+                }
+                r => panic!("host {i}: close of a read stream: {r:?}"),
             }
         }
-        let sd = self.hosts[i].sides.get_mut(&h).expect("present");
-        if sd.s.ack_due() || probe {
-            let (ack, limit, flags) = sd.s.take_ack();
-            frames.push((
-                Message::Ack(Segment {
-                    conn_id,
-                    token,
-                    seq: 0,
-                    ack,
-                    limit,
-                    flags: flags | if probe { SEG_PROBE } else { 0 },
-                    len: 0,
-                }),
-                Vec::new(),
-            ));
+    }
+
+    /// Host `i`'s I/O edge serves the core's transmit queue: each Data
+    /// segment with its payload (from the sender's generator, as from its
+    /// send ring), then an Ack if one is due.
+    fn transmit(&mut self, i: usize) {
+        let now = self.now;
+        let mut budget = 64;
+        let mut frames = Vec::new();
+        let host = &mut self.hosts[i];
+        for _ in 0..host.ep.streams_queued() {
+            let Some(h) = host.ep.next_stream() else {
+                break;
+            };
+            let gen = host.sides.get(&h).map(|sd| sd.gen);
+            while budget > 0 {
+                let Some((repr, o)) = host.ep.stream_segment(h, 0) else {
+                    break;
+                };
+                let gen = gen.expect("a stream with bytes has its side");
+                let payload: Vec<u8> = (o.seq..o.seq + u64::from(o.len))
+                    .map(|x| byte(gen, x))
+                    .collect();
+                frames.push((repr, payload));
+                host.ep.stream_sent(now, h, o);
+                budget -= 1;
+            }
+            if let Some(repr) = host.ep.stream_ack(h) {
+                frames.push((repr, Vec::new()));
+                host.ep.stream_ack_sent(h);
+            }
+            let _ = host.ep.stream_served(h);
         }
-        // Both directions done: the Close handshake ends the connection.
-        let done = sd.s.finished() && sd.eof;
-        for (m, p) in frames {
-            self.put(
-                i,
-                Repr {
-                    header: hdr,
-                    message: m,
-                },
-                p,
-            );
-        }
-        if done {
-            let _ = self.hosts[i].ep.close(now, h);
-            self.remove_side(i, h);
-            self.completed += 1;
+        for (f, p) in frames {
+            self.put(i, f, p);
         }
     }
 
     fn deliver(&mut self, dst: usize, f: Repr, payload: Vec<u8>) {
         let now = self.now;
-        let (Message::Data(seg) | Message::Ack(seg)) = f.message else {
-            self.hosts[dst].ep.handle_frame(now, &f);
-            return;
-        };
-        let host = &mut self.hosts[dst];
-        let h = match host.ep.stream_conn(&f.header, seg.conn_id, seg.token) {
-            Ok(h) => h,
-            Err(false) => return host.ep.reset_unknown(&f.header, seg.conn_id, seg.token),
-            Err(true) => return,
-        };
-        let Some(sd) = host.sides.get_mut(&h) else {
-            return;
-        };
-        sd.s.on_ack(now, &T, &seg);
-        if matches!(f.message, Message::Data(_)) {
-            let at = sd.s.received();
-            let (skip, take) = sd.s.on_data(now, &T, &seg);
-            let size = sd.rcv as u64;
-            let ring = &mut host.rings[sd.slot];
-            for k in 0..take {
-                ring[((at + k as u64) % size) as usize] = payload[skip + k];
-            }
-            assert!(
-                sd.s.received() - sd.consumed <= size,
-                "more bytes than the credit given"
+        if std::env::var("DSAN_SIM_DEBUG").is_ok()
+            && !matches!(
+                f.message,
+                dataplane::wire::Message::Data(_) | dataplane::wire::Message::Ack(_)
+            )
+        {
+            eprintln!(
+                "t={} -> host {dst}: {:?} from {}",
+                now.0, f.message, f.header.src_ip
             );
         }
+        let host = &mut self.hosts[dst];
+        let Some(a) = host.ep.handle_frame(now, &f) else {
+            return;
+        };
+        let Some(sd) = host.sides.get(&a.conn) else {
+            return;
+        };
+        if sd.closed {
+            return;
+        }
+        let size = sd.rcv as u64;
+        let ring = &mut host.rings[sd.slot];
+        for k in 0..a.take {
+            ring[((a.at + k as u64) % size) as usize] = payload[a.skip + k];
+        }
+        let received = host.ep.stream(a.conn).expect("open").received();
+        assert!(
+            received - sd.consumed <= size,
+            "more bytes than the credit given"
+        );
     }
 
     fn advance(&mut self, until: Instant) {
@@ -508,6 +534,8 @@ impl Sim {
         if let Some(sd) = self.hosts[i].sides.remove(&h) {
             self.hosts[i].busy[sd.slot] = false;
         }
+        // The edge lets go of the rings: the core forgets the stream.
+        self.hosts[i].ep.forget_stream(h);
     }
 
     fn live(&self) -> usize {
@@ -574,6 +602,7 @@ fn run(seed: u64) -> (usize, usize, usize) {
             "seed {seed}: host {i} still holds connections"
         );
         assert_eq!(h.ep.attempts_in_progress(), 0);
+        assert_eq!(h.ep.streams_open(), 0, "seed {seed}: host {i} kept streams");
     }
     if lossless {
         // Without loss, only an aborting reader resets (its side and its peer's).
@@ -595,7 +624,12 @@ fn streams_deliver_every_byte_once_in_order_on_a_lossy_fabric() {
         .unwrap_or(300);
     let (mut completed, mut resets, mut late) = (0, 0, 0);
     for seed in 0..n {
-        let (c, r, l) = run(seed);
+        let (c, r, l) = std::panic::catch_unwind(|| run(seed)).unwrap_or_else(|e| {
+            eprintln!(
+                "\nstream simulation failed for seed {seed}.\nreplay: DSAN_SIM_SEED={seed} cargo test --release -p dataplane --test stream_sim -- replay --nocapture\n"
+            );
+            std::panic::resume_unwind(e)
+        });
         completed += c;
         resets += r;
         late += l;

@@ -197,7 +197,6 @@ pub(super) struct Local {
     pub(super) bytes_tx: u64,
     pub(super) bytes_rx: u64,
     pub(super) retransmitted: u64,
-    pub(super) credit_stalls: u64,
     pub(super) handovers: u64,
     pub(super) claims_refused: u64,
     pub(super) listener_joins: u64,
@@ -217,7 +216,7 @@ impl Node {
         c.drop_malformed = l.malformed;
         c.drop_version = l.version;
         c.drop_not_ours = l.not_ours + ps.not_ours;
-        c.drop_unexpected = l.unexpected + ps.late_replies;
+        c.drop_unexpected = l.unexpected + ps.late_replies + ps.no_stream;
         c.drop_bad_token = ps.bad_token;
         c.app_rejects = l.app_rejects;
         c.app_protocol_violations = l.app_protocol_violations;
@@ -248,7 +247,7 @@ impl Node {
         c.san_bytes_tx = l.bytes_tx;
         c.san_bytes_rx = l.bytes_rx;
         c.frames_retransmitted = l.retransmitted;
-        c.credit_stalls = l.credit_stalls;
+        c.credit_stalls = ps.credit_stalls;
         c.handovers = l.handovers;
         c.claims_refused = l.claims_refused;
         c.listener_joins = l.listener_joins;

@@ -124,6 +124,11 @@ impl Node {
                 }
                 self.trace_completed(conn);
             }
+            Event::Aborted { conn, reason } => {
+                self.local.resets[super::streams::reset_index(reason)] += 1;
+                self.stream_aborted(conn);
+            }
+            Event::StreamDone { conn } => self.stream_done(conn),
             Event::Closed { conn } | Event::Reset { conn, .. } => {
                 let owner = self.owner(conn);
                 self.stream_ended(conn, matches!(e, Event::Reset { .. }));

@@ -45,7 +45,7 @@ use counters::Local;
 use crossbeam_queue::ArrayQueue;
 use dsan_channel::ring::Consumer;
 use probe::ActivePing;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -247,10 +247,6 @@ pub struct Node {
     local: Local,
     counters: Counters,
     streams: streams::StreamTable,
-    stream_timers: BTreeSet<(Instant, ConnHandle)>,
-    txq: VecDeque<ConnHandle>,
-    /// Streams whose client has not confirmed yet (see `release_held`).
-    held: Vec<ConnHandle>,
     /// Per user (not root): SAN listeners and connect attempts held, against
     /// [`UID_LISTENERS`] and [`UID_ATTEMPTS`].
     uid_listeners: HashMap<u32, u32>,
@@ -335,9 +331,7 @@ impl Node {
             local: Local::default(),
             counters: Counters::default(),
             streams: streams::StreamTable::default(),
-            stream_timers: BTreeSet::new(),
-            txq: VecDeque::new(),
-            held: Vec::new(),
+
             owners_seen: 0,
             uid_listeners: HashMap::new(),
             uid_attempts: HashMap::new(),
@@ -412,13 +406,11 @@ impl Node {
                     self.local.unexpected += 1;
                 }
             }
-            Message::Data(_) | Message::Ack(_) => {
-                if !self.ep.addrs().contains(&h.dst_ip) {
-                    return self.local.not_ours += 1;
+            _ => {
+                if let Some(a) = self.ep.handle_frame(now, &repr) {
+                    self.stream_arrival(&repr.message, a, wire::payload(bytes));
                 }
-                self.stream_frame(now, &h, &repr.message, wire::payload(bytes));
             }
-            _ => self.ep.handle_frame(now, &repr),
         }
     }
 
@@ -616,9 +608,6 @@ impl Node {
         if self.ep.poll_timeout().is_some_and(|t| t <= now) {
             self.ep.handle_timeout(now);
         }
-        if self.next_stream_timer().is_some_and(|t| t <= now) {
-            self.stream_timeouts(now);
-        }
         busy
     }
 
@@ -628,7 +617,9 @@ impl Node {
     /// delivered; the frames the node would send are returned.
     pub fn step_without_device(&mut self, now: Instant, rx: &[Repr]) -> Vec<Repr> {
         for r in rx {
-            self.ep.handle_frame(now, r);
+            if let Some(a) = self.ep.handle_frame(now, r) {
+                self.stream_arrival(&r.message, a, &[]);
+            }
         }
         self.serve_inputs(now);
         self.check_orphans(now);
@@ -651,7 +642,7 @@ impl<D: Device> Handler<D> for Node {
             }
         }
         self.flush_core(now, |n, r| n.send(tx, r));
-        self.release_held();
+        self.ep.release_held();
         self.stream_tx(now, tx);
         self.reap(now);
     }
@@ -661,7 +652,7 @@ impl<D: Device> Handler<D> for Node {
         busy |= self.release_delayed(now, tx);
         busy |= self.drive_ping(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
-        busy |= self.release_held();
+        busy |= self.ep.release_held();
         busy |= self.stream_tx(now, tx);
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy |= self.reap(now);
@@ -685,7 +676,7 @@ impl<D: Device> Handler<D> for Node {
         let p = self.ping.as_ref().map(ActivePing::next_timer);
         let d = self.delayed.iter().map(|(t, _)| *t).min();
         let o = self.next_orphan_check();
-        [p, self.ep.poll_timeout(), self.next_stream_timer(), d, o]
+        [p, self.ep.poll_timeout(), d, o]
             .into_iter()
             .flatten()
             .min()

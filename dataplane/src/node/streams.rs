@@ -1,12 +1,13 @@
-//! Connection byte streams at the I/O edge: the protocol core's
-//! [`Stream`] state machines, the processes' send and receive rings, and the
-//! Data / Ack frames between them.
+//! Connection byte streams at the I/O edge: the processes' send and
+//! receive rings and their stream blocks, joined to the protocol core's
+//! streams (`Endpoint`'s "Byte streams": each stream's state, its timer,
+//! the transmit queue, when to reset).
 //!
 //! * A process's `kick` (a command, sent only when its `kick` word was clear)
-//!   says a stream has news: its ring indices are read once, checked, and
-//!   the connection joins the transmit queue. The lcore never scans idle
-//!   connections: it serves the queue, the frames that arrive and a timer
-//!   set ordered by deadline.
+//!   says a stream has news: its ring indices are read once and handed to
+//!   the core, which checks them and queues the stream if it has something
+//!   to send. The lcore never scans idle connections: it serves the core's
+//!   transmit queue, the frames that arrive and the core's timers.
 //! * Bytes go from the send ring straight into the frame buffer, and from a
 //!   received frame straight into the receive ring (one copy each way at the
 //!   edge; the application copies once more into or out of the ring).
@@ -21,12 +22,10 @@ use super::{AppShared, Node};
 use crate::device::Device;
 use crate::engine::Tx;
 use crate::proto::slab::Slab;
-use crate::proto::stream::{Outgoing, Stream, StreamTiming, Timer};
-use crate::proto::{ConnHandle, StreamParams};
+use crate::proto::stream::Outgoing;
+use crate::proto::{Arrival, ConnHandle, StreamClose, StreamParams};
 use crate::time::Instant;
-use crate::wire::{
-    self, Message, Repr, ResetReason, SanHeader, Segment, PAYLOAD_OFFSET, SEG_PROBE, SEG_URG,
-};
+use crate::wire::{self, Message, ResetReason, PAYLOAD_OFFSET, SEG_URG};
 use dsan_channel::msg::Bufs;
 use dsan_channel::region::{FD_CLOSE, FD_READ, FD_WRITE};
 use dsan_channel::stream::{RingMarks, StreamArea, StreamShm};
@@ -34,12 +33,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The daemon's state per established connection, not counting the rings
-/// (which live in the process's region): the stream context and the
-/// protocol core's connection, each in its slot of a slab indexed by the
-/// connection's handle, the core's wire index entry (a slot number in a
-/// hash table) and the timer entry. The process, socket and ring view are
-/// found through `app`, so there is no owner entry.
+/// (which live in the process's region): the edge's stream context, the
+/// core's stream and the core's connection, each in its slot of a slab
+/// indexed by the connection's handle, the core's wire index entry (a slot
+/// number in a hash table) and the timer entry. The process, socket and
+/// ring view are found through `app`, so there is no owner entry.
 pub const STREAM_STATE_BYTES: usize = STREAM_ENTRY_BYTES
+    + crate::proto::STREAM_SLOT_BYTES
     + std::mem::size_of::<crate::proto::Connection>()
     + crate::proto::WIRE_INDEX_ENTRY_BYTES
     + std::mem::size_of::<(Instant, ConnHandle)>();
@@ -126,31 +126,27 @@ impl StreamTable {
     }
 }
 
-/// The lcore's state for one connection's stream (152 bytes).
+/// The lcore's state for one connection's rings (16 bytes; the stream's
+/// protocol state is the core's).
 pub(super) struct StreamCtx {
     app: Arc<AppShared>,
     /// The random part of the connection's handle (the slot is its index
     /// in the table; a slot's next occupant has another tag).
     tag: u32,
-    s: Stream,
-    timer: Instant,
     /// The socket (< `MAX_SOCKETS`, 1,024).
     sock: u16,
     /// log2 of the send ring's size (the rings are found from `app` and
-    /// `sock` when needed; the receive ring's size is the stream's).
+    /// `sock` when needed).
     snd_shift: u8,
-    /// [`QUEUED`], [`PROBE`], [`APP_CLOSED`], [`STALLED`].
+    /// log2 of the receive ring's size.
+    rcv_shift: u8,
+    /// [`APP_CLOSED`], [`ORPHAN`].
     flags: u8,
 }
 
-/// In the transmit queue.
-const QUEUED: u8 = 1;
-/// A keepalive probe is due.
-const PROBE: u8 = 2;
-/// The application closed its socket (the stream lingers).
+/// The application closed its socket (the stream lingers; its block is no
+/// longer the process's to read).
 const APP_CLOSED: u8 = 4;
-/// The peer's credit is exhausted (counted once per stall).
-const STALLED: u8 = 8;
 /// No socket holds it, a process that may claim it still does (its slot
 /// lingers; see [`super::handover`]).
 const ORPHAN: u8 = 16;
@@ -172,12 +168,13 @@ impl StreamCtx {
     fn snd_size(&self) -> usize {
         1 << self.snd_shift
     }
+    fn rcv_size(&self) -> usize {
+        1 << self.rcv_shift
+    }
     fn area(&self) -> StreamArea {
-        self.app.region.stream_area(
-            usize::from(self.sock),
-            self.snd_size(),
-            self.s.rcv_size() as usize,
-        )
+        self.app
+            .region
+            .stream_area(usize::from(self.sock), self.snd_size(), self.rcv_size())
     }
     fn pid(&self) -> u64 {
         self.app.id
@@ -198,7 +195,7 @@ const ACK_INDEX: usize = match wire::Kind::Ack.index() {
 };
 
 /// Index of a reason in [`super::RESET_REASONS`].
-fn reset_index(r: ResetReason) -> usize {
+pub(super) fn reset_index(r: ResetReason) -> usize {
     match r {
         ResetReason::ProcessGone => 0,
         ResetReason::Aborted => 1,
@@ -209,17 +206,6 @@ fn reset_index(r: ResetReason) -> usize {
 }
 
 impl Node {
-    fn timing(&self) -> StreamTiming {
-        let c = &self.cfg.proto;
-        StreamTiming {
-            rto: c.stream_rto,
-            max_rto: c.max_rto,
-            keepalive_idle: c.keepalive_idle,
-            keepalive_timeout: c.keepalive_timeout,
-            ack_delay: c.ack_delay,
-        }
-    }
-
     /// Sets up the stream of a connection that was just established for
     /// socket `sock` of process `pid`, with ring sizes `bufs`, and hands the
     /// socket's stream block to it: every word the daemon writes is reset,
@@ -246,8 +232,8 @@ impl Node {
             // stream was still here (it must not): end the old one.
             debug_assert!(false, "stream slot {} still held", h.slot());
             self.drop_stream(stale, -libc::ECONNRESET);
-        } else if let Some(old) = self.streams.remove(&h) {
-            self.stream_timers.remove(&(old.timer, h));
+        } else {
+            self.streams.remove(&h);
         }
         let Some(p) = self.procs.get(&pid) else {
             return false;
@@ -261,9 +247,7 @@ impl Node {
             u32::from(params.mss),
             self.claim_key(h),
         );
-        let timing = self.timing();
-        let s = Stream::new(now, timing, params.mss, params.peer_window, bufs.rcv as u32);
-        let timer = s.next_timer(&timing);
+        self.ep.open_stream(now, h, params, bufs.rcv as u32);
         self.streams.insert(
             h,
             StreamCtx {
@@ -271,12 +255,10 @@ impl Node {
                 tag: h.tag(),
                 sock: sock as u16,
                 snd_shift: bufs.snd.trailing_zeros() as u8,
-                s,
-                timer,
+                rcv_shift: bufs.rcv.trailing_zeros() as u8,
                 flags: 0,
             },
         );
-        self.stream_timers.insert((timer, h));
         // The stream names its owner from now on.
         self.conn_owner.remove(&h);
         true
@@ -294,45 +276,17 @@ impl Node {
             .map(|c| (c.pid(), c.sock()))
     }
 
-    fn reschedule(&mut self, h: ConnHandle) {
-        let timing = self.timing();
-        if let Some(ctx) = self.streams.get_mut(&h) {
-            let t = ctx.s.next_timer(&timing);
-            if t != ctx.timer {
-                self.stream_timers.remove(&(ctx.timer, h));
-                ctx.timer = t;
-                self.stream_timers.insert((t, h));
-            }
-        }
-    }
-
-    fn enqueue(&mut self, h: ConnHandle) {
-        if let Some(ctx) = self.streams.get_mut(&h) {
-            let stalled = ctx.s.credit_stalled();
-            if stalled && !ctx.has(STALLED) {
-                self.local.credit_stalls += 1;
-            }
-            ctx.set(STALLED, stalled);
-            if !ctx.has(QUEUED)
-                && (ctx.has(PROBE) || ctx.s.ack_due() || ctx.s.next_segment().is_some())
-            {
-                ctx.set(QUEUED, true);
-                self.txq.push_back(h);
-            }
-        }
-    }
-
-    /// Reads what the application wrote and consumed. Err: it broke the protocol.
-    fn sync_from_app(ctx: &mut StreamCtx, force_fin: bool) -> Result<(), ()> {
+    /// Reads what the application wrote and consumed into the core's stream.
+    /// Err: it broke the protocol.
+    fn sync_from_app(&mut self, h: ConnHandle) -> Result<(), ()> {
+        let Some(ctx) = self.streams.get(&h) else {
+            return Ok(());
+        };
         let at = ctx.shm().take_kick();
         let snd_size = ctx.snd_size() as u64;
-        ctx.s
-            .app_wrote(at.tail, snd_size, force_fin || at.fin)
-            .map_err(|_| ())?;
-        if !ctx.has(APP_CLOSED) {
-            ctx.s.app_read(at.head).map_err(|_| ())?;
-        }
-        Ok(())
+        self.ep
+            .stream_app(h, at.tail, at.fin, at.head, snd_size)
+            .map_err(|_| ())
     }
 
     /// A process's kick for its socket `sock`.
@@ -341,16 +295,10 @@ impl Node {
             return;
         };
         let h = *h;
-        let Some(ctx) = self.streams.get_mut(&h) else {
-            return;
-        };
-        if Self::sync_from_app(ctx, false).is_err() {
+        if self.sync_from_app(h).is_err() {
             self.local.resets[reset_index(ResetReason::Protocol)] += 1;
             self.violation(now, pid);
-            return;
         }
-        self.enqueue(h);
-        self.reschedule(h);
     }
 
     /// The application closed socket `sock` holding connection `h`: its last
@@ -360,27 +308,26 @@ impl Node {
         let Some(ctx) = self.streams.get_mut(&h) else {
             return false;
         };
-        let shm_head = ctx.shm().read_head();
-        let synced = Self::sync_from_app(ctx, true).is_ok();
         ctx.set(APP_CLOSED, true);
-        let unread = shm_head < ctx.s.received();
-        if !synced || unread {
-            self.reset_stream(now, h, ResetReason::Aborted);
-            return true;
+        let at = ctx.shm().take_kick();
+        let snd_size = ctx.snd_size() as u64;
+        match self.ep.close_stream(now, h, at.tail, at.head, snd_size) {
+            StreamClose::Reset => {
+                self.local.resets[reset_index(ResetReason::Aborted)] += 1;
+                self.conn_owner.remove(&h);
+                self.drop_stream(h, -libc::ECONNRESET);
+            }
+            StreamClose::Closed | StreamClose::Unknown => {
+                self.conn_owner.remove(&h);
+                self.drop_stream(h, 0);
+            }
+            StreamClose::Lingering => {
+                self.conn_owner.remove(&h);
+                if let Some(ctx) = self.streams.get(&h) {
+                    ctx.shm().linger();
+                }
+            }
         }
-        self.conn_owner.remove(&h);
-        if ctx.s.written() == 0 {
-            // Nothing was ever written: no bytes and no FIN to deliver; the
-            // Close handshake alone ends it (the peer reads it as the end of
-            // the stream, since no byte can be missing).
-            let _ = self.ep.close(now, h);
-            self.drop_stream(h, 0);
-            return true;
-        }
-        ctx.shm().linger();
-        self.finish_if_done(now, h);
-        self.enqueue(h);
-        self.reschedule(h);
         true
     }
 
@@ -397,26 +344,19 @@ impl Node {
         true
     }
 
-    /// A lingering stream whose FIN was acknowledged: the Close handshake
-    /// takes over and the socket slot is free.
-    fn finish_if_done(&mut self, now: Instant, h: ConnHandle) {
-        if self
-            .streams
-            .get(&h)
-            .is_some_and(|c| c.has(APP_CLOSED) && c.s.finished())
-        {
-            let _ = self.ep.close(now, h);
-            self.drop_stream(h, 0);
-        }
+    /// A closed socket's stream delivered its last bytes and FIN: the
+    /// socket's slot is free.
+    pub(super) fn stream_done(&mut self, h: ConnHandle) {
+        self.drop_stream(h, 0);
     }
 
     /// Forgets a stream; tells its socket how the connection ended (a closed
     /// socket's slot is freed instead).
     fn drop_stream(&mut self, h: ConnHandle, close_error: i32) {
+        self.ep.forget_stream(h);
         let Some(ctx) = self.streams.remove(&h) else {
             return;
         };
-        self.stream_timers.remove(&(ctx.timer, h));
         self.end_away_holders(h, close_error);
         self.forget_shared(h);
         let shm = ctx.shm();
@@ -440,7 +380,13 @@ impl Node {
     /// Aborts connection `h` (a Reset goes to the peer) and ends its stream.
     pub(super) fn reset_stream(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
         self.local.resets[reset_index(reason)] += 1;
-        self.ep.reset(now, h, reason);
+        self.ep.abort_stream(now, h, reason);
+        self.stream_aborted(h);
+    }
+
+    /// The connection of stream `h` was reset here: its socket (if still
+    /// open) reads ECONNRESET.
+    pub(super) fn stream_aborted(&mut self, h: ConnHandle) {
         let owner = self.owner(h);
         self.conn_owner.remove(&h);
         if let Some((pid, sock)) = owner {
@@ -459,10 +405,7 @@ impl Node {
         // A close is clean when every byte the peer sent arrived (its FIN
         // came, or it never wrote: it closes without a FIN only then) and
         // ours were acknowledged.
-        let clean = !reset
-            && self.streams.get(&h).is_some_and(|c| {
-                (c.s.peer_finished() || c.s.received() == 0) && !c.s.outstanding()
-            });
+        let clean = !reset && self.streams.get(&h).is_some() && self.ep.stream_clean(h);
         self.drop_stream(h, if clean { 0 } else { -libc::ECONNRESET });
     }
 
@@ -480,114 +423,59 @@ impl Node {
         for h in mine {
             self.forget_shared(h);
             self.local.resets[reset_index(reason)] += 1;
-            self.ep.reset(now, h, reason);
+            self.ep.abort_stream(now, h, reason);
             self.conn_owner.remove(&h);
-            if let Some(ctx) = self.streams.remove(&h) {
-                self.stream_timers.remove(&(ctx.timer, h));
-            }
+            self.streams.remove(&h);
         }
     }
 
-    /// A Data or Ack frame.
-    pub(super) fn stream_frame(
-        &mut self,
-        now: Instant,
-        hdr: &SanHeader,
-        m: &Message,
-        payload: &[u8],
-    ) {
-        let (Message::Data(seg) | Message::Ack(seg)) = *m else {
+    /// What a Data or Ack frame brought to stream `a.conn` (the core took
+    /// it): its payload (the frame's, `payload`) into the receive ring, the
+    /// urgent byte's mark, and the process told of bytes, the end of the
+    /// stream and room to send.
+    pub(super) fn stream_arrival(&mut self, m: &Message, a: Arrival, payload: &[u8]) {
+        let h = a.conn;
+        let Some(ctx) = self.streams.get(&h) else {
             return;
         };
-        let h = match self.ep.stream_conn(hdr, seg.conn_id, seg.token) {
-            Ok(h) => h,
-            Err(false) => return self.ep.reset_unknown(hdr, seg.conn_id, seg.token),
-            Err(true) => return, // wrong token: counted
-        };
-        let timing = self.timing();
-        let Some(ctx) = self.streams.get_mut(&h) else {
-            return self.local.unexpected += 1;
-        };
-        let progress = ctx.s.on_ack(now, &timing, &seg);
-        let mut delivered = 0;
-        let mut eof = false;
-        if matches!(m, Message::Data(_)) {
-            let was_fin = ctx.s.peer_finished();
-            let at = ctx.s.received();
-            let (skip, take) = ctx.s.on_data(now, &timing, &seg);
-            if take > 0 && !ctx.has(APP_CLOSED) {
-                match payload.get(skip..skip + take) {
-                    Some(bytes) => ctx.area().write_recv(at, bytes),
-                    None => return self.local.malformed += 1,
-                }
+        if ctx.has(APP_CLOSED) {
+            return; // its last bytes go; nobody reads (the core resets if any came)
+        }
+        if a.take > 0 {
+            match payload.get(a.skip..a.skip + a.take) {
+                Some(bytes) => ctx.area().write_recv(a.at, bytes),
+                None => return self.local.malformed += 1,
             }
-            delivered = take;
-            eof = !was_fin && ctx.s.peer_finished();
-            // An urgent byte that arrived just now: its mark and value for
-            // the process (TCP's out-of-band byte; POLLPRI until read).
+        }
+        let Some(s) = self.ep.stream(h) else {
+            return;
+        };
+        let (received, credit_low) = (s.received(), s.credit_low());
+        // An urgent byte that arrived just now: its mark and value for the
+        // process (TCP's out-of-band byte; POLLPRI until read).
+        if let Message::Data(seg) = m {
             let urgent = seg.seq + u64::from(seg.len);
-            if seg.flags & SEG_URG != 0
-                && urgent > at
-                && urgent <= ctx.s.received()
-                && !ctx.has(APP_CLOSED)
-            {
+            if seg.flags & SEG_URG != 0 && urgent > a.at && urgent <= received {
                 let mut b = [0u8];
                 ctx.area().read_recv(urgent - 1, &mut b);
                 ctx.shm().publish_urgent(urgent, b[0]);
             }
         }
-        if ctx.has(APP_CLOSED) && delivered > 0 {
-            // Nobody will read these: as TCP does, reset.
-            return self.reset_stream(now, h, ResetReason::Aborted);
-        }
-        self.local.bytes_rx += delivered as u64;
+        self.local.bytes_rx += a.take as u64;
         // The acknowledgement first, as TCP takes a segment's ACK before its
         // data: a reader that sees the peer's answer sees its own bytes
         // acknowledged (TCP_INFO, SIOCOUTQ).
-        if progress {
+        if a.acked {
             self.acked(h);
         }
-        let ctx = self.streams.get_mut(&h).expect("present");
+        let Some(ctx) = self.streams.get(&h) else {
+            return;
+        };
         // (Publishing asks the process for a kick first if the credit ran
         // low: a reader that sees the bytes sees the request.)
-        if !ctx.has(APP_CLOSED)
-            && (delivered > 0 || eof)
-            && ctx
-                .shm()
-                .publish_received(ctx.s.received(), eof, ctx.s.credit_low())
-        {
+        if (a.take > 0 || a.eof) && ctx.shm().publish_received(received, a.eof, credit_low) {
             self.signal(h, FD_READ);
         }
-        self.finish_if_done(now, h);
-        self.enqueue(h);
-        self.reschedule(h);
-    }
-
-    /// Streams held back while their client was unconfirmed: those now
-    /// confirmed join the transmit queue (those gone are dropped). Returns
-    /// whether any did.
-    pub(super) fn release_held(&mut self) -> bool {
-        if self.held.is_empty() {
-            return false;
-        }
-        let mut ready = Vec::new();
-        let ep = &self.ep;
-        let streams = &self.streams;
-        self.held.retain(|h| {
-            if streams.get(h).is_none() {
-                return false;
-            }
-            if ep.is_unconfirmed(*h) {
-                return true;
-            }
-            ready.push(*h);
-            false
-        });
-        let any = !ready.is_empty();
-        for h in ready {
-            self.enqueue(h);
-        }
-        any
     }
 
     /// Bytes were acknowledged: the send ring's head moves, and a writer
@@ -599,7 +487,10 @@ impl Node {
         if ctx.has(APP_CLOSED) {
             return;
         }
-        if ctx.shm().publish_acked(ctx.s.acked()) {
+        let Some(acked) = self.ep.stream(h).map(|s| s.acked()) else {
+            return;
+        };
+        if ctx.shm().publish_acked(acked) {
             self.signal(h, FD_WRITE);
         }
     }
@@ -642,26 +533,32 @@ impl Node {
             return false;
         };
         let key = self.claim_key(h);
-        let Some(ctx) = self.streams.get_mut(&h) else {
+        let Some(ctx) = self.streams.get(&h) else {
             return false;
         };
         if ctx.has(APP_CLOSED) {
             return false;
         }
-        if Self::sync_from_app(ctx, false).is_err() {
-            let old = ctx.pid();
+        let old = ctx.pid();
+        if self.sync_from_app(h).is_err() {
             self.local.resets[reset_index(ResetReason::Protocol)] += 1;
             self.violation(now, old);
             return false;
         }
-        let (from, from_area) = (ctx.shm(), ctx.area());
-        let at = RingMarks {
-            acked: ctx.s.acked(),
-            written: ctx.s.written(),
-            consumed: ctx.s.consumed(),
-            received: ctx.s.received(),
+        let Some(s) = self.ep.stream(h) else {
+            return false;
         };
-        let (snd_size, rcv_size) = (ctx.snd_size(), ctx.s.rcv_size() as usize);
+        let at = RingMarks {
+            acked: s.acked(),
+            written: s.written(),
+            consumed: s.consumed(),
+            received: s.received(),
+        };
+        let Some(ctx) = self.streams.get_mut(&h) else {
+            return false;
+        };
+        let (from, from_area) = (ctx.shm(), ctx.area());
+        let (snd_size, rcv_size) = (ctx.snd_size(), ctx.rcv_size());
         let new = to.region.stream(sock as usize);
         let new_area = to.region.stream_area(sock as usize, snd_size, rcv_size);
         // At most a ring each (the stream's indices keep them so).
@@ -680,8 +577,6 @@ impl Node {
             self.signal(h, FD_READ);
         }
         self.local.handovers += 1;
-        self.enqueue(h);
-        self.reschedule(h);
         true
     }
 
@@ -741,104 +636,40 @@ impl Node {
         }
     }
 
-    /// Stream timers due at `now`.
-    pub(super) fn stream_timeouts(&mut self, now: Instant) {
-        let timing = self.timing();
-        while let Some(&(t, h)) = self.stream_timers.first() {
-            if t > now {
-                break;
-            }
-            self.stream_timers.pop_first();
-            let Some(ctx) = self.streams.get_mut(&h) else {
-                continue;
-            };
-            ctx.timer = Instant::ZERO; // not in the set now
-            match ctx.s.on_timer(now, &timing) {
-                Timer::Dead => {
-                    self.reset_stream(now, h, ResetReason::TimedOut);
-                    continue;
-                }
-                Timer::Probe => ctx.set(PROBE, true),
-                Timer::Retransmit | Timer::Idle => {}
-            }
-            let t = ctx.s.next_timer(&timing);
-            ctx.timer = t;
-            self.stream_timers.insert((t, h));
-            self.enqueue(h);
-        }
-    }
-
-    /// When the next stream timer is due.
-    pub(super) fn next_stream_timer(&self) -> Option<Instant> {
-        self.stream_timers.first().map(|(t, _)| *t)
-    }
-
-    /// Serves the transmit queue: Data frames from the send rings, Acks and
-    /// probes. Returns whether anything went out.
+    /// Serves the core's transmit queue: Data frames whose payload comes
+    /// from the send rings, Acks and probes. Returns whether anything went
+    /// out.
     pub(super) fn stream_tx<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
         let et = self.cfg.ethertype;
         let mut budget = TX_BUDGET;
         let mut busy = false;
-        let rounds = self.txq.len();
-        for _ in 0..rounds {
+        // Streams queued again in this pass wait for the next one.
+        for _ in 0..self.ep.streams_queued() {
             if budget == 0 {
                 break;
             }
-            let Some(h) = self.txq.pop_front() else { break };
-            let Some(ctx) = self.streams.get_mut(&h) else {
+            let Some(h) = self.ep.next_stream() else {
+                break;
+            };
+            let Some(ctx) = self.streams.get(&h) else {
                 continue;
             };
-            ctx.set(QUEUED, false);
-            if self.ep.is_unconfirmed(h) {
-                // The client has not proven its address yet (the request
-                // may be forged): nothing goes to it but the Accept. The
-                // stream waits, and goes once it is confirmed.
-                self.held.push(h);
-                continue;
-            }
-            let Some(ctx) = self.streams.get_mut(&h) else {
-                continue;
-            };
-            if !ctx.has(APP_CLOSED) {
+            let app_closed = ctx.has(APP_CLOSED);
+            if !app_closed {
                 // The credit we advertise is as fresh as the reader's head
                 // (a checked value; a bad one waits for the next kick).
-                let _ = ctx.s.app_read(ctx.shm().read_head());
+                self.ep.stream_read(h, ctx.shm().read_head());
             }
-            let Some((hdr, conn_id, token)) = self.ep.stream_route(h) else {
-                continue;
-            };
-            let Some(ctx) = self.streams.get_mut(&h) else {
-                continue;
-            };
-            let mut out_of_buffers = false;
             // An urgent byte ends its segment, which says so (the process's
             // word, read once a pass: a wrong value only cuts a segment).
             let urgent = ctx.shm().send_urgent_mark();
+            let area = ctx.area();
+            let area = &area;
+            let mut out_of_buffers = false;
             while budget > 0 {
-                let Some(mut o) = ctx.s.next_segment() else {
+                let Some((repr, o)) = self.ep.stream_segment(h, urgent) else {
                     break;
                 };
-                let urg = urgent > o.seq && urgent <= o.seq + u64::from(o.len);
-                if urg {
-                    o.fin &= urgent == o.seq + u64::from(o.len);
-                    o.len = (urgent - o.seq) as u16;
-                }
-                let (ack, limit, flags) = ctx.s.ack_fields();
-                let seg = Segment {
-                    conn_id,
-                    token,
-                    seq: o.seq,
-                    ack,
-                    limit,
-                    flags: flags | o.flags() | if urg { SEG_URG } else { 0 },
-                    len: o.len,
-                };
-                let repr = Repr {
-                    header: hdr,
-                    message: Message::Data(seg),
-                };
-                let area = ctx.area();
-                let area = &area;
                 let ok = tx.send_with(repr.buffer_len(), |b| {
                     repr.emit(&mut wire::Frame::new_unchecked(&mut *b), et);
                     area.read_send(o.seq, &mut b[PAYLOAD_OFFSET..]);
@@ -847,7 +678,7 @@ impl Node {
                     out_of_buffers = true;
                     break;
                 }
-                ctx.s.sent(now, o);
+                self.ep.stream_sent(now, h, o);
                 self.local.tx[DATA_INDEX] += 1;
                 self.local.bytes_tx += u64::from(o.len);
                 if let Outgoing { again: true, .. } = o {
@@ -856,37 +687,24 @@ impl Node {
                 budget -= 1;
                 busy = true;
             }
-            if !out_of_buffers && (ctx.s.ack_due() || ctx.has(PROBE)) && budget > 0 {
-                let (ack, limit, flags) = ctx.s.ack_fields();
-                let seg = Segment {
-                    conn_id,
-                    token,
-                    seq: 0,
-                    ack,
-                    limit,
-                    flags: flags | if ctx.has(PROBE) { SEG_PROBE } else { 0 },
-                    len: 0,
-                };
-                let repr = Repr {
-                    header: hdr,
-                    message: Message::Ack(seg),
-                };
-                if tx.send_with(repr.buffer_len(), |b| {
-                    repr.emit(&mut wire::Frame::new_unchecked(b), et)
-                }) {
-                    ctx.s.take_ack();
-                    ctx.set(PROBE, false);
-                    self.local.tx[ACK_INDEX] += 1;
-                    budget -= 1;
-                    busy = true;
+            if !out_of_buffers && budget > 0 {
+                if let Some(repr) = self.ep.stream_ack(h) {
+                    if tx.send_with(repr.buffer_len(), |b| {
+                        repr.emit(&mut wire::Frame::new_unchecked(b), et)
+                    }) {
+                        self.ep.stream_ack_sent(h);
+                        self.local.tx[ACK_INDEX] += 1;
+                        budget -= 1;
+                        busy = true;
+                    }
                 }
             }
-            if !ctx.has(APP_CLOSED) && ctx.s.credit_low() {
-                ctx.shm().ask_for_credit();
-            }
             // More to send (budget ran out): back of the queue.
-            self.enqueue(h);
-            self.reschedule(h);
+            if self.ep.stream_served(h) && !app_closed {
+                if let Some(ctx) = self.streams.get(&h) {
+                    ctx.shm().ask_for_credit();
+                }
+            }
             if out_of_buffers {
                 break;
             }

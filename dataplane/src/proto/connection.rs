@@ -76,10 +76,17 @@ impl ConnTable {
         ConnHandle::new(self.slots.take(), tag)
     }
     /// Gives back the slot of a handle that holds no connection (a connect
-    /// attempt that ended without one).
+    /// attempt that ended without one, or a stream that outlived its
+    /// connection).
     pub(super) fn release(&mut self, h: ConnHandle) {
         debug_assert!(self.get(&h).is_none());
         self.slots.give(h.slot() as u32);
+    }
+    /// Takes the slot of `h`, whose connection is gone, for a stream that
+    /// opens after it (see `HOLDS_SLOT`). False if another connection has
+    /// the slot now.
+    pub(super) fn hold(&mut self, h: ConnHandle) -> bool {
+        self.get(&h).is_none() && self.slots.take_exact(h.slot() as u32)
     }
     pub(super) fn get(&self, h: &ConnHandle) -> Option<&Connection> {
         self.slab.get(h.slot()).filter(|c| c.my_token == h.0)
@@ -102,15 +109,19 @@ impl ConnTable {
             hasher.hash_one(c.wire_key())
         });
     }
-    /// Removes the connection of `h` and frees its slot.
-    pub(super) fn remove(&mut self, h: &ConnHandle) -> Option<Connection> {
+    /// Removes the connection of `h` and frees its slot, unless `keep_slot`
+    /// (its stream still lives there: the slot is given back with
+    /// [`ConnTable::release`] when the stream goes).
+    pub(super) fn remove(&mut self, h: &ConnHandle, keep_slot: bool) -> Option<Connection> {
         self.get(h)?;
         let c = self.slab.remove(h.slot()).expect("checked");
         let hash = self.hasher.hash_one(c.wire_key());
         if let Ok(e) = self.by_wire.find_entry(hash, |&s| s as usize == h.slot()) {
             e.remove();
         }
-        self.slots.give(h.slot() as u32);
+        if !keep_slot {
+            self.slots.give(h.slot() as u32);
+        }
         Some(c)
     }
     /// The connection a frame names.

@@ -63,11 +63,14 @@ use super::connection::{
 use super::resolve::{Lookup, Resolver};
 use super::rng::Rng;
 use super::server::{Listener, Pending, SourceShare, Unsure, MAX_UNSURE, UNSURE_POLL, UNSURE_WAIT};
+use super::stream::{BadIndex, Outgoing, Stream, StreamTiming, Timer};
+use super::streams::{Streams, CLOSED, HOLDS_SLOT, PROBE, QUEUED};
 use super::tombstone::Tomb;
 use super::types::*;
 use crate::time::Instant;
 use crate::wire::{
-    EthernetAddress, Ipv4, Message, Offer, RejectReason, Repr, ResetReason, SanHeader,
+    EthernetAddress, Ipv4, Message, Offer, RejectReason, Repr, ResetReason, SanHeader, Segment,
+    SEG_PROBE, SEG_URG,
 };
 use dsan_channel::region::{effective_backlog, MAX_BACKLOG};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -112,8 +115,15 @@ pub struct Endpoint<R: Rng> {
     /// (peer ip, conn id) -> what became of a request, and when to forget it.
     pub(super) tombstones: HashMap<RequestKey, (Tomb, Instant)>,
     pub(super) tomb_order: VecDeque<(RequestKey, Instant)>,
+    /// (server ip, conn id) -> why we reset that connection as its client,
+    /// and when to forget it: a retransmitted Accept for it (our Reset was
+    /// lost) is answered with a Reset again, never with a clean Close.
+    pub(super) client_resets: HashMap<(Ipv4, u64), (ResetReason, Instant)>,
+    pub(super) client_reset_order: VecDeque<((Ipv4, u64), Instant)>,
     pub(super) transmits: VecDeque<Repr>,
     pub(super) events: VecDeque<Event>,
+    /// The connections' byte streams, their timers and transmit queue.
+    pub(super) streams: Streams,
     pub(super) next_id: u64,
     pub(super) next_port: u16,
     pub(super) stats: ProtoStats,
@@ -147,6 +157,9 @@ impl<R: Rng> Endpoint<R> {
             tomb_order: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            streams: Streams::default(),
+            client_resets: HashMap::new(),
+            client_reset_order: VecDeque::new(),
             next_id: 1,
             next_port,
             stats: ProtoStats::default(),
@@ -235,6 +248,7 @@ impl<R: Rng> Endpoint<R> {
             && self.attempts.is_empty()
             && self.attempt_by_wire.is_empty()
             && self.tombstones.is_empty()
+            && self.client_resets.is_empty()
             && self.resolver.pending_len() == 0
     }
 
@@ -250,13 +264,28 @@ impl<R: Rng> Endpoint<R> {
     }
     /// When [`Endpoint::handle_timeout`] must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        [self.setup_timeout(), self.streams.next_timer()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The next deadline of connection set-up and teardown (every timer
+    /// but the streams').
+    fn setup_timeout(&self) -> Option<Instant> {
         let a = self.attempts.values().map(Attempt::next_timer);
         let c = self
             .closing
             .values()
             .map(Retry::timer)
             .chain(self.confirming.values().map(|e| e.0.timer()));
-        let t = self.tomb_order.front().map(|(_, e)| *e);
+        let t = self
+            .tomb_order
+            .front()
+            .map(|(_, e)| *e)
+            .into_iter()
+            .chain(self.client_reset_order.front().map(|(_, e)| *e))
+            .min();
         let p = self
             .pending_order
             .front()
@@ -348,12 +377,14 @@ impl<R: Rng> Endpoint<R> {
     // ----- inputs ----------------------------------------------------------
 
     /// A SAN frame addressed to this host (the caller has parsed it and
-    /// checked the destination MAC).
-    pub fn handle_frame(&mut self, now: Instant, frame: &Repr) {
+    /// checked the destination MAC). A Data or Ack frame that brings bytes
+    /// or an acknowledgement to a stream returns what the edge does with
+    /// its payload (see [`Arrival`]).
+    pub fn handle_frame(&mut self, now: Instant, frame: &Repr) -> Option<Arrival> {
         let h = frame.header;
         if !self.is_ours(h.dst_ip) {
             self.stats.not_ours += 1;
-            return;
+            return None;
         }
         match frame.message {
             Message::ConnectRequest {
@@ -383,7 +414,7 @@ impl<R: Rng> Endpoint<R> {
                 }
                 if h.src_mac.is_multicast() {
                     self.stats.not_ours += 1; // never answer a multicast source
-                    return;
+                    return None;
                 }
                 self.emit(
                     h.src_mac,
@@ -404,22 +435,25 @@ impl<R: Rng> Endpoint<R> {
                 token,
                 reason,
             } => self.on_reset(now, &h, conn_id, token, reason),
-            // Stream frames are served by the I/O edge, which owns the
-            // bytes (see `stream_conn`).
-            Message::Data(_) | Message::Ack(_) => self.stats.unhandled += 1,
+            Message::Data(seg) => return self.on_segment(now, &h, &seg, true),
+            Message::Ack(seg) => return self.on_segment(now, &h, &seg, false),
             Message::EchoRequest { .. } | Message::EchoReply { .. } => self.stats.unhandled += 1,
         }
+        None
     }
 
     /// Retransmissions, give-ups and expiries due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.resolution_timers(now);
-        self.attempt_timers(now);
-        self.close_timers(now);
-        self.confirm_timers(now);
-        self.expire_requests(now);
-        self.settle_unsure(now);
-        self.expire_tombstones(now);
+        if self.setup_timeout().is_some_and(|t| t <= now) {
+            self.resolution_timers(now);
+            self.attempt_timers(now);
+            self.close_timers(now);
+            self.confirm_timers(now);
+            self.expire_requests(now);
+            self.settle_unsure(now);
+            self.expire_tombstones(now);
+        }
+        self.stream_timers(now);
     }
 }
 
@@ -696,16 +730,22 @@ impl<R: Rng> Endpoint<R> {
             }
             Some(_) => self.stats.bad_token += 1,
             None => {
-                // The attempt is over (timed out, abandoned): tell the
-                // accepting side to drop the connection it made.
                 self.stats.late_replies += 1;
-                self.reply(
-                    h,
-                    Message::Close {
+                let message = match self.client_resets.get(&(h.src_ip, conn_id)) {
+                    // We reset that connection and the Reset was lost: again.
+                    Some(&(reason, _)) => Message::Reset {
+                        conn_id,
+                        token: server_token,
+                        reason,
+                    },
+                    // The attempt is over (timed out, abandoned): tell the
+                    // accepting side to drop the connection it made.
+                    None => Message::Close {
                         conn_id,
                         token: server_token,
                     },
-                );
+                };
+                self.reply(h, message);
             }
         }
     }
@@ -1455,7 +1495,17 @@ impl<R: Rng> Endpoint<R> {
         h: ConnHandle,
         reset: Option<ResetReason>,
     ) -> Option<Connection> {
-        let c = self.conns.remove(&h)?;
+        self.conns.get(&h)?;
+        // A stream that outlives its connection keeps the slot (see
+        // `HOLDS_SLOT`).
+        let keep = match self.streams.get_mut(h) {
+            Some(s) => {
+                s.set(HOLDS_SLOT, true);
+                true
+            }
+            None => false,
+        };
+        let c = self.conns.remove(&h, keep)?;
         self.closing.remove(&h);
         self.confirming.remove(&h);
         if c.role == Role::Server {
@@ -1474,8 +1524,26 @@ impl<R: Rng> Endpoint<R> {
                     unconfirmed: c.flags & CONFIRMING != 0,
                 },
             );
+        } else if let Some(reason) = reset {
+            self.remember_client_reset(now, (c.peer.0, c.conn_id), reason);
         }
         Some(c)
+    }
+
+    /// Remembers, for a tombstone's life, that we reset our connection
+    /// `key` as its client (see `client_resets`).
+    fn remember_client_reset(&mut self, now: Instant, key: (Ipv4, u64), reason: ResetReason) {
+        if self.client_resets.len() >= self.cfg.max_tombstones {
+            if let Some((old, exp)) = self.client_reset_order.pop_front() {
+                if self.client_resets.get(&old).is_some_and(|t| t.1 == exp) {
+                    self.client_resets.remove(&old);
+                }
+                self.stats.tombstones_evicted += 1;
+            }
+        }
+        let exp = now + self.cfg.tombstone_ttl;
+        self.client_resets.insert(key, (reason, exp));
+        self.client_reset_order.push_back((key, exp));
     }
 
     fn conn_for(&self, h: &SanHeader, conn_id: u64) -> Option<ConnHandle> {
@@ -1761,6 +1829,408 @@ impl<R: Rng> Endpoint<R> {
             if self.tombstones.get(&key).is_some_and(|t| t.1 == exp) {
                 self.tombstones.remove(&key);
             }
+        }
+        while let Some(&(key, exp)) = self.client_reset_order.front() {
+            if exp > now {
+                break;
+            }
+            self.client_reset_order.pop_front();
+            if self.client_resets.get(&key).is_some_and(|t| t.1 == exp) {
+                self.client_resets.remove(&key);
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------
+// Byte streams: each established connection's bytes, timers and transmit
+// turn. (the state: `streams.rs`; the arithmetic of one stream: `stream.rs`)
+//
+// The rings are the I/O edge's: it reports what the application wrote and
+// consumed (`stream_app`, `close_stream`), copies an [`Arrival`]'s payload
+// into the receive ring, and copies a segment's payload out of the send
+// ring when it sends the frame `stream_segment` describes.
+
+impl<R: Rng> Endpoint<R> {
+    fn stream_timing(&self) -> StreamTiming {
+        StreamTiming {
+            rto: self.cfg.stream_rto,
+            max_rto: self.cfg.max_rto,
+            keepalive_idle: self.cfg.keepalive_idle,
+            keepalive_timeout: self.cfg.keepalive_timeout,
+            ack_delay: self.cfg.ack_delay,
+        }
+    }
+
+    /// Opens connection `h`'s byte stream from `params` (its `Connected`
+    /// event's, or the accepted connection's) with a receive ring of
+    /// `rcv_size` bytes. Opened even when the connection is already gone
+    /// (the peer's Close or Reset came in the same burst as its Accept):
+    /// the event that follows ends it.
+    pub fn open_stream(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        params: StreamParams,
+        rcv_size: u32,
+    ) {
+        // A connection that is gone left its slot: the stream holds it
+        // until it is forgotten (if no connection took it since, which the
+        // order of events rules out; else the stream does not open).
+        let orphaned = self.conns.get(&h).is_none();
+        if orphaned && !self.conns.hold(h) {
+            return;
+        }
+        let t = self.stream_timing();
+        let s = Stream::new(now, t, params.mss, params.peer_window, rcv_size);
+        self.streams.open(h, s, &t);
+        if orphaned {
+            if let Some(c) = self.streams.get_mut(h) {
+                c.set(HOLDS_SLOT, true);
+            }
+        }
+    }
+
+    /// Forgets `h`'s stream (the edge let go of its rings).
+    pub fn forget_stream(&mut self, h: ConnHandle) {
+        self.end_stream(h);
+    }
+
+    /// Forgets `h`'s stream, and gives back the slot it held if its
+    /// connection went before it.
+    fn end_stream(&mut self, h: ConnHandle) {
+        if self.streams.remove(h).is_some_and(|s| s.has(HOLDS_SLOT)) {
+            self.conns.release(h);
+        }
+    }
+
+    /// Connection `h`'s stream, for its positions.
+    pub fn stream(&self, h: ConnHandle) -> Option<&Stream> {
+        self.streams.get(h).map(|c| &c.s)
+    }
+
+    /// Whether `h`'s application closed its socket (the stream lingers).
+    pub fn stream_lingers(&self, h: ConnHandle) -> bool {
+        self.streams.get(h).is_some_and(|c| c.has(CLOSED))
+    }
+
+    /// Streams open.
+    pub fn streams_open(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether `h`'s stream ended cleanly as far as its bytes go: every
+    /// byte the peer sent arrived (its FIN came, or it never wrote: it
+    /// closes without a FIN only then) and ours were acknowledged.
+    pub fn stream_clean(&self, h: ConnHandle) -> bool {
+        self.stream(h)
+            .is_some_and(|s| (s.peer_finished() || s.received() == 0) && !s.outstanding())
+    }
+
+    /// What `h`'s application wrote (the send ring's `tail`, and `fin` once
+    /// it shut down sending) and consumed (the receive ring's `head`), its
+    /// send ring being `snd_size` bytes. The stream joins the transmit
+    /// queue if that gives it something to send.
+    ///
+    /// # Errors
+    /// [`BadIndex`] for indices no honest application writes (the caller
+    /// deals with the application).
+    pub fn stream_app(
+        &mut self,
+        h: ConnHandle,
+        tail: u64,
+        fin: bool,
+        head: u64,
+        snd_size: u64,
+    ) -> Result<(), BadIndex> {
+        let Some(c) = self.streams.get_mut(h) else {
+            return Ok(());
+        };
+        c.s.app_wrote(tail, snd_size, fin)?;
+        if !c.has(CLOSED) {
+            c.s.app_read(head)?;
+        }
+        self.stream_queue(h);
+        Ok(())
+    }
+
+    /// `h`'s application closed its socket, having written up to `tail`
+    /// and consumed up to `head`: its last bytes and FIN still go, unless
+    /// it left received bytes unread (then the connection is reset, as TCP
+    /// does).
+    pub fn close_stream(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        tail: u64,
+        head: u64,
+        snd_size: u64,
+    ) -> StreamClose {
+        let Some(c) = self.streams.get_mut(h) else {
+            return StreamClose::Unknown;
+        };
+        let honest = c.s.app_wrote(tail, snd_size, true).is_ok() && c.s.app_read(head).is_ok();
+        c.set(CLOSED, true);
+        if !honest || head < c.s.received() {
+            self.abort_stream(now, h, ResetReason::Aborted);
+            return StreamClose::Reset;
+        }
+        if c.s.written() == 0 || c.s.finished() {
+            // Nothing (more) to deliver: the Close handshake alone ends it
+            // (the peer reads the end of the stream: no byte can be missing).
+            let _ = self.close(now, h);
+            self.end_stream(h);
+            return StreamClose::Closed;
+        }
+        self.stream_queue(h);
+        StreamClose::Lingering
+    }
+
+    /// Resets connection `h` (a Reset goes to the peer) and forgets its
+    /// stream.
+    pub fn abort_stream(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
+        self.reset(now, h, reason);
+        self.end_stream(h);
+    }
+
+    /// A Data (`data`) or Ack frame.
+    fn on_segment(
+        &mut self,
+        now: Instant,
+        hdr: &SanHeader,
+        seg: &Segment,
+        data: bool,
+    ) -> Option<Arrival> {
+        let h = match self.stream_conn(hdr, seg.conn_id, seg.token) {
+            Ok(h) => h,
+            Err(false) => {
+                self.reset_unknown(hdr, seg.conn_id, seg.token);
+                return None;
+            }
+            Err(true) => return None, // wrong token: counted
+        };
+        let t = self.stream_timing();
+        let Some(c) = self.streams.get_mut(h) else {
+            self.stats.no_stream += 1;
+            return None;
+        };
+        let acked = c.s.on_ack(now, &t, seg);
+        let mut a = Arrival {
+            conn: h,
+            at: c.s.received(),
+            skip: 0,
+            take: 0,
+            acked,
+            eof: false,
+        };
+        if data {
+            let was_fin = c.s.peer_finished();
+            (a.skip, a.take) = c.s.on_data(now, &t, seg);
+            a.eof = !was_fin && c.s.peer_finished();
+        }
+        if c.has(CLOSED) {
+            if a.take > 0 {
+                // Nobody will read these: as TCP does, reset.
+                self.abort_stream(now, h, ResetReason::Aborted);
+                self.events.push_back(Event::Aborted {
+                    conn: h,
+                    reason: ResetReason::Aborted,
+                });
+                return None;
+            }
+            if c.s.finished() {
+                // Its last bytes and FIN are acknowledged: the Close
+                // handshake takes over.
+                let _ = self.close(now, h);
+                self.end_stream(h);
+                self.events.push_back(Event::StreamDone { conn: h });
+                return Some(a);
+            }
+        }
+        self.stream_queue(h);
+        Some(a)
+    }
+
+    /// `h` joins the transmit queue if it has something to send, and its
+    /// timer follows its next deadline.
+    fn stream_queue(&mut self, h: ConnHandle) {
+        if self.streams.enqueue(h) {
+            self.stats.credit_stalls += 1;
+        }
+        let t = self.stream_timing();
+        self.streams.reschedule(h, &t);
+    }
+
+    /// Stream timers due at `now`: retransmissions and probes (the stream
+    /// joins the transmit queue), and peers given up on (the connection is
+    /// reset: [`Event::Aborted`]).
+    fn stream_timers(&mut self, now: Instant) {
+        let t = self.stream_timing();
+        while let Some(h) = self.streams.pop_due(now) {
+            let c = self.streams.get_mut(h).expect("due");
+            match c.s.on_timer(now, &t) {
+                Timer::Dead => {
+                    self.abort_stream(now, h, ResetReason::TimedOut);
+                    self.events.push_back(Event::Aborted {
+                        conn: h,
+                        reason: ResetReason::TimedOut,
+                    });
+                    continue;
+                }
+                Timer::Probe => c.set(PROBE, true),
+                Timer::Retransmit | Timer::Idle => {}
+            }
+            self.streams.rearm(h, &t);
+            if self.streams.enqueue(h) {
+                self.stats.credit_stalls += 1;
+            }
+        }
+    }
+
+    /// Streams held back while their client was unconfirmed: those now
+    /// confirmed join the transmit queue (those gone are dropped). Returns
+    /// whether any did.
+    pub fn release_held(&mut self) -> bool {
+        if self.streams.held.is_empty() {
+            return false;
+        }
+        let mut held = std::mem::take(&mut self.streams.held);
+        let mut ready = Vec::new();
+        held.retain(|h| {
+            if self.streams.get(*h).is_none() {
+                return false;
+            }
+            if self.is_unconfirmed(*h) {
+                return true;
+            }
+            ready.push(*h);
+            false
+        });
+        self.streams.held = held;
+        let any = !ready.is_empty();
+        for h in ready {
+            if self.streams.enqueue(h) {
+                self.stats.credit_stalls += 1;
+            }
+        }
+        any
+    }
+
+    /// Streams in the transmit queue now (a pass serves at most these).
+    pub fn streams_queued(&self) -> usize {
+        self.streams.txq.len()
+    }
+
+    /// The next stream in the transmit queue, taken out of it. A stream
+    /// whose client has not proven its address yet (the request may be
+    /// forged) is held back instead: nothing goes to it but the Accept
+    /// until it is confirmed ([`Endpoint::release_held`]).
+    pub fn next_stream(&mut self) -> Option<ConnHandle> {
+        loop {
+            let h = self.streams.txq.pop_front()?;
+            let Some(c) = self.streams.get_mut(h) else {
+                continue;
+            };
+            c.set(QUEUED, false);
+            if self.is_unconfirmed(h) {
+                self.streams.held.push(h);
+                continue;
+            }
+            return Some(h);
+        }
+    }
+
+    /// The next Data segment of `h` and the frame that carries it (with
+    /// the acknowledgement and credit of the other direction), cut at the
+    /// urgent mark `urgent` if the segment spans it (0: none). The edge
+    /// appends the payload (`len` bytes from `seq` of the send ring) and
+    /// reports the segment sent with [`Endpoint::stream_sent`]. None:
+    /// nothing to send now, or the connection is gone.
+    pub fn stream_segment(&self, h: ConnHandle, urgent: u64) -> Option<(Repr, Outgoing)> {
+        let c = self.streams.get(h)?;
+        let mut o = c.s.next_segment()?;
+        let (header, conn_id, token) = self.stream_route(h)?;
+        let urg = urgent > o.seq && urgent <= o.seq + u64::from(o.len);
+        if urg {
+            o.fin &= urgent == o.seq + u64::from(o.len);
+            o.len = (urgent - o.seq) as u16;
+        }
+        let (ack, limit, flags) = c.s.ack_fields();
+        let seg = Segment {
+            conn_id,
+            token,
+            seq: o.seq,
+            ack,
+            limit,
+            flags: flags | o.flags() | if urg { SEG_URG } else { 0 },
+            len: o.len,
+        };
+        Some((
+            Repr {
+                header,
+                message: Message::Data(seg),
+            },
+            o,
+        ))
+    }
+
+    /// Segment `o` of `h` went out.
+    pub fn stream_sent(&mut self, now: Instant, h: ConnHandle, o: Outgoing) {
+        if let Some(c) = self.streams.get_mut(h) {
+            c.s.sent(now, o);
+        }
+    }
+
+    /// An Ack frame for `h`, if one is due (or a keepalive or window probe).
+    pub fn stream_ack(&self, h: ConnHandle) -> Option<Repr> {
+        let c = self.streams.get(h)?;
+        if !c.s.ack_due() && !c.has(PROBE) {
+            return None;
+        }
+        let (header, conn_id, token) = self.stream_route(h)?;
+        let (ack, limit, flags) = c.s.ack_fields();
+        let seg = Segment {
+            conn_id,
+            token,
+            seq: 0,
+            ack,
+            limit,
+            flags: flags | if c.has(PROBE) { SEG_PROBE } else { 0 },
+            len: 0,
+        };
+        Some(Repr {
+            header,
+            message: Message::Ack(seg),
+        })
+    }
+
+    /// The Ack of [`Endpoint::stream_ack`] went out.
+    pub fn stream_ack_sent(&mut self, h: ConnHandle) {
+        if let Some(c) = self.streams.get_mut(h) {
+            c.s.take_ack();
+            c.set(PROBE, false);
+        }
+    }
+
+    /// The edge served `h` for this pass: it goes back in the queue if it
+    /// has more to send, and its timer follows. Returns whether the peer's
+    /// credit for it runs low (the edge asks the application for a kick
+    /// once it has consumed).
+    pub fn stream_served(&mut self, h: ConnHandle) -> bool {
+        let low = self
+            .streams
+            .get(h)
+            .is_some_and(|c| !c.has(CLOSED) && c.s.credit_low());
+        self.stream_queue(h);
+        low
+    }
+
+    /// The application's receive head, as fresh as the edge can read it
+    /// before it serves `h` (the credit advertised follows it; a bad value
+    /// is ignored: the next report checks it).
+    pub fn stream_read(&mut self, h: ConnHandle, head: u64) {
+        if let Some(c) = self.streams.get_mut(h).filter(|c| !c.has(CLOSED)) {
+            let _ = c.s.app_read(head);
         }
     }
 }

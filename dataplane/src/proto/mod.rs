@@ -30,6 +30,7 @@ pub mod rng;
 mod server;
 pub mod slab;
 pub mod stream;
+mod streams;
 mod tombstone;
 mod types;
 
@@ -39,4 +40,5 @@ mod tests;
 pub use config::{PortOwner, PortSet, ProtoConfig, Subnet};
 pub use connection::{Connection, Role, ACCEPT_SENDS};
 pub use endpoint::{Endpoint, WIRE_INDEX_ENTRY_BYTES};
+pub use streams::STREAM_SLOT_BYTES;
 pub use types::*;

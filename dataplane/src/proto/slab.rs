@@ -50,6 +50,23 @@ impl Slots {
             s
         })
     }
+    /// Takes slot `slot` if it is free (it was given back, or never used).
+    /// Linear in the free slots: for rare cases only.
+    pub fn take_exact(&mut self, slot: u32) -> bool {
+        if slot >= self.next {
+            // Never used: the slots between become free ones.
+            self.free.extend(self.next..slot);
+            self.next = slot + 1;
+            return true;
+        }
+        match self.free.iter().position(|s| *s == slot) {
+            Some(i) => {
+                self.free.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
     /// Gives a taken slot back.
     pub fn give(&mut self, slot: u32) {
         debug_assert!(slot < self.next && !self.free.contains(&slot));

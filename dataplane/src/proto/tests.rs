@@ -3,7 +3,7 @@
 use super::rng::SeededRng;
 use super::*;
 use crate::time::Instant;
-use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, Repr};
+use crate::wire::{EthernetAddress, Ipv4, Message, RejectReason, Repr, ResetReason};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -946,4 +946,41 @@ fn no_listener_is_said_only_after_a_scan_that_began_after_the_request() {
     q.a.connect(q.now, None, (IB, 70)).unwrap();
     q.deliver();
     assert_eq!(failures(&q.ev_a), vec![ConnectFailure::Reset]);
+}
+
+/// A client that reset its connection, whose Reset was lost, answers the
+/// server's retransmitted Accept with a Reset again: the server's
+/// application reads the reset, never a clean end (a Close would tell it the
+/// client closed in order).
+#[test]
+fn a_client_that_reset_answers_a_late_accept_with_a_reset_again() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 6), 1).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 6)).unwrap();
+    p.deliver();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
+    // The client's confirmation is lost.
+    p.run(|from_a, f| from_a && matches!(f.message, Message::AcceptAck { .. }));
+    assert!(p
+        .ev_a
+        .iter()
+        .any(|e| matches!(e, Event::Connected { conn, .. } if *conn == c)));
+    // Its application aborts the connection at once, and that Reset is lost.
+    p.a.reset(p.now, c, ResetReason::Aborted);
+    p.run(|from_a, f| from_a && matches!(f.message, Message::Reset { .. }));
+    assert!(p.b.is_unconfirmed(s));
+    // The server retransmits its Accept: the client answers with a Reset.
+    p.advance(Duration::from_secs(5), |_, _| false);
+    assert!(
+        p.ev_b
+            .iter()
+            .any(|e| matches!(e, Event::Reset { conn, .. } if *conn == s)),
+        "{:?}",
+        p.ev_b
+    );
+    assert!(!p.ev_b.contains(&Event::Closed { conn: s }));
+    assert_eq!(p.sent(true, |m| matches!(m, Message::Close { .. })), 0);
+    // The client forgets it with its tombstones.
+    p.advance(Duration::from_secs(10), |_, _| false);
+    assert!(p.a.is_quiescent());
 }

@@ -134,6 +134,64 @@ pub enum Event {
         /// Why (as the peer said).
         reason: crate::wire::ResetReason,
     },
+    /// This host reset an established connection on its own: its peer
+    /// stopped answering (`TimedOut`), or bytes arrived after the
+    /// application closed its socket (`Aborted`). A Reset went to the peer
+    /// and the stream is forgotten; the application's socket reads
+    /// ECONNRESET.
+    Aborted {
+        /// The connection.
+        conn: ConnHandle,
+        /// Why.
+        reason: crate::wire::ResetReason,
+    },
+    /// A closed socket's stream delivered its last bytes and FIN (all
+    /// acknowledged): the connection's Close handshake runs and the stream
+    /// is forgotten, so the socket's rings are free.
+    StreamDone {
+        /// The connection.
+        conn: ConnHandle,
+    },
+}
+
+/// What a Data or Ack frame brought to a stream (see
+/// [`Endpoint::handle_frame`](super::Endpoint::handle_frame)): the edge
+/// copies `payload[skip..skip + take]` into the receive ring at stream
+/// position `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// The connection.
+    pub conn: ConnHandle,
+    /// Where the taken bytes go: the bytes received before this frame.
+    pub at: u64,
+    /// Payload bytes to pass over (received before).
+    pub skip: usize,
+    /// Payload bytes taken (within the credit given).
+    pub take: usize,
+    /// Bytes we sent were acknowledged (the send ring's head moved).
+    pub acked: bool,
+    /// The peer's FIN came with this frame: the end of the stream follows
+    /// the bytes received.
+    pub eof: bool,
+}
+
+/// What became of a stream whose application closed its socket (see
+/// [`Endpoint::close_stream`](super::Endpoint::close_stream)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamClose {
+    /// No such stream.
+    Unknown,
+    /// Bytes the application never read were there (or its indices were
+    /// impossible): the connection is reset, as TCP does; the stream is
+    /// forgotten.
+    Reset,
+    /// Nothing is left to deliver (nothing was written, or every byte and
+    /// the FIN are acknowledged): the Close handshake runs; the stream is
+    /// forgotten.
+    Closed,
+    /// Its last bytes and FIN are still to be delivered: the stream lingers
+    /// until they are ([`Event::StreamDone`]).
+    Lingering,
 }
 
 /// Errors of [`Endpoint::listen`](super::Endpoint::listen).
@@ -221,6 +279,10 @@ pub struct ProtoStats {
     pub not_ours: u64,
     /// Frames of a kind the endpoint does not handle (echo is the node's).
     pub unhandled: u64,
+    /// Stream frames for a connection that has no stream (yet, or any more).
+    pub no_stream: u64,
+    /// Times a stream's peer ran out of credit for it (once per stall).
+    pub credit_stalls: u64,
     /// Resets sent (aborted connections, frames for unknown connections).
     pub resets_sent: u64,
     /// Resets received and honoured.

@@ -2,10 +2,11 @@
 //!
 //! An [`Endpoint`] holds the host's listeners, the connection requests that
 //! wait for the application's answer, the connect attempts it makes, its
-//! established connections and its address resolution cache. It does no I/O
-//! and reads no clock:
+//! established connections with their byte streams and its address
+//! resolution cache. It does no I/O and reads no clock:
 //!
-//! * inputs: [`Endpoint::handle_frame`] (a parsed SAN frame),
+//! * inputs: [`Endpoint::handle_frame`] (a parsed SAN frame of any kind; a
+//!   Data or Ack frame returns the [`Arrival`] of its payload),
 //!   [`Endpoint::handle_timeout`], and the application's commands
 //!   ([`listen`](Endpoint::listen), [`decide`](Endpoint::decide),
 //!   [`connect`](Endpoint::connect), [`close`](Endpoint::close), ...), each
@@ -20,7 +21,8 @@
 //! decisions), `client` (connect attempts),
 //! `connection` (established connections and the close
 //! handshake), `tombstone` (answers for finished
-//! requests).
+//! requests), `streams` (the byte streams; their interface is the last
+//! section here, "Byte streams").
 //!
 //! Behaviour (WSD, `docs/wire-protocol.md` "Connection protocol"):
 //! * a connect request for no listener is answered `Reject(NoListener)` at
@@ -65,7 +67,7 @@ use super::rng::Rng;
 use super::server::{Listener, Pending, SourceShare, Unsure, MAX_UNSURE, UNSURE_POLL, UNSURE_WAIT};
 use super::stream::{BadIndex, Outgoing, Stream, StreamTiming, Timer};
 use super::streams::{Streams, CLOSED, HOLDS_SLOT, PROBE, QUEUED};
-use super::tombstone::Tomb;
+use super::tombstone::{Expiring, Tomb};
 use super::types::*;
 use crate::time::Instant;
 use crate::wire::{
@@ -113,13 +115,11 @@ pub struct Endpoint<R: Rng> {
     pub(super) attempts: BTreeMap<ConnHandle, Attempt>,
     pub(super) attempt_by_wire: HashMap<u64, ConnHandle>,
     /// (peer ip, conn id) -> what became of a request, and when to forget it.
-    pub(super) tombstones: HashMap<RequestKey, (Tomb, Instant)>,
-    pub(super) tomb_order: VecDeque<(RequestKey, Instant)>,
-    /// (server ip, conn id) -> why we reset that connection as its client,
-    /// and when to forget it: a retransmitted Accept for it (our Reset was
-    /// lost) is answered with a Reset again, never with a clean Close.
-    pub(super) client_resets: HashMap<(Ipv4, u64), (ResetReason, Instant)>,
-    pub(super) client_reset_order: VecDeque<((Ipv4, u64), Instant)>,
+    pub(super) tombstones: Expiring<RequestKey, Tomb>,
+    /// (server ip, conn id) -> why we reset that connection as its client:
+    /// a retransmitted Accept for it (our Reset was lost) is answered with a
+    /// Reset again, never with a clean Close.
+    pub(super) client_resets: Expiring<(Ipv4, u64), ResetReason>,
     pub(super) transmits: VecDeque<Repr>,
     pub(super) events: VecDeque<Event>,
     /// The connections' byte streams, their timers and transmit queue.
@@ -153,13 +153,11 @@ impl<R: Rng> Endpoint<R> {
             confirming: BTreeMap::new(),
             attempts: BTreeMap::new(),
             attempt_by_wire: HashMap::new(),
-            tombstones: HashMap::new(),
-            tomb_order: VecDeque::new(),
+            tombstones: Expiring::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             streams: Streams::default(),
-            client_resets: HashMap::new(),
-            client_reset_order: VecDeque::new(),
+            client_resets: Expiring::default(),
             next_id: 1,
             next_port,
             stats: ProtoStats::default(),
@@ -279,13 +277,13 @@ impl<R: Rng> Endpoint<R> {
             .values()
             .map(Retry::timer)
             .chain(self.confirming.values().map(|e| e.0.timer()));
-        let t = self
-            .tomb_order
-            .front()
-            .map(|(_, e)| *e)
-            .into_iter()
-            .chain(self.client_reset_order.front().map(|(_, e)| *e))
-            .min();
+        let t = [
+            self.tombstones.next_expiry(),
+            self.client_resets.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let p = self
             .pending_order
             .front()
@@ -733,7 +731,7 @@ impl<R: Rng> Endpoint<R> {
                 self.stats.late_replies += 1;
                 let message = match self.client_resets.get(&(h.src_ip, conn_id)) {
                     // We reset that connection and the Reset was lost: again.
-                    Some(&(reason, _)) => Message::Reset {
+                    Some(&reason) => Message::Reset {
                         conn_id,
                         token: server_token,
                         reason,
@@ -1533,17 +1531,13 @@ impl<R: Rng> Endpoint<R> {
     /// Remembers, for a tombstone's life, that we reset our connection
     /// `key` as its client (see `client_resets`).
     fn remember_client_reset(&mut self, now: Instant, key: (Ipv4, u64), reason: ResetReason) {
-        if self.client_resets.len() >= self.cfg.max_tombstones {
-            if let Some((old, exp)) = self.client_reset_order.pop_front() {
-                if self.client_resets.get(&old).is_some_and(|t| t.1 == exp) {
-                    self.client_resets.remove(&old);
-                }
-                self.stats.tombstones_evicted += 1;
-            }
-        }
         let exp = now + self.cfg.tombstone_ttl;
-        self.client_resets.insert(key, (reason, exp));
-        self.client_reset_order.push_back((key, exp));
+        if self
+            .client_resets
+            .remember(key, reason, exp, self.cfg.max_tombstones)
+        {
+            self.stats.tombstones_evicted += 1;
+        }
     }
 
     fn conn_for(&self, h: &SanHeader, conn_id: u64) -> Option<ConnHandle> {
@@ -1733,23 +1727,19 @@ impl<R: Rng> Endpoint<R> {
 
 impl<R: Rng> Endpoint<R> {
     pub(super) fn remember(&mut self, now: Instant, key: RequestKey, tomb: Tomb) {
-        if self.tombstones.len() >= self.cfg.max_tombstones {
-            if let Some((old, exp)) = self.tomb_order.pop_front() {
-                if self.tombstones.get(&old).is_some_and(|t| t.1 == exp) {
-                    self.tombstones.remove(&old);
-                }
-                self.stats.tombstones_evicted += 1;
-            }
-        }
         let exp = now + self.cfg.tombstone_ttl;
-        self.tombstones.insert(key, (tomb, exp));
-        self.tomb_order.push_back((key, exp));
+        if self
+            .tombstones
+            .remember(key, tomb, exp, self.cfg.max_tombstones)
+        {
+            self.stats.tombstones_evicted += 1;
+        }
     }
 
     /// Answers a retransmitted request from its tombstone. Returns whether
     /// there was one (a wrong token is counted and answered with nothing).
     pub(super) fn replay(&mut self, h: &SanHeader, key: RequestKey, client_token: u64) -> bool {
-        let Some(&(tomb, _)) = self.tombstones.get(&key) else {
+        let Some(&tomb) = self.tombstones.get(&key) else {
             return false;
         };
         if tomb.client_token() != client_token {
@@ -1810,35 +1800,16 @@ impl<R: Rng> Endpoint<R> {
     pub fn forgot_unconfirmed(&self, key: RequestKey) -> bool {
         matches!(
             self.tombstones.get(&key),
-            Some((
-                Tomb::Closed {
-                    unconfirmed: true,
-                    ..
-                },
-                _
-            ))
+            Some(Tomb::Closed {
+                unconfirmed: true,
+                ..
+            })
         )
     }
 
     pub(super) fn expire_tombstones(&mut self, now: Instant) {
-        while let Some(&(key, exp)) = self.tomb_order.front() {
-            if exp > now {
-                break;
-            }
-            self.tomb_order.pop_front();
-            if self.tombstones.get(&key).is_some_and(|t| t.1 == exp) {
-                self.tombstones.remove(&key);
-            }
-        }
-        while let Some(&(key, exp)) = self.client_reset_order.front() {
-            if exp > now {
-                break;
-            }
-            self.client_reset_order.pop_front();
-            if self.client_resets.get(&key).is_some_and(|t| t.1 == exp) {
-                self.client_resets.remove(&key);
-            }
-        }
+        self.tombstones.expire(now);
+        self.client_resets.expire(now);
     }
 }
 

@@ -11,15 +11,16 @@
 //! | `server` | the types of listeners and pending requests |
 //! | `client` | the type of a connect attempt |
 //! | `connection` | established connections and their table, retransmission backoff |
-//! | `stream` | one connection's byte stream: sequence, window, acknowledgement and retransmission arithmetic (the node's `streams` holds the rings, timers and transmit queue around it) |
+//! | `stream` | one connection's byte stream: sequence, window, acknowledgement and retransmission arithmetic |
+//! | `streams` | every connection's stream in the slot of its handle, the stream timers, the transmit queue and the streams held until their client confirms (the rings are the edge's) |
 //! | `slab` | handles and the connection tables' slots |
 //! | `tombstone` | what a finished request's retransmission is answered |
 //! | `types`, `config` | vocabulary and parameters |
 //! | `resolve`, `rng` | address resolution, randomness |
 //!
 //! `Endpoint` is implemented in one file: the files it holds the state of
-//! (`server`, `client`, `connection`, `tombstone`, `slab`, `types`) import
-//! nothing from it, so the module has no import circle.
+//! (`server`, `client`, `connection`, `tombstone`, `streams`, `slab`,
+//! `types`) import nothing from it, so the module has no import circle.
 
 mod client;
 mod config;

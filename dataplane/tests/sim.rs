@@ -55,8 +55,6 @@ struct Sim {
     /// (client ip, conn id) -> what the accepting application decided.
     decisions: HashMap<(Ipv4, u64), Vec<ServerSaid>>,
     steps: usize,
-    /// FNV-1a over every frame delivered, in order: the schedule's fingerprint.
-    digest: u64,
 }
 
 const PORTS: [u16; 3] = [7, 80, 443];
@@ -90,7 +88,6 @@ impl Sim {
             outcomes: HashMap::new(),
             decisions: HashMap::new(),
             steps: 0,
-            digest: 0xcbf2_9ce4_8422_2325,
         }
     }
 
@@ -483,13 +480,7 @@ impl World for Sim {
     }
     /// Every frame delivered joins the schedule's fingerprint.
     fn deliver(&mut self, dst: usize, f: Repr) -> bool {
-        for b in f
-            .to_bytes(0x88b5)
-            .into_iter()
-            .chain((dst as u64).to_le_bytes())
-        {
-            self.digest = (self.digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
+        self.fabric.record(dst, &f.to_bytes(0x88b5));
         self.hosts[dst].ep.handle_frame(self.now, &f);
         true
     }
@@ -521,7 +512,7 @@ fn run_schedule_digest(seed: u64) -> (usize, BTreeMap<&'static str, u64>, u64) {
         };
         *tally.entry(k).or_insert(0) += 1;
     }
-    (sim.hosts.len(), tally, sim.digest)
+    (sim.hosts.len(), tally, sim.fabric.digest)
 }
 
 /// The same seed runs the same schedule: every frame, in the same order. Two

@@ -63,6 +63,9 @@ pub(crate) struct Fabric<F> {
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     in_flight: HashMap<u64, (usize, F)>,
     seq: u64,
+    /// FNV-1a over every frame delivered (its bytes and its host), in
+    /// order: the schedule's fingerprint (see [`Fabric::record`]).
+    pub(crate) digest: u64,
 }
 
 impl<F: Clone> Fabric<F> {
@@ -75,6 +78,15 @@ impl<F: Clone> Fabric<F> {
             queue: BinaryHeap::new(),
             in_flight: HashMap::new(),
             seq: 0,
+            digest: 0xcbf2_9ce4_8422_2325,
+        }
+    }
+
+    /// Adds a delivered frame's bytes (and its host) to the fingerprint:
+    /// two runs of one seed must deliver the same frames in the same order.
+    pub(crate) fn record(&mut self, dst: usize, bytes: &[u8]) {
+        for &b in bytes.iter().chain(&(dst as u64).to_le_bytes()) {
+            self.digest = (self.digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
         }
     }
 

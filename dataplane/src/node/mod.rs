@@ -5,7 +5,7 @@
 //! | `mod.rs` | the [`Node`], frames in and out, commands from the control thread |
 //! | `apps` | attached processes: their command rings, sockets, event descriptors |
 //! | `events` | the protocol core's events delivered into processes' regions |
-//! | `streams` | byte streams: each connection's [`crate::proto::stream::Stream`], its rings in the process's region, the stream timers, the transmit queue, segments out and in, resets |
+//! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled |
 //! | `handover` | connections shared across fork: lives, claims, hand-backs, orphans |
 //! | `groups` | listeners shared by forked workers and by SO_REUSEPORT |
 //! | `notify` | the per-process notifier thread that writes event descriptors (never the lcore) |

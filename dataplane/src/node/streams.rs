@@ -311,18 +311,14 @@ impl Node {
         ctx.set(APP_CLOSED, true);
         let at = ctx.shm().take_kick();
         let snd_size = ctx.snd_size() as u64;
+        self.conn_owner.remove(&h);
         match self.ep.close_stream(now, h, at.tail, at.head, snd_size) {
             StreamClose::Reset => {
                 self.local.resets[reset_index(ResetReason::Aborted)] += 1;
-                self.conn_owner.remove(&h);
                 self.drop_stream(h, -libc::ECONNRESET);
             }
-            StreamClose::Closed | StreamClose::Unknown => {
-                self.conn_owner.remove(&h);
-                self.drop_stream(h, 0);
-            }
+            StreamClose::Closed | StreamClose::Unknown => self.drop_stream(h, 0),
             StreamClose::Lingering => {
-                self.conn_owner.remove(&h);
                 if let Some(ctx) = self.streams.get(&h) {
                     ctx.shm().linger();
                 }

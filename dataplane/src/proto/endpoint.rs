@@ -2025,11 +2025,17 @@ impl<R: Rng> Endpoint<R> {
     /// `h` joins the transmit queue if it has something to send, and its
     /// timer follows its next deadline.
     fn stream_queue(&mut self, h: ConnHandle) {
+        self.stream_enqueue(h);
+        let t = self.stream_timing();
+        self.streams.reschedule(h, &t);
+    }
+
+    /// `h` joins the transmit queue if it has something to send (a stall of
+    /// its peer's credit that begins now is counted).
+    fn stream_enqueue(&mut self, h: ConnHandle) {
         if self.streams.enqueue(h) {
             self.stats.credit_stalls += 1;
         }
-        let t = self.stream_timing();
-        self.streams.reschedule(h, &t);
     }
 
     /// Stream timers due at `now`: retransmissions and probes (the stream
@@ -2052,9 +2058,7 @@ impl<R: Rng> Endpoint<R> {
                 Timer::Retransmit | Timer::Idle => {}
             }
             self.streams.rearm(h, &t);
-            if self.streams.enqueue(h) {
-                self.stats.credit_stalls += 1;
-            }
+            self.stream_enqueue(h);
         }
     }
 
@@ -2080,9 +2084,7 @@ impl<R: Rng> Endpoint<R> {
         self.streams.held = held;
         let any = !ready.is_empty();
         for h in ready {
-            if self.streams.enqueue(h) {
-                self.stats.credit_stalls += 1;
-            }
+            self.stream_enqueue(h);
         }
         any
     }

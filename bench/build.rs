@@ -12,8 +12,28 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    // Rebuilt when HEAD moves or the index changes (a commit, an add).
-    for f in ["../.git/HEAD", "../.git/index", "../.git/refs/heads"] {
+    // Rebuilt when HEAD moves or the index changes (a commit, an add), and
+    // when any source of the workspace changes (an edit changes neither:
+    // without these, a benchmark built after an uncommitted change to
+    // another crate claimed the clean commit). Cargo looks at every file
+    // under a directory it is given.
+    for f in [
+        "../.git/HEAD",
+        "../.git/index",
+        "../.git/refs/heads",
+        "../Cargo.toml",
+        "../Cargo.lock",
+        "../bench/src",
+        "../bench/Cargo.toml",
+        "../channel",
+        "../control",
+        "../dataplane",
+        "../dpdk-sys",
+        "../preload",
+        "../provider-shim",
+        "../scripts",
+        "../deploy",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());

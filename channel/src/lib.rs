@@ -14,13 +14,16 @@
 //! * [`stream`]: per-connection send and receive byte rings, and who
 //!   writes which of their words.
 //! * [`doorbell`]: how a process wakes a sleeping lcore.
-//! * [`net`]: the subnet type (SAN addresses and their prefixes).
+//! * [`net`]: the subnet type (SAN addresses and their prefixes), the
+//!   protocol core's (`dsan-core`), as are [`msg::RequestKey`] and the
+//!   backlog clamp ([`region::effective_backlog`]).
 //! * [`sys`]: eventfds, futexes, sealed mappings, control-socket lines with
 //!   descriptors.
 //!
 //! The daemon (`control`, `dataplane`) and the application libraries
 //! (`provider-shim`, the switch) both depend on this crate and on nothing of
-//! each other.
+//! each other; this crate depends only on the sans-IO core (`dsan-core`),
+//! for the protocol's vocabulary.
 #![deny(unsafe_code)] // only the modules that need it allow it
 
 pub mod ctl;

@@ -1,7 +1,7 @@
 //! Typed messages between an application and the daemon.
 //!
 //! Every message travels in one 64-byte ring slot ([`crate::ring::Slot`]),
-//! little-endian, in the style of the SAN frames (`dataplane/src/wire`): a
+//! little-endian, in the style of the SAN frames (`core/src/wire`): a
 //! view over bytes ([`CommandView`], [`RequestView`]) with one byte range per
 //! field, and a plain value ([`Command`], [`Request`]) whose `parse` checks
 //! everything and whose `emit` is the only writer. The daemon copies a slot
@@ -213,15 +213,8 @@ impl<T: AsRef<[u8]>> CommandView<T> {
     }
 }
 
-/// The request a decision answers: the peer's address and the connection id
-/// it chose (unique per peer while the request lives).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestKey {
-    /// Peer IPv4.
-    pub peer_ip: Ipv4Addr,
-    /// Wire connection id.
-    pub conn_id: u64,
-}
+/// The request a decision answers (the protocol core's vocabulary).
+pub use dsan_core::proto::RequestKey;
 
 /// The accepting side's verdict on a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,8 +34,9 @@ pub const MAX_SOCKETS: usize = 1024;
 /// Listening sockets per attached process (backlog areas in the region:
 /// 256 KiB each, touched only as far as a backlog fills).
 pub const MAX_LISTENERS: usize = 256;
-/// Largest backlog of one listener.
-pub const MAX_BACKLOG: usize = 4096;
+/// Largest backlog of one listener, and the clamp of a requested backlog
+/// (the protocol core's: `dsan_core::proto`).
+pub use dsan_core::proto::{effective_backlog, MAX_BACKLOG};
 /// Slots in the command ring.
 pub const CMD_RING: usize = 256;
 /// Marks a region ("dsanPROC").
@@ -55,16 +56,6 @@ pub const FD_WRITE: u32 = 1 << 1;
 pub const FD_CLOSE: u32 = 1 << 5;
 /// Every event bit a socket may select.
 pub const FD_ALL: u32 = FD_READ | FD_WRITE | FD_ACCEPT | FD_CONNECT | FD_CLOSE;
-
-/// The backlog a listen asks for, as the capacity it gets: at least 1, at most
-/// [`MAX_BACKLOG`] (negative or huge requests, SOMAXCONN included, mean the maximum).
-pub fn effective_backlog(requested: i64) -> usize {
-    match requested {
-        0 => 1,
-        r if r < 0 => MAX_BACKLOG,
-        r => usize::try_from(r).map_or(MAX_BACKLOG, |r| r.min(MAX_BACKLOG)),
-    }
-}
 
 /// Start of a region.
 #[repr(C)]

@@ -1,8 +1,9 @@
 //! dsan's polling dataplane.
 //!
 //! Layers, strictly separated (only the I/O edge contains `unsafe`):
-//! * [`wire`]: typed zero-copy views of SAN frames, parse and emit;
-//! * [`proto`]: the connection state machines, sans-IO (time is an argument);
+//! * [`wire`], [`proto`], [`time`]: the sans-IO core (the `dsan-core`
+//!   crate, re-exported here): frames, the protocol state machines, time as
+//!   an argument;
 //! * the I/O edge: [`device`] (the [`device::Device`] trait and the in-memory
 //!   loopback), [`engine`] (the lcore loop and idle policies), [`sys`]
 //!   (eventfd), and `dpdk` (EAL, mempools, ports, mbufs; feature `dpdk`);
@@ -11,13 +12,12 @@
 //!   regions, rings and messages are the `dsan-channel` crate's).
 #![deny(unsafe_code)]
 
+pub use dsan_core::{net, proto, time, wire};
+
 pub mod device;
 pub mod engine;
 pub mod node;
-pub mod proto;
 pub mod sys;
-pub mod time;
-pub mod wire;
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;

@@ -38,7 +38,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-pub use config::{PortOwner, PortSet, ProtoConfig, Subnet};
+pub use config::{effective_backlog, PortOwner, PortSet, ProtoConfig, Subnet, MAX_BACKLOG};
 pub use connection::{Connection, Role, ACCEPT_SENDS};
 pub use endpoint::{Endpoint, WIRE_INDEX_ENTRY_BYTES};
 pub use streams::STREAM_SLOT_BYTES;

@@ -3,7 +3,7 @@
 use super::resolve::ResolveConfig;
 use std::time::Duration;
 
-pub use dsan_channel::net::Subnet;
+pub use crate::net::Subnet;
 
 /// Protocol parameters. The defaults are documented in `docs/wire-protocol.md`.
 #[derive(Debug, Clone)]
@@ -262,5 +262,19 @@ impl Default for ProtoConfig {
             tcp_listening: None,
             ack_delay: Duration::from_micros(200),
         }
+    }
+}
+
+/// Largest backlog of one listener (the backlog rings of the channel's
+/// region are sized by it).
+pub const MAX_BACKLOG: usize = 4096;
+
+/// The backlog a listen asks for, as the capacity it gets: at least 1, at most
+/// [`MAX_BACKLOG`] (negative or huge requests, SOMAXCONN included, mean the maximum).
+pub fn effective_backlog(requested: i64) -> usize {
+    match requested {
+        0 => 1,
+        r if r < 0 => MAX_BACKLOG,
+        r => usize::try_from(r).map_or(MAX_BACKLOG, |r| r.min(MAX_BACKLOG)),
     }
 }

@@ -58,6 +58,7 @@
 //! use), so a seeded simulation replays the same schedule in any process.
 
 use super::client::Attempt;
+use super::config::{effective_backlog, MAX_BACKLOG};
 use super::config::{ProtoConfig, Subnet};
 use super::connection::{
     ConnTable, Connection, Retry, Role, ACCEPT_SENDS, CLOSE_PENDING, CLOSING, CONFIRMING,
@@ -74,7 +75,6 @@ use crate::wire::{
     EthernetAddress, Ipv4, Message, Offer, RejectReason, Repr, ResetReason, SanHeader, Segment,
     SEG_PROBE, SEG_URG,
 };
-use dsan_channel::region::{effective_backlog, MAX_BACKLOG};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Bytes of one entry of the wire index (a slot number and the hash

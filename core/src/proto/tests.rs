@@ -712,7 +712,7 @@ fn listen_rules() {
     assert_eq!(p.b.listen((IB, 5), 1), Err(ListenError::AddrInUse));
     assert_eq!(p.b.listen((IA, 6), 1), Err(ListenError::AddrNotAvailable));
     let l = p.b.listen((IB, 6), i64::from(i32::MAX)).unwrap();
-    assert_eq!(p.b.backlog(l), Some((0, dsan_channel::region::MAX_BACKLOG)));
+    assert_eq!(p.b.backlog(l), Some((0, crate::proto::MAX_BACKLOG)));
     let l = p.b.listen((IB, 7), 0).unwrap();
     assert_eq!(p.b.backlog(l), Some((0, 1)));
     assert_eq!(

@@ -3,7 +3,16 @@
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Ipv4, Offer, RejectReason, SanHeader};
 
-pub use dsan_channel::msg::RequestKey;
+/// The request a decision answers: the peer's address and the connection id
+/// it chose (unique per peer while the request lives). The process names a
+/// request by it too (`dsan_channel::msg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestKey {
+    /// Peer IPv4.
+    pub peer_ip: std::net::Ipv4Addr,
+    /// Wire connection id.
+    pub conn_id: u64,
+}
 
 /// A request waiting for the application's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 #![allow(unsafe_code)] // socket system calls and epoll: each block with a SAFETY comment
 use dsan_channel::region::effective_backlog;
-use dsan_channel::sys::{drain_eventfd, signal_eventfd, signal_eventfd_if_quiet, EventFd};
+use dsan_channel::wake;
 use dsan_provider::{
     Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CLOSE, FD_READ, FD_WRITE,
     MSG_PEEK,
@@ -278,9 +278,13 @@ impl Sock {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(|c| c.san.clone());
+        let input = || self.is_lean() && san.as_ref().is_some_and(|ss| has_input(ss));
+        if input() {
+            return;
+        }
         self.with_connect_fd(|fd| {
             drain(fd);
-            if self.is_lean() && san.as_ref().is_some_and(|ss| has_input(ss)) {
+            if input() {
                 signal(fd);
             }
         });
@@ -401,7 +405,7 @@ fn register(job: Registration) {
         let has = has_input(&ss);
         sock.with_readable(|face| {
             if has {
-                signal_eventfd_if_quiet(face);
+                wake::post(face);
             }
             // SAFETY: the lean socket's descriptor, open while its lock is held.
             let face = unsafe { std::os::fd::BorrowedFd::borrow_raw(face) };
@@ -431,7 +435,7 @@ fn register(job: Registration) {
     // Readable already (the end of the stream after a SHUT_RD; bytes are
     // posted by the registration too).
     if has_input(&ss) {
-        signal_eventfd_if_quiet(efd.as_raw_fd());
+        wake::post(efd.as_raw_fd());
     }
     let _ = match &wfd {
         Some(w) => ss.event_select_with(efd.as_fd(), w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),
@@ -964,6 +968,7 @@ static FD_BASE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new
 /// kernel puts them.
 pub fn set_fd_base(base: i32) {
     FD_BASE.store(base.max(0), Ordering::Relaxed);
+    wake::set_fd_base(base);
 }
 
 /// `fd` moved to the base [`set_fd_base`] gave, or above (as it is if that fails).
@@ -995,19 +1000,24 @@ fn epoll_del(ep: RawFd, fd: RawFd) {
     unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
 }
 
+/// A wake socket of the switch's own (nonblocking, close-on-exec, at
+/// [`FD_BASE`] or above): every readiness descriptor the switch has the
+/// daemon signal is one (`dsan_channel::wake`: the daemon's lcore signals
+/// it itself, and nothing this process does can make that block).
 fn eventfd() -> Result<OwnedFd, i32> {
-    EventFd::new()
-        .map(OwnedFd::from)
+    wake::new(true, true)
         .map(high)
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
 }
 
+/// Makes readiness descriptor `fd` readable (unless it is).
 fn signal(fd: RawFd) {
-    signal_eventfd(fd);
+    wake::post(fd);
 }
 
+/// Clears readiness descriptor `fd`.
 fn drain(fd: RawFd) {
-    drain_eventfd(fd);
+    wake::drain(fd);
 }
 
 use dsan_provider::sockaddr::{from_sockaddr_in as from_sin, sockaddr_in as sin};
@@ -1074,18 +1084,10 @@ fn insert_sock(fd: RawFd, epfd: Option<OwnedFd>, face: RawFd) -> Arc<Sock> {
     s
 }
 
-/// A new eventfd at the lowest free number (a program descriptor, never
-/// moved to [`FD_BASE`]), O_NONBLOCK as asked, close-on-exec as asked.
+/// A new wake socket at the lowest free number (a program descriptor,
+/// never moved to [`FD_BASE`]), O_NONBLOCK as asked, close-on-exec as asked.
 fn program_eventfd(nonblock: bool, cloexec: bool) -> Result<OwnedFd, i32> {
-    let mut flags = 0;
-    if nonblock {
-        flags |= libc::EFD_NONBLOCK;
-    }
-    if cloexec {
-        flags |= libc::EFD_CLOEXEC;
-    }
-    // SAFETY: plain system call.
-    owned(unsafe { libc::eventfd(0, flags) })
+    wake::new(nonblock, cloexec).map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
 }
 
 /// A lean switch socket whose kernel TCP side is `tcp` (as [`adopt`]) and
@@ -1985,15 +1987,20 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
             let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
             // Readable stays true exactly while bytes or the end of the
-            // stream are there: clear the eventfd, then look (a look that
-            // finds nothing asks the provider for the next FD_READ).
+            // stream are there. With more to read, the descriptor holds its
+            // token still (tokens are taken only when nothing is left); else
+            // it is cleared, then looked at again (a look that finds nothing
+            // asks the daemon for the next FD_READ, and bytes that came
+            // meanwhile are posted here).
             if let Some(s) = s {
-                s.with_readable(|efd| {
-                    drain(efd);
-                    if has_input(&ss) {
-                        signal(efd);
-                    }
-                });
+                if !has_input(&ss) {
+                    s.with_readable(|efd| {
+                        drain(efd);
+                        if has_input(&ss) {
+                            signal(efd);
+                        }
+                    });
+                }
             }
             r
         }

@@ -19,6 +19,8 @@
 //!   backlog clamp ([`region::effective_backlog`]).
 //! * [`sys`]: eventfds, futexes, sealed mappings, control-socket lines with
 //!   descriptors.
+//! * [`wake`]: wake sockets, the readiness descriptors the daemon's lcore
+//!   signals itself without ever blocking.
 //!
 //! The daemon (`control`, `dataplane`) and the application libraries
 //! (`provider-shim`, the switch) both depend on this crate and on nothing of
@@ -34,3 +36,4 @@ pub mod region;
 pub mod ring;
 pub mod stream;
 pub mod sys;
+pub mod wake;

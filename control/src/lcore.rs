@@ -152,6 +152,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "app_quota_refusals": named(&dataplane::node::QUOTAS, &c.quota_refusals),
         "resolve_conflicts": c.resolve_conflicts,
         "app_event_signals_failed": c.event_signal_failed,
+        "app_wake_tokens": c.wake_tokens,
         "attached_processes": c.attached,
         "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},
     })

@@ -53,6 +53,7 @@ pub struct Metrics {
     quota_refusals: IntCounterVec,
     resolve_conflicts: IntCounter,
     event_signals_failed: IntCounter,
+    wake_tokens: IntCounter,
     fallbacks_metric: IntCounterVec,
     listen_failures_metric: IntCounterVec,
     attached: prometheus::IntGauge,
@@ -219,7 +220,8 @@ impl Metrics {
             resolve_conflicts: c("dsan_resolve_conflicts_total", "Resolution replies that named another MAC for a learned SAN address (the entry is dropped and the address resolved again)."),
             quota_refusals: cv("dsan_app_quota_refusals_total", "Listens (EMFILE), connects (EAGAIN), accepts (ENOBUFS) and event descriptor registrations (EMFILE) refused because their user's share was used up: of the host's SAN listeners (1,024), connect attempts (16,384), connections with attempts (a quarter of max_connections), address resolutions in progress (256) or the daemon's descriptors (a quarter); root has no share.", &["what"]),
             listen_denials: cv("dsan_san_listens_denied_total", "SAN listens refused (the port's kernel TCP listener belongs to another user; a port below 1024 without the right to bind it) and SAN listeners revoked (a kernel TCP listener of another user took the port), by reason.", &["reason"]),
-            event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's eventfd could not take."),
+            event_signals_failed: c("dsan_app_event_signals_failed_total", "Event signals an application's event descriptor could not take."),
+            wake_tokens: c("dsan_app_wake_tokens_total", "Readiness tokens the lcore sent to applications' wake sockets itself (no notifier thread in between)."),
             fallbacks_metric: cv("dsan_switch_fallbacks_total", "Connects the switch moved from the SAN to kernel TCP, by reason: the SAN attempt timed out, the port has only a kernel TCP listener, or no SAN socket could be set up.", &["reason"]),
             listen_failures_metric: cv("dsan_switch_san_listen_failures_total", "Listens the switch serves on kernel TCP only because their SAN side could not be set up, by reason (reported by applications).", &["reason"]),
             backlog_capacity: gv("dsan_backlog_capacity", "Backlog capacity of each SAN listener."),
@@ -306,6 +308,7 @@ impl Metrics {
             );
         }
         set(&self.event_signals_failed, n.event_signal_failed);
+        set(&self.wake_tokens, n.wake_tokens);
         for (i, r) in LISTEN_FAILURE_REASONS.iter().enumerate() {
             set(
                 &self.listen_failures_metric.with_label_values(&[r]),

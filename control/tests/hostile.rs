@@ -301,8 +301,8 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Everyone else is served as before: a switch listener (which uses an
-    // eventfd of its own) accepts SAN connections at once.
+    // Everyone else is served as before: a switch listener (which has a
+    // wake socket of its own) accepts SAN connections at once.
     let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7101", "16", "3"])
         .stdout(Stdio::piped())
         .spawn()
@@ -369,6 +369,73 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_process_whose_wake_socket_reader_is_stuck_stalls_nobody_else() {
+    // The daemon's lcore signals wake sockets itself. The attacker's reader
+    // sleeps inside the copy of its first token, holding the socket's
+    // receive lock; the lcore's later signals must not wait for it.
+    let _lab = Lab::up(&[]);
+    let attacker_bin = cc("wakeblock.c", true);
+    let mut attacker = in_host("h1", &attacker_bin, &["7102"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(&mut attacker);
+    let _attacker = Reaped(attacker);
+    assert_eq!(
+        out.recv_timeout(Duration::from_secs(10))
+            .expect("attacker ready"),
+        "ready"
+    );
+    let tokens = || stats("h1")["app_wake_tokens"].as_u64().unwrap_or(0);
+    let before = tokens();
+    // Requests for the attacker's port, one after another: each raises
+    // FD_ACCEPT, a token for its wake socket (the first puts its reader to
+    // sleep in the copy). They wait in its backlog (it never accepts).
+    let pending: Vec<Reaped> = (0..3)
+        .map(|_| {
+            let p = in_host("h0", &probe(), &["connect", "198.18.0.2", "7102"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            Reaped(p)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokens() < before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tokens sent: {}",
+            stats("h1")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Everyone else is served as before.
+    let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7103", "16", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lout = lines(&mut l);
+    let _l = Reaped(l);
+    assert_eq!(
+        lout.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "listening san=true"
+    );
+    for _ in 0..3 {
+        let c = run_in("h0", &probe(), &["connect", "198.18.0.2", "7103"]);
+        assert!(c.starts_with("connected san "), "{c}");
+        let ms: f64 = c.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(ms < 500.0, "{c}");
+        assert!(lout
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .ends_with(" san"));
+    }
+    drop(pending);
 }
 
 /// h1's accepted SAN connections (from its counters).

@@ -1189,18 +1189,20 @@ const KNOWN_DIFFERENCES: &[&str] = &[];
 
 /// One run of the differential script, plain or preloaded, on ports from
 /// `base`: every observation of both sides, sorted.
-fn differential(preload: bool, base: u16) -> Vec<String> {
+fn differential(preload: bool, base: u16, env: &[(&str, &str)]) -> Vec<String> {
     let s = root()
         .join("control/tests/py/differential.py")
         .display()
         .to_string();
     let b = base.to_string();
     let mk = |host: &str, args: &[&str]| {
-        if preload {
+        let mut c = if preload {
             preloaded(host, "python3", args)
         } else {
             plain(host, "python3", args)
-        }
+        };
+        c.envs(env.iter().copied());
+        c
     };
     let (_srv, out) = started(mk("h1", &[&s, "server", &b]), "listening");
     let o = std::panic::catch_unwind(|| run(mk("h0", &[&s, "client", &b]), 240));
@@ -1250,10 +1252,17 @@ fn unmodified_programs_observe_over_the_san_what_they_observe_on_kernel_tcp() {
             .collect::<Vec<_>>()
     };
     assert!(names.len() >= 60, "{} behaviours", names.len());
-    let tcp = differential(false, 26000);
+    let tcp = differential(false, 26000, &[]);
     let before = counts();
-    let san = differential(true, 26200);
+    let san = differential(true, 26200, &[]);
     let used = counts().accepted - before.accepted;
+    // Once more with wake sockets for readiness (`DSAN_WAKE=socket`: the
+    // daemon's lcore signals them itself): the same observations.
+    let tokens = || metric(&scrape(METRICS_BASE + 1), "dsan_app_wake_tokens_total");
+    let (before, tokens_before) = (counts(), tokens());
+    let woken = differential(true, 26400, &[("DSAN_WAKE", "socket")]);
+    let used_woken = counts().accepted - before.accepted;
+    let tokens_sent = tokens() - tokens_before;
     let of = |all: &[String], n: &str| -> Vec<String> {
         all.iter()
             .filter(|l| l.split(' ').next() == Some(n))
@@ -1261,25 +1270,32 @@ fn unmodified_programs_observe_over_the_san_what_they_observe_on_kernel_tcp() {
             .collect()
     };
     let mut unexpected = Vec::new();
-    for n in &names {
-        let (a, b) = (of(&tcp, n), of(&san, n));
-        let same = a == b;
-        let known = KNOWN_DIFFERENCES.contains(&n.as_str());
-        if same == known {
-            unexpected.push(format!(
-                "{n}: {}\n  tcp: {a:?}\n  san: {b:?}",
-                if same {
-                    "now matches kernel TCP: take it off KNOWN_DIFFERENCES"
-                } else {
-                    "differs from kernel TCP"
-                }
-            ));
+    for (run, san) in [("", &san), (" (wake sockets)", &woken)] {
+        for n in &names {
+            let (a, b) = (of(&tcp, n), of(san, n));
+            let same = a == b;
+            let known = KNOWN_DIFFERENCES.contains(&n.as_str());
+            if same == known {
+                unexpected.push(format!(
+                    "{n}{run}: {}\n  tcp: {a:?}\n  san: {b:?}",
+                    if same {
+                        "now matches kernel TCP: take it off KNOWN_DIFFERENCES"
+                    } else {
+                        "differs from kernel TCP"
+                    }
+                ));
+            }
         }
     }
     assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
-    // The preloaded run went over the SAN (one or more connections for
-    // nearly every behaviour).
+    // The preloaded runs went over the SAN (one or more connections for
+    // nearly every behaviour), the second woken through wake sockets.
     assert!(used >= 45, "SAN connections accepted on h1: {used}");
+    assert!(
+        used_woken >= 45,
+        "SAN connections accepted on h1 (wake sockets): {used_woken}"
+    );
+    assert!(tokens_sent > 0, "no wake socket was signalled");
     // docs/preload.md lists every behaviour with its status.
     let doc = std::fs::read_to_string(root().join("docs/preload.md")).unwrap();
     for n in &names {

@@ -31,6 +31,8 @@ extern "C" fn init() {
         dsan_switch::set_daemon_socket(p.into());
     }
     rules::init();
+    // Readiness descriptors: wake sockets with DSAN_WAKE=socket, else eventfds.
+    dsan_switch::set_wake_sockets(std::env::var_os("DSAN_WAKE").is_some_and(|v| v == "socket"));
     // Connections the program that exec'd this one kept open.
     pass::adopt_kept();
     // The library's own descriptors go to the upper part of the

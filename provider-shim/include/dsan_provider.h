@@ -132,6 +132,11 @@ int dsan_listen(int s, int backlog);
  also at once if there is room), or the connection ends (FD_CLOSE).
  Read until -EAGAIN after each FD_READ: it is posted once per time the
  receive ring was found empty. `event_fd` -1 with mask 0 unregisters.
+ `event_fd` may also be a wake socket: an AF_UNIX datagram socket bound
+ to an abstract name of "\0dsan-wake/" and 32 hex digits, made readable by
+ a one-byte datagram (receive them all with MSG_DONTWAIT to clear it).
+ The daemon signals a wake socket from its dataplane core at once; an
+ eventfd it hands to a thread of its own, which costs a thread hand-off.
  */
 int dsan_event_select(int s, int event_fd, uint32_t mask);
 

@@ -665,15 +665,16 @@ impl Provider {
         r
     }
 
-    /// Registers `wfd` (an eventfd) as the descriptor FD_WRITE signals for
+    /// Registers `wfd` (of the event descriptor's kind: an eventfd or a wake
+    /// socket) as the descriptor FD_WRITE signals for
     /// `s`, instead of its event descriptor (which must be registered
     /// first), and adds FD_WRITE to its events: [`Provider::event_select_with`]
     /// with the event descriptor and events it has. A process that polls
     /// keeps "readable" and "writable" apart this way.
     ///
     /// # Errors
-    /// [`Error::NotSock`]; [`Error::Inval`] (not an eventfd, no event
-    /// descriptor yet); [`Error::NetDown`].
+    /// [`Error::NotSock`]; [`Error::Inval`] (not of the event descriptor's
+    /// kind, no event descriptor yet); [`Error::NetDown`].
     pub fn event_select_write(&self, s: SocketId, wfd: RawFd) -> Result<()> {
         let (efd, mask) = {
             let g = self.lock(s)?;

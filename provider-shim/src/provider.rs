@@ -285,8 +285,12 @@ pub(crate) struct LocalSock {
     state: State,
     bound: Option<SocketAddrV4>,
     nonblocking: bool,
-    /// The application's eventfd (not owned; the daemon holds its own copy).
+    /// The application's event descriptor (not owned): an eventfd (the
+    /// daemon holds its own copy) or a wake socket (the daemon holds a
+    /// sender of it; see `efd_wake`).
     efd: Option<RawFd>,
+    /// `efd` is a wake socket (`dsan_channel::wake`), not an eventfd.
+    efd_wake: bool,
     /// The events selected.
     mask: u32,
     /// The listener's backlog ring (this process consumes).
@@ -321,6 +325,7 @@ impl LocalSock {
             bound: None,
             nonblocking: false,
             efd: None,
+            efd_wake: false,
             mask: 0,
             backlog: None,
             held: None,
@@ -811,21 +816,23 @@ impl Provider {
         Ok(())
     }
 
-    /// Registers `efd` (an eventfd) for the `mask` events of `s` and makes `s`
-    /// nonblocking. A negative `efd` with mask 0 unregisters.
+    /// Registers `efd` (an eventfd, or a wake socket: `dsan_channel::wake`)
+    /// for the `mask` events of `s` and makes `s` nonblocking. A negative
+    /// `efd` with mask 0 unregisters.
     ///
-    /// The descriptor travels to the daemon over the control socket (the
-    /// daemon keeps its own copy and closes it); the mask travels as an
-    /// event-select command.
+    /// An eventfd travels to the daemon over the control socket (the daemon
+    /// keeps its own copy, written by a notifier thread of the process's);
+    /// for a wake socket a sender connected to it does (signalled by the
+    /// daemon's lcore itself). The mask travels as an event-select command.
     ///
     /// # Errors
-    /// [`Error::NotSock`]; [`Error::Inval`] for a bad fd (not an eventfd) or
-    /// mask; [`Error::NetDown`].
+    /// [`Error::NotSock`]; [`Error::Inval`] for a bad fd (neither an eventfd
+    /// nor a wake socket) or mask; [`Error::NetDown`].
     pub fn event_select(&self, s: SocketId, efd: RawFd, mask: u32) -> Result<()> {
         self.event_select_with(s, efd, None, mask)
     }
 
-    /// As [`event_select`](Self::event_select), with `wfd` (an eventfd)
+    /// As [`event_select`](Self::event_select), with `wfd` (of `efd`'s kind)
     /// signalled for FD_WRITE instead of `efd` (see
     /// [`event_select_write`](Self::event_select_write)), both registered in
     /// one request: a process that polls "readable" and "writable" apart
@@ -846,13 +853,29 @@ impl Provider {
         if mask & !FD_ALL != 0 || (efd < 0 && (mask != 0 || wfd.is_some())) {
             return Err(Error::Inval);
         }
+        // Eventfds travel as they are (the daemon's notifier writes its
+        // copies); for wake sockets, senders connected to them do (the
+        // daemon's lcore signals them itself). One kind for both.
+        let wake = efd >= 0 && dsan_channel::wake::is_wake(efd);
         if efd >= 0 {
             let fds: Vec<RawFd> = std::iter::once(efd).chain(wfd).collect();
-            if !fds.iter().all(|f| sys::is_eventfd(*f)) {
-                return Err(Error::Inval);
-            }
+            let senders: Vec<OwnedFd> = if wake {
+                fds.iter()
+                    .map(|f| dsan_channel::wake::sender(*f).map_err(|_| Error::Inval))
+                    .collect::<Result<_>>()?
+            } else {
+                if !fds.iter().all(|f| sys::is_eventfd(*f)) {
+                    return Err(Error::Inval);
+                }
+                Vec::new()
+            };
+            let sent: Vec<RawFd> = if wake {
+                senders.iter().map(AsRawFd::as_raw_fd).collect()
+            } else {
+                fds
+            };
             let ctl = self.ctl.lock().unwrap_or_else(|e| e.into_inner());
-            request(&ctl, ctl::Request::EventFd { sock: s }, &fds).map_err(|e| match e {
+            request(&ctl, ctl::Request::EventFd { sock: s }, &sent).map_err(|e| match e {
                 Error::Inval | Error::MFile => e,
                 _ => Error::NetDown,
             })?;
@@ -862,6 +885,7 @@ impl Provider {
             return Err(Error::from_errno(-r as i32));
         }
         ls.efd = (efd >= 0).then_some(efd);
+        ls.efd_wake = wake;
         ls.mask = mask;
         ls.nonblocking = mask != 0;
         drop(g);
@@ -875,18 +899,23 @@ impl Provider {
                 .fetch_or(ready, Ordering::AcqRel);
             // (A state that holds, not news: no second wake-up for a
             // descriptor signalled already.)
+            let post = |fd: RawFd| {
+                if wake {
+                    dsan_channel::wake::post(fd);
+                } else {
+                    sys::signal_eventfd_if_quiet(fd);
+                }
+            };
             match wfd {
                 Some(w) => {
                     if ready & FD_WRITE != 0 {
-                        sys::signal_eventfd_if_quiet(w);
+                        post(w);
                     }
                     if ready & !FD_WRITE != 0 {
-                        sys::signal_eventfd_if_quiet(efd);
+                        post(efd);
                     }
                 }
-                None => {
-                    sys::signal_eventfd_if_quiet(efd);
-                }
+                None => post(efd),
             }
         }
         Ok(())
@@ -904,7 +933,11 @@ impl Provider {
         // Drain first: an event recorded after this is seen by the swap below
         // or signals the eventfd again, so no wake-up is lost.
         if let Some(fd) = ls.efd {
-            sys::drain_eventfd(fd);
+            if ls.efd_wake {
+                dsan_channel::wake::drain(fd);
+            } else {
+                sys::drain_eventfd(fd);
+            }
         }
         let sh = self.region.sock(s as usize);
         let events = sh.events.swap(0, Ordering::AcqRel);

@@ -37,6 +37,6 @@ pub use switch::{
     pass_ticket, readable_now, recv, release_inherited, release_kernel_socket, renumber,
     san_connection, san_destination, send, set_condition, set_daemon_socket, set_fd_base,
     set_fork_hooks, set_linger_abort, set_oob_inline, set_san_only, set_takeover, set_thread_hook,
-    set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable, writable_now,
-    Condition, Inherited, Transport,
+    set_wake_sockets, set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable,
+    writable_now, Condition, Inherited, Transport,
 };

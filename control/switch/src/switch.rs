@@ -1,6 +1,7 @@
 #![allow(unsafe_code)] // socket system calls and epoll: each block with a SAFETY comment
 use dsan_channel::region::effective_backlog;
 use dsan_channel::sys::{drain_eventfd, signal_eventfd, signal_eventfd_if_quiet, EventFd};
+use dsan_channel::wake;
 use dsan_provider::{
     Decision, Error as SanError, Provider, SanSocket, FD_ACCEPT, FD_CLOSE, FD_READ, FD_WRITE,
     MSG_PEEK,
@@ -278,9 +279,13 @@ impl Sock {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(|c| c.san.clone());
+        let input = || self.is_lean() && san.as_ref().is_some_and(|ss| has_input(ss));
+        if input() {
+            return;
+        }
         self.with_connect_fd(|fd| {
             drain(fd);
-            if self.is_lean() && san.as_ref().is_some_and(|ss| has_input(ss)) {
+            if input() {
                 signal(fd);
             }
         });
@@ -401,7 +406,7 @@ fn register(job: Registration) {
         let has = has_input(&ss);
         sock.with_readable(|face| {
             if has {
-                signal_eventfd_if_quiet(face);
+                signal_if_quiet(face);
             }
             // SAFETY: the lean socket's descriptor, open while its lock is held.
             let face = unsafe { std::os::fd::BorrowedFd::borrow_raw(face) };
@@ -431,7 +436,7 @@ fn register(job: Registration) {
     // Readable already (the end of the stream after a SHUT_RD; bytes are
     // posted by the registration too).
     if has_input(&ss) {
-        signal_eventfd_if_quiet(efd.as_raw_fd());
+        signal_if_quiet(efd.as_raw_fd());
     }
     let _ = match &wfd {
         Some(w) => ss.event_select_with(efd.as_fd(), w.as_fd(), FD_READ | FD_CLOSE | FD_WRITE),
@@ -964,6 +969,7 @@ static FD_BASE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new
 /// kernel puts them.
 pub fn set_fd_base(base: i32) {
     FD_BASE.store(base.max(0), Ordering::Relaxed);
+    wake::set_fd_base(base);
 }
 
 /// `fd` moved to the base [`set_fd_base`] gave, or above (as it is if that fails).
@@ -995,19 +1001,64 @@ fn epoll_del(ep: RawFd, fd: RawFd) {
     unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
 }
 
+/// Whether this process's readiness descriptors are wake sockets
+/// (`DSAN_WAKE=socket` in its environment: `dsan_channel::wake`, signalled
+/// by the daemon's lcore itself, no notifier thread in between) rather
+/// than eventfds (the default: the daemon's notifier thread for the
+/// process writes them). Read once.
+fn wake_sockets() -> bool {
+    *WAKE.get_or_init(|| std::env::var_os("DSAN_WAKE").is_some_and(|v| v == "socket"))
+}
+
+static WAKE: OnceLock<bool> = OnceLock::new();
+
+/// Chooses wake sockets (`on`) or eventfds for this process's readiness
+/// descriptors, before the first is made (an interposing library reads
+/// `DSAN_WAKE` when it is loaded, before the program can clear its
+/// environment). Later calls change nothing.
+pub fn set_wake_sockets(on: bool) {
+    let _ = WAKE.set(on);
+}
+
+/// A readiness descriptor of the switch's own (nonblocking, close-on-exec,
+/// at [`FD_BASE`] or above): an eventfd, or a wake socket (see
+/// [`wake_sockets`]).
 fn eventfd() -> Result<OwnedFd, i32> {
-    EventFd::new()
-        .map(OwnedFd::from)
-        .map(high)
+    let fd = if wake_sockets() {
+        wake::new(true, true)
+    } else {
+        EventFd::new().map(OwnedFd::from)
+    };
+    fd.map(high)
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
 }
 
+/// Makes readiness descriptor `fd` readable.
 fn signal(fd: RawFd) {
-    signal_eventfd(fd);
+    if wake_sockets() {
+        wake::post(fd);
+    } else {
+        signal_eventfd(fd);
+    }
 }
 
+/// Makes readiness descriptor `fd` readable unless it is (a state that
+/// holds, not news: no second edge for an EPOLLET waiter).
+fn signal_if_quiet(fd: RawFd) {
+    if wake_sockets() {
+        wake::post(fd);
+    } else {
+        signal_eventfd_if_quiet(fd);
+    }
+}
+
+/// Clears readiness descriptor `fd`.
 fn drain(fd: RawFd) {
-    drain_eventfd(fd);
+    if wake_sockets() {
+        wake::drain(fd);
+    } else {
+        drain_eventfd(fd);
+    }
 }
 
 use dsan_provider::sockaddr::{from_sockaddr_in as from_sin, sockaddr_in as sin};
@@ -1074,9 +1125,14 @@ fn insert_sock(fd: RawFd, epfd: Option<OwnedFd>, face: RawFd) -> Arc<Sock> {
     s
 }
 
-/// A new eventfd at the lowest free number (a program descriptor, never
-/// moved to [`FD_BASE`]), O_NONBLOCK as asked, close-on-exec as asked.
+/// A new readiness descriptor at the lowest free number (a program
+/// descriptor, never moved to [`FD_BASE`]), O_NONBLOCK as asked,
+/// close-on-exec as asked: an eventfd, or a wake socket (see
+/// [`wake_sockets`]).
 fn program_eventfd(nonblock: bool, cloexec: bool) -> Result<OwnedFd, i32> {
+    if wake_sockets() {
+        return wake::new(nonblock, cloexec).map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE));
+    }
     let mut flags = 0;
     if nonblock {
         flags |= libc::EFD_NONBLOCK;
@@ -1985,15 +2041,20 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
             let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
             let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
             // Readable stays true exactly while bytes or the end of the
-            // stream are there: clear the eventfd, then look (a look that
-            // finds nothing asks the provider for the next FD_READ).
+            // stream are there. With more to read, the descriptor holds its
+            // token still (tokens are taken only when nothing is left); else
+            // it is cleared, then looked at again (a look that finds nothing
+            // asks the daemon for the next FD_READ, and bytes that came
+            // meanwhile are posted here).
             if let Some(s) = s {
-                s.with_readable(|efd| {
-                    drain(efd);
-                    if has_input(&ss) {
-                        signal(efd);
-                    }
-                });
+                if !has_input(&ss) {
+                    s.with_readable(|efd| {
+                        drain(efd);
+                        if has_input(&ss) {
+                            signal(efd);
+                        }
+                    });
+                }
             }
             r
         }

@@ -308,6 +308,7 @@ impl Node {
         sock: u32,
         fd: OwnedFd,
         wfd: Option<OwnedFd>,
+        direct: bool,
     ) -> Result<(), i32> {
         let Some(p) = self.procs.get(&id) else {
             return Err(libc::ESRCH);
@@ -331,7 +332,11 @@ impl Node {
         }
         let p = self.procs.get_mut(&id).expect("present");
         let mask = p.events.get(&sock).map_or(0, |r| r.mask);
-        let notifier = p.shared.notifier.get().cloned();
+        let notifier = if direct {
+            None
+        } else {
+            p.shared.notifier.get().cloned()
+        };
         p.unregister_events(sock);
         p.event_fds += new;
         p.events.insert(
@@ -341,6 +346,7 @@ impl Node {
                 wfd: wfd.map(Arc::new),
                 mask,
                 notifier,
+                direct,
             },
         );
         Ok(())

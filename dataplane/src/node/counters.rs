@@ -74,6 +74,9 @@ pub struct Counters {
     /// Event signals that could not be delivered (the application's eventfd
     /// was full or gone).
     pub event_signal_failed: u64,
+    /// Readiness tokens the lcore sent to processes' wake sockets itself
+    /// (`dsan_channel::wake`: no notifier thread in between).
+    pub wake_tokens: u64,
     /// Processes attached now.
     pub attached: u64,
     /// Connect requests received (the protocol core's count).
@@ -194,6 +197,7 @@ pub(super) struct Local {
     pub(super) listen_denials: [u64; 3],
     pub(super) quota_refusals: [u64; QUOTAS.len()],
     pub(super) event_signal_failed: u64,
+    pub(super) wake_tokens: u64,
     pub(super) bytes_tx: u64,
     pub(super) bytes_rx: u64,
     pub(super) retransmitted: u64,
@@ -207,6 +211,9 @@ pub(super) struct Local {
 impl Node {
     /// Publishes the counters (on the drain tick).
     pub(super) fn publish(&mut self) {
+        let (sent, failed) = super::notify::take_wake_counts();
+        self.local.wake_tokens += sent;
+        self.local.event_signal_failed += failed;
         let l = &self.local;
         let ps = self.ep.stats();
         let c = &mut self.counters;
@@ -232,6 +239,7 @@ impl Node {
                 .filter_map(|p| p.shared.notifier.get())
                 .map(|n| n.skipped())
                 .sum::<u64>();
+        c.wake_tokens = l.wake_tokens;
         c.attached = self.procs.len() as u64;
         c.requests_received = ps.requests_received;
         c.accepted = ps.accepted;

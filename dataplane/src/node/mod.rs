@@ -8,7 +8,7 @@
 //! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled |
 //! | `handover` | connections shared across fork: lives, claims, hand-backs, orphans |
 //! | `groups` | listeners shared by forked workers and by SO_REUSEPORT |
-//! | `notify` | the per-process notifier thread that writes event descriptors (never the lcore) |
+//! | `notify` | wake-ups at the end of a pass: wake sockets signalled by the lcore itself, eventfds by the process's notifier thread |
 //! | `probe` | echo probes (`dsanctl ping`) |
 //! | `trace` | connection-setup tracing (`dsanctl trace`) |
 //! | `counters` | counters, published as one [`Counters`] snapshot |
@@ -58,18 +58,23 @@ pub enum Command {
     Ping(PingRequest),
     /// Start serving a process's command ring (the lcore owns its consuming end).
     Attach(Arc<AppShared>, Consumer),
-    /// Register the event descriptor of a process's socket (an eventfd the
-    /// control thread received and checked). The lcore owns and closes it.
-    /// The sender is told whether the process is still attached.
+    /// Register the event descriptor of a process's socket (an eventfd, or
+    /// the sender of a wake socket, that the control thread received and
+    /// checked). The lcore owns and closes it. The sender is told whether
+    /// the process is still attached.
     EventFd {
         /// The attachment.
         app: u64,
         /// The socket.
         sock: u32,
-        /// The eventfd.
+        /// The eventfd, or the wake socket's sender.
         fd: OwnedFd,
-        /// The socket's FD_WRITE descriptor, registered with it.
+        /// The socket's FD_WRITE descriptor (of the same kind), registered with it.
         wfd: Option<OwnedFd>,
+        /// Both are wake socket senders (`dsan_channel::wake`), which the
+        /// lcore signals itself; else eventfds, which the process's
+        /// notifier thread writes.
+        direct: bool,
         /// Done: or the errno (ESRCH: not attached; EMFILE: its user's
         /// share of event descriptors is used up).
         done: Sender<Result<(), i32>>,
@@ -429,9 +434,10 @@ impl Node {
                 sock,
                 fd,
                 wfd,
+                direct,
                 done,
             } => {
-                let _ = done.send(self.set_event_fd(app, sock, fd, wfd));
+                let _ = done.send(self.set_event_fd(app, sock, fd, wfd, direct));
             }
             Command::Life {
                 app,

@@ -1,6 +1,9 @@
-//! Signalling applications' event descriptors off the lcore.
+//! Signalling applications' event descriptors at the end of the lcore's
+//! pass.
 //!
-//! An application's eventfd shares its open file description with the copy
+//! A wake socket's sender (`dsan_channel::wake`) is signalled by the lcore
+//! itself: that send cannot block, whatever the process does. An
+//! application's eventfd shares its open file description with the copy
 //! the daemon holds, so the application can clear O_NONBLOCK on it and fill
 //! its counter: a `write` on it may then block. The lcore never makes that
 //! call: it queues the descriptor (no allocation, no system call but the
@@ -22,12 +25,62 @@ thread_local! {
     /// woken once, at the pass's end (`wake_due`), however many signals
     /// the pass queued for it.
     static DUE: std::cell::RefCell<Vec<Arc<Notifier>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The wake sockets signalled during the pass, each sent its token at
+    /// the pass's end.
+    static WAKES: std::cell::RefCell<Vec<Arc<OwnedFd>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Wake tokens sent, and those that failed (neither sent nor moot: the
+    /// socket full or gone), since the counters last took them.
+    static WAKE_COUNTS: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
-/// At the end of a pass of the lcore: wakes each notifier that was given
-/// signals during it, once (one system call per process per pass, however
-/// many of its sockets became ready).
+/// Queues a token for wake socket sender `fd`, sent at the end of the pass
+/// (once however often the pass signalled it).
+pub(super) fn wake_at_end(fd: &Arc<OwnedFd>) {
+    let queued = WAKES.try_with(|w| {
+        let mut w = w.borrow_mut();
+        if !w.iter().any(|x| Arc::ptr_eq(x, fd)) {
+            w.push(fd.clone());
+        }
+    });
+    if queued.is_err() {
+        send_wake(fd);
+    }
+}
+
+fn send_wake(fd: &OwnedFd) {
+    let r = dsan_channel::wake::signal(fd.as_raw_fd());
+    let _ = WAKE_COUNTS.try_with(|c| {
+        let (sent, failed) = c.get();
+        c.set(match r {
+            dsan_channel::wake::Signalled::Sent => (sent + 1, failed),
+            dsan_channel::wake::Signalled::Full | dsan_channel::wake::Signalled::Gone => {
+                (sent, failed)
+            }
+            dsan_channel::wake::Signalled::Failed(_) => (sent, failed + 1),
+        })
+    });
+}
+
+/// Wake tokens sent and failed on this thread (the lcore) since the last
+/// call.
+pub(super) fn take_wake_counts() -> (u64, u64) {
+    WAKE_COUNTS
+        .try_with(|c| c.replace((0, 0)))
+        .unwrap_or((0, 0))
+}
+
+/// At the end of a pass of the lcore: sends each wake socket signalled
+/// during it its token, and wakes each notifier that was given signals
+/// during it, once (one system call per process per pass, however many of
+/// its sockets became ready).
 pub(super) fn wake_due() {
+    let _ = WAKES.try_with(|w| {
+        let mut w = w.borrow_mut();
+        for fd in w.iter() {
+            send_wake(fd);
+        }
+        w.clear();
+    });
     let _ = DUE.try_with(|d| {
         for n in d.borrow_mut().drain(..) {
             n.due.store(false, Ordering::Release);

@@ -1,6 +1,7 @@
 //! Signalling a process's socket: completing its command (futex wake-up
 //! of a waiting thread) and raising an event bit (its registered event
-//! descriptor, through the process's notifier, and waiting threads).
+//! descriptor at the end of the pass: a wake socket by the lcore itself,
+//! an eventfd through the process's notifier; and waiting threads).
 //! Used by the command path ([`super::apps`]), the core's events
 //! ([`super::events`]) and the streams ([`super::streams`]).
 
@@ -18,8 +19,23 @@ pub(super) struct EventReg {
     /// process can wait for "readable" and "writable" apart, as poll does).
     pub(super) wfd: Option<Arc<OwnedFd>>,
     pub(super) mask: u32,
-    /// Writes `fd` for the lcore (see [`super::notify`]).
+    /// Writes `fd` for the lcore (see [`super::notify`]); eventfds only.
     pub(super) notifier: Option<Arc<super::Notifier>>,
+    /// `fd` and `wfd` are wake socket senders (`dsan_channel::wake`): the
+    /// lcore signals them itself, at the end of the pass.
+    pub(super) direct: bool,
+}
+
+impl EventReg {
+    /// Signals `fd` at the end of the pass. False if it cannot be (an
+    /// eventfd whose notifier is stuck or missing).
+    fn post(&self, fd: &Arc<OwnedFd>) -> bool {
+        if self.direct {
+            super::notify::wake_at_end(fd);
+            return true;
+        }
+        self.notifier.as_ref().is_some_and(|n| n.notify(fd))
+    }
 }
 
 impl EventReg {
@@ -46,15 +62,16 @@ pub(super) fn raise(s: &SockShm, reg: Option<&EventReg>, bit: u32) -> bool {
     s.arrivals.fetch_add(1, Ordering::Release);
     let mut ok = true;
     if let Some(r) = reg.filter(|r| r.mask & bit != 0) {
-        // Never a write from the lcore: the process could make it block.
+        // Never an eventfd write from the lcore: the process could make it
+        // block (a wake socket's cannot).
         let fd = match &r.wfd {
             Some(w) if bit == FD_WRITE => w,
             _ => &r.fd,
         };
-        ok = r.notifier.as_ref().is_some_and(|n| n.notify(fd));
+        ok = r.post(fd);
         if let Some(w) = r.wfd.as_ref().filter(|_| bit == FD_CLOSE) {
             // A writer waiting for room learns at once that none will come.
-            ok &= r.notifier.as_ref().is_some_and(|n| n.notify(w));
+            ok &= r.post(w);
         }
     }
     std::sync::atomic::fence(Ordering::SeqCst);

@@ -14,6 +14,7 @@ use dataplane::wire::Ipv4;
 use dsan_channel::ctl::{self, Reply};
 use dsan_channel::region::{layout, MAX_SOCKETS, REGION_VERSION};
 use dsan_channel::sys::{self, Received};
+use dsan_channel::wake;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -326,9 +327,12 @@ fn registered(r: Result<(), i32>, app: &AppShared) -> Result<Reply, Refusal> {
     }
 }
 
-/// `EventFd { sock }` with one eventfd attached: the event descriptor of
-/// socket `sock`, handed to the lcore (which owns and closes it). With two
-/// descriptors, the second is the one FD_WRITE signals instead.
+/// `EventFd { sock }` with one event descriptor attached: the event
+/// descriptor of socket `sock`, handed to the lcore (which owns and closes
+/// it). With two descriptors, the second is the one FD_WRITE signals
+/// instead. Both are eventfds (written by the process's notifier thread),
+/// or both are senders of wake sockets (`dsan_channel::wake`: signalled
+/// by the lcore itself).
 fn event_fd(
     sock: u32,
     cx: &Ctx,
@@ -338,17 +342,20 @@ fn event_fd(
     let (app, sock) = socket_of(sock, app)?;
     // (One descriptor, or two: the event descriptor and the FD_WRITE one;
     // counted by `serve_typed`.)
-    if fds.iter().any(|f| !sys::is_eventfd(f.as_raw_fd())) {
+    let direct = fds.iter().all(|f| wake::is_sender(f.as_raw_fd()));
+    if !direct && !fds.iter().all(|f| sys::is_eventfd(f.as_raw_fd())) {
         return Err((
             libc::EINVAL,
-            "the event descriptor must be an eventfd".into(),
+            "the event descriptors must be eventfds, or senders of wake sockets (datagram \
+             sockets connected to a dsan-wake name), all of one kind"
+                .into(),
         ));
     }
     let wfd = (fds.len() == 2).then(|| fds.pop().expect("two"));
     let fd = fds.pop().expect("one");
     // The process's notifier thread (it writes the eventfds for the lcore),
-    // started with its first event descriptor.
-    if app.notifier.get().is_none() {
+    // started with its first eventfd.
+    if !direct && app.notifier.get().is_none() {
         let n = dataplane::node::Notifier::start(app.pid)
             .map_err(|e| (libc::EAGAIN, format!("cannot start a notifier: {e}")))?;
         if let Err(n) = app.notifier.set(n) {
@@ -363,6 +370,7 @@ fn event_fd(
                 sock,
                 fd,
                 wfd,
+                direct,
                 done,
             },
             ASK,

@@ -161,6 +161,11 @@ pub extern "C" fn dsan_listen(s: c_int, backlog: c_int) -> c_int {
 /// also at once if there is room), or the connection ends (FD_CLOSE).
 /// Read until -EAGAIN after each FD_READ: it is posted once per time the
 /// receive ring was found empty. `event_fd` -1 with mask 0 unregisters.
+/// `event_fd` may also be a wake socket: an AF_UNIX datagram socket bound
+/// to an abstract name of "\0dsan-wake/" and 32 hex digits, made readable by
+/// a one-byte datagram (receive them all with MSG_DONTWAIT to clear it).
+/// The daemon signals a wake socket from its dataplane core at once; an
+/// eventfd it hands to a thread of its own, which costs a thread hand-off.
 #[no_mangle]
 pub extern "C" fn dsan_event_select(s: c_int, event_fd: c_int, mask: u32) -> c_int {
     guard(|| {

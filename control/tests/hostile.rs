@@ -302,27 +302,8 @@ fn a_process_that_makes_its_eventfd_block_stalls_nobody_else() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Everyone else is served as before: a switch listener (which has a
-    // wake socket of its own) accepts SAN connections at once.
-    let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7101", "16", "3"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lout = lines(&mut l);
-    let _l = Reaped(l);
-    assert_eq!(
-        lout.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "listening san=true"
-    );
-    for _ in 0..3 {
-        let c = run_in("h0", &probe(), &["connect", "198.18.0.2", "7101"]);
-        assert!(c.starts_with("connected san "), "{c}");
-        let ms: f64 = c.rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(ms < 500.0, "{c}");
-        assert!(lout
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-            .ends_with(" san"));
-    }
+    // readiness descriptor of its own) accepts SAN connections at once.
+    a_switch_listener_serves_san_clients("7101");
     // The signals the attacker's full eventfd could not take are counted.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -415,7 +396,14 @@ fn a_process_whose_wake_socket_reader_is_stuck_stalls_nobody_else() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Everyone else is served as before.
-    let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", "7103", "16", "3"])
+    a_switch_listener_serves_san_clients("7103");
+    drop(pending);
+}
+
+/// A switch listener on h1's `port` accepts three SAN connections from h0
+/// at once (the lcore is not stalled by anyone).
+fn a_switch_listener_serves_san_clients(port: &str) {
+    let mut l = in_host("h1", &probe(), &["listen", "0.0.0.0", port, "16", "3"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -426,7 +414,7 @@ fn a_process_whose_wake_socket_reader_is_stuck_stalls_nobody_else() {
         "listening san=true"
     );
     for _ in 0..3 {
-        let c = run_in("h0", &probe(), &["connect", "198.18.0.2", "7103"]);
+        let c = run_in("h0", &probe(), &["connect", "198.18.0.2", port]);
         assert!(c.starts_with("connected san "), "{c}");
         let ms: f64 = c.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(ms < 500.0, "{c}");
@@ -435,7 +423,6 @@ fn a_process_whose_wake_socket_reader_is_stuck_stalls_nobody_else() {
             .unwrap()
             .ends_with(" san"));
     }
-    drop(pending);
 }
 
 /// h1's accepted SAN connections (from its counters).

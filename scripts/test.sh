@@ -18,7 +18,7 @@ fuzz/target/release/frame_parser fuzz/seeds/frame_parser/* > /tmp/dsan-fuzz-repl
 fuzz/target/release/proto_ops fuzz/seeds/proto_ops/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
 fuzz/target/release/app_channel fuzz/seeds/app_channel/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
 fuzz/target/release/ctl_message fuzz/seeds/ctl_message/* > /tmp/dsan-fuzz-replay.log 2>&1 || { cat /tmp/dsan-fuzz-replay.log; exit 1; }
-echo "test: cargo test --release --workspace (unit, simulator: 10,000 schedules, lab)"
+echo "test: cargo test --release --workspace (unit, simulator: 10,400 schedules, lab)"
 # A watchdog: the suite takes minutes; should anything hang, say what was
 # running after 40 minutes and stop it, instead of eating CI's whole budget.
 (

@@ -67,7 +67,7 @@ use super::resolve::{Lookup, Resolver};
 use super::rng::Rng;
 use super::server::{Listener, Pending, SourceShare, Unsure, MAX_UNSURE, UNSURE_POLL, UNSURE_WAIT};
 use super::stream::{BadIndex, Outgoing, Stream, StreamTiming, Timer};
-use super::streams::{Streams, CLOSED, HOLDS_SLOT, PROBE, QUEUED};
+use super::streams::{Streams, CLOSED, HELD, HOLDS_SLOT, PROBE, QUEUED};
 use super::tombstone::{Expiring, Tomb};
 use super::types::*;
 use crate::time::Instant;
@@ -1705,7 +1705,13 @@ impl<R: Rng> Endpoint<R> {
         }
         self.stats.resets_received += 1;
         self.remove_conn_as(now, ch, Some(reason));
-        self.events.push_back(Event::Reset { conn: ch, reason });
+        // A connection we are closing is no longer the application's: it
+        // hears nothing more of it (as of a Close that crosses ours). The
+        // peer's reset only ends the handshake early (it answers a frame of
+        // ours that arrived after its end, say).
+        if !c.is_closing() {
+            self.events.push_back(Event::Reset { conn: ch, reason });
+        }
     }
 
     /// Close retransmissions and give-ups.
@@ -2084,6 +2090,9 @@ impl<R: Rng> Endpoint<R> {
         self.streams.held = held;
         let any = !ready.is_empty();
         for h in ready {
+            if let Some(c) = self.streams.get_mut(h) {
+                c.set(HELD, false);
+            }
             self.stream_enqueue(h);
         }
         any
@@ -2106,7 +2115,10 @@ impl<R: Rng> Endpoint<R> {
             };
             c.set(QUEUED, false);
             if self.is_unconfirmed(h) {
-                self.streams.held.push(h);
+                if let Some(c) = self.streams.get_mut(h).filter(|c| !c.has(HELD)) {
+                    c.set(HELD, true);
+                    self.streams.held.push(h);
+                }
                 continue;
             }
             return Some(h);

@@ -25,6 +25,9 @@ pub(super) const STALLED: u8 = 8;
 /// connection may take the slot (and so find this stream's rings or
 /// timers) until the stream is forgotten, which gives the slot back.
 pub(super) const HOLDS_SLOT: u8 = 16;
+/// In [`Streams::held`] (once: a stream queued again while its client is
+/// unconfirmed is not added twice).
+pub(super) const HELD: u8 = 32;
 
 /// One connection's stream.
 pub(super) struct StreamSlot {
@@ -34,7 +37,7 @@ pub(super) struct StreamSlot {
     pub(super) s: Stream,
     /// Its entry in the timer set ([`Instant::ZERO`]: none).
     pub(super) timer: Instant,
-    /// [`QUEUED`], [`PROBE`], [`CLOSED`], [`STALLED`], [`HOLDS_SLOT`].
+    /// [`QUEUED`], [`PROBE`], [`CLOSED`], [`STALLED`], [`HOLDS_SLOT`], [`HELD`].
     pub(super) flags: u8,
 }
 
@@ -64,8 +67,9 @@ pub(super) struct Streams {
     timers: BTreeSet<(Instant, ConnHandle)>,
     /// Streams with something to send, in turn.
     pub(super) txq: VecDeque<ConnHandle>,
-    /// Streams whose client has not confirmed yet: nothing but the Accept
-    /// goes to it; they join the queue once it has.
+    /// Streams whose client has not confirmed yet (each once, flagged
+    /// [`HELD`]): nothing but the Accept goes to it; they join the queue
+    /// once it has.
     pub(super) held: Vec<ConnHandle>,
 }
 

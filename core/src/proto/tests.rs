@@ -984,3 +984,69 @@ fn a_client_that_reset_answers_a_late_accept_with_a_reset_again() {
     p.advance(Duration::from_secs(10), |_, _| false);
     assert!(p.a.is_quiescent());
 }
+
+/// A server's stream whose client has not confirmed yet is held back, and
+/// held once however often its application writes meanwhile (the held
+/// list does not grow with every pass), then sent once the client confirms.
+#[test]
+fn a_stream_waiting_for_its_clients_confirmation_is_held_once() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 6), 1).unwrap();
+    p.a.connect(p.now, None, (IB, 6)).unwrap();
+    p.deliver();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
+    // The client's confirmation is lost.
+    p.run(|from_a, f| from_a && matches!(f.message, Message::AcceptAck { .. }));
+    assert!(p.b.is_unconfirmed(s));
+    let params = p.b.connection(s).unwrap().stream_params();
+    p.b.open_stream(p.now, s, params, 4096);
+    for i in 1..=100u64 {
+        p.b.stream_app(s, i * 10, false, 0, 4096).unwrap();
+        assert_eq!(
+            p.b.next_stream(),
+            None,
+            "nothing goes to an unconfirmed client"
+        );
+    }
+    assert_eq!(p.b.streams.held.len(), 1);
+    assert!(!p.b.release_held(), "still unconfirmed");
+    assert_eq!(p.b.streams.held.len(), 1);
+    // The Accept is retransmitted and confirmed this time.
+    p.advance(Duration::from_secs(1), |_, _| false);
+    assert!(!p.b.is_unconfirmed(s));
+    assert!(p.b.release_held());
+    assert!(p.b.streams.held.is_empty());
+    assert_eq!(p.b.next_stream(), Some(s));
+    assert!(p.b.stream_segment(s, 0).is_some());
+}
+
+/// A peer's Reset that crosses our Close ends the connection silently: the
+/// application closed it and hears nothing more of it (as of a Close that
+/// crosses ours).
+#[test]
+fn a_reset_that_crosses_our_close_is_not_reported() {
+    let mut p = Pair::new(cfg());
+    let l = p.b.listen((IB, 6), 1).unwrap();
+    let c = p.a.connect(p.now, None, (IB, 6)).unwrap();
+    p.deliver();
+    let s = p.decide(l, Decision::Accept).unwrap().unwrap();
+    p.deliver();
+    assert!(p.a.connection(c).is_some() && !p.b.is_unconfirmed(s));
+    // Both at once: a closes, b resets; each frame crosses the other's.
+    p.a.close(p.now, c).unwrap();
+    p.b.reset(p.now, s, ResetReason::Aborted);
+    let resets = p.a.stats().resets_received;
+    p.deliver();
+    assert_eq!(p.a.stats().resets_received, resets + 1, "the Reset arrived");
+    assert!(
+        !p.ev_a.iter().any(|e| matches!(
+            e,
+            Event::Reset { conn, .. } | Event::Closed { conn } if *conn == c
+        )),
+        "{:?}",
+        p.ev_a
+    );
+    p.b.close_listener(p.now, l).unwrap();
+    p.advance(Duration::from_secs(15), |_, _| false);
+    assert!(p.a.is_quiescent() && p.b.is_quiescent());
+}

@@ -136,7 +136,8 @@ pub enum Event {
         /// The connection.
         conn: ConnHandle,
     },
-    /// The peer reset an established connection.
+    /// The peer reset an established connection (not one the application
+    /// closed: that one ends silently).
     Reset {
         /// The connection.
         conn: ConnHandle,

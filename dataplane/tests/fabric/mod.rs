@@ -1,6 +1,5 @@
-//! The simulated fabric that both simulators (`sim.rs`: connection set-up
-//! among up to 64 hosts; `stream_sim.rs`: byte streams) run their hosts'
-//! protocol cores on, so that each is the same wire and the same clock:
+//! The simulated fabric the simulator (`sim.rs`: connection set-up and
+//! byte streams among up to 64 hosts) runs its hosts' protocol cores on:
 //! hosts numbered from 0 with their MAC and IP derived from the number, a
 //! wire that loses, duplicates and delays (hence reorders) each frame as
 //! the schedule's seed says, and one loop that moves time forward to the
@@ -8,7 +7,6 @@
 //!
 //! Everything random comes from the simulator's own [`SeededRng`], drawn
 //! in a fixed order, so a seed replays the same schedule frame for frame.
-#![allow(dead_code)] // each simulator uses its own part
 
 use dataplane::proto::rng::SeededRng;
 use dataplane::proto::{Endpoint, ProtoConfig, Subnet};
@@ -32,7 +30,7 @@ pub(crate) fn ip_of(i: usize) -> Ipv4 {
 pub(crate) const START: Instant = Instant(1_000_000_000);
 
 /// Host `i`'s protocol core: the SAN is 198.18.0.0/15, its random numbers
-/// come from the schedule's seed and `salt` (each simulator its own).
+/// come from the schedule's seed and `salt`.
 pub(crate) fn endpoint(i: usize, seed: u64, salt: u64) -> Endpoint<SeededRng> {
     let cfg = ProtoConfig {
         subnets: vec![Subnet {

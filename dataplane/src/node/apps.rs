@@ -230,10 +230,12 @@ impl Node {
             socks.sort_unstable_by_key(|(s, _)| *s);
             for (sock, obj) in socks {
                 // A listener its sibling workers still serve lives on.
-                if reason != crate::wire::ResetReason::Shutdown && self.left_group(id, sock, &obj) {
+                if reason != crate::wire::ResetReason::Shutdown
+                    && self.groups.left_group(id, sock, &obj)
+                {
                     continue;
                 }
-                self.quota_release(uid, &obj);
+                self.quotas.release(uid, &obj);
                 self.release(now, obj);
             }
             p.shared.region.header().closed.store(1, Ordering::Release);
@@ -353,31 +355,20 @@ impl Node {
     }
 
     /// Whether user `uid` (not root) serves as many connections, with its
-    /// connect attempts in progress, as its share of the host's
-    /// (`max_connections`, a quarter) allows.
+    /// connect attempts in progress, as its share of the host's allows.
     fn connections_full(&self, uid: u32) -> bool {
-        let held = self.streams.of_user(uid) + self.uid_attempts.get(&uid).copied().unwrap_or(0);
-        uid != 0 && held as usize >= (self.cfg.proto.max_connections / 4).max(1)
-    }
-
-    /// A socket of a process of user `uid` goes: its quota counts drop.
-    pub(super) fn quota_release(&mut self, uid: u32, obj: &SockObj) {
-        if uid == 0 {
-            return;
-        }
-        match obj {
-            SockObj::Listener { .. } => quota_sub(&mut self.uid_listeners, uid),
-            SockObj::Attempt { .. } => quota_sub(&mut self.uid_attempts, uid),
-            _ => {}
-        }
+        self.quotas.connections_full(
+            uid,
+            self.streams.of_user(uid),
+            self.cfg.proto.max_connections,
+        )
     }
 
     /// Releases what a socket holds in the core.
     pub(super) fn release(&mut self, now: Instant, obj: SockObj) {
         match obj {
             SockObj::Listener { id, .. } => {
-                self.listener_owner.remove(&id);
-                self.disband(id);
+                self.groups.disband(&mut self.procs, id);
                 let _ = self.ep.close_listener(now, id);
             }
             SockObj::Attempt { h, .. } | SockObj::Conn(h) => {
@@ -464,12 +455,12 @@ impl Node {
                 let uid = p.shared.uid;
                 let removed = p.socks.remove(&sock);
                 if let Some(o) = &removed {
-                    if self.left_group(id, sock, o) {
+                    if self.groups.left_group(id, sock, o) {
                         // Its sibling workers still serve the listener.
                         complete(app.region.sock(sock as usize), cmd.seq, 0);
                         return;
                     }
-                    self.quota_release(uid, o);
+                    self.quotas.release(uid, o);
                 }
                 match removed {
                     // Another socket still holds it: it stays open there
@@ -559,9 +550,9 @@ impl Node {
             .then(|| self.ep.listener_at(a))
             .flatten()
             .filter(|l| {
-                self.listener_owner
-                    .get(l)
-                    .and_then(|(owner, _)| self.procs.get(owner))
+                self.groups
+                    .owner(*l)
+                    .and_then(|(owner, _)| self.procs.get(&owner))
                     .is_some_and(|o| {
                         o.shared.pid == takeover
                             && o.shared.uid == uid
@@ -573,8 +564,8 @@ impl Node {
         // that it and the owner both made with SO_REUSEPORT (see `groups`).
         if from.is_none() && (takeover != 0 || reuse_port) {
             if let Some(l) = self.ep.listener_at(a).filter(|l| {
-                (takeover != 0 && self.may_join(*l, id, takeover))
-                    || (reuse_port && self.may_share(*l, id))
+                (takeover != 0 && self.groups.may_join(&self.procs, *l, id, takeover))
+                    || (reuse_port && self.groups.may_share(&self.procs, *l, id))
             }) {
                 let cap = self.ep.backlog(l).map_or(1, |b| b.1);
                 let p = self.procs.get_mut(&id).expect("present");
@@ -584,13 +575,13 @@ impl Node {
                 p.backlogs.insert(sock, ring);
                 p.socks
                     .insert(sock, SockObj::Listener { id: l, area, bufs });
-                self.join(l, id, sock);
+                self.groups.join(l, id, sock);
                 self.local.listener_joins += 1;
                 return Some(cap as i64);
             }
         }
         // One user's share of the host's listeners.
-        if !quota_take(&mut self.uid_listeners, uid, super::UID_LISTENERS) {
+        if !self.quotas.take_listener(uid) {
             self.local.quota_refusals[Quota::Listeners as usize] += 1;
             return errno(libc::EMFILE);
         }
@@ -601,9 +592,7 @@ impl Node {
         let l = match listened {
             Ok(l) => l,
             Err(e) => {
-                if uid != 0 {
-                    quota_sub(&mut self.uid_listeners, uid);
-                }
+                self.quotas.give_listener(uid);
                 return match e {
                     ListenError::AddrInUse => errno(libc::EADDRINUSE),
                     ListenError::AddrNotAvailable => errno(libc::EADDRNOTAVAIL),
@@ -624,10 +613,7 @@ impl Node {
         p.backlogs.insert(sock, ring);
         p.socks
             .insert(sock, SockObj::Listener { id: l, area, bufs });
-        self.listener_owner.insert(l, (id, sock));
-        if reuse_port {
-            self.reuse_port.insert(l);
-        }
+        self.groups.listen(l, id, sock, reuse_port);
         Some(cap as i64)
     }
 
@@ -639,7 +625,7 @@ impl Node {
         key: RequestKey,
         verdict: Verdict,
     ) -> Option<i64> {
-        self.trace(key.conn_id, super::Hop::DecisionSeen);
+        self.trace.stamp(key.conn_id, super::Hop::DecisionSeen);
         let p = &self.procs[&id];
         let Some(SockObj::Listener { id: l, bufs, .. }) = p.socks.get(&sock).copied() else {
             return errno(libc::EINVAL);
@@ -709,7 +695,7 @@ impl Node {
             self.local.quota_refusals[Quota::Connections as usize] += 1;
             return errno(libc::EAGAIN);
         }
-        if !quota_take(&mut self.uid_attempts, uid, super::UID_ATTEMPTS) {
+        if !self.quotas.take_attempt(uid) {
             self.local.quota_refusals[Quota::Attempts as usize] += 1;
             return errno(libc::EAGAIN);
         }
@@ -720,7 +706,7 @@ impl Node {
         {
             Ok(h) => h,
             Err(e) => {
-                quota_sub(&mut self.uid_attempts, uid);
+                self.quotas.give_attempt(uid);
                 return match e {
                     ConnectError::HostUnreachable => errno(libc::EHOSTUNREACH),
                     ConnectError::NoLocalAddress => errno(libc::EADDRNOTAVAIL),
@@ -751,7 +737,11 @@ impl Node {
             },
         );
         self.conn_owner.insert(h, (id, sock));
-        self.trace_connect(h);
+        if self.trace.on() {
+            if let Some((_, _, wire_id)) = self.ep.attempt(h) {
+                self.trace.connect(h, wire_id);
+            }
+        }
         if nonblocking {
             errno(libc::EINPROGRESS)
         } else {
@@ -775,7 +765,7 @@ impl Node {
         self.owners_seen = v;
         let mut foreign: Vec<(ListenerId, u64, u32)> = Vec::new();
         for (l, addr, _, _) in self.ep.listeners() {
-            let Some(&(pid, sock)) = self.listener_owner.get(&l) else {
+            let Some((pid, sock)) = self.groups.owner(l) else {
                 continue;
             };
             let Some(p) = self.procs.get(&pid) else {
@@ -792,9 +782,8 @@ impl Node {
         foreign.sort_unstable();
         for (l, pid, sock) in foreign {
             self.local.listen_denials[2] += 1;
-            self.listener_owner.remove(&l);
             // Its sibling workers' sockets learn it too.
-            for (mpid, msock) in self.disband(l) {
+            for (mpid, msock) in self.groups.disband(&mut self.procs, l) {
                 if let Some(p) = self.procs.get(&mpid) {
                     let sh = p.shared.region.sock(msock as usize);
                     sh.accept_error.store(-libc::EACCES, Ordering::Release);
@@ -807,7 +796,7 @@ impl Node {
             if let Some(p) = self.procs.get_mut(&pid) {
                 if let Some(o) = p.socks.remove(&sock) {
                     let uid = p.shared.uid;
-                    self.quota_release(uid, &o);
+                    self.quotas.release(uid, &o);
                 }
                 let Some(p) = self.procs.get_mut(&pid) else {
                     continue;
@@ -821,27 +810,4 @@ impl Node {
             }
         }
     }
-}
-
-/// One fewer of a user's quota count.
-pub(super) fn quota_sub(m: &mut std::collections::HashMap<u32, u32>, uid: u32) {
-    if let Some(n) = m.get_mut(&uid) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            m.remove(&uid);
-        }
-    }
-}
-
-/// Takes one of a user's quota (root has none): false when it is used up.
-fn quota_take(m: &mut std::collections::HashMap<u32, u32>, uid: u32, max: u32) -> bool {
-    if uid == 0 {
-        return true;
-    }
-    let n = m.entry(uid).or_insert(0);
-    if *n >= max {
-        return false;
-    }
-    *n += 1;
-    true
 }

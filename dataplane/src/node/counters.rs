@@ -2,9 +2,9 @@
 //! drain tick as one [`Counters`] snapshot that every report (Prometheus,
 //! DPDK telemetry, `dsanctl status` / `stats`) renders from.
 
-use super::Node;
+use crate::proto::ProtoStats;
 use crate::wire::{Kind, Message, RejectReason};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Number of message kinds counted (every kind the wire format declares).
 pub const KINDS: usize = Kind::COUNT;
@@ -208,14 +208,39 @@ pub(super) struct Local {
     pub(super) injected: u64,
 }
 
-impl Node {
-    /// Publishes the counters (on the drain tick).
-    pub(super) fn publish(&mut self) {
+/// The last snapshot the lcore rendered, and where reports read it.
+pub(super) struct Publisher {
+    stats: Arc<NodeStats>,
+    counters: Counters,
+}
+
+/// What the lcore's other parts contribute to a snapshot besides
+/// [`Local`] and the core's counters.
+pub(super) struct Contributions {
+    /// The resolver's conflicting replies.
+    pub(super) resolve_conflicts: u64,
+    /// Signals the attached processes' notifiers skipped (their eventfds full).
+    pub(super) notifier_skipped: u64,
+    /// Attached processes.
+    pub(super) attached: u64,
+    /// Established connections with a stream.
+    pub(super) connections: u64,
+}
+
+impl Publisher {
+    pub(super) fn new(stats: Arc<NodeStats>) -> Publisher {
+        Publisher {
+            stats,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Renders and publishes the counters (on the drain tick). The wake-up
+    /// counts of the pass-end signals are taken into `l` first.
+    pub(super) fn publish(&mut self, l: &mut Local, ps: &ProtoStats, more: Contributions) {
         let (sent, failed) = super::notify::take_wake_counts();
-        self.local.wake_tokens += sent;
-        self.local.event_signal_failed += failed;
-        let l = &self.local;
-        let ps = self.ep.stats();
+        l.wake_tokens += sent;
+        l.event_signal_failed += failed;
         let c = &mut self.counters;
         c.rx_by_kind = l.rx;
         c.tx_by_kind = l.tx;
@@ -229,18 +254,12 @@ impl Node {
         c.app_protocol_violations = l.app_protocol_violations;
         c.listen_denials = l.listen_denials;
         c.quota_refusals = l.quota_refusals;
-        c.resolve_conflicts = self.ep.resolver().conflicts();
+        c.resolve_conflicts = more.resolve_conflicts;
         // Signals the lcore could not queue, and those the processes'
         // notifiers skipped (their eventfds full), attached processes only.
-        c.event_signal_failed = l.event_signal_failed
-            + self
-                .procs
-                .values()
-                .filter_map(|p| p.shared.notifier.get())
-                .map(|n| n.skipped())
-                .sum::<u64>();
+        c.event_signal_failed = l.event_signal_failed + more.notifier_skipped;
         c.wake_tokens = l.wake_tokens;
-        c.attached = self.procs.len() as u64;
+        c.attached = more.attached;
         c.requests_received = ps.requests_received;
         c.accepted = ps.accepted;
         c.rejected = ps.rejected;
@@ -259,7 +278,7 @@ impl Node {
         c.handovers = l.handovers;
         c.claims_refused = l.claims_refused;
         c.listener_joins = l.listener_joins;
-        c.connections = self.streams.len() as u64;
+        c.connections = more.connections;
         c.resets = l.resets;
         c.drop_injected = l.injected;
         self.stats.publish(&self.counters);

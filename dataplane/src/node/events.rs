@@ -19,10 +19,9 @@ impl Node {
     pub(super) fn dispatch(&mut self, now: Instant, e: Event) {
         match e {
             Event::Incoming { listener, request } => {
-                let mut members = std::mem::take(&mut self.member_buf);
-                self.members_into(listener, &mut members);
+                let members = self.groups.members(listener);
                 if members.is_empty() {
-                    self.member_buf = members;
+                    self.groups.done_with(members);
                     return;
                 }
                 let left = (request.arrived + self.cfg.proto.connect_budget).saturating_since(now);
@@ -34,9 +33,7 @@ impl Node {
                 };
                 // Stamped before the push: a spinning accepting thread may
                 // take the request the moment it is in the ring.
-                if let Some(t) = self.trace.as_mut() {
-                    t.push(request.conn_id, super::Hop::Queued);
-                }
+                self.trace.stamp(request.conn_id, super::Hop::Queued);
                 // To the first member (in turn) whose ring takes it.
                 let slot = req.to_slot();
                 let mut taken = false;
@@ -65,7 +62,7 @@ impl Node {
                         Err(PushError::Violation(_)) => self.violation(now, pid),
                     }
                 }
-                self.member_buf = members;
+                self.groups.done_with(members);
                 if !taken {
                     // No ring took it: refused at once, no event.
                     self.ep
@@ -96,7 +93,7 @@ impl Node {
                 };
                 let err = outcome.err().unwrap_or(0);
                 let uid = p.shared.uid;
-                super::apps::quota_sub(&mut self.uid_attempts, uid);
+                self.quotas.give_attempt(uid);
                 let Some(p) = self.procs.get_mut(&pid) else {
                     return;
                 };
@@ -122,7 +119,7 @@ impl Node {
                         self.local.event_signal_failed += 1;
                     }
                 }
-                self.trace_completed(conn);
+                self.trace.completed(conn);
             }
             Event::Aborted { conn, reason } => {
                 self.local.resets[super::streams::reset_index(reason)] += 1;

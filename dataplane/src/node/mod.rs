@@ -1,25 +1,37 @@
-//! The handler the daemon runs in the lcore loop.
+//! The handler the daemon runs in the lcore loop: an adapter between the
+//! device, the processes' channel and the protocol core.
 //!
-//! | file | job |
-//! |---|---|
-//! | `mod.rs` | the [`Node`], frames in and out, commands from the control thread |
-//! | `apps` | attached processes: their command rings, sockets, event descriptors |
-//! | `events` | the protocol core's events delivered into processes' regions |
-//! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled |
-//! | `handover` | connections shared across fork: lives, claims, hand-backs, orphans |
-//! | `groups` | listeners shared by forked workers and by SO_REUSEPORT |
-//! | `notify` | wake-ups at the end of a pass: wake sockets signalled by the lcore itself, eventfds by the process's notifier thread |
-//! | `probe` | echo probes (`dsanctl ping`) |
-//! | `trace` | connection-setup tracing (`dsanctl trace`) |
-//! | `counters` | counters, published as one [`Counters`] snapshot |
+//! | file | job | owns |
+//! |---|---|---|
+//! | `mod.rs` | the [`Node`]: frames in and out, commands from the control thread, the pass | the core, the parts below |
+//! | `apps` | attached processes: their command rings, sockets, event descriptors | (the [`Node`]'s process table) |
+//! | `events` | the protocol core's events delivered into processes' regions | - |
+//! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled | `StreamTable` |
+//! | `handover` | connections shared across fork: lives, claims, hand-backs, orphans | - |
+//! | `groups` | listeners shared by forked workers and by SO_REUSEPORT | `Groups` |
+//! | `quotas` | one user's shares of listeners, attempts and connections | `Quotas` |
+//! | `faults` | the lab's fault injector on received frames | `FaultInjector` |
+//! | `notify` | wake-ups at the end of a pass: wake sockets signalled by the lcore itself, eventfds by the process's notifier thread | the pass's wake list |
+//! | `probe` | echo probes (`dsanctl ping`) | `Probe` |
+//! | `trace` | connection-setup tracing (`dsanctl trace`) | `Trace` |
+//! | `counters` | counters, published as one [`Counters`] snapshot | `Local`, `Publisher` |
+//!
+//! The parts with an owner have their state and their methods in their own
+//! file; the [`Node`] hands them what else they need (the core, the
+//! process table, the counters) as arguments. `apps`, `events`, `streams`
+//! and `handover` are still methods of the [`Node`] itself, because each
+//! works on the process table, the streams and the shared connections
+//! together.
 
 mod apps;
 mod counters;
 mod events;
+mod faults;
 mod groups;
 mod handover;
 mod notify;
 mod probe;
+mod quotas;
 mod signal;
 mod streams;
 mod trace;
@@ -29,22 +41,24 @@ pub use counters::{
     kind_index, Counters, NodeStats, Quota, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
     LISTEN_DENIALS, QUOTAS, REJECT_REASONS, RESET_REASONS,
 };
+pub use faults::Faults;
 pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
+pub use quotas::{UID_ATTEMPTS, UID_LISTENERS};
 pub use streams::{STREAM_ENTRY_BYTES, STREAM_STATE_BYTES};
 pub use trace::{Hop, TraceAction, TraceEvent, TRACE_CAPACITY};
 
 use crate::device::Device;
 use crate::engine::{Handler, Tx};
 use crate::proto::rng::OsRng;
-use crate::proto::{ConnHandle, Endpoint, ListenerId, ProtoConfig};
+use crate::proto::{ConnHandle, Endpoint, ProtoConfig};
 use crate::time::Instant;
 use crate::wire::{self, EthernetAddress, Ipv4, Message, Repr, SanHeader};
 use apps::Proc;
 use counters::Local;
 use crossbeam_queue::ArrayQueue;
 use dsan_channel::ring::Consumer;
-use probe::ActivePing;
+use probe::Probe;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,30 +196,6 @@ impl Default for NodeConfig {
     }
 }
 
-/// A seeded fault injector on received SAN frames: each frame is dropped
-/// with probability `loss`, else delivered twice with probability `dup`,
-/// and held back 0.1-2 ms (so that later frames overtake it) with
-/// probability `reorder`. Off when all are 0. Dropped frames are counted as
-/// `injected`.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Faults {
-    /// Drop probability.
-    pub loss: f64,
-    /// Duplication probability.
-    pub dup: f64,
-    /// Delay (reorder) probability.
-    pub reorder: f64,
-    /// Seed of the injector's generator.
-    pub seed: u64,
-}
-
-impl Faults {
-    /// Whether any fault is configured.
-    pub fn active(&self) -> bool {
-        self.loss > 0.0 || self.dup > 0.0 || self.reorder > 0.0
-    }
-}
-
 /// The daemon's handler.
 pub struct Node {
     cfg: NodeConfig,
@@ -215,7 +205,7 @@ pub struct Node {
     addrs_version: Arc<AtomicU64>,
     subnets: Arc<RwLock<Vec<crate::proto::Subnet>>>,
     commands: Arc<ArrayQueue<Command>>,
-    ping: Option<ActivePing>,
+    probe: Probe,
     procs: HashMap<u64, Proc>,
     /// The keys of `procs`, for the loop to walk without allocating.
     proc_ids: Vec<u64>,
@@ -223,16 +213,8 @@ pub struct Node {
     /// [`Node::reap`] once nothing walks the process list (never from
     /// inside a walk: a detach changes `proc_ids`).
     condemned: Vec<u64>,
-    listener_owner: HashMap<ListenerId, (u64, u32)>,
-    /// Listeners shared by forked workers: the members besides the owner,
-    /// and whose turn it is (see [`groups`]).
-    joined: HashMap<ListenerId, Vec<(u64, u32)>>,
-    turns: HashMap<ListenerId, usize>,
-    /// Listeners made with SO_REUSEPORT: another process of their owner's
-    /// user that sets it too joins them (see [`groups`]).
-    reuse_port: std::collections::HashSet<ListenerId>,
-    /// Scratch for a request's candidate sockets (kept: no allocation per request).
-    member_buf: Vec<(u64, u32)>,
+    /// Which sockets serve each SAN listener (see [`groups`]).
+    groups: groups::Groups,
     conn_owner: HashMap<ConnHandle, (u64, u32)>,
     /// Connections also held by sockets other than the one serving them
     /// (their rings moved away: a forked child claimed the connection):
@@ -248,30 +230,18 @@ pub struct Node {
     /// Connections no socket holds any more while a life still does.
     orphans: Vec<ConnHandle>,
     orphan_check_at: Instant,
-    stats: Arc<NodeStats>,
     local: Local,
-    counters: Counters,
+    published: counters::Publisher,
     streams: streams::StreamTable,
-    /// Per user (not root): SAN listeners and connect attempts held, against
-    /// [`UID_LISTENERS`] and [`UID_ATTEMPTS`].
-    uid_listeners: HashMap<u32, u32>,
-    uid_attempts: HashMap<u32, u32>,
+    /// Per user (not root): listeners and attempts held.
+    quotas: quotas::Quotas,
     /// The version of the kernel TCP listener table last checked against
     /// the SAN listeners (see `revoke_foreign_listeners`).
     owners_seen: u64,
-    fault_rng: crate::proto::rng::SeededRng,
-    delayed: Vec<(Instant, Vec<u8>)>,
+    faults: faults::FaultInjector,
     /// Connection-setup stamps, while tracing.
-    trace: Option<Box<trace::Tracer>>,
+    trace: trace::Trace,
 }
-
-/// SAN listeners one user (other than root) may hold at once, in all its
-/// processes: a quarter of the host's (`max_listeners`, 4,096), so that one
-/// user cannot take every listener of the host.
-pub const UID_LISTENERS: u32 = 1024;
-/// Connect attempts in progress one user (other than root) may have at
-/// once: a quarter of the host's (`max_attempts`, 65,536).
-pub const UID_ATTEMPTS: u32 = 16384;
 
 /// The control side's handle to a running node.
 #[derive(Clone)]
@@ -308,7 +278,8 @@ impl Node {
             addrs_version: Arc::new(AtomicU64::new(0)),
             subnets: Arc::new(RwLock::new(cfg.proto.subnets.clone())),
         };
-        let mut n = Node {
+        let faults = faults::FaultInjector::new(cfg.faults);
+        let n = Node {
             ep: Endpoint::new(cfg.proto.clone(), mac, addrs, OsRng::default()),
             cfg,
             addrs: h.addrs.clone(),
@@ -316,15 +287,11 @@ impl Node {
             addrs_version: h.addrs_version.clone(),
             subnets: h.subnets.clone(),
             commands: h.commands.clone(),
-            ping: None,
+            probe: Probe::default(),
             procs: HashMap::new(),
             proc_ids: Vec::new(),
             condemned: Vec::new(),
-            listener_owner: HashMap::new(),
-            joined: HashMap::new(),
-            turns: HashMap::new(),
-            reuse_port: std::collections::HashSet::new(),
-            member_buf: Vec::new(),
+            groups: groups::Groups::default(),
             conn_owner: HashMap::new(),
             away: HashMap::new(),
             claim_keys: std::hash::RandomState::new(),
@@ -332,19 +299,15 @@ impl Node {
             claimable: HashMap::new(),
             orphans: Vec::new(),
             orphan_check_at: Instant::ZERO,
-            stats: h.stats.clone(),
             local: Local::default(),
-            counters: Counters::default(),
+            published: counters::Publisher::new(h.stats.clone()),
             streams: streams::StreamTable::default(),
 
             owners_seen: 0,
-            uid_listeners: HashMap::new(),
-            uid_attempts: HashMap::new(),
-            fault_rng: crate::proto::rng::SeededRng::new(0),
-            delayed: Vec::new(),
-            trace: None,
+            quotas: quotas::Quotas::default(),
+            faults,
+            trace: trace::Trace::default(),
         };
-        n.fault_rng = crate::proto::rng::SeededRng::new(n.cfg.faults.seed);
         (n, h)
     }
 
@@ -359,7 +322,7 @@ impl Node {
             repr.emit(&mut wire::Frame::new_unchecked(b), et)
         }) {
             self.local.tx[kind_index(&repr.message)] += 1;
-            self.trace_frame(&repr.message, true);
+            self.trace.frame(&repr.message, true);
         }
     }
 
@@ -371,7 +334,7 @@ impl Node {
             Err(_) => return self.local.malformed += 1,
         };
         self.local.rx[kind_index(&repr.message)] += 1;
-        self.trace_frame(&repr.message, false);
+        self.trace.frame(&repr.message, false);
         let h = repr.header;
         let me = tx.mac();
         if h.src_mac.is_multicast() {
@@ -403,11 +366,7 @@ impl Node {
                 );
             }
             Message::EchoReply { seq, .. } => {
-                if !self
-                    .ping
-                    .as_mut()
-                    .is_some_and(|p| p.on_reply(now, h.src_ip, seq))
-                {
+                if !self.probe.on_reply(now, h.src_ip, seq) {
                     self.local.unexpected += 1;
                 }
             }
@@ -421,13 +380,7 @@ impl Node {
 
     fn control(&mut self, now: Instant, c: Command) {
         match c {
-            Command::Ping(req) => {
-                if let Some(old) = self.ping.replace(ActivePing::new(req, now)) {
-                    // One probe at a time: the queue order serialises them, so this
-                    // only happens if a caller bypassed it; finish the old one.
-                    let _ = old.req.reply.send(old.result);
-                }
-            }
+            Command::Ping(req) => self.probe.start(req, now),
             Command::Attach(app, cmds) => self.attach(app, cmds),
             Command::EventFd {
                 app,
@@ -466,7 +419,7 @@ impl Node {
                 let _ = done.send(());
             }
             Command::Trace(a, reply) => {
-                let _ = reply.send(self.trace_control(a));
+                let _ = reply.send(self.trace.control(a));
             }
             Command::Connections(reply) => {
                 let v: Vec<ConnInfo> = self
@@ -496,9 +449,9 @@ impl Node {
                     .listeners()
                     .map(|(id, addr, depth, capacity)| {
                         let owner = self
-                            .listener_owner
-                            .get(&id)
-                            .and_then(|(p, s)| Some((self.procs.get(p)?, *s)));
+                            .groups
+                            .owner(id)
+                            .and_then(|(p, s)| Some((self.procs.get(&p)?, s)));
                         let pid = owner.map_or(0, |(p, _)| p.shared.pid);
                         let accepted_waiting = owner.map_or(0, |(p, s)| {
                             let v = p
@@ -529,43 +482,22 @@ impl Node {
 impl Node {
     /// A received frame through the fault injector.
     fn inject<D: Device>(&mut self, now: Instant, bytes: &[u8], tx: &mut Tx<'_, D>) {
-        let f = self.cfg.faults;
-        let r = &mut self.fault_rng;
-        if r.chance(f.loss) {
-            self.local.injected += 1;
-            return;
+        let mut lost = false;
+        for _ in 0..self.faults.admit(now, bytes, &mut lost) {
+            self.handle_frame(now, bytes, tx);
         }
-        let copies = if r.chance(f.dup) { 2 } else { 1 };
-        for _ in 0..copies {
-            let r = &mut self.fault_rng;
-            if r.chance(f.reorder) {
-                let hold = std::time::Duration::from_micros(100 + r.below(1900));
-                self.delayed.push((now + hold, bytes.to_vec()));
-            } else {
-                self.handle_frame(now, bytes, tx);
-            }
+        if lost {
+            self.local.injected += 1;
         }
     }
 
     /// Delivers held-back frames that are due.
     fn release_delayed<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
-        if self.delayed.is_empty() {
-            return false;
+        let due = self.faults.take_due(now);
+        for b in &due {
+            self.handle_frame(now, b, tx);
         }
-        let mut due = Vec::new();
-        self.delayed.retain(|(t, b)| {
-            if *t <= now {
-                due.push(b.clone());
-                false
-            } else {
-                true
-            }
-        });
-        let busy = !due.is_empty();
-        for b in due {
-            self.handle_frame(now, &b, tx);
-        }
-        busy
+        !due.is_empty()
     }
 
     /// Hands what the core has to send to `send` and delivers its events,
@@ -595,7 +527,7 @@ impl Node {
         let mut busy = false;
         while let Some(c) = self.commands.pop() {
             // A ping waits for the one before it.
-            if matches!(c, Command::Ping(_)) && self.ping.is_some() {
+            if matches!(c, Command::Ping(_)) && self.probe.running() {
                 let _ = self.commands.push(c);
                 break;
             }
@@ -641,7 +573,7 @@ impl Node {
 impl<D: Device> Handler<D> for Node {
     fn on_rx(&mut self, now: Instant, rx: &mut Vec<D::Buf>, tx: &mut Tx<'_, D>) {
         for f in rx.drain(..) {
-            if self.cfg.faults.active() {
+            if self.faults.active() {
                 self.inject(now, f.as_ref(), tx);
             } else {
                 self.handle_frame(now, f.as_ref(), tx);
@@ -656,7 +588,11 @@ impl<D: Device> Handler<D> for Node {
     fn poll(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
         let mut busy = self.serve_inputs(now);
         busy |= self.release_delayed(now, tx);
-        busy |= self.drive_ping(now, tx);
+        let (pinged, echo) = self.probe.drive(now, &mut self.ep, tx.mac());
+        busy |= pinged;
+        if let Some(r) = echo {
+            self.send(tx, r);
+        }
         busy |= self.flush_core(now, |n, r| n.send(tx, r));
         busy |= self.ep.release_held();
         busy |= self.stream_tx(now, tx);
@@ -676,11 +612,11 @@ impl<D: Device> Handler<D> for Node {
         notify::wake_due();
     }
     fn awaiting(&self) -> bool {
-        self.ep.awaiting_answer() || self.ping.is_some()
+        self.ep.awaiting_answer() || self.probe.running()
     }
     fn next_deadline(&self) -> Option<Instant> {
-        let p = self.ping.as_ref().map(ActivePing::next_timer);
-        let d = self.delayed.iter().map(|(t, _)| *t).min();
+        let p = self.probe.next_timer();
+        let d = self.faults.next_due();
         let o = self.next_orphan_check();
         [p, self.ep.poll_timeout(), d, o]
             .into_iter()
@@ -690,6 +626,23 @@ impl<D: Device> Handler<D> for Node {
 }
 
 impl Node {
+    /// Publishes the counters (on the drain tick, or when a report asks).
+    fn publish(&mut self) {
+        let more = counters::Contributions {
+            resolve_conflicts: self.ep.resolver().conflicts(),
+            notifier_skipped: self
+                .procs
+                .values()
+                .filter_map(|p| p.shared.notifier.get())
+                .map(|n| n.skipped())
+                .sum(),
+            attached: self.procs.len() as u64,
+            connections: self.streams.len() as u64,
+        };
+        self.published
+            .publish(&mut self.local, self.ep.stats(), more);
+    }
+
     /// Takes the host's SAN addresses and subnets if they changed (on the
     /// tick, and before counters are published on request: a caller that
     /// saw the new addresses in `status` and then asks for counters knows

@@ -1,10 +1,9 @@
 //! Echo probes (`dsanctl ping`): resolve a SAN address, then send echo
 //! requests one at a time and time the replies.
 
-use super::Node;
-use crate::device::Device;
-use crate::engine::Tx;
 use crate::proto::resolve::Lookup;
+use crate::proto::rng::OsRng;
+use crate::proto::Endpoint;
 use crate::time::Instant;
 use crate::wire::{EthernetAddress, Ipv4, Message, Repr, SanHeader};
 use std::sync::mpsc::Sender;
@@ -44,18 +43,18 @@ pub struct PingResult {
     pub rtt_ns: Vec<u64>,
 }
 
-pub(super) struct ActivePing {
-    pub(super) req: PingRequest,
-    pub(super) started: Instant,
-    pub(super) result: PingResult,
+struct ActivePing {
+    req: PingRequest,
+    started: Instant,
+    result: PingResult,
     /// Sequence and send time of the probe in flight.
-    pub(super) in_flight: Option<(u64, Instant)>,
-    pub(super) next_at: Instant,
+    in_flight: Option<(u64, Instant)>,
+    next_at: Instant,
 }
 
 impl ActivePing {
     /// A probe starting now.
-    pub(super) fn new(req: PingRequest, now: Instant) -> ActivePing {
+    fn new(req: PingRequest, now: Instant) -> ActivePing {
         ActivePing {
             req,
             started: now,
@@ -66,7 +65,7 @@ impl ActivePing {
     }
 
     /// When the probe next needs attention.
-    pub(super) fn next_timer(&self) -> Instant {
+    fn next_timer(&self) -> Instant {
         match self.in_flight {
             Some((_, t)) => t + self.req.timeout,
             None => self.next_at,
@@ -75,7 +74,7 @@ impl ActivePing {
 
     /// An echo reply from `src` with `seq` arrived at `now`; returns false if
     /// it was not the one awaited.
-    pub(super) fn on_reply(&mut self, now: Instant, src: Ipv4, seq: u64) -> bool {
+    fn on_reply(&mut self, now: Instant, src: Ipv4, seq: u64) -> bool {
         match self.in_flight {
             Some((s, sent_at)) if s == seq && src == self.req.dst => {
                 self.result.received += 1;
@@ -91,18 +90,57 @@ impl ActivePing {
     }
 }
 
-impl Node {
-    pub(super) fn drive_ping<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
-        let Some(mut p) = self.ping.take() else {
-            return false;
+/// The lcore's echo probe: at most one runs at a time (the control
+/// thread's queue order serialises them).
+#[derive(Default)]
+pub(super) struct Probe(Option<ActivePing>);
+
+impl Probe {
+    /// Whether a probe runs.
+    pub(super) fn running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Starts `req`; a probe still running is finished first (only a caller
+    /// that bypassed the queue gets here with one).
+    pub(super) fn start(&mut self, req: PingRequest, now: Instant) {
+        if let Some(old) = self.0.replace(ActivePing::new(req, now)) {
+            let _ = old.req.reply.send(old.result);
+        }
+    }
+
+    /// When the running probe next needs attention.
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        self.0.as_ref().map(ActivePing::next_timer)
+    }
+
+    /// An echo reply from `src` with `seq` arrived; false if no probe
+    /// awaited it.
+    pub(super) fn on_reply(&mut self, now: Instant, src: Ipv4, seq: u64) -> bool {
+        self.0.as_mut().is_some_and(|p| p.on_reply(now, src, seq))
+    }
+
+    /// Moves the running probe on: resolves its destination through the
+    /// core's resolver, times out the probe in flight, finishes it, or
+    /// returns the next echo request to send (from `mac`, this port's
+    /// address). The bool: whether anything happened.
+    pub(super) fn drive(
+        &mut self,
+        now: Instant,
+        ep: &mut Endpoint<OsRng>,
+        mac: EthernetAddress,
+    ) -> (bool, Option<Repr>) {
+        let Some(mut p) = self.0.take() else {
+            return (false, None);
         };
         if p.req.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             let _ = p.req.reply.send(p.result);
-            return true;
+            return (true, None);
         }
         let mut busy = false;
+        let mut echo = None;
         if p.result.mac.is_none() {
-            match self.ep.resolver_mut().lookup(now, p.req.dst) {
+            match ep.resolver_mut().lookup(now, p.req.dst) {
                 Lookup::Found(mac) => {
                     p.result.mac = Some(mac);
                     p.result.resolve_ns = now.saturating_since(p.started).as_nanos() as u64;
@@ -112,11 +150,11 @@ impl Node {
                 Lookup::Pending if now.saturating_since(p.started) < p.req.timeout => {}
                 _ => {
                     let _ = p.req.reply.send(p.result);
-                    return true;
+                    return (true, None);
                 }
             }
         }
-        if let Some(mac) = p.result.mac {
+        if let Some(dst_mac) = p.result.mac {
             if let Some((_, sent_at)) = p.in_flight {
                 if now.saturating_since(sent_at) >= p.req.timeout {
                     p.in_flight = None; // lost
@@ -126,41 +164,33 @@ impl Node {
             if p.in_flight.is_none() {
                 if p.result.sent >= p.req.count {
                     let _ = p.req.reply.send(p.result);
-                    return true;
+                    return (true, None);
                 }
                 if now >= p.next_at {
                     let seq = u64::from(p.result.sent);
-                    let src_ip = self
-                        .ep
-                        .addrs()
-                        .first()
-                        .copied()
-                        .unwrap_or(Ipv4::UNSPECIFIED);
+                    let src_ip = ep.addrs().first().copied().unwrap_or(Ipv4::UNSPECIFIED);
                     let header = SanHeader {
-                        dst_mac: mac,
-                        src_mac: tx.mac(),
+                        dst_mac,
+                        src_mac: mac,
                         src_ip,
                         src_port: 0,
                         dst_ip: p.req.dst,
                         dst_port: 0,
                     };
-                    self.send(
-                        tx,
-                        Repr {
-                            header,
-                            message: Message::EchoRequest {
-                                seq,
-                                stamp: now.as_nanos(),
-                            },
+                    echo = Some(Repr {
+                        header,
+                        message: Message::EchoRequest {
+                            seq,
+                            stamp: now.as_nanos(),
                         },
-                    );
+                    });
                     p.result.sent += 1;
                     p.in_flight = Some((seq, now));
                     busy = true;
                 }
             }
         }
-        self.ping = Some(p);
-        busy
+        self.0 = Some(p);
+        (busy, echo)
     }
 }

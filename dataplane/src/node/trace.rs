@@ -5,7 +5,6 @@
 //! clock on one machine; between two machines, hops compare within a host
 //! only). Off, it costs one branch per hop.
 
-use super::Node;
 use crate::proto::ConnHandle;
 use crate::wire::Message;
 use dsan_channel::sys::monotonic_ns;
@@ -81,15 +80,15 @@ pub enum TraceAction {
 pub const TRACE_CAPACITY: usize = 1 << 16;
 
 #[derive(Debug, Default)]
-pub(super) struct Tracer {
+struct Tracer {
     events: Vec<TraceEvent>,
     /// Client side: the wire id of each connect attempt traced, until its outcome.
     ids: HashMap<ConnHandle, u64>,
-    pub(super) dropped: u64,
+    dropped: u64,
 }
 
 impl Tracer {
-    pub(super) fn push(&mut self, conn_id: u64, hop: Hop) {
+    fn push(&mut self, conn_id: u64, hop: Hop) {
         if self.events.len() < TRACE_CAPACITY {
             self.events.push(TraceEvent {
                 conn_id,
@@ -102,34 +101,45 @@ impl Tracer {
     }
 }
 
-impl Node {
+/// Connection-setup tracing: off (nothing kept, one test per stamp) until
+/// started.
+#[derive(Debug, Default)]
+pub(super) struct Trace(Option<Box<Tracer>>);
+
+impl Trace {
     /// Starts or stops tracing; a stop returns the stamps and how many did
     /// not fit.
-    pub(super) fn trace_control(&mut self, a: TraceAction) -> (Vec<TraceEvent>, u64) {
+    pub(super) fn control(&mut self, a: TraceAction) -> (Vec<TraceEvent>, u64) {
         match a {
             TraceAction::Start => {
-                self.trace = Some(Box::default());
+                self.0 = Some(Box::default());
                 (Vec::new(), 0)
             }
             TraceAction::Stop => self
-                .trace
+                .0
                 .take()
                 .map_or((Vec::new(), 0), |t| (t.events, t.dropped)),
         }
     }
 
+    /// Whether tracing is on.
+    #[inline]
+    pub(super) fn on(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Stamps `hop` of connection `conn_id`.
     #[inline]
-    pub(super) fn trace(&mut self, conn_id: u64, hop: Hop) {
-        if let Some(t) = self.trace.as_mut() {
+    pub(super) fn stamp(&mut self, conn_id: u64, hop: Hop) {
+        if let Some(t) = self.0.as_mut() {
             t.push(conn_id, hop);
         }
     }
 
     /// Stamps a setup frame going out or coming in.
     #[inline]
-    pub(super) fn trace_frame(&mut self, m: &Message, sent: bool) {
-        if self.trace.is_none() {
+    pub(super) fn frame(&mut self, m: &Message, sent: bool) {
+        if self.0.is_none() {
             return;
         }
         let (id, hop) = match (m, sent) {
@@ -141,25 +151,21 @@ impl Node {
             (Message::Reject { conn_id, .. }, false) => (*conn_id, Hop::RejectReceived),
             _ => return,
         };
-        self.trace(id, hop);
+        self.stamp(id, hop);
     }
 
-    /// Client side: the lcore took a connect command for attempt `h`.
-    pub(super) fn trace_connect(&mut self, h: ConnHandle) {
-        if self.trace.is_none() {
-            return;
-        }
-        if let Some((_, _, id)) = self.ep.attempt(h) {
-            if let Some(t) = self.trace.as_mut() {
-                t.ids.insert(h, id);
-                t.push(id, Hop::ClientCommand);
-            }
+    /// Client side: the lcore took a connect command for attempt `h`, whose
+    /// wire id is `id`.
+    pub(super) fn connect(&mut self, h: ConnHandle, id: u64) {
+        if let Some(t) = self.0.as_mut() {
+            t.ids.insert(h, id);
+            t.push(id, Hop::ClientCommand);
         }
     }
 
     /// Client side: the outcome of attempt `h` was posted.
-    pub(super) fn trace_completed(&mut self, h: ConnHandle) {
-        if let Some(t) = self.trace.as_mut() {
+    pub(super) fn completed(&mut self, h: ConnHandle) {
+        if let Some(t) = self.0.as_mut() {
             if let Some(id) = t.ids.remove(&h) {
                 t.push(id, Hop::Completed);
             }

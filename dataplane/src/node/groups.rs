@@ -31,7 +31,7 @@ pub(super) struct Groups {
     buf: Vec<(u64, u32)>,
 }
 
-type Procs = HashMap<u64, Proc>;
+type ProcMap = HashMap<u64, Proc>;
 
 impl Groups {
     /// The socket that owns listener `l`.
@@ -51,7 +51,7 @@ impl Groups {
     /// Whether process `id` (whose parent is `ppid`) may join listener `l`:
     /// its owner is a sibling (the same parent, proven by pidfds where there
     /// are), not the process itself, of the same user.
-    pub(super) fn may_join(&self, procs: &Procs, l: ListenerId, id: u64, ppid: u32) -> bool {
+    pub(super) fn may_join(&self, procs: &ProcMap, l: ListenerId, id: u64, ppid: u32) -> bool {
         let Some(me) = procs.get(&id) else {
             return false;
         };
@@ -70,7 +70,7 @@ impl Groups {
     /// listener was made with it, and its owner is another process of the
     /// same user (as the kernel groups TCP listeners: same address, the
     /// option on every socket, one effective user).
-    pub(super) fn may_share(&self, procs: &Procs, l: ListenerId, id: u64) -> bool {
+    pub(super) fn may_share(&self, procs: &ProcMap, l: ListenerId, id: u64) -> bool {
         let Some(me) = procs.get(&id) else {
             return false;
         };
@@ -140,7 +140,7 @@ impl Groups {
     /// Listener `l` closes: it has no owner any more, and its members'
     /// sockets (in `procs`) learn it (the owner's is the caller's
     /// business). Returns the members.
-    pub(super) fn disband(&mut self, procs: &mut Procs, l: ListenerId) -> Vec<(u64, u32)> {
+    pub(super) fn disband(&mut self, procs: &mut ProcMap, l: ListenerId) -> Vec<(u64, u32)> {
         self.owner.remove(&l);
         self.turns.remove(&l);
         self.reuse_port.remove(&l);

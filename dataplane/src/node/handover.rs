@@ -12,7 +12,7 @@
 //! connection's). A process that can read the connection's claim key (from
 //! its parent's region, which a forked child has mapped) moves the
 //! connection to a socket of its own ([`Op::Claim`](dsan_channel::msg::Op::Claim));
-//! the socket it came from is then *away* ([`SockObj::Away`], its block
+//! the socket it came from is then *away* ([`SockObj::Away`](super::apps::SockObj::Away), its block
 //! marked `ST_MOVED`; its next call takes the connection back). When the
 //! serving socket lets go (close, abort, exit) the connection moves to a
 //! socket still holding it; with none left but a life still held (a child
@@ -21,11 +21,10 @@
 //! then does it close. So a connection ends with its last holder, as a TCP
 //! socket shared across fork does.
 
-use super::apps::{errno, SockObj};
-use super::counters::Quota;
-use super::Node;
 use crate::proto::ConnHandle;
 use crate::time::Instant;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -43,60 +42,51 @@ fn held(fd: &OwnedFd) -> bool {
 /// registered it (its share of event descriptors counts it), and the
 /// pipe's inode (which names the life to a holder of a write end).
 #[derive(Debug)]
-pub(super) struct Life {
+struct Life {
     fd: OwnedFd,
     owner: u64,
     ino: u64,
 }
 
-impl Node {
-    /// Registers the life of the connection socket `sock` of process `app`
-    /// holds (see the module docs). One per connection: a second is
-    /// dropped. Counted against the user's share of event descriptors.
-    ///
-    /// # Errors
-    /// ESRCH (no such process), ENOTCONN (no connection there), EMFILE
-    /// (the user's share is used up).
-    pub(super) fn set_life(&mut self, app: u64, sock: u32, fd: OwnedFd) -> Result<(), i32> {
-        let p = self.procs.get(&app).ok_or(libc::ESRCH)?;
-        let h = match p.socks.get(&sock) {
-            Some(SockObj::Conn(h) | SockObj::Away(h)) => *h,
-            _ => return Err(libc::ENOTCONN),
-        };
-        if self.streams.get(&h).is_none() {
-            return Err(libc::ENOTCONN);
+/// Who else holds each connection: the sockets that hold it from afar,
+/// its life, its claim key, and the orphans. The moves themselves (rings
+/// from one socket to another) are [`super::streams`]'; the claims and
+/// hand-backs that decide them are [`super::apps`]'.
+pub(super) struct Shares {
+    /// Connections also held by sockets other than the one serving them
+    /// (their rings moved away: a forked child claimed the connection):
+    /// those sockets, by connection. Empty unless processes share one.
+    away: HashMap<ConnHandle, Vec<(u64, u32)>>,
+    /// The keys of every connection's claim key (see [`Shares::claim_key`]).
+    keys: RandomState,
+    /// Connections that processes may share: their lives ...
+    life: HashMap<ConnHandle, Life>,
+    /// ... and their claim keys.
+    claimable: HashMap<u64, ConnHandle>,
+    /// Connections no socket holds any more while a life still does.
+    orphans: Vec<ConnHandle>,
+    orphan_check_at: Instant,
+}
+
+impl Default for Shares {
+    fn default() -> Shares {
+        Shares {
+            away: HashMap::new(),
+            keys: RandomState::new(),
+            life: HashMap::new(),
+            claimable: HashMap::new(),
+            orphans: Vec::new(),
+            orphan_check_at: Instant::ZERO,
         }
-        if self.life.contains_key(&h) {
-            return Ok(());
-        }
-        let uid = p.shared.uid;
-        if uid != 0 {
-            let used: u64 = self
-                .procs
-                .values()
-                .filter(|q| q.shared.uid == uid)
-                .map(|q| u64::from(q.event_fds))
-                .sum();
-            if used + 1 > u64::from(self.cfg.uid_event_fds) {
-                self.local.quota_refusals[Quota::EventFds as usize] += 1;
-                return Err(libc::EMFILE);
-            }
-        }
-        let Some(ino) = dsan_channel::sys::pipe_inode(fd.as_raw_fd()) else {
-            return Err(libc::EINVAL);
-        };
-        self.procs.get_mut(&app).expect("present").event_fds += 1;
-        self.life.insert(
-            h,
-            Life {
-                fd,
-                owner: app,
-                ino,
-            },
-        );
-        let key = self.claim_key(h);
-        self.claimable.insert(key, h);
-        Ok(())
+    }
+}
+
+impl Shares {
+    /// The claim key of connection `h`: SipHash of its handle under the
+    /// daemon's random keys (nothing stored per connection; a process
+    /// learns it only from a stream block the connection had in its region).
+    pub(super) fn claim_key(&self, h: ConnHandle) -> u64 {
+        self.keys.hash_one((h.slot(), h.tag()))
     }
 
     /// Whether other sockets or processes may hold `h` (one holds it from
@@ -105,105 +95,50 @@ impl Node {
         self.away.contains_key(&h) || self.life.contains_key(&h)
     }
 
+    /// Whether `h` has a life.
+    pub(super) fn has_life(&self, h: ConnHandle) -> bool {
+        self.life.contains_key(&h)
+    }
+
     /// Whether a process other than the one letting go still holds `h`
     /// (its life has not hung up).
-    fn life_held(&self, h: ConnHandle) -> bool {
+    pub(super) fn life_held(&self, h: ConnHandle) -> bool {
         self.life.get(&h).is_some_and(|l| held(&l.fd))
     }
 
-    /// Connection `h` ended: its life and claim key go.
-    pub(super) fn forget_shared(&mut self, h: ConnHandle) {
-        if let Some(Life { owner, .. }) = self.life.remove(&h) {
-            if let Some(p) = self.procs.get_mut(&owner) {
-                p.event_fds = p.event_fds.saturating_sub(1);
-            }
-            let key = self.claim_key(h);
-            self.claimable.remove(&key);
-        }
-        self.orphans.retain(|o| *o != h);
+    /// `h`'s life is the pipe `fd` (inode `ino`), registered by process
+    /// `owner`: `h` may be claimed from now on.
+    pub(super) fn add_life(&mut self, h: ConnHandle, fd: OwnedFd, owner: u64, ino: u64) {
+        self.life.insert(h, Life { fd, owner, ino });
+        let key = self.claim_key(h);
+        self.claimable.insert(key, h);
     }
 
-    /// The claim key of the connection whose life is the pipe `ino`, for
-    /// process `app`, which holds a write end of it (the control thread
-    /// took the inode from the descriptor the process sent): a socket
-    /// received in an `SCM_RIGHTS` message comes with its life, and a
-    /// holder of the life holds the connection. The claim itself is then
-    /// [`Node::app_claim`]'s (which checks the user again). A walk over the
-    /// lives, only on such a request.
-    ///
-    /// # Errors
-    /// ESRCH (no such process), ENOTCONN (no such life: the connection
-    /// ended), EACCES (another user's connection; counted as a refused
-    /// claim).
-    pub(super) fn life_key(&mut self, app: u64, ino: u64) -> Result<u64, i32> {
-        let uid = self.procs.get(&app).ok_or(libc::ESRCH)?.shared.uid;
-        let h = self
-            .life
+    /// The connection claim key `key` names.
+    pub(super) fn by_key(&self, key: u64) -> Option<ConnHandle> {
+        self.claimable.get(&key).copied()
+    }
+
+    /// The connection whose life is the pipe with inode `ino` (a walk over
+    /// the lives, only on a holder's request).
+    pub(super) fn by_life(&self, ino: u64) -> Option<ConnHandle> {
+        self.life
             .iter()
             .find(|(_, l)| l.ino == ino)
             .map(|(h, _)| *h)
-            .ok_or(libc::ENOTCONN)?;
-        let (_, _, suid, _) = self.serving(h).ok_or(libc::ENOTCONN)?;
-        if uid != 0 && uid != suid {
-            self.local.claims_refused += 1;
-            return Err(libc::EACCES);
-        }
-        Ok(self.claim_key(h))
     }
 
-    /// Socket `sock` of process `id` claims the connection whose claim key
-    /// is `key`; `from` names the socket it knew it by (itself, for a
-    /// socket taking back a connection that moved away). Checked: the key
-    /// names a connection that someone may share (it has a life), of the
-    /// claimer's user (or the claimer is root), and `sock` is free (or is
-    /// that very socket, away).
-    pub(super) fn app_claim(
-        &mut self,
-        now: Instant,
-        id: u64,
-        sock: u32,
-        from: (u64, u32),
-        key: u64,
-    ) -> Option<i64> {
-        let Some(&h) = self.claimable.get(&key) else {
-            self.local.claims_refused += 1;
-            return errno(libc::EBADF);
-        };
-        let Some((spid, ssock, suid, orphan)) = self.serving(h) else {
-            return errno(libc::ENOTCONN);
-        };
-        let me = &self.procs[&id];
-        if me.shared.uid != 0 && me.shared.uid != suid {
-            self.local.claims_refused += 1;
-            return errno(libc::EACCES);
-        }
-        match me.socks.get(&sock) {
-            None if from != (id, sock) => {}
-            Some(SockObj::Away(x)) if from == (id, sock) && *x == h => {}
-            Some(SockObj::Conn(x)) if *x == h => return Some(0),
-            _ => return errno(libc::EINVAL),
-        }
-        if !self.move_stream(now, h, id, sock) {
-            return errno(libc::ENOTCONN);
-        }
-        let list = self.away.entry(h).or_default();
-        list.retain(|x| *x != (id, sock));
-        if !orphan {
-            list.push((spid, ssock));
-        }
-        if list.is_empty() {
-            self.away.remove(&h);
-        }
-        if !orphan {
-            if let Some(p) = self.procs.get_mut(&spid) {
-                p.socks.insert(ssock, SockObj::Away(h));
-            }
-        }
+    /// Connection `h` ended: its life and claim key go, and it is no
+    /// orphan. Returns the process that registered the life (its share of
+    /// event descriptors counted it).
+    pub(super) fn forget(&mut self, h: ConnHandle) -> Option<u64> {
+        let owner = self.life.remove(&h).map(|Life { owner, .. }| {
+            let key = self.claim_key(h);
+            self.claimable.remove(&key);
+            owner
+        });
         self.orphans.retain(|o| *o != h);
-        if let Some(p) = self.procs.get_mut(&id) {
-            p.socks.insert(sock, SockObj::Conn(h));
-        }
-        Some(0)
+        owner
     }
 
     /// Socket `sock` of process `id`, which held `h` from afar, lets go of it.
@@ -216,75 +151,54 @@ impl Node {
         }
     }
 
-    /// The socket serving `h` lets go of it (its close, or its process
-    /// leaving): true if the connection stays open, moved to another socket
-    /// holding it or kept as an orphan for a process that holds it without
-    /// having claimed it yet; false when nobody else holds it.
-    pub(super) fn hand_back(&mut self, now: Instant, h: ConnHandle) -> bool {
-        while let Some(next) = self.away.get_mut(&h).and_then(Vec::pop) {
-            let holds = self.procs.get(&next.0).is_some_and(|p| {
-                !p.condemned && matches!(p.socks.get(&next.1), Some(SockObj::Away(x)) if *x == h)
-            });
-            if holds && self.move_stream(now, h, next.0, next.1) {
-                if let Some(p) = self.procs.get_mut(&next.0) {
-                    p.socks.insert(next.1, SockObj::Conn(h));
-                }
-                if self.away.get(&h).is_some_and(Vec::is_empty) {
-                    self.away.remove(&h);
-                }
-                return true;
-            }
-        }
-        self.away.remove(&h);
-        if self.life_held(h) && self.orphan_stream(h) {
-            self.orphans.push(h);
-            return true;
-        }
-        false
+    /// The next socket holding `h` from afar, taken off its list (the
+    /// last one pushed first).
+    pub(super) fn next_holder(&mut self, h: ConnHandle) -> Option<(u64, u32)> {
+        self.away.get_mut(&h).and_then(Vec::pop)
     }
 
-    /// Process `id` leaves: the sockets through which it held connections
-    /// from afar let go, and the connections it served stay with their
-    /// other holders. Returns the sockets done with here (the caller
-    /// releases the rest).
-    pub(super) fn hand_over_all(&mut self, now: Instant, id: u64) -> Vec<u32> {
-        let Some(p) = self.procs.get(&id) else {
-            return Vec::new();
-        };
-        let mut held: Vec<(u32, SockObj)> = p
-            .socks
-            .iter()
-            .filter(|(_, o)| matches!(o, SockObj::Conn(_) | SockObj::Away(_)))
-            .map(|(s, o)| (*s, *o))
-            .collect();
-        held.sort_unstable_by_key(|(s, _)| *s);
-        let mut done = Vec::new();
-        for (sock, obj) in held {
-            match obj {
-                SockObj::Away(h) => {
-                    self.let_go(h, id, sock);
-                    done.push(sock);
-                }
-                SockObj::Conn(h) if self.shared(h) && self.hand_back(now, h) => {
-                    done.push(sock);
-                }
-                _ => {}
-            }
+    /// `h` moved to a holder: its list goes if it is empty now.
+    pub(super) fn tidy(&mut self, h: ConnHandle) {
+        if self.away.get(&h).is_some_and(Vec::is_empty) {
+            self.away.remove(&h);
         }
-        if let Some(p) = self.procs.get_mut(&id) {
-            for s in &done {
-                p.socks.remove(s);
-            }
+    }
+
+    /// Nobody holds `h` from afar any more; returns who did.
+    pub(super) fn take_away(&mut self, h: ConnHandle) -> Option<Vec<(u64, u32)>> {
+        self.away.remove(&h)
+    }
+
+    /// `claimer` claimed `h`: it holds it from afar no more, and `previous`
+    /// (the socket that served it, unless it was an orphan) does now.
+    pub(super) fn claimed(
+        &mut self,
+        h: ConnHandle,
+        claimer: (u64, u32),
+        previous: Option<(u64, u32)>,
+    ) {
+        let list = self.away.entry(h).or_default();
+        list.retain(|x| *x != claimer);
+        if let Some(p) = previous {
+            list.push(p);
         }
-        done
+        if list.is_empty() {
+            self.away.remove(&h);
+        }
+        self.orphans.retain(|o| *o != h);
+    }
+
+    /// `h` is an orphan now: no socket holds it, its life does.
+    pub(super) fn orphan(&mut self, h: ConnHandle) {
+        self.orphans.push(h);
     }
 
     /// Orphans whose life hung up (every holder is gone without claiming
-    /// them) close now, as their last holder's close would have. Looked at
-    /// every [`ORPHAN_CHECK`].
-    pub(super) fn check_orphans(&mut self, now: Instant) {
+    /// them), taken off the list: they close now, as their last holder's
+    /// close would have. Looked at every [`ORPHAN_CHECK`].
+    pub(super) fn hung_up_orphans(&mut self, now: Instant) -> Vec<ConnHandle> {
         if self.orphans.is_empty() || now < self.orphan_check_at {
-            return;
+            return Vec::new();
         }
         self.orphan_check_at = now + ORPHAN_CHECK;
         let gone: Vec<ConnHandle> = self
@@ -293,10 +207,8 @@ impl Node {
             .copied()
             .filter(|h| !self.life_held(*h))
             .collect();
-        for h in gone {
-            self.orphans.retain(|o| *o != h);
-            self.close_orphan(now, h);
-        }
+        self.orphans.retain(|o| !gone.contains(o));
+        gone
     }
 
     /// When the orphans are next looked at.

@@ -3,29 +3,28 @@
 //!
 //! | file | job | owns |
 //! |---|---|---|
-//! | `mod.rs` | the [`Node`]: frames in and out, commands from the control thread, the pass | the core, the parts below |
-//! | `apps` | attached processes: their command rings, sockets, event descriptors | (the [`Node`]'s process table) |
-//! | `events` | the protocol core's events delivered into processes' regions | - |
-//! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled | `StreamTable` |
-//! | `handover` | connections shared across fork: lives, claims, hand-backs, orphans | - |
+//! | `mod.rs` | the [`Node`]: frames in and out, commands from the control thread, the core's events handed to the part they concern, the pass | the core and the parts below |
+//! | `apps` | attached processes: their command rings, sockets and event descriptors; the requests and connect outcomes the core delivers to them; claims and hand-backs of shared connections | `Apps` (with `Procs`, and `Groups` and `Quotas` below) |
+//! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled, rings moved between sockets | `Streams` (with `Shares` below) |
+//! | `handover` | who else holds a connection shared across fork: lives, claim keys, sockets holding it from afar, orphans | `Shares` |
 //! | `groups` | listeners shared by forked workers and by SO_REUSEPORT | `Groups` |
 //! | `quotas` | one user's shares of listeners, attempts and connections | `Quotas` |
 //! | `faults` | the lab's fault injector on received frames | `FaultInjector` |
+//! | `signal` | completing a socket's command and raising its event bits | - |
 //! | `notify` | wake-ups at the end of a pass: wake sockets signalled by the lcore itself, eventfds by the process's notifier thread | the pass's wake list |
 //! | `probe` | echo probes (`dsanctl ping`) | `Probe` |
 //! | `trace` | connection-setup tracing (`dsanctl trace`) | `Trace` |
 //! | `counters` | counters, published as one [`Counters`] snapshot | `Local`, `Publisher` |
 //!
-//! The parts with an owner have their state and their methods in their own
-//! file; the [`Node`] hands them what else they need (the core, the
-//! process table, the counters) as arguments. `apps`, `events`, `streams`
-//! and `handover` are still methods of the [`Node`] itself, because each
-//! works on the process table, the streams and the shared connections
-//! together.
+//! Each part has its state and its methods in its own file, and no struct
+//! is implemented in more than one. A part gets what else it works with as
+//! arguments: the application side gets the rest of the node lent in a
+//! `Ctx` (the core, the streams, the counters, the tracer, the
+//! configuration); the streams get the core, the process table (to signal
+//! a socket) and the counters.
 
 mod apps;
 mod counters;
-mod events;
 mod faults;
 mod groups;
 mod handover;
@@ -51,15 +50,13 @@ pub use trace::{Hop, TraceAction, TraceEvent, TRACE_CAPACITY};
 use crate::device::Device;
 use crate::engine::{Handler, Tx};
 use crate::proto::rng::OsRng;
-use crate::proto::{ConnHandle, Endpoint, ProtoConfig};
+use crate::proto::{Endpoint, Event, ProtoConfig};
 use crate::time::Instant;
 use crate::wire::{self, EthernetAddress, Ipv4, Message, Repr, SanHeader};
-use apps::Proc;
 use counters::Local;
 use crossbeam_queue::ArrayQueue;
 use dsan_channel::ring::Consumer;
 use probe::Probe;
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
@@ -199,48 +196,33 @@ impl Default for NodeConfig {
 /// The daemon's handler.
 pub struct Node {
     cfg: NodeConfig,
+    /// The protocol core.
     ep: Endpoint<OsRng>,
     addrs: Arc<RwLock<Vec<Ipv4>>>,
     addrs_seen: u64,
     addrs_version: Arc<AtomicU64>,
     subnets: Arc<RwLock<Vec<crate::proto::Subnet>>>,
     commands: Arc<ArrayQueue<Command>>,
-    probe: Probe,
-    procs: HashMap<u64, Proc>,
-    /// The keys of `procs`, for the loop to walk without allocating.
-    proc_ids: Vec<u64>,
-    /// Processes that broke the channel's protocol, detached by
-    /// [`Node::reap`] once nothing walks the process list (never from
-    /// inside a walk: a detach changes `proc_ids`).
-    condemned: Vec<u64>,
-    /// Which sockets serve each SAN listener (see [`groups`]).
-    groups: groups::Groups,
-    conn_owner: HashMap<ConnHandle, (u64, u32)>,
-    /// Connections also held by sockets other than the one serving them
-    /// (their rings moved away: a forked child claimed the connection):
-    /// those sockets, by connection. Empty unless processes share one.
-    away: HashMap<ConnHandle, Vec<(u64, u32)>>,
-    /// The keys of every connection's claim key (see `claim_key`).
-    claim_keys: std::hash::RandomState,
-    /// Connections that processes may share (see [`handover`]): their
-    /// lives (the read end of a pipe, and the process that registered it) ...
-    life: HashMap<ConnHandle, handover::Life>,
-    /// ... and their claim keys.
-    claimable: HashMap<u64, ConnHandle>,
-    /// Connections no socket holds any more while a life still does.
-    orphans: Vec<ConnHandle>,
-    orphan_check_at: Instant,
+    /// The attached processes, their listeners' groups, the users' quotas.
+    apps: apps::Apps,
+    /// The connections' rings, and who holds each connection.
+    streams: streams::Streams,
     local: Local,
     published: counters::Publisher,
-    streams: streams::StreamTable,
-    /// Per user (not root): listeners and attempts held.
-    quotas: quotas::Quotas,
-    /// The version of the kernel TCP listener table last checked against
-    /// the SAN listeners (see `revoke_foreign_listeners`).
-    owners_seen: u64,
+    probe: Probe,
     faults: faults::FaultInjector,
     /// Connection-setup stamps, while tracing.
     trace: trace::Trace,
+}
+
+/// What the application side ([`apps::Apps`]) works with besides its own
+/// state: the rest of the node, lent for one call.
+pub(super) struct Ctx<'a> {
+    ep: &'a mut Endpoint<OsRng>,
+    streams: &'a mut streams::Streams,
+    local: &'a mut Local,
+    trace: &'a mut trace::Trace,
+    cfg: &'a NodeConfig,
 }
 
 /// The control side's handle to a running node.
@@ -287,24 +269,11 @@ impl Node {
             addrs_version: h.addrs_version.clone(),
             subnets: h.subnets.clone(),
             commands: h.commands.clone(),
-            probe: Probe::default(),
-            procs: HashMap::new(),
-            proc_ids: Vec::new(),
-            condemned: Vec::new(),
-            groups: groups::Groups::default(),
-            conn_owner: HashMap::new(),
-            away: HashMap::new(),
-            claim_keys: std::hash::RandomState::new(),
-            life: HashMap::new(),
-            claimable: HashMap::new(),
-            orphans: Vec::new(),
-            orphan_check_at: Instant::ZERO,
+            apps: apps::Apps::default(),
+            streams: streams::Streams::default(),
             local: Local::default(),
             published: counters::Publisher::new(h.stats.clone()),
-            streams: streams::StreamTable::default(),
-
-            owners_seen: 0,
-            quotas: quotas::Quotas::default(),
+            probe: Probe::default(),
             faults,
             trace: trace::Trace::default(),
         };
@@ -372,7 +341,14 @@ impl Node {
             }
             _ => {
                 if let Some(a) = self.ep.handle_frame(now, &repr) {
-                    self.stream_arrival(&repr.message, a, wire::payload(bytes));
+                    self.streams.arrival(
+                        &repr.message,
+                        a,
+                        wire::payload(bytes),
+                        &self.ep,
+                        &self.apps.procs,
+                        &mut self.local,
+                    );
                 }
             }
         }
@@ -381,7 +357,7 @@ impl Node {
     fn control(&mut self, now: Instant, c: Command) {
         match c {
             Command::Ping(req) => self.probe.start(req, now),
-            Command::Attach(app, cmds) => self.attach(app, cmds),
+            Command::Attach(app, cmds) => self.apps.attach(app, cmds, self.addrs_seen),
             Command::EventFd {
                 app,
                 sock,
@@ -390,7 +366,11 @@ impl Node {
                 direct,
                 done,
             } => {
-                let _ = done.send(self.set_event_fd(app, sock, fd, wfd, direct));
+                let max = self.cfg.uid_event_fds;
+                let r = self
+                    .apps
+                    .set_event_fd(app, sock, fd, wfd, direct, max, &mut self.local);
+                let _ = done.send(r);
             }
             Command::Life {
                 app,
@@ -398,13 +378,15 @@ impl Node {
                 fd,
                 done,
             } => {
-                let _ = done.send(self.set_life(app, sock, fd));
+                let (apps, mut cx) = self.split();
+                let _ = done.send(apps.set_life(app, sock, fd, &mut cx));
             }
             Command::LifeKey { app, ino, done } => {
-                let _ = done.send(self.life_key(app, ino));
+                let (apps, mut cx) = self.split();
+                let _ = done.send(apps.life_key(app, ino, &mut cx));
             }
             Command::Detach(id, done) => {
-                self.detach(now, id);
+                self.detach(now, id, wire::ResetReason::ProcessGone);
                 let _ = done.send(());
             }
             Command::Publish(done) => {
@@ -413,8 +395,8 @@ impl Node {
                 let _ = done.send(());
             }
             Command::Shutdown(done) => {
-                for id in self.proc_ids.clone() {
-                    self.detach_for(now, id, wire::ResetReason::Shutdown);
+                for id in self.apps.procs.ids().to_vec() {
+                    self.detach(now, id, wire::ResetReason::Shutdown);
                 }
                 let _ = done.send(());
             }
@@ -434,8 +416,9 @@ impl Node {
                         local: c.local,
                         peer: c.peer,
                         pid: self
+                            .streams
                             .owner(h)
-                            .and_then(|(p, _)| self.procs.get(&p))
+                            .and_then(|(p, _)| self.apps.procs.get(p))
                             .map_or(0, |p| p.shared.pid),
                         closing: c.is_closing(),
                     })
@@ -449,9 +432,10 @@ impl Node {
                     .listeners()
                     .map(|(id, addr, depth, capacity)| {
                         let owner = self
+                            .apps
                             .groups
                             .owner(id)
-                            .and_then(|(p, s)| Some((self.procs.get(&p)?, s)));
+                            .and_then(|(p, s)| Some((self.apps.procs.get(p)?, s)));
                         let pid = owner.map_or(0, |(p, _)| p.shared.pid);
                         let accepted_waiting = owner.map_or(0, |(p, s)| {
                             let v = p
@@ -480,6 +464,68 @@ impl Node {
 }
 
 impl Node {
+    /// The application side and the rest of the node, lent to it.
+    fn split(&mut self) -> (&mut apps::Apps, Ctx<'_>) {
+        let cx = Ctx {
+            ep: &mut self.ep,
+            streams: &mut self.streams,
+            local: &mut self.local,
+            trace: &mut self.trace,
+            cfg: &self.cfg,
+        };
+        (&mut self.apps, cx)
+    }
+
+    /// A process leaves (see [`apps::Apps::detach`]).
+    fn detach(&mut self, now: Instant, id: u64, reason: wire::ResetReason) {
+        let (apps, mut cx) = self.split();
+        apps.detach(now, id, reason, &mut cx);
+    }
+
+    /// Detaches the processes that broke the channel's protocol.
+    fn reap(&mut self, now: Instant) -> bool {
+        let (apps, mut cx) = self.split();
+        apps.reap(now, &mut cx)
+    }
+
+    /// Orphans whose last holder went close.
+    fn check_orphans(&mut self, now: Instant) {
+        self.streams
+            .close_orphans(now, &mut self.ep, &mut self.apps.procs, &mut self.local);
+    }
+
+    /// Delivers one of the protocol core's events: a request to the
+    /// listener's sockets, a connect outcome to its socket, the end of a
+    /// connection to its stream and socket.
+    fn dispatch(&mut self, now: Instant, e: Event) {
+        let (apps, mut cx) = self.split();
+        match e {
+            Event::Incoming { listener, request } => {
+                apps.deliver_request(now, listener, request, &mut cx)
+            }
+            Event::Connected { conn, params } => {
+                apps.connect_outcome(now, conn, Ok(params), &mut cx)
+            }
+            Event::ConnectFailed { conn, error } => {
+                apps.connect_outcome(now, conn, Err(-error.errno()), &mut cx)
+            }
+            Event::Aborted { conn, reason } => {
+                cx.local.resets[streams::reset_index(reason)] += 1;
+                cx.streams.aborted(conn, cx.ep, &mut apps.procs, cx.local);
+            }
+            Event::StreamDone { conn } => cx.streams.done(conn, cx.ep, &mut apps.procs, cx.local),
+            Event::Closed { conn } => apps.connection_ended(conn, false, &mut cx),
+            Event::Reset { conn, .. } => apps.connection_ended(conn, true, &mut cx),
+        }
+    }
+
+    /// Serves the core's transmit queue (see [`streams::Streams::transmit`]).
+    fn stream_tx<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
+        let et = self.cfg.ethertype;
+        self.streams
+            .transmit(now, tx, et, &mut self.ep, &mut self.local)
+    }
+
     /// A received frame through the fault injector.
     fn inject<D: Device>(&mut self, now: Instant, bytes: &[u8], tx: &mut Tx<'_, D>) {
         let mut lost = false;
@@ -538,9 +584,10 @@ impl Node {
         // are kept in a list maintained on attach and detach). Nothing in the
         // walk changes the list: a process that breaks the protocol is only
         // condemned here, and detached after the walk.
-        for i in 0..self.proc_ids.len() {
-            let id = self.proc_ids[i];
-            busy |= self.serve_app(now, id);
+        for i in 0..self.apps.procs.ids().len() {
+            let id = self.apps.procs.ids()[i];
+            let (apps, mut cx) = self.split();
+            busy |= apps.serve(now, id, &mut cx);
         }
         busy |= self.reap(now);
         if self.ep.poll_timeout().is_some_and(|t| t <= now) {
@@ -556,7 +603,14 @@ impl Node {
     pub fn step_without_device(&mut self, now: Instant, rx: &[Repr]) -> Vec<Repr> {
         for r in rx {
             if let Some(a) = self.ep.handle_frame(now, r) {
-                self.stream_arrival(&r.message, a, &[]);
+                self.streams.arrival(
+                    &r.message,
+                    a,
+                    &[],
+                    &self.ep,
+                    &self.apps.procs,
+                    &mut self.local,
+                );
             }
         }
         self.serve_inputs(now);
@@ -607,7 +661,8 @@ impl<D: Device> Handler<D> for Node {
     fn on_tick(&mut self, now: Instant) {
         self.check_orphans(now);
         self.apply_addrs();
-        self.revoke_foreign_listeners(now);
+        self.apps
+            .revoke_foreign_listeners(now, &mut self.ep, &mut self.local, &self.cfg);
         self.publish();
         notify::wake_due();
     }
@@ -617,7 +672,7 @@ impl<D: Device> Handler<D> for Node {
     fn next_deadline(&self) -> Option<Instant> {
         let p = self.probe.next_timer();
         let d = self.faults.next_due();
-        let o = self.next_orphan_check();
+        let o = self.streams.shares.next_orphan_check();
         [p, self.ep.poll_timeout(), d, o]
             .into_iter()
             .flatten()
@@ -631,12 +686,13 @@ impl Node {
         let more = counters::Contributions {
             resolve_conflicts: self.ep.resolver().conflicts(),
             notifier_skipped: self
+                .apps
                 .procs
                 .values()
                 .filter_map(|p| p.shared.notifier.get())
                 .map(|n| n.skipped())
                 .sum(),
-            attached: self.procs.len() as u64,
+            attached: self.apps.procs.len() as u64,
             connections: self.streams.len() as u64,
         };
         self.published
@@ -658,13 +714,7 @@ impl Node {
                 self.ep.set_subnets(sn.clone());
             }
             // Attached processes learn that the addresses changed.
-            for p in self.procs.values() {
-                p.shared
-                    .region
-                    .header()
-                    .subnets_epoch
-                    .store(v, Ordering::Release);
-            }
+            self.apps.subnets_changed(v);
         }
     }
 }

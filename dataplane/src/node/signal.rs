@@ -2,8 +2,8 @@
 //! of a waiting thread) and raising an event bit (its registered event
 //! descriptor at the end of the pass: a wake socket by the lcore itself,
 //! an eventfd through the process's notifier; and waiting threads).
-//! Used by the command path ([`super::apps`]), the core's events
-//! ([`super::events`]) and the streams ([`super::streams`]).
+//! Used by the application side ([`super::apps`]: commands and the core's
+//! events for them) and the streams ([`super::streams`]).
 
 use dsan_channel::region::{SockShm, FD_CLOSE, FD_WRITE};
 use dsan_channel::sys;

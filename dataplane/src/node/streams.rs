@@ -16,14 +16,16 @@
 //!   close, unread bytes at close, a dead peer and a process that goes away
 //!   reset the connection.
 
-use super::apps::SockObj;
-use super::signal::raise;
-use super::{AppShared, Node};
+use super::apps::{Procs, SockObj};
+use super::counters::Local;
+use super::handover::Shares;
+use super::AppShared;
 use crate::device::Device;
 use crate::engine::Tx;
+use crate::proto::rng::OsRng;
 use crate::proto::slab::Slab;
 use crate::proto::stream::Outgoing;
-use crate::proto::{Arrival, ConnHandle, StreamClose, StreamParams};
+use crate::proto::{Arrival, ConnHandle, Endpoint, StreamClose, StreamParams};
 use crate::time::Instant;
 use crate::wire::{self, Message, ResetReason, PAYLOAD_OFFSET, SEG_URG};
 use dsan_channel::msg::Bufs;
@@ -61,17 +63,17 @@ const TX_BUDGET: usize = 64;
 /// connection has a stream until it ends, so this is the user's count of
 /// connections, kept where streams come and go.
 #[derive(Default)]
-pub(super) struct StreamTable(Slab<StreamCtx>, HashMap<u32, u32>);
+struct StreamTable(Slab<StreamCtx>, HashMap<u32, u32>);
 
 impl StreamTable {
-    pub(super) fn get(&self, h: &ConnHandle) -> Option<&StreamCtx> {
+    fn get(&self, h: &ConnHandle) -> Option<&StreamCtx> {
         self.0.get(h.slot()).filter(|c| c.tag == h.tag())
     }
     fn get_mut(&mut self, h: &ConnHandle) -> Option<&mut StreamCtx> {
         self.0.get_mut(h.slot()).filter(|c| c.tag == h.tag())
     }
     /// Connections that processes of user `uid` serve (0 for root).
-    pub(super) fn of_user(&self, uid: u32) -> u32 {
+    fn of_user(&self, uid: u32) -> u32 {
         self.1.get(&uid).copied().unwrap_or(0)
     }
     fn count(&mut self, uid: u32, up: bool) {
@@ -116,7 +118,7 @@ impl StreamTable {
             self.count(uid, true);
         }
     }
-    pub(super) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.0.len()
     }
     fn iter(&self) -> impl Iterator<Item = (ConnHandle, &StreamCtx)> {
@@ -128,7 +130,7 @@ impl StreamTable {
 
 /// The lcore's state for one connection's rings (16 bytes; the stream's
 /// protocol state is the core's).
-pub(super) struct StreamCtx {
+struct StreamCtx {
     app: Arc<AppShared>,
     /// The random part of the connection's handle (the slot is its index
     /// in the table; a slot's next occupant has another tag).
@@ -205,7 +207,62 @@ pub(super) fn reset_index(r: ResetReason) -> usize {
     }
 }
 
-impl Node {
+/// The streams at the edge: every established connection's rings (the
+/// table), the sockets holding a connection before its stream opens (a
+/// connect in progress, an accept being set up), and who else holds each
+/// connection ([`Shares`]).
+#[derive(Default)]
+pub(super) struct Streams {
+    table: StreamTable,
+    /// The process and socket of a connection that has no stream yet.
+    owners: HashMap<ConnHandle, (u64, u32)>,
+    pub(super) shares: Shares,
+}
+
+/// What moving a connection's rings to another socket came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Moved {
+    /// It serves the connection now.
+    Yes,
+    /// The stream is gone or closing.
+    No,
+    /// The old holder's words were broken: that process broke the
+    /// channel's protocol (the caller condemns it).
+    Violation(u64),
+}
+
+impl Streams {
+    /// Established connections with a stream.
+    pub(super) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Connections that processes of user `uid` serve (0 for root).
+    pub(super) fn of_user(&self, uid: u32) -> u32 {
+        self.table.of_user(uid)
+    }
+
+    /// Socket `sock` of process `pid` holds connection `h`, which has no
+    /// stream yet.
+    pub(super) fn set_owner(&mut self, h: ConnHandle, pid: u64, sock: u32) {
+        self.owners.insert(h, (pid, sock));
+    }
+
+    /// The socket holding connection `h`, which has no stream yet.
+    pub(super) fn pending_owner(&self, h: ConnHandle) -> Option<(u64, u32)> {
+        self.owners.get(&h).copied()
+    }
+
+    /// Connection `h` (without a stream) is nobody's any more.
+    pub(super) fn forget_owner(&mut self, h: ConnHandle) {
+        self.owners.remove(&h);
+    }
+
+    /// The claim key of connection `h` (see [`Shares::claim_key`]).
+    pub(super) fn claim_key(&self, h: ConnHandle) -> u64 {
+        self.shares.claim_key(h)
+    }
+
     /// Sets up the stream of a connection that was just established for
     /// socket `sock` of process `pid`, with ring sizes `bufs`, and hands the
     /// socket's stream block to it: every word the daemon writes is reset,
@@ -218,24 +275,27 @@ impl Node {
     /// Accept): the event that follows ends it, and the process reads the
     /// end of the stream (or the reset) on a block of its own, never the
     /// previous occupant's words. Returns false if the process is gone.
-    pub(super) fn open_stream(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn open(
         &mut self,
         now: Instant,
         h: ConnHandle,
-        pid: u64,
-        sock: u32,
+        (pid, sock): (u64, u32),
         bufs: Bufs,
         params: StreamParams,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
     ) -> bool {
-        if let Some(stale) = self.streams.occupant(h).filter(|o| *o != h) {
+        if let Some(stale) = self.table.occupant(h).filter(|o| *o != h) {
             // The core gave the slot to a new connection while the old one's
             // stream was still here (it must not): end the old one.
             debug_assert!(false, "stream slot {} still held", h.slot());
-            self.drop_stream(stale, -libc::ECONNRESET);
+            self.drop(stale, -libc::ECONNRESET, ep, procs, local);
         } else {
-            self.streams.remove(&h);
+            self.table.remove(&h);
         }
-        let Some(p) = self.procs.get(&pid) else {
+        let Some(p) = procs.get(pid) else {
             return false;
         };
         let app = p.shared.clone();
@@ -247,8 +307,8 @@ impl Node {
             u32::from(params.mss),
             self.claim_key(h),
         );
-        self.ep.open_stream(now, h, params, bufs.rcv as u32);
-        self.streams.insert(
+        ep.open_stream(now, h, params, bufs.rcv as u32);
+        self.table.insert(
             h,
             StreamCtx {
                 app,
@@ -260,17 +320,17 @@ impl Node {
             },
         );
         // The stream names its owner from now on.
-        self.conn_owner.remove(&h);
+        self.owners.remove(&h);
         true
     }
 
     /// The process and socket holding connection `h`, if any (a connect in
     /// progress, or a stream whose socket is still open).
     pub(super) fn owner(&self, h: ConnHandle) -> Option<(u64, u32)> {
-        if let Some(o) = self.conn_owner.get(&h) {
+        if let Some(o) = self.owners.get(&h) {
             return Some(*o);
         }
-        self.streams
+        self.table
             .get(&h)
             .filter(|c| !c.has(APP_CLOSED))
             .map(|c| (c.pid(), c.sock()))
@@ -278,48 +338,55 @@ impl Node {
 
     /// Reads what the application wrote and consumed into the core's stream.
     /// Err: it broke the protocol.
-    fn sync_from_app(&mut self, h: ConnHandle) -> Result<(), ()> {
-        let Some(ctx) = self.streams.get(&h) else {
+    fn sync_from_app(&self, h: ConnHandle, ep: &mut Endpoint<OsRng>) -> Result<(), ()> {
+        let Some(ctx) = self.table.get(&h) else {
             return Ok(());
         };
         let at = ctx.shm().take_kick();
         let snd_size = ctx.snd_size() as u64;
-        self.ep
-            .stream_app(h, at.tail, at.fin, at.head, snd_size)
+        ep.stream_app(h, at.tail, at.fin, at.head, snd_size)
             .map_err(|_| ())
     }
 
-    /// A process's kick for its socket `sock`.
-    pub(super) fn kick(&mut self, now: Instant, pid: u64, sock: u32) {
-        let Some(SockObj::Conn(h)) = self.procs.get(&pid).and_then(|p| p.socks.get(&sock)) else {
-            return;
-        };
-        let h = *h;
-        if self.sync_from_app(h).is_err() {
-            self.local.resets[reset_index(ResetReason::Protocol)] += 1;
-            self.violation(now, pid);
-        }
+    /// A process's kick for its connection `h`. Err: the process broke the
+    /// protocol (counted; the caller condemns it).
+    pub(super) fn kick(
+        &self,
+        h: ConnHandle,
+        ep: &mut Endpoint<OsRng>,
+        local: &mut Local,
+    ) -> Result<(), ()> {
+        self.sync_from_app(h, ep).inspect_err(|_| {
+            local.resets[reset_index(ResetReason::Protocol)] += 1;
+        })
     }
 
     /// The application closed socket `sock` holding connection `h`: its last
     /// bytes and FIN still go (the slot lingers), unless it left received
     /// bytes unread (then the connection is reset, as TCP does).
-    pub(super) fn close_stream(&mut self, now: Instant, h: ConnHandle) -> bool {
-        let Some(ctx) = self.streams.get_mut(&h) else {
+    pub(super) fn close(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) -> bool {
+        let Some(ctx) = self.table.get_mut(&h) else {
             return false;
         };
         ctx.set(APP_CLOSED, true);
         let at = ctx.shm().take_kick();
         let snd_size = ctx.snd_size() as u64;
-        self.conn_owner.remove(&h);
-        match self.ep.close_stream(now, h, at.tail, at.head, snd_size) {
+        self.owners.remove(&h);
+        match ep.close_stream(now, h, at.tail, at.head, snd_size) {
             StreamClose::Reset => {
-                self.local.resets[reset_index(ResetReason::Aborted)] += 1;
-                self.drop_stream(h, -libc::ECONNRESET);
+                local.resets[reset_index(ResetReason::Aborted)] += 1;
+                self.drop(h, -libc::ECONNRESET, ep, procs, local);
             }
-            StreamClose::Closed | StreamClose::Unknown => self.drop_stream(h, 0),
+            StreamClose::Closed | StreamClose::Unknown => self.drop(h, 0, ep, procs, local),
             StreamClose::Lingering => {
-                if let Some(ctx) = self.streams.get(&h) {
+                if let Some(ctx) = self.table.get(&h) {
                     ctx.shm().linger();
                 }
             }
@@ -330,85 +397,143 @@ impl Node {
     /// The application closed socket `sock` holding connection `h` with
     /// SO_LINGER {1, 0}: the connection is reset at once (unsent bytes are
     /// dropped, the peer reads ECONNRESET) and the socket slot is free.
-    pub(super) fn abort_stream(&mut self, now: Instant, h: ConnHandle) -> bool {
-        let Some(ctx) = self.streams.get_mut(&h) else {
+    pub(super) fn abort(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) -> bool {
+        let Some(ctx) = self.table.get_mut(&h) else {
             return false;
         };
         ctx.set(APP_CLOSED, true);
-        self.conn_owner.remove(&h);
-        self.reset_stream(now, h, ResetReason::Aborted);
+        self.owners.remove(&h);
+        self.reset(now, h, ResetReason::Aborted, ep, procs, local);
         true
     }
 
     /// A closed socket's stream delivered its last bytes and FIN: the
     /// socket's slot is free.
-    pub(super) fn stream_done(&mut self, h: ConnHandle) {
-        self.drop_stream(h, 0);
+    pub(super) fn done(
+        &mut self,
+        h: ConnHandle,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
+        self.drop(h, 0, ep, procs, local);
     }
 
     /// Forgets a stream; tells its socket how the connection ended (a closed
     /// socket's slot is freed instead).
-    fn drop_stream(&mut self, h: ConnHandle, close_error: i32) {
-        self.ep.forget_stream(h);
-        let Some(ctx) = self.streams.remove(&h) else {
+    fn drop(
+        &mut self,
+        h: ConnHandle,
+        close_error: i32,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
+        ep.forget_stream(h);
+        let Some(ctx) = self.table.remove(&h) else {
             return;
         };
-        self.end_away_holders(h, close_error);
-        self.forget_shared(h);
+        self.end_away_holders(h, close_error, procs, local);
+        self.forget_shared(h, procs);
         let shm = ctx.shm();
         if ctx.has(APP_CLOSED) || ctx.has(ORPHAN) {
             shm.release();
             return;
         }
         shm.mark_dead(close_error);
-        if let Some(p) = self.procs.get(&ctx.pid()) {
-            let ok = raise(
-                p.shared.region.sock(usize::from(ctx.sock)),
-                p.events.get(&ctx.sock()),
-                FD_CLOSE,
-            );
-            if !ok {
-                self.local.event_signal_failed += 1;
+        if !procs.signal(ctx.pid(), ctx.sock(), FD_CLOSE) {
+            local.event_signal_failed += 1;
+        }
+    }
+
+    /// Connection `h` ended: its life and claim key go (the process that
+    /// registered the life has one event descriptor fewer).
+    fn forget_shared(&mut self, h: ConnHandle, procs: &mut Procs) {
+        if let Some(owner) = self.shares.forget(h) {
+            if let Some(p) = procs.get_mut(owner) {
+                p.event_fds = p.event_fds.saturating_sub(1);
             }
         }
     }
 
     /// Aborts connection `h` (a Reset goes to the peer) and ends its stream.
-    pub(super) fn reset_stream(&mut self, now: Instant, h: ConnHandle, reason: ResetReason) {
-        self.local.resets[reset_index(reason)] += 1;
-        self.ep.abort_stream(now, h, reason);
-        self.stream_aborted(h);
+    pub(super) fn reset(
+        &mut self,
+        now: Instant,
+        h: ConnHandle,
+        reason: ResetReason,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
+        local.resets[reset_index(reason)] += 1;
+        ep.abort_stream(now, h, reason);
+        self.aborted(h, ep, procs, local);
     }
 
     /// The connection of stream `h` was reset here: its socket (if still
     /// open) reads ECONNRESET.
-    pub(super) fn stream_aborted(&mut self, h: ConnHandle) {
+    pub(super) fn aborted(
+        &mut self,
+        h: ConnHandle,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
         let owner = self.owner(h);
-        self.conn_owner.remove(&h);
+        self.owners.remove(&h);
         if let Some((pid, sock)) = owner {
-            if let Some(p) = self.procs.get_mut(&pid) {
+            if let Some(p) = procs.get_mut(pid) {
                 p.socks.insert(sock, SockObj::Ended);
             }
         }
-        self.drop_stream(h, -libc::ECONNRESET);
+        self.drop(h, -libc::ECONNRESET, ep, procs, local);
     }
 
     /// The core ended connection `h` (the peer closed or reset it).
-    pub(super) fn stream_ended(&mut self, h: ConnHandle, reset: bool) {
+    pub(super) fn ended(
+        &mut self,
+        h: ConnHandle,
+        reset: bool,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
         if reset {
-            self.local.resets[5] += 1;
+            local.resets[5] += 1;
         }
         // A close is clean when every byte the peer sent arrived (its FIN
         // came, or it never wrote: it closes without a FIN only then) and
         // ours were acknowledged.
-        let clean = !reset && self.streams.get(&h).is_some() && self.ep.stream_clean(h);
-        self.drop_stream(h, if clean { 0 } else { -libc::ECONNRESET });
+        let clean = !reset && self.table.get(&h).is_some() && ep.stream_clean(h);
+        self.drop(
+            h,
+            if clean { 0 } else { -libc::ECONNRESET },
+            ep,
+            procs,
+            local,
+        );
     }
 
     /// A process goes away: the connections it still holds are reset at once.
-    pub(super) fn reset_streams_of(&mut self, now: Instant, pid: u64, reason: ResetReason) {
+    pub(super) fn reset_all_of(
+        &mut self,
+        now: Instant,
+        pid: u64,
+        reason: ResetReason,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
         let mut mine: Vec<ConnHandle> = self
-            .streams
+            .table
             .iter()
             // Sockets it closed keep sending their last bytes (as TCP does
             // after close and exit): the daemon still maps the region.
@@ -417,11 +542,11 @@ impl Node {
             .collect();
         mine.sort_unstable();
         for h in mine {
-            self.forget_shared(h);
-            self.local.resets[reset_index(reason)] += 1;
-            self.ep.abort_stream(now, h, reason);
-            self.conn_owner.remove(&h);
-            self.streams.remove(&h);
+            self.forget_shared(h, procs);
+            local.resets[reset_index(reason)] += 1;
+            ep.abort_stream(now, h, reason);
+            self.owners.remove(&h);
+            self.table.remove(&h);
         }
     }
 
@@ -429,9 +554,17 @@ impl Node {
     /// it): its payload (the frame's, `payload`) into the receive ring, the
     /// urgent byte's mark, and the process told of bytes, the end of the
     /// stream and room to send.
-    pub(super) fn stream_arrival(&mut self, m: &Message, a: Arrival, payload: &[u8]) {
+    pub(super) fn arrival(
+        &self,
+        m: &Message,
+        a: Arrival,
+        payload: &[u8],
+        ep: &Endpoint<OsRng>,
+        procs: &Procs,
+        local: &mut Local,
+    ) {
         let h = a.conn;
-        let Some(ctx) = self.streams.get(&h) else {
+        let Some(ctx) = self.table.get(&h) else {
             return;
         };
         if ctx.has(APP_CLOSED) {
@@ -440,10 +573,10 @@ impl Node {
         if a.take > 0 {
             match payload.get(a.skip..a.skip + a.take) {
                 Some(bytes) => ctx.area().write_recv(a.at, bytes),
-                None => return self.local.malformed += 1,
+                None => return local.malformed += 1,
             }
         }
-        let Some(s) = self.ep.stream(h) else {
+        let Some(s) = ep.stream(h) else {
             return;
         };
         let (received, credit_low) = (s.received(), s.credit_low());
@@ -457,61 +590,45 @@ impl Node {
                 ctx.shm().publish_urgent(urgent, b[0]);
             }
         }
-        self.local.bytes_rx += a.take as u64;
+        local.bytes_rx += a.take as u64;
         // The acknowledgement first, as TCP takes a segment's ACK before its
         // data: a reader that sees the peer's answer sees its own bytes
         // acknowledged (TCP_INFO, SIOCOUTQ).
         if a.acked {
-            self.acked(h);
+            self.acked(h, ep, procs, local);
         }
-        let Some(ctx) = self.streams.get(&h) else {
-            return;
-        };
         // (Publishing asks the process for a kick first if the credit ran
         // low: a reader that sees the bytes sees the request.)
         if (a.take > 0 || a.eof) && ctx.shm().publish_received(received, a.eof, credit_low) {
-            self.signal(h, FD_READ);
+            self.signal(h, FD_READ, procs, local);
         }
     }
 
     /// Bytes were acknowledged: the send ring's head moves, and a writer
     /// waiting for space learns it.
-    fn acked(&mut self, h: ConnHandle) {
-        let Some(ctx) = self.streams.get(&h) else {
+    fn acked(&self, h: ConnHandle, ep: &Endpoint<OsRng>, procs: &Procs, local: &mut Local) {
+        let Some(ctx) = self.table.get(&h) else {
             return;
         };
         if ctx.has(APP_CLOSED) {
             return;
         }
-        let Some(acked) = self.ep.stream(h).map(|s| s.acked()) else {
+        let Some(acked) = ep.stream(h).map(|s| s.acked()) else {
             return;
         };
         if ctx.shm().publish_acked(acked) {
-            self.signal(h, FD_WRITE);
+            self.signal(h, FD_WRITE, procs, local);
         }
     }
 
-    fn signal(&mut self, h: ConnHandle, bit: u32) {
-        let Some(ctx) = self.streams.get(&h) else {
+    /// Raises event `bit` on the socket serving `h`.
+    fn signal(&self, h: ConnHandle, bit: u32, procs: &Procs, local: &mut Local) {
+        let Some(ctx) = self.table.get(&h) else {
             return;
         };
-        if let Some(p) = self.procs.get(&ctx.pid()) {
-            if !raise(
-                p.shared.region.sock(usize::from(ctx.sock)),
-                p.events.get(&ctx.sock()),
-                bit,
-            ) {
-                self.local.event_signal_failed += 1;
-            }
+        if !procs.signal(ctx.pid(), ctx.sock(), bit) {
+            local.event_signal_failed += 1;
         }
-    }
-
-    /// The claim key of connection `h`: SipHash of its handle under the
-    /// daemon's random keys (nothing stored per connection; a process
-    /// learns it only from a stream block the connection had in its region).
-    pub(super) fn claim_key(&self, h: ConnHandle) -> u64 {
-        use std::hash::BuildHasher;
-        self.claim_keys.hash_one((h.slot(), h.tag()))
     }
 
     /// Moves connection `h`'s rings into socket `sock` of process `pid`
@@ -521,28 +638,32 @@ impl Node {
     /// block gets every word of both sides (the process waits for the
     /// claim's completion before it touches it) and the process's own
     /// generation stamp, and the old block is marked [`ST_MOVED`](dsan_channel::stream::ST_MOVED). The
-    /// protocol state does not change: the peer sees nothing. False if the
-    /// stream is gone or closing, or the old holder's words are broken (it
-    /// is condemned for that).
-    pub(super) fn move_stream(&mut self, now: Instant, h: ConnHandle, pid: u64, sock: u32) -> bool {
-        let Some(to) = self.procs.get(&pid).map(|p| p.shared.clone()) else {
-            return false;
+    /// protocol state does not change: the peer sees nothing.
+    pub(super) fn move_to(
+        &mut self,
+        h: ConnHandle,
+        (pid, sock): (u64, u32),
+        ep: &mut Endpoint<OsRng>,
+        procs: &Procs,
+        local: &mut Local,
+    ) -> Moved {
+        let Some(to) = procs.get(pid).map(|p| p.shared.clone()) else {
+            return Moved::No;
         };
         let key = self.claim_key(h);
-        let Some(ctx) = self.streams.get(&h) else {
-            return false;
+        let Some(ctx) = self.table.get(&h) else {
+            return Moved::No;
         };
         if ctx.has(APP_CLOSED) {
-            return false;
+            return Moved::No;
         }
         let old = ctx.pid();
-        if self.sync_from_app(h).is_err() {
-            self.local.resets[reset_index(ResetReason::Protocol)] += 1;
-            self.violation(now, old);
-            return false;
+        if self.sync_from_app(h, ep).is_err() {
+            local.resets[reset_index(ResetReason::Protocol)] += 1;
+            return Moved::Violation(old);
         }
-        let Some(s) = self.ep.stream(h) else {
-            return false;
+        let Some(s) = ep.stream(h) else {
+            return Moved::No;
         };
         let at = RingMarks {
             acked: s.acked(),
@@ -550,8 +671,8 @@ impl Node {
             consumed: s.consumed(),
             received: s.received(),
         };
-        let Some(ctx) = self.streams.get_mut(&h) else {
-            return false;
+        let Some(ctx) = self.table.get_mut(&h) else {
+            return Moved::No;
         };
         let (from, from_area) = (ctx.shm(), ctx.area());
         let (snd_size, rcv_size) = (ctx.snd_size(), ctx.rcv_size());
@@ -568,27 +689,32 @@ impl Node {
         let readable = new.take_over(from, at, snd_size as u32, rcv_size as u32, key, orphan);
         ctx.set(ORPHAN, false);
         ctx.sock = sock as u16;
-        self.streams.rehome(h, to.clone());
+        self.table.rehome(h, to.clone());
         if readable {
-            self.signal(h, FD_READ);
+            self.signal(h, FD_READ, procs, local);
         }
-        self.local.handovers += 1;
-        true
+        local.handovers += 1;
+        Moved::Yes
     }
 
     /// Who serves connection `h`: process, socket, its user, and whether it
     /// is an orphan (no socket holds it; see [`super::handover`]).
     pub(super) fn serving(&self, h: ConnHandle) -> Option<(u64, u32, u32, bool)> {
-        let c = self.streams.get(&h)?;
+        let c = self.table.get(&h)?;
         (!c.has(APP_CLOSED)).then(|| (c.pid(), c.sock(), c.app.uid, c.has(ORPHAN)))
+    }
+
+    /// Whether `h` has a stream.
+    pub(super) fn has(&self, h: ConnHandle) -> bool {
+        self.table.get(&h).is_some()
     }
 
     /// The socket serving `h` closed while another process may still claim
     /// it: the stream stays (its slot lingers, so the process does not
-    /// reuse it) and bytes keep arriving into its ring. False if there is
-    /// no such stream.
-    pub(super) fn orphan_stream(&mut self, h: ConnHandle) -> bool {
-        let Some(ctx) = self.streams.get_mut(&h) else {
+    /// reuse it) and bytes keep arriving into its ring; `h` is an orphan
+    /// now. False if there is no such stream.
+    pub(super) fn orphan(&mut self, h: ConnHandle) -> bool {
+        let Some(ctx) = self.table.get_mut(&h) else {
             return false;
         };
         if ctx.has(APP_CLOSED) {
@@ -596,38 +722,49 @@ impl Node {
         }
         ctx.set(ORPHAN, true);
         ctx.shm().linger();
-        self.conn_owner.remove(&h);
+        self.owners.remove(&h);
+        self.shares.orphan(h);
         true
     }
 
-    /// An orphan whose last holder went: it closes as that holder's close
-    /// would have (its last bytes and FIN, or a reset if bytes arrived
-    /// that nobody read).
-    pub(super) fn close_orphan(&mut self, now: Instant, h: ConnHandle) {
-        if let Some(ctx) = self.streams.get_mut(&h) {
-            ctx.set(ORPHAN, false);
+    /// Orphans whose life hung up (every holder is gone without claiming
+    /// them) close now, as their last holder's close would have (their
+    /// last bytes and FIN, or a reset if bytes arrived that nobody read).
+    pub(super) fn close_orphans(
+        &mut self,
+        now: Instant,
+        ep: &mut Endpoint<OsRng>,
+        procs: &mut Procs,
+        local: &mut Local,
+    ) {
+        for h in self.shares.hung_up_orphans(now) {
+            if let Some(ctx) = self.table.get_mut(&h) {
+                ctx.set(ORPHAN, false);
+            }
+            self.forget_shared(h, procs);
+            self.close(now, h, ep, procs, local);
         }
-        self.forget_shared(h);
-        self.close_stream(now, h);
     }
 
     /// Connection `h` ended: the sockets that held it from afar (see
     /// [`ST_MOVED`](dsan_channel::stream::ST_MOVED)) read its end as their own, on their own blocks.
-    fn end_away_holders(&mut self, h: ConnHandle, close_error: i32) {
-        let Some(list) = self.away.remove(&h) else {
+    fn end_away_holders(
+        &mut self,
+        h: ConnHandle,
+        close_error: i32,
+        procs: &Procs,
+        local: &mut Local,
+    ) {
+        let Some(list) = self.shares.take_away(h) else {
             return;
         };
         for (pid, sock) in list {
-            let Some(p) = self.procs.get(&pid) else {
+            let Some(p) = procs.get(pid) else {
                 continue;
             };
             p.shared.region.stream(sock as usize).end_moved(close_error);
-            if !raise(
-                p.shared.region.sock(sock as usize),
-                p.events.get(&sock),
-                FD_CLOSE,
-            ) {
-                self.local.event_signal_failed += 1;
+            if !procs.signal(pid, sock, FD_CLOSE) {
+                local.event_signal_failed += 1;
             }
         }
     }
@@ -635,26 +772,32 @@ impl Node {
     /// Serves the core's transmit queue: Data frames whose payload comes
     /// from the send rings, Acks and probes. Returns whether anything went
     /// out.
-    pub(super) fn stream_tx<D: Device>(&mut self, now: Instant, tx: &mut Tx<'_, D>) -> bool {
-        let et = self.cfg.ethertype;
+    pub(super) fn transmit<D: Device>(
+        &self,
+        now: Instant,
+        tx: &mut Tx<'_, D>,
+        et: u16,
+        ep: &mut Endpoint<OsRng>,
+        local: &mut Local,
+    ) -> bool {
         let mut budget = TX_BUDGET;
         let mut busy = false;
         // Streams queued again in this pass wait for the next one.
-        for _ in 0..self.ep.streams_queued() {
+        for _ in 0..ep.streams_queued() {
             if budget == 0 {
                 break;
             }
-            let Some(h) = self.ep.next_stream() else {
+            let Some(h) = ep.next_stream() else {
                 break;
             };
-            let Some(ctx) = self.streams.get(&h) else {
+            let Some(ctx) = self.table.get(&h) else {
                 continue;
             };
             let app_closed = ctx.has(APP_CLOSED);
             if !app_closed {
                 // The credit we advertise is as fresh as the reader's head
                 // (a checked value; a bad one waits for the next kick).
-                self.ep.stream_read(h, ctx.shm().read_head());
+                ep.stream_read(h, ctx.shm().read_head());
             }
             // An urgent byte ends its segment, which says so (the process's
             // word, read once a pass: a wrong value only cuts a segment).
@@ -663,7 +806,7 @@ impl Node {
             let area = &area;
             let mut out_of_buffers = false;
             while budget > 0 {
-                let Some((repr, o)) = self.ep.stream_segment(h, urgent) else {
+                let Some((repr, o)) = ep.stream_segment(h, urgent) else {
                     break;
                 };
                 let ok = tx.send_with(repr.buffer_len(), |b| {
@@ -674,30 +817,30 @@ impl Node {
                     out_of_buffers = true;
                     break;
                 }
-                self.ep.stream_sent(now, h, o);
-                self.local.tx[DATA_INDEX] += 1;
-                self.local.bytes_tx += u64::from(o.len);
+                ep.stream_sent(now, h, o);
+                local.tx[DATA_INDEX] += 1;
+                local.bytes_tx += u64::from(o.len);
                 if let Outgoing { again: true, .. } = o {
-                    self.local.retransmitted += 1;
+                    local.retransmitted += 1;
                 }
                 budget -= 1;
                 busy = true;
             }
             if !out_of_buffers && budget > 0 {
-                if let Some(repr) = self.ep.stream_ack(h) {
+                if let Some(repr) = ep.stream_ack(h) {
                     if tx.send_with(repr.buffer_len(), |b| {
                         repr.emit(&mut wire::Frame::new_unchecked(b), et)
                     }) {
-                        self.ep.stream_ack_sent(h);
-                        self.local.tx[ACK_INDEX] += 1;
+                        ep.stream_ack_sent(h);
+                        local.tx[ACK_INDEX] += 1;
                         budget -= 1;
                         busy = true;
                     }
                 }
             }
             // More to send (budget ran out): back of the queue.
-            if self.ep.stream_served(h) && !app_closed {
-                if let Some(ctx) = self.streams.get(&h) {
+            if ep.stream_served(h) && !app_closed {
+                if let Some(ctx) = self.table.get(&h) {
                     ctx.shm().ask_for_credit();
                 }
             }

@@ -12,7 +12,7 @@
 //! leaves takes only its own ring with it; when the owner leaves, a member
 //! becomes the owner, and the listener closes with its last member.
 
-use super::apps::{Proc, SockObj};
+use super::procs::{Proc, SockObj};
 use crate::proto::ListenerId;
 use std::collections::{HashMap, HashSet};
 

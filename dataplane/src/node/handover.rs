@@ -12,7 +12,7 @@
 //! connection's). A process that can read the connection's claim key (from
 //! its parent's region, which a forked child has mapped) moves the
 //! connection to a socket of its own ([`Op::Claim`](dsan_channel::msg::Op::Claim));
-//! the socket it came from is then *away* ([`SockObj::Away`](super::apps::SockObj::Away), its block
+//! the socket it came from is then *away* ([`SockObj::Away`](super::procs::SockObj::Away), its block
 //! marked `ST_MOVED`; its next call takes the connection back). When the
 //! serving socket lets go (close, abort, exit) the connection moves to a
 //! socket still holding it; with none left but a life still held (a child

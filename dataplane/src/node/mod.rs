@@ -4,7 +4,8 @@
 //! | file | job | owns |
 //! |---|---|---|
 //! | `mod.rs` | the [`Node`]: frames in and out, commands from the control thread, the core's events handed to the part they concern, the pass | the core and the parts below |
-//! | `apps` | attached processes: their command rings, sockets and event descriptors; the requests and connect outcomes the core delivers to them; claims and hand-backs of shared connections | `Apps` (with `Procs`, and `Groups` and `Quotas` below) |
+//! | `procs` | the process table: each attached process's region, command ring, sockets and event descriptors, and signals to its sockets | `Procs` |
+//! | `apps` | the application side: the commands processes send, the requests and connect outcomes the core delivers to them, processes coming and going, claims and hand-backs of shared connections | `Apps` (with `Procs`, `Groups` and `Quotas`) |
 //! | `streams` | byte streams at the edge: each connection's rings and stream block in the process's region, joined to the core's streams (state, timers, transmit queue, resets: `proto::streams`): payloads out of and into the rings, the process signalled, rings moved between sockets | `Streams` (with `Shares` below) |
 //! | `handover` | who else holds a connection shared across fork: lives, claim keys, sockets holding it from afar, orphans | `Shares` |
 //! | `groups` | listeners shared by forked workers and by SO_REUSEPORT | `Groups` |
@@ -30,12 +31,12 @@ mod groups;
 mod handover;
 mod notify;
 mod probe;
+mod procs;
 mod quotas;
 mod signal;
 mod streams;
 mod trace;
 
-pub use apps::{AppShared, Lineage};
 pub use counters::{
     kind_index, Counters, NodeStats, Quota, APP_REJECT_REASONS, ATTEMPT_RESULTS, KINDS, KIND_NAMES,
     LISTEN_DENIALS, QUOTAS, REJECT_REASONS, RESET_REASONS,
@@ -43,6 +44,7 @@ pub use counters::{
 pub use faults::Faults;
 pub use notify::Notifier;
 pub use probe::{PingRequest, PingResult};
+pub use procs::{AppShared, Lineage};
 pub use quotas::{UID_ATTEMPTS, UID_LISTENERS};
 pub use streams::{STREAM_ENTRY_BYTES, STREAM_STATE_BYTES};
 pub use trace::{Hop, TraceAction, TraceEvent, TRACE_CAPACITY};

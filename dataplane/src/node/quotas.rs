@@ -2,7 +2,7 @@
 //! listeners, connect attempts in progress and, with the streams each user
 //! serves, connections (root has no share: it is never refused here).
 
-use super::apps::SockObj;
+use super::procs::SockObj;
 use std::collections::HashMap;
 
 /// SAN listeners one user (other than root) may hold at once, in all its

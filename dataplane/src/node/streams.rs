@@ -16,10 +16,9 @@
 //!   close, unread bytes at close, a dead peer and a process that goes away
 //!   reset the connection.
 
-use super::apps::{Procs, SockObj};
 use super::counters::Local;
 use super::handover::Shares;
-use super::AppShared;
+use super::procs::{AppShared, Procs, SockObj};
 use crate::device::Device;
 use crate::engine::Tx;
 use crate::proto::rng::OsRng;

@@ -88,9 +88,11 @@ impl ConnTable {
     pub(super) fn hold(&mut self, h: ConnHandle) -> bool {
         self.get(&h).is_none() && self.slots.take_exact(h.slot() as u32)
     }
+    #[inline]
     pub(super) fn get(&self, h: &ConnHandle) -> Option<&Connection> {
         self.slab.get(h.slot()).filter(|c| c.my_token == h.0)
     }
+    #[inline]
     pub(super) fn get_mut(&mut self, h: &ConnHandle) -> Option<&mut Connection> {
         self.slab.get_mut(h.slot()).filter(|c| c.my_token == h.0)
     }
@@ -125,6 +127,7 @@ impl ConnTable {
         Some(c)
     }
     /// The connection a frame names.
+    #[inline]
     pub(super) fn by_wire(&self, key: WireKey) -> Option<ConnHandle> {
         let hash = self.hasher.hash_one(key);
         let s = self.by_wire.find(hash, |&s| {
@@ -218,6 +221,7 @@ impl Connection {
     }
 
     /// How its frames name it: (peer address, connection id, our role).
+    #[inline]
     pub(super) fn wire_key(&self) -> WireKey {
         (self.peer.0, self.conn_id, self.role)
     }
@@ -237,12 +241,14 @@ impl Connection {
     }
 
     /// Whether we are closing it (or will, once its client confirms it).
+    #[inline]
     pub fn is_closing(&self) -> bool {
         self.flags & (CLOSING | CLOSE_PENDING) != 0
     }
 
     /// Whether the peer is known to hold it (a client always; a server once
     /// its accept was confirmed).
+    #[inline]
     pub fn is_confirmed(&self) -> bool {
         self.flags & CONFIRMING == 0
     }

@@ -331,6 +331,7 @@ pub const CONNECT_BUCKETS_S: [f64; 18] = [
 
 impl ProtoStats {
     /// Index of a reject reason in [`ProtoStats::rejected`].
+    #[inline]
     pub fn reason_index(r: RejectReason) -> usize {
         // (An unknown reason counts as the listener's going away.)
         r.index()

@@ -840,15 +840,18 @@ impl Repr {
     }
 
     /// Parses raw bytes (checks them first).
+    #[inline]
     pub fn parse_bytes(bytes: &[u8], ethertype: u16) -> Result<Self> {
         Self::parse(&Frame::new_checked(bytes)?, ethertype)
     }
 
     /// The exact number of bytes `emit` writes.
+    #[inline]
     pub fn buffer_len(&self) -> usize {
         field::BODY + self.body_len()
     }
 
+    #[inline]
     fn body_len(&self) -> usize {
         let n = body_len(self.message.kind()).unwrap_or(0);
         match self.message {
@@ -955,6 +958,7 @@ impl Repr {
 
 /// The payload of a Data frame (its bytes after the body header); empty for
 /// any other frame. Call on bytes that parsed.
+#[inline]
 pub fn payload(frame: &[u8]) -> &[u8] {
     let start = field::BODY + DATA_HEADER_LEN;
     if frame.len() < field::BODY || frame[field::KIND] != u8::from(Kind::Data) {

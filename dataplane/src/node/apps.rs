@@ -99,7 +99,7 @@ impl Apps {
         }
         if reason != crate::wire::ResetReason::Shutdown {
             // What it shares with other processes stays theirs.
-            self.hand_over_all(now, id, cx);
+            self.hand_over_all(id, cx);
         }
         cx.streams
             .reset_all_of(now, id, reason, cx.ep, &mut self.procs, cx.local);
@@ -358,7 +358,7 @@ impl Apps {
                     // (also after SO_LINGER {1, 0}: on TCP, only the last
                     // close of a shared socket resets).
                     Some(SockObj::Conn(h))
-                        if cx.streams.shares.shared(h) && self.hand_back(now, h, cx) => {}
+                        if cx.streams.shares.shared(h) && self.hand_back(h, cx) => {}
                     Some(SockObj::Away(h)) => cx.streams.shares.let_go(h, id, sock),
                     Some(SockObj::Conn(h))
                         if abort && cx.streams.abort(now, h, cx.ep, &mut self.procs, cx.local) => {}
@@ -386,7 +386,7 @@ impl Apps {
                 from_app,
                 from_sock,
                 key,
-            } => self.claim(now, (id, sock), (from_app, from_sock), key, cx),
+            } => self.claim((id, sock), (from_app, from_sock), key, cx),
             Op::EventSelect { mask } => {
                 let p = self.procs.get_mut(id).expect("caller checked");
                 if mask == 0 {
@@ -930,7 +930,6 @@ impl Apps {
     /// that very socket, away).
     fn claim(
         &mut self,
-        _now: Instant,
         (id, sock): (u64, u32),
         from: (u64, u32),
         key: u64,
@@ -982,7 +981,7 @@ impl Apps {
     /// leaving): true if the connection stays open, moved to another socket
     /// holding it or kept as an orphan for a process that holds it without
     /// having claimed it yet; false when nobody else holds it.
-    fn hand_back(&mut self, _now: Instant, h: ConnHandle, cx: &mut Ctx) -> bool {
+    fn hand_back(&mut self, h: ConnHandle, cx: &mut Ctx) -> bool {
         while let Some(next) = cx.streams.shares.next_holder(h) {
             let holds = self.procs.get(next.0).is_some_and(|p| {
                 !p.condemned && matches!(p.socks.get(&next.1), Some(SockObj::Away(x)) if *x == h)
@@ -1010,7 +1009,7 @@ impl Apps {
     /// from afar let go, and the connections it served stay with their
     /// other holders. Returns the sockets done with here (the caller
     /// releases the rest).
-    fn hand_over_all(&mut self, now: Instant, id: u64, cx: &mut Ctx) -> Vec<u32> {
+    fn hand_over_all(&mut self, id: u64, cx: &mut Ctx) -> Vec<u32> {
         let Some(p) = self.procs.get(id) else {
             return Vec::new();
         };
@@ -1028,7 +1027,7 @@ impl Apps {
                     cx.streams.shares.let_go(h, id, sock);
                     done.push(sock);
                 }
-                SockObj::Conn(h) if cx.streams.shares.shared(h) && self.hand_back(now, h, cx) => {
+                SockObj::Conn(h) if cx.streams.shares.shared(h) && self.hand_back(h, cx) => {
                     done.push(sock);
                 }
                 _ => {}

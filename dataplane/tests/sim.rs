@@ -84,10 +84,15 @@ fn verbose() -> bool {
     *V.get_or_init(|| std::env::var("DSAN_SIM_SEED").is_ok())
 }
 
-/// Whether the set-up frames are printed too (`DSAN_SIM_DEBUG`).
-fn debug() -> bool {
-    static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("DSAN_SIM_DEBUG").is_ok())
+/// Which frames are printed: none (0), the set-up frames (`DSAN_SIM_DEBUG`
+/// set), every frame (`DSAN_SIM_DEBUG=2`). Read once.
+fn debug() -> u8 {
+    static V: OnceLock<u8> = OnceLock::new();
+    *V.get_or_init(|| match std::env::var("DSAN_SIM_DEBUG").as_deref() {
+        Ok("2") => 2,
+        Ok(_) => 1,
+        Err(_) => 0,
+    })
 }
 
 /// One side of a connection, as an application and dsand's edge hold it
@@ -584,7 +589,10 @@ impl Sim {
         }
         if sd.ended {
             if verbose() && !(sd.reset || sd.eof || abandoned) {
-                eprintln!("t={} host {i} side {:#x} ended: consumed {} received {received} peer_finished {peer_finished}", now.0, sd.gen, sd.consumed);
+                eprintln!(
+                    "t={} host {i} side {:#x} ended: consumed {} of {received}, peer finished: {peer_finished}",
+                    now.0, sd.gen, sd.consumed
+                );
             }
             // The peer closed or reset: nothing more on the wire.
             if sd.reset || sd.eof || abandoned {
@@ -705,9 +713,8 @@ impl Sim {
         let mut bytes = f.to_bytes(0x88b5);
         bytes.extend_from_slice(&payload);
         self.fabric.record(dst, &bytes);
-        if debug()
-            && (std::env::var("DSAN_SIM_DEBUG").as_deref() == Ok("2")
-                || !matches!(f.message, Message::Data(_) | Message::Ack(_)))
+        if debug() == 2
+            || (debug() == 1 && !matches!(f.message, Message::Data(_) | Message::Ack(_)))
         {
             eprintln!(
                 "t={} -> host {dst}: {:?} from {}",

@@ -88,7 +88,7 @@ macro_rules! ours {
         };
         match table::get($fd) {
             // A connection kept across exec is claimed on any first use.
-            Some(p) if p.kept() => match sock::own($fd, p) {
+            Some(p) if p.app.kept() => match sock::own($fd, p) {
                 Some(p) => (p, inside),
                 None => {
                     drop(inside);
@@ -752,7 +752,8 @@ unsafe fn fcntl_any(
         sock::duplicated(&p, r);
     }
     if r >= 0 && cmd == libc::F_SETFL {
-        p.nonblock
+        p.app
+            .nonblock
             .store(arg as c_int & libc::O_NONBLOCK != 0, Ordering::Relaxed);
     }
     r
@@ -829,7 +830,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
         if r == 0 {
             // SAFETY: the kernel read the caller's int just now.
             let on = unsafe { *(arg as *const c_int) } != 0;
-            p.nonblock.store(on, Ordering::Relaxed);
+            p.app.nonblock.store(on, Ordering::Relaxed);
         }
         return r;
     }

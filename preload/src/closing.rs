@@ -29,14 +29,12 @@ pub(crate) fn close_as(fd: RawFd, op: impl FnOnce() -> c_int) -> c_int {
     if p.sw() == fd {
         // A lean socket, which the switch knows by this number: it lets go
         // of the number before the program's call closes it.
-        if p.refs.fetch_sub(1, Ordering::AcqRel) > 1 {
+        if p.app.refs.fetch_sub(1, Ordering::AcqRel) > 1 {
             // The program keeps a duplicate: the socket goes by that now.
             if let Some(m) = table::other_number(&p, fd) {
-                if dsan_switch::renumber(fd, m).is_ok() {
-                    p.set_sw(m);
-                }
+                let _ = dsan_switch::renumber(fd, m);
             }
-        } else if p.inherited() {
+        } else if p.app.inherited() {
             dsan_switch::release_inherited(fd);
         } else {
             let _ = dsan_switch::close(fd);
@@ -45,8 +43,8 @@ pub(crate) fn close_as(fd: RawFd, op: impl FnOnce() -> c_int) -> c_int {
     }
     let r = op();
     let e = errno();
-    let last = p.refs.fetch_sub(1, Ordering::AcqRel) == 1;
-    if last && !p.inherited() {
+    let last = p.app.refs.fetch_sub(1, Ordering::AcqRel) == 1;
+    if last && !p.app.inherited() {
         let _ = dsan_switch::close(p.sw());
     } else if last {
         // The parent's connection, never used here: the child lets go of

@@ -23,11 +23,11 @@ const SEND_FLAGS: c_int =
 /// nonblocking connect).
 fn ready(p: &PFd) -> Result<(), i32> {
     settle(p);
-    match p.state() {
+    match p.app.state() {
         State::Connected => Ok(()),
         State::Connecting => Err(libc::EAGAIN),
         State::Listening => Err(libc::ENOTCONN),
-        State::Idle => match p.so_error.swap(0, Ordering::AcqRel) {
+        State::Idle => match p.app.so_error.swap(0, Ordering::AcqRel) {
             0 => Err(libc::ENOTCONN),
             e => Err(e),
         },
@@ -37,7 +37,7 @@ fn ready(p: &PFd) -> Result<(), i32> {
 /// MSG_DONTWAIT for a nonblocking descriptor (so the switch need not ask
 /// the kernel for the descriptor's flags on every call).
 fn dontwait(p: &PFd) -> c_int {
-    if p.nonblock.load(Ordering::Relaxed) {
+    if p.app.nonblock.load(Ordering::Relaxed) {
         libc::MSG_DONTWAIT
     } else {
         0
@@ -80,7 +80,7 @@ pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
             format!(
                 "send on switch socket {} ({:?}): errno {e}",
                 p.sw(),
-                p.state()
+                p.app.state()
             )
         });
     }
@@ -363,7 +363,7 @@ pub(crate) fn splice_from_pipe(
         return r;
     }
     ready(p)?;
-    let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0 || p.nonblock.load(Ordering::Relaxed);
+    let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0 || p.app.nonblock.load(Ordering::Relaxed);
     let mut n = len.min(SPLICE_MAX);
     if nonblock {
         let room = dsan_switch::san_connection(p.sw())

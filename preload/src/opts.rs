@@ -85,7 +85,7 @@ pub(crate) fn clear(fd: RawFd) {
 }
 
 fn family(p: &PFd) -> c_int {
-    if p.v6.load(Ordering::Relaxed) {
+    if p.app.v6.load(Ordering::Relaxed) {
         libc::AF_INET6
     } else {
         libc::AF_INET
@@ -124,7 +124,7 @@ fn read(k: RawFd, level: c_int, name: c_int) -> Option<Vec<u8>> {
 }
 
 fn keep(p: &PFd, level: c_int, name: c_int, v: Vec<u8>) {
-    let mut o = p.opts.lock().unwrap_or_else(|e| e.into_inner());
+    let mut o = p.app.opts.lock().unwrap_or_else(|e| e.into_inner());
     match o.iter_mut().find(|(l, n, _)| *l == level && *n == name) {
         Some(e) => e.2 = v,
         None => o.push((level, name, v)),
@@ -172,7 +172,7 @@ pub(crate) unsafe fn get(
     len: *mut socklen_t,
 ) -> Result<c_int, i32> {
     let kept = {
-        let o = p.opts.lock().unwrap_or_else(|e| e.into_inner());
+        let o = p.app.opts.lock().unwrap_or_else(|e| e.into_inner());
         o.iter()
             .find(|(l, n, _)| *l == level && *n == name)
             .map(|e| e.2.clone())

@@ -501,17 +501,15 @@ pub(crate) fn adopt_kept() {
             continue;
         }
         let first = group[0];
-        let p = crate::table::PFd::new(first.0 as RawFd, crate::table::State::Connected);
-        p.inherited
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        p.refs
-            .store(group.len(), std::sync::atomic::Ordering::Relaxed);
-        *p.passed.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::table::Passed {
-            // SAFETY: the life's copy the old program made for us.
-            life: unsafe { OwnedFd::from_raw_fd(life) },
-            ticket: first.2.clone(),
-            v6: first.3,
-        });
+        let p = crate::table::kept(
+            crate::table::Passed {
+                // SAFETY: the life's copy the old program made for us.
+                life: unsafe { OwnedFd::from_raw_fd(life) },
+                ticket: first.2.clone(),
+                v6: first.3,
+            },
+            group.len(),
+        );
         for e in group {
             crate::table::insert(e.0 as RawFd, p.clone());
         }

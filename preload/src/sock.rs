@@ -205,8 +205,8 @@ fn take_over(fd: RawFd, sw: RawFd, state: State, nonblock: c_int) -> Result<Arc<
     if unsafe { real::dup3()(sw, fd, flags) } < 0 {
         return Err(errno());
     }
-    let p = PFd::new(sw, state);
-    p.nonblock.store(nonblock != 0, Ordering::Relaxed);
+    let p = table::take(sw, state).ok_or(libc::EBADF)?;
+    p.app.nonblock.store(nonblock != 0, Ordering::Relaxed);
     table::insert(fd, p.clone());
     Ok(p)
 }
@@ -237,9 +237,9 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
     match dsan_switch::listen(sw, backlog) {
         Ok(true) => {
             let r = take_over(fd, sw, State::Listening, flags).map(|p| {
-                *p.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
-                p.backlog.store(backlog, Ordering::Relaxed);
-                p.v6.store(v6, Ordering::Relaxed);
+                *p.app.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
+                p.app.backlog.store(backlog, Ordering::Relaxed);
+                p.app.v6.store(v6, Ordering::Relaxed);
                 0
             });
             if r.is_err() {
@@ -297,14 +297,16 @@ pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4, v6: bool) -> Option<Resu
         Err(e) => return Some(Err(e)),
     };
     let _ = dsan_switch::set_san_only(sw, action == Action::San);
-    let p = PFd::new(sw, State::Connecting);
-    p.nonblock.store(nonblock, Ordering::Relaxed);
-    p.v6.store(v6, Ordering::Relaxed);
+    let Some(p) = table::take(sw, State::Connecting) else {
+        return Some(Err(libc::EBADF));
+    };
+    p.app.nonblock.store(nonblock, Ordering::Relaxed);
+    p.app.v6.store(v6, Ordering::Relaxed);
     if crate::opts::take_mark(fd) {
-        p.opts_set.store(true, Ordering::Relaxed);
+        p.app.opts_set.store(true, Ordering::Relaxed);
     }
     table::insert(fd, p.clone());
-    *p.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(dst);
+    *p.app.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(dst);
     Some(connect_ours(fd, &p, dst))
 }
 
@@ -318,14 +320,14 @@ pub(crate) fn connect_ours(fd: RawFd, p: &Arc<PFd>, dst: SocketAddrV4) -> Result
             Ok(0)
         }
         Err(libc::EINPROGRESS) => {
-            p.set_state(State::Connecting);
+            p.app.set_state(State::Connecting);
             rules::log(|| format!("connect fd {fd} {dst}: in progress (SAN first)"));
             Err(libc::EINPROGRESS)
         }
         Err(libc::EALREADY) => Err(libc::EALREADY),
         Err(libc::EISCONN) => Err(libc::EISCONN),
         Err(e) => {
-            p.set_state(State::Idle);
+            p.app.set_state(State::Idle);
             rules::log(|| format!("connect fd {fd} {dst}: failed, errno {e}"));
             Err(e)
         }
@@ -340,13 +342,13 @@ fn transport_name(t: Transport) -> &'static str {
 }
 
 fn connected(p: &PFd, t: Transport) {
-    p.set_state(State::Connected);
+    p.app.set_state(State::Connected);
     if t == Transport::San {
         // A lean socket's kernel socket goes (unless the program bound it):
         // the connection costs the program its one descriptor. What the
         // program set on it is kept first.
         if let Some(k) = dsan_switch::release_kernel_socket(p.sw()) {
-            if p.opts_set.load(Ordering::Relaxed) {
+            if p.app.opts_set.load(Ordering::Relaxed) {
                 crate::opts::carry_from(p, k.as_raw_fd());
             }
         }
@@ -356,20 +358,20 @@ fn connected(p: &PFd, t: Transport) {
 /// A nonblocking connect that finished is recorded (its outcome kept for
 /// SO_ERROR). Returns whether the state changed.
 pub(crate) fn settle(p: &PFd) -> bool {
-    if p.state() != State::Connecting || !dsan_switch::connect_settled(p.sw()) {
+    if p.app.state() != State::Connecting || !dsan_switch::connect_settled(p.sw()) {
         return false;
     }
     match dsan_switch::error(p.sw()) {
         Ok(0) => match dsan_switch::transport(p.sw()) {
             Ok(t) => connected(p, t),
             Err(e) => {
-                p.so_error.store(e, Ordering::Release);
-                p.set_state(State::Idle);
+                p.app.so_error.store(e, Ordering::Release);
+                p.app.set_state(State::Idle);
             }
         },
         Ok(e) | Err(e) => {
-            p.so_error.store(e, Ordering::Release);
-            p.set_state(State::Idle);
+            p.app.so_error.store(e, Ordering::Release);
+            p.app.set_state(State::Idle);
         }
     }
     true
@@ -385,7 +387,7 @@ pub(crate) fn accept(
     if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
         return Err(libc::EINVAL);
     }
-    if p.state() != State::Listening {
+    if p.app.state() != State::Listening {
         return Err(libc::EINVAL);
     }
     let nonblock = flags & libc::SOCK_NONBLOCK != 0;
@@ -396,7 +398,7 @@ pub(crate) fn accept(
             // A kernel TCP connection: the program gets the kernel socket.
             use std::os::fd::IntoRawFd;
             let fd = tcp.into_raw_fd();
-            if p.v6.load(Ordering::Relaxed) {
+            if p.app.v6.load(Ordering::Relaxed) {
                 // An IPv6 (or v4-mapped) client of a dual-stack listener:
                 // its name as the kernel gives it.
                 // SAFETY: a valid socket and the caller's out-parameters.
@@ -414,27 +416,29 @@ pub(crate) fn accept(
         Err(_) => {
             // A lean SAN connection: `nfd` is the program's descriptor.
             let fd = nfd;
-            let np = PFd::new(nfd, State::Connected);
-            np.nonblock.store(nonblock, Ordering::Relaxed);
-            np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
-            *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
-            *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
-                *p.local.lock().unwrap_or_else(|e| e.into_inner());
+            let np = table::take(nfd, State::Connected).ok_or(libc::EBADF)?;
+            np.app.nonblock.store(nonblock, Ordering::Relaxed);
+            np.app
+                .v6
+                .store(p.app.v6.load(Ordering::Relaxed), Ordering::Relaxed);
+            *np.app.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+            *np.app.local.lock().unwrap_or_else(|e| e.into_inner()) =
+                *p.app.local.lock().unwrap_or_else(|e| e.into_inner());
             table::insert(fd, np);
             rules::log(|| format!("accept: fd {fd} from {peer} over the SAN"));
             fd
         }
     };
-    if !(p.v6.load(Ordering::Relaxed) && table::get(fd).is_none()) {
+    if !(p.app.v6.load(Ordering::Relaxed) && table::get(fd).is_none()) {
         // SAFETY: the caller's out-parameters.
-        unsafe { write_addr(peer, p.v6.load(Ordering::Relaxed), addr, len) };
+        unsafe { write_addr(peer, p.app.v6.load(Ordering::Relaxed), addr, len) };
     }
     Ok(fd)
 }
 
 /// A new program descriptor `nfd` refers to the same socket as `p`.
 pub(crate) fn duplicated(p: &Arc<PFd>, nfd: RawFd) {
-    p.refs.fetch_add(1, Ordering::AcqRel);
+    p.app.refs.fetch_add(1, Ordering::AcqRel);
     table::insert(nfd, p.clone());
 }
 
@@ -445,7 +449,7 @@ fn kernel(p: &PFd) -> Result<RawFd, i32> {
             format!(
                 "switch socket {} ({:?}): no kernel socket: errno {e}",
                 p.sw(),
-                p.state()
+                p.app.state()
             )
         })
     })
@@ -478,7 +482,7 @@ pub(crate) unsafe fn getsockopt(
         match name {
             libc::SO_ERROR => {
                 settle(p);
-                let e = p.so_error.swap(0, Ordering::AcqRel);
+                let e = p.app.so_error.swap(0, Ordering::AcqRel);
                 if e != 0 {
                     return int(e);
                 }
@@ -489,14 +493,14 @@ pub(crate) unsafe fn getsockopt(
             }
             libc::SO_TYPE => return int(libc::SOCK_STREAM),
             libc::SO_DOMAIN => {
-                return int(if p.v6.load(Ordering::Relaxed) {
+                return int(if p.app.v6.load(Ordering::Relaxed) {
                     libc::AF_INET6
                 } else {
                     libc::AF_INET
                 })
             }
             libc::SO_PROTOCOL => return int(libc::IPPROTO_TCP),
-            libc::SO_ACCEPTCONN => return int(c_int::from(p.state() == State::Listening)),
+            libc::SO_ACCEPTCONN => return int(c_int::from(p.app.state() == State::Listening)),
             _ => {}
         }
     }
@@ -609,7 +613,7 @@ pub(crate) unsafe fn setsockopt(
         Ok(k) => {
             // SAFETY: the caller's parameters, passed on.
             let r = kernel_result(unsafe { real::setsockopt()(k, level, name, val, len) })?;
-            p.opts_set.store(true, Ordering::Relaxed);
+            p.app.opts_set.store(true, Ordering::Relaxed);
             if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
                 let _ = dsan_switch::set_linger_abort(p.sw(), false);
             }
@@ -664,7 +668,7 @@ pub(crate) unsafe fn name(
         return kernel_result(r);
     }
     let v = if peer {
-        (*p.peer.lock().unwrap_or_else(|e| e.into_inner())).ok_or(libc::ENOTCONN)?
+        (*p.app.peer.lock().unwrap_or_else(|e| e.into_inner())).ok_or(libc::ENOTCONN)?
     } else {
         // The SAN connection's own address and port (a connect's, chosen
         // by the daemon; an accepted one's, the address the client asked
@@ -672,12 +676,12 @@ pub(crate) unsafe fn name(
         dsan_switch::san_connection(p.sw())
             .and_then(|ss| ss.local_addr().ok())
             .filter(|a| !a.ip().is_unspecified())
-            .or(*p.local.lock().unwrap_or_else(|e| e.into_inner()))
+            .or(*p.app.local.lock().unwrap_or_else(|e| e.into_inner()))
             .or_else(|| kernel(p).ok().and_then(name_of))
             .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
     };
     // SAFETY: the caller's out-parameters.
-    unsafe { write_addr(v, p.v6.load(Ordering::Relaxed), a, len) };
+    unsafe { write_addr(v, p.app.v6.load(Ordering::Relaxed), a, len) };
     Ok(0)
 }
 
@@ -687,14 +691,19 @@ pub(crate) unsafe fn name(
 /// listener, taking the SAN side over from the parent). None if `fd` is a
 /// plain kernel listener now (the child could not make a switch socket).
 pub(crate) fn own(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
-    if !p.inherited() {
+    if !p.app.inherited() {
         return Some(p);
     }
-    let kept = p.passed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let kept = p
+        .app
+        .passed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     if let Some(kept) = kept {
         return claim_kept(fd, &p, kept);
     }
-    match p.state() {
+    match p.app.state() {
         State::Listening => relisten(fd, p),
         State::Connected => claim(fd, p),
         _ => Some(p),
@@ -714,11 +723,13 @@ fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
             match take_over(fd, sw, State::Connected, flags) {
                 Ok(np) => {
                     follow(fd, &np, others);
-                    *np.peer.lock().unwrap_or_else(|e| e.into_inner()) =
-                        *p.peer.lock().unwrap_or_else(|e| e.into_inner());
-                    *np.local.lock().unwrap_or_else(|e| e.into_inner()) =
-                        *p.local.lock().unwrap_or_else(|e| e.into_inner());
-                    np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
+                    *np.app.peer.lock().unwrap_or_else(|e| e.into_inner()) =
+                        *p.app.peer.lock().unwrap_or_else(|e| e.into_inner());
+                    *np.app.local.lock().unwrap_or_else(|e| e.into_inner()) =
+                        *p.app.local.lock().unwrap_or_else(|e| e.into_inner());
+                    np.app
+                        .v6
+                        .store(p.app.v6.load(Ordering::Relaxed), Ordering::Relaxed);
                     rules::log(|| format!("fd {fd}: the parent's SAN connection, claimed"));
                     Some(np)
                 }
@@ -774,11 +785,11 @@ pub(crate) type PassInfo = (RawFd, [u8; dsan_provider::TICKET_BYTES], bool);
 /// descriptor it is).
 pub(crate) fn pass_info(fd: RawFd) -> Option<PassInfo> {
     let p = own(fd, table::get(fd)?)?;
-    if p.state() != State::Connected {
+    if p.app.state() != State::Connected {
         return None;
     }
     match dsan_switch::pass_ticket(p.sw()) {
-        Ok(Some((life, ticket))) => Some((life, ticket, p.v6.load(Ordering::Relaxed))),
+        Ok(Some((life, ticket))) => Some((life, ticket, p.app.v6.load(Ordering::Relaxed))),
         Ok(None) => None,
         Err(e) => {
             rules::log(|| format!("fd {fd}: sent without its connection's life (errno {e})"));
@@ -796,7 +807,7 @@ pub(crate) fn kernel_for_exec(fd: RawFd) {
     let Some(p) = table::get(fd) else {
         return;
     };
-    if p.state() != State::Connected
+    if p.app.state() != State::Connected
         || dsan_switch::transport(p.sw()) != Ok(dsan_switch::Transport::Tcp)
     {
         return;
@@ -822,9 +833,9 @@ pub(crate) fn take_passed(fd: RawFd, life: OwnedFd, ticket: &[u8], v6: bool) {
     });
     match r {
         Ok(np) => {
-            *np.peer.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.peer());
-            *np.local.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.local());
-            np.v6.store(v6, Ordering::Relaxed);
+            *np.app.peer.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.peer());
+            *np.app.local.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.local());
+            np.app.v6.store(v6, Ordering::Relaxed);
             rules::log(|| format!("fd {fd}: a SAN connection passed to this process, claimed"));
         }
         Err(e) => {
@@ -870,8 +881,8 @@ fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     let Some(t) = dsan_switch::inherited_listener(p.sw()) else {
         return Some(p);
     };
-    let local = *p.local.lock().unwrap_or_else(|e| e.into_inner());
-    let backlog = p.backlog.load(Ordering::Relaxed);
+    let local = *p.app.local.lock().unwrap_or_else(|e| e.into_inner());
+    let backlog = p.app.backlog.load(Ordering::Relaxed);
     let flags = fl(fd);
     let made = dup_owned(t).and_then(dsan_switch::adopt).and_then(|sw| {
         // SAFETY: plain call.
@@ -888,9 +899,11 @@ fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
     match made.and_then(|(sw, san)| take_over(fd, sw, State::Listening, flags).map(|np| (np, san)))
     {
         Ok((np, san)) => {
-            *np.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
-            np.backlog.store(backlog, Ordering::Relaxed);
-            np.v6.store(p.v6.load(Ordering::Relaxed), Ordering::Relaxed);
+            *np.app.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
+            np.app.backlog.store(backlog, Ordering::Relaxed);
+            np.app
+                .v6
+                .store(p.app.v6.load(Ordering::Relaxed), Ordering::Relaxed);
             rules::log(|| {
                 format!(
                     "listen fd {fd} again after fork: {}",

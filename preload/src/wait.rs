@@ -44,7 +44,7 @@ enum Kind {
 /// What the kernel waits on for one direction of a switch socket.
 fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kind)> {
     settle(p);
-    match p.state() {
+    match p.app.state() {
         State::Listening => vec![(fd, Kind::Plain)],
         State::Connecting => vec![(fd, Kind::Connect)],
         // Reported at once by poll (see `immediate`).
@@ -71,7 +71,7 @@ fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kin
 /// Whether `p` is a SAN connection a send on which would not block now.
 fn writable_san(p: &PFd) -> bool {
     settle(p);
-    p.state() == State::Connected
+    p.app.state() == State::Connected
         && dsan_switch::san_connection(p.sw()).is_some_and(|ss| ss.readiness(false, true).writable)
 }
 
@@ -84,7 +84,7 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
         Kind::Connect => {
             if fired && settle(p) {
                 ev |= libc::POLLOUT;
-                if p.state() == State::Idle {
+                if p.app.state() == State::Idle {
                     ev |= libc::POLLERR | libc::POLLHUP;
                 }
             }
@@ -111,7 +111,7 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
                     libc::POLLOUT
                 };
             }
-            if p.state() == State::Idle {
+            if p.app.state() == State::Idle {
                 ev |= libc::POLLERR | libc::POLLHUP;
             } else if fired {
                 if let Some(ss) = dsan_switch::san_connection(p.sw()) {
@@ -158,11 +158,11 @@ pub(crate) unsafe fn poll(
 ) -> c_int {
     /// What a socket whose connect failed reports at once, as the kernel's does.
     fn immediate(p: &PFd, asked: i16) -> i16 {
-        if p.state() != State::Idle {
+        if p.app.state() != State::Idle {
             return 0;
         }
         let mut ev = libc::POLLHUP | (asked & libc::POLLOUT);
-        if p.so_error.load(Ordering::Acquire) != 0 {
+        if p.app.so_error.load(Ordering::Acquire) != 0 {
             ev |= libc::POLLERR;
         }
         ev
@@ -351,7 +351,7 @@ fn install(id: usize, r: &mut Reg) -> Result<(), i32> {
     for (t, kind) in targets(&r.p, r.fd, want_in, want_out) {
         // EPOLLEXCLUSIVE cannot be set on an epoll instance (a switch
         // socket's descriptor); the kernel sockets take it.
-        let on_epoll = t == r.fd && r.p.state() != State::Connected
+        let on_epoll = t == r.fd && r.p.app.state() != State::Connected
             || matches!(kind, Kind::Read | Kind::Connect);
         let excl = if on_epoll {
             !(libc::EPOLLEXCLUSIVE as u32)
@@ -412,7 +412,11 @@ pub(crate) fn epoll_ctl(
             install(id, &mut r)?;
             rs.by_id.insert(id, r);
             rs.by_key.insert((ep, fd), id);
-            p.regs.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+            p.app
+                .regs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(id);
             LIVE.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
@@ -438,14 +442,14 @@ pub(crate) fn epoll_ctl(
 /// (the kernel would drop them with the descriptor's last reference, which
 /// the switch holds).
 pub(crate) fn forget(p: &PFd, fd: RawFd) {
-    let ids: Vec<usize> = p.regs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let ids: Vec<usize> = p.app.regs.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for id in ids {
         with_regs(id, |rs| {
             if rs.by_id.get(&id).is_some_and(|r| r.fd == fd) {
                 // A forked child shares the epoll instances with its parent:
                 // closing its copy changes nothing there (as with a kernel
                 // socket, still open in the parent).
-                drop_reg(rs, p, id, !p.inherited());
+                drop_reg(rs, p, id, !p.app.inherited());
             }
         });
     }
@@ -462,7 +466,8 @@ fn drop_reg(rs: &mut Regs, p: &PFd, id: usize, kernel: bool) {
         uninstall(&mut r);
         LIVE.fetch_sub(1, Ordering::Relaxed);
     }
-    p.regs
+    p.app
+        .regs
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .retain(|i| *i != id);
@@ -525,9 +530,9 @@ fn translate_epoll(evs: &mut [epoll_event]) -> usize {
         }) else {
             continue;
         };
-        let before = p.state();
+        let before = p.app.state();
         let bits = epoll_bits(translate(&p, kind, true, poll_bits(asked)));
-        if p.state() != before {
+        if p.app.state() != before {
             refresh.push(p.clone());
         }
         if bits == 0 {
@@ -546,7 +551,7 @@ fn translate_epoll(evs: &mut [epoll_event]) -> usize {
     }
     for p in refresh {
         // A connect finished: wait on the connection's own targets now.
-        let ids: Vec<usize> = p.regs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ids: Vec<usize> = p.app.regs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for id in ids {
             with_regs(id, |rs| {
                 if let Some(r) = rs.by_id.get_mut(&id) {

@@ -27,6 +27,7 @@
 //! The C ABI (`control/include/dsan_switch.h`, `libdsan_switch.so`) is in `capi`.
 #![deny(unsafe_code)] // only the modules that need it allow it
 
+pub mod app;
 mod capi;
 mod switch;
 
@@ -38,5 +39,5 @@ pub use switch::{
     san_connection, san_destination, send, set_condition, set_daemon_socket, set_fd_base,
     set_fork_hooks, set_linger_abort, set_oob_inline, set_san_only, set_takeover, set_thread_hook,
     set_wake_sockets, set_watch_writable, shutdown, socket, take_tcp, transport, watch_writable,
-    writable_now, Condition, Inherited, Transport,
+    writable_now, Condition, Inherited, Socket, Transport,
 };

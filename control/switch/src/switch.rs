@@ -41,7 +41,15 @@ struct Listen {
     san_failure_reported: bool,
 }
 
-struct Sock {
+/// One socket of the application: what the switch keeps of it (its
+/// descriptor, kernel TCP side, listener, connection) and, for an
+/// interposing library, the program's side ([`Socket::app`]).
+pub struct Socket {
+    /// What the program sees of the socket (see [`crate::app`]).
+    pub app: crate::app::App,
+    /// The switch's number for it: `epfd`'s, or a lean socket's `face`
+    /// (-1 for a record no switch socket serves yet, see [`crate::app::kept`]).
+    number: std::sync::atomic::AtomicI32,
     /// The switch's descriptor: an epoll instance over whatever says the
     /// socket is readable (its kernel socket, readiness eventfds). None for
     /// a lean socket (see `face`).
@@ -120,7 +128,7 @@ struct Conn {
 }
 
 /// The socket is now SAN connection `ss`.
-fn set_san(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
+fn set_san(s: &Arc<Socket>, ss: Arc<SanSocket>) -> Result<(), i32> {
     // The FD_WRITE descriptor too, when every connection gets one: a new
     // connection's send ring is empty, so it starts out writable.
     let wfd = OnceLock::new();
@@ -153,7 +161,7 @@ fn set_san(s: &Arc<Sock>, ss: Arc<SanSocket>) -> Result<(), i32> {
     Ok(())
 }
 
-impl Sock {
+impl Socket {
     /// The socket is now a kernel TCP connection (its socket in the epoll
     /// set: readable when the kernel socket is).
     fn set_tcp(&self) -> Result<(), i32> {
@@ -174,13 +182,13 @@ impl Sock {
 }
 
 enum Entry {
-    Sock(Arc<Sock>),
+    Socket(Arc<Socket>),
     /// An accepted kernel TCP connection: the descriptor is the TCP socket
     /// (held here so that closing the entry closes it).
     Tcp(#[allow(dead_code)] OwnedFd),
 }
 
-impl Sock {
+impl Socket {
     fn tcp_fd(&self) -> Result<RawFd, i32> {
         let mut t = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
         if t.is_none() {
@@ -306,7 +314,7 @@ fn has_input(ss: &SanSocket) -> bool {
 struct Registration {
     ss: std::sync::Weak<SanSocket>,
     /// The switch socket the SAN connection serves.
-    sock: std::sync::Weak<Sock>,
+    sock: std::sync::Weak<Socket>,
     /// None: the connection is new: make its event descriptor (a lean
     /// socket's is its own descriptor), put it in the socket's epoll set
     /// and register it with the daemon (with its FD_WRITE descriptor in the
@@ -473,7 +481,7 @@ struct Global {
     /// In a forked child: the parent's connected sockets (by switch
     /// descriptor), for [`claim_inherited`]. Never dropped here (their SAN
     /// sockets are the parent's attachment's).
-    inherited_conns: Mutex<HashMap<RawFd, Arc<Sock>>>,
+    inherited_conns: Mutex<HashMap<RawFd, Arc<Socket>>>,
 }
 
 /// Set in a forked child (pthread_atfork): the switch's threads, provider
@@ -511,20 +519,20 @@ pub fn set_fork_hooks(prepare: fn(), release: fn()) {
 }
 
 /// Before a fork: every SAN connection of this process that has no life
-/// yet gets one (see [`Sock::life`]), so that the child inherits it and the
+/// yet gets one (see [`Socket::life`]), so that the child inherits it and the
 /// connection outlives the parent's close while the child holds it. One
 /// control-socket request per connection, the first time it is forked with.
 fn register_lives(g: &Global) {
     if FORKED_CHILD.load(Ordering::Relaxed) {
         return; // the table is the parent's
     }
-    let socks: Vec<Arc<Sock>> = g
+    let socks: Vec<Arc<Socket>> = g
         .table
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .values()
         .filter_map(|e| match e {
-            Entry::Sock(s) => Some(s.clone()),
+            Entry::Socket(s) => Some(s.clone()),
             Entry::Tcp(_) => None,
         })
         .collect();
@@ -537,7 +545,7 @@ fn register_lives(g: &Global) {
 /// control-socket request); the write end's number (the socket keeps it),
 /// or None for a socket without a SAN connection or when the daemon
 /// refused (its errno then).
-fn give_life(s: &Sock) -> Result<Option<RawFd>, i32> {
+fn give_life(s: &Socket) -> Result<Option<RawFd>, i32> {
     let mut life = s.life.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(w) = life.as_ref() {
         return Ok(Some(w.as_raw_fd()));
@@ -722,7 +730,7 @@ fn after_fork(g: &'static Global) {
             .unwrap_or_else(|e| e.into_inner());
         inh.clear();
         for (fd, e) in &old {
-            if let Entry::Sock(s) = e {
+            if let Entry::Socket(s) = e {
                 let listening = s.listen.try_lock().map(|l| l.is_some()).unwrap_or(false);
                 let tcp = s
                     .tcp
@@ -737,7 +745,7 @@ fn after_fork(g: &'static Global) {
         let mut conns = g.inherited_conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.clear();
         for (fd, e) in &old {
-            if let Entry::Sock(s) = e {
+            if let Entry::Socket(s) = e {
                 if s.conn.try_lock().is_ok_and(|c| c.is_some()) {
                     conns.insert(*fd, s.clone());
                 }
@@ -1063,9 +1071,9 @@ fn drain(fd: RawFd) {
 
 use dsan_provider::sockaddr::{from_sockaddr_in as from_sin, sockaddr_in as sin};
 
-fn sock(fd: RawFd) -> Result<Arc<Sock>, i32> {
+fn sock(fd: RawFd) -> Result<Arc<Socket>, i32> {
     match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
-        Some(Entry::Sock(s)) => Ok(s.clone()),
+        Some(Entry::Socket(s)) => Ok(s.clone()),
         Some(Entry::Tcp(_)) => Err(libc::EINVAL),
         None => Err(libc::ENOTSOCK),
     }
@@ -1101,28 +1109,62 @@ pub fn socket() -> Result<RawFd, i32> {
 }
 
 /// Records a new switch socket under number `fd`.
-fn insert_sock(fd: RawFd, epfd: Option<OwnedFd>, face: RawFd) -> Arc<Sock> {
-    let s = Arc::new(Sock {
-        epfd,
-        face: Mutex::new(face),
-        tcp: Mutex::new(None),
-        ready: OnceLock::new(),
-        bound: Mutex::new(None),
-        listen: Mutex::new(None),
-        conn: Mutex::new(None),
-        pending: Mutex::new(None),
-        error: std::sync::atomic::AtomicI32::new(0),
-        san_only: std::sync::atomic::AtomicBool::new(false),
-        takeover: std::sync::atomic::AtomicU32::new(0),
-        connect_efd: OnceLock::new(),
-        life: Mutex::new(None),
-        abort_on_close: std::sync::atomic::AtomicBool::new(false),
-    });
+fn insert_sock(fd: RawFd, epfd: Option<OwnedFd>, face: RawFd) -> Arc<Socket> {
+    let s = Arc::new(Socket::new(fd, epfd, face));
     g().table
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(fd, Entry::Sock(s.clone()));
+        .insert(fd, Entry::Socket(s.clone()));
     s
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("number", &self.sw())
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The switch socket with number `fd`.
+pub(crate) fn lookup(fd: RawFd) -> Option<Arc<Socket>> {
+    sock(fd).ok()
+}
+
+impl Socket {
+    fn new(number: RawFd, epfd: Option<OwnedFd>, face: RawFd) -> Socket {
+        Socket {
+            app: crate::app::App::default(),
+            number: std::sync::atomic::AtomicI32::new(number),
+            epfd,
+            face: Mutex::new(face),
+            tcp: Mutex::new(None),
+            ready: OnceLock::new(),
+            bound: Mutex::new(None),
+            listen: Mutex::new(None),
+            conn: Mutex::new(None),
+            pending: Mutex::new(None),
+            error: std::sync::atomic::AtomicI32::new(0),
+            san_only: std::sync::atomic::AtomicBool::new(false),
+            takeover: std::sync::atomic::AtomicU32::new(0),
+            connect_efd: OnceLock::new(),
+            life: Mutex::new(None),
+            abort_on_close: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A record that no switch socket serves (yet): no descriptor, not in
+    /// the switch's table.
+    pub(crate) fn detached() -> Arc<Socket> {
+        Arc::new(Socket::new(-1, None, -1))
+    }
+
+    /// The switch's number for this socket (what its functions take), -1
+    /// for a record no switch socket serves.
+    pub fn sw(&self) -> RawFd {
+        self.number.load(Ordering::Acquire)
+    }
 }
 
 /// A new readiness descriptor at the lowest free number (a program
@@ -1178,13 +1220,14 @@ pub fn adopt_lean(tcp: OwnedFd, at: RawFd, nonblock: bool, cloexec: bool) -> Res
 pub fn renumber(old: RawFd, new: RawFd) -> Result<(), i32> {
     let mut t = g().table.write().unwrap_or_else(|e| e.into_inner());
     let s = match t.get(&old) {
-        Some(Entry::Sock(s)) if s.is_lean() => s.clone(),
+        Some(Entry::Socket(s)) if s.is_lean() => s.clone(),
         Some(_) => return Err(libc::EINVAL),
         None => return Err(libc::ENOTSOCK),
     };
     *s.face.lock().unwrap_or_else(|e| e.into_inner()) = new;
+    s.number.store(new, Ordering::Release);
     t.remove(&old);
-    t.insert(new, Entry::Sock(s));
+    t.insert(new, Entry::Socket(s));
     Ok(())
 }
 
@@ -1289,7 +1332,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
 /// host or the wildcard, a daemon there): a SAN listener with the same port
 /// and backlog, FD_ACCEPT into the accept thread's epoll. Returns whether
 /// there is one now.
-fn san_side(fd: RawFd, s: &Sock, l: &mut Listen) -> bool {
+fn san_side(fd: RawFd, s: &Socket, l: &mut Listen) -> bool {
     let backlog = i32::try_from(l.backlog).unwrap_or(i32::MAX);
     let Some(bound) = *s.bound.lock().unwrap_or_else(|e| e.into_inner()) else {
         return false;
@@ -1354,13 +1397,13 @@ fn revive_listeners() {
     // accepted socket to the table, so taking them the other way round
     // here deadlocked the two (seen once a second at worst, when this ran
     // beside an accept).
-    let socks: Vec<(RawFd, Arc<Sock>)> = g()
+    let socks: Vec<(RawFd, Arc<Socket>)> = g()
         .table
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .filter_map(|(fd, e)| match e {
-            Entry::Sock(s) => Some((*fd, s.clone())),
+            Entry::Socket(s) => Some((*fd, s.clone())),
             Entry::Tcp(_) => None,
         })
         .collect();
@@ -1645,7 +1688,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
 pub fn error(fd: RawFd) -> Result<i32, i32> {
     let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Tcp(t)) => return int_opt(t.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR),
-        Some(Entry::Sock(s)) => s.clone(),
+        Some(Entry::Socket(s)) => s.clone(),
         None => return Err(libc::ENOTSOCK),
     };
     let done = s
@@ -1669,7 +1712,7 @@ pub fn error(fd: RawFd) -> Result<i32, i32> {
 /// connect's own). `p`: the pending record of a nonblocking connect, which a
 /// close may cancel.
 fn connect_now(
-    s: &Arc<Sock>,
+    s: &Arc<Socket>,
     dst: SocketAddrV4,
     p: Option<&Arc<Pending>>,
 ) -> Result<Transport, i32> {
@@ -1804,7 +1847,7 @@ pub fn transport(fd: RawFd) -> Result<Transport, i32> {
     // (No socket lock under the table's: see `revive_listeners`.)
     let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Tcp(_)) => return Ok(Transport::Tcp),
-        Some(Entry::Sock(s)) => s.clone(),
+        Some(Entry::Socket(s)) => s.clone(),
         None => return Err(libc::ENOTSOCK),
     };
     let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
@@ -1822,7 +1865,7 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
         .unwrap_or_else(|e| e.into_inner())
         .remove(&fd)
         .ok_or(libc::ENOTSOCK)?;
-    if let Entry::Sock(s) = e {
+    if let Entry::Socket(s) = e {
         // A lean socket's number is the program's to close: never touched
         // here again.
         *s.face.lock().unwrap_or_else(|e| e.into_inner()) = -1;
@@ -1872,14 +1915,14 @@ pub fn close(fd: RawFd) -> Result<(), i32> {
 enum Target {
     /// A kernel TCP socket.
     Tcp(RawFd),
-    /// A SAN connection (its readiness eventfd: [`Sock::with_readable`]).
+    /// A SAN connection (its readiness eventfd: [`Socket::with_readable`]).
     San(Arc<SanSocket>),
 }
 
-fn target(fd: RawFd) -> Result<(Target, Option<Arc<Sock>>), i32> {
+fn target(fd: RawFd) -> Result<(Target, Option<Arc<Socket>>), i32> {
     let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
         Some(Entry::Tcp(t)) => return Ok((Target::Tcp(t.as_raw_fd()), None)),
-        Some(Entry::Sock(s)) => s.clone(),
+        Some(Entry::Socket(s)) => s.clone(),
         None => return Err(libc::ENOTSOCK),
     };
     let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());

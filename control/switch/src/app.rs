@@ -1,0 +1,285 @@
+//! The program's side of a switch socket, for an interposing library
+//! (`libdsan_preload.so`): what the program sees of the socket (its state,
+//! names, flags, the options it set, its epoll registrations) lives in the
+//! socket's one record ([`Socket::app`]), and which of the program's
+//! descriptor numbers refer to a socket is the one number table here.
+//!
+//! The table is a bitmap checked by every interposed call (one atomic load
+//! for a descriptor that is not a switch socket's) and a map from each
+//! number to its socket; duplicates of a number map to the same socket.
+
+use crate::switch::Socket;
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Where a socket is, as the program sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Listening on kernel TCP and the SAN.
+    Listening,
+    /// A nonblocking connect runs.
+    Connecting,
+    /// Connected (over the SAN, or over kernel TCP through the switch).
+    Connected,
+    /// Not connected (a connect failed).
+    Idle,
+}
+
+/// A SAN connection this process holds but has not claimed yet (kept
+/// across exec): its life's write end, its ticket, IPv6.
+#[derive(Debug)]
+pub struct Passed {
+    /// The life's write end (see `pass_ticket`).
+    pub life: OwnedFd,
+    /// The connection's claim ticket.
+    pub ticket: Vec<u8>,
+    /// The socket is AF_INET6.
+    pub v6: bool,
+}
+
+/// The program's side of one socket: every descriptor number of the
+/// program that refers to the socket (dup) maps to the socket whose record
+/// this is.
+#[derive(Debug)]
+pub struct App {
+    /// Program descriptors that refer to it.
+    pub refs: AtomicUsize,
+    state: Mutex<State>,
+    /// A connect's failure not reported yet (SO_ERROR).
+    pub so_error: AtomicI32,
+    /// The peer's name, as the program is told it.
+    pub peer: Mutex<Option<SocketAddrV4>>,
+    /// The socket's own name, as the program is told it.
+    pub local: Mutex<Option<SocketAddrV4>>,
+    /// Its epoll registrations (ids of the interposing library's).
+    pub regs: Mutex<Vec<usize>>,
+    /// Inherited from the parent across fork: the parent's socket, which
+    /// this process only closes (closing its copy of the descriptor); a
+    /// listener is listened on again by the child on first use.
+    pub inherited: AtomicBool,
+    /// The listen backlog (a listener).
+    pub backlog: AtomicI32,
+    /// The descriptor's O_NONBLOCK, as the program set it (kept here so
+    /// that a data call does not ask the kernel each time).
+    pub nonblock: AtomicBool,
+    /// An AF_INET6 socket (a dual-stack listener and what it accepts): SAN
+    /// addresses are named v4-mapped, as Linux names IPv4 peers there.
+    pub v6: AtomicBool,
+    /// Options kept for a socket without a kernel socket: (level, name,
+    /// the bytes getsockopt gives).
+    pub opts: Mutex<Vec<(libc::c_int, libc::c_int, Vec<u8>)>>,
+    /// Kept across exec: the connection's life and ticket, until the first
+    /// use claims the connection.
+    pub passed: Mutex<Option<Passed>>,
+    /// The program set options on its kernel socket (before or after it
+    /// became a switch socket): they are carried over when that socket is
+    /// released.
+    pub opts_set: AtomicBool,
+}
+
+impl Default for App {
+    fn default() -> App {
+        App {
+            refs: AtomicUsize::new(1),
+            state: Mutex::new(State::Idle),
+            so_error: AtomicI32::new(0),
+            peer: Mutex::new(None),
+            local: Mutex::new(None),
+            regs: Mutex::new(Vec::new()),
+            inherited: AtomicBool::new(false),
+            backlog: AtomicI32::new(0),
+            nonblock: AtomicBool::new(false),
+            v6: AtomicBool::new(false),
+            opts: Mutex::new(Vec::new()),
+            passed: Mutex::new(None),
+            opts_set: AtomicBool::new(false),
+        }
+    }
+}
+
+impl App {
+    /// Where the socket is.
+    pub fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The socket is in state `s` now.
+    pub fn set_state(&self, s: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// Whether it is a connection kept across exec, not claimed yet.
+    pub fn kept(&self) -> bool {
+        self.inherited()
+            && self
+                .passed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
+    /// Whether it is the parent's (see `inherited`).
+    pub fn inherited(&self) -> bool {
+        self.inherited.load(Ordering::Relaxed)
+    }
+}
+
+/// Switch socket `sw` (a number [`socket`](crate::socket), [`adopt`](crate::adopt),
+/// [`adopt_lean`](crate::adopt_lean) or [`accept_lean`](crate::accept_lean)
+/// returned) as the program's, in state `state` with one program
+/// descriptor referring to it. None if `sw` is not a switch socket.
+pub fn take(sw: RawFd, state: State) -> Option<Arc<Socket>> {
+    let s = crate::switch::lookup(sw)?;
+    s.app.set_state(state);
+    s.app.refs.store(1, Ordering::Relaxed);
+    Some(s)
+}
+
+/// A record for a connection this process was started with (kept across
+/// exec) and has not claimed yet: no switch socket serves it until then.
+pub fn kept(passed: Passed, refs: usize) -> Arc<Socket> {
+    let s = Socket::detached();
+    s.app.set_state(State::Connected);
+    s.app.inherited.store(true, Ordering::Relaxed);
+    s.app.refs.store(refs, Ordering::Relaxed);
+    *s.app.passed.lock().unwrap_or_else(|e| e.into_inner()) = Some(passed);
+    s
+}
+
+/// Descriptors below this have a bit in [`MAP`]; above, [`BIG`] says
+/// whether any is the program's socket.
+const BITS: usize = 1 << 16;
+static MAP: [AtomicU64; BITS / 64] = [const { AtomicU64::new(0) }; BITS / 64];
+static BIG: AtomicBool = AtomicBool::new(false);
+type Numbers = HashMap<RawFd, Arc<Socket>>;
+static NUMBERS: RwLock<Option<Numbers>> = RwLock::new(None);
+
+fn bit(fd: RawFd) -> Option<(usize, u64)> {
+    let i = usize::try_from(fd).ok()?;
+    (i < BITS).then(|| (i / 64, 1u64 << (i % 64)))
+}
+
+/// Whether program descriptor `fd` may be a switch socket's (the fast test
+/// of every interposed call).
+#[inline]
+pub fn maybe_ours(fd: RawFd) -> bool {
+    match bit(fd) {
+        Some((w, b)) => MAP[w].load(Ordering::Acquire) & b != 0,
+        None => fd >= 0 && BIG.load(Ordering::Acquire),
+    }
+}
+
+/// The socket behind program descriptor `fd`, if it is a switch socket.
+pub fn get(fd: RawFd) -> Option<Arc<Socket>> {
+    if !maybe_ours(fd) {
+        return None;
+    }
+    NUMBERS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()?
+        .get(&fd)
+        .cloned()
+}
+
+/// Program descriptor `fd` now refers to `s`.
+pub fn insert(fd: RawFd, s: Arc<Socket>) {
+    NUMBERS
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(fd, s);
+    match bit(fd) {
+        Some((w, b)) => {
+            MAP[w].fetch_or(b, Ordering::Release);
+        }
+        None => BIG.store(true, Ordering::Release),
+    }
+}
+
+/// Program descriptor `fd` no longer refers to a switch socket.
+pub fn remove(fd: RawFd) -> Option<Arc<Socket>> {
+    if !maybe_ours(fd) {
+        return None;
+    }
+    let mut t = NUMBERS.write().unwrap_or_else(|e| e.into_inner());
+    let s = t.as_mut()?.remove(&fd);
+    if let Some((w, b)) = bit(fd) {
+        MAP[w].fetch_and(!b, Ordering::Release);
+    }
+    s
+}
+
+/// Another program descriptor than `fd` that refers to `s`, if any.
+pub fn other_number(s: &Arc<Socket>, fd: RawFd) -> Option<RawFd> {
+    NUMBERS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()?
+        .iter()
+        .find(|(n, q)| **n != fd && Arc::ptr_eq(q, s))
+        .map(|(n, _)| *n)
+}
+
+/// Every program descriptor other than `fd` that refers to `s`.
+pub fn other_numbers(s: &Arc<Socket>, fd: RawFd) -> Vec<RawFd> {
+    NUMBERS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or_else(Vec::new, |t| {
+            t.iter()
+                .filter(|(n, q)| **n != fd && Arc::ptr_eq(q, s))
+                .map(|(n, _)| *n)
+                .collect()
+        })
+}
+
+/// Whether any program descriptor may be a switch socket's (a look at the
+/// bitmap only: no lock, no allocation, so that it is safe in a vfork
+/// child).
+pub fn any() -> bool {
+    BIG.load(Ordering::Acquire) || MAP.iter().any(|w| w.load(Ordering::Acquire) != 0)
+}
+
+/// Every program descriptor that is a switch socket's.
+pub fn all() -> Vec<RawFd> {
+    NUMBERS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or_else(Vec::new, |t| t.keys().copied().collect())
+}
+
+type NumbersGuard = std::sync::RwLockWriteGuard<'static, Option<Numbers>>;
+
+thread_local! {
+    /// The number table, held by a forking thread across the fork.
+    static FORK_NUMBERS: std::cell::RefCell<Option<NumbersGuard>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before a fork (the number table is a leaf lock: take it after the
+/// caller's own locks).
+pub fn fork_prepare() {
+    let g = NUMBERS.write().unwrap_or_else(|e| e.into_inner());
+    let _ = FORK_NUMBERS.try_with(|c| *c.borrow_mut() = Some(g));
+}
+
+/// After a fork, in the parent and the child.
+pub fn fork_release() {
+    let _ = FORK_NUMBERS.try_with(|c| c.borrow_mut().take());
+}
+
+/// In a forked child: every socket the program's numbers refer to is the
+/// parent's.
+pub fn mark_inherited() {
+    if let Some(t) = NUMBERS.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        for s in t.values() {
+            s.app.inherited.store(true, Ordering::Relaxed);
+        }
+    }
+}

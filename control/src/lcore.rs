@@ -154,7 +154,7 @@ pub fn counters_json(c: &Counters, l: &LcoreStats) -> Value {
         "app_event_signals_failed": c.event_signal_failed,
         "app_wake_tokens": c.wake_tokens,
         "attached_processes": c.attached,
-        "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps)},
+        "lcore": {"busy_polls": ld(&l.busy_polls), "idle_polls": ld(&l.idle_polls), "sleeps": ld(&l.sleeps), "wake_sleeps": ld(&l.wake_sleeps), "rhythm_spins": ld(&l.rhythm_spins)},
     })
 }
 

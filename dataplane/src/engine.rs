@@ -36,6 +36,13 @@ pub enum IdlePolicy {
         spin: Duration,
         /// Longest single sleep: the bound on how late an arriving frame is seen.
         max_sleep: Duration,
+        /// The spin while work comes in a rhythm: when work came back within
+        /// this long of the loop's last work although the loop had gone to
+        /// sleep (a request/response exchange whose round trip is longer
+        /// than `spin`: each message would otherwise pay a wake-up, and the
+        /// wake-up itself lengthens the round trip), the loop spins this
+        /// long until a spin of it ends with no work. Zero: never.
+        rhythm: Duration,
     },
 }
 
@@ -51,6 +58,7 @@ impl IdlePolicy {
     pub const ADAPTIVE_DEFAULT: IdlePolicy = IdlePolicy::Adaptive {
         spin: Duration::from_micros(20),
         max_sleep: Duration::from_micros(50),
+        rhythm: DEFAULT_RHYTHM,
     };
 
     /// `"poll"` or `"adaptive"`.
@@ -68,16 +76,29 @@ impl std::str::FromStr for IdlePolicy {
         match s {
             "poll" => Ok(IdlePolicy::Poll),
             "adaptive" => Ok(IdlePolicy::ADAPTIVE_DEFAULT),
-            other => match other.strip_prefix("adaptive:").map(str::parse::<u64>) {
-                // `adaptive:SPIN_US`: the adaptive policy with another spin.
-                Some(Ok(us)) if us <= 1_000_000 => Ok(IdlePolicy::Adaptive {
-                    spin: Duration::from_micros(us),
-                    max_sleep: Duration::from_micros(50),
-                }),
-                _ => Err(format!(
-                    "unknown idle policy {other:?} (expected \"poll\", \"adaptive\" or \"adaptive:SPIN_US\")"
-                )),
-            },
+            other => {
+                // `adaptive:SPIN_US[:RHYTHM_US]`: the adaptive policy with
+                // another spin (and rhythm spin; 0 turns it off).
+                let us = |v: &str| v.parse::<u64>().ok().filter(|us| *us <= 1_000_000);
+                let parsed = other.strip_prefix("adaptive:").and_then(|rest| {
+                    let mut it = rest.splitn(2, ':');
+                    let spin = us(it.next()?)?;
+                    let rhythm = match it.next() {
+                        Some(r) => Duration::from_micros(us(r)?),
+                        None => DEFAULT_RHYTHM,
+                    };
+                    Some(IdlePolicy::Adaptive {
+                        spin: Duration::from_micros(spin),
+                        max_sleep: Duration::from_micros(50),
+                        rhythm,
+                    })
+                });
+                parsed.ok_or_else(|| {
+                    format!(
+                        "unknown idle policy {other:?} (expected \"poll\", \"adaptive\" or \"adaptive:SPIN_US[:RHYTHM_US]\")"
+                    )
+                })
+            }
         }
     }
 }
@@ -127,6 +148,9 @@ pub struct LcoreStats {
     /// Of those, sleeps until work (the port wakes the loop on a frame),
     /// not for a period.
     pub wake_sleeps: AtomicU64,
+    /// Times work came back soon enough after a sleep that the loop took
+    /// to spinning for the rhythm (see [`IdlePolicy::Adaptive`]).
+    pub rhythm_spins: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -139,6 +163,7 @@ struct LocalStats {
     idle_polls: u64,
     sleeps: u64,
     wake_sleeps: u64,
+    rhythm_spins: u64,
 }
 
 impl LocalStats {
@@ -151,6 +176,7 @@ impl LocalStats {
         s.idle_polls.store(self.idle_polls, Ordering::Relaxed);
         s.sleeps.store(self.sleeps, Ordering::Relaxed);
         s.wake_sleeps.store(self.wake_sleeps, Ordering::Relaxed);
+        s.rhythm_spins.store(self.rhythm_spins, Ordering::Relaxed);
     }
 }
 
@@ -238,6 +264,12 @@ fn flush<D: Device>(dev: &mut D, pending: &mut Vec<D::Buf>, stats: &mut LocalSta
     }
 }
 
+/// The adaptive loop's spin while work comes in a rhythm (see
+/// [`IdlePolicy::Adaptive`]): longer than a request/response round trip
+/// through two programs on this lab (15-70 us), short enough that a loop
+/// whose rhythm ended goes back to sleep soon.
+pub const DEFAULT_RHYTHM: Duration = Duration::from_micros(100);
+
 /// How much longer the adaptive loop spins while its handler awaits an
 /// answer ([`Handler::awaiting`]): a connect's reply comes after the peer's
 /// application has been woken and has decided, tens of microseconds, and a
@@ -285,6 +317,10 @@ pub fn run<D: Device, H: Handler<D>>(
     let wake = dev
         .rx_wake_fd()
         .is_some_and(|fd| shared.doorbell.watch_wake(fd).is_ok());
+    // Work comes in a rhythm (see `IdlePolicy::Adaptive::rhythm`), and the
+    // loop slept since its last work.
+    let mut in_rhythm = false;
+    let mut slept = false;
 
     while !shared.stop.load(Ordering::Relaxed) {
         let now = clock.now();
@@ -309,6 +345,15 @@ pub fn run<D: Device, H: Handler<D>>(
             last_drain = now;
         }
         if busy {
+            if std::mem::take(&mut slept) {
+                // Work back after a sleep: in a rhythm if a spin of the
+                // rhythm's length would have caught it.
+                in_rhythm = match cfg.idle {
+                    IdlePolicy::Adaptive { rhythm, .. } => now - last_busy < rhythm,
+                    IdlePolicy::Poll => false,
+                };
+                stats.rhythm_spins += u64::from(in_rhythm);
+            }
             // What this pass produced leaves now: a burst is the batch, and a
             // reply must not wait for the drain tick.
             flush(dev, &mut pending, &mut stats);
@@ -317,18 +362,28 @@ pub fn run<D: Device, H: Handler<D>>(
             continue;
         }
         stats.idle_polls += 1;
-        if let IdlePolicy::Adaptive { spin, max_sleep } = cfg.idle {
-            let spin = if handler.awaiting() {
+        if let IdlePolicy::Adaptive {
+            spin,
+            max_sleep,
+            rhythm,
+        } = cfg.idle
+        {
+            let mut spin = if handler.awaiting() {
                 spin * AWAIT_SPIN_FACTOR
             } else {
                 spin
             };
+            if in_rhythm {
+                spin = spin.max(rhythm);
+            }
             if now - last_busy < spin {
                 // On a shared core, let whatever else is runnable (often the
                 // application we serve) have the CPU between two polls.
                 std::thread::yield_now();
                 continue;
             }
+            // A whole spin without work: no rhythm (any more).
+            in_rhythm = false;
             // Going to sleep: nothing may wait in the tx buffer.
             flush(dev, &mut pending, &mut stats);
             shared.doorbell.set_sleeping(true);
@@ -361,12 +416,19 @@ pub fn run<D: Device, H: Handler<D>>(
                 stats.sleeps += 1;
                 stats.publish(&shared.stats);
                 shared.doorbell.wait(sleep);
+                slept = true;
             }
             if armed {
                 dev.disarm_rx_wake();
             }
             shared.doorbell.set_sleeping(false);
-            last_busy = if late { clock.now() } else { last_busy };
+            if late {
+                // Work at the last look: a spin of the rhythm's length
+                // would have caught it.
+                in_rhythm = rhythm > spin;
+                stats.rhythm_spins += u64::from(in_rhythm);
+                last_busy = clock.now();
+            }
         }
     }
     flush(dev, &mut pending, &mut stats);
@@ -470,6 +532,69 @@ mod tests {
         run_reflector(IdlePolicy::ADAPTIVE_DEFAULT);
     }
 
+    /// Exchanges one frame at a time with a loop of `policy`, pausing
+    /// `pause` between them (longer than the policy's spin); returns the
+    /// loop's (sleeps, rhythm spins).
+    fn exchanges(policy: IdlePolicy, n: usize, pause: Duration) -> (u64, u64) {
+        let (mut dev, mut peer) = Loopback::pair(1024, MA, MB);
+        let shared = EngineShared::new(policy).unwrap();
+        let mut h = Reflector {
+            outbox: Arc::new(Mutex::new(Vec::new())),
+            seen: Arc::new(AtomicUsize::new(0)),
+        };
+        let cfg = EngineConfig {
+            idle: policy,
+            ..Default::default()
+        };
+        let s2 = shared.clone();
+        let t = std::thread::spawn(move || run(&mut dev, &mut h, &cfg, &s2, Clock::new()));
+        let mut back = Vec::new();
+        for i in 0..n {
+            peer.tx_burst(&mut vec![vec![i as u8; 60]]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while back.is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "exchange {i} unanswered"
+                );
+                peer.rx_burst(&mut back, BURST);
+            }
+            back.clear();
+            let until = std::time::Instant::now() + pause;
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        shared.request_stop();
+        t.join().unwrap();
+        let st = &shared.stats;
+        (
+            st.sleeps.load(Ordering::Relaxed),
+            st.rhythm_spins.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn a_rhythm_of_exchanges_keeps_the_adaptive_loop_awake() {
+        let policy = |rhythm| IdlePolicy::Adaptive {
+            spin: Duration::from_micros(20),
+            max_sleep: Duration::from_micros(50),
+            rhythm,
+        };
+        let n = 400;
+        let pause = Duration::from_micros(80);
+        // Without the rhythm spin every pause outlasts the spin: a sleep per
+        // exchange.
+        let (sleeps, rhythms) = exchanges(policy(Duration::ZERO), n, pause);
+        assert_eq!(rhythms, 0);
+        assert!(sleeps >= n as u64 / 2, "{sleeps} sleeps in {n} exchanges");
+        // With it, the loop learns the rhythm and sleeps only when a pause
+        // runs longer than the rhythm (a descheduled test thread).
+        let (sleeps, rhythms) = exchanges(policy(Duration::from_millis(2)), n, pause);
+        assert!(rhythms >= 1, "{sleeps} sleeps, no rhythm");
+        assert!(sleeps < n as u64 / 4, "{sleeps} sleeps in {n} exchanges");
+    }
+
     #[test]
     fn policy_parses() {
         assert_eq!("poll".parse::<IdlePolicy>().unwrap(), IdlePolicy::Poll);
@@ -480,8 +605,19 @@ mod tests {
             IdlePolicy::Adaptive {
                 spin: Duration::from_micros(20),
                 max_sleep: Duration::from_micros(50),
+                rhythm: DEFAULT_RHYTHM,
             }
         );
+        assert_eq!(
+            "adaptive:30:0".parse::<IdlePolicy>().unwrap(),
+            IdlePolicy::Adaptive {
+                spin: Duration::from_micros(30),
+                max_sleep: Duration::from_micros(50),
+                rhythm: Duration::ZERO,
+            }
+        );
+        assert!("adaptive:20:".parse::<IdlePolicy>().is_err());
+        assert!("adaptive:20:x".parse::<IdlePolicy>().is_err());
         assert!("adaptive:x".parse::<IdlePolicy>().is_err());
         assert!("adaptive:2000000".parse::<IdlePolicy>().is_err());
     }

@@ -553,7 +553,7 @@ fn handle_request(req: &Value, cx: &Ctx) -> Result<Value, String> {
                 "rx_frames": s.rx_frames.load(Ordering::Relaxed), "tx_frames": s.tx_frames.load(Ordering::Relaxed),
                 "tx_dropped": s.tx_dropped.load(Ordering::Relaxed), "alloc_failed": s.alloc_failed.load(Ordering::Relaxed),
                 "busy_polls": s.busy_polls.load(Ordering::Relaxed), "idle_polls": s.idle_polls.load(Ordering::Relaxed),
-                "sleeps": s.sleeps.load(Ordering::Relaxed), "wake_sleeps": s.wake_sleeps.load(Ordering::Relaxed),
+                "sleeps": s.sleeps.load(Ordering::Relaxed), "wake_sleeps": s.wake_sleeps.load(Ordering::Relaxed), "rhythm_spins": s.rhythm_spins.load(Ordering::Relaxed),
                 "sleeping": shared.doorbell.is_sleeping(),
             });
             v["frames_received"] = j["frames_received"].clone();

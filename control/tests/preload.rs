@@ -1635,3 +1635,65 @@ fn nginx_with_four_workers_serves_san_clients_from_every_worker() {
         "requests per worker (pid: count): {per_worker:?}"
     );
 }
+
+#[test]
+fn buffer_sizes_set_before_listen_and_connect_size_the_san_rings() {
+    // Issue #24: SO_RCVBUF/SO_SNDBUF never reached the SAN (every
+    // connection had the default rings), and a connection accepted over
+    // the SAN did not start with its listener's options, as the kernel's do.
+    let _lab = Lab::up(&[]);
+    let s = root()
+        .join("control/tests/py/bufsizes.py")
+        .display()
+        .to_string();
+    let round = |preload: bool, port: &str, srv_buf: &str, cli_buf: &str| {
+        let mk = |host: &str, args: &[&str]| {
+            if preload {
+                preloaded(host, "python3", args)
+            } else {
+                plain(host, "python3", args)
+            }
+        };
+        let (_srv, out) = started(mk("h1", &[&s, "server", port, srv_buf]), "listening");
+        let before = counts();
+        let o = run(mk("h0", &[&s, "client", port, cli_buf]), 30);
+        let server = out.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            counts().accepted - before.accepted,
+            u64::from(preload),
+            "SAN connections accepted"
+        );
+        (text(&o).trim().to_string(), server)
+    };
+    // (client line, server line): "WHO rcv_space N so_rcvbuf M".
+    let field = |line: &str, name: &str| -> u64 {
+        let mut it = line.split_whitespace();
+        it.find(|w| *w == name);
+        it.next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {line:?}"))
+    };
+    let (kc, ks) = round(false, "7500", "32768", "16384");
+    let (sc, ss) = round(true, "7501", "32768", "16384");
+    // What the programs read back (SO_RCVBUF, the accepted connection's
+    // inherited from its listener) is the kernel's.
+    assert_eq!(
+        field(&sc, "so_rcvbuf"),
+        field(&kc, "so_rcvbuf"),
+        "{sc} / {kc}"
+    );
+    assert_eq!(
+        field(&ss, "so_rcvbuf"),
+        field(&ks, "so_rcvbuf"),
+        "{ss} / {ks}"
+    );
+    // Over the SAN the receive ring (TCP_INFO's receive space) is what each
+    // side asked for: the client's own, the accepted one its listener's.
+    assert_eq!(field(&sc, "rcv_space"), 16384, "{sc}");
+    assert_eq!(field(&ss, "rcv_space"), 32768, "{ss}");
+    // Without the options, the default rings.
+    let (dc, ds) = round(true, "7502", "0", "0");
+    let ring = 256 << 10;
+    assert_eq!(field(&dc, "rcv_space"), ring, "{dc}");
+    assert_eq!(field(&ds, "rcv_space"), ring, "{ds}");
+}

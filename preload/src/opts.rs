@@ -160,6 +160,38 @@ pub(crate) fn carry_from(p: &PFd, k: RawFd) {
     }
 }
 
+/// Listener `l` (which has its kernel socket): what the program set on it
+/// (the options above that differ from the defaults) is kept, for the
+/// connections it accepts over the SAN to start with, as the kernel's
+/// accepted sockets start with their listener's options. Nothing unless the
+/// program set an option on it.
+pub(crate) fn keep_for_accepted(l: &PFd) {
+    if !l.app.opts_set.load(Ordering::Relaxed) {
+        return;
+    }
+    let Ok(k) = dsan_switch::kernel_socket(l.sw()) else {
+        return;
+    };
+    l.app.opts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    carry_from(l, k);
+}
+
+/// A connection that listener `l` accepted over the SAN (`c`, no kernel
+/// socket) starts with the options kept for it ([`keep_for_accepted`]).
+pub(crate) fn inherit(l: &PFd, c: &PFd) {
+    let kept = l.app.opts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if kept.is_empty() {
+        return;
+    }
+    let abort = kept
+        .iter()
+        .any(|(lv, n, v)| (*lv, *n) == (libc::SOL_SOCKET, libc::SO_LINGER) && linger_abort(v));
+    if abort {
+        let _ = dsan_switch::set_linger_abort(c.sw(), true);
+    }
+    *c.app.opts.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+}
+
 /// `getsockopt` of a socket without a kernel socket.
 ///
 /// # Safety

@@ -234,12 +234,19 @@ pub(crate) fn listen_new(fd: RawFd, backlog: c_int) -> Option<Result<c_int, i32>
         Ok(sw) => sw,
         Err(e) => return Some(Err(e)),
     };
+    // Options the program set before listen go to the SAN side too.
+    if crate::opts::take_mark(fd) {
+        if let Some(r) = dsan_switch::app::record(sw) {
+            r.app.opts_set.store(true, Ordering::Relaxed);
+        }
+    }
     match dsan_switch::listen(sw, backlog) {
         Ok(true) => {
             let r = take_over(fd, sw, State::Listening, flags).map(|p| {
                 *p.app.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(bound);
                 p.app.backlog.store(backlog, Ordering::Relaxed);
                 p.app.v6.store(v6, Ordering::Relaxed);
+                crate::opts::keep_for_accepted(&p);
                 0
             });
             if r.is_err() {
@@ -424,6 +431,7 @@ pub(crate) fn accept(
             *np.app.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
             *np.app.local.lock().unwrap_or_else(|e| e.into_inner()) =
                 *p.app.local.lock().unwrap_or_else(|e| e.into_inner());
+            crate::opts::inherit(p, &np);
             table::insert(fd, np);
             rules::log(|| format!("accept: fd {fd} from {peer} over the SAN"));
             fd
@@ -614,6 +622,9 @@ pub(crate) unsafe fn setsockopt(
             // SAFETY: the caller's parameters, passed on.
             let r = kernel_result(unsafe { real::setsockopt()(k, level, name, val, len) })?;
             p.app.opts_set.store(true, Ordering::Relaxed);
+            if p.app.state() == State::Listening {
+                crate::opts::keep_for_accepted(p);
+            }
             if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
                 let _ = dsan_switch::set_linger_abort(p.sw(), false);
             }
@@ -888,6 +899,11 @@ fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
         // SAFETY: plain call.
         let ppid = unsafe { libc::getppid() } as u32;
         let _ = dsan_switch::set_takeover(sw, ppid);
+        if let Some(r) = dsan_switch::app::record(sw) {
+            r.app
+                .opts_set
+                .store(p.app.opts_set.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         match dsan_switch::listen(sw, backlog) {
             Ok(san) => Ok((sw, san)),
             Err(e) => {
@@ -904,6 +920,7 @@ fn relisten(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
             np.app
                 .v6
                 .store(p.app.v6.load(Ordering::Relaxed), Ordering::Relaxed);
+            crate::opts::keep_for_accepted(&np);
             rules::log(|| {
                 format!(
                     "listen fd {fd} again after fork: {}",

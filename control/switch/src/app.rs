@@ -138,6 +138,12 @@ pub fn take(sw: RawFd, state: State) -> Option<Arc<Socket>> {
     Some(s)
 }
 
+/// Switch socket `sw`'s record, as it is (None if `sw` is not a switch
+/// socket).
+pub fn record(sw: RawFd) -> Option<Arc<Socket>> {
+    crate::switch::lookup(sw)
+}
+
 /// A record for a connection this process was started with (kept across
 /// exec) and has not claimed yet: no switch socket serves it until then.
 pub fn kept(passed: Passed, refs: usize) -> Arc<Socket> {

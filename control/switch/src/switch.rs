@@ -1360,6 +1360,7 @@ fn san_side(fd: RawFd, s: &Socket, l: &mut Listen) -> bool {
         {
             ss.set_reuse_port(true)?;
         }
+        apply_options(s, &ss);
         ss.listen(backlog)?;
         let efd = eventfd().map_err(SanError::Os)?;
         ss.event_select(efd.as_fd(), FD_ACCEPT)?;
@@ -1728,6 +1729,7 @@ fn connect_now(
             if let Some(b) = bound.filter(|b| !b.ip().is_unspecified() || b.port() != 0) {
                 ss.bind(b)?;
             }
+            apply_options(s, &ss);
             if let Some(p) = p {
                 *p.san.lock().unwrap_or_else(|e| e.into_inner()) = Some(ss.clone());
                 if p.cancel.load(Ordering::Acquire) {
@@ -2297,6 +2299,97 @@ pub fn release_kernel_socket(fd: RawFd) -> Option<OwnedFd> {
     }
     let t = s.tcp.lock().unwrap_or_else(|e| e.into_inner()).take();
     t
+}
+
+/// The options of the program's that a SAN side honours when it is made
+/// (SO_LINGER is applied at close, see [`Socket::linger_abort`]).
+const SAN_OPTIONS: [(libc::c_int, libc::c_int); 4] = [
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+];
+
+/// An int option of a kernel socket, as its bytes.
+fn opt_bytes(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<Vec<u8>> {
+    int_opt(fd, level, name)
+        .ok()
+        .map(|v| v.to_ne_bytes().to_vec())
+}
+
+/// [`SAN_OPTIONS`] as a fresh kernel socket of family `fam` has them.
+fn default_options(fam: libc::c_int) -> &'static [Option<Vec<u8>>] {
+    static V4: OnceLock<Vec<Option<Vec<u8>>>> = OnceLock::new();
+    static V6: OnceLock<Vec<Option<Vec<u8>>>> = OnceLock::new();
+    let cell = if fam == libc::AF_INET6 { &V6 } else { &V4 };
+    cell.get_or_init(|| {
+        // SAFETY: plain system call.
+        let k = owned(unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) });
+        SAN_OPTIONS
+            .iter()
+            .map(|&(l, n)| k.as_ref().ok().and_then(|k| opt_bytes(k.as_raw_fd(), l, n)))
+            .collect()
+    })
+}
+
+/// The program's options that the SAN side of socket `s` honours, as the
+/// kernel reports them ((level, name, value); SO_RCVBUF and SO_SNDBUF
+/// doubled). A socket's options are recorded once: on its kernel socket
+/// while it has one (those that differ from a fresh socket's count as set),
+/// else in its record (`app.opts`, kept by an interposing library). Only a
+/// socket whose program set options (`app.opts_set`, or options kept in
+/// its record) pays for the look.
+fn program_options(s: &Socket) -> Vec<(libc::c_int, libc::c_int, libc::c_int)> {
+    let kept = s.app.opts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if kept.is_empty() && !s.app.opts_set.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let tcp = s
+        .tcp
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(AsRawFd::as_raw_fd);
+    let fam = tcp
+        .and_then(|t| int_opt(t, libc::SOL_SOCKET, libc::SO_DOMAIN).ok())
+        .unwrap_or(libc::AF_INET);
+    let defaults = default_options(fam);
+    let int = |b: &[u8]| {
+        b.get(..4)
+            .map(|w| libc::c_int::from_ne_bytes(w.try_into().expect("4 bytes")))
+    };
+    let mut out = Vec::new();
+    for (i, &(level, name)) in SAN_OPTIONS.iter().enumerate() {
+        let v = match kept.iter().find(|(l, n, _)| (*l, *n) == (level, name)) {
+            Some((_, _, b)) => int(b),
+            None => tcp
+                .and_then(|t| opt_bytes(t, level, name))
+                .filter(|b| Some(b) != defaults[i].as_ref())
+                .and_then(|b| int(&b)),
+        };
+        if let Some(v) = v {
+            out.push((level, name, v));
+        }
+    }
+    out
+}
+
+/// The program's options (see [`program_options`]) on SAN socket `ss`
+/// before it connects or listens: SO_RCVBUF and SO_SNDBUF size its rings
+/// (to what the program asked for, half what the kernel reports), and a
+/// listener's pass to the connections it accepts, as the kernel's buffer
+/// sizes do; SO_KEEPALIVE and TCP_NODELAY go with the connection.
+fn apply_options(s: &Socket, ss: &SanSocket) {
+    for (level, name, v) in program_options(s) {
+        let v = if (level, name) == (libc::SOL_SOCKET, libc::SO_RCVBUF)
+            || (level, name) == (libc::SOL_SOCKET, libc::SO_SNDBUF)
+        {
+            (v / 2).max(1)
+        } else {
+            v
+        };
+        let _ = ss.set_option(level, name, v);
+    }
 }
 
 /// Records SO_LINGER {1, 0} (`on`) for switch socket `fd` (set by a

@@ -20,38 +20,10 @@
 use crate::cret::errno;
 use crate::real;
 use crate::table::PFd;
+use dsan_switch::app::{carry_from, defaults, family, keep, linger_abort, read_opt};
 use libc::{c_int, socklen_t};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-
-/// The options a released kernel socket hands over when they differ from
-/// the defaults.
-const CARRIED: &[(c_int, c_int)] = &[
-    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-    (libc::SOL_SOCKET, libc::SO_RCVBUF),
-    (libc::SOL_SOCKET, libc::SO_SNDBUF),
-    (libc::SOL_SOCKET, libc::SO_LINGER),
-    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
-    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
-    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
-    (libc::SOL_SOCKET, libc::SO_PRIORITY),
-    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
-    (libc::SOL_SOCKET, libc::SO_BROADCAST),
-    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-    (libc::IPPROTO_TCP, libc::TCP_CORK),
-    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
-    (libc::IPPROTO_TCP, libc::TCP_MAXSEG),
-    (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
-    (libc::IPPROTO_TCP, libc::TCP_CONGESTION),
-    (libc::IPPROTO_IP, libc::IP_TOS),
-    (libc::IPPROTO_IP, libc::IP_TTL),
-];
 
 /// Descriptors (below this) the program set an option on before they
 /// became ours: one bit each.
@@ -84,14 +56,6 @@ pub(crate) fn clear(fd: RawFd) {
     let _ = take_mark(fd);
 }
 
-fn family(p: &PFd) -> c_int {
-    if p.app.v6.load(Ordering::Relaxed) {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
-    }
-}
-
 fn new_socket(fam: c_int) -> Result<OwnedFd, i32> {
     // SAFETY: plain call.
     let k = unsafe { real::socket()(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -100,64 +64,6 @@ fn new_socket(fam: c_int) -> Result<OwnedFd, i32> {
     }
     // SAFETY: a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(k) })
-}
-
-/// The kernel socket of family `fam` that holds the defaults.
-fn defaults(fam: c_int) -> Result<RawFd, i32> {
-    static V4: OnceLock<OwnedFd> = OnceLock::new();
-    static V6: OnceLock<OwnedFd> = OnceLock::new();
-    let cell = if fam == libc::AF_INET6 { &V6 } else { &V4 };
-    if let Some(k) = cell.get() {
-        return Ok(k.as_raw_fd());
-    }
-    let k = dsan_switch::high(new_socket(fam)?);
-    Ok(cell.get_or_init(|| k).as_raw_fd())
-}
-
-/// Reads option (`level`, `name`) of kernel socket `k`.
-fn read(k: RawFd, level: c_int, name: c_int) -> Option<Vec<u8>> {
-    let mut buf = [0u8; 256];
-    let mut len = buf.len() as socklen_t;
-    // SAFETY: a valid socket and out-buffers of the given length.
-    let r = unsafe { real::getsockopt()(k, level, name, buf.as_mut_ptr().cast(), &mut len) };
-    (r == 0).then(|| buf[..(len as usize).min(buf.len())].to_vec())
-}
-
-fn keep(p: &PFd, level: c_int, name: c_int, v: Vec<u8>) {
-    let mut o = p.app.opts.lock().unwrap_or_else(|e| e.into_inner());
-    match o.iter_mut().find(|(l, n, _)| *l == level && *n == name) {
-        Some(e) => e.2 = v,
-        None => o.push((level, name, v)),
-    }
-}
-
-/// Whether `v` (SO_LINGER's bytes) is {1, 0}: a close that resets.
-fn linger_abort(v: &[u8]) -> bool {
-    if v.len() < std::mem::size_of::<libc::linger>() {
-        return false;
-    }
-    // SAFETY: at least a linger's bytes; read unaligned.
-    let l: libc::linger = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
-    l.l_onoff != 0 && l.l_linger == 0
-}
-
-/// Kernel socket `k` of `p` is about to go: what the program set on it
-/// (the options above that differ from the defaults) is kept.
-pub(crate) fn carry_from(p: &PFd, k: RawFd) {
-    let Ok(d) = defaults(family(p)) else {
-        return;
-    };
-    for &(level, name) in CARRIED {
-        let (Some(v), dv) = (read(k, level, name), read(d, level, name)) else {
-            continue;
-        };
-        if Some(&v) != dv.as_ref() {
-            if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
-                let _ = dsan_switch::set_linger_abort(p.sw(), linger_abort(&v));
-            }
-            keep(p, level, name, v);
-        }
-    }
 }
 
 /// Listener `l` (which has its kernel socket): what the program set on it
@@ -246,7 +152,7 @@ pub(crate) unsafe fn set(
         real::setsockopt()(k.as_raw_fd(), level, name, val, len)
     })?;
     // (An option that cannot be read back is accepted and not kept.)
-    if let Some(v) = read(k.as_raw_fd(), level, name) {
+    if let Some(v) = read_opt(k.as_raw_fd(), level, name) {
         if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
             let _ = dsan_switch::set_linger_abort(p.sw(), linger_abort(&v));
         }

@@ -317,24 +317,20 @@ pub(crate) fn connect_new(fd: RawFd, dst: SocketAddrV4, v6: bool) -> Option<Resu
     Some(connect_ours(fd, &p, dst))
 }
 
-/// `connect` on a switch socket.
+/// `connect` on a switch socket (the switch moves the socket's state).
 pub(crate) fn connect_ours(fd: RawFd, p: &Arc<PFd>, dst: SocketAddrV4) -> Result<c_int, i32> {
     let r = dsan_switch::connect(p.sw(), dst);
     match r {
         Ok(t) => {
-            connected(p, t);
             rules::log(|| format!("connect fd {fd} {dst}: {}", transport_name(t)));
             Ok(0)
         }
         Err(libc::EINPROGRESS) => {
-            p.app.set_state(State::Connecting);
             rules::log(|| format!("connect fd {fd} {dst}: in progress (SAN first)"));
             Err(libc::EINPROGRESS)
         }
-        Err(libc::EALREADY) => Err(libc::EALREADY),
-        Err(libc::EISCONN) => Err(libc::EISCONN),
+        Err(e @ (libc::EALREADY | libc::EISCONN)) => Err(e),
         Err(e) => {
-            p.app.set_state(State::Idle);
             rules::log(|| format!("connect fd {fd} {dst}: failed, errno {e}"));
             Err(e)
         }
@@ -348,40 +344,10 @@ fn transport_name(t: Transport) -> &'static str {
     }
 }
 
-fn connected(p: &PFd, t: Transport) {
-    p.app.set_state(State::Connected);
-    if t == Transport::San {
-        // A lean socket's kernel socket goes (unless the program bound it):
-        // the connection costs the program its one descriptor. What the
-        // program set on it is kept first.
-        if let Some(k) = dsan_switch::release_kernel_socket(p.sw()) {
-            if p.app.opts_set.load(Ordering::Relaxed) {
-                crate::opts::carry_from(p, k.as_raw_fd());
-            }
-        }
-    }
-}
-
-/// A nonblocking connect that finished is recorded (its outcome kept for
-/// SO_ERROR). Returns whether the state changed.
+/// A nonblocking connect that finished is recorded (see
+/// `dsan_switch::Socket::settle`). Returns whether the state changed.
 pub(crate) fn settle(p: &PFd) -> bool {
-    if p.app.state() != State::Connecting || !dsan_switch::connect_settled(p.sw()) {
-        return false;
-    }
-    match dsan_switch::error(p.sw()) {
-        Ok(0) => match dsan_switch::transport(p.sw()) {
-            Ok(t) => connected(p, t),
-            Err(e) => {
-                p.app.so_error.store(e, Ordering::Release);
-                p.app.set_state(State::Idle);
-            }
-        },
-        Ok(e) | Err(e) => {
-            p.app.so_error.store(e, Ordering::Release);
-            p.app.set_state(State::Idle);
-        }
-    }
-    true
+    p.settle()
 }
 
 /// `accept4` on a listening switch socket.

@@ -7,12 +7,20 @@
 //! The table is a bitmap checked by every interposed call (one atomic load
 //! for a descriptor that is not a switch socket's) and a map from each
 //! number to its socket; duplicates of a number map to the same socket.
+//!
+//! A socket's options are recorded once: on its kernel socket while it has
+//! one, else in its record (`App::opts`, as the kernel reports them). When
+//! a SAN connection's kernel socket goes, what the program set on it comes
+//! over ([`carry_from`]).
+#![allow(unsafe_code)] // the kernel's option calls: each block with a SAFETY comment
 
 use crate::switch::Socket;
+use libc::{c_int, socklen_t};
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Where a socket is, as the program sees it.
@@ -286,6 +294,116 @@ pub fn mark_inherited() {
     if let Some(t) = NUMBERS.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         for s in t.values() {
             s.app.inherited.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The options a released kernel socket hands over when they differ from
+/// the defaults.
+const CARRIED: &[(c_int, c_int)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+    (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_CORK),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_TCP, libc::TCP_MAXSEG),
+    (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+    (libc::IPPROTO_TCP, libc::TCP_CONGESTION),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IP, libc::IP_TTL),
+];
+
+/// The address family of socket `s` as the program sees it.
+pub fn family(s: &Socket) -> c_int {
+    if s.app.v6.load(Ordering::Relaxed) {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    }
+}
+
+/// The kernel socket of family `fam` that holds the defaults (one per
+/// family and process, made on first need).
+///
+/// # Errors
+/// The kernel's (EMFILE).
+pub fn defaults(fam: c_int) -> Result<RawFd, i32> {
+    static V4: OnceLock<OwnedFd> = OnceLock::new();
+    static V6: OnceLock<OwnedFd> = OnceLock::new();
+    let cell = if fam == libc::AF_INET6 { &V6 } else { &V4 };
+    if let Some(k) = cell.get() {
+        return Ok(k.as_raw_fd());
+    }
+    // SAFETY: plain system call.
+    let k = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if k < 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EMFILE));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let k = crate::high(unsafe { OwnedFd::from_raw_fd(k) });
+    Ok(cell.get_or_init(|| k).as_raw_fd())
+}
+
+/// Option (`level`, `name`) of kernel socket `k`, as its bytes.
+pub fn read_opt(k: RawFd, level: c_int, name: c_int) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as socklen_t;
+    // SAFETY: a valid socket and out-buffers of the given length.
+    let r = unsafe { libc::getsockopt(k, level, name, buf.as_mut_ptr().cast(), &mut len) };
+    (r == 0).then(|| buf[..(len as usize).min(buf.len())].to_vec())
+}
+
+/// Records option (`level`, `name`) of `s` as the bytes `v` (as the
+/// kernel reports it).
+pub fn keep(s: &Socket, level: c_int, name: c_int, v: Vec<u8>) {
+    let mut o = s.app.opts.lock().unwrap_or_else(|e| e.into_inner());
+    match o.iter_mut().find(|(l, n, _)| *l == level && *n == name) {
+        Some(e) => e.2 = v,
+        None => o.push((level, name, v)),
+    }
+}
+
+/// Whether `v` (SO_LINGER's bytes) is {1, 0}: a close that resets.
+pub fn linger_abort(v: &[u8]) -> bool {
+    if v.len() < std::mem::size_of::<libc::linger>() {
+        return false;
+    }
+    // SAFETY: at least a linger's bytes; read unaligned.
+    let l: libc::linger = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
+    l.l_onoff != 0 && l.l_linger == 0
+}
+
+/// Kernel socket `k` of `s` is about to go (or its options are to be kept
+/// for another socket): what the program set on it (the options in
+/// [`CARRIED`] that differ from the defaults) is recorded in `s`.
+pub fn carry_from(s: &Socket, k: RawFd) {
+    let Ok(d) = defaults(family(s)) else {
+        return;
+    };
+    for &(level, name) in CARRIED {
+        let (Some(v), dv) = (read_opt(k, level, name), read_opt(d, level, name)) else {
+            continue;
+        };
+        if Some(&v) != dv.as_ref() {
+            if level == libc::SOL_SOCKET && name == libc::SO_LINGER {
+                s.set_abort_on_close(linger_abort(&v));
+            }
+            keep(s, level, name, v);
         }
     }
 }

@@ -1304,6 +1304,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
     }
     // SAFETY: a valid socket.
     cvt(unsafe { libc::listen(tcp, backlog) })?;
+    s.app.set_state(crate::app::State::Listening);
     // SAFETY: a valid socket; F_SETFL with O_NONBLOCK.
     unsafe {
         libc::fcntl(
@@ -1630,6 +1631,19 @@ fn accept_as(fd: RawFd, lean: Option<(bool, bool)>) -> Result<(RawFd, SocketAddr
 /// EINPROGRESS, EALREADY, ENOTSOCK, EISCONN, and kernel TCP's connect errors.
 pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
     let s = sock(fd)?;
+    let r = connect_as(fd, &s, dst);
+    // The program's side follows.
+    match r {
+        Ok(t) => s.connected(t),
+        Err(libc::EINPROGRESS) => s.app.set_state(crate::app::State::Connecting),
+        Err(libc::EALREADY) | Err(libc::EISCONN) => {}
+        Err(_) => s.app.set_state(crate::app::State::Idle),
+    }
+    r
+}
+
+/// [`connect`]'s work.
+fn connect_as(fd: RawFd, s: &Arc<Socket>, dst: SocketAddrV4) -> Result<Transport, i32> {
     let pending = s.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(p) = pending {
         if !p.done.load(Ordering::Acquire) {
@@ -1648,7 +1662,7 @@ pub fn connect(fd: RawFd, dst: SocketAddrV4) -> Result<Transport, i32> {
         return Err(libc::EISCONN);
     }
     if !nonblocking(fd) {
-        return connect_now(&s, dst, None);
+        return connect_now(s, dst, None);
     }
     if !s.is_lean() && s.connect_efd.get().is_none() {
         let e = eventfd()?;
@@ -1692,21 +1706,7 @@ pub fn error(fd: RawFd) -> Result<i32, i32> {
         Some(Entry::Socket(s)) => s.clone(),
         None => return Err(libc::ENOTSOCK),
     };
-    let done = s
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|p| p.done.load(Ordering::Acquire));
-    let e = s.error.swap(0, Ordering::AcqRel);
-    if done {
-        s.clear_connect_signal();
-        if s.conn.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-            // It failed and the failure is reported: a new connect may start.
-            *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
-    }
-    Ok(e)
+    Ok(s.take_outcome())
 }
 
 /// The connect itself (blocking; on the caller's thread or a nonblocking
@@ -2279,26 +2279,117 @@ pub fn kernel_socket(fd: RawFd) -> Result<RawFd, i32> {
 /// closes it, so that the connection costs the process one descriptor.
 /// [`kernel_socket`] is EBADFD from then on.
 pub fn release_kernel_socket(fd: RawFd) -> Option<OwnedFd> {
-    let s = sock(fd).ok()?;
-    if !s.is_lean() {
-        return None;
+    sock(fd).ok()?.release_kernel()
+}
+
+impl Socket {
+    /// See [`release_kernel_socket`].
+    fn release_kernel(&self) -> Option<OwnedFd> {
+        if !self.is_lean() {
+            return None;
+        }
+        let san = self
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|c| c.san.is_some());
+        let bound = self
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|b| !b.ip().is_unspecified() || b.port() != 0);
+        if !san || bound {
+            return None;
+        }
+        self.tcp.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
-    let san = s
-        .conn
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|c| c.san.is_some());
-    let bound = s
-        .bound
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some_and(|b| !b.ip().is_unspecified() || b.port() != 0);
-    if !san || bound {
-        return None;
+
+    /// SO_LINGER {1, 0} (`on`) recorded for the socket (see
+    /// [`set_linger_abort`]).
+    pub(crate) fn set_abort_on_close(&self, on: bool) {
+        self.abort_on_close.store(on, Ordering::Relaxed);
     }
-    let t = s.tcp.lock().unwrap_or_else(|e| e.into_inner()).take();
-    t
+
+    /// Whether no nonblocking connect runs (none started, or it finished).
+    fn connect_done(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|p| p.done.load(Ordering::Acquire))
+    }
+
+    /// The outcome of a nonblocking connect, reported (see [`error`]): 0
+    /// while it runs or once connected, else the errno; cleared by the
+    /// reading, which also clears the connect's signal and, after a
+    /// failure, lets a new connect start.
+    fn take_outcome(&self) -> i32 {
+        let done = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.done.load(Ordering::Acquire));
+        let e = self.error.swap(0, Ordering::AcqRel);
+        if done {
+            self.clear_connect_signal();
+            if self
+                .conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
+                // It failed and the failure is reported: a new connect may start.
+                *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        e
+    }
+
+    /// The program's side is connected over `t`: a lean socket's kernel
+    /// socket goes once a SAN connection serves it (unless the program
+    /// bound it), so that the connection costs the program its one
+    /// descriptor; what the program set on it is recorded first.
+    fn connected(&self, t: Transport) {
+        self.app.set_state(crate::app::State::Connected);
+        if t == Transport::San {
+            if let Some(k) = self.release_kernel() {
+                if self.app.opts_set.load(Ordering::Relaxed) {
+                    crate::app::carry_from(self, k.as_raw_fd());
+                }
+            }
+        }
+    }
+
+    /// A nonblocking connect that finished is recorded in the program's
+    /// side, once: connected, or not connected with the failure kept for
+    /// SO_ERROR (`app.so_error`). Returns whether the state changed.
+    pub fn settle(&self) -> bool {
+        if self.app.state() != crate::app::State::Connecting || !self.connect_done() {
+            return false;
+        }
+        let failed = |e: i32| {
+            self.app.so_error.store(e, Ordering::Release);
+            self.app.set_state(crate::app::State::Idle);
+        };
+        match self.take_outcome() {
+            0 => {
+                let t = self
+                    .conn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|c| c.transport);
+                match t {
+                    Some(t) => self.connected(t),
+                    None => failed(libc::ENOTCONN),
+                }
+            }
+            e => failed(e),
+        }
+        true
+    }
 }
 
 /// The options of the program's that a SAN side honours when it is made
@@ -2309,28 +2400,6 @@ const SAN_OPTIONS: [(libc::c_int, libc::c_int); 4] = [
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
 ];
-
-/// An int option of a kernel socket, as its bytes.
-fn opt_bytes(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<Vec<u8>> {
-    int_opt(fd, level, name)
-        .ok()
-        .map(|v| v.to_ne_bytes().to_vec())
-}
-
-/// [`SAN_OPTIONS`] as a fresh kernel socket of family `fam` has them.
-fn default_options(fam: libc::c_int) -> &'static [Option<Vec<u8>>] {
-    static V4: OnceLock<Vec<Option<Vec<u8>>>> = OnceLock::new();
-    static V6: OnceLock<Vec<Option<Vec<u8>>>> = OnceLock::new();
-    let cell = if fam == libc::AF_INET6 { &V6 } else { &V4 };
-    cell.get_or_init(|| {
-        // SAFETY: plain system call.
-        let k = owned(unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) });
-        SAN_OPTIONS
-            .iter()
-            .map(|&(l, n)| k.as_ref().ok().and_then(|k| opt_bytes(k.as_raw_fd(), l, n)))
-            .collect()
-    })
-}
 
 /// The program's options that the SAN side of socket `s` honours, as the
 /// kernel reports them ((level, name, value); SO_RCVBUF and SO_SNDBUF
@@ -2353,18 +2422,23 @@ fn program_options(s: &Socket) -> Vec<(libc::c_int, libc::c_int, libc::c_int)> {
     let fam = tcp
         .and_then(|t| int_opt(t, libc::SOL_SOCKET, libc::SO_DOMAIN).ok())
         .unwrap_or(libc::AF_INET);
-    let defaults = default_options(fam);
+    let defaults = crate::app::defaults(fam).ok();
     let int = |b: &[u8]| {
         b.get(..4)
             .map(|w| libc::c_int::from_ne_bytes(w.try_into().expect("4 bytes")))
     };
     let mut out = Vec::new();
-    for (i, &(level, name)) in SAN_OPTIONS.iter().enumerate() {
+    for &(level, name) in &SAN_OPTIONS {
         let v = match kept.iter().find(|(l, n, _)| (*l, *n) == (level, name)) {
             Some((_, _, b)) => int(b),
             None => tcp
-                .and_then(|t| opt_bytes(t, level, name))
-                .filter(|b| Some(b) != defaults[i].as_ref())
+                .and_then(|t| crate::app::read_opt(t, level, name))
+                .filter(|b| {
+                    defaults
+                        .and_then(|d| crate::app::read_opt(d, level, name))
+                        .as_ref()
+                        != Some(b)
+                })
                 .and_then(|b| int(&b)),
         };
         if let Some(v) = v {
@@ -2399,7 +2473,7 @@ fn apply_options(s: &Socket, ss: &SanSocket) {
 /// # Errors
 /// ENOTSOCK.
 pub fn set_linger_abort(fd: RawFd, on: bool) -> Result<(), i32> {
-    sock(fd)?.abort_on_close.store(on, Ordering::Relaxed);
+    sock(fd)?.set_abort_on_close(on);
     Ok(())
 }
 
@@ -2414,13 +2488,7 @@ pub fn san_connection(fd: RawFd) -> Option<Arc<SanSocket>> {
 /// Whether a nonblocking connect of `fd` finished (its outcome waits for
 /// [`error`]) or none runs.
 pub fn connect_settled(fd: RawFd) -> bool {
-    sock(fd).is_ok_and(|s| {
-        s.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|p| p.done.load(Ordering::Acquire))
-    })
+    sock(fd).is_ok_and(|s| s.connect_done())
 }
 
 /// An eventfd that is readable exactly while a send on SAN connection `fd`

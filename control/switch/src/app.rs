@@ -300,7 +300,7 @@ pub fn mark_inherited() {
 
 /// The options a released kernel socket hands over when they differ from
 /// the defaults.
-const CARRIED: &[(c_int, c_int)] = &[
+pub const CARRIED: &[(c_int, c_int)] = &[
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),

@@ -231,7 +231,7 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
 pub unsafe extern "C" fn bind(fd: c_int, a: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours!(fd, unsafe { real::bind()(fd, a, len) });
-    match dsan_switch::kernel_socket(p.sw()) {
+    match p.kernel() {
         // SAFETY: the caller's arguments.
         Ok(k) => unsafe { real::bind()(k, a, len) },
         // A SAN connection without a kernel socket: connected, as the
@@ -799,7 +799,7 @@ pub unsafe extern "C" fn sockatmark(fd: c_int) -> c_int {
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
     // SAFETY: the caller's arguments, passed on.
     let (p, _in) = ours_live!(fd, unsafe { real::ioctl()(fd, req, arg) });
-    if req == libc::FIONREAD && dsan_switch::san_connection(p.sw()).is_some() {
+    if req == libc::FIONREAD && p.san().is_some() {
         let ptr = arg as *mut c_int;
         if ptr.is_null() {
             return ret(Err(libc::EFAULT));
@@ -834,7 +834,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: usize) -> c_int {
         }
         return r;
     }
-    match dsan_switch::kernel_socket(p.sw()) {
+    match p.kernel() {
         // SAFETY: the caller's arguments, to the kernel socket.
         Ok(k) => unsafe { real::ioctl()(k, req, arg) },
         Err(libc::EBADFD) => ret(Err(libc::ENOTTY)),

@@ -51,12 +51,14 @@ pub(crate) fn recv(p: &PFd, buf: &mut [u8], flags: c_int) -> Result<usize, i32> 
     }
     ready(p)?;
     let f = flags & (libc::MSG_DONTWAIT | libc::MSG_PEEK | libc::MSG_OOB) | dontwait(p);
+    // (The socket's record says whether to wait: no system call asks.)
+    let block = f & libc::MSG_DONTWAIT == 0;
     if flags & libc::MSG_WAITALL == 0 || f & (libc::MSG_PEEK | libc::MSG_OOB) != 0 {
-        return dsan_switch::recv(p.sw(), buf, f);
+        return p.recv(buf, f, block);
     }
     let mut got = 0;
     while got < buf.len() {
-        match dsan_switch::recv(p.sw(), &mut buf[got..], f) {
+        match p.recv(&mut buf[got..], f, block) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(_) if got > 0 => break,
@@ -73,7 +75,7 @@ pub(crate) fn send(p: &PFd, buf: &[u8], flags: c_int) -> Result<usize, i32> {
     }
     let r = ready(p).and_then(|()| {
         let f = flags & (libc::MSG_DONTWAIT | libc::MSG_OOB) | dontwait(p);
-        dsan_switch::send(p.sw(), buf, f)
+        p.send(buf, f, f & libc::MSG_DONTWAIT == 0)
     });
     if let Some(e) = r.err().filter(|e| *e != libc::EAGAIN) {
         crate::rules::log(|| {
@@ -266,7 +268,8 @@ pub(crate) unsafe fn sendfile(
 
 /// Bytes waiting to be received (FIONREAD).
 pub(crate) fn unread(p: &PFd) -> usize {
-    dsan_switch::san_connection(p.sw()).map_or(0, |ss| ss.readiness(false, false).unread as usize)
+    p.san()
+        .map_or(0, |ss| ss.readiness(false, false).unread as usize)
 }
 
 /// Whether `fd` is a pipe (a FIFO).
@@ -366,7 +369,8 @@ pub(crate) fn splice_from_pipe(
     let nonblock = flags & libc::SPLICE_F_NONBLOCK != 0 || p.app.nonblock.load(Ordering::Relaxed);
     let mut n = len.min(SPLICE_MAX);
     if nonblock {
-        let room = dsan_switch::san_connection(p.sw())
+        let room = p
+            .san()
             .map_or(n as u64, |ss| ss.readiness(false, true).room);
         if room == 0 {
             return Err(libc::EAGAIN);

@@ -75,7 +75,7 @@ pub(crate) fn keep_for_accepted(l: &PFd) {
     if !l.app.opts_set.load(Ordering::Relaxed) {
         return;
     }
-    let Ok(k) = dsan_switch::kernel_socket(l.sw()) else {
+    let Ok(k) = l.kernel() else {
         return;
     };
     l.app.opts.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -418,7 +418,7 @@ pub(crate) fn duplicated(p: &Arc<PFd>, nfd: RawFd) {
 
 /// The kernel socket behind `p` for options and names.
 fn kernel(p: &PFd) -> Result<RawFd, i32> {
-    dsan_switch::kernel_socket(p.sw()).inspect_err(|e| {
+    p.kernel().inspect_err(|e| {
         rules::log(|| {
             format!(
                 "switch socket {} ({:?}): no kernel socket: errno {e}",
@@ -460,7 +460,7 @@ pub(crate) unsafe fn getsockopt(
                 if e != 0 {
                     return int(e);
                 }
-                if let Some(ss) = dsan_switch::san_connection(p.sw()) {
+                if let Some(ss) = p.san() {
                     let r = ss.readiness(false, false);
                     return int(if r.dead { -r.error } else { 0 });
                 }
@@ -479,7 +479,7 @@ pub(crate) unsafe fn getsockopt(
         }
     }
     if (level, name) == (libc::IPPROTO_TCP, libc::TCP_INFO) {
-        if let Some(i) = dsan_switch::san_connection(p.sw()).and_then(|ss| ss.stream_info()) {
+        if let Some(i) = p.san().and_then(|ss| ss.stream_info()) {
             if val.is_null() || len.is_null() {
                 return Err(libc::EFAULT);
             }
@@ -497,7 +497,7 @@ pub(crate) unsafe fn getsockopt(
             return Ok(0);
         }
     }
-    let r = match dsan_switch::kernel_socket(p.sw()) {
+    let r = match p.kernel() {
         // SAFETY: the caller's parameters, passed on.
         Ok(k) => kernel_result(unsafe { real::getsockopt()(k, level, name, val, len) })?,
         // SAFETY: the caller's parameters, passed on.
@@ -516,7 +516,7 @@ pub(crate) unsafe fn getsockopt(
     // connected, so its state says CLOSE; the connection's own state goes in
     // (its first byte, `tcpi_state`), as Linux reports it.
     if level == libc::IPPROTO_TCP && name == libc::TCP_INFO && !val.is_null() && !len.is_null() {
-        if let Some(ss) = dsan_switch::san_connection(p.sw()) {
+        if let Some(ss) = p.san() {
             let rd = ss.readiness(false, false);
             // linux/tcp_states.h
             let state: u8 = if rd.dead {
@@ -583,7 +583,7 @@ pub(crate) unsafe fn setsockopt(
     val: *const libc::c_void,
     len: socklen_t,
 ) -> Result<c_int, i32> {
-    match dsan_switch::kernel_socket(p.sw()) {
+    match p.kernel() {
         Ok(k) => {
             // SAFETY: the caller's parameters, passed on.
             let r = kernel_result(unsafe { real::setsockopt()(k, level, name, val, len) })?;
@@ -631,7 +631,7 @@ pub(crate) unsafe fn name(
     a: *mut sockaddr,
     len: *mut socklen_t,
 ) -> Result<c_int, i32> {
-    let san = dsan_switch::san_connection(p.sw()).is_some();
+    let san = p.san().is_some();
     if !san {
         let k = kernel(p)?;
         // SAFETY: the caller's out-parameters, passed on.
@@ -650,7 +650,7 @@ pub(crate) unsafe fn name(
         // The SAN connection's own address and port (a connect's, chosen
         // by the daemon; an accepted one's, the address the client asked
         // for), as the kernel names a TCP connection.
-        dsan_switch::san_connection(p.sw())
+        p.san()
             .and_then(|ss| ss.local_addr().ok())
             .filter(|a| !a.ip().is_unspecified())
             .or(*p.app.local.lock().unwrap_or_else(|e| e.into_inner()))
@@ -789,7 +789,7 @@ pub(crate) fn kernel_for_exec(fd: RawFd) {
     {
         return;
     }
-    if let Some(k) = dsan_switch::kernel_socket(p.sw()).ok().filter(|k| *k != fd) {
+    if let Some(k) = p.kernel().ok().filter(|k| *k != fd) {
         // SAFETY: two valid descriptors; `fd` is replaced atomically and
         // stays inheritable, as it was.
         unsafe { real::dup3()(k, fd, 0) };

@@ -50,8 +50,9 @@ fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kin
         // Reported at once by poll (see `immediate`).
         State::Idle => Vec::new(),
         State::Connected => {
-            if dsan_switch::san_connection(p.sw()).is_none() {
-                return dsan_switch::kernel_socket(p.sw())
+            if p.san().is_none() {
+                return p
+                    .kernel()
                     .map_or_else(|_| vec![(fd, Kind::Read)], |k| vec![(k, Kind::Plain)]);
             }
             let mut v = Vec::new();
@@ -72,7 +73,7 @@ fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kin
 fn writable_san(p: &PFd) -> bool {
     settle(p);
     p.app.state() == State::Connected
-        && dsan_switch::san_connection(p.sw()).is_some_and(|ss| ss.readiness(false, true).writable)
+        && p.san().is_some_and(|ss| ss.readiness(false, true).writable)
 }
 
 /// The poll events of switch socket `p` that the kernel's wake-up of
@@ -96,9 +97,9 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
             let (fired, urgent) = if !fired {
                 (false, false)
             } else if kind == Kind::Read {
-                dsan_switch::input_now(p.sw())
+                p.input_now()
             } else {
-                (dsan_switch::writable_now(p.sw()), false)
+                (p.writable_now(), false)
             };
             if urgent {
                 // TCP's out-of-band byte waits (POLLPRI).
@@ -114,7 +115,7 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
             if p.app.state() == State::Idle {
                 ev |= libc::POLLERR | libc::POLLHUP;
             } else if fired {
-                if let Some(ss) = dsan_switch::san_connection(p.sw()) {
+                if let Some(ss) = p.san() {
                     let r = ss.readiness(false, false);
                     if r.peer_closed {
                         ev |= libc::POLLRDHUP;

@@ -1945,67 +1945,241 @@ fn target(fd: RawFd) -> Result<(Target, Option<Arc<Socket>>), i32> {
 /// # Errors
 /// EAGAIN, EPIPE, ECONNRESET, ENOTCONN, ENOTSOCK, EINVAL, and kernel errors.
 pub fn send(fd: RawFd, buf: &[u8], flags: i32) -> Result<usize, i32> {
+    let block = || flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
+    match entry(fd)? {
+        Found::Tcp(t) => {
+            check_send_flags(flags)?;
+            send_kernel(t, buf, flags, block())
+        }
+        Found::Socket(s) => s.send(buf, flags, block()),
+    }
+}
+
+fn check_send_flags(flags: i32) -> Result<(), i32> {
     if flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_OOB) != 0 {
         return Err(libc::EINVAL);
     }
-    match target(fd)?.0 {
-        Target::Tcp(t) => {
-            // The kernel socket is nonblocking (the switch's); a blocking
-            // descriptor's send takes everything, waiting for room as a
-            // blocking kernel send does (within SO_SNDTIMEO).
-            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
-            let mut sent = 0;
-            loop {
-                let rest = &buf[sent..];
-                // SAFETY: a valid socket and buffer.
-                let r = unsafe {
-                    libc::send(
-                        t,
-                        rest.as_ptr().cast(),
-                        rest.len(),
-                        flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                    )
-                };
-                let e = if r < 0 { errno() } else { 0 };
-                if r >= 0 {
-                    sent += r as usize;
+    Ok(())
+}
+
+fn check_recv_flags(flags: i32) -> Result<(), i32> {
+    if flags & !(libc::MSG_DONTWAIT | libc::MSG_PEEK | libc::MSG_OOB) != 0 {
+        return Err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+/// What a switch descriptor is, looked up (no table lock held after).
+enum Found {
+    /// An accepted kernel TCP connection: its socket (as [`target`] gives it).
+    Tcp(RawFd),
+    Socket(Arc<Socket>),
+}
+
+fn entry(fd: RawFd) -> Result<Found, i32> {
+    match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
+        Some(Entry::Tcp(t)) => Ok(Found::Tcp(t.as_raw_fd())),
+        Some(Entry::Socket(s)) => Ok(Found::Socket(s.clone())),
+        None => Err(libc::ENOTSOCK),
+    }
+}
+
+/// `send` on kernel socket `t` (nonblocking: the switch's), waiting for
+/// room when `block`, as a blocking kernel send does (within SO_SNDTIMEO):
+/// everything then.
+fn send_kernel(t: RawFd, buf: &[u8], flags: i32, block: bool) -> Result<usize, i32> {
+    let mut sent = 0;
+    loop {
+        let rest = &buf[sent..];
+        // SAFETY: a valid socket and buffer.
+        let r = unsafe {
+            libc::send(
+                t,
+                rest.as_ptr().cast(),
+                rest.len(),
+                flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        let e = if r < 0 { errno() } else { 0 };
+        if r >= 0 {
+            sent += r as usize;
+            if sent == buf.len() || !block {
+                return Ok(sent);
+            }
+        } else if e != libc::EAGAIN || !block {
+            return if sent > 0 { Ok(sent) } else { Err(e) };
+        }
+        if let Err(e) = wait_kernel(t, libc::POLLOUT, libc::SO_SNDTIMEO) {
+            return if sent > 0 { Ok(sent) } else { Err(e) };
+        }
+    }
+}
+
+/// `recv` on kernel socket `t` (nonblocking: the switch's), waiting when
+/// `block` (within SO_RCVTIMEO).
+fn recv_kernel(t: RawFd, buf: &mut [u8], flags: i32, block: bool) -> Result<usize, i32> {
+    loop {
+        // SAFETY: a valid socket and buffer.
+        let r = unsafe {
+            libc::recv(
+                t,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags | libc::MSG_DONTWAIT,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = errno();
+        if e != libc::EAGAIN || !block {
+            return Err(e);
+        }
+        wait_kernel(t, libc::POLLIN, libc::SO_RCVTIMEO)?;
+    }
+}
+
+impl Socket {
+    /// What serves the connected socket.
+    fn target(&self) -> Result<Target, i32> {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match c.as_ref() {
+            None => Err(libc::ENOTCONN),
+            Some(Conn { san: Some(ss), .. }) => Ok(Target::San(ss.clone())),
+            Some(_) => Ok(Target::Tcp(self.tcp_fd()?)),
+        }
+    }
+
+    /// [`send`] on this socket; `block`: wait for room (the descriptor is
+    /// blocking and `flags` has no MSG_DONTWAIT), which the caller knows.
+    ///
+    /// # Errors
+    /// As [`send`].
+    pub fn send(&self, buf: &[u8], flags: i32, block: bool) -> Result<usize, i32> {
+        check_send_flags(flags)?;
+        match self.target()? {
+            Target::Tcp(t) => send_kernel(t, buf, flags, block),
+            Target::San(ss) => {
+                let mut sent = 0;
+                let r = loop {
+                    match ss.send_mode(&buf[sent..], flags & libc::MSG_OOB, block) {
+                        Ok(n) => sent += n,
+                        Err(_) if sent > 0 => break Ok(sent),
+                        Err(e) => break Err(e.errno()),
+                    }
                     if sent == buf.len() || !block {
-                        return Ok(sent);
+                        break Ok(sent);
                     }
-                } else if e != libc::EAGAIN || !block {
-                    return if sent > 0 { Ok(sent) } else { Err(e) };
-                }
-                if let Err(e) = wait_kernel(t, libc::POLLOUT, libc::SO_SNDTIMEO) {
-                    return if sent > 0 { Ok(sent) } else { Err(e) };
-                }
-            }
-        }
-        Target::San(ss) => {
-            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
-            let mut sent = 0;
-            let r = loop {
-                match ss.send_mode(&buf[sent..], flags & libc::MSG_OOB, block) {
-                    Ok(n) => sent += n,
-                    Err(_) if sent > 0 => break Ok(sent),
-                    Err(e) => break Err(e.errno()),
-                }
-                if sent == buf.len() || !block {
-                    break Ok(sent);
-                }
-            };
-            if !matches!(r, Ok(n) if n == buf.len()) {
-                // Writable stays true exactly while a send would take bytes:
-                // clear it, then look (a look that finds the ring full asks
-                // the daemon for the next FD_WRITE).
-                if let Some(w) = writable_fd(fd) {
-                    drain(w);
-                    if ss.readiness(false, true).writable {
-                        signal(w);
+                };
+                if !matches!(r, Ok(n) if n == buf.len()) {
+                    // Writable stays true exactly while a send would take
+                    // bytes: clear it, then look (a look that finds the ring
+                    // full asks the daemon for the next FD_WRITE).
+                    if let Some(w) = self.writable_fd() {
+                        drain(w);
+                        if ss.readiness(false, true).writable {
+                            signal(w);
+                        }
                     }
                 }
+                r
             }
-            r
         }
+    }
+
+    /// [`recv`] on this socket; `block` as for [`Socket::send`].
+    ///
+    /// # Errors
+    /// As [`recv`].
+    pub fn recv(&self, buf: &mut [u8], flags: i32, block: bool) -> Result<usize, i32> {
+        check_recv_flags(flags)?;
+        match self.target()? {
+            Target::Tcp(t) => recv_kernel(t, buf, flags, block),
+            Target::San(ss) => {
+                let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
+                // Readable stays true exactly while bytes or the end of the
+                // stream are there. With more to read, the descriptor holds
+                // its token still (tokens are taken only when nothing is
+                // left); else it is cleared, then looked at again (a look
+                // that finds nothing asks the daemon for the next FD_READ,
+                // and bytes that came meanwhile are posted here).
+                if !has_input(&ss) {
+                    self.with_readable(|efd| {
+                        drain(efd);
+                        if has_input(&ss) {
+                            signal(efd);
+                        }
+                    });
+                }
+                r
+            }
+        }
+    }
+
+    /// The SAN connection that serves it, if one does.
+    pub fn san(&self) -> Option<Arc<SanSocket>> {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref()?.san.clone()
+    }
+
+    /// See [`kernel_socket`].
+    ///
+    /// # Errors
+    /// As there.
+    pub fn kernel(&self) -> Result<RawFd, i32> {
+        if self.is_lean() {
+            // A lean socket never gets one after the fact: its options are
+            // the caller's to keep (see `release_kernel_socket`).
+            let t = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+            return t.as_ref().map(AsRawFd::as_raw_fd).ok_or(libc::EBADFD);
+        }
+        self.tcp_fd()
+    }
+
+    /// See [`input_now`].
+    pub fn input_now(&self) -> (bool, bool) {
+        let Some(ss) = self.san() else {
+            return (true, false);
+        };
+        let r = ss.readiness(true, false);
+        if r.readable || r.urgent {
+            return (r.readable, r.urgent);
+        }
+        self.with_readable(|efd| {
+            drain(efd);
+            // Bytes that came while clearing it: set it again.
+            let r = ss.readiness(true, false);
+            if r.readable || r.urgent {
+                signal(efd);
+            }
+            (r.readable, r.urgent)
+        })
+        .unwrap_or((false, false))
+    }
+
+    /// See [`writable_now`].
+    pub fn writable_now(&self) -> bool {
+        let Some(ss) = self.san() else {
+            return true;
+        };
+        if ss.readiness(false, true).writable {
+            return true;
+        }
+        let Some(w) = self.writable_fd() else {
+            return false;
+        };
+        drain(w);
+        if ss.readiness(false, true).writable {
+            signal(w);
+            return true;
+        }
+        false
+    }
+
+    /// The FD_WRITE descriptor of its connection, if one was made.
+    fn writable_fd(&self) -> Option<RawFd> {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        c.as_ref()?.wfd.get().map(AsRawFd::as_raw_fd)
     }
 }
 
@@ -2054,55 +2228,13 @@ fn wait_kernel(t: RawFd, events: libc::c_short, opt: libc::c_int) -> Result<(), 
 /// # Errors
 /// EAGAIN, ECONNRESET, ENOTCONN, ENOTSOCK, EINVAL, and kernel errors.
 pub fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> Result<usize, i32> {
-    if flags & !(libc::MSG_DONTWAIT | libc::MSG_PEEK | libc::MSG_OOB) != 0 {
-        return Err(libc::EINVAL);
-    }
-    let (t, s) = target(fd)?;
-    match t {
-        Target::Tcp(t) => {
-            // As in `send`: a blocking descriptor waits (within SO_RCVTIMEO).
-            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
-            loop {
-                // SAFETY: a valid socket and buffer.
-                let r = unsafe {
-                    libc::recv(
-                        t,
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        flags | libc::MSG_DONTWAIT,
-                    )
-                };
-                if r >= 0 {
-                    return Ok(r as usize);
-                }
-                let e = errno();
-                if e != libc::EAGAIN || !block {
-                    return Err(e);
-                }
-                wait_kernel(t, libc::POLLIN, libc::SO_RCVTIMEO)?;
-            }
+    let block = || flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
+    match entry(fd)? {
+        Found::Tcp(t) => {
+            check_recv_flags(flags)?;
+            recv_kernel(t, buf, flags, block())
         }
-        Target::San(ss) => {
-            let block = flags & libc::MSG_DONTWAIT == 0 && !nonblocking(fd);
-            let r = ss.recv_mode(buf, flags, block).map_err(|e| e.errno());
-            // Readable stays true exactly while bytes or the end of the
-            // stream are there. With more to read, the descriptor holds its
-            // token still (tokens are taken only when nothing is left); else
-            // it is cleared, then looked at again (a look that finds nothing
-            // asks the daemon for the next FD_READ, and bytes that came
-            // meanwhile are posted here).
-            if let Some(s) = s {
-                if !has_input(&ss) {
-                    s.with_readable(|efd| {
-                        drain(efd);
-                        if has_input(&ss) {
-                            signal(efd);
-                        }
-                    });
-                }
-            }
-            r
-        }
+        Found::Socket(s) => s.recv(buf, flags, block()),
     }
 }
 
@@ -2167,13 +2299,6 @@ pub fn shutdown(fd: RawFd, how: i32) -> Result<(), i32> {
             Ok(())
         }
     }
-}
-
-/// The FD_WRITE descriptor of SAN connection `fd`, if [`watch_writable`] made one.
-fn writable_fd(fd: RawFd) -> Option<RawFd> {
-    let s = sock(fd).ok()?;
-    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
-    c.as_ref()?.wfd.get().map(AsRawFd::as_raw_fd)
 }
 
 /// A switch socket whose kernel TCP side is `tcp` (an unconnected kernel
@@ -2263,14 +2388,7 @@ pub fn take_tcp(fd: RawFd) -> Result<OwnedFd, i32> {
 /// ENOTSOCK, EINVAL (an accepted TCP connection: `fd` itself is the
 /// socket), and the kernel's errors.
 pub fn kernel_socket(fd: RawFd) -> Result<RawFd, i32> {
-    let s = sock(fd)?;
-    if s.is_lean() {
-        // A lean socket never gets one after the fact: its options are
-        // the caller's to keep (see `release_kernel_socket`).
-        let t = s.tcp.lock().unwrap_or_else(|e| e.into_inner());
-        return t.as_ref().map(AsRawFd::as_raw_fd).ok_or(libc::EBADFD);
-    }
-    s.tcp_fd()
+    sock(fd)?.kernel()
 }
 
 /// The kernel socket of lean socket `fd` once a SAN connection serves it
@@ -2480,9 +2598,7 @@ pub fn set_linger_abort(fd: RawFd, on: bool) -> Result<(), i32> {
 /// The SAN connection behind switch socket `fd`, if a SAN connection
 /// serves it.
 pub fn san_connection(fd: RawFd) -> Option<Arc<SanSocket>> {
-    let s = sock(fd).ok()?;
-    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
-    c.as_ref()?.san.clone()
+    sock(fd).ok()?.san()
 }
 
 /// Whether a nonblocking connect of `fd` finished (its outcome waits for
@@ -2568,23 +2684,10 @@ pub fn readable_now(fd: RawFd) -> bool {
 /// As [`readable_now`], and whether an urgent byte waits (POLLPRI: TCP's
 /// out-of-band byte, which keeps the readiness descriptor set too).
 pub fn input_now(fd: RawFd) -> (bool, bool) {
-    let Ok((Target::San(ss), Some(s))) = target(fd) else {
-        return (true, false);
-    };
-    let r = ss.readiness(true, false);
-    if r.readable || r.urgent {
-        return (r.readable, r.urgent);
+    match sock(fd) {
+        Ok(s) => s.input_now(),
+        Err(_) => (true, false),
     }
-    s.with_readable(|efd| {
-        drain(efd);
-        // Bytes that came while clearing it: set it again.
-        let r = ss.readiness(true, false);
-        if r.readable || r.urgent {
-            signal(efd);
-        }
-        (r.readable, r.urgent)
-    })
-    .unwrap_or((false, false))
 }
 
 /// Whether the next byte to read on switch descriptor `fd`'s SAN
@@ -2595,21 +2698,7 @@ pub fn at_mark(fd: RawFd) -> Option<bool> {
 
 /// As [`readable_now`], for sends and the FD_WRITE descriptor.
 pub fn writable_now(fd: RawFd) -> bool {
-    let Some(ss) = san_connection(fd) else {
-        return true;
-    };
-    if ss.readiness(false, true).writable {
-        return true;
-    }
-    let Some(w) = writable_fd(fd) else {
-        return false;
-    };
-    drain(w);
-    if ss.readiness(false, true).writable {
-        signal(w);
-        return true;
-    }
-    false
+    sock(fd).map_or(true, |s| s.writable_now())
 }
 
 /// Makes `listen` on `fd` take the SAN address over from the listener of

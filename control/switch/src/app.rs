@@ -407,3 +407,110 @@ pub fn carry_from(s: &Socket, k: RawFd) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_map_to_their_socket_and_go_with_remove() {
+        let s = Socket::detached();
+        let t = Socket::detached();
+        // One number in the bitmap, one beyond it, and a duplicate.
+        for n in [4101, BITS as RawFd + 7, 4102] {
+            assert!(get(n).is_none());
+            insert(n, if n == 4102 { t.clone() } else { s.clone() });
+        }
+        assert!(maybe_ours(4101) && any());
+        assert!(Arc::ptr_eq(&get(4101).unwrap(), &s));
+        assert!(Arc::ptr_eq(&get(BITS as RawFd + 7).unwrap(), &s));
+        assert_eq!(other_number(&s, 4101), Some(BITS as RawFd + 7));
+        assert_eq!(other_numbers(&t, 4102), Vec::<RawFd>::new());
+        assert!(Arc::ptr_eq(&remove(4101).unwrap(), &s));
+        assert!(!maybe_ours(4101));
+        assert!(get(4101).is_none());
+        assert_eq!(other_number(&s, BITS as RawFd + 7), None);
+        remove(BITS as RawFd + 7);
+        remove(4102);
+        assert!(all()
+            .iter()
+            .all(|n| ![4101, 4102, BITS as RawFd + 7].contains(n)));
+    }
+
+    #[test]
+    fn a_kept_connection_is_the_parents_until_claimed() {
+        let (r, w) = dsan_channel::sys::pipe_cloexec().unwrap();
+        drop(r);
+        let s = kept(
+            Passed {
+                life: w,
+                ticket: vec![1, 2, 3],
+                v6: false,
+            },
+            2,
+        );
+        assert_eq!(s.sw(), -1, "no switch socket serves it yet");
+        assert_eq!(s.app.state(), State::Connected);
+        assert!(s.app.kept() && s.app.inherited());
+        assert_eq!(s.app.refs.load(Ordering::Relaxed), 2);
+        s.app.passed.lock().unwrap().take();
+        assert!(!s.app.kept());
+    }
+
+    #[test]
+    fn options_are_kept_once_each_and_linger_zero_means_reset() {
+        let s = Socket::detached();
+        keep(
+            &s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            8192i32.to_ne_bytes().to_vec(),
+        );
+        keep(
+            &s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            16384i32.to_ne_bytes().to_vec(),
+        );
+        let o = s.app.opts.lock().unwrap().clone();
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].2, 16384i32.to_ne_bytes().to_vec());
+        let linger = |on: i32, secs: i32| {
+            let mut v = on.to_ne_bytes().to_vec();
+            v.extend_from_slice(&secs.to_ne_bytes());
+            v
+        };
+        assert!(linger_abort(&linger(1, 0)));
+        assert!(!linger_abort(&linger(1, 5)));
+        assert!(!linger_abort(&linger(0, 0)));
+        assert!(!linger_abort(&[1]));
+    }
+
+    #[test]
+    fn what_the_program_set_on_a_kernel_socket_is_carried_over() {
+        // SAFETY: plain system call.
+        let k = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(k >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let k = unsafe { OwnedFd::from_raw_fd(k) };
+        let one: c_int = 1;
+        // SAFETY: a valid socket and an int option.
+        let r = unsafe {
+            libc::setsockopt(
+                k.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let s = Socket::detached();
+        carry_from(&s, k.as_raw_fd());
+        let o = s.app.opts.lock().unwrap().clone();
+        // TCP_NODELAY differs from a fresh socket's; nothing else does.
+        assert_eq!(o.len(), 1, "{o:?}");
+        assert_eq!((o[0].0, o[0].1), (libc::IPPROTO_TCP, libc::TCP_NODELAY));
+        assert_eq!(o[0].2, 1i32.to_ne_bytes().to_vec());
+    }
+}

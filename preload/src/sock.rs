@@ -707,6 +707,21 @@ fn claim(fd: RawFd, p: Arc<PFd>) -> Option<Arc<PFd>> {
                     np.app
                         .v6
                         .store(p.app.v6.load(Ordering::Relaxed), Ordering::Relaxed);
+                    // The options kept for the parent's socket are this
+                    // one's too (one socket, shared across the fork).
+                    crate::opts::inherit(&p, &np);
+                    if !np
+                        .app
+                        .opts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_empty()
+                    {
+                        if let Ok(k) = np.kernel() {
+                            dsan_switch::app::apply_kept(&np, k);
+                            np.app.opts_set.store(true, Ordering::Relaxed);
+                        }
+                    }
                     rules::log(|| format!("fd {fd}: the parent's SAN connection, claimed"));
                     Some(np)
                 }

@@ -408,6 +408,25 @@ pub fn carry_from(s: &Socket, k: RawFd) {
     }
 }
 
+/// The options kept in `s`'s record, set on kernel socket `k` (a socket
+/// that takes over from another whose options were kept: a connection
+/// claimed after fork keeps its options in its new kernel socket). Values
+/// are as the kernel reported them, so SO_RCVBUF and SO_SNDBUF are set to
+/// half (the kernel doubles what it is given). Options the kernel refuses
+/// are left out.
+pub fn apply_kept(s: &Socket, k: RawFd) {
+    let kept = s.app.opts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (level, name, mut v) in kept {
+        if level == libc::SOL_SOCKET && (name == libc::SO_RCVBUF || name == libc::SO_SNDBUF) {
+            if let Ok(b) = <[u8; 4]>::try_from(&v[..v.len().min(4)]) {
+                v = (c_int::from_ne_bytes(b) / 2).to_ne_bytes().to_vec();
+            }
+        }
+        // SAFETY: a valid socket and an option buffer of its length.
+        unsafe { libc::setsockopt(k, level, name, v.as_ptr().cast(), v.len() as socklen_t) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

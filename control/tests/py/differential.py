@@ -1213,6 +1213,42 @@ def _(role, x, out, base):
         s.close()
 
 
+@behaviour('fork-child-keeps-options')
+def _(role, x, out, base):
+    # Options set on a connection before a fork are the child's too, also
+    # once the child has used the connection (a SAN connection is claimed
+    # by the child's first use).
+    if role == 'server':
+        c = accept(x)
+        out('got', recv_all(c, 2))
+        c.close()
+    else:
+        s = connect(x)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                s.sendall(b'c')
+                v = (s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                     s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                     s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+                os.write(w, repr(v).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        out('child_exit', reap(pid))
+        out('child_sees', os.read(r, 100).decode())
+        os.close(r)
+        s.sendall(b'p')
+        s.close()
+
+
 def reap(pid):
     """Waits (at most T) for a forked child; its exit code."""
     deadline = time.time() + T

@@ -595,16 +595,34 @@ pub(crate) unsafe fn setsockopt(
                 let _ = dsan_switch::set_linger_abort(p.sw(), false);
             }
             oob_inline(p, level, name, val, len);
+            // SAFETY: the kernel read these bytes just now.
+            unsafe { to_san(p, level, name, val, len) };
             Ok(r)
         }
         Err(libc::EBADFD) => {
             // SAFETY: the caller's parameters, passed on.
             let r = unsafe { crate::opts::set(p, level, name, val, len) }?;
             oob_inline(p, level, name, val, len);
+            // SAFETY: as above (its stand-in read them).
+            unsafe { to_san(p, level, name, val, len) };
             Ok(r)
         }
         Err(e) => Err(e),
     }
+}
+
+/// An option just set on `p` reaches its SAN connection too (see
+/// `dsan_switch::Socket::set_san_option`).
+///
+/// # Safety
+/// `val` points to `len` readable bytes (or is null).
+unsafe fn to_san(p: &PFd, level: c_int, name: c_int, val: *const libc::c_void, len: socklen_t) {
+    if val.is_null() || (len as usize) < std::mem::size_of::<c_int>() {
+        return;
+    }
+    // SAFETY: the caller's `len` readable bytes (at most 8 read).
+    let b = unsafe { std::slice::from_raw_parts(val.cast::<u8>(), (len as usize).min(8)) };
+    p.set_san_option(level, name, b);
 }
 
 /// SO_OOBINLINE, just set on `p`: its SAN connection keeps the urgent
@@ -828,6 +846,7 @@ pub(crate) fn take_passed(fd: RawFd, life: OwnedFd, ticket: &[u8], v6: bool) {
             *np.app.peer.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.peer());
             *np.app.local.lock().unwrap_or_else(|e| e.into_inner()) = t.and_then(|t| t.local());
             np.app.v6.store(v6, Ordering::Relaxed);
+            np.adopt_san_options();
             rules::log(|| format!("fd {fd}: a SAN connection passed to this process, claimed"));
         }
         Err(e) => {

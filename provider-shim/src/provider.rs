@@ -1599,6 +1599,13 @@ impl SanSocket {
         self.p
             .setsockopt(self.live()?, level, name, &v.to_ne_bytes())
     }
+    /// An option's value (see [`Provider::getsockopt`]).
+    ///
+    /// # Errors
+    /// As there.
+    pub fn option(&self, level: i32, name: i32) -> Result<i32> {
+        self.p.getsockopt(self.live()?, level, name)
+    }
     /// See [`Provider::local_addr`].
     ///
     /// # Errors

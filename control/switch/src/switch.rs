@@ -2176,6 +2176,67 @@ impl Socket {
         false
     }
 
+    /// Option (`level`, `name`), just set by the program to `v` (its bytes),
+    /// reaches the SAN connection that serves the socket, if it honours it
+    /// (TCP_NODELAY, SO_KEEPALIVE, SO_LINGER): so that the connection's
+    /// claim ticket, which carries them to a process it is passed to,
+    /// says what the program set.
+    pub fn set_san_option(&self, level: libc::c_int, name: libc::c_int, v: &[u8]) {
+        let Some(ss) = self.san() else {
+            return;
+        };
+        let int = |i: usize| {
+            v.get(i..i + 4)
+                .map(|b| libc::c_int::from_ne_bytes(b.try_into().expect("4 bytes")))
+        };
+        match (level, name) {
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY) | (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => {
+                if let Some(x) = int(0) {
+                    let _ = ss.set_option(level, name, x);
+                }
+            }
+            (libc::SOL_SOCKET, libc::SO_LINGER) => {
+                if let (Some(on), Some(secs)) = (int(0), int(4)) {
+                    let _ = ss.set_linger(on != 0, secs);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A socket that serves a connection passed to this process (or kept
+    /// across exec): the options its claim ticket carried (TCP_NODELAY,
+    /// SO_KEEPALIVE, now the provider socket's) are recorded in its record
+    /// and set on its kernel socket, where the program reads them.
+    pub fn adopt_san_options(&self) {
+        let Some(ss) = self.san() else {
+            return;
+        };
+        for (level, name) in [
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        ] {
+            if let Ok(v) = ss.option(level, name).map(|v| v.min(1)) {
+                if v != 0 {
+                    crate::app::keep(self, level, name, v.to_ne_bytes().to_vec());
+                }
+            }
+        }
+        if self
+            .app
+            .opts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        if let Ok(k) = self.kernel() {
+            crate::app::apply_kept(self, k);
+            self.app.opts_set.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// The FD_WRITE descriptor of its connection, if one was made.
     fn writable_fd(&self) -> Option<RawFd> {
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());

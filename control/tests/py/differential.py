@@ -1491,6 +1491,30 @@ def _(role, x, out, base):
         b.close()
 
 
+@behaviour('scm-rights-keeps-options')
+def _(role, x, out, base):
+    # Options set on a connection travel with it in an SCM_RIGHTS message.
+    if role == 'server':
+        c = accept(x)
+        out('got', recv_all(c, 1))
+        c.close()
+    else:
+        s = connect(x)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socket.send_fds(a, [b'fd'], [s.fileno()])
+        _, fds, _, _ = socket.recv_fds(b, 2, 1)
+        s.close()
+        r = socket.socket(fileno=fds[0])
+        attempt(out, 'send_on_received', lambda: r.send(b'r'))
+        out('options', (r.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                        r.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)))
+        r.close()
+        a.close()
+        b.close()
+
+
 def read_to_end(c):
     d = b''
     while True:

@@ -12,7 +12,7 @@
 //! | `quotas` | one user's shares of listeners, attempts and connections | `Quotas` |
 //! | `faults` | the lab's fault injector on received frames | `FaultInjector` |
 //! | `signal` | completing a socket's command and raising its event bits | - |
-//! | `notify` | wake-ups at the end of a pass: wake sockets signalled by the lcore itself, eventfds by the process's notifier thread | the pass's wake list |
+//! | `notify` | wake-ups at the end of a pass: wake sockets signalled by the lcore itself (a pass with more than `DIRECT_WAKES` through the daemon's waker thread), eventfds by the process's notifier thread | the pass's wake list, the waker |
 //! | `probe` | echo probes (`dsanctl ping`) | `Probe` |
 //! | `trace` | connection-setup tracing (`dsanctl trace`) | `Trace` |
 //! | `counters` | counters, published as one [`Counters`] snapshot | `Local`, `Publisher` |
@@ -42,7 +42,7 @@ pub use counters::{
     LISTEN_DENIALS, QUOTAS, REJECT_REASONS, RESET_REASONS,
 };
 pub use faults::Faults;
-pub use notify::Notifier;
+pub use notify::{start_waker, Notifier, DIRECT_WAKES};
 pub use probe::{PingRequest, PingResult};
 pub use procs::{AppShared, Lineage};
 pub use quotas::{UID_ATTEMPTS, UID_LISTENERS};

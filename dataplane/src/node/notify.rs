@@ -61,23 +61,99 @@ fn send_wake(fd: &OwnedFd) {
     });
 }
 
-/// Wake tokens sent and failed on this thread (the lcore) since the last
-/// call.
+/// Wake tokens sent and failed by this thread (the lcore) and the waker
+/// since the last call.
 pub(super) fn take_wake_counts() -> (u64, u64) {
-    WAKE_COUNTS
+    let (sent, failed) = WAKE_COUNTS
         .try_with(|c| c.replace((0, 0)))
-        .unwrap_or((0, 0))
+        .unwrap_or((0, 0));
+    (
+        sent + WAKER_SENT.swap(0, Ordering::Relaxed),
+        failed + WAKER_FAILED.swap(0, Ordering::Relaxed),
+    )
+}
+
+/// At most this many wake tokens of a pass are sent by the lcore itself:
+/// a pass that readied more wake sockets hands them all to the waker
+/// thread ([`start_waker`]) with one eventfd write, so that it costs the
+/// lcore one system call, not one per socket (a single connection's
+/// message still wakes its program with no thread in between).
+pub const DIRECT_WAKES: usize = 2;
+
+/// The waker: a daemon thread that sends wake tokens the lcore hands it.
+/// A wake socket's send never blocks, so one thread serves every process.
+#[derive(Debug)]
+struct Waker {
+    queue: ArrayQueue<Arc<OwnedFd>>,
+    wake: EventFd,
+}
+
+static WAKER: std::sync::OnceLock<Waker> = std::sync::OnceLock::new();
+/// The waker's tokens sent and failed, not yet taken by the counters.
+static WAKER_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static WAKER_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Starts the waker thread if it is not running (call from a control
+/// thread, never from the lcore: when a process registers its first wake
+/// socket). Until it runs, the lcore sends every token itself.
+///
+/// # Errors
+/// If the eventfd or the thread cannot be created.
+pub fn start_waker() -> std::io::Result<()> {
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    if WAKER.get().is_some() {
+        return Ok(());
+    }
+    let w = Waker {
+        queue: ArrayQueue::new(QUEUE),
+        wake: EventFd::new()?,
+    };
+    let _ = WAKER.set(w);
+    crate::sys::spawn_unpinned("dsan-waker", || {
+        let w = WAKER.get().expect("set before the thread starts");
+        loop {
+            w.wake.wait(None);
+            w.wake.drain();
+            while let Some(fd) = w.queue.pop() {
+                match dsan_channel::wake::signal(fd.as_raw_fd()) {
+                    dsan_channel::wake::Signalled::Sent => {
+                        WAKER_SENT.fetch_add(1, Ordering::Relaxed);
+                    }
+                    dsan_channel::wake::Signalled::Full | dsan_channel::wake::Signalled::Gone => {}
+                    dsan_channel::wake::Signalled::Failed(_) => {
+                        WAKER_FAILED.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 /// At the end of a pass of the lcore: sends each wake socket signalled
-/// during it its token, and wakes each notifier that was given signals
-/// during it, once (one system call per process per pass, however many of
-/// its sockets became ready).
+/// during it its token (itself for up to [`DIRECT_WAKES`], else through
+/// the waker), and wakes each notifier that was given signals during it,
+/// once (one system call per process per pass, however many of its
+/// sockets became ready).
 pub(super) fn wake_due() {
     let _ = WAKES.try_with(|w| {
         let mut w = w.borrow_mut();
-        for fd in w.iter() {
-            send_wake(fd);
+        let waker = WAKER.get().filter(|_| w.len() > DIRECT_WAKES);
+        match waker {
+            Some(k) => {
+                for fd in w.drain(..) {
+                    if let Err(fd) = k.queue.push(fd) {
+                        send_wake(&fd);
+                    }
+                }
+                k.wake.signal();
+            }
+            None => {
+                for fd in w.iter() {
+                    send_wake(fd);
+                }
+            }
         }
         w.clear();
     });
@@ -202,5 +278,65 @@ impl Notifier {
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         self.wake.signal();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Whether wake socket `w` gets a token within 5 s (taking it).
+    fn woken(w: &OwnedFd) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if dsan_channel::wake::drain(w.as_raw_fd()) {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        false
+    }
+
+    #[test]
+    fn a_pass_that_readies_many_wake_sockets_wakes_each_through_the_waker() {
+        start_waker().unwrap();
+        let n = DIRECT_WAKES * 8;
+        let pairs: Vec<(OwnedFd, Arc<OwnedFd>)> = (0..n)
+            .map(|_| {
+                let w = dsan_channel::wake::new(true, true).unwrap();
+                let s = Arc::new(dsan_channel::wake::sender(w.as_raw_fd()).unwrap());
+                (w, s)
+            })
+            .collect();
+        let before = WAKER_SENT.load(Ordering::Relaxed);
+        // One pass: every socket signalled (one twice: one token).
+        for (_, s) in &pairs {
+            wake_at_end(s);
+        }
+        wake_at_end(&pairs[0].1);
+        wake_due();
+        for (i, (w, _)) in pairs.iter().enumerate() {
+            assert!(woken(w), "wake socket {i} of {n} not woken");
+        }
+        // The waker sent them (the lcore none of its own).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while WAKER_SENT.load(Ordering::Relaxed) < before + n as u64 {
+            assert!(Instant::now() < deadline, "the waker sent fewer than {n}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (own, _) = WAKE_COUNTS.with(|c| c.get());
+        assert_eq!(own, 0, "the lcore sent tokens itself");
+    }
+
+    #[test]
+    fn a_pass_with_few_wake_sockets_wakes_them_itself() {
+        let w = dsan_channel::wake::new(true, true).unwrap();
+        let s = Arc::new(dsan_channel::wake::sender(w.as_raw_fd()).unwrap());
+        wake_at_end(&s);
+        wake_due();
+        // Sent by this thread (the lcore's part), before wake_due returned.
+        assert_eq!(WAKE_COUNTS.with(|c| c.get()).0, 1);
+        assert!(woken(&w));
     }
 }

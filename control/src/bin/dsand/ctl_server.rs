@@ -353,6 +353,12 @@ fn event_fd(
     }
     let wfd = (fds.len() == 2).then(|| fds.pop().expect("two"));
     let fd = fds.pop().expect("one");
+    // The daemon's waker (it sends a pass's wake tokens for the lcore when
+    // the pass readied more than a few), started with the first wake socket.
+    if direct {
+        dataplane::node::start_waker()
+            .map_err(|e| (libc::EAGAIN, format!("cannot start the waker: {e}")))?;
+    }
     // The process's notifier thread (it writes the eventfds for the lcore),
     // started with its first eventfd.
     if !direct && app.notifier.get().is_none() {

@@ -39,6 +39,58 @@ struct Listen {
     /// Its SAN side failed and the daemon was told (told once per failure
     /// run: the accept thread retries every second).
     san_failure_reported: bool,
+    /// The FD_ACCEPT descriptor in `san` is a wake socket (see
+    /// [`accept_descriptor`]), else an eventfd.
+    accept_wake: bool,
+}
+
+impl Listen {
+    /// Signals the FD_ACCEPT descriptor (the accept thread looks again).
+    fn signal_accept(&self) {
+        if let Some((_, efd)) = &self.san {
+            if self.accept_wake {
+                wake::post(efd.as_raw_fd());
+            } else {
+                signal_eventfd(efd.as_raw_fd());
+            }
+        }
+    }
+
+    /// Clears the FD_ACCEPT descriptor.
+    fn drain_accept(&self) {
+        if let Some((_, efd)) = &self.san {
+            if self.accept_wake {
+                wake::drain(efd.as_raw_fd());
+            } else {
+                drain_eventfd(efd.as_raw_fd());
+            }
+        }
+    }
+}
+
+/// Whether FD_ACCEPT descriptors are wake sockets, which the daemon's lcore
+/// signals itself, whatever the process's readiness mode: a connect's
+/// request then reaches the accept thread with no notifier thread in
+/// between (the largest hop of a SAN connect). `DSAN_ACCEPT_WAKE=eventfd`
+/// makes them eventfds as in the eventfd mode (for comparison).
+fn accept_wakes() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("DSAN_ACCEPT_WAKE").is_none_or(|v| v != "eventfd"))
+}
+
+/// A listener's FD_ACCEPT descriptor: a wake socket (see [`accept_wakes`];
+/// an eventfd if it cannot be made), with whether it is one.
+fn accept_descriptor() -> Result<(OwnedFd, bool), i32> {
+    if accept_wakes() {
+        if let Ok(w) = wake::new(true, true) {
+            return Ok((high(w), true));
+        }
+    }
+    EventFd::new()
+        .map(OwnedFd::from)
+        .map(high)
+        .map(|e| (e, false))
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
 }
 
 /// One socket of the application: what the switch keeps of it (its
@@ -1283,6 +1335,7 @@ pub fn set_condition(fd: RawFd, cond: Option<Condition>) -> Result<(), i32> {
                 pending: VecDeque::new(),
                 backlog: 1,
                 san_failure_reported: false,
+                accept_wake: false,
             })
         }
     }
@@ -1321,6 +1374,7 @@ pub fn listen(fd: RawFd, backlog: i32) -> Result<bool, i32> {
         pending: VecDeque::new(),
         backlog: 1,
         san_failure_reported: false,
+        accept_wake: false,
     });
     l.backlog = effective_backlog(i64::from(backlog));
     if l.san.is_some() {
@@ -1345,7 +1399,7 @@ fn san_side(fd: RawFd, s: &Socket, l: &mut Listen) -> bool {
     if !ours {
         return false;
     }
-    let setup = || -> Result<(SanSocket, OwnedFd), SanError> {
+    let setup = || -> Result<(SanSocket, OwnedFd, bool), SanError> {
         let ss = SanSocket::new(&p)?;
         ss.bind(bound)?;
         let from = s.takeover.load(Ordering::Relaxed);
@@ -1363,14 +1417,15 @@ fn san_side(fd: RawFd, s: &Socket, l: &mut Listen) -> bool {
         }
         apply_options(s, &ss);
         ss.listen(backlog)?;
-        let efd = eventfd().map_err(SanError::Os)?;
+        let (efd, wake) = accept_descriptor().map_err(SanError::Os)?;
         ss.event_select(efd.as_fd(), FD_ACCEPT)?;
-        Ok((ss, efd))
+        Ok((ss, efd, wake))
     };
     match setup() {
-        Ok((ss, efd)) => {
+        Ok((ss, efd, wake)) => {
             let _ = epoll_add(accept_ep(), efd.as_raw_fd(), fd as u64);
             l.san = Some((ss, efd));
+            l.accept_wake = wake;
             l.san_failure_reported = false;
             true
         }
@@ -1474,10 +1529,10 @@ fn serve_listener(fd: RawFd) -> bool {
     let Some(l) = guard.as_mut() else {
         return false;
     };
-    let Some((ss, efd)) = l.san.as_ref() else {
+    l.drain_accept();
+    let Some((ss, _)) = l.san.as_ref() else {
         return false;
     };
-    drain(efd.as_raw_fd());
     let _ = ss.enum_network_events();
     // Within the backlog only: the rest waits in the provider's ring
     // (accept() wakes this thread when it makes room).
@@ -1537,11 +1592,12 @@ fn accept_as(fd: RawFd, lean: Option<(bool, bool)>) -> Result<(RawFd, SocketAddr
             let Some(l) = l.as_mut() else {
                 return Err(libc::EINVAL);
             };
-            if let Some((ss, efd)) = l.san.as_ref() {
-                if ss.deferred().unwrap_or(false) {
-                    // The application asks again: offer the deferred request now.
-                    signal(efd.as_raw_fd());
-                }
+            if l.san
+                .as_ref()
+                .is_some_and(|(ss, _)| ss.deferred().unwrap_or(false))
+            {
+                // The application asks again: offer the deferred request now.
+                l.signal_accept();
             }
             let was_full = l.pending.len() >= l.backlog;
             if let Some((conn, peer)) = l.pending.pop_front() {
@@ -1556,9 +1612,7 @@ fn accept_as(fd: RawFd, lean: Option<(bool, bool)>) -> Result<(RawFd, SocketAddr
                 if was_full {
                     // Room again: let the accept thread take the next request
                     // waiting in the provider's backlog.
-                    if let Some((_, efd)) = l.san.as_ref() {
-                        signal(efd.as_raw_fd());
-                    }
+                    l.signal_accept();
                 }
                 let (nfd, ns) = match lean {
                     None => {

@@ -4,7 +4,6 @@
 #![allow(unsafe_code)] // the caller's buffers and iovecs: each block with a SAFETY comment
 
 use crate::cret::errno;
-use crate::sock::settle;
 use crate::table::{PFd, State};
 use libc::{c_int, iovec};
 use std::cell::RefCell;
@@ -22,7 +21,7 @@ const SEND_FLAGS: c_int =
 /// Whether data calls can go ahead: connected (after recording a finished
 /// nonblocking connect).
 fn ready(p: &PFd) -> Result<(), i32> {
-    settle(p);
+    p.settle();
     match p.app.state() {
         State::Connected => Ok(()),
         State::Connecting => Err(libc::EAGAIN),

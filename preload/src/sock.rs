@@ -344,12 +344,6 @@ fn transport_name(t: Transport) -> &'static str {
     }
 }
 
-/// A nonblocking connect that finished is recorded (see
-/// `dsan_switch::Socket::settle`). Returns whether the state changed.
-pub(crate) fn settle(p: &PFd) -> bool {
-    p.settle()
-}
-
 /// `accept4` on a listening switch socket.
 pub(crate) fn accept(
     p: &PFd,
@@ -455,7 +449,7 @@ pub(crate) unsafe fn getsockopt(
     if level == libc::SOL_SOCKET {
         match name {
             libc::SO_ERROR => {
-                settle(p);
+                p.settle();
                 let e = p.app.so_error.swap(0, Ordering::AcqRel);
                 if e != 0 {
                     return int(e);

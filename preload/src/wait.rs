@@ -20,7 +20,6 @@
 
 use crate::cret::errno;
 use crate::real;
-use crate::sock::settle;
 use crate::table::{self, PFd, State};
 use libc::{c_int, epoll_event, pollfd};
 use std::collections::HashMap;
@@ -43,7 +42,7 @@ enum Kind {
 
 /// What the kernel waits on for one direction of a switch socket.
 fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kind)> {
-    settle(p);
+    p.settle();
     match p.app.state() {
         State::Listening => vec![(fd, Kind::Plain)],
         State::Connecting => vec![(fd, Kind::Connect)],
@@ -71,7 +70,7 @@ fn targets(p: &PFd, fd: RawFd, want_in: bool, want_out: bool) -> Vec<(RawFd, Kin
 
 /// Whether `p` is a SAN connection a send on which would not block now.
 fn writable_san(p: &PFd) -> bool {
-    settle(p);
+    p.settle();
     p.app.state() == State::Connected
         && p.san().is_some_and(|ss| ss.readiness(false, true).writable)
 }
@@ -83,7 +82,7 @@ fn translate(p: &PFd, kind: Kind, fired: bool, asked: i16) -> i16 {
     match kind {
         Kind::Plain => {}
         Kind::Connect => {
-            if fired && settle(p) {
+            if fired && p.settle() {
                 ev |= libc::POLLOUT;
                 if p.app.state() == State::Idle {
                     ev |= libc::POLLERR | libc::POLLHUP;

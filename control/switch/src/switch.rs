@@ -1704,10 +1704,8 @@ fn connect_as(fd: RawFd, s: &Arc<Socket>, dst: SocketAddrV4) -> Result<Transport
             return Err(libc::EALREADY);
         }
         // Finished: the outcome is reported now.
-        let e = s.error.swap(0, Ordering::AcqRel);
-        s.clear_connect_signal();
+        let e = s.take_outcome();
         if e != 0 {
-            *s.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return Err(e);
         }
         return transport(fd);
@@ -1976,19 +1974,10 @@ enum Target {
 }
 
 fn target(fd: RawFd) -> Result<(Target, Option<Arc<Socket>>), i32> {
-    let s = match g().table.read().unwrap_or_else(|e| e.into_inner()).get(&fd) {
-        Some(Entry::Tcp(t)) => return Ok((Target::Tcp(t.as_raw_fd()), None)),
-        Some(Entry::Socket(s)) => s.clone(),
-        None => return Err(libc::ENOTSOCK),
-    };
-    let c = s.conn.lock().unwrap_or_else(|e| e.into_inner());
-    let t = match c.as_ref() {
-        None => return Err(libc::ENOTCONN),
-        Some(Conn { san: Some(ss), .. }) => Target::San(ss.clone()),
-        Some(_) => Target::Tcp(s.tcp_fd()?),
-    };
-    drop(c);
-    Ok((t, Some(s)))
+    match entry(fd)? {
+        Found::Tcp(t) => Ok((Target::Tcp(t), None)),
+        Found::Socket(s) => Ok((s.target()?, Some(s))),
+    }
 }
 
 /// Sends on a connected switch descriptor, whichever transport serves it:

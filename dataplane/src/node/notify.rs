@@ -47,17 +47,21 @@ pub(super) fn wake_at_end(fd: &Arc<OwnedFd>) {
     }
 }
 
+/// Sends wake socket sender `fd` its token: (sent, failed) as 0 or 1
+/// (neither when moot: the socket full or gone).
+fn signal_wake(fd: &OwnedFd) -> (u64, u64) {
+    match dsan_channel::wake::signal(fd.as_raw_fd()) {
+        dsan_channel::wake::Signalled::Sent => (1, 0),
+        dsan_channel::wake::Signalled::Full | dsan_channel::wake::Signalled::Gone => (0, 0),
+        dsan_channel::wake::Signalled::Failed(_) => (0, 1),
+    }
+}
+
 fn send_wake(fd: &OwnedFd) {
-    let r = dsan_channel::wake::signal(fd.as_raw_fd());
+    let (s, f) = signal_wake(fd);
     let _ = WAKE_COUNTS.try_with(|c| {
         let (sent, failed) = c.get();
-        c.set(match r {
-            dsan_channel::wake::Signalled::Sent => (sent + 1, failed),
-            dsan_channel::wake::Signalled::Full | dsan_channel::wake::Signalled::Gone => {
-                (sent, failed)
-            }
-            dsan_channel::wake::Signalled::Failed(_) => (sent, failed + 1),
-        })
+        c.set((sent + s, failed + f));
     });
 }
 
@@ -116,15 +120,9 @@ pub fn start_waker() -> std::io::Result<()> {
             w.wake.wait(None);
             w.wake.drain();
             while let Some(fd) = w.queue.pop() {
-                match dsan_channel::wake::signal(fd.as_raw_fd()) {
-                    dsan_channel::wake::Signalled::Sent => {
-                        WAKER_SENT.fetch_add(1, Ordering::Relaxed);
-                    }
-                    dsan_channel::wake::Signalled::Full | dsan_channel::wake::Signalled::Gone => {}
-                    dsan_channel::wake::Signalled::Failed(_) => {
-                        WAKER_FAILED.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                let (sent, failed) = signal_wake(&fd);
+                WAKER_SENT.fetch_add(sent, Ordering::Relaxed);
+                WAKER_FAILED.fetch_add(failed, Ordering::Relaxed);
             }
         }
     })?;
